@@ -203,3 +203,19 @@ func (m *Mem) Close() error {
 	}
 	return nil
 }
+
+// Clone returns an independent copy of the device's current contents (the
+// copy shares no memory with m). Tests use it to freeze an image.
+func (m *Mem) Clone() *Mem {
+	c, _ := NewMem(m.size, m.bs) // m's geometry was validated when it was made
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.mu.RLock()
+		for k, pg := range s.pages {
+			cp := *pg
+			c.shards[i].pages[k] = &cp
+		}
+		s.mu.RUnlock()
+	}
+	return c
+}
