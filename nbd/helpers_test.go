@@ -1,0 +1,62 @@
+package nbd
+
+import (
+	"context"
+	"net"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// testServer is a server on 127.0.0.1:0 (or a Unix socket) serving until
+// the test ends.
+type testServer struct {
+	srv  *Server
+	addr net.Addr
+	done chan error
+}
+
+func startServer(t *testing.T, opts Options, exports ...Export) *testServer {
+	t.Helper()
+	return startServerOn(t, "tcp", opts, exports...)
+}
+
+func startServerOn(t *testing.T, network string, opts Options, exports ...Export) *testServer {
+	t.Helper()
+	srv, err := New(opts, exports...)
+	require.NoError(t, err)
+	addr := "127.0.0.1:0"
+	if network == "unix" {
+		addr = filepath.Join(t.TempDir(), "nbd.sock")
+	}
+	l, err := net.Listen(network, addr)
+	require.NoError(t, err)
+	ts := &testServer{srv: srv, addr: l.Addr(), done: make(chan error, 1)}
+	go func() { ts.done <- srv.Serve(context.Background(), l) }()
+	t.Cleanup(func() {
+		require.NoError(t, srv.Close())
+		require.NoError(t, <-ts.done)
+	})
+	return ts
+}
+
+// uri is the URI of an export of the server.
+func (ts *testServer) uri(name string) string { return URI(ts.addr, name) }
+
+func newMem(t *testing.T, size int64, bs int) *blockdev.Mem {
+	t.Helper()
+	m, err := blockdev.NewMem(size, bs)
+	require.NoError(t, err)
+	return m
+}
+
+func dial(t *testing.T, uri string) *Client {
+	t.Helper()
+	c, err := Dial(context.Background(), uri)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}

@@ -1,0 +1,342 @@
+// Package nbd speaks the Network Block Device protocol: Server exports any
+// blockdev.Device to NBD clients (QEMU, qemu-img, nbdcopy, nbdfuse, fio,
+// the Linux kernel), and Dial makes a remote export a blockdev.Device.
+//
+// The server implements fixed newstyle negotiation (OPT_GO, OPT_INFO,
+// OPT_EXPORT_NAME, OPT_LIST, OPT_ABORT, structured replies, the
+// base:allocation metadata context) and the commands READ, WRITE, FLUSH,
+// TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS and CACHE, with the
+// FUA flag. Many requests are served at once per connection and replies go
+// out in completion order. A READ is done before its reply header is sent,
+// so a device error reaches the client as an error reply.
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// Export is one named device a Server offers.
+type Export struct {
+	// Name is what clients ask for (at most 4096 bytes).
+	Name string
+	// Description is shown by OPT_LIST and NBD_INFO_DESCRIPTION.
+	Description string
+	// Device is the exported device. The server never closes it.
+	Device blockdev.Device
+	// ReadOnly exports the device read-only: writes, trims and zeroing
+	// fail with EPERM. A *blockdev.ReadOnlyDevice is always read-only.
+	ReadOnly bool
+}
+
+// Options configures a Server. The zero value is a good default.
+type Options struct {
+	// DefaultExport names the export that the empty name (what
+	// nbd://host:port asks for) selects. Empty: the first export.
+	DefaultExport string
+	// MaxConns bounds the connections open at once, over all listeners;
+	// a connection beyond it is closed at once. Zero means 256.
+	MaxConns int
+	// MaxInFlight bounds the requests one connection has in flight (read
+	// from the socket, not yet answered). Zero means 128.
+	MaxInFlight int
+	// MaxInFlightBytes bounds the buffer memory one connection's requests
+	// in flight hold (write payloads and read buffers). Zero means
+	// 64 MiB; it is raised to MaxRequest if lower.
+	MaxInFlightBytes int64
+	// Workers is the number of goroutines per connection that run
+	// requests against the device. Zero means 16.
+	Workers int
+	// HandshakeTimeout bounds the option negotiation of a connection.
+	// Zero means 30 seconds.
+	HandshakeTimeout time.Duration
+	// DrainTimeout bounds the graceful drain when a Serve context ends.
+	// Zero means 30 seconds.
+	DrainTimeout time.Duration
+	// Logger receives connection errors. Nil discards them.
+	Logger *slog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.MaxConns <= 0 {
+		o.MaxConns = 256
+	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = 128
+	}
+	if o.MaxInFlightBytes <= 0 {
+		o.MaxInFlightBytes = 64 << 20
+	}
+	o.MaxInFlightBytes = max(o.MaxInFlightBytes, MaxRequest)
+	if o.Workers <= 0 {
+		o.Workers = 16
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = 30 * time.Second
+	}
+	if o.DrainTimeout <= 0 {
+		o.DrainTimeout = 30 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// export is an Export as the server serves it.
+type export struct {
+	Export
+	ro bool
+}
+
+// Server serves exports over any number of listeners (TCP, Unix). It is
+// safe for concurrent use.
+type Server struct {
+	opts Options
+
+	// mu guards everything below. Lock order: Server.mu, then a conn's
+	// locks (never the other way round).
+	mu        sync.Mutex
+	exports   map[string]*export
+	order     []*export
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   bool
+	done      chan struct{} // closed when shutdown starts
+
+	// wg counts connections; Add happens under mu while !closing.
+	wg sync.WaitGroup
+}
+
+// New returns a server with the given exports (more can be added with
+// Add).
+func New(opts Options, exports ...Export) (*Server, error) {
+	opts.setDefaults()
+	s := &Server{
+		opts:      opts,
+		exports:   make(map[string]*export),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+		done:      make(chan struct{}),
+	}
+	for _, e := range exports {
+		if err := s.Add(e); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// Add makes another export available to new connections.
+func (s *Server) Add(e Export) error {
+	if e.Device == nil {
+		return fmt.Errorf("nbd: export %q: nil device", e.Name)
+	}
+	if e.Name == "" || len(e.Name) > maxString || len(e.Description) > maxString {
+		return fmt.Errorf("nbd: export %q: name must be 1 to %d bytes, description at most %d", e.Name, maxString, maxString)
+	}
+	x := &export{Export: e, ro: e.ReadOnly}
+	if _, ok := e.Device.(*blockdev.ReadOnlyDevice); ok {
+		x.ro = true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.exports[e.Name]; dup {
+		return fmt.Errorf("nbd: export %q: name already in use", e.Name)
+	}
+	s.exports[e.Name] = x
+	s.order = append(s.order, x)
+	return nil
+}
+
+// lookup resolves an export name; the empty name is the default export.
+func (s *Server) lookup(name string) *export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if name == "" {
+		name = s.opts.DefaultExport
+		if name == "" && len(s.order) > 0 {
+			return s.order[0]
+		}
+	}
+	return s.exports[name]
+}
+
+func (s *Server) list() []*export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*export(nil), s.order...)
+}
+
+// Serve accepts connections on l and serves them until ctx ends or the
+// server is shut down. When ctx ends, the server shuts down gracefully
+// (as Shutdown, bounded by Options.DrainTimeout) before Serve returns.
+// Serve closes l. It returns nil after a shutdown, or the accept error.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+
+	stop := context.AfterFunc(ctx, func() {
+		dctx, cancel := context.WithTimeout(context.Background(), s.opts.DrainTimeout)
+		defer cancel()
+		if err := s.Shutdown(dctx); err != nil {
+			s.opts.Logger.Warn("nbd: shutdown", "err", err)
+		}
+	})
+	defer stop()
+
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			delete(s.listeners, l)
+			s.mu.Unlock()
+			l.Close()
+			if closing {
+				// Wait for the shutdown that closed l to finish
+				// draining, so that Serve's return means "done".
+				<-s.done
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("nbd: accept: %w", err)
+		}
+		s.startConn(nc)
+	}
+}
+
+func (s *Server) startConn(nc net.Conn) {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		// The spec asks both sides to disable Nagle; Go does by default,
+		// say so anyway.
+		_ = tc.SetNoDelay(true)
+	}
+	s.mu.Lock()
+	if s.closing || len(s.conns) >= s.opts.MaxConns {
+		s.mu.Unlock()
+		s.opts.Logger.Warn("nbd: connection refused", "remote", nc.RemoteAddr(), "limit", s.opts.MaxConns)
+		nc.Close()
+		return
+	}
+	c := newConn(s, nc)
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		c.serve()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+	}()
+}
+
+// Shutdown stops the server gracefully: it closes the listeners, stops
+// reading new requests, lets every request in flight finish and be
+// answered, flushes every export that was written, and closes the
+// connections. Connections still negotiating are closed. If ctx ends
+// first, the remaining connections are closed at once and ctx's error is
+// returned; Shutdown still waits for the requests running on devices.
+// Shutdown returns the first flush error otherwise.
+func (s *Server) Shutdown(ctx context.Context) error {
+	first := s.beginShutdown()
+	s.mu.Lock()
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.drain()
+	}
+	idle := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(idle)
+	}()
+	var err error
+	select {
+	case <-idle:
+	case <-ctx.Done():
+		err = ctx.Err()
+		for _, c := range conns {
+			c.kill()
+		}
+		<-idle
+	}
+	if ferr := s.flushExports(); err == nil {
+		err = ferr
+	}
+	if first {
+		close(s.done)
+	} else {
+		<-s.done
+	}
+	return err
+}
+
+// beginShutdown marks the server closing and closes its listeners. It
+// reports whether this call was the first.
+func (s *Server) beginShutdown() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.closing = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	return true
+}
+
+// flushExports flushes every export, so that a shutdown leaves every
+// acknowledged write durable. A device that was never written has nothing
+// to flush, and the call is cheap.
+func (s *Server) flushExports() error {
+	var first error
+	for _, x := range s.list() {
+		if x.ro {
+			continue
+		}
+		if err := x.Device.Flush(); err != nil && !errors.Is(err, blockdev.ErrClosed) && first == nil {
+			first = fmt.Errorf("nbd: flush export %q: %w", x.Name, err)
+		}
+	}
+	return first
+}
+
+// Close stops the server at once: listeners and connections are closed
+// without draining. It waits for the requests already running on devices
+// to return, and does not flush.
+func (s *Server) Close() error {
+	first := s.beginShutdown()
+	s.mu.Lock()
+	for c := range s.conns {
+		c.kill()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	if first {
+		close(s.done)
+	} else {
+		<-s.done
+	}
+	return nil
+}
