@@ -72,11 +72,13 @@ type URing struct {
 	brokenErr  error
 }
 
-// uringSlot is one request slot. The reaper writes res and then sends on
-// done; the waiter owns every other field.
+// uringSlot is one request slot. The reaper sends each completion's res
+// (bytes done or -errno) on done; the waiter owns the other fields. (Passing
+// res by channel rather than in a field matters to the race detector, which
+// cannot see the ordering the kernel provides between the slot's last
+// completion and its next one.)
 type uringSlot struct {
-	done chan struct{}
-	res  int32
+	done chan int32
 	// buf references the buffer the kernel may be reading or writing, so
 	// that it stays alive (and is on the heap, where it cannot move) until
 	// the completion arrives.
@@ -129,7 +131,7 @@ func newURing(f *File, opts URingOptions) (*URing, error) {
 		broken:     make(chan struct{}),
 	}
 	for i := range u.slots {
-		u.slots[i].done = make(chan struct{}, 1)
+		u.slots[i].done = make(chan int32, 1)
 		u.free <- uint32(i)
 	}
 	u.punch.Store(r.ops[uringOpFallocate])
@@ -191,8 +193,8 @@ func (u *URing) exec(i uint32, op uint8, addr uint64, n uint32, off uint64, opFl
 	}
 	s := &u.slots[i]
 	select {
-	case <-s.done:
-		return s.res, nil
+	case res := <-s.done:
+		return res, nil
 	case <-u.broken:
 		return 0, u.brokenErr
 	}
@@ -268,9 +270,7 @@ func (u *URing) reap() {
 				exit = exit || ud == uringExitTag
 				continue
 			}
-			s := &u.slots[ud]
-			s.res = res
-			s.done <- struct{}{}
+			u.slots[ud].done <- res
 		}
 		atomic.StoreUint32(r.cqHead, head) // hands the CQ entries back
 		if exit {

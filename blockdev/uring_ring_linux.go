@@ -91,7 +91,7 @@ type uringCQE struct {
 
 type uringSQOffsets struct {
 	head, tail, ringMask, ringEntries, flags, dropped, array, resv1 uint32
-	userAddr                                                       uint64
+	userAddr                                                        uint64
 }
 
 type uringCQOffsets struct {
