@@ -2,10 +2,10 @@ package bench
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
-	"math/rand/v2"
 	"testing"
 	"time"
 
