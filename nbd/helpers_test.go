@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -59,4 +60,60 @@ func dial(t *testing.T, uri string) *Client {
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// counting wraps a device and counts the calls of each kind that reach
+// it; it offers FUA and zeroing so that the server's use of them shows.
+type counting struct {
+	blockdev.Device
+	calls [opKinds]atomic.Int64
+}
+
+const (
+	opRead = iota
+	opWrite
+	opFUA
+	opFlush
+	opDiscard
+	opZero
+	opKinds
+)
+
+func (c *counting) n(op int) int64 { return c.calls[op].Load() }
+
+func (c *counting) ReadAt(p []byte, off int64) (int, error) {
+	c.calls[opRead].Add(1)
+	return c.Device.ReadAt(p, off)
+}
+
+func (c *counting) WriteAt(p []byte, off int64) (int, error) {
+	c.calls[opWrite].Add(1)
+	return c.Device.WriteAt(p, off)
+}
+
+func (c *counting) WriteAtFUA(p []byte, off int64) (int, error) {
+	c.calls[opFUA].Add(1)
+	return blockdev.WriteFUA(c.Device, p, off)
+}
+
+func (c *counting) Flush() error {
+	c.calls[opFlush].Add(1)
+	return c.Device.Flush()
+}
+
+func (c *counting) Discard(off, n int64) error {
+	c.calls[opDiscard].Add(1)
+	return c.Device.Discard(off, n)
+}
+
+func (c *counting) WriteZeroes(off, n int64) error {
+	c.calls[opZero].Add(1)
+	return blockdev.WriteZeroes(c.Device, off, n)
+}
+
+func (c *counting) MapAllocation(off, n int64) (int64, blockdev.Allocation, error) {
+	if m, ok := c.Device.(blockdev.AllocationMapper); ok {
+		return m.MapAllocation(off, n)
+	}
+	return n, blockdev.Allocated, nil
 }
