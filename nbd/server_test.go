@@ -1,0 +1,188 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+func TestServerShutdownDrainsAndFlushes(t *testing.T) {
+	sim := blockdevtest.MustCrashSim(cmdSize, 512)
+	g := newGated(sim, 8192)
+	srv, err := New(Options{}, Export{Name: "d", Device: g})
+	require.NoError(t, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(context.Background(), l) }()
+	ts := &testServer{srv: srv, addr: l.Addr()}
+
+	r := dialRaw(t, ts)
+	r.session("d", true, true)
+	p := bytes.Repeat([]byte{0x77}, 4096)
+	require.Equal(t, Errno(0), r.errno(0, cmdWrite, 0, 4096, p)) // not flushed by the client
+	r.req(0, cmdRead, 2, 8192, 4096, nil)                        // in flight during shutdown
+	<-g.entered
+
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(context.Background()) }()
+	close(g.release)
+	// The request in flight is answered before the server hangs up.
+	c := r.anyReply()
+	require.Equal(t, uint64(2), c.handle)
+	require.Equal(t, Errno(0), errnoOfReply(t, c))
+	r.expectClosed()
+	require.NoError(t, <-shut)
+	require.NoError(t, <-served)
+
+	// The acknowledged write was flushed by the shutdown: it survives a
+	// power cut that drops everything unflushed.
+	after := sim.MustCrash(blockdevtest.Policy{Mode: blockdevtest.Drop})
+	got := make([]byte, 4096)
+	_, err = after.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.Equal(t, p, got)
+
+	// No new connections after shutdown.
+	_, err = net.Dial("tcp", l.Addr().String())
+	require.Error(t, err)
+	require.ErrorIs(t, srv.Serve(context.Background(), l), ErrServerClosed)
+}
+
+func TestServerServeContext(t *testing.T) {
+	srv, err := New(Options{}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+	require.NoError(t, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }()
+	c, err := Dial(context.Background(), URI(l.Addr(), "d"))
+	require.NoError(t, err)
+	_, err = c.WriteAt(make([]byte, 512), 0)
+	require.NoError(t, err)
+	cancel()
+	require.NoError(t, <-served)
+	// The server hung up on the client; its calls fail, they do not hang.
+	_, err = c.ReadAt(make([]byte, 512), 0)
+	require.Error(t, err)
+	require.NoError(t, c.Close())
+}
+
+func TestServerMaxConns(t *testing.T) {
+	ts := startServer(t, Options{MaxConns: 2}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+	a, b := dial(t, ts.uri("d")), dial(t, ts.uri("d"))
+	_, err := Dial(context.Background(), ts.uri("d"))
+	require.Error(t, err, "third connection over the limit")
+	require.NoError(t, a.Close())
+	// A freed slot is usable again; the server removes the connection
+	// once it has hung up, so retry until it has.
+	var c *Client
+	for i := 0; c == nil; i++ {
+		c, err = Dial(context.Background(), ts.uri("d"))
+		if err != nil && i > 1000 {
+			t.Fatalf("no slot after a close: %v", err)
+		}
+	}
+	require.NoError(t, c.Close())
+	require.NoError(t, b.Flush())
+}
+
+func TestServerMaxInFlight(t *testing.T) {
+	// One worker, two requests in flight: the reader stops reading while
+	// the worker is blocked, yet everything is answered once it resumes.
+	g := newGated(newMem(t, cmdSize, 512), 0)
+	ts := startServer(t, Options{Workers: 1, MaxInFlight: 2}, Export{Name: "d", Device: g})
+	r := dialRaw(t, ts)
+	r.session("d", true, false)
+	for h := uint64(1); h <= 20; h++ {
+		r.req(0, cmdRead, h, (h-1)*512, 512, nil)
+	}
+	<-g.entered
+	close(g.release)
+	seen := map[uint64]bool{}
+	for range 20 {
+		seen[r.anyReply().handle] = true
+	}
+	require.Len(t, seen, 20)
+}
+
+func TestServerMultiConnFlush(t *testing.T) {
+	// CAN_MULTI_CONN promises that a flush on one connection covers
+	// writes completed on another.
+	sim := blockdevtest.MustCrashSim(cmdSize, 512)
+	ts := startServer(t, Options{}, Export{Name: "d", Device: sim})
+	a, b := dial(t, ts.uri("d")), dial(t, ts.uri("d"))
+	require.True(t, a.Info().MultiConn)
+	p := bytes.Repeat([]byte{0x31}, 4096)
+	_, err := a.WriteAt(p, 0)
+	require.NoError(t, err)
+	require.NoError(t, b.Flush())
+	after := sim.MustCrash(blockdevtest.Policy{Mode: blockdevtest.Drop})
+	got := make([]byte, 4096)
+	_, err = after.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.Equal(t, p, got)
+}
+
+func TestServerUnixSocket(t *testing.T) {
+	ts := startServerOn(t, "unix", Options{}, Export{Name: "u", Device: newMem(t, cmdSize, 4096)})
+	c := dial(t, ts.uri("u"))
+	require.Equal(t, 4096, c.BlockSize())
+	p := bytes.Repeat([]byte{1}, 4096)
+	_, err := c.WriteAt(p, 4096)
+	require.NoError(t, err)
+	got := make([]byte, 4096)
+	_, err = c.ReadAt(got, 4096)
+	require.NoError(t, err)
+	require.Equal(t, p, got)
+}
+
+func TestServerExports(t *testing.T) {
+	_, err := New(Options{}, Export{Name: "", Device: newMem(t, cmdSize, 512)})
+	require.Error(t, err)
+	_, err = New(Options{}, Export{Name: "x"})
+	require.Error(t, err)
+	_, err = New(Options{}, Export{Name: "x", Device: newMem(t, cmdSize, 512)},
+		Export{Name: "x", Device: newMem(t, cmdSize, 512)})
+	require.Error(t, err)
+
+	ts := startServer(t, Options{DefaultExport: "b"},
+		Export{Name: "a", Device: newMem(t, cmdSize, 512)},
+		Export{Name: "b", Device: newMem(t, 2*cmdSize, 512)})
+	require.Equal(t, int64(2*cmdSize), dial(t, ts.uri("")).Size())
+	require.NoError(t, ts.srv.Add(Export{Name: "c", Device: newMem(t, 3*cmdSize, 512)}))
+	require.Equal(t, int64(3*cmdSize), dial(t, ts.uri("c")).Size())
+	_, err = Dial(context.Background(), ts.uri("nope"))
+	require.ErrorIs(t, err, ErrUnknownExport)
+	// A *blockdev.ReadOnlyDevice is exported read-only.
+	require.NoError(t, ts.srv.Add(Export{Name: "ro", Device: blockdev.ReadOnly(newMem(t, cmdSize, 512))}))
+	require.True(t, dial(t, ts.uri("ro")).Info().ReadOnly)
+}
+
+func TestServerDeviceErrors(t *testing.T) {
+	// Errors of every kind reach the client as errors, mapped to the
+	// sentinels a caller tests.
+	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	ts := startServer(t, Options{}, Export{Name: "d", Device: f})
+	c := dial(t, ts.uri("d"))
+	f.FailNth(blockdevtest.OpRead, 1, blockdev.ErrIO)
+	_, err := c.ReadAt(make([]byte, 512), 0)
+	require.ErrorIs(t, err, blockdev.ErrIO)
+	require.ErrorIs(t, err, EIO)
+	f.FailNth(blockdevtest.OpFlush, 1, errors.New("disk on fire"))
+	require.ErrorIs(t, c.Flush(), blockdev.ErrIO)
+	f.FailNth(blockdevtest.OpWrite, 1, blockdev.ErrReadOnly)
+	_, err = c.WriteAt(make([]byte, 512), 0)
+	require.ErrorIs(t, err, blockdev.ErrReadOnly)
+	// And the connection goes on.
+	_, err = c.ReadAt(make([]byte, 512), 0)
+	require.NoError(t, err)
+}
