@@ -303,6 +303,8 @@ func (c *Client) MapAllocation(off, n int64) (int64, blockdev.Allocation, error)
 	if err != nil {
 		return 0, blockdev.Allocated, err
 	}
+	<-cl.done
+	cl.finished = true
 	length, flags := cl.extLen, cl.extFlags
 	if err := c.finish(cl, "block status", off); err != nil {
 		return 0, blockdev.Allocated, err

@@ -24,6 +24,7 @@ type call struct {
 	extLen   int64
 	extFlags uint32
 	extSeen  bool
+	finished bool // done has been received from
 }
 
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
@@ -134,9 +135,12 @@ func (c *Client) start(typ, flags uint16, off uint64, length uint32, payload, rb
 	return cl, nil
 }
 
-// finish waits for a call's reply and returns the call to the pool.
+// finish waits for a call's reply (unless the caller already has) and
+// returns the call to the pool.
 func (c *Client) finish(cl *call, op string, off int64) error {
-	<-cl.done
+	if !cl.finished {
+		<-cl.done
+	}
 	err := cl.err
 	c.putCall(cl)
 	if err == nil {
@@ -151,7 +155,7 @@ func (c *Client) finish(cl *call, op string, off int64) error {
 
 func (c *Client) putCall(cl *call) {
 	cl.buf, cl.err, cl.got = nil, nil, 0
-	cl.extLen, cl.extFlags, cl.extSeen = 0, 0, false
+	cl.extLen, cl.extFlags, cl.extSeen, cl.finished = 0, 0, false, false
 	callPool.Put(cl)
 }
 

@@ -48,3 +48,16 @@ func TestClientConformanceReadOnly(t *testing.T) {
 		return c
 	})
 }
+
+func TestClientMapAllocation(t *testing.T) {
+	ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 8<<20, 512)})
+	c := dial(t, ts.uri("m"))
+	checkAllocation(t, c)
+	// Without the metadata context everything reads as allocated.
+	ts2 := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewFaulty(newMem(t, 8<<20, 512))})
+	c2 := dial(t, ts2.uri("m"))
+	l, st, err := c2.MapAllocation(0, 8<<20)
+	require.NoError(t, err)
+	require.Equal(t, blockdev.Allocated, st)
+	require.Equal(t, int64(8<<20), l)
+}
