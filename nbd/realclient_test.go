@@ -43,7 +43,17 @@ func run(t *testing.T, name string, args ...string) string {
 
 func runErr(t *testing.T, name string, args ...string) (string, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	return runCtx(t.Context(), name, args...)
+}
+
+// runCleanup runs a command from a t.Cleanup function, when the test's
+// context has already ended.
+func runCleanup(name string, args ...string) (string, error) {
+	return runCtx(context.Background(), name, args...)
+}
+
+func runCtx(ctx context.Context, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
 	// nbdsh and friends want Debian's python and tools first.
