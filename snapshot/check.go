@@ -1,0 +1,189 @@
+package snapshot
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Check verifies every invariant of the in-memory state and reports what is
+// wrong (nil if nothing). It holds the store's lock for its duration (a
+// walk of the index), so run it when the store is quiet:
+//   - entries are ordered, within bounds (branch exists, chunk < chunks,
+//     location in the data region) and the two index trees agree;
+//   - every entry's epoch is held (a live snapshot, a hidden parent point,
+//     or the live epoch of a live clone) or queued for the collector;
+//   - each store chunk is referenced by at most one entry, and the
+//     allocation bitmap equals the referenced set plus chunks freed by
+//     records not yet durable and copies in flight;
+//   - every volume's branch exists, every snapshot's epoch was handed out,
+//     every clone's parent point is held, reference counts match the
+//     volumes and branches that hold them, and hidden snapshots have clones;
+//   - the origin's preserved epochs cover its entries and the per-branch
+//     summaries cover every entry.
+func (s *Store) Check() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	bad := func(format string, args ...any) bool {
+		errs = append(errs, fmt.Errorf(format, args...))
+		return len(errs) < 20
+	}
+	queued := map[point]bool{}
+	for _, t := range s.gcq {
+		queued[t.p] = true
+	}
+	refs := map[point]int32{}
+	seen := make([]bool, s.geo.dataChunks)
+	referenced := uint64(0)
+	var prev entry
+	first := true
+	s.ix.byChunk.Ascend(func(x entry) bool {
+		if !first && !lessBCE(prev, x) {
+			return bad("index out of order at (%d,%d,%d)", x.b, x.c, x.e)
+		}
+		first, prev = false, x
+		br := s.branches[x.b]
+		switch {
+		case br == nil:
+			return bad("entry (%d,%d,%d) of missing branch", x.b, x.c, x.e)
+		case x.c >= s.chunks:
+			return bad("entry (%d,%d,%d) past the last chunk %d", x.b, x.c, x.e, s.chunks-1)
+		case x.isData() && x.loc >= s.geo.dataChunks:
+			return bad("entry (%d,%d,%d) at store chunk %d past the data region", x.b, x.c, x.e, x.loc)
+		case x.e == 0 || x.e > br.lastEpoch && x.e != epochLive:
+			return bad("entry (%d,%d,%d) at an epoch never handed out (last %d)", x.b, x.c, x.e, br.lastEpoch)
+		case x.b == 0 && x.e == epochLive:
+			return bad("origin entry (0,%d) at the live epoch", x.c)
+		case !br.groups.mayHave(x.c):
+			return bad("entry (%d,%d,%d) missing from its branch summary", x.b, x.c, x.e)
+		case x.b == 0 && s.preserved[x.c] < x.e:
+			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, s.preserved[x.c], x.e)
+		}
+		held := br.refs[x.e] > 0 || (x.e == epochLive && br.live)
+		if !held && !queued[point{x.b, x.e}] {
+			return bad("entry (%d,%d,%d) at an epoch nothing holds and nothing collects", x.b, x.c, x.e)
+		}
+		if _, ok := s.ix.byEpoch.Get(x); !ok {
+			return bad("entry (%d,%d,%d) missing from the epoch tree", x.b, x.c, x.e)
+		}
+		if x.isData() {
+			if seen[x.loc] {
+				return bad("store chunk %d referenced twice (again by (%d,%d,%d))", x.loc, x.b, x.c, x.e)
+			}
+			seen[x.loc] = true
+			referenced++
+			if !s.alloc.isUsed(x.loc) {
+				return bad("store chunk %d referenced by (%d,%d,%d) but free in the bitmap", x.loc, x.b, x.c, x.e)
+			}
+		}
+		return true
+	})
+	if a, b := s.ix.byChunk.Len(), s.ix.byEpoch.Len(); a != b {
+		bad("index trees hold %d and %d entries", a, b)
+	}
+	s.checkAlloc(seen, referenced, bad)
+	s.checkVolumes(refs, bad)
+	return errors.Join(errs...)
+}
+
+func (s *Store) checkAlloc(seen []bool, referenced uint64, bad func(string, ...any) bool) {
+	a := s.alloc
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pending := map[uint64]bool{}
+	for _, f := range a.pending {
+		if seen[f.loc] {
+			bad("store chunk %d both referenced and freed", f.loc)
+		}
+		pending[f.loc] = true
+	}
+	extra := int64(0)
+	for loc := uint64(0); loc < a.n; loc++ {
+		if a.isUsed(loc) && !seen[loc] && !pending[loc] {
+			extra++
+		}
+	}
+	if extra != a.inflight {
+		bad("%d store chunks allocated but neither referenced nor freed (%d copies in flight): leaked", extra, a.inflight)
+	}
+	if want := referenced + uint64(len(pending)) + uint64(a.inflight); a.nused != want {
+		bad("bitmap counts %d used chunks, want %d", a.nused, want)
+	}
+}
+
+func (s *Store) checkVolumes(refs map[point]int32, bad func(string, ...any) bool) {
+	for id, v := range s.volumes {
+		br := s.branches[v.branch]
+		if br == nil {
+			bad("volume %d on missing branch %d", id, v.branch)
+			continue
+		}
+		switch v.kind {
+		case KindSnapshot:
+			if v.epoch == 0 || v.epoch > br.lastEpoch {
+				bad("snapshot %d at epoch %d of branch %d (last %d)", id, v.epoch, v.branch, br.lastEpoch)
+			}
+			if s.byPoint[point{v.branch, v.epoch}] != id {
+				bad("snapshot %d missing from the point table", id)
+			}
+			if !v.hidden {
+				refs[point{v.branch, v.epoch}]++
+			}
+		case KindClone:
+			if !br.live || br.liveVol != id {
+				bad("clone %d on branch %d that is not live for it", id, v.branch)
+			}
+		}
+		if !v.hidden {
+			if s.byName[v.name] != id {
+				bad("volume %d (%q) missing from the name table", id, v.name)
+			}
+		}
+	}
+	for id, br := range s.branches {
+		if id == 0 {
+			continue
+		}
+		p := s.branches[br.parent]
+		if p == nil {
+			bad("branch %d of missing parent %d", id, br.parent)
+			continue
+		}
+		refs[point{br.parent, br.parentEpoch}]++
+		if br.live && s.volumes[br.liveVol] == nil {
+			bad("live branch %d without its clone volume", id)
+		}
+	}
+	for id, br := range s.branches {
+		for e, n := range br.refs {
+			if refs[point{id, e}] != n {
+				bad("branch %d epoch %d held %d times, want %d", id, e, n, refs[point{id, e}])
+			}
+		}
+		for _, e := range br.held {
+			if br.refs[e] <= 0 {
+				bad("branch %d epoch %d in the held list without holders", id, e)
+			}
+		}
+	}
+	for p, n := range refs {
+		br := s.branches[p.b]
+		if br != nil && br.refs[p.e] != n {
+			bad("branch %d epoch %d held %d times, want %d", p.b, p.e, br.refs[p.e], n)
+		}
+	}
+	for id, v := range s.volumes {
+		if v.hidden && s.branches[v.branch].refs[v.epoch] <= 0 && !s.queuedPoint(point{v.branch, v.epoch}) {
+			bad("hidden snapshot %d without clones", id)
+		}
+	}
+}
+
+func (s *Store) queuedPoint(p point) bool {
+	for _, t := range s.gcq {
+		if t.p == p {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,170 @@
+package snapshot
+
+import "fmt"
+
+// The clone write path: redirect-on-write.
+//
+// A write to chunk c of clone branch b, under the clone stripe of (b, c):
+//   - the live entry (b, c, live) is a store chunk that no snapshot of b
+//     needs (no held epoch above the previous entry): write in place, no
+//     metadata;
+//   - otherwise the write goes to a new chunk: the old live entry is
+//     re-keyed to the newest held epoch (a snapshot needs it) or dropped,
+//     an inherited chunk a snapshot still sees gets an explicit inherit
+//     entry at that epoch, and the new live entry is put. A whole-chunk
+//     write never reads old data; a partial one reads the current view,
+//     overlays the write and writes the chunk once.
+//
+// The data is written before the record is appended; the record becomes
+// durable at the next commit, whose PreCommit flushes the store first.
+
+func (s *Store) cloneStripe(b uint32, c uint64) *paddedMu {
+	return &s.cloneLocks[(c+uint64(b)*0x9E3779B9)%nStripes]
+}
+
+// cloneWrite writes p (or discards) at off for n bytes of clone branch br.
+func (s *Store) cloneWrite(br *branch, p []byte, off, n int64, discard bool) error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	br.gate.RLock()
+	defer br.gate.RUnlock()
+	for n > 0 {
+		c := uint64(off / s.cs)
+		in := off % s.cs
+		k := min(n, s.cs-in)
+		var part []byte
+		if !discard {
+			part, p = p[:k], p[k:]
+		}
+		if err := s.cloneChunk(br, c, part, in, k, discard); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// liveView is what the write path needs to know about (b, c).
+type liveView struct {
+	live    entry
+	hasLive bool
+	needAt  uint32 // the newest held epoch that sees the current live view, or 0
+}
+
+func (s *Store) liveViewOf(br *branch, c uint64) liveView {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var v liveView
+	v.live, v.hasLive = s.ix.get(br.id, c, epochLive)
+	prevE := uint32(0)
+	if prev, ok := s.ix.last(br.id, c); ok {
+		prevE = prev.e
+	}
+	if h := br.need.Load(); h > prevE {
+		v.needAt = h
+	}
+	return v
+}
+
+func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard bool) error {
+	l := s.cloneStripe(br.id, c)
+	l.Lock()
+	defer l.Unlock()
+	v := s.liveViewOf(br, c)
+	whole := in == 0 && k == s.chunkLen(c)
+	if v.hasLive && v.needAt == 0 {
+		switch {
+		case v.live.isData() && !(discard && whole):
+			return s.writeInPlace(v.live.loc, p, in, k)
+		case v.live.loc == locZero && discard:
+			return nil
+		}
+	}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	switch {
+	case v.hasLive && v.needAt != 0:
+		sc.ops = append(sc.ops, op{kind: opMove, b: br.id, c: c, e: epochLive, e2: v.needAt})
+	case v.hasLive:
+		sc.ops = append(sc.ops, op{kind: opDel, b: br.id, c: c, e: epochLive, n: 1})
+	case v.needAt != 0:
+		sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: v.needAt, n: 1, loc: locInherit})
+	}
+	if discard && whole {
+		sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: locZero})
+		_, err := s.log(sc)
+		return err
+	}
+	loc, err := s.allocOne()
+	if err != nil {
+		return err
+	}
+	if err := s.writeRedirected(br, c, v, loc, p, in, k, whole); err != nil {
+		s.alloc.release(loc, 1)
+		return err
+	}
+	sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: loc})
+	_, err = s.log(sc)
+	return err
+}
+
+// writeInPlace writes p (nil: zeros) at in within store chunk loc.
+func (s *Store) writeInPlace(loc uint64, p []byte, in, k int64) error {
+	if p == nil {
+		bp := s.getBuf()
+		defer s.putBuf(bp)
+		p = (*bp)[:k]
+		clear(p)
+	}
+	if _, err := s.store.WriteAt(p, s.storeOff(loc)+in); err != nil {
+		return fmt.Errorf("snapshot: clone write to store chunk %d: %w", loc, err)
+	}
+	return nil
+}
+
+// writeRedirected writes chunk c's new contents to the fresh store chunk
+// loc: p itself for a whole-chunk write, else the current view with p (nil:
+// zeros) overlaid.
+func (s *Store) writeRedirected(br *branch, c uint64, v liveView, loc uint64, p []byte, in, k int64, whole bool) error {
+	if whole && p != nil && int64(len(p)) == s.cs {
+		if _, err := s.store.WriteAt(p, s.storeOff(loc)); err != nil {
+			return fmt.Errorf("snapshot: clone write to store chunk %d: %w", loc, err)
+		}
+		return nil
+	}
+	bp := s.getBuf()
+	defer s.putBuf(bp)
+	buf := *bp
+	cl := s.chunkLen(c)
+	clear(buf[cl:])
+	if !whole {
+		if err := s.readCurrent(br, c, v, buf[:cl]); err != nil {
+			return err
+		}
+	}
+	if p == nil {
+		clear(buf[in : in+k])
+	} else {
+		copy(buf[in:], p)
+	}
+	if _, err := s.store.WriteAt(buf, s.storeOff(loc)); err != nil {
+		return fmt.Errorf("snapshot: clone write to store chunk %d: %w", loc, err)
+	}
+	return nil
+}
+
+// readCurrent reads the live view of clone chunk c into buf.
+func (s *Store) readCurrent(br *branch, c uint64, v liveView, buf []byte) error {
+	switch {
+	case v.hasLive && v.live.loc == locZero:
+		clear(buf)
+		return nil
+	case v.hasLive && v.live.isData():
+		if _, err := s.store.ReadAt(buf, s.storeOff(v.live.loc)); err != nil {
+			return fmt.Errorf("snapshot: read store chunk %d: %w", v.live.loc, err)
+		}
+		return nil
+	}
+	return s.readChunkPart(br.chain, c, buf, 0)
+}

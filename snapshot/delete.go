@@ -1,0 +1,380 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+)
+
+// Delete is metadata-only and runs in the background. Deleting a snapshot
+// (or a clone) removes its epoch from its branch's held set at once (one
+// record); the collector then walks the entries keyed at that epoch (the
+// byEpoch tree finds exactly them) and for each either re-keys it to the
+// newest held epoch still inside its range (some other snapshot reads it)
+// or drops it and frees its chunk. Every entry's epoch is held, so no other
+// entry is affected. A snapshot that clones depend on becomes hidden (its
+// epoch stays held by the clones) until the last of them goes; a deleted
+// clone's branch is dropped once its entries are gone and nothing holds it,
+// which may release a hidden parent in turn. Work left at Close resumes at
+// the next Open (the queue is rebuilt from the index).
+
+// gcBatch is the number of entries the collector handles per record.
+const gcBatch = 512
+
+// gcTask is a point whose entries the collector must look at, and the
+// delete it belongs to (nil after a reopen).
+type gcTask struct {
+	p  point
+	op *DeleteOp
+}
+
+// DeleteOp is a delete running in the background.
+type DeleteOp struct {
+	done    chan struct{}
+	pending int // tasks queued or running; guarded by Store.mu
+	err     error
+	entries atomic.Int64
+	freed   atomic.Int64
+	cs      int64
+}
+
+// DeleteProgress reports a delete's progress.
+type DeleteProgress struct {
+	Entries        int64 // index entries handled so far
+	BytesReclaimed int64 // store bytes freed so far
+	Done           bool
+}
+
+// Wait blocks until the delete has finished (its freed chunks durable and
+// reusable) or ctx is done.
+func (d *DeleteOp) Wait(ctx context.Context) error {
+	select {
+	case <-d.done:
+		return d.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Done is closed when the delete has finished.
+func (d *DeleteOp) Done() <-chan struct{} { return d.done }
+
+// Progress returns the delete's progress so far.
+func (d *DeleteOp) Progress() DeleteProgress {
+	p := DeleteProgress{Entries: d.entries.Load(), BytesReclaimed: d.freed.Load() * d.cs}
+	select {
+	case <-d.done:
+		p.Done = true
+	default:
+	}
+	return p
+}
+
+// Delete deletes the named snapshot or clone. It returns once the deletion
+// is durable; the space is reclaimed in the background (see DeleteOp).
+// Open handles on the volume fail with ErrInvalidSnapshot from then on.
+func (s *Store) Delete(name string) (*DeleteOp, error) {
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	s.mu.RLock()
+	id, ok := s.byName[name]
+	var br *branch
+	if ok {
+		br = s.branches[s.volumes[id].branch]
+	}
+	s.mu.RUnlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if id == originVolumeID {
+		return nil, fmt.Errorf("%w: the origin cannot be deleted", ErrBadOptions)
+	}
+	// The gate keeps writes of the branch out while its held set changes.
+	br.gate.Lock()
+	defer br.gate.Unlock()
+	d := &DeleteOp{done: make(chan struct{}), cs: s.cs}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	s.mu.Lock()
+	v := s.volumes[id]
+	if v == nil || v.hidden || s.byName[name] != id {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if v.kind == KindSnapshot && s.branches[v.branch].refs[v.epoch] > 1 {
+		sc.ops = append(sc.ops, op{kind: opHide, id: id})
+	} else {
+		sc.ops = append(sc.ops, op{kind: opDropVolume, id: id})
+	}
+	before := len(s.gcq)
+	_, err := s.logLocked(sc)
+	for i := before; i < len(s.gcq); i++ {
+		s.gcq[i].op = d
+		d.pending++
+	}
+	if d.pending == 0 {
+		close(d.done)
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.commit(s.ctx); err != nil {
+		return nil, err
+	}
+	v.dead.Store(true)
+	return d, nil
+}
+
+// collector is the background goroutine that reclaims deleted volumes.
+func (s *Store) collector() {
+	defer s.wg.Done()
+	for {
+		s.mu.Lock()
+		if len(s.gcq) == 0 {
+			s.gcIdle.Broadcast()
+			s.mu.Unlock()
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-s.gcKick:
+				continue
+			}
+		}
+		t := s.gcq[0]
+		s.mu.Unlock()
+		err := s.collect(t)
+		if s.ctx.Err() != nil {
+			return // resumes at the next Open
+		}
+		if err == nil && s.j != nil {
+			err = s.commit(s.ctx)
+		} else if err == nil {
+			s.releaseFreed(^uint64(0))
+		}
+		s.mu.Lock()
+		s.gcq = s.gcq[1:]
+		if t.op != nil {
+			if err != nil && t.op.err == nil {
+				t.op.err = err
+			}
+			t.op.pending--
+			if t.op.pending == 0 {
+				close(t.op.done)
+			}
+		}
+		s.mu.Unlock()
+		if err != nil {
+			// The store has failed (sticky); drain the queue's waiters.
+			s.failQueue(err)
+			return
+		}
+	}
+}
+
+func (s *Store) failQueue(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, t := range s.gcq {
+		if t.op != nil {
+			t.op.err = err
+			t.op.pending--
+			if t.op.pending == 0 {
+				close(t.op.done)
+			}
+		}
+	}
+	s.gcq = nil
+	s.gcIdle.Broadcast()
+}
+
+// WaitIdle waits until the collector has nothing left to do.
+func (s *Store) WaitIdle(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		s.gcIdle.Broadcast()
+		s.mu.Unlock()
+	})
+	defer stop()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.gcq) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if s.closed.Load() {
+			return ErrClosed
+		}
+		s.gcIdle.Wait()
+	}
+	return nil
+}
+
+// collect handles every entry of t.p, batch by batch, then drops the branch
+// if it is dead and empty.
+func (s *Store) collect(t gcTask) error {
+	var batch []entry
+	var stripes [nStripes]bool
+	for {
+		if s.ctx.Err() != nil {
+			return s.ctx.Err()
+		}
+		batch = batch[:0]
+		s.mu.RLock()
+		br := s.branches[t.p.b]
+		held := br != nil && (br.refs[t.p.e] > 0 || (t.p.e == epochLive && br.live))
+		if br != nil && !held {
+			s.ix.epochEntries(t.p.b, t.p.e, 0, func(x entry) bool {
+				batch = append(batch, x)
+				return len(batch) < gcBatch
+			})
+		}
+		s.mu.RUnlock()
+		if len(batch) == 0 {
+			break
+		}
+		clear(stripes[:])
+		for _, x := range batch {
+			stripes[s.stripeOf(x.b, x.c)] = true
+		}
+		s.lockStripes(t.p.b, &stripes)
+		err := s.collectBatch(t, br, batch)
+		s.unlockStripes(t.p.b, &stripes)
+		if err != nil {
+			return err
+		}
+	}
+	return s.maybeDropBranch(t)
+}
+
+func (s *Store) stripeOf(b uint32, c uint64) int {
+	if b == 0 {
+		return int(c % nStripes)
+	}
+	return int((c + uint64(b)*0x9E3779B9) % nStripes)
+}
+
+func (s *Store) lockStripes(b uint32, st *[nStripes]bool) {
+	for i, on := range st {
+		if !on {
+			continue
+		}
+		if b == 0 {
+			s.originLocks[i].Lock()
+		} else {
+			s.cloneLocks[i].Lock()
+		}
+	}
+}
+
+func (s *Store) unlockStripes(b uint32, st *[nStripes]bool) {
+	for i, on := range st {
+		if !on {
+			continue
+		}
+		if b == 0 {
+			s.originLocks[i].Unlock()
+		} else {
+			s.cloneLocks[i].Unlock()
+		}
+	}
+}
+
+func (s *Store) collectBatch(t gcTask, br *branch, batch []entry) error {
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	freed := int64(0)
+	for _, x := range batch {
+		cur, ok := s.ix.get(x.b, x.c, x.e)
+		if !ok {
+			continue
+		}
+		lo := uint32(0)
+		if p, ok := s.ix.prev(x.b, x.c, x.e); ok {
+			lo = p.e
+		}
+		if h := br.newestHeldBelow(lo, x.e); h != 0 {
+			sc.ops = append(sc.ops, op{kind: opMove, b: x.b, c: x.c, e: x.e, e2: h})
+			continue
+		}
+		if cur.isData() {
+			freed++
+		}
+		if n := len(sc.ops); n > 0 && sc.ops[n-1].kind == opDel && sc.ops[n-1].c+sc.ops[n-1].n == x.c {
+			sc.ops[n-1].n++
+		} else {
+			sc.ops = append(sc.ops, op{kind: opDel, b: x.b, e: x.e, c: x.c, n: 1})
+		}
+	}
+	if len(sc.ops) == 0 {
+		return nil
+	}
+	if _, err := s.logLocked(sc); err != nil {
+		return err
+	}
+	if t.op != nil {
+		t.op.entries.Add(int64(len(batch)))
+		t.op.freed.Add(freed)
+	}
+	return nil
+}
+
+// maybeDropBranch drops t's branch if nothing needs it and it has no
+// entries left; a hidden parent snapshot that only it held goes too (its
+// collection is queued by the drop).
+func (s *Store) maybeDropBranch(t gcTask) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	br := s.branches[t.p.b]
+	if br == nil || !br.dead() || s.ix.branchHas(br.id) {
+		return nil
+	}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	sc.ops = append(sc.ops, op{kind: opDropBranch, id: uint64(br.id)})
+	pp := point{br.parent, br.parentEpoch}
+	if p := s.branches[pp.b]; p != nil && p.refs[pp.e] == 1 {
+		if vid, ok := s.byPoint[pp]; ok && s.volumes[vid].hidden {
+			sc.ops = append(sc.ops, op{kind: opDropVolume, id: vid})
+		}
+	}
+	before := len(s.gcq)
+	_, err := s.logLocked(sc)
+	for i := before; i < len(s.gcq); i++ {
+		s.gcq[i].op = t.op
+		if t.op != nil {
+			t.op.pending++
+		}
+	}
+	return err
+}
+
+// invalidateFor makes room for an origin write to chunk c when the store
+// is full (NoSpaceInvalidate): it deletes every snapshot of the origin
+// that would need c copied. Called with c's origin stripe held
+// exclusively; fails if one of them has clones.
+func (s *Store) invalidateFor(c uint64) error {
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	br := s.b0
+	for _, h := range br.held {
+		if h <= s.preserved[c] {
+			continue
+		}
+		vid, ok := s.byPoint[point{0, h}]
+		if !ok || s.volumes[vid].hidden || br.refs[h] != 1 {
+			return fmt.Errorf("%w: snapshot at epoch %d has clones and cannot be invalidated", ErrNoSpace, h)
+		}
+		sc.ops = append(sc.ops, op{kind: opDropVolume, id: vid})
+	}
+	if len(sc.ops) == 0 {
+		return fmt.Errorf("%w: nothing to invalidate", ErrNoSpace)
+	}
+	_, err := s.logLocked(sc)
+	return err
+}

@@ -1,0 +1,197 @@
+package snapshot
+
+import (
+	"bufio"
+	"encoding/binary"
+	"hash/crc32"
+	"io"
+)
+
+// loadCheckpoint decodes a checkpoint image (checkpoint.go) into the empty
+// state of a store being opened. Every object it creates consumes input
+// bytes, so its allocations are bounded by the image's length.
+func (s *Store) loadCheckpoint(r io.Reader) error {
+	d := &ckptReader{r: bufio.NewReaderSize(r, 64<<10), crc: crc32.New(castagnoli)}
+	var salt [4]byte
+	binary.LittleEndian.PutUint32(salt[:], saltCheckpoint)
+	d.crc.Write(salt[:])
+	var hdr [12]byte
+	d.read(hdr[:])
+	if d.err == nil && (string(hdr[:8]) != checkpointMagic || binary.LittleEndian.Uint32(hdr[8:]) != checkpointVersion) {
+		d.fail("bad magic or version")
+	}
+	nextVol, nextBr := d.uv(), d.u32()
+	s.loadBranches(d)
+	s.loadVolumes(d)
+	s.loadRuns(d)
+	if d.err != nil {
+		return d.err
+	}
+	want := d.crc.Sum32()
+	var sum [4]byte
+	if _, err := io.ReadFull(d.r, sum[:]); err != nil {
+		d.fail("missing checksum")
+		return d.err
+	}
+	if got := binary.LittleEndian.Uint32(sum[:]); got != want {
+		d.fail("checksum %#x, want %#x", got, want)
+		return d.err
+	}
+	if nextVol > s.nextVol {
+		s.nextVol = nextVol
+	}
+	if nextBr > s.nextBranch {
+		s.nextBranch = nextBr
+	}
+	return nil
+}
+
+func (s *Store) loadBranches(d *ckptReader) {
+	n := d.uv()
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		id, parent, pe, last, live := d.u32(), d.u32(), d.u32(), d.u32(), d.uv()
+		if d.err != nil {
+			return
+		}
+		if id == 0 {
+			s.b0.lastEpoch = last
+			continue
+		}
+		p := s.branches[parent]
+		if p == nil || s.branches[id] != nil || parent >= id || live > 1 || pe == 0 || pe > p.lastEpoch {
+			d.fail("branch %d (parent %d at %d)", id, parent, pe)
+			return
+		}
+		br := s.newBranch(id, parent, pe)
+		br.lastEpoch, br.live = last, live == 1
+		s.branches[id] = br
+		p.ref(pe, 1)
+		if id >= s.nextBranch {
+			s.nextBranch = id + 1
+		}
+	}
+}
+
+func (s *Store) loadVolumes(d *ckptReader) {
+	n := d.uv()
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		o := op{kind: opVolume}
+		o.id = d.uv()
+		k := d.uv()
+		o.b, o.e = d.u32(), d.u32()
+		h := d.uv()
+		o.time = d.sv()
+		o.parent = d.uv()
+		ln := d.uv()
+		if d.err != nil {
+			return
+		}
+		if ln > maxNameLen || k < uint64(KindSnapshot) || k > uint64(KindClone) || h > 1 {
+			d.fail("volume %d: kind %d, hidden %d, name of %d bytes", o.id, k, h, ln)
+			return
+		}
+		name := make([]byte, ln)
+		d.read(name)
+		o.vkind, o.hidden, o.name = Kind(k), h == 1, string(name)
+		if d.err != nil {
+			return
+		}
+		br := s.branches[o.b]
+		if br == nil {
+			d.fail("volume %d on missing branch %d", o.id, o.b)
+			return
+		}
+		// applyVolume checks the epoch against lastEpoch, which the image
+		// already holds; lower it for the check.
+		last := br.lastEpoch
+		if o.vkind == KindSnapshot {
+			br.lastEpoch = o.e - 1
+		}
+		err := s.applyVolume(&o, func(format string, args ...any) error { d.fail(format, args...); return d.err })
+		if o.vkind == KindSnapshot && last > br.lastEpoch {
+			br.lastEpoch = last
+		}
+		if err != nil {
+			return
+		}
+		if o.vkind == KindClone && !br.live {
+			d.fail("clone volume %d on dead branch %d", o.id, o.b)
+			return
+		}
+	}
+}
+
+func (d *ckptReader) sv() int64 {
+	u := d.uv()
+	return int64(u>>1) ^ -int64(u&1)
+}
+
+// afterReplay queues the collection of whatever a delete left unfinished:
+// entries at epochs nothing holds, and dead branches.
+func (s *Store) afterReplay() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, br := range s.branches {
+		s.ix.branchEpochs(br.id, func(e uint32) bool {
+			if br.refs[e] <= 0 && !(e == epochLive && br.live) {
+				s.queueGC(point{br.id, e})
+			}
+			return true
+		})
+		if br.dead() {
+			s.queueGC(point{br.id, epochLive})
+		}
+	}
+}
+
+func (s *Store) loadRuns(d *ckptReader) {
+	var pb, pe uint32
+	var prevEnd, locEnd uint64
+	first := true
+	for d.err == nil {
+		tag := d.byte1()
+		if tag == 0 || d.err != nil {
+			return
+		}
+		o := op{kind: opPut}
+		switch {
+		case tag == 1:
+			o.b, o.e, o.c = d.u32(), d.u32(), d.uv()
+		case tag == 2 && !first:
+			o.b, o.e = pb, pe
+			o.c = prevEnd + d.uv()
+		default:
+			d.fail("run tag %d", tag)
+			return
+		}
+		o.n = d.uv()
+		lv := d.uv()
+		if d.err != nil {
+			return
+		}
+		switch lv {
+		case 0:
+			o.loc = locZero
+		case 1:
+			o.loc = locInherit
+		default:
+			z := lv - 2
+			delta := int64(z>>1) ^ -int64(z&1)
+			o.loc = locEnd + uint64(delta)
+			if o.loc >= locInherit {
+				d.fail("run location %d", o.loc)
+				return
+			}
+			locEnd = o.loc + o.n
+		}
+		if o.n == 0 || o.n > s.chunks || o.c >= s.chunks {
+			d.fail("run of %d chunks at chunk %d", o.n, o.c)
+			return
+		}
+		if err := s.applyOp(&o, 0, true); err != nil {
+			d.fail("%v", err)
+			return
+		}
+		first, pb, pe, prevEnd = false, o.b, o.e, o.c+o.n
+	}
+}

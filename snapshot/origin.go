@@ -1,0 +1,230 @@
+package snapshot
+
+import (
+	"errors"
+	"fmt"
+)
+
+// The origin write path.
+//
+// A write (or discard) to origin chunks is handled in segments of at most
+// maxSegChunks chunks. The segment's origin stripes are taken shared and
+// each chunk's preserved epoch compared with the newest held snapshot; if
+// none needs a copy the write goes straight to the origin device under the
+// shared locks (no index work). Otherwise the stripes are retaken
+// exclusively and the chunks that need it are copied: each is read from the
+// origin and written to a newly allocated store chunk; one record maps them
+// all at the newest held epoch (one copy serves every snapshot since the
+// chunk was last preserved); the commit flushes the store before it writes
+// the record (journal PreCommit) and flushes the record; only then does the
+// origin write go out. Concurrent writers share commits (group commit).
+
+// stripeRange returns the stripe indexes of chunks [c0, c1] as at most two
+// ascending runs [a0, a1] and [b0, b1] (b0 > b1 when there is no second run),
+// so that locks are always taken in ascending order.
+func stripeRange(c0, c1 uint64) (a0, a1, b0, b1 int) {
+	if c1-c0 >= nStripes-1 {
+		return 0, nStripes - 1, 1, 0
+	}
+	s0, s1 := int(c0%nStripes), int(c1%nStripes)
+	if s0 <= s1 {
+		return s0, s1, 1, 0
+	}
+	return 0, s1, s0, nStripes - 1
+}
+
+func (s *Store) lockOrigin(c0, c1 uint64, excl bool) {
+	a0, a1, b0, b1 := stripeRange(c0, c1)
+	for _, r := range [2][2]int{{a0, a1}, {b0, b1}} {
+		for i := r[0]; i <= r[1]; i++ {
+			if excl {
+				s.originLocks[i].Lock()
+			} else {
+				s.originLocks[i].RLock()
+			}
+		}
+	}
+}
+
+func (s *Store) unlockOrigin(c0, c1 uint64, excl bool) {
+	a0, a1, b0, b1 := stripeRange(c0, c1)
+	for _, r := range [2][2]int{{a0, a1}, {b0, b1}} {
+		for i := r[0]; i <= r[1]; i++ {
+			if excl {
+				s.originLocks[i].Unlock()
+			} else {
+				s.originLocks[i].RUnlock()
+			}
+		}
+	}
+}
+
+// originWrite writes p (or, with discard, zeros by discarding) at off for n
+// bytes of the origin volume.
+func (s *Store) originWrite(p []byte, off, n int64, discard bool) error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	br := s.b0
+	br.gate.RLock()
+	defer br.gate.RUnlock()
+	for n > 0 {
+		c0 := uint64(off / s.cs)
+		c1 := uint64((off + n - 1) / s.cs)
+		if c1-c0 >= maxSegChunks {
+			c1 = c0 + maxSegChunks - 1
+		}
+		segEnd := min(off+n, int64(c1+1)*s.cs)
+		k := segEnd - off
+		var seg []byte
+		if !discard {
+			seg = p[:k]
+			p = p[k:]
+		}
+		if err := s.originSegment(seg, off, k, c0, c1, discard); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
+	if need == 0 {
+		return false
+	}
+	for c := c0; c <= c1; c++ {
+		if s.preserved[c] < need {
+			return true
+		}
+	}
+	return false
+}
+
+// originSegment writes chunks [c0, c1]. The branch gate is held shared, so
+// the newest held epoch changes only through invalidation (which retries).
+func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard bool) error {
+	need := s.b0.need.Load()
+	s.lockOrigin(c0, c1, false)
+	if !s.needsCopy(c0, c1, need) {
+		err := s.originIO(p, off, n, discard)
+		s.unlockOrigin(c0, c1, false)
+		return err
+	}
+	s.unlockOrigin(c0, c1, false)
+	s.lockOrigin(c0, c1, true)
+	defer s.unlockOrigin(c0, c1, true)
+	for {
+		need = s.b0.need.Load()
+		if !s.needsCopy(c0, c1, need) {
+			break
+		}
+		err := s.copyOut(c0, c1, need)
+		if err == errRetry {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return s.originIO(p, off, n, discard)
+}
+
+// errRetry: snapshots were invalidated to make room; start the copy again.
+var errRetry = errors.New("snapshot: retry")
+
+func (s *Store) originIO(p []byte, off, n int64, discard bool) error {
+	var err error
+	if discard {
+		err = s.origin.Discard(off, n)
+	} else {
+		_, err = s.origin.WriteAt(p, off)
+	}
+	if err != nil {
+		return fmt.Errorf("snapshot: origin at %d: %w", off, err)
+	}
+	return nil
+}
+
+// copyOut preserves the chunks of [c0, c1] whose copy the epoch need lacks.
+// Called with their origin stripes held exclusively.
+func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	var err error
+	for c := c0; c <= c1 && err == nil; c++ {
+		if s.preserved[c] >= need {
+			continue
+		}
+		var loc uint64
+		loc, err = s.allocOne()
+		if err != nil {
+			if s.opts.NoSpace == NoSpaceInvalidate {
+				if ierr := s.invalidateFor(c); ierr == nil {
+					err = errRetry
+				}
+			}
+			break
+		}
+		sc.cow = append(sc.cow, cowChunk{c: c, loc: loc})
+		err = s.copyChunk(c, loc)
+	}
+	if err != nil {
+		for _, x := range sc.cow {
+			s.alloc.release(x.loc, 1)
+		}
+		return err
+	}
+	if len(sc.cow) == 0 {
+		return nil
+	}
+	// One put per run of consecutive chunks at consecutive locations.
+	for i := 0; i < len(sc.cow); {
+		j := i + 1
+		for j < len(sc.cow) && sc.cow[j].c == sc.cow[j-1].c+1 && sc.cow[j].loc == sc.cow[j-1].loc+1 {
+			j++
+		}
+		sc.ops = append(sc.ops, op{kind: opPut, b: 0, e: need, c: sc.cow[i].c, n: uint64(j - i), loc: sc.cow[i].loc})
+		i = j
+	}
+	s.mu.Lock()
+	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
+		s.mu.Unlock()
+		for _, x := range sc.cow {
+			s.alloc.release(x.loc, 1)
+		}
+		return errRetry
+	}
+	_, err = s.logLocked(sc)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return s.commit(s.ctx)
+}
+
+func (s *Store) allocOne() (uint64, error) {
+	loc, _, ok := s.alloc.allocRun(1)
+	if !ok {
+		return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.geo.dataChunks)
+	}
+	return loc, nil
+}
+
+// copyChunk copies origin chunk c to store chunk loc.
+func (s *Store) copyChunk(c, loc uint64) error {
+	bp := s.getBuf()
+	defer s.putBuf(bp)
+	buf := *bp
+	cl := s.chunkLen(c)
+	if cl < s.cs {
+		clear(buf[cl:])
+	}
+	if _, err := s.origin.ReadAt(buf[:cl], int64(c)*s.cs); err != nil {
+		return fmt.Errorf("snapshot: copy-on-write read of origin chunk %d: %w", c, err)
+	}
+	if _, err := s.store.WriteAt(buf, s.storeOff(loc)); err != nil {
+		return fmt.Errorf("snapshot: copy-on-write of origin chunk %d to store chunk %d: %w", c, loc, err)
+	}
+	return nil
+}

@@ -1,0 +1,336 @@
+package snapshot
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+)
+
+// Kind is the kind of a volume.
+type Kind uint8
+
+const (
+	// KindOrigin is the live origin volume (branch 0).
+	KindOrigin Kind = iota
+	// KindSnapshot is a read-only snapshot of the origin or of a clone.
+	KindSnapshot
+	// KindClone is a writable clone of a snapshot.
+	KindClone
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindOrigin:
+		return "origin"
+	case KindSnapshot:
+		return "snapshot"
+	case KindClone:
+		return "clone"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// level is one step of a read's resolution: a branch seen at an epoch.
+type level struct {
+	br *branch
+	e  uint32
+}
+
+// branch is a writable line of history: the origin (id 0) or a clone.
+type branch struct {
+	id          uint32
+	parent      uint32 // parent branch (clones)
+	parentEpoch uint32 // the parent's snapshot this branch was cloned from
+	chain       []level
+	live        bool   // the branch's live volume exists (always true for 0)
+	liveVol     uint64 // the clone volume's id
+	lastEpoch   uint32 // last snapshot number handed out
+	refs        map[uint32]int32
+	held        []uint32 // sorted epochs with refs > 0
+	groups      chunkGroups
+
+	// need is the newest held epoch (0: none); written under Store.mu and
+	// gate, read atomically on the write path.
+	need atomic.Uint32
+
+	// gate: writers hold it shared for the duration of a write; creating or
+	// deleting a snapshot of the branch holds it exclusively, so a write is
+	// wholly before or wholly after the snapshot point.
+	gate sync.RWMutex
+}
+
+// volume is a named volume's metadata. Guarded by Store.mu.
+type volume struct {
+	id      uint64
+	name    string
+	kind    Kind
+	branch  uint32
+	epoch   uint32 // snapshots; epochLive for clones and the origin
+	hidden  bool   // a deleted snapshot kept as a clone's parent point
+	created int64
+	parent  uint64
+	dead    atomic.Bool // deleted: handles fail
+}
+
+// point is a snapshot of a branch.
+type point struct {
+	b uint32
+	e uint32
+}
+
+// newestHeldBelow returns the greatest held epoch in (lo, hi), or 0.
+func (br *branch) newestHeldBelow(lo, hi uint32) uint32 {
+	i, _ := slices.BinarySearch(br.held, hi) // first >= hi
+	if i == 0 {
+		return 0
+	}
+	if h := br.held[i-1]; h > lo {
+		return h
+	}
+	return 0
+}
+
+func (br *branch) ref(e uint32, d int32) (nowZero bool) {
+	old := br.refs[e]
+	n := old + d
+	if n <= 0 {
+		delete(br.refs, e)
+		if i, ok := slices.BinarySearch(br.held, e); ok {
+			br.held = slices.Delete(br.held, i, i+1)
+		}
+	} else {
+		br.refs[e] = n
+		if old <= 0 {
+			i, _ := slices.BinarySearch(br.held, e)
+			br.held = slices.Insert(br.held, i, e)
+		}
+	}
+	var need uint32
+	if len(br.held) > 0 {
+		need = br.held[len(br.held)-1]
+	}
+	br.need.Store(need)
+	return n <= 0
+}
+
+// dead reports whether nothing needs the branch any more.
+func (br *branch) dead() bool { return br.id != 0 && !br.live && len(br.held) == 0 }
+
+func (s *Store) newBranch(id, parent, pe uint32) *branch {
+	br := &branch{id: id, parent: parent, parentEpoch: pe, live: true, refs: map[uint32]int32{}, groups: newChunkGroups(s.chunks)}
+	if id != 0 {
+		p := s.branches[parent]
+		br.chain = append([]level{{br: p, e: pe}}, p.chain...)
+	}
+	return br
+}
+
+// applyOps applies a transaction's operations to the in-memory state. It is
+// the one place state changes, live or in replay, so the two agree. With
+// replay set, chunks are marked in the bitmap and frees are immediate;
+// otherwise data puts adopt in-flight allocations and frees wait for seq to
+// be durable. Called with s.mu held.
+func (s *Store) applyOps(ops []op, seq uint64, replay bool) error {
+	for i := range ops {
+		if err := s.applyOp(&ops[i], seq, replay); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: record %d: %s", ErrCorrupt, seq, fmt.Sprintf(format, args...))
+	}
+	switch o.kind {
+	case opPut, opDel:
+		br := s.branches[o.b]
+		if br == nil {
+			return bad("entries of unknown branch %d", o.b)
+		}
+		if o.c+o.n > s.chunks || o.c+o.n < o.c {
+			return bad("chunks %d+%d past the end (%d)", o.c, o.n, s.chunks)
+		}
+		if o.kind == opPut {
+			return s.applyPut(br, o, replay, bad)
+		}
+		for i := uint64(0); i < o.n; i++ {
+			x, ok := s.ix.del(o.b, o.c+i, o.e)
+			if !ok {
+				return bad("delete of missing entry (%d,%d,%d)", o.b, o.c+i, o.e)
+			}
+			if x.isData() {
+				s.alloc.free(x.loc, freeSeq(seq, replay))
+			}
+		}
+	case opMove:
+		x, ok := s.ix.del(o.b, o.c, o.e)
+		if !ok {
+			return bad("move of missing entry (%d,%d,%d)", o.b, o.c, o.e)
+		}
+		x.e = o.e2
+		if !s.ix.put(x) {
+			return bad("move onto existing entry (%d,%d,%d)", o.b, o.c, o.e2)
+		}
+	case opBranch:
+		p := s.branches[o.b]
+		if p == nil || s.branches[uint32(o.id)] != nil || o.id > 0xffffffff || o.id == 0 {
+			return bad("branch %d of parent %d", o.id, o.b)
+		}
+		if o.e == 0 || o.e > p.lastEpoch {
+			return bad("branch %d cloned from epoch %d of branch %d (last %d)", o.id, o.e, o.b, p.lastEpoch)
+		}
+		s.branches[uint32(o.id)] = s.newBranch(uint32(o.id), o.b, o.e)
+		p.ref(o.e, 1)
+		if uint32(o.id) >= s.nextBranch {
+			s.nextBranch = uint32(o.id) + 1
+		}
+	case opDropBranch:
+		br := s.branches[uint32(o.id)]
+		if br == nil || !br.dead() {
+			return bad("drop of branch %d that is missing or still needed", o.id)
+		}
+		delete(s.branches, br.id)
+		if p := s.branches[br.parent]; p != nil && p.ref(br.parentEpoch, -1) {
+			s.queueGC(point{p.id, br.parentEpoch})
+		}
+	case opVolume:
+		return s.applyVolume(o, bad)
+	case opHide, opDropVolume:
+		v := s.volumes[o.id]
+		if v == nil || v.kind == KindOrigin || (o.kind == opHide && (v.kind != KindSnapshot || v.hidden)) {
+			return bad("%v of volume %d", o.kind, o.id)
+		}
+		s.removeName(v)
+		if o.kind == opHide {
+			v.hidden = true
+			s.branches[v.branch].ref(v.epoch, -1)
+			return nil
+		}
+		s.dropVolume(v)
+	case opRename:
+		v := s.volumes[o.id]
+		if v == nil || v.hidden {
+			return bad("rename of volume %d", o.id)
+		}
+		if _, taken := s.byName[o.name]; taken {
+			return bad("rename onto existing name %q", o.name)
+		}
+		s.removeName(v)
+		v.name = o.name
+		s.byName[o.name] = v.id
+	default:
+		return bad("operation %d", o.kind)
+	}
+	return nil
+}
+
+func freeSeq(seq uint64, replay bool) uint64 {
+	if replay {
+		return 0
+	}
+	return seq
+}
+
+func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any) error) error {
+	if o.loc < locInherit && o.loc+o.n > s.geo.dataChunks {
+		return bad("location %d+%d past the data region", o.loc, o.n)
+	}
+	for i := uint64(0); i < o.n; i++ {
+		x := entry{b: o.b, e: o.e, c: o.c + i, loc: o.loc}
+		if o.loc < locInherit {
+			x.loc = o.loc + i
+			if replay && !s.alloc.mark(x.loc) {
+				return bad("store chunk %d referenced twice", x.loc)
+			}
+		}
+		if !s.ix.put(x) {
+			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
+		}
+		if br.id == 0 && o.e > s.preserved[x.c] {
+			s.preserved[x.c] = o.e
+		}
+	}
+	br.groups.setRange(o.c, o.n)
+	if o.loc < locInherit && !replay {
+		s.alloc.adopt(int(o.n))
+	}
+	return nil
+}
+
+func (s *Store) applyVolume(o *op, bad func(string, ...any) error) error {
+	br := s.branches[o.b]
+	if br == nil || s.volumes[o.id] != nil || o.id == 0 {
+		return bad("volume %d on branch %d", o.id, o.b)
+	}
+	if _, taken := s.byName[o.name]; taken && !o.hidden {
+		return bad("volume %d: name %q taken", o.id, o.name)
+	}
+	v := &volume{id: o.id, name: o.name, kind: o.vkind, branch: o.b, epoch: o.e, hidden: o.hidden, created: o.time, parent: o.parent}
+	switch o.vkind {
+	case KindSnapshot:
+		if o.e <= br.lastEpoch || o.e == epochLive {
+			return bad("snapshot %d at epoch %d of branch %d (last %d)", o.id, o.e, o.b, br.lastEpoch)
+		}
+		br.lastEpoch = o.e
+		s.byPoint[point{o.b, o.e}] = v.id
+		if !o.hidden {
+			br.ref(o.e, 1)
+		}
+	case KindClone:
+		if br.liveVol != 0 || o.e != epochLive {
+			return bad("clone volume %d on branch %d", o.id, o.b)
+		}
+		br.liveVol = v.id
+	default:
+		return bad("volume kind %v", o.vkind)
+	}
+	s.volumes[v.id] = v
+	if !o.hidden {
+		s.byName[v.name] = v.id
+	}
+	if v.id >= s.nextVol {
+		s.nextVol = v.id + 1
+	}
+	return nil
+}
+
+func (s *Store) removeName(v *volume) {
+	if id, ok := s.byName[v.name]; ok && id == v.id && !v.hidden {
+		delete(s.byName, v.name)
+	}
+}
+
+// dropVolume forgets a deleted snapshot or clone and queues the collection
+// of what only it needed.
+func (s *Store) dropVolume(v *volume) {
+	br := s.branches[v.branch]
+	delete(s.volumes, v.id)
+	v.dead.Store(true)
+	switch v.kind {
+	case KindSnapshot:
+		delete(s.byPoint, point{v.branch, v.epoch})
+		if !v.hidden {
+			br.ref(v.epoch, -1)
+		}
+		if br.refs[v.epoch] <= 0 {
+			s.queueGC(point{v.branch, v.epoch})
+		}
+	case KindClone:
+		br.live = false
+		br.liveVol = 0
+		s.queueGC(point{v.branch, epochLive})
+	}
+}
+
+// queueGC asks the collector to look at the entries of p, whose epoch no
+// longer holds anything.
+func (s *Store) queueGC(p point) {
+	s.gcq = append(s.gcq, gcTask{p: p})
+	select {
+	case s.gcKick <- struct{}{}:
+	default:
+	}
+}

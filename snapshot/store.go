@@ -1,0 +1,500 @@
+// Package snapshot is the shared snapshot store: one origin device holding
+// the live data in place, and one store device holding every snapshot and
+// writable clone of it, with unlimited snapshots, clones of clones to any
+// depth, metadata-only background delete and diffs between snapshots.
+//
+// Data model (DESIGN.md section 6). Every writable volume is a branch: the
+// origin is branch 0, a clone is a branch whose parent is a (branch,
+// snapshot) point. A snapshot of a branch is a number (an epoch) in that
+// branch's increasing sequence. One ordered index keyed (branch, chunk,
+// epoch) maps to store chunks: entry (b, c, e) serves the snapshots of b
+// numbered in (previous entry's epoch, e]; a clone's live chunks use the
+// largest epoch. So an origin write copies a chunk at most once however many
+// snapshots exist, and any read is one index seek per level of clone depth
+// at most, with a per-branch summary that lets levels without entries be
+// skipped without a seek.
+//
+// Crash safety: the index lives in memory; every change is a journal record
+// (package journal) and the whole index is checkpointed in the background.
+// An origin write that needs a copy writes the copy to the store, flushes
+// the store, commits the record, and only then writes the origin. Open
+// replays the journal (never a scan of the data) and rebuilds the
+// allocation bitmap from the index.
+package snapshot
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/journal"
+)
+
+// Sentinel errors; test them with errors.Is.
+var (
+	ErrCorrupt         = errors.New("snapshot: corrupt metadata")
+	ErrNoSpace         = errors.New("snapshot: store is full")
+	ErrNotFound        = errors.New("snapshot: no such volume")
+	ErrExists          = errors.New("snapshot: name already in use")
+	ErrInvalidSnapshot = errors.New("snapshot: snapshot is invalid or deleted")
+	ErrBadOptions      = errors.New("snapshot: bad options")
+	ErrClosed          = fmt.Errorf("snapshot: store closed: %w", blockdev.ErrClosed)
+	ErrReadOnly        = blockdev.ErrReadOnly
+)
+
+// NoSpacePolicy says what an origin write does when the store has no room
+// for the copy that a snapshot needs.
+type NoSpacePolicy uint8
+
+const (
+	// NoSpaceFailWrite (the default) fails the origin write with ErrNoSpace
+	// and leaves the origin and every snapshot unchanged.
+	NoSpaceFailWrite NoSpacePolicy = iota
+	// NoSpaceInvalidate deletes the snapshots of the origin that needed the
+	// copy (their open handles return ErrInvalidSnapshot) and lets the
+	// write through, as dm-snapshot does. A snapshot that clones depend on
+	// cannot be invalidated; if one needs the copy the write fails.
+	NoSpaceInvalidate
+)
+
+// Options configures Format and Open. The zero value is a good default.
+type Options struct {
+	// ChunkSize is the copy-on-write unit in bytes: a power of two from
+	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
+	ChunkSize int
+	// JournalSize is the journal region in bytes (checkpoint slots and
+	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
+	// Format only.
+	JournalSize int64
+	// CommitInterval is how often pending metadata is committed in the
+	// background; 0 means one second, negative disables it (commits then
+	// happen on Flush, FUA and snapshot operations only).
+	CommitInterval time.Duration
+	// Transient keeps the index in memory only, with no journal: nothing
+	// survives Close (a short-lived backup snapshot). Open of a transient
+	// store fails.
+	Transient bool
+	// NoSpace is the origin's behaviour when the store is full.
+	NoSpace NoSpacePolicy
+	// CheckpointAt is the journal fill fraction that starts a background
+	// checkpoint; 0 means 0.5.
+	CheckpointAt float64
+}
+
+const (
+	originVolumeID = 1
+	originName     = "origin"
+	nStripes       = 1024
+	maxSegChunks   = 64 // chunks of one origin write handled (and committed) together
+)
+
+// paddedRW keeps stripe locks on separate cache lines.
+type paddedRW struct {
+	sync.RWMutex
+	_ [40]byte
+}
+
+type paddedMu struct {
+	sync.Mutex
+	_ [56]byte
+}
+
+// Store is an open shared snapshot store. Its methods are safe for
+// concurrent use.
+type Store struct {
+	origin, store blockdev.Device
+	opts          Options
+	geo           geometry
+	cs            int64  // chunk size
+	chunks        uint64 // origin chunks
+	bs            int    // volume block size
+	j             *journal.Journal
+	jdev          *blockdev.SliceDevice
+
+	// mu guards the index, the branch and volume tables and the collector's
+	// queue. It is never held across device I/O. Lock order: branch gate,
+	// then clone stripe, then origin stripe, then reclaim, then mu, then
+	// allocator.mu.
+	mu        sync.RWMutex
+	ix        index
+	branches  map[uint32]*branch
+	volumes   map[uint64]*volume
+	byName    map[string]uint64
+	byPoint   map[point]uint64
+	nextVol   uint64
+	gcq       []gcTask
+	deletes   map[uint64]*DeleteOp
+	origVol   *volume
+	b0        *branch
+	replaying bool
+
+	// nextBranch mirrors nextBr for applyOp.
+	nextBranch uint32
+
+	alloc *allocator
+	// preserved[c] is the greatest epoch for which origin chunk c has been
+	// copied (0: never). A write to c needs a copy iff the newest held
+	// epoch of branch 0 is greater. It only grows (stale high values are
+	// harmless: new snapshots get greater numbers). Guarded by the origin
+	// stripe of c (written under mu as well).
+	preserved []uint32
+
+	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
+	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
+	// reclaim: readers of store chunks hold it shared across the read;
+	// freed chunks become reusable only under it exclusively, so a chunk is
+	// never reused under a read in flight.
+	reclaim sync.RWMutex
+
+	bufs    sync.Pool // *[]byte of one chunk
+	scratch sync.Pool // *scratch
+
+	failed   atomic.Pointer[error] // sticky metadata failure: reopen to recover
+	closed   atomic.Bool
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	gcKick   chan struct{}
+	ckptCh   chan capture
+	gcIdle   *sync.Cond // broadcast when the collector's queue drains; uses mu
+	ckptBusy atomic.Bool
+}
+
+// scratch is per-operation reusable memory for the write paths.
+type scratch struct {
+	ops []op
+	rec []byte
+	cow []cowChunk
+}
+
+type cowChunk struct {
+	c   uint64
+	loc uint64
+}
+
+func (o *Options) normalize() error {
+	if o.ChunkSize == 0 {
+		o.ChunkSize = 64 << 10
+	}
+	cs := o.ChunkSize
+	if cs < minChunkSize || cs > maxChunkSize || cs&(cs-1) != 0 {
+		return fmt.Errorf("%w: chunk size %d: a power of two from 4 KiB to 1 MiB", ErrBadOptions, cs)
+	}
+	if o.CommitInterval == 0 {
+		o.CommitInterval = time.Second
+	}
+	return nil
+}
+
+// Format creates a new, empty store for origin on store and returns it
+// open. The origin's contents are kept (they are the live volume); whatever
+// the store held is lost.
+func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
+	if err := opts.normalize(); err != nil {
+		return nil, err
+	}
+	cs := int64(opts.ChunkSize)
+	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize}
+	if !opts.Transient {
+		jl := opts.JournalSize
+		if jl == 0 {
+			jl = min(max(store.Size()/32, 1<<20), 2<<30)
+		}
+		g.journalLen = (jl + 4095) / 4096 * 4096
+	}
+	g.dataOff = (g.journalOff + g.journalLen + cs - 1) / cs * cs
+	if origin.Size() <= 0 || g.dataOff >= store.Size() {
+		return nil, fmt.Errorf("%w: store of %d bytes has no room for data after %d bytes of metadata", ErrBadOptions, store.Size(), g.dataOff)
+	}
+	g.dataChunks = uint64((store.Size() - g.dataOff) / cs)
+	if g.dataChunks == 0 {
+		return nil, fmt.Errorf("%w: store of %d bytes holds no data chunk", ErrBadOptions, store.Size())
+	}
+	_, _ = rand.Read(g.uuid[:])
+	s := newStore(origin, store, opts, g)
+	if opts.Transient {
+		s.start()
+		return s, nil
+	}
+	jdev, err := blockdev.Slice(store, g.journalOff, g.journalLen)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: journal region: %w", err)
+	}
+	s.jdev = jdev
+	j, err := journal.Format(jdev, s.journalOptions())
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: format journal: %w", err)
+	}
+	s.j = j
+	sb := g.encode()
+	if _, err := store.WriteAt(alignedCopy(sb, store.BlockSize()), 0); err != nil {
+		_ = j.Close()
+		return nil, fmt.Errorf("snapshot: write superblock: %w", err)
+	}
+	if err := store.Flush(); err != nil {
+		_ = j.Close()
+		return nil, fmt.Errorf("snapshot: format flush: %w", err)
+	}
+	s.start()
+	return s, nil
+}
+
+func alignedCopy(b []byte, bs int) []byte {
+	n := (len(b) + bs - 1) / bs * bs
+	out := blockdev.AlignedBuffer(n)
+	copy(out, b)
+	return out
+}
+
+// Open opens a store made by Format, recovering from the journal.
+func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
+	if opts.Transient {
+		return nil, fmt.Errorf("%w: a transient store cannot be reopened", ErrBadOptions)
+	}
+	buf := blockdev.AlignedBuffer(max(superblockSize, store.BlockSize()))
+	if _, err := store.ReadAt(buf, 0); err != nil {
+		return nil, fmt.Errorf("snapshot: read superblock: %w", err)
+	}
+	g, err := decodeSuperblock(buf)
+	if err != nil {
+		return nil, err
+	}
+	if g.originSize != origin.Size() || g.storeSize != store.Size() {
+		return nil, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
+			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	}
+	opts.ChunkSize = int(g.chunkSize)
+	if err := opts.normalize(); err != nil {
+		return nil, err
+	}
+	s := newStore(origin, store, opts, g)
+	jdev, err := blockdev.Slice(store, g.journalOff, g.journalLen)
+	if err != nil {
+		return nil, fmt.Errorf("%w: journal region: %v", ErrCorrupt, err)
+	}
+	s.jdev = jdev
+	s.replaying = true
+	j, err := journal.Open(jdev, s.journalOptions(), (*replayer)(s))
+	s.replaying = false
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: open journal: %w", err)
+	}
+	s.j = j
+	s.afterReplay()
+	s.start()
+	return s, nil
+}
+
+func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
+	cs := int64(g.chunkSize)
+	s := &Store{
+		origin: origin, store: store, opts: opts, geo: g, cs: cs,
+		chunks:   uint64((origin.Size() + cs - 1) / cs),
+		bs:       max(origin.BlockSize(), store.BlockSize()),
+		ix:       newIndex(),
+		branches: map[uint32]*branch{},
+		volumes:  map[uint64]*volume{},
+		byName:   map[string]uint64{},
+		byPoint:  map[point]uint64{},
+		deletes:  map[uint64]*DeleteOp{},
+		nextVol:  originVolumeID + 1,
+		alloc:    newAllocator(g.dataChunks),
+		gcKick:   make(chan struct{}, 1),
+		ckptCh:   make(chan capture, 1),
+	}
+	s.preserved = make([]uint32, s.chunks)
+	s.gcIdle = sync.NewCond(&s.mu)
+	s.b0 = s.newBranch(0, 0, 0)
+	s.branches[0] = s.b0
+	s.nextBranch = 1
+	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: time.Now().UnixNano()}
+	s.b0.liveVol = originVolumeID
+	s.volumes[originVolumeID] = s.origVol
+	s.byName[originName] = originVolumeID
+	s.bufs.New = func() any { b := blockdev.AlignedBuffer(int(cs)); return &b }
+	s.scratch.New = func() any { return &scratch{} }
+	return s
+}
+
+func (s *Store) journalOptions() journal.Options {
+	return journal.Options{
+		PreCommit:      s.store.Flush, // the data a record points to is durable before the record
+		CheckpointAt:   s.opts.CheckpointAt,
+		CheckpointSize: s.geo.journalLen / 4 / 4096 * 4096,
+	}
+}
+
+// start launches the background goroutines.
+func (s *Store) start() {
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.wg.Add(1)
+	go s.collector()
+	if s.j != nil {
+		s.wg.Add(2)
+		go s.checkpointer()
+		go s.committer()
+	}
+}
+
+// Close stops the background work (a delete in progress resumes at the next
+// Open), commits what is pending and closes the journal. It does not close
+// the origin or store devices.
+func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return ErrClosed
+	}
+	s.cancel()
+	s.mu.Lock()
+	s.gcIdle.Broadcast()
+	s.mu.Unlock()
+	s.wg.Wait()
+	var err error
+	if s.j != nil {
+		if s.failed.Load() == nil {
+			err = s.commit(context.Background())
+		}
+		if cerr := s.j.Close(); err == nil && cerr != nil && !errors.Is(cerr, journal.ErrClosed) {
+			err = cerr
+		}
+	}
+	s.mu.Lock()
+	for _, v := range s.volumes {
+		v.dead.Store(true)
+	}
+	s.mu.Unlock()
+	return err
+}
+
+// fail records a metadata failure: from now on every change returns it and
+// the store must be reopened.
+func (s *Store) fail(err error) error {
+	s.failed.CompareAndSwap(nil, &err)
+	return err
+}
+
+func (s *Store) usable() error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	if p := s.failed.Load(); p != nil {
+		return fmt.Errorf("snapshot: store failed earlier (reopen to recover): %w", *p)
+	}
+	return nil
+}
+
+// logLocked applies ops to memory and appends them as one record. Called
+// with mu held; it may hand a state capture to the checkpointer.
+func (s *Store) logLocked(sc *scratch) (uint64, error) {
+	if err := s.usable(); err != nil {
+		return 0, err
+	}
+	if s.j == nil {
+		return 0, s.applyOps(sc.ops, 0, false)
+	}
+	seq := s.j.LastSeq() + 1
+	if err := s.applyOps(sc.ops, seq, false); err != nil {
+		return 0, s.fail(err)
+	}
+	sc.rec = encodeRecord(sc.rec, sc.ops)
+	got, err := s.j.Append(s.ctx, sc.rec)
+	if err != nil {
+		return 0, s.fail(fmt.Errorf("snapshot: journal append: %w", err))
+	}
+	if got != seq {
+		return 0, s.fail(fmt.Errorf("snapshot: journal append: sequence %d, expected %d", got, seq))
+	}
+	s.maybeCaptureLocked()
+	return seq, nil
+}
+
+// log takes mu and calls logLocked.
+func (s *Store) log(sc *scratch) (uint64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logLocked(sc)
+}
+
+// commit makes every record appended so far durable, then lets chunks they
+// freed be reused.
+func (s *Store) commit(ctx context.Context) error {
+	if s.j == nil {
+		if s.alloc.hasPending() {
+			s.releaseFreed(^uint64(0))
+		}
+		return nil
+	}
+	target := s.j.LastSeq()
+	if err := s.j.Commit(ctx); err != nil {
+		if ctx.Err() != nil {
+			return err
+		}
+		return s.fail(fmt.Errorf("snapshot: commit: %w", err))
+	}
+	if s.alloc.hasPending() {
+		s.releaseFreed(target)
+	}
+	return nil
+}
+
+// releaseFreed waits for reads in flight, then makes chunks freed by
+// durable records reusable.
+func (s *Store) releaseFreed(seq uint64) {
+	s.reclaim.Lock()
+	s.alloc.durable(seq)
+	s.reclaim.Unlock()
+}
+
+// flushStore makes every completed store write and record durable.
+func (s *Store) flushStore() error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if s.j != nil && s.j.LastSeq() > 0 {
+		if err := s.commit(s.ctx); err != nil {
+			return err
+		}
+	}
+	return s.store.Flush()
+}
+
+// committer commits pending records every CommitInterval.
+func (s *Store) committer() {
+	defer s.wg.Done()
+	if s.opts.CommitInterval < 0 {
+		return
+	}
+	t := time.NewTicker(s.opts.CommitInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			if s.usable() == nil {
+				_ = s.commit(s.ctx)
+			}
+		}
+	}
+}
+
+func (s *Store) getBuf() *[]byte  { return s.bufs.Get().(*[]byte) }
+func (s *Store) putBuf(b *[]byte) { s.bufs.Put(b) }
+
+func (s *Store) getScratch() *scratch {
+	sc := s.scratch.Get().(*scratch)
+	sc.ops, sc.cow = sc.ops[:0], sc.cow[:0]
+	return sc
+}
+
+func (s *Store) putScratch(sc *scratch) { s.scratch.Put(sc) }
+
+// chunkLen is the number of bytes of chunk c within the origin.
+func (s *Store) chunkLen(c uint64) int64 { return min(s.cs, s.geo.originSize-int64(c)*s.cs) }
+
+// storeOff is the store offset of data chunk loc.
+func (s *Store) storeOff(loc uint64) int64 { return s.geo.dataOff + int64(loc)*s.cs }

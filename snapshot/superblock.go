@@ -1,0 +1,145 @@
+package snapshot
+
+// The store superblock: the first 4096 bytes of the store device.
+//
+//	offset size  field
+//	     0    8  magic "BSNAPSTR"
+//	     8    4  format version (1)
+//	    12    4  CRC32C of bytes [0, 4096) with this field zero, salted with saltSuperblock
+//	    16    8  location of this block (0): a misdirected block is detected
+//	    24    4  chunk size in bytes (power of two, 4 KiB .. 1 MiB)
+//	    28    4  flags (none defined; must be 0)
+//	    32    8  origin size in bytes
+//	    40    8  store size in bytes
+//	    48    8  journal region offset in bytes
+//	    56    8  journal region length in bytes
+//	    64    8  data region offset in bytes (a multiple of the chunk size)
+//	    72    8  data chunks
+//	    80   16  store UUID (random at Format)
+//	    96 4000  zero
+//
+// All integers little-endian. The region [0, 4096) is the superblock; the
+// journal region follows it; the data region follows the journal. The
+// allocation bitmap is derived from the index at Open and not stored.
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+)
+
+const (
+	superblockSize    = 4096
+	superblockMagic   = "BSNAPSTR"
+	superblockVersion = 1
+
+	minChunkSize = 4 << 10
+	maxChunkSize = 1 << 20
+)
+
+// Checksum salts, one per structure type, so a block of one kind can never
+// pass for another.
+const (
+	saltSuperblock = 0x5b5ca501
+	saltCheckpoint = 0x5b5ca502
+	saltRecord     = 0x5b5ca503
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func checksum(salt uint32, parts ...[]byte) uint32 {
+	var s [4]byte
+	binary.LittleEndian.PutUint32(s[:], salt)
+	c := crc32.Update(0, castagnoli, s[:])
+	for _, p := range parts {
+		c = crc32.Update(c, castagnoli, p)
+	}
+	return c
+}
+
+// geometry is the store's fixed layout, recorded in the superblock.
+type geometry struct {
+	chunkSize  uint32
+	originSize int64
+	storeSize  int64
+	journalOff int64
+	journalLen int64
+	dataOff    int64
+	dataChunks uint64
+	uuid       [16]byte
+}
+
+func (g *geometry) encode() []byte {
+	b := make([]byte, superblockSize)
+	copy(b, superblockMagic)
+	le := binary.LittleEndian
+	le.PutUint32(b[8:], superblockVersion)
+	le.PutUint64(b[16:], 0)
+	le.PutUint32(b[24:], g.chunkSize)
+	le.PutUint64(b[32:], uint64(g.originSize))
+	le.PutUint64(b[40:], uint64(g.storeSize))
+	le.PutUint64(b[48:], uint64(g.journalOff))
+	le.PutUint64(b[56:], uint64(g.journalLen))
+	le.PutUint64(b[64:], uint64(g.dataOff))
+	le.PutUint64(b[72:], g.dataChunks)
+	copy(b[80:96], g.uuid[:])
+	le.PutUint32(b[12:], checksum(saltSuperblock, b))
+	return b
+}
+
+// decodeSuperblock parses and validates a superblock image. It never
+// panics; every failure wraps ErrCorrupt with the offset that was wrong.
+func decodeSuperblock(b []byte) (geometry, error) {
+	var g geometry
+	bad := func(off int, format string, args ...any) error {
+		return fmt.Errorf("%w: superblock at store offset 0, byte %d: %s", ErrCorrupt, off, fmt.Sprintf(format, args...))
+	}
+	if len(b) < superblockSize {
+		return g, bad(0, "short block of %d bytes", len(b))
+	}
+	b = b[:superblockSize]
+	if string(b[:8]) != superblockMagic {
+		return g, bad(0, "bad magic %q", b[:8])
+	}
+	le := binary.LittleEndian
+	if v := le.Uint32(b[8:]); v != superblockVersion {
+		return g, bad(8, "unsupported version %d", v)
+	}
+	var tmp [superblockSize]byte
+	copy(tmp[:], b)
+	le.PutUint32(tmp[12:], 0)
+	if want, got := checksum(saltSuperblock, tmp[:]), le.Uint32(b[12:]); want != got {
+		return g, bad(12, "checksum %#x, want %#x", got, want)
+	}
+	if loc := le.Uint64(b[16:]); loc != 0 {
+		return g, bad(16, "block records location %d, read at 0", loc)
+	}
+	g.chunkSize = le.Uint32(b[24:])
+	if g.chunkSize < minChunkSize || g.chunkSize > maxChunkSize || g.chunkSize&(g.chunkSize-1) != 0 {
+		return g, bad(24, "chunk size %d", g.chunkSize)
+	}
+	if f := le.Uint32(b[28:]); f != 0 {
+		return g, bad(28, "unknown flags %#x", f)
+	}
+	g.originSize = int64(le.Uint64(b[32:]))
+	g.storeSize = int64(le.Uint64(b[40:]))
+	g.journalOff = int64(le.Uint64(b[48:]))
+	g.journalLen = int64(le.Uint64(b[56:]))
+	g.dataOff = int64(le.Uint64(b[64:]))
+	g.dataChunks = le.Uint64(b[72:])
+	copy(g.uuid[:], b[80:96])
+	cs := int64(g.chunkSize)
+	switch {
+	case g.originSize <= 0 || g.originSize > 1<<60:
+		return g, bad(32, "origin size %d", g.originSize)
+	case g.storeSize <= superblockSize || g.storeSize > 1<<60:
+		return g, bad(40, "store size %d", g.storeSize)
+	case g.journalOff != superblockSize || g.journalLen < 0 || g.journalLen > g.storeSize:
+		return g, bad(48, "journal region %d+%d", g.journalOff, g.journalLen)
+	case g.dataOff < g.journalOff+g.journalLen || g.dataOff%cs != 0 || g.dataOff > g.storeSize:
+		return g, bad(64, "data region offset %d", g.dataOff)
+	case g.dataChunks > uint64(g.storeSize-g.dataOff)/uint64(cs):
+		return g, bad(72, "%d data chunks do not fit a store of %d bytes", g.dataChunks, g.storeSize)
+	}
+	return g, nil
+}

@@ -1,0 +1,277 @@
+package snapshot
+
+import (
+	"fmt"
+	"slices"
+	"time"
+)
+
+// VolumeInfo describes a volume.
+type VolumeInfo struct {
+	ID      uint64
+	Name    string
+	Kind    Kind
+	Parent  uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin)
+	Created time.Time
+	Size    int64
+}
+
+// VolumeStat is a volume's space accounting, in the manner of thin_ls.
+// Mapped counts the bytes whose data this volume reads from the store (for
+// the origin: from the origin device); Exclusive those no other volume
+// reads; Shared the rest.
+type VolumeStat struct {
+	VolumeInfo
+	Mapped, Exclusive, Shared int64
+}
+
+func validName(name string) error {
+	if name == "" || len(name) > maxNameLen {
+		return fmt.Errorf("%w: name %q: 1 to %d bytes", ErrBadOptions, name, maxNameLen)
+	}
+	return nil
+}
+
+// writableBranch returns v's branch if v is the origin or a live clone.
+func (v *Volume) writable() error {
+	if v.kind == KindSnapshot {
+		return fmt.Errorf("%w: volume %d is a snapshot", ErrReadOnly, v.meta.id)
+	}
+	return v.check(0, 0)
+}
+
+// quiesce is called with br's gate held exclusively: it makes every write
+// completed on the branch durable, so the snapshot being taken can never
+// change after a crash.
+func (s *Store) quiesce(br *branch) error {
+	if s.j == nil {
+		return nil
+	}
+	if br.id == 0 {
+		if err := s.origin.Flush(); err != nil {
+			return fmt.Errorf("snapshot: flush origin: %w", err)
+		}
+		return nil
+	}
+	return s.store.Flush()
+}
+
+// CreateSnapshot takes a read-only snapshot, named name, of the origin or of
+// a clone. O(1): no data is copied. Every write completed before the call
+// is in the snapshot, and durable when it returns.
+func (s *Store) CreateSnapshot(name string, of *Volume) (*Volume, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	if err := of.writable(); err != nil {
+		return nil, err
+	}
+	br := of.br
+	br.gate.Lock()
+	defer br.gate.Unlock()
+	if err := s.quiesce(br); err != nil {
+		return nil, err
+	}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	s.mu.Lock()
+	if _, taken := s.byName[name]; taken {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %q", ErrExists, name)
+	}
+	id := s.nextVol
+	sc.ops = append(sc.ops, op{kind: opVolume, id: id, vkind: KindSnapshot, b: br.id, e: br.lastEpoch + 1,
+		time: time.Now().UnixNano(), parent: of.meta.id, name: name})
+	_, err := s.logLocked(sc)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.commit(s.ctx); err != nil {
+		return nil, err
+	}
+	return s.OpenID(id)
+}
+
+// CreateClone makes a writable clone, named name, of a snapshot; or of the
+// live origin or a clone, through an implicit hidden snapshot taken now.
+// O(1): no data is copied.
+func (s *Store) CreateClone(name string, from *Volume) (*Volume, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	if err := from.check(0, 0); err != nil {
+		return nil, err
+	}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	now := time.Now().UnixNano()
+	parentPoint := point{from.br.id, from.meta.epoch}
+	if from.kind != KindSnapshot {
+		from.br.gate.Lock()
+		defer from.br.gate.Unlock()
+		if err := s.quiesce(from.br); err != nil {
+			return nil, err
+		}
+	}
+	s.mu.Lock()
+	if _, taken := s.byName[name]; taken {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %q", ErrExists, name)
+	}
+	parentVol := from.meta.id
+	id := s.nextVol
+	if from.kind != KindSnapshot {
+		parentPoint.e = from.br.lastEpoch + 1
+		sc.ops = append(sc.ops, op{kind: opVolume, id: id, vkind: KindSnapshot, b: from.br.id, e: parentPoint.e,
+			hidden: true, time: now, parent: from.meta.id, name: ""})
+		parentVol = id
+		id++
+	}
+	bid := uint64(s.nextBranch)
+	sc.ops = append(sc.ops,
+		op{kind: opBranch, id: bid, b: parentPoint.b, e: parentPoint.e},
+		op{kind: opVolume, id: id, vkind: KindClone, b: uint32(bid), e: epochLive, time: now, parent: parentVol, name: name})
+	_, err := s.logLocked(sc)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.commit(s.ctx); err != nil {
+		return nil, err
+	}
+	return s.OpenID(id)
+}
+
+// Rename gives a volume a new name.
+func (s *Store) Rename(oldName, newName string) error {
+	if err := validName(newName); err != nil {
+		return err
+	}
+	sc := s.getScratch()
+	defer s.putScratch(sc)
+	s.mu.Lock()
+	id, ok := s.byName[oldName]
+	switch {
+	case !ok:
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %q", ErrNotFound, oldName)
+	case id == originVolumeID:
+		s.mu.Unlock()
+		return fmt.Errorf("%w: the origin cannot be renamed", ErrBadOptions)
+	}
+	if _, taken := s.byName[newName]; taken {
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %q", ErrExists, newName)
+	}
+	sc.ops = append(sc.ops, op{kind: opRename, id: id, name: newName})
+	_, err := s.logLocked(sc)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return s.commit(s.ctx)
+}
+
+func (s *Store) infoLocked(v *volume) VolumeInfo {
+	created := time.Unix(0, v.created)
+	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize}
+}
+
+// List returns every visible volume (the origin first), ordered by ID.
+func (s *Store) List() []VolumeInfo {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]VolumeInfo, 0, len(s.byName))
+	for _, id := range s.byName {
+		out = append(out, s.infoLocked(s.volumes[id]))
+	}
+	slices.SortFunc(out, func(a, b VolumeInfo) int {
+		if a.ID < b.ID {
+			return -1
+		}
+		return 1
+	})
+	return out
+}
+
+// Info returns the volume's description.
+func (v *Volume) Info() VolumeInfo {
+	v.s.mu.RLock()
+	defer v.s.mu.RUnlock()
+	return v.s.infoLocked(v.meta)
+}
+
+// Stat returns the named volume's space accounting. It walks the index
+// entries of the volume's branch and its ancestors (metadata only).
+func (s *Store) Stat(name string) (VolumeStat, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	id, ok := s.byName[name]
+	if !ok {
+		return VolumeStat{}, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	v := s.volumes[id]
+	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
+	if v.kind == KindOrigin {
+		need := s.b0.need.Load()
+		for c := uint64(0); c < s.chunks; c++ {
+			n := s.chunkLen(c)
+			st.Mapped += n
+			if need > s.preserved[c] {
+				st.Shared += n
+			}
+		}
+		st.Exclusive = st.Mapped - st.Shared
+		return st, nil
+	}
+	br := s.branches[v.branch]
+	levels := append([]level{{br: br, e: v.epoch}}, br.chain...)
+	seen := map[uint64]bool{}
+	for i, l := range levels {
+		s.ix.byChunk.AscendGreaterOrEqual(entry{b: l.br.id}, func(x entry) bool {
+			if x.b != l.br.id {
+				return false
+			}
+			if seen[x.c] {
+				return true
+			}
+			seen[x.c] = true
+			loc, fromOrigin := s.resolveLocked(levels, x.c)
+			if fromOrigin || loc == locZero {
+				return true
+			}
+			n := s.chunkLen(x.c)
+			st.Mapped += n
+			if i == 0 && s.exclusiveLocked(l.br, x.c, l.e, loc) {
+				st.Exclusive += n
+			} else {
+				st.Shared += n
+			}
+			return true
+		})
+	}
+	return st, nil
+}
+
+// exclusiveLocked reports whether the entry for (br, c) that epoch e reads,
+// at loc, is read by that epoch's volume only.
+func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) bool {
+	x, ok := s.ix.seek(br.id, c, e)
+	if !ok || x.loc != loc {
+		return false
+	}
+	lo := uint32(0)
+	if p, ok := s.ix.prev(br.id, c, x.e); ok {
+		lo = p.e
+	}
+	holders := 0
+	i, _ := slices.BinarySearch(br.held, lo+1)
+	for ; i < len(br.held) && br.held[i] <= x.e; i++ {
+		holders += int(br.refs[br.held[i]])
+	}
+	if x.e == epochLive && br.live {
+		holders++
+	}
+	return holders == 1
+}
