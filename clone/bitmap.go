@@ -117,13 +117,6 @@ func (m *metadata) forEachUnhydrated(r0, r1 uint64, fn func(r uint64)) {
 	}
 }
 
-// countUnhydrated counts the unhydrated regions of [r0, r1].
-func (m *metadata) countUnhydrated(r0, r1 uint64) uint64 {
-	var n uint64
-	m.forEachUnhydrated(r0, r1, func(uint64) { n++ })
-	return n
-}
-
 // nextUnhydrated returns the first unhydrated region at or after from.
 func (m *metadata) nextUnhydrated(from uint64) (uint64, bool) {
 	if m.all.Load() {

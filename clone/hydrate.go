@@ -348,3 +348,25 @@ func (c *Clone) Wait(ctx context.Context) error {
 		return errClosed("wait")
 	}
 }
+
+// step claims one batch of at most n regions and copies it synchronously,
+// whatever the dispatcher is doing: hydration driven one step at a time
+// (tests use it to interleave hydration with I/O deterministically). It
+// returns the number of regions hydrated.
+func (h *hydrator) step(ctx context.Context, n uint64) (uint64, error) {
+	c := h.c
+	h.mu.Lock()
+	b, ok := h.claimBatch(max(1, n))
+	h.mu.Unlock()
+	if !ok {
+		return 0, nil
+	}
+	bp := c.getBuf()
+	err := c.copyRange(ctx, *bp, c.regionStart(b.r0), c.regionEnd(b.r0+b.n-1))
+	c.putBuf(bp)
+	c.release(b.f, b.r0, b.r0+b.n-1, err == nil)
+	if err != nil {
+		return 0, err
+	}
+	return b.n, nil
+}

@@ -302,11 +302,21 @@ func (c *Clone) writeHydrated(p []byte, off int64) error {
 // writeWhole: the write covers whole regions (claimed, or hydrated); it goes
 // straight to the destination with no copy, in one call.
 func (c *Clone) writeWhole(p []byte, off int64) error {
+	skipped := c.unhydratedBytes(off, int64(len(p)))
 	if _, err := c.dst.WriteAt(p, off); err != nil {
 		return fmt.Errorf("clone: write destination at %d: %w", off, err)
 	}
-	c.hyd.addSkipped(int64(len(p)))
+	c.hyd.addSkipped(skipped)
 	return nil
+}
+
+// unhydratedBytes is the size of the unhydrated regions within [off,
+// off+n): what a whole-region write or discard hydrates without a copy.
+func (c *Clone) unhydratedBytes(off, n int64) int64 {
+	r0, r1 := c.regionsOf(off, n)
+	var b int64
+	c.md.forEachUnhydrated(r0, r1, func(r uint64) { b += c.regionEnd(r) - c.regionStart(r) })
+	return b
 }
 
 // writePartialUnhydrated: the write covers part of claimed region r: read
@@ -342,10 +352,11 @@ func (c *Clone) Discard(off, n int64) error {
 	err := c.splitRegions(off, n, r0, r1, func(lo, hi int64, r uint64, whole bool) error {
 		switch {
 		case whole:
+			skipped := c.unhydratedBytes(lo, hi-lo)
 			if err := c.discardDest(lo, hi-lo); err != nil {
 				return err
 			}
-			c.hyd.addSkipped(hi - lo)
+			c.hyd.addSkipped(skipped)
 			return nil
 		case c.md.test(r):
 			return c.discardDest(lo, hi-lo)
