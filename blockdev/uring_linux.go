@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"runtime"
-	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -22,20 +20,20 @@ import (
 //
 // Queue depth comes from concurrency, as with any Device: each calling
 // goroutine has one request in flight, up to URingOptions.Entries of them.
-// Requests queued by many goroutines while one of them is inside
-// io_uring_enter are submitted together by the next enter, and a single
-// reaper goroutine hands each completion to the goroutine waiting for it.
-// Nothing is allocated per request: request slots, their channels and the
-// rings are set up by OpenURing.
+// SQEs queued by many goroutines while one of them is inside io_uring_enter
+// are submitted together by one later enter, and one waiting goroutine at a
+// time reaps the completion queue for all (uring_queue_linux.go). There is
+// no background goroutine. Nothing is allocated per request: request slots,
+// their channels and the rings are set up by OpenURing.
 //
 // With FileOptions.Direct the file is opened O_DIRECT; buffers from
 // AlignedBuffer go to the kernel as they are, others are copied through
 // aligned bounce buffers.
 //
-// Close waits for requests in flight, then stops the reaper, unmaps the
-// rings and closes the file. Where the kernel refuses io_uring (ENOSYS,
-// EPERM from sysctl kernel.io_uring_disabled or seccomp), OpenURing returns
-// an error wrapping ErrNotSupported: use File there.
+// Close waits for requests in flight, then unmaps the rings and closes the
+// file. Where the kernel refuses io_uring (ENOSYS, EPERM from sysctl
+// kernel.io_uring_disabled or seccomp), OpenURing returns an error wrapping
+// ErrNotSupported: use File there.
 type URing struct {
 	f     *File // geometry, descriptor, Discard fallback, WriteZeroes, MapAllocation
 	r     *ring
@@ -46,51 +44,18 @@ type URing struct {
 	// transfers) are completed by further SQEs for the remainder.
 	maxLen int
 
-	// slots are the request slots; user_data of an SQE is its slot index.
-	// free holds the indexes of unused slots: taking one is the right to
-	// have one SQE/CQE pair in flight, so the SQ and CQ never overflow.
-	slots []uringSlot
-	free  chan uint32
+	punch   atomic.Bool   // FALLOCATE punch-hole still works through the ring
+	closed  atomic.Bool   // Close has begun
+	closing chan struct{} // closed by Close: wakes goroutines waiting for a slot
 
-	// sqMu protects sqTail (our copy of the SQ tail) and the SQE array
-	// positions between the kernel's SQ head and sqTail. It is a leaf lock.
-	sqMu   sync.Mutex
-	sqTail uint32
-	// submitting is set while one goroutine runs io_uring_enter to submit
-	// for everyone; others leave their SQEs to it (flat combining).
-	submitting atomic.Bool
-
-	punch      atomic.Bool   // FALLOCATE punch-hole still works through the ring
-	closed     atomic.Bool   // Close has begun
-	closing    chan struct{} // closed by Close: wakes goroutines waiting for a slot
-	reaperDone chan struct{} // closed when the reaper goroutine returns
-
-	// broken is closed (once) when io_uring_enter fails in a way that is not
-	// transient; brokenErr says why. Waiters stop waiting and return it.
-	broken     chan struct{}
-	brokenOnce sync.Once
-	brokenErr  error
+	uringQueue
 }
 
-// uringSlot is one request slot. The reaper sends each completion's res
-// (bytes done or -errno) on done; the waiter owns the other fields. (Passing
-// res by channel rather than in a field matters to the race detector, which
-// cannot see the ordering the kernel provides between the slot's last
-// completion and its next one.)
-type uringSlot struct {
-	done chan int32
-	// buf references the buffer the kernel may be reading or writing, so
-	// that it stays alive (and is on the heap, where it cannot move) until
-	// the completion arrives.
-	buf []byte
-}
-
-// uringExitTag is the user_data of the NOP with which Close stops the reaper.
-const uringExitTag = 1 << 63
-
-// uringRegisterFile selects registered (fixed) files; benchmarks turn it off
-// to measure what it buys.
-var uringRegisterFile = true
+// uringRegisterFile selects registered (fixed) files (IORING_REGISTER_FILES,
+// IOSQE_FIXED_FILE). Off: with one file per ring they saved nothing
+// measurable in 4 KiB O_DIRECT random writes (the fget they avoid is a few
+// nanoseconds against a 30-100 us request); tests still cover both paths.
+var uringRegisterFile = false
 
 // OpenURing opens an existing regular file or block device node, as Open
 // does, and sets up an io_uring for its I/O.
@@ -118,165 +83,19 @@ func newURing(f *File, opts URingOptions) (*URing, error) {
 		f.Close()
 		return nil, fmt.Errorf("blockdev: open %s: %w", f.path, err)
 	}
-	n := r.sqEntries
 	u := &URing{
-		f:          f,
-		r:          r,
-		sqeFd:      int32(f.Fd()),
-		maxLen:     1 << 30,
-		slots:      make([]uringSlot, n),
-		free:       make(chan uint32, n),
-		closing:    make(chan struct{}),
-		reaperDone: make(chan struct{}),
-		broken:     make(chan struct{}),
+		f:       f,
+		r:       r,
+		sqeFd:   int32(f.Fd()),
+		maxLen:  1 << 30,
+		closing: make(chan struct{}),
 	}
-	for i := range u.slots {
-		u.slots[i].done = make(chan int32, 1)
-		u.free <- uint32(i)
-	}
+	u.initQueue(r.sqEntries)
 	u.punch.Store(r.ops[uringOpFallocate])
 	if uringRegisterFile && r.registerFile(u.sqeFd) == nil {
 		u.sqeFd, u.sqeFl = 0, uringSQEFixedFile
 	}
-	go u.reap()
 	return u, nil
-}
-
-// acquire takes a free request slot, waiting while all are in flight.
-func (u *URing) acquire() (uint32, error) {
-	if u.closed.Load() {
-		return 0, ErrClosed
-	}
-	select {
-	case i := <-u.free:
-		return i, nil
-	case <-u.closing:
-		return 0, ErrClosed
-	}
-}
-
-func (u *URing) release(i uint32) { u.free <- i }
-
-// exec queues one SQE for slot i, sees that it is submitted, and waits for
-// its completion. It returns the CQE's res (bytes done or -errno).
-func (u *URing) exec(i uint32, op uint8, addr uint64, n uint32, off uint64, opFlags uint32) (int32, error) {
-	r := u.r
-	u.sqMu.Lock()
-	t := u.sqTail
-	// Holding a slot guarantees a free SQ position (at most one
-	// unsubmitted SQE per slot); the loop only guards that invariant.
-	for t-atomic.LoadUint32(r.sqHead) >= r.sqEntries {
-		u.sqMu.Unlock()
-		if err := u.kick(); err != nil {
-			return 0, err
-		}
-		runtime.Gosched()
-		u.sqMu.Lock()
-		t = u.sqTail
-	}
-	r.sqes[t&r.sqMask] = uringSQE{
-		opcode:   op,
-		flags:    u.sqeFl,
-		fd:       u.sqeFd,
-		off:      off,
-		addr:     addr,
-		len:      n,
-		opFlags:  opFlags,
-		userData: uint64(i),
-	}
-	u.sqTail = t + 1
-	atomic.StoreUint32(r.sqTail, t+1) // publishes the SQE
-	u.sqMu.Unlock()
-
-	if err := u.kick(); err != nil {
-		return 0, err
-	}
-	s := &u.slots[i]
-	select {
-	case res := <-s.done:
-		return res, nil
-	case <-u.broken:
-		return 0, u.brokenErr
-	}
-}
-
-// kick submits every published SQE, unless another goroutine is already
-// submitting: that one checks for more after it clears the flag, so an SQE
-// published before a failed CompareAndSwap is always seen (the flag and the
-// tail are both sequentially consistent atomics).
-func (u *URing) kick() error {
-	r := u.r
-	for r.unsubmitted() != 0 && u.submitting.CompareAndSwap(false, true) {
-		var err error
-		for err == nil {
-			k := r.unsubmitted()
-			if k == 0 {
-				break
-			}
-			_, err = r.enter(k, 0, 0)
-			err = transientEnter(err)
-		}
-		u.submitting.Store(false)
-		if err != nil {
-			u.fail(fmt.Errorf("blockdev: io_uring_enter (submit): %w", err))
-			return u.brokenErr
-		}
-	}
-	return nil
-}
-
-// transientEnter returns nil for io_uring_enter errors that only mean "try
-// again", after yielding for the ones that wait on other goroutines.
-func transientEnter(err error) error {
-	switch err {
-	case nil, unix.EINTR:
-		return nil
-	case unix.EAGAIN, unix.EBUSY:
-		runtime.Gosched()
-		return nil
-	}
-	return err
-}
-
-// fail marks the ring unusable and wakes every waiter.
-func (u *URing) fail(err error) {
-	u.brokenOnce.Do(func() {
-		u.brokenErr = fmt.Errorf("%w: %w", ErrIO, err)
-		close(u.broken)
-	})
-}
-
-// reap is the completion goroutine: it waits in io_uring_enter for CQEs and
-// delivers each to the slot named by its user_data, until the exit NOP.
-func (u *URing) reap() {
-	defer close(u.reaperDone)
-	r := u.r
-	head := atomic.LoadUint32(r.cqHead)
-	for {
-		tail := atomic.LoadUint32(r.cqTail)
-		if head == tail {
-			_, err := r.enter(0, 1, uringEnterGetEvents)
-			if err = transientEnter(err); err != nil {
-				u.fail(fmt.Errorf("blockdev: io_uring_enter (wait): %w", err))
-				return
-			}
-			continue
-		}
-		exit := false
-		for ; head != tail; head++ {
-			c := &r.cqes[head&r.cqMask]
-			ud, res := c.userData, c.res
-			if ud >= uint64(len(u.slots)) {
-				exit = exit || ud == uringExitTag
-				continue
-			}
-			u.slots[ud].done <- res
-		}
-		atomic.StoreUint32(r.cqHead, head) // hands the CQ entries back
-		if exit {
-			return
-		}
-	}
 }
 
 // transfer moves all of p to or from off through slot i, resubmitting the
@@ -311,16 +130,6 @@ func (u *URing) transfer(i uint32, p []byte, off int64, write bool) (int, error)
 		}
 	}
 	return done, nil
-}
-
-// retryable reports whether a negative CQE result means the request did
-// nothing and may simply be issued again.
-func retryable(res int32) bool {
-	switch unix.Errno(-res) {
-	case unix.EINTR, unix.EAGAIN, unix.ECANCELED:
-		return true
-	}
-	return false
 }
 
 // bounce moves p through aligned buffers, for O_DIRECT with a caller buffer
@@ -476,41 +285,17 @@ func (u *URing) Close() error {
 		return ErrClosed
 	}
 	close(u.closing)
-	// Taking every slot waits for every request in flight.
+	// Taking every slot waits for every request in flight, and for every
+	// goroutine that was reaping: each holds its slot until it is done.
 	for range len(u.slots) {
-		select {
-		case <-u.free:
-		case <-u.broken:
-			return u.closeBroken()
-		}
-	}
-	// The NOP's completion stops the reaper; no other request is in flight.
-	u.sqMu.Lock()
-	t := u.sqTail
-	u.r.sqes[t&u.r.sqMask] = uringSQE{opcode: uringOpNop, userData: uringExitTag}
-	u.sqTail = t + 1
-	atomic.StoreUint32(u.r.sqTail, t+1)
-	u.sqMu.Unlock()
-	if err := u.kick(); err != nil {
-		return u.closeBroken()
-	}
-	select {
-	case <-u.reaperDone:
-	case <-u.broken:
-		return u.closeBroken()
+		<-u.free
 	}
 	u.r.close()
-	return u.f.Close()
-}
-
-// closeBroken closes a ring that failed. The rings are unmapped only if the
-// reaper has stopped reading them; otherwise they are left mapped (and the
-// descriptor open) rather than risk the reaper touching unmapped memory.
-func (u *URing) closeBroken() error {
+	err := u.f.Close()
 	select {
-	case <-u.reaperDone:
-		u.r.close()
+	case <-u.broken:
+		return errors.Join(u.brokenErr, err)
 	default:
+		return err
 	}
-	return errors.Join(u.brokenErr, u.f.Close())
 }

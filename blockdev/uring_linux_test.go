@@ -154,14 +154,16 @@ func allocatedBytes(t *testing.T, path string) int64 {
 	return st.Blocks * 512
 }
 
-// TestURingCloseStopsReaper: after Close the reaper goroutine has returned
-// and a second Close says ErrClosed.
-func TestURingCloseStopsReaper(t *testing.T) {
+// TestURingClose: Close unmaps the rings and closes both descriptors, with
+// and without a registered file, and everything after it says ErrClosed.
+func TestURingClose(t *testing.T) {
 	for _, fixed := range []bool{true, false} {
+		fdsBefore := openFDs(t)
 		uringRegisterFile = fixed
 		u, _ := newTestURing(t, 1<<20, URingOptions{Entries: 2})
-		uringRegisterFile = true
+		uringRegisterFile = false
 		require.Equal(t, fixed, u.sqeFl == uringSQEFixedFile)
+		require.Equal(t, fdsBefore+2, openFDs(t)) // the file and the ring
 		buf := AlignedBuffer(4096)
 		buf[0] = 7
 		_, err := u.WriteAt(buf, 4096)
@@ -171,14 +173,13 @@ func TestURingCloseStopsReaper(t *testing.T) {
 		require.NoError(t, err)
 		require.EqualValues(t, 7, buf[0])
 		require.NoError(t, u.Close())
-		select {
-		case <-u.reaperDone:
-		default:
-			t.Fatal("reaper still running after Close")
-		}
+		require.Nil(t, u.r.sqMem)
+		require.Equal(t, fdsBefore, openFDs(t))
 		require.ErrorIs(t, u.Close(), ErrClosed)
 		require.ErrorIs(t, u.Discard(0, 4096), ErrClosed)
 		require.ErrorIs(t, u.WriteZeroes(0, 4096), ErrClosed)
+		_, _, err = u.MapAllocation(0, 4096)
+		require.ErrorIs(t, err, ErrClosed)
 	}
 }
 

@@ -147,7 +147,7 @@ func uringSetup(entries uint32, p *uringParams) (int, error) {
 
 // ring is one io_uring instance. Its methods do no locking: URing serializes
 // SQ writers with sqMu, io_uring_enter submitters with its submitting flag,
-// and has a single CQ consumer (the reaper).
+// and lets only the goroutine holding the reaper's baton consume CQEs.
 type ring struct {
 	fd       int
 	features uint32
