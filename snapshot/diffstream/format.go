@@ -191,7 +191,7 @@ func (h Header) validate() error {
 		return fmt.Errorf("unknown flags %#x", h.Flags&^knownFlags)
 	}
 	if h.To.ID == "" {
-		return errors.New("To has no ID")
+		return errors.New("the To snapshot has no ID")
 	}
 	if h.Full() != (h.From.ID == "") {
 		return errors.New("a full export has no From and an incremental one must have one")

@@ -161,7 +161,7 @@ func TestExportRejectsBadExtents(t *testing.T) {
 	_, err = Export(ctx, io.Discard, m, incr, seq(Extent{Off: 1 << 20, Len: 512}), nil)
 	require.ErrorContains(t, err, "outside the volume")
 	_, err = Export(ctx, io.Discard, m, Header{From: ident(0)}, seq(), nil)
-	require.ErrorContains(t, err, "To has no ID")
+	require.ErrorContains(t, err, "To snapshot has no ID")
 	boom := errors.New("boom")
 	_, err = Export(ctx, io.Discard, m, incr, func(yield func(Extent, error) bool) { yield(Extent{}, boom) }, nil)
 	require.ErrorIs(t, err, boom)
@@ -252,14 +252,15 @@ func TestHeaderVersionAndExtension(t *testing.T) {
 // stream.
 func TestCorruptionAtEveryByteIsDetected(t *testing.T) {
 	v := newVolume(t, 4, 64<<10)
-	v.scribble(6)
+	v.scribble(2)
 	a := v.snapshot()
-	v.scribble(4)
+	v.scribble(1)
 	b := v.snapshot()
 	for name, stream := range map[string][]byte{"full": exportFull(t, a, 0), "incremental": exportIncr(t, a, b, 0, 1)} {
 		t.Run(name, func(t *testing.T) {
 			_, _, err := readAll(stream)
 			require.NoError(t, err)
+			t.Logf("stream of %d bytes", len(stream))
 			bad := make([]byte, len(stream))
 			for i := range stream {
 				for _, flip := range []byte{0x01, 0x80, 0xff} {

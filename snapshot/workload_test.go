@@ -1,0 +1,407 @@
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// The model-based workload: random operations against the store and
+// against a plain model (a byte slice per volume), shared by the model
+// test, the crash torture and the error sweep.
+
+type vmodel struct {
+	name    string
+	kind    Kind
+	data    []byte // what reads must return now
+	durable []byte // writable volumes: contents as of the last durability point
+	pending []pwrite
+	parent  string // snapshots: the volume they were taken of
+	vol     *Volume
+}
+
+// pwrite is a write (data nil: discard) not yet known durable.
+type pwrite struct {
+	off  int64
+	data []byte
+	n    int64
+}
+
+type workload struct {
+	t      testing.TB
+	seed   uint64
+	rng    *rand.Rand
+	s      *Store
+	origin blockdev.Device
+	store  blockdev.Device
+	opts   Options
+	vols   map[string]*vmodel
+	serial int
+	bs     int64
+	size   int64
+	// failOK: operations may fail (error sweep); a failed step stops the run.
+	failOK bool
+	steps  int
+}
+
+func newWorkload(t testing.TB, seed uint64, origin, store blockdev.Device, opts Options) *workload {
+	w := &workload{t: t, seed: seed, rng: rand.New(rand.NewPCG(seed, 99)), origin: origin, store: store, opts: opts,
+		vols: map[string]*vmodel{}, size: origin.Size()}
+	s, err := Format(origin, store, opts)
+	w.must(err, "format")
+	w.s = s
+	w.bs = int64(s.bs)
+	data := make([]byte, w.size)
+	_, err = origin.ReadAt(data, 0)
+	w.must(err, "read origin")
+	w.vols[originName] = &vmodel{name: originName, kind: KindOrigin, data: data, durable: bytes.Clone(data), vol: s.Origin()}
+	return w
+}
+
+func (w *workload) must(err error, format string, args ...any) {
+	w.t.Helper()
+	if err != nil {
+		w.t.Fatalf("seed %d step %d: %s: %v", w.seed, w.steps, fmt.Sprintf(format, args...), err)
+	}
+}
+
+func (w *workload) names(filter func(*vmodel) bool) []string {
+	var out []string
+	for n, v := range w.vols {
+		if filter == nil || filter(v) {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (w *workload) pick(filter func(*vmodel) bool) *vmodel {
+	ns := w.names(filter)
+	if len(ns) == 0 {
+		return nil
+	}
+	return w.vols[ns[w.rng.IntN(len(ns))]]
+}
+
+func writable(v *vmodel) bool { return v.kind != KindSnapshot }
+func isSnap(v *vmodel) bool   { return v.kind == KindSnapshot }
+
+func (w *workload) randRange() (int64, int64) {
+	blocks := w.size / w.bs
+	off := w.rng.Int64N(blocks)
+	n := 1 + w.rng.Int64N(min(blocks-off, 48))
+	return off * w.bs, n * w.bs
+}
+
+// step runs one random operation; it returns an error only when failOK.
+func (w *workload) step() error {
+	w.steps++
+	r := w.rng.IntN(100)
+	if len(w.vols) > 14 && r >= 50 && r < 70 {
+		r += 20 // keep the volume count (and the store's fill) bounded
+	}
+	switch {
+	case r < 35:
+		return w.write(false)
+	case r < 42:
+		return w.write(true)
+	case r < 50:
+		return w.flush()
+	case r < 62:
+		return w.snapshot()
+	case r < 70:
+		return w.clone()
+	case r < 80:
+		return w.delete()
+	case r < 85:
+		return w.rollback()
+	case r < 87:
+		return w.rename()
+	case r < 92:
+		return w.diff()
+	default:
+		if w.opts.Transient {
+			return w.write(false)
+		}
+		return w.reopen()
+	}
+}
+
+func (w *workload) failed(err error, what string) error {
+	w.t.Helper()
+	if err != nil && !w.failOK {
+		w.must(err, "%s", what)
+	}
+	return err
+}
+
+func (w *workload) write(discard bool) error {
+	v := w.pick(writable)
+	off, n := w.randRange()
+	var p []byte
+	var err error
+	if discard {
+		err = v.vol.Discard(off, n)
+	} else {
+		p = make([]byte, n)
+		for i := range p {
+			p[i] = byte(w.rng.Uint32())
+		}
+		_, err = v.vol.WriteAt(p, off)
+	}
+	// A failed write may have written any part of the range.
+	v.pending = append(v.pending, pwrite{off: off, data: p, n: n})
+	if err == nil {
+		if discard {
+			clear(v.data[off : off+n])
+		} else {
+			copy(v.data[off:], p)
+		}
+	}
+	return w.failed(err, fmt.Sprintf("write %d at %d of %s (discard %v)", n, off, v.name, discard))
+}
+
+func (w *workload) makeDurable(v *vmodel) {
+	v.durable = bytes.Clone(v.data)
+	v.pending = nil
+}
+
+func (w *workload) flush() error {
+	v := w.pick(writable)
+	err := v.vol.Flush()
+	if err == nil {
+		w.makeDurable(v)
+	}
+	return w.failed(err, "flush "+v.name)
+}
+
+func (w *workload) newName(prefix string) string {
+	w.serial++
+	return fmt.Sprintf("%s%d", prefix, w.serial)
+}
+
+func (w *workload) snapshot() error {
+	v := w.pick(writable)
+	name := w.newName("s")
+	vol, err := w.s.CreateSnapshot(name, v.vol)
+	if err != nil {
+		return w.failed(err, "snapshot of "+v.name)
+	}
+	w.makeDurable(v)
+	w.vols[name] = &vmodel{name: name, kind: KindSnapshot, data: bytes.Clone(v.data), parent: v.name, vol: vol}
+	return nil
+}
+
+func (w *workload) clone() error {
+	v := w.pick(nil)
+	name := w.newName("c")
+	vol, err := w.s.CreateClone(name, v.vol)
+	if err != nil {
+		return w.failed(err, "clone of "+v.name)
+	}
+	if writable(v) {
+		w.makeDurable(v)
+	}
+	w.vols[name] = &vmodel{name: name, kind: KindClone, data: bytes.Clone(v.data), durable: bytes.Clone(v.data), vol: vol}
+	return nil
+}
+
+func (w *workload) delete() error {
+	v := w.pick(func(v *vmodel) bool { return v.kind != KindOrigin })
+	if v == nil {
+		return nil
+	}
+	d, err := w.s.Delete(v.name)
+	if err != nil {
+		return w.failed(err, "delete "+v.name)
+	}
+	delete(w.vols, v.name)
+	// Snapshots taken of a deleted clone keep their contents; forget the
+	// link.
+	for _, o := range w.vols {
+		if o.parent == v.name {
+			o.parent = ""
+		}
+	}
+	if w.rng.IntN(3) == 0 {
+		return w.failed(d.Wait(context.Background()), "wait for delete of "+v.name)
+	}
+	return nil
+}
+
+func (w *workload) rollback() error {
+	snap := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent != "" })
+	if snap == nil {
+		return nil
+	}
+	v := w.vols[snap.parent]
+	err := w.s.Rollback(context.Background(), v.vol, snap.vol)
+	v.pending = append(v.pending, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size})
+	if err != nil {
+		return w.failed(err, "rollback of "+v.name+" to "+snap.name)
+	}
+	copy(v.data, snap.data)
+	w.makeDurable(v)
+	return nil
+}
+
+func (w *workload) rename() error {
+	v := w.pick(func(v *vmodel) bool { return v.kind != KindOrigin })
+	if v == nil {
+		return nil
+	}
+	name := w.newName("r")
+	if err := w.s.Rename(v.name, name); err != nil {
+		return w.failed(err, "rename "+v.name)
+	}
+	delete(w.vols, v.name)
+	for _, o := range w.vols {
+		if o.parent == v.name {
+			o.parent = name
+		}
+	}
+	v.name = name
+	w.vols[name] = v
+	return nil
+}
+
+// diff checks that Diff between a snapshot and its volume (or a later
+// snapshot of it) covers every chunk whose contents differ.
+func (w *workload) diff() error {
+	a := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent != "" })
+	if a == nil {
+		return nil
+	}
+	b := w.vols[a.parent]
+	if later := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent == a.parent && v != a }); later != nil && w.rng.IntN(2) == 0 {
+		b = later
+	}
+	covered := make([]bool, w.s.chunks)
+	for e, err := range w.s.Diff(a.vol, b.vol) {
+		if err != nil {
+			return w.failed(err, "diff")
+		}
+		for off := e.Off; off < e.Off+e.Len; off += w.s.cs {
+			covered[off/w.s.cs] = true
+		}
+		if e.Zero && !w.failOK {
+			newer := b
+			if b.kind == KindSnapshot && b.vol.meta.epoch < a.vol.meta.epoch {
+				newer = a
+			}
+			require.True(w.t, blockdev.IsZero(newer.data[e.Off:e.Off+e.Len]), "seed %d: diff extent %+v reported zero", w.seed, e)
+		}
+	}
+	for c := uint64(0); c < w.s.chunks; c++ {
+		lo, hi := int64(c)*w.s.cs, min(int64(c+1)*w.s.cs, w.size)
+		if !covered[c] && !bytes.Equal(a.data[lo:hi], b.data[lo:hi]) {
+			w.t.Fatalf("seed %d step %d: diff %s..%s misses chunk %d", w.seed, w.steps, a.name, b.name, c)
+		}
+	}
+	return nil
+}
+
+func (w *workload) reopen() error {
+	err := w.s.Close()
+	if err != nil && !w.failOK {
+		w.must(err, "close")
+	}
+	for _, v := range w.vols {
+		if writable(v) && err == nil {
+			w.makeDurable(v)
+		}
+	}
+	return w.open(err)
+}
+
+// open opens the store on w's devices and reopens every volume handle.
+func (w *workload) open(prev error) error {
+	s, err := Open(w.origin, w.store, w.opts)
+	if err != nil {
+		if w.failOK {
+			return err
+		}
+		w.must(err, "open")
+	}
+	w.s = s
+	w.must(s.WaitIdle(context.Background()), "wait idle")
+	w.must(s.Check(), "check after reopen")
+	for _, name := range w.names(nil) {
+		vol, err := s.OpenVolume(name)
+		w.must(err, "reopen volume %s", name)
+		w.vols[name].vol = vol
+	}
+	return prev
+}
+
+// verifySome reads every volume (all) or three random ones and compares
+// them with the model.
+func (w *workload) verifySome(all bool) {
+	w.t.Helper()
+	buf := make([]byte, w.size)
+	names := w.names(nil)
+	if !all {
+		w.rng.Shuffle(len(names), func(i, j int) { names[i], names[j] = names[j], names[i] })
+		names = names[:min(3, len(names))]
+	}
+	for _, name := range names {
+		v := w.vols[name]
+		_, err := v.vol.ReadAt(buf, 0)
+		w.must(err, "read %s", name)
+		if i := firstDiff(buf, v.data); i >= 0 {
+			w.t.Fatalf("seed %d step %d: volume %s (%v) differs from the model at byte %d (chunk %d): got %#x want %#x",
+				w.seed, w.steps, name, v.kind, i, int64(i)/w.s.cs, buf[i], v.data[i])
+		}
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return len(a)
+}
+
+func isCrashErr(err error) bool { return err != nil && !errors.Is(err, ErrBadOptions) }
+
+func TestModelWorkload(t *testing.T) {
+	for _, m := range []struct {
+		name  string
+		opts  Options
+		steps int
+	}{
+		{"journal-4k", Options{ChunkSize: 4 << 10, JournalSize: 256 << 10}, 2500},
+		{"journal-16k", Options{ChunkSize: 16 << 10}, 1500},
+		{"transient", Options{ChunkSize: 8 << 10, Transient: true}, 1500},
+	} {
+		t.Run(m.name, func(t *testing.T) {
+			seed := rand.Uint64()
+			t.Logf("seed %d", seed)
+			origin, _ := blockdev.NewMem(256<<10, 512)
+			store, _ := blockdev.NewMem(8<<20, 512)
+			fillPattern(t, origin, seed)
+			w := newWorkload(t, seed, origin, store, m.opts)
+			defer func() { _ = w.s.Close() }()
+			for i := range m.steps {
+				require.NoError(t, w.step())
+				w.verifySome(i%50 == 0)
+			}
+			w.verifySome(true)
+			mustCheck(t, w.s)
+		})
+	}
+}
