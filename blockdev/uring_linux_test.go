@@ -200,3 +200,27 @@ func TestURingNoAllocs(t *testing.T) {
 		require.NoError(t, u.Close())
 	}
 }
+
+// TestURingBroken makes io_uring_enter fail for good (the ring descriptor
+// is replaced by /dev/null): the call that meets it, later calls and Close
+// all return ErrIO, none hangs, and nothing stays open.
+func TestURingBroken(t *testing.T) {
+	fdsBefore := openFDs(t)
+	u, _ := newTestURing(t, 1<<20, URingOptions{})
+	buf := AlignedBuffer(4096)
+	_, err := u.WriteAt(buf, 0)
+	require.NoError(t, err)
+
+	null, err := os.Open(os.DevNull)
+	require.NoError(t, err)
+	require.NoError(t, unix.Dup2(int(null.Fd()), u.r.fd))
+	require.NoError(t, null.Close())
+
+	_, err = u.WriteAt(buf, 0)
+	require.ErrorIs(t, err, ErrIO)
+	_, err = u.ReadAt(buf, 0)
+	require.ErrorIs(t, err, ErrIO)
+	require.ErrorIs(t, u.Flush(), ErrIO)
+	require.ErrorIs(t, u.Close(), ErrIO)
+	require.Equal(t, fdsBefore, openFDs(t))
+}

@@ -51,9 +51,12 @@ type uringQueue struct {
 
 	// broken is closed (once) when io_uring_enter fails in a way that is not
 	// transient; brokenErr says why. Waiters stop waiting and return it.
+	// isBroken mirrors broken for the fast check in acquire: no request
+	// starts on a broken ring.
 	broken     chan struct{}
 	brokenOnce sync.Once
 	brokenErr  error
+	isBroken   atomic.Bool
 }
 
 // uringSlot is one request slot. The reaper sends each completion's res
@@ -84,6 +87,9 @@ func (u *URing) initQueue(n uint32) {
 func (u *URing) acquire() (uint32, error) {
 	if u.closed.Load() {
 		return 0, ErrClosed
+	}
+	if u.isBroken.Load() {
+		return 0, u.brokenErr
 	}
 	select {
 	case i := <-u.free:
@@ -203,7 +209,13 @@ func (u *URing) lead(i uint32) (int32, error) {
 		for ; head != tail; head++ {
 			c := &r.cqes[head&r.cqMask]
 			if c.userData < uint64(len(u.slots)) {
-				u.slots[c.userData].done <- c.res
+				// Never blocks: a slot has one request in flight and its
+				// holder takes each result before reusing the slot. The
+				// default case only keeps a broken ring from hanging here.
+				select {
+				case u.slots[c.userData].done <- c.res:
+				default:
+				}
 			}
 		}
 		atomic.StoreUint32(r.cqHead, head) // hands the CQ entries back
@@ -258,6 +270,7 @@ func retryable(res int32) bool {
 func (u *URing) fail(err error) {
 	u.brokenOnce.Do(func() {
 		u.brokenErr = fmt.Errorf("%w: %w", ErrIO, err)
+		u.isBroken.Store(true)
 		close(u.broken)
 	})
 }
