@@ -1,0 +1,268 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot"
+	"github.com/blocksnap/blocksnap/snapshot/diffstream"
+)
+
+var cmdExportDiff = &command{
+	name:    "export-diff",
+	args:    "TO [--from SNAPSHOT] [-o FILE] --origin PATH --store PATH [--json]",
+	summary: "write a diff stream of snapshot TO: incremental from --from, else a full sparse image (standard output by default)",
+}
+
+var cmdApplyDiff = &command{
+	name:    "apply-diff",
+	args:    "--target PATH [-i FILE] [--force] [--state PATH] [--json]",
+	summary: "apply a diff stream (standard input by default) onto a file or device; idempotent and resumable",
+}
+
+func init() {
+	cmdExportDiff.run = runExportDiff
+	cmdApplyDiff.run = runApplyDiff
+}
+
+// streamSummary is what export-diff and apply-diff print.
+type streamSummary struct {
+	From      string `json:"from,omitempty"`
+	To        string `json:"to"`
+	Full      bool   `json:"full"`
+	Records   int64  `json:"records"`
+	DataBytes int64  `json:"data_bytes"`
+	ZeroBytes int64  `json:"zero_bytes"`
+	// apply-diff only
+	Target  string `json:"target,omitempty"`
+	Applied int64  `json:"applied,omitempty"`
+	Resumed int64  `json:"resumed,omitempty"`
+	NoOp    bool   `json:"noop,omitempty"`
+	State   string `json:"state,omitempty"`
+}
+
+func openSnapshot(st *snapshot.Store, name, role string) (*snapshot.Volume, error) {
+	v, err := st.OpenVolume(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.Kind() != snapshot.KindSnapshot {
+		v.Close()
+		return nil, fmt.Errorf("%s %s is a %s, not a snapshot (a live volume changes while it is read; snapshot it first)", role, name, v.Kind())
+	}
+	return v, nil
+}
+
+func runExportDiff(e *env, args []string) error {
+	fl := newFlags(e, cmdExportDiff)
+	sf := addStoreFlags(fl)
+	from := fl.String("from", "", "`SNAPSHOT` the receiver already has (empty: a full export)")
+	out := fl.String("o", "", "write the stream to `FILE` (default: standard output)")
+	js := fl.Bool("json", false, "print the summary as JSON (with -o)")
+	pos, err := parseStore(e, cmdExportDiff, fl, sf, args, 1, 1)
+	if err != nil {
+		return err
+	}
+	if *out == "" {
+		if f, ok := e.stdout.(*os.File); ok && isTerminal(f) {
+			return usagef("refusing to write a binary stream to a terminal: give -o FILE or redirect standard output")
+		}
+	}
+	var sum streamSummary
+	err = withSession(sf, func(s *session) error {
+		tv, err := openSnapshot(s.st, pos[0], "TO")
+		if err != nil {
+			return err
+		}
+		defer tv.Close()
+		h := diffstream.Header{To: identity(tv.Info())}
+		var extents []diffstream.Extent
+		var total int64
+		if *from != "" {
+			fv, err := openSnapshot(s.st, *from, "--from")
+			if err != nil {
+				return err
+			}
+			defer fv.Close()
+			h.From = identity(fv.Info())
+			// Diff marks zero extents for the newer side only.
+			trustZero := tv.Info().Created.After(fv.Info().Created)
+			for x, err := range s.st.Diff(fv, tv) {
+				if err != nil {
+					return err
+				}
+				extents = append(extents, diffstream.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero && trustZero})
+				total += x.Len
+			}
+		}
+		return writeStream(e, *out, func(w io.Writer) error {
+			p := newProgress(e, "export-diff "+pos[0])
+			defer p.done()
+			var seq func(func(diffstream.Extent, error) bool)
+			if *from != "" {
+				seq = func(yield func(diffstream.Extent, error) bool) {
+					for _, x := range extents {
+						if !yield(x, nil) {
+							return
+						}
+					}
+				}
+			}
+			tot, err := diffstream.Export(e.ctx, w, tv, h, seq, func(pr diffstream.Progress) {
+				p.update(pr.Done, max(pr.Total, total))
+			})
+			sum = streamSummary{From: *from, To: pos[0], Full: *from == "", Records: tot.Records, DataBytes: tot.DataBytes, ZeroBytes: tot.ZeroBytes}
+			return err
+		})
+	})
+	if err != nil || *out == "" {
+		return err
+	}
+	if *js {
+		return writeJSON(e.stdout, sum)
+	}
+	what := "full export of " + sum.To
+	if !sum.Full {
+		what = fmt.Sprintf("incremental export %s -> %s", sum.From, sum.To)
+	}
+	_, err = fmt.Fprintf(e.stdout, "%s written to %s: %d records, %s data, %s zeros\n", what, *out, sum.Records, human(sum.DataBytes), human(sum.ZeroBytes))
+	return err
+}
+
+// writeStream runs fn on standard output, or on FILE written beside it and
+// renamed into place only when complete.
+func writeStream(e *env, path string, fn func(io.Writer) error) error {
+	if path == "" {
+		bw := bufio.NewWriterSize(e.stdout, 1<<20)
+		if err := fn(bw); err != nil {
+			return err
+		}
+		return bw.Flush()
+	}
+	tmp := path + ".partial"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return err
+	}
+	err = fn(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+func runApplyDiff(e *env, args []string) error {
+	fl := newFlags(e, cmdApplyDiff)
+	target := fl.String("target", "", "`PATH` of the file or device to apply onto (a missing file is created)")
+	in := fl.String("i", "", "read the stream from `FILE` (default: standard input)")
+	force := fl.Bool("force", false, "apply even if the target is not at the stream's FROM snapshot")
+	statePath := fl.String("state", "", "state file `PATH` recording which snapshot the target holds (default TARGET.bsstate)")
+	js := fl.Bool("json", false, "print the summary as JSON")
+	if _, err := parse(e, cmdApplyDiff, fl, args, 0, 0); err != nil {
+		return err
+	}
+	if *target == "" {
+		return usagef("missing --target PATH")
+	}
+	if *statePath == "" {
+		*statePath = diffstream.DefaultStatePath(*target)
+	}
+	var r io.Reader = e.stdin
+	if *in != "" {
+		f, err := os.Open(*in)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		r = f
+	}
+	sr, err := diffstream.NewReader(bufio.NewReaderSize(r, 1<<20))
+	if err != nil {
+		return fmt.Errorf("reading the stream: %w", err)
+	}
+	h := sr.Header()
+	dev, release, err := openTarget(*target, h)
+	if err != nil {
+		return err
+	}
+	defer release()
+	p := newProgress(e, "apply-diff "+h.To.Name)
+	res, err := diffstream.ApplyReader(e.ctx, sr, dev, diffstream.ApplyOptions{
+		Force: *force, StatePath: *statePath,
+		Progress: func(pr diffstream.Progress) { p.update(pr.Done, pr.Total) },
+	})
+	p.done()
+	if cerr := dev.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	st, _ := diffstream.ReadState(*statePath)
+	sum := streamSummary{From: h.From.Name, To: h.To.Name, Full: h.Full(), Records: res.Totals.Records,
+		DataBytes: res.Totals.DataBytes, ZeroBytes: res.Totals.ZeroBytes, Target: *target,
+		Applied: res.Applied, Resumed: res.Resumed, NoOp: res.NoOp, State: st.String()}
+	if *js {
+		return writeJSON(e.stdout, sum)
+	}
+	if res.NoOp {
+		_, err = fmt.Fprintf(e.stdout, "%s is already at %s; nothing to do\n", *target, h.To)
+		return err
+	}
+	resumed := ""
+	if res.Resumed > 0 {
+		resumed = fmt.Sprintf(" (resumed after %d records)", res.Resumed)
+	}
+	_, err = fmt.Fprintf(e.stdout, "applied %d records%s onto %s: %s data, %s zeros; target is %s\n",
+		res.Applied, resumed, *target, human(res.Totals.DataBytes), human(res.Totals.ZeroBytes), st)
+	return err
+}
+
+// openTarget opens (or creates) the apply target and locks it against a
+// second apply. The returned function releases the lock.
+func openTarget(path string, h diffstream.Header) (*blockdev.File, func(), error) {
+	opts := blockdev.FileOptions{BlockSize: 512}
+	if h.BlockSize%4096 == 0 {
+		opts.BlockSize = 4096
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		d, err := blockdev.Create(path, h.VolumeSize, opts)
+		if err != nil {
+			return nil, nil, err
+		}
+		d.Close()
+	case err != nil:
+		return nil, nil, err
+	case !fi.Mode().IsRegular():
+		opts.BlockSize = 0 // a device node: its own sector size
+	}
+	lock, err := lockFile(path)
+	if errors.Is(err, errInUse) {
+		return nil, nil, fmt.Errorf("target %s is in use by another process", path)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := blockdev.Open(path, opts)
+	if err != nil {
+		lock.Close()
+		return nil, nil, err
+	}
+	return d, func() { lock.Close() }, nil
+}

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot"
+)
+
+// ErrStoreInUse is returned when another process (such as `blocksnap
+// serve`) holds the store.
+var ErrStoreInUse = errors.New("store is in use by another process")
+
+// errInUse is what lockFile returns for a lock held elsewhere.
+var errInUse = errors.New("in use by another process")
+
+// storeFlags are the flags every store command takes.
+type storeFlags struct {
+	origin, store, control string
+}
+
+func addStoreFlags(fs *flag.FlagSet) *storeFlags {
+	f := &storeFlags{}
+	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume)")
+	fs.StringVar(&f.store, "store", "", "store `PATH` (file or block device holding snapshots and metadata)")
+	fs.StringVar(&f.control, "control", "", "control socket `PATH` of a running serve (default STORE.control)")
+	return f
+}
+
+func (f *storeFlags) check() error {
+	switch {
+	case f.origin == "" && f.store == "":
+		return usagef("missing --origin and --store")
+	case f.origin == "":
+		return usagef("missing --origin")
+	case f.store == "":
+		return usagef("missing --store")
+	}
+	return nil
+}
+
+func (f *storeFlags) controlPath() string {
+	if f.control != "" {
+		return f.control
+	}
+	return f.store + ".control"
+}
+
+// session is a store opened by this process, with its locks held.
+type session struct {
+	st     *snapshot.Store
+	origin *blockdev.File
+	store  *blockdev.File
+	locks  []*os.File
+}
+
+// lockPaths locks the store, then the origin. It returns ErrStoreInUse
+// when the store is held elsewhere.
+func lockPaths(origin, store string) ([]*os.File, error) {
+	sl, err := lockFile(store)
+	switch {
+	case errors.Is(err, errInUse):
+		return nil, fmt.Errorf("%s: %w", store, ErrStoreInUse)
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("store %s does not exist (create it with blocksnap format --size)", store)
+	case err != nil:
+		return nil, err
+	}
+	ol, err := lockFile(origin)
+	switch {
+	case errors.Is(err, errInUse):
+		sl.Close()
+		return nil, fmt.Errorf("origin %s is in use by another process", origin)
+	case errors.Is(err, fs.ErrNotExist):
+		sl.Close()
+		return nil, fmt.Errorf("origin %s does not exist", origin)
+	case err != nil:
+		sl.Close()
+		return nil, err
+	}
+	return []*os.File{sl, ol}, nil
+}
+
+func unlock(locks []*os.File) {
+	for _, l := range locks {
+		l.Close()
+	}
+}
+
+// openDevices opens origin and store read-write.
+func openDevices(origin, store string) (*blockdev.File, *blockdev.File, error) {
+	o, err := blockdev.Open(origin, blockdev.FileOptions{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("origin: %w", err)
+	}
+	s, err := blockdev.Open(store, blockdev.FileOptions{})
+	if err != nil {
+		o.Close()
+		return nil, nil, fmt.Errorf("store: %w", err)
+	}
+	return o, s, nil
+}
+
+// openSession locks and opens the store named by f.
+func openSession(f *storeFlags) (*session, error) {
+	locks, err := lockPaths(f.origin, f.store)
+	if err != nil {
+		return nil, err
+	}
+	o, s, err := openDevices(f.origin, f.store)
+	if err != nil {
+		unlock(locks)
+		return nil, err
+	}
+	st, err := snapshot.Open(o, s, snapshot.Options{})
+	if err != nil {
+		o.Close()
+		s.Close()
+		unlock(locks)
+		if errors.Is(err, snapshot.ErrCorrupt) {
+			return nil, fmt.Errorf("%s is not a blocksnap store, or its metadata is damaged: %w", f.store, err)
+		}
+		return nil, err
+	}
+	return &session{st: st, origin: o, store: s, locks: locks}, nil
+}
+
+// close commits and closes the store, flushes and closes the devices and
+// releases the locks. It returns the first error.
+func (s *session) close() error {
+	err := s.st.Close()
+	for _, d := range []*blockdev.File{s.origin, s.store} {
+		if ferr := d.Flush(); err == nil {
+			err = ferr
+		}
+		if cerr := d.Close(); err == nil {
+			err = cerr
+		}
+	}
+	unlock(s.locks)
+	return err
+}
+
+// withSession runs fn on the store opened locally, closing it after.
+func withSession(f *storeFlags, fn func(s *session) error) error {
+	s, err := openSession(f)
+	if err != nil {
+		return err
+	}
+	err = fn(s)
+	if cerr := s.close(); err == nil {
+		err = cerr
+	}
+	return err
+}
