@@ -18,7 +18,8 @@ const ckptChunk = 1 << 20
 // after upTo are replayed on top of it at Open.
 //
 // write streams the state into w (any size up to the slot size; more gives
-// ErrNoSpace). Checkpoint writes it to the inactive slot, flushes, calls
+// ErrNoSpace). Checkpoint writes it to the inactive slot, commits the
+// records up to upTo if they are still pending, flushes, calls
 // Options.PreCommit, then switches the superblock to it (a write and a
 // flush), and only then frees the log space holding records <= upTo and
 // wakes Appends waiting for space. Until the switch is durable the previous
@@ -58,6 +59,15 @@ func (j *Journal) Checkpoint(ctx context.Context, upTo uint64, write func(w io.W
 		return fmt.Errorf("journal: checkpoint: %w", err)
 	}
 	if err := w.finish(); err != nil {
+		return fmt.Errorf("journal: checkpoint: %w", err)
+	}
+	// Write every record up to upTo to the log (usually already done), so
+	// that the switch frees all of them, reservations included: a log full
+	// of appended but uncommitted records is emptied by a checkpoint too.
+	j.mu.Lock()
+	err := j.commitLocked(ctx, upTo)
+	j.mu.Unlock()
+	if err != nil {
 		return fmt.Errorf("journal: checkpoint: %w", err)
 	}
 	if err := j.dev.Flush(); err != nil {

@@ -104,14 +104,14 @@ func (j *Journal) Append(ctx context.Context, payload []byte) (uint64, error) {
 // appendCostLocked is the extra worst-case log space a record of rec bytes
 // adds to the pending batches.
 func (j *Journal) appendCostLocked(rec int64) int64 {
-	if p := j.st.pending; len(p) > 0 && fits(p[len(p)-1], rec) {
+	if p := j.st.pending; len(p) > 0 && j.fits(p[len(p)-1], rec) {
 		return rec
 	}
 	return j.worstBatch(rec)
 }
 
-func fits(b *batch, rec int64) bool {
-	return b.count == 0 || int64(len(b.buf))-batchHdrSize+rec <= batchTarget
+func (j *Journal) fits(b *batch, rec int64) bool {
+	return b.count == 0 || int64(len(b.buf))-batchHdrSize+rec <= j.batchTarget
 }
 
 // openBatchLocked returns the batch the next record of rec bytes goes into,
@@ -119,7 +119,7 @@ func fits(b *batch, rec int64) bool {
 func (j *Journal) openBatchLocked(rec int64) *batch {
 	st := &j.st
 	var b *batch
-	if n := len(st.pending); n > 0 && fits(st.pending[n-1], rec) {
+	if n := len(st.pending); n > 0 && j.fits(st.pending[n-1], rec) {
 		b = st.pending[n-1]
 		b.reserved += rec
 		st.reserved += rec
@@ -154,14 +154,23 @@ func (j *Journal) openBatchLocked(rec int64) *batch {
 func (j *Journal) Commit(ctx context.Context) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	if err := j.commitLocked(ctx, j.st.lastSeq); err != nil {
+		return err
+	}
+	j.st.commits++
+	return nil
+}
+
+// commitLocked returns when every record up to target is durable, leading
+// commit rounds or waiting for other leaders' as needed. Called and returns
+// with mu held.
+func (j *Journal) commitLocked(ctx context.Context, target uint64) error {
 	st := &j.st
-	target := st.lastSeq
 	for {
 		if st.err != nil {
 			return st.err
 		}
 		if st.durableSeq >= target {
-			st.commits++
 			return nil
 		}
 		if st.closed {

@@ -110,6 +110,10 @@ type Journal struct {
 	id        uint64
 	epoch     uint64 // this Open's epoch; constant
 	threshold float64
+	// batchTarget is the record bytes past which Append starts a new
+	// batch: batchTarget, or less in tests that want many batches per
+	// commit round.
+	batchTarget int64
 
 	// ckptMu serialises Checkpoint and guards sb and ckptBuf. Lock order:
 	// ckptMu before mu.
@@ -264,16 +268,17 @@ func readSuperblock(dev blockdev.Device) (superblock, error) {
 
 func newJournal(dev blockdev.Device, opts Options, sb superblock, res scanResult) *Journal {
 	j := &Journal{
-		dev:       dev,
-		opts:      opts,
-		bs:        int64(sb.blockSize),
-		logOff:    int64(sb.logOff),
-		logSize:   int64(sb.logSize),
-		slotSize:  int64(sb.slotSize),
-		id:        sb.id,
-		epoch:     sb.epoch,
-		threshold: opts.CheckpointAt,
-		sb:        sb,
+		dev:         dev,
+		opts:        opts,
+		bs:          int64(sb.blockSize),
+		logOff:      int64(sb.logOff),
+		logSize:     int64(sb.logSize),
+		slotSize:    int64(sb.slotSize),
+		id:          sb.id,
+		epoch:       sb.epoch,
+		threshold:   opts.CheckpointAt,
+		batchTarget: batchTarget,
+		sb:          sb,
 	}
 	if j.threshold <= 0 || j.threshold > 1 {
 		j.threshold = 0.5

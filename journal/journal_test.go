@@ -423,3 +423,55 @@ func TestDeviceErrorIsSticky(t *testing.T) {
 	require.ErrorIs(t, j.Commit(ctx), blockdev.ErrIO)
 	require.NoError(t, j.Close())
 }
+
+// TestStaleBatchFromEarlierEpochIsCut builds the case the epoch exists for:
+// one commit round writes batches X and Y, a crash tears X and keeps Y, the
+// next life rewrites X's place with a batch of exactly X's size and count,
+// so that Y's header sits where the log continues and its sequence numbers
+// follow on. Y was written before the crash that the last Open cut off, so
+// it must not be replayed.
+func TestStaleBatchFromEarlierEpochIsCut(t *testing.T) {
+	ctx := context.Background()
+	dev := newMem(t, 1<<20, 512)
+	j, err := Format(dev, Options{})
+	require.NoError(t, err)
+	j.batchTarget = 250
+	rec := func(tag string) []byte { return append([]byte(tag), make([]byte, 90)...) }
+	_, err = j.Append(ctx, rec("base"))
+	require.NoError(t, err)
+	require.NoError(t, j.Commit(ctx))
+	for _, tag := range []string{"x1", "x2", "y1", "y2"} {
+		_, err = j.Append(ctx, rec(tag))
+		require.NoError(t, err)
+	}
+	require.NoError(t, j.Commit(ctx))
+	j.mu.Lock()
+	require.Equal(t, 3, j.st.spans.n, "base, X and Y")
+	x, y := j.st.spans.at(1), j.st.spans.at(2)
+	j.mu.Unlock()
+	require.Equal(t, uint32(2), x.count)
+	require.Equal(t, x.apos+x.size, y.apos)
+	require.NoError(t, j.Close())
+
+	// The crash tore X.
+	_, err = dev.WriteAt(make([]byte, 512), j.logOff+x.apos)
+	require.NoError(t, err)
+	j, r := reopen(t, dev, Options{})
+	require.Equal(t, []uint64{1}, r.seqs)
+	j.batchTarget = 250
+	for _, tag := range []string{"z1", "z2"} {
+		_, err = j.Append(ctx, rec(tag))
+		require.NoError(t, err)
+	}
+	require.NoError(t, j.Commit(ctx))
+	j.mu.Lock()
+	z := j.st.spans.at(1)
+	j.mu.Unlock()
+	require.Equal(t, x.apos, z.apos)
+	require.Equal(t, x.size, z.size, "the new batch ends where stale Y begins")
+	require.NoError(t, j.Close())
+
+	_, r = reopen(t, dev, Options{})
+	require.Equal(t, []uint64{1, 2, 3}, r.seqs)
+	require.Equal(t, rec("z2"), r.records[2])
+}
