@@ -205,14 +205,13 @@ func printUsage(w io.Writer, c *command, fs *flag.FlagSet) {
 // upper-case words outside brackets and flags.
 func positionalNames(synopsis string) []string {
 	var out []string
+	prevFlag := false
 	for _, w := range strings.Fields(synopsis) {
-		if strings.HasPrefix(w, "-") || strings.HasPrefix(w, "[") || w != strings.ToUpper(w) {
-			continue
+		isFlag := strings.HasPrefix(w, "-") || strings.HasPrefix(w, "[")
+		if !isFlag && !prevFlag && !strings.Contains(w, "]") && w == strings.ToUpper(w) {
+			out = append(out, w)
 		}
-		if len(out) > 0 && strings.Contains(w, "|") {
-			continue
-		}
-		out = append(out, w)
+		prevFlag = isFlag
 	}
 	for len(out) < 8 {
 		out = append(out, "ARG")
