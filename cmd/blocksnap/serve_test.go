@@ -1,0 +1,165 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// daemon is a blocksnap process running in the background (serve,
+// hydrate --serve) that printed its serveInfo as JSON.
+type daemon struct {
+	cmd    *exec.Cmd
+	info   serveInfo
+	stderr *bytes.Buffer
+	done   chan error
+}
+
+func startDaemon(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	out, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	cmd.Stderr = d.stderr
+	require.NoError(t, cmd.Start())
+	// Whatever happens, the process does not outlive the test.
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			<-d.done
+		}
+	})
+	dec := json.NewDecoder(bufio.NewReader(out))
+	infoErr := dec.Decode(&d.info)
+	go func() {
+		io.Copy(io.Discard, out)
+		d.done <- cmd.Wait()
+	}()
+	require.NoError(t, infoErr, "daemon stderr: %s", d.stderr)
+	return d
+}
+
+// stop sends SIGTERM and requires a clean exit.
+func (d *daemon) stop(t *testing.T) {
+	t.Helper()
+	require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-d.done:
+		require.NoError(t, err, "daemon stderr: %s", d.stderr)
+	case <-time.After(60 * time.Second):
+		t.Fatalf("daemon did not stop within a minute after SIGTERM; stderr: %s", d.stderr)
+	}
+}
+
+func needTool(t *testing.T, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("%s is not installed (apt-get install -y qemu-utils); skipping the real-client test", name)
+	}
+}
+
+// qemuIO runs qemu-io on an NBD URI and returns its output; a pattern
+// mismatch fails the test.
+func qemuIO(t *testing.T, uri string, ro bool, cmds ...string) string {
+	t.Helper()
+	args := []string{"-f", "raw"}
+	if ro {
+		args = append(args, "-r")
+	}
+	args = append(args, uri)
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	out, err := exec.Command("qemu-io", args...).CombinedOutput()
+	require.NoError(t, err, "qemu-io %v: %s", args, out)
+	require.NotContains(t, string(out), "Pattern verification failed", "qemu-io %v", args)
+	require.NotContains(t, string(out), "failed", "qemu-io %v", args)
+	return string(out)
+}
+
+// With serve running: qemu-io writes a pattern to origin, a snapshot is
+// taken through the control socket, the origin is overwritten, and the
+// snapshot export still shows the first pattern; clones, list, stat, diff
+// and delete work live; the store is locked; SIGTERM drains and the store
+// checks clean afterwards.
+func TestServeWithQemuIO(t *testing.T) {
+	needTool(t, "qemu-io")
+	f := newFixture(t)
+	d := startDaemon(t, f.args("serve", "--listen", "127.0.0.1:0", "--json")...)
+	require.Equal(t, []string{"origin"}, d.info.Exports)
+	require.Equal(t, f.store+".control", d.info.Control)
+	uri := func(name string) string { return fmt.Sprintf("nbd://%s/%s", d.info.Listen, name) }
+
+	qemuIO(t, uri("origin"), false, "write -P 0xab 0 1M", "flush")
+	require.Contains(t, ok(t, f.args("snapshot", "snap1")...), "created snapshot snap1 of origin")
+	qemuIO(t, uri("origin"), false, "write -P 0xcd 0 1M", "flush")
+	qemuIO(t, uri("snap1"), true, "read -P 0xab 0 1M")
+	qemuIO(t, uri("origin"), true, "read -P 0xcd 0 1M")
+	// The default export is the origin.
+	qemuIO(t, "nbd://"+d.info.Listen, true, "read -P 0xcd 0 1M")
+
+	// A snapshot export is read-only; a clone is writable and independent.
+	out, err := exec.Command("qemu-io", "-f", "raw", uri("snap1"), "-c", "write -P 1 0 4k").CombinedOutput()
+	require.Error(t, err, "a write to a snapshot export must fail: %s", out)
+	require.Contains(t, string(out), "Permission denied")
+	ok(t, f.args("clone", "vm1", "--from", "snap1")...)
+	qemuIO(t, uri("vm1"), false, "read -P 0xab 0 1M", "write -P 0xee 64k 64k", "flush")
+	qemuIO(t, uri("snap1"), true, "read -P 0xab 0 1M")
+
+	var vs []volumeJSON
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
+	require.Len(t, vs, 3)
+	var st statJSON
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("stat", "vm1", "--json")...)), &st))
+	require.Equal(t, int64(64<<10), st.Exclusive)
+	require.Contains(t, ok(t, f.args("diff", "snap1")...), "1 MiB changed from snap1 to origin")
+
+	// The store is locked against commands that need it whole.
+	for _, c := range []string{"check", "dump", "rollback origin --to snap1", "format --force", "serve --listen 127.0.0.1:0", "export-diff snap1"} {
+		fails(t, 1, "store is in use by another process", f.args(strings.Fields(c)...)...)
+	}
+
+	// Delete live: the export fails from then on; a new volume of the same
+	// name is served at once.
+	require.Contains(t, ok(t, f.args("delete", "vm1")...), "deleted vm1")
+	out, _ = exec.Command("qemu-io", "-f", "raw", "-r", uri("vm1"), "-c", "read 0 4k").CombinedOutput()
+	require.Contains(t, string(out), "failed", "%s", out)
+	ok(t, f.args("snapshot", "vm1")...)
+	qemuIO(t, uri("vm1"), true, "read -P 0xcd 0 1M")
+	fails(t, 1, `no such volume: "ghost"`, f.args("delete", "ghost")...)
+
+	d.stop(t)
+	require.Contains(t, ok(t, f.args("check")...), "is clean (3 volumes)")
+	_, err = os.Stat(d.info.Control)
+	require.True(t, os.IsNotExist(err), "the control socket is removed on exit")
+	snap := f.image(t, "snap1")
+	require.Equal(t, bytes.Repeat([]byte{0xab}, 1<<20), snap[:1<<20])
+	origin := f.image(t, "origin")
+	require.Equal(t, bytes.Repeat([]byte{0xcd}, 1<<20), origin[:1<<20])
+}
+
+// A stale control socket file (a server that died) does not stop the next
+// serve; a Unix NBD socket works.
+func TestServeStaleControlAndUnixSocket(t *testing.T) {
+	needTool(t, "qemu-io")
+	f := newFixture(t)
+	require.NoError(t, os.WriteFile(f.store+".control", nil, 0o644))
+	sock := filepath.Join(f.dir, "nbd.sock")
+	d := startDaemon(t, f.args("serve", "--listen", "", "--socket", sock, "--json")...)
+	require.Equal(t, sock, d.info.Socket)
+	qemuIO(t, "nbd+unix:///origin?socket="+sock, false, "write -P 0x5a 0 64k")
+	d.stop(t)
+	require.Equal(t, bytes.Repeat([]byte{0x5a}, 64<<10), f.image(t, "origin")[:64<<10])
+}
