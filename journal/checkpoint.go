@@ -97,7 +97,6 @@ func (j *Journal) Checkpoint(ctx context.Context, upTo uint64, write func(w io.W
 	j.mu.Unlock()
 	next := j.sb
 	next.gen++
-	next.location = (next.gen % 2) * uint64(next.blockSize)
 	next.ckpt = checkpointRef{gen: j.sb.ckpt.gen + 1, slot: slot, crc: w.crc, length: uint64(w.n),
 		upTo: upTo, start: uint64(start), startEpoch: startEpoch}
 	if err := j.writeSuperblock(&next); err != nil {

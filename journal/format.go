@@ -6,15 +6,17 @@ package journal
 // Journal region (the whole device handed to Format/Open):
 //
 //	offset        size  contents
-//	0             bs    superblock copy 0 (written when gen is even)
-//	bs            bs    superblock copy 1 (written when gen is odd)
+//	0             bs    superblock copy 0
+//	bs            bs    superblock copy 1 (same contents but location)
 //	2*bs          S     checkpoint slot 0
 //	2*bs+S        S     checkpoint slot 1
 //	2*bs+2*S      L     circular record log (the rest of the device)
 //
-// The two superblock copies are written alternately; the valid copy with the
-// highest generation is current, so a torn superblock write leaves the other
-// copy in charge. A checkpoint slot holds a raw stream whose length and
+// Every superblock update writes copy 0, flushes, writes copy 1, flushes,
+// both with the next generation; the valid copy with the highest generation
+// is current. A torn write leaves the other copy in charge, holding either
+// the same state or the previous one (never reclaimed before both copies
+// are durable), and a copy damaged later is covered by its twin. A checkpoint slot holds a raw stream whose length and
 // CRC32C are in the superblock that points to it.
 //
 // Superblock, magic "BSNAPJSB" (sbSize bytes, rest of the block unused):
@@ -25,7 +27,7 @@ package journal
 //	12   4     block size in bytes
 //	16   8     location: byte offset of this copy in the journal region
 //	24   8     journal id (random at Format; every log batch carries it)
-//	32   8     generation (copies alternate; highest valid wins)
+//	32   8     generation (incremented by every update; highest valid wins)
 //	40   8     epoch (incremented by every Open; log batches carry it)
 //	48   8     region size in bytes
 //	56   8     checkpoint slot size S in bytes
@@ -214,7 +216,7 @@ func (sb *superblock) validate(loc int64) error {
 		return bad("block size", bs)
 	case sb.location != uint64(loc) || sb.location%bs != 0:
 		return bad("location", sb.location)
-	case sb.gen == 0 || sb.gen%2 != (sb.location/bs)%2 || sb.location > bs:
+	case sb.gen == 0 || sb.gen >= 1<<62 || sb.location > bs:
 		return bad("generation", sb.gen)
 	case sb.epoch == 0 || sb.epoch >= 1<<62:
 		return bad("epoch", sb.epoch)

@@ -187,19 +187,12 @@ func Format(dev blockdev.Device, opts Options) (*Journal, error) {
 	}
 	sb.id = rand.Uint64() | 1
 	sb.epoch = 1
-	buf := blockdev.AlignedBuffer(dev.BlockSize())
-	for gen := uint64(1); gen <= 2; gen++ {
-		sb.gen = gen
-		sb.location = (gen % 2) * uint64(dev.BlockSize())
-		sb.encode(buf)
-		if _, err := dev.WriteAt(buf, int64(sb.location)); err != nil {
-			return nil, fmt.Errorf("journal: format: %w", err)
-		}
-	}
-	if err := dev.Flush(); err != nil {
+	sb.gen = 1
+	j := newJournal(dev, opts, sb, scanResult{})
+	if err := j.writeSuperblock(&sb); err != nil {
 		return nil, fmt.Errorf("journal: format: %w", err)
 	}
-	return newJournal(dev, opts, sb, scanResult{}), nil
+	return j, nil
 }
 
 // Open opens the journal on dev and recovers: it loads the newest valid
@@ -226,7 +219,6 @@ func Open(dev blockdev.Device, opts Options, r Replayer) (*Journal, error) {
 	next := sb
 	next.gen++
 	next.epoch++
-	next.location = (next.gen % 2) * uint64(sb.blockSize)
 	if err := j.writeSuperblock(&next); err != nil {
 		return nil, fmt.Errorf("journal: open: %w", err)
 	}
@@ -299,14 +291,22 @@ func newJournal(dev blockdev.Device, opts Options, sb superblock, res scanResult
 	return j
 }
 
-// writeSuperblock writes sb to its copy and flushes.
+// writeSuperblock writes sb to copy 0, flushes, then to copy 1 and flushes,
+// so that at every instant one copy is whole and a crash leaves the old
+// state or the new one.
 func (j *Journal) writeSuperblock(sb *superblock) error {
 	buf := blockdev.AlignedBuffer(int(sb.blockSize))
-	sb.encode(buf)
-	if _, err := j.dev.WriteAt(buf, int64(sb.location)); err != nil {
-		return err
+	for i := range uint64(2) {
+		sb.location = i * uint64(sb.blockSize)
+		sb.encode(buf)
+		if _, err := j.dev.WriteAt(buf, int64(sb.location)); err != nil {
+			return err
+		}
+		if err := j.dev.Flush(); err != nil {
+			return err
+		}
 	}
-	return j.dev.Flush()
+	return nil
 }
 
 // usableLocked returns why the journal cannot take new work, or nil.

@@ -414,7 +414,7 @@ func TestDeviceErrorIsSticky(t *testing.T) {
 	f := blockdevtest.NewFaulty(mem)
 	j, err := Format(f, Options{})
 	require.NoError(t, err)
-	f.FailNth(blockdevtest.OpFlush, 2, blockdev.ErrIO)
+	f.FailNth(blockdevtest.OpFlush, 3, blockdev.ErrIO) // Format flushes twice
 	_, err = j.Append(ctx, []byte("a"))
 	require.NoError(t, err)
 	require.ErrorIs(t, j.Commit(ctx), blockdev.ErrIO)

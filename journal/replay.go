@@ -51,6 +51,13 @@ func (j *Journal) scan(c checkpointRef, replay func(seq uint64, payload []byte) 
 			return res, fmt.Errorf("journal: read log at %d: %w", apos, err)
 		}
 		h, err := decodeBatchHeader(buf[:j.bs], apos)
+		if err == nil && h.id == j.id && h.apos > uint64(apos) {
+			// Only the future can have written here: the log has moved on
+			// past the superblock in use, so that superblock is stale (the
+			// newest copy was lost) and replaying from it would silently
+			// drop records.
+			return res, corruptf("log at %d holds a batch for later position %d: superblock is stale", apos, h.apos)
+		}
 		if err == nil {
 			err = j.successor(h, apos, room, prevEpoch, prevLast, c.upTo)
 		}
