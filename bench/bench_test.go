@@ -86,3 +86,15 @@ func TestHist(t *testing.T) {
 		t.Fatalf("count %d", h.Count())
 	}
 }
+
+func BenchmarkCloneRead(b *testing.B) {
+	for _, d := range CloneDepths {
+		b.Run(fmt.Sprintf("depth=%d", d), func(b *testing.B) { CloneRead(b, env, d) })
+	}
+}
+
+func BenchmarkCloneHydrate(b *testing.B) {
+	for _, m := range HydrateModes {
+		b.Run("mode="+m, func(b *testing.B) { CloneHydrate(b, env, m) })
+	}
+}

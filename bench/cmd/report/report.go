@@ -123,7 +123,7 @@ func (r *report) run(w io.Writer) {
 	r.firstWriteTable(w)
 	r.ratioTable(w)
 	r.concurrencyTable(w)
-	// extraTables: added with the clone and snapshot engines
+	r.extraTables(w)
 	r.backendTable(w)
 }
 

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"testing"
+
+	"github.com/blocksnap/blocksnap/bench"
+)
+
+// extraTables prints the tables of engine-specific benchmarks that exist in
+// package bench: clone reads by depth and hydration against a plain copy.
+func (r *report) extraTables(w io.Writer) {
+	if len(bench.CloneDepths) > 0 {
+		fmt.Fprintf(w, "\n## Clone reads by depth\n\nRandom 4 KiB reads of a clone D levels deep whose data lives at the top of the chain (BenchmarkCloneRead).\n\n")
+		var base float64
+		table(w, []string{"depth", "MB/s", "x depth 1", "p99 µs"}, func(emit func(...string)) {
+			for _, d := range bench.CloneDepths {
+				f := r.measure(r.ioTime(), func(b *testing.B) { bench.CloneRead(b, r.env, d) })
+				if d == 1 {
+					base = f.mbps
+				}
+				emit(fmt.Sprint(d), cell(f, f.mbps, "%.1f"), ratio(f.mbps, base), cell(f, f.p99ns/1e3, "%.0f"))
+			}
+		})
+	}
+	if len(bench.HydrateModes) > 0 {
+		fmt.Fprintf(w, "\n## Hydration against a plain copy\n\n256 MiB from source to destination (BenchmarkCloneHydrate); foreground 4 KiB read p50/p99 during hydration.\n\n")
+		var base float64
+		table(w, []string{"mode", "MB/s", "x copy", "fg read p50 µs", "fg read p99 µs"}, func(emit func(...string)) {
+			for _, m := range bench.HydrateModes {
+				f := r.measure("1x", func(b *testing.B) { bench.CloneHydrate(b, r.env, m) })
+				if m == "copy" {
+					base = f.mbps
+				}
+				emit(m, cell(f, f.mbps, "%.1f"), ratio(f.mbps, base), cell(f, f.p50ns/1e3, "%.0f"), cell(f, f.p99ns/1e3, "%.0f"))
+			}
+		})
+	}
+}
