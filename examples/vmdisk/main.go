@@ -1,0 +1,172 @@
+// VM disks: one golden image, three VM clones of it, a snapshot and a
+// rollback of one clone, all served over NBD for QEMU or qemu-io.
+//
+//	go run ./examples/vmdisk [-listen 127.0.0.1:10809] [-dir DIR]
+//
+// then, in another terminal (see README.md):
+//
+//	qemu-io -f raw -r nbd://127.0.0.1:10809/vm1 -c 'read -v 1M 32'
+//	qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/vm2,format=raw,if=virtio ...
+//
+// Clones cost nothing until written: each VM's writes go to the shared
+// store, the golden image stays as it was, and any clone can be
+// snapshotted and rolled back without touching the others.
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/nbd"
+	"github.com/blocksnap/blocksnap/snapshot"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:10809", "TCP address to serve NBD on")
+	dir := flag.String("dir", "", "directory for golden.img and store.img (default: a temporary one, removed on exit)")
+	flag.Parse()
+	if *dir == "" {
+		d, err := os.MkdirTemp("", "blocksnap-vmdisk")
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer os.RemoveAll(d)
+		*dir = d
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Stdout, *dir, *listen, nil); err != nil {
+		log.Fatal(err)
+	}
+}
+
+// run builds the disks and serves them until ctx ends; ready, if not nil,
+// is called with the server's address once it listens (it must not block:
+// connections are accepted after it returns).
+func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Addr)) error {
+	golden, err := blockdev.Create(filepath.Join(dir, "golden.img"), 64<<20, blockdev.FileOptions{})
+	if err != nil {
+		return err
+	}
+	defer golden.Close()
+	storeDev, err := blockdev.Create(filepath.Join(dir, "store.img"), 128<<20, blockdev.FileOptions{})
+	if err != nil {
+		return err
+	}
+	defer storeDev.Close()
+	st, err := snapshot.Format(golden, storeDev, snapshot.Options{})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	// "Install" the golden image, then freeze it as a snapshot.
+	origin := st.Origin()
+	defer origin.Close()
+	if err := put(origin, 0, "golden OS image v1"); err != nil {
+		return err
+	}
+	base, err := st.CreateSnapshot("golden", origin)
+	if err != nil {
+		return err
+	}
+	vols := map[string]*snapshot.Volume{"golden": base}
+	defer func() {
+		for _, v := range vols {
+			v.Close()
+		}
+	}()
+
+	// Three VMs, each a writable clone that writes its own hostname.
+	for _, name := range []string{"vm1", "vm2", "vm3"} {
+		vm, err := st.CreateClone(name, base)
+		if err != nil {
+			return err
+		}
+		vols[name] = vm
+		if err := put(vm, 1<<20, "hostname: "+name); err != nil {
+			return err
+		}
+	}
+
+	// vm1: snapshot before an upgrade, upgrade, then roll back.
+	vm1 := vols["vm1"]
+	pre, err := st.CreateSnapshot("vm1-before-upgrade", vm1)
+	if err != nil {
+		return err
+	}
+	vols["vm1-before-upgrade"] = pre
+	if err := put(vm1, 0, "golden OS image v2 (a broken upgrade)"); err != nil {
+		return err
+	}
+	s, _ := get(vm1, 0)
+	fmt.Fprintf(w, "vm1 after the upgrade:  %q\n", s)
+	if err := st.Rollback(ctx, vm1, pre); err != nil {
+		return err
+	}
+	s, _ = get(vm1, 0)
+	fmt.Fprintf(w, "vm1 after the rollback: %q\n", s)
+	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
+		a, _ := get(vols[name], 0)
+		b, _ := get(vols[name], 1<<20)
+		fmt.Fprintf(w, "%-7s block 0: %-22q at 1 MiB: %q\n", name+":", a, b)
+	}
+
+	return serve(ctx, w, listen, vols, ready)
+}
+
+func serve(ctx context.Context, w io.Writer, listen string, vols map[string]*snapshot.Volume, ready func(net.Addr)) error {
+	srv, err := nbd.New(nbd.Options{DefaultExport: "vm1"})
+	if err != nil {
+		return err
+	}
+	for _, name := range []string{"golden", "vm1", "vm2", "vm3", "vm1-before-upgrade"} {
+		v := vols[name]
+		ro := v.Kind() == snapshot.KindSnapshot // snapshots are served read-only
+		if err := srv.Add(nbd.Export{Name: name, Device: v, ReadOnly: ro, Description: v.Kind().String()}); err != nil {
+			return err
+		}
+	}
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "serving golden, vm1, vm2, vm3 and vm1-before-upgrade on nbd://%s/NAME; ^C to stop\n", l.Addr())
+	fmt.Fprintf(w, "  qemu-io -f raw -r nbd://%s/vm2 -c 'read -v 1M 16'\n", l.Addr())
+	if ready != nil {
+		ready(l.Addr())
+	}
+	// Serve drains and flushes every export when ctx ends.
+	if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func put(d blockdev.Device, off int64, s string) error {
+	buf := make([]byte, d.BlockSize())
+	copy(buf, s)
+	if _, err := d.WriteAt(buf, off); err != nil {
+		return err
+	}
+	return d.Flush()
+}
+
+func get(d blockdev.Device, off int64) (string, error) {
+	buf := make([]byte, d.BlockSize())
+	if _, err := d.ReadAt(buf, off); err != nil {
+		return "", err
+	}
+	return string(bytes.TrimRight(buf, "\x00")), nil
+}

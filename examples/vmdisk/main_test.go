@@ -1,0 +1,61 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/nbd"
+)
+
+// The example builds the disks and serves them; an NBD client reads each
+// VM's own data, and the snapshot export refuses writes.
+func TestVMDisk(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out bytes.Buffer
+	checked := make(chan error, 1)
+	err := run(ctx, &out, t.TempDir(), "127.0.0.1:0", func(addr net.Addr) {
+		go func() { checked <- check(ctx, cancel, addr) }()
+	})
+	require.NoError(t, err)
+	require.NoError(t, <-checked)
+	t.Log("\n" + out.String())
+	require.Contains(t, out.String(), `vm1 after the rollback: "golden OS image v1"`)
+	require.Contains(t, out.String(), `golden: block 0: "golden OS image v1"   at 1 MiB: ""`)
+}
+
+// check reads every export through an NBD client, then stops the server.
+func check(ctx context.Context, cancel func(), addr net.Addr) error {
+	defer cancel()
+	for name, want := range map[string]string{"vm1": "hostname: vm1", "vm2": "hostname: vm2", "vm3": "hostname: vm3", "golden": ""} {
+		c, err := nbd.Dial(ctx, nbd.URI(addr, name))
+		if err != nil {
+			return err
+		}
+		got, err := get(c, 1<<20)
+		c.Close()
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return &mismatch{name, got, want}
+		}
+	}
+	c, err := nbd.Dial(ctx, nbd.URI(addr, "vm1-before-upgrade"))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := put(c, 0, "x"); err == nil {
+		return &mismatch{"vm1-before-upgrade", "writable", "read-only"}
+	}
+	return nil
+}
+
+type mismatch struct{ name, got, want string }
+
+func (m *mismatch) Error() string { return m.name + ": got " + m.got + ", want " + m.want }
