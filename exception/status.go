@@ -123,10 +123,7 @@ func (s *Snapshot) checkList(list []Exception, rep *CheckReport, u storeUsage) e
 			}
 		}
 	} else {
-		t := s.st.(*transient)
-		t.mu.Lock()
-		rep.DataChunks = t.next - t.removed
-		t.mu.Unlock()
+		rep.DataChunks = u.used - u.merged
 	}
 	accounted := uint64(len(list)) + u.inFlight
 	if rep.DataChunks < accounted {

@@ -37,8 +37,8 @@ type store interface {
 
 // storeUsage is what Status reports about a store, in chunks.
 type storeUsage struct {
-	total, used, metadata, exceptions, inFlight, leaked uint64
-	invalid                                            error
+	total, used, metadata, exceptions, inFlight, leaked, merged uint64
+	invalid                                                     error
 }
 
 // transient is the in-memory store: nothing survives Close. COW chunks are
@@ -122,7 +122,7 @@ func (t *transient) usage() storeUsage {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return storeUsage{total: t.limit, used: t.next, exceptions: uint64(len(t.list)),
-		inFlight: t.flight, leaked: t.leaked, invalid: t.invalid}
+		inFlight: t.flight, leaked: t.leaked, merged: t.removed, invalid: t.invalid}
 }
 
 func (t *transient) close() error { return nil }
