@@ -90,6 +90,9 @@ func (s *Snapshot) mergeStep(batch *[]Exception) (int, error) {
 	}
 	*batch = s.st.tail(*batch, mergeBatch)
 	b := *batch
+	if len(b) == 0 {
+		return 0, nil
+	}
 	owned := 0
 	release := func(unmap bool) {
 		for _, e := range b[:owned] {
