@@ -35,10 +35,12 @@ func TestCloneFromNbdkit(t *testing.T) {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
 	uri := "nbd+unix:///?socket=" + sock
 	var out bytes.Buffer
 	// nbdkit creates the socket after it starts; retry the dial briefly.
@@ -53,6 +55,10 @@ func TestCloneFromNbdkit(t *testing.T) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	require.NoError(t, err, "nbdkit: %s", stderr.String())
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait() // stderr is complete once Wait returns
+		t.Fatalf("hydrating from nbdkit: %v; nbdkit said: %s", err, stderr.String())
+	}
 	require.Contains(t, out.String(), "hydrated 128 regions of 64 KiB")
 }
