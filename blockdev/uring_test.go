@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -285,6 +286,7 @@ func randomWrites(b *testing.B, d blockdev.Device, qd int) {
 	var wg sync.WaitGroup
 	errs := make(chan error, qd)
 	b.SetBytes(bs)
+	cpu0 := cpuTime(b)
 	b.ResetTimer()
 	for g := range qd {
 		wg.Add(1)
@@ -307,4 +309,13 @@ func randomWrites(b *testing.B, d blockdev.Device, qd int) {
 		require.NoError(b, err)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "iops")
+	b.ReportMetric(float64(cpuTime(b)-cpu0)/float64(b.N), "cpu-ns/op")
+}
+
+// cpuTime is the process's user plus system CPU time, all threads (the
+// kernel's io_uring workers included), in nanoseconds.
+func cpuTime(b *testing.B) int64 {
+	var ru syscall.Rusage
+	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+	return ru.Utime.Nano() + ru.Stime.Nano()
 }
