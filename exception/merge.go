@@ -41,9 +41,9 @@ func (s *Snapshot) Merge(ctx context.Context, progress func(MergeProgress)) erro
 	case s.State() == StateInvalid:
 		o.gate.Unlock()
 		return fmt.Errorf("exception: merge: %w", ErrInvalidSnapshot)
-	case s.cow.BlockSize() > o.bs:
+	case s.cowBS > o.bs:
 		o.gate.Unlock()
-		return fmt.Errorf("exception: merge: COW block size %d above the origin's %d: %w", s.cow.BlockSize(), o.bs, blockdev.ErrNotSupported)
+		return fmt.Errorf("exception: merge: COW block size %d above the origin's %d: %w", s.cowBS, o.bs, blockdev.ErrNotSupported)
 	case o.merging != nil && o.merging != s:
 		o.gate.Unlock()
 		return fmt.Errorf("exception: another snapshot is merging: %w", ErrMerging)
@@ -54,6 +54,10 @@ func (s *Snapshot) Merge(ctx context.Context, progress func(MergeProgress)) erro
 	// Drain the volume's own I/O; from now on it gets ErrMerging.
 	s.ioGate.Lock()
 	s.ioGate.Unlock() //nolint:staticcheck // an empty critical section: a barrier
+	// The snapshot's own completed writes are what gets merged, crash or not.
+	if err := s.cow.Flush(); err != nil {
+		return fmt.Errorf("exception: merge: flush COW device: %w", err)
+	}
 
 	var merged uint64
 	batch := make([]Exception, 0, mergeBatch)

@@ -63,6 +63,7 @@ type Snapshot struct {
 	cs         int64
 	shift      uint
 	bs         int
+	cowBS      int // cached: devices need not answer BlockSize after failing
 	size       int64
 	persistent bool
 	overflowOK bool
@@ -146,7 +147,7 @@ func (o *Origin) newSnapshot(cow blockdev.Device, cs int64, opts Options) (*Snap
 	if err := checkChunkSize(cs, bs); err != nil {
 		return nil, err
 	}
-	s := &Snapshot{o: o, cow: cow, cs: cs, shift: uint(bits.TrailingZeros64(uint64(cs))), bs: bs,
+	s := &Snapshot{o: o, cow: cow, cs: cs, shift: uint(bits.TrailingZeros64(uint64(cs))), bs: bs, cowBS: cow.BlockSize(),
 		size: o.size - o.size%int64(bs), persistent: opts.Persistent, overflowOK: opts.Overflow}
 	s.tab.init()
 	return s, nil
@@ -216,7 +217,7 @@ func (s *Snapshot) invalidate(cause error) {
 // rounded up to the COW device's block size.
 func (s *Snapshot) chunkBytes(c uint64) (inOrigin, onCOW int64) {
 	inOrigin = min(s.cs, s.o.size-int64(c)<<s.shift)
-	cbs := int64(s.cow.BlockSize())
+	cbs := int64(s.cowBS)
 	return inOrigin, (inOrigin + cbs - 1) / cbs * cbs
 }
 

@@ -1,0 +1,302 @@
+package exception
+
+import (
+	"context"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// powerCut wraps CrashSims so that the k-th device call, counted over all
+// of them, cuts the power to all at once (blockdevtest.CrashAll).
+type powerCut struct {
+	mu     sync.Mutex
+	sims   []*blockdevtest.CrashSim
+	after  []*blockdevtest.CrashSim // the images the cut left
+	calls  atomic.Int64
+	k      int64
+	policy blockdevtest.Policy
+}
+
+func (pc *powerCut) device(t testing.TB, size int64, bs int) blockdev.Device {
+	sim, err := blockdevtest.NewCrashSim(size, bs)
+	require.NoError(t, err)
+	pc.sims = append(pc.sims, sim)
+	f := blockdevtest.NewFaulty(sim)
+	f.FailWhen(func(blockdevtest.Call) error {
+		if pc.calls.Add(1) == pc.k {
+			pc.cut()
+		}
+		return nil // the call goes on, to a device that has lost power
+	})
+	return f
+}
+
+// cut crashes every device now, unless that happened already.
+func (pc *powerCut) cut() {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.after != nil {
+		return
+	}
+	after, err := blockdevtest.CrashAll(pc.policy, pc.sims...)
+	if err != nil {
+		panic(err) // a test bug: crashing twice
+	}
+	pc.after = after
+}
+
+func tortureBudget() (iters int, deadline time.Time) {
+	if s, err := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS")); err == nil && s > 0 {
+		return 1 << 30, time.Now().Add(time.Duration(s) * time.Second)
+	}
+	if raceEnabled {
+		return 40, time.Time{}
+	}
+	return 250, time.Time{}
+}
+
+// TestCrashTorture cuts the power at a random device call while writers
+// run against an origin with persistent snapshots, under every crash
+// policy, then reopens everything and checks the crash model: snapshots
+// read exactly what the origin held when they were taken, flushed origin
+// writes survive, Check passes and no COW chunk leaks.
+func TestCrashTorture(t *testing.T) {
+	iters, deadline := tortureBudget()
+	seed := rand.Uint64()
+	t.Logf("seed %d", seed)
+	points := 0
+	for i := 0; i < iters && (deadline.IsZero() || time.Now().Before(deadline)); i++ {
+		for _, pol := range blockdevtest.AllPolicies(seed + uint64(i)) {
+			crashOnce(t, seed+uint64(i), pol)
+			points++
+		}
+	}
+	t.Logf("%d crash points", points)
+}
+
+const (
+	ctSize    = 256 << 10
+	ctWriters = 4
+)
+
+// ctWriter owns a region of the origin and remembers what it wrote there
+// and what is durable.
+type ctWriter struct {
+	base       int64
+	cur, flush []byte
+	dirty      []bool // per block: written since the writer's last flush
+}
+
+func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
+	rng := rand.New(rand.NewPCG(seed, uint64(pol.Mode)))
+	bs := []int{512, 4096}[rng.IntN(2)]
+	cs := []int64{4096, 8192}[rng.IntN(2)]
+	pc := &powerCut{k: 1 + rng.Int64N(700), policy: pol}
+	originDev := pc.device(t, ctSize, bs)
+	cows := []blockdev.Device{pc.device(t, 2*ctSize, bs), pc.device(t, 2*ctSize, bs)}
+	fail := func(msg string, args ...any) {
+		t.Helper()
+		t.Fatalf("seed %d policy %v k %d bs %d chunk %d: "+msg, append([]any{seed, pol, pc.k, bs, cs}, args...)...)
+	}
+	o := newOrigin(t, originDev)
+	region := int64(ctSize / ctWriters)
+	ws := make([]*ctWriter, ctWriters)
+	for w := range ws {
+		ws[w] = &ctWriter{base: int64(w) * region, cur: make([]byte, region), flush: make([]byte, region), dirty: make([]bool, region/int64(bs))}
+	}
+	var models [][]byte
+	var created []bool
+	alive := true
+	for phase := range 3 {
+		if !alive {
+			break
+		}
+		if phase < 2 {
+			model := make([]byte, 0, ctSize)
+			for _, w := range ws {
+				model = append(model, w.cur...)
+			}
+			_, err := o.CreateSnapshot(cows[phase], Options{ChunkSize: cs, Persistent: true})
+			created = append(created, err == nil)
+			if err != nil {
+				break
+			}
+			// Creation flushed the origin: what it held is durable.
+			for _, w := range ws {
+				copy(w.flush, w.cur)
+				clear(w.dirty)
+			}
+			models = append(models, model)
+		}
+		var wg sync.WaitGroup
+		var failed atomic.Bool
+		for w := range ws {
+			wg.Add(1)
+			wrng := rand.New(rand.NewPCG(seed, uint64(phase*16+w)))
+			go func() {
+				defer wg.Done()
+				if !ctWrite(o, ws[w], wrng, bs) {
+					failed.Store(true)
+				}
+			}()
+		}
+		wg.Wait()
+		alive = !failed.Load()
+	}
+	pc.cut()
+	_ = o.Close()
+
+	// Power is back.
+	after := pc.after
+	o2 := newOrigin(t, after[0])
+	got := readAll(t, o2)
+	for _, w := range ws {
+		for b := range w.dirty {
+			at := int64(b * bs)
+			if !w.dirty[b] && firstDiff(got[w.base+at:w.base+at+int64(bs)], w.flush[at:at+int64(bs)]) >= 0 {
+				fail("flushed origin block at %d lost", w.base+at)
+			}
+		}
+	}
+	for i, model := range models {
+		s, err := o2.OpenSnapshot(after[1+i], Options{})
+		if err != nil {
+			fail("open snapshot %d: %v", i, err)
+		}
+		if s.State() != StateValid {
+			fail("snapshot %d is %v: %v", i, s.State(), s.Status().Err)
+		}
+		if d := firstDiff(readAll(t, s), model); d >= 0 {
+			fail("snapshot %d differs at byte %d", i, d)
+		}
+		rep, err := s.Check()
+		if err != nil || rep.Leaked != 0 {
+			fail("snapshot %d check: %v, %d leaked", i, err, rep.Leaked)
+		}
+	}
+	// The recovered stores go on working.
+	mustWrite(t, o2, fill(0x5c, ctSize), 0)
+	for i, s := range o2.Snapshots() {
+		if d := firstDiff(readAll(t, s), models[i]); d >= 0 {
+			fail("snapshot %d differs at byte %d after writes following recovery", i, d)
+		}
+		rep, err := s.Check()
+		if err != nil || rep.Leaked != 0 {
+			fail("snapshot %d check after recovery writes: %v, %d leaked", i, err, rep.Leaked)
+		}
+	}
+	require.NoError(t, o2.Close())
+}
+
+// ctWrite runs one writer's random writes and flushes in its region; it
+// reports false once the devices failed.
+func ctWrite(o *Origin, w *ctWriter, rng *rand.Rand, bs int) bool {
+	blocks := int64(len(w.dirty))
+	for range 12 {
+		if rng.IntN(6) == 0 {
+			pending := append([]bool(nil), w.dirty...)
+			snap := append([]byte(nil), w.cur...)
+			if o.Flush() != nil {
+				return false
+			}
+			copy(w.flush, snap)
+			for b := range pending {
+				if pending[b] {
+					w.dirty[b] = false
+				}
+			}
+			continue
+		}
+		off := rng.Int64N(blocks)
+		n := 1 + rng.Int64N(min(8, blocks-off))
+		p := make([]byte, n*int64(bs))
+		v := byte(rng.Uint32())
+		for i := range p {
+			p[i] = v + byte(i/bs)
+		}
+		_, err := o.WriteAt(p, w.base+off*int64(bs))
+		// Written or not, the blocks are no longer known to hold the
+		// flushed data.
+		for b := off; b < off+n; b++ {
+			w.dirty[b] = true
+		}
+		if err != nil {
+			return false
+		}
+		copy(w.cur[off*int64(bs):], p)
+	}
+	return true
+}
+
+// TestCrashDuringMerge cuts the power while a snapshot merges back into
+// the origin with another snapshot attached, then resumes the merge after
+// reopening: the origin ends up as the merged snapshot, the other snapshot
+// is unchanged, and Check passes.
+func TestCrashDuringMerge(t *testing.T) {
+	iters, deadline := tortureBudget()
+	iters = max(iters/5, 8)
+	seed := rand.Uint64()
+	t.Logf("seed %d", seed)
+	for i := 0; i < iters && (deadline.IsZero() || time.Now().Before(deadline)); i++ {
+		for _, pol := range blockdevtest.AllPolicies(seed + uint64(i)) {
+			crashMergeOnce(t, seed+uint64(i), pol)
+		}
+	}
+}
+
+func crashMergeOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
+	rng := rand.New(rand.NewPCG(seed, 77+uint64(pol.Mode)))
+	const size, cs = 128 << 10, 4096
+	pc := &powerCut{k: 1 << 62, policy: pol}
+	o := newOrigin(t, pc.device(t, size, 512))
+	cowA, cowB := pc.device(t, 2*size, 512), pc.device(t, 2*size, 512)
+	mustWrite(t, o, fill(1, size), 0)
+	a, err := o.CreateSnapshot(cowA, Options{ChunkSize: cs, Persistent: true})
+	require.NoError(t, err)
+	modelA := fill(1, size)
+	for range 20 {
+		c := rng.Int64N(size / cs)
+		mustWrite(t, o, fill(byte(2+rng.IntN(50)), cs), c*cs)
+	}
+	_, err = o.CreateSnapshot(cowB, Options{ChunkSize: 8192, Persistent: true})
+	require.NoError(t, err)
+	modelB := readAll(t, o)
+	for range 10 {
+		c := rng.Int64N(size / cs)
+		mustWrite(t, a, fill(byte(100+rng.IntN(50)), cs/2), c*cs)
+	}
+	modelA = readAll(t, a)
+	require.NoError(t, o.Flush())
+
+	pc.k = pc.calls.Load() + 1 + rng.Int64N(300)
+	mergeErr := a.Merge(context.Background(), nil)
+	pc.cut()
+	_ = o.Close()
+
+	after := pc.after
+	o2 := newOrigin(t, after[0])
+	a2, err := o2.OpenSnapshot(after[1], Options{})
+	require.NoError(t, err, "seed %d %v", seed, pol)
+	b2, err := o2.OpenSnapshot(after[2], Options{})
+	require.NoError(t, err, "seed %d %v", seed, pol)
+	if mergeErr == nil {
+		require.Zero(t, a2.Status().Exceptions)
+	}
+	require.NoError(t, a2.Merge(context.Background(), nil), "seed %d %v", seed, pol)
+	require.Equal(t, -1, firstDiff(readAll(t, o2), modelA), "origin after resumed merge (seed %d %v)", seed, pol)
+	require.Equal(t, -1, firstDiff(readAll(t, b2), modelB), "other snapshot (seed %d %v)", seed, pol)
+	rep, err := b2.Check()
+	require.NoError(t, err)
+	require.Zero(t, rep.Leaked)
+	require.NoError(t, o2.Close())
+}

@@ -1,0 +1,5 @@
+//go:build race
+
+package exception
+
+const raceEnabled = true
