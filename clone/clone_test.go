@@ -222,7 +222,7 @@ func TestPauseResume(t *testing.T) {
 	c.Resume()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	require.NoError(t, c.Wait(ctx))
+	require.NoError(t, c.Wait(ctx), "%v", c.Status())
 	c.Pause()
 	require.Equal(t, Hydrated, c.Status().State)
 }

@@ -225,6 +225,9 @@ func (h *hydrator) copyBatch(ctx context.Context, b batch) {
 	err := c.copyRange(ctx, *bp, c.regionStart(b.r0), c.regionEnd(b.r0+b.n-1))
 	c.putBuf(bp)
 	c.release(b.f, b.r0, b.r0+b.n-1, err == nil)
+	// Wake the dispatcher after inflight drops (release's wake-up may have
+	// been consumed while it was still counted).
+	defer h.kick()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.inflight -= int(b.n)
