@@ -11,19 +11,3 @@ type URingOptions struct {
 	// kernel rounds it up to a power of two; at most 4096.
 	Entries int
 }
-
-// uringDefaultEntries and uringMaxEntries bound URingOptions.Entries.
-const (
-	uringDefaultEntries = 128
-	uringMaxEntries     = 4096
-)
-
-func (o URingOptions) entries() uint32 {
-	switch {
-	case o.Entries <= 0:
-		return uringDefaultEntries
-	case o.Entries > uringMaxEntries:
-		return uringMaxEntries
-	}
-	return uint32(o.Entries)
-}

@@ -98,6 +98,22 @@ func newURing(f *File, opts URingOptions) (*URing, error) {
 	return u, nil
 }
 
+// uringDefaultEntries and uringMaxEntries bound URingOptions.Entries.
+const (
+	uringDefaultEntries = 128
+	uringMaxEntries     = 4096
+)
+
+func (o URingOptions) entries() uint32 {
+	switch {
+	case o.Entries <= 0:
+		return uringDefaultEntries
+	case o.Entries > uringMaxEntries:
+		return uringMaxEntries
+	}
+	return uint32(o.Entries)
+}
+
 // transfer moves all of p to or from off through slot i, resubmitting the
 // remainder after a short transfer.
 func (u *URing) transfer(i uint32, p []byte, off int64, write bool) (int, error) {
