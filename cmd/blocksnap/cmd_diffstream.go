@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -74,51 +75,29 @@ func runExportDiff(e *env, args []string) error {
 		}
 	}
 	var sum streamSummary
-	err = withSession(sf, func(s *session) error {
-		tv, err := openSnapshot(s.st, pos[0], "TO")
+	err = writeStream(e, *out, func(w io.Writer) error {
+		p := newProgress(e, "export-diff "+pos[0])
+		defer p.done()
+		s, err := openSession(sf)
+		if errors.Is(err, ErrStoreInUse) {
+			// A running serve holds the store: it writes the stream.
+			r := request{Op: "export-diff", From: *from, To: pos[0]}
+			n, cerr := callControlStream(e.ctx, sf.controlPath(), r, w, func(n int64) { p.update(n, 0) })
+			if errors.Is(cerr, errNoServer) {
+				return fmt.Errorf("%w (and %v)", err, cerr)
+			}
+			sum = streamSummary{From: *from, To: pos[0], Full: *from == "", Records: n.Records, DataBytes: n.DataBytes, ZeroBytes: n.ZeroBytes}
+			return cerr
+		}
 		if err != nil {
 			return err
 		}
-		defer tv.Close()
-		h := diffstream.Header{To: identity(tv.Info())}
-		var extents []diffstream.Extent
-		var total int64
-		if *from != "" {
-			fv, err := openSnapshot(s.st, *from, "--from")
-			if err != nil {
-				return err
-			}
-			defer fv.Close()
-			h.From = identity(fv.Info())
-			// Diff marks zero extents for the newer side only.
-			trustZero := tv.Info().Created.After(fv.Info().Created)
-			for x, err := range s.st.Diff(fv, tv) {
-				if err != nil {
-					return err
-				}
-				extents = append(extents, diffstream.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero && trustZero})
-				total += x.Len
-			}
+		tot, err := exportStream(e.ctx, s.st, *from, pos[0], w, func(done, total int64) { p.update(done, total) })
+		if cerr := s.close(); err == nil {
+			err = cerr
 		}
-		return writeStream(e, *out, func(w io.Writer) error {
-			p := newProgress(e, "export-diff "+pos[0])
-			defer p.done()
-			var seq func(func(diffstream.Extent, error) bool)
-			if *from != "" {
-				seq = func(yield func(diffstream.Extent, error) bool) {
-					for _, x := range extents {
-						if !yield(x, nil) {
-							return
-						}
-					}
-				}
-			}
-			tot, err := diffstream.Export(e.ctx, w, tv, h, seq, func(pr diffstream.Progress) {
-				p.update(pr.Done, max(pr.Total, total))
-			})
-			sum = streamSummary{From: *from, To: pos[0], Full: *from == "", Records: tot.Records, DataBytes: tot.DataBytes, ZeroBytes: tot.ZeroBytes}
-			return err
-		})
+		sum = streamSummary{From: *from, To: pos[0], Full: *from == "", Records: tot.Records, DataBytes: tot.DataBytes, ZeroBytes: tot.ZeroBytes}
+		return err
 	})
 	if err != nil || *out == "" {
 		return err
@@ -132,6 +111,47 @@ func runExportDiff(e *env, args []string) error {
 	}
 	_, err = fmt.Fprintf(e.stdout, "%s written to %s: %d records, %s data, %s zeros\n", what, *out, sum.Records, human(sum.DataBytes), human(sum.ZeroBytes))
 	return err
+}
+
+// exportStream writes the diff stream from snapshot from (empty: a full
+// export) to snapshot to.
+func exportStream(ctx context.Context, st *snapshot.Store, from, to string, w io.Writer, progress func(done, total int64)) (diffstream.Totals, error) {
+	tv, err := openSnapshot(st, to, "TO")
+	if err != nil {
+		return diffstream.Totals{}, err
+	}
+	defer tv.Close()
+	h := diffstream.Header{To: identity(tv.Info())}
+	var extents []diffstream.Extent
+	var total int64
+	var seq func(func(diffstream.Extent, error) bool)
+	if from != "" {
+		fv, err := openSnapshot(st, from, "--from")
+		if err != nil {
+			return diffstream.Totals{}, err
+		}
+		defer fv.Close()
+		h.From = identity(fv.Info())
+		// Diff marks zero extents for the newer side only.
+		trustZero := tv.Info().Created.After(fv.Info().Created)
+		for x, err := range st.Diff(fv, tv) {
+			if err != nil {
+				return diffstream.Totals{}, err
+			}
+			extents = append(extents, diffstream.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero && trustZero})
+			total += x.Len
+		}
+		seq = func(yield func(diffstream.Extent, error) bool) {
+			for _, x := range extents {
+				if !yield(x, nil) {
+					return
+				}
+			}
+		}
+	}
+	return diffstream.Export(ctx, w, tv, h, seq, func(pr diffstream.Progress) {
+		progress(pr.Done, max(pr.Total, total))
+	})
 }
 
 // writeStream runs fn on standard output, or on FILE written beside it and

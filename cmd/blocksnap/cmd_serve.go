@@ -19,7 +19,7 @@ var cmdServe = &command{
 	name: "serve",
 	args: "--origin PATH --store PATH [--listen 127.0.0.1:10809] [--socket PATH] [--control PATH] [--json]",
 	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
-		"snapshot, clone, delete, list, stat and diff act on the live server through its control socket",
+		"snapshot, clone, delete, list, stat, diff and export-diff act on the live server through its control socket",
 }
 
 func init() {

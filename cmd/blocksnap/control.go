@@ -8,7 +8,9 @@ package main
 //	{"ok":false,"error":"one-line message"}
 //
 // A connection may carry many requests, answered in order. Lines are at
-// most 64 KiB.
+// most 64 KiB. One answer is a byte stream: {"op":"export-diff"} is
+// answered {"ok":true}, then the diff stream, then the connection closes
+// (a stream cut short is detected by the diff stream's reader).
 
 import (
 	"bufio"
@@ -16,10 +18,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
 	"time"
+
+	"github.com/blocksnap/blocksnap/snapshot/diffstream"
 )
 
 type response struct {
@@ -98,10 +103,15 @@ func (cs *controlServer) serve(c net.Conn) {
 	for sc.Scan() {
 		var r request
 		var resp response
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+		var res any
+		var err error
+		if err = json.Unmarshal(sc.Bytes(), &r); err != nil {
 			resp.Error = "bad request: " + err.Error()
-		} else if res, err := cs.handle(cs.ctx, r); err != nil {
+		} else if res, err = cs.handle(cs.ctx, r); err != nil {
 			resp.Error = oneLine(err.Error())
+		} else if st, ok := res.(streamer); ok {
+			cs.stream(c, st)
+			return
 		} else if b, err := json.Marshal(res); err != nil {
 			resp.Error = err.Error()
 		} else {
@@ -111,6 +121,23 @@ func (cs *controlServer) serve(c net.Conn) {
 			return
 		}
 	}
+}
+
+// streamer is a result that is a byte stream: the answer line says ok,
+// the stream follows, and the connection closes after it. A failure while
+// streaming shows as a stream that ends early (the diff stream's reader
+// detects it).
+type streamer func(w io.Writer) error
+
+func (cs *controlServer) stream(c net.Conn, st streamer) {
+	bw := bufio.NewWriterSize(c, 1<<20)
+	if err := json.NewEncoder(bw).Encode(response{OK: true}); err != nil {
+		return
+	}
+	if err := st(bw); err != nil {
+		return // close without flushing the tail: the receiver sees a truncated stream
+	}
+	bw.Flush()
 }
 
 // close stops accepting, closes every connection (requests running finish
@@ -126,6 +153,74 @@ func (cs *controlServer) close() {
 	cs.mu.Unlock()
 	cs.wg.Wait()
 	os.Remove(cs.path)
+}
+
+// callControlStream sends r, whose answer is a diff stream, and copies the
+// stream to w, verifying it on the way (a stream the server could not
+// finish is an error here). progress gets the bytes received so far.
+func callControlStream(ctx context.Context, path string, r request, w io.Writer, progress func(int64)) (diffstream.Totals, error) {
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	c, err := d.DialContext(dctx, "unix", path)
+	cancel()
+	if err != nil {
+		return diffstream.Totals{}, fmt.Errorf("%w at %s: %v", errNoServer, path, err)
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	if err := json.NewEncoder(c).Encode(r); err != nil {
+		return diffstream.Totals{}, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	br := bufio.NewReaderSize(c, 1<<20)
+	line, err := br.ReadBytes('\n')
+	if err != nil {
+		return diffstream.Totals{}, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	var resp response
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return diffstream.Totals{}, fmt.Errorf("control socket %s: bad answer: %w", path, err)
+	}
+	if !resp.OK {
+		return diffstream.Totals{}, errors.New(resp.Error)
+	}
+	cw := &countingWriter{w: w, progress: progress}
+	sr, err := diffstream.NewReader(io.TeeReader(br, cw))
+	if err != nil {
+		return diffstream.Totals{}, fmt.Errorf("stream from the server: %w", err)
+	}
+	for {
+		_, err := sr.Next()
+		if errors.Is(err, io.EOF) {
+			return sr.Totals(), cw.err
+		}
+		if err != nil {
+			return sr.Totals(), fmt.Errorf("stream from the server: %w", err)
+		}
+		if cw.err != nil {
+			return sr.Totals(), cw.err
+		}
+	}
+}
+
+type countingWriter struct {
+	w        io.Writer
+	n        int64
+	err      error
+	progress func(int64)
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	c.err = err
+	if c.progress != nil {
+		c.progress(c.n)
+	}
+	return n, err
 }
 
 // callControl sends r to the control socket at path and decodes the

@@ -34,8 +34,9 @@
 // terminal.
 //
 // The store is locked (flock) while a command uses it. While `serve` holds
-// it, snapshot, clone, delete, list, stat and diff act on the live server
-// through its control socket (a Unix socket, default STORE.control).
+// it, snapshot, clone, delete, list, stat, diff and export-diff act on the
+// live server through its control socket (a Unix socket, default
+// STORE.control; the protocol is described in control.go).
 package main
 
 import (

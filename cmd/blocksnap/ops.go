@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/blocksnap/blocksnap/snapshot"
@@ -13,11 +14,11 @@ import (
 // request is one operation, run locally or sent over the control socket
 // as one line of JSON.
 type request struct {
-	Op   string `json:"op"`             // snapshot, clone, delete, list, stat, diff
+	Op   string `json:"op"`             // snapshot, clone, delete, list, stat, diff, export-diff
 	Name string `json:"name,omitempty"` // the volume created, deleted or stat'ed
 	Of   string `json:"of,omitempty"`   // snapshot: the volume to snapshot
 	From string `json:"from,omitempty"` // clone: the snapshot; diff: the older volume
-	To   string `json:"to,omitempty"`   // diff: the newer volume (default: live)
+	To   string `json:"to,omitempty"`   // diff: the newer volume (default: live); export-diff: the snapshot
 }
 
 // volumeJSON is a volume as the command prints it.
@@ -119,6 +120,19 @@ func (o *ops) do(ctx context.Context, r request) (any, error) {
 		return statJSON{volumeJSON: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
 	case "diff":
 		return o.diff(ctx, r.From, r.To)
+	case "export-diff":
+		if _, err := openSnapshotCheck(o.st, r.To, "TO"); err != nil {
+			return nil, err
+		}
+		if r.From != "" {
+			if _, err := openSnapshotCheck(o.st, r.From, "--from"); err != nil {
+				return nil, err
+			}
+		}
+		return streamer(func(w io.Writer) error {
+			_, err := exportStream(ctx, o.st, r.From, r.To, w, func(int64, int64) {})
+			return err
+		}), nil
 	}
 	return nil, fmt.Errorf("unknown operation %q", r.Op)
 }
@@ -138,6 +152,16 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 		return info, o.onCreate(v)
 	}
 	return info, v.Close()
+}
+
+// openSnapshotCheck reports whether name is a snapshot, so that a bad
+// export request gets an error answer before any stream starts.
+func openSnapshotCheck(st *snapshot.Store, name, role string) (bool, error) {
+	v, err := openSnapshot(st, name, role)
+	if err != nil {
+		return false, err
+	}
+	return true, v.Close()
 }
 
 // liveOf returns the name of the writable volume a snapshot was taken of.

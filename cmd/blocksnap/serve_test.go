@@ -127,9 +127,18 @@ func TestServeWithQemuIO(t *testing.T) {
 	require.Contains(t, ok(t, f.args("diff", "snap1")...), "1 MiB changed from snap1 to origin")
 
 	// The store is locked against commands that need it whole.
-	for _, c := range []string{"check", "dump", "rollback origin --to snap1", "format --force", "serve --listen 127.0.0.1:0", "export-diff snap1"} {
+	for _, c := range []string{"check", "dump", "rollback origin --to snap1", "format --force", "serve --listen 127.0.0.1:0"} {
 		fails(t, 1, "store is in use by another process", f.args(strings.Fields(c)...)...)
 	}
+
+	// Export from the live server (through the control socket), applied
+	// onto a blank file, equals the snapshot (checked after the server
+	// stops, when this test can open the store).
+	backup := filepath.Join(f.dir, "snap1.bsd")
+	require.Contains(t, ok(t, f.args("export-diff", "snap1", "-o", backup)...), "full export of snap1 written to")
+	restored := filepath.Join(f.dir, "restored.img")
+	ok(t, "apply-diff", "--target", restored, "-i", backup)
+	fails(t, 1, "TO origin is a origin, not a snapshot", f.args("export-diff", "origin", "-o", backup)...)
 
 	// Delete live: the export fails from then on; a new volume of the same
 	// name is served at once.
@@ -145,6 +154,7 @@ func TestServeWithQemuIO(t *testing.T) {
 	_, err = os.Stat(d.info.Control)
 	require.True(t, os.IsNotExist(err), "the control socket is removed on exit")
 	snap := f.image(t, "snap1")
+	require.Equal(t, snap, readFile(t, restored))
 	require.Equal(t, bytes.Repeat([]byte{0xab}, 1<<20), snap[:1<<20])
 	origin := f.image(t, "origin")
 	require.Equal(t, bytes.Repeat([]byte{0xcd}, 1<<20), origin[:1<<20])
