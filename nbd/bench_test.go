@@ -1,0 +1,94 @@
+package nbd
+
+// Throughput next to the C peer: the same fio job (4k random writes, then
+// random reads, iodepth 32, nbd engine over a Unix socket) against this
+// server exporting a file and against `nbdkit file` on the same file.
+// Runs only with BLOCKSNAP_NBD_BENCH=1; a benchmark, not a test (nothing
+// is asserted about speed).
+//
+//	BLOCKSNAP_NBD_BENCH=1 go test -run TestFioThroughput -v ./nbd
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+func TestFioThroughput(t *testing.T) {
+	if os.Getenv("BLOCKSNAP_NBD_BENCH") != "1" {
+		t.Skip("set BLOCKSNAP_NBD_BENCH=1 to compare with nbdkit")
+	}
+	need(t, "fio", "nbdkit")
+	seconds := 10
+	if s, err := strconv.Atoi(os.Getenv("BLOCKSNAP_NBD_BENCH_SECONDS")); err == nil && s > 0 {
+		seconds = s
+	}
+	dir := t.TempDir()
+	if d := os.Getenv("BLOCKSNAP_BENCH_DIR"); d != "" {
+		dir = d
+	}
+	img := filepath.Join(dir, "nbd-bench.img")
+	const size = 256 << 20
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(i*7 + 1)
+	}
+	f, err := os.Create(img)
+	require.NoError(t, err)
+	for off := 0; off < size; off += len(chunk) {
+		_, err := f.Write(chunk)
+		require.NoError(t, err)
+	}
+	require.NoError(t, f.Close())
+	t.Cleanup(func() { os.Remove(img) })
+
+	dev, err := blockdev.Open(img, blockdev.FileOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() { dev.Close() })
+	ours := startServerOn(t, "unix", Options{}, Export{Name: "f", Device: dev})
+
+	sock := filepath.Join(t.TempDir(), "nbdkit.sock")
+	startExternal(t, sock, "nbdkit", "-f", "--exit-with-parent", "-U", sock, "file", "file="+img)
+
+	servers := []struct{ name, uri string }{
+		{"blocksnap", ours.uri("f")},
+		{"nbdkit-file", unixURI(sock, "")},
+	}
+	for _, rw := range []string{"randwrite", "randread"} {
+		for _, s := range servers {
+			iops := fioIOPS(t, s.uri, rw, seconds)
+			line := fmt.Sprintf("nbd-bench server=%s rw=%s bs=4k iodepth=32 runtime=%ds iops=%.0f", s.name, rw, seconds, iops)
+			t.Log(line)
+			fmt.Println(line)
+		}
+	}
+}
+
+func fioIOPS(t *testing.T, uri, rw string, seconds int) float64 {
+	t.Helper()
+	out := run(t, "fio", "--name=bench", "--ioengine=nbd", "--uri="+uri, "--rw="+rw, "--bs=4k",
+		"--iodepth=32", "--time_based", fmt.Sprintf("--runtime=%d", seconds), "--ramp_time=1",
+		"--output-format=json")
+	var res struct {
+		Jobs []struct {
+			Read, Write struct{ IOPS float64 }
+		}
+	}
+	start := 0
+	for start < len(out) && out[start] != '{' {
+		start++ // fio may print notes before the JSON
+	}
+	require.NoError(t, json.Unmarshal([]byte(out[start:]), &res), out)
+	require.Len(t, res.Jobs, 1)
+	if rw == "randread" {
+		return res.Jobs[0].Read.IOPS
+	}
+	return res.Jobs[0].Write.IOPS
+}
