@@ -9,7 +9,8 @@ package blockdev
 // Why no reaper goroutine: a dedicated reaper thread costs each request two
 // cross-thread wake-ups (the submitting thread runs the completion's task
 // work, then wakes the reaper, which wakes the waiter). Measured on a 2-vCPU
-// VM with O_DIRECT at queue depth 1 that tripled latency against pwrite.
+// VM with O_DIRECT 4 KiB writes at queue depth 1, that design took 2.5 times
+// pwrite's latency (414 us against 165 us); this one is on par with it.
 // Here one waiting goroutine at a time is the reaper: it submits and waits
 // in a single io_uring_enter, hands every CQE it finds to its slot's
 // channel, and when its own result has arrived passes the role (the baton)
