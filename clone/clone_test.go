@@ -295,3 +295,23 @@ func ExampleStatus() {
 	fmt.Println(s)
 	// Output: hydrating 25/100 regions (25.0%), 1048576 B copied, 0 B skipped, 2.0 MB/s, ETA 3s
 }
+
+// TestHotPathAllocs: reads and writes of hydrated regions, and reads of
+// unhydrated ones, allocate nothing.
+func TestHotPathAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	checkLeaks(t)
+	src, _ := newSource(t, 1<<20, 4096)
+	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true})
+	require.NoError(t, err)
+	defer c.Close()
+	p := make([]byte, 64<<10)
+	_, err = c.WriteAt(p, 0) // hydrates region 0
+	require.NoError(t, err)
+	buf := make([]byte, 4096)
+	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.ReadAt(buf, 4096) }), "read of a hydrated region")
+	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.WriteAt(buf, 8192) }), "write to a hydrated region")
+	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.ReadAt(buf, 512<<10) }), "read of an unhydrated region")
+}
