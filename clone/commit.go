@@ -203,7 +203,9 @@ func (m *metadata) commit(ctx context.Context) error {
 	if err != nil {
 		m.restoreDirty(m.spans)
 		err = fmt.Errorf("clone: commit metadata: %w", err)
-		m.setErr(err)
+		if ctx.Err() == nil { // a commit cut short by Close is not a failure
+			m.setErr(err)
+		}
 		return err
 	}
 	if m.afterCommit != nil {
@@ -268,7 +270,9 @@ func (m *metadata) checkpoint(ctx context.Context) error {
 	})
 	if err != nil {
 		err = fmt.Errorf("clone: checkpoint: %w", err)
-		m.setErr(err)
+		if ctx.Err() == nil {
+			m.setErr(err)
+		}
 		return err
 	}
 	m.durMu.Lock()
