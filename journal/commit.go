@@ -177,7 +177,7 @@ func (j *Journal) commitLocked(ctx context.Context, target uint64) error {
 			return ErrClosed
 		}
 		if st.writing {
-			if err := j.waitLocked(ctx, st.round); err != nil {
+			if err := j.waitRoundLocked(ctx); err != nil {
 				return err
 			}
 			continue
@@ -197,8 +197,8 @@ func (j *Journal) leadLocked() (err error) {
 	j.io.Add(1)
 	defer func() {
 		st.writing = false
-		close(st.round)
-		st.round = make(chan struct{})
+		st.roundGen++
+		j.roundDone.Broadcast()
 		j.io.Done()
 	}()
 	// Take every pending batch before PreCommit, so that the data it
@@ -264,6 +264,31 @@ func (j *Journal) leadLocked() (err error) {
 	st.bytes += nbytes
 	st.flushes++
 	j.signalNeedLocked()
+	return nil
+}
+
+// waitRoundLocked waits, releasing mu, until the commit round under way
+// ends, ctx is done or the journal is closed. It allocates nothing unless
+// ctx can be cancelled.
+func (j *Journal) waitRoundLocked(ctx context.Context) error {
+	gen := j.st.roundGen
+	if ctx.Done() != nil {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		stop := context.AfterFunc(ctx, func() {
+			j.mu.Lock()
+			j.roundDone.Broadcast()
+			j.mu.Unlock()
+		})
+		defer stop()
+	}
+	for j.st.roundGen == gen && !j.st.closed {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		j.roundDone.Wait()
+	}
 	return nil
 }
 

@@ -126,8 +126,9 @@ type Journal struct {
 	// under mu while !closed.
 	io sync.WaitGroup
 
-	mu sync.Mutex // guards every field below
-	st state
+	mu        sync.Mutex // guards st
+	st        state
+	roundDone *sync.Cond // on mu: a commit round ended, or Close
 }
 
 // state is the journal's mutable state, guarded by Journal.mu.
@@ -147,11 +148,11 @@ type state struct {
 	head, tail int64 // apos: oldest byte still needed; next batch position
 	spans      spanRing
 
-	writing bool          // a commit leader is at work
-	round   chan struct{} // closed when the current leader's round ends
-	space   chan struct{} // closed (and replaced) when log space is freed
-	done    chan struct{} // closed by Close
-	need    chan struct{} // NeedCheckpoint's channel; closed by Close
+	writing  bool          // a commit leader is at work
+	roundGen uint64        // incremented (and roundDone broadcast) when a round ends
+	space    chan struct{} // closed (and replaced) when log space is freed
+	done     chan struct{} // closed by Close
+	need     chan struct{} // NeedCheckpoint's channel; closed by Close
 
 	records, bytes, commits, flushes, checkpoints uint64
 }
@@ -275,6 +276,7 @@ func newJournal(dev blockdev.Device, opts Options, sb superblock, res scanResult
 	if j.threshold <= 0 || j.threshold > 1 {
 		j.threshold = 0.5
 	}
+	j.roundDone = sync.NewCond(&j.mu)
 	st := &j.st
 	st.lastSeq = max(sb.ckpt.upTo, res.lastSeq)
 	st.durableSeq = st.lastSeq
@@ -283,7 +285,6 @@ func newJournal(dev blockdev.Device, opts Options, sb superblock, res scanResult
 	st.head = int64(sb.ckpt.start)
 	st.tail = max(res.tail, st.head)
 	st.spans = res.spans
-	st.round = make(chan struct{})
 	st.space = make(chan struct{})
 	st.done = make(chan struct{})
 	st.need = make(chan struct{}, 1)
@@ -400,6 +401,7 @@ func (j *Journal) Close() error {
 	j.st.closed = true
 	close(j.st.done)
 	close(j.st.need)
+	j.roundDone.Broadcast()
 	j.mu.Unlock()
 	j.io.Wait()
 	return nil

@@ -24,7 +24,7 @@ func tortureBudget(t *testing.T, runs int) (int, time.Time) {
 		require.NoError(t, err, "BLOCKSNAP_TORTURE_SECONDS")
 		return 1 << 62, time.Now().Add(time.Duration(sec) * time.Second)
 	}
-	if testing.Short() {
+	if testing.Short() || raceEnabled {
 		runs /= 10
 	}
 	return runs, time.Time{}
