@@ -109,7 +109,7 @@ func (s *Store) checkpointer() {
 		case <-s.ctx.Done():
 			return
 		case c := <-s.ckptCh:
-			err := s.j.Checkpoint(s.ctx, c.upTo, func(w io.Writer) error { return c.encode(w) })
+			err := s.writeCheckpoint(s.ctx, c)
 			s.ckptBusy.Store(false)
 			if err != nil && s.ctx.Err() == nil {
 				_ = s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
@@ -131,7 +131,21 @@ func (s *Store) Checkpoint(ctx context.Context) error {
 	s.mu.Lock()
 	c := s.captureLocked()
 	s.mu.Unlock()
-	return s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error { return c.encode(w) })
+	return s.writeCheckpoint(ctx, c)
+}
+
+// writeCheckpoint writes c unless a newer checkpoint has been written.
+func (s *Store) writeCheckpoint(ctx context.Context, c capture) error {
+	s.ckptMu.Lock()
+	defer s.ckptMu.Unlock()
+	if c.upTo < s.ckptUpTo {
+		return nil
+	}
+	if err := s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error { return c.encode(w) }); err != nil {
+		return err
+	}
+	s.ckptUpTo = c.upTo
+	return nil
 }
 
 // encoder writes varints through a buffer and a running checksum.
@@ -307,7 +321,11 @@ func (d *ckptReader) byte1() byte {
 	}
 	b, err := d.r.ReadByte()
 	if err != nil {
-		d.fail("%v", errCkptShort)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			d.fail("%v", errCkptShort)
+		} else if d.err == nil {
+			d.err = fmt.Errorf("snapshot: read checkpoint at byte %d: %w", d.off, err)
+		}
 		return 0
 	}
 	d.crc.Write([]byte{b})

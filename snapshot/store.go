@@ -163,6 +163,9 @@ type Store struct {
 	ckptCh   chan capture
 	gcIdle   *sync.Cond // broadcast when the collector's queue drains; uses mu
 	ckptBusy atomic.Bool
+
+	ckptMu   sync.Mutex // serialises checkpoints; taken after mu, never before
+	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -342,8 +345,8 @@ func (s *Store) start() {
 }
 
 // Close stops the background work (a delete in progress resumes at the next
-// Open), commits what is pending and closes the journal. It does not close
-// the origin or store devices.
+// Open), flushes both devices, commits what is pending and closes the
+// journal. It does not close the origin or store devices.
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
@@ -354,8 +357,16 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	var err error
+	if p := s.failed.Load(); p != nil {
+		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
+	} else {
+		// A clean shutdown leaves every completed write durable.
+		if err = s.origin.Flush(); err == nil {
+			err = s.store.Flush()
+		}
+	}
 	if s.j != nil {
-		if s.failed.Load() == nil {
+		if err == nil && s.failed.Load() == nil {
 			err = s.commit(context.Background())
 		}
 		if cerr := s.j.Close(); err == nil && cerr != nil && !errors.Is(cerr, journal.ErrClosed) {
@@ -396,6 +407,11 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if s.j == nil {
 		return 0, s.applyOps(sc.ops, 0, false)
 	}
+	if s.j.Stats().Fill > emergencyFill {
+		if err := s.emergencyCheckpointLocked(); err != nil {
+			return 0, s.fail(err)
+		}
+	}
 	seq := s.j.LastSeq() + 1
 	if err := s.applyOps(sc.ops, seq, false); err != nil {
 		return 0, s.fail(err)
@@ -410,6 +426,21 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	}
 	s.maybeCaptureLocked()
 	return seq, nil
+}
+
+// emergencyFill is the journal fill at which logLocked checkpoints in the
+// foreground rather than risk an Append blocked on a full log while it
+// holds mu (which a background capture would need).
+const emergencyFill = 0.75
+
+// emergencyCheckpointLocked commits the pending records and writes a
+// checkpoint while holding mu: device I/O under the global lock, but only
+// when the background checkpoints fell behind.
+func (s *Store) emergencyCheckpointLocked() error {
+	if err := s.commit(s.ctx); err != nil {
+		return err
+	}
+	return s.writeCheckpoint(s.ctx, s.captureLocked())
 }
 
 // log takes mu and calls logLocked.

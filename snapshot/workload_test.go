@@ -24,6 +24,7 @@ type vmodel struct {
 	data    []byte // what reads must return now
 	durable []byte // writable volumes: contents as of the last durability point
 	pending []pwrite
+	history []pwrite
 	parent  string // snapshots: the volume they were taken of
 	vol     *Volume
 }
@@ -33,6 +34,7 @@ type pwrite struct {
 	off  int64
 	data []byte
 	n    int64
+	step int
 }
 
 type workload struct {
@@ -50,11 +52,20 @@ type workload struct {
 	// failOK: operations may fail (error sweep); a failed step stops the run.
 	failOK bool
 	steps  int
+	why    string // what the current step is (diagnostics)
+	// maxVols bounds the number of volumes (0: 14).
+	maxVols int
+	// After a failed operation: volumes that may or may not exist, and
+	// renames that may or may not have happened.
+	maybeGone map[string]bool
+	maybeNew  map[string]*vmodel
+	renamed   map[string]string
 }
 
 func newWorkload(t testing.TB, seed uint64, origin, store blockdev.Device, opts Options) *workload {
 	w := &workload{t: t, seed: seed, rng: rand.New(rand.NewPCG(seed, 99)), origin: origin, store: store, opts: opts,
-		vols: map[string]*vmodel{}, size: origin.Size()}
+		vols: map[string]*vmodel{}, size: origin.Size(), maxVols: 14,
+		maybeGone: map[string]bool{}, maybeNew: map[string]*vmodel{}, renamed: map[string]string{}}
 	s, err := Format(origin, store, opts)
 	w.must(err, "format")
 	w.s = s
@@ -106,7 +117,7 @@ func (w *workload) randRange() (int64, int64) {
 func (w *workload) step() error {
 	w.steps++
 	r := w.rng.IntN(100)
-	if len(w.vols) > 14 && r >= 50 && r < 70 {
+	if len(w.vols) > w.maxVols && r >= 50 && r < 70 {
 		r += 20 // keep the volume count (and the store's fill) bounded
 	}
 	switch {
@@ -159,7 +170,8 @@ func (w *workload) write(discard bool) error {
 		_, err = v.vol.WriteAt(p, off)
 	}
 	// A failed write may have written any part of the range.
-	v.pending = append(v.pending, pwrite{off: off, data: p, n: n})
+	v.pending = append(v.pending, pwrite{off: off, data: p, n: n, step: w.steps})
+	v.history = append(v.history, pwrite{off: off, data: p, n: n, step: w.steps})
 	if err == nil {
 		if discard {
 			clear(v.data[off : off+n])
@@ -173,9 +185,11 @@ func (w *workload) write(discard bool) error {
 func (w *workload) makeDurable(v *vmodel) {
 	v.durable = bytes.Clone(v.data)
 	v.pending = nil
+	v.history = append(v.history, pwrite{off: 0, n: 0, step: w.steps, data: []byte(w.why)}) // a durability point
 }
 
 func (w *workload) flush() error {
+	w.why = "flush"
 	v := w.pick(writable)
 	err := v.vol.Flush()
 	if err == nil {
@@ -190,10 +204,12 @@ func (w *workload) newName(prefix string) string {
 }
 
 func (w *workload) snapshot() error {
+	w.why = "snapshot"
 	v := w.pick(writable)
 	name := w.newName("s")
 	vol, err := w.s.CreateSnapshot(name, v.vol)
 	if err != nil {
+		w.maybeNew[name] = &vmodel{name: name, kind: KindSnapshot, data: bytes.Clone(v.data), parent: v.name}
 		return w.failed(err, "snapshot of "+v.name)
 	}
 	w.makeDurable(v)
@@ -202,10 +218,12 @@ func (w *workload) snapshot() error {
 }
 
 func (w *workload) clone() error {
+	w.why = "clone"
 	v := w.pick(nil)
 	name := w.newName("c")
 	vol, err := w.s.CreateClone(name, v.vol)
 	if err != nil {
+		w.maybeNew[name] = &vmodel{name: name, kind: KindClone, data: bytes.Clone(v.data), durable: bytes.Clone(v.data)}
 		return w.failed(err, "clone of "+v.name)
 	}
 	if writable(v) {
@@ -222,6 +240,7 @@ func (w *workload) delete() error {
 	}
 	d, err := w.s.Delete(v.name)
 	if err != nil {
+		w.maybeGone[v.name] = true
 		return w.failed(err, "delete "+v.name)
 	}
 	delete(w.vols, v.name)
@@ -239,13 +258,18 @@ func (w *workload) delete() error {
 }
 
 func (w *workload) rollback() error {
+	w.why = "rollback"
 	snap := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent != "" })
 	if snap == nil {
 		return nil
 	}
 	v := w.vols[snap.parent]
+	if v == nil {
+		return nil
+	}
 	err := w.s.Rollback(context.Background(), v.vol, snap.vol)
-	v.pending = append(v.pending, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size})
+	v.pending = append(v.pending, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size, step: w.steps})
+	v.history = append(v.history, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size, step: -w.steps})
 	if err != nil {
 		return w.failed(err, "rollback of "+v.name+" to "+snap.name)
 	}
@@ -261,6 +285,7 @@ func (w *workload) rename() error {
 	}
 	name := w.newName("r")
 	if err := w.s.Rename(v.name, name); err != nil {
+		w.renamed[v.name] = name
 		return w.failed(err, "rename "+v.name)
 	}
 	delete(w.vols, v.name)
@@ -282,6 +307,9 @@ func (w *workload) diff() error {
 		return nil
 	}
 	b := w.vols[a.parent]
+	if b == nil {
+		return nil
+	}
 	if later := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent == a.parent && v != a }); later != nil && w.rng.IntN(2) == 0 {
 		b = later
 	}
@@ -311,9 +339,13 @@ func (w *workload) diff() error {
 }
 
 func (w *workload) reopen() error {
+	w.why = "reopen"
 	err := w.s.Close()
 	if err != nil && !w.failOK {
 		w.must(err, "close")
+	}
+	if err != nil {
+		return err
 	}
 	for _, v := range w.vols {
 		if writable(v) && err == nil {
@@ -334,9 +366,14 @@ func (w *workload) open(prev error) error {
 	}
 	w.s = s
 	w.must(s.WaitIdle(context.Background()), "wait idle")
-	w.must(s.Check(), "check after reopen")
+	if err := s.Check(); err != nil && (!w.failOK || s.usable() == nil) {
+		w.must(err, "check after reopen")
+	}
 	for _, name := range w.names(nil) {
 		vol, err := s.OpenVolume(name)
+		if err != nil && w.failOK {
+			return err
+		}
 		w.must(err, "reopen volume %s", name)
 		w.vols[name].vol = vol
 	}
@@ -389,7 +426,7 @@ func TestModelWorkload(t *testing.T) {
 		{"transient", Options{ChunkSize: 8 << 10, Transient: true}, 1500},
 	} {
 		t.Run(m.name, func(t *testing.T) {
-			seed := rand.Uint64()
+			seed := testSeed()
 			t.Logf("seed %d", seed)
 			origin, _ := blockdev.NewMem(256<<10, 512)
 			store, _ := blockdev.NewMem(8<<20, 512)

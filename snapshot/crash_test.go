@@ -1,0 +1,295 @@
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// trip cuts the power to both devices at the k-th device call made
+// through either: a crash at an arbitrary point inside an operation.
+type trip struct {
+	mu     sync.Mutex
+	left   int
+	policy blockdevtest.Policy
+	sims   []*blockdevtest.CrashSim
+	out    []*blockdevtest.CrashSim
+	err    error
+	size   map[blockdev.Device]int64
+}
+
+func (t *trip) fired() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.out != nil || t.err != nil
+}
+
+func (t *trip) tick() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.out != nil || t.err != nil {
+		return blockdevtest.ErrCrashed
+	}
+	if t.left--; t.left == 0 {
+		t.out, t.err = blockdevtest.CrashAll(t.policy, t.sims...)
+		return blockdevtest.ErrCrashed
+	}
+	return nil
+}
+
+// fire crashes now if the trip has not fired yet.
+func (t *trip) fire() ([]*blockdevtest.CrashSim, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.out == nil && t.err == nil {
+		t.out, t.err = blockdevtest.CrashAll(t.policy, t.sims...)
+	}
+	return t.out, t.err
+}
+
+// tripDev passes calls to a CrashSim until its trip fires. It answers Size
+// and BlockSize itself: a crashed CrashSim's panic (nil image).
+type tripDev struct {
+	blockdev.Device
+	t *trip
+}
+
+func newTripDev(d *blockdevtest.CrashSim, t *trip) *tripDev { return &tripDev{d, t} }
+
+func (d *tripDev) Size() int64 {
+	if d.t.fired() {
+		return d.t.size[d.Device]
+	}
+	return d.Device.Size()
+}
+
+func (d *tripDev) BlockSize() int { return 512 }
+
+func (d *tripDev) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.t.tick(); err != nil {
+		return 0, err
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *tripDev) WriteAt(p []byte, off int64) (int, error) {
+	if err := d.t.tick(); err != nil {
+		return 0, err
+	}
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *tripDev) Flush() error {
+	if err := d.t.tick(); err != nil {
+		return err
+	}
+	return d.Device.Flush()
+}
+
+func (d *tripDev) Discard(off, n int64) error {
+	if err := d.t.tick(); err != nil {
+		return err
+	}
+	return d.Device.Discard(off, n)
+}
+
+// testSeed is BLOCKSNAP_SEED if set, else random.
+func testSeed() uint64 {
+	if v, err := strconv.ParseUint(os.Getenv("BLOCKSNAP_SEED"), 10, 64); err == nil {
+		return v
+	}
+	return rand.Uint64()
+}
+
+func tortureBudget() time.Duration {
+	if v, err := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS")); err == nil && v > 0 {
+		return time.Duration(v) * time.Second
+	}
+	return 0
+}
+
+// TestCrashTorture runs the random workload on CrashSim origin and store
+// devices and cuts the power at a random device call, over and over, with
+// every policy; after each crash it reopens, runs Check and verifies the
+// crash model: every snapshot holds exactly its contents, every sector of
+// a writable volume holds its last durable contents or one of the writes
+// since (any contents under Tear), volumes exist as their last completed
+// operation left them.
+func TestCrashTorture(t *testing.T) {
+	seed := testSeed()
+	t.Logf("seed %d (BLOCKSNAP_SEED replays it; BLOCKSNAP_TORTURE_SECONDS for a longer run)", seed)
+	rng := rand.New(rand.NewPCG(seed, 3))
+	crashes, target := 0, 1500
+	deadline := time.Now().Add(tortureBudget())
+	oSim := blockdevtest.MustCrashSim(128<<10, 512)
+	sSim := blockdevtest.MustCrashSim(3<<20, 512)
+	fillPattern(t, oSim, seed)
+	require.NoError(t, oSim.Flush())
+	policies := blockdevtest.AllPolicies(seed)
+	newTrip := func() *trip {
+		p := policies[crashes%len(policies)]
+		p.Seed += uint64(crashes)
+		return &trip{left: 1 << 30, policy: p, sims: []*blockdevtest.CrashSim{oSim, sSim},
+			size: map[blockdev.Device]int64{oSim: oSim.Size(), sSim: sSim.Size()}}
+	}
+	tr := newTrip()
+	opts := Options{ChunkSize: 4 << 10, JournalSize: 128 << 10, CommitInterval: -1}
+	w := newWorkload(t, seed, newTripDev(oSim, tr), newTripDev(sSim, tr), opts)
+	w.failOK = true
+	w.maxVols = 8
+	reopen := false
+	for crashes < target || time.Now().Before(deadline) {
+		tr.mu.Lock()
+		tr.left = 1 + rng.IntN(150)
+		tr.mu.Unlock()
+		var err error
+		if reopen { // recovery itself may be hit by the next crash
+			err = w.open(nil)
+		}
+		for err == nil {
+			if err = w.step(); err == nil && w.rng.IntN(4) == 0 {
+				err = w.s.WaitIdle(context.Background())
+			}
+		}
+		oSim, sSim = w.crashed(tr, err)
+		crashes++
+		tr = newTrip()
+		w.origin, w.store = newTripDev(oSim, tr), newTripDev(sSim, tr)
+		reopen = true
+	}
+	t.Logf("%d crash points", crashes)
+}
+
+// crashed completes the power cut, reopens on the surviving images and
+// checks them against the model, then resynchronises the model.
+func (w *workload) crashed(tr *trip, cause error) (*blockdevtest.CrashSim, *blockdevtest.CrashSim) {
+	w.t.Helper()
+	if !errors.Is(cause, blockdevtest.ErrCrashed) && !errors.Is(cause, ErrNoSpace) {
+		w.t.Fatalf("seed %d step %d: failed without a crash: %v", w.seed, w.steps, cause)
+	}
+	out, err := tr.fire() // before Close, which would flush
+	require.NoError(w.t, err)
+	if w.s != nil {
+		_ = w.s.Close()
+		w.s = nil
+	}
+	oSim, sSim := out[0], out[1]
+	w.origin, w.store = oSim, sSim
+	s, err := Open(oSim, sSim, w.opts)
+	w.must(err, "open after crash (%v, cause %v)", tr.policy, cause)
+	w.s = s
+	w.must(s.WaitIdle(context.Background()), "collector after crash")
+	w.must(s.Check(), "check after crash (%v)", tr.policy)
+	w.why = "reconcile"
+	w.reconcile(tr.policy)
+	w.must(s.Close(), "close after crash check")
+	w.s = nil
+	return oSim, sSim
+}
+
+// reconcile compares what survived with the model and adopts it.
+func (w *workload) reconcile(p blockdevtest.Policy) {
+	w.t.Helper()
+	present := map[string]VolumeInfo{}
+	for _, vi := range w.s.List() {
+		present[vi.Name] = vi
+	}
+	for name, v := range w.vols {
+		if _, ok := present[name]; ok {
+			continue
+		}
+		if nn, ok := w.renamed[name]; ok {
+			if _, ok := present[nn]; ok {
+				delete(w.vols, name)
+				v.name = nn
+				w.vols[nn] = v
+				continue
+			}
+		}
+		if !w.maybeGone[name] {
+			w.t.Fatalf("seed %d step %d: volume %s lost in a crash (%v)", w.seed, w.steps, name, p)
+		}
+		delete(w.vols, name)
+	}
+	for name := range present {
+		if w.vols[name] != nil {
+			continue
+		}
+		m := w.maybeNew[name]
+		if m == nil {
+			w.t.Fatalf("seed %d step %d: volume %s appeared in a crash (%v)", w.seed, w.steps, name, p)
+		}
+		w.vols[name] = m
+	}
+	buf := make([]byte, w.size)
+	for _, name := range w.names(nil) {
+		v := w.vols[name]
+		vol, err := w.s.OpenVolume(name)
+		w.must(err, "open %s after crash", name)
+		v.vol = vol
+		_, err = vol.ReadAt(buf, 0)
+		w.must(err, "read %s after crash", name)
+		if v.kind == KindSnapshot {
+			if i := firstDiff(buf, v.data); i >= 0 {
+				w.t.Fatalf("seed %d step %d: snapshot %s changed in a crash (%v) at byte %d", w.seed, w.steps, name, p, i)
+			}
+			continue
+		}
+		w.checkSectors(v, buf, p)
+		v.data = bytes.Clone(buf)
+		w.makeDurable(v)
+	}
+	w.maybeGone, w.maybeNew, w.renamed = map[string]bool{}, map[string]*vmodel{}, map[string]string{}
+}
+
+// checkSectors verifies each 512-byte sector of a writable volume holds its
+// durable contents or those of a write since.
+func (w *workload) checkSectors(v *vmodel, got []byte, p blockdevtest.Policy) {
+	const sec = 512
+	for off := int64(0); off < w.size; off += sec {
+		g := got[off : off+sec]
+		if bytes.Equal(g, v.durable[off:off+sec]) {
+			continue
+		}
+		ok := false
+		for _, pw := range v.pending {
+			if off < pw.off || off >= pw.off+pw.n {
+				continue
+			}
+			if p.Mode == blockdevtest.Tear || (pw.data == nil && blockdev.IsZero(g)) ||
+				(pw.data != nil && bytes.Equal(g, pw.data[off-pw.off:off-pw.off+sec])) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			for i, h := range v.history {
+				if off >= h.off && off < h.off+h.n && (h.data == nil && blockdev.IsZero(g) || h.data != nil && bytes.Equal(g, h.data[off-h.off:off-h.off+sec])) {
+					w.t.Logf("sector matches history write %d/%d (step %d, %d at %d, discard %v)", i, len(v.history), h.step, h.n, h.off, h.data == nil)
+				}
+			}
+			for _, h := range v.history[max(0, len(v.history)-40):] {
+				if h.n == 0 || off >= h.off && off < h.off+h.n {
+					w.t.Logf("history: step %d, %d at %d, discard %v %s", h.step, h.n, h.off, h.data == nil, map[bool]string{true: string(h.data)}[h.n == 0])
+				}
+			}
+			w.t.Logf("pending: %d writes; zero sector %v; durable zero %v", len(v.pending), blockdev.IsZero(g), blockdev.IsZero(v.durable[off:off+sec]))
+			w.t.Fatalf("seed %d step %d: %s sector at %d holds neither its durable contents nor a later write (%v)",
+				w.seed, w.steps, v.name, off, p)
+		}
+	}
+}
+
+var _ = fmt.Sprint
