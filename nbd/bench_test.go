@@ -9,8 +9,10 @@ package nbd
 //	BLOCKSNAP_NBD_BENCH=1 go test -run TestFioThroughput -v ./nbd
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -91,4 +93,43 @@ func fioIOPS(t *testing.T, uri, rw string, seconds int) float64 {
 		return res.Jobs[0].Read.IOPS
 	}
 	return res.Jobs[0].Write.IOPS
+}
+
+// BenchmarkRoundTrip measures one 4 KiB request through the client and
+// the server in one process (allocations of both sides included).
+func BenchmarkRoundTrip(b *testing.B) {
+	for _, op := range []string{"read", "write"} {
+		b.Run("op="+op, func(b *testing.B) {
+			mem, err := blockdev.NewMem(64<<20, 4096)
+			require.NoError(b, err)
+			srv, err := New(Options{}, Export{Name: "m", Device: mem})
+			require.NoError(b, err)
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(b, err)
+			go srv.Serve(context.Background(), l)
+			defer srv.Close()
+			c, err := Dial(context.Background(), URI(l.Addr(), "m"))
+			require.NoError(b, err)
+			defer c.Close()
+			b.SetBytes(4096)
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				p := make([]byte, 4096)
+				off := int64(0)
+				var err error
+				for pb.Next() {
+					off = (off + 4096*17) % (64 << 20)
+					if op == "read" {
+						_, err = c.ReadAt(p, off)
+					} else {
+						_, err = c.WriteAt(p, off)
+					}
+					if err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
 }

@@ -55,6 +55,7 @@ type Client struct {
 
 	metaID  uint32
 	handles atomic.Uint64
+	rhdr    [structReplyLen + 12]byte // reply headers; the reader goroutine's own
 
 	// wmu serialises requests on the socket: it guards bw and whdr.
 	// wpending counts senders that want or hold wmu.

@@ -223,7 +223,7 @@ func (c *Client) readReplies() {
 }
 
 func (c *Client) readReply() error {
-	var h [structReplyLen]byte
+	h := c.rhdr[:structReplyLen]
 	if err := readFull(c.br, h[:4]); err != nil {
 		return err
 	}
@@ -306,11 +306,11 @@ func (c *Client) chunkPayload(cl *call, typ uint16, n uint32) error {
 		if n < 9 {
 			return fmt.Errorf("%w: data chunk of %d bytes", ErrProtocol, n)
 		}
-		var b [8]byte
-		if err := readFull(c.br, b[:]); err != nil {
+		b := c.rhdr[structReplyLen : structReplyLen+8]
+		if err := readFull(c.br, b); err != nil {
 			return err
 		}
-		dst, err := cl.span(be.Uint64(b[:]), uint64(n-8))
+		dst, err := cl.span(be.Uint64(b), uint64(n-8))
 		if err != nil {
 			return err
 		}
@@ -320,11 +320,11 @@ func (c *Client) chunkPayload(cl *call, typ uint16, n uint32) error {
 		if n != 12 {
 			return fmt.Errorf("%w: hole chunk of %d bytes", ErrProtocol, n)
 		}
-		var b [12]byte
-		if err := readFull(c.br, b[:]); err != nil {
+		b := c.rhdr[structReplyLen : structReplyLen+12]
+		if err := readFull(c.br, b); err != nil {
 			return err
 		}
-		dst, err := cl.span(be.Uint64(b[:]), uint64(be.Uint32(b[8:])))
+		dst, err := cl.span(be.Uint64(b), uint64(be.Uint32(b[8:])))
 		if err != nil {
 			return err
 		}
