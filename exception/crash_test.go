@@ -115,7 +115,6 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		ws[w] = &ctWriter{base: int64(w) * region, cur: make([]byte, region), flush: make([]byte, region), dirty: make([]bool, region/int64(bs))}
 	}
 	var models [][]byte
-	var created []bool
 	alive := true
 	for phase := range 3 {
 		if !alive {
@@ -126,9 +125,7 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 			for _, w := range ws {
 				model = append(model, w.cur...)
 			}
-			_, err := o.CreateSnapshot(cows[phase], Options{ChunkSize: cs, Persistent: true})
-			created = append(created, err == nil)
-			if err != nil {
+			if _, err := o.CreateSnapshot(cows[phase], Options{ChunkSize: cs, Persistent: true}); err != nil {
 				break
 			}
 			// Creation flushed the origin: what it held is durable.
@@ -263,7 +260,6 @@ func crashMergeOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 	mustWrite(t, o, fill(1, size), 0)
 	a, err := o.CreateSnapshot(cowA, Options{ChunkSize: cs, Persistent: true})
 	require.NoError(t, err)
-	modelA := fill(1, size)
 	for range 20 {
 		c := rng.Int64N(size / cs)
 		mustWrite(t, o, fill(byte(2+rng.IntN(50)), cs), c*cs)
@@ -275,7 +271,7 @@ func crashMergeOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		c := rng.Int64N(size / cs)
 		mustWrite(t, a, fill(byte(100+rng.IntN(50)), cs/2), c*cs)
 	}
-	modelA = readAll(t, a)
+	modelA := readAll(t, a)
 	require.NoError(t, o.Flush())
 
 	pc.k = pc.calls.Load() + 1 + rng.Int64N(300)

@@ -49,11 +49,11 @@ func (s *Snapshot) Merge(ctx context.Context, progress func(MergeProgress)) erro
 		return fmt.Errorf("exception: another snapshot is merging: %w", ErrMerging)
 	}
 	o.merging = s
-	s.state.Store(int32(StateMerging))
-	o.gate.Unlock()
 	// Drain the volume's own I/O; from now on it gets ErrMerging.
 	s.ioGate.Lock()
-	s.ioGate.Unlock() //nolint:staticcheck // an empty critical section: a barrier
+	s.state.Store(int32(StateMerging))
+	s.ioGate.Unlock()
+	o.gate.Unlock()
 	// The snapshot's own completed writes are what gets merged, crash or not.
 	if err := s.cow.Flush(); err != nil {
 		return fmt.Errorf("exception: merge: flush COW device: %w", err)
