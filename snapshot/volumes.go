@@ -275,3 +275,39 @@ func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) bool
 	}
 	return holders == 1
 }
+
+// Stats is the store's space and metadata accounting.
+type Stats struct {
+	ChunkSize  int64
+	DataChunks uint64 // chunks in the data region
+	UsedChunks uint64 // referenced, in flight, or freed and not yet reusable
+	FreeChunks uint64
+	// IndexEntries is the number of index entries (one per chunk version).
+	IndexEntries int
+	// MetadataBytes is the size of the metadata image (the checkpoint the
+	// index encodes to: extents of consecutive chunks at consecutive
+	// locations, a few bytes each).
+	MetadataBytes int64
+	// IndexMemoryBytes estimates the in-memory index: two B-tree entries
+	// of 24 bytes per index entry plus node overhead.
+	IndexMemoryBytes int64
+	Volumes          int     // visible volumes, the origin included
+	JournalFill      float64 // fraction of the journal's log in use (0 when transient)
+}
+
+// Stats returns the store's accounting. MetadataBytes costs a walk of the
+// index, done on a lazy copy outside the store's lock.
+func (s *Store) Stats() Stats {
+	s.mu.Lock()
+	c := s.captureLocked()
+	vols := len(s.byName)
+	s.mu.Unlock()
+	used, free := s.alloc.counts()
+	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: used, FreeChunks: free,
+		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols}
+	st.IndexMemoryBytes = int64(st.IndexEntries) * 2 * 24 * 5 / 4
+	if s.j != nil {
+		st.JournalFill = s.j.Stats().Fill
+	}
+	return st
+}

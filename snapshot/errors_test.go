@@ -1,0 +1,99 @@
+package snapshot
+
+import (
+	"context"
+	"math/rand/v2"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// TestErrorSweep fails the k-th device call (origin and store counted
+// together) for every k until a run completes with no fault. Each failed
+// run must return the error (never panic or hang); a reopen on the same
+// devices must recover, pass Check and hold every snapshot's exact
+// contents; and no goroutine may leak.
+func TestErrorSweep(t *testing.T) {
+	seed := testSeed()
+	t.Logf("seed %d", seed)
+	baseline := runtime.NumGoroutine()
+	const steps = 40
+	for k := 1; ; k++ {
+		origin, _ := blockdev.NewMem(64<<10, 512)
+		store, _ := blockdev.NewMem(2<<20, 512)
+		fillPattern(t, origin, seed)
+		var calls int
+		fo, fs := blockdevtest.NewFaulty(origin), blockdevtest.NewFaulty(store)
+		fail := func(c blockdevtest.Call) error {
+			calls++
+			if calls == k {
+				return blockdev.ErrIO
+			}
+			return nil
+		}
+		opts := Options{ChunkSize: 4 << 10, JournalSize: 128 << 10, CommitInterval: -1}
+		s, err := Format(fo, fs, opts)
+		require.NoError(t, err)
+		require.NoError(t, s.Close())
+		fo.Clear()
+		fs.Clear()
+		w := &workload{t: t, seed: seed}
+		w.initFrom(fo, fs, opts)
+		calls = 0 // the sweep counts calls after Format and Open
+		fo.FailWhen(fail)
+		fs.FailWhen(fail)
+		var runErr error
+		for i := 0; i < steps && runErr == nil; i++ {
+			runErr = w.step()
+		}
+		if runErr == nil {
+			runErr = w.s.Close()
+		} else {
+			_ = w.s.Close()
+		}
+		injected := fo.Injected() + fs.Injected()
+		if injected == 0 {
+			require.NoError(t, runErr)
+			t.Logf("%d fault points", k-1)
+			break
+		}
+		fo.Clear()
+		fs.Clear()
+		s2, err := Open(fo, fs, opts)
+		require.NoError(t, err, "k=%d: reopen after %v", k, runErr)
+		w.s = s2
+		w.must(s2.WaitIdle(context.Background()), "idle")
+		w.must(s2.Check(), "check after fault %d (%v)", k, runErr)
+		w.reconcile(blockdevtest.Policy{Mode: blockdevtest.Keep})
+		require.NoError(t, s2.Close())
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > baseline && time.Now().Before(deadline) {
+		runtime.Gosched()
+	}
+	require.LessOrEqual(t, runtime.NumGoroutine(), baseline, "goroutines leaked")
+}
+
+// initFrom opens an existing store for the workload and loads the model
+// from it (a fresh store: just the origin).
+func (w *workload) initFrom(origin, store blockdev.Device, opts Options) {
+	w.origin, w.store, w.opts = origin, store, opts
+	w.rng = newRand(w.seed)
+	w.vols, w.maxVols, w.failOK = map[string]*vmodel{}, 6, true
+	w.maybeGone, w.maybeNew, w.renamed = map[string]bool{}, map[string]*vmodel{}, map[string]string{}
+	w.size = origin.Size()
+	s, err := Open(origin, store, opts)
+	w.must(err, "open")
+	w.s, w.bs = s, int64(s.bs)
+	data := make([]byte, w.size)
+	_, err = origin.ReadAt(data, 0)
+	w.must(err, "read origin")
+	w.vols[originName] = &vmodel{name: originName, kind: KindOrigin, data: data, durable: append([]byte(nil), data...), vol: s.Origin()}
+}
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 99)) }
