@@ -94,6 +94,10 @@ type CrashSim struct {
 	pending []pendingOp   // completed writes since the last Flush, in order
 	crashed bool
 	closed  bool
+	// size and bs outlive the images, so Size and BlockSize keep working
+	// after a crash.
+	size int64
+	bs   int
 	// Call counters; atomic because reads run under the read lock.
 	reads, writes, flushes, discards atomic.Int64
 }
@@ -122,7 +126,7 @@ func MustCrashSim(size int64, blockSize int) *CrashSim {
 }
 
 func newSimFrom(durable *blockdev.Mem) *CrashSim {
-	return &CrashSim{durable: durable, current: durable.Clone()}
+	return &CrashSim{durable: durable, current: durable.Clone(), size: durable.Size(), bs: durable.BlockSize()}
 }
 
 func (s *CrashSim) state() error {
@@ -201,10 +205,10 @@ func apply(m *blockdev.Mem, op pendingOp) {
 }
 
 // Size implements blockdev.Device.
-func (s *CrashSim) Size() int64 { return s.durable.Size() }
+func (s *CrashSim) Size() int64 { return s.size }
 
 // BlockSize implements blockdev.Device.
-func (s *CrashSim) BlockSize() int { return s.durable.BlockSize() }
+func (s *CrashSim) BlockSize() int { return s.bs }
 
 // Close implements blockdev.Device. A closed CrashSim can still Crash: a
 // clean shutdown followed by power loss.

@@ -160,6 +160,9 @@ func TestCrashedDeviceFails(t *testing.T) {
 	require.ErrorIs(t, s.Flush(), blockdevtest.ErrCrashed)
 	_, err = s.Crash(blockdevtest.Policy{})
 	require.Error(t, err)
+	// Geometry stays available: engines ask for it while shutting down.
+	require.Equal(t, int64(1<<20), s.Size())
+	require.Equal(t, 512, s.BlockSize())
 }
 
 // A flushed write survives every policy; a chain of crashes keeps working.
