@@ -100,9 +100,10 @@ type Options struct {
 	// NoHydration starts with background hydration paused (Resume starts
 	// it). User I/O hydrates the regions it touches either way.
 	NoHydration bool
-	// Progress, if set, is called from a background goroutine with the
+	// Progress, if set, is called from the hydration goroutine with the
 	// current Status at most every ProgressInterval while hydration makes
-	// progress, and at every change of state. It must not call Close.
+	// progress and at every change of state (source errors included), and
+	// once more from Close. Calls never overlap. It must not call Close.
 	Progress func(Status)
 	// ProgressInterval: 0 means 250 ms.
 	ProgressInterval time.Duration
