@@ -33,8 +33,9 @@ import (
 // Concurrency: a Device is safe for concurrent use by many goroutines;
 // concurrency is how callers get queue depth. Concurrent writes to the same
 // block leave one of the writes in it, never a mix within a block. A read
-// concurrent with a write to the same block returns the old or the new
-// contents of each block.
+// that overlaps a write still in progress may return any mix of the old and
+// the new contents (as a disk, or the Linux page cache, may); callers that
+// need more order their I/O themselves.
 //
 // Flush is a durability barrier: when it returns nil, every write (and
 // discard) that completed before Flush was called is durable. Writes that did
