@@ -54,7 +54,7 @@ func (s *Store) Check() error {
 			return bad("entry (%d,%d,%d) at an epoch never handed out (last %d)", x.b, x.c, x.e, br.lastEpoch)
 		case x.b == 0 && x.e == epochLive:
 			return bad("origin entry (0,%d) at the live epoch", x.c)
-		case !br.groups.mayHave(x.c):
+		case !br.groups.mayHave(x.c) || x.b != 0 && !br.chainGroups.mayHave(x.c):
 			return bad("entry (%d,%d,%d) missing from its branch summary", x.b, x.c, x.e)
 		case x.b == 0 && s.preserved[x.c] < x.e:
 			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, s.preserved[x.c], x.e)

@@ -131,7 +131,7 @@ func TestCrashTorture(t *testing.T) {
 	seed := testSeed()
 	t.Logf("seed %d (BLOCKSNAP_SEED replays it; BLOCKSNAP_TORTURE_SECONDS for a longer run)", seed)
 	rng := rand.New(rand.NewPCG(seed, 3))
-	crashes, target := 0, 1500
+	crashes, target := 0, 3000
 	deadline := time.Now().Add(tortureBudget())
 	oSim := blockdevtest.MustCrashSim(128<<10, 512)
 	sSim := blockdevtest.MustCrashSim(3<<20, 512)

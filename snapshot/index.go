@@ -133,14 +133,6 @@ func (ix index) last(b uint32, c uint64) (entry, bool) {
 	return ix.prev(b, c, epochLive)
 }
 
-// lastOrLive is last, counting an entry at epochLive too.
-func (ix index) lastOrLive(b uint32, c uint64) (entry, bool) {
-	if x, ok := ix.get(b, c, epochLive); ok {
-		return x, true
-	}
-	return ix.last(b, c)
-}
-
 // epochEntries calls fn for the entries of branch b at epoch e in chunk
 // order, starting at chunk from, until fn returns false.
 func (ix index) epochEntries(b uint32, e uint32, from uint64, fn func(entry) bool) {
@@ -201,15 +193,12 @@ func newChunkGroups(chunks uint64) chunkGroups {
 	return chunkGroups{shift: shift, bits: make([]uint64, n)}
 }
 
-func (g *chunkGroups) set(c uint64) {
-	i := c >> g.shift
-	g.bits[i/64] |= 1 << (i % 64)
-}
+func (g *chunkGroups) has(i uint64) bool { return g.bits[i/64]&(1<<(i%64)) != 0 }
 
-func (g *chunkGroups) setRange(c, n uint64) {
-	for i := c >> g.shift; i <= (c+n-1)>>g.shift; i++ {
-		g.bits[i/64] |= 1 << (i % 64)
-	}
+func (g *chunkGroups) setBit(i uint64) { g.bits[i/64] |= 1 << (i % 64) }
+
+func (g *chunkGroups) clone() chunkGroups {
+	return chunkGroups{shift: g.shift, bits: append([]uint64(nil), g.bits...)}
 }
 
 func (g *chunkGroups) mayHave(c uint64) bool {

@@ -49,6 +49,12 @@ type branch struct {
 	refs        map[uint32]int32
 	held        []uint32 // sorted epochs with refs > 0
 	groups      chunkGroups
+	// chainGroups is the union of groups over this branch and its clone
+	// ancestors (branch 0 excluded): a clear bit sends a read straight to
+	// branch 0's level, whatever the depth. Bits only get set; a set bit
+	// here is set in every descendant's too.
+	chainGroups chunkGroups
+	children    []*branch
 
 	// need is the newest held epoch (0: none); written under Store.mu and
 	// gate, read atomically on the write path.
@@ -119,9 +125,14 @@ func (br *branch) dead() bool { return br.id != 0 && !br.live && len(br.held) ==
 
 func (s *Store) newBranch(id, parent, pe uint32) *branch {
 	br := &branch{id: id, parent: parent, parentEpoch: pe, live: true, refs: map[uint32]int32{}, groups: newChunkGroups(s.chunks)}
+	br.chainGroups = newChunkGroups(s.chunks)
 	if id != 0 {
 		p := s.branches[parent]
 		br.chain = append([]level{{br: p, e: pe}}, p.chain...)
+		if parent != 0 {
+			br.chainGroups = p.chainGroups.clone()
+		}
+		p.children = append(p.children, br)
 	}
 	return br
 }
@@ -193,6 +204,9 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return bad("drop of branch %d that is missing or still needed", o.id)
 		}
 		delete(s.branches, br.id)
+		if p := s.branches[br.parent]; p != nil {
+			p.children = slices.DeleteFunc(p.children, func(x *branch) bool { return x == br })
+		}
 		if p := s.branches[br.parent]; p != nil && p.ref(br.parentEpoch, -1) {
 			s.queueGC(point{p.id, br.parentEpoch})
 		}
@@ -253,7 +267,7 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 			s.preserved[x.c] = o.e
 		}
 	}
-	br.groups.setRange(o.c, o.n)
+	markGroups(br, o.c, o.n)
 	if o.loc < locInherit && !replay {
 		s.alloc.adopt(int(o.n))
 	}
@@ -332,5 +346,30 @@ func (s *Store) queueGC(p point) {
 	select {
 	case s.gcKick <- struct{}{}:
 	default:
+	}
+}
+
+// markGroups sets the summary bits of chunks [c, c+n) in br and, for a
+// clone branch, in the chain summaries of br and its descendants.
+func markGroups(br *branch, c, n uint64) {
+	g := &br.groups
+	for i := c >> g.shift; i <= (c+n-1)>>g.shift; i++ {
+		if g.has(i) {
+			continue
+		}
+		g.setBit(i)
+		if br.id != 0 {
+			markChain(br, i)
+		}
+	}
+}
+
+func markChain(br *branch, i uint64) {
+	if br.chainGroups.has(i) {
+		return // and so do all descendants
+	}
+	br.chainGroups.setBit(i)
+	for _, ch := range br.children {
+		markChain(ch, i)
 	}
 }

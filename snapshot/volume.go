@@ -206,6 +206,9 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 // chunk, locZero, or the origin device. One seek per level that may have
 // entries for c; levels whose summary says otherwise cost a bit test.
 func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool) {
+	if n := len(levels); n > 1 && !levels[0].br.chainGroups.mayHave(c) {
+		levels = levels[n-1:] // no clone level has entries near c: go to branch 0
+	}
 	for i := range levels {
 		l := &levels[i]
 		if !l.br.groups.mayHave(c) {

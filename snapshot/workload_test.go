@@ -3,7 +3,6 @@ package snapshot
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -413,7 +412,6 @@ func firstDiff(a, b []byte) int {
 	return len(a)
 }
 
-func isCrashErr(err error) bool { return err != nil && !errors.Is(err, ErrBadOptions) }
 
 func TestModelWorkload(t *testing.T) {
 	for _, m := range []struct {
