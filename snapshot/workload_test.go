@@ -412,7 +412,6 @@ func firstDiff(a, b []byte) int {
 	return len(a)
 }
 
-
 func TestModelWorkload(t *testing.T) {
 	for _, m := range []struct {
 		name  string
