@@ -133,11 +133,23 @@ func BenchmarkStoreOriginFirstWrite(b *testing.B) {
 			b.SetBytes(cs)
 			b.ReportAllocs()
 			b.ResetTimer()
+			var rounds []string
 			for i := range b.N {
 				if i > 0 && i%len(perm) == 0 { // every chunk copied: start a new round
 					b.StopTimer()
-					if _, err := s.CreateSnapshot(fmt.Sprintf("r%d", i), o); err != nil {
+					rounds = append(rounds, fmt.Sprintf("r%d", i))
+					if _, err := s.CreateSnapshot(rounds[len(rounds)-1], o); err != nil {
 						b.Fatal(err)
+					}
+					if len(rounds) > 2 { // keep the store from filling
+						d, err := s.Delete(rounds[0])
+						if err != nil {
+							b.Fatal(err)
+						}
+						if err := d.Wait(context.Background()); err != nil {
+							b.Fatal(err)
+						}
+						rounds = rounds[1:]
 					}
 					b.StartTimer()
 				}

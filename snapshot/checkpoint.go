@@ -166,6 +166,11 @@ func (e *encoder) bytes(p []byte) {
 	e.n += int64(len(p))
 }
 
+func (e *encoder) byte1(b byte) {
+	e.tmp[0] = b
+	e.bytes(e.tmp[:1])
+}
+
 func (e *encoder) uv(v uint64) { e.bytes(e.tmp[:binary.PutUvarint(e.tmp[:], v)]) }
 func (e *encoder) sv(v int64)  { e.bytes(e.tmp[:binary.PutVarint(e.tmp[:], v)]) }
 
@@ -222,7 +227,7 @@ func (c *capture) encodeTo(e *encoder) {
 		e.bytes([]byte(v.name))
 	}
 	encodeRuns(c.ix, e)
-	e.bytes([]byte{0})
+	e.byte1(0)
 }
 
 // run is a maximal extent of entries.
@@ -244,12 +249,12 @@ func encodeRuns(ix index, e *encoder) {
 			return
 		}
 		if first || cur.b != pb || cur.e != pe {
-			e.bytes([]byte{1})
+			e.byte1(1)
 			e.uv(uint64(cur.b))
 			e.uv(uint64(cur.e))
 			e.uv(cur.c)
 		} else {
-			e.bytes([]byte{2})
+			e.byte1(2)
 			e.uv(cur.c - prevEnd)
 		}
 		first, pb, pe, prevEnd = false, cur.b, cur.e, cur.c+cur.n
