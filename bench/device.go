@@ -2,12 +2,10 @@ package bench
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -37,27 +35,10 @@ func Device(b *testing.B, env Env, backend string, qd int) {
 		b.Skip(fmt.Sprintf("backend %s unavailable: %v", backend, err))
 	}
 	defer dev.Close()
-	blocks := int64(DeviceFileSize / BlockSize)
-	rngs := make([]*rand.Rand, qd)
-	for i := range rngs {
-		rngs[i] = rand.New(rand.NewPCG(uint64(i), 42))
-	}
-	var r runner
-	b.SetBytes(BlockSize)
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
-	err = r.run(qd, int64(b.N), BlockSize, func(w int, _ int64, buf []byte) error {
-		off := rngs[w].Int64N(blocks) * BlockSize
-		_, err := dev.WriteAt(buf, off)
+	randomIO(b, qd, DeviceFileSize/BlockSize, 42, func(buf []byte, blk int64) error {
+		_, err := dev.WriteAt(buf, blk*BlockSize)
 		return err
 	})
-	elapsed := time.Since(start)
-	b.StopTimer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	r.reportLatency(b, int64(b.N), elapsed)
 }
 
 // deviceFile is the 1 GiB file every BenchmarkDevice run writes into,

@@ -26,6 +26,17 @@ func (s *Setup) Close() error {
 	return errors.Join(errs...)
 }
 
+// takeSnapshots takes n snapshots; on failure it closes s.
+func (s *Setup) takeSnapshots(n int) (*Setup, error) {
+	for range n {
+		if err := s.Snap(); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
 // Engine builds a Setup: an origin of originSize bytes (already holding
 // the benchmark pattern) with snaps snapshots taken, chunk size chunk.
 type Engine struct {

@@ -3,7 +3,6 @@ package bench
 import (
 	"fmt"
 	"testing"
-	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/exception"
@@ -49,13 +48,7 @@ var exceptionEngine = Engine{Name: "exception", New: func(pool *Pool, size, chun
 		}
 		return nil
 	}
-	for range snaps {
-		if err := s.Snap(); err != nil {
-			s.Close()
-			return nil, err
-		}
-	}
-	return s, nil
+	return s.takeSnapshots(snaps)
 }}
 
 // snapshotStoreSize is the shared store for an origin of size bytes: room
@@ -82,13 +75,7 @@ var snapshotEngine = Engine{Name: "snapshot", New: func(pool *Pool, size, chunk 
 		}
 		return nil
 	}
-	for range snaps {
-		if err := s.Snap(); err != nil {
-			s.Close()
-			return nil, err
-		}
-	}
-	return s, nil
+	return s.takeSnapshots(snaps)
 }}
 
 func newSnapshotStore(pool *Pool, size, chunk int64) (*snapshot.Store, *snapshot.Volume, error) {
@@ -138,31 +125,8 @@ func CloneRead(b *testing.B, env Env, depth int) {
 		parent = c
 		vol = c
 	}
-	randomReads(b, vol, Writers)
-}
-
-// randomReads times b.N random 4 KiB reads of vol over the first
-// RegionSize bytes, with jobs goroutines.
-func randomReads(b *testing.B, vol blockdev.Device, jobs int) {
-	blocks := int64(RegionSize / BlockSize)
-	seeds := make([]uint64, jobs)
-	for i := range seeds {
-		seeds[i] = uint64(i)*0x9E3779B97F4A7C15 + 1
-	}
-	var r runner
-	b.SetBytes(BlockSize)
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
-	err := r.run(jobs, int64(b.N), BlockSize, func(w int, _ int64, buf []byte) error {
-		seeds[w] = seeds[w]*6364136223846793005 + 1442695040888963407
-		_, err := vol.ReadAt(buf, int64(seeds[w]>>33)%blocks*BlockSize)
+	randomIO(b, Writers, RegionSize/BlockSize, 11, func(buf []byte, blk int64) error {
+		_, err := vol.ReadAt(buf, blk*BlockSize)
 		return err
 	})
-	elapsed := time.Since(start)
-	b.StopTimer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	r.reportLatency(b, int64(b.N), elapsed)
 }

@@ -1,9 +1,7 @@
 package bench
 
 import (
-	"math/rand/v2"
 	"testing"
-	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -93,26 +91,10 @@ func SnapshotRead(b *testing.B, env Env, e Engine, snaps int) {
 	if s.Snapshot == nil {
 		b.Skip("no snapshot to read")
 	}
-	blocks := int64(RegionSize / BlockSize)
-	rngs := make([]*rand.Rand, Writers)
-	for i := range rngs {
-		rngs[i] = rand.New(rand.NewPCG(uint64(i), 7))
-	}
-	var r runner
-	b.SetBytes(BlockSize)
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
-	err = r.run(Writers, int64(b.N), BlockSize, func(w int, _ int64, buf []byte) error {
-		_, err := s.Snapshot.ReadAt(buf, rngs[w].Int64N(blocks)*BlockSize)
+	randomIO(b, Writers, RegionSize/BlockSize, 7, func(buf []byte, blk int64) error {
+		_, err := s.Snapshot.ReadAt(buf, blk*BlockSize)
 		return err
 	})
-	elapsed := time.Since(start)
-	b.StopTimer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	r.reportLatency(b, int64(b.N), elapsed)
 }
 
 // ConcurrentWrite: 4 KiB random writes to the origin with one snapshot
@@ -124,26 +106,9 @@ func ConcurrentWrite(b *testing.B, env Env, e Engine, jobs int) {
 	}
 	defer pool.Close()
 	defer s.Close()
-	blocks := int64(RegionSize / BlockSize)
-	rngs := make([]*rand.Rand, jobs)
-	for i := range rngs {
-		rngs[i] = rand.New(rand.NewPCG(uint64(i), 9))
-	}
-	var r runner
-	b.SetBytes(BlockSize)
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
-	err = r.run(jobs, int64(b.N), BlockSize, func(w int, _ int64, buf []byte) error {
-		blk := rngs[w].Int64N(blocks)
+	randomIO(b, jobs, RegionSize/BlockSize, 9, func(buf []byte, blk int64) error {
 		fillPattern(buf, blk)
 		_, err := s.Origin.WriteAt(buf, blk*BlockSize)
 		return err
 	})
-	elapsed := time.Since(start)
-	b.StopTimer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	r.reportLatency(b, int64(b.N), elapsed)
 }
