@@ -4,6 +4,7 @@ import (
 	"context"
 	"math/rand/v2"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,11 +28,10 @@ func TestErrorSweep(t *testing.T) {
 		origin, _ := blockdev.NewMem(64<<10, 512)
 		store, _ := blockdev.NewMem(2<<20, 512)
 		fillPattern(t, origin, seed)
-		var calls int
+		var calls atomic.Int64 // both devices' calls, counted together
 		fo, fs := blockdevtest.NewFaulty(origin), blockdevtest.NewFaulty(store)
 		fail := func(c blockdevtest.Call) error {
-			calls++
-			if calls == k {
+			if calls.Add(1) == int64(k) {
 				return blockdev.ErrIO
 			}
 			return nil
@@ -44,7 +44,7 @@ func TestErrorSweep(t *testing.T) {
 		fs.Clear()
 		w := &workload{t: t, seed: seed}
 		w.initFrom(fo, fs, opts)
-		calls = 0 // the sweep counts calls after Format and Open
+		calls.Store(0) // the sweep counts calls after Format and Open
 		fo.FailWhen(fail)
 		fs.FailWhen(fail)
 		var runErr error
