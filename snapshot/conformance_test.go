@@ -55,8 +55,11 @@ func conformanceModes() []struct {
 }
 
 func TestConformance(t *testing.T) {
-	for _, m := range conformanceModes() {
+	for i, m := range conformanceModes() {
 		t.Run(m.name, func(t *testing.T) {
+			if testing.Short() && i > 0 {
+				t.Skip("-short: the journaled mode covers the I/O paths; the plain run covers every mode")
+			}
 			t.Run("origin", func(t *testing.T) {
 				blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
 					s, _, _ := newMemStore(t, 8<<20, 32<<20, m.opts)

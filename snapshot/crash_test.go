@@ -113,6 +113,15 @@ func testSeed() uint64 {
 	return rand.Uint64()
 }
 
+// shortScale cuts a test's iteration count in -short mode (the race
+// detector run in CI); the plain run keeps the full count.
+func shortScale(n int) int {
+	if testing.Short() {
+		return max(1, n/5)
+	}
+	return n
+}
+
 func tortureBudget() time.Duration {
 	if v, err := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS")); err == nil && v > 0 {
 		return time.Duration(v) * time.Second
@@ -131,7 +140,7 @@ func TestCrashTorture(t *testing.T) {
 	seed := testSeed()
 	t.Logf("seed %d (BLOCKSNAP_SEED replays it; BLOCKSNAP_TORTURE_SECONDS for a longer run)", seed)
 	rng := rand.New(rand.NewPCG(seed, 3))
-	crashes, target := 0, 3000
+	crashes, target := 0, shortScale(3000)
 	deadline := time.Now().Add(tortureBudget())
 	oSim := blockdevtest.MustCrashSim(128<<10, 512)
 	sSim := blockdevtest.MustCrashSim(3<<20, 512)

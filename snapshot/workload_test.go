@@ -430,7 +430,7 @@ func TestModelWorkload(t *testing.T) {
 			fillPattern(t, origin, seed)
 			w := newWorkload(t, seed, origin, store, m.opts)
 			defer func() { _ = w.s.Close() }()
-			for i := range m.steps {
+			for i := range shortScale(m.steps) {
 				require.NoError(t, w.step())
 				w.verifySome(i%50 == 0)
 			}
