@@ -35,6 +35,8 @@ type figure struct {
 	p50ns   float64
 	p99ns   float64
 	nsPerOp float64
+	// idle read latencies (CloneHydrate: the same reads after hydration).
+	idleP50ns, idleP99ns float64
 }
 
 // measure runs fn count times with the given benchtime ("1x", "20000x",
@@ -49,7 +51,8 @@ func (r *report) measure(benchtime string, fn func(b *testing.B)) figure {
 		if res.N == 0 {
 			continue // skipped or failed; testing printed why
 		}
-		f := figure{ok: true, nsPerOp: float64(res.NsPerOp()), iops: res.Extra["iops"], p50ns: res.Extra["p50-ns"], p99ns: res.Extra["p99-ns"]}
+		f := figure{ok: true, nsPerOp: float64(res.NsPerOp()), iops: res.Extra["iops"], p50ns: res.Extra["p50-ns"], p99ns: res.Extra["p99-ns"],
+			idleP50ns: res.Extra["idle-p50-ns"], idleP99ns: res.Extra["idle-p99-ns"]}
 		if res.T > 0 && res.Bytes > 0 {
 			f.mbps = float64(res.Bytes) * float64(res.N) / 1e6 / res.T.Seconds()
 		}
@@ -67,12 +70,14 @@ func (r *report) measure(benchtime string, fn func(b *testing.B)) figure {
 		return v[len(v)/2]
 	}
 	return figure{
-		ok:      true,
-		mbps:    med(func(f figure) float64 { return f.mbps }),
-		iops:    med(func(f figure) float64 { return f.iops }),
-		p50ns:   med(func(f figure) float64 { return f.p50ns }),
-		p99ns:   med(func(f figure) float64 { return f.p99ns }),
-		nsPerOp: med(func(f figure) float64 { return f.nsPerOp }),
+		ok:        true,
+		mbps:      med(func(f figure) float64 { return f.mbps }),
+		iops:      med(func(f figure) float64 { return f.iops }),
+		p50ns:     med(func(f figure) float64 { return f.p50ns }),
+		p99ns:     med(func(f figure) float64 { return f.p99ns }),
+		nsPerOp:   med(func(f figure) float64 { return f.nsPerOp }),
+		idleP50ns: med(func(f figure) float64 { return f.idleP50ns }),
+		idleP99ns: med(func(f figure) float64 { return f.idleP99ns }),
 	}
 }
 
