@@ -124,6 +124,9 @@ func (s *Store) Delete(name string) (*DeleteOp, error) {
 		return nil, err
 	}
 	v.dead.Store(true)
+	if br.id == 0 {
+		s.obKick() // the commit let the buffered origin writes out
+	}
 	return d, nil
 }
 

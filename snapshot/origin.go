@@ -15,9 +15,14 @@ import (
 // exclusively and the chunks that need it are copied: each is read from the
 // origin and written to a newly allocated store chunk; one record maps them
 // all at the newest held epoch (one copy serves every snapshot since the
-// chunk was last preserved); the commit flushes the store before it writes
-// the record (journal PreCommit) and flushes the record; only then does the
-// origin write go out. Concurrent writers share commits (group commit).
+// chunk was last preserved). The copied chunks then wait in the origin
+// buffer (originbuf.go), where the write lands, and the write is done: the
+// next drain commits (the journal's PreCommit flushes the store before the
+// record is written and flushed) and only then writes them to the origin.
+// Writes to chunks already buffered update the buffer; the rest of a
+// segment goes straight to the origin device. With the buffer off
+// (Options.OriginBuffer < 0) the record is committed (group commit among
+// concurrent writers) before the origin write goes out.
 
 // stripeRange returns the stripe indexes of chunks [c0, c1] as at most two
 // ascending runs [a0, a1] and [b0, b1] (b0 > b1 when there is no second run),
@@ -106,14 +111,20 @@ func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
 func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard bool) error {
 	need := s.b0.need.Load()
 	s.lockOrigin(c0, c1, false)
-	if !s.needsCopy(c0, c1, need) {
+	if !s.needsCopy(c0, c1, need) && !s.anyBufferedLocked(c0, c1) {
 		err := s.originIO(p, off, n, discard)
 		s.unlockOrigin(c0, c1, false)
 		return err
 	}
 	s.unlockOrigin(c0, c1, false)
+	if s.ob.max > 0 {
+		if err := s.obWait(); err != nil {
+			return err
+		}
+	}
 	s.lockOrigin(c0, c1, true)
 	defer s.unlockOrigin(c0, c1, true)
+	invalidated := false
 	for {
 		need = s.b0.need.Load()
 		if !s.needsCopy(c0, c1, need) {
@@ -121,13 +132,36 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 		}
 		err := s.copyOut(c0, c1, need)
 		if err == errRetry {
+			invalidated = true
 			continue
 		}
 		if err != nil {
 			return err
 		}
 	}
-	return s.originIO(p, off, n, discard)
+	if invalidated {
+		// The snapshots dropped to make room must be gone for good before
+		// the origin changes under them.
+		if err := s.commit(s.ctx); err != nil {
+			return err
+		}
+	}
+	if s.ob.max == 0 {
+		return s.originIO(p, off, n, discard)
+	}
+	// Buffered chunks take the write; runs of the others go straight to
+	// the origin device.
+	return s.eachRun(off, off+n, c0, c1, func(lo, hi int64, e *obEntry) error {
+		var q []byte
+		if !discard {
+			q = p[lo-off : hi-off]
+		}
+		if e == nil {
+			return s.originIO(q, lo, hi-lo, discard)
+		}
+		s.obMergeLocked(e, q, lo-int64(e.c)*s.cs, hi-lo)
+		return nil
+	})
 }
 
 // errRetry: snapshots were invalidated to make room; start the copy again.
@@ -147,7 +181,10 @@ func (s *Store) originIO(p []byte, off, n int64, discard bool) error {
 }
 
 // copyOut preserves the chunks of [c0, c1] whose copy the epoch need lacks.
-// Called with their origin stripes held exclusively.
+// Called with their origin stripes held exclusively. With the origin buffer
+// on, each copied chunk is left buffered (its data as read, for the write
+// to merge into) and the commit is left to the next drain; otherwise the
+// record is committed before copyOut returns.
 func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
@@ -166,13 +203,19 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 			}
 			break
 		}
-		sc.cow = append(sc.cow, cowChunk{c: c, loc: loc})
-		err = s.copyChunk(c, loc)
+		x := cowChunk{c: c, loc: loc}
+		if s.ob.max > 0 {
+			// A buffered chunk is never copied (every snapshot drains the
+			// buffer first); if one were, the buffer holds its contents.
+			if x.e = s.bufferedLocked(c); x.e == nil {
+				x.e, x.fresh = s.obGet(c), true
+			}
+		}
+		sc.cow = append(sc.cow, x)
+		err = s.copyChunk(c, loc, x.e, x.fresh)
 	}
 	if err != nil {
-		for _, x := range sc.cow {
-			s.alloc.release(x.loc, 1)
-		}
+		s.dropCow(sc)
 		return err
 	}
 	if len(sc.cow) == 0 {
@@ -190,17 +233,47 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	s.mu.Lock()
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()
-		for _, x := range sc.cow {
-			s.alloc.release(x.loc, 1)
-		}
+		s.dropCow(sc)
 		return errRetry
 	}
-	_, err = s.logLocked(sc)
+	seq, err := s.logLocked(sc)
 	s.mu.Unlock()
 	if err != nil {
+		// The store has failed; its allocations stay as they are.
+		for i := range sc.cow {
+			if x := &sc.cow[i]; x.fresh {
+				s.obPut(x.e)
+			}
+			sc.cow[i].e = nil
+		}
 		return err
 	}
-	return s.commit(s.ctx)
+	if s.ob.max == 0 {
+		return s.commit(s.ctx)
+	}
+	for i := range sc.cow {
+		x := &sc.cow[i]
+		if x.fresh {
+			s.obInsertLocked(x.e, seq)
+		} else {
+			x.e.seq = max(x.e.seq, seq)
+		}
+		x.e = nil
+	}
+	return nil
+}
+
+// dropCow undoes a copyOut that failed before its record: the store chunks
+// are released and fresh buffer entries returned.
+func (s *Store) dropCow(sc *scratch) {
+	for i := range sc.cow {
+		x := &sc.cow[i]
+		s.alloc.release(x.loc, 1)
+		if x.fresh {
+			s.obPut(x.e)
+		}
+		x.e = nil
+	}
 }
 
 func (s *Store) allocOne() (uint64, error) {
@@ -211,17 +284,26 @@ func (s *Store) allocOne() (uint64, error) {
 	return loc, nil
 }
 
-// copyChunk copies origin chunk c to store chunk loc.
-func (s *Store) copyChunk(c, loc uint64) error {
-	bp := s.getBuf()
-	defer s.putBuf(bp)
-	buf := *bp
+// copyChunk copies origin chunk c to store chunk loc. With e, the copy is
+// made through e's buffer: read from the origin into it when fresh, else
+// taken from it (the buffered contents are the chunk's current ones).
+func (s *Store) copyChunk(c, loc uint64, e *obEntry, fresh bool) error {
+	var buf []byte
+	if e != nil {
+		buf = e.data
+	} else {
+		bp := s.getBuf()
+		defer s.putBuf(bp)
+		buf = *bp
+	}
 	cl := s.chunkLen(c)
 	if cl < s.cs {
 		clear(buf[cl:])
 	}
-	if _, err := s.origin.ReadAt(buf[:cl], int64(c)*s.cs); err != nil {
-		return fmt.Errorf("snapshot: copy-on-write read of origin chunk %d: %w", c, err)
+	if e == nil || fresh {
+		if _, err := s.origin.ReadAt(buf[:cl], int64(c)*s.cs); err != nil {
+			return fmt.Errorf("snapshot: copy-on-write read of origin chunk %d: %w", c, err)
+		}
 	}
 	if _, err := s.store.WriteAt(buf, s.storeOff(loc)); err != nil {
 		return fmt.Errorf("snapshot: copy-on-write of origin chunk %d to store chunk %d: %w", c, loc, err)

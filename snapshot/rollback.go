@@ -209,6 +209,16 @@ func (s *Store) readsZero(v *Volume, c uint64) bool {
 	if !fromOrigin {
 		return loc == locZero
 	}
+	if v.kind == KindOrigin {
+		st := &s.originLocks[c%nStripes]
+		st.RLock()
+		e := s.bufferedLocked(c)
+		zero := e != nil && e.discard
+		st.RUnlock()
+		if e != nil {
+			return zero
+		}
+	}
 	m, ok := s.origin.(blockdev.AllocationMapper)
 	if !ok {
 		return false

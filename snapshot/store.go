@@ -16,8 +16,10 @@
 //
 // Crash safety: the index lives in memory; every change is a journal record
 // (package journal) and the whole index is checkpointed in the background.
-// An origin write that needs a copy writes the copy to the store, flushes
-// the store, commits the record, and only then writes the origin. Open
+// An origin write that needs a copy writes the copy to the store and
+// appends the record; its data waits in memory (the origin buffer) until a
+// commit (store flush, then the record) is durable, and only then reaches
+// the origin device. Open
 // replays the journal (never a scan of the data) and rebuilds the
 // allocation bitmap from the index.
 package snapshot
@@ -84,6 +86,12 @@ type Options struct {
 	// CheckpointAt is the journal fill fraction that starts a background
 	// checkpoint; 0 means 0.5.
 	CheckpointAt float64
+	// OriginBuffer bounds, in bytes, the origin writes held in memory after
+	// their copy-on-write, until a commit makes the copy durable and lets
+	// them reach the origin device (rounded down to whole chunks, at least
+	// one); 0 means 32 MiB, negative turns buffering off (each such write
+	// then waits for its commit). Unused in transient mode.
+	OriginBuffer int64
 }
 
 const (
@@ -166,6 +174,8 @@ type Store struct {
 
 	ckptMu   sync.Mutex // serialises checkpoints; taken after mu, never before
 	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
+
+	ob originBuf // origin writes waiting for their copy's commit
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -176,8 +186,10 @@ type scratch struct {
 }
 
 type cowChunk struct {
-	c   uint64
-	loc uint64
+	c     uint64
+	loc   uint64
+	e     *obEntry // the chunk's buffer entry (origin buffer on)
+	fresh bool     // e was taken for this copy (not yet buffered)
 }
 
 func (o *Options) normalize() error {
@@ -321,6 +333,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.byName[originName] = originVolumeID
 	s.bufs.New = func() any { b := blockdev.AlignedBuffer(int(cs)); return &b }
 	s.scratch.New = func() any { return &scratch{} }
+	s.initOriginBuf()
 	return s
 }
 
@@ -360,8 +373,12 @@ func (s *Store) Close() error {
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
 	} else {
-		// A clean shutdown leaves every completed write durable.
-		if err = s.origin.Flush(); err == nil {
+		// A clean shutdown leaves every completed write durable: the
+		// buffered origin writes go out after their commit.
+		if err = s.drainOrigin(context.Background()); err == nil {
+			err = s.origin.Flush()
+		}
+		if err == nil {
 			err = s.store.Flush()
 		}
 	}
@@ -493,7 +510,10 @@ func (s *Store) flushStore() error {
 	return s.store.Flush()
 }
 
-// committer commits pending records every CommitInterval.
+// committer commits pending records every CommitInterval, and drains the
+// origin buffer then and whenever it is half full. Its failures are kept:
+// a failed commit fails the store, a failed origin write is reported by the
+// next Flush.
 func (s *Store) committer() {
 	defer s.wg.Done()
 	if s.opts.CommitInterval < 0 {
@@ -506,9 +526,15 @@ func (s *Store) committer() {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
-			if s.usable() == nil {
-				_ = s.commit(s.ctx)
-			}
+		case <-s.ob.kick: // nil (never ready) with the buffer off
+		}
+		if s.usable() != nil {
+			continue
+		}
+		if s.ob.n.Load() > 0 {
+			_ = s.drainOrigin(s.ctx)
+		} else {
+			_ = s.commit(s.ctx)
 		}
 	}
 }

@@ -19,9 +19,9 @@ type Volume struct {
 	closed atomic.Bool
 }
 
-// Origin returns a handle on the live origin volume. Reads go straight to
-// the origin device; writes copy a chunk to the store first when a snapshot
-// still needs its old contents.
+// Origin returns a handle on the live origin volume. Reads go to the origin
+// device (and the origin buffer); writes copy a chunk to the store first
+// when a snapshot still needs its old contents.
 func (s *Store) Origin() *Volume {
 	v, _ := s.OpenVolume(originName) // the origin always exists
 	return v
@@ -84,7 +84,10 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	if v.kind == KindOrigin {
-		return v.s.origin.ReadAt(p, off)
+		if err := v.s.readOrigin(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
 	}
 	if err := v.s.readLevels(v.levels, p, off); err != nil {
 		return 0, err
@@ -134,10 +137,7 @@ func (v *Volume) Flush() error {
 	}
 	switch v.kind {
 	case KindOrigin:
-		if err := v.s.usable(); err != nil {
-			return err
-		}
-		return v.s.origin.Flush()
+		return v.s.flushOrigin()
 	case KindClone:
 		return v.s.flushStore()
 	}

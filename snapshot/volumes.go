@@ -48,6 +48,9 @@ func (s *Store) quiesce(br *branch) error {
 		return nil
 	}
 	if br.id == 0 {
+		if err := s.drainOrigin(s.ctx); err != nil {
+			return err
+		}
 		if err := s.origin.Flush(); err != nil {
 			return fmt.Errorf("snapshot: flush origin: %w", err)
 		}

@@ -1,0 +1,368 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// The origin write buffer.
+//
+// An origin write that needs a copy-on-write is acknowledged once the copy
+// is in the store and its index record appended: the new data waits in
+// memory, one whole chunk per entry, until a commit makes the copy and the
+// record durable (DESIGN.md section 6: "buffering the origin write until the
+// next commit is also allowed"; section 3: an acknowledged write not covered
+// by a Flush may be lost). drainOrigin commits the journal (store flush,
+// then records) and only then writes each entry the commit covered to the
+// origin device and drops it, so the origin never receives new data for a
+// chunk before that chunk's copy and record are durable.
+//
+// An entry is found through the origin stripe of its chunk and guarded by
+// it: reads of the origin take the stripes shared and see buffered data; a
+// later write to a buffered chunk (copy needed or not) updates the entry;
+// the drain writes an entry out and drops it under the stripe held
+// exclusively. Entries are created only by a copy-on-write, and every
+// snapshot of the origin drains the buffer first (quiesce), so a buffered
+// chunk always has a store copy for every snapshot and snapshot reads never
+// resolve to a buffered chunk's origin data.
+//
+// Drains run on the background committer (every CommitInterval, and when
+// the buffer is half full), on Flush, snapshot and clone creation of the
+// origin, Close, and in a writer that finds the buffer full (backpressure:
+// the bound is soft, each writer past the check adds at most maxSegChunks).
+// A failed commit fails the store (the data stays buffered and never reaches
+// the origin); a failed origin write keeps the entry buffered for the next
+// drain and is reported once by the next Flush.
+
+// defaultOriginBuffer is the default bound on buffered origin data.
+const defaultOriginBuffer = 32 << 20
+
+type obEntry struct {
+	c uint64
+	// seq is the record that preserved the chunk: the entry may reach the
+	// origin once it is durable.
+	seq uint64
+	// discard: the whole chunk was discarded since the last data write, so
+	// the drain discards rather than writes (data is all zeros then).
+	discard bool
+	data    []byte   // the chunk's contents: chunkLen bytes are used
+	dirty   []uint64 // bitmap of the blocks (of the volume block size) written
+}
+
+type originBuf struct {
+	max int64        // bound on entries; 0: buffering off
+	n   atomic.Int64 // entries buffered
+	// byStripe[i] maps the buffered chunks of origin stripe i; guarded by
+	// that stripe.
+	byStripe [nStripes]map[uint64]*obEntry
+
+	mu    sync.Mutex // guards queue, spare, free and err
+	queue []*obEntry // buffered entries, oldest first
+	spare []*obEntry // the drain's second queue, reused
+	free  []*obEntry
+	err   error // first write-out failure not yet reported by Flush
+
+	drainMu sync.Mutex // serialises drains
+	kick    chan struct{}
+}
+
+func (s *Store) initOriginBuf() {
+	if s.opts.Transient || s.opts.OriginBuffer < 0 {
+		return // nothing to wait for, or buffering off
+	}
+	b := s.opts.OriginBuffer
+	if b == 0 {
+		b = defaultOriginBuffer
+	}
+	s.ob.max = max(1, b/s.cs)
+	s.ob.kick = make(chan struct{}, 1)
+}
+
+// bufferedLocked returns the buffered entry of chunk c, or nil. Called
+// with c's origin stripe held (either mode).
+func (s *Store) bufferedLocked(c uint64) *obEntry {
+	if s.ob.n.Load() == 0 {
+		return nil
+	}
+	return s.ob.byStripe[c%nStripes][c] // a nil map reads as empty
+}
+
+// anyBufferedLocked reports whether a chunk of [c0, c1] is buffered.
+func (s *Store) anyBufferedLocked(c0, c1 uint64) bool {
+	if s.ob.n.Load() == 0 {
+		return false
+	}
+	for c := c0; c <= c1; c++ {
+		if s.ob.byStripe[c%nStripes][c] != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// obGet returns an unused entry for chunk c, reusing freed ones.
+func (s *Store) obGet(c uint64) *obEntry {
+	s.ob.mu.Lock()
+	var e *obEntry
+	if k := len(s.ob.free); k > 0 {
+		e = s.ob.free[k-1]
+		s.ob.free = s.ob.free[:k-1]
+	}
+	s.ob.mu.Unlock()
+	if e == nil {
+		e = &obEntry{data: blockdev.AlignedBuffer(int(s.cs)), dirty: make([]uint64, (s.cs/int64(s.bs)+63)/64)}
+	}
+	e.c, e.seq, e.discard = c, 0, false
+	clear(e.dirty)
+	return e
+}
+
+// obPut returns an entry that is not (or no longer) buffered.
+func (s *Store) obPut(e *obEntry) {
+	s.ob.mu.Lock()
+	if int64(len(s.ob.free)) < s.ob.max+maxSegChunks {
+		s.ob.free = append(s.ob.free, e)
+	}
+	s.ob.mu.Unlock()
+}
+
+// obInsertLocked buffers e, whose copy record is seq. Called with e's
+// origin stripe held exclusively.
+func (s *Store) obInsertLocked(e *obEntry, seq uint64) {
+	e.seq = seq
+	m := &s.ob.byStripe[e.c%nStripes]
+	if *m == nil {
+		*m = map[uint64]*obEntry{}
+	}
+	(*m)[e.c] = e
+	s.ob.mu.Lock()
+	s.ob.queue = append(s.ob.queue, e)
+	s.ob.mu.Unlock()
+	if s.ob.n.Add(1) >= (s.ob.max+1)/2 {
+		s.obKick()
+	}
+}
+
+// obKick asks the background committer for a drain.
+func (s *Store) obKick() {
+	if s.ob.n.Load() == 0 || s.opts.CommitInterval < 0 {
+		return
+	}
+	select {
+	case s.ob.kick <- struct{}{}:
+	default:
+	}
+}
+
+// obMergeLocked applies a write (or, p nil, a discard) of k bytes at offset
+// in of e's chunk (whole blocks). Called with the chunk's origin stripe held
+// exclusively. Only the blocks written are marked for the write-out: the
+// others are not rewritten, so a power cut can tear only what was written.
+func (s *Store) obMergeLocked(e *obEntry, p []byte, in, k int64) {
+	bs := int64(s.bs)
+	for b := in / bs; b < (in+k+bs-1)/bs; b++ {
+		e.dirty[b/64] |= 1 << (b % 64)
+	}
+	if p == nil {
+		clear(e.data[in : in+k])
+		if in == 0 && k == s.chunkLen(e.c) {
+			e.discard = true
+		}
+		return
+	}
+	copy(e.data[in:in+k], p)
+	e.discard = false
+}
+
+// obWait is the backpressure: a writer about to buffer more finds the
+// buffer full and drains it first. Called with no origin stripe held.
+func (s *Store) obWait() error {
+	if s.ob.n.Load() < s.ob.max {
+		return nil
+	}
+	s.ob.drainMu.Lock()
+	defer s.ob.drainMu.Unlock()
+	if s.ob.n.Load() < s.ob.max { // another drain made room
+		return nil
+	}
+	return s.drainLocked(s.ctx)
+}
+
+// drainOrigin commits the journal, then writes every buffered chunk whose
+// copy record the commit covered to the origin device and drops it. It
+// does not flush the origin.
+func (s *Store) drainOrigin(ctx context.Context) error {
+	if s.ob.max == 0 {
+		return nil
+	}
+	s.ob.drainMu.Lock()
+	defer s.ob.drainMu.Unlock()
+	return s.drainLocked(ctx)
+}
+
+func (s *Store) drainLocked(ctx context.Context) error {
+	if s.ob.n.Load() == 0 {
+		return nil
+	}
+	if p := s.failed.Load(); p != nil {
+		return fmt.Errorf("snapshot: store failed earlier; buffered origin writes cannot be written out: %w", *p)
+	}
+	target := s.j.LastSeq()
+	if err := s.commit(ctx); err != nil {
+		return err
+	}
+	s.ob.mu.Lock()
+	q := s.ob.queue
+	s.ob.queue = s.ob.spare[:0]
+	s.ob.mu.Unlock()
+	var first error
+	kept := q[:0] // entries not written out, in order
+	for _, e := range q {
+		st := &s.originLocks[e.c%nStripes]
+		st.Lock()
+		if e.seq > target { // appended after the commit's target was taken
+			st.Unlock()
+			kept = append(kept, e)
+			continue
+		}
+		err := s.obWriteOut(e)
+		if err != nil {
+			st.Unlock()
+			kept = append(kept, e)
+			if first == nil {
+				first = err
+			}
+			continue
+		}
+		delete(s.ob.byStripe[e.c%nStripes], e.c)
+		s.ob.n.Add(-1)
+		st.Unlock()
+		s.obPut(e)
+	}
+	s.ob.mu.Lock()
+	// Entries buffered meanwhile follow the kept ones (oldest first).
+	kept = append(kept, s.ob.queue...)
+	s.ob.spare = s.ob.queue[:0]
+	s.ob.queue = kept
+	if first != nil && s.ob.err == nil {
+		s.ob.err = first
+	}
+	s.ob.mu.Unlock()
+	return first
+}
+
+// obWriteOut writes one entry's written blocks to the origin device, one
+// call per run.
+func (s *Store) obWriteOut(e *obEntry) error {
+	off, cl := int64(e.c)*s.cs, s.chunkLen(e.c)
+	if e.discard {
+		if err := s.origin.Discard(off, cl); err != nil {
+			return fmt.Errorf("snapshot: write-out of buffered origin chunk %d (discard): %w", e.c, err)
+		}
+		return nil
+	}
+	bs := int64(s.bs)
+	nb := (cl + bs - 1) / bs
+	isDirty := func(b int64) bool { return e.dirty[b/64]&(1<<(b%64)) != 0 }
+	for b := int64(0); b < nb; {
+		if !isDirty(b) {
+			b++
+			continue
+		}
+		end := b + 1
+		for end < nb && isDirty(end) {
+			end++
+		}
+		if _, err := s.origin.WriteAt(e.data[b*bs:min(end*bs, cl)], off+b*bs); err != nil {
+			return fmt.Errorf("snapshot: write-out of buffered origin chunk %d: %w", e.c, err)
+		}
+		b = end
+	}
+	return nil
+}
+
+// takeOriginErr returns (and forgets) the first write-out failure not yet
+// reported.
+func (s *Store) takeOriginErr() error {
+	s.ob.mu.Lock()
+	defer s.ob.mu.Unlock()
+	err := s.ob.err
+	s.ob.err = nil
+	return err
+}
+
+// flushOrigin is the origin volume's Flush: the buffered writes are
+// written out and the origin flushed; a write-out failure since the last
+// Flush is reported.
+func (s *Store) flushOrigin() error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	err := s.drainOrigin(s.ctx)
+	if err == nil {
+		if err = s.origin.Flush(); err != nil {
+			err = fmt.Errorf("snapshot: flush origin: %w", err)
+		}
+	}
+	if earlier := s.takeOriginErr(); err == nil && earlier != nil {
+		err = earlier
+	}
+	return err
+}
+
+// readOrigin reads p at off of the live origin: the origin device, with
+// buffered chunks read from the buffer.
+func (s *Store) readOrigin(p []byte, off int64) error {
+	if s.ob.n.Load() == 0 {
+		_, err := s.origin.ReadAt(p, off)
+		return err
+	}
+	for len(p) > 0 {
+		c0 := uint64(off / s.cs)
+		c1 := uint64((off + int64(len(p)) - 1) / s.cs)
+		if c1-c0 >= maxSegChunks {
+			c1 = c0 + maxSegChunks - 1
+		}
+		k := min(int64(len(p)), int64(c1+1)*s.cs-off)
+		s.lockOrigin(c0, c1, false)
+		base := off
+		err := s.eachRun(off, off+k, c0, c1, func(lo, hi int64, e *obEntry) error {
+			q := p[lo-base : hi-base]
+			if e != nil {
+				copy(q, e.data[lo-int64(e.c)*s.cs:])
+				return nil
+			}
+			_, err := s.origin.ReadAt(q, lo)
+			return err
+		})
+		s.unlockOrigin(c0, c1, false)
+		if err != nil {
+			return err
+		}
+		p, off = p[k:], off+k
+	}
+	return nil
+}
+
+// eachRun calls f for the byte ranges [lo, hi) of [off, end) (within
+// chunks [c0, c1]): maximal runs of unbuffered chunks with e nil, and each
+// buffered chunk's part with its entry.
+func (s *Store) eachRun(off, end int64, c0, c1 uint64, f func(lo, hi int64, e *obEntry) error) error {
+	for c := c0; c <= c1 && off < end; {
+		e := s.bufferedLocked(c)
+		next := c + 1
+		for e == nil && next <= c1 && s.bufferedLocked(next) == nil {
+			next++
+		}
+		hi := min(end, int64(next)*s.cs)
+		if err := f(off, hi, e); err != nil {
+			return err
+		}
+		off, c = hi, next
+	}
+	return nil
+}
