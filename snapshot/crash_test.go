@@ -159,12 +159,18 @@ func TestCrashTorture(t *testing.T) {
 	w.failOK = true
 	w.maxVols = 8
 	reopen := false
+	// The origin buffer's bound changes from one crash to the next (it is
+	// not stored): the default (never full here), three chunks (writers
+	// drain it often) and off.
+	buffers := []int64{0, 3 * 4 << 10, -1}
+	buffered := 0 // crashes that found origin writes buffered
 	for crashes < target || time.Now().Before(deadline) {
 		tr.mu.Lock()
 		tr.left = 1 + rng.IntN(150)
 		tr.mu.Unlock()
 		var err error
 		if reopen { // recovery itself may be hit by the next crash
+			w.opts.OriginBuffer = buffers[crashes%len(buffers)]
 			err = w.open(nil)
 		}
 		for err == nil {
@@ -172,13 +178,17 @@ func TestCrashTorture(t *testing.T) {
 				err = w.s.WaitIdle(context.Background())
 			}
 		}
+		if w.s != nil && w.s.ob.n.Load() > 0 {
+			buffered++
+		}
 		oSim, sSim = w.crashed(tr, err)
 		crashes++
 		tr = newTrip()
 		w.origin, w.store = newTripDev(oSim, tr), newTripDev(sSim, tr)
 		reopen = true
 	}
-	t.Logf("%d crash points", crashes)
+	t.Logf("%d crash points, %d with origin writes buffered", crashes, buffered)
+	require.Positive(t, buffered, "no crash hit buffered origin writes")
 }
 
 // crashed completes the power cut, reopens on the surviving images and

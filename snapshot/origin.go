@@ -111,13 +111,14 @@ func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
 func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard bool) error {
 	need := s.b0.need.Load()
 	s.lockOrigin(c0, c1, false)
-	if !s.needsCopy(c0, c1, need) && !s.anyBufferedLocked(c0, c1) {
+	copies := s.needsCopy(c0, c1, need)
+	if !copies && !s.anyBufferedLocked(c0, c1) {
 		err := s.originIO(p, off, n, discard)
 		s.unlockOrigin(c0, c1, false)
 		return err
 	}
 	s.unlockOrigin(c0, c1, false)
-	if s.ob.max > 0 {
+	if copies && s.ob.max > 0 { // about to buffer more: make room first
 		if err := s.obWait(); err != nil {
 			return err
 		}

@@ -296,6 +296,9 @@ type Stats struct {
 	IndexMemoryBytes int64
 	Volumes          int     // visible volumes, the origin included
 	JournalFill      float64 // fraction of the journal's log in use (0 when transient)
+	// BufferedChunks is the number of origin chunks whose new data waits
+	// in memory for its copy's commit (Options.OriginBuffer).
+	BufferedChunks int64
 }
 
 // Stats returns the store's accounting. MetadataBytes costs a walk of the
@@ -307,7 +310,7 @@ func (s *Store) Stats() Stats {
 	s.mu.Unlock()
 	used, free := s.alloc.counts()
 	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: used, FreeChunks: free,
-		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols}
+		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols, BufferedChunks: s.ob.n.Load()}
 	st.IndexMemoryBytes = int64(st.IndexEntries) * 2 * 24 * 5 / 4
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
