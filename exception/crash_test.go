@@ -272,7 +272,10 @@ func crashMergeOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		mustWrite(t, a, fill(byte(100+rng.IntN(50)), cs/2), c*cs)
 	}
 	modelA := readAll(t, a)
+	// The model counts A's own writes as durable: flush both volumes (the
+	// origin's Flush does not cover a snapshot's COW device).
 	require.NoError(t, o.Flush())
+	require.NoError(t, a.Flush())
 
 	pc.k = pc.calls.Load() + 1 + rng.Int64N(300)
 	mergeErr := a.Merge(context.Background(), nil)
