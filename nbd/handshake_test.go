@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"context"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -259,4 +260,30 @@ func TestHandshakeTimeout(t *testing.T) {
 	r.read(greetingLen)
 	// Say nothing: the server gives up on us.
 	r.expectClosed()
+}
+
+// Remove withdraws an export from new connections and from OPT_LIST; a
+// connection already on it keeps working; the name can be added again.
+func TestServerRemoveExport(t *testing.T) {
+	ts := handshakeServer(t)
+	c := dial(t, ts.uri("one"))
+	defer c.Close()
+	require.NoError(t, ts.srv.Remove("one"))
+	require.ErrorIs(t, ts.srv.Remove("one"), ErrUnknownExport)
+
+	r := dialRaw(t, ts)
+	r.greet(cflagFixedNewstyle)
+	r.opt(optList, nil)
+	reps := r.replies(optList)
+	require.Len(t, reps, 2)
+	require.Equal(t, "two", string(reps[0].data[4:]))
+
+	_, err := Dial(context.Background(), ts.uri("one"))
+	require.ErrorIs(t, err, ErrUnknownExport)
+	_, err = c.WriteAt(make([]byte, 512), 0) // the open connection still works
+	require.NoError(t, err)
+
+	require.NoError(t, ts.srv.Add(Export{Name: "one", Device: newMem(t, 1<<20, 512)}))
+	c2 := dial(t, ts.uri("one"))
+	require.NoError(t, c2.Close())
 }

@@ -155,6 +155,27 @@ func (s *Server) Add(e Export) error {
 	return nil
 }
 
+// Remove withdraws the export named name: new connections and OPT_LIST no
+// longer see it. Connections already using it keep their device until they
+// close; the caller decides what that device does meanwhile (for a deleted
+// volume: fail every request). The name can be added again afterwards.
+func (s *Server) Remove(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	x, ok := s.exports[name]
+	if !ok {
+		return fmt.Errorf("nbd: remove export %q: %w", name, ErrUnknownExport)
+	}
+	delete(s.exports, name)
+	for i, o := range s.order {
+		if o == x {
+			s.order = append(s.order[:i], s.order[i+1:]...)
+			break
+		}
+	}
+	return nil
+}
+
 // lookup resolves an export name; the empty name is the default export.
 func (s *Server) lookup(name string) *export {
 	s.mu.Lock()

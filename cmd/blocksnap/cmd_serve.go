@@ -91,18 +91,11 @@ func newVolumeServer(st *snapshot.Store) (*volumeServer, error) {
 	return vs, nil
 }
 
-// add exports v (taking ownership of the handle), or points the existing
-// export of that name at it (a name deleted and created again).
+// add exports v, taking ownership of the handle.
 func (vs *volumeServer) add(v *snapshot.Volume) error {
 	vs.mu.Lock()
 	defer vs.mu.Unlock()
 	name := v.Info().Name
-	if d, ok := vs.exports[name]; ok {
-		if old := d.v.Swap(v); old != nil {
-			old.Close()
-		}
-		return nil
-	}
 	d := &liveDev{size: v.Size(), bs: v.BlockSize()}
 	d.v.Store(v)
 	ro := v.Kind() == snapshot.KindSnapshot
@@ -115,16 +108,20 @@ func (vs *volumeServer) add(v *snapshot.Volume) error {
 	return nil
 }
 
-// retire makes a deleted volume's export fail every request. (The NBD
-// server keeps listing the name; a volume created again under it is served
-// there.)
+// retire withdraws a deleted volume's export: new connections no longer
+// see it, and connections still open on it get an error for every request.
+// A volume created again under the name gets a fresh export.
 func (vs *volumeServer) retire(name string) {
 	vs.mu.Lock()
 	defer vs.mu.Unlock()
-	if d, ok := vs.exports[name]; ok {
-		if old := d.v.Swap(nil); old != nil {
-			old.Close()
-		}
+	d, ok := vs.exports[name]
+	if !ok {
+		return
+	}
+	delete(vs.exports, name)
+	_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
+	if old := d.v.Swap(nil); old != nil {
+		old.Close()
 	}
 }
 
