@@ -104,27 +104,45 @@ func (s *Store) anyBufferedLocked(c0, c1 uint64) bool {
 	return false
 }
 
-// obGet returns an unused entry for chunk c, reusing freed ones.
+// obSlab is the memory allocated at once for entries: up to 1 MiB of chunk
+// buffers (one aligned allocation, so small chunks do not each pay the
+// alignment slack) and the entries themselves.
+const obSlab = 1 << 20
+
+// obGet returns an unused entry for chunk c, reusing freed ones; entries
+// are allocated a slab at a time, and only until the buffer's bound is
+// reached (they are reused from then on).
 func (s *Store) obGet(c uint64) *obEntry {
 	s.ob.mu.Lock()
-	var e *obEntry
-	if k := len(s.ob.free); k > 0 {
-		e = s.ob.free[k-1]
-		s.ob.free = s.ob.free[:k-1]
+	if len(s.ob.free) == 0 {
+		s.obGrowLocked()
 	}
+	k := len(s.ob.free)
+	e := s.ob.free[k-1]
+	s.ob.free = s.ob.free[:k-1]
 	s.ob.mu.Unlock()
-	if e == nil {
-		e = &obEntry{data: blockdev.AlignedBuffer(int(s.cs)), dirty: make([]uint64, (s.cs/int64(s.bs)+63)/64)}
-	}
 	e.c, e.seq, e.discard = c, 0, false
 	clear(e.dirty)
 	return e
 }
 
+func (s *Store) obGrowLocked() {
+	n := max(1, min(obSlab/s.cs, s.ob.max))
+	words := (s.cs/int64(s.bs) + 63) / 64
+	data := blockdev.AlignedBuffer(int(n * s.cs))
+	dirty := make([]uint64, n*words)
+	es := make([]obEntry, n)
+	for i := range es {
+		es[i].data = data[int64(i)*s.cs : int64(i+1)*s.cs : int64(i+1)*s.cs]
+		es[i].dirty = dirty[int64(i)*words : int64(i+1)*words : int64(i+1)*words]
+		s.ob.free = append(s.ob.free, &es[i])
+	}
+}
+
 // obPut returns an entry that is not (or no longer) buffered.
 func (s *Store) obPut(e *obEntry) {
 	s.ob.mu.Lock()
-	if int64(len(s.ob.free)) < s.ob.max+maxSegChunks {
+	if int64(len(s.ob.free)) < s.ob.max+obSlab/s.cs+maxSegChunks {
 		s.ob.free = append(s.ob.free, e)
 	}
 	s.ob.mu.Unlock()
