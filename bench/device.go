@@ -32,7 +32,7 @@ func Device(b *testing.B, env Env, backend string, qd int) {
 	}
 	dev, err := openDeviceFile(e)
 	if err != nil {
-		b.Skip(fmt.Sprintf("backend %s unavailable: %v", backend, err))
+		b.Skipf("backend %s unavailable: %v", backend, err)
 	}
 	defer dev.Close()
 	randomIO(b, qd, DeviceFileSize/BlockSize, 42, func(buf []byte, blk int64) error {
