@@ -5,12 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -217,105 +214,4 @@ func TestURingNotSupportedElsewhere(t *testing.T) {
 	}
 	_, err := blockdev.OpenURing(filepath.Join(t.TempDir(), "x"), blockdev.URingOptions{})
 	require.ErrorIs(t, err, blockdev.ErrNotSupported)
-}
-
-// BenchmarkURingBackends: 4 KiB random writes over a 1 GiB file with qd
-// goroutines each keeping one write in flight, through File (pread/pwrite)
-// and URing, buffered and O_DIRECT. The file is filled once, so writes
-// overwrite allocated blocks. BLOCKSNAP_BENCH_DIR moves the file.
-func BenchmarkURingBackends(b *testing.B) {
-	const size = 1 << 30
-	dir := os.Getenv("BLOCKSNAP_BENCH_DIR")
-	if dir == "" {
-		dir = b.TempDir()
-	}
-	path := filepath.Join(dir, "uring-bench.img")
-	fillFile(b, path, size)
-	defer os.Remove(path)
-	backends := []struct {
-		name   string
-		direct bool
-		uring  bool
-	}{{"pread", false, false}, {"pread-direct", true, false}, {"uring", false, true}, {"uring-direct", true, true}}
-	for _, be := range backends {
-		for _, qd := range []int{1, 8, 32} {
-			b.Run(fmt.Sprintf("backend=%s/qd=%d", be.name, qd), func(b *testing.B) {
-				fo := blockdev.FileOptions{Direct: be.direct}
-				var d blockdev.Device
-				var err error
-				if be.uring {
-					d, err = blockdev.OpenURing(path, blockdev.URingOptions{FileOptions: fo})
-				} else {
-					d, err = blockdev.Open(path, fo)
-				}
-				if errors.Is(err, blockdev.ErrNotSupported) {
-					b.Skipf("not usable here: %v", err)
-				}
-				require.NoError(b, err)
-				defer d.Close()
-				randomWrites(b, d, qd)
-			})
-		}
-	}
-}
-
-func fillFile(b *testing.B, path string, size int64) {
-	f, err := blockdev.Create(path, size, blockdev.FileOptions{Direct: true})
-	if errors.Is(err, blockdev.ErrNotSupported) {
-		f, err = blockdev.Create(path, size, blockdev.FileOptions{})
-	}
-	require.NoError(b, err)
-	buf := blockdev.AlignedBuffer(4 << 20)
-	for i := range buf {
-		buf[i] = byte(i*7 + 1)
-	}
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		_, err := f.WriteAt(buf, off)
-		require.NoError(b, err)
-	}
-	require.NoError(b, f.Flush())
-	require.NoError(b, f.Close())
-}
-
-// randomWrites issues b.N 4 KiB writes at random aligned offsets from qd
-// goroutines and reports iops.
-func randomWrites(b *testing.B, d blockdev.Device, qd int) {
-	const bs = 4096
-	blocks := uint64(d.Size() / bs)
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, qd)
-	b.SetBytes(bs)
-	cpu0 := cpuTime(b)
-	b.ResetTimer()
-	for g := range qd {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := blockdev.AlignedBuffer(bs)
-			rng := rand.New(rand.NewPCG(uint64(g), 42))
-			for next.Add(1) <= int64(b.N) {
-				if _, err := d.WriteAt(buf, int64(rng.Uint64N(blocks))*bs); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	b.StopTimer()
-	close(errs)
-	for err := range errs {
-		require.NoError(b, err)
-	}
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "iops")
-	b.ReportMetric(float64(cpuTime(b)-cpu0)/float64(b.N), "cpu-ns/op")
-}
-
-// cpuTime is the process's user plus system CPU time, all threads (the
-// kernel's io_uring workers included), in nanoseconds.
-func cpuTime(b *testing.B) int64 {
-	var ru syscall.Rusage
-	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
-	return ru.Utime.Nano() + ru.Stime.Nano()
 }
