@@ -121,7 +121,7 @@ func exportStream(ctx context.Context, st *snapshot.Store, from, to string, w io
 		return diffstream.Totals{}, err
 	}
 	defer tv.Close()
-	h := diffstream.Header{To: identity(tv.Info())}
+	h := diffstream.Header{To: identity(tv.Info()), ChunkSize: int(st.Stats().ChunkSize)}
 	var extents []diffstream.Extent
 	var total int64
 	var seq func(func(diffstream.Extent, error) bool)

@@ -174,7 +174,7 @@ func export(ctx context.Context, st *snapshot.Store, prev, snap *snapshot.Volume
 		return diffstream.Totals{}, err
 	}
 	defer f.Close()
-	h := diffstream.Header{To: identity(snap)}
+	h := diffstream.Header{To: identity(snap), ChunkSize: int(st.Stats().ChunkSize)}
 	var extents func(func(diffstream.Extent, error) bool)
 	if prev != nil {
 		h.From = identity(prev)
