@@ -114,3 +114,19 @@ func mustCheck(t testing.TB, s *Store) {
 }
 
 var _ = fmt.Sprintf
+
+// The origin's creation time is the store's format time, recorded in the
+// superblock, not the time of the latest Open.
+func TestOriginCreatedSurvivesReopen(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 8<<20, Options{})
+	created := s.Origin().Info().Created
+	require.False(t, created.IsZero())
+	snap, err := s.CreateSnapshot("s", s.Origin())
+	require.NoError(t, err)
+	require.False(t, snap.Info().Created.Before(created), "a snapshot is never older than its origin")
+	require.NoError(t, s.Close())
+	s2, err := Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	require.True(t, created.Equal(s2.Origin().Info().Created), "created %v, after reopen %v", created, s2.Origin().Info().Created)
+}

@@ -231,6 +231,7 @@ func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: store of %d bytes holds no data chunk", ErrBadOptions, store.Size())
 	}
 	_, _ = rand.Read(g.uuid[:])
+	g.formatted = time.Now().UnixNano()
 	s := newStore(origin, store, opts, g)
 	if opts.Transient {
 		s.start()
@@ -327,7 +328,11 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
-	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: time.Now().UnixNano()}
+	created := g.formatted
+	if created == 0 { // a store formatted before the superblock recorded it
+		created = time.Now().UnixNano()
+	}
+	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: created}
 	s.b0.liveVol = originVolumeID
 	s.volumes[originVolumeID] = s.origVol
 	s.byName[originName] = originVolumeID

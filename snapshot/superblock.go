@@ -16,7 +16,8 @@ package snapshot
 //	    64    8  data region offset in bytes (a multiple of the chunk size)
 //	    72    8  data chunks
 //	    80   16  store UUID (random at Format)
-//	    96 4000  zero
+//	    96    8  format time (unix ns; the origin volume's creation time; 0 = unknown)
+//	   104 3992  zero
 //
 // All integers little-endian. The region [0, 4096) is the superblock; the
 // journal region follows it; the data region follows the journal. The
@@ -67,6 +68,7 @@ type geometry struct {
 	dataOff    int64
 	dataChunks uint64
 	uuid       [16]byte
+	formatted  int64 // unix ns, 0 if unknown
 }
 
 func (g *geometry) encode() []byte {
@@ -83,6 +85,7 @@ func (g *geometry) encode() []byte {
 	le.PutUint64(b[64:], uint64(g.dataOff))
 	le.PutUint64(b[72:], g.dataChunks)
 	copy(b[80:96], g.uuid[:])
+	le.PutUint64(b[96:], uint64(g.formatted))
 	le.PutUint32(b[12:], checksum(saltSuperblock, b))
 	return b
 }
@@ -128,6 +131,7 @@ func decodeSuperblock(b []byte) (geometry, error) {
 	g.dataOff = int64(le.Uint64(b[64:]))
 	g.dataChunks = le.Uint64(b[72:])
 	copy(g.uuid[:], b[80:96])
+	g.formatted = int64(le.Uint64(b[96:]))
 	cs := int64(g.chunkSize)
 	switch {
 	case g.originSize <= 0 || g.originSize > 1<<60:
