@@ -23,7 +23,7 @@ lint:
 	staticcheck ./...
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./bench
+	$(GO) test -run '^$$' -bench . -benchmem -timeout 2h ./bench
 
 report:
 	$(GO) run ./bench/cmd/report -quick
