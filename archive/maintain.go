@@ -1,0 +1,314 @@
+package archive
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+)
+
+// BlockError names a block that could not be read back: the backup that
+// references it, its index and byte offset in that backup's volume, and its
+// hash. It wraps ErrNotFound (missing) or ErrCorrupt (damaged).
+type BlockError struct {
+	Backup string
+	Index  int
+	Offset int64
+	Hash   Hash
+	Err    error
+}
+
+func (e *BlockError) Error() string {
+	return fmt.Sprintf("archive: backup %s block %d at offset %d (%s): %v", e.Backup, e.Index, e.Offset, blockKey(e.Hash), e.Err)
+}
+
+func (e *BlockError) Unwrap() error { return e.Err }
+
+// Manifest reads backup id's manifest.
+func (r *Repo) Manifest(ctx context.Context, id string) (*Manifest, error) {
+	if !validID(id) {
+		return nil, fmt.Errorf("archive: backup ID %q: %w", id, ErrOptions)
+	}
+	key := manifestKey(id)
+	obj, err := r.be.Get(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("archive: backup %s: %w", id, err)
+	}
+	plain, err := r.codec.open(key, obj, nil)
+	if err != nil {
+		return nil, err
+	}
+	m, err := decodeManifest(plain)
+	if err != nil {
+		return nil, fmt.Errorf("archive: backup %s: %w", id, err)
+	}
+	if m.ID != id || m.BlockSize != r.cfg.BlockSize {
+		return nil, fmt.Errorf("archive: backup %s: manifest says ID %q, block size %d: %w", id, m.ID, m.BlockSize, ErrCorrupt)
+	}
+	return m, nil
+}
+
+func (r *Repo) putManifest(ctx context.Context, m *Manifest) error {
+	key := manifestKey(m.ID)
+	bp := r.codec.seal(key, m.encode())
+	defer r.codec.bufs.Put(bp)
+	return r.be.Put(ctx, key, *bp)
+}
+
+// Backups reads every manifest, oldest first.
+func (r *Repo) Backups(ctx context.Context) ([]*Manifest, error) {
+	var out []*Manifest
+	for o, err := range r.be.List(ctx, "manifests/") {
+		if err != nil {
+			return nil, err
+		}
+		m, err := r.Manifest(ctx, strings.TrimPrefix(o.Key, "manifests/"))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	slices.SortFunc(out, func(a, b *Manifest) int { return a.Created.Compare(b.Created) })
+	return out, nil
+}
+
+// DeleteBackup removes a backup's manifest. Its blocks stay until GC finds
+// them unreferenced. Incrementals made from it keep working: a manifest
+// lists every block by hash, not by reference to its parent.
+func (r *Repo) DeleteBackup(ctx context.Context, id string) error {
+	if _, err := r.Manifest(ctx, id); err != nil {
+		return err
+	}
+	return r.be.Delete(ctx, manifestKey(id))
+}
+
+// GCOptions configures GC.
+type GCOptions struct {
+	// DryRun counts what would be deleted and deletes nothing.
+	DryRun bool
+	// Grace keeps unreferenced blocks written less than this long ago
+	// (by the server's clock); 0 keeps none. The lock is what makes GC
+	// safe; Grace is for writers that do not take it.
+	Grace time.Duration
+	// LockTTL is how long a lock counts without a refresh; 0 means
+	// DefaultLockTTL. Every client of a repository must use the same.
+	LockTTL time.Duration
+	// Parallel deletes; 0 means 8.
+	Parallel int
+}
+
+// GCResult counts what GC found.
+type GCResult struct {
+	Backups, Referenced, Unreferenced, Deleted int
+	DeletedBytes                               int64
+}
+
+// GC deletes the blocks no manifest references. It takes the repository's
+// GC lock (ErrLocked while a backup runs, and backups fail with ErrLocked
+// while it runs). A manifest that cannot be read stops it: deleting blocks
+// without knowing every reference could destroy a backup.
+func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	lk, err := r.lock(ctx, "gc", o.LockTTL, cancel)
+	if err != nil {
+		return nil, err
+	}
+	defer lk.release()
+	ms, err := r.Backups(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("archive: gc: %w", err)
+	}
+	res := &GCResult{Backups: len(ms)}
+	ref := make(map[Hash]struct{})
+	for _, m := range ms {
+		for _, h := range m.Blocks {
+			if !h.IsZero() {
+				ref[h] = struct{}{}
+			}
+		}
+	}
+	res.Referenced = len(ref)
+	var doomed []ObjectInfo
+	var newest time.Time
+	for ob, err := range r.be.List(ctx, "blocks/") {
+		if err != nil {
+			return nil, fmt.Errorf("archive: gc: %w", err)
+		}
+		if ob.ModTime.After(newest) {
+			newest = ob.ModTime
+		}
+		if h, ok := parseBlockKey(ob.Key); ok {
+			if _, used := ref[h]; !used {
+				doomed = append(doomed, ob)
+			}
+		}
+	}
+	res.Unreferenced = len(doomed)
+	if o.DryRun {
+		return res, nil
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(cmp.Or(max(o.Parallel, 0), 8))
+	var mu sync.Mutex // guards res's deletion counts
+	for _, ob := range doomed {
+		if o.Grace > 0 && newest.Sub(ob.ModTime) < o.Grace {
+			continue
+		}
+		g.Go(func() error {
+			if err := r.be.Delete(gctx, ob.Key); err != nil {
+				return err
+			}
+			mu.Lock()
+			res.Deleted++
+			res.DeletedBytes += ob.Size
+			mu.Unlock()
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return res, fmt.Errorf("archive: gc: %w", err)
+	}
+	return res, nil
+}
+
+// VerifyOptions configures Verify.
+type VerifyOptions struct {
+	// Backups to check; empty means all.
+	Backups []string
+	// ReadData downloads every referenced block and checks its hash.
+	// Without it, Sample (0 to 1) is the fraction of blocks downloaded;
+	// the rest are only checked to exist.
+	ReadData bool
+	Sample   float64
+	// Seed picks the sample; 0 means a random one.
+	Seed     uint64
+	Parallel int // 0 means 8
+}
+
+// VerifyResult reports a verification. Problems name each bad block.
+type VerifyResult struct {
+	Backups, Blocks, Read int
+	Problems             []*BlockError
+}
+
+// Verify checks that every block the chosen backups reference exists, and
+// that the ones it reads match their hashes. It returns an error (a
+// *BlockError for the first problem) when it found any.
+func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, error) {
+	var ms []*Manifest
+	if len(o.Backups) == 0 {
+		var err error
+		if ms, err = r.Backups(ctx); err != nil {
+			return nil, err
+		}
+	}
+	for _, id := range o.Backups {
+		m, err := r.Manifest(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	known, err := r.listBlocks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	seed := o.Seed
+	if seed == 0 {
+		seed = rand.Uint64()
+	}
+	rng := rand.New(rand.NewPCG(seed, seed))
+	res := &VerifyResult{Backups: len(ms)}
+	seen := make(map[Hash]struct{})
+	type ref struct {
+		m *Manifest
+		i int
+	}
+	var toRead []ref
+	for _, m := range ms {
+		for i, h := range m.Blocks {
+			if h.IsZero() {
+				continue
+			}
+			if _, dup := seen[h]; dup {
+				continue
+			}
+			seen[h] = struct{}{}
+			res.Blocks++
+			if _, ok := known[h]; !ok {
+				res.Problems = append(res.Problems, &BlockError{Backup: m.ID, Index: i,
+					Offset: int64(i) * int64(m.BlockSize), Hash: h, Err: ErrNotFound})
+				continue
+			}
+			if o.ReadData || rng.Float64() < o.Sample {
+				toRead = append(toRead, ref{m, i})
+			}
+		}
+	}
+	res.Read = len(toRead)
+	var mu sync.Mutex // guards res.Problems
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(cmp.Or(max(o.Parallel, 0), 8))
+	for _, rf := range toRead {
+		g.Go(func() error {
+			_, _, err := r.fetchBlock(gctx, rf.m, rf.i, nil)
+			var be *BlockError
+			if errors.As(err, &be) {
+				mu.Lock()
+				res.Problems = append(res.Problems, be)
+				mu.Unlock()
+				return nil
+			}
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return res, err
+	}
+	slices.SortFunc(res.Problems, func(a, b *BlockError) int {
+		return strings.Compare(fmt.Sprint(a.Backup, a.Offset), fmt.Sprint(b.Backup, b.Offset))
+	})
+	if len(res.Problems) > 0 {
+		return res, fmt.Errorf("archive: verify: %d bad blocks; first: %w", len(res.Problems), res.Problems[0])
+	}
+	return res, nil
+}
+
+// fetchBlock downloads block i of m into dst (reused if large enough) and
+// checks its hash; it also returns the object's stored size. A missing or damaged block gives a *BlockError.
+func (r *Repo) fetchBlock(ctx context.Context, m *Manifest, i int, dst []byte) ([]byte, int, error) {
+	h := m.Blocks[i]
+	bad := func(err error) error {
+		return &BlockError{Backup: m.ID, Index: i, Offset: int64(i) * int64(m.BlockSize), Hash: h, Err: err}
+	}
+	key := blockKey(h)
+	obj, err := r.be.Get(ctx, key)
+	if errors.Is(err, ErrNotFound) {
+		return nil, 0, bad(err)
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	plain, err := r.codec.open(key, obj, dst)
+	if err != nil {
+		return nil, 0, bad(err)
+	}
+	if len(plain) != m.blockLen(i) {
+		return nil, 0, bad(fmt.Errorf("length %d, want %d: %w", len(plain), m.blockLen(i), ErrCorrupt))
+	}
+	hs := r.getHasher()
+	sum := hs.sum(plain)
+	r.hashers.Put(hs)
+	if sum != h {
+		return nil, 0, bad(fmt.Errorf("hash mismatch: %w", ErrCorrupt))
+	}
+	return plain, len(obj), nil
+}
