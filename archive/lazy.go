@@ -389,12 +389,13 @@ func (im *Image) readOnly() error {
 
 // Close stops the prefetches, waits for them and drops the cache.
 func (im *Image) Close() error {
-	if im.closed.Swap(true) {
+	im.mu.Lock() // under mu: see maybePrefetch
+	already := im.closed.Swap(true)
+	im.mu.Unlock()
+	if already {
 		return blockdev.ErrClosed
 	}
 	im.stop()
-	im.mu.Lock() // a barrier: see maybePrefetch
-	im.mu.Unlock()
 	im.wg.Wait()
 	if im.cacheFile != nil {
 		name := im.cacheFile.Name()

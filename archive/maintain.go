@@ -196,7 +196,7 @@ type VerifyOptions struct {
 // VerifyResult reports a verification. Problems name each bad block.
 type VerifyResult struct {
 	Backups, Blocks, Read int
-	Problems             []*BlockError
+	Problems              []*BlockError
 }
 
 // Verify checks that every block the chosen backups reference exists, and

@@ -43,7 +43,7 @@ type S3Options struct {
 	// file (ProfileFile, default ~/.aws/credentials; Profile, default
 	// $AWS_PROFILE or "default").
 	AccessKey, SecretKey, SessionToken string
-	ProfileFile, Profile              string
+	ProfileFile, Profile               string
 	// MaxRetries bounds the client's retries of one request; 0 means 3.
 	MaxRetries int
 	// Transport, if set, replaces the HTTP transport (tests).
