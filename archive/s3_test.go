@@ -224,7 +224,7 @@ func TestS3SlowServer(t *testing.T) {
 	require.NoError(t, err)
 
 	o := g.options("bkt", "")
-	o.Endpoint = slowProxy(t, g.addr, 20*time.Millisecond)
+	o.Endpoint = slowProxy(t, g.Addr, 20*time.Millisecond)
 	slow, err := NewS3(ctx, o)
 	require.NoError(t, err)
 	rs, err := OpenRepo(ctx, slow, Options{})
