@@ -52,10 +52,13 @@ type Gateway struct {
 }
 
 // StartGateway starts versitygw on a free loopback port with its data in
-// dir, and waits until it accepts connections.
+// dir (created if missing), and waits until it accepts connections.
 func StartGateway(dir string) (*Gateway, error) {
 	bin, err := GatewayPath()
 	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
