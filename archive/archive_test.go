@@ -103,6 +103,14 @@ func TestWrongKey(t *testing.T) {
 	require.ErrorIs(t, err, ErrNoRepo)
 }
 
+// blockObject says where block h is stored: its pack's key and its range.
+func blockObject(t *testing.T, r *Repo, h Hash) (key string, off, n int) {
+	require.NoError(t, r.refreshIndex(context.Background()))
+	l, ok := r.idx.lookup(h)
+	require.True(t, ok, "block %s not indexed", h)
+	return packKey(l.pack), int(l.off), int(l.n)
+}
+
 func mustDir(t *testing.T, root string) *Dir {
 	d, err := NewDir(root)
 	require.NoError(t, err)
@@ -274,11 +282,11 @@ func TestCorruptObjectsDir(t *testing.T) {
 	require.NoError(t, err)
 	res, err := r.Backup(ctx, src, BackupOptions{})
 	require.NoError(t, err)
-	h := res.Manifest.Blocks[3]
-	obj, err := be.Get(ctx, blockKey(h))
+	key, off, n := blockObject(t, r, res.Manifest.Blocks[3])
+	obj, err := be.Get(ctx, key)
 	require.NoError(t, err)
-	obj[len(obj)-1] ^= 0xff
-	require.NoError(t, be.Put(ctx, blockKey(h), obj))
+	obj[off+n-1] ^= 0xff
+	require.NoError(t, be.Put(ctx, key, obj))
 	_, err = r.Restore(ctx, res.Manifest.ID, memDev(t, 1<<20), RestoreOptions{})
 	var berr *BlockError
 	require.ErrorAs(t, err, &berr)
@@ -287,11 +295,53 @@ func TestCorruptObjectsDir(t *testing.T) {
 	require.ErrorIs(t, err, ErrCorrupt)
 
 	// A manifest with a flipped byte is rejected.
-	key := manifestKey(res.Manifest.ID)
+	key = manifestKey(res.Manifest.ID)
 	obj, err = be.Get(ctx, key)
 	require.NoError(t, err)
 	obj[len(obj)/2] ^= 1
 	require.NoError(t, be.Put(ctx, key, obj))
 	_, err = r.Manifest(ctx, res.Manifest.ID)
 	require.True(t, errors.Is(err, ErrCorrupt), "%v", err)
+}
+
+// TestGCPacks: GC deletes packs left without an index by an interrupted
+// backup, and a lazy image opened before a GC moved its blocks to new
+// packs still reads them.
+func TestGCPacks(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(testSeed(t), 6))
+	r, be := dirRepo(t, Options{})
+	orphan := packKey(randomHex(packIDLen / 2))
+	require.NoError(t, be.Put(ctx, orphan, []byte("left by a dead backup")))
+
+	src := memDev(t, 2<<20)
+	fillVolume(t, src, rng)
+	first := make([]byte, 64<<10) // block 0: data in both backups, changed in the second
+	for i := range first {
+		first[i] = byte(rng.Uint32())
+	}
+	_, err := src.WriteAt(first, 0)
+	require.NoError(t, err)
+	b1, err := r.Backup(ctx, src, BackupOptions{})
+	require.NoError(t, err)
+	junk := make([]byte, 4096)
+	junk[9] = 9
+	_, err = src.WriteAt(junk, 0)
+	require.NoError(t, err)
+	b2, err := r.Backup(ctx, src, BackupOptions{})
+	require.NoError(t, err)
+
+	im, err := Open(ctx, r, b2.Manifest.ID, "")
+	require.NoError(t, err)
+	defer im.Close()
+	require.NoError(t, r.DeleteBackup(ctx, b1.Manifest.ID))
+	gr, err := r.GC(ctx, GCOptions{})
+	require.NoError(t, err)
+	require.Equal(t, 1, gr.Orphans)
+	require.Positive(t, gr.PacksRewritten) // b1's pack held blocks b2 still uses
+	_, err = be.Get(ctx, orphan)
+	require.ErrorIs(t, err, ErrNotFound)
+	requireSame(t, src, im, src.Size())
+	_, err = r.Verify(ctx, VerifyOptions{ReadData: true})
+	require.NoError(t, err)
 }

@@ -2,6 +2,7 @@ package archive
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -9,7 +10,6 @@ import (
 	"fmt"
 	"hash"
 	"iter"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,6 +50,10 @@ type BackupOptions struct {
 	ProgressInterval time.Duration
 	// LockTTL: see GCOptions; 0 means DefaultLockTTL.
 	LockTTL time.Duration
+	// PackSize is the size blocks are gathered into before upload; 0 means
+	// DefaultPackSize. An interrupted backup loses at most the packs not
+	// yet uploaded.
+	PackSize int
 }
 
 // Progress reports a backup or restore in flight.
@@ -166,10 +170,10 @@ func (r *Repo) Backup(ctx context.Context, src blockdev.Device, o BackupOptions)
 		return nil, err
 	}
 
-	known, err := r.listBlocks(ctx)
-	if err != nil {
+	if err := r.refreshIndex(ctx); err != nil {
 		return nil, err
 	}
+	known := r.idx.known()
 	todo, err := r.blocksToRead(ctx, m, o, known)
 	if err != nil {
 		return nil, err
@@ -181,7 +185,11 @@ func (r *Repo) Backup(ctx context.Context, src blockdev.Device, o BackupOptions)
 	c.deduped.Store(int64(uint(nblocks) - todo.Count()))
 	c.blocks.Store(int64(uint(nblocks) - todo.Count()))
 	stop := c.report(o.Progress, o.ProgressInterval)
-	err = r.uploadBlocks(ctx, src, m, todo, known, o.Parallel, c)
+	pk := &packer{r: r, size: cmp.Or(max(o.PackSize, 0), DefaultPackSize)}
+	err = r.uploadBlocks(ctx, src, m, todo, known, o.Parallel, pk, c)
+	if err == nil {
+		err = pk.flush(ctx)
+	}
 	if err == nil {
 		err = r.putManifest(ctx, m)
 	}
@@ -245,7 +253,7 @@ func (r *Repo) fillFromParent(m, pm *Manifest, todo *bitset.BitSet, known map[Ha
 }
 
 func (r *Repo) uploadBlocks(ctx context.Context, src blockdev.Device, m *Manifest, todo *bitset.BitSet,
-	known map[Hash]struct{}, parallel int, c *counters) error {
+	known map[Hash]struct{}, parallel int, pk *packer, c *counters) error {
 	if parallel <= 0 {
 		parallel = 8
 	}
@@ -288,7 +296,10 @@ func (r *Repo) uploadBlocks(ctx context.Context, src blockdev.Device, m *Manifes
 					c.deduped.Add(1)
 					continue
 				}
-				n, err := r.putBlock(gctx, sum, p)
+				bp := r.codec.seal(blockKey(sum), p)
+				n := len(*bp)
+				err := pk.add(gctx, sum, *bp)
+				r.codec.bufs.Put(bp)
 				if err != nil {
 					return err
 				}
@@ -299,13 +310,6 @@ func (r *Repo) uploadBlocks(ctx context.Context, src blockdev.Device, m *Manifes
 		})
 	}
 	return g.Wait()
-}
-
-func (r *Repo) putBlock(ctx context.Context, h Hash, p []byte) (int, error) {
-	key := blockKey(h)
-	bp := r.codec.seal(key, p)
-	defer r.codec.bufs.Put(bp)
-	return len(*bp), r.be.Put(ctx, key, *bp)
 }
 
 // hasher names blocks; one per goroutine (it keeps state between calls).
@@ -332,36 +336,6 @@ func (h *hasher) sum(p []byte) Hash {
 	h.h.Write(p)
 	copy(s[:], h.h.Sum(h.out[:0]))
 	return s
-}
-
-func (r *Repo) listBlocks(ctx context.Context) (map[Hash]struct{}, error) {
-	known := make(map[Hash]struct{})
-	for o, err := range r.be.List(ctx, "blocks/") {
-		if err != nil {
-			return nil, err
-		}
-		if h, ok := parseBlockKey(o.Key); ok {
-			known[h] = struct{}{}
-		}
-	}
-	return known, nil
-}
-
-func parseBlockKey(key string) (Hash, bool) {
-	var h Hash
-	name, ok := strings.CutPrefix(key, "blocks/")
-	if !ok || len(name) != 3+64 || name[2] != '/' || name[:2] != name[3:5] {
-		return h, false
-	}
-	for i := range 32 {
-		hi, ok1 := unhex(name[3+2*i])
-		lo, ok2 := unhex(name[4+2*i])
-		if !ok1 || !ok2 {
-			return h, false
-		}
-		h[i] = hi<<4 | lo
-	}
-	return h, true
 }
 
 func unhex(c byte) (byte, bool) {

@@ -106,3 +106,16 @@ func randomBytes(n int) []byte {
 	}
 	return b
 }
+
+func FuzzDecodeIndex(f *testing.F) {
+	f.Add(encodeIndex([]idxEntryT{{h: Hash{1}, off: 0, n: 100}, {h: Hash{2}, off: 100, n: 50}}))
+	f.Add(encodeIndex(nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		es, err := decodeIndex(b)
+		if err != nil {
+			require.ErrorIs(t, err, ErrCorrupt)
+			return
+		}
+		require.Equal(t, b, encodeIndex(es))
+	})
+}

@@ -93,6 +93,9 @@ func OpenLazy(ctx context.Context, r *Repo, id string, o LazyOptions) (*Image, e
 	if err != nil {
 		return nil, err
 	}
+	if err := r.refreshIndex(ctx); err != nil {
+		return nil, err
+	}
 	bs := int64(m.BlockSize)
 	size := o.CacheSize
 	if size == 0 {
@@ -238,6 +241,10 @@ func (im *Image) load(b int) (int, *[]byte, error) {
 		bp = &buf
 	}
 	plain, stored, err := im.r.fetchBlock(im.ctx, im.m, b, (*bp)[:0])
+	if errors.Is(err, ErrNotFound) && im.r.refreshIndex(im.ctx) == nil {
+		// A GC may have moved the block to another pack since Open.
+		plain, stored, err = im.r.fetchBlock(im.ctx, im.m, b, (*bp)[:0])
+	}
 	if err != nil {
 		im.bufs.Put(bp)
 		if ctxErr := im.ctx.Err(); ctxErr != nil {

@@ -93,27 +93,40 @@ func (r *Repo) DeleteBackup(ctx context.Context, id string) error {
 type GCOptions struct {
 	// DryRun counts what would be deleted and deletes nothing.
 	DryRun bool
-	// Grace keeps unreferenced blocks written less than this long ago
-	// (by the server's clock); 0 keeps none. The lock is what makes GC
-	// safe; Grace is for writers that do not take it.
+	// Grace keeps packs written less than this long before the newest
+	// pack (by the server's clock); 0 keeps none. The lock is what makes
+	// GC safe; Grace is for writers that do not take it.
 	Grace time.Duration
 	// LockTTL is how long a lock counts without a refresh; 0 means
 	// DefaultLockTTL. Every client of a repository must use the same.
 	LockTTL time.Duration
-	// Parallel deletes; 0 means 8.
+	// Parallel packs processed at once; 0 means 8.
 	Parallel int
 }
 
-// GCResult counts what GC found.
+// GCResult counts what GC found and did. Unreferenced blocks are deleted
+// by deleting their pack, after copying the pack's referenced blocks (if
+// any) to a new pack.
 type GCResult struct {
 	Backups, Referenced, Unreferenced, Deleted int
 	DeletedBytes                               int64
+	PacksDeleted, PacksRewritten, Orphans      int
+}
+
+// gcPlan is what GC does to one pack.
+type gcPlan struct {
+	id        string
+	live      []idxEntryT // blocks to copy to a new pack first
+	dead      int
+	deadBytes int64
+	indexed   bool // has an index object to delete
 }
 
 // GC deletes the blocks no manifest references. It takes the repository's
 // GC lock (ErrLocked while a backup runs, and backups fail with ErrLocked
 // while it runs). A manifest that cannot be read stops it: deleting blocks
-// without knowing every reference could destroy a backup.
+// without knowing every reference could destroy a backup. Packs without an
+// index (left by an interrupted backup) are deleted too.
 func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -123,6 +136,13 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	}
 	defer lk.release()
 	ms, err := r.Backups(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("archive: gc: %w", err)
+	}
+	if err := r.refreshIndex(ctx); err != nil {
+		return nil, fmt.Errorf("archive: gc: %w", err)
+	}
+	packs, newest, err := r.listPacks(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("archive: gc: %w", err)
 	}
@@ -136,39 +156,28 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		}
 	}
 	res.Referenced = len(ref)
-	var doomed []ObjectInfo
-	var newest time.Time
-	for ob, err := range r.be.List(ctx, "blocks/") {
-		if err != nil {
-			return nil, fmt.Errorf("archive: gc: %w", err)
-		}
-		if ob.ModTime.After(newest) {
-			newest = ob.ModTime
-		}
-		if h, ok := parseBlockKey(ob.Key); ok {
-			if _, used := ref[h]; !used {
-				doomed = append(doomed, ob)
-			}
-		}
-	}
-	res.Unreferenced = len(doomed)
+	plans := r.gcPlans(ref, packs, func(id string) bool {
+		ob, ok := packs[id]
+		return ok && o.Grace > 0 && newest.Sub(ob.ModTime) < o.Grace
+	}, res)
 	if o.DryRun {
 		return res, nil
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(cmp.Or(max(o.Parallel, 0), 8))
-	var mu sync.Mutex // guards res's deletion counts
-	for _, ob := range doomed {
-		if o.Grace > 0 && newest.Sub(ob.ModTime) < o.Grace {
-			continue
-		}
+	var mu sync.Mutex // guards res's counts
+	for _, p := range plans {
 		g.Go(func() error {
-			if err := r.be.Delete(gctx, ob.Key); err != nil {
+			if err := r.gcPack(gctx, p); err != nil {
 				return err
 			}
 			mu.Lock()
-			res.Deleted++
-			res.DeletedBytes += ob.Size
+			res.Deleted += p.dead
+			res.DeletedBytes += p.deadBytes
+			res.PacksDeleted++
+			if len(p.live) > 0 {
+				res.PacksRewritten++
+			}
 			mu.Unlock()
 			return nil
 		})
@@ -177,6 +186,91 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		return res, fmt.Errorf("archive: gc: %w", err)
 	}
 	return res, nil
+}
+
+// gcPlans lists the packs holding unreferenced blocks (a block counts as
+// referenced only in the pack the index resolves it to), and the packs with
+// no index, skipping young ones; it counts them in res.
+func (r *Repo) gcPlans(ref map[Hash]struct{}, packs map[string]ObjectInfo, young func(string) bool, res *GCResult) []gcPlan {
+	r.idx.mu.RLock()
+	defer r.idx.mu.RUnlock()
+	var plans []gcPlan
+	for id, es := range r.idx.perPack {
+		p := gcPlan{id: id, indexed: true}
+		for _, e := range es {
+			if _, used := ref[e.h]; used && r.idx.blocks[e.h].pack == id {
+				p.live = append(p.live, e)
+			} else {
+				p.dead++
+				p.deadBytes += int64(e.n)
+			}
+		}
+		if p.dead > 0 {
+			res.Unreferenced += p.dead
+			if !young(id) {
+				plans = append(plans, p)
+			}
+		}
+	}
+	for id := range packs {
+		if _, indexed := r.idx.perPack[id]; !indexed && !young(id) {
+			plans = append(plans, gcPlan{id: id})
+			res.Orphans++
+		}
+	}
+	return plans
+}
+
+// gcPack copies a pack's live blocks to a new pack, then deletes its index
+// and the pack: a reader never finds an index without its pack.
+func (r *Repo) gcPack(ctx context.Context, p gcPlan) error {
+	if len(p.live) > 0 {
+		old, err := r.be.Get(ctx, packKey(p.id))
+		if err != nil {
+			return err
+		}
+		var buf []byte
+		es := make([]idxEntryT, 0, len(p.live))
+		for _, e := range p.live {
+			if uint64(e.off)+uint64(e.n) > uint64(len(old)) {
+				return fmt.Errorf("archive: %s is shorter than its index says: %w", packKey(p.id), ErrCorrupt)
+			}
+			es = append(es, idxEntryT{h: e.h, off: uint32(len(buf)), n: e.n})
+			buf = append(buf, old[e.off:e.off+e.n]...)
+		}
+		if err := r.writePack(ctx, buf, es); err != nil {
+			return err
+		}
+	}
+	if p.indexed {
+		if err := r.be.Delete(ctx, indexKey(p.id)); err != nil {
+			return err
+		}
+	}
+	if err := r.be.Delete(ctx, packKey(p.id)); err != nil {
+		return err
+	}
+	r.idx.remove(p.id)
+	return nil
+}
+
+// listPacks lists the pack objects by ID, and the newest one's time.
+func (r *Repo) listPacks(ctx context.Context) (map[string]ObjectInfo, time.Time, error) {
+	packs := make(map[string]ObjectInfo)
+	var newest time.Time
+	for o, err := range r.be.List(ctx, packDir) {
+		if err != nil {
+			return nil, newest, err
+		}
+		id := o.Key[strings.LastIndexByte(o.Key, '/')+1:]
+		if validPackID(id) && o.Key == packKey(id) {
+			packs[id] = o
+			if o.ModTime.After(newest) {
+				newest = o.ModTime
+			}
+		}
+	}
+	return packs, newest, nil
 }
 
 // VerifyOptions configures Verify.
@@ -217,7 +311,10 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 		}
 		ms = append(ms, m)
 	}
-	known, err := r.listBlocks(ctx)
+	if err := r.refreshIndex(ctx); err != nil {
+		return nil, err
+	}
+	packs, _, err := r.listPacks(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -243,7 +340,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 			}
 			seen[h] = struct{}{}
 			res.Blocks++
-			if _, ok := known[h]; !ok {
+			if l, ok := r.idx.lookup(h); !ok || packs[l.pack].Key == "" {
 				res.Problems = append(res.Problems, &BlockError{Backup: m.ID, Index: i,
 					Offset: int64(i) * int64(m.BlockSize), Hash: h, Err: ErrNotFound})
 				continue
@@ -289,14 +386,21 @@ func (r *Repo) fetchBlock(ctx context.Context, m *Manifest, i int, dst []byte) (
 	bad := func(err error) error {
 		return &BlockError{Backup: m.ID, Index: i, Offset: int64(i) * int64(m.BlockSize), Hash: h, Err: err}
 	}
-	key := blockKey(h)
-	obj, err := r.be.Get(ctx, key)
+	l, ok := r.idx.lookup(h)
+	if !ok {
+		return nil, 0, bad(fmt.Errorf("in no pack's index: %w", ErrNotFound))
+	}
+	obj, err := r.be.GetRange(ctx, packKey(l.pack), int64(l.off), int64(l.n))
 	if errors.Is(err, ErrNotFound) {
 		return nil, 0, bad(err)
 	}
 	if err != nil {
 		return nil, 0, err
 	}
+	if len(obj) != int(l.n) {
+		return nil, 0, bad(fmt.Errorf("%s is shorter than its index says: %w", packKey(l.pack), ErrCorrupt))
+	}
+	key := blockKey(h)
 	plain, err := r.codec.open(key, obj, dst)
 	if err != nil {
 		return nil, 0, bad(err)

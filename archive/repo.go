@@ -119,6 +119,7 @@ type Repo struct {
 	cfg    repoConfig
 	macKey []byte // nil: block names are plain SHA-256
 	codec  *codec
+	idx    index
 	// hashers recycles *hasher (each holds a block of zeros to compare
 	// against), so verifying a fetched block allocates nothing.
 	hashers sync.Pool
@@ -211,6 +212,8 @@ func OpenRepo(ctx context.Context, be Backend, o Options) (*Repo, error) {
 
 func newRepo(be Backend, cfg repoConfig, master []byte) (*Repo, error) {
 	r := &Repo{be: be, cfg: cfg}
+	r.idx.perPack = make(map[string][]idxEntryT)
+	r.idx.blocks = make(map[Hash]loc)
 	var encKey []byte
 	if master != nil {
 		encKey, r.macKey = master[:32], master[32:]

@@ -44,6 +44,9 @@ func (r *Repo) Restore(ctx context.Context, id string, dst blockdev.Device, o Re
 		return nil, fmt.Errorf("archive: restore %s (%d bytes) onto a %d-byte device with %d-byte blocks: %w",
 			id, m.Size, dst.Size(), dst.BlockSize(), ErrOptions)
 	}
+	if err := r.refreshIndex(ctx); err != nil {
+		return nil, err
+	}
 	c := &counters{start: time.Now(), total: m.Size}
 	stop := c.report(o.Progress, o.ProgressInterval)
 	err = r.restore(ctx, m, dst, o, c)

@@ -124,10 +124,11 @@ func TestS3KillResume(t *testing.T) {
 		require.NoError(t, err)
 	}
 	const blocks = 128
-	_, err = r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4})
+	// Packs of 4 blocks, so the first run completes some.
+	_, err = r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
 	require.Error(t, err)
 	g.start()
-	res, err := r.Backup(ctx, src, BackupOptions{ID: "b1", Parallel: 4})
+	res, err := r.Backup(ctx, src, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
 	require.NoError(t, err)
 	p := res.Progress
 	t.Logf("after restart: %d uploaded, %d already there", p.Uploaded, p.Deduped)
@@ -156,13 +157,15 @@ func TestS3CorruptBlock(t *testing.T) {
 	b[100] = 42
 	_, err = src.WriteAt(b, bad*64<<10)
 	require.NoError(t, err)
-	res, err := r.Backup(ctx, src, BackupOptions{})
+	// One block per pack, so that removing a pack removes one block.
+	res, err := r.Backup(ctx, src, BackupOptions{PackSize: 1})
 	require.NoError(t, err)
 
-	path := g.objectPath("bkt", "p/"+blockKey(res.Manifest.Blocks[bad]))
+	key, off, n := blockObject(t, r, res.Manifest.Blocks[bad])
+	path := g.objectPath("bkt", "p/"+key)
 	obj, err := os.ReadFile(path)
 	require.NoError(t, err)
-	obj[len(obj)-3] ^= 0x10
+	obj[off+n-3] ^= 0x10
 	require.NoError(t, os.WriteFile(path, obj, 0o644))
 
 	_, err = r.Restore(ctx, res.Manifest.ID, memDev(t, src.Size()), RestoreOptions{})
