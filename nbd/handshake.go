@@ -118,6 +118,9 @@ func (c *conn) exportName(data []byte) (*export, error) {
 		// NBD_OPT_EXPORT_NAME cannot fail politely: hard disconnect.
 		return nil, fmt.Errorf("%w: %q", ErrUnknownExport, data)
 	}
+	if err := c.srv.establish(c, x); err != nil {
+		return nil, err
+	}
 	c.selectExport(x)
 	var b [10 + exportNameZeroes]byte
 	be.PutUint64(b[0:], uint64(c.size))
@@ -187,6 +190,11 @@ func (c *conn) info(opt uint32, data []byte) (*export, error) {
 	if x == nil {
 		return nil, c.optReply(opt, repErrUnknown, "no such export")
 	}
+	if opt == optGo {
+		if err := c.srv.establish(c, x); err != nil {
+			return nil, c.refuse(opt, err)
+		}
+	}
 	c.selectExport(x)
 	var b [optReplyLen + 14]byte
 	putOptReply(b[:], opt, repInfo, 12)
@@ -194,13 +202,14 @@ func (c *conn) info(opt uint32, data []byte) (*export, error) {
 	be.PutUint64(b[22:], uint64(c.size))
 	be.PutUint16(b[30:], c.flags)
 	c.bw.Write(b[:optReplyLen+12])
-	// Block size constraints are always sent: the server enforces a
-	// minimum (the device's block size) and a maximum (MaxRequest).
-	bs := uint32(x.Device.BlockSize())
+	// Block size constraints are always sent: any alignment is served
+	// (minimum 1, partial blocks by read-modify-write, see subblock.go),
+	// whole device blocks are the efficient size, and MaxRequest is the
+	// largest payload.
 	putOptReply(b[:], opt, repInfo, 14)
 	be.PutUint16(b[20:], infoBlockSize)
-	be.PutUint32(b[22:], bs)
-	be.PutUint32(b[26:], max(bs, 4096))
+	be.PutUint32(b[22:], 1)
+	be.PutUint32(b[26:], max(uint32(x.Device.BlockSize()), 512))
 	be.PutUint32(b[30:], MaxRequest)
 	c.bw.Write(b[:optReplyLen+14])
 	if req.items&(1<<infoName) != 0 {
@@ -220,6 +229,19 @@ func (c *conn) info(opt uint32, data []byte) (*export, error) {
 		c.meta = false
 	}
 	return x, c.bw.Flush()
+}
+
+// refuse answers an NBD_OPT_GO that establish turned down.
+func (c *conn) refuse(opt uint32, err error) error {
+	switch {
+	case errors.Is(err, ErrUnknownExport):
+		return c.optReply(opt, repErrUnknown, "no such export")
+	case errors.Is(err, errConnLimit):
+		return c.optReply(opt, repErrPolicy, err.Error())
+	case errors.Is(err, ErrShutdown):
+		return c.optReply(opt, repErrShutdown, "server shutting down")
+	}
+	return err
 }
 
 func (c *conn) infoString(opt uint32, typ uint16, s string) {

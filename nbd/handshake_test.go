@@ -117,7 +117,7 @@ func TestHandshakeInfo(t *testing.T) {
 	require.Equal(t, want, flags, "flags %#x", flags)
 	require.Equal(t, "one", string(got[infoName]))
 	require.Equal(t, "the first", string(got[infoDescription]))
-	require.Equal(t, []uint32{512, 4096, MaxRequest},
+	require.Equal(t, []uint32{1, 512, MaxRequest},
 		[]uint32{be.Uint32(got[infoBlockSize]), be.Uint32(got[infoBlockSize][4:]), be.Uint32(got[infoBlockSize][8:])})
 
 	// INFO does not end negotiation; a read-only export says so, and with
