@@ -37,7 +37,7 @@ func (c *conn) validate(r *request) (Errno, string) {
 	if r.flags&cflagDF != 0 && !c.structured {
 		return EINVAL, "DF without structured replies"
 	}
-	ro := c.exp.ro
+	ro := c.ro
 	switch r.typ {
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if ro {

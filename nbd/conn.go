@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -36,6 +37,10 @@ type conn struct {
 	// Negotiation state, owned by the serve goroutine until workers start,
 	// read-only afterwards.
 	noZeroes   bool
+	fixed      bool              // the client set FIXED_NEWSTYLE
+	tlsOn      bool              // NBD_OPT_STARTTLS succeeded
+	tlsPeer    *x509.Certificate // the client's verified certificate, if any
+	ro         bool              // this connection may not write (export or client read-only)
 	structured bool
 	meta       bool    // base:allocation selected for metaExport
 	metaExport *export // export the metadata contexts were set for

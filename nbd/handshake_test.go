@@ -56,10 +56,14 @@ func TestHandshakeOversizedOption(t *testing.T) {
 func TestHandshakeUnknownOptions(t *testing.T) {
 	r := dialRaw(t, handshakeServer(t))
 	r.greet(cflagFixedNewstyle)
-	for _, opt := range []uint32{99, optPeekExport, optStartTLS, optExtendedHeaders, 0, 1 << 31} {
+	for _, opt := range []uint32{99, optPeekExport, optExtendedHeaders, 0, 1 << 31} {
 		r.opt(opt, []byte("some data the server must skip"))
 		require.Equal(t, repErrUnsup, r.reply(opt).typ, "option %d", opt)
 	}
+	// With TLS off, STARTTLS is refused by policy (the protocol's NOTLS
+	// mode).
+	r.opt(optStartTLS, nil)
+	require.Equal(t, repErrPolicy, r.reply(optStartTLS).typ)
 	// The session is still usable.
 	r.opt(optList, nil)
 	require.Len(t, r.replies(optList), 3)

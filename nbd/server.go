@@ -45,6 +45,11 @@ type Export struct {
 	// ReadOnly exports the device read-only: writes, trims and zeroing
 	// fail with EPERM. A *blockdev.ReadOnlyDevice is always read-only.
 	ReadOnly bool
+	// Clients, when not empty, makes the export TLS-only and lets only
+	// the client certificates it lists use it (verified against the CA
+	// of Options.TLSCertDir). Other clients are refused with
+	// NBD_REP_ERR_POLICY and do not see the export in NBD_OPT_LIST.
+	Clients []ClientAccess
 }
 
 // Options configures a Server. The zero value is a good default.
@@ -96,6 +101,20 @@ type Options struct {
 	// Logger receives connection errors, device errors (rate-limited)
 	// and limit hits. Nil discards them.
 	Logger *slog.Logger
+
+	// TLS selects whether clients may, or must, upgrade to TLS with
+	// NBD_OPT_STARTTLS. The zero value is TLSOff.
+	TLS TLSMode
+	// TLSCertDir holds the server's credentials: ca-cert.pem,
+	// server-cert.pem and server-key.pem (the layout of qemu's
+	// tls-creds-x509 and nbdkit's --tls-certificates). ca-cert.pem is
+	// read only to verify client certificates. Needed unless TLS is
+	// TLSOff; Server.ReloadTLS reads it again.
+	TLSCertDir string
+	// TLSVerifyPeer requires every TLS client to present a certificate
+	// signed by ca-cert.pem (mutual TLS). Without it a certificate that
+	// is given is verified, and only exports with Clients need one.
+	TLSVerifyPeer bool
 }
 
 func (o *Options) setDefaults() {
@@ -176,6 +195,7 @@ type Server struct {
 	counts serverCounters
 	// devLog and limitLog rate-limit the log lines a client can cause.
 	devLog, limitLog logLimiter
+	tls              tlsState
 }
 
 // New returns a server with the given exports (more can be added with
@@ -190,8 +210,16 @@ func New(opts Options, exports ...Export) (*Server, error) {
 		done:      make(chan struct{}),
 		budget:    semaphore.NewWeighted(opts.MaxBufferBytes),
 	}
+	if opts.TLS < TLSOff || opts.TLS > TLSRequire {
+		return nil, fmt.Errorf("nbd: unknown TLS mode %d", int(opts.TLS))
+	}
 	for _, e := range exports {
 		if err := s.Add(e); err != nil {
+			return nil, err
+		}
+	}
+	if opts.TLS != TLSOff {
+		if err := s.ReloadTLS(); err != nil {
 			return nil, err
 		}
 	}
@@ -205,6 +233,14 @@ func (s *Server) Add(e Export) error {
 	}
 	if e.Name == "" || len(e.Name) > maxString || len(e.Description) > maxString {
 		return fmt.Errorf("nbd: export %q: name must be 1 to %d bytes, description at most %d", e.Name, maxString, maxString)
+	}
+	if len(e.Clients) > 0 {
+		if s.opts.TLS == TLSOff {
+			return fmt.Errorf("nbd: export %q: a client allow-list needs TLS", e.Name)
+		}
+		if s.tls.conf.Load() != nil && s.tls.conf.Load().ClientCAs == nil {
+			return fmt.Errorf("nbd: export %q: a client allow-list needs %s in %s", e.Name, CACertFile, s.opts.TLSCertDir)
+		}
 	}
 	x := &export{Export: e, ro: e.ReadOnly}
 	if _, ok := e.Device.(*blockdev.ReadOnlyDevice); ok {
