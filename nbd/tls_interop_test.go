@@ -29,7 +29,6 @@ type gnutlsPKI struct {
 	mixed string
 }
 
-
 // newGnutlsPKI makes a CA, a server certificate for localhost and
 // 127.0.0.1, and client certificates, in the layout qemu and nbdkit read.
 func newGnutlsPKI(t *testing.T) *gnutlsPKI {
