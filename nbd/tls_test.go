@@ -28,7 +28,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
@@ -52,7 +52,7 @@ var serial int64 = 100
 
 // issue makes a certificate and key for cn, for a server (localhost and
 // 127.0.0.1) or a client.
-func (ca *testCA) issue(t *testing.T, cn string, server bool) (certPEM, keyPEM []byte) {
+func (ca *testCA) issue(t testing.TB, cn string, server bool) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
@@ -81,7 +81,7 @@ func (ca *testCA) issue(t *testing.T, cn string, server bool) (certPEM, keyPEM [
 // certDir writes a certificate directory: ca-cert.pem plus, for a
 // server, server-cert.pem and server-key.pem, or for a client with a
 // name, client-cert.pem and client-key.pem.
-func (ca *testCA) certDir(t *testing.T, server bool, cn string) string {
+func (ca *testCA) certDir(t testing.TB, server bool, cn string) string {
 	t.Helper()
 	dir := t.TempDir()
 	require.NoError(t, os.WriteFile(filepath.Join(dir, CACertFile), ca.pem, 0o644))
