@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // waitFor polls cond until it holds; a test that never gets there fails
@@ -239,4 +244,41 @@ func TestLogLimiter(t *testing.T) {
 	ok, dropped := l.allowAt(t0.Add(time.Second))
 	require.True(t, ok)
 	require.Equal(t, 5, dropped)
+}
+
+// lockedBuffer is a log destination safe for the server's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A request that fails on the device is logged with the export, the
+// command and the range; limits being hit are logged too.
+func TestLogDeviceErrorsAndLimits(t *testing.T) {
+	var logs lockedBuffer
+	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	ts := startServer(t, Options{MaxConns: 1, Logger: slog.New(slog.NewTextHandler(&logs, nil))},
+		Export{Name: "d", Device: f})
+	c := dial(t, ts.uri("d"))
+	f.FailNth(blockdevtest.OpRead, 1, blockdev.ErrIO)
+	_, err := c.ReadAt(make([]byte, 512), 1024)
+	require.ErrorIs(t, err, EIO)
+	_, err = Dial(context.Background(), ts.uri("d"))
+	require.Error(t, err)
+	out := logs.String()
+	require.Contains(t, out, `msg="nbd: device error" export=d`)
+	require.Contains(t, out, "command=read offset=1024 length=512")
+	require.Contains(t, out, "established connections at their limit")
 }
