@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // FuzzLoadPersistent feeds arbitrary COW device images to the loader and to
@@ -76,22 +77,22 @@ func compactImage(img []byte) []byte {
 
 func FuzzLoadPersistent(f *testing.F) {
 	// A store this package wrote, with and without a live recovery record.
-	origin := newMem(f, 64<<10, 512)
+	origin := blockdevtest.NewMem(f, 64<<10, 512)
 	o := newOrigin(f, origin)
-	cow := newMem(f, fuzzImageSize, 512)
+	cow := blockdevtest.NewMem(f, fuzzImageSize, 512)
 	s, err := o.CreateSnapshot(cow, Options{ChunkSize: 512, Persistent: true})
 	if err != nil {
 		f.Fatal(err)
 	}
 	for c := range 20 {
-		mustWrite(f, o, fill(byte(c), 512), int64(c*3%128)*512)
+		mustWrite(f, o, blockdevtest.Fill(byte(c), 512), int64(c*3%128)*512)
 	}
-	live := compactImage(readAll(f, cow))
+	live := compactImage(blockdevtest.ReadAll(f, cow))
 	f.Add(live)
 	if err := s.Close(); err != nil {
 		f.Fatal(err)
 	}
-	f.Add(compactImage(readAll(f, cow)))
+	f.Add(compactImage(blockdevtest.ReadAll(f, cow)))
 	// A kernel-style image (4 KiB chunks, no record), and broken headers.
 	kernel := make([]byte, 17+16)
 	putKernelHeader(kernel, 1, 1, 8)
@@ -110,7 +111,7 @@ func FuzzLoadPersistent(f *testing.F) {
 
 	// One origin for every input, each snapshot detached after it: setup
 	// stays out of the loop.
-	fo := newOrigin(f, newMem(f, 16<<10, 512))
+	fo := newOrigin(f, blockdevtest.NewMem(f, 16<<10, 512))
 	defer fo.Close()
 	f.Fuzz(func(t *testing.T, data []byte) {
 		o := fo

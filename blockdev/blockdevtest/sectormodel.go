@@ -60,10 +60,17 @@ func (m *SectorModel) Add(name string, img []byte) {
 
 // Snapshot adds name as a snapshot of volume of, taken now and durable (the
 // engine committed it before returning): it holds of's current content for
-// ever (rule 3). A writable clone is Add(name, m.Current(of)).
+// ever (rule 3), where a failed write to of may or may not have landed
+// before it was taken. A writable clone is Add(name, m.Current(of)).
 func (m *SectorModel) Snapshot(name, of string) {
-	m.Add(name, m.vol(of).cur)
-	m.vols[name].frozen = true
+	src := m.vol(of)
+	m.Add(name, src.cur)
+	v := m.vols[name]
+	v.frozen = true
+	for s := range src.unsure {
+		v.unsure[s] = true
+		v.cands[s] = slices.Clone(src.cands[s])
+	}
 }
 
 // Delete forgets a volume.
