@@ -200,7 +200,7 @@ func TestSectorModel(t *testing.T) {
 	// value or one written since.
 	crashed := make([]byte, size)
 	copy(crashed, blockdevtest.Fill(1, 1024))
-	copy(crashed[0:], make([]byte, 512))           // the discard survived
+	copy(crashed[0:], make([]byte, 512))            // the discard survived
 	copy(crashed[2048:], blockdevtest.Fill(3, 512)) // the failed write landed
 	require.NoError(t, m.CheckCrash("origin", crashed, blockdevtest.Drop))
 	lost := append([]byte(nil), crashed...)
