@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // fixture is a small valid journal image: some records before a
@@ -28,7 +29,6 @@ type fixture struct {
 	batchAt  int64  // its apos
 }
 
-//
 // With small, the records are a few bytes each, so the last batch (the
 // record fuzzers' seed) is a few dozen bytes: Go's engine minimises each new
 // input with a number of tries that grows with the square of its length,
@@ -37,7 +37,7 @@ func buildFixture(tb testing.TB, small bool) *fixture {
 	tb.Helper()
 	ctx := context.Background()
 	const bs = 512
-	dev := newMem(tb, 2*bs+2*4096+(32<<10), bs)
+	dev := blockdevtest.NewMem(tb, 2*bs+2*4096+(32<<10), bs)
 	j, err := Format(dev, Options{CheckpointSize: 4096})
 	require.NoError(tb, err)
 	fx := &fixture{bs: bs}
@@ -80,7 +80,7 @@ func buildFixture(tb testing.TB, small bool) *fixture {
 }
 
 func (fx *fixture) device(tb testing.TB) *blockdev.Mem {
-	m := newMem(tb, int64(len(fx.img)), fx.bs)
+	m := blockdevtest.NewMem(tb, int64(len(fx.img)), fx.bs)
 	_, err := m.WriteAt(fx.img, 0)
 	require.NoError(tb, err)
 	return m

@@ -135,9 +135,15 @@ func TestPowerCutAtNthFlush(t *testing.T) {
 	_, err = a.WriteAt(blockdevtest.Fill(3, 4096), 4096)
 	require.NoError(t, err)
 	require.False(t, pc.Fired())
+	select {
+	case <-pc.Done():
+		t.Fatal("the power went early")
+	default:
+	}
 	err = b.Flush() // the 2nd flush: the power goes before it
 	require.ErrorIs(t, err, blockdevtest.ErrCrashed)
 	require.True(t, pc.Fired())
+	<-pc.Done()
 	_, err = a.WriteAt(blockdevtest.Fill(4, 4096), 0)
 	require.ErrorIs(t, err, blockdevtest.ErrCrashed, "every device lost power")
 	require.Equal(t, "power cut before the 2nd flush (call 5) on meta, policy drop(seed=0)", pc.String())

@@ -16,6 +16,7 @@ import (
 // concurrent use.
 type PowerCut struct {
 	policy Policy
+	done   chan struct{} // closed when the power goes
 
 	mu     sync.Mutex // guards the fields below; taken before any CrashSim's lock (CrashAll)
 	op     Op
@@ -31,7 +32,7 @@ type PowerCut struct {
 // (OpAny: of any kind) with crash policy p. k < 1 never fires on its own
 // (Arm or Cut later).
 func NewPowerCut(op Op, k int, p Policy) *PowerCut {
-	return &PowerCut{op: op, k: k, policy: p}
+	return &PowerCut{op: op, k: k, policy: p, done: make(chan struct{})}
 }
 
 // Device returns sim wrapped so that its calls count towards the cut, under
@@ -96,7 +97,12 @@ func (pc *PowerCut) cutLocked() {
 		panic(fmt.Sprintf("blockdevtest: %v: %v", pc, err))
 	}
 	pc.after = after
+	close(pc.done)
 }
+
+// Done returns a channel closed when the power goes, for a workload that
+// waits for either its end or the cut.
+func (pc *PowerCut) Done() <-chan struct{} { return pc.done }
 
 // After returns the images the cut left, or nil before it fired.
 func (pc *PowerCut) After() []*CrashSim {

@@ -86,12 +86,15 @@ func TortureBudget(t testing.TB, points int) *Budget {
 }
 
 // Next reports whether another crash point is due, and counts it if so.
-func (b *Budget) Next() bool {
+func (b *Budget) Next() bool { return b.NextN(1) }
+
+// NextN is Next for a run that visits n crash points.
+func (b *Budget) NextN(n int) bool {
 	if !b.deadline.IsZero() && time.Now().After(b.deadline) {
 		return false
 	}
-	if b.points.Add(1) > b.limit {
-		b.points.Add(-1)
+	if b.points.Add(int64(n)) > b.limit {
+		b.points.Add(-int64(n))
 		return false
 	}
 	return true
