@@ -345,3 +345,31 @@ func TestGCPacks(t *testing.T) {
 	_, err = r.Verify(ctx, VerifyOptions{ReadData: true})
 	require.NoError(t, err)
 }
+
+func TestLocations(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct{ in, loc, id string }{
+		{"s3://bkt/pre/fix/20261129T000000.000Z-abc", "s3://bkt/pre/fix", "20261129T000000.000Z-abc"},
+		{"s3://bkt/b1", "s3://bkt", "b1"},
+		{"/var/backups/b1/", "/var/backups", "b1"},
+	} {
+		loc, id, err := SplitBackup(tc.in)
+		require.NoError(t, err, tc.in)
+		require.Equal(t, tc.loc, loc)
+		require.Equal(t, tc.id, id)
+	}
+	for _, bad := range []string{"b1", "s3://bkt", "s3://bkt/..", "/x/a b"} {
+		_, _, err := SplitBackup(bad)
+		require.ErrorIs(t, err, ErrOptions, bad)
+	}
+	dir := t.TempDir()
+	be, err := NewBackend(ctx, "file://"+dir, S3Options{})
+	require.NoError(t, err)
+	require.IsType(t, &Dir{}, be)
+	_, err = NewBackend(ctx, "http://x/y", S3Options{})
+	require.ErrorIs(t, err, ErrOptions)
+	bucket, prefix, err := ParseS3URL("s3://bkt/a/b/")
+	require.NoError(t, err)
+	require.Equal(t, "bkt", bucket)
+	require.Equal(t, "a/b", prefix)
+}
