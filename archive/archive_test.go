@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -27,6 +28,14 @@ func TestBackupRestoreDir(t *testing.T) {
 			r, _ := dirRepo(t, tc.o)
 			src := memDev(t, 4<<20+64<<10) // a short last block
 			fillVolume(t, src, rng)
+			same := make([]byte, 64<<10) // one block's content at three offsets
+			for i := range same {
+				same[i] = byte(rng.Uint32())
+			}
+			for _, b := range []int64{10, 20, 30} {
+				_, err := src.WriteAt(same, b*64<<10)
+				require.NoError(t, err)
+			}
 			res, err := r.Backup(ctx, src, BackupOptions{Volume: "vol"})
 			require.NoError(t, err)
 			p := res.Progress
@@ -372,4 +381,45 @@ func TestLocations(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "bkt", bucket)
 	require.Equal(t, "a/b", prefix)
+}
+
+// cancellingDev cancels a context at its n-th read.
+type cancellingDev struct {
+	blockdev.Device
+	reads  atomic.Int64
+	n      int64
+	cancel context.CancelFunc
+}
+
+func (d *cancellingDev) ReadAt(p []byte, off int64) (int, error) {
+	if d.reads.Add(1) == d.n {
+		d.cancel()
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+func TestBackupCancelResume(t *testing.T) {
+	rng := rand.New(rand.NewPCG(testSeed(t), 7))
+	r, _ := dirRepo(t, Options{})
+	src := memDev(t, 4<<20)
+	b := make([]byte, src.Size())
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	_, err := src.WriteAt(b, 0)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	var last Progress
+	_, err = r.Backup(ctx, &cancellingDev{Device: src, n: 40, cancel: cancel},
+		BackupOptions{ID: "x", PackSize: 128 << 10, Parallel: 2, Progress: func(p Progress) { last = p }})
+	require.ErrorIs(t, err, context.Canceled)
+	require.Positive(t, last.TotalBytes)
+	res, err := r.Backup(context.Background(), src, BackupOptions{ID: "x", PackSize: 128 << 10})
+	require.NoError(t, err)
+	require.Positive(t, res.Progress.Deduped)
+	require.Less(t, res.Progress.Uploaded, 64)
+	dst := memDev(t, src.Size())
+	_, err = r.Restore(context.Background(), "x", dst, RestoreOptions{})
+	require.NoError(t, err)
+	requireSame(t, src, dst, src.Size())
 }

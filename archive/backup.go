@@ -60,9 +60,10 @@ type BackupOptions struct {
 type Progress struct {
 	TotalBytes int64 // bytes this run reads (backup) or writes (restore)
 	DoneBytes  int64
-	// Blocks processed so far, and how they went: sent to the repository,
-	// already there (deduplicated, or a parent's unchanged block), or
-	// zeros.
+	// Blocks processed so far, and how they went: sent to the repository
+	// (a restore: written from fetched data), already there (deduplicated,
+	// a parent's unchanged block; a restore: already right on the
+	// destination), or zeros.
 	Blocks, Uploaded, Deduped, Zero int
 	// StoredBytes: bytes sent (backup) or fetched (restore), in stored
 	// form (compressed and encrypted).

@@ -380,39 +380,48 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 }
 
 // fetchBlock downloads block i of m into dst (reused if large enough) and
-// checks its hash; it also returns the object's stored size. A missing or damaged block gives a *BlockError.
+// checks its hash; it also returns the object's stored size. A missing or
+// damaged block gives a *BlockError.
 func (r *Repo) fetchBlock(ctx context.Context, m *Manifest, i int, dst []byte) ([]byte, int, error) {
 	h := m.Blocks[i]
-	bad := func(err error) error {
-		return &BlockError{Backup: m.ID, Index: i, Offset: int64(i) * int64(m.BlockSize), Hash: h, Err: err}
-	}
 	l, ok := r.idx.lookup(h)
 	if !ok {
-		return nil, 0, bad(fmt.Errorf("in no pack's index: %w", ErrNotFound))
+		return nil, 0, blockErr(m, i, fmt.Errorf("in no pack's index: %w", ErrNotFound))
 	}
 	obj, err := r.be.GetRange(ctx, packKey(l.pack), int64(l.off), int64(l.n))
 	if errors.Is(err, ErrNotFound) {
-		return nil, 0, bad(err)
+		return nil, 0, blockErr(m, i, err)
 	}
 	if err != nil {
 		return nil, 0, err
 	}
-	if len(obj) != int(l.n) {
-		return nil, 0, bad(fmt.Errorf("%s is shorter than its index says: %w", packKey(l.pack), ErrCorrupt))
+	plain, err := r.openBlock(m, i, obj, dst)
+	return plain, len(obj), err
+}
+
+func blockErr(m *Manifest, i int, err error) *BlockError {
+	return &BlockError{Backup: m.ID, Index: i, Offset: int64(i) * int64(m.BlockSize), Hash: m.Blocks[i], Err: err}
+}
+
+// openBlock decodes block i of m from its stored bytes obj (which it may
+// overwrite) into dst and checks its length and hash.
+func (r *Repo) openBlock(m *Manifest, i int, obj, dst []byte) ([]byte, error) {
+	h := m.Blocks[i]
+	if l, ok := r.idx.lookup(h); ok && len(obj) != int(l.n) {
+		return nil, blockErr(m, i, fmt.Errorf("%s is shorter than its index says: %w", packKey(l.pack), ErrCorrupt))
 	}
-	key := blockKey(h)
-	plain, err := r.codec.open(key, obj, dst)
+	plain, err := r.codec.open(blockKey(h), obj, dst)
 	if err != nil {
-		return nil, 0, bad(err)
+		return nil, blockErr(m, i, err)
 	}
 	if len(plain) != m.blockLen(i) {
-		return nil, 0, bad(fmt.Errorf("length %d, want %d: %w", len(plain), m.blockLen(i), ErrCorrupt))
+		return nil, blockErr(m, i, fmt.Errorf("length %d, want %d: %w", len(plain), m.blockLen(i), ErrCorrupt))
 	}
 	hs := r.getHasher()
 	sum := hs.sum(plain)
 	r.hashers.Put(hs)
 	if sum != h {
-		return nil, 0, bad(fmt.Errorf("hash mismatch: %w", ErrCorrupt))
+		return nil, blockErr(m, i, fmt.Errorf("hash mismatch: %w", ErrCorrupt))
 	}
-	return plain, len(obj), nil
+	return plain, nil
 }

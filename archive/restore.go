@@ -3,6 +3,7 @@ package archive
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -61,12 +62,140 @@ func (r *Repo) Restore(ctx context.Context, id string, dst blockdev.Device, o Re
 	return &p, nil
 }
 
+// restore works in two passes: the first handles zero blocks and (with
+// Resume) blocks the destination already holds, and notes the rest; the
+// second fetches the rest a pack at a time, with one ranged GET over the
+// blocks it needs from that pack.
 func (r *Repo) restore(ctx context.Context, m *Manifest, dst blockdev.Device, o RestoreOptions, c *counters) error {
+	parallel := cmp.Or(max(o.Parallel, 0), 8)
+	need := make([]bool, len(m.Blocks))
+	err := forEach(ctx, len(m.Blocks), parallel, func() func(int) error {
+		cur := make([]byte, m.BlockSize)
+		hs := r.newHasher()
+		return func(i int) error {
+			off, n, h := int64(i)*int64(m.BlockSize), m.blockLen(i), m.Blocks[i]
+			if o.Resume {
+				if _, err := dst.ReadAt(cur[:n], off); err != nil {
+					return fmt.Errorf("read destination at %d: %w", off, err)
+				}
+				if hs.sum(cur[:n]) == h {
+					c.deduped.Add(1)
+					c.done.Add(int64(n))
+					c.blocks.Add(1)
+					return nil
+				}
+			}
+			if h.IsZero() {
+				c.zero.Add(1)
+				c.done.Add(int64(n))
+				c.blocks.Add(1)
+				return zeroRange(dst, off, int64(n), o.NoDiscard, cur)
+			}
+			need[i] = true // each worker writes only its own indices
+			return nil
+		}
+	})
+	if err != nil {
+		return err
+	}
+	packs, err := r.groupByPack(m, need)
+	if err != nil {
+		return err
+	}
+	return forEach(ctx, len(packs), parallel, func() func(int) error {
+		buf := make([]byte, 0, m.BlockSize)
+		return func(k int) error { return r.restorePack(ctx, m, dst, packs[k], buf, c) }
+	})
+}
+
+// packPart is what a restore needs from one pack: the blocks (by the
+// manifest indices where each occurs) and the byte span covering them.
+type packPart struct {
+	pack     string
+	from, to int64
+	blocks   []packBlock
+}
+
+type packBlock struct {
+	off, n  uint32
+	indices []int
+}
+
+func (r *Repo) groupByPack(m *Manifest, need []bool) ([]*packPart, error) {
+	byPack := make(map[string]*packPart)
+	type at struct {
+		p *packPart
+		k int // index in p.blocks (not a pointer: the slice grows)
+	}
+	byHash := make(map[Hash]at)
+	var parts []*packPart
+	for i, ok := range need {
+		if !ok {
+			continue
+		}
+		h := m.Blocks[i]
+		if a, ok := byHash[h]; ok {
+			a.p.blocks[a.k].indices = append(a.p.blocks[a.k].indices, i)
+			continue
+		}
+		l, found := r.idx.lookup(h)
+		if !found {
+			return nil, blockErr(m, i, fmt.Errorf("in no pack's index: %w", ErrNotFound))
+		}
+		p := byPack[l.pack]
+		if p == nil {
+			p = &packPart{pack: l.pack, from: int64(l.off), to: int64(l.off) + int64(l.n)}
+			byPack[l.pack] = p
+			parts = append(parts, p)
+		}
+		p.from, p.to = min(p.from, int64(l.off)), max(p.to, int64(l.off)+int64(l.n))
+		p.blocks = append(p.blocks, packBlock{off: l.off, n: l.n, indices: []int{i}})
+		byHash[h] = at{p, len(p.blocks) - 1}
+	}
+	return parts, nil
+}
+
+func (r *Repo) restorePack(ctx context.Context, m *Manifest, dst blockdev.Device, p *packPart, buf []byte, c *counters) error {
+	span, err := r.be.GetRange(ctx, packKey(p.pack), p.from, p.to-p.from)
+	if errors.Is(err, ErrNotFound) {
+		return blockErr(m, p.blocks[0].indices[0], err)
+	}
+	if err != nil {
+		return err
+	}
+	for _, b := range p.blocks {
+		first := b.indices[0]
+		lo, hi := int64(b.off)-p.from, int64(b.off)+int64(b.n)-p.from
+		if hi > int64(len(span)) {
+			return blockErr(m, first, fmt.Errorf("%s is shorter than its index says: %w", packKey(p.pack), ErrCorrupt))
+		}
+		plain, err := r.openBlock(m, first, span[lo:hi], buf)
+		if err != nil {
+			return err
+		}
+		c.stored.Add(int64(b.n))
+		for _, i := range b.indices {
+			off := int64(i) * int64(m.BlockSize)
+			if _, err := dst.WriteAt(plain, off); err != nil {
+				return fmt.Errorf("write block %d at %d: %w", i, off, err)
+			}
+			c.uploaded.Add(1)
+			c.done.Add(int64(len(plain)))
+			c.blocks.Add(1)
+		}
+	}
+	return nil
+}
+
+// forEach runs fn(i) for i in [0, n) on parallel goroutines, each with its
+// own fn from newWorker (for per-goroutine buffers), stopping at the first
+// error.
+func forEach(ctx context.Context, n, parallel int, newWorker func() func(int) error) error {
 	jobs := make(chan int)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(jobs)
-		for i := range m.Blocks {
+		for i := range n {
 			select {
 			case jobs <- i:
 			case <-gctx.Done():
@@ -75,13 +204,11 @@ func (r *Repo) restore(ctx context.Context, m *Manifest, dst blockdev.Device, o 
 		}
 		return nil
 	})
-	for range cmp.Or(max(o.Parallel, 0), 8) {
+	for range parallel {
 		g.Go(func() error {
-			buf := make([]byte, 0, m.BlockSize)
-			cur := make([]byte, m.BlockSize)
-			hs := r.newHasher()
+			fn := newWorker()
 			for i := range jobs {
-				if err := r.restoreBlock(gctx, m, i, dst, o, hs, buf, cur, c); err != nil {
+				if err := fn(i); err != nil {
 					return err
 				}
 			}
@@ -89,37 +216,6 @@ func (r *Repo) restore(ctx context.Context, m *Manifest, dst blockdev.Device, o 
 		})
 	}
 	return g.Wait()
-}
-
-func (r *Repo) restoreBlock(ctx context.Context, m *Manifest, i int, dst blockdev.Device, o RestoreOptions,
-	hs *hasher, buf, cur []byte, c *counters) error {
-	off := int64(i) * int64(m.BlockSize)
-	n := m.blockLen(i)
-	h := m.Blocks[i]
-	defer func() { c.done.Add(int64(n)); c.blocks.Add(1) }()
-	if o.Resume {
-		if _, err := dst.ReadAt(cur[:n], off); err != nil {
-			return fmt.Errorf("read destination at %d: %w", off, err)
-		}
-		if hs.sum(cur[:n]) == h {
-			c.deduped.Add(1)
-			return nil
-		}
-	}
-	if h.IsZero() {
-		c.zero.Add(1)
-		return zeroRange(dst, off, int64(n), o.NoDiscard, cur)
-	}
-	plain, stored, err := r.fetchBlock(ctx, m, i, buf)
-	if err != nil {
-		return err
-	}
-	c.uploaded.Add(1)
-	c.stored.Add(int64(stored))
-	if _, err := dst.WriteAt(plain, off); err != nil {
-		return fmt.Errorf("write block %d at %d: %w", i, off, err)
-	}
-	return nil
 }
 
 // zeroRange makes [off, off+n) of dst read as zeros: a discard, or with
