@@ -80,6 +80,7 @@ func (g *Gateway) Start() error {
 	}
 	cmd := exec.Command(g.bin, "--access", AccessKey, "--secret", SecretKey, "--port", g.Addr, "posix", g.Dir)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("archivetest: start versitygw: %w", err)
 	}
