@@ -162,8 +162,9 @@ func TestIncrementalSnapshot(t *testing.T) {
 	}
 	s2, err := st.CreateSnapshot("s2", live)
 	require.NoError(t, err)
-	inc, err := r.BackupSnapshot(ctx, st, s2, s1, BackupOptions{Parent: full.Manifest.ID})
+	inc, err := r.BackupSnapshot(ctx, st, s2, s1, BackupOptions{}) // the parent backup is found
 	require.NoError(t, err)
+	require.Equal(t, full.Manifest.ID, inc.Manifest.Parent)
 	require.Equal(t, int64(len(touched))*int64(r.BlockSize()), inc.Progress.TotalBytes)
 	require.Equal(t, len(touched), inc.Progress.Uploaded)
 	require.Equal(t, "s2", inc.Manifest.Snapshot)
@@ -177,6 +178,10 @@ func TestIncrementalSnapshot(t *testing.T) {
 	// The wrong parent snapshot for a backup is refused.
 	_, err = r.BackupSnapshot(ctx, st, s2, s2, BackupOptions{Parent: full.Manifest.ID})
 	require.ErrorIs(t, err, ErrBadParent)
+	s3, err := st.CreateSnapshot("s3", live)
+	require.NoError(t, err)
+	_, err = r.BackupSnapshot(ctx, st, s3, s3, BackupOptions{})
+	require.ErrorIs(t, err, ErrNotFound) // s3 has no backup
 
 	// Deleting the parent keeps the incremental whole; GC then frees the
 	// parent's blocks the incremental replaced.

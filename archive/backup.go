@@ -354,8 +354,9 @@ func newBackupID() string {
 }
 
 // BackupSnapshot backs up snap, a snapshot in st. With parentSnap (an
-// earlier snapshot of the same volume) and o.Parent (the backup made of it),
-// only the blocks st.Diff reports changed between the two are read. The
+// earlier snapshot of the same volume) only the blocks st.Diff reports
+// changed between the two are read; the parent backup is o.Parent, or if
+// that is empty the newest backup of parentSnap (FindBackup). The
 // manifest records the snapshot's name and ID, and the volume's identity
 // (o.Volume, or the ID of the volume the snapshot was taken of).
 func (r *Repo) BackupSnapshot(ctx context.Context, st *snapshot.Store, snap, parentSnap *snapshot.Volume, o BackupOptions) (*BackupResult, error) {
@@ -374,11 +375,14 @@ func (r *Repo) BackupSnapshot(ctx context.Context, st *snapshot.Store, snap, par
 		}
 		return r.Backup(ctx, snap, o)
 	}
+	var pm *Manifest
+	var err error
 	if o.Parent == "" {
-		return nil, fmt.Errorf("archive: parent snapshot %s without its backup: %w", parentSnap.Info().Name, ErrOptions)
-	}
-	pm, err := r.Manifest(ctx, o.Parent)
-	if err != nil {
+		if pm, err = r.FindBackup(ctx, o.Volume, parentSnap); err != nil {
+			return nil, err
+		}
+		o.Parent = pm.ID
+	} else if pm, err = r.Manifest(ctx, o.Parent); err != nil {
 		return nil, err
 	}
 	if pm.SnapID != parentSnap.ID() || pm.Snapshot != parentSnap.Info().Name {
@@ -393,4 +397,21 @@ func (r *Repo) BackupSnapshot(ctx context.Context, st *snapshot.Store, snap, par
 		}
 	}
 	return r.Backup(ctx, snap, o)
+}
+
+// FindBackup returns the newest backup of snapshot snap of the volume named
+// volume ("" matches any), or an error wrapping ErrNotFound.
+func (r *Repo) FindBackup(ctx context.Context, volume string, snap *snapshot.Volume) (*Manifest, error) {
+	ms, err := r.Backups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	info := snap.Info()
+	for i := len(ms) - 1; i >= 0; i-- {
+		m := ms[i]
+		if m.SnapID == info.ID && m.Snapshot == info.Name && (volume == "" || m.Volume == volume) {
+			return m, nil
+		}
+	}
+	return nil, fmt.Errorf("archive: no backup of snapshot %q (id %d) of volume %q: %w", info.Name, info.ID, volume, ErrNotFound)
 }
