@@ -193,9 +193,10 @@ type Server struct {
 	// budget bounds the buffer bytes of all connections together.
 	budget *semaphore.Weighted
 	counts serverCounters
-	// devLog and limitLog rate-limit the log lines a client can cause.
-	devLog, limitLog logLimiter
-	tls              tlsState
+	// devLog, limitLog and connLog rate-limit the log lines a client
+	// can cause.
+	devLog, limitLog, connLog logLimiter
+	tls                       tlsState
 }
 
 // New returns a server with the given exports (more can be added with

@@ -327,3 +327,22 @@ func TestTLSModeAndURIs(t *testing.T) {
 	_, err = Dial(context.Background(), "nbds://127.0.0.1:1/?tls-certificates="+t.TempDir())
 	require.ErrorContains(t, err, CACertFile)
 }
+
+// In TLSOn mode a TLS-only export refuses metadata context options before
+// TLS with ERR_POLICY: the protocol reserves ERR_TLS_REQD for INFO, GO and
+// EXPORT_NAME there.
+func TestTLSOnMetaContextBeforeTLS(t *testing.T) {
+	ca := newTestCA(t, "test CA")
+	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: ca.certDir(t, true, "localhost")},
+		Export{Name: "vm", Device: newMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "writer"}}})
+	r := dialRaw(t, ts)
+	r.greet(cflagFixedNewstyle)
+	r.opt(optStructuredReply, nil)
+	require.Equal(t, repAck, r.reply(optStructuredReply).typ)
+	r.opt(optSetMetaContext, metaData("vm", "base:allocation"))
+	require.Equal(t, repErrPolicy, r.reply(optSetMetaContext).typ)
+	r.opt(optInfo, infoData("vm"))
+	require.Equal(t, repErrTLSReqd, r.reply(optInfo).typ)
+	r.opt(optExportName, []byte("vm"))
+	r.expectClosed()
+}
