@@ -19,6 +19,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // testCA is a certificate authority made in the test.
@@ -345,4 +348,18 @@ func TestTLSOnMetaContextBeforeTLS(t *testing.T) {
 	require.Equal(t, repErrTLSReqd, r.reply(optInfo).typ)
 	r.opt(optExportName, []byte("vm"))
 	r.expectClosed()
+}
+
+// The client over TLS passes the Device conformance suite against our
+// server (a 4 KiB-block export, so sub-block requests travel too).
+func TestTLSClientConformance(t *testing.T) {
+	ca := newTestCA(t, "test CA")
+	srvDir, cliDir := ca.certDir(t, true, "localhost"), ca.certDir(t, false, "client1")
+	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
+		ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: srvDir, TLSVerifyPeer: true},
+			Export{Name: "m", Device: newMem(t, 4<<20, 4096)})
+		c, err := Dial(t.Context(), tlsURI(ts, "m", cliDir))
+		require.NoError(t, err)
+		return c
+	})
 }
