@@ -35,6 +35,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // clients: each new connection beyond MaxNegotiating evicts the oldest
 // negotiator, and established connections are counted apart.
 func TestLimitsIdleNegotiators(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	ts := startServer(t, Options{MaxNegotiating: 8, MaxConns: 4},
 		Export{Name: "d", Device: newMem(t, cmdSize, 512)})
 	var idle []net.Conn
@@ -100,6 +101,7 @@ func TestLimitsHandshakeDeadline(t *testing.T) {
 // the server's, and a shutdown still completes (without needing its
 // context) because replies that make no progress time out.
 func TestLimitsReplyMemory(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	srv, err := New(Options{MaxInFlightBytes: MaxRequest, MaxBufferBytes: 2 * MaxRequest},
 		Export{Name: "d", Device: newMem(t, 64<<20, 4096)})
 	require.NoError(t, err)
@@ -136,6 +138,7 @@ func TestLimitsReplyMemory(t *testing.T) {
 // WriteTimeout closes a connection whose client stopped reading, and its
 // buffers come back.
 func TestLimitsWriteTimeout(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	ts := startServer(t, Options{WriteTimeout: 50 * time.Millisecond},
 		Export{Name: "d", Device: newMem(t, 64<<20, 4096)})
 	r := dialRaw(t, ts)
@@ -155,6 +158,7 @@ func TestLimitsWriteTimeout(t *testing.T) {
 // CloseExport closes the connections on one export, waits for their
 // requests to leave the device, and leaves other exports alone.
 func TestLimitsCloseExport(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	g := newGated(newMem(t, cmdSize, 512), 4096)
 	ts := startServer(t, Options{}, Export{Name: "a", Device: g}, Export{Name: "b", Device: newMem(t, cmdSize, 512)})
 	a1, a2, b := dial(t, ts.uri("a")), dial(t, ts.uri("a")), dial(t, ts.uri("b"))

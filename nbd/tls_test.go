@@ -224,6 +224,7 @@ func certPool(t *testing.T, ca *testCA) *x509.CertPool {
 // Per-export allow-lists: the export is TLS-only, hidden from clients
 // that may not use it, and read-only for a read-only entry.
 func TestTLSAllowList(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	ca := newTestCA(t, "test CA")
 	srvDir := ca.certDir(t, true, "localhost")
 	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: srvDir},
@@ -262,6 +263,7 @@ func TestTLSAllowList(t *testing.T) {
 // ReloadTLS swaps the certificates for new handshakes without dropping
 // connections made with the old ones.
 func TestTLSReload(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	f := newTLSFixture(t, Options{TLS: TLSRequire})
 	old := dial(t, tlsURI(f.ts, "d", f.caOnly))
 	// New certificates from a new CA, written over the old files.
@@ -289,6 +291,7 @@ func TestTLSReload(t *testing.T) {
 // negotiation slot no longer than the handshake deadline, and many such
 // clients do not lock out a real one.
 func TestTLSStalledHandshake(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	f := newTLSFixture(t, Options{TLS: TLSRequire, HandshakeTimeout: 200 * time.Millisecond, MaxNegotiating: 4})
 	var stalled []*raw
 	for range 10 {
