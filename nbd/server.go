@@ -174,9 +174,9 @@ const (
 type Server struct {
 	opts Options
 
-	// mu guards everything below it. Lock order: Server.mu, then a
-	// conn's locks, then an export's range lock (never the other way
-	// round).
+	// mu guards the fields from here to done. Lock order: Server.mu,
+	// then a conn's locks, then an export's range lock (never the other
+	// way round).
 	mu          sync.Mutex
 	exports     map[string]*export
 	order       []*export
@@ -190,6 +190,7 @@ type Server struct {
 	// wg counts connections; Add happens under mu while !closing.
 	wg sync.WaitGroup
 
+	// The rest synchronise themselves.
 	// budget bounds the buffer bytes of all connections together.
 	budget *semaphore.Weighted
 	counts serverCounters
