@@ -260,8 +260,9 @@ func (s *Server) Add(e Export) error {
 
 // Remove withdraws the export named name: new connections and OPT_LIST no
 // longer see it. Connections already using it keep their device until they
-// close; the caller decides what that device does meanwhile (for a deleted
-// volume: fail every request). The name can be added again afterwards.
+// close, or until CloseExport closes them; the caller decides what that
+// device does meanwhile (for a deleted volume: fail every request). The
+// name can be added again afterwards.
 func (s *Server) Remove(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
