@@ -259,3 +259,15 @@ func TestCheckReport(t *testing.T) {
 	require.Contains(t, err.Error(), "8 problems: problem 0; problem 1")
 	require.Contains(t, err.Error(), "and 3 more")
 }
+
+func TestIsZero(t *testing.T) {
+	for n := range 100 {
+		p := make([]byte, n)
+		require.True(t, blockdev.IsZero(p))
+		for i := range n {
+			p[i] = 1
+			require.False(t, blockdev.IsZero(p), "len %d, byte %d", n, i)
+			p[i] = 0
+		}
+	}
+}
