@@ -6,6 +6,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // kernelImage is a COW device as the kernel leaves it after out-of-order
@@ -27,30 +28,30 @@ func kernelImage(t *testing.T) (*blockdev.Mem, []kpair) {
 // byte: Close leaves the recovery record alone when nothing changed.
 func TestOpenReadOnlyCOWClosesCleanly(t *testing.T) {
 	kernel, _ := kernelImage(t)
-	ours := newMem(t, 1<<20, 512)
-	originDev := newMem(t, 1<<20, 512)
-	mustWrite(t, originDev, fill(0x11, 1<<20), 0)
+	ours := blockdevtest.NewMem(t, 1<<20, 512)
+	originDev := blockdevtest.NewMem(t, 1<<20, 512)
+	mustWrite(t, originDev, blockdevtest.Fill(0x11, 1<<20), 0)
 	o := newOrigin(t, originDev)
 	s, err := o.CreateSnapshot(ours, Options{ChunkSize: 4096, Persistent: true})
 	require.NoError(t, err)
-	mustWrite(t, o, fill(0x22, 8192), 4096)
-	want := readAll(t, s)
+	mustWrite(t, o, blockdevtest.Fill(0x22, 8192), 4096)
+	want := blockdevtest.ReadAll(t, s)
 	require.NoError(t, s.Close())
 
 	for name, cow := range map[string]*blockdev.Mem{"kernel": kernel, "ours": ours} {
 		t.Run(name, func(t *testing.T) {
-			before := readAll(t, cow)
+			before := blockdevtest.ReadAll(t, cow)
 			o := newOrigin(t, blockdev.ReadOnly(originDev))
 			s, err := o.OpenSnapshot(blockdev.ReadOnly(cow), Options{})
 			require.NoError(t, err)
-			got := readAll(t, s)
+			got := blockdevtest.ReadAll(t, s)
 			if name == "ours" {
 				require.Equal(t, want, got)
 			}
 			_, err = s.Check()
 			require.NoError(t, err)
 			require.NoError(t, s.Close())
-			require.Equal(t, before, readAll(t, cow))
+			require.Equal(t, before, blockdevtest.ReadAll(t, cow))
 			rep, err := CheckCOW(blockdev.ReadOnly(cow), originDev.Size())
 			require.NoError(t, err)
 			require.True(t, rep.OK(), "%q", rep.Problems)
@@ -91,7 +92,7 @@ func TestCheckCOWReportsEveryProblem(t *testing.T) {
 	require.ErrorIs(t, rep.Err(ErrCorrupt), ErrCorrupt)
 
 	// Not a store at all, and an invalidated one.
-	rep, err = CheckCOW(newMem(t, 64<<10, 512), 0)
+	rep, err = CheckCOW(blockdevtest.NewMem(t, 64<<10, 512), 0)
 	require.NoError(t, err)
 	require.Len(t, rep.Problems, 1)
 	require.Contains(t, rep.Problems[0], "not a persistent store")

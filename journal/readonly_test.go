@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // OpenReadOnly replays exactly what Open then replays, through a read-only
@@ -19,7 +20,7 @@ func TestOpenReadOnlyReplaysWithoutWriting(t *testing.T) {
 	ctx := context.Background()
 	for _, bs := range []int{512, 4096} {
 		t.Run(fmt.Sprint(bs), func(t *testing.T) {
-			dev := newMem(t, 1<<20, bs)
+			dev := blockdevtest.NewMem(t, 1<<20, bs)
 			j, err := Format(dev, Options{CheckpointSize: 64 << 10})
 			require.NoError(t, err)
 			var all [][]byte

@@ -40,7 +40,7 @@ import (
 // Sentinel errors; test them with errors.Is.
 var (
 	ErrCorrupt         = errors.New("snapshot: corrupt metadata")
-	ErrNoSpace         = errors.New("snapshot: store is full")
+	ErrNoSpace         = fmt.Errorf("snapshot: store is full: %w", blockdev.ErrNoSpace)
 	ErrNotFound        = errors.New("snapshot: no such volume")
 	ErrExists          = errors.New("snapshot: name already in use")
 	ErrInvalidSnapshot = errors.New("snapshot: snapshot is invalid or deleted")
