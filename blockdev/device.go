@@ -8,6 +8,10 @@
 // clone, a hydrating clone, an NBD export seen through the client) is itself
 // a Device, so engines stack and any of them can be exported over NBD.
 //
+// Helpers that work on any Device: Copy (skipping holes and zero blocks),
+// Equal, AllocationExtents, and Writer, which lets a byte stream of any
+// alignment (io.Copy from a connection) be written into a device.
+//
 // The conformance suite in package blockdevtest checks an implementation
 // against this contract, in the manner of testing/fstest.
 package blockdev
