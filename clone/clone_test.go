@@ -27,7 +27,10 @@ func fillPattern(p []byte, off int64, seed byte) {
 }
 
 // newSource returns a Mem source of size bytes filled with a pattern, with
-// some all-zero regions (every 5th 64 KiB).
+// some all-zero regions (every 5th 64 KiB): every other one of them is a
+// hole (Mem maps it so), the others are written zeros, so that background
+// hydration meets both the source map's holes and zeros it finds by
+// reading.
 func newSource(t testing.TB, size int64, bs int) (*blockdev.Mem, []byte) {
 	t.Helper()
 	m, err := blockdev.NewMem(size, bs)
@@ -39,6 +42,9 @@ func newSource(t testing.TB, size int64, bs int) (*blockdev.Mem, []byte) {
 	}
 	_, err = m.WriteAt(img, 0)
 	require.NoError(t, err)
+	for off := int64(0); off < size; off += 10 * 64 << 10 {
+		require.NoError(t, m.Discard(off, min(64<<10, size-off)))
+	}
 	return m, img
 }
 
@@ -291,9 +297,10 @@ func TestConcurrentHydrationAndWrites(t *testing.T) {
 var errTest = errors.New("test fault")
 
 func ExampleStatus() {
-	s := Status{State: Hydrating, Regions: 100, Hydrated: 25, BytesCopied: 1 << 20, Rate: 2e6, ETA: 3 * time.Second}
+	s := Status{State: Hydrating, Regions: 100, Hydrated: 25, BytesCopied: 1 << 20, Rate: 2e6, ETA: 3 * time.Second,
+		Window: 4 << 20, InFlightBytes: 3 << 20, SourceRate: 150e6, SourceLatency: 20 * time.Millisecond}
 	fmt.Println(s)
-	// Output: hydrating 25/100 regions (25.0%), 1048576 B copied, 0 B skipped, 2.0 MB/s, ETA 3s
+	// Output: hydrating 25/100 regions (25.0%), 1048576 B copied, 0 B skipped, 2.0 MB/s, ETA 3s, window 4096 KiB (3072 KiB in flight), source 150.0 MB/s at 20ms
 }
 
 // TestHotPathAllocs: reads and writes of hydrated regions, and reads of
