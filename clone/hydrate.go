@@ -69,9 +69,10 @@ type hydrator struct {
 	threshold     int // regions in flight at most
 	payCancel     context.CancelFunc
 	pace          pacer
-	inflight      int   // regions claimed by background copies
-	inflightBytes int64 // bytes of those copies
-	skipping      int   // skip jobs in flight
+	inflight      int       // regions claimed by background copies
+	inflightBytes int64     // bytes of those copies
+	idleSince     time.Time // when inflightBytes last dropped to 0
+	skipping      int       // skip jobs in flight
 	cursor        uint64
 	low           uint64 // no region below it is unhydrated: the source map is dropped below it
 	hints         []uint64
@@ -94,6 +95,7 @@ func newHydrator(c *Clone) *hydrator {
 	}
 	batchBytes := int64(c.batch) * c.geo.RegionSize
 	h.pace = newPacer(c.geo.RegionSize, int64(h.threshold)*c.geo.RegionSize, 4*batchBytes, h.epoch)
+	h.idleSince = h.epoch
 	h.lim = rate.NewLimiter(limitOf(c.opts.RateLimit), c.bufSize)
 	h.smap = newSrcMap(c.src, h.kick)
 	h.rateMark = h.epoch
@@ -175,9 +177,9 @@ func (h *hydrator) run() {
 			if !b.skip {
 				paid = max(0, paid-b.bytes)
 			}
-			start, delivered0 := time.Now(), h.deliveredNow()
+			start := time.Now()
 			g.Go(func() error {
-				h.runJob(ctx, b, start, delivered0)
+				h.runJob(ctx, b, start)
 				return nil
 			})
 			continue
@@ -199,12 +201,6 @@ func (h *hydrator) run() {
 		case <-h.c.md.waitDone():
 		}
 	}
-}
-
-func (h *hydrator) deliveredNow() int64 {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.pace.delivered
 }
 
 // pay waits until the rate limit allows n more bytes. It returns early with
@@ -240,9 +236,10 @@ func (h *hydrator) next(paid int64) (b batch, need int64, wait time.Duration) {
 	if h.inflight >= h.threshold {
 		return batch{}, 0, 0
 	}
-	win := h.pace.window(h.yielding())
-	room := uint64(min(h.threshold-h.inflight, h.batchRegions(win)))
-	if h.inflightBytes > 0 && h.inflightBytes+int64(room)*h.c.geo.RegionSize > win {
+	yield := h.yielding()
+	win := h.pace.window(yield)
+	room := uint64(min(h.threshold-h.inflight, h.batchRegions(win, yield)))
+	if h.inflightBytes >= win {
 		// The window is full: only skips, which read nothing.
 		if b, ok := h.pick(0, noLimit, true, true); ok {
 			return h.started(b), 0, 0
@@ -275,22 +272,35 @@ const noLimit = ^uint64(0)
 
 // batchRegions is the batch size for a window of win bytes: a quarter of
 // it, from one region to BatchSize regions; BatchSize until the source has
-// been measured. Called with mu held.
-func (h *hydrator) batchRegions(win int64) int {
-	if h.pace.rate() == 0 {
+// been measured (one region while yielding). Called with mu held.
+func (h *hydrator) batchRegions(win int64, yield bool) int {
+	rs := h.c.geo.RegionSize
+	switch {
+	case h.pace.rate() == 0 && yield:
+		return 1
+	case h.pace.rate() == 0:
 		return h.c.batch
+	case yield:
+		return int(min(h.pace.yieldBatch(win)/rs, int64(h.c.batch)))
 	}
-	return int(min(max(win/4/h.c.geo.RegionSize, 1), int64(h.c.batch)))
+	return int(min(max(win/4/rs, 1), int64(h.c.batch)))
 }
 
 // started counts a claimed job in flight. Called with mu held.
 func (h *hydrator) started(b batch) batch {
 	if b.skip {
 		h.skipping++
-	} else {
-		h.inflight += int(b.n)
-		h.inflightBytes += b.bytes
+		return b
 	}
+	if h.inflightBytes == 0 {
+		// After an idle spell longer than a round trip the rate
+		// measurement starts over.
+		if now := time.Now(); now.Sub(h.idleSince) > h.pace.latency() {
+			h.pace.restart(now)
+		}
+	}
+	h.inflight += int(b.n)
+	h.inflightBytes += b.bytes
 	return b
 }
 
@@ -416,7 +426,7 @@ func (h *hydrator) claimRun(r, room uint64) batch {
 }
 
 // runJob runs a claimed job and releases it.
-func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time, delivered0 int64) {
+func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time) {
 	c := h.c
 	err := c.doJob(ctx, b)
 	c.release(b.f, b.r0, b.r0+b.n-1, err == nil)
@@ -428,10 +438,14 @@ func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time, deliver
 	if b.skip {
 		h.skipping--
 	} else {
+		now := time.Now()
 		h.inflight -= int(b.n)
 		h.inflightBytes -= b.bytes
+		if h.inflightBytes == 0 {
+			h.idleSince = now
+		}
 		if err == nil {
-			h.pace.sample(time.Now(), start, delivered0, b.bytes)
+			h.pace.sample(now, start, b.bytes)
 		}
 	}
 	switch {

@@ -229,29 +229,43 @@ func TestWindowFollowsSource(t *testing.T) {
 	require.True(t, sawFlight, "no progress report saw a copy in flight")
 }
 
-// TestPacerWindow checks the window arithmetic on synthetic samples: it
-// grows with the delivery rate, settles at gain times the bandwidth-delay
-// product, drops to the product while yielding, and keeps its bounds.
+// TestPacerWindow checks the window arithmetic on synthetic samples: the
+// bulk window is bulkGain times the bandwidth-delay product, the yielding
+// one the product of the base latency plus a batch; both keep their
+// bounds.
 func TestPacerWindow(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	p := newPacer(64<<10, 64<<20, 4<<20, t0)
 	require.EqualValues(t, 4<<20, p.window(false), "before any sample")
-	// 1 MiB copies taking 10 ms each, 8 in flight: 800 MiB/s, 10 ms.
+	require.EqualValues(t, 64<<10, p.window(true), "before any sample, yielding")
+	// 1 MiB copies taking 10 ms each, one issued every 1.25 ms: 8 in
+	// flight, 800 MiB/s.
 	now := t0
-	for i := range 64 {
-		p.sample(now.Add(10*time.Millisecond), now, p.delivered-int64(min(i, 7))<<20, 1<<20)
+	for range 400 {
+		p.sample(now.Add(10*time.Millisecond), now, 1<<20)
 		now = now.Add(10 * time.Millisecond / 8)
 	}
+	require.InEpsilon(t, 800<<20, p.rate(), 0.05)
+	require.Equal(t, 10*time.Millisecond, p.latency())
 	bdp := p.rate() * p.latency().Seconds()
-	require.InDelta(t, 2*bdp, float64(p.window(false)), 1)
-	require.InDelta(t, bdp, float64(p.window(true)), 1)
-	require.Equal(t, 10*time.Millisecond, p.latency())
+	require.InDelta(t, bulkGain*bdp, float64(p.window(false)), 1)
+	base := p.baseLatency()
+	require.InDelta(t, 8.75, float64(base)/float64(time.Millisecond), 0.5, "latency less the transfer of 1 MiB")
+	ybdp := int64(p.rate() * base.Seconds())
+	require.Equal(t, ybdp+p.yieldBatch(ybdp), p.window(true))
 	// A slow sample does not raise the latency estimate or lower the rate.
-	p.sample(now.Add(time.Second), now, p.delivered, 1<<20)
+	r := p.rate()
+	p.sample(now.Add(time.Second), now, 1<<20)
 	require.Equal(t, 10*time.Millisecond, p.latency())
+	require.GreaterOrEqual(t, p.rate(), r)
 	// Bounds.
 	q := newPacer(64<<10, 1<<20, 4<<20, t0)
 	require.EqualValues(t, 1<<20, q.window(false))
-	q.sample(t0.Add(time.Second), t0, 0, 4096)
+	q.sample(t0.Add(time.Second), t0, 4096)
 	require.EqualValues(t, 64<<10, q.window(false))
+	require.EqualValues(t, 64<<10, q.window(true))
+	// Estimates forget: two bucket spans later only new samples count.
+	later := now.Add(2*bwSpan + time.Millisecond)
+	p.sample(later, later.Add(-20*time.Millisecond), 1<<20)
+	require.Less(t, p.rate(), r)
 }
