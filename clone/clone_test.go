@@ -27,23 +27,24 @@ func fillPattern(p []byte, off int64, seed byte) {
 }
 
 // newSource returns a Mem source of size bytes filled with a pattern, with
-// some all-zero regions (every 5th 64 KiB): every other one of them is a
-// hole (Mem maps it so), the others are written zeros, so that background
+// some all-zero stretches (every third 32 KiB): every other one of them is
+// a hole (Mem maps it so), the others are written zeros, so that
 // hydration meets both the source map's holes and zeros it finds by
-// reading.
+// reading, also in the small sources of the crash tests.
 func newSource(t testing.TB, size int64, bs int) (*blockdev.Mem, []byte) {
 	t.Helper()
 	m, err := blockdev.NewMem(size, bs)
 	require.NoError(t, err)
 	img := make([]byte, size)
 	fillPattern(img, 0, 0x5a)
-	for off := int64(0); off < size; off += 5 * 64 << 10 {
-		clear(img[off:min(off+64<<10, size)])
+	const zero, every = 32 << 10, 3 * 32 << 10
+	for off := int64(0); off < size; off += every {
+		clear(img[off:min(off+zero, size)])
 	}
 	_, err = m.WriteAt(img, 0)
 	require.NoError(t, err)
-	for off := int64(0); off < size; off += 10 * 64 << 10 {
-		require.NoError(t, m.Discard(off, min(64<<10, size-off)))
+	for off := int64(0); off < size; off += 2 * every {
+		require.NoError(t, m.Discard(off, min(zero, size-off)))
 	}
 	return m, img
 }

@@ -8,12 +8,15 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/clone"
 )
 
 func dialMulti(t *testing.T, uri string, n int) *Client {
@@ -166,4 +169,59 @@ func TestClientMultiConnClose(t *testing.T) {
 	_, err = c.ReadAt(make([]byte, 512), 0)
 	require.ErrorIs(t, err, blockdev.ErrClosed)
 	require.ErrorIs(t, c.Close(), blockdev.ErrClosed)
+}
+
+// mappedCounter is an export's device that counts the bytes read from it
+// and maps its allocation through the Mem beneath.
+type mappedCounter struct {
+	*blockdev.Mem
+	read atomic.Int64
+}
+
+func (m *mappedCounter) ReadAt(p []byte, off int64) (int, error) {
+	m.read.Add(int64(len(p)))
+	return m.Mem.ReadAt(p, off)
+}
+
+// TestClientCloneSource: a clone hydrates from a multi-connection client:
+// holes are learnt through base:allocation and never read, they stay holes
+// in the destination, and the destination equals the export.
+func TestClientCloneSource(t *testing.T) {
+	const size = 16 << 20
+	mem := newMem(t, size, 4096)
+	img := make([]byte, size)
+	var data int64
+	for off := int64(0); off < size; off += 2 << 20 {
+		p := img[off : off+512<<10]
+		for i := range p {
+			p[i] = byte(off>>20) + byte(i) | 1
+		}
+		_, err := mem.WriteAt(p, off)
+		require.NoError(t, err)
+		data += int64(len(p))
+	}
+	src := &mappedCounter{Mem: mem}
+	ts := startServer(t, Options{}, Export{Name: "src", Device: src, ReadOnly: true})
+	c := dialMulti(t, ts.uri("src"), 3)
+	require.True(t, c.Info().BlockStatus)
+	dst := newMem(t, size, 4096)
+	cl, err := clone.Create(c, dst, newMem(t, clone.MetadataSize(size, 0), 4096), clone.Options{})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, cl.Wait(ctx))
+	st := cl.Status()
+	require.NoError(t, cl.Close())
+	require.EqualValues(t, data, src.read.Load(), "bytes read from the export")
+	require.EqualValues(t, size-data, st.BytesSkipped)
+	got := make([]byte, size)
+	_, err = dst.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(img, got))
+	for off := int64(512 << 10); off < size; off += 2 << 20 {
+		n, state, err := dst.MapAllocation(off, 1536<<10)
+		require.NoError(t, err)
+		require.Equal(t, blockdev.Hole, state, "at %d", off)
+		require.EqualValues(t, 1536<<10, n)
+	}
 }
