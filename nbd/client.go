@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -118,7 +119,9 @@ const expressMax = 128 << 10
 // nbd+unix:///[export]?socket=PATH; no export name selects the server's
 // default export) and negotiates structured replies, the base:allocation
 // context and the server's block size constraints. ctx bounds the
-// connection and the negotiation. It opens one connection; see DialWith.
+// connection and the negotiation. The nbds:// and nbds+unix:// forms
+// upgrade to TLS first; see client_tls.go for their tls-certificates and
+// tls-hostname parameters. It opens one connection; see DialWith.
 func Dial(ctx context.Context, uri string) (*Client, error) {
 	return DialWith(ctx, uri, DialOptions{})
 }
@@ -130,7 +133,13 @@ func DialWith(ctx context.Context, uri string, opts DialOptions) (*Client, error
 	if err != nil {
 		return nil, err
 	}
-	first, err := dialLane(ctx, t)
+	var tlsConf *tls.Config
+	if t.tls {
+		if tlsConf, err = clientTLSConfig(t); err != nil {
+			return nil, err
+		}
+	}
+	first, err := dialLane(ctx, t, tlsConf)
 	if err != nil {
 		return nil, fmt.Errorf("nbd: %s: %w", uri, err)
 	}
@@ -141,7 +150,7 @@ func DialWith(ctx context.Context, uri string, opts DialOptions) (*Client, error
 		var wg sync.WaitGroup
 		for i := range extra {
 			wg.Go(func() {
-				l, err := dialLane(ctx, t)
+				l, err := dialLane(ctx, t, tlsConf)
 				if err == nil && !sameExport(l.info, first.info) {
 					l.close()
 					err = fmt.Errorf("%w: connections disagree about the export", ErrProtocol)
@@ -169,13 +178,13 @@ func sameExport(a, b ExportInfo) bool {
 }
 
 // dialLane opens and negotiates one connection.
-func dialLane(ctx context.Context, t target) (*lane, error) {
+func dialLane(ctx context.Context, t target, tlsConf *tls.Config) (*lane, error) {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, t.network, t.addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	l, err := newLane(ctx, nc, t.export)
+	l, err := newLane(ctx, nc, t.export, tlsConf)
 	if err != nil {
 		nc.Close()
 		return nil, err
@@ -183,8 +192,9 @@ func dialLane(ctx context.Context, t target) (*lane, error) {
 	return l, nil
 }
 
-// newLane negotiates over nc and starts the reply reader.
-func newLane(ctx context.Context, nc net.Conn, export string) (*lane, error) {
+// newLane negotiates over nc (upgrading to TLS first when tlsConf is set)
+// and starts the reply reader.
+func newLane(ctx context.Context, nc net.Conn, export string, tlsConf *tls.Config) (*lane, error) {
 	c := &lane{
 		nc:         nc,
 		br:         bufio.NewReaderSize(nc, 64<<10),
@@ -198,7 +208,7 @@ func newLane(ctx context.Context, nc net.Conn, export string) (*lane, error) {
 	}
 	nc.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
-	err := c.handshake(export)
+	err := c.handshake(export, tlsConf)
 	if !stop() || err != nil {
 		if err == nil {
 			err = ctx.Err()
