@@ -225,3 +225,23 @@ func TestClientCloneSource(t *testing.T) {
 		require.EqualValues(t, 1536<<10, n)
 	}
 }
+
+// TestClientMultiConnTLS: every lane of an nbds:// client negotiates TLS
+// (the server requires it) and carries I/O.
+func TestClientMultiConnTLS(t *testing.T) {
+	ca := newTestCA(t, "test CA")
+	ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: ca.certDir(t, true, "localhost")},
+		Export{Name: "d", Device: newMem(t, 8<<20, 4096)})
+	c := dialMulti(t, tlsURI(ts, "d", ca.certDir(t, false, "")), 3)
+	require.Equal(t, 3, c.Info().Connections)
+	p := bytes.Repeat([]byte{0x42}, 4<<20)
+	_, err := c.WriteAt(p, 0) // large: split over the bulk lanes
+	require.NoError(t, err)
+	got := make([]byte, 4<<20)
+	_, err = c.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.Equal(t, p, got)
+	for i, l := range c.lanes[1:] {
+		require.Positive(t, l.handles.Load(), "bulk lane %d carried nothing", i+1)
+	}
+}
