@@ -89,6 +89,11 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 			if err = s.readLevels(to.levels, buf, off); err != nil {
 				return err
 			}
+			// Only NoSpaceInvalidate can delete to now (the gate keeps
+			// Delete out); if it did, what was read may be collected.
+			if err = to.notDeleted(); err != nil {
+				return err
+			}
 			if b == 0 {
 				err = s.originWriteGated(buf, off, cl, false)
 			} else {
