@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -94,6 +95,8 @@ type archiveBench struct {
 	repo  *archive.Repo
 	full  *archive.Manifest
 	nrepo int
+	// cacheDir holds the lazy images' cache files.
+	cacheDir string
 }
 
 func newArchiveBench(env Env) (*archiveBench, error) {
@@ -102,7 +105,8 @@ func newArchiveBench(env Env) (*archiveBench, error) {
 	if err != nil {
 		return nil, err
 	}
-	if a.gw, err = archivetest.StartGateway(gwDir); err != nil {
+	a.cacheDir = gwDir
+	if a.gw, err = archivetest.StartGateway(filepath.Join(gwDir, "s3")); err != nil {
 		os.RemoveAll(gwDir)
 		return nil, err
 	}
@@ -162,7 +166,7 @@ func (a *archiveBench) Close() {
 	}
 	if a.gw != nil {
 		a.gw.Kill()
-		os.RemoveAll(a.gw.Dir)
+		os.RemoveAll(a.cacheDir)
 	}
 }
 
@@ -294,8 +298,11 @@ func (a *archiveBench) benchLazy(b *testing.B, warm bool) error {
 			data = append(data, i)
 		}
 	}
+	// The cache is a file beside the benchmark's devices, large enough for
+	// the whole volume.
 	open := func() (*archive.Image, error) {
-		return archive.OpenLazy(ctx, a.repo, a.full.ID, archive.LazyOptions{CacheSize: 2 * ArchiveVolumeSize, Prefetch: -1})
+		return archive.OpenLazy(ctx, a.repo, a.full.ID, archive.LazyOptions{CacheDir: a.cacheDir,
+			CacheSize: ArchiveVolumeSize, Prefetch: -1})
 	}
 	b.StopTimer()
 	im, err := open()
