@@ -53,8 +53,8 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("full: %d blocks sent, %d zero\n", full.Progress.Uploaded, full.Progress.Zero)
-	fmt.Printf("incremental: read %d KiB, %d block sent\n", inc.Progress.TotalBytes>>10, inc.Progress.Uploaded)
+	fmt.Printf("full: of %d blocks, %d sent, %d zero\n", full.Progress.Blocks, full.Progress.Uploaded, full.Progress.Zero)
+	fmt.Printf("incremental: read %d KiB, %d sent\n", inc.Progress.TotalBytes>>10, inc.Progress.Uploaded)
 
 	target, _ := blockdev.NewMem(16<<20, 4096)
 	if _, err := repo.Restore(ctx, inc.Manifest.ID, target, archive.RestoreOptions{}); err != nil {
@@ -70,7 +70,7 @@ func Example() {
 	img.ReadAt(b, 8<<20)
 	fmt.Printf("restored: %s; lazily: %s\n", a[:14], b[:14])
 	// Output:
-	// full: 1 blocks sent, 15 zero
-	// incremental: read 1024 KiB, 1 block sent
+	// full: of 256 blocks, 1 sent, 255 zero
+	// incremental: read 64 KiB, 1 sent
 	// restored: hello, tuesday; lazily: hello, tuesday
 }

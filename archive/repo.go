@@ -59,7 +59,7 @@ const (
 	maxCfgJSON = 64 << 10
 	// DefaultBlockSize is the unit of deduplication, upload and lazy fetch.
 	// docs/archive.md has the measurement behind it.
-	DefaultBlockSize = 1 << 20
+	DefaultBlockSize = 64 << 10
 	minBlockSize     = 4 << 10
 	maxBlockSize     = 16 << 20
 	wrapAAD          = "blocksnap archive master key"

@@ -88,7 +88,7 @@ func run(ctx context.Context, w io.Writer, dir, to string) error {
 	defer stop()
 	repo, err := archive.OpenRepo(ctx, be, archive.Options{Passphrase: []byte("example passphrase")})
 	if errors.Is(err, archive.ErrNoRepo) {
-		repo, err = archive.Create(ctx, be, archive.Options{BlockSize: 256 << 10, Passphrase: []byte("example passphrase")})
+		repo, err = archive.Create(ctx, be, archive.Options{Passphrase: []byte("example passphrase")})
 	}
 	if err != nil {
 		return err
