@@ -3,8 +3,6 @@ package archive
 import (
 	"context"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
@@ -12,18 +10,15 @@ import (
 
 	"github.com/blocksnap/blocksnap/archive/archivetest"
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
-// testSeed returns BLOCKSNAP_SEED if set, else a random seed, and logs it.
+// testSeed is the kit's seed, with a goroutine leak check: every test
+// that draws a seed also checks that it stops what it starts.
 func testSeed(t testing.TB) uint64 {
-	seed := rand.Uint64()
-	if s := os.Getenv("BLOCKSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "BLOCKSNAP_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
-	return seed
+	t.Helper()
+	blockdevtest.CheckLeaks(t)
+	return blockdevtest.Seed(t)
 }
 
 // gateway wraps archivetest.Gateway for tests: one per test, killed at
@@ -105,8 +100,7 @@ func requireSame(t testing.TB, want, got blockdev.Device, size int64) {
 }
 
 func memDev(t testing.TB, size int64) *blockdev.Mem {
-	d, err := blockdev.NewMem(size, 4096)
-	require.NoError(t, err)
+	d := blockdevtest.NewMem(t, size, 4096)
 	t.Cleanup(func() { d.Close() })
 	return d
 }
@@ -133,4 +127,12 @@ func slowProxy(t testing.TB, target string, delay time.Duration) string {
 	require.NoError(t, err)
 	t.Cleanup(p.Close)
 	return "http://" + p.Addr
+}
+
+// repo creates a plaintext repository with 64 KiB blocks in a fresh bucket.
+func (g *gateway) repo(t testing.TB, bucket, prefix string) *Repo {
+	r, err := Create(context.Background(), g.backend(t, bucket, prefix), Options{BlockSize: 64 << 10})
+	require.NoError(t, err)
+	t.Cleanup(func() { r.Close() })
+	return r
 }

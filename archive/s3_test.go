@@ -110,10 +110,7 @@ func TestS3KillResume(t *testing.T) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(testSeed(t), 11))
 	g := startGateway(t)
-	be := g.backend(t, "bkt", "")
-	r, err := Create(ctx, be, Options{BlockSize: 64 << 10})
-	require.NoError(t, err)
-	defer r.Close()
+	r := g.repo(t, "bkt", "")
 	src := memDev(t, 8<<20)
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < src.Size(); off += int64(len(buf)) {
@@ -125,7 +122,7 @@ func TestS3KillResume(t *testing.T) {
 	}
 	const blocks = 128
 	// Packs of 4 blocks, so the first run completes some.
-	_, err = r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
+	_, err := r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
 	require.Error(t, err)
 	g.start()
 	res, err := r.Backup(ctx, src, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
@@ -145,17 +142,15 @@ func TestS3KillResume(t *testing.T) {
 
 func TestS3CorruptBlock(t *testing.T) {
 	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(testSeed(t), 12))
 	g := startGateway(t)
-	be := g.backend(t, "bkt", "p")
-	r, err := Create(ctx, be, Options{BlockSize: 64 << 10})
-	require.NoError(t, err)
-	defer r.Close()
+	r := g.repo(t, "bkt", "p")
 	src := memDev(t, 2<<20)
-	fillVolume(t, src, rand.New(rand.NewPCG(testSeed(t), 12)))
+	fillVolume(t, src, rng)
 	const bad = 5
 	b := make([]byte, 64<<10)
 	b[100] = 42
-	_, err = src.WriteAt(b, bad*64<<10)
+	_, err := src.WriteAt(b, bad*64<<10)
 	require.NoError(t, err)
 	// One block per pack, so that removing a pack removes one block.
 	res, err := r.Backup(ctx, src, BackupOptions{PackSize: 1})
@@ -217,10 +212,7 @@ func TestS3SlowServer(t *testing.T) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(testSeed(t), 13))
 	g := startGateway(t)
-	be := g.backend(t, "bkt", "")
-	r, err := Create(ctx, be, Options{BlockSize: 64 << 10})
-	require.NoError(t, err)
-	defer r.Close()
+	r := g.repo(t, "bkt", "")
 	src := memDev(t, 4<<20)
 	fillVolume(t, src, rng)
 	res, err := r.Backup(ctx, src, BackupOptions{})
