@@ -4,7 +4,7 @@
 // 4 KiB blocks changed. It prints the time and the bytes each stored.
 //
 //	go run ./bench/cmd/archive-restic                 # 1 GiB volume, in $TMPDIR
-//	go run ./bench/cmd/archive-restic -size 256MiB -block 262144 -dir /mnt/fast
+//	go run ./bench/cmd/archive-restic -size 256MiB -block 16384 -chunk 16384 -dir /mnt/fast
 //
 // Needs versitygw (go install github.com/versity/versitygw/cmd/versitygw@v1.8.0)
 // and restic (Debian package restic) on PATH.
@@ -39,12 +39,13 @@ func main() {
 	block := flag.Int("block", archive.DefaultBlockSize, "archive block size in bytes")
 	dir := flag.String("dir", "", "directory for the volume and the S3 server's data (default $TMPDIR)")
 	change := flag.Float64("change", 0.05, "fraction of 4 KiB blocks rewritten before the incremental")
+	chunk := flag.Int("chunk", 0, "the snapshot store's chunk size in bytes, the unit its Diff reports (0: the default, 64 KiB)")
 	flag.Parse()
 	size, err := parseSize(*sizeFlag)
 	if err != nil {
 		log.Fatal(err)
 	}
-	if err := run(context.Background(), size, *block, *dir, *change); err != nil {
+	if err := run(context.Background(), size, *block, *chunk, *dir, *change); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -69,7 +70,7 @@ type row struct {
 	added       int64
 }
 
-func run(ctx context.Context, size int64, block int, dir string, change float64) error {
+func run(ctx context.Context, size int64, block, chunk int, dir string, change float64) error {
 	if _, err := exec.LookPath("restic"); err != nil {
 		return fmt.Errorf("restic not installed (apt-get install restic): %w", err)
 	}
@@ -99,7 +100,7 @@ func run(ctx context.Context, size int64, block int, dir string, change float64)
 		return err
 	}
 	defer storeDev.Close()
-	st, err := snapshot.Format(origin, storeDev, snapshot.Options{})
+	st, err := snapshot.Format(origin, storeDev, snapshot.Options{ChunkSize: chunk})
 	if err != nil {
 		return err
 	}
@@ -189,7 +190,8 @@ func run(ctx context.Context, size int64, block int, dir string, change float64)
 			return err
 		}
 	}
-	fmt.Printf("\nvolume %d MiB, archive block size %d KiB, versitygw on loopback\n\n", size>>20, block>>10)
+	fmt.Printf("\nvolume %d MiB, archive block size %d KiB, store chunk %d KiB, versitygw on loopback\n\n",
+		size>>20, block>>10, max(chunk, 64<<10)>>10)
 	fmt.Println("| tool | backup | time | bytes stored (added) |")
 	fmt.Println("|---|---|---|---|")
 	for _, r := range rows {
