@@ -16,6 +16,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -191,7 +192,7 @@ func run(ctx context.Context, size int64, block, chunk int, dir string, change f
 		}
 	}
 	fmt.Printf("\nvolume %d MiB, archive block size %d KiB, store chunk %d KiB, versitygw on loopback\n\n",
-		size>>20, block>>10, max(chunk, 64<<10)>>10)
+		size>>20, block>>10, cmp.Or(chunk, 64<<10)>>10)
 	fmt.Println("| tool | backup | time | bytes stored (added) |")
 	fmt.Println("|---|---|---|---|")
 	for _, r := range rows {
