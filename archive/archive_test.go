@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -204,7 +207,7 @@ func TestIncrementalSnapshot(t *testing.T) {
 
 func TestGCLock(t *testing.T) {
 	ctx := context.Background()
-	r, _ := dirRepo(t, Options{})
+	r, be := dirRepo(t, Options{})
 	lk, err := r.lock(ctx, "backup", 0, func(error) {})
 	require.NoError(t, err)
 	_, err = r.GC(ctx, GCOptions{})
@@ -221,7 +224,19 @@ func TestGCLock(t *testing.T) {
 	gl.release()
 	_, err = r.Backup(ctx, memDev(t, 1<<20), BackupOptions{})
 	require.NoError(t, err)
+
+	// A lock its holder stopped refreshing (it died) goes stale after the
+	// TTL and blocks nothing.
+	dead, err := r.lock(ctx, "backup", 0, func(error) {})
+	require.NoError(t, err)
+	close(dead.stop) // the holder dies: no refresh, no release
+	dead.wg.Wait()
+	old := time.Now().Add(-2 * DefaultLockTTL)
+	require.NoError(t, os.Chtimes(filepath.Join(be.root, filepath.FromSlash(dead.key)), old, old))
+	_, err = r.GC(ctx, GCOptions{})
+	require.NoError(t, err)
 }
+
 
 func TestImageConformance(t *testing.T) {
 	ctx := context.Background()
