@@ -237,7 +237,6 @@ func TestGCLock(t *testing.T) {
 	require.NoError(t, err)
 }
 
-
 func TestImageConformance(t *testing.T) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(testSeed(t), 3))
