@@ -277,6 +277,18 @@ func TestImage(t *testing.T) {
 	require.Positive(t, s.Hits)
 	require.Positive(t, s.Misses)
 
+	// A read served from the cache allocates nothing.
+	dataOff := int64(-1)
+	for i, h := range res.Manifest.Blocks {
+		if !h.IsZero() {
+			dataOff = int64(i) * int64(r.BlockSize())
+			break
+		}
+	}
+	_, err = im.ReadAt(b, dataOff)
+	require.NoError(t, err)
+	require.Zero(t, testing.AllocsPerRun(100, func() { im.ReadAt(b, dataOff) }))
+
 	// Holes are zero blocks.
 	var holes int64
 	for off := int64(0); off < im.Size(); {
