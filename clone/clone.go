@@ -72,11 +72,15 @@ type Options struct {
 	// KiB to 1 GiB. 0 means 64 KiB at Create and the recorded size at Open;
 	// a different non-zero size at Open is a geometry error.
 	RegionSize int64
-	// HydrationThreshold is the most regions the background hydration keeps
-	// in flight. 0 means 4 batches' worth.
+	// HydrationThreshold caps the regions background hydration keeps in
+	// flight. Within the cap the window of bytes in flight adapts to the
+	// source's bandwidth-delay product. 0 means DefaultMaxInFlight bytes'
+	// worth (at least one batch).
 	HydrationThreshold int
 	// BatchSize is the most contiguous regions copied by one background
-	// copy. 0 means as many as fit 1 MiB (at least one).
+	// copy (one source read). 0 means as many as fit 1 MiB (at least one).
+	// Batches are smaller while the window is small (a slow or nearby
+	// source), so that user reads of the source wait behind little.
 	BatchSize int
 	// CommitInterval is how often hydration progress and user writes to
 	// unhydrated regions are committed without a Flush. 0 means 1 s;
@@ -95,7 +99,9 @@ type Options struct {
 	// clone cannot be opened (ErrUnclean).
 	NoMetadataSync bool
 	// RateLimit caps background hydration in bytes per second; 0 means no
-	// cap. User I/O is never limited.
+	// cap. User I/O is never limited, and runs of the source that are holes
+	// or zeros (see blockdev.AllocationMapper) cost nothing. SetRateLimit
+	// changes it while running.
 	RateLimit int64
 	// NoHydration starts with background hydration paused (Resume starts
 	// it). User I/O hydrates the regions it touches either way.
@@ -105,6 +111,13 @@ type Options struct {
 	// progress and at every change of state (source errors included), and
 	// once more from Close. Calls never overlap. It must not call Close.
 	Progress func(Status)
+	// ReadOnly opens the clone for inspection (Open only): nothing is
+	// written to the destination or the metadata, not even the journal's
+	// new epoch, so the devices may be blockdev.ReadOnly views. Reads,
+	// Status and Check work (a read of an unhydrated region goes to the
+	// source; HydrateOnRead is ignored); hydration does not run; writes,
+	// FUA writes and discards fail with blockdev.ErrReadOnly.
+	ReadOnly bool
 	// ProgressInterval: 0 means 250 ms.
 	ProgressInterval time.Duration
 	// RetryMin and RetryMax bound the backoff after a failed background
@@ -158,6 +171,9 @@ type Clone struct {
 // be at least as large as src; the clone's size is src's. The clone does not
 // own the devices: Close leaves them open.
 func Create(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("%w: Create of a read-only clone", ErrOptions)
+	}
 	g, err := newGeometry(src, dst, meta, opts)
 	if err != nil {
 		return nil, err
@@ -279,6 +295,9 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 		opts.RetryMax = 5 * time.Second
 	}
 	opts.RetryMax = max(opts.RetryMax, opts.RetryMin)
+	if opts.ReadOnly {
+		opts.NoHydration, opts.HydrateOnRead = true, false // Status says paused
+	}
 	c := &Clone{src: src, dst: dst, meta: meta, opts: opts, geo: g, size: g.SourceSize}
 	c.bs = max(src.BlockSize(), dst.BlockSize())
 	for int64(1)<<c.shift < g.RegionSize {
@@ -302,6 +321,9 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 // start launches the background goroutines.
 func (c *Clone) start() error {
 	c.hyd = newHydrator(c)
+	if c.opts.ReadOnly {
+		return nil // no hydration, nothing to commit
+	}
 	c.wg.Add(2)
 	go func() { defer c.wg.Done(); c.hyd.run() }()
 	go func() { defer c.wg.Done(); c.md.committer(c.ctx, c.opts.CommitInterval) }()

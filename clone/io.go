@@ -148,6 +148,7 @@ func (c *Clone) readUnhydrated(p []byte, off int64) error {
 	c.userSrc.Add(1)
 	_, err := c.src.ReadAt(p, off)
 	c.userSrc.Add(-1)
+	c.hyd.userDone()
 	c.hyd.hint(r0)
 	if err != nil {
 		return fmt.Errorf("clone: read source at %d: %w", off, err)
@@ -200,6 +201,7 @@ func (c *Clone) fillRegion(buf []byte, r uint64, ov overlay, out []byte, outOff 
 			c.userSrc.Add(1)
 			_, err := c.src.ReadAt(chunk, lo)
 			c.userSrc.Add(-1)
+			c.hyd.userDone()
 			if err != nil {
 				return fmt.Errorf("clone: region %d: read source at %d: %w", r, lo, err)
 			}
@@ -229,6 +231,9 @@ func (c *Clone) WriteAt(p []byte, off int64) (int, error) {
 		return 0, errClosed("write")
 	}
 	defer c.leave()
+	if err := c.refuseChange("write"); err != nil {
+		return 0, err
+	}
 	if err := blockdev.CheckRange(off, int64(len(p)), c.size, c.bs); err != nil {
 		return 0, fmt.Errorf("clone: write: %w", err)
 	}
@@ -338,6 +343,9 @@ func (c *Clone) Discard(off, n int64) error {
 		return errClosed("discard")
 	}
 	defer c.leave()
+	if err := c.refuseChange("discard"); err != nil {
+		return err
+	}
 	if err := blockdev.CheckRange(off, n, c.size, c.bs); err != nil {
 		return fmt.Errorf("clone: discard: %w", err)
 	}
@@ -421,6 +429,9 @@ func (c *Clone) WriteAtFUA(p []byte, off int64) (int, error) {
 		return 0, errClosed("write")
 	}
 	defer c.leave()
+	if err := c.refuseChange("write"); err != nil {
+		return 0, err
+	}
 	if err := blockdev.CheckRange(off, int64(len(p)), c.size, c.bs); err != nil {
 		return 0, fmt.Errorf("clone: write: %w", err)
 	}
