@@ -155,6 +155,7 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 			o := s.Origin()
 			golden, err := s.CreateSnapshot("golden", o)
 			require.NoError(t, err)
+			goldenData := readAll(t, golden)
 			rng := rand.New(rand.NewPCG(seed, 5))
 			hangGuard(t, 2*time.Minute, func() {
 				for round := range shortScale(20) {
@@ -191,10 +192,13 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 									_, err = cl.WriteAt(buf, off)
 								case "discard":
 									err = cl.Discard(off, 4<<10)
-								case "read":
+								case "read": // the clone, and its parent snapshot
 									got := make([]byte, 8<<10)
 									if _, err = cl.ReadAt(got, off); err == nil && !bytes.Equal(got, want[off:off+8<<10]) {
 										err = fmt.Errorf("read of the clone at %d: not its contents", off)
+									}
+									if _, gerr := golden.ReadAt(got, off); gerr != nil || !bytes.Equal(got, goldenData[off:off+8<<10]) {
+										err = fmt.Errorf("read of the clone's parent at %d: %v, or not its contents", off, gerr)
 									}
 								case "rollback", "rollback-target":
 									err = s.Rollback(context.Background(), cl, cs)
