@@ -105,6 +105,18 @@ func TestCopyErrors(t *testing.T) {
 	big, err := blockdev.NewMem(1<<20, 4096)
 	require.NoError(t, err)
 	require.ErrorIs(t, blockdev.Copy(ctx, big, odd, nil), blockdev.ErrMisaligned)
+	none := func(int64, []byte, bool) error { return nil }
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 1000), 512, none), blockdev.ErrMisaligned)
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 256), 512, none), blockdev.ErrMisaligned)
+
+	// ScanRuns: runs alternate, never span pieces, and cover the range.
+	var runs []blockdev.Extent
+	require.NoError(t, blockdev.ScanRuns(ctx, src, 0, 16384, make([]byte, 10240), 512, func(off int64, p []byte, zero bool) error {
+		runs = append(runs, blockdev.Extent{Off: off, Len: int64(len(p)), Zero: zero})
+		return nil
+	}))
+	require.Equal(t, []blockdev.Extent{{Off: 0, Len: 8192, Zero: true}, {Off: 8192, Len: 2048}, {Off: 10240, Len: 2048},
+		{Off: 12288, Len: 4096, Zero: true}}, runs)
 }
 
 func TestEqual(t *testing.T) {
