@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -259,4 +260,39 @@ func TestIsZero(t *testing.T) {
 			p[i] = 0
 		}
 	}
+}
+
+// io.Copy from a TCP connection into a file device opened with O_DIRECT
+// (which needs aligned offsets, lengths and memory) through a Writer.
+func TestWriterFromNetworkOntoDirectFile(t *testing.T) {
+	dev := newFile(t, blockdev.FileOptions{Direct: true})
+	data := make([]byte, 3<<20+777)
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 5))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	sent := make(chan error, 1)
+	go func() {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err == nil {
+			_, err = c.Write(data)
+			c.Close()
+		}
+		sent <- err
+	}()
+	conn, err := ln.Accept()
+	require.NoError(t, err)
+	defer conn.Close()
+	w := blockdev.NewWriter(dev, 4096+100)
+	n, err := io.Copy(w, conn)
+	require.NoError(t, err)
+	require.NoError(t, <-sent)
+	require.Equal(t, int64(len(data)), n)
+	require.NoError(t, w.Close())
+	got := blockdevtest.ReadAll(t, dev)
+	require.Equal(t, data, got[4096+100:4096+100+len(data)])
+	require.True(t, blockdev.IsZero(got[:4096+100]))
 }
