@@ -116,22 +116,24 @@ func (m *Meta) shadowMaps() error {
 	}
 }
 
-// dirtyLimit is the dirty-node byte count at which the writer starts
-// writing back.
-func (m *Meta) dirtyLimit() int { return min(m.cache.limit/4, 1024*PageSize*4) }
+// Write-back thresholds, as fractions of the cache: past half of it
+// dirty, each change writes back a few of the longest-dirty nodes (so the
+// cost is spread over changes and no change stalls long); past three
+// quarters, it writes back until below half.
+const writeBackBatch = 16
 
-// writeBack writes the coldest dirty nodes of the open transaction to
-// their (new, unreferenced) pages until the dirty bytes are at half the
-// limit. It runs between operations, never inside one, so no caller holds
-// a node it might evict.
+// writeBack writes dirty nodes of the open transaction to their new,
+// unreferenced pages. It runs between operations, never inside one, so no
+// caller holds a node it might evict.
 func (m *Meta) writeBack() error {
-	limit := m.dirtyLimit()
-	if m.cache.dirtyBytes() <= limit {
+	soft, hard := m.cache.limit/2, m.cache.limit*3/4
+	d := m.cache.dirtyBytes()
+	if d <= soft {
 		m.cache.evict()
 		return nil
 	}
-	for m.cache.dirtyBytes() > limit/2 {
-		batch := m.cache.dirtyNodes(64)
+	for first := true; first || m.cache.dirtyBytes() > soft && d > hard; first = false {
+		batch := m.cache.dirtyNodes(writeBackBatch)
 		if len(batch) == 0 {
 			break
 		}
@@ -141,10 +143,10 @@ func (m *Meta) writeBack() error {
 				return m.fail(err)
 			}
 			m.cache.setDirty(n, false)
-			m.cache.mu.Lock()
-			m.cache.writeOut++
-			m.cache.mu.Unlock()
 		}
+		m.cache.mu.Lock()
+		m.cache.writeOut += uint64(len(batch))
+		m.cache.mu.Unlock()
 	}
 	m.cache.evict()
 	return nil

@@ -271,8 +271,9 @@ type node struct {
 	dirty bool
 
 	// cache bookkeeping, guarded by cache.mu
-	prev, next *node
-	cost       int
+	prev, next   *node // LRU list
+	dprev, dnext *node // dirty FIFO
+	cost         int
 	inCache    bool
 }
 

@@ -1,6 +1,9 @@
 package meta
 
-import "fmt"
+import (
+	"fmt"
+	"slices"
+)
 
 // Tree invariants (Check verifies them): keys of the runs in a leaf lie in
 // [its separator, the next leaf's separator); a branch key is not greater
@@ -229,7 +232,7 @@ func (m *Meta) replace(t *tree, leaf *node, i, j int, repl ...run) {
 	for x := i; x <= j && x < len(leaf.runs); x++ {
 		leaf.size -= k.encLen(prevOf(x), leaf.runs[x])
 	}
-	leaf.runs = append(leaf.runs[:i], append(repl, leaf.runs[j:]...)...)
+	leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
 	for x := i; x <= i+len(repl) && x < len(leaf.runs); x++ {
 		leaf.size += k.encLen(prevOf(x), leaf.runs[x])
 	}
@@ -249,8 +252,8 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 				return nil
 			}
 			p, i := path[d-1], idx[d-1]
-			p.runs = append(p.runs[:i], p.runs[i+1:]...)
-			p.kids = append(p.kids[:i], p.kids[i+1:]...)
+			p.runs = slices.Delete(p.runs, i, i+1)
+			p.kids = slices.Delete(p.kids, i, i+1)
 			continue
 		}
 		if n.leaf() && n.size > leafCap || !n.leaf() && len(n.runs) > maxKids {
@@ -274,8 +277,8 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 			p, i := path[d-1], idx[d-1]
 			key := r.runs[0]
 			key.n, key.loc = 0, 0
-			p.runs = append(p.runs[:i+1], append([]run{key}, p.runs[i+1:]...)...)
-			p.kids = append(p.kids[:i+1], append([]ptr{{r.loc, m.tx}}, p.kids[i+1:]...)...)
+			p.runs = slices.Insert(p.runs, i+1, key)
+			p.kids = slices.Insert(p.kids, i+1, ptr{r.loc, m.tx})
 			m.cache.touched(n)
 			continue
 		}
