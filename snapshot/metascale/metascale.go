@@ -33,15 +33,15 @@ type Config struct {
 
 // Result is what a run measured.
 type Result struct {
-	HeapInuse      uint64 // bytes in use after GC, beyond the baseline before the run
-	MetaBytes      uint64 // metadata pages in use, in bytes
-	ChunkRuns      uint64
-	Fill           time.Duration // the whole fill, commits included
-	WorstPut       time.Duration // the slowest single version (an origin write's metadata stall)
-	WorstCommit    time.Duration
-	Commits        int
-	OpenClean      time.Duration // Open after Commit and Close
-	OpenCrash      time.Duration // Open after a crash with uncommitted, written-back work
+	HeapInuse   uint64 // bytes in use after GC, beyond the baseline before the run
+	MetaBytes   uint64 // metadata pages in use, in bytes
+	ChunkRuns   uint64
+	Fill        time.Duration // the whole fill, commits included
+	WorstPut    time.Duration // the slowest single version (an origin write's metadata stall)
+	WorstCommit time.Duration
+	Commits     int
+	OpenClean   time.Duration // Open after Commit and Close
+	OpenCrash   time.Duration // Open after a crash with uncommitted, written-back work
 }
 
 // PageBytes returns the metadata region size a run of cfg needs.

@@ -274,7 +274,7 @@ type node struct {
 	prev, next   *node // LRU list
 	dprev, dnext *node // dirty FIFO
 	cost         int
-	inCache    bool
+	inCache      bool
 }
 
 func (n *node) leaf() bool { return n.level == 0 }
