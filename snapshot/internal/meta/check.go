@@ -98,8 +98,8 @@ func (c *checker) walk(t tree, p ptr, level int, lo, hi *run, root bool) {
 		c.addf("page %d: empty node", p.loc)
 		return
 	}
-	if !root && !n.leaf() && len(n.kids) < 1 {
-		c.addf("page %d: branch without children", p.loc)
+	if !root && underfull(n) {
+		c.addf("page %d: node below a quarter full (%d runs, %d bytes)", p.loc, len(n.runs), n.size)
 	}
 	if n.leaf() {
 		if n.size > leafCap || k.leafSize(n.runs) != n.size {

@@ -176,11 +176,16 @@ type workload struct {
 	m     *Meta
 	md    *model
 	space keySpace
+	drain bool // mostly deletes
 }
 
 func (w *workload) step() {
 	t, rng := w.t, w.rng
-	switch op := rng.IntN(10); {
+	op := rng.IntN(10)
+	if w.drain {
+		op = 6 + rng.IntN(4)*rng.IntN(2)
+	}
+	switch {
 	case op < 4:
 		k := w.space.random(rng)
 		if _, ok := w.md.locs[k]; ok {
@@ -240,7 +245,7 @@ func TestModel(t *testing.T) {
 		dev, m := newMemMeta(t, 4096, 1<<16, cache)
 		w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 3, chunks: 3000, epochs: 6}}
 		committed := w.md.clone()
-		for i := range 6000 {
+		for i := range 4000 {
 			w.step()
 			if i%97 == 0 {
 				verifyQueries(t, rng, m, w.md, 20, w.space)
@@ -264,6 +269,23 @@ func TestModel(t *testing.T) {
 		require.NoError(t, m.Commit())
 		require.NoError(t, m.Check())
 		st := m.Stats()
+		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels)
+		// drain: deletes shrink the trees, nodes join, pages come back
+		used := m.Space().PagesUsed
+		w.drain = true
+		for len(w.md.keys) > 50 {
+			w.step()
+			if rng.IntN(500) == 0 {
+				require.NoError(t, m.Commit())
+				require.NoError(t, m.Check())
+			}
+		}
+		verifyAll(t, m, w.md)
+		require.NoError(t, m.Commit())
+		require.NoError(t, m.Commit())
+		require.NoError(t, m.Check())
+		require.Less(t, m.Space().PagesUsed, used)
+		st = m.Stats()
 		cs := m.CacheStats()
 		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d; cache %+v", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels, cs)
 		require.NoError(t, m.Close())
