@@ -133,6 +133,14 @@ func (r *reader) ascendEpoch(b uint32, e uint32, from uint64, fn func(c uint64) 
 	}
 }
 
+// reader returns the writer's reader over the open transaction; its
+// iterator buffers are reused, so writer-side queries do not allocate.
+// Callers hold m.mu.
+func (m *Meta) reader() *reader {
+	m.rd.m, m.rd.chunk, m.rd.epoch = m, m.chunk, m.epoch
+	return &m.rd
+}
+
 // Put inserts key q mapped to loc (a data chunk, or a value >= LocSpecial)
 // in the open transaction. ErrExists if q is present; ErrNoSpace, with
 // nothing changed, if the metadata region cannot take it.
@@ -154,7 +162,7 @@ func (m *Meta) put(q Key, loc uint64) error {
 	if err := m.room(false); err != nil {
 		return err
 	}
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	if _, ok, err := r.get(q); err != nil || ok {
 		if err == nil {
 			err = fmt.Errorf("meta: put %v: %w", q, ErrExists)
@@ -191,7 +199,7 @@ func (m *Meta) del(q Key) (uint64, error) {
 	if err := m.room(true); err != nil {
 		return 0, err
 	}
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	if _, ok, err := r.get(q); err != nil || !ok {
 		if err == nil {
 			err = fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
@@ -232,7 +240,7 @@ func (m *Meta) room(isDelete bool) error {
 func (m *Meta) Get(q Key) (uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	return r.get(q)
 }
 
@@ -240,7 +248,7 @@ func (m *Meta) Get(q Key) (uint64, bool, error) {
 func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	return r.seek(q)
 }
 
@@ -248,7 +256,7 @@ func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
 func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	return r.prev(q)
 }
 
@@ -257,7 +265,7 @@ func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	return r.ascend(from, fn)
 }
 
@@ -266,7 +274,7 @@ func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	return r.ascendEpoch(b, e, from, fn)
 }
 

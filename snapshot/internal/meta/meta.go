@@ -91,6 +91,7 @@ type Meta struct {
 	buf      []byte // page buffer for writes
 	pathBuf  []*node
 	idxBuf   []int
+	rd       reader // the writer's reader (see Meta.reader)
 
 	// viewMu guards committed and views.
 	viewMu    sync.Mutex

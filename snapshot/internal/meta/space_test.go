@@ -117,13 +117,17 @@ func TestViews(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, 4))
 	_, m := newMemMeta(t, 4096, 1<<16, 32<<10)
 	w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 2, chunks: 2000, epochs: 5}}
+	rounds := 10
+	if testing.Short() {
+		rounds = 3
+	}
 	for range 1500 {
 		w.step()
 	}
 	require.NoError(t, m.Commit())
 	v := m.View()
 	frozen := w.md.clone()
-	for round := range 10 {
+	for round := range rounds {
 		for range 300 {
 			w.step()
 		}
