@@ -6,13 +6,15 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // TestViewsConcurrent: readers open views and compare them with the model
 // of the commit they read while the writer changes, writes back and
 // commits, with a cache small enough to evict. Run it with -race.
 func TestViewsConcurrent(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	_, m := newMemMeta(t, 4096, 1<<16, 64<<10)
 	rng := rand.New(rand.NewPCG(seed, 5))
 	w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 2, chunks: 1500, epochs: 4}}

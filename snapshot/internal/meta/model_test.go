@@ -3,27 +3,14 @@ package meta
 import (
 	"cmp"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed is BLOCKSNAP_SEED if set, else random; it is logged so a
-// failure can be replayed.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if v, err := strconv.ParseUint(os.Getenv("BLOCKSNAP_SEED"), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("seed %d (BLOCKSNAP_SEED=%d replays it)", seed, seed)
-	return seed
-}
 
 func keyCmp(a, b Key) int {
 	if c := cmp.Compare(a.B, b.B); c != 0 {
@@ -239,7 +226,7 @@ func newMemMeta(t *testing.T, pages uint64, chunks uint64, cache int) (*blockdev
 // smaller than the tree (so nodes are written back, evicted and re-read),
 // and compares every answer with the model.
 func TestModel(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
 	for _, cache := range []int{16 << 10, 1 << 20} {
 		dev, m := newMemMeta(t, 4096, 1<<16, cache)

@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // TestNoSpace fills a small metadata region with random keys until a Put
@@ -14,7 +15,7 @@ import (
 // region commits and passes Check, that deletes still work and free pages,
 // that the low-space callback fired, and that Grow makes room.
 func TestNoSpace(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 3))
 	const pages, devPages = 200, 500
 	dev, err := blockdev.NewMem(devPages*PageSize, 4096)
@@ -113,7 +114,7 @@ func TestDataSpace(t *testing.T) {
 // TestViews: a view reads its committed transaction while the writer goes
 // on changing and committing; its pages are not reused until Release.
 func TestViews(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 4))
 	_, m := newMemMeta(t, 4096, 1<<16, 32<<10)
 	w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 2, chunks: 2000, epochs: 5}}
