@@ -50,6 +50,9 @@ func (c *checker) page(loc uint64, what string) {
 // use). It writes nothing, so it runs on a read-only Meta. The error joins
 // up to 20 problems, each wrapping ErrCorrupt.
 func (v *View) Check() error {
+	if v.released {
+		return errReleased
+	}
 	st := v.st
 	c := &checker{v: v, pages: make([]uint64, (st.pages+63)/64), chunks: make([]uint64, (st.dataChunks+63)/64)}
 	c.page(0, "superblock")

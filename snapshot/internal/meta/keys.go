@@ -240,24 +240,30 @@ func (m *Meta) room(isDelete bool) error {
 func (m *Meta) Get(q Key) (uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.reader()
-	return r.get(q)
+	if m.closed {
+		return 0, false, ErrClosed
+	}
+	return m.reader().get(q)
 }
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
 func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.reader()
-	return r.seek(q)
+	if m.closed {
+		return Key{}, 0, false, ErrClosed
+	}
+	return m.reader().seek(q)
 }
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
 func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.reader()
-	return r.prev(q)
+	if m.closed {
+		return Key{}, 0, false, ErrClosed
+	}
+	return m.reader().prev(q)
 }
 
 // Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
@@ -265,8 +271,10 @@ func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.reader()
-	return r.ascend(from, fn)
+	if m.closed {
+		return ErrClosed
+	}
+	return m.reader().ascend(from, fn)
 }
 
 // AscendEpoch calls fn with the chunks of branch b that have a key at
@@ -274,8 +282,10 @@ func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.reader()
-	return r.ascendEpoch(b, e, from, fn)
+	if m.closed {
+		return ErrClosed
+	}
+	return m.reader().ascendEpoch(b, e, from, fn)
 }
 
 // Len returns the number of keys in the open transaction.
@@ -343,19 +353,46 @@ func (v *View) Tx() uint64 { return v.st.tx }
 // Len returns the number of keys.
 func (v *View) Len() uint64 { return v.st.keys }
 
+// errReleased is returned by a View's reads after Release: its pages may
+// have been reused.
+var errReleased = fmt.Errorf("meta: view released: %w", ErrClosed)
+
 // Get returns the location of key q.
-func (v *View) Get(q Key) (uint64, bool, error) { return v.r.get(q) }
+func (v *View) Get(q Key) (uint64, bool, error) {
+	if v.released {
+		return 0, false, errReleased
+	}
+	return v.r.get(q)
+}
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
-func (v *View) Seek(q Key) (Key, uint64, bool, error) { return v.r.seek(q) }
+func (v *View) Seek(q Key) (Key, uint64, bool, error) {
+	if v.released {
+		return Key{}, 0, false, errReleased
+	}
+	return v.r.seek(q)
+}
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
-func (v *View) Prev(q Key) (Key, uint64, bool, error) { return v.r.prev(q) }
+func (v *View) Prev(q Key) (Key, uint64, bool, error) {
+	if v.released {
+		return Key{}, 0, false, errReleased
+	}
+	return v.r.prev(q)
+}
 
 // Ascend calls fn for the keys >= from until fn returns false.
-func (v *View) Ascend(from Key, fn func(Key, uint64) bool) error { return v.r.ascend(from, fn) }
+func (v *View) Ascend(from Key, fn func(Key, uint64) bool) error {
+	if v.released {
+		return errReleased
+	}
+	return v.r.ascend(from, fn)
+}
 
 // AscendEpoch calls fn with the chunks of (b, e) from chunk from on.
 func (v *View) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
+	if v.released {
+		return errReleased
+	}
 	return v.r.ascendEpoch(b, e, from, fn)
 }

@@ -276,12 +276,17 @@ func TestModel(t *testing.T) {
 		cs := m.CacheStats()
 		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d; cache %+v", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels, cs)
 		require.NoError(t, m.Close())
-		m, err := Open(dev, Options{CacheBytes: cache, ReadOnly: true})
+		// a read-only Open on a device that refuses writes: Check writes nothing
+		m, err := Open(blockdev.ReadOnly(dev), Options{CacheBytes: cache, ReadOnly: true})
 		require.NoError(t, err)
 		verifyAll(t, m, w.md)
 		require.NoError(t, m.Check())
 		require.ErrorIs(t, m.Put(Key{}, 1), ErrReadOnly)
+		require.ErrorIs(t, m.Commit(), ErrReadOnly)
 		require.NoError(t, m.Close())
+		require.ErrorIs(t, m.Close(), ErrClosed)
+		_, _, _, err = m.Seek(Key{})
+		require.ErrorIs(t, err, ErrClosed)
 	}
 }
 

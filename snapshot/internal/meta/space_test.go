@@ -140,6 +140,9 @@ func TestViews(t *testing.T) {
 	}
 	require.NoError(t, v.Check())
 	v.Release()
+	v.Release() // twice is harmless
+	_, _, _, err := v.Seek(Key{})
+	require.ErrorIs(t, err, ErrClosed)
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())
 	verifyAll(t, m, w.md)
