@@ -141,6 +141,25 @@ func (m *Meta) reader() *reader {
 	return &m.rd
 }
 
+// nextEpoch returns the smallest epoch >= e with keys in branch b.
+func (r *reader) nextEpoch(b, e uint32) (uint32, bool, error) {
+	k := epochTree
+	it := r.iter(k)
+	qr := run{b: b, e: e}
+	if !it.seek(r.epoch, qr) {
+		return 0, false, it.err
+	}
+	if !it.valid() || k.before(it.run(), qr) >= uint64(it.run().n) {
+		if !it.next() {
+			return 0, false, it.err
+		}
+	}
+	if x := it.run(); x.b == b {
+		return x.e, true, nil
+	}
+	return 0, false, nil
+}
+
 // Put inserts key q mapped to loc (a data chunk, or a value >= LocSpecial)
 // in the open transaction. ErrExists if q is present; ErrNoSpace, with
 // nothing changed, if the metadata region cannot take it.
@@ -288,6 +307,16 @@ func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) err
 	return m.reader().ascendEpoch(b, e, from, fn)
 }
 
+// NextEpoch returns the smallest epoch >= e that has keys in branch b.
+func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return 0, false, ErrClosed
+	}
+	return m.reader().nextEpoch(b, e)
+}
+
 // Len returns the number of keys in the open transaction.
 func (m *Meta) Len() uint64 {
 	m.mu.Lock()
@@ -395,4 +424,12 @@ func (v *View) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) err
 		return errReleased
 	}
 	return v.r.ascendEpoch(b, e, from, fn)
+}
+
+// NextEpoch returns the smallest epoch >= e that has keys in branch b.
+func (v *View) NextEpoch(b, e uint32) (uint32, bool, error) {
+	if v.released {
+		return 0, false, errReleased
+	}
+	return v.r.nextEpoch(b, e)
 }

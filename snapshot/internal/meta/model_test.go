@@ -74,6 +74,7 @@ type reads interface {
 	Get(Key) (uint64, bool, error)
 	Ascend(Key, func(Key, uint64) bool) error
 	AscendEpoch(b, e uint32, from uint64, fn func(uint64) bool) error
+	NextEpoch(b, e uint32) (uint32, bool, error)
 }
 
 // verifyQueries compares random point queries.
@@ -132,6 +133,21 @@ func verifyAll(t *testing.T, r reads, md *model) {
 	for _, k := range md.keys {
 		be := [2]uint32{k.B, k.E}
 		byEpoch[be] = append(byEpoch[be], k.C)
+	}
+	// NextEpoch from every epoch of every branch seen, and past them
+	for be := range byEpoch {
+		for _, e := range []uint32{be[1], be[1] - 1, be[1] + 1, 0} {
+			want, wok := uint32(0), false
+			for k := range byEpoch {
+				if k[0] == be[0] && k[1] >= e && (!wok || k[1] < want) {
+					want, wok = k[1], true
+				}
+			}
+			got, ok, err := r.NextEpoch(be[0], e)
+			require.NoError(t, err)
+			require.Equal(t, wok, ok, "next epoch b%d e%d", be[0], e)
+			require.Equal(t, want, got, "next epoch b%d e%d", be[0], e)
+		}
 	}
 	for be, want := range byEpoch {
 		var cs []uint64
