@@ -5,12 +5,14 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/archive/archivetest"
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/clone"
 )
@@ -257,4 +259,38 @@ func TestS3SlowServer(t *testing.T) {
 	_, err = im2.ReadAt(b, dataOff)
 	require.ErrorIs(t, err, context.Canceled)
 	require.True(t, errors.Is(err, blockdev.ErrIO))
+}
+
+// TestS3Credentials: without explicit keys, credentials come from the AWS
+// environment variables, else from a profile in a credentials file.
+func TestS3Credentials(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	g.makeBucket(t, "creds")
+	o := g.options("creds", "")
+	o.AccessKey, o.SecretKey = "", ""
+
+	t.Setenv("AWS_ACCESS_KEY_ID", archivetest.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", archivetest.SecretKey)
+	be, err := NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err := Create(ctx, be, Options{})
+	require.NoError(t, err)
+	r.Close()
+
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
+	o.ProfileFile = filepath.Join(t.TempDir(), "credentials")
+	o.Profile = "backup"
+	require.NoError(t, os.WriteFile(o.ProfileFile, []byte("[default]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n"+
+		"[backup]\naws_access_key_id = "+archivetest.AccessKey+"\naws_secret_access_key = "+archivetest.SecretKey+"\n"), 0o600))
+	be, err = NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err = OpenRepo(ctx, be, Options{})
+	require.NoError(t, err)
+	r.Close()
+
+	o.Profile = "default" // wrong keys: refused by the server
+	_, err = NewS3(ctx, o)
+	require.Error(t, err)
 }
