@@ -14,6 +14,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/archive/archivetest"
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/blocksnap/blocksnap/clone"
 )
 
@@ -293,4 +294,37 @@ func TestS3Credentials(t *testing.T) {
 	o.Profile = "default" // wrong keys: refused by the server
 	_, err = NewS3(ctx, o)
 	require.Error(t, err)
+}
+
+// TestS3TLS: a gateway serving HTTPS with a self-signed certificate is
+// refused unless verification is skipped.
+func TestS3TLS(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	ctx := context.Background()
+	if _, err := archivetest.GatewayPath(); err != nil {
+		t.Skip(err)
+	}
+	g, err := archivetest.StartGatewayTLS(filepath.Join(t.TempDir(), "s3"))
+	require.NoError(t, err)
+	t.Cleanup(g.Kill)
+	require.NoError(t, g.MakeBucket(ctx, "tls"))
+	o := S3Options{Endpoint: g.Endpoint(), Bucket: "tls", PathStyle: true, AccessKey: archivetest.AccessKey,
+		SecretKey: archivetest.SecretKey, MaxRetries: 1}
+	_, err = NewS3(ctx, o)
+	require.ErrorContains(t, err, "certificate")
+	o.InsecureSkipVerify = true
+	be, err := NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err := Create(ctx, be, Options{})
+	require.NoError(t, err)
+	defer r.Close()
+	src := memDev(t, 1<<20)
+	_, err = src.WriteAt([]byte("over TLS"+string(make([]byte, 4088))), 0)
+	require.NoError(t, err)
+	res, err := r.Backup(ctx, src, BackupOptions{})
+	require.NoError(t, err)
+	dst := memDev(t, 1<<20)
+	_, err = r.Restore(ctx, res.Manifest.ID, dst, RestoreOptions{})
+	require.NoError(t, err)
+	requireSame(t, src, dst, src.Size())
 }
