@@ -297,7 +297,8 @@ func TestS3Credentials(t *testing.T) {
 }
 
 // TestS3TLS: a gateway serving HTTPS with a self-signed certificate is
-// refused unless verification is skipped.
+// refused unless its certificate is trusted (CAFile) or verification is
+// skipped.
 func TestS3TLS(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
 	ctx := context.Background()
@@ -312,7 +313,10 @@ func TestS3TLS(t *testing.T) {
 		SecretKey: archivetest.SecretKey, MaxRetries: 1}
 	_, err = NewS3(ctx, o)
 	require.ErrorContains(t, err, "certificate")
-	o.InsecureSkipVerify = true
+	o.CAFile = g.CertFile() // trusted as a CA
+	_, err = NewS3(ctx, o)
+	require.NoError(t, err)
+	o.CAFile, o.InsecureSkipVerify = "", true
 	be, err := NewS3(ctx, o)
 	require.NoError(t, err)
 	r, err := Create(ctx, be, Options{})

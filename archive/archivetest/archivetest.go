@@ -171,6 +171,10 @@ func (g *Gateway) Endpoint() string {
 	return "http://" + g.Addr
 }
 
+// CertFile is the TLS gateway's certificate (PEM), to trust as a CA; empty
+// for a plain HTTP gateway.
+func (g *Gateway) CertFile() string { return g.cert }
+
 // selfSigned writes a self-signed certificate and key for 127.0.0.1 into
 // dir and returns their paths.
 func selfSigned(dir string) (cert, key string, err error) {
