@@ -185,6 +185,7 @@ func (w *Writer) Close() (Totals, error) {
 	binary.LittleEndian.PutUint64(tail[0:], uint64(w.totals.ZeroBytes))
 	binary.LittleEndian.PutUint32(tail[8:], w.crc)
 	if err := w.record(TypeEnd, 16, tail[:]); err != nil {
+		w.Abort()
 		return w.totals, err
 	}
 	w.closed = true
