@@ -217,8 +217,7 @@ func TestWaitClosed(t *testing.T) {
 // against background hydration and checks the result against a model.
 func TestConcurrentHydrationAndWrites(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	const size = 4 << 20
 	src, img := newSource(t, size, 4096)
 	c, err := Create(src, blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 16<<10), 4096),
