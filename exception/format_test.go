@@ -275,6 +275,12 @@ func TestTornAreaWriteIsRepaired(t *testing.T) {
 			require.NotNil(t, frozen)
 			require.NoError(t, s.Close())
 
+			// CheckCOW sees the torn write, through a read-only view.
+			crep, err := CheckCOW(blockdev.ReadOnly(frozen), 1<<20)
+			require.NoError(t, err)
+			require.True(t, crep.PendingRepair, "%q", crep.Problems)
+			require.Equal(t, uint64(0), crep.RepairArea)
+
 			o2 := newOrigin(t, blockdevtest.NewMem(t, 1<<20, bs))
 			s2, err := o2.OpenSnapshot(frozen, Options{})
 			require.NoError(t, err)
@@ -284,6 +290,9 @@ func TestTornAreaWriteIsRepaired(t *testing.T) {
 			rep, err := s2.Check()
 			require.NoError(t, err)
 			require.Zero(t, rep.Leaked)
+			crep, err = CheckCOW(frozen, 1<<20)
+			require.NoError(t, err)
+			require.True(t, crep.OK(), "%q", crep.Problems)
 		})
 	}
 }

@@ -11,8 +11,8 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
-// FuzzLoadPersistent feeds arbitrary COW device images to the loader and to
-// OpenSnapshot (which also runs crash recovery): they must return a typed
+// FuzzLoadPersistent feeds arbitrary COW device images to CheckCOW, the
+// loader and OpenSnapshot (which also runs crash recovery): they must return a typed
 // error or a store that reads and checks without panicking.
 // The fuzzer's input is a compact COW image that fuzzImage spreads over a
 // fuzzImageSize-byte device of 512-byte blocks, so inputs stay a few hundred
@@ -124,7 +124,16 @@ func FuzzLoadPersistent(f *testing.F) {
 		if _, err := dev.WriteAt(data[:n], 0); err != nil {
 			t.Fatal(err)
 		}
+		// CheckCOW reads the image without writing and agrees with the
+		// loader: a store the loader accepts has no bad entry.
+		rep, err := CheckCOW(blockdev.ReadOnly(dev), 0)
+		if err != nil {
+			t.Fatalf("CheckCOW of a readable device: %v", err)
+		}
 		img, err := LoadPersistent(dev)
+		if err == nil && img.Valid && uint64(len(img.Entries)) != rep.Exceptions {
+			t.Fatalf("loader found %d exceptions, CheckCOW %d", len(img.Entries), rep.Exceptions)
+		}
 		if err != nil {
 			if !errors.Is(err, ErrBadHeader) && !errors.Is(err, ErrBadMagic) && !errors.Is(err, ErrChunkSize) && !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("untyped error: %v", err)

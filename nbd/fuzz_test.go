@@ -225,7 +225,7 @@ func FuzzRequest(f *testing.F) {
 			c.structured = structured
 			c.meta = in[0]&2 != 0
 			x := c.srv.lookup("")
-			c.selectExport(x)
+			c.selectExport(x, x.ro)
 			c.exp = x
 		})
 		if structured {

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/blocksnap/blocksnap/snapshot"
-	"github.com/blocksnap/blocksnap/snapshot/diffstream"
 )
 
 // request is one operation, run locally or sent over the control socket
@@ -70,13 +69,6 @@ func nameMap(st *snapshot.Store) map[uint64]string {
 		m[v.ID] = v.Name
 	}
 	return m
-}
-
-// identity is how a snapshot is named in a diff stream: the store's volume
-// ID and creation time (stable across reopen, and practically unique across
-// stores) plus the name.
-func identity(i snapshot.VolumeInfo) diffstream.Identity {
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name}
 }
 
 // ops runs requests against an open store. The serve command sets the
