@@ -6,28 +6,13 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed returns BLOCKSNAP_SEED if set (to replay a failure), else a
-// random seed; it logs the seed either way.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if s := os.Getenv("BLOCKSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "BLOCKSNAP_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
-	return seed
-}
 
 // sparseImage fills m with random extents of data, of zeros written as
 // data, and holes.
@@ -58,7 +43,7 @@ func image(t *testing.T, d blockdev.Device) []byte {
 }
 
 func TestCopySparse(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 2))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 2))
 	for _, bs := range []int{512, 4096} {
 		src, err := blockdev.NewMem(4<<20, bs)
 		require.NoError(t, err)
@@ -93,7 +78,7 @@ type noMapper struct{ blockdev.Device }
 func (noMapper) Discard(off, n int64) error { return blockdev.ErrNotSupported }
 
 func TestCopyWithoutMapperOrDiscard(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 3))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 3))
 	src, err := blockdev.NewMem(1<<20, 512)
 	require.NoError(t, err)
 	sparseImage(t, rng, src)
@@ -177,7 +162,7 @@ func (c *chunky) Read(p []byte) (int, error) {
 }
 
 func TestWriterUnalignedStream(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 4))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 4))
 	for range 20 {
 		dev, err := blockdev.NewMem(3<<20, []int{512, 4096}[rng.IntN(2)])
 		require.NoError(t, err)
