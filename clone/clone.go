@@ -16,8 +16,8 @@
 // whole volume and can be used alone.
 //
 // The I/O paths are in io.go, background hydration in hydrate.go, the
-// in-core bitmap in bitmap.go, the on-disk formats in metadata.go, commit
-// and recovery in commit.go, progress in status.go.
+// metadata type (the in-core bitmap) in metadata.go, the on-disk formats in
+// format.go, commit and recovery in commit.go, progress in status.go.
 package clone
 
 import (
