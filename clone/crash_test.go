@@ -25,9 +25,9 @@ type crashConfig struct {
 }
 
 var crashConfigs = []crashConfig{
-	{name: "steps", size: 256 << 10, opts: Options{RegionSize: 8 << 10}, dstBS: 4096, metaBS: 4096, opsPerRun: 24, points: 2000},
-	{name: "steps-512", size: 256 << 10, opts: Options{RegionSize: 4 << 10, NoDiscardPassdown: true}, dstBS: 512, metaBS: 512, opsPerRun: 24, points: 2000},
-	{name: "background", size: 512 << 10, opts: Options{RegionSize: 16 << 10, BatchSize: 2, CommitInterval: time.Millisecond}, bg: true, dstBS: 4096, metaBS: 4096, opsPerRun: 16, points: 500},
+	{name: "steps", size: 256 << 10, opts: Options{RegionSize: 8 << 10}, dstBS: 4096, metaBS: 4096, opsPerRun: 24, points: 4500},
+	{name: "steps-512", size: 256 << 10, opts: Options{RegionSize: 4 << 10, NoDiscardPassdown: true}, dstBS: 512, metaBS: 512, opsPerRun: 24, points: 4500},
+	{name: "background", size: 512 << 10, opts: Options{RegionSize: 16 << 10, BatchSize: 2, CommitInterval: time.Millisecond}, bg: true, dstBS: 4096, metaBS: 4096, opsPerRun: 16, points: 1000},
 }
 
 // TestCrashTorture runs random workloads on CrashSim destination and
