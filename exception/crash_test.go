@@ -19,15 +19,19 @@ import (
 // policy, then reopens everything and checks the crash model: snapshots
 // read exactly what the origin held when they were taken, flushed origin
 // writes survive, Check passes and no COW chunk leaks.
-func TestCrashTorture(t *testing.T) {
+func TestCrashTorture(t *testing.T) { eachCrashPoint(t, crashPoints, crashOnce) }
+
+// eachCrashPoint runs crash points of the test's budget: seed+i for the
+// i-th round, under each policy in turn.
+func eachCrashPoint(t *testing.T, points int, fn func(*testing.T, uint64, blockdevtest.Policy)) {
 	seed := blockdevtest.Seed(t)
-	budget := blockdevtest.TortureBudget(t, crashPoints)
+	budget := blockdevtest.TortureBudget(t, points)
 	for i := uint64(0); ; i++ {
 		for _, pol := range blockdevtest.AllPolicies(seed + i) {
 			if !budget.Next() {
 				return
 			}
-			crashOnce(t, seed+i, pol)
+			fn(t, seed+i, pol)
 		}
 	}
 }
@@ -196,18 +200,7 @@ func ctWrite(o *Origin, w *ctWriter, rng *rand.Rand, bs int) bool {
 // the origin with another snapshot attached, then resumes the merge after
 // reopening: the origin ends up as the merged snapshot, the other snapshot
 // is unchanged, and Check passes.
-func TestCrashDuringMerge(t *testing.T) {
-	seed := blockdevtest.Seed(t)
-	budget := blockdevtest.TortureBudget(t, mergeCrashPoints)
-	for i := uint64(0); ; i++ {
-		for _, pol := range blockdevtest.AllPolicies(seed + i) {
-			if !budget.Next() {
-				return
-			}
-			crashMergeOnce(t, seed+i, pol)
-		}
-	}
-}
+func TestCrashDuringMerge(t *testing.T) { eachCrashPoint(t, mergeCrashPoints, crashMergeOnce) }
 
 const mergeCrashPoints = 200
 
