@@ -34,14 +34,6 @@ func sparseImage(t *testing.T, rng *rand.Rand, m *blockdev.Mem) {
 	}
 }
 
-func image(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return p
-}
-
 func TestCopySparse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 2))
 	for _, bs := range []int{512, 4096} {
@@ -60,7 +52,7 @@ func TestCopySparse(t *testing.T) {
 		}))
 		require.Equal(t, src.Size(), last)
 		require.Equal(t, src.Size(), total)
-		require.Equal(t, image(t, src), image(t, dst))
+		require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, dst))
 		// Zero blocks and holes were not written: dst is as sparse as the
 		// data in src (Mem pages are 4 KiB, so compare whole pages).
 		require.LessOrEqual(t, dst.Allocated(), src.Allocated())
@@ -87,7 +79,7 @@ func TestCopyWithoutMapperOrDiscard(t *testing.T) {
 	_, err = m.WriteAt(bytes.Repeat([]byte{1}, 1<<20), 0)
 	require.NoError(t, err)
 	require.NoError(t, blockdev.Copy(context.Background(), noMapper{m}, noMapper{src}, nil))
-	require.Equal(t, image(t, src), image(t, m))
+	require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, m))
 }
 
 func TestCopyErrors(t *testing.T) {
@@ -189,7 +181,7 @@ func TestWriterUnalignedStream(t *testing.T) {
 		require.Equal(t, int64(len(data)), n)
 		require.Equal(t, off+n, w.Offset())
 		require.NoError(t, w.Close())
-		require.Equal(t, model, image(t, dev), "stream of %d bytes at %d", len(data), off)
+		require.Equal(t, model, blockdevtest.ReadAll(t, dev), "stream of %d bytes at %d", len(data), off)
 	}
 }
 
@@ -208,7 +200,7 @@ func TestWriterWriteAtAndBounds(t *testing.T) {
 	require.NoError(t, err)
 	copy(model[105:], ", world")
 	require.NoError(t, w.Flush())
-	require.Equal(t, model, image(t, dev))
+	require.Equal(t, model, blockdevtest.ReadAll(t, dev))
 
 	// Past the end: refused, typed.
 	w = blockdev.NewWriter(dev, dev.Size()-3)
@@ -243,4 +235,16 @@ func TestCheckReport(t *testing.T) {
 	require.Len(t, ce.Problems, 8)
 	require.Contains(t, err.Error(), "8 problems: problem 0; problem 1")
 	require.Contains(t, err.Error(), "and 3 more")
+}
+
+func TestIsZero(t *testing.T) {
+	for n := range 100 {
+		p := make([]byte, n)
+		require.True(t, blockdev.IsZero(p))
+		for i := range n {
+			p[i] = 1
+			require.False(t, blockdev.IsZero(p), "len %d, byte %d", n, i)
+			p[i] = 0
+		}
+	}
 }

@@ -118,6 +118,7 @@ func sectorPattern(w, k int) []byte {
 // sector of one 4 KiB block over and over: each is a read-modify-write of
 // the same block, and no writer's last write may be lost.
 func TestSubBlockConcurrentSectors(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	mem := newMem(t, 64<<10, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	const writers, rounds = 8, 50
