@@ -38,7 +38,7 @@ func eachCrashPoint(t *testing.T, points int, fn func(*testing.T, uint64, blockd
 
 // crashPoints is the torture's default count of crash points (a tenth under
 // -short).
-const crashPoints = 4000
+const crashPoints = 2000
 
 const (
 	ctSize    = 256 << 10
