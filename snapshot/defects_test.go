@@ -51,8 +51,7 @@ func hangGuard(t *testing.T, limit time.Duration, f func()) {
 // of a snapshot run together. The emergency checkpoint used to take
 // reclaim under mu (the reverse of a reader's order) and hang.
 func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	origin, err := blockdev.NewMem(4<<20, 512)
 	require.NoError(t, err)
 	fillPattern(t, origin, seed)
@@ -136,8 +135,7 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 // two volumes. Each must now either complete before the delete or fail
 // with ErrInvalidSnapshot, and the store must stay usable and consistent.
 func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	for _, op := range []string{"write", "discard", "snapshot", "clone"} {
 		t.Run(op, func(t *testing.T) {
 			origin, err := blockdev.NewMem(1<<20, 512)
@@ -216,7 +214,7 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 					for _, v := range made { // each holds the clone's contents, whole
 						_, err := v.ReadAt(got, 0)
 						require.NoError(t, err)
-						require.Equal(t, -1, firstDiff(got, want), "volume %s of the deleted clone", v.Info().Name)
+						require.Equal(t, -1, blockdevtest.FirstDiff(got, want), "volume %s of the deleted clone", v.Info().Name)
 					}
 					for _, vi := range s.List() { // what the racing operations made
 						if vi.Kind != KindOrigin && vi.Name != "golden" {
@@ -283,8 +281,7 @@ func TestFreedChunksReusedBeforeNoSpace(t *testing.T) {
 // reopen). The store must refuse the growth with ErrNoSpace before it
 // commits and stay usable.
 func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	origin, err := blockdev.NewMem(16<<30, 4096) // sparse: 256 Ki chunks of 64 KiB
 	require.NoError(t, err)
 	store, err := blockdev.NewMem(16<<20, 4096)
