@@ -43,16 +43,18 @@
 // shows them):
 //
 //   - blockdev imports none of ours; blockdev/blockdevtest imports blockdev
-//     only and is imported by tests and bench.
+//     only and is imported by tests, bench and snapshot/metascale.
 //   - journal, exception, snapshot/diffstream, snapshot/internal/meta (the
-//     next metadata layer, not yet used) and nbd import blockdev only:
-//     exception keeps the kernel's own format, not a journal, and nbd
+//     next metadata layer, not yet used by snapshot) and nbd import blockdev
+//     only: exception keeps the kernel's own format, not a journal, and nbd
 //     serves any Device without knowing which engine made it.
 //   - clone imports blockdev and journal; snapshot imports blockdev,
-//     journal and snapshot/diffstream.
+//     journal and snapshot/diffstream; snapshot/metascale imports
+//     snapshot/internal/meta.
+//   - archive imports blockdev and snapshot (backups are snapshot diffs).
 //   - cmd/blocksnap, bench and examples sit on top: they import the
-//     engines, nbd and blockdev; nothing imports them. internal/metamorphic
-//     holds only a test, which imports all of them.
+//     engines, archive, nbd and blockdev; nothing imports them.
+//     internal/metamorphic holds only a test, which imports them all.
 //
 // The engines never import each other.
 //
