@@ -22,8 +22,8 @@
 //
 // The I/O paths are in io.go, background hydration in hydrate.go (its
 // window in pacer.go, the source's allocation map in srcmap.go), the
-// in-core bitmap in bitmap.go, the on-disk formats in metadata.go, commit
-// and recovery in commit.go, progress in status.go.
+// metadata type (the in-core bitmap) in metadata.go, the on-disk formats in
+// format.go, commit and recovery in commit.go, progress in status.go.
 package clone
 
 import (

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 func needFuseLoop(t *testing.T) {
@@ -130,8 +132,7 @@ func testFuseExt4(t *testing.T, bs int) {
 	ts := startServer(t, Options{}, Export{Name: "fs", Device: mem})
 	uri := ts.uri("fs")
 
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	files := map[string][32]byte{}
 
