@@ -51,6 +51,11 @@ type metadata struct {
 
 	commits atomic.Int64
 	failed  atomic.Pointer[error] // last metadata error, for Status
+
+	// early asks the committer for a commit before its interval ends
+	// (capacity 1): background hydration has written enough since the
+	// last one that flushing it now keeps the next Flush short.
+	early chan struct{}
 }
 
 func newMetadata(c *Clone, g geometry) *metadata {
@@ -66,6 +71,7 @@ func newMetadata(c *Clone, g geometry) *metadata {
 		dirty:       bitset.New(uint(g.Regions)),
 		durable:     bitset.New(uint(g.Regions)),
 		done:        make(chan struct{}),
+		early:       make(chan struct{}, 1),
 	}
 }
 

@@ -135,6 +135,7 @@ type Options struct {
 	testBugOrder    bool                                 // commit metadata before flushing the destination (dm-clone's bug)
 	testAfterCommit func()                               // called right after each metadata commit
 	testAfter       func(time.Duration) <-chan time.Time // replaces time.After in backoff waits
+	testEarlyCommit int64                                // replaces earlyCommit
 }
 
 // Clone is a blockdev.Device whose contents are the source's, overlaid with

@@ -269,3 +269,28 @@ func TestPacerWindow(t *testing.T) {
 	p.sample(later, later.Add(-20*time.Millisecond), 1<<20)
 	require.Less(t, p.rate(), r)
 }
+
+// TestEarlyCommit: background hydration asks for a commit once it has
+// copied enough, long before the commit interval.
+func TestEarlyCommit(t *testing.T) {
+	checkLeaks(t)
+	const size = 4 << 20
+	src, img := newSource(t, size, 4096)
+	dst := newMem(t, size, 4096)
+	opts := Options{CommitInterval: time.Hour, testEarlyCommit: 256 << 10}
+	c, err := Create(src, dst, newMem(t, MetadataSize(size, 0), 4096), opts)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, c.Wait(ctx))
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Status().Commits == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	require.Positive(t, c.Status().Commits, "no commit with an hour-long interval")
+	require.NoError(t, c.Close())
+	got := make([]byte, size)
+	_, err = dst.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(img, got))
+}

@@ -1,7 +1,6 @@
 package snapshot
 
 import (
-	"bytes"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -15,17 +14,13 @@ import (
 func TestMappingsSayWhereDataLives(t *testing.T) {
 	s, origin, store := newMemStore(t, 4<<20, 16<<20, Options{ChunkSize: 16 << 10, CommitInterval: -1})
 	o := s.Origin()
-	write := func(v *Volume, b byte, off, n int64) {
-		_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
-		require.NoError(t, err)
-	}
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
-	write(o, 1, 0, 64<<10) // four chunks copied for s1, in order
-	write(o, 2, 1<<20, 16<<10)
+	fillAt(t, o, 1, 0, 64<<10) // four chunks copied for s1, in order
+	fillAt(t, o, 2, 1<<20, 16<<10)
 	c, err := s.CreateClone("c", s1)
 	require.NoError(t, err)
-	write(c, 3, 2<<20, 32<<10)
+	fillAt(t, c, 3, 2<<20, 32<<10)
 	require.NoError(t, c.Discard(3<<20, 16<<10))
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
