@@ -278,9 +278,17 @@ func checkGeometry(g geometry, src, dst blockdev.Device, opts Options) error {
 		{"source block size", int64(g.SourceBlock), int64(src.BlockSize())},
 		{"destination block size", int64(g.DestBlock), int64(dst.BlockSize())},
 	} {
-		if c.rec != c.got {
-			return &GeometryError{Field: c.field, Recorded: c.rec, Have: c.got}
+		if c.rec == c.got {
+			continue
 		}
+		// A source whose block size now divides the recorded one serves
+		// every request the clone was made for: an NBD server that came to
+		// advertise a smaller minimum block size (512 where it said 4096)
+		// still serves the same image.
+		if c.field == "source block size" && c.got > 0 && c.got < c.rec && c.rec%c.got == 0 {
+			continue
+		}
+		return &GeometryError{Field: c.field, Recorded: c.rec, Have: c.got}
 	}
 	if opts.RegionSize != 0 && opts.RegionSize != g.RegionSize {
 		return &GeometryError{Field: "region size", Recorded: g.RegionSize, Have: opts.RegionSize}

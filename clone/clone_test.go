@@ -297,3 +297,37 @@ func TestHotPathAllocs(t *testing.T) {
 	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.WriteAt(buf, 8192) }), "write to a hydrated region")
 	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.ReadAt(buf, 512<<10) }), "read of an unhydrated region")
 }
+
+// A clone made from a source with 4 KiB blocks reopens on the same image
+// served with 512-byte blocks (an NBD server that lowered its advertised
+// minimum), reading the same data; the reverse, a larger block than
+// recorded, is a geometry mismatch.
+func TestSourceBlockSizeShrinks(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	src, _ := newSource(t, 1<<20, 4096)
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+	c, err := Create(src, dst, meta, Options{NoHydration: true})
+	require.NoError(t, err)
+	want := blockdevtest.ReadAll(t, c)
+	require.NoError(t, c.Close())
+
+	small := blockdevtest.NewMem(t, 1<<20, 512)
+	_, err = small.WriteAt(blockdevtest.ReadAll(t, src), 0)
+	require.NoError(t, err)
+	c, err = Open(small, dst, meta, Options{NoHydration: true})
+	require.NoError(t, err)
+	require.Equal(t, want, blockdevtest.ReadAll(t, c))
+	require.NoError(t, c.Check())
+	require.NoError(t, c.Close())
+
+	src512, _ := newSource(t, 1<<20, 512)
+	meta2 := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+	c, err = Create(src512, blockdevtest.NewMem(t, 1<<20, 512), meta2, Options{NoHydration: true})
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	_, err = Open(src, blockdevtest.NewMem(t, 1<<20, 512), meta2, Options{})
+	var ge *GeometryError
+	require.ErrorAs(t, err, &ge)
+	require.Equal(t, "source block size", ge.Field)
+}
