@@ -128,7 +128,7 @@ func TestFuseExt4(t *testing.T) {
 
 func testFuseExt4(t *testing.T, bs int) {
 	needFuseLoop(t)
-	mem := newMem(t, 64<<20, bs)
+	mem := blockdevtest.NewMem(t, 64<<20, bs)
 	ts := startServer(t, Options{}, Export{Name: "fs", Device: mem})
 	uri := ts.uri("fs")
 
