@@ -119,6 +119,9 @@ func (j statusJSON) String() string {
 
 // openSource opens a source path read-only, or dials an NBD URI.
 func openSource(ctx context.Context, src string) (blockdev.Device, error) {
+	if isArchive(src) {
+		return openArchiveSource(ctx, src)
+	}
 	if strings.HasPrefix(src, "nbd://") || strings.HasPrefix(src, "nbd+unix://") || strings.HasPrefix(src, "nbd+tcp://") {
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()

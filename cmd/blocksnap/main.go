@@ -77,6 +77,7 @@ func init() {
 		cmdFormat, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRollback, cmdStat,
 		cmdCheck, cmdDump, cmdDiff, cmdExportDiff, cmdApplyDiff, cmdServe,
 		cmdHydrate, cmdStatus,
+		cmdBackup, cmdRestore, cmdArchive,
 	}
 }
 
