@@ -432,16 +432,10 @@ func (d *cancellingDev) ReadAt(p []byte, off int64) (int, error) {
 func TestBackupCancelResume(t *testing.T) {
 	rng := rand.New(rand.NewPCG(testSeed(t), 7))
 	r, _ := dirRepo(t, Options{})
-	src := memDev(t, 4<<20)
-	b := make([]byte, src.Size())
-	for i := range b {
-		b[i] = byte(rng.Uint32())
-	}
-	_, err := src.WriteAt(b, 0)
-	require.NoError(t, err)
+	src := randomDev(t, rng, 4<<20)
 	ctx, cancel := context.WithCancel(context.Background())
 	var last Progress
-	_, err = r.Backup(ctx, &cancellingDev{Device: src, n: 40, cancel: cancel},
+	_, err := r.Backup(ctx, &cancellingDev{Device: src, n: 40, cancel: cancel},
 		BackupOptions{ID: "x", PackSize: 128 << 10, Parallel: 2, Progress: func(p Progress) { last = p }})
 	require.ErrorIs(t, err, context.Canceled)
 	require.Positive(t, last.TotalBytes)
@@ -461,13 +455,7 @@ func TestImagePrefetch(t *testing.T) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(testSeed(t), 8))
 	r, _ := dirRepo(t, Options{})
-	src := memDev(t, 1<<20)
-	b := make([]byte, src.Size())
-	for i := range b {
-		b[i] = byte(rng.Uint32())
-	}
-	_, err := src.WriteAt(b, 0)
-	require.NoError(t, err)
+	src := randomDev(t, rng, 1<<20)
 	res, err := r.Backup(ctx, src, BackupOptions{})
 	require.NoError(t, err)
 	im, err := OpenLazy(ctx, r, res.Manifest.ID, LazyOptions{Prefetch: 4})

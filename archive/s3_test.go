@@ -114,15 +114,7 @@ func TestS3KillResume(t *testing.T) {
 	rng := rand.New(rand.NewPCG(testSeed(t), 11))
 	g := startGateway(t)
 	r := g.repo(t, "bkt", "")
-	src := memDev(t, 8<<20)
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < src.Size(); off += int64(len(buf)) {
-		for i := range buf {
-			buf[i] = byte(rng.Uint32())
-		}
-		_, err := src.WriteAt(buf, off)
-		require.NoError(t, err)
-	}
+	src := randomDev(t, rng, 8<<20)
 	const blocks = 128
 	// Packs of 4 blocks, so the first run completes some.
 	_, err := r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
