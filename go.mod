@@ -3,13 +3,14 @@ module github.com/blocksnap/blocksnap
 go 1.26.0
 
 require (
+	github.com/bits-and-blooms/bitset v1.29.0
+	github.com/docker/go-units v0.5.0
+	github.com/google/btree v1.1.3
+	github.com/spf13/pflag v1.0.10
 	github.com/stretchr/testify v1.12.1
-	golang.org/x/sys v0.49.0
+	golang.org/x/sync v0.24.0
+	golang.org/x/sys v0.50.0
+	golang.org/x/term v0.48.0
 )
 
-require (
-	github.com/bits-and-blooms/bitset v1.29.0 // indirect
-	github.com/google/btree v1.1.3 // indirect
-	go.yaml.in/yaml/v3 v3.0.5 // indirect
-	golang.org/x/sync v0.24.0 // indirect
-)
+require go.yaml.in/yaml/v3 v3.0.5 // indirect

@@ -9,21 +9,33 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/nbd"
 	"github.com/blocksnap/blocksnap/snapshot"
 )
 
 var cmdServe = &command{
 	name: "serve",
-	args: "--origin PATH --store PATH [--listen 127.0.0.1:10809] [--socket PATH] [--control PATH] [--json]",
 	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
-		"snapshot, clone, delete, list, stat, diff and export-diff act on the live server through its control socket",
-}
-
-func init() {
-	cmdServe.run = runServe
+		"the other store commands act on the live server through its control socket",
+	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fl)
+		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
+		sock := fl.String("socket", "", "also serve NBD on the Unix socket `PATH`")
+		js := fl.Bool("json", false, "print the listening addresses as JSON once ready")
+		return func(e *env, _ []string) error {
+			if *listen == "" && *sock == "" {
+				return usagef("nothing to listen on: give --listen or --socket")
+			}
+			return runServe(e, sf, *listen, *sock, *js)
+		}
+	},
 }
 
 // serveInfo is printed (as JSON with --json) once the server is ready.
@@ -34,25 +46,21 @@ type serveInfo struct {
 	Exports []string `json:"exports"`
 }
 
-func runServe(e *env, args []string) error {
-	fl := newFlags(e, cmdServe)
-	sf := addStoreFlags(fl)
-	listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
-	sock := fl.String("socket", "", "also serve NBD on the Unix socket `PATH`")
-	js := fl.Bool("json", false, "print the listening addresses as JSON once ready")
-	if _, err := parseStore(e, cmdServe, fl, sf, args, 0, 0); err != nil {
-		return err
+func runServe(e *env, sf *storeFlags, listen, sock string, js bool) error {
+	s, err := openSession(sf, readWrite)
+	if errors.Is(err, ErrStoreInUse) {
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)")
 	}
-	if *listen == "" && *sock == "" {
-		return usagef("nothing to listen on: give --listen or --socket")
-	}
-	s, err := openSession(sf)
 	if err != nil {
 		return err
 	}
 	vs, err := newVolumeServer(s.st)
 	if err == nil {
-		err = vs.serve(e, sf.controlPath(), *listen, *sock, *js)
+		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename}
+		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
+			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
+		err = vs.serve(e, sf.controlPath(), listen, sock, js)
 	}
 	if vs != nil {
 		vs.closeVolumes()
@@ -66,8 +74,10 @@ func runServe(e *env, args []string) error {
 // volumeServer exports a store's volumes over NBD and keeps the exports in
 // step with snapshots, clones and deletes made through the control socket.
 type volumeServer struct {
-	st  *snapshot.Store
-	nbd *nbd.Server
+	st   *snapshot.Store
+	nbd  *nbd.Server
+	ops  ops          // set before serving; its hooks call back into vs
+	info control.Info // set before serving, then read-only
 
 	mu      sync.Mutex // guards exports and serializes control operations
 	exports map[string]*liveDev
@@ -148,28 +158,47 @@ func (vs *volumeServer) closeVolumes() {
 	}
 }
 
+// rename moves a renamed volume's export to its new name; connections
+// open on the old name keep working on the same volume.
+func (vs *volumeServer) rename(oldName, newName string) {
+	vs.mu.Lock()
+	defer vs.mu.Unlock()
+	d, ok := vs.exports[oldName]
+	if !ok {
+		return
+	}
+	v := d.v.Load()
+	if v == nil {
+		return
+	}
+	_ = vs.nbd.Remove(oldName) // present: added together with vs.exports[oldName]
+	delete(vs.exports, oldName)
+	ro := v.Kind() == snapshot.KindSnapshot
+	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), newName)
+	if err := vs.nbd.Add(nbd.Export{Name: newName, Description: desc, Device: d, ReadOnly: ro}); err == nil {
+		vs.exports[newName] = d
+	}
+}
+
 // handle runs a control request against the live store.
-func (vs *volumeServer) handle(ctx context.Context, r request) (any, error) {
-	o := &ops{st: vs.st, onCreate: vs.add, onDelete: vs.retire}
-	return o.do(ctx, r)
+func (vs *volumeServer) handle(ctx context.Context, r control.Request) (any, error) {
+	if r.Op == control.OpInfo {
+		return vs.info, nil
+	}
+	return vs.ops.do(ctx, r)
 }
 
 // serve listens, reports readiness, and serves until e.ctx ends (SIGINT,
 // SIGTERM), then drains: the NBD server answers requests in flight and
 // flushes every export; the control socket closes.
-func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) error {
-	cs, err := listenControl(control, vs.handle)
-	if err != nil {
-		return err
-	}
-	defer cs.close()
+func (vs *volumeServer) serve(e *env, controlPath, listen, sock string, js bool) error {
 	var ls []net.Listener
 	closeAll := func() {
 		for _, l := range ls {
 			l.Close()
 		}
 	}
-	info := serveInfo{Control: control}
+	info := serveInfo{Control: controlPath}
 	if listen != "" {
 		l, err := net.Listen("tcp", listen)
 		if err != nil {
@@ -188,6 +217,14 @@ func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) err
 		ls = append(ls, l)
 		info.Socket = sock
 	}
+	// vs.info is read by the control handler: complete before it starts.
+	vs.info.Listen, vs.info.Socket = info.Listen, info.Socket
+	cs, err := control.Listen(controlPath, vs.handle, classify)
+	if err != nil {
+		closeAll()
+		return err
+	}
+	defer cs.Close()
 	info.Exports = vs.names()
 	if js {
 		err = writeJSON(e.stdout, info)
@@ -199,7 +236,7 @@ func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) err
 		if info.Socket != "" {
 			where += " nbd+unix:///?socket=" + info.Socket
 		}
-		_, err = fmt.Fprintf(e.stdout, "serving %d volumes on%s (control socket %s); ^C to stop\n", len(info.Exports), where, control)
+		_, err = fmt.Fprintf(e.stdout, "serving %d volumes on%s (control socket %s); ^C to stop\n", len(info.Exports), where, controlPath)
 	}
 	if err != nil {
 		closeAll()

@@ -1,0 +1,147 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/spf13/pflag"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/control"
+	"github.com/blocksnap/blocksnap/exception"
+)
+
+var cmdCheck = &command{
+	name:    "check",
+	summary: "verify an engine's metadata: a snapshot store, a clone, or a dm-snapshot COW device",
+	long: `Give one of:
+  --origin PATH --store PATH             a snapshot store (of a running serve: its live state, through its control socket)
+  --source PATH --dest PATH --meta PATH  a clone (the dm-clone model)
+  --cow PATH                             a persistent dm-snapshot COW device (the Linux kernel's format); never written to
+Every problem is printed; the exit status is 0 only when there is none, 1 otherwise.`,
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := &storeFlags{}
+		fs.StringVar(&sf.origin, "origin", "", "origin `PATH` of a snapshot store")
+		fs.StringVar(&sf.store, "store", "", "store `PATH` of a snapshot store")
+		fs.StringVar(&sf.control, "control", "", "control socket `PATH` of a running serve or hydrate (default STORE.control, META.control)")
+		cf := &cloneFlags{}
+		fs.StringVar(&cf.source, "source", "", "source `PATH` or nbd:// URI of a clone")
+		fs.StringVar(&cf.dest, "dest", "", "destination `PATH` of a clone")
+		fs.StringVar(&cf.meta, "meta", "", "metadata `PATH` of a clone")
+		cow := fs.String("cow", "", "COW device `PATH` of a persistent dm-snapshot")
+		js := fs.Bool("json", false, "print the report as JSON")
+		return func(e *env, _ []string) error {
+			cf.control = sf.control
+			var r control.CheckReport
+			var err error
+			switch {
+			case *cow != "" && sf.origin == "" && sf.store == "" && cf.meta == "":
+				r, err = checkCOW(*cow)
+			case sf.origin != "" && sf.store != "" && cf.meta == "":
+				err = runOp(e, sf, inspect, control.Request{Op: control.OpCheck}, &r)
+			case cf.source != "" && cf.dest != "" && cf.meta != "" && sf.store == "":
+				r, err = checkClone(e, cf)
+			default:
+				return usagef("give --origin and --store, or --source, --dest and --meta, or --cow")
+			}
+			if err != nil {
+				return err
+			}
+			return printCheck(e, r, *js)
+		}
+	},
+}
+
+func printCheck(e *env, r control.CheckReport, js bool) error {
+	if js {
+		if err := writeJSON(e.stdout, r); err != nil {
+			return err
+		}
+	} else if r.OK {
+		what := ""
+		if r.Volumes > 0 {
+			what = fmt.Sprintf(" (%d volumes)", r.Volumes)
+		}
+		fmt.Fprintf(e.stdout, "%s %s is clean%s\n", r.Engine, r.Target, what)
+	} else {
+		fmt.Fprintf(e.stdout, "%s %s has %d problems:\n", r.Engine, r.Target, len(r.Problems))
+		for _, p := range r.Problems {
+			fmt.Fprintf(e.stdout, "  %s\n", p)
+		}
+	}
+	if !r.OK {
+		return fmt.Errorf("%s %s failed its check: %d problems (first: %s)", r.Engine, r.Target, len(r.Problems), r.Problems[0])
+	}
+	return nil
+}
+
+// checkClone opens the clone with hydration paused and runs its check.
+func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
+	r := control.CheckReport{Target: cf.meta, Engine: "clone"}
+	s, err := openClone(e.ctx, cf, cloneOptions(inspect), false, false)
+	if errors.Is(err, errCloneInUse) {
+		return r, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "check it once that process has stopped")
+	}
+	if err != nil {
+		return r, err
+	}
+	r.Problems = problems(s.c.Check())
+	if err := s.close(); err != nil {
+		return r, err
+	}
+	r.OK = len(r.Problems) == 0
+	return r, nil
+}
+
+// checkCOW checks a persistent dm-snapshot COW device without writing to
+// it: the header and every exception decode, and every exception's COW
+// chunk lies within the device, is not a metadata chunk and is used once,
+// and no origin chunk has two exceptions.
+func checkCOW(path string) (control.CheckReport, error) {
+	r := control.CheckReport{Target: path, Engine: "exception"}
+	dev, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: true, BlockSize: 512})
+	if err != nil {
+		return r, err
+	}
+	defer dev.Close()
+	img, err := exception.LoadPersistent(dev)
+	if errors.Is(err, exception.ErrCorrupt) {
+		r.Problems = []string{err.Error()}
+		return r, nil
+	}
+	if err != nil {
+		return r, fmt.Errorf("%s holds no dm-snapshot store: %w", path, err)
+	}
+	r.Problems = cowProblems(img, dev.Size())
+	r.OK = len(r.Problems) == 0
+	return r, nil
+}
+
+func cowProblems(img *exception.Image, size int64) []string {
+	var out []string
+	if !img.Valid {
+		out = append(out, "the snapshot is marked invalid (it overflowed or failed); its data is not usable")
+	}
+	chunks := uint64(size / img.ChunkSize)
+	epa := uint64(img.ChunkSize / 16) // exceptions per metadata area
+	isMeta := func(c uint64) bool { return c == 0 || (c-1)%(epa+1) == 0 }
+	newSeen := map[uint64]int{}
+	oldSeen := map[uint64]int{}
+	for i, x := range img.Entries {
+		switch {
+		case x.New >= chunks:
+			out = append(out, fmt.Sprintf("exception %d (origin chunk %d) points at COW chunk %d, beyond the device's %d chunks", i, x.Old, x.New, chunks))
+		case isMeta(x.New):
+			out = append(out, fmt.Sprintf("exception %d (origin chunk %d) points at COW chunk %d, a metadata chunk", i, x.Old, x.New))
+		}
+		if j, ok := newSeen[x.New]; ok {
+			out = append(out, fmt.Sprintf("exceptions %d and %d share COW chunk %d", j, i, x.New))
+		}
+		newSeen[x.New] = i
+		if j, ok := oldSeen[x.Old]; ok {
+			out = append(out, fmt.Sprintf("exceptions %d and %d both map origin chunk %d (the later wins)", j, i, x.Old))
+		}
+		oldSeen[x.Old] = i
+	}
+	return out
+}
