@@ -60,7 +60,7 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 				return fmt.Errorf("%s %s does not exist (give --size to create it)", p.role, p.path)
 			}
 			if p.size.n == 0 || p.size.n%formatBlock != 0 {
-				return usagef("%s %s is not a whole number of %s blocks", p.flag, human(p.size.n), human(formatBlock))
+				return usagef("%s of %d bytes is not a whole number of %s blocks (blocksnap does not round)", p.flag, p.size.n, human(formatBlock))
 			}
 			d, err := blockdev.Create(p.path, p.size.n, blockdev.FileOptions{})
 			if err != nil {
