@@ -4,6 +4,11 @@
 // without kernel modules and without their limits.
 //
 // This package holds no code; it is the map of how the packages compose.
+// The repository's docs/ directory has the rest: docs/design.md (the
+// architecture and the crash model), docs/formats.md (every on-disk
+// format), docs/control.md (the control socket of a running blocksnap serve
+// or hydrate, spoken by package control) and docs/cli/ (a page per command
+// of cmd/blocksnap).
 //
 // # The Device contract
 //
@@ -40,8 +45,8 @@
 //     fio and the kernel, and a client that makes a remote export a Device.
 //
 // Dependencies point one way: blockdev <- journal <- {exception, snapshot,
-// clone} <- {nbd, cmd/blocksnap, bench, examples}; the engines never import
-// each other.
+// clone} <- {nbd, control, cmd/blocksnap, bench, examples}; the engines
+// never import each other.
 //
 // # Crash model
 //

@@ -20,7 +20,7 @@ const sector = blockdevtest.SectorSize
 
 // crashModel is what a crash may leave of each 512-byte sector: its value
 // as of the last completed Flush (stable), or any value written to it since
-// (cands), under the crash model of DESIGN.md section 3.
+// (cands), under the crash model of docs/design.md.
 type crashModel struct {
 	cur    []byte
 	stable []byte
