@@ -137,57 +137,48 @@ func (s *streamReader) Close() error {
 
 // Info asks who is serving.
 func (c *Client) Info(ctx context.Context) (Info, error) {
-	var out Info
-	return out, c.Call(ctx, Request{Op: OpInfo}, &out)
+	return call[Info](ctx, c, Request{Op: OpInfo})
 }
 
 // List lists the store's volumes.
 func (c *Client) List(ctx context.Context) ([]Volume, error) {
-	var out []Volume
-	return out, c.Call(ctx, Request{Op: OpList}, &out)
+	return call[[]Volume](ctx, c, Request{Op: OpList})
 }
 
 // Stat returns a volume's space accounting.
 func (c *Client) Stat(ctx context.Context, name string) (VolumeStat, error) {
-	var out VolumeStat
-	return out, c.Call(ctx, Request{Op: OpStat, Name: name}, &out)
+	return call[VolumeStat](ctx, c, Request{Op: OpStat, Name: name})
 }
 
 // Snapshot takes a snapshot called name of the volume of ("" : origin).
 func (c *Client) Snapshot(ctx context.Context, name, of string) (Volume, error) {
-	var out Volume
-	return out, c.Call(ctx, Request{Op: OpSnapshot, Name: name, Of: of}, &out)
+	return call[Volume](ctx, c, Request{Op: OpSnapshot, Name: name, Of: of})
 }
 
 // Clone makes a writable clone called name of the snapshot from.
 func (c *Client) Clone(ctx context.Context, name, from string) (Volume, error) {
-	var out Volume
-	return out, c.Call(ctx, Request{Op: OpClone, Name: name, From: from}, &out)
+	return call[Volume](ctx, c, Request{Op: OpClone, Name: name, From: from})
 }
 
 // Delete deletes a volume; wait: answer once its space is reclaimed.
 func (c *Client) Delete(ctx context.Context, name string, wait bool) (DeleteResult, error) {
-	var out DeleteResult
-	return out, c.Call(ctx, Request{Op: OpDelete, Name: name, Wait: wait}, &out)
+	return call[DeleteResult](ctx, c, Request{Op: OpDelete, Name: name, Wait: wait})
 }
 
 // Rename renames a volume.
 func (c *Client) Rename(ctx context.Context, name, newName string) (Volume, error) {
-	var out Volume
-	return out, c.Call(ctx, Request{Op: OpRename, Name: name, NewName: newName}, &out)
+	return call[Volume](ctx, c, Request{Op: OpRename, Name: name, NewName: newName})
 }
 
 // Rollback reverts the volume name to its snapshot to.
 func (c *Client) Rollback(ctx context.Context, name, to string) (Volume, error) {
-	var out Volume
-	return out, c.Call(ctx, Request{Op: OpRollback, Name: name, To: to}, &out)
+	return call[Volume](ctx, c, Request{Op: OpRollback, Name: name, To: to})
 }
 
 // Diff lists the extents that differ between from and to ("": the live
 // volume from was taken of).
 func (c *Client) Diff(ctx context.Context, from, to string) (Diff, error) {
-	var out Diff
-	return out, c.Call(ctx, Request{Op: OpDiff, From: from, To: to}, &out)
+	return call[Diff](ctx, c, Request{Op: OpDiff, From: from, To: to})
 }
 
 // ExportDiff streams the diff stream of snapshot to (incremental from the
@@ -198,14 +189,12 @@ func (c *Client) ExportDiff(ctx context.Context, from, to string) (io.ReadCloser
 
 // Check checks the live store's metadata.
 func (c *Client) Check(ctx context.Context) (CheckReport, error) {
-	var out CheckReport
-	return out, c.Call(ctx, Request{Op: OpCheck}, &out)
+	return call[CheckReport](ctx, c, Request{Op: OpCheck})
 }
 
 // Dump returns the live store's metadata.
 func (c *Client) Dump(ctx context.Context) (Dump, error) {
-	var out Dump
-	return out, c.Call(ctx, Request{Op: OpDump}, &out)
+	return call[Dump](ctx, c, Request{Op: OpDump})
 }
 
 // Status returns a running hydrate's status.
@@ -230,6 +219,12 @@ func (c *Client) SetRate(ctx context.Context, bytesPerSecond int64) (CloneStatus
 }
 
 func (c *Client) cloneOp(ctx context.Context, r Request) (CloneStatus, error) {
-	var out CloneStatus
-	return out, c.Call(ctx, r, &out)
+	return call[CloneStatus](ctx, c, r)
+}
+
+// call sends r and returns its result as a T.
+func call[T any](ctx context.Context, c *Client, r Request) (T, error) {
+	var out T
+	err := c.Call(ctx, r, &out)
+	return out, err
 }

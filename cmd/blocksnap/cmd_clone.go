@@ -78,6 +78,14 @@ func statusLine(j control.CloneStatus) string {
 	return s
 }
 
+func printStatus(e *env, st control.CloneStatus, js bool) error {
+	if js {
+		return writeJSON(e.stdout, st)
+	}
+	_, err := fmt.Fprintln(e.stdout, statusLine(st))
+	return err
+}
+
 // isNBD reports whether src is an NBD URI rather than a path.
 func isNBD(src string) bool {
 	for _, p := range []string{"nbd://", "nbd+unix://", "nbd+tcp://", "nbds://", "nbds+unix://"} {
@@ -262,12 +270,7 @@ var cmdHydrate = &command{
 			if err != nil {
 				return err
 			}
-			st := statusOf(s.c.Status(), h.rateCap.Load())
-			if *js {
-				return writeJSON(e.stdout, st)
-			}
-			_, err = fmt.Fprintln(e.stdout, statusLine(st))
-			return err
+			return printStatus(e, statusOf(s.c.Status(), h.rateCap.Load()), *js)
 		}
 	},
 }
@@ -378,11 +381,7 @@ var cmdStatus = &command{
 			if err != nil {
 				return err
 			}
-			if *js {
-				return writeJSON(e.stdout, st)
-			}
-			_, err = fmt.Fprintln(e.stdout, statusLine(st))
-			return err
+			return printStatus(e, st, *js)
 		}
 	},
 }
@@ -457,11 +456,7 @@ func hydrateControl(name, summary string, req func(fl *pflag.FlagSet) func() (co
 				if err != nil {
 					return err
 				}
-				if *js {
-					return writeJSON(e.stdout, st)
-				}
-				_, err = fmt.Fprintln(e.stdout, statusLine(st))
-				return err
+				return printStatus(e, st, *js)
 			}
 		},
 	}
