@@ -239,6 +239,18 @@ func TestStoreCommands(t *testing.T) {
 	require.Equal(t, int64(16<<20), dump.OriginSize)
 	require.Len(t, dump.Volumes, 2)
 	require.True(t, dump.Check.OK)
+	require.Equal(t, int64(64<<10), dump.Space.ChunkSize)
+	require.Equal(t, "s1", dump.Volumes[1].Name)
+	require.Equal(t, "origin", dump.Volumes[1].Against)
+	require.Equal(t, []control.Extent{{Off: 128 << 10, Len: 64 << 10}}, dump.Volumes[1].Extents, "s1 differs from the origin where the origin was overwritten")
+
+	// rename, locally; the old name is gone, the new one is the volume.
+	require.Contains(t, ok(t, f.args("rename", "s1", "monday")...), "renamed s1 to monday")
+	fails(t, 1, `no such volume: "s1"`, f.args("stat", "s1")...)
+	require.Contains(t, ok(t, f.args("stat", "monday")...), "monday (snapshot)")
+	fails(t, 1, "name already in use", f.args("rename", "monday", "origin")...)
+	fails(t, 2, "missing NEWNAME", f.args("rename", "monday")...)
+	ok(t, f.args("rename", "monday", "s1")...)
 
 	// Wrong names.
 	fails(t, 1, `no such volume: "nope"`, f.args("snapshot", "x", "--of", "nope")...)
