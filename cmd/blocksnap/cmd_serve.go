@@ -79,7 +79,7 @@ type volumeServer struct {
 	ops  ops          // set before serving; its hooks call back into vs
 	info control.Info // set before serving, then read-only
 
-	mu      sync.Mutex // guards exports and serializes control operations
+	mu      sync.Mutex // guards exports. Lock order: vs.mu, then the nbd server's and the store's locks (closing a handle); never the reverse
 	exports map[string]*liveDev
 }
 
