@@ -178,13 +178,18 @@ func TestFormatRefuses(t *testing.T) {
 	fails(t, 1, "is 12800 bytes, not a whole number of 4KiB blocks", "format", "--origin", origin, "--store", store, "--size", "16MiB")
 	requireAbsent(t, store)
 
+	require.NoError(t, os.WriteFile(origin, make([]byte, 1<<20), 0o644))
+	fails(t, 1, "origin "+origin+" exists with 1048576 bytes, not the 16777216 of --size (it is not resized: drop --size", "format", "--origin", origin, "--store", store, "--size", "16MiB")
+	requireAbsent(t, store)
+	fails(t, 2, "--origin and --store are the same file", "format", "--origin", origin, "--store", origin)
+
 	images := map[string][]byte{"qcow2": []byte("QFI\xfb\x00\x00\x00\x03"), "VMDK": []byte("KDMV\x01"), "VHDX": []byte("vhdxfile")}
 	for name, magic := range images {
 		p := make([]byte, 1<<20)
 		copy(p, magic)
 		require.NoError(t, os.WriteFile(origin, p, 0o644))
 		fails(t, 1, fmt.Sprintf("origin %s is a %s image, not a raw disk; convert it first: qemu-img convert -O raw %s %s.raw", origin, name, origin, origin),
-			"format", "--origin", origin, "--store", store, "--size", "16MiB")
+			"format", "--origin", origin, "--store", store, "--store-size", "16MiB")
 		requireAbsent(t, store)
 	}
 	if _, err := exec.LookPath("qemu-img"); err != nil {
@@ -194,7 +199,7 @@ func TestFormatRefuses(t *testing.T) {
 		img := filepath.Join(dir, "disk."+fmtName)
 		out, err := exec.Command("qemu-img", "create", "-f", fmtName, img, "16M").CombinedOutput()
 		require.NoError(t, err, "%s", out)
-		fails(t, 1, "image, not a raw disk; convert it first: qemu-img convert", "format", "--origin", img, "--store", store, "--size", "16MiB")
+		fails(t, 1, "image, not a raw disk; convert it first: qemu-img convert", "format", "--origin", img, "--store", store, "--store-size", "16MiB")
 		requireAbsent(t, store)
 	}
 }

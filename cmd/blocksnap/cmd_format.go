@@ -18,8 +18,9 @@ var cmdFormat = &command{
 	name:    "format",
 	summary: "create an empty store for an origin; --size creates missing files (the origin's contents are kept)",
 	long: "Refuses an origin or store that holds a qcow2, VMDK, VHD, VHDX or VDI image (convert it to raw " +
-		"with qemu-img convert first), a size that is not a whole number of 4KiB blocks, and a store that " +
-		"already holds a blocksnap store (unless --force). A failed format removes the files it created.",
+		"with qemu-img convert first), a size that is not a whole number of 4KiB blocks, an existing file " +
+		"whose size differs from --size (files are never resized), one file given as both origin and store, " +
+		"and a store that already holds a blocksnap store (unless --force). A failed format removes the files it created.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
 		var chunk, size, storeSize sizeFlag
@@ -76,9 +77,20 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 			if err := refuseImage(p.role, p.path); err != nil {
 				return err
 			}
-			if fi.Mode().IsRegular() && fi.Size()%formatBlock != 0 {
+			if !fi.Mode().IsRegular() {
+				break
+			}
+			if fi.Size()%formatBlock != 0 {
 				return fmt.Errorf("%s %s is %d bytes, not a whole number of %s blocks (truncate or convert it; blocksnap does not round)", p.role, p.path, fi.Size(), human(formatBlock))
 			}
+			if p.size.set && p.size.n != fi.Size() {
+				return fmt.Errorf("%s %s exists with %d bytes, not the %d of %s (it is not resized: drop %s to use it as it is)", p.role, p.path, fi.Size(), p.size.n, p.flag, p.flag)
+			}
+		}
+	}
+	if a, err := os.Stat(sf.origin); err == nil {
+		if b, err := os.Stat(sf.store); err == nil && os.SameFile(a, b) {
+			return usagef("--origin and --store are the same file %s: the store needs a device of its own", sf.store)
 		}
 	}
 	locks, err := lockPaths(sf.origin, sf.store)
