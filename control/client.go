@@ -145,6 +145,11 @@ func (c *Client) List(ctx context.Context) ([]Volume, error) {
 	return call[[]Volume](ctx, c, Request{Op: OpList})
 }
 
+// Usage returns the store's space summary.
+func (c *Client) Usage(ctx context.Context) (Space, error) {
+	return call[Space](ctx, c, Request{Op: OpUsage})
+}
+
 // Stat returns a volume's space accounting.
 func (c *Client) Stat(ctx context.Context, name string) (VolumeStat, error) {
 	return call[VolumeStat](ctx, c, Request{Op: OpStat, Name: name})

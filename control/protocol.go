@@ -18,6 +18,7 @@ const (
 	OpInfo       Op = "info"        // who is serving: Info
 	OpList       Op = "list"        // []Volume
 	OpStat       Op = "stat"        // Name: VolumeStat
+	OpUsage      Op = "usage"       // Space
 	OpSnapshot   Op = "snapshot"    // Name, Of (default "origin"): Volume
 	OpClone      Op = "clone"       // Name, From: Volume
 	OpDelete     Op = "delete"      // Name, Wait: DeleteResult
@@ -129,7 +130,7 @@ var (
 
 // needs lists the fields each operation requires.
 var needs = map[Op][]string{
-	OpInfo: nil, OpList: nil, OpCheck: nil, OpDump: nil,
+	OpInfo: nil, OpList: nil, OpUsage: nil, OpCheck: nil, OpDump: nil,
 	OpStat:       {"name"},
 	OpSnapshot:   {"name"},
 	OpClone:      {"name", "from"},
@@ -286,7 +287,8 @@ type CheckReport struct {
 	Live bool `json:"live,omitempty"`
 }
 
-// Space is a store's space summary.
+// Space is a store's space summary: chunks of the data region, the
+// metadata image and the journal.
 type Space struct {
 	ChunkSize     int64   `json:"chunk_size"`
 	DataChunks    uint64  `json:"data_chunks"`

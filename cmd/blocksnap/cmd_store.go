@@ -205,6 +205,32 @@ var cmdStat = &command{
 	},
 }
 
+var cmdUsage = &command{
+	name:    "usage",
+	summary: "the store's space: data chunks used and free, index entries, metadata size, journal fill",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			var sp control.Space
+			if err := runOp(e, sf, inspect, control.Request{Op: control.OpUsage}, &sp); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, sp)
+			}
+			pct := 0.0
+			if sp.DataChunks > 0 {
+				pct = float64(sp.UsedChunks) * 100 / float64(sp.DataChunks)
+			}
+			_, err := fmt.Fprintf(e.stdout, "store %s: %s used of %s (%.1f%%), %s free; %d index entries, metadata %s, journal %.0f%% full\n",
+				sf.store, human(int64(sp.UsedChunks)*sp.ChunkSize), human(int64(sp.DataChunks)*sp.ChunkSize), pct,
+				human(int64(sp.FreeChunks)*sp.ChunkSize), sp.IndexEntries, human(sp.MetadataBytes), sp.JournalFill*100)
+			return err
+		}
+	},
+}
+
 var cmdDump = &command{
 	name:    "dump",
 	summary: "print the store's metadata as JSON: volumes, their extents, space, check result",

@@ -14,7 +14,7 @@
 //
 // Store commands take --origin PATH --store PATH (regular files or block
 // device nodes): format, snapshot, clone, list, delete, rename, rollback,
-// stat, check, dump, diff, export-diff, serve. apply-diff writes a diff
+// stat, usage, check, dump, diff, export-diff, serve. apply-diff writes a diff
 // stream onto a file or device. Clone target commands: hydrate, status,
 // pause, resume, set-rate.
 //
@@ -74,7 +74,7 @@ var commands []*command
 
 func init() {
 	commands = []*command{
-		cmdFormat, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRename, cmdRollback, cmdStat,
+		cmdFormat, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRename, cmdRollback, cmdStat, cmdUsage,
 		cmdCheck, cmdDump, cmdDiff, cmdExportDiff, cmdApplyDiff, cmdServe,
 		cmdHydrate, cmdStatus, cmdPause, cmdResume, cmdSetRate,
 		cmdCompletion, cmdVersion,

@@ -244,6 +244,11 @@ func TestStoreCommands(t *testing.T) {
 	require.Equal(t, "origin", dump.Volumes[1].Against)
 	require.Equal(t, []control.Extent{{Off: 128 << 10, Len: 64 << 10}}, dump.Volumes[1].Extents, "s1 differs from the origin where the origin was overwritten")
 
+	var sp control.Space
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
+	require.Equal(t, dump.Space, sp)
+	require.Contains(t, ok(t, f.args("usage")...), "store "+f.store+": 64KiB used of ")
+
 	// rename, locally; the old name is gone, the new one is the volume.
 	require.Contains(t, ok(t, f.args("rename", "s1", "monday")...), "renamed s1 to monday")
 	fails(t, 1, `no such volume: "s1"`, f.args("stat", "s1")...)

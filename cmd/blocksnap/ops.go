@@ -66,6 +66,8 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 			return nil, err
 		}
 		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
+	case control.OpUsage:
+		return o.space(), nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:
@@ -292,17 +294,20 @@ func problems(err error) []string {
 	return out
 }
 
+func (o *ops) space() control.Space {
+	s := o.st.Stats()
+	return control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
+		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill}
+}
+
 // dump gathers everything the store's API tells about it: each volume
 // with its accounting and the extents where it differs from the volume it
 // derives from.
 func (o *ops) dump(ctx context.Context) (control.Dump, error) {
 	origin := o.st.Origin()
 	defer origin.Close()
-	s := o.st.Stats()
 	d := control.Dump{Origin: o.originPath, OriginSize: origin.Size(), Store: o.storePath, StoreSize: o.storeSize,
-		BlockSize: origin.BlockSize(), Volumes: []control.DumpVolume{},
-		Space: control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
-			FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill}}
+		BlockSize: origin.BlockSize(), Volumes: []control.DumpVolume{}, Space: o.space()}
 	names := nameMap(o.st)
 	for _, i := range o.st.List() {
 		st, err := o.st.Stat(i.Name)
