@@ -110,6 +110,10 @@ var (
 	// ErrIO is a generic device error, used by wrappers (such as fault
 	// injection) that need an I/O error to return.
 	ErrIO = errors.New("blockdev: I/O error")
+	// ErrNoSpace: the device (or the store behind it) has no room for a
+	// write. Every engine's no-space error wraps it, so that a server
+	// exporting any volume can answer ENOSPC without knowing the engine.
+	ErrNoSpace = errors.New("blockdev: no space left on device")
 )
 
 // CheckRange validates an I/O of n bytes at off against a device of the

@@ -105,6 +105,13 @@ type Options struct {
 	// progress and at every change of state (source errors included), and
 	// once more from Close. Calls never overlap. It must not call Close.
 	Progress func(Status)
+	// ReadOnly opens the clone for inspection (Open only): nothing is
+	// written to the destination or the metadata, not even the journal's
+	// new epoch, so the devices may be blockdev.ReadOnly views. Reads,
+	// Status and Check work (a read of an unhydrated region goes to the
+	// source; HydrateOnRead is ignored); hydration does not run; writes,
+	// FUA writes and discards fail with blockdev.ErrReadOnly.
+	ReadOnly bool
 	// ProgressInterval: 0 means 250 ms.
 	ProgressInterval time.Duration
 	// RetryMin and RetryMax bound the backoff after a failed background
@@ -158,6 +165,9 @@ type Clone struct {
 // be at least as large as src; the clone's size is src's. The clone does not
 // own the devices: Close leaves them open.
 func Create(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("%w: Create of a read-only clone", ErrOptions)
+	}
 	g, err := newGeometry(src, dst, meta, opts)
 	if err != nil {
 		return nil, err
@@ -279,6 +289,9 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 		opts.RetryMax = 5 * time.Second
 	}
 	opts.RetryMax = max(opts.RetryMax, opts.RetryMin)
+	if opts.ReadOnly {
+		opts.NoHydration, opts.HydrateOnRead = true, false // Status says paused
+	}
 	c := &Clone{src: src, dst: dst, meta: meta, opts: opts, geo: g, size: g.SourceSize}
 	c.bs = max(src.BlockSize(), dst.BlockSize())
 	for int64(1)<<c.shift < g.RegionSize {
@@ -302,6 +315,9 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 // start launches the background goroutines.
 func (c *Clone) start() error {
 	c.hyd = newHydrator(c)
+	if c.opts.ReadOnly {
+		return nil // no hydration, nothing to commit
+	}
 	c.wg.Add(2)
 	go func() { defer c.wg.Done(); c.hyd.run() }()
 	go func() { defer c.wg.Done(); c.md.committer(c.ctx, c.opts.CommitInterval) }()

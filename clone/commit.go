@@ -94,7 +94,11 @@ func openMetadata(c *Clone, g geometry) (*metadata, error) {
 		return nil, fmt.Errorf("clone: open: %w", err)
 	}
 	rp := &replayer{regions: g.Regions, bm: bitset.New(uint(g.Regions))}
-	if m.j, err = journal.Open(jd, m.journalOptions(), rp); err != nil {
+	openJournal := journal.Open
+	if c.opts.ReadOnly {
+		openJournal = journal.OpenReadOnly
+	}
+	if m.j, err = openJournal(jd, m.journalOptions(), rp); err != nil {
 		return nil, fmt.Errorf("clone: open: %w", err)
 	}
 	if rp.unsynced {
@@ -114,7 +118,7 @@ func openMetadata(c *Clone, g geometry) (*metadata, error) {
 // openSession records, durably, that an unsynced session starts, so that a
 // crash before the clean Close is detected at Open.
 func (m *metadata) openSession() error {
-	if !m.nosync {
+	if !m.nosync || m.j.ReadOnly() {
 		return nil
 	}
 	m.commitMu.Lock()
@@ -312,6 +316,9 @@ func (m *metadata) committer(ctx context.Context, interval time.Duration) {
 // checkpoints if records were appended since the last checkpoint, and
 // closes the journal.
 func (m *metadata) close() error {
+	if m.j.ReadOnly() {
+		return m.j.Close() // nothing was hydrated or written
+	}
 	ctx := context.Background()
 	err := m.commit(ctx)
 	if err == nil && m.nosync {

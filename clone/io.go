@@ -229,6 +229,9 @@ func (c *Clone) WriteAt(p []byte, off int64) (int, error) {
 		return 0, errClosed("write")
 	}
 	defer c.leave()
+	if err := c.refuseChange("write"); err != nil {
+		return 0, err
+	}
 	if err := blockdev.CheckRange(off, int64(len(p)), c.size, c.bs); err != nil {
 		return 0, fmt.Errorf("clone: write: %w", err)
 	}
@@ -338,6 +341,9 @@ func (c *Clone) Discard(off, n int64) error {
 		return errClosed("discard")
 	}
 	defer c.leave()
+	if err := c.refuseChange("discard"); err != nil {
+		return err
+	}
 	if err := blockdev.CheckRange(off, n, c.size, c.bs); err != nil {
 		return fmt.Errorf("clone: discard: %w", err)
 	}
@@ -421,6 +427,9 @@ func (c *Clone) WriteAtFUA(p []byte, off int64) (int, error) {
 		return 0, errClosed("write")
 	}
 	defer c.leave()
+	if err := c.refuseChange("write"); err != nil {
+		return 0, err
+	}
 	if err := blockdev.CheckRange(off, int64(len(p)), c.size, c.bs); err != nil {
 		return 0, fmt.Errorf("clone: write: %w", err)
 	}

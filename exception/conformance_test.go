@@ -15,16 +15,16 @@ const confSize = 4 << 20
 
 func TestConformanceOriginNoSnapshot(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		return newOrigin(t, newMem(t, confSize, 512))
+		return newOrigin(t, blockdevtest.NewMem(t, confSize, 512))
 	})
 }
 
 func TestConformanceOriginWithSnapshots(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		o := newOrigin(t, newMem(t, confSize, 512))
-		_, err := o.CreateSnapshot(newMem(t, 2*confSize, 512), Options{ChunkSize: 4096})
+		o := newOrigin(t, blockdevtest.NewMem(t, confSize, 512))
+		_, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2*confSize, 512), Options{ChunkSize: 4096})
 		require.NoError(t, err)
-		_, err = o.CreateSnapshot(newMem(t, 2*confSize, 4096), Options{ChunkSize: 16384, Persistent: true})
+		_, err = o.CreateSnapshot(blockdevtest.NewMem(t, 2*confSize, 4096), Options{ChunkSize: 16384, Persistent: true})
 		require.NoError(t, err)
 		return o
 	})
@@ -34,10 +34,10 @@ func TestConformanceOriginMerging(t *testing.T) {
 	// An origin whose snapshot merge is paused: I/O to unmerged chunks is
 	// redirected to the snapshot's COW device.
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		o := newOrigin(t, newMem(t, confSize, 512))
-		s, err := o.CreateSnapshot(newMem(t, 2*confSize, 512), Options{ChunkSize: 8192, Persistent: true})
+		o := newOrigin(t, blockdevtest.NewMem(t, confSize, 512))
+		s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2*confSize, 512), Options{ChunkSize: 8192, Persistent: true})
 		require.NoError(t, err)
-		mustWrite(t, o, fill(7, confSize/2), 0) // half the chunks get exceptions
+		mustWrite(t, o, blockdevtest.Fill(7, confSize/2), 0) // half the chunks get exceptions
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
 		err = s.Merge(ctx, nil)
@@ -49,9 +49,9 @@ func TestConformanceOriginMerging(t *testing.T) {
 
 func TestConformanceSnapshotTransient(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		o := newOrigin(t, newMem(t, confSize, 512))
-		mustWrite(t, o, fill(3, 64<<10), 0)
-		s, err := o.CreateSnapshot(newMem(t, 2*confSize, 512), Options{ChunkSize: 4096})
+		o := newOrigin(t, blockdevtest.NewMem(t, confSize, 512))
+		mustWrite(t, o, blockdevtest.Fill(3, 64<<10), 0)
+		s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2*confSize, 512), Options{ChunkSize: 4096})
 		require.NoError(t, err)
 		return s
 	})
@@ -60,8 +60,8 @@ func TestConformanceSnapshotTransient(t *testing.T) {
 func TestConformanceSnapshotPersistent(t *testing.T) {
 	for _, bs := range []int{512, 4096} {
 		blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-			o := newOrigin(t, newMem(t, confSize, bs))
-			s, err := o.CreateSnapshot(newMem(t, 2*confSize, bs), Options{Persistent: true})
+			o := newOrigin(t, blockdevtest.NewMem(t, confSize, bs))
+			s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2*confSize, bs), Options{Persistent: true})
 			require.NoError(t, err)
 			return s
 		})
@@ -70,20 +70,20 @@ func TestConformanceSnapshotPersistent(t *testing.T) {
 
 func TestSnapshotKeepsOriginData(t *testing.T) {
 	for _, persistent := range []bool{false, true} {
-		o := newOrigin(t, newMem(t, 1<<20, 512))
-		mustWrite(t, o, fill('a', 1<<20), 0)
-		s1, err := o.CreateSnapshot(newMem(t, 2<<20, 512), Options{ChunkSize: 4096, Persistent: persistent})
+		o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
+		mustWrite(t, o, blockdevtest.Fill('a', 1<<20), 0)
+		s1, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2<<20, 512), Options{ChunkSize: 4096, Persistent: persistent})
 		require.NoError(t, err)
-		mustWrite(t, o, fill('b', 6000-6000%512), 512)
-		s2, err := o.CreateSnapshot(newMem(t, 2<<20, 512), Options{ChunkSize: 8192, Persistent: persistent})
+		mustWrite(t, o, blockdevtest.Fill('b', 6000-6000%512), 512)
+		s2, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2<<20, 512), Options{ChunkSize: 8192, Persistent: persistent})
 		require.NoError(t, err)
-		mustWrite(t, o, fill('c', 1<<20), 0)
+		mustWrite(t, o, blockdevtest.Fill('c', 1<<20), 0)
 
-		require.Equal(t, fill('a', 1<<20), readAll(t, s1))
-		want2 := fill('a', 1<<20)
-		copy(want2[512:], fill('b', 6000-6000%512))
-		require.Equal(t, want2, readAll(t, s2))
-		require.Equal(t, fill('c', 1<<20), readAll(t, o))
+		require.Equal(t, blockdevtest.Fill('a', 1<<20), blockdevtest.ReadAll(t, s1))
+		want2 := blockdevtest.Fill('a', 1<<20)
+		copy(want2[512:], blockdevtest.Fill('b', 6000-6000%512))
+		require.Equal(t, want2, blockdevtest.ReadAll(t, s2))
+		require.Equal(t, blockdevtest.Fill('c', 1<<20), blockdevtest.ReadAll(t, o))
 		for _, s := range []*Snapshot{s1, s2} {
 			rep, err := s.Check()
 			require.NoError(t, err)
@@ -99,9 +99,9 @@ func TestSnapshotKeepsOriginData(t *testing.T) {
 }
 
 func TestWritableSnapshotWholeChunkNeedsNoRead(t *testing.T) {
-	origin := blockdevtest.NewFaulty(newMem(t, 1<<20, 512))
+	origin := blockdevtest.NewFaulty(blockdevtest.NewMem(t, 1<<20, 512))
 	o := newOrigin(t, origin)
-	s, err := o.CreateSnapshot(newMem(t, 2<<20, 512), Options{ChunkSize: 4096, Persistent: true})
+	s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2<<20, 512), Options{ChunkSize: 4096, Persistent: true})
 	require.NoError(t, err)
 	origin.FailWhen(func(c blockdevtest.Call) error {
 		if c.Op == blockdevtest.OpRead {
@@ -109,35 +109,35 @@ func TestWritableSnapshotWholeChunkNeedsNoRead(t *testing.T) {
 		}
 		return nil
 	})
-	mustWrite(t, s, fill(9, 8192), 4096)
+	mustWrite(t, s, blockdevtest.Fill(9, 8192), 4096)
 	origin.Clear()
 	got := make([]byte, 8192)
 	_, err = s.ReadAt(got, 4096)
 	require.NoError(t, err)
-	require.Equal(t, fill(9, 8192), got)
+	require.Equal(t, blockdevtest.Fill(9, 8192), got)
 	// A partial write copies the rest of the chunk from the origin.
-	mustWrite(t, o, fill(1, 1<<20), 0)
-	mustWrite(t, s, fill(2, 512), 64<<10)
+	mustWrite(t, o, blockdevtest.Fill(1, 1<<20), 0)
+	mustWrite(t, s, blockdevtest.Fill(2, 512), 64<<10)
 	_, err = s.ReadAt(got[:4096], 64<<10)
 	require.NoError(t, err)
 	want := make([]byte, 4096)
-	copy(want, fill(2, 512))
+	copy(want, blockdevtest.Fill(2, 512))
 	require.Equal(t, want, got[:4096])
 	_, err = s.Check()
 	require.NoError(t, err)
 }
 
 func TestCOWFullInvalidatesOnlyThatSnapshot(t *testing.T) {
-	o := newOrigin(t, newMem(t, 1<<20, 512))
-	small, err := o.CreateSnapshot(newMem(t, 64<<10, 512), Options{ChunkSize: 4096, Persistent: true})
+	o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
+	small, err := o.CreateSnapshot(blockdevtest.NewMem(t, 64<<10, 512), Options{ChunkSize: 4096, Persistent: true})
 	require.NoError(t, err)
-	big, err := o.CreateSnapshot(newMem(t, 2<<20, 512), Options{ChunkSize: 4096})
+	big, err := o.CreateSnapshot(blockdevtest.NewMem(t, 2<<20, 512), Options{ChunkSize: 4096})
 	require.NoError(t, err)
-	tiny, err := o.CreateSnapshot(newMem(t, 16<<10, 512), Options{ChunkSize: 4096})
+	tiny, err := o.CreateSnapshot(blockdevtest.NewMem(t, 16<<10, 512), Options{ChunkSize: 4096})
 	require.NoError(t, err)
-	mustWrite(t, o, fill(5, 1<<20), 0)
-	require.Equal(t, fill(5, 1<<20), readAll(t, o))
-	require.Equal(t, fill(0, 1<<20), readAll(t, big))
+	mustWrite(t, o, blockdevtest.Fill(5, 1<<20), 0)
+	require.Equal(t, blockdevtest.Fill(5, 1<<20), blockdevtest.ReadAll(t, o))
+	require.Equal(t, blockdevtest.Fill(0, 1<<20), blockdevtest.ReadAll(t, big))
 	for _, s := range []*Snapshot{small, tiny} {
 		require.Equal(t, StateInvalid, s.State())
 		_, err = s.ReadAt(make([]byte, 512), 0)
@@ -156,16 +156,16 @@ func TestCOWFullInvalidatesOnlyThatSnapshot(t *testing.T) {
 }
 
 func TestOverflowKeepsReads(t *testing.T) {
-	o := newOrigin(t, newMem(t, 1<<20, 512))
-	mustWrite(t, o, fill(1, 1<<20), 0)
-	s, err := o.CreateSnapshot(newMem(t, 64<<10, 512), Options{ChunkSize: 4096, Persistent: true, Overflow: true})
+	o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
+	mustWrite(t, o, blockdevtest.Fill(1, 1<<20), 0)
+	s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 64<<10, 512), Options{ChunkSize: 4096, Persistent: true, Overflow: true})
 	require.NoError(t, err)
 	st := s.Status()
 	free := int(st.TotalChunks) - int(st.UsedChunks) - 1 // the record's chunk
 	var err2 error
 	n := 0
 	for ; n < 64 && err2 == nil; n++ {
-		_, err2 = s.WriteAt(fill(2, 4096), int64(n)*4096)
+		_, err2 = s.WriteAt(blockdevtest.Fill(2, 4096), int64(n)*4096)
 	}
 	require.ErrorIs(t, err2, ErrOverflow)
 	require.Equal(t, StateOverflow, s.State())
@@ -174,21 +174,21 @@ func TestOverflowKeepsReads(t *testing.T) {
 	got := make([]byte, 8192)
 	_, err = s.ReadAt(got, 0)
 	require.NoError(t, err)
-	require.Equal(t, fill(2, 8192), got)
+	require.Equal(t, blockdevtest.Fill(2, 8192), got)
 	_, err = s.ReadAt(got, 512<<10)
 	require.NoError(t, err)
-	require.Equal(t, fill(1, 8192), got)
-	mustWrite(t, s, fill(3, 4096), 0)
+	require.Equal(t, blockdevtest.Fill(1, 8192), got)
+	mustWrite(t, s, blockdevtest.Fill(3, 4096), 0)
 	// An origin write that needs a copy the store cannot hold invalidates it.
-	mustWrite(t, o, fill(4, 4096), 900<<10)
+	mustWrite(t, o, blockdevtest.Fill(4, 4096), 900<<10)
 	require.Equal(t, StateInvalid, s.State())
 }
 
 func TestStatus(t *testing.T) {
-	o := newOrigin(t, newMem(t, 1<<20, 512))
-	s, err := o.CreateSnapshot(newMem(t, 1<<20, 512), Options{ChunkSize: 4096, Persistent: true})
+	o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
+	s, err := o.CreateSnapshot(blockdevtest.NewMem(t, 1<<20, 512), Options{ChunkSize: 4096, Persistent: true})
 	require.NoError(t, err)
-	mustWrite(t, o, fill(1, 3*4096), 0)
+	mustWrite(t, o, blockdevtest.Fill(1, 3*4096), 0)
 	st := s.Status()
 	require.Equal(t, StateValid, st.State)
 	require.True(t, st.Persistent)

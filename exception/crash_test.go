@@ -3,12 +3,9 @@ package exception
 import (
 	"context"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -16,73 +13,27 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
-// powerCut wraps CrashSims so that the k-th device call, counted over all
-// of them, cuts the power to all at once (blockdevtest.CrashAll).
-type powerCut struct {
-	mu     sync.Mutex
-	sims   []*blockdevtest.CrashSim
-	after  []*blockdevtest.CrashSim // the images the cut left
-	calls  atomic.Int64
-	k      int64
-	policy blockdevtest.Policy
-}
-
-func (pc *powerCut) device(t testing.TB, size int64, bs int) blockdev.Device {
-	sim, err := blockdevtest.NewCrashSim(size, bs)
-	require.NoError(t, err)
-	pc.sims = append(pc.sims, sim)
-	f := blockdevtest.NewFaulty(sim)
-	f.FailWhen(func(blockdevtest.Call) error {
-		if pc.calls.Add(1) == pc.k {
-			pc.cut()
-		}
-		return nil // the call goes on, to a device that has lost power
-	})
-	return f
-}
-
-// cut crashes every device now, unless that happened already.
-func (pc *powerCut) cut() {
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	if pc.after != nil {
-		return
-	}
-	after, err := blockdevtest.CrashAll(pc.policy, pc.sims...)
-	if err != nil {
-		panic(err) // a test bug: crashing twice
-	}
-	pc.after = after
-}
-
-func tortureBudget() (iters int, deadline time.Time) {
-	if s, err := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS")); err == nil && s > 0 {
-		return 1 << 30, time.Now().Add(time.Duration(s) * time.Second)
-	}
-	if raceEnabled {
-		return 40, time.Time{}
-	}
-	return 250, time.Time{}
-}
-
 // TestCrashTorture cuts the power at a random device call while writers
 // run against an origin with persistent snapshots, under every crash
 // policy, then reopens everything and checks the crash model: snapshots
 // read exactly what the origin held when they were taken, flushed origin
 // writes survive, Check passes and no COW chunk leaks.
 func TestCrashTorture(t *testing.T) {
-	iters, deadline := tortureBudget()
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
-	points := 0
-	for i := 0; i < iters && (deadline.IsZero() || time.Now().Before(deadline)); i++ {
-		for _, pol := range blockdevtest.AllPolicies(seed + uint64(i)) {
-			crashOnce(t, seed+uint64(i), pol)
-			points++
+	seed := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, crashPoints)
+	for i := uint64(0); ; i++ {
+		for _, pol := range blockdevtest.AllPolicies(seed + i) {
+			if !budget.Next() {
+				return
+			}
+			crashOnce(t, seed+i, pol)
 		}
 	}
-	t.Logf("%d crash points", points)
 }
+
+// crashPoints is the torture's default count of crash points (a tenth under
+// -short).
+const crashPoints = 1000
 
 const (
 	ctSize    = 256 << 10
@@ -101,12 +52,12 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 	rng := rand.New(rand.NewPCG(seed, uint64(pol.Mode)))
 	bs := []int{512, 4096}[rng.IntN(2)]
 	cs := []int64{4096, 8192}[rng.IntN(2)]
-	pc := &powerCut{k: 1 + rng.Int64N(700), policy: pol}
-	originDev := pc.device(t, ctSize, bs)
-	cows := []blockdev.Device{pc.device(t, 2*ctSize, bs), pc.device(t, 2*ctSize, bs)}
+	pc := blockdevtest.NewPowerCut(blockdevtest.OpAny, 1+rng.IntN(700), pol)
+	originDev := pc.NewDevice(t, "origin", ctSize, bs)
+	cows := []blockdev.Device{pc.NewDevice(t, "cow0", 2*ctSize, bs), pc.NewDevice(t, "cow1", 2*ctSize, bs)}
 	fail := func(msg string, args ...any) {
 		t.Helper()
-		t.Fatalf("seed %d policy %v k %d bs %d chunk %d: "+msg, append([]any{seed, pol, pc.k, bs, cs}, args...)...)
+		t.Fatalf("seed %d, %v, bs %d, chunk %d: "+msg, append([]any{seed, pc, bs, cs}, args...)...)
 	}
 	o := newOrigin(t, originDev)
 	region := int64(ctSize / ctWriters)
@@ -150,17 +101,16 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		wg.Wait()
 		alive = !failed.Load()
 	}
-	pc.cut()
+	after := pc.Cut()
 	_ = o.Close()
 
 	// Power is back.
-	after := pc.after
 	o2 := newOrigin(t, after[0])
-	got := readAll(t, o2)
+	got := blockdevtest.ReadAll(t, o2)
 	for _, w := range ws {
 		for b := range w.dirty {
 			at := int64(b * bs)
-			if !w.dirty[b] && firstDiff(got[w.base+at:w.base+at+int64(bs)], w.flush[at:at+int64(bs)]) >= 0 {
+			if !w.dirty[b] && blockdevtest.FirstDiff(got[w.base+at:w.base+at+int64(bs)], w.flush[at:at+int64(bs)]) >= 0 {
 				fail("flushed origin block at %d lost", w.base+at)
 			}
 		}
@@ -173,7 +123,7 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		if s.State() != StateValid {
 			fail("snapshot %d is %v: %v", i, s.State(), s.Status().Err)
 		}
-		if d := firstDiff(readAll(t, s), model); d >= 0 {
+		if d := blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s), model); d >= 0 {
 			fail("snapshot %d differs at byte %d", i, d)
 		}
 		rep, err := s.Check()
@@ -182,9 +132,9 @@ func crashOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 		}
 	}
 	// The recovered stores go on working.
-	mustWrite(t, o2, fill(0x5c, ctSize), 0)
+	mustWrite(t, o2, blockdevtest.Fill(0x5c, ctSize), 0)
 	for i, s := range o2.Snapshots() {
-		if d := firstDiff(readAll(t, s), models[i]); d >= 0 {
+		if d := blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s), models[i]); d >= 0 {
 			fail("snapshot %d differs at byte %d after writes following recovery", i, d)
 		}
 		rep, err := s.Check()
@@ -240,60 +190,62 @@ func ctWrite(o *Origin, w *ctWriter, rng *rand.Rand, bs int) bool {
 // reopening: the origin ends up as the merged snapshot, the other snapshot
 // is unchanged, and Check passes.
 func TestCrashDuringMerge(t *testing.T) {
-	iters, deadline := tortureBudget()
-	iters = max(iters/5, 8)
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
-	for i := 0; i < iters && (deadline.IsZero() || time.Now().Before(deadline)); i++ {
-		for _, pol := range blockdevtest.AllPolicies(seed + uint64(i)) {
-			crashMergeOnce(t, seed+uint64(i), pol)
+	seed := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, mergeCrashPoints)
+	for i := uint64(0); ; i++ {
+		for _, pol := range blockdevtest.AllPolicies(seed + i) {
+			if !budget.Next() {
+				return
+			}
+			crashMergeOnce(t, seed+i, pol)
 		}
 	}
 }
 
+const mergeCrashPoints = 200
+
 func crashMergeOnce(t *testing.T, seed uint64, pol blockdevtest.Policy) {
 	rng := rand.New(rand.NewPCG(seed, 77+uint64(pol.Mode)))
 	const size, cs = 128 << 10, 4096
-	pc := &powerCut{k: 1 << 62, policy: pol}
-	o := newOrigin(t, pc.device(t, size, 512))
-	cowA, cowB := pc.device(t, 2*size, 512), pc.device(t, 2*size, 512)
-	mustWrite(t, o, fill(1, size), 0)
+	pc := blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, pol) // armed below, for the merge
+	o := newOrigin(t, pc.NewDevice(t, "origin", size, 512))
+	cowA, cowB := pc.NewDevice(t, "cowA", 2*size, 512), pc.NewDevice(t, "cowB", 2*size, 512)
+	mustWrite(t, o, blockdevtest.Fill(1, size), 0)
 	a, err := o.CreateSnapshot(cowA, Options{ChunkSize: cs, Persistent: true})
 	require.NoError(t, err)
 	for range 20 {
 		c := rng.Int64N(size / cs)
-		mustWrite(t, o, fill(byte(2+rng.IntN(50)), cs), c*cs)
+		mustWrite(t, o, blockdevtest.Fill(byte(2+rng.IntN(50)), cs), c*cs)
 	}
 	_, err = o.CreateSnapshot(cowB, Options{ChunkSize: 8192, Persistent: true})
 	require.NoError(t, err)
-	modelB := readAll(t, o)
+	modelB := blockdevtest.ReadAll(t, o)
 	for range 10 {
 		c := rng.Int64N(size / cs)
-		mustWrite(t, a, fill(byte(100+rng.IntN(50)), cs/2), c*cs)
+		mustWrite(t, a, blockdevtest.Fill(byte(100+rng.IntN(50)), cs/2), c*cs)
 	}
-	modelA := readAll(t, a)
+	modelA := blockdevtest.ReadAll(t, a)
 	// The model counts A's own writes as durable: flush both volumes (the
 	// origin's Flush does not cover a snapshot's COW device).
 	require.NoError(t, o.Flush())
 	require.NoError(t, a.Flush())
 
-	pc.k = pc.calls.Load() + 1 + rng.Int64N(300)
+	pc.Arm(blockdevtest.OpAny, 1+rng.IntN(300))
 	mergeErr := a.Merge(context.Background(), nil)
-	pc.cut()
+	after := pc.Cut()
 	_ = o.Close()
 
-	after := pc.after
 	o2 := newOrigin(t, after[0])
 	a2, err := o2.OpenSnapshot(after[1], Options{})
-	require.NoError(t, err, "seed %d %v", seed, pol)
+	require.NoError(t, err, "seed %d, %v", seed, pc)
 	b2, err := o2.OpenSnapshot(after[2], Options{})
-	require.NoError(t, err, "seed %d %v", seed, pol)
+	require.NoError(t, err, "seed %d, %v", seed, pc)
 	if mergeErr == nil {
 		require.Zero(t, a2.Status().Exceptions)
 	}
-	require.NoError(t, a2.Merge(context.Background(), nil), "seed %d %v", seed, pol)
-	require.Equal(t, -1, firstDiff(readAll(t, o2), modelA), "origin after resumed merge (seed %d %v)", seed, pol)
-	require.Equal(t, -1, firstDiff(readAll(t, b2), modelB), "other snapshot (seed %d %v)", seed, pol)
+	require.NoError(t, a2.Merge(context.Background(), nil), "seed %d, %v", seed, pc)
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, o2), modelA), "origin after resumed merge (seed %d, %v)", seed, pc)
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, b2), modelB), "other snapshot (seed %d, %v)", seed, pc)
 	rep, err := b2.Check()
 	require.NoError(t, err)
 	require.Zero(t, rep.Leaked)

@@ -1,6 +1,11 @@
 package exception
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
 
 // Sentinel errors. They are wrapped with context; test them with errors.Is.
 var (
@@ -12,9 +17,9 @@ var (
 	// ErrOverflow: a writable snapshot created with Options.Overflow has no
 	// COW space for a write that needs a new chunk. Reads, and writes to
 	// chunks it already holds, still work (the kernel's "PO" mode).
-	ErrOverflow = errors.New("exception: snapshot overflowed")
+	ErrOverflow = fmt.Errorf("exception: snapshot overflowed: %w", blockdev.ErrNoSpace)
 	// ErrNoSpace: the COW device has no free chunk.
-	ErrNoSpace = errors.New("exception: COW device is full")
+	ErrNoSpace = fmt.Errorf("exception: COW device is full: %w", blockdev.ErrNoSpace)
 	// ErrMerging: the snapshot is being merged into its origin; its own
 	// volume refuses I/O, and a second merge cannot start.
 	ErrMerging = errors.New("exception: snapshot is merging")

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // kpair is an exception as the test's own decoder sees it.
@@ -57,7 +58,7 @@ func putKernelPair(img []byte, chunk, area, index int, p kpair) {
 }
 
 func memFrom(t testing.TB, img []byte, bs int) *blockdev.Mem {
-	m := newMem(t, int64(len(img)), bs)
+	m := blockdevtest.NewMem(t, int64(len(img)), bs)
 	mustWrite(t, m, img, 0)
 	return m
 }
@@ -83,16 +84,16 @@ func TestKernelImageOutOfOrderWithHole(t *testing.T) {
 		copy(img[int(p.new)*chunk:], chunkPattern(p.old, chunk))
 	}
 	cow := memFrom(t, img, 512)
-	origin := newMem(t, originSize, 512)
-	mustWrite(t, origin, fill(0x11, originSize), 0)
+	origin := blockdevtest.NewMem(t, originSize, 512)
+	mustWrite(t, origin, blockdevtest.Fill(0x11, originSize), 0)
 	o := newOrigin(t, origin)
 	s, err := o.OpenSnapshot(cow, Options{})
 	require.NoError(t, err)
 	require.Equal(t, int64(chunk), s.ChunkSize())
 
-	got := readAll(t, s)
+	got := blockdevtest.ReadAll(t, s)
 	for c := uint64(0); c < originSize/chunk; c++ {
-		want := fill(0x11, chunk)
+		want := blockdevtest.Fill(0x11, chunk)
 		for _, p := range pairs {
 			if p.old == c {
 				want = chunkPattern(c, chunk)
@@ -107,12 +108,12 @@ func TestKernelImageOutOfOrderWithHole(t *testing.T) {
 	require.Equal(t, uint64(7), st.UsedChunks, "next_free is one past the highest new_chunk")
 
 	// New exceptions go after the kernel's, from next_free on.
-	mustWrite(t, o, fill(0x22, chunk), 9*chunk)
+	mustWrite(t, o, blockdevtest.Fill(0x22, chunk), 9*chunk)
 	require.NoError(t, s.Close())
-	_, _, _, _, dec, err := kernelDecode(readAll(t, cow))
+	_, _, _, _, dec, err := kernelDecode(blockdevtest.ReadAll(t, cow))
 	require.NoError(t, err)
 	require.Equal(t, append(pairs, kpair{9, 7}), dec)
-	require.Equal(t, fill(0x11, chunk), readAll(t, cow)[7*chunk:8*chunk])
+	require.Equal(t, blockdevtest.Fill(0x11, chunk), blockdevtest.ReadAll(t, cow)[7*chunk:8*chunk])
 }
 
 func TestKernelImageTwoAreas(t *testing.T) {
@@ -131,10 +132,10 @@ func TestKernelImageTwoAreas(t *testing.T) {
 		copy(img[int(p.new)*chunk:], chunkPattern(p.old, chunk))
 		next++
 	}
-	o := newOrigin(t, newMem(t, 128<<10, 512))
+	o := newOrigin(t, blockdevtest.NewMem(t, 128<<10, 512))
 	s, err := o.OpenSnapshot(memFrom(t, img, 512), Options{})
 	require.NoError(t, err)
-	got := readAll(t, s)
+	got := blockdevtest.ReadAll(t, s)
 	for i := range n {
 		c := i * 3
 		require.Equal(t, chunkPattern(uint64(c), chunk), got[c*chunk:(c+1)*chunk], "chunk %d", c)
@@ -147,25 +148,24 @@ func TestKernelImageTwoAreas(t *testing.T) {
 }
 
 func TestImageWeWriteDecodes(t *testing.T) {
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 2))
 	const chunk, originSize = 512, 128 << 10
-	origin := newMem(t, originSize, 512)
+	origin := blockdevtest.NewMem(t, originSize, 512)
 	for c := 0; c < originSize/chunk; c++ {
 		mustWrite(t, origin, chunkPattern(uint64(c), chunk), int64(c*chunk))
 	}
-	cow := newMem(t, 256<<10, 512)
+	cow := blockdevtest.NewMem(t, 256<<10, 512)
 	o := newOrigin(t, origin)
 	s, err := o.CreateSnapshot(cow, Options{ChunkSize: chunk, Persistent: true})
 	require.NoError(t, err)
 	order := rng.Perm(originSize / chunk)[:100]
 	for _, c := range order {
-		mustWrite(t, o, fill(0xee, chunk), int64(c*chunk))
+		mustWrite(t, o, blockdevtest.Fill(0xee, chunk), int64(c*chunk))
 	}
 	require.NoError(t, s.Close())
 
-	img := readAll(t, cow)
+	img := blockdevtest.ReadAll(t, cow)
 	magic, valid, version, sectors, pairs, err := kernelDecode(img)
 	require.NoError(t, err)
 	require.Equal(t, []uint32{0x70416e53, 1, 1, 1}, []uint32{magic, valid, version, sectors})
@@ -188,7 +188,7 @@ func TestImageWeWriteDecodes(t *testing.T) {
 }
 
 func TestOpenErrors(t *testing.T) {
-	o := newOrigin(t, newMem(t, 64<<10, 512))
+	o := newOrigin(t, blockdevtest.NewMem(t, 64<<10, 512))
 	image := func(edit func(img []byte)) *blockdev.Mem {
 		img := make([]byte, 64<<10)
 		putKernelHeader(img, 1, 1, 8)
@@ -200,7 +200,7 @@ func TestOpenErrors(t *testing.T) {
 		dev  *blockdev.Mem
 		want error
 	}{
-		{"zeros", newMem(t, 64<<10, 512), ErrBadHeader},
+		{"zeros", blockdevtest.NewMem(t, 64<<10, 512), ErrBadHeader},
 		{"magic", image(func(b []byte) { b[0] = 'X' }), ErrBadMagic},
 		{"version", image(func(b []byte) { b[8] = 2 }), ErrBadHeader},
 		{"chunk not a power of two", image(func(b []byte) { b[12] = 3 }), ErrChunkSize},
@@ -222,12 +222,12 @@ func TestOpenErrors(t *testing.T) {
 		})
 	}
 	for _, cs := range []int64{3000, 256, 2 << 30} {
-		_, err := o.CreateSnapshot(newMem(t, 64<<10, 512), Options{ChunkSize: cs, Persistent: true})
+		_, err := o.CreateSnapshot(blockdevtest.NewMem(t, 64<<10, 512), Options{ChunkSize: cs, Persistent: true})
 		require.ErrorIs(t, err, ErrChunkSize, "chunk size %d", cs)
 	}
-	_, err := o.CreateSnapshot(newMem(t, 64<<10, 4096), Options{ChunkSize: 512})
+	_, err := o.CreateSnapshot(blockdevtest.NewMem(t, 64<<10, 4096), Options{ChunkSize: 512})
 	require.ErrorIs(t, err, ErrChunkSize, "chunk smaller than the COW block")
-	_, err = o.CreateSnapshot(newMem(t, 8<<10, 512), Options{ChunkSize: 4096, Persistent: true})
+	_, err = o.CreateSnapshot(blockdevtest.NewMem(t, 8<<10, 512), Options{ChunkSize: 4096, Persistent: true})
 	require.ErrorIs(t, err, ErrNoSpace)
 	require.Empty(t, o.Snapshots())
 }
@@ -247,7 +247,7 @@ func TestTornAreaWriteIsRepaired(t *testing.T) {
 	for _, bs := range []int{512, 4096} {
 		t.Run(fmt.Sprint(bs), func(t *testing.T) {
 			const chunk = 4096
-			mem := newMem(t, 1<<20, bs)
+			mem := blockdevtest.NewMem(t, 1<<20, bs)
 			var frozen *blockdev.Mem
 			areaWrites := 0
 			cow := &hookDev{Device: mem, before: func(p []byte, off int64) {
@@ -265,17 +265,23 @@ func TestTornAreaWriteIsRepaired(t *testing.T) {
 					}
 				}
 			}}
-			o := newOrigin(t, newMem(t, 1<<20, bs))
+			o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, bs))
 			s, err := o.CreateSnapshot(cow, Options{ChunkSize: chunk, Persistent: true})
 			require.NoError(t, err)
-			areaWrites = 0                           // formatting zeroed area 0
-			mustWrite(t, o, fill(1, chunk), 0)       // area write 1
-			mustWrite(t, o, fill(1, chunk), 5*chunk) // area write 2
-			mustWrite(t, o, fill(1, chunk), 9*chunk) // area write 3: torn
+			areaWrites = 0                                        // formatting zeroed area 0
+			mustWrite(t, o, blockdevtest.Fill(1, chunk), 0)       // area write 1
+			mustWrite(t, o, blockdevtest.Fill(1, chunk), 5*chunk) // area write 2
+			mustWrite(t, o, blockdevtest.Fill(1, chunk), 9*chunk) // area write 3: torn
 			require.NotNil(t, frozen)
 			require.NoError(t, s.Close())
 
-			o2 := newOrigin(t, newMem(t, 1<<20, bs))
+			// CheckCOW sees the torn write, through a read-only view.
+			crep, err := CheckCOW(blockdev.ReadOnly(frozen), 1<<20)
+			require.NoError(t, err)
+			require.True(t, crep.PendingRepair, "%q", crep.Problems)
+			require.Equal(t, uint64(0), crep.RepairArea)
+
+			o2 := newOrigin(t, blockdevtest.NewMem(t, 1<<20, bs))
 			s2, err := o2.OpenSnapshot(frozen, Options{})
 			require.NoError(t, err)
 			var got []Exception
@@ -284,6 +290,9 @@ func TestTornAreaWriteIsRepaired(t *testing.T) {
 			rep, err := s2.Check()
 			require.NoError(t, err)
 			require.Zero(t, rep.Leaked)
+			crep, err = CheckCOW(frozen, 1<<20)
+			require.NoError(t, err)
+			require.True(t, crep.OK(), "%q", crep.Problems)
 		})
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // modelSnap is a snapshot and what it must read.
@@ -24,9 +25,8 @@ type modelSnap struct {
 // slice per volume. Every volume is compared with its model as it goes.
 func TestModelRandom(t *testing.T) {
 	for i := range 6 {
-		seed := rand.Uint64()
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
-			t.Logf("seed %d", seed)
+			seed := blockdevtest.Seed(t)
 			runModel(t, seed, 250)
 		})
 	}
@@ -36,7 +36,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	rng := rand.New(rand.NewPCG(seed, 3))
 	const size = 512 << 10
 	bs := []int{512, 4096}[rng.IntN(2)]
-	o := newOrigin(t, newMem(t, size, bs))
+	o := newOrigin(t, blockdevtest.NewMem(t, size, bs))
 	model := make([]byte, size)
 	var snaps []*modelSnap
 	randRange := func() (int64, int64) {
@@ -54,16 +54,16 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		return p
 	}
 	verify := func(step int) {
-		got := readAll(t, o)
-		require.Equal(t, -1, firstDiff(got, model), "origin differs at step %d (seed %d)", step, seed)
+		got := blockdevtest.ReadAll(t, o)
+		require.Equal(t, -1, blockdevtest.FirstDiff(got, model), "origin differs at step %d (seed %d)", step, seed)
 		for i, ms := range snaps {
 			if ms.small && ms.s.State() == StateInvalid {
 				_, err := ms.s.ReadAt(make([]byte, ms.s.BlockSize()), 0)
 				require.ErrorIs(t, err, ErrInvalidSnapshot)
 				continue
 			}
-			got := readAll(t, ms.s)
-			require.Equal(t, -1, firstDiff(got, ms.data), "snapshot %d differs at step %d (seed %d)", i, step, seed)
+			got := blockdevtest.ReadAll(t, ms.s)
+			require.Equal(t, -1, blockdevtest.FirstDiff(got, ms.data), "snapshot %d differs at step %d (seed %d)", i, step, seed)
 		}
 	}
 	for step := range steps {
@@ -84,7 +84,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			if ms.small {
 				cowSize = 6 * cs
 			}
-			ms.cow = newMem(t, cowSize, bs)
+			ms.cow = blockdevtest.NewMem(t, cowSize, bs)
 			s, err := o.CreateSnapshot(ms.cow, Options{ChunkSize: cs, Persistent: rng.IntN(2) == 0})
 			require.NoError(t, err)
 			ms.s = s

@@ -40,12 +40,17 @@ type persistent struct {
 	ioMu   sync.Mutex // serialises metadata I/O; guards the fields below
 	list   []Exception
 	recSeq uint64
-	rec    []byte // record region buffer
-	pre    []byte // pre-image block
-	span   []byte // area blocks being written
-	zero   []byte // zeros for clearing areas
-	hdr    []byte
-	batch  []pjob // the committer's current batch
+	// recDirty: the recovery record on the device may describe a change
+	// (written this session, or repaired from at Open), so Close clears
+	// it. A store opened and closed without a change writes nothing at
+	// Close, so a COW device can be inspected through a read-only view.
+	recDirty bool
+	rec      []byte // record region buffer
+	pre      []byte // pre-image block
+	span     []byte // area blocks being written
+	zero     []byte // zeros for clearing areas
+	hdr      []byte
+	batch    []pjob // the committer's current batch
 
 	kick chan struct{}
 	stop chan struct{}
@@ -150,8 +155,9 @@ func openPersistent(dev blockdev.Device) (*persistent, error) {
 		return nil, err
 	}
 	var seq uint64
+	var repaired bool
 	if valid {
-		if _, seq, err = repairFromRecord(dev, cs); err != nil {
+		if repaired, seq, err = repairFromRecord(dev, cs); err != nil {
 			return nil, err
 		}
 	}
@@ -166,6 +172,7 @@ func openPersistent(dev blockdev.Device) (*persistent, error) {
 	}
 	p := newPersistent(dev, cs, img.Entries, img.NextFree, inv)
 	p.recSeq = seq
+	p.recDirty = repaired
 	return p, nil
 }
 
@@ -361,6 +368,7 @@ func (p *persistent) writeArea(area, a, b uint64, durable, intended []Exception,
 	if p.recOff >= 0 {
 		putEntries(p.pre, durable, area, p.epa, s)
 		p.recSeq++
+		p.recDirty = true
 		r := record{seq: p.recSeq, area: area, s: uint32(s), a: uint32(a), w: uint32(w),
 			sectors: uint32(p.cs / sectorSize), crc: crc32.Checksum(span, castagnoli), pre: p.pre}
 		r.encode(p.rec, p.bs)
@@ -460,8 +468,9 @@ func (p *persistent) usage() storeUsage {
 }
 
 // close stops the committer. The caller has drained all I/O. A valid store
-// clears its recovery record so a later user of the device (such as the
-// kernel, then us again) cannot mistake it for a current one.
+// whose recovery record may describe a change clears it, so a later user of
+// the device (such as the kernel, then us again) cannot mistake it for a
+// current one; a store that changed nothing writes nothing.
 func (p *persistent) close() error {
 	close(p.stop)
 	<-p.done
@@ -473,6 +482,9 @@ func (p *persistent) close() error {
 	}
 	p.ioMu.Lock()
 	defer p.ioMu.Unlock()
+	if !p.recDirty {
+		return nil
+	}
 	clear(p.rec)
 	if _, err := p.dev.WriteAt(p.rec, p.recOff); err != nil {
 		return fmt.Errorf("exception: clear recovery record: %w", err)

@@ -40,6 +40,7 @@ package exception
 // never completed, so its area blocks were never written: it is ignored.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
@@ -121,41 +122,67 @@ func decodeRecord(b []byte, bs int) (record, bool) {
 // there, it restores the block at S and zeros entries [A, W), then flushes.
 // It reports whether it wrote anything, and the record's sequence number.
 func repairFromRecord(dev blockdev.Device, cs int64) (repaired bool, seq uint64, err error) {
+	rp, err := planRepair(dev, cs)
+	if err != nil || !rp.needed {
+		return false, rp.seq, err
+	}
+	if _, err := dev.WriteAt(rp.span, rp.at); err != nil {
+		return false, 0, fmt.Errorf("exception: repair area %d: %w", rp.area, err)
+	}
+	if err := dev.Flush(); err != nil {
+		return false, 0, fmt.Errorf("exception: repair area %d: flush: %w", rp.area, err)
+	}
+	return true, rp.seq, nil
+}
+
+// repair is what a recovery record asks of a device: when needed, span
+// (the repaired area bytes) belongs at offset at.
+type repair struct {
+	seq    uint64 // the record's sequence; 0 when there is no usable record
+	area   uint64
+	needed bool
+	at     int64
+	span   []byte
+}
+
+// planRepair reads the recovery record and the area bytes it describes,
+// without writing, and says whether Open would repair them.
+func planRepair(dev blockdev.Device, cs int64) (repair, error) {
 	bs := dev.BlockSize()
 	off := recordOffset(dev.Size(), bs)
 	if off < 0 {
-		return false, 0, nil
+		return repair{}, nil
 	}
 	buf := make([]byte, recordSize(bs))
 	if _, err := dev.ReadAt(buf, off); err != nil {
-		return false, 0, fmt.Errorf("exception: read recovery record: %w", err)
+		return repair{}, fmt.Errorf("exception: read recovery record: %w", err)
 	}
 	r, ok := decodeRecord(buf, bs)
 	epa := uint64(cs / entrySize)
 	bsEntries := uint32(bs / entrySize)
 	if !ok || int64(r.sectors)*sectorSize != cs || r.s > r.a || r.a > r.w || uint64(r.w) > epa ||
 		r.s%bsEntries != 0 || r.w%bsEntries != 0 || r.w == r.s {
-		return false, 0, nil
+		return repair{}, nil
 	}
 	loc := areaLocation(r.area, epa)
 	if loc >= uint64(dev.Size()/cs) || int64(loc+1)*cs > off {
-		return false, 0, nil
+		return repair{}, nil
 	}
 	span := make([]byte, int64(r.w-r.s)*entrySize)
 	at := int64(loc)*cs + int64(r.s)*entrySize
 	if _, err := dev.ReadAt(span, at); err != nil {
-		return false, 0, fmt.Errorf("exception: read area %d for recovery: %w", r.area, err)
+		return repair{}, fmt.Errorf("exception: read area %d for recovery: %w", r.area, err)
 	}
+	rp := repair{seq: r.seq, area: r.area, at: at, span: span}
 	if crc32.Checksum(span, castagnoli) == r.crc {
-		return false, r.seq, nil
+		return rp, nil
 	}
-	copy(span[:bs], r.pre)
-	clear(span[int64(r.a-r.s)*entrySize:])
-	if _, err := dev.WriteAt(span, at); err != nil {
-		return false, 0, fmt.Errorf("exception: repair area %d: %w", r.area, err)
-	}
-	if err := dev.Flush(); err != nil {
-		return false, 0, fmt.Errorf("exception: repair area %d: flush: %w", r.area, err)
-	}
-	return true, r.seq, nil
+	fixed := bytes.Clone(span)
+	copy(fixed[:bs], r.pre)
+	clear(fixed[int64(r.a-r.s)*entrySize:])
+	// Already repaired (by an Open that crashed or closed before clearing
+	// the record): nothing to do.
+	rp.needed = !bytes.Equal(fixed, span)
+	rp.span = fixed
+	return rp, nil
 }

@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // flipFixture is a journal image whose log has lapped several times, with a
@@ -24,7 +26,7 @@ type flipFixture struct {
 func buildFlipFixture(t *testing.T) *flipFixture {
 	ctx := context.Background()
 	const bs = 512
-	dev := newMem(t, 2*bs+2*(8<<10)+(16<<10), bs)
+	dev := blockdevtest.NewMem(t, 2*bs+2*(8<<10)+(16<<10), bs)
 	j, err := Format(dev, Options{CheckpointSize: 8 << 10})
 	require.NoError(t, err)
 	m := newModel()
@@ -61,7 +63,7 @@ func buildFlipFixture(t *testing.T) *flipFixture {
 func (fx *flipFixture) open(t *testing.T, off int64, bit uint) (*checker, error) {
 	img := append([]byte(nil), fx.img...)
 	img[off] ^= 1 << bit
-	dev := newMem(t, int64(len(img)), 512)
+	dev := blockdevtest.NewMem(t, int64(len(img)), 512)
 	_, err := dev.WriteAt(img, 0)
 	require.NoError(t, err)
 	c := &checker{}

@@ -54,6 +54,9 @@ var (
 	ErrClosed = errors.New("journal: closed")
 	// ErrTooLarge: a record is larger than MaxRecord.
 	ErrTooLarge = errors.New("journal: record too large")
+	// ErrReadOnly: the journal was opened with OpenReadOnly. It wraps
+	// blockdev.ErrReadOnly.
+	ErrReadOnly = fmt.Errorf("journal: opened read-only: %w", blockdev.ErrReadOnly)
 )
 
 // Options configures Format and Open. The zero value is a good default.
@@ -109,6 +112,7 @@ type Journal struct {
 	slotSize  int64
 	id        uint64
 	epoch     uint64 // this Open's epoch; constant
+	readOnly  bool   // OpenReadOnly: nothing is ever written
 	threshold float64
 	// batchTarget is the record bytes past which Append starts a new
 	// batch: batchTarget, or less in tests that want many batches per
@@ -202,20 +206,11 @@ func Format(dev blockdev.Device, opts Options) (*Journal, error) {
 // can never be confused with what a crash left behind. Its I/O is bounded
 // by the log's and the checkpoint's size.
 func Open(dev blockdev.Device, opts Options, r Replayer) (*Journal, error) {
-	sb, err := readSuperblock(dev)
+	sb, res, err := replay(dev, opts, r)
 	if err != nil {
 		return nil, err
 	}
 	j := newJournal(dev, opts, sb, scanResult{})
-	if sb.ckpt.gen != 0 {
-		if err := j.loadCheckpoint(r); err != nil {
-			return nil, err
-		}
-	}
-	res, err := j.scan(sb.ckpt, r.Replay)
-	if err != nil {
-		return nil, err
-	}
 	// Start a new epoch, durably, before any batch of it can be written.
 	next := sb
 	next.gen++
@@ -225,6 +220,47 @@ func Open(dev blockdev.Device, opts Options, r Replayer) (*Journal, error) {
 	}
 	return newJournal(dev, opts, next, res), nil
 }
+
+// OpenReadOnly recovers the journal on dev for inspection, as Open does
+// (the newest valid checkpoint into r, then every valid record after it)
+// but without writing anything: no new epoch, no tail cut, no superblock
+// update, so dev may be a blockdev.ReadOnly view or metadata another
+// process owns. The journal it returns answers LastSeq and Stats; Append
+// and Checkpoint fail with ErrReadOnly (Commit has nothing to commit).
+// Close it as usual.
+//
+// What it replays is exactly what Open would replay now. Inspecting a
+// journal that another process is writing sees a consistent prefix at
+// best: a batch in flight reads as a torn tail and is left out.
+func OpenReadOnly(dev blockdev.Device, opts Options, r Replayer) (*Journal, error) {
+	sb, res, err := replay(dev, opts, r)
+	if err != nil {
+		return nil, err
+	}
+	j := newJournal(dev, opts, sb, res)
+	j.readOnly = true
+	return j, nil
+}
+
+// replay reads the superblock, loads the checkpoint into r and replays the
+// log after it, reading only.
+func replay(dev blockdev.Device, opts Options, r Replayer) (superblock, scanResult, error) {
+	sb, err := readSuperblock(dev)
+	if err != nil {
+		return sb, scanResult{}, err
+	}
+	j := newJournal(dev, opts, sb, scanResult{})
+	if sb.ckpt.gen != 0 {
+		if err := j.loadCheckpoint(r); err != nil {
+			return sb, scanResult{}, err
+		}
+	}
+	res, err := j.scan(sb.ckpt, r.Replay)
+	return sb, res, err
+}
+
+// ReadOnly reports whether the journal was opened with OpenReadOnly.
+func (j *Journal) ReadOnly() bool { return j.readOnly }
 
 // readSuperblock reads both copies and returns the valid one with the
 // highest generation, checked against dev's geometry.
@@ -317,6 +353,9 @@ func (j *Journal) usableLocked() error {
 	}
 	if j.st.closed {
 		return ErrClosed
+	}
+	if j.readOnly {
+		return ErrReadOnly
 	}
 	return nil
 }

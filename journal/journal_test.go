@@ -42,13 +42,6 @@ func (r *recorder) Replay(seq uint64, payload []byte) error {
 	return nil
 }
 
-func newMem(t testing.TB, size int64, bs int) *blockdev.Mem {
-	t.Helper()
-	m, err := blockdev.NewMem(size, bs)
-	require.NoError(t, err)
-	return m
-}
-
 func recordPayload(i int) []byte {
 	n := (i * 37) % 300
 	if i%17 == 0 {
@@ -72,7 +65,7 @@ func reopen(t *testing.T, dev blockdev.Device, opts Options) (*Journal, *recorde
 func TestFormatOpenEmpty(t *testing.T) {
 	for _, bs := range []int{512, 4096} {
 		t.Run(fmt.Sprint(bs), func(t *testing.T) {
-			dev := newMem(t, 1<<20, bs)
+			dev := blockdevtest.NewMem(t, 1<<20, bs)
 			j, err := Format(dev, Options{})
 			require.NoError(t, err)
 			require.Equal(t, uint64(0), j.LastSeq())
@@ -90,14 +83,14 @@ func TestFormatOpenEmpty(t *testing.T) {
 }
 
 func TestFormatTooSmall(t *testing.T) {
-	_, err := Format(newMem(t, 8*512, 512), Options{})
+	_, err := Format(blockdevtest.NewMem(t, 8*512, 512), Options{})
 	require.ErrorIs(t, err, ErrNoSpace)
-	_, err = Format(newMem(t, 1<<20, 512), Options{CheckpointSize: 1 << 20})
+	_, err = Format(blockdevtest.NewMem(t, 1<<20, 512), Options{CheckpointSize: 1 << 20})
 	require.ErrorIs(t, err, ErrNoSpace)
 }
 
 func TestOpenGarbage(t *testing.T) {
-	dev := newMem(t, 1<<20, 512)
+	dev := blockdevtest.NewMem(t, 1<<20, 512)
 	_, err := Open(dev, Options{}, &recorder{})
 	require.ErrorIs(t, err, ErrCorrupt)
 	require.Contains(t, err.Error(), "superblock at 0")
@@ -107,7 +100,7 @@ func TestAppendCommitReplay(t *testing.T) {
 	ctx := context.Background()
 	for _, bs := range []int{512, 4096} {
 		t.Run(fmt.Sprint(bs), func(t *testing.T) {
-			dev := newMem(t, 4<<20, bs)
+			dev := blockdevtest.NewMem(t, 4<<20, bs)
 			j, err := Format(dev, Options{})
 			require.NoError(t, err)
 			const n = 200
@@ -141,7 +134,7 @@ func TestAppendCommitReplay(t *testing.T) {
 
 func TestUncommittedLostCleanly(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 1<<20, 4096)
+	dev := blockdevtest.NewMem(t, 1<<20, 4096)
 	j, err := Format(dev, Options{})
 	require.NoError(t, err)
 	_, err = j.Append(ctx, []byte("one"))
@@ -167,7 +160,7 @@ func TestUncommittedLostCleanly(t *testing.T) {
 
 func TestRecordLimits(t *testing.T) {
 	ctx := context.Background()
-	j, err := Format(newMem(t, 64*4096, 4096), Options{})
+	j, err := Format(blockdevtest.NewMem(t, 64*4096, 4096), Options{})
 	require.NoError(t, err)
 	_, err = j.Append(ctx, make([]byte, MaxRecord+1))
 	require.ErrorIs(t, err, ErrTooLarge)
@@ -206,7 +199,7 @@ func encodeState(records [][]byte) []byte {
 func TestCheckpointReclaimsLog(t *testing.T) {
 	ctx := context.Background()
 	// A 64 KiB log: thousands of records lap it many times.
-	dev := newMem(t, 2*512+2*(256<<10)+(64<<10), 512)
+	dev := blockdevtest.NewMem(t, 2*512+2*(256<<10)+(64<<10), 512)
 	j, err := Format(dev, Options{CheckpointSize: 256 << 10})
 	require.NoError(t, err)
 	var all [][]byte
@@ -249,7 +242,7 @@ func TestCheckpointReclaimsLog(t *testing.T) {
 
 func TestAppendBlocksWhenFull(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 2*512+2*(16<<10)+(16<<10), 512)
+	dev := blockdevtest.NewMem(t, 2*512+2*(16<<10)+(16<<10), 512)
 	j, err := Format(dev, Options{CheckpointSize: 16 << 10})
 	require.NoError(t, err)
 	p := make([]byte, 1000)
@@ -291,7 +284,7 @@ func TestAppendBlocksWhenFull(t *testing.T) {
 
 func TestCheckpointTooLarge(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 1<<20, 4096)
+	dev := blockdevtest.NewMem(t, 1<<20, 4096)
 	j, err := Format(dev, Options{CheckpointSize: 8192})
 	require.NoError(t, err)
 	_, err = j.Append(ctx, []byte("a"))
@@ -334,7 +327,7 @@ func (g *gateDevice) Flush() error {
 
 func TestGroupCommit(t *testing.T) {
 	ctx := context.Background()
-	mem := newMem(t, 4<<20, 4096)
+	mem := blockdevtest.NewMem(t, 4<<20, 4096)
 	j0, err := Format(mem, Options{})
 	require.NoError(t, err)
 	require.NoError(t, j0.Close())
@@ -387,7 +380,7 @@ func waitFor(t *testing.T, cond func() bool) {
 
 func TestPreCommitError(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 1<<20, 4096)
+	dev := blockdevtest.NewMem(t, 1<<20, 4096)
 	fail := errors.New("destination flush failed")
 	var failing = true
 	j, err := Format(dev, Options{PreCommit: func() error {
@@ -411,7 +404,7 @@ func TestPreCommitError(t *testing.T) {
 
 func TestDeviceErrorIsSticky(t *testing.T) {
 	ctx := context.Background()
-	mem := newMem(t, 1<<20, 4096)
+	mem := blockdevtest.NewMem(t, 1<<20, 4096)
 	f := blockdevtest.NewFaulty(mem)
 	j, err := Format(f, Options{})
 	require.NoError(t, err)
@@ -433,7 +426,7 @@ func TestDeviceErrorIsSticky(t *testing.T) {
 // it must not be replayed.
 func TestStaleBatchFromEarlierEpochIsCut(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 1<<20, 512)
+	dev := blockdevtest.NewMem(t, 1<<20, 512)
 	j, err := Format(dev, Options{})
 	require.NoError(t, err)
 	j.batchTarget = 250
@@ -483,11 +476,11 @@ func TestStaleBatchFromEarlierEpochIsCut(t *testing.T) {
 func TestCheckpointLargeStream(t *testing.T) {
 	ctx := context.Background()
 	const size = 3<<20 + 12345
-	dev := newMem(t, 16<<20, 4096)
+	dev := blockdevtest.NewMem(t, 16<<20, 4096)
 	j, err := Format(dev, Options{CheckpointSize: 4 << 20})
 	require.NoError(t, err)
 	want := make([]byte, size)
-	fill(want, 42)
+	fillSeeded(want, 42)
 	require.NoError(t, j.Checkpoint(ctx, 0, func(w io.Writer) error {
 		for b := want; len(b) > 0; {
 			k := min(len(b), 77777)
@@ -523,7 +516,7 @@ func TestCheckpointLargeStream(t *testing.T) {
 // I/O under way, and what was committed is recovered.
 func TestCloseWhileBusy(t *testing.T) {
 	ctx := context.Background()
-	dev := newMem(t, 1<<20, 512)
+	dev := blockdevtest.NewMem(t, 1<<20, 512)
 	j, err := Format(dev, Options{CheckpointSize: 64 << 10})
 	require.NoError(t, err)
 	m := newModel()

@@ -87,7 +87,7 @@ func ckptImage(upTo, h uint64) func(io.Writer) error {
 		binary.LittleEndian.PutUint64(b[0:], upTo)
 		binary.LittleEndian.PutUint64(b[8:], h)
 		binary.LittleEndian.PutUint32(b[16:], uint32(n))
-		fill(b[20:], upTo)
+		fillSeeded(b[20:], upTo)
 		for len(b) > 0 {
 			k := min(len(b), 1+int(upTo%700))
 			if _, err := w.Write(b[:k]); err != nil {
@@ -99,7 +99,7 @@ func ckptImage(upTo, h uint64) func(io.Writer) error {
 	}
 }
 
-func fill(b []byte, seed uint64) {
+func fillSeeded(b []byte, seed uint64) {
 	r := rand.New(rand.NewPCG(seed, 7))
 	for i := range b {
 		b[i] = byte(r.Uint32())
@@ -131,7 +131,7 @@ func (c *checker) LoadCheckpoint(r io.Reader) error {
 	c.hash = binary.LittleEndian.Uint64(b[8:])
 	n := int(binary.LittleEndian.Uint32(b[16:]))
 	want := make([]byte, n)
-	fill(want, c.upTo)
+	fillSeeded(want, c.upTo)
 	if n != len(b)-20 || string(want) != string(b[20:]) {
 		return fmt.Errorf("checkpoint upTo %d: filler does not match", c.upTo)
 	}

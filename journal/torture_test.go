@@ -4,31 +4,12 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
-
-	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// tortureBudget returns how many runs to do by default, or, with
-// BLOCKSNAP_TORTURE_SECONDS set, a deadline to run until.
-func tortureBudget(t *testing.T, runs int) (int, time.Time) {
-	if s := os.Getenv("BLOCKSNAP_TORTURE_SECONDS"); s != "" {
-		sec, err := strconv.Atoi(s)
-		require.NoError(t, err, "BLOCKSNAP_TORTURE_SECONDS")
-		return 1 << 62, time.Now().Add(time.Duration(sec) * time.Second)
-	}
-	if testing.Short() || raceEnabled {
-		runs /= 10
-	}
-	return runs, time.Time{}
-}
 
 // tortureStats shows what the torture runs exercised.
 var tortureStats counters
@@ -56,33 +37,18 @@ const crashRoundsPerRun = 3
 // one in flight. Every crash policy is used; each run crashes the same
 // journal several times (so recoveries of recoveries are checked too).
 func TestCrashTorture(t *testing.T) {
-	runs, deadline := tortureBudget(t, 1500)
-	base := uint64(time.Now().UnixNano())
-	points := 0
-	for i := 0; i < runs; i++ {
-		if !deadline.IsZero() && time.Now().After(deadline) {
-			break
-		}
-		seed := base + uint64(i)
+	base := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, 1500*crashRoundsPerRun)
+	for i := uint64(0); budget.NextN(crashRoundsPerRun); i++ {
+		// Run i replays first with BLOCKSNAP_SEED=base+i.
+		seed := base + i
 		if err := tortureRun(seed); err != nil {
-			t.Fatalf("crash torture seed %d: %v", seed, err)
+			t.Fatalf("crash torture run %d (seed %d; %s): %v", i, seed, blockdevtest.ReplayCommand(t, seed), err)
 		}
-		points += crashRoundsPerRun
 	}
-	t.Logf("%d crash points (base seed %d): %d mid-workload, %d checkpoints completed, %d recoveries loaded one, %d records replayed, log lapped %d times",
-		points, base, tortureStats.midRun.Load(), tortureStats.checkpoints.Load(), tortureStats.loaded.Load(),
+	t.Logf("%d mid-workload, %d checkpoints completed, %d recoveries loaded one, %d records replayed, log lapped %d times",
+		tortureStats.midRun.Load(), tortureStats.checkpoints.Load(), tortureStats.loaded.Load(),
 		tortureStats.replayed.Load(), tortureStats.laps.Load())
-}
-
-// TestCrashTortureSeed replays one seed: BLOCKSNAP_JOURNAL_SEED=n.
-func TestCrashTortureSeed(t *testing.T) {
-	s := os.Getenv("BLOCKSNAP_JOURNAL_SEED")
-	if s == "" {
-		t.Skip("set BLOCKSNAP_JOURNAL_SEED to replay one crash torture seed")
-	}
-	seed, err := strconv.ParseUint(s, 10, 64)
-	require.NoError(t, err)
-	require.NoError(t, tortureRun(seed))
 }
 
 func tortureRun(seed uint64) error {
@@ -99,8 +65,11 @@ func tortureRun(seed uint64) error {
 	}
 	m := newModel()
 	policies := blockdevtest.AllPolicies(seed)
+	lastCut := "no power cut yet"
 	for round := range crashRoundsPerRun {
-		f := blockdevtest.NewFaulty(sim)
+		policy := policies[(seed+uint64(round))%uint64(len(policies))]
+		pc := blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, policy) // armed once open
+		f := pc.Device("journal", sim)
 		var j *Journal
 		if round == 0 {
 			j, err = Format(f, Options{CheckpointSize: slot})
@@ -113,58 +82,34 @@ func tortureRun(seed uint64) error {
 			}
 		}
 		if err != nil {
-			return fmt.Errorf("round %d: open: %w", round, err)
+			return fmt.Errorf("round %d, after the %v: open: %w", round, lastCut, err)
 		}
 		if seed%4 >= 2 {
 			// Many batches per commit round: a crash can then tear one
 			// batch and keep the next.
 			j.batchTarget = 300
 		}
-		policy := policies[(int(seed)+round)%len(policies)]
-		crashAt := f.Calls() + 1 + rng.IntN(250)
-		next, err := crashDuring(j, f, sim, m, policy, crashAt, seed, round)
-		if err != nil {
-			return fmt.Errorf("round %d (%v, crash at call %d): %w", round, policy, crashAt, err)
-		}
-		sim = next
+		pc.Arm(blockdevtest.OpAny, 1+rng.IntN(250))
+		sim = crashDuring(j, pc, m, seed, round)
+		lastCut = pc.String()
 	}
 	c := &checker{}
 	j, err := Open(sim, Options{}, c)
 	if err != nil {
-		return fmt.Errorf("final open: %w", err)
+		return fmt.Errorf("final open, after the %v: %w", lastCut, err)
 	}
 	if err := m.verify(c); err != nil {
-		return fmt.Errorf("final recovery: %w", err)
+		return fmt.Errorf("final recovery, after the %v: %w", lastCut, err)
 	}
 	tortureStats.noteRecovery(c)
 	return j.Close()
 }
 
-// crashDuring runs the workload on j (whose device is f over sim) and cuts
-// the power just before device call crashAt, or when the workload ends.
-// It returns the device the crash left.
-func crashDuring(j *Journal, f *blockdevtest.Faulty, sim *blockdevtest.CrashSim, m *model,
-	policy blockdevtest.Policy, crashAt int, seed uint64, round int) (*blockdevtest.CrashSim, error) {
+// crashDuring runs the workload on j, whose device is behind pc, until the
+// power cut pc is armed for, or the workload's end and a cut then. It
+// returns the device the cut left.
+func crashDuring(j *Journal, pc *blockdevtest.PowerCut, m *model, seed uint64, round int) *blockdevtest.CrashSim {
 	ctx := context.Background()
-	var (
-		once     sync.Once
-		next     *blockdevtest.CrashSim
-		crashErr error
-		crashed  = make(chan struct{})
-	)
-	crash := func() {
-		once.Do(func() {
-			next, crashErr = sim.Crash(policy)
-			close(crashed)
-		})
-	}
-	f.FailWhen(func(c blockdevtest.Call) error {
-		if c.Total >= crashAt {
-			crash()
-		}
-		return nil
-	})
-
 	const workers, ops = 3, 25
 	var wg sync.WaitGroup
 	for w := range workers {
@@ -206,16 +151,16 @@ func crashDuring(j *Journal, f *blockdevtest.Faulty, sim *blockdevtest.CrashSim,
 		close(workersDone)
 	}()
 	select {
-	case <-crashed:
+	case <-pc.Done():
 		tortureStats.midRun.Add(1)
 	case <-workersDone:
 	}
-	crash()
+	next := pc.Cut()[0]
 	st := j.Stats()
 	tortureStats.checkpoints.Add(int64(st.Checkpoints))
 	tortureStats.laps.Add(int64(st.Bytes) / j.logSize)
 	_ = j.Close()
 	<-workersDone
 	<-ckptDone
-	return next, crashErr
+	return next
 }

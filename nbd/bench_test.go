@@ -3,8 +3,12 @@ package nbd
 // Throughput next to the C peer: the same fio job (4k random writes, then
 // random reads, iodepth 32, nbd engine over a Unix socket) against this
 // server exporting a file and against `nbdkit file` on the same file.
-// Runs only with BLOCKSNAP_NBD_BENCH=1; a benchmark, not a test (nothing
-// is asserted about speed).
+// Then the TLS cost: the same workload from this package's client (fio's
+// nbd engine refuses libnbd's tls-certificates URI parameter) against
+// both servers, in plaintext and with TLS required (certificates made by
+// certtool; those rows are left out without it). Runs only with
+// BLOCKSNAP_NBD_BENCH=1; a benchmark, not a test (nothing is asserted
+// about speed).
 //
 //	BLOCKSNAP_NBD_BENCH=1 go test -run TestFioThroughput -v ./nbd
 
@@ -12,13 +16,19 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -71,6 +81,60 @@ func TestFioThroughput(t *testing.T) {
 			fmt.Println(line)
 		}
 	}
+	if _, err := exec.LookPath("certtool"); err == nil {
+		pki := newGnutlsPKI(t)
+		oursTLS := startServerOn(t, "unix", Options{TLS: TLSRequire, TLSCertDir: pki.server},
+			Export{Name: "f", Device: dev})
+		tlsSock := filepath.Join(t.TempDir(), "nbdkit-tls.sock")
+		startExternal(t, tlsSock, "nbdkit", "-f", "--exit-with-parent", "--tls=require",
+			"--tls-certificates="+pki.server, "-U", tlsSock, "file", "file="+img)
+		q := "&tls-certificates=" + pki.client
+		servers = append(servers,
+			struct{ name, uri string }{"blocksnap-tls", tlsURI(oursTLS, "f", pki.client)},
+			struct{ name, uri string }{"nbdkit-file-tls", "nbds+unix:///?socket=" + tlsSock + q})
+	}
+	for _, rw := range []string{"randwrite", "randread"} {
+		for _, s := range servers {
+			iops := clientIOPS(t, s.uri, rw, seconds)
+			line := fmt.Sprintf("nbd-bench client=go server=%s rw=%s bs=4k iodepth=32 runtime=%ds iops=%.0f", s.name, rw, seconds, iops)
+			t.Log(line)
+			fmt.Println(line)
+		}
+	}
+}
+
+// clientIOPS runs 4 KiB random reads or writes from 32 goroutines on one
+// connection of this package's client for the given time.
+func clientIOPS(t *testing.T, uri, rw string, seconds int) float64 {
+	t.Helper()
+	c := dial(t, uri)
+	blocks := c.Size() / 4096
+	var ops atomic.Int64
+	deadline := time.Now().Add(time.Duration(seconds) * time.Second)
+	start := time.Now()
+	var g errgroup.Group
+	for w := range 32 {
+		g.Go(func() error {
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			p := make([]byte, 4096)
+			for time.Now().Before(deadline) {
+				off := rng.Int64N(blocks) * 4096
+				var err error
+				if rw == "randread" {
+					_, err = c.ReadAt(p, off)
+				} else {
+					_, err = c.WriteAt(p, off)
+				}
+				if err != nil {
+					return err
+				}
+				ops.Add(1)
+			}
+			return nil
+		})
+	}
+	require.NoError(t, g.Wait())
+	return float64(ops.Load()) / time.Since(start).Seconds()
 }
 
 func fioIOPS(t *testing.T, uri, rw string, seconds int) float64 {
@@ -95,41 +159,56 @@ func fioIOPS(t *testing.T, uri, rw string, seconds int) float64 {
 	return res.Jobs[0].Write.IOPS
 }
 
-// BenchmarkRoundTrip measures one 4 KiB request through the client and
-// the server in one process (allocations of both sides included).
+// BenchmarkRoundTrip measures 4 KiB requests through the client and the
+// server in one process (allocations of both sides included), at about 32
+// in flight, in plaintext and over TLS.
 func BenchmarkRoundTrip(b *testing.B) {
-	for _, op := range []string{"read", "write"} {
-		b.Run("op="+op, func(b *testing.B) {
-			mem, err := blockdev.NewMem(64<<20, 4096)
-			require.NoError(b, err)
-			srv, err := New(Options{}, Export{Name: "m", Device: mem})
-			require.NoError(b, err)
-			l, err := net.Listen("tcp", "127.0.0.1:0")
-			require.NoError(b, err)
-			go srv.Serve(context.Background(), l)
-			defer srv.Close()
-			c, err := Dial(context.Background(), URI(l.Addr(), "m"))
-			require.NoError(b, err)
-			defer c.Close()
-			b.SetBytes(4096)
-			b.ReportAllocs()
-			b.RunParallel(func(pb *testing.PB) {
-				p := make([]byte, 4096)
-				off := int64(0)
-				var err error
-				for pb.Next() {
-					off = (off + 4096*17) % (64 << 20)
-					if op == "read" {
-						_, err = c.ReadAt(p, off)
-					} else {
-						_, err = c.WriteAt(p, off)
-					}
-					if err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			})
-		})
+	for _, mode := range []string{"plain", "tls"} {
+		for _, op := range []string{"read", "write"} {
+			b.Run("tls="+mode+"/op="+op, func(b *testing.B) { benchRoundTrip(b, mode == "tls", op) })
+		}
 	}
+}
+
+func benchRoundTrip(b *testing.B, withTLS bool, op string) {
+	mem, err := blockdev.NewMem(64<<20, 4096)
+	require.NoError(b, err)
+	opts := Options{}
+	if withTLS {
+		ca := newTestCA(b, "bench CA")
+		opts.TLS, opts.TLSCertDir = TLSRequire, ca.certDir(b, true, "localhost")
+	}
+	srv, err := New(opts, Export{Name: "m", Device: mem})
+	require.NoError(b, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(b, err)
+	go srv.Serve(context.Background(), l)
+	defer srv.Close()
+	uri := URI(l.Addr(), "m")
+	if withTLS {
+		uri = fmt.Sprintf("nbds://%s/m?tls-certificates=%s", l.Addr(), opts.TLSCertDir)
+	}
+	c, err := Dial(context.Background(), uri)
+	require.NoError(b, err)
+	defer c.Close()
+	b.SetBytes(4096)
+	b.ReportAllocs()
+	b.SetParallelism((32 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+	b.RunParallel(func(pb *testing.PB) {
+		p := make([]byte, 4096)
+		off := int64(0)
+		var err error
+		for pb.Next() {
+			off = (off + 4096*17) % (64 << 20)
+			if op == "read" {
+				_, err = c.ReadAt(p, off)
+			} else {
+				_, err = c.WriteAt(p, off)
+			}
+			if err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
 }

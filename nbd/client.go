@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -80,18 +81,26 @@ type Client struct {
 // nbd+unix:///[export]?socket=PATH; no export name selects the server's
 // default export) and negotiates structured replies, the base:allocation
 // context and the server's block size constraints. ctx bounds the
-// connection and the negotiation.
+// connection and the negotiation. The nbds:// and nbds+unix:// forms
+// upgrade to TLS first; see client_tls.go for their tls-certificates and
+// tls-hostname parameters.
 func Dial(ctx context.Context, uri string) (*Client, error) {
 	t, err := parseURI(uri)
 	if err != nil {
 		return nil, err
+	}
+	var tlsConf *tls.Config
+	if t.tls {
+		if tlsConf, err = clientTLSConfig(t); err != nil {
+			return nil, err
+		}
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, t.network, t.addr)
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dial %s: %w", uri, err)
 	}
-	c, err := newClient(ctx, nc, t.export)
+	c, err := newClient(ctx, nc, t.export, tlsConf)
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("nbd: %s: %w", uri, err)
@@ -99,8 +108,9 @@ func Dial(ctx context.Context, uri string) (*Client, error) {
 	return c, nil
 }
 
-// newClient negotiates over nc and starts the reply reader.
-func newClient(ctx context.Context, nc net.Conn, export string) (*Client, error) {
+// newClient negotiates over nc (upgrading to TLS first when tlsConf is
+// set) and starts the reply reader.
+func newClient(ctx context.Context, nc net.Conn, export string, tlsConf *tls.Config) (*Client, error) {
 	c := &Client{
 		nc:         nc,
 		br:         bufio.NewReaderSize(nc, 64<<10),
@@ -114,7 +124,7 @@ func newClient(ctx context.Context, nc net.Conn, export string) (*Client, error)
 	}
 	nc.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
-	err := c.handshake(export)
+	err := c.handshake(export, tlsConf)
 	if !stop() || err != nil {
 		if err == nil {
 			err = ctx.Err()

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"crypto/tls"
 	"fmt"
 )
 
@@ -8,7 +9,7 @@ import (
 // asks for structured replies, the base:allocation context and, with
 // NBD_OPT_GO, the export and its block size constraints, falling back to
 // NBD_OPT_EXPORT_NAME for servers without NBD_OPT_GO.
-func (c *Client) handshake(export string) error {
+func (c *Client) handshake(export string, tlsConf *tls.Config) error {
 	var g [greetingLen]byte
 	if err := readFull(c.br, g[:]); err != nil {
 		return err
@@ -29,6 +30,11 @@ func (c *Client) handshake(export string) error {
 	be.PutUint32(b[:], cflags)
 	if _, err := c.bw.Write(b[:]); err != nil {
 		return err
+	}
+	if tlsConf != nil {
+		if err := c.startTLS(tlsConf); err != nil {
+			return err
+		}
 	}
 
 	typ, _, err := c.option(optStructuredReply, nil)
@@ -89,6 +95,8 @@ func optError(opt, typ uint32, data []byte) error {
 		return fmt.Errorf("%w: %s", ErrUnknownExport, data)
 	case repErrShutdown:
 		return fmt.Errorf("%w: %s", ErrShutdown, data)
+	case repErrTLSReqd:
+		return fmt.Errorf("%w: %s", ErrTLSRequired, data)
 	}
 	return fmt.Errorf("nbd: option %d refused (reply %#x): %s", opt, typ, data)
 }

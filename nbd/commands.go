@@ -37,7 +37,7 @@ func (c *conn) validate(r *request) (Errno, string) {
 	if r.flags&cflagDF != 0 && !c.structured {
 		return EINVAL, "DF without structured replies"
 	}
-	ro := c.exp.ro
+	ro := c.ro
 	switch r.typ {
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if ro {
@@ -55,9 +55,6 @@ func (c *conn) validate(r *request) (Errno, string) {
 		if r.length == 0 {
 			return EINVAL, "block status of zero length"
 		}
-	}
-	if r.off%uint64(c.bs) != 0 || uint64(r.length)%uint64(c.bs) != 0 {
-		return EINVAL, fmt.Sprintf("offset %d length %d not aligned to block size %d", r.off, r.length, c.bs)
 	}
 	if r.off > uint64(c.size) || uint64(r.length) > uint64(c.size)-r.off {
 		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
@@ -80,35 +77,37 @@ func (c *conn) handle(t *task) {
 	} else {
 		msg = fmt.Sprintf("length %d above the maximum %d", r.length, MaxRequest)
 	}
+	st := &c.exp.stats
+	st.requests.Add(1)
 	if errno != 0 {
+		st.errors.Add(1)
 		c.replyErr(r, errno, msg)
 		return
 	}
 	dev := c.exp.Device
 	off, n := int64(r.off), int64(r.length)
+	fua := r.flags&cflagFUA != 0
 	var err error
 	switch r.typ {
 	case cmdRead:
-		if _, err = dev.ReadAt(t.buf, off); err == nil {
+		if err = c.readAt(t.buf, off); err == nil {
+			st.bytesRead.Add(uint64(n))
 			c.replyRead(r, t.buf)
 			return
 		}
 	case cmdWrite:
 		c.dirty.Store(true)
-		if r.flags&cflagFUA != 0 {
-			_, err = blockdev.WriteFUA(dev, t.buf, off)
-		} else {
-			_, err = dev.WriteAt(t.buf, off)
+		if err = c.writeAt(t.buf, off, fua); err == nil {
+			st.bytesWritten.Add(uint64(n))
 		}
 	case cmdFlush:
 		err = dev.Flush()
 	case cmdTrim:
 		c.dirty.Store(true)
-		if err = dev.Discard(off, n); err == nil && r.flags&cflagFUA != 0 {
-			err = dev.Flush()
-		}
+		err = c.zeroRange(off, n, false, fua)
 	case cmdWriteZeroes:
 		if errno, msg = c.writeZeroes(r); errno != 0 {
+			st.errors.Add(1)
 			c.replyErr(r, errno, msg)
 			return
 		}
@@ -123,37 +122,36 @@ func (c *conn) handle(t *task) {
 		}
 	}
 	if err != nil {
+		st.errors.Add(1)
+		c.logDeviceError(r, err)
 		c.replyErr(r, errnoOf(err), err.Error())
 		return
 	}
 	c.replyOK(r.handle)
 }
 
-// writeZeroes zeroes a range. Without NO_HOLE the range is discarded,
-// which the Device contract says reads back as zeros and which is the
-// cheap way; with NO_HOLE it is written as zeros (ZeroWriter where the
-// device has it). FAST_ZERO is refused with ENOTSUP when the only way
-// is writing zero buffers, which is no faster than a WRITE.
+// writeZeroes zeroes a range. Without NO_HOLE whole blocks are
+// discarded, which the Device contract says reads back as zeros and which
+// is the cheap way; with NO_HOLE they are written as zeros (ZeroWriter
+// where the device has it). Partial blocks are written as zeros either
+// way. FAST_ZERO is refused with ENOTSUP when the only way is writing
+// zeros (no ZeroWriter, or partial blocks that need a read-modify-write),
+// which is no faster than a WRITE.
 func (c *conn) writeZeroes(r *request) (Errno, string) {
 	dev := c.exp.Device
 	off, n := int64(r.off), int64(r.length)
 	noHole := r.flags&cflagNoHole != 0
-	if r.flags&cflagFastZero != 0 && noHole {
-		if _, ok := dev.(blockdev.ZeroWriter); !ok {
+	if r.flags&cflagFastZero != 0 {
+		if head, _, tail := span(off, n, c.bs); head != 0 || tail != 0 {
+			return ENOTSUP, "zeroing partial blocks would be no faster than writing"
+		}
+		if _, ok := dev.(blockdev.ZeroWriter); noHole && !ok {
 			return ENOTSUP, "zeroing without holes would be no faster than writing"
 		}
 	}
 	c.dirty.Store(true)
-	var err error
-	if noHole {
-		err = blockdev.WriteZeroes(dev, off, n)
-	} else {
-		err = dev.Discard(off, n)
-	}
-	if err == nil && r.flags&cflagFUA != 0 {
-		err = dev.Flush()
-	}
-	if err != nil {
+	if err := c.zeroRange(off, n, noHole, r.flags&cflagFUA != 0); err != nil {
+		c.logDeviceError(r, err)
 		return errnoOf(err), err.Error()
 	}
 	return 0, ""
@@ -164,6 +162,10 @@ func (c *conn) writeZeroes(r *request) (Errno, string) {
 // data itself is dropped.
 func (c *conn) cache(off, n int64) error {
 	const chunk = 1 << 20
+	// Whole blocks only: widen the range to block boundaries.
+	end := off + n
+	off -= off % c.bs
+	n = end - off + (c.bs-end%c.bs)%c.bs
 	p := getBuf(int(min(n, chunk)))
 	defer putBuf(p)
 	for n > 0 {
@@ -180,7 +182,9 @@ func (c *conn) cache(off, n int64) error {
 // blockStatus builds the payload of the base:allocation chunk: the
 // context id, then descriptors from the device's AllocationMapper, merged
 // where consecutive states agree. A device that cannot tell reports the
-// whole range allocated (status 0), which is always true.
+// whole range allocated (status 0), which is always true. The device is
+// asked about whole blocks; the first and last descriptors are cut to the
+// request, and a partial block takes the state of its block.
 func (c *conn) blockStatus(r *request) (*[]byte, error) {
 	p := getBuf(4 + 8*maxExtents)
 	b := (*p)[:4]
@@ -192,20 +196,24 @@ func (c *conn) blockStatus(r *request) (*[]byte, error) {
 		*p = b
 		return p, nil
 	}
-	off, end := int64(r.off), int64(r.off)+int64(r.length)
+	start, end := int64(r.off), int64(r.off)+int64(r.length)
+	pos := start - start%c.bs
+	stop := end + (c.bs-end%c.bs)%c.bs
 	reqOne := r.flags&cflagReqOne != 0
 	var last uint32
-	for off < end {
-		l, st, err := am.MapAllocation(off, end-off)
+	for pos < stop {
+		l, st, err := am.MapAllocation(pos, stop-pos)
 		if err != nil {
 			putBuf(p)
 			return nil, err
 		}
-		if l <= 0 || l > end-off {
+		if l <= 0 || l > stop-pos {
 			// A mapper that breaks its contract: report the rest as
 			// allocated, which is never wrong.
-			l, st = end-off, blockdev.Allocated
+			l, st = stop-pos, blockdev.Allocated
 		}
+		seg := min(pos+l, end) - max(pos, start)
+		pos += l
 		var flags uint32
 		switch st {
 		case blockdev.Hole:
@@ -216,16 +224,14 @@ func (c *conn) blockStatus(r *request) (*[]byte, error) {
 		switch {
 		case len(b) > 4 && flags == last:
 			i := len(b) - 8
-			be.PutUint32(b[i:], be.Uint32(b[i:])+uint32(l))
+			be.PutUint32(b[i:], be.Uint32(b[i:])+uint32(seg))
 		case len(b) > 4 && (reqOne || len(b)+8 > cap(b)):
-			off = end // one descriptor asked for, or the buffer is full
-			continue
+			pos = stop // one descriptor asked for, or the buffer is full
 		default:
-			b = be.AppendUint32(b, uint32(l))
+			b = be.AppendUint32(b, uint32(seg))
 			b = be.AppendUint32(b, flags)
 			last = flags
 		}
-		off += l
 	}
 	*p = b
 	return p, nil

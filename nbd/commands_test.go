@@ -197,8 +197,8 @@ func TestCommandsInvalid(t *testing.T) {
 			{name: "write offset overflow", typ: cmdWrite, off: 1<<64 - 512, n: 1024, payload: make([]byte, 1024), want: ENOSPC},
 			{name: "zeroes past end", typ: cmdWriteZeroes, off: cmdSize, n: 512, want: ENOSPC},
 			{name: "trim past end", typ: cmdTrim, off: cmdSize, n: 512, want: EINVAL},
-			{name: "misaligned read", typ: cmdRead, off: 100, n: 512, want: EINVAL},
-			{name: "misaligned write", typ: cmdWrite, n: 100, payload: make([]byte, 100), want: EINVAL},
+			{name: "misaligned read past end", typ: cmdRead, off: cmdSize - 100, n: 101, want: EINVAL},
+			{name: "misaligned write past end", typ: cmdWrite, off: cmdSize - 99, n: 100, payload: make([]byte, 100), want: ENOSPC},
 			{name: "oversized read", typ: cmdRead, n: MaxRequest + 512, want: EINVAL},
 			{name: "oversized write", typ: cmdWrite, n: MaxRequest + 512, payload: make([]byte, MaxRequest+512), want: EINVAL},
 		} {

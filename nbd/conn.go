@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -22,12 +23,24 @@ import (
 // together leave in one batch.
 type conn struct {
 	srv *Server
-	nc  net.Conn
+	raw net.Conn // the socket; closing it stops everything
+	nc  net.Conn // what the protocol runs over: raw, or TLS over raw
 	br  *bufio.Reader
+
+	started time.Time     // accept time; the oldest negotiator is evicted first
+	done    chan struct{} // closed when serve has returned
+
+	// Guarded by Server.mu.
+	state  int     // connNegotiating, connEstablished or connGone
+	active *export // the export of an established connection
 
 	// Negotiation state, owned by the serve goroutine until workers start,
 	// read-only afterwards.
 	noZeroes   bool
+	fixed      bool              // the client set FIXED_NEWSTYLE
+	tlsOn      bool              // NBD_OPT_STARTTLS succeeded
+	tlsPeer    *x509.Certificate // the client's verified certificate, if any
+	ro         bool              // this connection may not write (export or client read-only)
 	structured bool
 	meta       bool    // base:allocation selected for metaExport
 	metaExport *export // export the metadata contexts were set for
@@ -45,6 +58,11 @@ type conn struct {
 
 	draining atomic.Bool // stop reading requests; finish those in flight
 	dirty    atomic.Bool // a write, trim or zeroing has been done
+	wstalled atomic.Bool // a reply write ran past its deadline
+	// transmitting is set by serve before the workers start: reply
+	// writes then carry WriteTimeout. Before, the handshake deadline
+	// bounds them.
+	transmitting bool
 
 	// wmu serialises replies: it guards bw, whdr and werr. wpending
 	// counts writers that want wmu or hold it.
@@ -69,28 +87,75 @@ var taskPool = sync.Pool{New: func() any { return new(task) }}
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{
-		srv:    s,
-		nc:     nc,
-		br:     bufio.NewReaderSize(nc, 64<<10),
-		bw:     bufio.NewWriterSize(nc, 64<<10),
-		budget: semaphore.NewWeighted(s.opts.MaxInFlightBytes),
+		srv:     s,
+		raw:     nc,
+		nc:      nc,
+		started: time.Now(),
+		done:    make(chan struct{}),
+		budget:  semaphore.NewWeighted(s.opts.MaxInFlightBytes),
 	}
+	c.br = bufio.NewReaderSize(nc, 64<<10)
+	c.bw = bufio.NewWriterSize(replyWriter{c}, 64<<10)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
+}
+
+// replyWriter writes to the connection in pieces of at most
+// replyChunk bytes, each with its own write deadline: a reply times out
+// when the client stops reading it, not when it is merely large.
+type replyWriter struct{ c *conn }
+
+const (
+	replyChunk = 256 << 10
+	// drainWriteTimeout replaces WriteTimeout once a drain has begun:
+	// a client that reads nothing for this long while the server shuts
+	// down does not get to hold the shutdown for the whole drain.
+	drainWriteTimeout = 2 * time.Second
+)
+
+func (w replyWriter) Write(p []byte) (int, error) {
+	c := w.c
+	if !c.transmitting {
+		return c.nc.Write(p)
+	}
+	timeout := c.srv.opts.WriteTimeout
+	if c.draining.Load() {
+		timeout = min(timeout, drainWriteTimeout)
+	}
+	done := 0
+	for done < len(p) {
+		k := min(len(p)-done, replyChunk)
+		c.nc.SetWriteDeadline(time.Now().Add(timeout))
+		n, err := c.nc.Write(p[done : done+k])
+		done += n
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && c.wstalled.CompareAndSwap(false, true) {
+				c.srv.counts.timeouts.Add(1)
+				c.srv.logLimit("nbd: client stopped reading replies; closing", "remote", c.raw.RemoteAddr(), "timeout", timeout)
+			}
+			return done, err
+		}
+	}
+	return done, nil
 }
 
 // drain asks the connection to stop taking requests, answer those in
 // flight and close. A connection still negotiating is closed.
 func (c *conn) drain() {
 	c.draining.Store(true)
-	c.nc.SetReadDeadline(time.Now())
+	c.raw.SetReadDeadline(time.Now())
+	// A reply blocked now would keep its WriteTimeout deadline; cut it
+	// to the drain's. Replies still moving renew it piece by piece.
+	c.raw.SetWriteDeadline(time.Now().Add(min(c.srv.opts.WriteTimeout, drainWriteTimeout)))
 }
 
-// kill closes the connection at once.
+// kill closes the connection at once. Closing the socket under a TLS
+// connection, not the TLS connection, never blocks on a close alert to a
+// client that does not read.
 func (c *conn) kill() {
 	c.draining.Store(true)
 	c.cancel()
-	c.nc.Close()
+	c.raw.Close()
 }
 
 func (c *conn) logErr(msg string, err error) {
@@ -98,12 +163,12 @@ func (c *conn) logErr(msg string, err error) {
 		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, errAbort) {
 		return
 	}
-	c.srv.opts.Logger.Warn(msg, "remote", c.nc.RemoteAddr(), "err", err)
+	c.srv.opts.Logger.Warn(msg, "remote", c.raw.RemoteAddr(), "err", err)
 }
 
 func (c *conn) serve() {
 	defer c.kill()
-	c.nc.SetDeadline(time.Now().Add(c.srv.opts.HandshakeTimeout))
+	c.raw.SetDeadline(time.Now().Add(c.srv.opts.HandshakeTimeout))
 	if c.draining.Load() {
 		return
 	}
@@ -112,12 +177,13 @@ func (c *conn) serve() {
 		c.logErr("nbd: negotiation", err)
 		return
 	}
-	c.nc.SetDeadline(time.Time{})
+	c.raw.SetDeadline(time.Time{})
 	if c.draining.Load() {
 		// A drain that raced with the deadline reset above.
 		return
 	}
 	c.exp = x
+	c.transmitting = true
 	c.transmit()
 }
 
@@ -194,6 +260,11 @@ func (c *conn) admit(t *task) error {
 	if err := c.budget.Acquire(c.ctx, n); err != nil {
 		return err
 	}
+	if err := c.srv.budget.Acquire(c.ctx, n); err != nil {
+		c.budget.Release(n)
+		return err
+	}
+	c.srv.counts.buffered.Add(n)
 	t.held = n
 	t.pbuf = getBuf(int(n))
 	t.buf = (*t.pbuf)[:n]
@@ -211,6 +282,8 @@ func (c *conn) release(t *task) {
 		putBuf(t.pbuf)
 	}
 	if t.held > 0 {
+		c.srv.counts.buffered.Add(-t.held)
+		c.srv.budget.Release(t.held)
 		c.budget.Release(t.held)
 	}
 	*t = task{}

@@ -27,7 +27,8 @@ var (
 // Errno is an error value of the NBD protocol, as a server sends it in a
 // reply. It matches blockdev's sentinels where one fits (EIO is
 // blockdev.ErrIO, EPERM is blockdev.ErrReadOnly, ENOTSUP is
-// blockdev.ErrNotSupported, ENOSPC is blockdev.ErrOutOfRange) and
+// blockdev.ErrNotSupported, ENOSPC is blockdev.ErrNoSpace and
+// blockdev.ErrOutOfRange, the latter for a write past the end) and
 // ErrShutdown for ESHUTDOWN.
 type Errno uint32
 
@@ -74,7 +75,7 @@ func (e Errno) Is(target error) bool {
 		return e == EPERM
 	case blockdev.ErrNotSupported:
 		return e == ENOTSUP
-	case blockdev.ErrOutOfRange:
+	case blockdev.ErrOutOfRange, blockdev.ErrNoSpace:
 		return e == ENOSPC
 	case ErrShutdown:
 		return e == ESHUTDOWN
@@ -88,6 +89,8 @@ func errnoOf(err error) Errno {
 	switch {
 	case err == nil:
 		return 0
+	case errors.Is(err, blockdev.ErrNoSpace):
+		return ENOSPC
 	case errors.Is(err, blockdev.ErrReadOnly):
 		return EPERM
 	case errors.Is(err, blockdev.ErrMisaligned), errors.Is(err, blockdev.ErrOutOfRange):

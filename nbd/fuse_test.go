@@ -115,9 +115,18 @@ func mountLoop(t *testing.T, loop string, readOnly bool) string {
 	return mnt
 }
 
+// TestFuseExt4 runs on a 512-byte-block export and on a 4 KiB-block one:
+// the loop device keeps its default 512-byte sectors, so on the second the
+// server serves sub-block requests by read-modify-write.
 func TestFuseExt4(t *testing.T) {
+	for _, bs := range []int{512, 4096} {
+		t.Run(fmt.Sprintf("bs=%d", bs), func(t *testing.T) { testFuseExt4(t, bs) })
+	}
+}
+
+func testFuseExt4(t *testing.T, bs int) {
 	needFuseLoop(t)
-	mem := newMem(t, 64<<20, 512)
+	mem := newMem(t, 64<<20, bs)
 	ts := startServer(t, Options{}, Export{Name: "fs", Device: mem})
 	uri := ts.uri("fs")
 

@@ -33,6 +33,7 @@ func (c *conn) negotiate() (*export, error) {
 		return nil, fmt.Errorf("%w: unknown client flags %#x", ErrProtocol, flags)
 	}
 	c.noZeroes = flags&cflagNoZeroes != 0
+	c.fixed = flags&cflagFixedNewstyle != 0
 	for {
 		x, err := c.option()
 		if err != nil || x != nil {
@@ -70,7 +71,23 @@ func (c *conn) option() (*export, error) {
 	if c.draining.Load() && opt != optAbort && opt != optExportName {
 		return nil, c.optReply(opt, repErrShutdown, "server shutting down")
 	}
+	if c.srv.opts.TLS == TLSRequire && !c.tlsOn {
+		switch opt {
+		case optStartTLS, optAbort:
+		case optExportName:
+			// It cannot fail politely: hard disconnect.
+			return nil, fmt.Errorf("%w: NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS", ErrTLSRequired)
+		default:
+			return nil, c.optReply(opt, repErrTLSReqd, refusalMessage(repErrTLSReqd))
+		}
+	}
 	switch opt {
+	case optStartTLS:
+		if !c.fixed {
+			// The protocol allows TLS only after fixed newstyle.
+			return nil, c.optReply(opt, repErrPolicy, "TLS needs fixed newstyle negotiation")
+		}
+		return nil, c.startTLS(data)
 	case optExportName:
 		return c.exportName(data)
 	case optAbort:
@@ -95,7 +112,7 @@ func (c *conn) option() (*export, error) {
 	case optListMetaContext, optSetMetaContext:
 		return nil, c.metaContext(opt, data)
 	}
-	// STARTTLS, EXTENDED_HEADERS and anything unknown.
+	// EXTENDED_HEADERS and anything unknown.
 	return nil, c.optReply(opt, repErrUnsup, "option not supported")
 }
 
@@ -118,7 +135,14 @@ func (c *conn) exportName(data []byte) (*export, error) {
 		// NBD_OPT_EXPORT_NAME cannot fail politely: hard disconnect.
 		return nil, fmt.Errorf("%w: %q", ErrUnknownExport, data)
 	}
-	c.selectExport(x)
+	ro, refusal := c.access(x)
+	if refusal != 0 {
+		return nil, fmt.Errorf("nbd: export %q: %s", x.Name, refusalMessage(refusal))
+	}
+	if err := c.srv.establish(c, x); err != nil {
+		return nil, err
+	}
+	c.selectExport(x, ro)
 	var b [10 + exportNameZeroes]byte
 	be.PutUint64(b[0:], uint64(c.size))
 	be.PutUint16(b[8:], c.flags)
@@ -137,6 +161,9 @@ func (c *conn) list(data []byte) error {
 		return c.optReply(optList, repErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, x := range c.srv.list() {
+		if _, refusal := c.access(x); refusal != 0 {
+			continue // not even listed
+		}
 		var h [optReplyLen + 4]byte
 		putOptReply(h[:], optList, repServer, uint32(4+len(x.Name)+len(x.Description)))
 		be.PutUint32(h[optReplyLen:], uint32(len(x.Name)))
@@ -187,20 +214,30 @@ func (c *conn) info(opt uint32, data []byte) (*export, error) {
 	if x == nil {
 		return nil, c.optReply(opt, repErrUnknown, "no such export")
 	}
-	c.selectExport(x)
+	ro, refusal := c.access(x)
+	if refusal != 0 {
+		return nil, c.optReply(opt, refusal, refusalMessage(refusal))
+	}
+	if opt == optGo {
+		if err := c.srv.establish(c, x); err != nil {
+			return nil, c.refuse(opt, err)
+		}
+	}
+	c.selectExport(x, ro)
 	var b [optReplyLen + 14]byte
 	putOptReply(b[:], opt, repInfo, 12)
 	be.PutUint16(b[20:], infoExport)
 	be.PutUint64(b[22:], uint64(c.size))
 	be.PutUint16(b[30:], c.flags)
 	c.bw.Write(b[:optReplyLen+12])
-	// Block size constraints are always sent: the server enforces a
-	// minimum (the device's block size) and a maximum (MaxRequest).
-	bs := uint32(x.Device.BlockSize())
+	// Block size constraints are always sent: any alignment is served
+	// (minimum 1, partial blocks by read-modify-write, see subblock.go),
+	// whole device blocks are the efficient size, and MaxRequest is the
+	// largest payload.
 	putOptReply(b[:], opt, repInfo, 14)
 	be.PutUint16(b[20:], infoBlockSize)
-	be.PutUint32(b[22:], bs)
-	be.PutUint32(b[26:], max(bs, 4096))
+	be.PutUint32(b[22:], 1)
+	be.PutUint32(b[26:], max(uint32(x.Device.BlockSize()), 512))
 	be.PutUint32(b[30:], MaxRequest)
 	c.bw.Write(b[:optReplyLen+14])
 	if req.items&(1<<infoName) != 0 {
@@ -222,6 +259,19 @@ func (c *conn) info(opt uint32, data []byte) (*export, error) {
 	return x, c.bw.Flush()
 }
 
+// refuse answers an NBD_OPT_GO that establish turned down.
+func (c *conn) refuse(opt uint32, err error) error {
+	switch {
+	case errors.Is(err, ErrUnknownExport):
+		return c.optReply(opt, repErrUnknown, "no such export")
+	case errors.Is(err, errConnLimit):
+		return c.optReply(opt, repErrPolicy, err.Error())
+	case errors.Is(err, ErrShutdown):
+		return c.optReply(opt, repErrShutdown, "server shutting down")
+	}
+	return err
+}
+
 func (c *conn) infoString(opt uint32, typ uint16, s string) {
 	var h [optReplyLen + 2]byte
 	putOptReply(h[:], opt, repInfo, uint32(2+len(s)))
@@ -230,10 +280,11 @@ func (c *conn) infoString(opt uint32, typ uint16, s string) {
 	c.bw.WriteString(s)
 }
 
-// selectExport records the export and the transmission flags a connection
-// would serve it with.
-func (c *conn) selectExport(x *export) {
+// selectExport records the export, whether this connection may write it,
+// and the transmission flags it would be served with.
+func (c *conn) selectExport(x *export, ro bool) {
 	c.exp = x
+	c.ro = ro
 	c.size = x.Device.Size()
 	c.bs = int64(x.Device.BlockSize())
 	// CAN_MULTI_CONN: every connection to an export shares one Device,
@@ -243,7 +294,7 @@ func (c *conn) selectExport(x *export) {
 	// effects of FLUSH and FUA are visible to all connections when they
 	// are answered, which is what the flag promises.
 	f := tflagHasFlags | tflagSendFlush | tflagSendCache | tflagMultiConn
-	if x.ro {
+	if ro {
 		f |= tflagReadOnly
 	} else {
 		f |= tflagSendFUA | tflagSendTrim | tflagWriteZeroes | tflagSendFastZero
@@ -326,6 +377,9 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 	x := c.srv.lookup(q.name)
 	if x == nil {
 		return c.optReply(opt, repErrUnknown, "no such export")
+	}
+	if _, refusal := c.access(x); refusal != 0 {
+		return c.optReply(opt, refusal, refusalMessage(refusal))
 	}
 	found := list && len(q.queries) == 0
 	for _, s := range q.queries {

@@ -56,10 +56,14 @@ func TestHandshakeOversizedOption(t *testing.T) {
 func TestHandshakeUnknownOptions(t *testing.T) {
 	r := dialRaw(t, handshakeServer(t))
 	r.greet(cflagFixedNewstyle)
-	for _, opt := range []uint32{99, optPeekExport, optStartTLS, optExtendedHeaders, 0, 1 << 31} {
+	for _, opt := range []uint32{99, optPeekExport, optExtendedHeaders, 0, 1 << 31} {
 		r.opt(opt, []byte("some data the server must skip"))
 		require.Equal(t, repErrUnsup, r.reply(opt).typ, "option %d", opt)
 	}
+	// With TLS off, STARTTLS is refused by policy (the protocol's NOTLS
+	// mode).
+	r.opt(optStartTLS, nil)
+	require.Equal(t, repErrPolicy, r.reply(optStartTLS).typ)
 	// The session is still usable.
 	r.opt(optList, nil)
 	require.Len(t, r.replies(optList), 3)
@@ -117,7 +121,7 @@ func TestHandshakeInfo(t *testing.T) {
 	require.Equal(t, want, flags, "flags %#x", flags)
 	require.Equal(t, "one", string(got[infoName]))
 	require.Equal(t, "the first", string(got[infoDescription]))
-	require.Equal(t, []uint32{512, 4096, MaxRequest},
+	require.Equal(t, []uint32{1, 512, MaxRequest},
 		[]uint32{be.Uint32(got[infoBlockSize]), be.Uint32(got[infoBlockSize][4:]), be.Uint32(got[infoBlockSize][8:])})
 
 	// INFO does not end negotiation; a read-only export says so, and with

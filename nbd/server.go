@@ -6,9 +6,18 @@
 // OPT_EXPORT_NAME, OPT_LIST, OPT_ABORT, structured replies, the
 // base:allocation metadata context) and the commands READ, WRITE, FLUSH,
 // TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS and CACHE, with the
-// FUA flag. Many requests are served at once per connection and replies go
-// out in completion order. A READ is done before its reply header is sent,
-// so a device error reaches the client as an error reply.
+// FUA flag. Requests of any alignment are served (minimum block size 1;
+// partial device blocks by read-modify-write, see subblock.go). Many
+// requests are served at once per connection and replies go out in
+// completion order. A READ is done before its reply header is sent, so a
+// device error reaches the client as an error reply.
+//
+// Connections still negotiating and established ones have separate limits
+// (Options.MaxNegotiating, Options.MaxConns), the handshake has a deadline,
+// and the buffer memory of requests in flight is bounded per connection
+// and in total, so idle or slow clients cannot lock others out or pin
+// memory. Server.Stats and Server.WriteMetrics expose per-export counters;
+// Server.CloseExport closes the connections on one export.
 package nbd
 
 import (
@@ -19,6 +28,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -34,6 +45,11 @@ type Export struct {
 	// ReadOnly exports the device read-only: writes, trims and zeroing
 	// fail with EPERM. A *blockdev.ReadOnlyDevice is always read-only.
 	ReadOnly bool
+	// Clients, when not empty, makes the export TLS-only and lets only
+	// the client certificates it lists use it (verified against the CA
+	// of Options.TLSCertDir). Other clients are refused with
+	// NBD_REP_ERR_POLICY and do not see the export in NBD_OPT_LIST.
+	Clients []ClientAccess
 }
 
 // Options configures a Server. The zero value is a good default.
@@ -41,32 +57,72 @@ type Options struct {
 	// DefaultExport names the export that the empty name (what
 	// nbd://host:port asks for) selects. Empty: the first export.
 	DefaultExport string
-	// MaxConns bounds the connections open at once, over all listeners;
-	// a connection beyond it is closed at once. Zero means 256.
+	// MaxConns bounds the connections in the transmission phase, over
+	// all listeners. A client that asks for an export beyond it is
+	// refused (NBD_REP_ERR_POLICY, naming the limit) and the refusal is
+	// logged. Zero means 256.
 	MaxConns int
+	// MaxNegotiating bounds the connections still in the handshake,
+	// counted apart from MaxConns so that idle or slow handshakes never
+	// take an established client's slot. When it is reached, the
+	// connection that has negotiated longest is closed to make room (and
+	// the eviction is logged): a client that opens connections and says
+	// nothing delays others by at most one handshake, never locks them
+	// out. Zero means 64.
+	MaxNegotiating int
 	// MaxInFlight bounds the requests one connection has in flight (read
 	// from the socket, not yet answered). Zero means 128.
 	MaxInFlight int
 	// MaxInFlightBytes bounds the buffer memory one connection's requests
-	// in flight hold (write payloads and read buffers). Zero means
-	// 64 MiB; it is raised to MaxRequest if lower.
+	// in flight hold (write payloads and read replies not yet sent).
+	// While it is spent the connection reads no more requests. Zero
+	// means 64 MiB; it is raised to MaxRequest if lower.
 	MaxInFlightBytes int64
+	// MaxBufferBytes bounds the buffer memory of all connections
+	// together, the same way. Zero means 256 MiB; it is raised to
+	// MaxInFlightBytes if lower.
+	MaxBufferBytes int64
 	// Workers is the number of goroutines per connection that run
 	// requests against the device. Zero means 16.
 	Workers int
-	// HandshakeTimeout bounds the option negotiation of a connection.
-	// Zero means 30 seconds.
+	// HandshakeTimeout bounds a connection's whole negotiation (the TLS
+	// handshake included), from accept to the transmission phase. Zero
+	// means 10 seconds, qemu-nbd's handshake limit.
 	HandshakeTimeout time.Duration
+	// WriteTimeout closes a connection whose replies make no progress:
+	// the client has read nothing of them for this long. It frees the
+	// buffers a client that never reads would pin. Zero means 30
+	// seconds.
+	WriteTimeout time.Duration
 	// DrainTimeout bounds the graceful drain when a Serve context ends.
-	// Zero means 30 seconds.
+	// Zero means 30 seconds. During a drain, a connection whose replies
+	// make no progress for drainWriteTimeout is closed.
 	DrainTimeout time.Duration
-	// Logger receives connection errors. Nil discards them.
+	// Logger receives connection errors, device errors (rate-limited)
+	// and limit hits. Nil discards them.
 	Logger *slog.Logger
+
+	// TLS selects whether clients may, or must, upgrade to TLS with
+	// NBD_OPT_STARTTLS. The zero value is TLSOff.
+	TLS TLSMode
+	// TLSCertDir holds the server's credentials: ca-cert.pem,
+	// server-cert.pem and server-key.pem (the layout of qemu's
+	// tls-creds-x509 and nbdkit's --tls-certificates). ca-cert.pem is
+	// read only to verify client certificates. Needed unless TLS is
+	// TLSOff; Server.ReloadTLS reads it again.
+	TLSCertDir string
+	// TLSVerifyPeer requires every TLS client to present a certificate
+	// signed by ca-cert.pem (mutual TLS). Without it a certificate that
+	// is given is verified, and only exports with Clients need one.
+	TLSVerifyPeer bool
 }
 
 func (o *Options) setDefaults() {
 	if o.MaxConns <= 0 {
 		o.MaxConns = 256
+	}
+	if o.MaxNegotiating <= 0 {
+		o.MaxNegotiating = 64
 	}
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = 128
@@ -75,11 +131,18 @@ func (o *Options) setDefaults() {
 		o.MaxInFlightBytes = 64 << 20
 	}
 	o.MaxInFlightBytes = max(o.MaxInFlightBytes, MaxRequest)
+	if o.MaxBufferBytes <= 0 {
+		o.MaxBufferBytes = 256 << 20
+	}
+	o.MaxBufferBytes = max(o.MaxBufferBytes, o.MaxInFlightBytes)
 	if o.Workers <= 0 {
 		o.Workers = 16
 	}
 	if o.HandshakeTimeout <= 0 {
-		o.HandshakeTimeout = 30 * time.Second
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 30 * time.Second
 	}
 	if o.DrainTimeout <= 0 {
 		o.DrainTimeout = 30 * time.Second
@@ -93,25 +156,46 @@ func (o *Options) setDefaults() {
 type export struct {
 	Export
 	ro bool
+	// locks serialises the read-modify-write of partial blocks against
+	// every other write to those blocks, over all connections.
+	locks rangeLock
+	stats exportCounters
 }
+
+// Connection states, guarded by Server.mu.
+const (
+	connNegotiating = iota
+	connEstablished
+	connGone // evicted or closed; counted in neither limit
+)
 
 // Server serves exports over any number of listeners (TCP, Unix). It is
 // safe for concurrent use.
 type Server struct {
 	opts Options
 
-	// mu guards everything below. Lock order: Server.mu, then a conn's
-	// locks (never the other way round).
-	mu        sync.Mutex
-	exports   map[string]*export
-	order     []*export
-	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
-	closing   bool
-	done      chan struct{} // closed when shutdown starts
+	// mu guards everything below it. Lock order: Server.mu, then a
+	// conn's locks, then an export's range lock (never the other way
+	// round).
+	mu          sync.Mutex
+	exports     map[string]*export
+	order       []*export
+	listeners   map[net.Listener]struct{}
+	conns       map[*conn]struct{}
+	negotiating int // conns in connNegotiating
+	established int // conns in connEstablished
+	closing     bool
+	done        chan struct{} // closed when shutdown starts
 
 	// wg counts connections; Add happens under mu while !closing.
 	wg sync.WaitGroup
+
+	// budget bounds the buffer bytes of all connections together.
+	budget *semaphore.Weighted
+	counts serverCounters
+	// devLog and limitLog rate-limit the log lines a client can cause.
+	devLog, limitLog logLimiter
+	tls              tlsState
 }
 
 // New returns a server with the given exports (more can be added with
@@ -124,9 +208,18 @@ func New(opts Options, exports ...Export) (*Server, error) {
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 		done:      make(chan struct{}),
+		budget:    semaphore.NewWeighted(opts.MaxBufferBytes),
+	}
+	if opts.TLS < TLSOff || opts.TLS > TLSRequire {
+		return nil, fmt.Errorf("nbd: unknown TLS mode %d", int(opts.TLS))
 	}
 	for _, e := range exports {
 		if err := s.Add(e); err != nil {
+			return nil, err
+		}
+	}
+	if opts.TLS != TLSOff {
+		if err := s.ReloadTLS(); err != nil {
 			return nil, err
 		}
 	}
@@ -140,6 +233,14 @@ func (s *Server) Add(e Export) error {
 	}
 	if e.Name == "" || len(e.Name) > maxString || len(e.Description) > maxString {
 		return fmt.Errorf("nbd: export %q: name must be 1 to %d bytes, description at most %d", e.Name, maxString, maxString)
+	}
+	if len(e.Clients) > 0 {
+		if s.opts.TLS == TLSOff {
+			return fmt.Errorf("nbd: export %q: a client allow-list needs TLS", e.Name)
+		}
+		if s.tls.conf.Load() != nil && s.tls.conf.Load().ClientCAs == nil {
+			return fmt.Errorf("nbd: export %q: a client allow-list needs %s in %s", e.Name, CACertFile, s.opts.TLSCertDir)
+		}
 	}
 	x := &export{Export: e, ro: e.ReadOnly}
 	if _, ok := e.Device.(*blockdev.ReadOnlyDevice); ok {
@@ -249,23 +350,117 @@ func (s *Server) startConn(nc net.Conn) {
 		_ = tc.SetNoDelay(true)
 	}
 	s.mu.Lock()
-	if s.closing || len(s.conns) >= s.opts.MaxConns {
+	if s.closing {
 		s.mu.Unlock()
-		s.opts.Logger.Warn("nbd: connection refused", "remote", nc.RemoteAddr(), "limit", s.opts.MaxConns)
 		nc.Close()
 		return
 	}
+	var evict *conn
+	if s.negotiating >= s.opts.MaxNegotiating {
+		evict = s.oldestNegotiating()
+		evict.state = connGone
+		s.negotiating--
+		s.counts.evicted.Add(1)
+	}
 	c := newConn(s, nc)
 	s.conns[c] = struct{}{}
+	s.negotiating++
+	s.counts.accepted.Add(1)
 	s.wg.Add(1)
 	s.mu.Unlock()
+	if evict != nil {
+		evict.kill()
+		s.logLimit("nbd: negotiating connections at their limit; closed the oldest",
+			"limit", s.opts.MaxNegotiating, "closed", evict.raw.RemoteAddr(), "since", evict.started)
+	}
 	go func() {
 		defer s.wg.Done()
+		defer close(c.done)
 		c.serve()
 		s.mu.Lock()
 		delete(s.conns, c)
+		switch c.state {
+		case connNegotiating:
+			s.negotiating--
+		case connEstablished:
+			s.established--
+			c.active.stats.conns.Add(-1)
+		}
+		c.state = connGone
 		s.mu.Unlock()
 	}()
+}
+
+// oldestNegotiating returns the connection that has negotiated longest.
+// s.mu is held and at least one connection is negotiating.
+func (s *Server) oldestNegotiating() *conn {
+	var old *conn
+	for c := range s.conns {
+		if c.state == connNegotiating && (old == nil || c.started.Before(old.started)) {
+			old = c
+		}
+	}
+	return old
+}
+
+// errConnLimit refuses a transmission phase beyond Options.MaxConns.
+var errConnLimit = errors.New("nbd: server at its connection limit")
+
+// establish moves c from negotiation to the transmission phase on x. It
+// fails when the server is at MaxConns, shutting down, when x was removed
+// meanwhile, or when c was evicted.
+func (s *Server) establish(c *conn, x *export) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closing:
+		return ErrShutdown
+	case c.state != connNegotiating:
+		return net.ErrClosed
+	case s.exports[x.Name] != x:
+		return fmt.Errorf("%w: %q was removed", ErrUnknownExport, x.Name)
+	case s.established >= s.opts.MaxConns:
+		s.counts.refused.Add(1)
+		s.logLimit("nbd: established connections at their limit; refused one",
+			"limit", s.opts.MaxConns, "remote", c.raw.RemoteAddr(), "export", x.Name)
+		return fmt.Errorf("%w (%d)", errConnLimit, s.opts.MaxConns)
+	}
+	c.state = connEstablished
+	c.active = x
+	s.negotiating--
+	s.established++
+	x.stats.conns.Add(1)
+	x.stats.connsTotal.Add(1)
+	return nil
+}
+
+// CloseExport closes every connection in the transmission phase on the
+// export named name (including one removed with Remove), and waits until
+// their requests have returned from the device and the connections are
+// gone, or ctx ends. Afterwards no request of theirs touches the device:
+// the caller can delete or reset the volume behind it. To keep new
+// connections out as well, Remove the export first. It returns the number
+// of connections closed.
+func (s *Server) CloseExport(ctx context.Context, name string) (int, error) {
+	s.mu.Lock()
+	var victims []*conn
+	for c := range s.conns {
+		if c.state == connEstablished && c.active.Name == name {
+			victims = append(victims, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range victims {
+		c.kill()
+	}
+	for _, c := range victims {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return len(victims), fmt.Errorf("nbd: close export %q: %w", name, ctx.Err())
+		}
+	}
+	return len(victims), nil
 }
 
 // Shutdown stops the server gracefully: it closes the listeners, stops

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"testing"
 
@@ -11,6 +12,8 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/exception"
+	"github.com/blocksnap/blocksnap/snapshot"
 )
 
 func TestServerShutdownDrainsAndFlushes(t *testing.T) {
@@ -135,7 +138,9 @@ func TestServerMultiConnFlush(t *testing.T) {
 func TestServerUnixSocket(t *testing.T) {
 	ts := startServerOn(t, "unix", Options{}, Export{Name: "u", Device: newMem(t, cmdSize, 4096)})
 	c := dial(t, ts.uri("u"))
-	require.Equal(t, 4096, c.BlockSize())
+	// Any alignment is served (minimum block size 1), so the client
+	// takes its own smallest block size.
+	require.Equal(t, 512, c.BlockSize())
 	p := bytes.Repeat([]byte{1}, 4096)
 	_, err := c.WriteAt(p, 4096)
 	require.NoError(t, err)
@@ -185,4 +190,25 @@ func TestServerDeviceErrors(t *testing.T) {
 	// And the connection goes on.
 	_, err = c.ReadAt(make([]byte, 512), 0)
 	require.NoError(t, err)
+}
+
+// Every engine's no-space error wraps blockdev.ErrNoSpace, and the server
+// answers it with ENOSPC (not EIO), which the client maps back.
+func TestServerNoSpace(t *testing.T) {
+	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	ts := startServer(t, Options{}, Export{Name: "d", Device: f})
+	c := dial(t, ts.uri("d"))
+	for _, full := range []error{blockdev.ErrNoSpace, snapshot.ErrNoSpace, exception.ErrNoSpace, exception.ErrOverflow} {
+		f.Clear()
+		f.FailFrom(blockdevtest.OpWrite, 1, fmt.Errorf("volume v: %w", full))
+		_, err := c.WriteAt(make([]byte, 512), 0)
+		require.ErrorIs(t, err, ENOSPC, "%v", full)
+		require.ErrorIs(t, err, blockdev.ErrNoSpace, "%v", full)
+	}
+	// A partial-block write fails the same way in its read-modify-write.
+	r := dialRaw(t, ts)
+	r.session("d", true, false)
+	require.Equal(t, ENOSPC, r.errno(0, cmdWrite, 100, 10, make([]byte, 10)))
+	st := ts.srv.Stats()
+	require.Equal(t, uint64(5), st.Exports[0].Errors)
 }

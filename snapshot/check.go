@@ -1,13 +1,12 @@
 package snapshot
 
-import (
-	"errors"
-	"fmt"
-)
+import "github.com/blocksnap/blocksnap/blockdev"
 
-// Check verifies every invariant of the in-memory state and reports what is
-// wrong (nil if nothing). It holds the store's lock for its duration (a
-// walk of the index), so run it when the store is quiet:
+// Check verifies every invariant of the in-memory state and returns nil if
+// all hold, else a *blockdev.CheckError wrapping ErrCorrupt that holds every
+// problem found (CheckReport returns them as a list). It holds the store's
+// lock for its duration (a walk of the index), so run it when the store is
+// quiet, or on a store opened with Options.ReadOnly:
 //   - entries are ordered, within bounds (branch exists, chunk < chunks,
 //     location in the data region) and the two index trees agree;
 //   - every entry's epoch is held (a live snapshot, a hidden parent point,
@@ -20,13 +19,17 @@ import (
 //     volumes and branches that hold them, and hidden snapshots have clones;
 //   - the origin's preserved epochs cover its entries and the per-branch
 //     summaries cover every entry.
-func (s *Store) Check() error {
+func (s *Store) Check() error { return s.CheckReport().Err(ErrCorrupt) }
+
+// CheckReport runs the checks of Check and lists every problem found, one
+// line each (an empty report: the store is consistent).
+func (s *Store) CheckReport() blockdev.CheckReport {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var errs []error
+	var rep blockdev.CheckReport
 	bad := func(format string, args ...any) bool {
-		errs = append(errs, fmt.Errorf(format, args...))
-		return len(errs) < 20
+		rep.Addf(format, args...)
+		return true // keep walking: report everything
 	}
 	queued := map[point]bool{}
 	for _, t := range s.gcq {
@@ -83,7 +86,7 @@ func (s *Store) Check() error {
 	}
 	s.checkAlloc(seen, referenced, bad)
 	s.checkVolumes(refs, bad)
-	return errors.Join(errs...)
+	return rep
 }
 
 func (s *Store) checkAlloc(seen []bool, referenced uint64, bad func(string, ...any) bool) {

@@ -122,7 +122,7 @@ func (s *Store) checkpointer() {
 // Checkpoint writes a checkpoint now and waits for it (tests and tools;
 // the store checkpoints by itself in the background).
 func (s *Store) Checkpoint(ctx context.Context) error {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	if s.j == nil {

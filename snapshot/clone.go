@@ -24,7 +24,7 @@ func (s *Store) cloneStripe(b uint32, c uint64) *paddedMu {
 
 // cloneWrite writes p (or discards) at off for n bytes of clone branch br.
 func (s *Store) cloneWrite(br *branch, p []byte, off, n int64, discard bool) error {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	br.gate.RLock()

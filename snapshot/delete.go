@@ -74,7 +74,7 @@ func (d *DeleteOp) Progress() DeleteProgress {
 // is durable; the space is reclaimed in the background (see DeleteOp).
 // Open handles on the volume fail with ErrInvalidSnapshot from then on.
 func (s *Store) Delete(name string) (*DeleteOp, error) {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return nil, err
 	}
 	s.mu.RLock()
@@ -192,8 +192,12 @@ func (s *Store) failQueue(err error) {
 	s.gcIdle.Broadcast()
 }
 
-// WaitIdle waits until the collector has nothing left to do.
+// WaitIdle waits until the collector has nothing left to do. A read-only
+// store runs no collector: it returns at once.
 func (s *Store) WaitIdle(ctx context.Context) error {
+	if s.opts.ReadOnly {
+		return nil
+	}
 	stop := context.AfterFunc(ctx, func() {
 		s.mu.Lock()
 		s.gcIdle.Broadcast()

@@ -67,7 +67,7 @@ func (s *Store) unlockOrigin(c0, c1 uint64, excl bool) {
 // originWrite writes p (or, with discard, zeros by discarding) at off for n
 // bytes of the origin volume.
 func (s *Store) originWrite(p []byte, off, n int64, discard bool) error {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	br := s.b0

@@ -118,11 +118,9 @@ func (s *Store) cloneInherit(br *branch, c uint64) error {
 }
 
 // Extent is a byte range of a volume; Zero says it now reads as zeros
-// (discarded), where the store can tell without reading data.
-type Extent struct {
-	Off, Len int64
-	Zero     bool
-}
+// (discarded), where the store can tell without reading data. It is
+// blockdev.Extent, which diffstream shares.
+type Extent = blockdev.Extent
 
 // Diff yields the extents that differ between two volumes of one line of
 // history, in offset order: two snapshots of one volume (either order), a
@@ -131,16 +129,23 @@ type Extent struct {
 // index entries in the answer, not to the volume's size. Zero is reported
 // for the newer side. An unrelated pair yields ErrBadOptions.
 func (s *Store) Diff(from, to *Volume) iter.Seq2[Extent, error] {
+	return s.diff(from, to, nil)
+}
+
+// diff is Diff; with zeroFor set, Zero is reported only when zeroFor is
+// the newer side (otherwise it describes the other volume).
+func (s *Store) diff(from, to, zeroFor *Volume) iter.Seq2[Extent, error] {
 	return func(yield func(Extent, error) bool) {
 		chunks, newer, err := s.diffChunks(from, to)
 		if err != nil {
 			yield(Extent{}, err)
 			return
 		}
+		trustZero := zeroFor == nil || zeroFor == newer
 		var cur Extent
 		for i, c := range chunks {
 			off, n := int64(c)*s.cs, s.chunkLen(c)
-			zero := s.readsZero(newer, c)
+			zero := trustZero && s.readsZero(newer, c)
 			if i > 0 && cur.Off+cur.Len == off && cur.Zero == zero {
 				cur.Len += n
 				continue

@@ -40,7 +40,7 @@ import (
 // Sentinel errors; test them with errors.Is.
 var (
 	ErrCorrupt         = errors.New("snapshot: corrupt metadata")
-	ErrNoSpace         = errors.New("snapshot: store is full")
+	ErrNoSpace         = fmt.Errorf("snapshot: store is full: %w", blockdev.ErrNoSpace)
 	ErrNotFound        = errors.New("snapshot: no such volume")
 	ErrExists          = errors.New("snapshot: name already in use")
 	ErrInvalidSnapshot = errors.New("snapshot: snapshot is invalid or deleted")
@@ -86,6 +86,13 @@ type Options struct {
 	// CheckpointAt is the journal fill fraction that starts a background
 	// checkpoint; 0 means 0.5.
 	CheckpointAt float64
+	// ReadOnly opens the store for inspection (Open only): nothing is
+	// written to either device, not even the journal's new epoch or the
+	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
+	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
+	// work; every change (writes, discards, snapshots, clones, deletes,
+	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
+	ReadOnly bool
 	// OriginBuffer bounds, in bytes, the origin writes held in memory after
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
@@ -213,6 +220,9 @@ func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if err := opts.normalize(); err != nil {
 		return nil, err
 	}
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("%w: Format of a read-only store", ErrBadOptions)
+	}
 	cs := int64(opts.ChunkSize)
 	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize}
 	if !opts.Transient {
@@ -295,7 +305,11 @@ func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
 	}
 	s.jdev = jdev
 	s.replaying = true
-	j, err := journal.Open(jdev, s.journalOptions(), (*replayer)(s))
+	openJournal := journal.Open
+	if opts.ReadOnly {
+		openJournal = journal.OpenReadOnly
+	}
+	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
 	s.replaying = false
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: open journal: %w", err)
@@ -353,6 +367,9 @@ func (s *Store) journalOptions() journal.Options {
 // start launches the background goroutines.
 func (s *Store) start() {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if s.opts.ReadOnly {
+		return // nothing to commit, checkpoint or collect
+	}
 	s.wg.Add(1)
 	go s.collector()
 	if s.j != nil {
@@ -368,6 +385,9 @@ func (s *Store) start() {
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
+	}
+	if s.opts.ReadOnly {
+		return s.closeReadOnly()
 	}
 	s.cancel()
 	s.mu.Lock()
@@ -423,7 +443,7 @@ func (s *Store) usable() error {
 // logLocked applies ops to memory and appends them as one record. Called
 // with mu held; it may hand a state capture to the checkpointer.
 func (s *Store) logLocked(sc *scratch) (uint64, error) {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return 0, err
 	}
 	if s.j == nil {

@@ -37,6 +37,9 @@ func (v *Volume) writable() error {
 	if v.kind == KindSnapshot {
 		return fmt.Errorf("%w: volume %d is a snapshot", ErrReadOnly, v.meta.id)
 	}
+	if err := v.s.writable(); err != nil {
+		return err
+	}
 	return v.check(0, 0)
 }
 

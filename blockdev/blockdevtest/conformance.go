@@ -464,8 +464,7 @@ func testClose(t *testing.T, d blockdev.Device) {
 // testRandomModel runs a random mix of writes, reads, discards and flushes
 // within a window of the device and compares every read with a model.
 func testRandomModel(t *testing.T, d blockdev.Device) {
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
+	seed := Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
 	bs := int64(d.BlockSize())
 	window := min(d.Size(), 2<<20)

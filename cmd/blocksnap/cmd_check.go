@@ -75,7 +75,7 @@ func printCheck(e *env, r control.CheckReport, js bool) error {
 	return nil
 }
 
-// checkClone opens the clone with hydration paused and runs its check.
+// checkClone opens the clone read-only and runs its check.
 func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
 	r := control.CheckReport{Target: cf.meta, Engine: "clone"}
 	s, err := openClone(e.ctx, cf, cloneOptions(inspect), false, false)
@@ -85,7 +85,7 @@ func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
 	if err != nil {
 		return r, err
 	}
-	r.Problems = problems(s.c.Check())
+	r.Problems = s.c.CheckReport().Problems
 	if err := s.close(); err != nil {
 		return r, err
 	}
@@ -94,10 +94,9 @@ func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
 }
 
 // checkCOW checks a persistent dm-snapshot COW device without writing to
-// it: the header and every exception decode (each COW chunk within the
-// device, not metadata, used once), the snapshot is valid, and no origin
-// chunk has two exceptions. The decoder stops at the first damaged area,
-// so a damaged store reports that one problem.
+// it (exception.CheckCOW: every bad entry, not just the first). A snapshot
+// the kernel invalidated and a torn metadata write awaiting repair are
+// problems too: the device is not usable as it is.
 func checkCOW(path string) (control.CheckReport, error) {
 	r := control.CheckReport{Target: path, Engine: "exception"}
 	dev, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: true, BlockSize: 512})
@@ -105,34 +104,17 @@ func checkCOW(path string) (control.CheckReport, error) {
 		return r, err
 	}
 	defer dev.Close()
-	img, err := exception.LoadPersistent(dev)
-	if errors.Is(err, exception.ErrCorrupt) {
-		r.Problems = []string{message(err)}
-		return r, nil
-	}
+	rep, err := exception.CheckCOW(dev, 0)
 	if err != nil {
-		return r, fmt.Errorf("%s holds no dm-snapshot store: %w", path, err)
+		return r, err
 	}
-	r.Problems = cowProblems(img)
+	r.Problems = rep.Problems
+	if len(r.Problems) == 0 && !rep.Valid {
+		r.Problems = append(r.Problems, "the snapshot is marked invalid (it overflowed or failed); its data is not usable")
+	}
+	if rep.PendingRepair {
+		r.Problems = append(r.Problems, fmt.Sprintf("a torn write of metadata area %d awaits repair (opening the snapshot read-write repairs it)", rep.RepairArea))
+	}
 	r.OK = len(r.Problems) == 0
 	return r, nil
-}
-
-// cowProblems reports what LoadPersistent accepts but a check must not:
-// an invalidated snapshot, and two exceptions for one origin chunk (the
-// kernel loads them, the later wins). LoadPersistent itself refuses
-// exceptions outside the device, on metadata chunks or sharing a chunk.
-func cowProblems(img *exception.Image) []string {
-	var out []string
-	if !img.Valid {
-		out = append(out, "the snapshot is marked invalid (it overflowed or failed); its data is not usable")
-	}
-	oldSeen := map[uint64]int{}
-	for i, x := range img.Entries {
-		if j, ok := oldSeen[x.Old]; ok {
-			out = append(out, fmt.Sprintf("exceptions %d and %d both map origin chunk %d (the later wins)", j, i, x.Old))
-		}
-		oldSeen[x.Old] = i
-	}
-	return out
 }

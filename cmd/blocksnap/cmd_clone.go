@@ -118,12 +118,11 @@ func openSource(ctx context.Context, src string) (blockdev.Device, error) {
 	return d, nil
 }
 
-// cloneOptions are the options a command opens a clone with. An
-// inspecting command (check, status) must not change the clone: it opens
-// with hydration paused, and opens read-write until the library's
-// read-only open is in this tree.
+// cloneOptions are the options a command opens a clone with: an
+// inspecting command (check, status) opens it read-only, so that it never
+// changes the clone (no journal epoch, no hydration).
 func cloneOptions(a access) clone.Options {
-	return clone.Options{NoHydration: a == inspect}
+	return clone.Options{ReadOnly: a == inspect}
 }
 
 // cloneSession is an open clone with its devices and locks.
@@ -142,7 +141,7 @@ func (s *cloneSession) close() error {
 		if d == nil {
 			continue
 		}
-		if ferr := d.Flush(); err == nil {
+		if ferr := d.Flush(); err == nil && !errors.Is(ferr, blockdev.ErrReadOnly) {
 			err = ferr
 		}
 		d.Close()
@@ -202,10 +201,11 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 			return fail(err)
 		}
 	}
-	if s.dest, err = blockdev.Open(f.dest, blockdev.FileOptions{}); err != nil {
+	fo := blockdev.FileOptions{ReadOnly: opts.ReadOnly}
+	if s.dest, err = blockdev.Open(f.dest, fo); err != nil {
 		return fail(fmt.Errorf("dest: %w", err))
 	}
-	if s.meta, err = blockdev.Open(f.meta, blockdev.FileOptions{}); err != nil {
+	if s.meta, err = blockdev.Open(f.meta, fo); err != nil {
 		return fail(fmt.Errorf("meta: %w", err))
 	}
 	if fresh {

@@ -165,44 +165,21 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 }
 
 // exportStream writes the diff stream from snapshot from (empty: a full
-// export) to snapshot to.
+// export) to snapshot to, through snapshot.Store.ExportDiff.
 func exportStream(ctx context.Context, st *snapshot.Store, from, to string, w io.Writer, progress func(done, total int64)) (diffstream.Totals, error) {
 	tv, err := openSnapshot(st, to, "TO")
 	if err != nil {
 		return diffstream.Totals{}, err
 	}
 	defer tv.Close()
-	h := diffstream.Header{To: identity(tv.Info()), ChunkSize: int(st.Stats().ChunkSize)}
-	var extents []diffstream.Extent
-	var total int64
-	var seq func(func(diffstream.Extent, error) bool)
+	var fv *snapshot.Volume
 	if from != "" {
-		fv, err := openSnapshot(st, from, "--from")
-		if err != nil {
+		if fv, err = openSnapshot(st, from, "--from"); err != nil {
 			return diffstream.Totals{}, err
 		}
 		defer fv.Close()
-		h.From = identity(fv.Info())
-		// Diff marks zero extents for the newer side only.
-		trustZero := tv.Info().Created.After(fv.Info().Created)
-		for x, err := range st.Diff(fv, tv) {
-			if err != nil {
-				return diffstream.Totals{}, err
-			}
-			extents = append(extents, diffstream.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero && trustZero})
-			total += x.Len
-		}
-		seq = func(yield func(diffstream.Extent, error) bool) {
-			for _, x := range extents {
-				if !yield(x, nil) {
-					return
-				}
-			}
-		}
 	}
-	return diffstream.Export(ctx, w, tv, h, seq, func(pr diffstream.Progress) {
-		progress(pr.Done, max(pr.Total, total))
-	})
+	return st.ExportDiff(ctx, w, fv, tv, snapshot.ExportOptions{Progress: progress})
 }
 
 // writeStream runs fn on standard output, or on FILE written beside it and

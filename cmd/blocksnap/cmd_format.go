@@ -101,14 +101,14 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 		return err
 	}
 	defer unlock(locks)
-	o, s, err := openDevices(sf.origin, sf.store)
+	o, s, err := openDevices(sf.origin, sf.store, readWrite)
 	if err != nil {
 		return err
 	}
 	defer o.Close()
 	defer s.Close()
 	if !force {
-		if st, err := snapshot.Open(o, s, storeOptions(inspect)); err == nil {
+		if st, err := snapshot.Open(o, s, snapshot.Options{ReadOnly: true}); err == nil {
 			n := len(st.List())
 			st.Close()
 			return fmt.Errorf("%s already holds a blocksnap store with %d volumes (use --force to reformat and lose them)", sf.store, n)

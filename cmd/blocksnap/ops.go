@@ -5,12 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"time"
 
 	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/snapshot"
-	"github.com/blocksnap/blocksnap/snapshot/diffstream"
 )
 
 // ops runs control requests against an open store: for a command run
@@ -111,13 +109,6 @@ func (o *ops) volume(name string) (control.Volume, error) {
 		}
 	}
 	return control.Volume{}, fmt.Errorf("%w: %q", snapshot.ErrNotFound, name)
-}
-
-// identity is how a snapshot is named in a diff stream: the store's volume
-// ID and creation time (stable across reopen, and practically unique across
-// stores) plus the name.
-func identity(i snapshot.VolumeInfo) diffstream.Identity {
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name}
 }
 
 func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*snapshot.Volume, error)) (any, error) {
@@ -265,33 +256,9 @@ func (o *ops) diff(ctx context.Context, from, to string) (control.Diff, error) {
 
 // check runs the store's check and reports each problem on its own.
 func (o *ops) check() control.CheckReport {
-	r := control.CheckReport{OK: true, Target: o.storePath, Engine: "snapshot", Volumes: len(o.st.List()), Live: o.live}
-	r.Problems = problems(o.st.Check())
-	r.OK = len(r.Problems) == 0
-	return r
-}
-
-// problems lists the problems a check error reports: each error of a
-// joined error, each line of a multi-line one.
-func problems(err error) []string {
-	if err == nil {
-		return nil
-	}
-	var errs []error
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	} else {
-		errs = []error{err}
-	}
-	var out []string
-	for _, e := range errs {
-		for _, l := range strings.Split(e.Error(), "\n") {
-			if l = strings.TrimSpace(l); l != "" {
-				out = append(out, l)
-			}
-		}
-	}
-	return out
+	rep := o.st.CheckReport()
+	return control.CheckReport{OK: rep.OK(), Target: o.storePath, Engine: "snapshot", Volumes: len(o.st.List()),
+		Live: o.live, Problems: rep.Problems}
 }
 
 func (o *ops) space() control.Space {

@@ -85,13 +85,14 @@ func unlock(locks []*os.File) {
 	}
 }
 
-// openDevices opens origin and store read-write.
-func openDevices(origin, store string) (*blockdev.File, *blockdev.File, error) {
-	o, err := blockdev.Open(origin, blockdev.FileOptions{})
+// openDevices opens origin and store, read-only for an inspecting command.
+func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File, error) {
+	opts := blockdev.FileOptions{ReadOnly: a == inspect}
+	o, err := blockdev.Open(origin, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("origin: %w", err)
 	}
-	s, err := blockdev.Open(store, blockdev.FileOptions{})
+	s, err := blockdev.Open(store, opts)
 	if err != nil {
 		o.Close()
 		return nil, nil, fmt.Errorf("store: %w", err)
@@ -109,11 +110,11 @@ const (
 	inspect
 )
 
-// storeOptions are the options a command opens the store with. An
-// inspecting command must not change what it inspects; the store opens
-// read-write until the library's read-only open is in this tree.
-func storeOptions(access) snapshot.Options {
-	return snapshot.Options{}
+// storeOptions are the options a command opens the store with: an
+// inspecting command opens it read-only, so that it never changes what it
+// inspects (no journal epoch, no tail cut, no background work).
+func storeOptions(a access) snapshot.Options {
+	return snapshot.Options{ReadOnly: a == inspect}
 }
 
 // openSession locks and opens the store named by f.
@@ -122,7 +123,7 @@ func openSession(f *storeFlags, a access) (*session, error) {
 	if err != nil {
 		return nil, err
 	}
-	o, s, err := openDevices(f.origin, f.store)
+	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
 		unlock(locks)
 		return nil, err
@@ -145,7 +146,7 @@ func openSession(f *storeFlags, a access) (*session, error) {
 func (s *session) close() error {
 	err := s.st.Close()
 	for _, d := range []*blockdev.File{s.origin, s.store} {
-		if ferr := d.Flush(); err == nil {
+		if ferr := d.Flush(); err == nil && !errors.Is(ferr, blockdev.ErrReadOnly) {
 			err = ferr
 		}
 		if cerr := d.Close(); err == nil {

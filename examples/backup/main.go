@@ -15,7 +15,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -174,42 +173,21 @@ func export(ctx context.Context, st *snapshot.Store, prev, snap *snapshot.Volume
 		return diffstream.Totals{}, err
 	}
 	defer f.Close()
-	h := diffstream.Header{To: identity(snap), ChunkSize: int(st.Stats().ChunkSize)}
-	var extents func(func(diffstream.Extent, error) bool)
-	if prev != nil {
-		h.From = identity(prev)
-		extents = func(yield func(diffstream.Extent, error) bool) {
-			for x, err := range st.Diff(prev, snap) {
-				if !yield(diffstream.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero}, err) {
-					return
-				}
-			}
-		}
-	}
-	tot, err := diffstream.Export(ctx, f, snap, h, extents, nil)
+	tot, err := st.ExportDiff(ctx, f, prev, snap, snapshot.ExportOptions{})
 	if err != nil {
 		return tot, err
 	}
 	return tot, f.Sync()
 }
 
-func identity(v *snapshot.Volume) diffstream.Identity {
-	i := v.Info()
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name}
-}
-
+// equal checks that the restored device holds the snapshot.
 func equal(a, b blockdev.Device) error {
-	pa, pb := make([]byte, 1<<20), make([]byte, 1<<20)
-	for off := int64(0); off < a.Size(); off += int64(len(pa)) {
-		if _, err := a.ReadAt(pa, off); err != nil {
-			return err
-		}
-		if _, err := b.ReadAt(pb, off); err != nil {
-			return err
-		}
-		if !bytes.Equal(pa, pb) {
-			return fmt.Errorf("restore differs from the snapshot in the MiB at %d", off)
-		}
+	eq, off, err := blockdev.Equal(context.Background(), a, b)
+	if err != nil {
+		return err
+	}
+	if !eq {
+		return fmt.Errorf("restore differs from the snapshot at byte %d", off)
 	}
 	return nil
 }

@@ -9,18 +9,22 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 )
 
-// ApplyOptions configures Apply. The zero value applies unconditionally
-// without a state file.
+// ApplyOptions configures Apply. The zero value is safe: a full stream
+// applies onto any target, an incremental one only onto a target known to
+// be at its From snapshot, which needs a state file; without one it is
+// refused unless forced.
 type ApplyOptions struct {
-	// Force applies the stream even when the state file says the target
-	// is not at the stream's From snapshot (or holds another stream in
-	// part), and re-applies a stream the target already holds. An
-	// unreadable state file is then ignored.
+	// Force skips the check that the target is at the stream's From
+	// snapshot: it applies the stream even when the state file says
+	// otherwise (or holds another stream in part), or when there is no
+	// state file, and re-applies a stream the target already holds. An
+	// unreadable state file is then ignored. Applying an incremental
+	// stream onto a target not at From leaves it matching no snapshot.
 	Force bool
 	// StatePath is the state file recording where the target is (see
 	// State); the command line uses DefaultStatePath(target). Empty: no
-	// state is kept, so Apply can neither check the target nor resume,
-	// and applies the stream as if forced.
+	// state is kept, so Apply can neither check the target nor resume: a
+	// full stream applies, an incremental one needs Force.
 	StatePath string
 	// CheckpointBytes is how many bytes are applied between checkpoints
 	// (a target Flush, then the state file updated). Zero means 8 MiB.
@@ -49,6 +53,7 @@ func Apply(ctx context.Context, r io.Reader, target blockdev.Device, opts ApplyO
 	if err != nil {
 		return Result{}, err
 	}
+	defer sr.Close()
 	return ApplyReader(ctx, sr, target, opts)
 }
 
@@ -59,7 +64,9 @@ func Apply(ctx context.Context, r io.Reader, target blockdev.Device, opts ApplyO
 //     A target whose block size is larger than the stream's gets the
 //     records' unaligned edges by read-modify-write.
 //   - An incremental stream (From set) is refused with ErrMismatch unless
-//     the state says the target is at From, or opts.Force.
+//     the state says the target is at From, or opts.Force; with no
+//     opts.StatePath nothing says where the target is, so it is refused
+//     unless forced.
 //   - A full stream applies onto any target: it rewrites every byte.
 //   - A target already at To: the stream is read and verified, nothing is
 //     written, and Result.NoOp is set (unless opts.Force).
@@ -113,7 +120,10 @@ type applier struct {
 func (a *applier) plan() error {
 	h := a.sr.Header()
 	if a.opts.StatePath == "" {
-		return nil
+		if h.Full() || a.opts.Force {
+			return nil
+		}
+		return fmt.Errorf("%w: no state file says where the target is; this incremental stream needs it at %s (keep a state file, or use force to apply anyway)", ErrMismatch, h.From)
 	}
 	st, err := ReadState(a.opts.StatePath)
 	if err != nil {

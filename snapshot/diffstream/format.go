@@ -8,6 +8,11 @@
 // onto a target device, idempotently and resumably, keeping a small state
 // file beside the target that says which snapshot the target holds.
 //
+// Import graph: diffstream imports blockdev only. Package snapshot imports
+// diffstream (snapshot.Store.ExportDiff drives Export from a store's diff),
+// never the other way round; the extent type they share, blockdev.Extent,
+// lives below both (Extent here is an alias of it).
+//
 // # Layout
 //
 // All integers are little-endian. A stream is a header, then records, the
@@ -17,11 +22,13 @@
 //
 //	offset  size  field
 //	0       8     magic "BSNPDIFF"
-//	8       2     version (1); a reader refuses a version it does not know
+//	8       2     version: 1, or 2 for a compressed stream; a reader
+//	              refuses a version it does not know, naming both
 //	10      2     H, the header length including the CRC; fields a newer
 //	              writer appends before the CRC are skipped by older readers
-//	12      4     flags (FlagFull: a base export, From is empty); unknown
-//	              flags are refused
+//	12      4     flags (FlagFull: a base export, From is empty; FlagZstd,
+//	              version 2 only: compressed records); unknown flags are
+//	              refused
 //	16      8     volume size in bytes
 //	24      4     block size in bytes (alignment of every record)
 //	28      4     chunk size in bytes of the store that produced the stream
@@ -32,6 +39,14 @@
 //	.       2+n   To name
 //	.       ...   reserved for later fields of this version (skipped)
 //	H-4     4     CRC32C (Castagnoli) of bytes [0, H-4)
+//
+// Version 2 differs from version 1 only in that, with FlagZstd, every byte
+// after the header is one zstd stream (RFC 8878, window at most 8 MiB)
+// that decompresses to the records exactly as version 1 lays them out; the
+// checksums below are of the decompressed bytes. Writers emit version 1
+// when they do not compress, so uncompressed streams stay readable by
+// readers that know version 1 only; those refuse a version 2 stream with
+// an error naming the versions.
 //
 // Record k (k = 0, 1, ... counting from the first record after the header):
 //
@@ -67,21 +82,33 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/blocksnap/blocksnap/blockdev"
 )
 
 // Magic opens every stream.
 const Magic = "BSNPDIFF"
 
-// Version is the stream format version this package writes and reads.
-const Version = 1
+// Stream format versions this package writes and reads.
+const (
+	// Version1 is the uncompressed format.
+	Version1 = 1
+	// Version2 adds compression (FlagZstd).
+	Version2 = 2
+	// Version is the newest version this package knows.
+	Version = Version2
+)
 
 // Header flags.
 const (
 	// FlagFull marks a full (base) export: From is empty and the records
 	// cover the whole volume.
 	FlagFull uint32 = 1 << 0
+	// FlagZstd marks a version 2 stream whose records are zstd-compressed.
+	// A writer given it writes version 2.
+	FlagZstd uint32 = 1 << 1
 
-	knownFlags = FlagFull
+	knownFlags = FlagFull | FlagZstd
 )
 
 // Record types.
@@ -177,6 +204,9 @@ type Header struct {
 // Full reports whether the stream is a full (base) export.
 func (h Header) Full() bool { return h.Flags&FlagFull != 0 }
 
+// Compressed reports whether the stream's records are zstd-compressed.
+func (h Header) Compressed() bool { return h.Flags&FlagZstd != 0 }
+
 func (h Header) validate() error {
 	if h.BlockSize < 512 || h.BlockSize&(h.BlockSize-1) != 0 || h.BlockSize > MaxData {
 		return fmt.Errorf("block size %d is not a power of two in [512, %d]", h.BlockSize, MaxData)
@@ -189,6 +219,9 @@ func (h Header) validate() error {
 	}
 	if h.Flags&^knownFlags != 0 {
 		return fmt.Errorf("unknown flags %#x", h.Flags&^knownFlags)
+	}
+	if (h.Version == Version2) != h.Compressed() {
+		return fmt.Errorf("version %d with flags %#x: compression is version 2 and only that", h.Version, h.Flags)
 	}
 	if h.To.ID == "" {
 		return errors.New("the To snapshot has no ID")
@@ -208,7 +241,7 @@ func (h Header) validate() error {
 func encodeHeader(b []byte, h Header) []byte {
 	start := len(b)
 	b = append(b, Magic...)
-	b = binary.LittleEndian.AppendUint16(b, Version)
+	b = binary.LittleEndian.AppendUint16(b, uint16(h.Version))
 	b = binary.LittleEndian.AppendUint16(b, 0) // length, patched below
 	b = binary.LittleEndian.AppendUint32(b, h.Flags)
 	b = binary.LittleEndian.AppendUint64(b, uint64(h.VolumeSize))
@@ -281,13 +314,11 @@ type Totals struct {
 	ZeroBytes int64 `json:"zero_bytes"` // bytes covered by ZERO records
 }
 
-// Extent is a byte range of a volume. Zero marks a range the caller knows
-// reads as zeros (such as a discarded range), which Export sends as a ZERO
-// record without reading the source.
-type Extent struct {
-	Off, Len int64
-	Zero     bool
-}
+// Extent is a byte range of a volume: the module's one extent type, shared
+// with snapshot.Diff. Zero marks a range the caller knows reads as zeros
+// (such as a discarded range), which Export sends as a ZERO record without
+// reading the source.
+type Extent = blockdev.Extent
 
 // Progress reports a long export or apply. Done counts volume bytes
 // covered so far (data and zero records); Total is the stream's volume size

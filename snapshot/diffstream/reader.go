@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // Record is one decoded DATA or ZERO record.
@@ -28,9 +30,14 @@ type Record struct {
 // allocations are bounded by the bytes the stream actually delivers (at
 // most MaxPayload plus a small constant). Damage is reported as a
 // *CorruptError (errors.Is(err, ErrCorrupt)) with the byte offset; errors
-// of the underlying reader are returned as they are.
+// of the underlying reader are returned as they are. For a compressed
+// stream (version 2, FlagZstd) offsets count decompressed bytes, and damage
+// the decompressor finds is corrupt too; the decompressor's memory is
+// bounded by the window the format allows. Close releases it.
 type Reader struct {
-	r       io.Reader
+	r       io.Reader // the records: the stream itself, or zr over it
+	raw     *errTap   // the caller's reader, noting its errors
+	zr      *zstd.Decoder
 	h       Header
 	pos     int64  // bytes consumed
 	crc     uint32 // CRC32C of every byte consumed
@@ -43,9 +50,31 @@ type Reader struct {
 	rh      [recordHeader]byte
 }
 
-// NewReader reads and verifies the stream's header.
+// errTap passes reads through and remembers the last error other than
+// io.EOF, so that an error coming out of the decompressor can be told apart:
+// the caller's reader failing, or damaged compressed data.
+type errTap struct {
+	r   io.Reader
+	err error
+}
+
+func (t *errTap) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err != nil && err != io.EOF {
+		t.err = err
+	}
+	return n, err
+}
+
+// maxZstdWindow bounds the window a compressed stream may ask the reader
+// to allocate: twice what this package's writer uses.
+const maxZstdWindow = 2 * zstdWindow
+
+// NewReader reads and verifies the stream's header. A stream of a version
+// this package does not know is refused with ErrVersion, naming both.
 func NewReader(r io.Reader) (*Reader, error) {
-	sr := &Reader{r: r}
+	tap := &errTap{r: r}
+	sr := &Reader{r: tap, raw: tap}
 	var fixed [12]byte
 	if err := sr.read(fixed[:], -1); err != nil {
 		return nil, err
@@ -62,11 +91,11 @@ func NewReader(r io.Reader) (*Reader, error) {
 	if err := sr.read(b[12:], -1); err != nil {
 		return nil, err
 	}
-	if v := binary.LittleEndian.Uint16(fixed[8:]); v != Version {
+	if v := binary.LittleEndian.Uint16(fixed[8:]); v != Version1 && v != Version2 {
 		// Checked after reading the header so that a damaged version
 		// field of a valid stream reads as damage, not as a new version.
 		if crc32.Checksum(b[:n-4], castagnoli) == binary.LittleEndian.Uint32(b[n-4:]) {
-			return nil, fmt.Errorf("%w: stream version %d, this reader knows %d", ErrVersion, v, Version)
+			return nil, fmt.Errorf("%w: stream version %d, this reader knows versions %d and %d", ErrVersion, v, Version1, Version2)
 		}
 	}
 	h, err := decodeHeader(b)
@@ -75,7 +104,27 @@ func NewReader(r io.Reader) (*Reader, error) {
 	}
 	sr.h = h
 	sr.crc = crc32.Checksum(b, castagnoli)
+	if h.Compressed() {
+		zr, err := zstd.NewReader(tap, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow),
+			zstd.WithDecoderMaxMemory(MaxPayload+maxZstdWindow))
+		if err != nil {
+			return nil, fmt.Errorf("diffstream: decompressor: %w", err)
+		}
+		sr.zr, sr.r = zr, zr
+	}
 	return sr, nil
+}
+
+// Close releases the decompressor of a compressed stream; reads after it
+// fail. It does not close the underlying reader.
+func (r *Reader) Close() error {
+	if r.zr != nil {
+		r.zr.Close()
+	}
+	if r.err == nil {
+		r.err = errors.New("diffstream: reader closed")
+	}
+	return nil
 }
 
 // Header returns the stream's header.
@@ -101,6 +150,12 @@ func (r *Reader) read(p []byte, rec int64) error {
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return &CorruptError{Offset: r.pos, Record: rec, Reason: "stream truncated"}
+	}
+	if r.zr != nil {
+		if r.raw.err == nil {
+			return &CorruptError{Offset: r.pos, Record: rec, Reason: fmt.Sprintf("compressed data: %v", err)}
+		}
+		err = r.raw.err // the decompressor may not wrap it
 	}
 	return fmt.Errorf("diffstream: read at byte %d: %w", r.pos, err)
 }

@@ -223,11 +223,20 @@ func TestHeaderVersionAndExtension(t *testing.T) {
 	stream := exportFull(t, m, 0)
 
 	newer := rewriteHeader(stream, func(h []byte) []byte {
-		binary.LittleEndian.PutUint16(h[8:], 2)
+		binary.LittleEndian.PutUint16(h[8:], 3)
 		return h
 	})
 	_, err = NewReader(bytes.NewReader(newer))
 	require.ErrorIs(t, err, ErrVersion)
+	require.ErrorContains(t, err, "stream version 3, this reader knows versions 1 and 2")
+
+	// Version 2 is compression and only that.
+	v2 := rewriteHeader(stream, func(h []byte) []byte {
+		binary.LittleEndian.PutUint16(h[8:], 2)
+		return h
+	})
+	_, err = NewReader(bytes.NewReader(v2))
+	require.ErrorIs(t, err, ErrCorrupt)
 
 	// Extra header fields of this version are skipped. (The stream CRC in
 	// END covers the header, so the rest is re-encoded too.)

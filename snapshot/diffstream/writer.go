@@ -10,6 +10,8 @@ import (
 	"io"
 	"iter"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/blocksnap/blocksnap/blockdev"
 )
 
@@ -17,7 +19,9 @@ import (
 // drives a Writer from a source volume; Writer is for producers that hold
 // the data themselves. A Writer is not safe for concurrent use.
 type Writer struct {
-	w      *bufio.Writer
+	w      *bufio.Writer // records go here: out, or over zw
+	out    *bufio.Writer // the stream as written to the caller's writer
+	zw     *zstd.Encoder // FlagZstd: compresses the records into out
 	h      Header
 	crc    uint32 // CRC32C of every byte written so far
 	k      int64  // index of the next record
@@ -27,20 +31,49 @@ type Writer struct {
 	rh     [recordHeader + 16]byte // record header plus a small payload
 }
 
+// zstdWindow is the compression window: the decoder's memory per stream.
+const zstdWindow = 4 << 20
+
 // NewWriter writes the header of a stream described by h to w and returns a
-// Writer for its records. h.Version is set to Version. h.Flags must have
-// FlagFull exactly when h.From is empty.
+// Writer for its records. h.Version is set to Version2 when h.Flags has
+// FlagZstd (the records are then compressed), else to Version1. h.Flags
+// must have FlagFull exactly when h.From is empty. The caller must Close
+// the Writer (or Abort it, on an error path) to release the compressor.
 func NewWriter(w io.Writer, h Header) (*Writer, error) {
-	h.Version = Version
+	h.Version = Version1
+	if h.Compressed() {
+		h.Version = Version2
+	}
 	if err := h.validate(); err != nil {
 		return nil, fmt.Errorf("diffstream: header: %w", err)
 	}
-	sw := &Writer{w: bufio.NewWriterSize(w, 64<<10), h: h}
+	out := bufio.NewWriterSize(w, 64<<10)
+	sw := &Writer{w: out, out: out, h: h}
 	sw.write(encodeHeader(nil, h))
 	if sw.err != nil {
 		return nil, sw.err
 	}
+	if h.Compressed() {
+		zw, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(zstdWindow))
+		if err != nil {
+			return nil, fmt.Errorf("diffstream: compressor: %w", err)
+		}
+		sw.zw = zw
+		sw.w = bufio.NewWriterSize(zw, 64<<10)
+	}
 	return sw, nil
+}
+
+// Abort releases the Writer without finishing the stream (no END record:
+// a reader sees it truncated). Close after Abort is an error.
+func (w *Writer) Abort() {
+	if w.closed {
+		return
+	}
+	w.closed = true
+	if w.zw != nil {
+		_ = w.zw.Close()
+	}
 }
 
 // Header returns the stream's header.
@@ -142,6 +175,7 @@ func (w *Writer) Close() (Totals, error) {
 		return w.totals, errors.New("diffstream: Close called twice")
 	}
 	if w.err != nil {
+		w.Abort()
 		return w.totals, w.err
 	}
 	p := w.rh[recordHeader:]
@@ -154,7 +188,16 @@ func (w *Writer) Close() (Totals, error) {
 		return w.totals, err
 	}
 	w.closed = true
-	if err := w.w.Flush(); err != nil {
+	err := w.w.Flush()
+	if w.zw != nil {
+		if cerr := w.zw.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			err = w.out.Flush()
+		}
+	}
+	if err != nil {
 		return w.totals, fmt.Errorf("diffstream: write: %w", err)
 	}
 	return w.totals, nil
@@ -164,7 +207,7 @@ func (w *Writer) Close() (Totals, error) {
 // extents, then END. It returns the stream's totals.
 //
 // h.VolumeSize and h.BlockSize default to src's; the block size must be a
-// multiple of src's. Extents must be ascending, non-overlapping and aligned
+// multiple of src's. FlagZstd in h.Flags compresses the stream (version 2). Extents must be ascending, non-overlapping and aligned
 // to the block size. Each extent is read from src and sent as DATA records,
 // except runs of all-zero blocks (and extents marked Zero), which are sent
 // as ZERO records, so exports are sparse.
@@ -198,7 +241,7 @@ func Export(ctx context.Context, w io.Writer, src blockdev.Device, h Header, ext
 		if !h.Full() {
 			return Totals{}, errors.New("diffstream: an incremental export needs the changed extents")
 		}
-		extents = AllocatedExtents(src)
+		extents = blockdev.AllocationExtents(src)
 	}
 	sw, err := NewWriter(w, h)
 	if err != nil {
@@ -209,6 +252,7 @@ func Export(ctx context.Context, w io.Writer, src blockdev.Device, h Header, ext
 		e.total = h.VolumeSize
 	}
 	if err := e.run(extents); err != nil {
+		sw.Abort()
 		return sw.Totals(), err
 	}
 	return sw.Close()
@@ -347,46 +391,4 @@ func (e *exporter) piece(off int64, p []byte) error {
 		i = j
 	}
 	return nil
-}
-
-// AllocatedExtents lists dev as extents for a full export: holes and zero
-// ranges that dev reports through blockdev.AllocationMapper as Zero
-// extents, the rest as data. A device without AllocationMapper is one data
-// extent.
-func AllocatedExtents(dev blockdev.Device) iter.Seq2[Extent, error] {
-	return func(yield func(Extent, error) bool) {
-		size := dev.Size()
-		m, ok := dev.(blockdev.AllocationMapper)
-		if !ok {
-			if size > 0 {
-				yield(Extent{Off: 0, Len: size}, nil)
-			}
-			return
-		}
-		var cur Extent
-		for off := int64(0); off < size; {
-			n, st, err := m.MapAllocation(off, size-off)
-			if err != nil {
-				yield(Extent{}, fmt.Errorf("map allocation at %d: %w", off, err))
-				return
-			}
-			if n <= 0 {
-				yield(Extent{}, fmt.Errorf("map allocation at %d: empty answer", off))
-				return
-			}
-			x := Extent{Off: off, Len: n, Zero: st != blockdev.Allocated}
-			if cur.Len > 0 && cur.Zero == x.Zero {
-				cur.Len += n
-			} else {
-				if cur.Len > 0 && !yield(cur, nil) {
-					return
-				}
-				cur = x
-			}
-			off += n
-		}
-		if cur.Len > 0 {
-			yield(cur, nil)
-		}
-	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // TestRaceSnapshotsUnderLoad runs many origin writers and snapshot readers
@@ -22,10 +23,9 @@ import (
 func TestRaceSnapshotsUnderLoad(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
 	defer cancel()
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	const size = 1 << 20
-	o, err := NewOrigin(newMem(t, size, 512), OriginOptions{MaxCOWs: 3})
+	o, err := NewOrigin(blockdevtest.NewMem(t, size, 512), OriginOptions{MaxCOWs: 3})
 	require.NoError(t, err)
 
 	var stop atomic.Bool
@@ -91,7 +91,7 @@ func TestRaceSnapshotsUnderLoad(t *testing.T) {
 		snaps := o.Snapshots()
 		switch op := rng.IntN(6); {
 		case op < 3 || len(snaps) == 0:
-			cow := newMem(t, int64(64<<10+rng.IntN(4)*128<<10), 512)
+			cow := blockdevtest.NewMem(t, int64(64<<10+rng.IntN(4)*128<<10), 512)
 			_, err := o.CreateSnapshot(cow, Options{ChunkSize: 4096, Persistent: rng.IntN(2) == 0, Overflow: rng.IntN(2) == 0})
 			if err != nil && !errors.Is(err, ErrMerging) {
 				require.NoError(t, err)

@@ -1,5 +1,0 @@
-//go:build !race
-
-package exception
-
-const raceEnabled = false

@@ -1,0 +1,93 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/blocksnap/blocksnap/snapshot/diffstream"
+)
+
+// Identity is the volume's stable identity in diff streams and in the state
+// a target of ApplyDiff keeps: its ID in the store and its creation time
+// (both survive reopen; the pair is practically unique across stores), and
+// its name for people. This is the one place it is built: every exporter
+// (ExportDiff, the command line, the examples) names volumes through it, so
+// a target's state matches the next stream's From.
+func (i VolumeInfo) Identity() diffstream.Identity {
+	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name}
+}
+
+// ExportOptions configures ExportDiff. The zero value is a good default.
+type ExportOptions struct {
+	// Compress writes a zstd-compressed stream (diffstream version 2,
+	// which readers before it refuse by version).
+	Compress bool
+	// Progress, if set, is called as the export proceeds with the volume
+	// bytes covered so far and the total it will cover, known from the
+	// start (the volume's size for a full export, the changed bytes for
+	// an incremental one).
+	Progress func(done, total int64)
+}
+
+// ExportDiff writes to w the diff stream that takes a volume from snapshot
+// from to snapshot to (an incremental, as `zfs send -i`), or, with from nil,
+// the whole of to (a full, sparse export). Both must be snapshots (frozen
+// contents); for a live volume, take a snapshot first. from and to are
+// snapshots of one volume (either order), or to is a snapshot of a clone
+// whose parent snapshot is from, as Diff allows.
+//
+// The stream names both ends by VolumeInfo.Identity and records the store's
+// chunk size. The changed extents come from Diff (metadata only); those
+// Diff marks Zero are sent as ZERO records without reading data only when
+// to is the newer side, since Diff's Zero describes the newer volume (an
+// export backwards in time reads those chunks and sends what to holds).
+// All-zero blocks read from to are sent as ZERO records either way.
+func (s *Store) ExportDiff(ctx context.Context, w io.Writer, from, to *Volume, opts ExportOptions) (diffstream.Totals, error) {
+	for _, v := range []*Volume{from, to} {
+		if v == nil {
+			continue
+		}
+		if err := v.check(0, 0); err != nil {
+			return diffstream.Totals{}, err
+		}
+		if v.kind != KindSnapshot {
+			return diffstream.Totals{}, fmt.Errorf("%w: export of %s %q: exports read snapshots (take one first)", ErrBadOptions, v.kind, v.Info().Name)
+		}
+	}
+	if to == nil {
+		return diffstream.Totals{}, fmt.Errorf("%w: export needs the snapshot to export", ErrBadOptions)
+	}
+	h := diffstream.Header{To: to.Info().Identity(), ChunkSize: int(s.cs)}
+	if opts.Compress {
+		h.Flags |= diffstream.FlagZstd
+	}
+	total := to.Size()
+	var extents func(func(Extent, error) bool)
+	if from != nil {
+		h.From = from.Info().Identity()
+		// Collected first (metadata only, a few words per extent) so
+		// that progress knows its total.
+		var list []Extent
+		total = 0
+		for x, err := range s.diff(from, to, to) {
+			if err != nil {
+				return diffstream.Totals{}, err
+			}
+			list = append(list, x)
+			total += x.Len
+		}
+		extents = func(yield func(Extent, error) bool) {
+			for _, x := range list {
+				if !yield(x, nil) {
+					return
+				}
+			}
+		}
+	}
+	var progress func(diffstream.Progress)
+	if opts.Progress != nil {
+		progress = func(p diffstream.Progress) { opts.Progress(p.Done, total) }
+	}
+	return diffstream.Export(ctx, w, to, h, extents, progress)
+}

@@ -1,0 +1,205 @@
+package meta
+
+import "sync"
+
+// nodeOverhead approximates a decoded node's memory beyond its run array.
+const nodeOverhead = 200
+
+// cache holds decoded nodes by page number, bounded in bytes. Clean nodes
+// are evicted in LRU order; dirty nodes (written by the current
+// transaction, not yet on disk) stay until the writer writes them back.
+type cache struct {
+	// mu guards every field below and the prev/next/cost/inCache fields
+	// of the nodes; it is the innermost lock (Meta.mu -> Meta.viewMu ->
+	// cache.mu).
+	mu       sync.Mutex
+	limit    int
+	bytes    int
+	dirty    int // bytes of dirty nodes
+	nodes    map[uint64]*node
+	head     node // LRU sentinel: head.next is the most recently used
+	hits     uint64
+	misses   uint64
+	evicted  uint64
+	writeOut uint64
+}
+
+func newCache(limit int) *cache {
+	c := &cache{limit: limit, nodes: make(map[uint64]*node)}
+	c.head.next, c.head.prev = &c.head, &c.head
+	return c
+}
+
+func nodeCost(n *node) int { return nodeOverhead + cap(n.runs)*32 + cap(n.kids)*16 }
+
+func (c *cache) unlink(n *node) {
+	n.prev.next, n.next.prev = n.next, n.prev
+	n.prev, n.next = nil, nil
+}
+
+func (c *cache) pushFront(n *node) {
+	n.next, n.prev = c.head.next, &c.head
+	c.head.next.prev = n
+	c.head.next = n
+}
+
+// get returns the cached node at loc, if any, and marks it recently used.
+func (c *cache) get(loc uint64) *node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.nodes[loc]
+	if n == nil {
+		c.misses++
+		return nil
+	}
+	c.hits++
+	c.unlink(n)
+	c.pushFront(n)
+	return n
+}
+
+// add inserts n unless another node for its page is already cached, and
+// returns the cached one. It evicts clean nodes beyond the limit.
+func (c *cache) add(n *node) *node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if old := c.nodes[n.loc]; old != nil {
+		if old != n {
+			return old
+		}
+		c.unlink(old)
+		c.pushFront(old)
+		c.resize(old)
+		return old
+	}
+	n.inCache = true
+	n.cost = nodeCost(n)
+	c.bytes += n.cost
+	if n.dirty {
+		c.dirty += n.cost
+	}
+	c.nodes[n.loc] = n
+	c.pushFront(n)
+	c.evictLocked()
+	return n
+}
+
+// resize refreshes n's cost after the writer changed it.
+func (c *cache) resize(n *node) {
+	cost := nodeCost(n)
+	c.bytes += cost - n.cost
+	if n.dirty {
+		c.dirty += cost - n.cost
+	}
+	n.cost = cost
+}
+
+// touched records that the writer changed n (and so made it dirty): it is
+// (re)inserted if it was evicted and its cost refreshed.
+func (c *cache) touched(n *node) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !n.inCache {
+		if old := c.nodes[n.loc]; old != nil {
+			c.remove(old)
+		}
+		n.inCache = true
+		n.cost = nodeCost(n)
+		c.bytes += n.cost
+		c.nodes[n.loc] = n
+		c.pushFront(n)
+		if n.dirty {
+			c.dirty += n.cost
+		}
+		return
+	}
+	c.resize(n)
+}
+
+// setDirty changes n's dirty flag and the dirty byte count.
+func (c *cache) setDirty(n *node, d bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n.dirty == d {
+		return
+	}
+	n.dirty = d
+	if n.inCache {
+		if d {
+			c.dirty += n.cost
+		} else {
+			c.dirty -= n.cost
+		}
+	}
+}
+
+// drop forgets the node at loc (its page was freed and may be reused).
+func (c *cache) drop(loc uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := c.nodes[loc]; n != nil {
+		c.remove(n)
+	}
+}
+
+func (c *cache) remove(n *node) {
+	delete(c.nodes, n.loc)
+	c.unlink(n)
+	c.bytes -= n.cost
+	if n.dirty {
+		c.dirty -= n.cost
+	}
+	n.inCache = false
+}
+
+// evictLocked drops clean nodes from the cold end until the cache fits.
+func (c *cache) evictLocked() {
+	for n := c.head.prev; c.bytes > c.limit && n != &c.head; {
+		prev := n.prev
+		if !n.dirty {
+			c.remove(n)
+			c.evicted++
+		}
+		n = prev
+	}
+}
+
+// dirtyNodes returns the dirty nodes, coldest first.
+func (c *cache) dirtyNodes(max int) []*node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []*node
+	for n := c.head.prev; n != &c.head && (max <= 0 || len(out) < max); n = n.prev {
+		if n.dirty {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func (c *cache) dirtyBytes() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dirty
+}
+
+func (c *cache) evict() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.evictLocked()
+}
+
+// CacheStats describes the node cache.
+type CacheStats struct {
+	Bytes, DirtyBytes, Limit int
+	Nodes                    int
+	Hits, Misses, Evicted    uint64
+	WrittenBack              uint64
+}
+
+func (c *cache) stats() CacheStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: len(c.nodes),
+		Hits: c.hits, Misses: c.misses, Evicted: c.evicted, WrittenBack: c.writeOut}
+}

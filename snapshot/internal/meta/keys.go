@@ -1,0 +1,353 @@
+package meta
+
+import "fmt"
+
+// reader answers key queries over one pair of roots: the writer's open
+// transaction or a View's committed one.
+type reader struct {
+	m            *Meta
+	chunk, epoch tree
+	it           iter
+}
+
+func (r *reader) iter(k kind) *iter {
+	r.it = iter{m: r.m, k: k, nodes: r.it.nodes[:0], idx: r.it.idx[:0]}
+	return &r.it
+}
+
+// seek returns the first key >= q in chunk order.
+func (r *reader) seek(q Key) (Key, uint64, bool, error) {
+	k := chunkTree
+	it := r.iter(k)
+	qr := q.run(0)
+	if !it.seek(r.chunk, qr) {
+		return Key{}, 0, false, it.err
+	}
+	if it.valid() {
+		x := it.run()
+		if b := k.before(x, qr); b < uint64(x.n) {
+			y := k.at(x, b)
+			return Key{y.b, y.c, y.e}, y.loc, true, nil
+		}
+	}
+	if !it.next() {
+		return Key{}, 0, false, it.err
+	}
+	x := it.run()
+	return Key{x.b, x.c, x.e}, x.loc, true, nil
+}
+
+// prev returns the last key < q in chunk order.
+func (r *reader) prev(q Key) (Key, uint64, bool, error) {
+	k := chunkTree
+	it := r.iter(k)
+	qr := q.run(0)
+	if !it.seek(r.chunk, qr) {
+		return Key{}, 0, false, it.err
+	}
+	if it.valid() {
+		x := it.run()
+		if b := k.before(x, qr); b > 0 {
+			y := k.at(x, b-1)
+			return Key{y.b, y.c, y.e}, y.loc, true, nil
+		}
+	}
+	if !it.prev() {
+		return Key{}, 0, false, it.err
+	}
+	x := k.last(it.run())
+	return Key{x.b, x.c, x.e}, x.loc, true, nil
+}
+
+func (r *reader) get(q Key) (uint64, bool, error) {
+	got, loc, ok, err := r.seek(q)
+	if err != nil || !ok || got != q {
+		return 0, false, err
+	}
+	return loc, true, nil
+}
+
+// ascend calls fn for each key >= from in chunk order until fn is false.
+func (r *reader) ascend(from Key, fn func(Key, uint64) bool) error {
+	k := chunkTree
+	it := r.iter(k)
+	qr := from.run(0)
+	if !it.seek(r.chunk, qr) {
+		return it.err
+	}
+	b := uint64(0)
+	if it.valid() {
+		b = k.before(it.run(), qr)
+	} else if !it.next() {
+		return it.err
+	}
+	for {
+		x := it.run()
+		for ; b < uint64(x.n); b++ {
+			y := k.at(x, b)
+			if !fn(Key{y.b, y.c, y.e}, y.loc) {
+				return nil
+			}
+		}
+		b = 0
+		if !it.next() {
+			return it.err
+		}
+	}
+}
+
+// ascendEpoch calls fn with the chunks of branch b at epoch e, from chunk
+// from on, in chunk order, until fn is false. It reads only the epoch
+// tree; Get gives a key's location.
+func (r *reader) ascendEpoch(b uint32, e uint32, from uint64, fn func(c uint64) bool) error {
+	k := epochTree
+	it := r.iter(k)
+	qr := run{b: b, e: e, c: from}
+	if !it.seek(r.epoch, qr) {
+		return it.err
+	}
+	i := uint64(0)
+	if it.valid() {
+		i = k.before(it.run(), qr)
+	}
+	if !it.valid() || i >= uint64(it.run().n) {
+		if !it.next() {
+			return it.err
+		}
+		i = 0
+	}
+	for {
+		x := it.run()
+		if x.b != b || x.e != e {
+			return nil
+		}
+		for ; i < uint64(x.n); i++ {
+			if !fn(x.c + i) {
+				return nil
+			}
+		}
+		i = 0
+		if !it.next() {
+			return it.err
+		}
+	}
+}
+
+// Put inserts key q mapped to loc (a data chunk, or a value >= LocSpecial)
+// in the open transaction. ErrExists if q is present; ErrNoSpace, with
+// nothing changed, if the metadata region cannot take it.
+func (m *Meta) Put(q Key, loc uint64) error {
+	m.mu.Lock()
+	err := m.put(q, loc)
+	cb := m.lowSpace()
+	m.mu.Unlock()
+	if cb != nil {
+		cb()
+	}
+	return err
+}
+
+func (m *Meta) put(q Key, loc uint64) error {
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if err := m.room(false); err != nil {
+		return err
+	}
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	if _, ok, err := r.get(q); err != nil || ok {
+		if err == nil {
+			err = fmt.Errorf("meta: put %v: %w", q, ErrExists)
+		}
+		return err
+	}
+	m.changed = true
+	if err := m.putKey(&m.chunk, q.run(loc)); err != nil {
+		return m.fail(err)
+	}
+	if err := m.putKey(&m.epoch, q.run(0)); err != nil {
+		return m.fail(err)
+	}
+	m.keys++
+	return m.writeBack()
+}
+
+// Delete removes key q and returns its location.
+func (m *Meta) Delete(q Key) (uint64, error) {
+	m.mu.Lock()
+	loc, err := m.del(q)
+	cb := m.lowSpace()
+	m.mu.Unlock()
+	if cb != nil {
+		cb()
+	}
+	return loc, err
+}
+
+func (m *Meta) del(q Key) (uint64, error) {
+	if err := m.usable(); err != nil {
+		return 0, err
+	}
+	if err := m.room(true); err != nil {
+		return 0, err
+	}
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	if _, ok, err := r.get(q); err != nil || !ok {
+		if err == nil {
+			err = fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
+		}
+		return 0, err
+	}
+	m.changed = true
+	x, err := m.deleteKey(&m.chunk, q.run(0))
+	if err != nil {
+		return 0, m.fail(err)
+	}
+	if _, err := m.deleteKey(&m.epoch, q.run(0)); err != nil {
+		return 0, m.fail(err)
+	}
+	m.keys--
+	return x.loc, m.writeBack()
+}
+
+// room checks, before a change, that the worst case of pages it can need
+// is free, plus what the commit needs; puts also leave the delete reserve.
+// Failing here changes nothing.
+func (m *Meta) room(isDelete bool) error {
+	need := uint64(2*m.chunk.level+4) + uint64(2*m.epoch.level+4)
+	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
+		need += uint64(len(sm.pages) + len(sm.idx))
+	}
+	need += 8
+	if !isDelete {
+		need += max(64, m.metaSM.nbits/100)
+	}
+	if free := m.metaSM.free(); free < need {
+		return fmt.Errorf("meta: %d metadata pages free, the change may need %d: %w", free, need, ErrNoSpace)
+	}
+	return nil
+}
+
+// Get returns the location of key q in the open transaction.
+func (m *Meta) Get(q Key) (uint64, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	return r.get(q)
+}
+
+// Seek returns the first key >= q in (branch, chunk, epoch) order.
+func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	return r.seek(q)
+}
+
+// Prev returns the last key < q in (branch, chunk, epoch) order.
+func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	return r.prev(q)
+}
+
+// Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
+// until fn returns false. fn must not call back into m.
+func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	return r.ascend(from, fn)
+}
+
+// AscendEpoch calls fn with the chunks of branch b that have a key at
+// epoch e, from chunk from, in chunk order, until fn returns false.
+func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	return r.ascendEpoch(b, e, from, fn)
+}
+
+// Len returns the number of keys in the open transaction.
+func (m *Meta) Len() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.keys
+}
+
+// Stats describes the trees of the open transaction.
+type Stats struct {
+	Keys, ChunkRuns, EpochRuns uint64
+	ChunkLevels, EpochLevels   int
+	Tx                         uint64 // the open transaction
+}
+
+// Stats reports key and run counts.
+func (m *Meta) Stats() Stats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	lv := func(t tree) int {
+		if t.root.isNil() {
+			return 0
+		}
+		return int(t.level) + 1
+	}
+	return Stats{Keys: m.keys, ChunkRuns: m.chunk.runs, EpochRuns: m.epoch.runs, ChunkLevels: lv(m.chunk), EpochLevels: lv(m.epoch), Tx: m.tx}
+}
+
+// View is a read-only snapshot of the last committed transaction. Its
+// pages are not reused until Release, and reading it never waits for the
+// writer. A View is for one goroutine at a time.
+type View struct {
+	r        reader
+	st       state
+	released bool
+}
+
+// View returns a read-only snapshot of the last committed transaction.
+func (m *Meta) View() *View {
+	m.viewMu.Lock()
+	defer m.viewMu.Unlock()
+	st := m.committed
+	m.views[st.tx]++
+	return &View{r: reader{m: m, chunk: st.chunk, epoch: st.epoch}, st: st}
+}
+
+// Release ends the view; its pages may then be reused.
+func (v *View) Release() {
+	if v.released {
+		return
+	}
+	v.released = true
+	m := v.r.m
+	m.viewMu.Lock()
+	defer m.viewMu.Unlock()
+	if m.views[v.st.tx]--; m.views[v.st.tx] == 0 {
+		delete(m.views, v.st.tx)
+	}
+}
+
+// Tx is the committed transaction the view reads.
+func (v *View) Tx() uint64 { return v.st.tx }
+
+// Len returns the number of keys.
+func (v *View) Len() uint64 { return v.st.keys }
+
+// Get returns the location of key q.
+func (v *View) Get(q Key) (uint64, bool, error) { return v.r.get(q) }
+
+// Seek returns the first key >= q in (branch, chunk, epoch) order.
+func (v *View) Seek(q Key) (Key, uint64, bool, error) { return v.r.seek(q) }
+
+// Prev returns the last key < q in (branch, chunk, epoch) order.
+func (v *View) Prev(q Key) (Key, uint64, bool, error) { return v.r.prev(q) }
+
+// Ascend calls fn for the keys >= from until fn returns false.
+func (v *View) Ascend(from Key, fn func(Key, uint64) bool) error { return v.r.ascend(from, fn) }
+
+// AscendEpoch calls fn with the chunks of (b, e) from chunk from on.
+func (v *View) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
+	return v.r.ascendEpoch(b, e, from, fn)
+}

@@ -1,0 +1,427 @@
+package meta
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// DefaultCacheBytes is the node cache size when Options.CacheBytes is 0.
+const DefaultCacheBytes = 64 << 20
+
+// Options configure Format and Open. The zero value is a good default.
+type Options struct {
+	// Pages is the number of metadata pages Format uses (0: the whole
+	// device). Grow extends it later, up to the device's size.
+	Pages uint64
+	// DataChunks is the size of the data space map Format creates.
+	DataChunks uint64
+	// CacheBytes bounds the decoded-node cache (0: DefaultCacheBytes).
+	// Dirty nodes are written back once they pass a quarter of it.
+	CacheBytes int
+	// ReadOnly opens without ever writing the device.
+	ReadOnly bool
+	// LowSpaceThreshold and LowSpace: LowSpace(free, total) is called,
+	// without locks held, when the free metadata pages drop below the
+	// threshold (once per crossing).
+	LowSpaceThreshold uint64
+	LowSpace          func(free, total uint64)
+}
+
+// Key is one index key: branch, chunk, epoch.
+type Key struct {
+	B uint32
+	C uint64
+	E uint32
+}
+
+func (k Key) run(loc uint64) run { return run{b: k.B, c: k.C, e: k.E, n: 1, loc: loc} }
+
+// tree is one B+tree's current root. Guarded by Meta.mu.
+type tree struct {
+	kind  kind
+	root  ptr
+	level uint16
+	runs  uint64
+}
+
+// state is what a commit makes durable and a View reads.
+type state struct {
+	tx           uint64
+	chunk, epoch tree
+	keys         uint64
+	pages        uint64
+	dataChunks   uint64
+	metaIdx      []ptr
+	dataIdx      []ptr
+	metaPages    int // bitmap pages per map, to read them back
+	dataPages    int
+}
+
+// freeBatch is what transaction tx freed; it becomes reusable once tx is
+// durable and no view is older than tx.
+type freeBatch struct {
+	tx         uint64
+	meta, data []uint64
+}
+
+// Meta is an open metadata region. One writer at a time changes the
+// current transaction (all methods lock Meta.mu); any number of Views read
+// committed transactions without that lock.
+type Meta struct {
+	dev  blockdev.Device
+	opts Options
+
+	// mu guards the current transaction: everything below up to viewMu.
+	// Lock order: mu -> viewMu -> cache.mu.
+	mu       sync.Mutex
+	tx       uint64 // the open transaction; tx-1 is the last committed
+	chunk    tree
+	epoch    tree
+	keys     uint64
+	metaSM   *spaceMap
+	dataSM   *spaceMap
+	deferred []freeBatch
+	changed  bool
+	failed   error
+	closed   bool
+	lowFired bool
+	buf      []byte // page buffer for writes
+	pathBuf  []*node
+	idxBuf   []int
+
+	// viewMu guards committed and views.
+	viewMu    sync.Mutex
+	committed state
+	views     map[uint64]int // committed tx -> open views
+
+	cache *cache
+	pool  sync.Pool // page buffers for reads
+}
+
+// Format initialises a metadata region on dev and returns it open.
+func Format(dev blockdev.Device, opts Options) (*Meta, error) {
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("meta: format: %w", ErrReadOnly)
+	}
+	if opts.Pages == 0 {
+		opts.Pages = uint64(dev.Size()) / PageSize
+	}
+	if err := checkGeometry(dev, opts.Pages, opts.DataChunks); err != nil {
+		return nil, err
+	}
+	m := newMeta(dev, opts)
+	m.metaSM = newSpaceMap(opts.Pages)
+	m.metaSM.set(0)
+	m.metaSM.set(1)
+	m.dataSM = newSpaceMap(opts.DataChunks)
+	m.tx = 1
+	m.chunk, m.epoch = tree{kind: chunkTree}, tree{kind: epochTree}
+	zero := make([]byte, 2*PageSize)
+	if _, err := dev.WriteAt(zero, 0); err != nil {
+		return nil, fmt.Errorf("meta: format: %w", err)
+	}
+	m.changed = true
+	if err := m.Commit(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func checkGeometry(dev blockdev.Device, pages, chunks uint64) error {
+	if pages < 16 || pages > uint64(dev.Size())/PageSize {
+		return fmt.Errorf("meta: %d pages on a device of %d bytes: %w", pages, dev.Size(), ErrInvalid)
+	}
+	if PageSize%dev.BlockSize() != 0 {
+		return fmt.Errorf("meta: block size %d: %w", dev.BlockSize(), ErrInvalid)
+	}
+	if idxFor(pagesFor(pages))+idxFor(pagesFor(chunks)) > maxIdxPtrs {
+		return fmt.Errorf("meta: %d pages and %d chunks need more index pages than the superblock holds: %w", pages, chunks, ErrInvalid)
+	}
+	return nil
+}
+
+func newMeta(dev blockdev.Device, opts Options) *Meta {
+	if opts.CacheBytes <= 0 {
+		opts.CacheBytes = DefaultCacheBytes
+	}
+	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
+	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
+	return m
+}
+
+// Open opens the metadata region on dev: it reads both superblocks, takes
+// the newer valid one, and loads the space maps. It reads no tree node.
+func Open(dev blockdev.Device, opts Options) (*Meta, error) {
+	m := newMeta(dev, opts)
+	var best *super
+	var errs []error
+	for slot := uint64(0); slot < 2; slot++ {
+		p := make([]byte, PageSize)
+		if _, err := dev.ReadAt(p, int64(slot)*PageSize); err != nil {
+			return nil, fmt.Errorf("meta: open: %w", err)
+		}
+		s, err := decodeSuper(p, slot)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if best == nil || s.tx > best.tx {
+			best = s
+		}
+	}
+	if best == nil {
+		return nil, fmt.Errorf("meta: open: no valid superblock: %w", errors.Join(errs...))
+	}
+	if best.pages > uint64(dev.Size())/PageSize {
+		return nil, fmt.Errorf("meta: open: %w: superblock has %d pages, device %d bytes", ErrCorrupt, best.pages, dev.Size())
+	}
+	m.tx = best.tx + 1
+	m.chunk = tree{kind: chunkTree, root: best.chunkRoot, level: best.chunkLevel, runs: best.chunkRuns}
+	m.epoch = tree{kind: epochTree, root: best.epochRoot, level: best.epochLevel, runs: best.epochRuns}
+	m.keys = best.keys
+	var err error
+	if m.metaSM, err = m.loadMap(best.pages, best.metaIdx, best.pages, best.tx); err != nil {
+		return nil, err
+	}
+	if m.dataSM, err = m.loadMap(best.dataChunks, best.dataIdx, best.pages, best.tx); err != nil {
+		return nil, err
+	}
+	if m.metaSM.used != best.metaUsed || m.dataSM.used != best.dataUsed || !m.metaSM.isSet(0) || !m.metaSM.isSet(1) {
+		return nil, fmt.Errorf("meta: open: %w: space maps count %d pages and %d chunks in use, superblock %d and %d",
+			ErrCorrupt, m.metaSM.used, m.dataSM.used, best.metaUsed, best.dataUsed)
+	}
+	m.publish()
+	return m, nil
+}
+
+// loadMap reads a space map of nbits through its index pages.
+func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, error) {
+	s := newSpaceMap(nbits)
+	np := len(s.pages)
+	p := make([]byte, PageSize)
+	for j, ip := range idx {
+		if err := m.readPage(p, ip.loc); err != nil {
+			return nil, err
+		}
+		want := min(idxPerPage, np-j*idxPerPage)
+		ents, err := decodeIndex(p, ip.loc, ip.tx, want, pages)
+		if err != nil {
+			return nil, err
+		}
+		copy(s.pages[j*idxPerPage:], ents)
+	}
+	for i, bp := range s.pages {
+		if err := m.readPage(p, bp.loc); err != nil {
+			return nil, err
+		}
+		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, s.words[i*wordsPerPage:(i+1)*wordsPerPage]); err != nil {
+			return nil, err
+		}
+	}
+	copy(s.idx, idx)
+	clear(s.dirtyPage)
+	clear(s.dirtyIndex)
+	s.countBits()
+	return s, nil
+}
+
+func (m *Meta) readPage(p []byte, loc uint64) error {
+	if _, err := m.dev.ReadAt(p, int64(loc)*PageSize); err != nil {
+		return fmt.Errorf("meta: read page %d: %w", loc, err)
+	}
+	return nil
+}
+
+func (m *Meta) writePage(p []byte, loc uint64) error {
+	if _, err := m.dev.WriteAt(p, int64(loc)*PageSize); err != nil {
+		return fmt.Errorf("meta: write page %d: %w", loc, err)
+	}
+	return nil
+}
+
+// publish records the current (just committed or opened) state for Views.
+func (m *Meta) publish() {
+	m.viewMu.Lock()
+	defer m.viewMu.Unlock()
+	m.committed = state{tx: m.tx - 1, chunk: m.chunk, epoch: m.epoch, keys: m.keys,
+		pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
+		metaIdx: append([]ptr(nil), m.metaSM.idx...), dataIdx: append([]ptr(nil), m.dataSM.idx...),
+		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages)}
+}
+
+// usable returns an error if the writer may not change anything.
+func (m *Meta) usable() error {
+	switch {
+	case m.closed:
+		return ErrClosed
+	case m.opts.ReadOnly:
+		return ErrReadOnly
+	case m.failed != nil:
+		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
+	}
+	return nil
+}
+
+// fail records a device error: the open transaction is lost.
+func (m *Meta) fail(err error) error {
+	if m.failed == nil {
+		m.failed = err
+	}
+	return err
+}
+
+// allocPage takes a free metadata page.
+func (m *Meta) allocPage() (uint64, error) {
+	loc, ok := m.metaSM.alloc()
+	if !ok {
+		return 0, fmt.Errorf("meta: metadata region full (%d pages): %w", m.metaSM.nbits, ErrNoSpace)
+	}
+	m.cache.drop(loc)
+	return loc, nil
+}
+
+func (m *Meta) batch() *freeBatch {
+	if n := len(m.deferred); n == 0 || m.deferred[n-1].tx != m.tx {
+		m.deferred = append(m.deferred, freeBatch{tx: m.tx})
+	}
+	return &m.deferred[len(m.deferred)-1]
+}
+
+// freePage releases a metadata page: cleared in the map now, reusable
+// once this transaction is durable and no view can reach the page.
+func (m *Meta) freePage(loc uint64) {
+	if n := m.cache.get(loc); n != nil && n.tx == m.tx {
+		m.cache.drop(loc) // never committed: nothing will read it
+	}
+	m.metaSM.clear(loc)
+	m.metaSM.hold(loc)
+	b := m.batch()
+	b.meta = append(b.meta, loc)
+}
+
+// releaseFrees makes reusable what committed transactions freed and no
+// open view can still reach.
+func (m *Meta) releaseFrees() {
+	m.viewMu.Lock()
+	limit := m.tx - 1
+	for vtx := range m.views {
+		limit = min(limit, vtx)
+	}
+	m.viewMu.Unlock()
+	n := 0
+	for _, b := range m.deferred {
+		if b.tx > limit {
+			break
+		}
+		for _, loc := range b.meta {
+			m.metaSM.unhold(loc)
+			m.cache.drop(loc)
+		}
+		for _, loc := range b.data {
+			m.dataSM.unhold(loc)
+		}
+		n++
+	}
+	m.deferred = append(m.deferred[:0], m.deferred[n:]...)
+}
+
+// AllocData takes a free data chunk in the open transaction.
+func (m *Meta) AllocData() (uint64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return 0, err
+	}
+	loc, ok := m.dataSM.alloc()
+	if !ok {
+		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
+	}
+	m.changed = true
+	return loc, nil
+}
+
+// FreeData frees data chunk loc; it is not reused before this transaction
+// is durable and every older view is released.
+func (m *Meta) FreeData(loc uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
+		return fmt.Errorf("meta: free of data chunk %d, not in use: %w", loc, ErrInvalid)
+	}
+	m.dataSM.clear(loc)
+	m.dataSM.hold(loc)
+	b := m.batch()
+	b.data = append(b.data, loc)
+	m.changed = true
+	return nil
+}
+
+// Grow extends the metadata region to pages (the device must hold them).
+func (m *Meta) Grow(pages uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if pages < m.metaSM.nbits {
+		return fmt.Errorf("meta: grow to %d pages from %d: %w", pages, m.metaSM.nbits, ErrInvalid)
+	}
+	if err := checkGeometry(m.dev, pages, m.dataSM.nbits); err != nil {
+		return err
+	}
+	m.metaSM.grow(pages)
+	m.changed = true
+	return nil
+}
+
+// GrowData extends the data space map to chunks.
+func (m *Meta) GrowData(chunks uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if chunks < m.dataSM.nbits {
+		return fmt.Errorf("meta: grow data to %d chunks from %d: %w", chunks, m.dataSM.nbits, ErrInvalid)
+	}
+	if err := checkGeometry(m.dev, m.metaSM.nbits, chunks); err != nil {
+		return err
+	}
+	m.dataSM.grow(chunks)
+	m.changed = true
+	return nil
+}
+
+// Space reports metadata pages and data chunks: total and in use.
+type Space struct {
+	Pages, PagesUsed   uint64
+	Chunks, ChunksUsed uint64
+}
+
+// Space reports the current transaction's space use.
+func (m *Meta) Space() Space {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits, ChunksUsed: m.dataSM.nbits - m.dataSM.free()}
+}
+
+// CacheStats reports the node cache.
+func (m *Meta) CacheStats() CacheStats { return m.cache.stats() }
+
+// Close releases the Meta. It does not commit: what was not committed is
+// lost, as after a crash (callers Commit first).
+func (m *Meta) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	m.closed = true
+	return nil
+}

@@ -1,0 +1,398 @@
+package meta
+
+// Tree nodes and their page encodings.
+//
+// Branch page (typeChunkBranch, typeEpochBranch), count = children (at most
+// maxKids), level >= 1, body of 32-byte entries from offset 32:
+//
+//	offset     size field
+//	32+32i     4    key.b
+//	32+32i+4   4    key.e
+//	32+32i+8   8    key.c
+//	32+32i+16  8    child page
+//	32+32i+24  8    child transaction id
+//
+// Leaf page (typeChunkLeaf, typeEpochLeaf), count = runs, level 0: runs
+// delta-coded against the previous run (the first against all zeros), from
+// offset 32, at most leafCap bytes:
+//
+//	field      chunk leaf                        epoch leaf
+//	1          uvarint(b - prev.b)               uvarint(b - prev.b)
+//	2          uvarint(c - prev.c) if b same,    uvarint(e - prev.e) if b same,
+//	           else uvarint(c)                   else uvarint(e)
+//	3          zigzag(e - prev.e)                zigzag(c - prev.c)
+//	4          uvarint(n - 1)                    uvarint(n - 1)
+//	5          zigzag(loc - (prev.loc+prev.n))   (none)
+
+import (
+	"encoding/binary"
+	"math"
+)
+
+const (
+	maxKids   = (PageSize - headerSize) / 32
+	leafCap   = PageSize - headerSize
+	maxRunEnc = 5*binary.MaxVarintLen64 + 2*binary.MaxVarintLen32
+)
+
+// LocSpecial: locations at or above it are not data chunks (the store
+// encodes "zeros" and "inherit" there). Runs holding them never merge.
+const LocSpecial = uint64(1) << 63
+
+// run is n consecutive keys with one start key. In the chunk tree the keys
+// are (b, c+i, e) -> loc+i; in the epoch tree they are (b, e, c+i) and loc
+// is unused (zero). A branch key is a run whose n and loc are ignored.
+type run struct {
+	b   uint32
+	e   uint32
+	c   uint64
+	loc uint64
+	n   uint32
+}
+
+// kind selects a tree: its key order, its page types and its leaf coding.
+type kind uint8
+
+const (
+	chunkTree kind = iota // order (b, c, e); runs vary c; loc kept
+	epochTree             // order (b, e, c); runs vary c; no loc
+)
+
+func (k kind) branchType() uint16 {
+	if k == chunkTree {
+		return typeChunkBranch
+	}
+	return typeEpochBranch
+}
+
+func (k kind) leafType() uint16 {
+	if k == chunkTree {
+		return typeChunkLeaf
+	}
+	return typeEpochLeaf
+}
+
+func cmp3(a1, b1 uint32, a2, b2 uint64, a3, b3 uint64) int {
+	switch {
+	case a1 < b1:
+		return -1
+	case a1 > b1:
+		return 1
+	case a2 < b2:
+		return -1
+	case a2 > b2:
+		return 1
+	case a3 < b3:
+		return -1
+	case a3 > b3:
+		return 1
+	}
+	return 0
+}
+
+// cmp compares the start keys of x and y in the tree's order.
+func (k kind) cmp(x, y run) int {
+	if k == chunkTree {
+		return cmp3(x.b, y.b, x.c, y.c, uint64(x.e), uint64(y.e))
+	}
+	return cmp3(x.b, y.b, uint64(x.e), uint64(y.e), x.c, y.c)
+}
+
+// before returns how many of r's keys are less than the key q.
+func (k kind) before(r, q run) uint64 {
+	if r.b != q.b {
+		if r.b < q.b {
+			return uint64(r.n)
+		}
+		return 0
+	}
+	if k == epochTree && r.e != q.e {
+		if r.e < q.e {
+			return uint64(r.n)
+		}
+		return 0
+	}
+	if q.c < r.c {
+		return 0
+	}
+	if q.c-r.c >= uint64(r.n) {
+		return uint64(r.n)
+	}
+	i := q.c - r.c
+	if k == chunkTree && r.e < q.e {
+		i++
+	}
+	return i
+}
+
+// contains reports whether key q is one of r's keys.
+func (k kind) contains(r, q run) bool {
+	return r.b == q.b && r.e == q.e && q.c >= r.c && q.c-r.c < uint64(r.n)
+}
+
+// at returns r's i-th key as a run of one.
+func (k kind) at(r run, i uint64) run {
+	x := run{b: r.b, e: r.e, c: r.c + i, n: 1}
+	if k == chunkTree && r.loc < LocSpecial {
+		x.loc = r.loc + i
+	} else {
+		x.loc = r.loc
+	}
+	return x
+}
+
+// slice returns r's keys [i, j) as a run; j > i.
+func (k kind) slice(r run, i, j uint64) run {
+	x := k.at(r, i)
+	x.n = uint32(j - i)
+	return x
+}
+
+// mergeable reports whether run y starts right where x ends, so that the
+// two (adjacent in the tree) can be one run.
+func (k kind) mergeable(x, y run) bool {
+	if x.b != y.b || x.e != y.e || x.c+uint64(x.n) != y.c || uint64(x.n)+uint64(y.n) > math.MaxUint32 {
+		return false
+	}
+	if k == chunkTree {
+		return x.loc < LocSpecial && y.loc < LocSpecial && x.loc+uint64(x.n) == y.loc
+	}
+	return true
+}
+
+// last returns r's greatest key as a run of one.
+func (k kind) last(r run) run { return k.at(r, uint64(r.n)-1) }
+
+// encRun appends run x coded against prev.
+func (k kind) encRun(dst []byte, prev, x run) []byte {
+	dst = binary.AppendUvarint(dst, uint64(x.b-prev.b))
+	if k == chunkTree {
+		if x.b == prev.b {
+			dst = binary.AppendUvarint(dst, x.c-prev.c)
+		} else {
+			dst = binary.AppendUvarint(dst, x.c)
+		}
+		dst = binary.AppendUvarint(dst, zigzag(int64(int32(x.e-prev.e))))
+		dst = binary.AppendUvarint(dst, uint64(x.n-1))
+		return binary.AppendUvarint(dst, zigzag(int64(x.loc-(prev.loc+uint64(prev.n)))))
+	}
+	if x.b == prev.b {
+		dst = binary.AppendUvarint(dst, uint64(x.e-prev.e))
+	} else {
+		dst = binary.AppendUvarint(dst, uint64(x.e))
+	}
+	dst = binary.AppendUvarint(dst, zigzag(int64(x.c-prev.c)))
+	return binary.AppendUvarint(dst, uint64(x.n-1))
+}
+
+func uvarintLen(v uint64) int {
+	n := 1
+	for v >= 0x80 {
+		v >>= 7
+		n++
+	}
+	return n
+}
+
+// encLen is len(encRun(nil, prev, x)) without encoding.
+func (k kind) encLen(prev, x run) int {
+	n := uvarintLen(uint64(x.b - prev.b))
+	if k == chunkTree {
+		if x.b == prev.b {
+			n += uvarintLen(x.c - prev.c)
+		} else {
+			n += uvarintLen(x.c)
+		}
+		n += uvarintLen(zigzag(int64(int32(x.e - prev.e))))
+		n += uvarintLen(uint64(x.n - 1))
+		return n + uvarintLen(zigzag(int64(x.loc-(prev.loc+uint64(prev.n)))))
+	}
+	if x.b == prev.b {
+		n += uvarintLen(uint64(x.e - prev.e))
+	} else {
+		n += uvarintLen(uint64(x.e))
+	}
+	n += uvarintLen(zigzag(int64(x.c - prev.c)))
+	return n + uvarintLen(uint64(x.n-1))
+}
+
+// decRun decodes one run coded against prev from p; it returns the run and
+// the bytes used, or used <= 0 if p is short or a field is out of range.
+func (k kind) decRun(p []byte, prev run) (x run, used int) {
+	var f [5]uint64
+	nf := 4
+	if k == chunkTree {
+		nf = 5
+	}
+	for i := 0; i < nf; i++ {
+		v, m := binary.Uvarint(p[used:])
+		if m <= 0 {
+			return x, -1
+		}
+		f[i] = v
+		used += m
+	}
+	if f[0] > math.MaxUint32 || f[3] >= math.MaxUint32 {
+		return x, -1
+	}
+	x.b = prev.b + uint32(f[0])
+	x.n = uint32(f[3]) + 1
+	if k == chunkTree {
+		x.c = f[1]
+		if x.b == prev.b {
+			x.c = prev.c + f[1]
+		}
+		x.e = prev.e + uint32(int32(unzigzag(f[2])))
+		x.loc = prev.loc + uint64(prev.n) + uint64(unzigzag(f[4]))
+		return x, used
+	}
+	if f[1] > math.MaxUint32 {
+		return x, -1
+	}
+	x.e = uint32(f[1])
+	if x.b == prev.b {
+		x.e = prev.e + uint32(f[1])
+	}
+	x.c = prev.c + uint64(unzigzag(f[2]))
+	return x, used
+}
+
+// node is a decoded tree page. Committed nodes (tx below the writer's
+// transaction) are immutable and shared with views; the writer changes
+// only nodes of its own transaction.
+type node struct {
+	loc   uint64
+	tx    uint64
+	kind  kind
+	level uint16
+	runs  []run // leaf: the runs; branch: the children's first keys
+	kids  []ptr // branch only
+	size  int   // leaf only: encoded body size
+	dirty bool
+
+	// cache bookkeeping, guarded by cache.mu
+	prev, next *node
+	cost       int
+	inCache    bool
+}
+
+func (n *node) leaf() bool { return n.level == 0 }
+
+// leafSize computes the encoded body size of runs.
+func (k kind) leafSize(runs []run) int {
+	s, prev := 0, run{}
+	for _, r := range runs {
+		s += k.encLen(prev, r)
+		prev = r
+	}
+	return s
+}
+
+// encode writes n into page p (PageSize bytes).
+func (n *node) encode(p []byte) {
+	clear(p[headerSize:])
+	h := header{loc: n.loc, tx: n.tx, level: n.level, count: uint16(len(n.runs))}
+	if n.leaf() {
+		h.typ = n.kind.leafType()
+		buf, prev := p[headerSize:headerSize], run{}
+		for _, r := range n.runs {
+			buf = n.kind.encRun(buf, prev, r)
+			prev = r
+		}
+	} else {
+		h.typ = n.kind.branchType()
+		for i, r := range n.runs {
+			q := p[headerSize+32*i:]
+			binary.LittleEndian.PutUint32(q, r.b)
+			binary.LittleEndian.PutUint32(q[4:], r.e)
+			binary.LittleEndian.PutUint64(q[8:], r.c)
+			binary.LittleEndian.PutUint64(q[16:], n.kids[i].loc)
+			binary.LittleEndian.PutUint64(q[24:], n.kids[i].tx)
+		}
+	}
+	seal(p, h)
+}
+
+// decodeNode validates page p read from loc as a node of tree k, written
+// by transaction tx (0: any), at level (-1: any), and decodes it.
+func decodeNode(p []byte, loc uint64, k kind, tx uint64, level int) (*node, error) {
+	typ := k.leafType()
+	if level != 0 {
+		typ = k.branchType()
+	}
+	h, err := openPage(p, loc, typ, tx)
+	if err != nil && level < 0 {
+		typ = k.leafType()
+		h, err = openPage(p, loc, typ, tx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if level >= 0 && int(h.level) != level {
+		return nil, corrupt(loc, "level %d, want %d", h.level, level)
+	}
+	if (typ == k.leafType()) != (h.level == 0) {
+		return nil, corrupt(loc, "type %d at level %d", typ, h.level)
+	}
+	n := &node{loc: loc, tx: h.tx, kind: k, level: h.level}
+	if h.count == 0 {
+		return nil, corrupt(loc, "empty node")
+	}
+	if n.leaf() {
+		if int(h.count) > leafCap {
+			return nil, corrupt(loc, "%d runs", h.count)
+		}
+		n.runs = make([]run, 0, h.count)
+		body, prev, off := p[headerSize:], run{}, 0
+		for i := 0; i < int(h.count); i++ {
+			x, m := k.decRun(body[off:], prev)
+			if m <= 0 {
+				return nil, corrupt(loc, "run %d undecodable", i)
+			}
+			if i > 0 && k.cmp(k.last(prev), x) >= 0 {
+				return nil, corrupt(loc, "run %d out of order or overlapping", i)
+			}
+			if x.c+uint64(x.n)-1 < x.c {
+				return nil, corrupt(loc, "run %d wraps the chunk space", i)
+			}
+			if k == chunkTree && x.loc < LocSpecial && x.loc+uint64(x.n) > LocSpecial {
+				return nil, corrupt(loc, "run %d crosses the special locations", i)
+			}
+			if k == chunkTree && x.loc >= LocSpecial && x.n != 1 {
+				return nil, corrupt(loc, "run %d: special location with %d keys", i, x.n)
+			}
+			off += m
+			n.runs = append(n.runs, x)
+			prev = x
+		}
+		for _, b := range body[off:] {
+			if b != 0 {
+				return nil, corrupt(loc, "bytes after the last run")
+			}
+		}
+		n.size = off
+		return n, nil
+	}
+	if int(h.count) > maxKids {
+		return nil, corrupt(loc, "%d children", h.count)
+	}
+	n.runs = make([]run, h.count)
+	n.kids = make([]ptr, h.count)
+	for i := range n.runs {
+		q := p[headerSize+32*i:]
+		n.runs[i] = run{b: binary.LittleEndian.Uint32(q), e: binary.LittleEndian.Uint32(q[4:]), c: binary.LittleEndian.Uint64(q[8:])}
+		n.kids[i] = ptr{loc: binary.LittleEndian.Uint64(q[16:]), tx: binary.LittleEndian.Uint64(q[24:])}
+		if n.kids[i].loc < 2 || n.kids[i].tx == 0 || n.kids[i].tx > h.tx {
+			return nil, corrupt(loc, "child %d pointer (%d, %d)", i, n.kids[i].loc, n.kids[i].tx)
+		}
+		if i > 0 && k.cmp(n.runs[i-1], n.runs[i]) >= 0 {
+			return nil, corrupt(loc, "key %d out of order", i)
+		}
+	}
+	for _, b := range p[headerSize+32*int(h.count):] {
+		if b != 0 {
+			return nil, corrupt(loc, "bytes after the last child")
+		}
+	}
+	return n, nil
+}

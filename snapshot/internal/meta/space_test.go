@@ -1,0 +1,156 @@
+package meta
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// TestNoSpace fills a small metadata region with random keys until a Put
+// fails with ErrNoSpace, then checks that nothing was half-done, that the
+// region commits and passes Check, that deletes still work and free pages,
+// that the low-space callback fired, and that Grow makes room.
+func TestNoSpace(t *testing.T) {
+	seed := testSeed(t)
+	rng := rand.New(rand.NewPCG(seed, 3))
+	const pages, devPages = 200, 500
+	dev, err := blockdev.NewMem(devPages*PageSize, 4096)
+	require.NoError(t, err)
+	var lowCalls int
+	var lowFree uint64
+	opts := Options{Pages: pages, DataChunks: 1 << 16, CacheBytes: 64 << 10, LowSpaceThreshold: 150,
+		LowSpace: func(free, total uint64) { lowCalls++; lowFree = free; require.EqualValues(t, pages, total) }}
+	m, err := Format(dev, opts)
+	require.NoError(t, err)
+	md := newModel()
+	var full error
+	for i := 0; full == nil; i++ {
+		k := Key{B: rng.Uint32N(4), C: rng.Uint64N(1 << 30), E: 1 + rng.Uint32N(1000)}
+		loc, err := m.AllocData()
+		require.NoError(t, err)
+		if err := m.Put(k, loc); err != nil {
+			full = err
+			require.NoError(t, m.FreeData(loc))
+			break
+		}
+		md.put(k, loc)
+		if i%500 == 0 {
+			require.NoError(t, m.Commit())
+		}
+	}
+	require.ErrorIs(t, full, ErrNoSpace)
+	require.GreaterOrEqual(t, lowCalls, 1, "the callback fires on each crossing")
+	require.Less(t, lowFree, uint64(150))
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
+	verifyAll(t, m, md)
+
+	// deletes work on a full region and, once committed, free pages
+	before := m.Space().PagesUsed
+	t.Logf("full at %d keys, %d of %d pages in use", len(md.keys), before, pages)
+	for len(md.keys) > 10 {
+		k := md.keys[rng.IntN(len(md.keys))]
+		loc, err := m.Delete(k)
+		require.NoError(t, err)
+		require.NoError(t, m.FreeData(loc))
+		md.del(k)
+	}
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
+	require.Less(t, m.Space().PagesUsed, before)
+	verifyAll(t, m, md)
+
+	// Grow past the formatted size; then puts fit again
+	require.ErrorIs(t, m.Grow(devPages+1), ErrInvalid)
+	require.NoError(t, m.Grow(devPages))
+	for range 2000 {
+		k := Key{B: rng.Uint32N(4), C: rng.Uint64N(1 << 30), E: 1 + rng.Uint32N(1000)}
+		loc, err := m.AllocData()
+		require.NoError(t, err)
+		require.NoError(t, m.Put(k, loc))
+		md.put(k, loc)
+	}
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
+	require.NoError(t, m.Close())
+	m, err = Open(dev, Options{})
+	require.NoError(t, err)
+	require.EqualValues(t, devPages, m.Space().Pages)
+	verifyAll(t, m, md)
+	require.NoError(t, m.Check())
+}
+
+// TestDataSpace: data chunks run out with ErrNoSpace, a freed chunk is not
+// reused before its transaction commits, and GrowData adds chunks.
+func TestDataSpace(t *testing.T) {
+	_, m := newMemMeta(t, 64, 100, 0)
+	var locs []uint64
+	for range 100 {
+		loc, err := m.AllocData()
+		require.NoError(t, err)
+		locs = append(locs, loc)
+	}
+	_, err := m.AllocData()
+	require.ErrorIs(t, err, ErrNoSpace)
+	require.NoError(t, m.FreeData(locs[7]))
+	_, err = m.AllocData()
+	require.ErrorIs(t, err, ErrNoSpace, "a chunk freed in the open transaction is not reused")
+	require.ErrorIs(t, m.FreeData(locs[7]), ErrInvalid)
+	require.NoError(t, m.Commit())
+	loc, err := m.AllocData()
+	require.NoError(t, err)
+	require.Equal(t, locs[7], loc)
+	require.NoError(t, m.GrowData(200))
+	loc, err = m.AllocData()
+	require.NoError(t, err)
+	require.EqualValues(t, 100, loc)
+}
+
+// TestViews: a view reads its committed transaction while the writer goes
+// on changing and committing; its pages are not reused until Release.
+func TestViews(t *testing.T) {
+	seed := testSeed(t)
+	rng := rand.New(rand.NewPCG(seed, 4))
+	_, m := newMemMeta(t, 4096, 1<<16, 32<<10)
+	w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 2, chunks: 2000, epochs: 5}}
+	for range 1500 {
+		w.step()
+	}
+	require.NoError(t, m.Commit())
+	v := m.View()
+	frozen := w.md.clone()
+	for round := range 10 {
+		for range 300 {
+			w.step()
+		}
+		require.NoError(t, m.Commit())
+		verifyQueries(t, rng, v, frozen, 50, w.space)
+		if round%3 == 0 {
+			verifyAll(t, v, frozen)
+		}
+	}
+	require.NoError(t, v.Check())
+	v.Release()
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
+	verifyAll(t, m, w.md)
+}
+
+// TestBadOpen: an unformatted or foreign device is refused with
+// ErrCorrupt, and bad geometry with ErrInvalid.
+func TestBadOpen(t *testing.T) {
+	dev, err := blockdev.NewMem(64*PageSize, 4096)
+	require.NoError(t, err)
+	_, err = Open(dev, Options{})
+	require.ErrorIs(t, err, ErrCorrupt)
+	_, err = Format(dev, Options{Pages: 8})
+	require.ErrorIs(t, err, ErrInvalid)
+	_, err = Format(dev, Options{Pages: 65})
+	require.ErrorIs(t, err, ErrInvalid)
+	_, err = Format(dev, Options{DataChunks: 1 << 40})
+	require.ErrorIs(t, err, ErrInvalid)
+}

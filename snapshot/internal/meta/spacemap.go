@@ -1,0 +1,200 @@
+package meta
+
+// Space maps: one allocation bit per metadata page or data chunk, held
+// whole in memory and persisted copy-on-write as bitmap pages listed by
+// index pages, which the superblock lists.
+//
+// Bitmap page (typeBitmap), count = 0, level = 0:
+//
+//	offset size  field
+//	32     4064  bits [i*bitsPerPage, (i+1)*bitsPerPage) of the map, as
+//	             little-endian 64-bit words, least significant bit first;
+//	             bits past the map's size are zero
+//
+// Index page (typeIndex), count = entries (at most idxPerPage), level = 0:
+//
+//	offset     size field
+//	32+16j     8    bitmap page number
+//	32+16j+8   8    bitmap page's transaction id
+
+import (
+	"encoding/binary"
+	"math/bits"
+)
+
+const (
+	wordsPerPage = (PageSize - headerSize) / 8
+	bitsPerPage  = wordsPerPage * 64
+	idxPerPage   = (PageSize - headerSize) / 16
+)
+
+// spaceMap is one bitmap. Guarded by Meta.mu.
+type spaceMap struct {
+	nbits  uint64
+	words  []uint64 // allocation bits: what the current transaction sees
+	held   []uint64 // freed, but not reusable yet (docs/metadata.md section 4)
+	used   uint64   // set bits in words
+	nheld  uint64
+	cursor uint64 // next-fit start word
+
+	pages      []ptr // bitmap pages; zero ptr: never written
+	dirtyPage  []bool
+	idx        []ptr // index pages
+	dirtyIndex []bool
+}
+
+func pagesFor(nbits uint64) int { return int((nbits + bitsPerPage - 1) / bitsPerPage) }
+
+func idxFor(npages int) int { return (npages + idxPerPage - 1) / idxPerPage }
+
+func newSpaceMap(nbits uint64) *spaceMap {
+	s := &spaceMap{}
+	s.grow(nbits)
+	return s
+}
+
+// grow extends the map to nbits; new bits are free and their pages dirty.
+func (s *spaceMap) grow(nbits uint64) {
+	np := pagesFor(nbits)
+	nw := np * wordsPerPage
+	s.words = append(s.words, make([]uint64, nw-len(s.words))...)
+	s.held = append(s.held, make([]uint64, nw-len(s.held))...)
+	for len(s.pages) < np {
+		s.pages = append(s.pages, ptr{})
+		s.dirtyPage = append(s.dirtyPage, true)
+	}
+	if np > 0 {
+		s.dirtyPage[len(s.dirtyPage)-1] = true // the old last page gained bits
+	}
+	for len(s.idx) < idxFor(np) {
+		s.idx = append(s.idx, ptr{})
+		s.dirtyIndex = append(s.dirtyIndex, true)
+	}
+	s.nbits = nbits
+}
+
+func (s *spaceMap) isSet(i uint64) bool { return s.words[i/64]&(1<<(i%64)) != 0 }
+
+func (s *spaceMap) touch(i uint64) { s.dirtyPage[i/bitsPerPage] = true }
+
+func (s *spaceMap) set(i uint64) {
+	s.words[i/64] |= 1 << (i % 64)
+	s.used++
+	s.touch(i)
+}
+
+func (s *spaceMap) clear(i uint64) {
+	s.words[i/64] &^= 1 << (i % 64)
+	s.used--
+	s.touch(i)
+}
+
+// free is the number of bits that can be allocated now.
+func (s *spaceMap) free() uint64 { return s.nbits - s.used - s.nheld }
+
+// alloc finds and sets a bit that is neither set nor held, next-fit.
+func (s *spaceMap) alloc() (uint64, bool) {
+	nw := uint64((s.nbits + 63) / 64)
+	if nw == 0 || s.free() == 0 {
+		return 0, false
+	}
+	for k := uint64(0); k <= nw; k++ {
+		w := (s.cursor + k) % nw
+		busy := s.words[w] | s.held[w]
+		if w == nw-1 && s.nbits%64 != 0 {
+			busy |= ^uint64(0) << (s.nbits % 64)
+		}
+		if busy == ^uint64(0) {
+			continue
+		}
+		i := w*64 + uint64(bits.TrailingZeros64(^busy))
+		s.cursor = w
+		s.set(i)
+		return i, true
+	}
+	return 0, false
+}
+
+// hold marks i as freed but not yet reusable.
+func (s *spaceMap) hold(i uint64) {
+	s.held[i/64] |= 1 << (i % 64)
+	s.nheld++
+}
+
+func (s *spaceMap) unhold(i uint64) {
+	s.held[i/64] &^= 1 << (i % 64)
+	s.nheld--
+}
+
+func (s *spaceMap) encodeBitmap(p []byte, i int, loc, tx uint64) {
+	w := s.words[i*wordsPerPage : (i+1)*wordsPerPage]
+	for j, v := range w {
+		binary.LittleEndian.PutUint64(p[headerSize+8*j:], v)
+	}
+	seal(p, header{typ: typeBitmap, loc: loc, tx: tx})
+}
+
+// decodeBitmap validates bitmap page i of a map of nbits read from loc and
+// copies its bits into words (wordsPerPage long).
+func decodeBitmap(p []byte, loc, tx uint64, i int, nbits uint64, words []uint64) error {
+	h, err := openPage(p, loc, typeBitmap, tx)
+	if err != nil {
+		return err
+	}
+	if h.count != 0 || h.level != 0 {
+		return corrupt(loc, "bitmap header count %d level %d", h.count, h.level)
+	}
+	base := uint64(i) * bitsPerPage
+	for j := range wordsPerPage {
+		v := binary.LittleEndian.Uint64(p[headerSize+8*j:])
+		first := base + uint64(j)*64
+		if first >= nbits && v != 0 || first < nbits && nbits-first < 64 && v>>(nbits-first) != 0 {
+			return corrupt(loc, "bits set past the map's end")
+		}
+		words[j] = v
+	}
+	return nil
+}
+
+func (s *spaceMap) encodeIndex(p []byte, j int, loc, tx uint64) {
+	clear(p[headerSize:])
+	ents := s.pages[j*idxPerPage : min(len(s.pages), (j+1)*idxPerPage)]
+	for k, e := range ents {
+		binary.LittleEndian.PutUint64(p[headerSize+16*k:], e.loc)
+		binary.LittleEndian.PutUint64(p[headerSize+16*k+8:], e.tx)
+	}
+	seal(p, header{typ: typeIndex, loc: loc, tx: tx, count: uint16(len(ents))})
+}
+
+// decodeIndex validates an index page read from loc that must list want
+// bitmap pages, none written after tx, and returns them.
+func decodeIndex(p []byte, loc, tx uint64, want int, pages uint64) ([]ptr, error) {
+	h, err := openPage(p, loc, typeIndex, tx)
+	if err != nil {
+		return nil, err
+	}
+	if int(h.count) != want || want > idxPerPage || h.level != 0 {
+		return nil, corrupt(loc, "index lists %d pages, want %d", h.count, want)
+	}
+	out := make([]ptr, want)
+	for k := range out {
+		out[k] = ptr{loc: binary.LittleEndian.Uint64(p[headerSize+16*k:]), tx: binary.LittleEndian.Uint64(p[headerSize+16*k+8:])}
+		if out[k].loc < 2 || out[k].loc >= pages || out[k].tx == 0 || out[k].tx > h.tx {
+			return nil, corrupt(loc, "index entry %d (%d, %d)", k, out[k].loc, out[k].tx)
+		}
+	}
+	for _, b := range p[headerSize+16*want:] {
+		if b != 0 {
+			return nil, corrupt(loc, "bytes after the last entry")
+		}
+	}
+	return out, nil
+}
+
+// countBits recounts used from words (after loading).
+func (s *spaceMap) countBits() {
+	s.used = 0
+	for _, w := range s.words {
+		s.used += uint64(bits.OnesCount64(w))
+	}
+}

@@ -1,0 +1,390 @@
+package meta
+
+import "fmt"
+
+// Tree invariants (Check verifies them): keys of the runs in a leaf lie in
+// [its separator, the next leaf's separator); a branch key is not greater
+// than any key below it; runs never overlap and, in the chunk tree, no key
+// lies between the first and last key of a run (docs/metadata.md
+// section 2).
+
+// load returns the node p points to, from the cache or the device; level
+// is the level the parent expects (-1: any, for a root).
+func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
+	if n := m.cache.get(p.loc); n != nil {
+		if n.tx != p.tx || n.kind != k || level >= 0 && int(n.level) != level {
+			return nil, corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx)
+		}
+		return n, nil
+	}
+	bp := m.pool.Get().(*[]byte)
+	defer m.pool.Put(bp)
+	if err := m.readPage(*bp, p.loc); err != nil {
+		return nil, err
+	}
+	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
+	if err != nil {
+		return nil, err
+	}
+	return m.cache.add(n), nil
+}
+
+// childIndex is the index of the child whose subtree holds key q: the last
+// separator <= q, or 0.
+func childIndex(k kind, n *node, q run) int {
+	lo, hi := 0, len(n.runs) // first separator > q
+	for lo < hi {
+		h := (lo + hi) / 2
+		if k.cmp(n.runs[h], q) <= 0 {
+			lo = h + 1
+		} else {
+			hi = h
+		}
+	}
+	return max(lo-1, 0)
+}
+
+// floorIndex is the index of the last run of leaf n starting at or before
+// q, or -1.
+func floorIndex(k kind, n *node, q run) int {
+	lo, hi := 0, len(n.runs)
+	for lo < hi {
+		h := (lo + hi) / 2
+		if k.cmp(n.runs[h], q) <= 0 {
+			lo = h + 1
+		} else {
+			hi = h
+		}
+	}
+	return lo - 1
+}
+
+// iter walks a tree's runs in order. It holds nodes, so writers must not
+// change the tree while a writer-side iter is in use; views' trees are
+// immutable.
+type iter struct {
+	m     *Meta
+	k     kind
+	nodes []*node
+	idx   []int
+	err   error
+}
+
+// seek positions it at the last run starting at or before q (idx -1 at the
+// leaf if none in that leaf). It reports false on an empty tree or error.
+func (it *iter) seek(t tree, q run) bool {
+	it.nodes, it.idx = it.nodes[:0], it.idx[:0]
+	if t.root.isNil() {
+		return false
+	}
+	n, err := it.m.load(t.root, t.kind, int(t.level))
+	for err == nil && !n.leaf() {
+		i := childIndex(t.kind, n, q)
+		it.nodes, it.idx = append(it.nodes, n), append(it.idx, i)
+		n, err = it.m.load(n.kids[i], t.kind, int(n.level)-1)
+	}
+	if err != nil {
+		it.err = err
+		return false
+	}
+	it.nodes, it.idx = append(it.nodes, n), append(it.idx, floorIndex(t.kind, n, q))
+	return true
+}
+
+func (it *iter) valid() bool {
+	d := len(it.nodes) - 1
+	return d >= 0 && it.idx[d] >= 0 && it.idx[d] < len(it.nodes[d].runs)
+}
+
+func (it *iter) run() run {
+	d := len(it.nodes) - 1
+	return it.nodes[d].runs[it.idx[d]]
+}
+
+// next moves to the following run; false at the end or on error.
+func (it *iter) next() bool { return it.step(1) }
+
+// prev moves to the preceding run; false at the start or on error.
+func (it *iter) prev() bool { return it.step(-1) }
+
+func (it *iter) step(dir int) bool {
+	d := len(it.nodes) - 1
+	if d < 0 {
+		return false
+	}
+	it.idx[d] += dir
+	if it.idx[d] >= 0 && it.idx[d] < len(it.nodes[d].runs) {
+		return true
+	}
+	// climb to a branch with a sibling in that direction
+	for d > 0 {
+		d--
+		it.idx[d] += dir
+		if it.idx[d] >= 0 && it.idx[d] < len(it.nodes[d].kids) {
+			break
+		}
+		if d == 0 {
+			it.idx[len(it.idx)-1] = -2 // invalid
+			return false
+		}
+	}
+	if d == 0 && len(it.nodes) == 1 {
+		return false
+	}
+	for ; d < len(it.nodes)-1; d++ {
+		n := it.nodes[d]
+		c, err := it.m.load(n.kids[it.idx[d]], it.k, int(n.level)-1)
+		if err != nil {
+			it.err = err
+			it.idx[len(it.idx)-1] = -2
+			return false
+		}
+		it.nodes[d+1] = c
+		if dir > 0 {
+			it.idx[d+1] = 0
+		} else {
+			it.idx[d+1] = len(c.runs) - 1
+		}
+	}
+	return true
+}
+
+// shadow returns n writable in the open transaction: n itself if this
+// transaction already owns it, else a copy on a newly allocated page
+// (the old page is freed, deferred).
+func (m *Meta) shadow(n *node) (*node, error) {
+	if n.tx == m.tx {
+		return n, nil
+	}
+	loc, err := m.allocPage()
+	if err != nil {
+		return nil, err
+	}
+	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true,
+		runs: append(make([]run, 0, len(n.runs)+2), n.runs...)}
+	if !n.leaf() {
+		c.kids = append(make([]ptr, 0, len(n.kids)+1), n.kids...)
+	}
+	m.freePage(n.loc)
+	return m.cache.add(c), nil
+}
+
+// own is shadow plus marking the node dirty: a node of this transaction
+// that was written back becomes dirty again when it is to change.
+func (m *Meta) own(n *node) (*node, error) {
+	n, err := m.shadow(n)
+	if err != nil {
+		return nil, err
+	}
+	m.cache.setDirty(n, true)
+	m.cache.touched(n)
+	return n, nil
+}
+
+// writablePath shadows the path from t's root to the leaf where key q
+// belongs and returns it (root first) with the child index taken at each
+// branch. Separators on the leftmost path are lowered to q when q is below
+// them, so that q may be inserted in that leaf.
+func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
+	path, idx := m.pathBuf[:0], m.idxBuf[:0]
+	n, err := m.load(t.root, t.kind, int(t.level))
+	if err == nil {
+		n, err = m.own(n)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	t.root = ptr{loc: n.loc, tx: m.tx}
+	for !n.leaf() {
+		i := childIndex(t.kind, n, q)
+		if i == 0 && t.kind.cmp(q, n.runs[0]) < 0 {
+			n.runs[0] = run{b: q.b, c: q.c, e: q.e}
+		}
+		c, err := m.load(n.kids[i], t.kind, int(n.level)-1)
+		if err == nil {
+			c, err = m.own(c)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		n.kids[i] = ptr{loc: c.loc, tx: m.tx}
+		path, idx = append(path, n), append(idx, i)
+		n = c
+	}
+	path, idx = append(path, n), append(idx, -1)
+	m.pathBuf, m.idxBuf = path, idx
+	return path, idx, nil
+}
+
+// replace puts repl in place of leaf runs [i, j), keeping the encoded
+// size and the tree's run count current.
+func (m *Meta) replace(t *tree, leaf *node, i, j int, repl ...run) {
+	k := t.kind
+	prevOf := func(x int) run {
+		if x == 0 {
+			return run{}
+		}
+		return leaf.runs[x-1]
+	}
+	for x := i; x <= j && x < len(leaf.runs); x++ {
+		leaf.size -= k.encLen(prevOf(x), leaf.runs[x])
+	}
+	leaf.runs = append(leaf.runs[:i], append(repl, leaf.runs[j:]...)...)
+	for x := i; x <= i+len(repl) && x < len(leaf.runs); x++ {
+		leaf.size += k.encLen(prevOf(x), leaf.runs[x])
+	}
+	t.runs += uint64(len(repl)) - uint64(j-i)
+}
+
+// fix restores node sizes along path after its leaf changed: an empty
+// node leaves its parent, a full one splits, and a root with one child
+// gives way to it.
+func (m *Meta) fix(t *tree, path []*node, idx []int) error {
+	for d := len(path) - 1; d >= 0; d-- {
+		n := path[d]
+		if len(n.runs) == 0 {
+			m.freePage(n.loc)
+			if d == 0 {
+				t.root, t.level = ptr{}, 0
+				return nil
+			}
+			p, i := path[d-1], idx[d-1]
+			p.runs = append(p.runs[:i], p.runs[i+1:]...)
+			p.kids = append(p.kids[:i], p.kids[i+1:]...)
+			continue
+		}
+		if n.leaf() && n.size > leafCap || !n.leaf() && len(n.runs) > maxKids {
+			r, err := m.split(t, n)
+			if err != nil {
+				return err
+			}
+			if d == 0 {
+				loc, err := m.allocPage()
+				if err != nil {
+					return err
+				}
+				root := &node{loc: loc, tx: m.tx, kind: t.kind, level: n.level + 1, dirty: true,
+					runs: []run{n.runs[0], r.runs[0]}, kids: []ptr{{n.loc, m.tx}, {r.loc, m.tx}}}
+				root.runs[0].n, root.runs[0].loc = 0, 0
+				root.runs[1].n, root.runs[1].loc = 0, 0
+				m.cache.add(root)
+				t.root, t.level = ptr{loc, m.tx}, root.level
+				return nil
+			}
+			p, i := path[d-1], idx[d-1]
+			key := r.runs[0]
+			key.n, key.loc = 0, 0
+			p.runs = append(p.runs[:i+1], append([]run{key}, p.runs[i+1:]...)...)
+			p.kids = append(p.kids[:i+1], append([]ptr{{r.loc, m.tx}}, p.kids[i+1:]...)...)
+			m.cache.touched(n)
+			continue
+		}
+		m.cache.touched(n)
+		if d == 0 && !n.leaf() && len(n.kids) == 1 {
+			m.freePage(n.loc)
+			t.root, t.level = n.kids[0], n.level-1
+		}
+	}
+	return nil
+}
+
+// split moves the upper half of n to a new node and returns it.
+func (m *Meta) split(t *tree, n *node) (*node, error) {
+	loc, err := m.allocPage()
+	if err != nil {
+		return nil, err
+	}
+	h := len(n.runs) / 2
+	r := &node{loc: loc, tx: m.tx, kind: t.kind, level: n.level, dirty: true,
+		runs: append(make([]run, 0, len(n.runs)-h+2), n.runs[h:]...)}
+	n.runs = n.runs[:h:h]
+	n.runs = append(make([]run, 0, h+2), n.runs...)
+	if !n.leaf() {
+		r.kids = append(make([]ptr, 0, len(n.kids)-h+1), n.kids[h:]...)
+		n.kids = append(make([]ptr, 0, h+1), n.kids[:h]...)
+	} else {
+		n.size, r.size = t.kind.leafSize(n.runs), t.kind.leafSize(r.runs)
+	}
+	m.cache.touched(n)
+	m.cache.add(r)
+	return r, nil
+}
+
+// putKey inserts key q (a run of one) into t; ErrExists if present.
+func (m *Meta) putKey(t *tree, q run) error {
+	k := t.kind
+	if t.root.isNil() {
+		loc, err := m.allocPage()
+		if err != nil {
+			return err
+		}
+		n := &node{loc: loc, tx: m.tx, kind: k, dirty: true, runs: make([]run, 0, 8)}
+		m.cache.add(n)
+		t.root, t.level = ptr{loc, m.tx}, 0
+		m.replace(t, n, 0, 0, q)
+		m.cache.touched(n)
+		return nil
+	}
+	path, idx, err := m.writablePath(t, q)
+	if err != nil {
+		return err
+	}
+	leaf := path[len(path)-1]
+	i := floorIndex(k, leaf, q)
+	p := i + 1 // where q goes
+	if i >= 0 {
+		r := leaf.runs[i]
+		if k.contains(r, q) {
+			return fmt.Errorf("meta: put %v: %w", q, ErrExists)
+		}
+		if b := k.before(r, q); b < uint64(r.n) {
+			m.replace(t, leaf, i, i+1, k.slice(r, 0, b), q, k.slice(r, b, uint64(r.n)))
+			return m.fix(t, path, idx)
+		}
+	}
+	m.replace(t, leaf, p, p, q)
+	if p+1 < len(leaf.runs) && k.mergeable(leaf.runs[p], leaf.runs[p+1]) {
+		x, y := leaf.runs[p], leaf.runs[p+1]
+		x.n += y.n
+		m.replace(t, leaf, p, p+2, x)
+	}
+	if p > 0 && k.mergeable(leaf.runs[p-1], leaf.runs[p]) {
+		x, y := leaf.runs[p-1], leaf.runs[p]
+		x.n += y.n
+		m.replace(t, leaf, p-1, p+1, x)
+	}
+	return m.fix(t, path, idx)
+}
+
+// deleteKey removes key q from t and returns it (with its loc).
+func (m *Meta) deleteKey(t *tree, q run) (run, error) {
+	k := t.kind
+	if t.root.isNil() {
+		return run{}, fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
+	}
+	path, idx, err := m.writablePath(t, q)
+	if err != nil {
+		return run{}, err
+	}
+	leaf := path[len(path)-1]
+	i := floorIndex(k, leaf, q)
+	if i < 0 || !k.contains(leaf.runs[i], q) {
+		return run{}, fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
+	}
+	r := leaf.runs[i]
+	b := k.before(r, q)
+	got := k.at(r, b)
+	var repl []run
+	if b > 0 {
+		repl = append(repl, k.slice(r, 0, b))
+	}
+	if b+1 < uint64(r.n) {
+		repl = append(repl, k.slice(r, b+1, uint64(r.n)))
+	}
+	m.replace(t, leaf, i, i+1, repl...)
+	return got, m.fix(t, path, idx)
+}
+
+func (r run) String() string {
+	return fmt.Sprintf("(b%d c%d e%d n%d loc%d)", r.b, r.c, r.e, r.n, r.loc)
+}
