@@ -332,9 +332,11 @@ type Info struct {
 	Origin string `json:"origin,omitempty"`
 	Dest   string `json:"dest,omitempty"`
 	Meta   string `json:"meta,omitempty"`
-	// Listen and Socket are where it serves NBD.
-	Listen string `json:"listen,omitempty"`
-	Socket string `json:"socket,omitempty"`
+	// Listen and Socket are where it serves NBD, Metrics its Prometheus
+	// metrics (HTTP, /metrics).
+	Listen  string `json:"listen,omitempty"`
+	Socket  string `json:"socket,omitempty"`
+	Metrics string `json:"metrics,omitempty"`
 }
 
 // CloneStatus is a clone's hydration status.

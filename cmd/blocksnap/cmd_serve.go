@@ -28,12 +28,17 @@ var cmdServe = &command{
 		sf := addStoreFlags(fl)
 		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
 		sock := fl.String("socket", "", "also serve NBD on the Unix socket `PATH`")
+		nf := addNBDFlags(fl)
 		js := fl.Bool("json", false, "print the listening addresses as JSON once ready")
 		return func(e *env, _ []string) error {
 			if *listen == "" && *sock == "" {
 				return usagef("nothing to listen on: give --listen or --socket")
 			}
-			return runServe(e, sf, *listen, *sock, *js)
+			opts, err := nf.options(nbd.Options{DefaultExport: "origin"}, e.stderr)
+			if err != nil {
+				return err
+			}
+			return runServe(e, sf, opts, nf.metrics, *listen, *sock, *js)
 		}
 	},
 }
@@ -43,10 +48,11 @@ type serveInfo struct {
 	Listen  string   `json:"listen,omitempty"`
 	Socket  string   `json:"socket,omitempty"`
 	Control string   `json:"control"`
+	Metrics string   `json:"metrics,omitempty"`
 	Exports []string `json:"exports"`
 }
 
-func runServe(e *env, sf *storeFlags, listen, sock string, js bool) error {
+func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
 	s, err := openSession(sf, readWrite)
 	if errors.Is(err, ErrStoreInUse) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)")
@@ -54,13 +60,13 @@ func runServe(e *env, sf *storeFlags, listen, sock string, js bool) error {
 	if err != nil {
 		return err
 	}
-	vs, err := newVolumeServer(s.st)
+	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
 			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename}
 		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
 			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
-		err = vs.serve(e, sf.controlPath(), listen, sock, js)
+		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
 	}
 	if vs != nil {
 		vs.closeVolumes()
@@ -83,8 +89,8 @@ type volumeServer struct {
 	exports map[string]*liveDev
 }
 
-func newVolumeServer(st *snapshot.Store) (*volumeServer, error) {
-	srv, err := nbd.New(nbd.Options{DefaultExport: "origin"})
+func newVolumeServer(st *snapshot.Store, opts nbd.Options) (*volumeServer, error) {
+	srv, err := nbd.New(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -119,18 +125,24 @@ func (vs *volumeServer) add(v *snapshot.Volume) error {
 }
 
 // retire withdraws a deleted volume's export: new connections no longer
-// see it, and connections still open on it get an error for every request.
-// A volume created again under the name gets a fresh export.
+// see it, and the connections open on it are closed once their requests in
+// flight are answered (requests after the delete get an error). A volume
+// created again under the name gets a fresh export.
 func (vs *volumeServer) retire(name string) {
 	vs.mu.Lock()
-	defer vs.mu.Unlock()
 	d, ok := vs.exports[name]
 	if !ok {
+		vs.mu.Unlock()
 		return
 	}
 	delete(vs.exports, name)
 	_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
-	if old := d.v.Swap(nil); old != nil {
+	old := d.v.Swap(nil)
+	vs.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers get errors from d
+	if old != nil {
 		old.Close()
 	}
 }
@@ -191,7 +203,7 @@ func (vs *volumeServer) handle(ctx context.Context, r control.Request) (any, err
 // serve listens, reports readiness, and serves until e.ctx ends (SIGINT,
 // SIGTERM), then drains: the NBD server answers requests in flight and
 // flushes every export; the control socket closes.
-func (vs *volumeServer) serve(e *env, controlPath, listen, sock string, js bool) error {
+func (vs *volumeServer) serve(e *env, controlPath, metrics, listen, sock string, js bool) error {
 	var ls []net.Listener
 	closeAll := func() {
 		for _, l := range ls {
@@ -217,8 +229,17 @@ func (vs *volumeServer) serve(e *env, controlPath, listen, sock string, js bool)
 		ls = append(ls, l)
 		info.Socket = sock
 	}
+	ms, err := serveMetrics(metrics, vs.nbd, e.stderr)
+	if err != nil {
+		closeAll()
+		return err
+	}
+	defer ms.stop()
+	if ms != nil {
+		info.Metrics = ms.addr
+	}
 	// vs.info is read by the control handler: complete before it starts.
-	vs.info.Listen, vs.info.Socket = info.Listen, info.Socket
+	vs.info.Listen, vs.info.Socket, vs.info.Metrics = info.Listen, info.Socket, info.Metrics
 	cs, err := control.Listen(controlPath, vs.handle, classify)
 	if err != nil {
 		closeAll()
@@ -235,6 +256,9 @@ func (vs *volumeServer) serve(e *env, controlPath, listen, sock string, js bool)
 		}
 		if info.Socket != "" {
 			where += " nbd+unix:///?socket=" + info.Socket
+		}
+		if info.Metrics != "" {
+			where += ", metrics on http://" + info.Metrics + "/metrics"
 		}
 		_, err = fmt.Fprintf(e.stdout, "serving %d volumes on%s (control socket %s); ^C to stop\n", len(info.Exports), where, controlPath)
 	}
