@@ -187,9 +187,10 @@ func (c *Client) Diff(ctx context.Context, from, to string) (Diff, error) {
 }
 
 // ExportDiff streams the diff stream of snapshot to (incremental from the
-// snapshot from, or full when from is empty).
-func (c *Client) ExportDiff(ctx context.Context, from, to string) (io.ReadCloser, error) {
-	return c.CallStream(ctx, Request{Op: OpExportDiff, From: from, To: to})
+// snapshot from, or full when from is empty); compress: zstd-compressed
+// (stream version 2).
+func (c *Client) ExportDiff(ctx context.Context, from, to string, compress bool) (io.ReadCloser, error) {
+	return c.CallStream(ctx, Request{Op: OpExportDiff, From: from, To: to, Compress: compress})
 }
 
 // Check checks the live store's metadata.

@@ -82,7 +82,7 @@ func TestClientServer(t *testing.T) {
 	_, err = c.Stat(ctx, "nope")
 	require.ErrorIs(t, err, ErrNotFound)
 
-	rc, err := c.ExportDiff(ctx, "", "s1")
+	rc, err := c.ExportDiff(ctx, "", "s1", false)
 	require.NoError(t, err)
 	b, err := io.ReadAll(rc)
 	require.NoError(t, err)

@@ -58,6 +58,8 @@ type Request struct {
 	NewName string `json:"new_name,omitempty"` // rename
 	// Wait: delete answers once the volume's space is reclaimed.
 	Wait bool `json:"wait,omitempty"`
+	// Compress: export-diff writes a zstd-compressed stream (version 2).
+	Compress bool `json:"compress,omitempty"`
 	// Rate is set-rate's cap on background hydration in bytes per
 	// second; 0 removes the cap.
 	Rate int64 `json:"rate,omitempty"`

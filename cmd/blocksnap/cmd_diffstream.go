@@ -25,8 +25,12 @@ var cmdExportDiff = &command{
 		sf := addStoreFlags(fl)
 		from := fl.String("from", "", "`SNAPSHOT` the receiver already has (empty: a full export)")
 		out := fl.StringP("output", "o", "", "write the stream to `FILE` (default: standard output)")
+		compress := fl.Bool("compress", false, "zstd-compress the stream (stream version 2: older blocksnap releases refuse it)")
 		js := fl.Bool("json", false, "print the summary as JSON (with --output)")
-		return func(e *env, pos []string) error { return exportDiff(e, sf, *from, pos[0], *out, *js) }
+		return func(e *env, pos []string) error {
+			r := control.Request{Op: control.OpExportDiff, From: *from, To: pos[0], Compress: *compress}
+			return exportDiff(e, sf, r, *out, *js)
+		}
 	},
 }
 
@@ -72,7 +76,8 @@ func openSnapshot(st *snapshot.Store, name, role string) (*snapshot.Volume, erro
 	return v, nil
 }
 
-func exportDiff(e *env, sf *storeFlags, from, to, out string, js bool) error {
+func exportDiff(e *env, sf *storeFlags, r control.Request, out string, js bool) error {
+	from, to := r.From, r.To
 	if out == "" {
 		if f, ok := e.stdout.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 			return usagef("refusing to write a binary stream to a terminal: give --output FILE or redirect standard output")
@@ -85,7 +90,7 @@ func exportDiff(e *env, sf *storeFlags, from, to, out string, js bool) error {
 		s, err := openSession(sf, inspect)
 		if errors.Is(err, ErrStoreInUse) {
 			// A running serve holds the store: it writes the stream.
-			n, cerr := exportRemote(e.ctx, control.Dial(sf.controlPath()), from, to, w, func(n int64) { p.update(n, 0) })
+			n, cerr := exportRemote(e.ctx, control.Dial(sf.controlPath()), r, w, func(n int64) { p.update(n, 0) })
 			if errors.Is(cerr, control.ErrNoServer) {
 				return inUse(e.ctx, "store", sf.store, sf.controlPath(), "")
 			}
@@ -95,7 +100,7 @@ func exportDiff(e *env, sf *storeFlags, from, to, out string, js bool) error {
 		if err != nil {
 			return err
 		}
-		tot, err := exportStream(e.ctx, s.st, from, to, w, func(done, total int64) { p.update(done, total) })
+		tot, err := exportStream(e.ctx, s.st, r, w, func(done, total int64) { p.update(done, total) })
 		if cerr := s.close(); err == nil {
 			err = cerr
 		}
@@ -119,8 +124,8 @@ func exportDiff(e *env, sf *storeFlags, from, to, out string, js bool) error {
 // exportRemote has a running serve write the stream and copies it to w,
 // verifying it on the way: a stream the server could not finish is an
 // error here. progress gets the bytes received so far.
-func exportRemote(ctx context.Context, c *control.Client, from, to string, w io.Writer, progress func(int64)) (diffstream.Totals, error) {
-	rc, err := c.ExportDiff(ctx, from, to)
+func exportRemote(ctx context.Context, c *control.Client, r control.Request, w io.Writer, progress func(int64)) (diffstream.Totals, error) {
+	rc, err := c.CallStream(ctx, r)
 	if err != nil {
 		return diffstream.Totals{}, err
 	}
@@ -164,22 +169,23 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// exportStream writes the diff stream from snapshot from (empty: a full
-// export) to snapshot to, through snapshot.Store.ExportDiff.
-func exportStream(ctx context.Context, st *snapshot.Store, from, to string, w io.Writer, progress func(done, total int64)) (diffstream.Totals, error) {
-	tv, err := openSnapshot(st, to, "TO")
+// exportStream writes the diff stream r asks for: from snapshot r.From
+// (empty: a full export) to snapshot r.To, through
+// snapshot.Store.ExportDiff.
+func exportStream(ctx context.Context, st *snapshot.Store, r control.Request, w io.Writer, progress func(done, total int64)) (diffstream.Totals, error) {
+	tv, err := openSnapshot(st, r.To, "TO")
 	if err != nil {
 		return diffstream.Totals{}, err
 	}
 	defer tv.Close()
 	var fv *snapshot.Volume
-	if from != "" {
-		if fv, err = openSnapshot(st, from, "--from"); err != nil {
+	if r.From != "" {
+		if fv, err = openSnapshot(st, r.From, "--from"); err != nil {
 			return diffstream.Totals{}, err
 		}
 		defer fv.Close()
 	}
-	return st.ExportDiff(ctx, w, fv, tv, snapshot.ExportOptions{Progress: progress})
+	return st.ExportDiff(ctx, w, fv, tv, snapshot.ExportOptions{Compress: r.Compress, Progress: progress})
 }
 
 // writeStream runs fn on standard output, or on FILE written beside it and

@@ -82,7 +82,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 			}
 		}
 		return control.Stream(func(w io.Writer) error {
-			_, err := exportStream(ctx, o.st, r.From, r.To, w, func(int64, int64) {})
+			_, err := exportStream(ctx, o.st, r, w, func(int64, int64) {})
 			return err
 		}), nil
 	}

@@ -142,6 +142,13 @@ func TestServeWithQemuIO(t *testing.T) {
 	restored := filepath.Join(f.dir, "restored.img")
 	ok(t, "apply-diff", "--target", restored, "-i", backup)
 	fails(t, 1, "TO origin is a origin, not a snapshot", f.args("export-diff", "origin", "-o", backup)...)
+	// The same, zstd-compressed: a smaller stream, the same image.
+	zbackup := filepath.Join(f.dir, "snap1.bsd.zst")
+	ok(t, f.args("export-diff", "snap1", "--compress", "-o", zbackup)...)
+	zrestored := filepath.Join(f.dir, "zrestored.img")
+	ok(t, "apply-diff", "--target", zrestored, "-i", zbackup)
+	require.Less(t, len(readFile(t, zbackup)), len(readFile(t, backup)))
+	require.Equal(t, readFile(t, restored), readFile(t, zrestored))
 
 	// Delete live: the export is withdrawn at once; a new volume of the
 	// same name is served at once.
