@@ -244,7 +244,9 @@ func TestHydrateControl(t *testing.T) {
 	require.NoError(t, os.WriteFile(src, randomImage(t, 5, 8<<20), 0o644))
 	meta := filepath.Join(dir, "meta")
 	flags := []string{"--source", src, "--dest", filepath.Join(dir, "dest.img"), "--meta", meta}
-	d := startDaemon(t, append([]string{"hydrate", "--serve", "127.0.0.1:0", "--rate", "64KiB", "--json"}, flags...)...)
+	fails(t, 2, "--metrics needs --serve", append([]string{"hydrate", "--metrics", "127.0.0.1:0"}, flags...)...)
+	d := startDaemon(t, append([]string{"hydrate", "--serve", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "64KiB", "--json"}, flags...)...)
+	require.NotEmpty(t, d.info.Metrics)
 
 	status := func(cmd ...string) control.CloneStatus {
 		t.Helper()

@@ -247,8 +247,20 @@ var cmdHydrate = &command{
 		fl.Var(&region, "region-size", "hydration unit `SIZE` for a new clone (default 64KiB)")
 		fl.Var(&rate, "rate", "cap background hydration at `SIZE` bytes per second (change it later with set-rate)")
 		format := fl.Bool("format", false, "start a new clone even if META holds one")
+		nf := addNBDFlags(fl)
 		js := fl.Bool("json", false, "print the final status (and, with --serve, the address) as JSON")
 		return func(e *env, _ []string) error {
+			nopts, err := nf.options(nbd.Options{}, e.stderr)
+			if err != nil {
+				return err
+			}
+			if *serve == "" {
+				for _, n := range []string{"tls", "tls-creds", "tls-verify-peer", "max-conns", "metrics"} {
+					if fl.Changed(n) {
+						return usagef("--%s needs --serve", n)
+					}
+				}
+			}
 			p := newProgress(e, "hydrate")
 			opts := clone.Options{RegionSize: region.n, RateLimit: rate.n, Progress: func(s clone.Status) {
 				p.update(int64(s.Hydrated)*s.RegionSize, int64(s.Regions)*s.RegionSize)
@@ -262,7 +274,7 @@ var cmdHydrate = &command{
 			}
 			h := &hydration{s: s, cf: cf, started: time.Now()}
 			h.rateCap.Store(rate.n)
-			err = h.run(e, *serve, *js, p)
+			err = h.run(e, *serve, nopts, nf.metrics, *js, p)
 			p.done()
 			if cerr := s.close(); err == nil {
 				err = cerr
@@ -281,7 +293,8 @@ type hydration struct {
 	s       *cloneSession
 	cf      *cloneFlags
 	started time.Time
-	listen  string
+	listen  string       // set before the control socket answers, then read-only
+	metrics string       // likewise
 	rateCap atomic.Int64 // the cap set last (the clone has no getter)
 }
 
@@ -290,7 +303,7 @@ func (h *hydration) handle(_ context.Context, r control.Request) (any, error) {
 	switch r.Op {
 	case control.OpInfo:
 		return control.Info{Program: "blocksnap hydrate", PID: os.Getpid(), Started: h.started, Control: h.cf.controlPath(),
-			Dest: h.cf.dest, Meta: h.cf.meta, Listen: h.listen}, nil
+			Dest: h.cf.dest, Meta: h.cf.meta, Listen: h.listen, Metrics: h.metrics}, nil
 	case control.OpStatus:
 	case control.OpPause:
 		c.Pause()
@@ -305,15 +318,27 @@ func (h *hydration) handle(_ context.Context, r control.Request) (any, error) {
 	return statusOf(c.Status(), h.rateCap.Load()), nil
 }
 
-func (h *hydration) run(e *env, serve string, js bool, p *progress) error {
+func (h *hydration) run(e *env, serve string, nopts nbd.Options, metrics string, js bool, p *progress) error {
 	var l net.Listener
+	var srv *nbd.Server
 	if serve != "" {
 		var err error
+		if srv, err = nbd.New(nopts, nbd.Export{Name: "clone", Description: "blocksnap hydrating clone", Device: h.s.c}); err != nil {
+			return err
+		}
 		if l, err = net.Listen("tcp", serve); err != nil {
 			return err
 		}
 		defer l.Close()
 		h.listen = l.Addr().String()
+		ms, err := serveMetrics(metrics, srv, e.stderr)
+		if err != nil {
+			return err
+		}
+		defer ms.stop()
+		if ms != nil {
+			h.metrics = ms.addr
+		}
 	}
 	cs, err := control.Listen(h.cf.controlPath(), h.handle, nil)
 	if err != nil {
@@ -329,13 +354,9 @@ func (h *hydration) run(e *env, serve string, js bool, p *progress) error {
 		}
 		return nil
 	}
-	srv, err := nbd.New(nbd.Options{}, nbd.Export{Name: "clone", Description: "blocksnap hydrating clone", Device: h.s.c})
-	if err != nil {
-		return err
-	}
 	control := h.cf.controlPath()
 	if js {
-		err = writeJSON(e.stdout, serveInfo{Listen: h.listen, Control: control, Exports: []string{"clone"}})
+		err = writeJSON(e.stdout, serveInfo{Listen: h.listen, Control: control, Metrics: h.metrics, Exports: []string{"clone"}})
 	} else {
 		_, err = fmt.Fprintf(e.stdout, "serving the clone on nbd://%s/clone while it hydrates (control socket %s); ^C to stop\n", h.listen, control)
 	}
