@@ -87,6 +87,10 @@ func fails(t *testing.T, code int, msg string, args ...string) {
 	require.Contains(t, r.stderr, msg, "blocksnap %s", strings.Join(args, " "))
 	require.Equal(t, 1, strings.Count(r.stderr, "\n"), "one line on stderr: %q", r.stderr)
 	require.True(t, strings.HasPrefix(r.stderr, "blocksnap"), "stderr %q", r.stderr)
+	for _, pkg := range []string{"snapshot", "clone", "exception", "journal", "blockdev", "diffstream", "nbd", "control"} {
+		require.NotContains(t, r.stderr, ": "+pkg+": ", "a library prefix leaked into the message")
+	}
+	require.NotContains(t, r.stderr, "bad options")
 }
 
 // fixture is a formatted store in a temporary directory.
