@@ -121,6 +121,11 @@ func run(e *env, args []string) (code int) {
 			code = exitSoftware
 		}
 	}()
+	// The flags every command takes may also come before the command.
+	var global []string
+	for len(args) > 0 && (args[0] == "--progress" || args[0] == "--no-progress") {
+		global, args = append(global, args[0]), args[1:]
+	}
 	if len(args) == 0 {
 		topUsage(e.stderr)
 		return exitUsage
@@ -140,7 +145,7 @@ func run(e *env, args []string) (code int) {
 		fmt.Fprintf(e.stderr, "blocksnap: unknown command %q (see blocksnap --help)\n", args[0])
 		return exitUsage
 	}
-	err := runCommand(e, c, args[1:])
+	err := runCommand(e, c, append(global, args[1:]...))
 	var ue *usageError
 	switch {
 	case err == nil, errors.Is(err, errHelp):
