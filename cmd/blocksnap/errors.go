@@ -52,8 +52,11 @@ func inUse(ctx context.Context, what, path, socket, todo string) error {
 	if err != nil {
 		return fmt.Errorf("%s %s is in use by another process, and no control socket answers at %s (find the holder with: fuser -v %s)", what, path, socket, path)
 	}
-	return fmt.Errorf("%s %s is in use by %s (pid %d, control socket %s); %s", what, path, info.Program, info.PID, info.Control,
-		strings.ReplaceAll(todo, "PID", fmt.Sprint(info.PID)))
+	msg := fmt.Sprintf("%s %s is in use by %s (pid %d, control socket %s)", what, path, info.Program, info.PID, info.Control)
+	if todo != "" {
+		msg += "; " + strings.ReplaceAll(todo, "PID", fmt.Sprint(info.PID))
+	}
+	return errors.New(msg)
 }
 
 // classify maps an error of the store to the control protocol's codes.
