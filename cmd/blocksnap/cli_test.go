@@ -227,10 +227,13 @@ func TestDeadSource(t *testing.T) {
 	dest, meta := filepath.Join(dir, "dest.img"), filepath.Join(dir, "meta")
 	fails(t, 1, "source "+dead+": ", "hydrate", "--source", dead, "--dest", dest, "--meta", meta)
 	requireAbsent(t, dest, meta)
-
-	// A clone made from a file, then asked about with a source that is gone.
+	// A clone that cannot be made leaves no files either.
 	src := filepath.Join(dir, "golden.img")
 	require.NoError(t, os.WriteFile(src, randomImage(t, 4, 1<<20), 0o644))
+	fails(t, 1, "region", "hydrate", "--source", src, "--dest", dest, "--meta", meta, "--region-size", "3KiB")
+	requireAbsent(t, dest, meta)
+
+	// A clone made from a file, then asked about with a source that is gone.
 	ok(t, "hydrate", "--source", src, "--dest", dest, "--meta", meta)
 	fails(t, 1, "source "+dead+": ", "status", "--meta", meta, "--source", dead, "--dest", dest)
 	fails(t, 1, "source "+dead+": ", "check", "--meta", meta, "--source", dead, "--dest", dest)

@@ -165,8 +165,12 @@ func emptyOrMissing(path string) bool {
 // a clone a running hydrate holds is reported as such whatever the source.
 func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, format bool) (*cloneSession, error) {
 	s := &cloneSession{}
+	var created []string // files this call made, removed again if it fails
 	fail := func(err error) (*cloneSession, error) {
 		s.close()
+		for _, p := range created {
+			os.Remove(p)
+		}
 		return nil, err
 	}
 	fresh := format || emptyOrMissing(f.meta)
@@ -188,9 +192,13 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 		size int64
 	}{{f.dest, size}, {f.meta, clone.MetadataSize(size, opts.RegionSize)}} {
 		if create && emptyOrMissing(p.path) {
+			_, statErr := os.Stat(p.path)
 			d, err := blockdev.Create(p.path, p.size, blockdev.FileOptions{})
 			if err != nil {
 				return fail(err)
+			}
+			if errors.Is(statErr, fs.ErrNotExist) {
+				created = append(created, p.path)
 			}
 			d.Close()
 		}
