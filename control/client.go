@@ -65,7 +65,7 @@ func (c *Client) send(ctx context.Context, r Request) (net.Conn, *bufio.Reader, 
 		done()
 		return nil, nil, Response{}, nil, c.wrap(ctx, err)
 	}
-	br := bufio.NewReaderSize(conn, 1<<20)
+	br := bufio.NewReaderSize(conn, 16<<10) // answers longer than this grow ReadBytes's result, not the buffer
 	line, err := br.ReadBytes('\n')
 	if err != nil {
 		done()
