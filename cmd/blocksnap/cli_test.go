@@ -377,3 +377,26 @@ func TestInspectionWritesNothing(t *testing.T) {
 		require.Equal(t, meta, readFile(t, flags[5]), "%s changed the metadata", c)
 	}
 }
+
+// The examples in the help parse: every flag they use exists, and the
+// positional arguments and required flags are there.
+func TestExamplesParse(t *testing.T) {
+	for _, c := range commands {
+		for _, ex := range c.examples {
+			for _, part := range strings.Split(ex, " | ") {
+				part, _, _ = strings.Cut(part, " < ")
+				words := strings.Fields(part)
+				if len(words) < 2 || words[0] != "blocksnap" {
+					continue
+				}
+				x := lookup(words[1])
+				require.NotNil(t, x, "example %q", ex)
+				fs, _ := newFlagSet(x)
+				require.NoError(t, fs.Parse(gnuArgs(fs, words[2:])), "example %q", ex)
+				require.Empty(t, missingRequired(fs), "example %q", ex)
+				n := len(fs.Args())
+				require.True(t, n >= x.lo && (x.hi < 0 || n <= x.hi), "example %q: %d positional arguments", ex, n)
+			}
+		}
+	}
+}

@@ -12,7 +12,11 @@ import (
 )
 
 var cmdCheck = &command{
-	name:    "check",
+	name: "check",
+	examples: []string{
+		"blocksnap check --origin disk.img --store store.img",
+		"blocksnap check --cow /dev/vg0/snap-cow --json",
+	},
 	summary: "verify an engine's metadata: a snapshot store, a clone, or a dm-snapshot COW device",
 	long: `Give one of:
   --origin PATH --store PATH             a snapshot store (of a running serve: its live state, through its control socket)

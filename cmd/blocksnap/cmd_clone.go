@@ -244,6 +244,10 @@ func (s *cloneSession) lock(path string) error {
 
 var cmdHydrate = &command{
 	name: "hydrate",
+	examples: []string{
+		"blocksnap hydrate --source nbd://images:10809/golden --dest vm1.img --meta vm1.meta --serve 127.0.0.1:10810 --rate 100MiB",
+		"blocksnap set-rate --meta vm1.meta --rate 0",
+	},
 	summary: "hydrate a destination from a read-only source in the background (the dm-clone target), " +
 		"optionally serving the clone over NBD meanwhile; resumes where a previous run stopped",
 	long: "While it runs, blocksnap status, pause, resume and set-rate reach it through its control socket.",

@@ -20,6 +20,10 @@ import (
 
 var cmdExportDiff = &command{
 	name: "export-diff", args: "TO", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap export-diff monday -o monday.bsd --origin disk.img --store store.img",
+		"blocksnap export-diff tuesday --from monday --compress --origin disk.img --store store.img | ssh backup blocksnap apply-diff --target /srv/vm1.img",
+	},
 	summary: "write a diff stream of snapshot TO: incremental from --from, else a full sparse image (standard output by default)",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
@@ -35,7 +39,11 @@ var cmdExportDiff = &command{
 }
 
 var cmdApplyDiff = &command{
-	name:    "apply-diff",
+	name: "apply-diff",
+	examples: []string{
+		"blocksnap apply-diff --target restore.img -i monday.bsd",
+		"blocksnap apply-diff --target restore.img < tuesday.bsd",
+	},
 	summary: "apply a diff stream (standard input by default) onto a file or device; idempotent and resumable",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		target := fl.String("target", "", "`PATH` of the file or device to apply onto (a missing file is created)")

@@ -15,7 +15,11 @@ import (
 )
 
 var cmdFormat = &command{
-	name:    "format",
+	name: "format",
+	examples: []string{
+		"blocksnap format --origin disk.img --store store.img --size 20GiB",
+		"blocksnap format --origin /dev/vg0/vm1 --store /dev/vg0/vm1-snaps --chunk-size 16KiB",
+	},
 	summary: "create an empty store for an origin; --size creates missing files (the origin's contents are kept)",
 	long: "Refuses an origin or store that holds a qcow2, VMDK, VHD, VHDX or VDI image (convert it to raw " +
 		"with qemu-img convert first), a size that is not a whole number of 4KiB blocks, an existing file " +

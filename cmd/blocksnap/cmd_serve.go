@@ -21,6 +21,10 @@ import (
 
 var cmdServe = &command{
 	name: "serve",
+	examples: []string{
+		"blocksnap serve --origin disk.img --store store.img --listen 127.0.0.1:10809",
+		"qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/vm1,format=raw,if=virtio ...",
+	},
 	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
 		"the other store commands act on the live server through its control socket",
 	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed.",

@@ -57,6 +57,10 @@ func printVolume(e *env, v control.Volume, js bool, what string) error {
 
 var cmdSnapshot = &command{
 	name: "snapshot", args: "NAME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap snapshot monday --origin disk.img --store store.img",
+		"blocksnap snapshot vm1-before-upgrade --of vm1 --origin disk.img --store store.img",
+	},
 	summary: "take a read-only snapshot of the origin (or of the clone --of names)",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
@@ -74,6 +78,9 @@ var cmdSnapshot = &command{
 
 var cmdClone = &command{
 	name: "clone", args: "NAME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap clone vm1 --from golden --origin disk.img --store store.img",
+	},
 	summary: "make a writable clone of a snapshot",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
@@ -121,7 +128,7 @@ var cmdList = &command{
 var cmdDelete = &command{
 	name: "delete", args: "NAME", lo: 1, hi: 1,
 	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
-	long: "Against a running serve the volume's export is withdrawn at once (its clients get errors) " +
+	long: "Against a running serve the volume's export is withdrawn at once (its connections are closed) " +
 		"and the command still waits for the space, unless --no-wait.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
@@ -168,6 +175,9 @@ var cmdRename = &command{
 
 var cmdRollback = &command{
 	name: "rollback", args: "VOLUME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap rollback vm1 --to vm1-before-upgrade --origin disk.img --store store.img",
+	},
 	summary: "revert the origin or a clone to one of its snapshots (later snapshots stay intact)",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
@@ -250,6 +260,10 @@ var cmdDump = &command{
 
 var cmdDiff = &command{
 	name: "diff", args: "FROM [TO]", lo: 1, hi: 2,
+	examples: []string{
+		"blocksnap diff monday --origin disk.img --store store.img",
+		"blocksnap diff monday tuesday --json --origin disk.img --store store.img",
+	},
 	summary: "list the extents that differ between two volumes (TO: default the live volume FROM was taken of)",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)

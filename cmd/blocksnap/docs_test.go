@@ -39,6 +39,9 @@ func commandPage(c *command) string {
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", name, v, strings.ReplaceAll(usage, "|", `\|`))
 	})
+	if len(c.examples) > 0 {
+		fmt.Fprintf(&b, "\n## Examples\n\n```\n%s\n```\n", strings.Join(c.examples, "\n"))
+	}
 	b.WriteString("\nExit status: 0 success, 1 failure, 2 bad usage, 70 internal error (a bug). " +
 		"Sizes take binary units (`64KiB`, `1.5GiB`). See [the command list](README.md).\n")
 	return b.String()

@@ -66,8 +66,10 @@ type command struct {
 	lo, hi  int    // how many positional arguments (hi < 0: any number)
 	summary string
 	// long is more help, printed after the summary.
-	long   string
-	define func(fs *pflag.FlagSet) func(e *env, pos []string) error
+	long string
+	// examples are command lines shown in the help and the docs.
+	examples []string
+	define   func(fs *pflag.FlagSet) func(e *env, pos []string) error
 }
 
 var commands []*command
@@ -306,6 +308,9 @@ func printUsage(w io.Writer, c *command, fs *pflag.FlagSet) {
 		fmt.Fprintf(w, "\n%s\n", c.long)
 	}
 	fmt.Fprintf(w, "\nFlags:\n%s", fs.FlagUsages())
+	if len(c.examples) > 0 {
+		fmt.Fprintf(w, "\nExamples:\n  %s\n", strings.Join(c.examples, "\n  "))
+	}
 }
 
 // positionalNames returns the positional arguments a synopsis names: its
