@@ -25,6 +25,8 @@ var errCloneInUse = errors.New("clone is in use by another process")
 // cloneFlags name a clone's devices.
 type cloneFlags struct {
 	source, dest, meta, control string
+	// connections: how many connections to an nbd:// source (hydrate).
+	connections int
 }
 
 func addCloneFlags(fs *pflag.FlagSet) *cloneFlags {
@@ -96,12 +98,13 @@ func isNBD(src string) bool {
 	return false
 }
 
-// openSource opens a source path read-only, or dials an NBD URI.
-func openSource(ctx context.Context, src string) (blockdev.Device, error) {
+// openSource opens a source path read-only, or dials an NBD URI with up
+// to conns connections (0: one).
+func openSource(ctx context.Context, src string, conns int) (blockdev.Device, error) {
 	if isNBD(src) {
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		c, err := nbd.Dial(dctx, src)
+		c, err := nbd.DialWith(dctx, src, nbd.DialOptions{Connections: conns})
 		if err != nil {
 			// Not c: a nil *nbd.Client in a Device is not a nil Device.
 			return nil, fmt.Errorf("source %s: %w", src, err)
@@ -183,7 +186,7 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 		}
 	}
 	var err error
-	if s.src, err = openSource(ctx, f.source); err != nil {
+	if s.src, err = openSource(ctx, f.source, f.connections); err != nil {
 		return fail(err)
 	}
 	size := s.src.Size()
@@ -259,12 +262,16 @@ var cmdHydrate = &command{
 		fl.Var(&region, "region-size", "hydration unit `SIZE` for a new clone (default 64KiB)")
 		fl.Var(&rate, "rate", "cap background hydration at `SIZE` bytes per second (change it later with set-rate)")
 		format := fl.Bool("format", false, "start a new clone even if META holds one")
+		fl.IntVar(&cf.connections, "connections", 0, "open up to `N` connections to an nbd:// source that allows several (0: one)")
 		nf := addNBDFlags(fl)
 		js := fl.Bool("json", false, "print the final status (and, with --serve, the address) as JSON")
 		return func(e *env, _ []string) error {
 			nopts, err := nf.options(nbd.Options{}, e.stderr)
 			if err != nil {
 				return err
+			}
+			if cf.connections < 0 {
+				return usagef("--connections %d: want 0 or more", cf.connections)
 			}
 			if *serve == "" {
 				for _, n := range []string{"tls", "tls-creds", "tls-verify-peer", "max-conns", "metrics"} {

@@ -149,3 +149,16 @@ func TestHydrateInterrupted(t *testing.T) {
 	require.Equal(t, "stopped", st.State)
 	require.Less(t, st.Hydrated, st.Regions)
 }
+
+// hydrate --connections reads an nbd:// source over several connections
+// (the export allows it) and ends with the source's bytes.
+func TestHydrateMultiConnection(t *testing.T) {
+	dir := t.TempDir()
+	img := randomImage(t, 7, 4<<20)
+	uri := serveImage(t, img)
+	dest := filepath.Join(dir, "dest.img")
+	fails(t, 2, "--connections -1: want 0 or more", "hydrate", "--source", uri, "--dest", dest, "--meta", filepath.Join(dir, "meta"), "--connections", "-1")
+	out := ok(t, "hydrate", "--source", uri, "--dest", dest, "--meta", filepath.Join(dir, "meta"), "--connections", "4")
+	require.Contains(t, out, "64 of 64 regions hydrated")
+	require.Equal(t, img, readFile(t, dest))
+}
