@@ -67,7 +67,7 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
-			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename}
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite}
 		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
 			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
 		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
@@ -118,9 +118,7 @@ func (vs *volumeServer) add(v *snapshot.Volume) error {
 	name := v.Info().Name
 	d := &liveDev{size: v.Size(), bs: v.BlockSize()}
 	d.v.Store(v)
-	ro := v.Kind() == snapshot.KindSnapshot
-	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), name)
-	if err := vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: ro}); err != nil {
+	if err := vs.export(name, d, v); err != nil {
 		v.Close()
 		return err
 	}
@@ -189,10 +187,43 @@ func (vs *volumeServer) rename(oldName, newName string) {
 	}
 	_ = vs.nbd.Remove(oldName) // present: added together with vs.exports[oldName]
 	delete(vs.exports, oldName)
-	ro := v.Kind() == snapshot.KindSnapshot
-	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), newName)
-	if err := vs.nbd.Add(nbd.Export{Name: newName, Description: desc, Device: d, ReadOnly: ro}); err == nil {
+	if err := vs.export(newName, d, v); err == nil {
 		vs.exports[newName] = d
+	}
+}
+
+// export adds v's NBD export under name, read-only for a snapshot.
+func (vs *volumeServer) export(name string, d *liveDev, v *snapshot.Volume) error {
+	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), name)
+	return vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: v.Kind() == snapshot.KindSnapshot})
+}
+
+// rewrite withdraws the export of a volume about to be rolled back and
+// closes its connections, so that no client keeps data it cached from
+// before; the returned function exports it again. Clients reconnect to the
+// rolled-back volume.
+func (vs *volumeServer) rewrite(name string) func() {
+	vs.mu.Lock()
+	d, ok := vs.exports[name]
+	if ok {
+		_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
+	}
+	vs.mu.Unlock()
+	if !ok {
+		return func() {}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers see the rollback happen
+	return func() {
+		vs.mu.Lock()
+		defer vs.mu.Unlock()
+		if vs.exports[name] != d {
+			return // deleted or renamed meanwhile
+		}
+		if v := d.v.Load(); v != nil {
+			_ = vs.export(name, d, v) // the name was free: withdrawn above, and vs.mu held since
+		}
 	}
 }
 

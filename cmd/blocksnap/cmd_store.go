@@ -179,6 +179,8 @@ var cmdRollback = &command{
 		"blocksnap rollback vm1 --to vm1-before-upgrade --origin disk.img --store store.img",
 	},
 	summary: "revert the origin or a clone to one of its snapshots (later snapshots stay intact)",
+	long: "Against a running serve the volume's NBD connections are closed for the rollback and its export " +
+		"comes back after it: clients reconnect to the rolled-back data.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		to := fs.String("to", "", "`SNAPSHOT` of VOLUME to roll back to")

@@ -27,6 +27,10 @@ type ops struct {
 	onCreate func(v *snapshot.Volume) error // takes ownership of v; nil: v is closed
 	onDelete func(name string)
 	onRename func(oldName, newName string)
+	// onRewrite is called before a rollback rewrites the volume name; the
+	// function it returns, after (serve closes the volume's connections
+	// for the rollback and exports it again after).
+	onRewrite func(name string) (done func())
 }
 
 func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
@@ -184,6 +188,9 @@ func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
 	// error names their IDs).
 	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || si.Parent != vol.Info().ID {
 		return nil, fmt.Errorf("%s is not a snapshot of %s: %w", to, name, errNotSnapshot)
+	}
+	if o.onRewrite != nil {
+		defer o.onRewrite(name)()
 	}
 	if o.progress != nil {
 		p := o.progress("rollback " + name)
