@@ -238,6 +238,7 @@ func TestDeadSource(t *testing.T) {
 	fails(t, 1, "source "+dead+": ", "status", "--meta", meta, "--source", dead, "--dest", dest)
 	fails(t, 1, "source "+dead+": ", "check", "--meta", meta, "--source", dead, "--dest", dest)
 	fails(t, 2, "no hydrate is running on "+meta+": give --source and --dest", "status", "--meta", meta)
+	fails(t, 2, "no hydrate is running on "+meta+": give --source and --dest", "check", "--meta", meta)
 	require.Contains(t, ok(t, "check", "--meta", meta, "--source", src, "--dest", dest), "clone "+meta+" is clean")
 	fails(t, 1, "no hydrate is running on "+meta, "pause", "--meta", meta)
 }
@@ -263,6 +264,9 @@ func TestHydrateControl(t *testing.T) {
 	require.Equal(t, int64(64<<10), status("status").RateLimit)
 	require.Equal(t, "paused", status("pause").State)
 	require.Equal(t, "paused", status("status").State)
+	var rep control.CheckReport
+	require.NoError(t, json.Unmarshal([]byte(ok(t, "check", "--meta", meta, "--json")), &rep))
+	require.True(t, rep.OK && rep.Live, "%+v", rep)
 	fails(t, 1, fmt.Sprintf("is in use by blocksnap hydrate (pid %d, control socket %s.control); it is already hydrating this clone", d.cmd.Process.Pid, meta),
 		append([]string{"hydrate"}, flags...)...)
 	require.Equal(t, int64(0), status("set-rate", "--rate", "0").RateLimit)

@@ -20,7 +20,7 @@ var cmdCheck = &command{
 	summary: "verify an engine's metadata: a snapshot store, a clone, or a dm-snapshot COW device",
 	long: `Give one of:
   --origin PATH --store PATH             a snapshot store (of a running serve: its live state, through its control socket)
-  --source PATH --dest PATH --meta PATH  a clone (the dm-clone model)
+  --source PATH --dest PATH --meta PATH  a clone (the dm-clone model); --meta alone for one a hydrate is running on (its live state)
   --cow PATH                             a persistent dm-snapshot COW device (the Linux kernel's format); never written to
 Every problem is printed; the exit status is 0 only when there is none, 1 otherwise.`,
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
@@ -43,7 +43,7 @@ Every problem is printed; the exit status is 0 only when there is none, 1 otherw
 				r, err = checkCOW(*cow)
 			case sf.origin != "" && sf.store != "" && cf.meta == "":
 				err = runOp(e, sf, inspect, control.Request{Op: control.OpCheck}, &r)
-			case cf.source != "" && cf.dest != "" && cf.meta != "" && sf.store == "":
+			case cf.meta != "" && sf.store == "" && sf.origin == "" && *cow == "":
 				r, err = checkClone(e, cf)
 			default:
 				return usagef("give --origin and --store, or --source, --dest and --meta, or --cow")
@@ -79,13 +79,25 @@ func printCheck(e *env, r control.CheckReport, js bool) error {
 	return nil
 }
 
-// checkClone opens the clone read-only and runs its check.
+// checkClone checks the clone: the live state of the hydrate running on
+// it, through its control socket, or else the clone opened read-only.
 func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
 	r := control.CheckReport{Target: cf.meta, Engine: "clone"}
-	s, err := openClone(e.ctx, cf, cloneOptions(inspect), false, false)
-	if errors.Is(err, errCloneInUse) {
-		return r, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "check it once that process has stopped")
+	held, err := isLocked(cf.meta)
+	if err != nil {
+		return r, err
 	}
+	if held {
+		err := control.Dial(cf.controlPath()).Call(e.ctx, control.Request{Op: control.OpCheck}, &r)
+		if errors.Is(err, control.ErrNoServer) {
+			return r, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "")
+		}
+		return r, err
+	}
+	if cf.source == "" || cf.dest == "" {
+		return r, usagef("no hydrate is running on %s: give --source and --dest to check the clone's files", cf.meta)
+	}
+	s, err := openClone(e.ctx, cf, cloneOptions(inspect), false, false)
 	if err != nil {
 		return r, err
 	}

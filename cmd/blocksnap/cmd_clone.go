@@ -331,8 +331,11 @@ func (h *hydration) handle(_ context.Context, r control.Request) (any, error) {
 	case control.OpSetRate:
 		c.SetRateLimit(r.Rate)
 		h.rateCap.Store(r.Rate)
+	case control.OpCheck:
+		rep := c.CheckReport()
+		return control.CheckReport{OK: rep.OK(), Target: h.cf.meta, Engine: "clone", Problems: rep.Problems, Live: true}, nil
 	default:
-		return nil, fmt.Errorf("operation %q is not one a hydrate answers (status, pause, resume, set-rate)", r.Op)
+		return nil, fmt.Errorf("operation %q is not one a hydrate answers (status, pause, resume, set-rate, check)", r.Op)
 	}
 	return statusOf(c.Status(), h.rateCap.Load()), nil
 }
