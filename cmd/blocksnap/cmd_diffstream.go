@@ -45,6 +45,8 @@ var cmdApplyDiff = &command{
 		"blocksnap apply-diff --target restore.img < tuesday.bsd",
 	},
 	summary: "apply a diff stream (standard input by default) onto a file or device; idempotent and resumable",
+	long: "An incremental stream applies only onto a target at its FROM snapshot (the state file says so) unless --force. " +
+		"A target file that holds a qcow2, VMDK, VHD, VHDX or VDI image is refused.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		target := fl.String("target", "", "`PATH` of the file or device to apply onto (a missing file is created)")
 		required(fl, "target")
@@ -301,6 +303,11 @@ func openTarget(path string, h diffstream.Header) (*blockdev.File, func(), error
 		return nil, nil, err
 	case !fi.Mode().IsRegular():
 		opts.BlockSize = 0 // a device node: its own sector size
+	default:
+		// A raw stream written into a disk image would wreck it.
+		if err := refuseImage("target", path); err != nil {
+			return nil, nil, err
+		}
 	}
 	lock, err := lockFile(path)
 	if errors.Is(err, errInUse) {
