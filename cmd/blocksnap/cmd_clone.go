@@ -410,7 +410,7 @@ var cmdStatus = &command{
 	summary: "show a clone's hydration status",
 	long: "With only --meta it asks the hydrate running on that clone, through its control socket. " +
 		"When none runs, give --source and --dest too: the status is then read from the clone itself " +
-		"(hydration stays paused; nothing is copied).",
+		"(opened read-only: nothing is copied or written).",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		cf := &cloneFlags{}
 		fl.StringVar(&cf.meta, "meta", "", "metadata `PATH` of the clone")
