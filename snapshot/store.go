@@ -3,7 +3,7 @@
 // writable clone of it, with unlimited snapshots, clones of clones to any
 // depth, metadata-only background delete and diffs between snapshots.
 //
-// Data model (DESIGN.md section 6). Every writable volume is a branch: the
+// Data model (docs/design.md, "The shared snapshot store"). Every writable volume is a branch: the
 // origin is branch 0, a clone is a branch whose parent is a (branch,
 // snapshot) point. A snapshot of a branch is a number (an epoch) in that
 // branch's increasing sequence. One ordered index keyed (branch, chunk,
