@@ -4,9 +4,10 @@ import "fmt"
 
 // Commit makes the open transaction durable (docs/metadata.md section 5).
 // Under the write lock it shadows the changed space-map pages until
-// nothing new is dirty, encodes every dirty page and the superblock, and
-// opens the next transaction. Then, without the lock, so that changes go
-// on meanwhile in the next transaction, it writes the pages, flushes,
+// nothing new is dirty, encodes the space-map pages and the superblock,
+// and opens the next transaction. Then, without the lock, so that changes
+// go on meanwhile in the next transaction, it encodes the transaction's
+// nodes, writes the pages, flushes,
 // writes the superblock copy for this transaction's parity and flushes
 // again. Last, under the lock, it publishes the transaction to new Views
 // and releases what durable transactions freed. Commits run one at a time.
@@ -18,6 +19,11 @@ func (m *Meta) Commit() error {
 	m.mu.Unlock()
 	if err != nil || pages == nil {
 		return err
+	}
+	// T's nodes are immutable now (T+1 shadows them before any change),
+	// so they are encoded without the lock.
+	for i, n := range dirty {
+		n.encode(pages[i*PageSize : (i+1)*PageSize])
 	}
 	err = m.writeCommit(tx, pages, locs)
 	m.mu.Lock()
@@ -35,8 +41,9 @@ func (m *Meta) Commit() error {
 	return nil
 }
 
-// freeze ends the open transaction: it shadows the maps, encodes every
-// page to write (the superblock last) into commitBuf, and starts the next
+// freeze ends the open transaction: it shadows the maps, encodes the
+// space-map pages and the superblock (last) into commitBuf, leaving the
+// first len(dirty) slots for the dirty nodes, and starts the next
 // transaction. The frozen transaction's nodes stay dirty, so pinned in the
 // cache, until written; the next transaction shadows them before any
 // change, as it does committed ones. Callers hold commitMu and mu. pages
@@ -77,7 +84,7 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 		return p
 	}
 	for _, nd := range dirty {
-		nd.encode(next(nd.loc))
+		next(nd.loc) // encoded by writeCommit, without the lock
 	}
 	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
 		for i, d := range sm.dirtyPage {
