@@ -1,6 +1,9 @@
 package meta
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // Commit makes the open transaction durable (docs/metadata.md section 5).
 // Under the write lock it shadows the changed space-map pages until
@@ -15,11 +18,16 @@ func (m *Meta) Commit() error {
 	m.commitMu.Lock()
 	defer m.commitMu.Unlock()
 	m.mu.Lock()
+	t0 := time.Now()
 	tx, dirty, pages, locs, err := m.freeze()
+	frozen := time.Since(t0)
 	m.mu.Unlock()
 	if err != nil || pages == nil {
 		return err
 	}
+	m.cstats.Commits++
+	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
+	m.cstats.Pages += uint64(len(locs))
 	// T's nodes are immutable now (T+1 shadows them before any change),
 	// so they are encoded without the lock.
 	for i, n := range dirty {
@@ -229,4 +237,19 @@ func (m *Meta) lowSpace() func() {
 	m.lowFired = true
 	cb, total := m.opts.LowSpace, m.metaSM.nbits
 	return func() { cb(free, total) }
+}
+
+// CommitStats describes the commits so far.
+type CommitStats struct {
+	Commits uint64
+	Pages   uint64 // pages written by commits (write-back not included)
+	// WorstFreeze is the longest a commit held the writer's lock.
+	WorstFreeze time.Duration
+}
+
+// CommitStats reports the commits since Open.
+func (m *Meta) CommitStats() CommitStats {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	return m.cstats
 }

@@ -80,6 +80,7 @@ type Meta struct {
 	// cache.mu.
 	commitMu  sync.Mutex
 	commitBuf []byte
+	cstats    CommitStats
 
 	// mu guards the open transaction: everything below up to viewMu.
 	mu       sync.Mutex
