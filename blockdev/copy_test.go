@@ -6,28 +6,14 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"os"
-	"strconv"
+	"net"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed returns BLOCKSNAP_SEED if set (to replay a failure), else a
-// random seed; it logs the seed either way.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if s := os.Getenv("BLOCKSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "BLOCKSNAP_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
-	return seed
-}
 
 // sparseImage fills m with random extents of data, of zeros written as
 // data, and holes.
@@ -49,16 +35,8 @@ func sparseImage(t *testing.T, rng *rand.Rand, m *blockdev.Mem) {
 	}
 }
 
-func image(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return p
-}
-
 func TestCopySparse(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 2))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 2))
 	for _, bs := range []int{512, 4096} {
 		src, err := blockdev.NewMem(4<<20, bs)
 		require.NoError(t, err)
@@ -75,7 +53,7 @@ func TestCopySparse(t *testing.T) {
 		}))
 		require.Equal(t, src.Size(), last)
 		require.Equal(t, src.Size(), total)
-		require.Equal(t, image(t, src), image(t, dst))
+		require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, dst))
 		// Zero blocks and holes were not written: dst is as sparse as the
 		// data in src (Mem pages are 4 KiB, so compare whole pages).
 		require.LessOrEqual(t, dst.Allocated(), src.Allocated())
@@ -93,7 +71,7 @@ type noMapper struct{ blockdev.Device }
 func (noMapper) Discard(off, n int64) error { return blockdev.ErrNotSupported }
 
 func TestCopyWithoutMapperOrDiscard(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 3))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 3))
 	src, err := blockdev.NewMem(1<<20, 512)
 	require.NoError(t, err)
 	sparseImage(t, rng, src)
@@ -102,7 +80,7 @@ func TestCopyWithoutMapperOrDiscard(t *testing.T) {
 	_, err = m.WriteAt(bytes.Repeat([]byte{1}, 1<<20), 0)
 	require.NoError(t, err)
 	require.NoError(t, blockdev.Copy(context.Background(), noMapper{m}, noMapper{src}, nil))
-	require.Equal(t, image(t, src), image(t, m))
+	require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, m))
 }
 
 func TestCopyErrors(t *testing.T) {
@@ -128,6 +106,18 @@ func TestCopyErrors(t *testing.T) {
 	big, err := blockdev.NewMem(1<<20, 4096)
 	require.NoError(t, err)
 	require.ErrorIs(t, blockdev.Copy(ctx, big, odd, nil), blockdev.ErrMisaligned)
+	none := func(int64, []byte, bool) error { return nil }
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 1000), 512, none), blockdev.ErrMisaligned)
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 256), 512, none), blockdev.ErrMisaligned)
+
+	// ScanRuns: runs alternate, never span pieces, and cover the range.
+	var runs []blockdev.Extent
+	require.NoError(t, blockdev.ScanRuns(ctx, src, 0, 16384, make([]byte, 10240), 512, func(off int64, p []byte, zero bool) error {
+		runs = append(runs, blockdev.Extent{Off: off, Len: int64(len(p)), Zero: zero})
+		return nil
+	}))
+	require.Equal(t, []blockdev.Extent{{Off: 0, Len: 8192, Zero: true}, {Off: 8192, Len: 2048}, {Off: 10240, Len: 2048},
+		{Off: 12288, Len: 4096, Zero: true}}, runs)
 }
 
 func TestEqual(t *testing.T) {
@@ -177,7 +167,7 @@ func (c *chunky) Read(p []byte) (int, error) {
 }
 
 func TestWriterUnalignedStream(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 4))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 4))
 	for range 20 {
 		dev, err := blockdev.NewMem(3<<20, []int{512, 4096}[rng.IntN(2)])
 		require.NoError(t, err)
@@ -204,7 +194,7 @@ func TestWriterUnalignedStream(t *testing.T) {
 		require.Equal(t, int64(len(data)), n)
 		require.Equal(t, off+n, w.Offset())
 		require.NoError(t, w.Close())
-		require.Equal(t, model, image(t, dev), "stream of %d bytes at %d", len(data), off)
+		require.Equal(t, model, blockdevtest.ReadAll(t, dev), "stream of %d bytes at %d", len(data), off)
 	}
 }
 
@@ -223,7 +213,7 @@ func TestWriterWriteAtAndBounds(t *testing.T) {
 	require.NoError(t, err)
 	copy(model[105:], ", world")
 	require.NoError(t, w.Flush())
-	require.Equal(t, model, image(t, dev))
+	require.Equal(t, model, blockdevtest.ReadAll(t, dev))
 
 	// Past the end: refused, typed.
 	w = blockdev.NewWriter(dev, dev.Size()-3)
@@ -258,4 +248,51 @@ func TestCheckReport(t *testing.T) {
 	require.Len(t, ce.Problems, 8)
 	require.Contains(t, err.Error(), "8 problems: problem 0; problem 1")
 	require.Contains(t, err.Error(), "and 3 more")
+}
+
+func TestIsZero(t *testing.T) {
+	for n := range 100 {
+		p := make([]byte, n)
+		require.True(t, blockdev.IsZero(p))
+		for i := range n {
+			p[i] = 1
+			require.False(t, blockdev.IsZero(p), "len %d, byte %d", n, i)
+			p[i] = 0
+		}
+	}
+}
+
+// io.Copy from a TCP connection into a file device opened with O_DIRECT
+// (which needs aligned offsets, lengths and memory) through a Writer.
+func TestWriterFromNetworkOntoDirectFile(t *testing.T) {
+	dev := newFile(t, blockdev.FileOptions{Direct: true})
+	data := make([]byte, 3<<20+777)
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 5))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	sent := make(chan error, 1)
+	go func() {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err == nil {
+			_, err = c.Write(data)
+			c.Close()
+		}
+		sent <- err
+	}()
+	conn, err := ln.Accept()
+	require.NoError(t, err)
+	defer conn.Close()
+	w := blockdev.NewWriter(dev, 4096+100)
+	n, err := io.Copy(w, conn)
+	require.NoError(t, err)
+	require.NoError(t, <-sent)
+	require.Equal(t, int64(len(data)), n)
+	require.NoError(t, w.Close())
+	got := blockdevtest.ReadAll(t, dev)
+	require.Equal(t, data, got[4096+100:4096+100+len(data)])
+	require.True(t, blockdev.IsZero(got[:4096+100]))
 }

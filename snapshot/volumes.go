@@ -75,11 +75,17 @@ func (s *Store) CreateSnapshot(name string, of *Volume) (*Volume, error) {
 	br := of.br
 	br.gate.Lock()
 	defer br.gate.Unlock()
+	if err := of.notDeleted(); err != nil { // Delete marks it dead under the gate
+		return nil, err
+	}
 	if err := s.quiesce(br); err != nil {
 		return nil, err
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	if _, taken := s.byName[name]; taken {
 		s.mu.Unlock()
@@ -116,11 +122,23 @@ func (s *Store) CreateClone(name string, from *Volume) (*Volume, error) {
 	if from.kind != KindSnapshot {
 		from.br.gate.Lock()
 		defer from.br.gate.Unlock()
+		if err := from.notDeleted(); err != nil { // Delete marks it dead under the gate
+			return nil, err
+		}
 		if err := s.quiesce(from.br); err != nil {
 			return nil, err
 		}
 	}
+	if err := s.makeLogRoom(); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
+	// A snapshot is deleted (dropped or hidden) under mu, without its
+	// branch gate: look again now, before its epoch is referenced.
+	if v := s.volumes[from.meta.id]; v != from.meta || v.hidden || v.dead.Load() {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: volume %d", ErrInvalidSnapshot, from.meta.id)
+	}
 	if _, taken := s.byName[name]; taken {
 		s.mu.Unlock()
 		return nil, fmt.Errorf("%w: %q", ErrExists, name)
@@ -156,6 +174,9 @@ func (s *Store) Rename(oldName, newName string) error {
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	id, ok := s.byName[oldName]
 	switch {
@@ -294,11 +315,8 @@ type Stats struct {
 	// index encodes to: extents of consecutive chunks at consecutive
 	// locations, a few bytes each).
 	MetadataBytes int64
-	// IndexMemoryBytes estimates the in-memory index: two B-tree entries
-	// of 24 bytes per index entry plus node overhead.
-	IndexMemoryBytes int64
-	Volumes          int     // visible volumes, the origin included
-	JournalFill      float64 // fraction of the journal's log in use (0 when transient)
+	Volumes       int     // visible volumes, the origin included
+	JournalFill   float64 // fraction of the journal's log in use (0 when transient)
 	// BufferedChunks is the number of origin chunks whose new data waits
 	// in memory for its copy's commit (Options.OriginBuffer).
 	BufferedChunks int64
@@ -314,7 +332,6 @@ func (s *Store) Stats() Stats {
 	used, free := s.alloc.counts()
 	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: used, FreeChunks: free,
 		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols, BufferedChunks: s.ob.n.Load()}
-	st.IndexMemoryBytes = int64(st.IndexEntries) * 2 * 24 * 5 / 4
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
 	}
