@@ -3,8 +3,8 @@ package snapshot
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"runtime/pprof"
@@ -354,7 +354,6 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 	mustCheck(t, s)
 }
 
-var _ = errors.Is
 
 // The origin handle never is nil: after Close its calls fail with
 // ErrClosed (they used to panic on a nil handle).
@@ -442,4 +441,26 @@ func TestFailedStoreCloseWritesOutDurable(t *testing.T) {
 	snap, err := s.OpenVolume("snap")
 	require.NoError(t, err)
 	require.Equal(t, -1, firstDiff(readAll(t, snap), before), "snapshot")
+}
+
+// CheckpointAt past maxCheckpointAt would leave every checkpoint to the
+// foreground path; such settings (and nonsense) are refused at Format and
+// Open alike.
+func TestCheckpointAtRange(t *testing.T) {
+	origin, err := blockdev.NewMem(64<<10, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(4<<20, 512)
+	require.NoError(t, err)
+	for _, at := range []float64{0.9, 0.71, 1, -0.5, 0.01, math.NaN()} {
+		_, err := Format(origin, store, Options{CheckpointAt: at})
+		require.ErrorIs(t, err, ErrBadOptions, "CheckpointAt %v", at)
+	}
+	s, err := Format(origin, store, Options{CheckpointAt: maxCheckpointAt})
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	_, err = Open(origin, store, Options{CheckpointAt: 0.9})
+	require.ErrorIs(t, err, ErrBadOptions)
+	s, err = Open(origin, store, Options{CheckpointAt: minCheckpointAt})
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
 }
