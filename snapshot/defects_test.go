@@ -354,7 +354,6 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 	mustCheck(t, s)
 }
 
-
 // The origin handle never is nil: after Close its calls fail with
 // ErrClosed (they used to panic on a nil handle).
 func TestOriginAfterClose(t *testing.T) {
