@@ -19,26 +19,22 @@ func roFixture(t *testing.T) (*blockdev.Mem, *blockdev.Mem) {
 	t.Helper()
 	s, origin, store := newMemStore(t, 4<<20, 16<<20, Options{ChunkSize: 16 << 10, CommitInterval: -1})
 	o := s.Origin()
-	write := func(v *Volume, b byte, off, n int64) {
-		_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
-		require.NoError(t, err)
-	}
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
-	write(o, 1, 0, 64<<10)
+	fillAt(t, o, 1, 0, 64<<10)
 	require.NoError(t, o.Discard(1<<20, 32<<10))
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
 	c, err := s.CreateClone("c", s1)
 	require.NoError(t, err)
-	write(c, 2, 512<<10, 48<<10)
+	fillAt(t, c, 2, 512<<10, 48<<10)
 	require.NoError(t, c.Discard(2<<20, 16<<10))
 	_, err = s.CreateSnapshot("cs", c)
 	require.NoError(t, err)
-	write(o, 3, 3<<20, 16<<10)
+	fillAt(t, o, 3, 3<<20, 16<<10)
 	gone, err := s.CreateSnapshot("gone", o)
 	require.NoError(t, err)
-	write(o, 4, 3<<20, 16<<10)
+	fillAt(t, o, 4, 3<<20, 16<<10)
 	_, err = s.Delete(gone.Info().Name)
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
@@ -169,6 +165,13 @@ func mustOpen(t *testing.T, s *Store, name string) *Volume {
 	v, err := s.OpenVolume(name)
 	require.NoError(t, err)
 	return v
+}
+
+// fillAt writes n bytes of value b at off.
+func fillAt(t *testing.T, v *Volume, b byte, off, n int64) {
+	t.Helper()
+	_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
+	require.NoError(t, err)
 }
 
 func second[T any](_ T, err error) error { return err }

@@ -149,3 +149,27 @@ func TestCompressedStreamLargerThanDecoderMemory(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, int64(size), tot.DataBytes)
 }
+
+// failingWriter fails every write after the first n bytes.
+type failingWriter struct{ n int }
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > f.n {
+		k := f.n
+		f.n = 0
+		return k, errors.New("disk full")
+	}
+	f.n -= len(p)
+	return len(p), nil
+}
+
+// A compressed export onto a writer that fails returns its error, at any
+// point of the stream, and releases the compressor.
+func TestCompressedExportWriterFails(t *testing.T) {
+	v := newVolume(t, 14, 1<<20)
+	v.scribble(30)
+	for _, n := range []int{0, 10, 100, 5000, 60000} {
+		_, err := Export(context.Background(), &failingWriter{n: n}, v.live, Header{To: ident(0), Flags: FlagZstd}, nil, nil)
+		require.ErrorContains(t, err, "disk full", "failing after %d bytes", n)
+	}
+}

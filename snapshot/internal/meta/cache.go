@@ -18,6 +18,7 @@ type cache struct {
 	dirty    int // bytes of dirty nodes
 	nodes    map[uint64]*node
 	head     node // LRU sentinel: head.next is the most recently used
+	dhead    node // dirty FIFO sentinel: dhead.dnext is the longest dirty
 	hits     uint64
 	misses   uint64
 	evicted  uint64
@@ -27,6 +28,7 @@ type cache struct {
 func newCache(limit int) *cache {
 	c := &cache{limit: limit, nodes: make(map[uint64]*node)}
 	c.head.next, c.head.prev = &c.head, &c.head
+	c.dhead.dnext, c.dhead.dprev = &c.dhead, &c.dhead
 	return c
 }
 
@@ -41,6 +43,21 @@ func (c *cache) pushFront(n *node) {
 	n.next, n.prev = c.head.next, &c.head
 	c.head.next.prev = n
 	c.head.next = n
+}
+
+// dirtyLink and dirtyUnlink keep the dirty FIFO in step with n.dirty
+// for nodes in the cache.
+func (c *cache) dirtyLink(n *node) {
+	n.dprev, n.dnext = c.dhead.dprev, &c.dhead
+	c.dhead.dprev.dnext = n
+	c.dhead.dprev = n
+	c.dirty += n.cost
+}
+
+func (c *cache) dirtyUnlink(n *node) {
+	n.dprev.dnext, n.dnext.dprev = n.dnext, n.dprev
+	n.dprev, n.dnext = nil, nil
+	c.dirty -= n.cost
 }
 
 // get returns the cached node at loc, if any, and marks it recently used.
@@ -72,14 +89,7 @@ func (c *cache) add(n *node) *node {
 		c.resize(old)
 		return old
 	}
-	n.inCache = true
-	n.cost = nodeCost(n)
-	c.bytes += n.cost
-	if n.dirty {
-		c.dirty += n.cost
-	}
-	c.nodes[n.loc] = n
-	c.pushFront(n)
+	c.insert(n)
 	c.evictLocked()
 	return n
 }
@@ -103,17 +113,21 @@ func (c *cache) touched(n *node) {
 		if old := c.nodes[n.loc]; old != nil {
 			c.remove(old)
 		}
-		n.inCache = true
-		n.cost = nodeCost(n)
-		c.bytes += n.cost
-		c.nodes[n.loc] = n
-		c.pushFront(n)
-		if n.dirty {
-			c.dirty += n.cost
-		}
+		c.insert(n)
 		return
 	}
 	c.resize(n)
+}
+
+func (c *cache) insert(n *node) {
+	n.inCache = true
+	n.cost = nodeCost(n)
+	c.bytes += n.cost
+	c.nodes[n.loc] = n
+	c.pushFront(n)
+	if n.dirty {
+		c.dirtyLink(n)
+	}
 }
 
 // setDirty changes n's dirty flag and the dirty byte count.
@@ -126,9 +140,9 @@ func (c *cache) setDirty(n *node, d bool) {
 	n.dirty = d
 	if n.inCache {
 		if d {
-			c.dirty += n.cost
+			c.dirtyLink(n)
 		} else {
-			c.dirty -= n.cost
+			c.dirtyUnlink(n)
 		}
 	}
 }
@@ -147,7 +161,7 @@ func (c *cache) remove(n *node) {
 	c.unlink(n)
 	c.bytes -= n.cost
 	if n.dirty {
-		c.dirty -= n.cost
+		c.dirtyUnlink(n)
 	}
 	n.inCache = false
 }
@@ -164,15 +178,13 @@ func (c *cache) evictLocked() {
 	}
 }
 
-// dirtyNodes returns the dirty nodes, coldest first.
+// dirtyNodes returns up to max (0: all) dirty nodes, longest dirty first.
 func (c *cache) dirtyNodes(max int) []*node {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var out []*node
-	for n := c.head.prev; n != &c.head && (max <= 0 || len(out) < max); n = n.prev {
-		if n.dirty {
-			out = append(out, n)
-		}
+	for n := c.dhead.dnext; n != &c.dhead && (max <= 0 || len(out) < max); n = n.dnext {
+		out = append(out, n)
 	}
 	return out
 }

@@ -50,6 +50,9 @@ func (c *checker) page(loc uint64, what string) {
 // use). It writes nothing, so it runs on a read-only Meta. The error joins
 // up to 20 problems, each wrapping ErrCorrupt.
 func (v *View) Check() error {
+	if v.released {
+		return errReleased
+	}
 	st := v.st
 	c := &checker{v: v, pages: make([]uint64, (st.pages+63)/64), chunks: make([]uint64, (st.dataChunks+63)/64)}
 	c.page(0, "superblock")
@@ -98,8 +101,8 @@ func (c *checker) walk(t tree, p ptr, level int, lo, hi *run, root bool) {
 		c.addf("page %d: empty node", p.loc)
 		return
 	}
-	if !root && !n.leaf() && len(n.kids) < 1 {
-		c.addf("page %d: branch without children", p.loc)
+	if !root && underfull(n) {
+		c.addf("page %d: node below a quarter full (%d runs, %d bytes)", p.loc, len(n.runs), n.size)
 	}
 	if n.leaf() {
 		if n.size > leafCap || k.leafSize(n.runs) != n.size {

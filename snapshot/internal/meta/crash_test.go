@@ -1,53 +1,13 @@
 package meta
 
 import (
-	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// cutDev cuts the power at its at-th write or flush: that call and every
-// later write or flush fail, as if the machine stopped there.
-type cutDev struct {
-	blockdev.Device
-	calls atomic.Int64
-	at    int64 // 0: never
-	cut   atomic.Bool
-}
-
-var errPowerCut = fmt.Errorf("power cut: %w", blockdev.ErrIO)
-
-func (d *cutDev) tick() error {
-	n := d.calls.Add(1)
-	if d.cut.Load() || d.at > 0 && n >= d.at {
-		d.cut.Store(true)
-		return errPowerCut
-	}
-	return nil
-}
-
-func (d *cutDev) WriteAt(p []byte, off int64) (int, error) {
-	if err := d.tick(); err != nil {
-		return 0, err
-	}
-	return d.Device.WriteAt(p, off)
-}
-
-func (d *cutDev) Flush() error {
-	if err := d.tick(); err != nil {
-		return err
-	}
-	return d.Device.Flush()
-}
 
 // crashRun runs a seeded workload on m until it ends or a call fails, and
 // returns the last committed model and the one a commit in flight would
@@ -61,20 +21,20 @@ func crashRun(t *testing.T, m *Meta, seed uint64, steps int) (committed, infligh
 		if rng.IntN(40) == 0 {
 			inflight = md.clone()
 			if err := m.Commit(); err != nil {
-				require.ErrorIs(t, err, errPowerCut)
+				require.ErrorIs(t, err, blockdevtest.ErrCrashed)
 				return committed, inflight
 			}
 			committed = inflight
 			continue
 		}
 		if err := crashStep(rng, m, md, space); err != nil {
-			require.ErrorIs(t, err, errPowerCut)
+			require.ErrorIs(t, err, blockdevtest.ErrCrashed)
 			return committed, committed
 		}
 	}
 	inflight = md.clone()
 	if err := m.Commit(); err != nil {
-		require.ErrorIs(t, err, errPowerCut)
+		require.ErrorIs(t, err, blockdevtest.ErrCrashed)
 		return committed, inflight
 	}
 	return inflight, inflight
@@ -109,62 +69,65 @@ func crashStep(rng *rand.Rand, m *Meta, md *model, space keySpace) error {
 	return m.FreeData(loc)
 }
 
-// tortureBudget is BLOCKSNAP_TORTURE_SECONDS, or 0.
-func tortureBudget() time.Duration {
-	s, _ := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS"))
-	return time.Duration(s) * time.Second
-}
-
-// TestCrashEveryCall cuts the power at every write and flush of a workload
-// (commits and the write-back of a cache far smaller than the tree), under
-// each crash policy in turn, and checks that the reopened metadata equals
-// the last commit or the one in flight, and passes Check.
+// TestCrashEveryCall cuts the power at every write and at every flush of a
+// workload (commits, and the write-back of a cache far smaller than the
+// tree), cycling the crash policies, and checks that the reopened metadata
+// equals the last commit or the one in flight, passes Check, and takes
+// more changes. BLOCKSNAP_TORTURE_SECONDS runs more seeds and a longer
+// workload.
 func TestCrashEveryCall(t *testing.T) {
-	seed := testSeed(t)
-	const pages, cache = 512, 16 << 10
+	seed := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, 600)
+	const pages, cache = 512, 2 << 10 // a cache of a few nodes: write-back and eviction all the time
 	steps := 100
-	if tortureBudget() > 0 {
+	if budget.Timed() {
 		steps = 400
 	}
-	deadline := time.Now().Add(tortureBudget())
+	// run formats a region behind a power cut armed for the k-th call of
+	// kind op after Format (k 0: never), runs the workload, and returns
+	// the cut and the models.
+	run := func(s uint64, op blockdevtest.Op, k int, pol blockdevtest.Policy) (*blockdevtest.PowerCut, *model, *model) {
+		pc := blockdevtest.NewPowerCut(op, 0, pol)
+		dev := pc.NewDevice(t, "meta", pages*PageSize, 4096)
+		m, err := Format(dev, Options{DataChunks: 4096, CacheBytes: cache})
+		require.NoError(t, err)
+		if k > 0 {
+			pc.Arm(op, k)
+		}
+		committed, inflight := crashRun(t, m, s, steps)
+		return pc, committed, inflight
+	}
 	for round := uint64(0); ; round++ {
 		s := seed + round
-		// a dry run counts the calls
-		sim := blockdevtest.MustCrashSim(pages*PageSize, 4096)
-		m, err := Format(sim, Options{DataChunks: 4096, CacheBytes: cache})
-		require.NoError(t, err)
-		cd := &cutDev{Device: sim}
-		m.dev = cd
-		crashRun(t, m, s, steps)
-		total := cd.calls.Load()
-		for at := int64(1); at <= total; at++ {
-			sim := blockdevtest.MustCrashSim(pages*PageSize, 4096)
-			m, err := Format(sim, Options{DataChunks: 4096, CacheBytes: cache})
-			require.NoError(t, err)
-			cd := &cutDev{Device: sim, at: at}
-			m.dev = cd
-			committed, inflight := crashRun(t, m, s, steps)
-			pol := blockdevtest.AllPolicies(s + uint64(at))[at%4]
-			img := sim.MustCrash(pol)
-			m2, err := Open(img, Options{CacheBytes: cache})
-			require.NoError(t, err, "seed %d, cut at call %d of %d, %v", s, at, total, pol)
-			require.NoError(t, m2.Check(), "seed %d, cut at call %d, %v", s, at, pol)
-			want := committed
-			if m2.Len() != uint64(len(committed.keys)) || !sameKeys(m2, committed) {
-				want = inflight
-			}
-			verifyAll(t, m2, want)
-			// the reopened metadata keeps working
-			rng := rand.New(rand.NewPCG(s, uint64(at)))
-			for range 20 {
-				require.NoError(t, crashStep(rng, m2, want, keySpace{branches: 2, chunks: 600, epochs: 4}))
-			}
-			require.NoError(t, m2.Commit())
-			require.NoError(t, m2.Check())
+		dry, _, _ := run(s, blockdevtest.OpAny, 0, blockdevtest.Policy{})
+		if round == 0 {
+			t.Logf("one round: %d writes, %d flushes", dry.Calls(blockdevtest.OpWrite), dry.Calls(blockdevtest.OpFlush))
 		}
-		t.Logf("round %d: %d crash points", round, total)
-		if time.Now().After(deadline) {
-			return
+		// flushes first: they are few, and each ends a commit's phase
+		for _, op := range []blockdevtest.Op{blockdevtest.OpFlush, blockdevtest.OpWrite} {
+			total := dry.Calls(op)
+			for k := 1; k <= total; k++ {
+				if !budget.Next() {
+					return
+				}
+				pol := blockdevtest.AllPolicies(s + uint64(k))[k%4]
+				pc, committed, inflight := run(s, op, k, pol)
+				imgs := pc.Cut()
+				m2, err := Open(imgs[0], Options{CacheBytes: cache})
+				require.NoError(t, err, "seed %d, %v", s, pc)
+				require.NoError(t, m2.Check(), "seed %d, %v", s, pc)
+				want := committed
+				if !sameKeys(m2, committed) {
+					want = inflight
+				}
+				verifyAll(t, m2, want)
+				rng := rand.New(rand.NewPCG(s, uint64(k)))
+				for range 20 {
+					require.NoError(t, crashStep(rng, m2, want, keySpace{branches: 2, chunks: 600, epochs: 4}))
+				}
+				require.NoError(t, m2.Commit())
+				require.NoError(t, m2.Check())
+			}
 		}
 	}
 }

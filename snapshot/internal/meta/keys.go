@@ -133,6 +133,33 @@ func (r *reader) ascendEpoch(b uint32, e uint32, from uint64, fn func(c uint64) 
 	}
 }
 
+// reader returns the writer's reader over the open transaction; its
+// iterator buffers are reused, so writer-side queries do not allocate.
+// Callers hold m.mu.
+func (m *Meta) reader() *reader {
+	m.rd.m, m.rd.chunk, m.rd.epoch = m, m.chunk, m.epoch
+	return &m.rd
+}
+
+// nextEpoch returns the smallest epoch >= e with keys in branch b.
+func (r *reader) nextEpoch(b, e uint32) (uint32, bool, error) {
+	k := epochTree
+	it := r.iter(k)
+	qr := run{b: b, e: e}
+	if !it.seek(r.epoch, qr) {
+		return 0, false, it.err
+	}
+	if !it.valid() || k.before(it.run(), qr) >= uint64(it.run().n) {
+		if !it.next() {
+			return 0, false, it.err
+		}
+	}
+	if x := it.run(); x.b == b {
+		return x.e, true, nil
+	}
+	return 0, false, nil
+}
+
 // Put inserts key q mapped to loc (a data chunk, or a value >= LocSpecial)
 // in the open transaction. ErrExists if q is present; ErrNoSpace, with
 // nothing changed, if the metadata region cannot take it.
@@ -154,7 +181,7 @@ func (m *Meta) put(q Key, loc uint64) error {
 	if err := m.room(false); err != nil {
 		return err
 	}
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	if _, ok, err := r.get(q); err != nil || ok {
 		if err == nil {
 			err = fmt.Errorf("meta: put %v: %w", q, ErrExists)
@@ -170,6 +197,36 @@ func (m *Meta) put(q Key, loc uint64) error {
 	}
 	m.keys++
 	return m.writeBack()
+}
+
+// PutData allocates a data chunk and puts key q mapped to it, in one step
+// of the open transaction, so that no commit can separate the allocation
+// from the key that references it (which Check would report as a leak).
+func (m *Meta) PutData(q Key) (uint64, error) {
+	m.mu.Lock()
+	loc, err := m.putData(q)
+	cb := m.lowSpace()
+	m.mu.Unlock()
+	if cb != nil {
+		cb()
+	}
+	return loc, err
+}
+
+func (m *Meta) putData(q Key) (uint64, error) {
+	if err := m.usable(); err != nil {
+		return 0, err
+	}
+	loc, ok := m.dataSM.alloc()
+	if !ok {
+		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
+	}
+	m.changed = true
+	if err := m.put(q, loc); err != nil {
+		m.dataSM.clear(loc) // never referenced by any commit: free at once
+		return 0, err
+	}
+	return loc, nil
 }
 
 // Delete removes key q and returns its location.
@@ -191,7 +248,7 @@ func (m *Meta) del(q Key) (uint64, error) {
 	if err := m.room(true); err != nil {
 		return 0, err
 	}
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
+	r := m.reader()
 	if _, ok, err := r.get(q); err != nil || !ok {
 		if err == nil {
 			err = fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
@@ -232,24 +289,30 @@ func (m *Meta) room(isDelete bool) error {
 func (m *Meta) Get(q Key) (uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
-	return r.get(q)
+	if m.closed {
+		return 0, false, ErrClosed
+	}
+	return m.reader().get(q)
 }
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
 func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
-	return r.seek(q)
+	if m.closed {
+		return Key{}, 0, false, ErrClosed
+	}
+	return m.reader().seek(q)
 }
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
 func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
-	return r.prev(q)
+	if m.closed {
+		return Key{}, 0, false, ErrClosed
+	}
+	return m.reader().prev(q)
 }
 
 // Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
@@ -257,8 +320,10 @@ func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
-	return r.ascend(from, fn)
+	if m.closed {
+		return ErrClosed
+	}
+	return m.reader().ascend(from, fn)
 }
 
 // AscendEpoch calls fn with the chunks of branch b that have a key at
@@ -266,8 +331,20 @@ func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := reader{m: m, chunk: m.chunk, epoch: m.epoch}
-	return r.ascendEpoch(b, e, from, fn)
+	if m.closed {
+		return ErrClosed
+	}
+	return m.reader().ascendEpoch(b, e, from, fn)
+}
+
+// NextEpoch returns the smallest epoch >= e that has keys in branch b.
+func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return 0, false, ErrClosed
+	}
+	return m.reader().nextEpoch(b, e)
 }
 
 // Len returns the number of keys in the open transaction.
@@ -335,19 +412,54 @@ func (v *View) Tx() uint64 { return v.st.tx }
 // Len returns the number of keys.
 func (v *View) Len() uint64 { return v.st.keys }
 
+// errReleased is returned by a View's reads after Release: its pages may
+// have been reused.
+var errReleased = fmt.Errorf("meta: view released: %w", ErrClosed)
+
 // Get returns the location of key q.
-func (v *View) Get(q Key) (uint64, bool, error) { return v.r.get(q) }
+func (v *View) Get(q Key) (uint64, bool, error) {
+	if v.released {
+		return 0, false, errReleased
+	}
+	return v.r.get(q)
+}
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
-func (v *View) Seek(q Key) (Key, uint64, bool, error) { return v.r.seek(q) }
+func (v *View) Seek(q Key) (Key, uint64, bool, error) {
+	if v.released {
+		return Key{}, 0, false, errReleased
+	}
+	return v.r.seek(q)
+}
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
-func (v *View) Prev(q Key) (Key, uint64, bool, error) { return v.r.prev(q) }
+func (v *View) Prev(q Key) (Key, uint64, bool, error) {
+	if v.released {
+		return Key{}, 0, false, errReleased
+	}
+	return v.r.prev(q)
+}
 
 // Ascend calls fn for the keys >= from until fn returns false.
-func (v *View) Ascend(from Key, fn func(Key, uint64) bool) error { return v.r.ascend(from, fn) }
+func (v *View) Ascend(from Key, fn func(Key, uint64) bool) error {
+	if v.released {
+		return errReleased
+	}
+	return v.r.ascend(from, fn)
+}
 
 // AscendEpoch calls fn with the chunks of (b, e) from chunk from on.
 func (v *View) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
+	if v.released {
+		return errReleased
+	}
 	return v.r.ascendEpoch(b, e, from, fn)
+}
+
+// NextEpoch returns the smallest epoch >= e that has keys in branch b.
+func (v *View) NextEpoch(b, e uint32) (uint32, bool, error) {
+	if v.released {
+		return 0, false, errReleased
+	}
+	return v.r.nextEpoch(b, e)
 }

@@ -3,27 +3,14 @@ package meta
 import (
 	"cmp"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed is BLOCKSNAP_SEED if set, else random; it is logged so a
-// failure can be replayed.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if v, err := strconv.ParseUint(os.Getenv("BLOCKSNAP_SEED"), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("seed %d (BLOCKSNAP_SEED=%d replays it)", seed, seed)
-	return seed
-}
 
 func keyCmp(a, b Key) int {
 	if c := cmp.Compare(a.B, b.B); c != 0 {
@@ -87,6 +74,7 @@ type reads interface {
 	Get(Key) (uint64, bool, error)
 	Ascend(Key, func(Key, uint64) bool) error
 	AscendEpoch(b, e uint32, from uint64, fn func(uint64) bool) error
+	NextEpoch(b, e uint32) (uint32, bool, error)
 }
 
 // verifyQueries compares random point queries.
@@ -146,6 +134,21 @@ func verifyAll(t *testing.T, r reads, md *model) {
 		be := [2]uint32{k.B, k.E}
 		byEpoch[be] = append(byEpoch[be], k.C)
 	}
+	// NextEpoch from every epoch of every branch seen, and past them
+	for be := range byEpoch {
+		for _, e := range []uint32{be[1], be[1] - 1, be[1] + 1, 0} {
+			want, wok := uint32(0), false
+			for k := range byEpoch {
+				if k[0] == be[0] && k[1] >= e && (!wok || k[1] < want) {
+					want, wok = k[1], true
+				}
+			}
+			got, ok, err := r.NextEpoch(be[0], e)
+			require.NoError(t, err)
+			require.Equal(t, wok, ok, "next epoch b%d e%d", be[0], e)
+			require.Equal(t, want, got, "next epoch b%d e%d", be[0], e)
+		}
+	}
 	for be, want := range byEpoch {
 		var cs []uint64
 		require.NoError(t, r.AscendEpoch(be[0], be[1], 0, func(c uint64) bool { cs = append(cs, c); return true }))
@@ -176,11 +179,16 @@ type workload struct {
 	m     *Meta
 	md    *model
 	space keySpace
+	drain bool // mostly deletes
 }
 
 func (w *workload) step() {
 	t, rng := w.t, w.rng
-	switch op := rng.IntN(10); {
+	op := rng.IntN(10)
+	if w.drain {
+		op = 6 + rng.IntN(4)*rng.IntN(2)
+	}
+	switch {
 	case op < 4:
 		k := w.space.random(rng)
 		if _, ok := w.md.locs[k]; ok {
@@ -234,13 +242,13 @@ func newMemMeta(t *testing.T, pages uint64, chunks uint64, cache int) (*blockdev
 // smaller than the tree (so nodes are written back, evicted and re-read),
 // and compares every answer with the model.
 func TestModel(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
 	for _, cache := range []int{16 << 10, 1 << 20} {
 		dev, m := newMemMeta(t, 4096, 1<<16, cache)
 		w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 3, chunks: 3000, epochs: 6}}
 		committed := w.md.clone()
-		for i := range 6000 {
+		for i := range 4000 {
 			w.step()
 			if i%97 == 0 {
 				verifyQueries(t, rng, m, w.md, 20, w.space)
@@ -264,15 +272,37 @@ func TestModel(t *testing.T) {
 		require.NoError(t, m.Commit())
 		require.NoError(t, m.Check())
 		st := m.Stats()
+		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels)
+		// drain: deletes shrink the trees, nodes join, pages come back
+		used := m.Space().PagesUsed
+		w.drain = true
+		for len(w.md.keys) > 50 {
+			w.step()
+			if rng.IntN(500) == 0 {
+				require.NoError(t, m.Commit())
+				require.NoError(t, m.Check())
+			}
+		}
+		verifyAll(t, m, w.md)
+		require.NoError(t, m.Commit())
+		require.NoError(t, m.Commit())
+		require.NoError(t, m.Check())
+		require.Less(t, m.Space().PagesUsed, used)
+		st = m.Stats()
 		cs := m.CacheStats()
 		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d; cache %+v", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels, cs)
 		require.NoError(t, m.Close())
-		m, err := Open(dev, Options{CacheBytes: cache, ReadOnly: true})
+		// a read-only Open on a device that refuses writes: Check writes nothing
+		m, err := Open(blockdev.ReadOnly(dev), Options{CacheBytes: cache, ReadOnly: true})
 		require.NoError(t, err)
 		verifyAll(t, m, w.md)
 		require.NoError(t, m.Check())
 		require.ErrorIs(t, m.Put(Key{}, 1), ErrReadOnly)
+		require.ErrorIs(t, m.Commit(), ErrReadOnly)
 		require.NoError(t, m.Close())
+		require.ErrorIs(t, m.Close(), ErrClosed)
+		_, _, _, err = m.Seek(Key{})
+		require.ErrorIs(t, err, ErrClosed)
 	}
 }
 

@@ -271,9 +271,10 @@ type node struct {
 	dirty bool
 
 	// cache bookkeeping, guarded by cache.mu
-	prev, next *node
-	cost       int
-	inCache    bool
+	prev, next   *node // LRU list
+	dprev, dnext *node // dirty FIFO
+	cost         int
+	inCache      bool
 }
 
 func (n *node) leaf() bool { return n.level == 0 }

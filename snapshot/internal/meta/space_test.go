@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // TestNoSpace fills a small metadata region with random keys until a Put
@@ -14,7 +15,7 @@ import (
 // region commits and passes Check, that deletes still work and free pages,
 // that the low-space callback fired, and that Grow makes room.
 func TestNoSpace(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 3))
 	const pages, devPages = 200, 500
 	dev, err := blockdev.NewMem(devPages*PageSize, 4096)
@@ -87,7 +88,7 @@ func TestNoSpace(t *testing.T) {
 // TestDataSpace: data chunks run out with ErrNoSpace, a freed chunk is not
 // reused before its transaction commits, and GrowData adds chunks.
 func TestDataSpace(t *testing.T) {
-	_, m := newMemMeta(t, 64, 100, 0)
+	_, m := newMemMeta(t, 256, 100, 0)
 	var locs []uint64
 	for range 100 {
 		loc, err := m.AllocData()
@@ -104,26 +105,46 @@ func TestDataSpace(t *testing.T) {
 	loc, err := m.AllocData()
 	require.NoError(t, err)
 	require.Equal(t, locs[7], loc)
+	_, err = m.PutData(Key{C: 1, E: 1})
+	require.ErrorIs(t, err, ErrNoSpace)
 	require.NoError(t, m.GrowData(200))
-	loc, err = m.AllocData()
+	loc, err = m.PutData(Key{C: 1, E: 1})
 	require.NoError(t, err)
 	require.EqualValues(t, 100, loc)
+	_, err = m.PutData(Key{C: 1, E: 1})
+	require.ErrorIs(t, err, ErrExists, "a failed PutData frees its chunk at once")
+	loc, err = m.AllocData()
+	require.NoError(t, err)
+	require.EqualValues(t, 101, loc)
+	require.NoError(t, m.Put(Key{C: 2, E: 1}, loc))
+	for _, l := range locs {
+		if l != locs[7] {
+			require.NoError(t, m.Put(Key{C: 1000 + l, E: 1}, l))
+		}
+	}
+	require.NoError(t, m.Put(Key{C: 3, E: 1}, locs[7]))
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
 }
 
 // TestViews: a view reads its committed transaction while the writer goes
 // on changing and committing; its pages are not reused until Release.
 func TestViews(t *testing.T) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 4))
 	_, m := newMemMeta(t, 4096, 1<<16, 32<<10)
 	w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 2, chunks: 2000, epochs: 5}}
+	rounds := 10
+	if testing.Short() {
+		rounds = 3
+	}
 	for range 1500 {
 		w.step()
 	}
 	require.NoError(t, m.Commit())
 	v := m.View()
 	frozen := w.md.clone()
-	for round := range 10 {
+	for round := range rounds {
 		for range 300 {
 			w.step()
 		}
@@ -135,6 +156,9 @@ func TestViews(t *testing.T) {
 	}
 	require.NoError(t, v.Check())
 	v.Release()
+	v.Release() // twice is harmless
+	_, _, _, err := v.Seek(Key{})
+	require.ErrorIs(t, err, ErrClosed)
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())
 	verifyAll(t, m, w.md)

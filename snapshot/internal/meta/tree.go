@@ -1,6 +1,9 @@
 package meta
 
-import "fmt"
+import (
+	"fmt"
+	"slices"
+)
 
 // Tree invariants (Check verifies them): keys of the runs in a leaf lie in
 // [its separator, the next leaf's separator); a branch key is not greater
@@ -229,7 +232,7 @@ func (m *Meta) replace(t *tree, leaf *node, i, j int, repl ...run) {
 	for x := i; x <= j && x < len(leaf.runs); x++ {
 		leaf.size -= k.encLen(prevOf(x), leaf.runs[x])
 	}
-	leaf.runs = append(leaf.runs[:i], append(repl, leaf.runs[j:]...)...)
+	leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
 	for x := i; x <= i+len(repl) && x < len(leaf.runs); x++ {
 		leaf.size += k.encLen(prevOf(x), leaf.runs[x])
 	}
@@ -249,8 +252,8 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 				return nil
 			}
 			p, i := path[d-1], idx[d-1]
-			p.runs = append(p.runs[:i], p.runs[i+1:]...)
-			p.kids = append(p.kids[:i], p.kids[i+1:]...)
+			p.runs = slices.Delete(p.runs, i, i+1)
+			p.kids = slices.Delete(p.kids, i, i+1)
 			continue
 		}
 		if n.leaf() && n.size > leafCap || !n.leaf() && len(n.runs) > maxKids {
@@ -274,9 +277,15 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 			p, i := path[d-1], idx[d-1]
 			key := r.runs[0]
 			key.n, key.loc = 0, 0
-			p.runs = append(p.runs[:i+1], append([]run{key}, p.runs[i+1:]...)...)
-			p.kids = append(p.kids[:i+1], append([]ptr{{r.loc, m.tx}}, p.kids[i+1:]...)...)
+			p.runs = slices.Insert(p.runs, i+1, key)
+			p.kids = slices.Insert(p.kids, i+1, ptr{r.loc, m.tx})
 			m.cache.touched(n)
+			continue
+		}
+		if d > 0 && underfull(n) {
+			if err := m.rebalance(t, path[d-1], idx[d-1], n); err != nil {
+				return err
+			}
 			continue
 		}
 		m.cache.touched(n)
@@ -288,13 +297,91 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 	return nil
 }
 
+// underfull reports a node below a quarter of its capacity.
+func underfull(n *node) bool {
+	if n.leaf() {
+		return n.size < leafCap/4
+	}
+	return len(n.kids) < maxKids/4
+}
+
+// halfIndex is where to split runs so both halves hold about half the
+// encoded bytes (leaves) or half the children (branches); in [1, len).
+func halfIndex(n *node) int {
+	if !n.leaf() {
+		return len(n.runs) / 2
+	}
+	total, acc, prev := n.kind.leafSize(n.runs), 0, run{}
+	for i, r := range n.runs {
+		acc += n.kind.encLen(prev, r)
+		prev = r
+		if acc*2 >= total {
+			return min(max(i+1, 1), len(n.runs)-1)
+		}
+	}
+	return len(n.runs) / 2
+}
+
+// rebalance joins n, child i of p, which is underfull, with a sibling:
+// into one node if both fit, else into two halves.
+func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
+	j := i + 1
+	if j >= len(p.kids) {
+		j = i - 1
+	}
+	if j < 0 {
+		m.cache.touched(n)
+		return nil
+	}
+	sib, err := m.load(p.kids[j], t.kind, int(p.level)-1)
+	if err == nil {
+		sib, err = m.own(sib)
+	}
+	if err != nil {
+		return err
+	}
+	p.kids[j] = ptr{sib.loc, m.tx}
+	hi := max(i, j)
+	a, b := n, sib
+	if j < i {
+		a, b = sib, n
+	}
+	a.runs = append(a.runs, b.runs...)
+	a.kids = append(a.kids, b.kids...)
+	if a.leaf() {
+		a.size = t.kind.leafSize(a.runs)
+	}
+	if a.leaf() && a.size <= leafCap || !a.leaf() && len(a.kids) <= maxKids {
+		m.freePage(b.loc)
+		p.runs = slices.Delete(p.runs, hi, hi+1)
+		p.kids = slices.Delete(p.kids, hi, hi+1)
+		m.cache.touched(a)
+		return nil
+	}
+	h := halfIndex(a)
+	b.runs = append(b.runs[:0], a.runs[h:]...)
+	a.runs = a.runs[:h]
+	if !a.leaf() {
+		b.kids = append(b.kids[:0], a.kids[h:]...)
+		a.kids = a.kids[:h]
+	} else {
+		a.size, b.size = t.kind.leafSize(a.runs), t.kind.leafSize(b.runs)
+	}
+	key := b.runs[0]
+	key.n, key.loc = 0, 0
+	p.runs[hi] = key
+	m.cache.touched(a)
+	m.cache.touched(b)
+	return nil
+}
+
 // split moves the upper half of n to a new node and returns it.
 func (m *Meta) split(t *tree, n *node) (*node, error) {
 	loc, err := m.allocPage()
 	if err != nil {
 		return nil, err
 	}
-	h := len(n.runs) / 2
+	h := halfIndex(n)
 	r := &node{loc: loc, tx: m.tx, kind: t.kind, level: n.level, dirty: true,
 		runs: append(make([]run, 0, len(n.runs)-h+2), n.runs[h:]...)}
 	n.runs = n.runs[:h:h]

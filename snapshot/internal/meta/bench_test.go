@@ -1,0 +1,61 @@
+package meta
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+func benchMeta(b *testing.B, pages uint64) *Meta {
+	dev, err := blockdev.NewMem(int64(pages)*PageSize, 4096)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := Format(dev, Options{DataChunks: 1 << 24})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// BenchmarkPut: random single-chunk puts (each a new run), committed
+// every 64K.
+func BenchmarkPut(b *testing.B) {
+	m := benchMeta(b, 1<<16)
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if err := m.Put(Key{C: rng.Uint64N(1 << 40), E: 1}, uint64(i)); err != nil {
+			b.Fatal(err)
+		}
+		if i%65536 == 65535 {
+			if err := m.Commit(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+// BenchmarkSeek: lookups in a committed tree of 200K random keys through a
+// View.
+func BenchmarkSeek(b *testing.B) {
+	m := benchMeta(b, 1<<15)
+	rng := rand.New(rand.NewPCG(1, 1))
+	for i := range 200000 {
+		if err := m.Put(Key{C: rng.Uint64N(1 << 40), E: 1}, uint64(i)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := m.Commit(); err != nil {
+		b.Fatal(err)
+	}
+	v := m.View()
+	defer v.Release()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, _, err := v.Seek(Key{C: rng.Uint64N(1 << 40), E: 1}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
