@@ -73,9 +73,14 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 	errs := make(chan error, 3)
 	rounds := shortScale(15000)
 	hangGuard(t, 2*time.Minute, func() {
+		var writers sync.WaitGroup // the reader runs until both writers are done
+		writers.Add(2)
+		stop := make(chan struct{})
+		go func() { writers.Wait(); close(stop) }()
 		wg.Add(3)
 		go func() { // copy-on-write writer; new snapshots keep it copying
 			defer wg.Done()
+			defer writers.Done()
 			rng := rand.New(rand.NewPCG(seed, 1))
 			buf := make([]byte, 4<<10)
 			for i := range rounds {
@@ -93,6 +98,7 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 		}()
 		go func() { // clone writes and discards: frees chunks
 			defer wg.Done()
+			defer writers.Done()
 			rng := rand.New(rand.NewPCG(seed, 2))
 			buf := make([]byte, 4<<10)
 			for range rounds {
@@ -111,7 +117,12 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(seed, 3))
 			buf := make([]byte, 4<<10)
-			for range rounds {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
 				if _, err := snap.ReadAt(buf, rng.Int64N(chunks)*(4<<10)); err != nil {
 					errs <- err
 					return
