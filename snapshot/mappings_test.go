@@ -6,6 +6,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // Every volume reads, within its mappings, the store bytes they name (or
@@ -33,7 +34,7 @@ func TestMappingsSayWhereDataLives(t *testing.T) {
 		v := mustOpen(t, ro, name)
 		maps, err := ro.Mappings(v)
 		require.NoError(t, err)
-		img := readAll(t, v)
+		img := blockdevtest.ReadAll(t, v)
 		covered := make([]bool, len(img))
 		for i, m := range maps {
 			if i > 0 {
@@ -51,7 +52,7 @@ func TestMappingsSayWhereDataLives(t *testing.T) {
 				covered[j] = true
 			}
 		}
-		base := readAll(t, origin)
+		base := blockdevtest.ReadAll(t, origin)
 		for j := range img {
 			if !covered[j] && img[j] != base[j] {
 				t.Fatalf("%s: byte %d outside every mapping differs from the origin device", name, j)

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // roFixture builds a closed store with an origin, snapshots, a clone with
@@ -47,7 +48,7 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 	out := map[string][]byte{}
 	for _, vi := range s.List() {
 		v := mustOpen(t, s, vi.Name)
-		out[vi.Name] = readAll(t, v)
+		out[vi.Name] = blockdevtest.ReadAll(t, v)
 		require.NoError(t, v.Close())
 	}
 	return out
@@ -60,7 +61,7 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	ctx := context.Background()
 	origin, store := roFixture(t)
-	before := [2][]byte{readAll(t, origin), readAll(t, store)}
+	before := [2][]byte{blockdevtest.ReadAll(t, origin), blockdevtest.ReadAll(t, store)}
 
 	_, err := Open(blockdev.ReadOnly(origin), blockdev.ReadOnly(store), Options{})
 	require.ErrorIs(t, err, blockdev.ErrReadOnly, "a read-write open writes a journal epoch")
@@ -111,8 +112,8 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	require.NoError(t, o.Flush())
 	require.NoError(t, c.Flush())
 	require.NoError(t, s.Close())
-	require.Equal(t, before[0], readAll(t, origin), "origin device changed")
-	require.Equal(t, before[1], readAll(t, store), "store device changed")
+	require.Equal(t, before[0], blockdevtest.ReadAll(t, origin), "origin device changed")
+	require.Equal(t, before[1], blockdevtest.ReadAll(t, store), "store device changed")
 
 	rw, err := Open(origin, store, Options{})
 	require.NoError(t, err)
