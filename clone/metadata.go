@@ -177,7 +177,10 @@ func (m *metadata) takeDirty() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.spans = m.spans[:0]
-	for i, ok := m.dirty.NextSet(0); ok; {
+	// Bits at or past regions are never set (markRange and the loaders
+	// bound them); the loop stops there all the same, so a stray bit can
+	// never turn into a span of 2^64 regions and a loop without end.
+	for i, ok := m.dirty.NextSet(0); ok && uint64(i) < m.regions; {
 		j, more := m.dirty.NextClear(i)
 		if !more || uint64(j) > m.regions {
 			j = uint(m.regions)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io/fs"
 	"os"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/blocksnap/blocksnap/archive"
 	"github.com/blocksnap/blocksnap/blockdev"
@@ -30,7 +31,7 @@ type repoFlags struct {
 	pathStyle, skipVerify              bool
 }
 
-func addRepoFlags(fl *flag.FlagSet) *repoFlags {
+func addRepoFlags(fl *pflag.FlagSet) *repoFlags {
 	f := &repoFlags{}
 	fl.StringVar(&f.endpoint, "endpoint", "", "S3 endpoint `URL` (default $AWS_ENDPOINT_URL, else AWS)")
 	fl.StringVar(&f.region, "region", "", "S3 `REGION` (default $AWS_REGION)")
@@ -74,54 +75,27 @@ func (f *repoFlags) open(ctx context.Context, location string, create bool, bloc
 }
 
 var cmdBackup = &command{
-	name:    "backup",
-	args:    "SNAPSHOT --to LOCATION [--from PARENT] --origin PATH --store PATH [--key-file FILE] [--json]",
-	summary: "back a snapshot up to S3 (s3://BUCKET/PREFIX) or a directory; incremental with --from",
-}
-
-var cmdRestore = &command{
-	name:    "restore",
-	args:    "LOCATION/BACKUP --to PATH [--resume] [--key-file FILE] [--json]",
-	summary: "restore a backup onto a file or device, verifying every block (holes stay holes)",
-}
-
-var cmdArchive = &command{
-	name:    "archive",
-	args:    "ls|rm|gc|verify LOCATION[/BACKUP] [--dry-run] [--read-data] [--sample F] [--json]",
-	summary: "list, delete (rm LOCATION/BACKUP), garbage-collect or verify the backups in a repository",
-}
-
-func init() {
-	cmdBackup.run = runBackup
-	cmdRestore.run = runRestore
-	cmdArchive.run = runArchive
-}
-
-// The repository (--to s3://BUCKET/PREFIX or a directory) is created on
-// first use, encrypted when a passphrase is given (--key-file or
-// $BLOCKSNAP_ARCHIVE_PASSPHRASE). With --from, the backup reads only the
-// blocks the store's diff reports changed since that snapshot and
-// references the rest from its newest backup. An interrupted backup run
-// again uploads only what is missing.
-func runBackup(e *env, args []string) error {
-	fl := newFlags(e, cmdBackup)
-	sf := addStoreFlags(fl)
-	rf := addRepoFlags(fl)
-	to := fl.String("to", "", "repository `LOCATION`: s3://BUCKET/PREFIX or a directory")
-	from := fl.String("from", "", "parent `SNAPSHOT`, already backed up to the repository (empty: a full backup)")
-	volume := fl.String("volume", "", "the volume's identity in the repository (default: the origin's absolute path)")
-	bs := &sizeFlag{}
-	fl.Var(bs, "block-size", "block size of a new repository (default 64KiB)")
-	parallel := fl.Int("parallel", 0, "blocks read and uploaded at once (default 8)")
-	js := fl.Bool("json", false, "print the result as JSON")
-	pos, err := parseStore(e, cmdBackup, fl, sf, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	if *to == "" {
-		return usagef("missing --to LOCATION")
-	}
-	return backup(e, sf, rf, pos[0], *to, *from, *volume, int(bs.n), *parallel, *js)
+	name: "backup", args: "SNAPSHOT", lo: 1, hi: 1,
+	summary: "back a snapshot up to S3 or a directory (incremental with --from: reads only what changed)",
+	long: "The repository (--to s3://BUCKET/PREFIX or a directory) is created on first use, encrypted when a " +
+		"passphrase is given (--key-file, $" + passphraseEnv + "). With --from, the backup reads only the blocks " +
+		"the store's diff reports changed since that snapshot and references the rest from its newest backup. " +
+		"An interrupted backup run again uploads only what is missing.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fl)
+		rf := addRepoFlags(fl)
+		to := fl.String("to", "", "repository `LOCATION`: s3://BUCKET/PREFIX or a directory")
+		required(fl, "to")
+		from := fl.String("from", "", "parent `SNAPSHOT`, already backed up to the repository (empty: a full backup)")
+		volume := fl.String("volume", "", "the volume's `ID` in the repository (default: the origin's absolute path)")
+		bs := &sizeFlag{}
+		fl.Var(bs, "block-size", "block size of a new repository (default 64KiB)")
+		parallel := fl.Int("parallel", 0, "blocks read and uploaded at once (default 8)")
+		js := fl.Bool("json", false, "print the result as JSON")
+		return func(e *env, pos []string) error {
+			return backup(e, sf, rf, pos[0], *to, *from, *volume, int(bs.n), *parallel, *js)
+		}
+	},
 }
 
 // backupResult is what backup prints.
@@ -148,9 +122,9 @@ func backup(e *env, sf *storeFlags, rf *repoFlags, snapName, to, from, volume st
 		}
 		volume = abs
 	}
-	s, err := openSession(sf)
+	s, err := openSession(sf, inspect)
 	if errors.Is(err, ErrStoreInUse) {
-		return fmt.Errorf("%w: stop the running serve first", err)
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
 	}
 	if err != nil {
 		return err
@@ -197,21 +171,19 @@ func backup(e *env, sf *storeFlags, rf *repoFlags, snapName, to, from, volume st
 	return err
 }
 
-func runRestore(e *env, args []string) error {
-	fl := newFlags(e, cmdRestore)
-	rf := addRepoFlags(fl)
-	to := fl.String("to", "", "target `PATH` (file or block device; a missing file is created with the backup's size)")
-	resume := fl.Bool("resume", false, "skip blocks the target already holds (an interrupted restore)")
-	parallel := fl.Int("parallel", 0, "blocks fetched and written at once (default 8)")
-	js := fl.Bool("json", false, "print the result as JSON")
-	pos, err := parse(e, cmdRestore, fl, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	if *to == "" {
-		return usagef("missing --to PATH")
-	}
-	return restore(e, rf, pos[0], *to, *resume, *parallel, *js)
+var cmdRestore = &command{
+	name: "restore", args: "LOCATION/BACKUP", lo: 1, hi: 1,
+	summary: "restore a backup onto a file or device, verifying every block (holes stay holes)",
+	long:    "A missing file is created with the backup's size. --resume skips blocks the target already holds.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		rf := addRepoFlags(fl)
+		to := fl.String("to", "", "target `PATH` (file or block device)")
+		required(fl, "to")
+		resume := fl.Bool("resume", false, "skip blocks the target already holds (an interrupted restore)")
+		parallel := fl.Int("parallel", 0, "blocks fetched and written at once (default 8)")
+		js := fl.Bool("json", false, "print the result as JSON")
+		return func(e *env, pos []string) error { return restore(e, rf, pos[0], *to, *resume, *parallel, *js) }
+	},
 }
 
 // restoreResult is what restore prints.
@@ -269,23 +241,23 @@ func restore(e *env, rf *repoFlags, backup, to string, resume bool, parallel int
 	return err
 }
 
-// runArchive: ls LOCATION lists the backups; rm LOCATION/BACKUP deletes
-// one (its blocks stay until gc); gc LOCATION deletes the blocks no backup
-// references (it fails while a backup runs); verify LOCATION checks that
-// every referenced block exists, and with --read-data (or --sample) that
-// it matches its hash, naming each bad block's backup and offset.
-func runArchive(e *env, args []string) error {
-	fl := newFlags(e, cmdArchive)
-	rf := addRepoFlags(fl)
-	dry := fl.Bool("dry-run", false, "gc: count what would be deleted, delete nothing")
-	readData := fl.Bool("read-data", false, "verify: download every block and check its hash")
-	sample := fl.Float64("sample", 0, "verify: download this `FRACTION` of the blocks (0 to 1)")
-	js := fl.Bool("json", false, "print the result as JSON")
-	pos, err := parse(e, cmdArchive, fl, args, 2, 2)
-	if err != nil {
-		return err
-	}
-	return archiveOp(e, rf, pos[0], pos[1], *dry, *readData, *sample, *js)
+var cmdArchive = &command{
+	name: "archive", args: "ls|rm|gc|verify LOCATION[/BACKUP]", lo: 2, hi: 2,
+	summary: "list, delete, garbage-collect or verify the backups in a repository",
+	long: "ls LOCATION lists the backups; rm LOCATION/BACKUP deletes one (its blocks stay until gc); " +
+		"gc LOCATION deletes the blocks no backup references (it waits for no backup: it fails while one runs); " +
+		"verify LOCATION checks that every referenced block exists, and with --read-data (or --sample) that it " +
+		"matches its hash, naming each bad block's backup and offset.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		rf := addRepoFlags(fl)
+		dry := fl.Bool("dry-run", false, "gc: count what would be deleted, delete nothing")
+		readData := fl.Bool("read-data", false, "verify: download every block and check its hash")
+		sample := fl.Float64("sample", 0, "verify: download this `FRACTION` of the blocks (0 to 1)")
+		js := fl.Bool("json", false, "print the result as JSON")
+		return func(e *env, pos []string) error {
+			return archiveOp(e, rf, pos[0], pos[1], *dry, *readData, *sample, *js)
+		}
+	},
 }
 
 // backupInfo is one line of archive ls.

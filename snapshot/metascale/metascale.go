@@ -39,7 +39,9 @@ type Result struct {
 	ChunkRuns   uint64
 	Fill        time.Duration // the whole fill, commits included
 	WorstPut    time.Duration // the slowest single version (an origin write's metadata stall)
-	WorstCommit time.Duration
+	WorstCommit time.Duration // the slowest commit, run in the background
+	WorstFreeze time.Duration // the longest a commit held the writer's lock
+	CommitPages uint64        // pages the commits wrote
 	Commits     int
 	OpenClean   time.Duration // Open after Commit and Close
 	OpenCrash   time.Duration // Open after a crash with uncommitted, written-back work
@@ -179,6 +181,8 @@ func Run(dev blockdev.Device, cfg Config) (Result, error) {
 	}
 	res.WorstCommit = max(res.WorstCommit, time.Since(t0))
 	res.Commits++
+	cs := m.CommitStats()
+	res.WorstFreeze, res.CommitPages = cs.WorstFreeze, cs.Pages
 	res.Fill = time.Since(start)
 	runtime.GC()
 	var after runtime.MemStats
