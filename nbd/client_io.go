@@ -38,6 +38,10 @@ var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}
 // closeWait bounds how long Close waits for requests in flight.
 const closeWait = 30 * time.Second
 
+// discWait bounds the write of NBD_CMD_DISC on Close: a server that stopped
+// reading must not hold Close forever.
+var discWait = 5 * time.Second
+
 // window is how many split requests one call keeps in flight.
 const window = 8
 

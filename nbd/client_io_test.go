@@ -165,3 +165,25 @@ func TestClientFailDuringChunkPayload(t *testing.T) {
 		})
 	}
 }
+
+// Close sends NBD_CMD_DISC as a courtesy; a server that stopped reading
+// (its receive buffer full) must not make Close block forever.
+func TestClientCloseServerNotReading(t *testing.T) {
+	old := discWait
+	discWait = 10 * time.Millisecond
+	t.Cleanup(func() { discWait = old })
+	cnc, snc := net.Pipe() // no buffer: a write waits for the peer to read
+	defer snc.Close()
+	c, l := testClient(t, cnc)
+	done := make(chan error, 1)
+	go func() { done <- c.Close() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(time.Minute):
+		snc.Close() // ends the DISC write, and with it Close
+		<-done
+		t.Fatal("Close blocked sending NBD_CMD_DISC to a server that does not read")
+	}
+	<-l.readerDone
+}
