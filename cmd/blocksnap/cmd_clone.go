@@ -256,7 +256,8 @@ var cmdHydrate = &command{
 	},
 	summary: "hydrate a destination from a read-only source in the background (the dm-clone target), " +
 		"optionally serving the clone over NBD meanwhile; resumes where a previous run stopped",
-	long: "While it runs, blocksnap status, pause, resume and set-rate reach it through its control socket.",
+	long: "While it runs, blocksnap status, pause, resume and set-rate reach it through its control socket. " +
+		"With --serve and TLS, SIGHUP reloads the certificates from --tls-creds for new connections.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		cf := addCloneFlags(fl)
 		required(fl, "source", "dest", "meta")
@@ -277,11 +278,14 @@ var cmdHydrate = &command{
 				return usagef("--connections %d: want 0 or more", cf.connections)
 			}
 			if *serve == "" {
-				for _, n := range []string{"tls", "tls-creds", "tls-verify-peer", "max-conns", "metrics"} {
+				for _, n := range []string{"tls", "tls-creds", "tls-verify-peer", "allow-plaintext", "max-conns", "metrics"} {
 					if fl.Changed(n) {
 						return usagef("--%s needs --serve", n)
 					}
 				}
+			}
+			if err := nf.checkListen("--serve", *serve); err != nil {
+				return err
 			}
 			p := newProgress(e, "hydrate")
 			opts := clone.Options{RegionSize: region.n, RateLimit: rate.n, Progress: func(s clone.Status) {
@@ -380,6 +384,10 @@ func (h *hydration) run(e *env, serve string, nopts nbd.Options, metrics string,
 		return nil
 	}
 	control := h.cf.controlPath()
+	// SIGHUP is handled before readiness is announced: from then on it
+	// reloads the certificates rather than ending the process.
+	stopReload := reloadOnHangup(srv, nopts, "hydrate", e.stderr)
+	defer stopReload()
 	if js {
 		err = writeJSON(e.stdout, serveInfo{Listen: h.listen, Control: control, Metrics: h.metrics, Exports: []string{"clone"}})
 	} else {

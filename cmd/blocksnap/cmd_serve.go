@@ -27,7 +27,9 @@ var cmdServe = &command{
 	},
 	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
 		"the other store commands act on the live server through its control socket",
-	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed.",
+	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed. " +
+		"With TLS, SIGHUP reloads the certificates from --tls-creds for new connections; open ones keep theirs. " +
+		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
 		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
@@ -40,6 +42,9 @@ var cmdServe = &command{
 			}
 			opts, err := nf.options(nbd.Options{DefaultExport: "origin"}, e.stderr)
 			if err != nil {
+				return err
+			}
+			if err := nf.checkListen("--listen", *listen); err != nil {
 				return err
 			}
 			return runServe(e, sf, opts, nf.metrics, *listen, *sock, *js)
@@ -86,6 +91,7 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 type volumeServer struct {
 	st   *snapshot.Store
 	nbd  *nbd.Server
+	opts nbd.Options  // nbd's options
 	ops  ops          // set before serving; its hooks call back into vs
 	info control.Info // set before serving, then read-only
 
@@ -98,7 +104,7 @@ func newVolumeServer(st *snapshot.Store, opts nbd.Options) (*volumeServer, error
 	if err != nil {
 		return nil, err
 	}
-	vs := &volumeServer{st: st, nbd: srv, exports: map[string]*liveDev{}}
+	vs := &volumeServer{st: st, nbd: srv, opts: opts, exports: map[string]*liveDev{}}
 	for _, i := range st.List() {
 		v, err := st.OpenID(i.ID)
 		if err != nil {
@@ -282,6 +288,10 @@ func (vs *volumeServer) serve(e *env, controlPath, metrics, listen, sock string,
 	}
 	defer cs.Close()
 	info.Exports = vs.names()
+	// SIGHUP is handled before readiness is announced: from then on it
+	// reloads the certificates rather than ending the process.
+	stopReload := reloadOnHangup(vs.nbd, vs.opts, "serve", e.stderr)
+	defer stopReload()
 	if js {
 		err = writeJSON(e.stdout, info)
 	} else {
