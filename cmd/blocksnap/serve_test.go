@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,8 +25,40 @@ import (
 type daemon struct {
 	cmd    *exec.Cmd
 	info   serveInfo
-	stderr *bytes.Buffer
+	stderr *syncBuffer
 	done   chan error
+}
+
+// syncBuffer is a daemon's stderr: written by exec's copying goroutine,
+// read by the test while the daemon runs.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitStderr polls, with a deadline, until the daemon has written substr
+// on stderr.
+func (d *daemon) waitStderr(t *testing.T, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(d.stderr.String(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon stderr did not show %q within a minute: %s", substr, d.stderr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func startDaemon(t *testing.T, args ...string) *daemon {
@@ -33,7 +66,7 @@ func startDaemon(t *testing.T, args ...string) *daemon {
 	cmd := exec.Command(binary, args...)
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)
-	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	d := &daemon{cmd: cmd, stderr: &syncBuffer{}, done: make(chan error, 1)}
 	cmd.Stderr = d.stderr
 	require.NoError(t, cmd.Start())
 	// Whatever happens, the process does not outlive the test.
