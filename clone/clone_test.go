@@ -14,6 +14,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/journal"
 )
 
 // fillPattern writes a recognisable, never-zero pattern into p for the
@@ -330,4 +331,35 @@ func TestSourceBlockSizeShrinks(t *testing.T) {
 	var ge *GeometryError
 	require.ErrorAs(t, err, &ge)
 	require.Equal(t, "source block size", ge.Field)
+}
+
+// A journal that fails validation at Open gives clone's ErrCorrupt, still
+// satisfying journal's, and names offsets on the metadata device: the
+// journal's superblock copies sit at journal bytes 0 and one block.
+func TestOpenCorruptJournalNamesMetadataOffset(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	src, _ := newSource(t, 1<<20, 4096)
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+	c, err := Create(src, dst, meta, Options{NoHydration: true})
+	require.NoError(t, err)
+	g := c.geo
+	require.NoError(t, c.Close())
+
+	bs := int64(meta.BlockSize())
+	for _, off := range []int64{g.JournalOffset, g.JournalOffset + bs} {
+		b := make([]byte, bs)
+		_, err := meta.ReadAt(b, off)
+		require.NoError(t, err)
+		b[0] ^= 0xff
+		_, err = meta.WriteAt(b, off)
+		require.NoError(t, err)
+	}
+	_, err = Open(src, dst, meta, Options{})
+	require.ErrorIs(t, err, ErrCorrupt)
+	require.ErrorIs(t, err, journal.ErrCorrupt)
+	for _, off := range []int64{g.JournalOffset, g.JournalOffset + bs} {
+		require.Contains(t, err.Error(), fmt.Sprintf("superblock at metadata byte %d", off))
+	}
+	require.Contains(t, err.Error(), fmt.Sprintf("journal in metadata bytes [%d, %d)", g.JournalOffset, g.JournalOffset+g.JournalLength))
 }

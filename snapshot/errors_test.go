@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"runtime"
 	"sync/atomic"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/journal"
 )
 
 // TestErrorSweep fails the k-th device call (origin and store counted
@@ -96,3 +98,32 @@ func (w *workload) initFrom(origin, store blockdev.Device, opts Options) {
 }
 
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 99)) }
+
+// A journal that fails validation at Open gives snapshot's ErrCorrupt,
+// still satisfying journal's, and names offsets on the store device: the
+// journal's superblock copies sit at journal bytes 0 and one block, which
+// are store bytes journalOff and journalOff+4096.
+func TestOpenCorruptJournalNamesStoreOffset(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 8<<20, Options{ChunkSize: 16 << 10})
+	_, err := s.CreateSnapshot("s1", s.Origin())
+	require.NoError(t, err)
+	g := s.geo
+	require.NoError(t, s.Close())
+
+	bs := int64(store.BlockSize())
+	for _, off := range []int64{g.journalOff, g.journalOff + bs} {
+		b := make([]byte, bs)
+		_, err := store.ReadAt(b, off)
+		require.NoError(t, err)
+		b[0] ^= 0xff
+		_, err = store.WriteAt(b, off)
+		require.NoError(t, err)
+	}
+	_, err = Open(origin, store, Options{})
+	require.ErrorIs(t, err, ErrCorrupt)
+	require.ErrorIs(t, err, journal.ErrCorrupt)
+	for _, off := range []int64{g.journalOff, g.journalOff + bs} {
+		require.Contains(t, err.Error(), fmt.Sprintf("superblock at store byte %d", off))
+	}
+	require.Contains(t, err.Error(), fmt.Sprintf("journal in store bytes [%d, %d)", g.journalOff, g.journalOff+g.journalLen))
+}
