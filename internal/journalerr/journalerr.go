@@ -3,14 +3,12 @@
 package journalerr
 
 import (
+	"errors"
 	"fmt"
-	"regexp"
-	"strconv"
-)
+	"strings"
 
-// journalAt matches the journal's device-relative locations in its
-// ErrCorrupt messages: "superblock at N", "checkpoint at N".
-var journalAt = regexp.MustCompile(`\b(superblock|checkpoint) at (\d+)`)
+	"github.com/blocksnap/blocksnap/journal"
+)
 
 // corruptJournalError is a journal ErrCorrupt seen by an engine: it
 // satisfies errors.Is for both the engine's sentinel and the journal's, and
@@ -24,17 +22,43 @@ func (e *corruptJournalError) Error() string   { return e.msg }
 func (e *corruptJournalError) Unwrap() []error { return []error{e.sentinel, e.err} }
 
 // Wrap wraps err, a journal.ErrCorrupt from the journal held in
-// [base, base+length) of the device named dev, in sentinel. Offsets the
-// journal reports relative to its region are restated relative to dev.
+// [base, base+length) of the device named dev, in sentinel. Every
+// *journal.CorruptAtError in err's tree (one per damaged superblock copy or
+// checkpoint) is restated with its offset on dev.
 func Wrap(sentinel error, dev string, base, length int64, err error) error {
-	msg := journalAt.ReplaceAllStringFunc(err.Error(), func(m string) string {
-		sub := journalAt.FindStringSubmatch(m)
-		n, perr := strconv.ParseInt(sub[2], 10, 64)
-		if perr != nil {
-			return m
-		}
-		return fmt.Sprintf("%s at %s byte %d (journal byte %d)", sub[1], dev, base+n, n)
-	})
+	msg := err.Error()
+	for _, at := range locations(err) {
+		journalAt := fmt.Sprintf("%s at %d:", at.What, at.Off)
+		devAt := fmt.Sprintf("%s at %s byte %d (journal byte %d):", at.What, dev, base+at.Off, at.Off)
+		msg = strings.Replace(msg, journalAt, devAt, 1)
+	}
 	return &corruptJournalError{sentinel: sentinel, err: err,
 		msg: fmt.Sprintf("%v: journal in %s bytes [%d, %d): %s", sentinel, dev, base, base+length, msg)}
+}
+
+// locations returns the *journal.CorruptAtError values in err's tree, in
+// the order its message prints them.
+func locations(err error) []*journal.CorruptAtError {
+	var out []*journal.CorruptAtError
+	var walk func(error)
+	walk = func(e error) {
+		if at, ok := e.(*journal.CorruptAtError); ok {
+			out = append(out, at)
+			return
+		}
+		switch u := e.(type) {
+		case interface{ Unwrap() []error }:
+			for _, c := range u.Unwrap() {
+				walk(c)
+			}
+		case interface{ Unwrap() error }:
+			if c := u.Unwrap(); c != nil {
+				walk(c)
+			}
+		}
+	}
+	if err != nil && errors.Is(err, journal.ErrCorrupt) {
+		walk(err)
+	}
+	return out
 }
