@@ -53,8 +53,11 @@
 //     next metadata layer, not yet used by snapshot) and nbd import blockdev
 //     only: exception keeps the kernel's own format, not a journal, and nbd
 //     serves any Device without knowing which engine made it.
-//   - clone imports blockdev and journal; snapshot imports blockdev,
-//     journal and snapshot/diffstream; snapshot/metascale imports
+//   - internal/journalerr (a journal ErrCorrupt restated with device
+//     offsets) imports none of ours.
+//   - clone imports blockdev, journal and internal/journalerr; snapshot
+//     imports blockdev, journal, internal/journalerr and
+//     snapshot/diffstream; snapshot/metascale imports
 //     snapshot/internal/meta.
 //   - archive imports blockdev and snapshot (backups are snapshot diffs).
 //   - control (the control socket protocol of a running blocksnap serve or

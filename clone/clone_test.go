@@ -3,10 +3,13 @@ package clone
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"testing"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/journal"
 )
 
 // fillPattern writes a recognisable, never-zero pattern into p for the
@@ -330,4 +334,62 @@ func TestSourceBlockSizeShrinks(t *testing.T) {
 	var ge *GeometryError
 	require.ErrorAs(t, err, &ge)
 	require.Equal(t, "source block size", ge.Field)
+}
+
+// A journal that fails validation at Open gives clone's ErrCorrupt, still
+// satisfying journal's, and names offsets on the metadata device. The
+// journal's superblock copies sit at journal bytes 0 and one block, its two
+// checkpoint slots after them.
+func TestOpenCorruptJournalNamesMetadataOffset(t *testing.T) {
+	for _, what := range []string{"superblock", "checkpoint"} {
+		t.Run(what, func(t *testing.T) {
+			blockdevtest.CheckLeaks(t)
+			src, _ := newSource(t, 1<<20, 4096)
+			dst := blockdevtest.NewMem(t, 1<<20, 4096)
+			meta := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+			c, err := Create(src, dst, meta, Options{NoHydration: true})
+			require.NoError(t, err)
+			_, err = c.WriteAt(make([]byte, 4096), 0)
+			require.NoError(t, err)
+			g := c.geo
+			require.NoError(t, c.Close())
+
+			bs := int64(meta.BlockSize())
+			jsb := make([]byte, bs)
+			_, err = meta.ReadAt(jsb, g.JournalOffset)
+			require.NoError(t, err)
+			slotSize := int64(binary.LittleEndian.Uint64(jsb[56:]))
+			slots := []int64{g.JournalOffset + 2*bs, g.JournalOffset + 2*bs + slotSize}
+			flip := slots // both checkpoint slots: the current one fails its checksum
+			if what == "superblock" {
+				flip = []int64{g.JournalOffset, g.JournalOffset + bs} // both copies
+			}
+			for _, off := range flip {
+				b := make([]byte, bs)
+				_, err := meta.ReadAt(b, off)
+				require.NoError(t, err)
+				b[8] ^= 0xff
+				_, err = meta.WriteAt(b, off)
+				require.NoError(t, err)
+			}
+			_, err = Open(src, dst, meta, Options{})
+			t.Log(err)
+			require.ErrorIs(t, err, ErrCorrupt)
+			require.ErrorIs(t, err, journal.ErrCorrupt)
+			require.Contains(t, err.Error(), fmt.Sprintf("journal in metadata bytes [%d, %d)", g.JournalOffset, g.JournalOffset+g.JournalLength))
+			if what == "superblock" {
+				for _, off := range flip {
+					require.Contains(t, err.Error(), fmt.Sprintf("superblock at metadata byte %d (journal byte %d)", off, off-g.JournalOffset))
+				}
+				return
+			}
+			m := regexp.MustCompile(`checkpoint at metadata byte (\d+) \(journal byte (\d+)\)`).FindStringSubmatch(err.Error())
+			require.NotNil(t, m, "no checkpoint offset in %q", err)
+			dev, _ := strconv.ParseInt(m[1], 10, 64)
+			rel, _ := strconv.ParseInt(m[2], 10, 64)
+			require.Equal(t, g.JournalOffset+rel, dev)
+			in := func(slot int64) bool { return dev > slot && dev <= slot+slotSize }
+			require.True(t, in(slots[0]) || in(slots[1]), "metadata byte %d in neither slot %v", dev, slots)
+		})
+	}
 }

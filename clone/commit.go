@@ -10,6 +10,7 @@ import (
 	"github.com/bits-and-blooms/bitset"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
 )
 
@@ -99,6 +100,9 @@ func openMetadata(c *Clone, g geometry) (*metadata, error) {
 		openJournal = journal.OpenReadOnly
 	}
 	if m.j, err = openJournal(jd, m.journalOptions(), rp); err != nil {
+		if errors.Is(err, journal.ErrCorrupt) {
+			return nil, fmt.Errorf("clone: open: %w", journalerr.Wrap(ErrCorrupt, "metadata", g.JournalOffset, g.JournalLength, err))
+		}
 		return nil, fmt.Errorf("clone: open: %w", err)
 	}
 	if rp.unsynced {

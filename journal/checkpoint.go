@@ -244,7 +244,7 @@ func (r *slotReader) Read(p []byte) (int, error) {
 	if len(r.avail) == 0 {
 		if r.left == 0 {
 			if r.crc != r.want {
-				return 0, corruptf("checkpoint at %d: checksum %#x, want %#x", r.off, r.crc, r.want)
+				return 0, corruptAt("checkpoint", r.off, "checksum %#x, want %#x", r.crc, r.want)
 			}
 			return 0, io.EOF
 		}

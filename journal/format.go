@@ -162,21 +162,43 @@ func corruptf(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, args...)...)
 }
 
+// CorruptAtError is an ErrCorrupt that names the structure found damaged
+// and its byte offset on the journal's device, so that an engine holding
+// the journal in a slice of a larger device can restate the offset on that
+// device (errors.As finds it under the engine's wrapping).
+type CorruptAtError struct {
+	What   string // "superblock" or "checkpoint"
+	Off    int64  // byte offset on the journal's device
+	Detail string // what is wrong with it
+}
+
+func (e *CorruptAtError) Error() string {
+	return fmt.Sprintf("%v: %s at %d: %s", ErrCorrupt, e.What, e.Off, e.Detail)
+}
+
+// Unwrap makes errors.Is(err, ErrCorrupt) hold.
+func (e *CorruptAtError) Unwrap() error { return ErrCorrupt }
+
+// corruptAt returns a *CorruptAtError for the structure what at off.
+func corruptAt(what string, off int64, format string, args ...any) error {
+	return &CorruptAtError{What: what, Off: off, Detail: fmt.Sprintf(format, args...)}
+}
+
 // decodeSuperblock decodes and validates the superblock copy read from
 // location loc. It never panics; every failure wraps ErrCorrupt.
 func decodeSuperblock(b []byte, loc int64) (superblock, error) {
 	var sb superblock
 	if len(b) < sbSize {
-		return sb, corruptf("superblock at %d: %d bytes, want %d", loc, len(b), sbSize)
+		return sb, corruptAt("superblock", loc, "%d bytes, want %d", len(b), sbSize)
 	}
 	if string(b[0:8]) != sbMagic {
-		return sb, corruptf("superblock at %d: bad magic", loc)
+		return sb, corruptAt("superblock", loc, "bad magic")
 	}
 	if got, want := le.Uint32(b[128:]), crc(saltSuperblock, b[:128]); got != want {
-		return sb, corruptf("superblock at %d: checksum %#x, want %#x", loc, got, want)
+		return sb, corruptAt("superblock", loc, "checksum %#x, want %#x", got, want)
 	}
 	if v := le.Uint32(b[8:]); v != sbVersion {
-		return sb, corruptf("superblock at %d: version %d, want %d", loc, v, sbVersion)
+		return sb, corruptAt("superblock", loc, "version %d, want %d", v, sbVersion)
 	}
 	sb = superblock{
 		blockSize: le.Uint32(b[12:]),
@@ -209,7 +231,7 @@ func decodeSuperblock(b []byte, loc int64) (superblock, error) {
 func (sb *superblock) validate(loc int64) error {
 	bs := uint64(sb.blockSize)
 	bad := func(what string, v uint64) error {
-		return corruptf("superblock at %d: %s %d", loc, what, v)
+		return corruptAt("superblock", loc, "%s %d", what, v)
 	}
 	switch {
 	case bs < 512 || bs > 1<<16 || bs&(bs-1) != 0:

@@ -289,8 +289,7 @@ func readSuperblock(dev blockdev.Device) (superblock, error) {
 		return best, errors.Join(errs...)
 	}
 	if best.blockSize != uint32(bs) || best.size != uint64(dev.Size()) {
-		return superblock{}, corruptf("superblock at %d: geometry (size %d, block %d) does not match the device (size %d, block %d)",
-			best.location, best.size, best.blockSize, dev.Size(), bs)
+		return superblock{}, corruptAt("superblock", int64(best.location), "geometry (size %d, block %d) does not match the device (size %d, block %d)", best.size, best.blockSize, dev.Size(), bs)
 	}
 	return best, nil
 }

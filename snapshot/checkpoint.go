@@ -457,20 +457,26 @@ func (d *ckptReader) byte1() byte {
 	return b
 }
 
+// ReadByte makes the reader an io.ByteReader for binary.ReadUvarint, so
+// the image and the journal records share one varint decoder.
+func (d *ckptReader) ReadByte() (byte, error) {
+	b := d.byte1()
+	return b, d.err
+}
+
 func (d *ckptReader) uv() uint64 {
-	var v uint64
-	for shift := uint(0); shift < 64; shift += 7 {
-		b := d.byte1()
-		if d.err != nil {
-			return 0
-		}
-		v |= uint64(b&0x7f) << shift
-		if b < 0x80 {
-			return v
-		}
+	if d.err != nil {
+		return 0
 	}
-	d.fail("bad varint")
-	return 0
+	v, err := binary.ReadUvarint(d)
+	if d.err != nil {
+		return 0
+	}
+	if err != nil {
+		d.fail("bad varint")
+		return 0
+	}
+	return v
 }
 
 func (d *ckptReader) u32() uint32 {

@@ -2,8 +2,12 @@ package snapshot
 
 import (
 	"context"
+	"encoding/binary"
+	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"runtime"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,6 +16,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/journal"
 )
 
 // TestErrorSweep fails the k-th device call (origin and store counted
@@ -96,3 +101,57 @@ func (w *workload) initFrom(origin, store blockdev.Device, opts Options) {
 }
 
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 99)) }
+
+// A journal that fails validation at Open gives snapshot's ErrCorrupt,
+// still satisfying journal's, and names offsets on the store device. The
+// journal's superblock copies sit at journal bytes 0 and one block, its two
+// checkpoint slots after them.
+func TestOpenCorruptJournalNamesStoreOffset(t *testing.T) {
+	for _, what := range []string{"superblock", "checkpoint"} {
+		t.Run(what, func(t *testing.T) {
+			s, origin, store := newMemStore(t, 1<<20, 8<<20, Options{ChunkSize: 16 << 10})
+			_, err := s.CreateSnapshot("s1", s.Origin())
+			require.NoError(t, err)
+			require.NoError(t, s.Checkpoint(context.Background()))
+			g := s.geo
+			require.NoError(t, s.Close())
+
+			bs := int64(store.BlockSize())
+			jsb := make([]byte, bs)
+			_, err = store.ReadAt(jsb, g.journalOff)
+			require.NoError(t, err)
+			slotSize := int64(binary.LittleEndian.Uint64(jsb[56:]))
+			slots := []int64{g.journalOff + 2*bs, g.journalOff + 2*bs + slotSize}
+			flip := slots // both checkpoint slots: the current one fails its checksum
+			if what == "superblock" {
+				flip = []int64{g.journalOff, g.journalOff + bs} // both copies
+			}
+			for _, off := range flip {
+				b := make([]byte, bs)
+				_, err := store.ReadAt(b, off)
+				require.NoError(t, err)
+				b[8] ^= 0xff
+				_, err = store.WriteAt(b, off)
+				require.NoError(t, err)
+			}
+			_, err = Open(origin, store, Options{})
+			t.Log(err)
+			require.ErrorIs(t, err, ErrCorrupt)
+			require.ErrorIs(t, err, journal.ErrCorrupt)
+			require.Contains(t, err.Error(), fmt.Sprintf("journal in store bytes [%d, %d)", g.journalOff, g.journalOff+g.journalLen))
+			if what == "superblock" {
+				for _, off := range flip {
+					require.Contains(t, err.Error(), fmt.Sprintf("superblock at store byte %d (journal byte %d)", off, off-g.journalOff))
+				}
+				return
+			}
+			m := regexp.MustCompile(`checkpoint at store byte (\d+) \(journal byte (\d+)\)`).FindStringSubmatch(err.Error())
+			require.NotNil(t, m, "no checkpoint offset in %q", err)
+			dev, _ := strconv.ParseInt(m[1], 10, 64)
+			rel, _ := strconv.ParseInt(m[2], 10, 64)
+			require.Equal(t, g.journalOff+rel, dev)
+			in := func(slot int64) bool { return dev > slot && dev <= slot+slotSize }
+			require.True(t, in(slots[0]) || in(slots[1]), "store byte %d in neither slot %v", dev, slots)
+		})
+	}
+}

@@ -1,9 +1,11 @@
 package snapshot
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -185,4 +187,38 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	_, err := cp.encode(&buf)
 	require.NoError(t, err)
 	require.Equal(t, imgs[0], buf.Bytes())
+}
+
+// The checkpoint image and the journal records decode varints alike: the
+// largest uint64 reads back, a tenth byte that overflows 64 bits, an
+// eleventh byte and a truncated varint are each ErrCorrupt, never a value.
+func TestVarintDecodersAgree(t *testing.T) {
+	maxU := binary.AppendUvarint(nil, ^uint64(0))
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		ok   bool
+	}{
+		{"max", maxU, true},
+		{"one", []byte{1}, true},
+		{"overflow", append(bytes.Repeat([]byte{0xff}, 9), 0x02), false},
+		{"too long", append(bytes.Repeat([]byte{0x80}, 10), 0x00), false},
+		{"truncated", []byte{0x80, 0x80}, false},
+		{"empty", nil, false},
+	} {
+		d := &decoder{b: tc.b, at: "test"}
+		rv := d.uv()
+		c := &ckptReader{r: bufio.NewReader(bytes.NewReader(tc.b)), crc: crc32.New(castagnoli)}
+		cv := c.uv()
+		if !tc.ok {
+			require.ErrorIs(t, d.err, ErrCorrupt, tc.name)
+			require.ErrorIs(t, c.err, ErrCorrupt, tc.name)
+			continue
+		}
+		require.NoError(t, d.err, tc.name)
+		require.NoError(t, c.err, tc.name)
+		want, _ := binary.Uvarint(tc.b)
+		require.Equal(t, want, rv, tc.name)
+		require.Equal(t, want, cv, tc.name)
+	}
 }

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"bytes"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -24,9 +25,29 @@ func TestNoSpace(t *testing.T) {
 			_, err := o.WriteAt(buf, int64(c)*4096)
 			require.NoError(t, err)
 		}
-		_, err = o.WriteAt(buf, 16*4096)
+		// The refused write aims at chunk 16: read it on the origin and on
+		// every snapshot before and after.
+		target := func() map[string][]byte {
+			m := map[string][]byte{"origin": readChunk(t, o, 16)}
+			for _, vi := range s.List() {
+				if vi.Kind != KindSnapshot {
+					continue
+				}
+				v, err := s.OpenID(vi.ID)
+				require.NoError(t, err)
+				m[vi.Name] = readChunk(t, v, 16)
+				require.NoError(t, v.Close())
+			}
+			return m
+		}
+		aimed := target()
+		require.Len(t, aimed, 2)
+		refused := bytes.Repeat([]byte{0xa5}, 4096)
+		require.NotEqual(t, refused, aimed["origin"])
+		_, err = o.WriteAt(refused, 16*4096)
 		if policy == NoSpaceFailWrite {
 			require.ErrorIs(t, err, ErrNoSpace)
+			require.Equal(t, aimed, target(), "chunk 16 changed")
 			got := make([]byte, 64<<10)
 			_, err = snap.ReadAt(got, 0)
 			require.NoError(t, err)
@@ -40,4 +61,12 @@ func TestNoSpace(t *testing.T) {
 		}
 		mustCheck(t, s)
 	}
+}
+
+func readChunk(t testing.TB, v *Volume, c int64) []byte {
+	t.Helper()
+	p := make([]byte, 4096)
+	_, err := v.ReadAt(p, c*4096)
+	require.NoError(t, err)
+	return p
 }

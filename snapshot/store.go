@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
 )
 
@@ -375,6 +376,9 @@ func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
 	}
 	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
 	s.replaying = false
+	if errors.Is(err, journal.ErrCorrupt) {
+		return nil, journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: open journal: %w", err)
 	}
