@@ -97,4 +97,7 @@ func BenchmarkCloneHydrate(b *testing.B) {
 	for _, m := range HydrateModes {
 		b.Run("mode="+m, func(b *testing.B) { CloneHydrate(b, env, m) })
 	}
+	for _, d := range RemoteDelays {
+		b.Run(fmt.Sprintf("mode=nbd-remote/delay=%v", d), func(b *testing.B) { CloneHydrateRemote(b, env, d) })
+	}
 }

@@ -29,13 +29,15 @@ var slowSource = blockdevtest.DelayOptions{ReadLatency: time.Millisecond, BytesP
 // clone's background hydration until it is done; both end with a Flush of
 // the destination. MB/s. During the clone a foreground reader issues a
 // random 4 KiB read of the clone every millisecond; its latencies are
-// reported as p50-ns and p99-ns, and the same reads against the hydrated
-// clone afterwards as idle-p50-ns and idle-p99-ns.
+// reported as p50-ns and p99-ns, the same reads against the hydrated
+// clone afterwards as idle-p50-ns and idle-p99-ns, and (slow modes) the
+// same reads against the bare source beforehand as src-p50-ns and
+// src-p99-ns: the floor the machine allows, measured in the same run.
 func CloneHydrate(b *testing.B, env Env, mode string) {
 	b.SetBytes(HydrateSize)
 	b.ReportAllocs()
 	b.StopTimer()
-	var busy, idle Hist
+	var busy, idle, bare Hist
 	for range b.N {
 		pool, err := NewPool(env)
 		if err != nil {
@@ -51,6 +53,9 @@ func CloneHydrate(b *testing.B, env Env, mode string) {
 		var source blockdev.Device = src
 		if mode == "copy-slow" || mode == "clone-slow" {
 			source = blockdevtest.NewDelayed(src, slowSource)
+		}
+		if mode == "clone-slow" {
+			sampleFor(source, &bare, 200*time.Millisecond)
 		}
 		dst, err := pool.Device("dest", HydrateSize)
 		if err != nil {
@@ -77,6 +82,7 @@ func CloneHydrate(b *testing.B, env Env, mode string) {
 		b.ReportMetric(float64(idle.Percentile(0.5).Nanoseconds()), "idle-p50-ns")
 		b.ReportMetric(float64(idle.Percentile(0.99).Nanoseconds()), "idle-p99-ns")
 	}
+	reportBare(b, &bare)
 }
 
 // copyLoop is what a user would write without a clone target.
@@ -124,10 +130,24 @@ func hydrate(b *testing.B, pool *Pool, src, dst blockdev.Device, busy, idle *His
 		c.Close()
 		return err
 	}
-	done := make(chan struct{})
-	time.AfterFunc(200*time.Millisecond, func() { close(done) })
-	foreground(c, idle, done)
+	sampleFor(c, idle, 200*time.Millisecond)
 	return c.Close()
+}
+
+// sampleFor runs the foreground reader against d for dur.
+func sampleFor(d blockdev.Device, h *Hist, dur time.Duration) {
+	done := make(chan struct{})
+	time.AfterFunc(dur, func() { close(done) })
+	foreground(d, h, done)
+}
+
+// reportBare reports the foreground reader's latencies against a bare
+// source.
+func reportBare(b *testing.B, h *Hist) {
+	if h.Count() > 0 {
+		b.ReportMetric(float64(h.Percentile(0.5).Nanoseconds()), "src-p50-ns")
+		b.ReportMetric(float64(h.Percentile(0.99).Nanoseconds()), "src-p99-ns")
+	}
 }
 
 // foreground reads a random 4 KiB block of d every millisecond until stop

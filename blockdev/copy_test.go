@@ -6,28 +6,13 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed returns BLOCKSNAP_SEED if set (to replay a failure), else a
-// random seed; it logs the seed either way.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if s := os.Getenv("BLOCKSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "BLOCKSNAP_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
-	return seed
-}
 
 // sparseImage fills m with random extents of data, of zeros written as
 // data, and holes.
@@ -49,16 +34,8 @@ func sparseImage(t *testing.T, rng *rand.Rand, m *blockdev.Mem) {
 	}
 }
 
-func image(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return p
-}
-
 func TestCopySparse(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 2))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 2))
 	for _, bs := range []int{512, 4096} {
 		src, err := blockdev.NewMem(4<<20, bs)
 		require.NoError(t, err)
@@ -75,7 +52,7 @@ func TestCopySparse(t *testing.T) {
 		}))
 		require.Equal(t, src.Size(), last)
 		require.Equal(t, src.Size(), total)
-		require.Equal(t, image(t, src), image(t, dst))
+		require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, dst))
 		// Zero blocks and holes were not written: dst is as sparse as the
 		// data in src (Mem pages are 4 KiB, so compare whole pages).
 		require.LessOrEqual(t, dst.Allocated(), src.Allocated())
@@ -93,7 +70,7 @@ type noMapper struct{ blockdev.Device }
 func (noMapper) Discard(off, n int64) error { return blockdev.ErrNotSupported }
 
 func TestCopyWithoutMapperOrDiscard(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 3))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 3))
 	src, err := blockdev.NewMem(1<<20, 512)
 	require.NoError(t, err)
 	sparseImage(t, rng, src)
@@ -102,7 +79,7 @@ func TestCopyWithoutMapperOrDiscard(t *testing.T) {
 	_, err = m.WriteAt(bytes.Repeat([]byte{1}, 1<<20), 0)
 	require.NoError(t, err)
 	require.NoError(t, blockdev.Copy(context.Background(), noMapper{m}, noMapper{src}, nil))
-	require.Equal(t, image(t, src), image(t, m))
+	require.Equal(t, blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, m))
 }
 
 func TestCopyErrors(t *testing.T) {
@@ -177,7 +154,7 @@ func (c *chunky) Read(p []byte) (int, error) {
 }
 
 func TestWriterUnalignedStream(t *testing.T) {
-	rng := rand.New(rand.NewPCG(testSeed(t), 4))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 4))
 	for range 20 {
 		dev, err := blockdev.NewMem(3<<20, []int{512, 4096}[rng.IntN(2)])
 		require.NoError(t, err)
@@ -204,7 +181,7 @@ func TestWriterUnalignedStream(t *testing.T) {
 		require.Equal(t, int64(len(data)), n)
 		require.Equal(t, off+n, w.Offset())
 		require.NoError(t, w.Close())
-		require.Equal(t, model, image(t, dev), "stream of %d bytes at %d", len(data), off)
+		require.Equal(t, model, blockdevtest.ReadAll(t, dev), "stream of %d bytes at %d", len(data), off)
 	}
 }
 
@@ -223,7 +200,7 @@ func TestWriterWriteAtAndBounds(t *testing.T) {
 	require.NoError(t, err)
 	copy(model[105:], ", world")
 	require.NoError(t, w.Flush())
-	require.Equal(t, model, image(t, dev))
+	require.Equal(t, model, blockdevtest.ReadAll(t, dev))
 
 	// Past the end: refused, typed.
 	w = blockdev.NewWriter(dev, dev.Size()-3)
@@ -258,4 +235,16 @@ func TestCheckReport(t *testing.T) {
 	require.Len(t, ce.Problems, 8)
 	require.Contains(t, err.Error(), "8 problems: problem 0; problem 1")
 	require.Contains(t, err.Error(), "and 3 more")
+}
+
+func TestIsZero(t *testing.T) {
+	for n := range 100 {
+		p := make([]byte, n)
+		require.True(t, blockdev.IsZero(p))
+		for i := range n {
+			p[i] = 1
+			require.False(t, blockdev.IsZero(p), "len %d, byte %d", n, i)
+			p[i] = 0
+		}
+	}
 }

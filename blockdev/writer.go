@@ -26,6 +26,7 @@ type Writer struct {
 	bs     int64
 	pos    int64  // device offset of the next byte Write takes
 	buf    []byte // aligned; buf[:n] belongs at device offset base
+	blk    []byte // one aligned block, for the read-modify-write of a tail
 	base   int64  // block-aligned
 	n      int64
 	err    error // sticky: the first device error
@@ -154,7 +155,10 @@ func (w *Writer) Flush() error {
 	whole := w.n / w.bs * w.bs
 	if tail := w.n - whole; tail > 0 {
 		// Patch the last block: the device's bytes after the stream's.
-		blk := AlignedBuffer(int(w.bs))
+		if w.blk == nil {
+			w.blk = AlignedBuffer(int(w.bs))
+		}
+		blk := w.blk
 		if _, err := w.dev.ReadAt(blk, w.base+whole); err != nil {
 			w.err = fmt.Errorf("blockdev: writer: read block at %d: %w", w.base+whole, err)
 			return w.err

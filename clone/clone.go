@@ -72,11 +72,15 @@ type Options struct {
 	// KiB to 1 GiB. 0 means 64 KiB at Create and the recorded size at Open;
 	// a different non-zero size at Open is a geometry error.
 	RegionSize int64
-	// HydrationThreshold is the most regions the background hydration keeps
-	// in flight. 0 means 4 batches' worth.
+	// HydrationThreshold caps the regions background hydration keeps in
+	// flight. Within the cap the window of bytes in flight adapts to the
+	// source's bandwidth-delay product. 0 means DefaultMaxInFlight bytes'
+	// worth (at least one batch).
 	HydrationThreshold int
 	// BatchSize is the most contiguous regions copied by one background
-	// copy. 0 means as many as fit 1 MiB (at least one).
+	// copy (one source read). 0 means as many as fit 1 MiB (at least one).
+	// Batches are smaller while the window is small (a slow or nearby
+	// source), so that user reads of the source wait behind little.
 	BatchSize int
 	// CommitInterval is how often hydration progress and user writes to
 	// unhydrated regions are committed without a Flush. 0 means 1 s;
@@ -95,7 +99,9 @@ type Options struct {
 	// clone cannot be opened (ErrUnclean).
 	NoMetadataSync bool
 	// RateLimit caps background hydration in bytes per second; 0 means no
-	// cap. User I/O is never limited.
+	// cap. User I/O is never limited, and runs of the source that are holes
+	// or zeros (see blockdev.AllocationMapper) cost nothing. SetRateLimit
+	// changes it while running.
 	RateLimit int64
 	// NoHydration starts with background hydration paused (Resume starts
 	// it). User I/O hydrates the regions it touches either way.

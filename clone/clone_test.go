@@ -27,18 +27,25 @@ func fillPattern(p []byte, off int64, seed byte) {
 }
 
 // newSource returns a Mem source of size bytes filled with a pattern, with
-// some all-zero regions (every 5th 64 KiB).
+// some all-zero stretches (every third 32 KiB): every other one of them is
+// a hole (Mem maps it so), the others are written zeros, so that
+// hydration meets both the source map's holes and zeros it finds by
+// reading, also in the small sources of the crash tests.
 func newSource(t testing.TB, size int64, bs int) (*blockdev.Mem, []byte) {
 	t.Helper()
 	m, err := blockdev.NewMem(size, bs)
 	require.NoError(t, err)
 	img := make([]byte, size)
 	fillPattern(img, 0, 0x5a)
-	for off := int64(0); off < size; off += 5 * 64 << 10 {
-		clear(img[off:min(off+64<<10, size)])
+	const zero, every = 32 << 10, 3 * 32 << 10
+	for off := int64(0); off < size; off += every {
+		clear(img[off:min(off+zero, size)])
 	}
 	_, err = m.WriteAt(img, 0)
 	require.NoError(t, err)
+	for off := int64(0); off < size; off += 2 * every {
+		require.NoError(t, m.Discard(off, min(zero, size-off)))
+	}
 	return m, img
 }
 
@@ -291,9 +298,10 @@ func TestConcurrentHydrationAndWrites(t *testing.T) {
 var errTest = errors.New("test fault")
 
 func ExampleStatus() {
-	s := Status{State: Hydrating, Regions: 100, Hydrated: 25, BytesCopied: 1 << 20, Rate: 2e6, ETA: 3 * time.Second}
+	s := Status{State: Hydrating, Regions: 100, Hydrated: 25, BytesCopied: 1 << 20, Rate: 2e6, ETA: 3 * time.Second,
+		Window: 4 << 20, InFlightBytes: 3 << 20, SourceRate: 150e6, SourceLatency: 20 * time.Millisecond}
 	fmt.Println(s)
-	// Output: hydrating 25/100 regions (25.0%), 1048576 B copied, 0 B skipped, 2.0 MB/s, ETA 3s
+	// Output: hydrating 25/100 regions (25.0%), 1048576 B copied, 0 B skipped, 2.0 MB/s, ETA 3s, window 4096 KiB (3072 KiB in flight), source 150.0 MB/s at 20ms
 }
 
 // TestHotPathAllocs: reads and writes of hydrated regions, and reads of

@@ -20,7 +20,7 @@ func TestReadHintPriority(t *testing.T) {
 	require.NoError(t, err)
 	defer c.Close()
 	buf := make([]byte, 4096)
-	_, err = c.ReadAt(buf, 40*(64<<10)+8192) // region 40, unhydrated
+	_, err = c.ReadAt(buf, 40*(64<<10)+8192) // region 40, unhydrated; data through region 41
 	require.NoError(t, err)
 	n, err := c.hyd.step(context.Background(), 2)
 	require.NoError(t, err)

@@ -148,6 +148,7 @@ func (c *Clone) readUnhydrated(p []byte, off int64) error {
 	c.userSrc.Add(1)
 	_, err := c.src.ReadAt(p, off)
 	c.userSrc.Add(-1)
+	c.hyd.userDone()
 	c.hyd.hint(r0)
 	if err != nil {
 		return fmt.Errorf("clone: read source at %d: %w", off, err)
@@ -200,6 +201,7 @@ func (c *Clone) fillRegion(buf []byte, r uint64, ov overlay, out []byte, outOff 
 			c.userSrc.Add(1)
 			_, err := c.src.ReadAt(chunk, lo)
 			c.userSrc.Add(-1)
+			c.hyd.userDone()
 			if err != nil {
 				return fmt.Errorf("clone: region %d: read source at %d: %w", r, lo, err)
 			}

@@ -8,15 +8,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-func devImage(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return p
-}
 
 // A clone opened with Options.ReadOnly over read-only views of its three
 // devices reads what the clone holds, checks clean, refuses every change
@@ -37,14 +30,14 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 			_, err = c.WriteAt(bytes.Repeat([]byte{8}, 128<<10), 512<<10)
 			require.NoError(t, err)
 			require.NoError(t, c.Discard(1<<20, 64<<10))
-			want := devImage(t, c)
+			want := blockdevtest.ReadAll(t, c)
 			require.NoError(t, c.Close())
-			before := [3][]byte{devImage(t, src), devImage(t, dst), devImage(t, meta)}
+			before := [3][]byte{blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, dst), blockdevtest.ReadAll(t, meta)}
 
 			ro, err := Open(blockdev.ReadOnly(src), blockdev.ReadOnly(dst), blockdev.ReadOnly(meta),
 				Options{ReadOnly: true, HydrateOnRead: true})
 			require.NoError(t, err)
-			require.Equal(t, want, devImage(t, ro))
+			require.Equal(t, want, blockdevtest.ReadAll(t, ro))
 			require.NoError(t, ro.Check())
 			require.True(t, ro.CheckReport().OK())
 			st := ro.Status()
@@ -57,13 +50,13 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 			require.ErrorIs(t, ro.Discard(0, 4096), blockdev.ErrReadOnly)
 			require.NoError(t, ro.Flush())
 			require.NoError(t, ro.Close())
-			require.Equal(t, before, [3][]byte{devImage(t, src), devImage(t, dst), devImage(t, meta)})
+			require.Equal(t, before, [3][]byte{blockdevtest.ReadAll(t, src), blockdevtest.ReadAll(t, dst), blockdevtest.ReadAll(t, meta)})
 
 			_, err = Create(src, dst, meta, Options{ReadOnly: true})
 			require.ErrorIs(t, err, ErrOptions)
 			rw, err := Open(src, dst, meta, Options{NoHydration: true})
 			require.NoError(t, err)
-			require.Equal(t, want, devImage(t, rw))
+			require.Equal(t, want, blockdevtest.ReadAll(t, rw))
 			require.NoError(t, rw.Check())
 			require.NoError(t, rw.Close())
 		})

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/blocksnap/blocksnap/blockdev"
 )
 
@@ -47,7 +49,20 @@ type Status struct {
 	Regions    uint64 // total
 	Hydrated   uint64 // regions in the destination
 	InFlight   int    // regions being copied by background hydration
-	Threshold  int    // most regions in flight
+	Threshold  int    // most regions in flight (the cap on the window)
+	// InFlightBytes is the bytes background copies have in flight; Window
+	// the bytes the adaptive window allows now (it follows the source's
+	// bandwidth-delay product, up to Threshold regions).
+	InFlightBytes, Window int64
+	// SourceRate is the background copies' delivery rate from the source
+	// (bytes per second, recent maximum) and SourceLatency their latency
+	// (recent minimum): the estimates the window is sized from. Zero until
+	// a copy completed.
+	SourceRate    float64
+	SourceLatency time.Duration
+	// RateLimit is the cap on background hydration in bytes per second (0:
+	// none).
+	RateLimit int64
 	// BytesCopied counts bytes read from the source and written to the
 	// destination (background and user-driven); BytesSkipped counts bytes
 	// hydrated with no copy (all-zero regions, discards, writes of whole
@@ -73,6 +88,12 @@ func (s Status) String() string {
 	}
 	str := fmt.Sprintf("%s %d/%d regions (%.1f%%), %d B copied, %d B skipped, %.1f MB/s, ETA %s",
 		s.State, s.Hydrated, s.Regions, pct, s.BytesCopied, s.BytesSkipped, s.Rate/1e6, s.ETA.Round(time.Second))
+	if s.Window > 0 {
+		str += fmt.Sprintf(", window %d KiB (%d KiB in flight)", s.Window>>10, s.InFlightBytes>>10)
+	}
+	if s.SourceRate > 0 {
+		str += fmt.Sprintf(", source %.1f MB/s at %v", s.SourceRate/1e6, s.SourceLatency.Round(time.Microsecond))
+	}
 	if s.LastError != nil {
 		str += fmt.Sprintf(", %d errors, last: %v", s.Errors, s.LastError)
 	}
@@ -94,9 +115,14 @@ func (c *Clone) Status() Status {
 	s := Status{
 		RegionSize: c.geo.RegionSize, Regions: c.geo.Regions, Hydrated: hyd,
 		InFlight: h.inflight, Threshold: h.threshold,
+		InFlightBytes: h.inflightBytes, Window: h.pace.window(h.yielding()),
+		SourceRate: h.pace.rate(), SourceLatency: h.pace.latency(),
 		BytesCopied: h.copied.Load(), BytesSkipped: h.skipped.Load(),
 		Errors: h.errs, LastError: h.lastErr,
 		Commits: c.md.commits.Load(), MetadataError: c.md.lastErr(),
+	}
+	if l := h.lim.Limit(); l != rate.Inf {
+		s.RateLimit = int64(l)
 	}
 	switch {
 	case hyd == c.geo.Regions:

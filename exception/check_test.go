@@ -102,3 +102,40 @@ func TestCheckCOWReportsEveryProblem(t *testing.T) {
 	require.True(t, rep.OK())
 	require.False(t, rep.Valid)
 }
+
+// Snapshot.Check lists every problem of a damaged in-memory state, not
+// just the first, and its error carries them all.
+func TestSnapshotCheckReportsEveryProblem(t *testing.T) {
+	o := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
+	cow := blockdevtest.NewMem(t, 1<<20, 512)
+	s, err := o.CreateSnapshot(cow, Options{ChunkSize: 4096, Persistent: true})
+	require.NoError(t, err)
+	mustWrite(t, o, blockdevtest.Fill(1, 8192), 0)
+	rep, err := s.Check()
+	require.NoError(t, err)
+	require.True(t, rep.OK())
+
+	p := s.st.(*persistent)
+	p.ioMu.Lock()
+	p.list = append(p.list, Exception{Old: 9999, New: 2}) // beyond the origin, COW chunk 2 again
+	p.ioMu.Unlock()
+	rep, err = s.Check()
+	require.ErrorIs(t, err, ErrCorrupt)
+	var ce *blockdev.CheckError
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, rep.Problems, ce.Problems)
+	for _, want := range []string{
+		"3 exceptions listed, 2 counted",
+		"exception 2: origin chunk 9999 beyond 256",
+		"COW chunk 2 used twice",
+		"exception 9999->2 missing from the lookup table",
+		"lookup table holds 2 exceptions, store 3",
+		"2 exceptions on disk, 3 in memory",
+	} {
+		require.Contains(t, rep.Problems, want)
+	}
+	p.ioMu.Lock()
+	p.list = p.list[:2]
+	p.ioMu.Unlock()
+	require.NoError(t, s.Close())
+}

@@ -1,9 +1,6 @@
 package exception
 
-import (
-	"errors"
-	"fmt"
-)
+import "github.com/blocksnap/blocksnap/blockdev"
 
 // Status describes a snapshot's store, in the kernel's terms (dmsetup
 // status shows used/total sectors and metadata sectors; we count chunks).
@@ -31,8 +28,10 @@ func (s *Snapshot) Status() Status {
 		UsedChunks: u.used, MetadataChunks: u.metadata, Exceptions: u.exceptions, Err: u.invalid}
 }
 
-// CheckReport is what Check counted.
+// CheckReport is what Check counted, and every problem it found.
 type CheckReport struct {
+	// Problems lists every inconsistency, one line each.
+	blockdev.CheckReport
 	Exceptions uint64
 	// DataChunks counts the COW chunks allocated for data below the
 	// allocation cursor.
@@ -51,38 +50,37 @@ type CheckReport struct {
 // store, the metadata on the COW device decodes to exactly the exceptions
 // in memory. It counts leaked chunks. Run it while no I/O is in flight (it
 // is meant for tests and after recovery). An invalid snapshot is checked
-// for its on-disk header only.
+// for its on-disk header only. The error is nil when the report lists no
+// problem, else a *blockdev.CheckError wrapping ErrCorrupt with all of them.
+// Check writes nothing. (CheckCOW checks a COW device without an origin.)
 func (s *Snapshot) Check() (CheckReport, error) {
 	u := s.st.usage()
 	rep := CheckReport{Exceptions: u.exceptions, InFlight: u.inFlight}
+	p, persistent := s.st.(*persistent)
 	if u.invalid != nil {
-		if p, ok := s.st.(*persistent); ok {
+		if persistent {
 			img, err := LoadPersistent(p.dev)
-			if err != nil {
-				return rep, fmt.Errorf("exception: check: %w", err)
-			}
-			if img.Valid {
-				return rep, fmt.Errorf("%w: check: the snapshot is invalid but its header says valid", ErrCorrupt)
+			switch {
+			case err != nil:
+				rep.Addf("%v", err)
+			case img.Valid:
+				rep.Addf("the snapshot is invalid but its header says valid")
 			}
 		}
-		return rep, nil
+		return rep, rep.Err(ErrCorrupt)
 	}
-	var err error
 	s.st.entries(func(list []Exception) {
-		err = s.checkList(list, &rep, u)
+		s.checkList(list, &rep, u)
 	})
-	if err != nil {
-		return rep, err
+	if persistent {
+		p.checkDisk(&rep)
 	}
-	if p, ok := s.st.(*persistent); ok {
-		return rep, p.checkDisk()
-	}
-	return rep, nil
+	return rep, rep.Err(ErrCorrupt)
 }
 
-func (s *Snapshot) checkList(list []Exception, rep *CheckReport, u storeUsage) error {
+func (s *Snapshot) checkList(list []Exception, rep *CheckReport, u storeUsage) {
 	if uint64(len(list)) != u.exceptions {
-		return fmt.Errorf("%w: check: %d exceptions listed, %d counted", ErrCorrupt, len(list), u.exceptions)
+		rep.Addf("%d exceptions listed, %d counted", len(list), u.exceptions)
 	}
 	originChunks := uint64((s.o.size + s.cs - 1) / s.cs)
 	p, persistent := s.st.(*persistent)
@@ -95,25 +93,25 @@ func (s *Snapshot) checkList(list []Exception, rep *CheckReport, u storeUsage) e
 	for i, e := range list {
 		switch {
 		case e.Old >= originChunks:
-			return fmt.Errorf("%w: check: exception %d: origin chunk %d beyond %d", ErrCorrupt, i, e.Old, originChunks)
+			rep.Addf("exception %d: origin chunk %d beyond %d", i, e.Old, originChunks)
 		case e.New >= limit:
-			return fmt.Errorf("%w: check: exception %d: COW chunk %d beyond %d", ErrCorrupt, i, e.New, limit)
+			rep.Addf("exception %d: COW chunk %d beyond %d", i, e.New, limit)
 		case persistent && isAreaChunk(e.New, p.epa):
-			return fmt.Errorf("%w: check: exception %d: COW chunk %d is metadata", ErrCorrupt, i, e.New)
+			rep.Addf("exception %d: COW chunk %d is metadata", i, e.New)
 		}
 		if _, dup := olds[e.Old]; dup {
-			return fmt.Errorf("%w: check: origin chunk %d has two exceptions", ErrCorrupt, e.Old)
+			rep.Addf("origin chunk %d has two exceptions", e.Old)
 		}
 		if _, dup := news[e.New]; dup {
-			return fmt.Errorf("%w: check: COW chunk %d used twice", ErrCorrupt, e.New)
+			rep.Addf("COW chunk %d used twice", e.New)
 		}
 		olds[e.Old], news[e.New] = struct{}{}, struct{}{}
 		if got, ok := s.tab.get(e.Old); !ok || got != e.New {
-			return fmt.Errorf("%w: check: exception %d->%d missing from the lookup table", ErrCorrupt, e.Old, e.New)
+			rep.Addf("exception %d->%d missing from the lookup table", e.Old, e.New)
 		}
 	}
 	if n := s.tab.count(); n != len(list) {
-		return fmt.Errorf("%w: check: lookup table holds %d exceptions, store %d", ErrCorrupt, n, len(list))
+		rep.Addf("lookup table holds %d exceptions, store %d", n, len(list))
 	}
 	// Leaks: data chunks below the cursor that nothing accounts for.
 	if persistent {
@@ -128,38 +126,35 @@ func (s *Snapshot) checkList(list []Exception, rep *CheckReport, u storeUsage) e
 	accounted := uint64(len(list)) + u.inFlight
 	if rep.DataChunks < accounted {
 		if persistent && s.State() == StateMerging || !persistent {
-			return nil // a merge gives chunks back; the cursor is approximate
+			return // a merge gives chunks back; the cursor is approximate
 		}
-		return fmt.Errorf("%w: check: %d exceptions and %d in flight but only %d data chunks allocated", ErrCorrupt, len(list), u.inFlight, rep.DataChunks)
+		rep.Addf("%d exceptions and %d in flight but only %d data chunks allocated", len(list), u.inFlight, rep.DataChunks)
+		return
 	}
 	rep.Leaked = rep.DataChunks - accounted
-	return nil
 }
 
 // checkDisk decodes the store on its device and compares it with memory.
-func (p *persistent) checkDisk() error {
+func (p *persistent) checkDisk(rep *CheckReport) {
 	img, err := LoadPersistent(p.dev)
 	if err != nil {
-		return fmt.Errorf("exception: check: %w", err)
+		rep.Addf("%v", err)
+		return
 	}
 	if !img.Valid {
-		return fmt.Errorf("%w: check: header says invalid, the store is valid", ErrCorrupt)
+		rep.Addf("header says invalid, the store is valid")
 	}
 	if img.ChunkSize != p.cs {
-		return fmt.Errorf("%w: check: header chunk size %d, store %d", ErrCorrupt, img.ChunkSize, p.cs)
+		rep.Addf("header chunk size %d, store %d", img.ChunkSize, p.cs)
 	}
-	var errs []error
 	p.entries(func(list []Exception) {
 		if len(img.Entries) != len(list) {
-			errs = append(errs, fmt.Errorf("%w: check: %d exceptions on disk, %d in memory", ErrCorrupt, len(img.Entries), len(list)))
-			return
+			rep.Addf("%d exceptions on disk, %d in memory", len(img.Entries), len(list))
 		}
-		for i := range list {
+		for i := range min(len(list), len(img.Entries)) {
 			if img.Entries[i] != list[i] {
-				errs = append(errs, fmt.Errorf("%w: check: exception %d is %v on disk, %v in memory", ErrCorrupt, i, img.Entries[i], list[i]))
-				return
+				rep.Addf("exception %d is %v on disk, %v in memory", i, img.Entries[i], list[i])
 			}
 		}
 	})
-	return errors.Join(errs...)
 }

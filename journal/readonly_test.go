@@ -44,13 +44,13 @@ func TestOpenReadOnlyReplaysWithoutWriting(t *testing.T) {
 			junk := bytes.Repeat([]byte{0x5a}, bs)
 			_, err = dev.WriteAt(junk, j.logOff+tail%j.logSize)
 			require.NoError(t, err)
-			before := imageOf(t, dev)
+			before := blockdevtest.ReadAll(t, dev)
 
 			ro := &recorder{}
 			rj, err := OpenReadOnly(blockdev.ReadOnly(dev), Options{}, ro)
 			require.NoError(t, err)
 			require.True(t, rj.ReadOnly())
-			require.Equal(t, before, imageOf(t, dev), "read-only open wrote to the device")
+			require.Equal(t, before, blockdevtest.ReadAll(t, dev), "read-only open wrote to the device")
 			_, err = rj.Append(ctx, []byte("x"))
 			require.ErrorIs(t, err, ErrReadOnly)
 			require.ErrorIs(t, err, blockdev.ErrReadOnly)
@@ -67,15 +67,7 @@ func TestOpenReadOnlyReplaysWithoutWriting(t *testing.T) {
 			require.Equal(t, all[30:50], ro.records)
 			require.Equal(t, rw.LastSeq(), rj.LastSeq())
 			require.NoError(t, rw.Close())
-			require.NotEqual(t, before, imageOf(t, dev), "a read-write open starts an epoch")
+			require.NotEqual(t, before, blockdevtest.ReadAll(t, dev), "a read-write open starts an epoch")
 		})
 	}
-}
-
-func imageOf(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return bytes.Clone(p)
 }

@@ -36,11 +36,25 @@ type ExportInfo struct {
 	// BlockStatus: base:allocation was negotiated, so MapAllocation asks
 	// the server.
 	BlockStatus bool
+	// Connections is how many connections the client has open to the
+	// export (see DialOptions).
+	Connections int
 }
 
 // Client is a blockdev.Device over an NBD export. Any number of
-// goroutines may use it at once; their requests are in flight together on
-// the one connection and matched to replies by handle.
+// goroutines may use it at once; their requests are in flight together and
+// matched to replies by handle.
+//
+// With DialOptions.Connections above 1 and a server that advertises
+// NBD_FLAG_CAN_MULTI_CONN, the client opens several connections (lanes) to
+// the export and spreads requests over them, each request to the lane with
+// the fewest bytes outstanding. The first lane is kept for small requests
+// (up to expressMax bytes): a 4 KiB read never queues behind megabytes of
+// bulk reads in the server's per-connection queue or on the socket, which
+// is what keeps a clone's user reads fast while it hydrates. Multi-conn
+// means the server's cache is shared by the connections: a write completed
+// on one lane is seen by reads on every lane, and a flush on any lane
+// covers writes completed on all of them, so Flush sends one.
 //
 // Besides Device it implements blockdev.FUAWriter, blockdev.ZeroWriter and
 // blockdev.AllocationMapper. Where the server lacks the feature they fall
@@ -50,13 +64,25 @@ type ExportInfo struct {
 // range to read as zeros, which NBD_CMD_TRIM does not promise); Trim sends
 // the bare hint.
 type Client struct {
+	info    ExportInfo
+	lanes   []*lane // lanes[0] is the express lane when there are several
+	rr      atomic.Uint32
+	closing atomic.Bool
+
+	closeOnce sync.Once
+}
+
+// lane is one connection of a Client.
+type lane struct {
 	nc   net.Conn
 	br   *bufio.Reader
-	info ExportInfo
+	info ExportInfo // what this connection's negotiation found
 
 	metaID  uint32
 	handles atomic.Uint64
 	rhdr    [structReplyLen + 12]byte // reply headers; the reader goroutine's own
+	load    atomic.Int64              // bytes of the requests in flight (sent and awaited)
+	broken  atomic.Bool               // err is set
 
 	// wmu serialises requests on the socket: it guards bw and whdr.
 	// wpending counts senders that want or hold wmu.
@@ -65,7 +91,7 @@ type Client struct {
 	whdr     [requestLen]byte
 	wpending atomic.Int32
 
-	// mu guards the fields below.
+	// mu guards the fields below; never held with wmu.
 	mu      sync.Mutex
 	pending map[uint64]*call
 	err     error         // set once the connection failed or closed
@@ -73,9 +99,21 @@ type Client struct {
 	drained chan struct{} // closed by the last reply once closing
 
 	readerDone chan struct{}
-	closeOnce  sync.Once
-	closeErr   error
 }
+
+// DialOptions configures DialWith. The zero value is Dial's behaviour.
+type DialOptions struct {
+	// Connections is the most connections to open to the export; more
+	// than one only where the server advertises NBD_FLAG_CAN_MULTI_CONN.
+	// 0 means 1. Extra connections the server refuses are done without.
+	Connections int
+}
+
+// MaxConnections bounds DialOptions.Connections.
+const MaxConnections = 16
+
+// expressMax is the largest request the express lane takes.
+const expressMax = 128 << 10
 
 // Dial connects to the export named by uri (nbd://host[:port][/export] or
 // nbd+unix:///[export]?socket=PATH; no export name selects the server's
@@ -83,8 +121,14 @@ type Client struct {
 // context and the server's block size constraints. ctx bounds the
 // connection and the negotiation. The nbds:// and nbds+unix:// forms
 // upgrade to TLS first; see client_tls.go for their tls-certificates and
-// tls-hostname parameters.
+// tls-hostname parameters. It opens one connection; see DialWith.
 func Dial(ctx context.Context, uri string) (*Client, error) {
+	return DialWith(ctx, uri, DialOptions{})
+}
+
+// DialWith is Dial with options: with Connections above 1 it opens that
+// many connections to a multi-conn export.
+func DialWith(ctx context.Context, uri string, opts DialOptions) (*Client, error) {
 	t, err := parseURI(uri)
 	if err != nil {
 		return nil, err
@@ -95,23 +139,63 @@ func Dial(ctx context.Context, uri string) (*Client, error) {
 			return nil, err
 		}
 	}
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, t.network, t.addr)
+	first, err := dialLane(ctx, t, tlsConf)
 	if err != nil {
-		return nil, fmt.Errorf("nbd: dial %s: %w", uri, err)
-	}
-	c, err := newClient(ctx, nc, t.export, tlsConf)
-	if err != nil {
-		nc.Close()
 		return nil, fmt.Errorf("nbd: %s: %w", uri, err)
 	}
+	c := &Client{info: first.info, lanes: []*lane{first}}
+	want := min(max(opts.Connections, 1), MaxConnections)
+	if want > 1 && first.info.MultiConn {
+		extra := make([]*lane, want-1)
+		var wg sync.WaitGroup
+		for i := range extra {
+			wg.Go(func() {
+				l, err := dialLane(ctx, t, tlsConf)
+				if err == nil && !sameExport(l.info, first.info) {
+					l.close()
+					err = fmt.Errorf("%w: connections disagree about the export", ErrProtocol)
+				}
+				if err == nil {
+					extra[i] = l
+				}
+			})
+		}
+		wg.Wait()
+		for _, l := range extra {
+			if l != nil {
+				c.lanes = append(c.lanes, l)
+			}
+		}
+	}
+	c.info.Connections = len(c.lanes)
 	return c, nil
 }
 
-// newClient negotiates over nc (upgrading to TLS first when tlsConf is
-// set) and starts the reply reader.
-func newClient(ctx context.Context, nc net.Conn, export string, tlsConf *tls.Config) (*Client, error) {
-	c := &Client{
+// sameExport reports whether two negotiations describe the same export.
+func sameExport(a, b ExportInfo) bool {
+	a.Name, b.Name = "", ""
+	return a == b
+}
+
+// dialLane opens and negotiates one connection.
+func dialLane(ctx context.Context, t target, tlsConf *tls.Config) (*lane, error) {
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, t.network, t.addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	l, err := newLane(ctx, nc, t.export, tlsConf)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// newLane negotiates over nc (upgrading to TLS first when tlsConf is set)
+// and starts the reply reader.
+func newLane(ctx context.Context, nc net.Conn, export string, tlsConf *tls.Config) (*lane, error) {
+	c := &lane{
 		nc:         nc,
 		br:         bufio.NewReaderSize(nc, 64<<10),
 		bw:         bufio.NewWriterSize(nc, 64<<10),
@@ -132,8 +216,40 @@ func newClient(ctx context.Context, nc net.Conn, export string, tlsConf *tls.Con
 		return nil, err
 	}
 	nc.SetDeadline(time.Time{})
+	c.info.Connections = 1
 	go c.readReplies()
 	return c, nil
+}
+
+// pick chooses the lane for a request of n bytes: the one with the fewest
+// bytes in flight among those that may take it (every lane for a small
+// request, all but the express lane for a large one), starting the search
+// at a rotating lane so that equal loads spread. Broken lanes are avoided
+// while another works.
+func (c *Client) pick(n int) *lane {
+	ls := c.lanes
+	if len(ls) == 1 {
+		return ls[0]
+	}
+	if n > expressMax {
+		ls = ls[1:]
+	}
+	k := int(c.rr.Add(1))
+	var best *lane
+	var bestLoad int64
+	for i := range ls {
+		l := ls[(k+i)%len(ls)]
+		if l.broken.Load() {
+			continue
+		}
+		if ld := l.load.Load(); best == nil || ld < bestLoad {
+			best, bestLoad = l, ld
+		}
+	}
+	if best == nil {
+		return ls[0] // all broken: its error is the answer
+	}
+	return best
 }
 
 // Info describes the export and what the server supports.
@@ -162,11 +278,7 @@ func (c *Client) checkWrite(off, n int64) error {
 	return nil
 }
 
-func (c *Client) closed() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.closing
-}
+func (c *Client) closed() bool { return c.closing.Load() }
 
 // ReadAt implements blockdev.Device. Reads above MaxRequest are split into
 // requests that are in flight together.
@@ -211,7 +323,9 @@ func (c *Client) WriteAtFUA(p []byte, off int64) (int, error) {
 
 // Flush implements blockdev.Device. A server that does not offer
 // NBD_CMD_FLUSH writes through (or promises nothing), so there is
-// nothing to send.
+// nothing to send. With several lanes one flush suffices: they exist only
+// on a multi-conn export, whose flush covers the writes completed on every
+// connection when its reply is sent.
 func (c *Client) Flush() error {
 	if c.closed() {
 		return blockdev.ErrClosed
@@ -310,14 +424,14 @@ func (c *Client) MapAllocation(off, n int64) (int64, blockdev.Allocation, error)
 	}
 	bs := int64(c.info.BlockSize)
 	ask := min(n, 1<<31)
-	cl, err := c.start(cmdBlockStatus, cflagReqOne, uint64(off), uint32(ask), nil, nil)
+	cl, err := c.pick(0).start(cmdBlockStatus, cflagReqOne, uint64(off), uint32(ask), nil, nil)
 	if err != nil {
 		return 0, blockdev.Allocated, err
 	}
 	<-cl.done
 	cl.finished = true
 	length, flags := cl.extLen, cl.extFlags
-	if err := c.finish(cl, "block status", off); err != nil {
+	if err := finish(cl, "block status", off); err != nil {
 		return 0, blockdev.Allocated, err
 	}
 	length = min(length, ask)
@@ -338,43 +452,54 @@ func (c *Client) MapAllocation(off, n int64) (int64, blockdev.Allocation, error)
 }
 
 // Close implements blockdev.Device: it waits for the requests in flight,
-// sends NBD_CMD_DISC and closes the connection.
+// sends NBD_CMD_DISC and closes the connections.
 func (c *Client) Close() error {
 	first := false
 	c.closeOnce.Do(func() {
 		first = true
-		c.mu.Lock()
-		c.closing = true
-		c.drained = make(chan struct{})
-		if len(c.pending) == 0 || c.err != nil {
-			close(c.drained)
+		c.closing.Store(true)
+		var wg sync.WaitGroup
+		for _, l := range c.lanes {
+			wg.Go(l.close)
 		}
-		c.mu.Unlock()
-		timer := time.NewTimer(closeWait)
-		select {
-		case <-c.drained:
-		case <-timer.C:
-			c.fail(fmt.Errorf("nbd: close: requests unanswered after %v", closeWait))
-		}
-		timer.Stop()
-		c.mu.Lock()
-		failed := c.err != nil
-		c.mu.Unlock()
-		if !failed {
-			c.wmu.Lock()
-			encodeRequest(c.whdr[:], request{typ: cmdDisc, handle: c.handles.Add(1)})
-			c.bw.Write(c.whdr[:])
-			c.bw.Flush()
-			c.wmu.Unlock()
-		}
-		c.fail(blockdev.ErrClosed)
-		c.closeErr = c.nc.Close()
-		<-c.readerDone
+		wg.Wait()
 	})
 	if !first {
 		return blockdev.ErrClosed
 	}
 	return nil
+}
+
+// close waits for the lane's requests in flight (at most closeWait), sends
+// NBD_CMD_DISC and closes the connection.
+func (c *lane) close() {
+	c.mu.Lock()
+	c.closing = true
+	c.drained = make(chan struct{})
+	if len(c.pending) == 0 || c.err != nil {
+		close(c.drained)
+	}
+	c.mu.Unlock()
+	timer := time.NewTimer(closeWait)
+	select {
+	case <-c.drained:
+	case <-timer.C:
+		c.fail(fmt.Errorf("nbd: close: requests unanswered after %v", closeWait))
+	}
+	timer.Stop()
+	c.mu.Lock()
+	failed := c.err != nil
+	c.mu.Unlock()
+	if !failed {
+		c.wmu.Lock()
+		encodeRequest(c.whdr[:], request{typ: cmdDisc, handle: c.handles.Add(1)})
+		c.bw.Write(c.whdr[:])
+		c.bw.Flush()
+		c.wmu.Unlock()
+	}
+	c.fail(blockdev.ErrClosed)
+	c.nc.Close()
+	<-c.readerDone
 }
 
 // readFull reads len(p) bytes; a shorter stream is a protocol error.

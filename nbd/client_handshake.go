@@ -9,7 +9,7 @@ import (
 // asks for structured replies, the base:allocation context and, with
 // NBD_OPT_GO, the export and its block size constraints, falling back to
 // NBD_OPT_EXPORT_NAME for servers without NBD_OPT_GO.
-func (c *Client) handshake(export string, tlsConf *tls.Config) error {
+func (c *lane) handshake(export string, tlsConf *tls.Config) error {
 	var g [greetingLen]byte
 	if err := readFull(c.br, g[:]); err != nil {
 		return err
@@ -55,7 +55,7 @@ func (c *Client) handshake(export string, tlsConf *tls.Config) error {
 }
 
 // option sends an option and reads its first reply.
-func (c *Client) option(opt uint32, data []byte) (uint32, []byte, error) {
+func (c *lane) option(opt uint32, data []byte) (uint32, []byte, error) {
 	var h [optHeaderLen]byte
 	be.PutUint64(h[0:], magicOpt)
 	be.PutUint32(h[8:], opt)
@@ -69,7 +69,7 @@ func (c *Client) option(opt uint32, data []byte) (uint32, []byte, error) {
 }
 
 // optReply reads one option reply to opt.
-func (c *Client) optReply(opt uint32) (uint32, []byte, error) {
+func (c *lane) optReply(opt uint32) (uint32, []byte, error) {
 	var h [optReplyLen]byte
 	if err := readFull(c.br, h[:]); err != nil {
 		return 0, nil, err
@@ -101,7 +101,7 @@ func optError(opt, typ uint32, data []byte) error {
 	return fmt.Errorf("nbd: option %d refused (reply %#x): %s", opt, typ, data)
 }
 
-func (c *Client) setMeta(export string) error {
+func (c *lane) setMeta(export string) error {
 	data := be.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = be.AppendUint32(data, 1)
@@ -130,7 +130,7 @@ func (c *Client) setMeta(export string) error {
 
 // optGo negotiates the export with NBD_OPT_GO. It reports false when the
 // server does not know the option.
-func (c *Client) optGo(export string) (bool, error) {
+func (c *lane) optGo(export string) (bool, error) {
 	data := be.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = be.AppendUint16(data, 2)
@@ -174,7 +174,7 @@ func (c *Client) optGo(export string) (bool, error) {
 	return false, err
 }
 
-func (c *Client) exportName(export string, noZeroes bool) error {
+func (c *lane) exportName(export string, noZeroes bool) error {
 	var h [optHeaderLen]byte
 	be.PutUint64(h[0:], magicOpt)
 	be.PutUint32(h[8:], optExportName)
@@ -198,7 +198,7 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 }
 
 // setExport records the export's geometry and flags.
-func (c *Client) setExport(size int64, flags uint16, minBS, maxBS uint32) error {
+func (c *lane) setExport(size int64, flags uint16, minBS, maxBS uint32) error {
 	if size < 0 {
 		return fmt.Errorf("%w: export size %d", ErrProtocol, size)
 	}

@@ -24,7 +24,8 @@ type call struct {
 	extLen   int64
 	extFlags uint32
 	extSeen  bool
-	finished bool // done has been received from
+	finished bool  // done has been received from
+	cost     int64 // bytes it adds to its lane's load
 }
 
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
@@ -50,7 +51,7 @@ func (c *Client) split(typ, flags uint16, p []byte, off int64) error {
 			} else {
 				rbuf = p[:k]
 			}
-			cl, err := c.start(typ, flags, uint64(off), uint32(k), payload, rbuf)
+			cl, err := c.pick(k).start(typ, flags, uint64(off), uint32(k), payload, rbuf)
 			if err != nil {
 				first = err
 				break
@@ -59,7 +60,7 @@ func (c *Client) split(typ, flags uint16, p []byte, off int64) error {
 			p, off = p[k:], off+int64(k)
 		}
 		for i := 0; i < n; i++ {
-			if err := c.finish(calls[i], opName(typ), int64(calls[i].off)); err != nil && first == nil {
+			if err := finish(calls[i], opName(typ), int64(calls[i].off)); err != nil && first == nil {
 				first = err
 			}
 		}
@@ -72,11 +73,11 @@ func (c *Client) split(typ, flags uint16, p []byte, off int64) error {
 
 // roundTrip sends a request without payload and waits for its reply.
 func (c *Client) roundTrip(typ, flags uint16, off, n int64) error {
-	cl, err := c.start(typ, flags, uint64(off), uint32(n), nil, nil)
+	cl, err := c.pick(0).start(typ, flags, uint64(off), uint32(n), nil, nil)
 	if err != nil {
 		return err
 	}
-	return c.finish(cl, opName(typ), off)
+	return finish(cl, opName(typ), off)
 }
 
 func opName(typ uint16) string {
@@ -100,21 +101,23 @@ func opName(typ uint16) string {
 }
 
 // start registers a call and sends its request.
-func (c *Client) start(typ, flags uint16, off uint64, length uint32, payload, rbuf []byte) (*call, error) {
+func (c *lane) start(typ, flags uint16, off uint64, length uint32, payload, rbuf []byte) (*call, error) {
 	cl := callPool.Get().(*call)
 	cl.typ, cl.off, cl.buf = typ, off, rbuf
+	cl.cost = int64(len(payload) + len(rbuf))
 	handle := c.handles.Add(1)
 	c.mu.Lock()
 	if c.err != nil || c.closing {
 		err := c.err
 		c.mu.Unlock()
-		c.putCall(cl)
+		putCall(cl)
 		if err == nil {
 			err = blockdev.ErrClosed
 		}
 		return nil, err
 	}
 	c.pending[handle] = cl
+	c.load.Add(cl.cost)
 	c.mu.Unlock()
 
 	c.wpending.Add(1)
@@ -137,12 +140,12 @@ func (c *Client) start(typ, flags uint16, off uint64, length uint32, payload, rb
 
 // finish waits for a call's reply (unless the caller already has) and
 // returns the call to the pool.
-func (c *Client) finish(cl *call, op string, off int64) error {
+func finish(cl *call, op string, off int64) error {
 	if !cl.finished {
 		<-cl.done
 	}
 	err := cl.err
-	c.putCall(cl)
+	putCall(cl)
 	if err == nil {
 		return nil
 	}
@@ -153,7 +156,7 @@ func (c *Client) finish(cl *call, op string, off int64) error {
 	return err
 }
 
-func (c *Client) putCall(cl *call) {
+func putCall(cl *call) {
 	cl.buf, cl.err, cl.got = nil, nil, 0
 	cl.extLen, cl.extFlags, cl.extSeen, cl.finished = 0, 0, false, false
 	callPool.Put(cl)
@@ -161,12 +164,13 @@ func (c *Client) putCall(cl *call) {
 
 // complete hands a call its result; the caller has removed it from
 // pending under mu.
-func (c *Client) complete(cl *call) {
+func (c *lane) complete(cl *call) {
+	c.load.Add(-cl.cost)
 	cl.done <- struct{}{}
 }
 
 // take removes a call from pending.
-func (c *Client) take(handle uint64) *call {
+func (c *lane) take(handle uint64) *call {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	cl := c.pending[handle]
@@ -177,7 +181,7 @@ func (c *Client) take(handle uint64) *call {
 
 // noteDrained closes drained once Close waits and nothing is in flight.
 // Called with mu held.
-func (c *Client) noteDrained() {
+func (c *lane) noteDrained() {
 	if c.closing && c.drained != nil && len(c.pending) == 0 {
 		select {
 		case <-c.drained:
@@ -189,13 +193,14 @@ func (c *Client) noteDrained() {
 
 // fail breaks the connection: every call in flight, and every later one,
 // gets err.
-func (c *Client) fail(err error) {
+func (c *lane) fail(err error) {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
 		return
 	}
 	c.err = err
+	c.broken.Store(true)
 	calls := c.pending
 	c.pending = make(map[uint64]*call)
 	c.noteDrained()
@@ -209,7 +214,7 @@ func (c *Client) fail(err error) {
 
 // readReplies is the reply reader: it matches replies to calls by handle
 // and reads READ data straight into the caller's buffer.
-func (c *Client) readReplies() {
+func (c *lane) readReplies() {
 	defer close(c.readerDone)
 	for {
 		if err := c.readReply(); err != nil {
@@ -222,7 +227,7 @@ func (c *Client) readReplies() {
 	}
 }
 
-func (c *Client) readReply() error {
+func (c *lane) readReply() error {
 	h := c.rhdr[:structReplyLen]
 	if err := readFull(c.br, h[:4]); err != nil {
 		return err
@@ -242,7 +247,7 @@ func (c *Client) readReply() error {
 	return fmt.Errorf("%w: bad reply magic %#x", ErrProtocol, be.Uint32(h[:]))
 }
 
-func (c *Client) simpleReply(errno Errno, handle uint64) error {
+func (c *lane) simpleReply(errno Errno, handle uint64) error {
 	cl := c.take(handle)
 	if cl == nil {
 		return fmt.Errorf("%w: reply for unknown handle %d", ErrProtocol, handle)
@@ -262,7 +267,7 @@ func (c *Client) simpleReply(errno Errno, handle uint64) error {
 
 // peek finds a call without removing it (structured replies may take
 // several chunks).
-func (c *Client) peek(handle uint64) *call {
+func (c *lane) peek(handle uint64) *call {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.pending[handle]
@@ -272,7 +277,7 @@ func (c *Client) peek(handle uint64) *call {
 // errors) the client reads.
 const maxChunkMeta = 1 << 20
 
-func (c *Client) chunk(flags, typ uint16, handle uint64, n uint32) error {
+func (c *lane) chunk(flags, typ uint16, handle uint64, n uint32) error {
 	cl := c.peek(handle)
 	if cl == nil {
 		return fmt.Errorf("%w: chunk for unknown handle %d", ErrProtocol, handle)
@@ -295,7 +300,7 @@ func (c *Client) chunk(flags, typ uint16, handle uint64, n uint32) error {
 }
 
 // chunkPayload reads and applies one chunk's payload.
-func (c *Client) chunkPayload(cl *call, typ uint16, n uint32) error {
+func (c *lane) chunkPayload(cl *call, typ uint16, n uint32) error {
 	switch {
 	case typ == chunkNone:
 		if n != 0 {

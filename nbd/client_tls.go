@@ -47,7 +47,7 @@ func clientTLSConfig(t target) (*tls.Config, error) {
 // handshake and moves the connection onto it. Any other answer ends the
 // connection: a client that asked for TLS does not fall back to
 // plaintext.
-func (c *Client) startTLS(conf *tls.Config) error {
+func (c *lane) startTLS(conf *tls.Config) error {
 	typ, msg, err := c.option(optStartTLS, nil)
 	if err != nil {
 		return err

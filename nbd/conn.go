@@ -163,7 +163,14 @@ func (c *conn) logErr(msg string, err error) {
 		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, errAbort) {
 		return
 	}
-	c.srv.opts.Logger.Warn(msg, "remote", c.raw.RemoteAddr(), "err", err)
+	// Rate-limited: a client can fail handshakes as fast as it connects.
+	if ok, dropped := c.srv.connLog.allow(); ok {
+		args := []any{"remote", c.raw.RemoteAddr(), "err", err}
+		if dropped > 0 {
+			args = append(args, "suppressed", dropped)
+		}
+		c.srv.opts.Logger.Warn(msg, args...)
+	}
 }
 
 func (c *conn) serve() {

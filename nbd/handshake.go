@@ -379,7 +379,9 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 		return c.optReply(opt, repErrUnknown, "no such export")
 	}
 	if _, refusal := c.access(x); refusal != 0 {
-		return c.optReply(opt, refusal, refusalMessage(refusal))
+		// The protocol keeps ERR_TLS_REQD to INFO, GO and EXPORT_NAME
+		// once TLS is optional (FORCEDTLS never gets here before TLS).
+		return c.optReply(opt, repErrPolicy, refusalMessage(refusal))
 	}
 	found := list && len(q.queries) == 0
 	for _, s := range q.queries {

@@ -174,9 +174,9 @@ const (
 type Server struct {
 	opts Options
 
-	// mu guards everything below it. Lock order: Server.mu, then a
-	// conn's locks, then an export's range lock (never the other way
-	// round).
+	// mu guards the fields from here to done. Lock order: Server.mu,
+	// then a conn's locks, then an export's range lock (never the other
+	// way round).
 	mu          sync.Mutex
 	exports     map[string]*export
 	order       []*export
@@ -190,12 +190,14 @@ type Server struct {
 	// wg counts connections; Add happens under mu while !closing.
 	wg sync.WaitGroup
 
+	// The rest synchronise themselves.
 	// budget bounds the buffer bytes of all connections together.
 	budget *semaphore.Weighted
 	counts serverCounters
-	// devLog and limitLog rate-limit the log lines a client can cause.
-	devLog, limitLog logLimiter
-	tls              tlsState
+	// devLog, limitLog and connLog rate-limit the log lines a client
+	// can cause.
+	devLog, limitLog, connLog logLimiter
+	tls                       tlsState
 }
 
 // New returns a server with the given exports (more can be added with
@@ -258,8 +260,9 @@ func (s *Server) Add(e Export) error {
 
 // Remove withdraws the export named name: new connections and OPT_LIST no
 // longer see it. Connections already using it keep their device until they
-// close; the caller decides what that device does meanwhile (for a deleted
-// volume: fail every request). The name can be added again afterwards.
+// close, or until CloseExport closes them; the caller decides what that
+// device does meanwhile (for a deleted volume: fail every request). The
+// name can be added again afterwards.
 func (s *Server) Remove(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

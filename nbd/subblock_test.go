@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,18 +15,6 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed is BLOCKSNAP_SEED if set, else random; it is logged so that a
-// failure can be replayed.
-func testSeed(t *testing.T) uint64 {
-	t.Helper()
-	seed := rand.Uint64()
-	if v, err := strconv.ParseUint(os.Getenv("BLOCKSNAP_SEED"), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("seed %d (BLOCKSNAP_SEED=%d replays it)", seed, seed)
-	return seed
-}
 
 func TestSpan(t *testing.T) {
 	for _, tc := range []struct{ off, n, head, mid, tail int64 }{
@@ -51,7 +38,7 @@ func TestSpan(t *testing.T) {
 // a byte model after every step.
 func TestSubBlockRandom(t *testing.T) {
 	const size = 256 << 10
-	rng := rand.New(rand.NewPCG(testSeed(t), 0))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 0))
 	mem := newMem(t, size, 4096)
 	r := cmdSession(t, mem, false, true)
 	model := make([]byte, size)
@@ -131,6 +118,7 @@ func sectorPattern(w, k int) []byte {
 // sector of one 4 KiB block over and over: each is a read-modify-write of
 // the same block, and no writer's last write may be lost.
 func TestSubBlockConcurrentSectors(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	mem := newMem(t, 64<<10, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	const writers, rounds = 8, 50
@@ -282,7 +270,7 @@ for h in hs:
 // goroutines on one connection; a reference model checks the result.
 func TestSubBlockClientModel(t *testing.T) {
 	const size = 128 << 10
-	rng := rand.New(rand.NewPCG(testSeed(t), 1))
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 1))
 	mem := newMem(t, size, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	c := dial(t, ts.uri("d"))

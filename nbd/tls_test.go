@@ -19,6 +19,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // testCA is a certificate authority made in the test.
@@ -221,6 +224,7 @@ func certPool(t *testing.T, ca *testCA) *x509.CertPool {
 // Per-export allow-lists: the export is TLS-only, hidden from clients
 // that may not use it, and read-only for a read-only entry.
 func TestTLSAllowList(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	ca := newTestCA(t, "test CA")
 	srvDir := ca.certDir(t, true, "localhost")
 	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: srvDir},
@@ -259,6 +263,7 @@ func TestTLSAllowList(t *testing.T) {
 // ReloadTLS swaps the certificates for new handshakes without dropping
 // connections made with the old ones.
 func TestTLSReload(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	f := newTLSFixture(t, Options{TLS: TLSRequire})
 	old := dial(t, tlsURI(f.ts, "d", f.caOnly))
 	// New certificates from a new CA, written over the old files.
@@ -286,6 +291,7 @@ func TestTLSReload(t *testing.T) {
 // negotiation slot no longer than the handshake deadline, and many such
 // clients do not lock out a real one.
 func TestTLSStalledHandshake(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
 	f := newTLSFixture(t, Options{TLS: TLSRequire, HandshakeTimeout: 200 * time.Millisecond, MaxNegotiating: 4})
 	var stalled []*raw
 	for range 10 {
@@ -326,4 +332,37 @@ func TestTLSModeAndURIs(t *testing.T) {
 	require.Equal(t, "localhost", tg.tlsHost)
 	_, err = Dial(context.Background(), "nbds://127.0.0.1:1/?tls-certificates="+t.TempDir())
 	require.ErrorContains(t, err, CACertFile)
+}
+
+// In TLSOn mode a TLS-only export refuses metadata context options before
+// TLS with ERR_POLICY: the protocol reserves ERR_TLS_REQD for INFO, GO and
+// EXPORT_NAME there.
+func TestTLSOnMetaContextBeforeTLS(t *testing.T) {
+	ca := newTestCA(t, "test CA")
+	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: ca.certDir(t, true, "localhost")},
+		Export{Name: "vm", Device: newMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "writer"}}})
+	r := dialRaw(t, ts)
+	r.greet(cflagFixedNewstyle)
+	r.opt(optStructuredReply, nil)
+	require.Equal(t, repAck, r.reply(optStructuredReply).typ)
+	r.opt(optSetMetaContext, metaData("vm", "base:allocation"))
+	require.Equal(t, repErrPolicy, r.reply(optSetMetaContext).typ)
+	r.opt(optInfo, infoData("vm"))
+	require.Equal(t, repErrTLSReqd, r.reply(optInfo).typ)
+	r.opt(optExportName, []byte("vm"))
+	r.expectClosed()
+}
+
+// The client over TLS passes the Device conformance suite against our
+// server (a 4 KiB-block export, so sub-block requests travel too).
+func TestTLSClientConformance(t *testing.T) {
+	ca := newTestCA(t, "test CA")
+	srvDir, cliDir := ca.certDir(t, true, "localhost"), ca.certDir(t, false, "client1")
+	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
+		ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: srvDir, TLSVerifyPeer: true},
+			Export{Name: "m", Device: newMem(t, 4<<20, 4096)})
+		c, err := Dial(t.Context(), tlsURI(ts, "m", cliDir))
+		require.NoError(t, err)
+		return c
+	})
 }

@@ -44,6 +44,7 @@ const (
 // checkpointer streams without holding any lock.
 type capture struct {
 	upTo     uint64
+	growth   int64 // Store.metaGrowth when captured
 	ix       index
 	nextVol  uint64
 	nextBr   uint32
@@ -66,7 +67,7 @@ type branchRec struct {
 }
 
 func (s *Store) captureLocked() capture {
-	c := capture{ix: s.ix.clone(), nextVol: s.nextVol, nextBr: s.nextBranch}
+	c := capture{ix: s.ix.clone(), nextVol: s.nextVol, nextBr: s.nextBranch, growth: s.metaGrowth.Load()}
 	if s.j != nil {
 		c.upTo = s.j.LastSeq()
 	}
@@ -86,22 +87,33 @@ func (s *Store) captureLocked() capture {
 
 // maybeCaptureLocked hands a capture to the checkpointer when the journal
 // asks for a checkpoint. Capturing here, under mu, means the checkpointer
-// never needs mu, so an Append blocked on a full log (which holds mu) is
-// always freed by the checkpoint already under way.
+// never needs mu.
 func (s *Store) maybeCaptureLocked() {
 	select {
 	case _, ok := <-s.j.NeedCheckpoint():
-		if !ok || s.ckptBusy.Load() {
-			return
+		if ok && !s.ckptBusy.Load() {
+			s.postCaptureLocked()
 		}
 	default:
-		return
 	}
-	s.ckptBusy.Store(true)
-	s.ckptCh <- s.captureLocked() // buffered, and only sent when not busy
 }
 
-// checkpointer writes the captures it is handed.
+// postCaptureLocked hands the checkpointer a capture of the state now; it
+// replaces one the checkpointer has not taken yet. Every sender holds mu,
+// so the channel (one slot) is empty when the send comes.
+func (s *Store) postCaptureLocked() {
+	c := s.captureLocked()
+	select {
+	case <-s.ckptCh:
+	default:
+	}
+	s.postedUpTo = c.upTo
+	s.ckptBusy.Store(true)
+	s.ckptCh <- c
+}
+
+// checkpointer writes the captures it is handed, then lets the chunks
+// freed by the records they cover be reused.
 func (s *Store) checkpointer() {
 	defer s.wg.Done()
 	for {
@@ -114,6 +126,9 @@ func (s *Store) checkpointer() {
 			if err != nil && s.ctx.Err() == nil {
 				_ = s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
 				return
+			}
+			if err == nil {
+				s.releaseFreed(c.upTo)
 			}
 		}
 	}
@@ -131,21 +146,124 @@ func (s *Store) Checkpoint(ctx context.Context) error {
 	s.mu.Lock()
 	c := s.captureLocked()
 	s.mu.Unlock()
-	return s.writeCheckpoint(ctx, c)
+	if err := s.writeCheckpoint(ctx, c); err != nil {
+		return err
+	}
+	s.releaseFreed(c.upTo)
+	return nil
 }
 
-// writeCheckpoint writes c unless a newer checkpoint has been written.
+// writeCheckpoint writes c unless a newer checkpoint has been written; the
+// image's size becomes the measured base of the metadata bound.
 func (s *Store) writeCheckpoint(ctx context.Context, c capture) error {
 	s.ckptMu.Lock()
 	defer s.ckptMu.Unlock()
 	if c.upTo < s.ckptUpTo {
 		return nil
 	}
-	if err := s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error { return c.encode(w) }); err != nil {
+	var n int64
+	err := s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error {
+		var err error
+		n, err = c.encode(w)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	s.ckptUpTo = c.upTo
+	s.setDurable(c.upTo)
+	s.setMark(&metaMark{bytes: n, growth: c.growth})
 	return nil
+}
+
+// setMark makes m the measured base of the metadata bound unless a later
+// capture has been measured already.
+func (s *Store) setMark(m *metaMark) {
+	for {
+		cur := s.metaMark.Load()
+		if m.growth < cur.growth || s.metaMark.CompareAndSwap(cur, m) {
+			return
+		}
+	}
+}
+
+// measureMeta measures the metadata image now (a walk of a lazy copy of
+// the index, outside mu, no I/O) and makes it the bound's base.
+func (s *Store) measureMeta() {
+	s.mu.Lock()
+	c := s.captureLocked()
+	s.mu.Unlock()
+	s.setMark(&metaMark{bytes: c.metadataBytes(), growth: c.growth})
+}
+
+// metaMark is a measured point of the metadata bound: the checkpoint image
+// of a capture was bytes long, and metaGrowth was growth at the capture.
+type metaMark struct {
+	bytes, growth int64
+}
+
+// emptyImage bounds the image of a store with no volumes or entries, the
+// base of the bound before the first checkpoint.
+const emptyImage = 64
+
+// metaBound returns the bound on the checkpoint image now, and the part
+// of it not measured by a checkpoint.
+func (s *Store) metaBound() (bound, unmeasured int64) {
+	m := s.metaMark.Load()
+	unmeasured = s.metaGrowth.Load() - m.growth
+	return m.bytes + unmeasured, unmeasured
+}
+
+// metaLimit is the most the bound may reach: the checkpoint slot, less a
+// sixteenth kept for the collector (whose records are not refused).
+func (s *Store) metaLimit() int64 {
+	slot := s.geo.journalLen / 4 / 4096 * 4096 // journalOptions' CheckpointSize
+	return slot - slot/16
+}
+
+// metaRoomLocked refuses, with ErrNoSpace, operations whose worst-case
+// growth of the image would take the bound past metaLimit: a store must
+// never hold more than it can checkpoint. Called with mu held.
+func (s *Store) metaRoomLocked(cost int64) error {
+	if cost == 0 {
+		return nil
+	}
+	if bound, _ := s.metaBound(); bound+cost > s.metaLimit() {
+		return fmt.Errorf("%w: the metadata would outgrow its %d-byte checkpoint slot (up to %d bytes now)",
+			ErrNoSpace, s.geo.journalLen/4/4096*4096, bound)
+	}
+	return nil
+}
+
+// opsCost is the most that applying ops can add to the checkpoint image.
+// A put adds at most one run (entries at consecutive chunks and
+// locations); a del can split a run in two; a move is a del and a put.
+// Either can also lengthen the next run's deltas (chunk and location).
+func (s *Store) opsCost(ops []op) int64 {
+	cw := int64(uvLen(s.chunks))
+	lw := int64(uvLen(2*s.geo.dataChunks + 4))
+	run := 1 + 5 + 5 + 2*cw + cw + 2*lw // tag, branch, epoch, chunk, count, location; the next run's deltas
+	var n int64
+	for i := range ops {
+		switch o := &ops[i]; o.kind {
+		case opPut, opDel:
+			n += run
+		case opMove:
+			n += 2 * run
+		case opBranch:
+			n += 5 * 5
+		case opVolume:
+			n += 7*10 + int64(len(o.name)) // and the next volume or branch id
+		case opRename:
+			n += int64(len(o.name))
+		}
+	}
+	return n
+}
+
+func uvLen(v uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], v)
 }
 
 // encoder writes varints through a buffer and a running checksum.
@@ -181,7 +299,8 @@ func b2u(b bool) uint64 {
 	return 0
 }
 
-func (c *capture) encode(w io.Writer) error {
+// encode writes the image to w and returns its length.
+func (c *capture) encode(w io.Writer) (int64, error) {
 	e := &encoder{w: bufio.NewWriterSize(w, 64<<10), crc: crc32.New(castagnoli)}
 	var salt [4]byte
 	binary.LittleEndian.PutUint32(salt[:], saltCheckpoint)
@@ -195,7 +314,7 @@ func (c *capture) encode(w io.Writer) error {
 	if e.err == nil {
 		e.err = e.w.Flush()
 	}
-	return e.err
+	return e.n + 4, e.err
 }
 
 func (c *capture) encodeTo(e *encoder) {

@@ -22,13 +22,21 @@ func (s *Store) cloneStripe(b uint32, c uint64) *paddedMu {
 	return &s.cloneLocks[(c+uint64(b)*0x9E3779B9)%nStripes]
 }
 
-// cloneWrite writes p (or discards) at off for n bytes of clone branch br.
-func (s *Store) cloneWrite(br *branch, p []byte, off, n int64, discard bool) error {
+// cloneWrite writes p (or discards) at off for n bytes of clone v.
+func (s *Store) cloneWrite(v *Volume, p []byte, off, n int64, discard bool) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	br.gate.RLock()
-	defer br.gate.RUnlock()
+	v.br.gate.RLock()
+	defer v.br.gate.RUnlock()
+	if err := v.notDeleted(); err != nil { // deleted while this waited for the gate
+		return err
+	}
+	return s.cloneWriteGated(v.br, p, off, n, discard)
+}
+
+// cloneWriteGated is cloneWrite with br's gate held shared.
+func (s *Store) cloneWriteGated(br *branch, p []byte, off, n int64, discard bool) error {
 	for n > 0 {
 		c := uint64(off / s.cs)
 		in := off % s.cs
@@ -105,7 +113,9 @@ func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard 
 		return err
 	}
 	sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: loc})
-	_, err = s.log(sc)
+	if _, err = s.log(sc); err != nil && s.failed.Load() == nil {
+		s.alloc.release(loc, 1) // refused before it changed anything
+	}
 	return err
 }
 

@@ -63,10 +63,11 @@ func (t *trip) fire() ([]*blockdevtest.CrashSim, error) {
 // and BlockSize itself: a crashed CrashSim's panic (nil image).
 type tripDev struct {
 	blockdev.Device
-	t *trip
+	t  *trip
+	bs int
 }
 
-func newTripDev(d *blockdevtest.CrashSim, t *trip) *tripDev { return &tripDev{d, t} }
+func newTripDev(d *blockdevtest.CrashSim, t *trip) *tripDev { return &tripDev{d, t, d.BlockSize()} }
 
 func (d *tripDev) Size() int64 {
 	if d.t.fired() {
@@ -75,7 +76,7 @@ func (d *tripDev) Size() int64 {
 	return d.Device.Size()
 }
 
-func (d *tripDev) BlockSize() int { return 512 }
+func (d *tripDev) BlockSize() int { return d.bs }
 
 func (d *tripDev) ReadAt(p []byte, off int64) (int, error) {
 	if err := d.t.tick(); err != nil {
@@ -129,6 +130,15 @@ func tortureBudget() time.Duration {
 	return 0
 }
 
+// tortureConfig is a store geometry for the crash torture.
+type tortureConfig struct {
+	name                 string
+	originSize, storeLen int64
+	blockSize            int
+	chunkSize            int
+	journalSize          int64
+}
+
 // TestCrashTorture runs the random workload on CrashSim origin and store
 // devices and cuts the power at a random device call, over and over, with
 // every policy; after each crash it reopens, runs Check and verifies the
@@ -136,14 +146,38 @@ func tortureBudget() time.Duration {
 // a writable volume holds its last durable contents or one of the writes
 // since (any contents under Tear), volumes exist as their last completed
 // operation left them.
+//
+// Three geometries: 512-byte devices with a roomy store; 4096-byte devices
+// with an origin that ends in half a chunk and a small store and journal
+// (the store fills, foreground checkpoints happen); 512-byte devices with
+// an origin of more than 64 chunks (writes longer than one segment) that
+// is not a whole number of chunks. The options that are not stored change
+// from one reopen to the next: the origin buffer, the background commit
+// interval (off, or running, so the committer and the drain race the
+// workload), CheckpointAt up to its maximum, and the NoSpace policy. With
+// the committer on, device calls come from background goroutines too, so
+// a seed replays the workload but not always the same crash points.
 func TestCrashTorture(t *testing.T) {
 	seed := testSeed()
 	t.Logf("seed %d (BLOCKSNAP_SEED replays it; BLOCKSNAP_TORTURE_SECONDS for a longer run)", seed)
+	configs := []tortureConfig{
+		{"512", 128 << 10, 3 << 20, 512, 4 << 10, 128 << 10},
+		{"4096-partial-chunk", 300 << 10, 2 << 20, 4096, 8 << 10, 64 << 10},
+		{"512-long-writes", 300<<10 + 1536, 1536 << 10, 512, 4 << 10, 48 << 10},
+	}
+	for i, cfg := range configs {
+		t.Run(cfg.name, func(t *testing.T) {
+			crashTorture(t, seed+uint64(i), cfg, shortScale(3000)/len(configs), tortureBudget()/time.Duration(len(configs)))
+		})
+	}
+}
+
+func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, target int, budget time.Duration) {
 	rng := rand.New(rand.NewPCG(seed, 3))
-	crashes, target := 0, shortScale(3000)
-	deadline := time.Now().Add(tortureBudget())
-	oSim := blockdevtest.MustCrashSim(128<<10, 512)
-	sSim := blockdevtest.MustCrashSim(3<<20, 512)
+	crashes := 0
+	deadline := time.Now().Add(budget)
+	oSim := blockdevtest.MustCrashSim(cfg.originSize, cfg.blockSize)
+	sSim := blockdevtest.MustCrashSim(cfg.storeLen, cfg.blockSize)
 	fillPattern(t, oSim, seed)
 	require.NoError(t, oSim.Flush())
 	policies := blockdevtest.AllPolicies(seed)
@@ -154,16 +188,19 @@ func TestCrashTorture(t *testing.T) {
 			size: map[blockdev.Device]int64{oSim: oSim.Size(), sSim: sSim.Size()}}
 	}
 	tr := newTrip()
-	opts := Options{ChunkSize: 4 << 10, JournalSize: 128 << 10, CommitInterval: -1}
+	opts := Options{ChunkSize: cfg.chunkSize, JournalSize: cfg.journalSize, CommitInterval: -1}
 	w := newWorkload(t, seed, newTripDev(oSim, tr), newTripDev(sSim, tr), opts)
 	w.failOK = true
 	w.maxVols = 8
 	reopen := false
-	// The origin buffer's bound changes from one crash to the next (it is
-	// not stored): the default (never full here), three chunks (writers
-	// drain it often) and off.
-	buffers := []int64{0, 3 * 4 << 10, -1}
-	buffered := 0 // crashes that found origin writes buffered
+	// The options not stored, varied from one reopen to the next. Origin
+	// buffer: the default (never full here), three chunks (writers drain
+	// it often) and off.
+	buffers := []int64{0, 3 * int64(cfg.chunkSize), -1}
+	intervals := []time.Duration{-1, 2 * time.Millisecond, 20 * time.Millisecond}
+	ckptAt := []float64{0, minCheckpointAt, 0.3, maxCheckpointAt}
+	policiesNS := []NoSpacePolicy{NoSpaceFailWrite, NoSpaceInvalidate}
+	buffered, full, committer := 0, 0, 0 // crashes that found origin writes buffered, the store full, the committer on
 	for crashes < target || time.Now().Before(deadline) {
 		tr.mu.Lock()
 		tr.left = 1 + rng.IntN(150)
@@ -171,6 +208,9 @@ func TestCrashTorture(t *testing.T) {
 		var err error
 		if reopen { // recovery itself may be hit by the next crash
 			w.opts.OriginBuffer = buffers[crashes%len(buffers)]
+			w.opts.CommitInterval = intervals[(crashes/3)%len(intervals)]
+			w.opts.CheckpointAt = ckptAt[(crashes/2)%len(ckptAt)]
+			w.opts.NoSpace = policiesNS[(crashes/5)%len(policiesNS)]
 			err = w.open(nil)
 		}
 		for err == nil {
@@ -181,13 +221,21 @@ func TestCrashTorture(t *testing.T) {
 		if w.s != nil && w.s.ob.n.Load() > 0 {
 			buffered++
 		}
+		if errors.Is(err, ErrNoSpace) {
+			full++
+		}
+		if w.opts.CommitInterval > 0 {
+			committer++
+		}
 		oSim, sSim = w.crashed(tr, err)
 		crashes++
 		tr = newTrip()
 		w.origin, w.store = newTripDev(oSim, tr), newTripDev(sSim, tr)
 		reopen = true
 	}
-	t.Logf("%d crash points, %d with origin writes buffered", crashes, buffered)
+	t.Logf("%d crash points: %d with origin writes buffered, %d with the committer running, %d after ErrNoSpace; "+
+		"%d emergency checkpoints crossed, %d metadata measures, %d snapshots invalidated for room",
+		crashes, buffered, committer, full, w.emergencies, w.measures, w.invalidated)
 	require.Positive(t, buffered, "no crash hit buffered origin writes")
 }
 
@@ -201,6 +249,7 @@ func (w *workload) crashed(tr *trip, cause error) (*blockdevtest.CrashSim, *bloc
 	out, err := tr.fire() // before Close, which would flush
 	require.NoError(w.t, err)
 	if w.s != nil {
+		w.retire()
 		_ = w.s.Close()
 		w.s = nil
 	}
@@ -213,6 +262,7 @@ func (w *workload) crashed(tr *trip, cause error) (*blockdevtest.CrashSim, *bloc
 	w.must(s.Check(), "check after crash (%v)", tr.policy)
 	w.why = "reconcile"
 	w.reconcile(tr.policy)
+	w.retire()
 	w.must(s.Close(), "close after crash check")
 	w.s = nil
 	return oSim, sSim

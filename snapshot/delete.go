@@ -96,6 +96,9 @@ func (s *Store) Delete(name string) (*DeleteOp, error) {
 	d := &DeleteOp{done: make(chan struct{}), cs: s.cs}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	v := s.volumes[id]
 	if v == nil || v.hidden || s.byName[name] != id {
@@ -291,6 +294,10 @@ func (s *Store) unlockStripes(b uint32, st *[nStripes]bool) {
 func (s *Store) collectBatch(t gcTask, br *branch, batch []entry) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	sc.reclaiming = true
+	if err := s.makeLogRoom(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	freed := int64(0)
@@ -333,6 +340,9 @@ func (s *Store) collectBatch(t gcTask, br *branch, batch []entry) error {
 // entries left; a hidden parent snapshot that only it held goes too (its
 // collection is queued by the drop).
 func (s *Store) maybeDropBranch(t gcTask) error {
+	if err := s.makeLogRoom(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.branches[t.p.b]
@@ -341,6 +351,7 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	sc.reclaiming = true
 	sc.ops = append(sc.ops, op{kind: opDropBranch, id: uint64(br.id)})
 	pp := point{br.parent, br.parentEpoch}
 	if p := s.branches[pp.b]; p != nil && p.refs[pp.e] == 1 {
@@ -366,6 +377,9 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 func (s *Store) invalidateFor(c uint64) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.b0

@@ -146,7 +146,8 @@ func seedCheckpoints() [][]byte {
 		cp := st.captureLocked()
 		st.mu.Unlock()
 		var buf bytes.Buffer
-		check(cp.encode(&buf))
+		_, err := cp.encode(&buf)
+		check(err)
 		out = append(out, buf.Bytes())
 	}
 	return out
@@ -181,6 +182,7 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	cp := s.captureLocked()
 	s.mu.Unlock()
 	var buf bytes.Buffer
-	require.NoError(t, cp.encode(&buf))
+	_, err := cp.encode(&buf)
+	require.NoError(t, err)
 	require.Equal(t, imgs[0], buf.Bytes())
 }

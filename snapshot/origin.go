@@ -70,9 +70,13 @@ func (s *Store) originWrite(p []byte, off, n int64, discard bool) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	br := s.b0
-	br.gate.RLock()
-	defer br.gate.RUnlock()
+	s.b0.gate.RLock()
+	defer s.b0.gate.RUnlock()
+	return s.originWriteGated(p, off, n, discard)
+}
+
+// originWriteGated is originWrite with branch 0's gate held shared.
+func (s *Store) originWriteGated(p []byte, off, n int64, discard bool) error {
 	for n > 0 {
 		c0 := uint64(off / s.cs)
 		c1 := uint64((off + n - 1) / s.cs)
@@ -231,6 +235,10 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 		sc.ops = append(sc.ops, op{kind: opPut, b: 0, e: need, c: sc.cow[i].c, n: uint64(j - i), loc: sc.cow[i].loc})
 		i = j
 	}
+	if err := s.makeLogRoom(); err != nil {
+		s.dropCow(sc)
+		return err
+	}
 	s.mu.Lock()
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()
@@ -239,6 +247,10 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	}
 	seq, err := s.logLocked(sc)
 	s.mu.Unlock()
+	if err != nil && s.failed.Load() == nil {
+		s.dropCow(sc) // refused before it changed anything
+		return err
+	}
 	if err != nil {
 		// The store has failed; its allocations stay as they are.
 		for i := range sc.cow {
@@ -277,12 +289,24 @@ func (s *Store) dropCow(sc *scratch) {
 	}
 }
 
+// allocOne allocates a data chunk. When the store is full but chunks
+// freed by records not yet durable wait in the allocator, it commits (or
+// joins the commit in flight), which makes them reusable, and tries again:
+// ErrNoSpace, and the snapshots NoSpaceInvalidate deletes, are for a store
+// that is really full. Called with no lock of the store held but branch
+// gates and stripes (the commit takes reclaim).
 func (s *Store) allocOne() (uint64, error) {
-	loc, _, ok := s.alloc.allocRun(1)
-	if !ok {
-		return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.geo.dataChunks)
+	for retried := false; ; retried = true {
+		if loc, _, ok := s.alloc.allocRun(1); ok {
+			return loc, nil
+		}
+		if retried || !s.alloc.hasPending() {
+			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.geo.dataChunks)
+		}
+		if err := s.commit(s.ctx); err != nil {
+			return 0, err
+		}
 	}
-	return loc, nil
 }
 
 // copyChunk copies origin chunk c to store chunk loc. With e, the copy is

@@ -2,7 +2,9 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -271,6 +273,48 @@ func (s *Store) drainLocked(ctx context.Context) error {
 	}
 	s.ob.mu.Unlock()
 	return first
+}
+
+// writeOutDurable is Close's drain for a failed store: no commit is
+// possible, but every buffered chunk whose copy record is already durable
+// may still reach the origin, which is then flushed. It reports the chunks
+// it had to drop, and write-out failures.
+func (s *Store) writeOutDurable() error {
+	if s.ob.max == 0 || s.ob.n.Load() == 0 {
+		return nil
+	}
+	s.ob.drainMu.Lock()
+	defer s.ob.drainMu.Unlock()
+	durable := s.durableSeq.Load()
+	s.ob.mu.Lock()
+	q := s.ob.queue
+	s.ob.queue = nil
+	s.ob.mu.Unlock()
+	var lost []uint64
+	var errs []error
+	for _, e := range q {
+		st := &s.originLocks[e.c%nStripes]
+		st.Lock()
+		if e.seq > durable {
+			lost = append(lost, e.c)
+		} else if err := s.obWriteOut(e); err != nil {
+			errs = append(errs, err)
+			lost = append(lost, e.c)
+		}
+		delete(s.ob.byStripe[e.c%nStripes], e.c)
+		s.ob.n.Add(-1)
+		st.Unlock()
+	}
+	if err := s.origin.Flush(); err != nil {
+		errs = append(errs, fmt.Errorf("snapshot: flush origin: %w", err))
+	}
+	if len(lost) > 0 {
+		slices.Sort(lost)
+		shown := lost[:min(len(lost), 32)]
+		errs = append(errs, fmt.Errorf("snapshot: %d acknowledged origin writes lost (their copy-on-write is not durable; the origin keeps the old data): chunks %v of %d bytes%s",
+			len(lost), shown, s.cs, map[bool]string{true: " ..."}[len(lost) > len(shown)]))
+	}
+	return errors.Join(errs...)
 }
 
 // obWriteOut writes one entry's written blocks to the origin device, one

@@ -50,12 +50,8 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 	t.Helper()
 	out := map[string][]byte{}
 	for _, vi := range s.List() {
-		v, err := s.OpenVolume(vi.Name)
-		require.NoError(t, err)
-		p := make([]byte, v.Size())
-		_, err = v.ReadAt(p, 0)
-		require.NoError(t, err)
-		out[vi.Name] = p
+		v := mustOpen(t, s, vi.Name)
+		out[vi.Name] = readAll(t, v)
 		require.NoError(t, v.Close())
 	}
 	return out
@@ -68,7 +64,7 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	ctx := context.Background()
 	origin, store := roFixture(t)
-	before := [2][]byte{memImage(t, origin), memImage(t, store)}
+	before := [2][]byte{readAll(t, origin), readAll(t, store)}
 
 	_, err := Open(blockdev.ReadOnly(origin), blockdev.ReadOnly(store), Options{})
 	require.ErrorIs(t, err, blockdev.ErrReadOnly, "a read-write open writes a journal epoch")
@@ -119,8 +115,8 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	require.NoError(t, o.Flush())
 	require.NoError(t, c.Flush())
 	require.NoError(t, s.Close())
-	require.Equal(t, before[0], memImage(t, origin), "origin device changed")
-	require.Equal(t, before[1], memImage(t, store), "store device changed")
+	require.Equal(t, before[0], readAll(t, origin), "origin device changed")
+	require.Equal(t, before[1], readAll(t, store), "store device changed")
 
 	rw, err := Open(origin, store, Options{})
 	require.NoError(t, err)
@@ -176,11 +172,3 @@ func mustOpen(t *testing.T, s *Store, name string) *Volume {
 }
 
 func second[T any](_ T, err error) error { return err }
-
-func memImage(t *testing.T, d blockdev.Device) []byte {
-	t.Helper()
-	p := make([]byte, d.Size())
-	_, err := d.ReadAt(p, 0)
-	require.NoError(t, err)
-	return p
-}

@@ -13,7 +13,8 @@ import (
 // own snapshots, online: only the chunks that differ are rewritten, through
 // the normal write path, so every other snapshot stays intact and a clone's
 // chain does not deepen. Writes racing with the rollback land before or
-// after it, chunk by chunk.
+// after it, chunk by chunk. The branch gate is held shared throughout, so
+// neither volume can be deleted (nor a snapshot of it taken) meanwhile.
 func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if err := vol.writable(); err != nil {
 		return err
@@ -23,6 +24,17 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	}
 	if to.kind != KindSnapshot || to.meta.branch != vol.br.id {
 		return fmt.Errorf("%w: volume %d is not a snapshot of volume %d", ErrBadOptions, to.meta.id, vol.meta.id)
+	}
+	if err := s.usable(); err != nil {
+		return err
+	}
+	vol.br.gate.RLock()
+	defer vol.br.gate.RUnlock()
+	if err := vol.notDeleted(); err != nil {
+		return err
+	}
+	if err := to.notDeleted(); err != nil {
+		return err
 	}
 	b, k := vol.br.id, to.meta.epoch
 	type change struct {
@@ -61,6 +73,9 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		if err := s.usable(); err != nil {
+			return err
+		}
 		off := int64(ch.c) * s.cs
 		cl := s.chunkLen(ch.c)
 		var err error
@@ -68,16 +83,21 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		case ch.inherit:
 			err = s.cloneInherit(vol.br, ch.c)
 		case ch.x.loc == locZero:
-			err = s.cloneWrite(vol.br, nil, off, cl, true)
+			err = s.cloneWriteGated(vol.br, nil, off, cl, true)
 		default:
 			buf := (*bp)[:cl]
 			if err = s.readLevels(to.levels, buf, off); err != nil {
 				return err
 			}
+			// Only NoSpaceInvalidate can delete to now (the gate keeps
+			// Delete out); if it did, what was read may be collected.
+			if err = to.notDeleted(); err != nil {
+				return err
+			}
 			if b == 0 {
-				err = s.originWrite(buf, off, cl, false)
+				err = s.originWriteGated(buf, off, cl, false)
 			} else {
-				err = s.cloneWrite(vol.br, buf, off, cl, false)
+				err = s.cloneWriteGated(vol.br, buf, off, cl, false)
 			}
 		}
 		if err != nil {
@@ -92,13 +112,11 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 
 // cloneInherit makes clone chunk c read as its parent point again: the
 // live entry is re-keyed to the newest snapshot that still needs it, or
-// dropped.
+// dropped. Called with br's gate held shared.
 func (s *Store) cloneInherit(br *branch, c uint64) error {
 	if err := s.usable(); err != nil {
 		return err
 	}
-	br.gate.RLock()
-	defer br.gate.RUnlock()
 	l := s.cloneStripe(br.id, c)
 	l.Lock()
 	defer l.Unlock()

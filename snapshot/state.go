@@ -148,6 +148,7 @@ func (s *Store) applyOps(ops []op, seq uint64, replay bool) error {
 			return err
 		}
 	}
+	s.metaGrowth.Add(s.opsCost(ops))
 	return nil
 }
 

@@ -78,13 +78,19 @@ type Options struct {
 	// happen on Flush, FUA and snapshot operations only).
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
-	// survives Close (a short-lived backup snapshot). Open of a transient
-	// store fails.
+	// survives Close (a short-lived backup snapshot). Format writes a
+	// superblock that says so, and a later Open of the store device fails
+	// with ErrBadOptions (it never finds an earlier store there).
 	Transient bool
 	// NoSpace is the origin's behaviour when the store is full.
 	NoSpace NoSpacePolicy
 	// CheckpointAt is the journal fill fraction that starts a background
-	// checkpoint; 0 means 0.5.
+	// checkpoint: from 0.05 to 0.7; 0 means 0.5. Other values are refused
+	// with ErrBadOptions: past 0.75 of the journal an operation must write
+	// a checkpoint itself, in the foreground, before it may log (it never
+	// waits for one under the store's lock), so a background checkpoint
+	// that starts later than 0.7 would leave every checkpoint to the
+	// foreground.
 	CheckpointAt float64
 	// ReadOnly opens the store for inspection (Open only): nothing is
 	// written to either device, not even the journal's new epoch or the
@@ -178,6 +184,30 @@ type Store struct {
 	ckptCh   chan capture
 	gcIdle   *sync.Cond // broadcast when the collector's queue drains; uses mu
 	ckptBusy atomic.Bool
+	// postedUpTo is the upTo of the last capture handed to the
+	// checkpointer past emergencyFill; guarded by mu.
+	postedUpTo uint64
+	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
+	// that find the journal full write one, not one each. Taken with no
+	// lock of the store held but branch gates and stripes; mu, ckptMu and
+	// reclaim are taken under it.
+	fgMu sync.Mutex
+	// emergencies counts foreground checkpoints written because the
+	// journal passed emergencyFill, measures the foreground measures of
+	// the metadata image near its slot (tests report them).
+	emergencies, measures atomic.Int64
+	// durableSeq is the last record known durable (a commit or a
+	// checkpoint covered it): buffered origin writes preserved by records
+	// up to it may reach the origin even after the store failed.
+	durableSeq atomic.Uint64
+
+	// The metadata bound: the checkpoint image is at most metaMark.bytes
+	// (the size of the last checkpoint written, measured) plus the
+	// worst-case growth of the operations applied since its capture
+	// (metaGrowth, a running total written under mu, minus
+	// metaMark.growth, its value at the capture). See metaRoomLocked.
+	metaGrowth atomic.Int64
+	metaMark   atomic.Pointer[metaMark]
 
 	ckptMu   sync.Mutex // serialises checkpoints; taken after mu, never before
 	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
@@ -190,6 +220,9 @@ type scratch struct {
 	ops []op
 	rec []byte
 	cow []cowChunk
+	// reclaiming: the collector's record, which frees space and is not
+	// refused for the metadata bound.
+	reclaiming bool
 }
 
 type cowChunk struct {
@@ -210,8 +243,17 @@ func (o *Options) normalize() error {
 	if o.CommitInterval == 0 {
 		o.CommitInterval = time.Second
 	}
+	if a := o.CheckpointAt; a != 0 && !(a >= minCheckpointAt && a <= maxCheckpointAt) { // NaN fails too
+		return fmt.Errorf("%w: CheckpointAt %v: from %v to %v (0: 0.5)", ErrBadOptions, a, minCheckpointAt, maxCheckpointAt)
+	}
 	return nil
 }
+
+// The range of Options.CheckpointAt; emergencyFill lies above it.
+const (
+	minCheckpointAt = 0.05
+	maxCheckpointAt = 0.7
+)
 
 // Format creates a new, empty store for origin on store and returns it
 // open. The origin's contents are kept (they are the live volume); whatever
@@ -242,8 +284,12 @@ func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
 	}
 	_, _ = rand.Read(g.uuid[:])
 	g.formatted = time.Now().UnixNano()
+	g.transient = opts.Transient
 	s := newStore(origin, store, opts, g)
 	if opts.Transient {
+		if err := writeSuperblock(store, &g); err != nil {
+			return nil, err
+		}
 		s.start()
 		return s, nil
 	}
@@ -257,17 +303,23 @@ func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("snapshot: format journal: %w", err)
 	}
 	s.j = j
-	sb := g.encode()
-	if _, err := store.WriteAt(alignedCopy(sb, store.BlockSize()), 0); err != nil {
+	if err := writeSuperblock(store, &g); err != nil {
 		_ = j.Close()
-		return nil, fmt.Errorf("snapshot: write superblock: %w", err)
-	}
-	if err := store.Flush(); err != nil {
-		_ = j.Close()
-		return nil, fmt.Errorf("snapshot: format flush: %w", err)
+		return nil, err
 	}
 	s.start()
 	return s, nil
+}
+
+// writeSuperblock writes g's superblock and flushes the store.
+func writeSuperblock(store blockdev.Device, g *geometry) error {
+	if _, err := store.WriteAt(alignedCopy(g.encode(), store.BlockSize()), 0); err != nil {
+		return fmt.Errorf("snapshot: write superblock: %w", err)
+	}
+	if err := store.Flush(); err != nil {
+		return fmt.Errorf("snapshot: format flush: %w", err)
+	}
+	return nil
 }
 
 func alignedCopy(b []byte, bs int) []byte {
@@ -289,6 +341,9 @@ func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
 	g, err := decodeSuperblock(buf)
 	if err != nil {
 		return nil, err
+	}
+	if g.transient {
+		return nil, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
 	if g.originSize != origin.Size() || g.storeSize != store.Size() {
 		return nil, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
@@ -315,6 +370,10 @@ func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("snapshot: open journal: %w", err)
 	}
 	s.j = j
+	// The image loaded is measured; the records replayed on it count as
+	// growth. Everything replayed is durable.
+	s.metaMark.Store(&metaMark{bytes: emptyImage + j.Stats().CheckpointBytes})
+	s.setDurable(j.LastSeq())
 	s.afterReplay()
 	s.start()
 	return s, nil
@@ -338,6 +397,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		ckptCh:   make(chan capture, 1),
 	}
 	s.preserved = make([]uint32, s.chunks)
+	s.metaMark.Store(&metaMark{bytes: emptyImage})
 	s.gcIdle = sync.NewCond(&s.mu)
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
@@ -381,7 +441,10 @@ func (s *Store) start() {
 
 // Close stops the background work (a delete in progress resumes at the next
 // Open), flushes both devices, commits what is pending and closes the
-// journal. It does not close the origin or store devices.
+// journal. It does not close the origin or store devices. Closing a failed
+// store still writes out the acknowledged origin writes whose copies are
+// durable, and its error names the chunks of those it could not (their
+// copy-on-write was never made durable, so the origin keeps its old data).
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
@@ -397,6 +460,9 @@ func (s *Store) Close() error {
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
+		if lost := s.writeOutDurable(); lost != nil {
+			err = fmt.Errorf("%w; %w", err, lost)
+		}
 	} else {
 		// A clean shutdown leaves every completed write durable: the
 		// buffered origin writes go out after their commit.
@@ -441,7 +507,14 @@ func (s *Store) usable() error {
 }
 
 // logLocked applies ops to memory and appends them as one record. Called
-// with mu held; it may hand a state capture to the checkpointer.
+// with mu held, after makeLogRoom (called without it). It does no device
+// I/O: past emergencyFill (writers raced past makeLogRoom) it hands the
+// checkpointer a capture of the state so far, so that an Append that finds
+// the log full, and waits for space under mu, is freed by a checkpoint
+// that needs no lock of the store. Growth of the metadata image beyond
+// what its checkpoint slot holds is refused with ErrNoSpace before
+// anything changes (the collector's records, which free space, are not
+// refused).
 func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if err := s.writable(); err != nil {
 		return 0, err
@@ -449,10 +522,13 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if s.j == nil {
 		return 0, s.applyOps(sc.ops, 0, false)
 	}
-	if s.j.Stats().Fill > emergencyFill {
-		if err := s.emergencyCheckpointLocked(); err != nil {
-			return 0, s.fail(err)
+	if !sc.reclaiming {
+		if err := s.metaRoomLocked(s.opsCost(sc.ops)); err != nil {
+			return 0, err
 		}
+	}
+	if s.j.Stats().Fill > emergencyFill && s.j.LastSeq() > s.postedUpTo {
+		s.postCaptureLocked()
 	}
 	seq := s.j.LastSeq() + 1
 	if err := s.applyOps(sc.ops, seq, false); err != nil {
@@ -470,23 +546,72 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	return seq, nil
 }
 
-// emergencyFill is the journal fill at which logLocked checkpoints in the
-// foreground rather than risk an Append blocked on a full log while it
-// holds mu (which a background capture would need).
+// emergencyFill is the journal fill past which an operation writes a
+// checkpoint in the foreground (makeLogRoom) before it logs, rather than
+// risk an Append blocked on a full log while it holds mu.
 const emergencyFill = 0.75
 
-// emergencyCheckpointLocked commits the pending records and writes a
-// checkpoint while holding mu: device I/O under the global lock, but only
-// when the background checkpoints fell behind.
-func (s *Store) emergencyCheckpointLocked() error {
-	if err := s.commit(s.ctx); err != nil {
+// makeLogRoom is called before an operation takes mu to log, holding no
+// lock of the store but its branch gate and stripes (lock order: they come
+// before reclaim, which the checkpoint's release of freed chunks takes).
+// When the journal is past emergencyFill (the background checkpoint fell
+// behind) it writes a checkpoint in the foreground, outside mu: readers
+// and other writers go on meanwhile. When the metadata bound nears the
+// checkpoint slot with much growth not yet measured, it measures the
+// image (CPU only), so that ErrNoSpace is not given for growth that a
+// loose bound only imagined.
+func (s *Store) makeLogRoom() error {
+	if s.j == nil {
+		return nil
+	}
+	if full, loose := s.needCheckpoint(); !full && !loose {
+		return nil
+	}
+	s.fgMu.Lock()
+	defer s.fgMu.Unlock()
+	full, loose := s.needCheckpoint()
+	if !full && !loose {
+		return nil // another operation has just written one
+	}
+	if err := s.usable(); err != nil {
 		return err
 	}
-	return s.writeCheckpoint(s.ctx, s.captureLocked())
+	if !full {
+		s.measures.Add(1)
+		s.measureMeta()
+		return nil
+	}
+	s.emergencies.Add(1)
+	s.mu.Lock()
+	c := s.captureLocked()
+	s.mu.Unlock()
+	if err := s.writeCheckpoint(s.ctx, c); err != nil {
+		if s.ctx.Err() != nil {
+			return err
+		}
+		return s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
+	}
+	s.releaseFreed(c.upTo)
+	return nil
+}
+
+// needCheckpoint reports whether the journal is past emergencyFill, and
+// whether the metadata bound is near the slot with enough growth since
+// the last measure that a checkpoint (which measures it) may make room.
+func (s *Store) needCheckpoint() (full, loose bool) {
+	if s.j.Stats().Fill > emergencyFill {
+		return true, false
+	}
+	limit := s.metaLimit()
+	bound, unmeasured := s.metaBound()
+	return false, bound > limit*7/8 && unmeasured > limit/32
 }
 
 // log takes mu and calls logLocked.
 func (s *Store) log(sc *scratch) (uint64, error) {
+	if err := s.makeLogRoom(); err != nil {
+		return 0, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.logLocked(sc)
@@ -508,14 +633,26 @@ func (s *Store) commit(ctx context.Context) error {
 		}
 		return s.fail(fmt.Errorf("snapshot: commit: %w", err))
 	}
+	s.setDurable(target)
 	if s.alloc.hasPending() {
 		s.releaseFreed(target)
 	}
 	return nil
 }
 
+// setDurable records that every record up to seq is durable.
+func (s *Store) setDurable(seq uint64) {
+	for {
+		cur := s.durableSeq.Load()
+		if seq <= cur || s.durableSeq.CompareAndSwap(cur, seq) {
+			return
+		}
+	}
+}
+
 // releaseFreed waits for reads in flight, then makes chunks freed by
-// durable records reusable.
+// durable records reusable. Called with no lock of the store held but
+// branch gates and stripes (reclaim comes after them, before mu).
 func (s *Store) releaseFreed(seq uint64) {
 	s.reclaim.Lock()
 	s.alloc.durable(seq)
@@ -569,7 +706,7 @@ func (s *Store) putBuf(b *[]byte) { s.bufs.Put(b) }
 
 func (s *Store) getScratch() *scratch {
 	sc := s.scratch.Get().(*scratch)
-	sc.ops, sc.cow = sc.ops[:0], sc.cow[:0]
+	sc.ops, sc.cow, sc.reclaiming = sc.ops[:0], sc.cow[:0], false
 	return sc
 }
 

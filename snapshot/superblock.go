@@ -8,7 +8,8 @@ package snapshot
 //	    12    4  CRC32C of bytes [0, 4096) with this field zero, salted with saltSuperblock
 //	    16    8  location of this block (0): a misdirected block is detected
 //	    24    4  chunk size in bytes (power of two, 4 KiB .. 1 MiB)
-//	    28    4  flags (none defined; must be 0)
+//	    28    4  flags: bit 0 = transient (the store keeps no metadata on
+//	             the device and cannot be opened); other bits must be 0
 //	    32    8  origin size in bytes
 //	    40    8  store size in bytes
 //	    48    8  journal region offset in bytes
@@ -69,7 +70,12 @@ type geometry struct {
 	dataChunks uint64
 	uuid       [16]byte
 	formatted  int64 // unix ns, 0 if unknown
+	transient  bool  // flag: formatted transient, not openable
 }
+
+// flagTransient marks a store formatted transient: Open refuses it rather
+// than find whatever an earlier store left on the device.
+const flagTransient = 1
 
 func (g *geometry) encode() []byte {
 	b := make([]byte, superblockSize)
@@ -78,6 +84,9 @@ func (g *geometry) encode() []byte {
 	le.PutUint32(b[8:], superblockVersion)
 	le.PutUint64(b[16:], 0)
 	le.PutUint32(b[24:], g.chunkSize)
+	if g.transient {
+		le.PutUint32(b[28:], flagTransient)
+	}
 	le.PutUint64(b[32:], uint64(g.originSize))
 	le.PutUint64(b[40:], uint64(g.storeSize))
 	le.PutUint64(b[48:], uint64(g.journalOff))
@@ -121,9 +130,10 @@ func decodeSuperblock(b []byte) (geometry, error) {
 	if g.chunkSize < minChunkSize || g.chunkSize > maxChunkSize || g.chunkSize&(g.chunkSize-1) != 0 {
 		return g, bad(24, "chunk size %d", g.chunkSize)
 	}
-	if f := le.Uint32(b[28:]); f != 0 {
+	if f := le.Uint32(b[28:]); f&^flagTransient != 0 {
 		return g, bad(28, "unknown flags %#x", f)
 	}
+	g.transient = le.Uint32(b[28:])&flagTransient != 0
 	g.originSize = int64(le.Uint64(b[32:]))
 	g.storeSize = int64(le.Uint64(b[40:]))
 	g.journalOff = int64(le.Uint64(b[48:]))

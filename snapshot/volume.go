@@ -21,10 +21,11 @@ type Volume struct {
 
 // Origin returns a handle on the live origin volume. Reads go to the origin
 // device (and the origin buffer); writes copy a chunk to the store first
-// when a snapshot still needs its old contents.
+// when a snapshot still needs its old contents. It never returns nil: after
+// Close the handle's calls fail with ErrClosed, after a failure its writes
+// fail with the store's error.
 func (s *Store) Origin() *Volume {
-	v, _ := s.OpenVolume(originName) // the origin always exists
-	return v
+	return &Volume{s: s, meta: s.origVol, br: s.b0, levels: []level{{br: s.b0, e: epochLive}}, kind: KindOrigin}
 }
 
 // OpenVolume returns a handle on the volume with the given name.
@@ -72,10 +73,20 @@ func (v *Volume) check(off, n int64) error {
 	if v.s.closed.Load() {
 		return ErrClosed
 	}
+	if err := v.notDeleted(); err != nil {
+		return err
+	}
+	return blockdev.CheckRange(off, n, v.s.geo.originSize, v.s.bs)
+}
+
+// notDeleted fails once the volume is deleted. An operation that must not
+// run on a deleted volume checks again after taking the branch gate, under
+// which Delete marks it.
+func (v *Volume) notDeleted() error {
 	if v.meta.dead.Load() {
 		return fmt.Errorf("%w: volume %d", ErrInvalidSnapshot, v.meta.id)
 	}
-	return blockdev.CheckRange(off, n, v.s.geo.originSize, v.s.bs)
+	return nil
 }
 
 // ReadAt implements blockdev.Device.
@@ -90,6 +101,11 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 		return len(p), nil
 	}
 	if err := v.s.readLevels(v.levels, p, off); err != nil {
+		return 0, err
+	}
+	// A delete that raced the read may have let the collector re-key
+	// entries the read resolved; the volume is marked dead before any is.
+	if err := v.notDeleted(); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -107,7 +123,7 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	case KindOrigin:
 		err = v.s.originWrite(p, off, int64(len(p)), false)
 	default:
-		err = v.s.cloneWrite(v.br, p, off, int64(len(p)), false)
+		err = v.s.cloneWrite(v, p, off, int64(len(p)), false)
 	}
 	if err != nil {
 		return 0, err
@@ -127,7 +143,7 @@ func (v *Volume) Discard(off, n int64) error {
 	case KindOrigin:
 		return v.s.originWrite(nil, off, n, true)
 	}
-	return v.s.cloneWrite(v.br, nil, off, n, true)
+	return v.s.cloneWrite(v, nil, off, n, true)
 }
 
 // Flush implements blockdev.Device.

@@ -75,11 +75,17 @@ func (s *Store) CreateSnapshot(name string, of *Volume) (*Volume, error) {
 	br := of.br
 	br.gate.Lock()
 	defer br.gate.Unlock()
+	if err := of.notDeleted(); err != nil { // Delete marks it dead under the gate
+		return nil, err
+	}
 	if err := s.quiesce(br); err != nil {
 		return nil, err
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	if _, taken := s.byName[name]; taken {
 		s.mu.Unlock()
@@ -116,11 +122,23 @@ func (s *Store) CreateClone(name string, from *Volume) (*Volume, error) {
 	if from.kind != KindSnapshot {
 		from.br.gate.Lock()
 		defer from.br.gate.Unlock()
+		if err := from.notDeleted(); err != nil { // Delete marks it dead under the gate
+			return nil, err
+		}
 		if err := s.quiesce(from.br); err != nil {
 			return nil, err
 		}
 	}
+	if err := s.makeLogRoom(); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
+	// A snapshot is deleted (dropped or hidden) under mu, without its
+	// branch gate: look again now, before its epoch is referenced.
+	if v := s.volumes[from.meta.id]; v != from.meta || v.hidden || v.dead.Load() {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: volume %d", ErrInvalidSnapshot, from.meta.id)
+	}
 	if _, taken := s.byName[name]; taken {
 		s.mu.Unlock()
 		return nil, fmt.Errorf("%w: %q", ErrExists, name)
@@ -156,6 +174,9 @@ func (s *Store) Rename(oldName, newName string) error {
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)
+	if err := s.makeLogRoom(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	id, ok := s.byName[oldName]
 	switch {

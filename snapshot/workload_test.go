@@ -2,7 +2,9 @@ package snapshot
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -59,6 +61,16 @@ type workload struct {
 	maybeGone map[string]bool
 	maybeNew  map[string]*vmodel
 	renamed   map[string]string
+	// Counted over every store the workload opened (see retire): foreground
+	// checkpoints and metadata measures, and snapshots NoSpaceInvalidate
+	// deleted.
+	emergencies, measures, invalidated int64
+}
+
+// retire adds the counters of the store about to be closed to w's.
+func (w *workload) retire() {
+	w.emergencies += w.s.emergencies.Load()
+	w.measures += w.s.measures.Load()
 }
 
 func newWorkload(t testing.TB, seed uint64, origin, store blockdev.Device, opts Options) *workload {
@@ -105,8 +117,15 @@ func (w *workload) pick(filter func(*vmodel) bool) *vmodel {
 func writable(v *vmodel) bool { return v.kind != KindSnapshot }
 func isSnap(v *vmodel) bool   { return v.kind == KindSnapshot }
 
+// randRange returns a random range of whole blocks: mostly short, one in
+// sixteen as long as the volume allows (more than one 64-chunk segment
+// where the volume is that large).
 func (w *workload) randRange() (int64, int64) {
 	blocks := w.size / w.bs
+	if w.rng.IntN(16) == 0 {
+		off := w.rng.Int64N(blocks / 4)
+		return off * w.bs, (blocks - off - w.rng.Int64N(blocks/4)) * w.bs
+	}
 	off := w.rng.Int64N(blocks)
 	n := 1 + w.rng.Int64N(min(blocks-off, 48))
 	return off * w.bs, n * w.bs
@@ -159,6 +178,7 @@ func (w *workload) write(discard bool) error {
 	off, n := w.randRange()
 	var p []byte
 	var err error
+	defer w.mayInvalidate(v, &err)()
 	if discard {
 		err = v.vol.Discard(off, n)
 	} else {
@@ -179,6 +199,32 @@ func (w *workload) write(discard bool) error {
 		}
 	}
 	return w.failed(err, fmt.Sprintf("write %d at %d of %s (discard %v)", n, off, v.name, discard))
+}
+
+// mayInvalidate is called before a write to v: under NoSpaceInvalidate an
+// origin write may delete snapshots of the origin to make room. Until the
+// write returns, a crash may leave them or not; the function it returns,
+// called after the write (with its error), forgets those that are gone.
+func (w *workload) mayInvalidate(v *vmodel, err *error) func() {
+	if v.kind != KindOrigin || w.opts.NoSpace != NoSpaceInvalidate {
+		return func() {}
+	}
+	ofOrigin := w.names(func(o *vmodel) bool { return isSnap(o) && o.parent == originName })
+	for _, name := range ofOrigin {
+		w.maybeGone[name] = true
+	}
+	return func() {
+		if *err != nil {
+			return
+		}
+		for _, name := range ofOrigin {
+			delete(w.maybeGone, name)
+			if _, gone := w.s.OpenVolume(name); errors.Is(gone, ErrNotFound) {
+				w.invalidated++
+				delete(w.vols, name)
+			}
+		}
+	}
 }
 
 func (w *workload) makeDurable(v *vmodel) {
@@ -266,7 +312,9 @@ func (w *workload) rollback() error {
 	if v == nil {
 		return nil
 	}
-	err := w.s.Rollback(context.Background(), v.vol, snap.vol)
+	var err error
+	defer w.mayInvalidate(v, &err)()
+	err = w.s.Rollback(context.Background(), v.vol, snap.vol)
 	v.pending = append(v.pending, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size, step: w.steps})
 	v.history = append(v.history, pwrite{off: 0, data: bytes.Clone(snap.data), n: w.size, step: -w.steps})
 	if err != nil {
@@ -339,6 +387,7 @@ func (w *workload) diff() error {
 
 func (w *workload) reopen() error {
 	w.why = "reopen"
+	w.retire()
 	err := w.s.Close()
 	if err != nil && !w.failOK {
 		w.must(err, "close")
@@ -417,16 +466,22 @@ func TestModelWorkload(t *testing.T) {
 		name  string
 		opts  Options
 		steps int
+		size  int64 // origin size (0: 256 KiB)
+		bs    int   // device block size (0: 512)
 	}{
-		{"journal-4k", Options{ChunkSize: 4 << 10, JournalSize: 256 << 10}, 2500},
-		{"journal-16k", Options{ChunkSize: 16 << 10}, 1500},
-		{"transient", Options{ChunkSize: 8 << 10, Transient: true}, 1500},
+		{"journal-4k", Options{ChunkSize: 4 << 10, JournalSize: 256 << 10}, 2500, 0, 0},
+		{"journal-16k", Options{ChunkSize: 16 << 10}, 1500, 0, 0},
+		{"transient", Options{ChunkSize: 8 << 10, Transient: true}, 1500, 0, 0},
+		// More than 64 chunks (writes span several segments), the last
+		// one partial, on 4096-byte devices.
+		{"journal-4k-partial-chunk", Options{ChunkSize: 8 << 10, JournalSize: 256 << 10}, 1000, 600 << 10, 4096},
 	} {
 		t.Run(m.name, func(t *testing.T) {
 			seed := testSeed()
 			t.Logf("seed %d", seed)
-			origin, _ := blockdev.NewMem(256<<10, 512)
-			store, _ := blockdev.NewMem(8<<20, 512)
+			size, bs := cmp.Or(m.size, 256<<10), cmp.Or(m.bs, 512)
+			origin, _ := blockdev.NewMem(size, bs)
+			store, _ := blockdev.NewMem(max(8<<20, 40*size), bs)
 			fillPattern(t, origin, seed)
 			w := newWorkload(t, seed, origin, store, m.opts)
 			defer func() { _ = w.s.Close() }()

@@ -127,3 +127,25 @@ func TestApplyIncrementalNeedsStateOrForce(t *testing.T) {
 	require.NoError(t, err)
 	requireSame(t, s1, blank)
 }
+
+// A compressed stream decompressing to more than the decoder's memory
+// bound (one record plus the window) reads whole: the bound is on the
+// window, not on the stream.
+func TestCompressedStreamLargerThanDecoderMemory(t *testing.T) {
+	const size = 24 << 20
+	m, err := blockdev.NewMem(size, 4096)
+	require.NoError(t, err)
+	p := bytes.Repeat([]byte("blocksnap "), size/10+1)[:size]
+	for i := 0; i < size; i += 4096 {
+		p[i] = byte(i >> 12) // no block is zero
+	}
+	_, err = m.WriteAt(p, 0)
+	require.NoError(t, err)
+	var buf bytes.Buffer
+	_, err = Export(context.Background(), &buf, m, Header{To: ident(0), Flags: FlagZstd}, nil, nil)
+	require.NoError(t, err)
+	require.Less(t, buf.Len(), size/20)
+	_, tot, err := readAll(buf.Bytes())
+	require.NoError(t, err)
+	require.Equal(t, int64(size), tot.DataBytes)
+}

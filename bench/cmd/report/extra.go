@@ -43,4 +43,17 @@ func (r *report) extraTables(w io.Writer) {
 			}
 		})
 	}
+	if len(bench.RemoteDelays) > 0 {
+		fmt.Fprintf(w, "\n## Remote hydration against nbdcopy\n\nA 512 MiB image with 192 MiB of data served by `nbdkit --filter=delay file` with every read delayed; `nbdcopy --flush` and our hydration (%d connections, ending with a Flush) back to back (BenchmarkCloneHydrate/mode=nbd-remote). At 1 ms a foreground reader reads the clone as above; its p99 is shown beside that of the same reads against the bare source.\n\n", bench.RemoteConnections)
+		table(w, []string{"read delay", "ours s", "nbdcopy s", "x nbdcopy", "fg read p99 µs, hydrating / bare source"}, func(emit func(...string)) {
+			for _, d := range bench.RemoteDelays {
+				f := r.measure("1x", func(b *testing.B) { bench.CloneHydrateRemote(b, r.env, d) })
+				fg := "-"
+				if f.p99ns > 0 {
+					fg = cell(f, f.p99ns/1e3, "%.0f") + " / " + cell(f, f.extra["src-p99-ns"]/1e3, "%.0f")
+				}
+				emit(d.String(), cell(f, f.extra["ours-s"], "%.2f"), cell(f, f.extra["nbdcopy-s"], "%.2f"), cell(f, f.extra["x-nbdcopy"], "%.2f"), fg)
+			}
+		})
+	}
 }

@@ -37,6 +37,8 @@ type figure struct {
 	nsPerOp float64
 	// idle read latencies (CloneHydrate: the same reads after hydration).
 	idleP50ns, idleP99ns float64
+	// extra holds every other custom metric, by unit.
+	extra map[string]float64
 }
 
 // measure runs fn count times with the given benchtime ("1x", "20000x",
@@ -52,7 +54,7 @@ func (r *report) measure(benchtime string, fn func(b *testing.B)) figure {
 			continue // skipped or failed; testing printed why
 		}
 		f := figure{ok: true, nsPerOp: float64(res.NsPerOp()), iops: res.Extra["iops"], p50ns: res.Extra["p50-ns"], p99ns: res.Extra["p99-ns"],
-			idleP50ns: res.Extra["idle-p50-ns"], idleP99ns: res.Extra["idle-p99-ns"]}
+			idleP50ns: res.Extra["idle-p50-ns"], idleP99ns: res.Extra["idle-p99-ns"], extra: res.Extra}
 		if res.T > 0 && res.Bytes > 0 {
 			f.mbps = float64(res.Bytes) * float64(res.N) / 1e6 / res.T.Seconds()
 		}
@@ -69,8 +71,13 @@ func (r *report) measure(benchtime string, fn func(b *testing.B)) figure {
 		sort.Float64s(v)
 		return v[len(v)/2]
 	}
+	extra := map[string]float64{}
+	for k := range runs[0].extra {
+		extra[k] = med(func(f figure) float64 { return f.extra[k] })
+	}
 	return figure{
 		ok:        true,
+		extra:     extra,
 		mbps:      med(func(f figure) float64 { return f.mbps }),
 		iops:      med(func(f figure) float64 { return f.iops }),
 		p50ns:     med(func(f figure) float64 { return f.p50ns }),

@@ -1,0 +1,170 @@
+package clone
+
+import "time"
+
+// The in-flight window of background hydration follows the bandwidth-delay
+// product of the source, in the manner of BBR: completed background copies
+// give the delivery rate (bytes completed per interval of at least a round
+// trip; the estimate is the recent maximum) and the latency (from issuing
+// the source read to the destination write's return; the estimate is the
+// recent minimum, and its base part, the latency less the copy's own
+// transfer time at the estimated rate). Two windows follow:
+//
+//   - bulk, while no user I/O reads the source: bulkGain times rate times
+//     latency. Above 1 the window grows every round trip while the delivery
+//     rate keeps growing (a window-limited pipe delivers more when given
+//     more) and settles a bounded queue above the product once the source
+//     is saturated; a remote source 20 ms away gets tens of MiB in flight.
+//   - yield, while user I/O reads the source: rate times base latency plus
+//     one batch, in batches a quarter of that. The pipe stays full but
+//     almost nothing queues ahead of the user's requests: on a link of
+//     128 MB/s and 1 ms that is about 200 KiB in 64 KiB copies, where a
+//     fixed four 1 MiB copies made a user read wait 32 ms.
+//
+// Both are clamped to [one region, the cap].
+
+const (
+	// bwSpan and rttSpan are the lengths of the buckets of the windowed
+	// max and min filters (two buckets each): the bandwidth estimate
+	// forgets within 2 s, the latency estimates within 20 s.
+	bwSpan  = time.Second
+	rttSpan = 10 * time.Second
+	// minInterval is the shortest interval a delivery rate is measured
+	// over (also at least the latency estimate).
+	minInterval = 5 * time.Millisecond
+	// DefaultMaxInFlight is the cap on the bytes background hydration keeps
+	// in flight when Options.HydrationThreshold is 0.
+	DefaultMaxInFlight = 64 << 20
+	// yieldFor is how long after a user read of the source background
+	// hydration keeps yielding.
+	yieldFor = 500 * time.Millisecond
+	// bulkGain is the bulk window's gain over the bandwidth-delay product.
+	bulkGain = 3.0
+)
+
+// pacer estimates the source pipeline and sizes the window. It is guarded
+// by hydrator.mu.
+type pacer struct {
+	minWin, maxWin int64 // bytes
+	initWin        int64 // until the first rate is measured
+	region         int64
+
+	delivered int64 // bytes completed by background copies, total
+
+	markAt        time.Time // start of the current rate interval
+	markDelivered int64     // delivered at markAt
+
+	bw  maxFilter // bytes/s
+	rtt minFilter // whole copy latency
+}
+
+// maxFilter is a windowed maximum over two buckets of span: the current
+// one and the previous one. 0 is "no sample".
+type maxFilter struct {
+	v    [2]float64
+	at   time.Time
+	span time.Duration
+}
+
+func (m *maxFilter) add(now time.Time, x float64) {
+	if now.Sub(m.at) >= m.span {
+		m.v[1], m.v[0], m.at = m.v[0], 0, now
+	}
+	m.v[0] = max(m.v[0], x)
+}
+
+func (m *maxFilter) get() float64 { return max(m.v[0], m.v[1]) }
+
+// minFilter is a windowed minimum of latencies over two buckets of span,
+// with the size of the copy each minimum was measured on. 0 is "no
+// sample".
+type minFilter struct {
+	v    [2]time.Duration
+	n    [2]int64
+	at   time.Time
+	span time.Duration
+}
+
+func (m *minFilter) add(now time.Time, x time.Duration, n int64) {
+	if now.Sub(m.at) >= m.span {
+		m.v[1], m.n[1], m.v[0], m.at = m.v[0], m.n[0], 0, now
+	}
+	if m.v[0] == 0 || x < m.v[0] {
+		m.v[0], m.n[0] = x, n
+	}
+}
+
+func (m *minFilter) get() (time.Duration, int64) {
+	if m.v[0] == 0 || (m.v[1] != 0 && m.v[1] < m.v[0]) {
+		return m.v[1], m.n[1]
+	}
+	return m.v[0], m.n[0]
+}
+
+func newPacer(region, maxWin, initWin int64, now time.Time) pacer {
+	return pacer{
+		minWin: region, maxWin: max(region, maxWin), initWin: initWin, region: region,
+		markAt: now,
+		bw:     maxFilter{at: now, span: bwSpan},
+		rtt:    minFilter{at: now, span: rttSpan},
+	}
+}
+
+// sample records a copy of n bytes issued at start and completed at now.
+func (p *pacer) sample(now, start time.Time, n int64) {
+	p.delivered += n
+	p.rtt.add(now, max(now.Sub(start), time.Microsecond), n)
+	if iv := now.Sub(p.markAt); iv >= max(minInterval, p.latency()) {
+		p.bw.add(now, float64(p.delivered-p.markDelivered)/iv.Seconds())
+		p.markAt, p.markDelivered = now, p.delivered
+	}
+}
+
+// restart begins a new rate interval: the time before it (paused, waiting
+// for the map, idle) says nothing about the source.
+func (p *pacer) restart(now time.Time) { p.markAt, p.markDelivered = now, p.delivered }
+
+// rate is the bandwidth estimate in bytes/s (0 before it is measured).
+func (p *pacer) rate() float64 { return p.bw.get() }
+
+// latency is the copy latency estimate (0 before the first sample).
+func (p *pacer) latency() time.Duration {
+	d, _ := p.rtt.get()
+	return d
+}
+
+// baseLatency is the latency less the transfer time of the copy it was
+// measured on, at the current rate estimate (computed when asked, so that
+// it improves as the rate estimate does).
+func (p *pacer) baseLatency() time.Duration {
+	d, n := p.rtt.get()
+	if bw := p.rate(); bw > 0 {
+		d -= time.Duration(float64(n) / bw * float64(time.Second))
+	}
+	return max(d, 0)
+}
+
+// window is the bytes background copies may have in flight.
+func (p *pacer) window(yield bool) int64 {
+	bw, rtt := p.rate(), p.latency()
+	if bw == 0 || rtt == 0 {
+		if yield {
+			return p.minWin
+		}
+		return min(p.initWin, p.maxWin)
+	}
+	var w int64
+	if yield {
+		bdp := int64(bw * p.baseLatency().Seconds())
+		w = bdp + p.yieldBatch(bdp)
+	} else {
+		w = int64(bulkGain * bw * rtt.Seconds())
+	}
+	return min(max(w, p.minWin), p.maxWin)
+}
+
+// yieldBatch is the copy size while yielding with a bandwidth-delay
+// product of bdp bytes: a quarter of it, at least one region.
+func (p *pacer) yieldBatch(bdp int64) int64 {
+	return max(p.region, bdp/4/p.region*p.region)
+}
