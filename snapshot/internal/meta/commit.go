@@ -1,74 +1,142 @@
 package meta
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
-// Commit makes the open transaction durable (docs/metadata.md section 5):
-// shadow the changed space-map pages until nothing new is dirty, write
-// every dirty page, flush, write the older superblock copy, flush, then
-// release what committed transactions freed.
+// Commit makes the open transaction durable (docs/metadata.md section 5).
+// Under the write lock it shadows the changed space-map pages until
+// nothing new is dirty, encodes the space-map pages and the superblock,
+// and opens the next transaction. Then, without the lock, so that changes
+// go on meanwhile in the next transaction, it encodes the transaction's
+// nodes, writes the pages, flushes,
+// writes the superblock copy for this transaction's parity and flushes
+// again. Last, under the lock, it publishes the transaction to new Views
+// and releases what durable transactions freed. Commits run one at a time.
 func (m *Meta) Commit() error {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	m.mu.Lock()
+	t0 := time.Now()
+	tx, dirty, pages, locs, err := m.freeze()
+	frozen := time.Since(t0)
+	m.mu.Unlock()
+	if err != nil || pages == nil {
+		return err
+	}
+	m.cstats.Commits++
+	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
+	m.cstats.Pages += uint64(len(locs))
+	// T's nodes are immutable now (T+1 shadows them before any change),
+	// so they are encoded without the lock.
+	for i, n := range dirty {
+		n.encode(pages[i*PageSize : (i+1)*PageSize])
+	}
+	err = m.writeCommit(tx, pages, locs)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.usable(); err != nil {
-		return err
-	}
-	if !m.changed {
-		return nil
-	}
-	if err := m.shadowMaps(); err != nil {
-		return err
-	}
-	dirty := m.cache.dirtyNodes(0)
-	for _, n := range dirty {
-		n.encode(m.buf)
-		if err := m.writePage(m.buf, n.loc); err != nil {
-			return m.fail(err)
-		}
-	}
-	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
-		for i, d := range sm.dirtyPage {
-			if d {
-				sm.encodeBitmap(m.buf, i, sm.pages[i].loc, m.tx)
-				if err := m.writePage(m.buf, sm.pages[i].loc); err != nil {
-					return m.fail(err)
-				}
-			}
-		}
-		for j, d := range sm.dirtyIndex {
-			if d {
-				sm.encodeIndex(m.buf, j, sm.idx[j].loc, m.tx)
-				if err := m.writePage(m.buf, sm.idx[j].loc); err != nil {
-					return m.fail(err)
-				}
-			}
-		}
-	}
-	if err := m.dev.Flush(); err != nil {
-		return m.fail(fmt.Errorf("meta: commit %d: flush pages: %w", m.tx, err))
-	}
-	s := super{tx: m.tx, pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
-		chunkRoot: m.chunk.root, epochRoot: m.epoch.root, chunkLevel: m.chunk.level, epochLevel: m.epoch.level,
-		keys: m.keys, chunkRuns: m.chunk.runs, epochRuns: m.epoch.runs,
-		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx}
-	s.encode(m.buf)
-	if err := m.writePage(m.buf, m.tx%2); err != nil {
+	if err != nil {
 		return m.fail(err)
-	}
-	if err := m.dev.Flush(); err != nil {
-		return m.fail(fmt.Errorf("meta: commit %d: flush superblock: %w", m.tx, err))
 	}
 	for _, n := range dirty {
 		m.cache.setDirty(n, false)
 	}
+	m.durable = tx
+	m.publish(m.frozen)
+	m.releaseFrees()
+	m.cache.evict()
+	return nil
+}
+
+// freeze ends the open transaction: it shadows the maps, encodes the
+// space-map pages and the superblock (last) into commitBuf, leaving the
+// first len(dirty) slots for the dirty nodes, and starts the next
+// transaction. The frozen transaction's nodes stay dirty, so pinned in the
+// cache, until written; the next transaction shadows them before any
+// change, as it does committed ones. Callers hold commitMu and mu. pages
+// is nil when there is nothing to commit.
+func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, err error) {
+	if err := m.usable(); err != nil {
+		return 0, nil, nil, nil, err
+	}
+	if !m.changed {
+		return 0, nil, nil, nil, nil
+	}
+	if err := m.shadowMaps(); err != nil {
+		return 0, nil, nil, nil, err
+	}
+	tx = m.tx
+	dirty = m.cache.dirtyNodes(0)
+	n := len(dirty) + 1
 	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
+		for _, d := range sm.dirtyPage {
+			if d {
+				n++
+			}
+		}
+		for _, d := range sm.dirtyIndex {
+			if d {
+				n++
+			}
+		}
+	}
+	if cap(m.commitBuf) < n*PageSize {
+		m.commitBuf = make([]byte, n*PageSize)
+	}
+	pages = m.commitBuf[:n*PageSize]
+	locs = make([]uint64, 0, n)
+	next := func(loc uint64) []byte {
+		p := pages[len(locs)*PageSize : (len(locs)+1)*PageSize]
+		locs = append(locs, loc)
+		return p
+	}
+	for _, nd := range dirty {
+		next(nd.loc) // encoded by writeCommit, without the lock
+	}
+	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
+		for i, d := range sm.dirtyPage {
+			if d {
+				sm.encodeBitmap(next(sm.pages[i].loc), i, sm.pages[i].loc, tx)
+			}
+		}
+		for j, d := range sm.dirtyIndex {
+			if d {
+				sm.encodeIndex(next(sm.idx[j].loc), j, sm.idx[j].loc, tx)
+			}
+		}
 		clear(sm.dirtyPage)
 		clear(sm.dirtyIndex)
 	}
+	s := super{tx: tx, pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
+		chunkRoot: m.chunk.root, epochRoot: m.epoch.root, chunkLevel: m.chunk.level, epochLevel: m.epoch.level,
+		keys: m.keys, chunkRuns: m.chunk.runs, epochRuns: m.epoch.runs,
+		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx}
+	s.encode(next(tx % 2))
+	m.frozen = m.snapshotState()
 	m.tx++
 	m.changed = false
-	m.publish()
-	m.releaseFrees()
-	m.cache.evict()
+	return tx, dirty, pages, locs, nil
+}
+
+// writeCommit writes a frozen transaction: its pages, a flush, the
+// superblock (the last page), a flush. Callers hold commitMu, not mu.
+func (m *Meta) writeCommit(tx uint64, pages []byte, locs []uint64) error {
+	last := len(locs) - 1
+	for i, loc := range locs[:last] {
+		if err := m.writePage(pages[i*PageSize:(i+1)*PageSize], loc); err != nil {
+			return err
+		}
+	}
+	if err := m.dev.Flush(); err != nil {
+		return fmt.Errorf("meta: commit %d: flush pages: %w", tx, err)
+	}
+	if err := m.writePage(pages[last*PageSize:], locs[last]); err != nil {
+		return err
+	}
+	if err := m.dev.Flush(); err != nil {
+		return fmt.Errorf("meta: commit %d: flush superblock: %w", tx, err)
+	}
 	return nil
 }
 
@@ -169,4 +237,19 @@ func (m *Meta) lowSpace() func() {
 	m.lowFired = true
 	cb, total := m.opts.LowSpace, m.metaSM.nbits
 	return func() { cb(free, total) }
+}
+
+// CommitStats describes the commits so far.
+type CommitStats struct {
+	Commits uint64
+	Pages   uint64 // pages written by commits (write-back not included)
+	// WorstFreeze is the longest a commit held the writer's lock.
+	WorstFreeze time.Duration
+}
+
+// CommitStats reports the commits since Open.
+func (m *Meta) CommitStats() CommitStats {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	return m.cstats
 }

@@ -199,6 +199,36 @@ func (m *Meta) put(q Key, loc uint64) error {
 	return m.writeBack()
 }
 
+// PutData allocates a data chunk and puts key q mapped to it, in one step
+// of the open transaction, so that no commit can separate the allocation
+// from the key that references it (which Check would report as a leak).
+func (m *Meta) PutData(q Key) (uint64, error) {
+	m.mu.Lock()
+	loc, err := m.putData(q)
+	cb := m.lowSpace()
+	m.mu.Unlock()
+	if cb != nil {
+		cb()
+	}
+	return loc, err
+}
+
+func (m *Meta) putData(q Key) (uint64, error) {
+	if err := m.usable(); err != nil {
+		return 0, err
+	}
+	loc, ok := m.dataSM.alloc()
+	if !ok {
+		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
+	}
+	m.changed = true
+	if err := m.put(q, loc); err != nil {
+		m.dataSM.clear(loc) // never referenced by any commit: free at once
+		return 0, err
+	}
+	return loc, nil
+}
+
 // Delete removes key q and returns its location.
 func (m *Meta) Delete(q Key) (uint64, error) {
 	m.mu.Lock()

@@ -74,10 +74,18 @@ type Meta struct {
 	dev  blockdev.Device
 	opts Options
 
-	// mu guards the current transaction: everything below up to viewMu.
-	// Lock order: mu -> viewMu -> cache.mu.
+	// commitMu serialises commits: a commit writes its pages without mu
+	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
+	// It also guards commitBuf. Lock order: commitMu -> mu -> viewMu ->
+	// cache.mu.
+	commitMu  sync.Mutex
+	commitBuf []byte
+	cstats    CommitStats
+
+	// mu guards the open transaction: everything below up to viewMu.
 	mu       sync.Mutex
-	tx       uint64 // the open transaction; tx-1 is the last committed
+	tx       uint64 // the open transaction
+	durable  uint64 // the last durable transaction
 	chunk    tree
 	epoch    tree
 	keys     uint64
@@ -92,6 +100,7 @@ type Meta struct {
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
+	frozen   state  // what the commit in flight makes durable
 
 	// viewMu guards committed and views.
 	viewMu    sync.Mutex
@@ -194,7 +203,10 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 		return nil, fmt.Errorf("meta: open: %w: space maps count %d pages and %d chunks in use, superblock %d and %d",
 			ErrCorrupt, m.metaSM.used, m.dataSM.used, best.metaUsed, best.dataUsed)
 	}
-	m.publish()
+	st := m.snapshotState()
+	st.tx = best.tx
+	m.durable = best.tx
+	m.publish(st)
 	return m, nil
 }
 
@@ -243,14 +255,20 @@ func (m *Meta) writePage(p []byte, loc uint64) error {
 	return nil
 }
 
-// publish records the current (just committed or opened) state for Views.
-func (m *Meta) publish() {
-	m.viewMu.Lock()
-	defer m.viewMu.Unlock()
-	m.committed = state{tx: m.tx - 1, chunk: m.chunk, epoch: m.epoch, keys: m.keys,
+// snapshotState captures the open transaction's roots, counts and map
+// pointers, as a commit freezes them. Callers hold m.mu.
+func (m *Meta) snapshotState() state {
+	return state{tx: m.tx, chunk: m.chunk, epoch: m.epoch, keys: m.keys,
 		pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
 		metaIdx: append([]ptr(nil), m.metaSM.idx...), dataIdx: append([]ptr(nil), m.dataSM.idx...),
 		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages)}
+}
+
+// publish makes st, now durable, what new Views read.
+func (m *Meta) publish(st state) {
+	m.viewMu.Lock()
+	defer m.viewMu.Unlock()
+	m.committed = st
 }
 
 // usable returns an error if the writer may not change anything.
@@ -307,7 +325,7 @@ func (m *Meta) freePage(loc uint64) {
 // open view can still reach.
 func (m *Meta) releaseFrees() {
 	m.viewMu.Lock()
-	limit := m.tx - 1
+	limit := m.durable
 	for vtx := range m.views {
 		limit = min(limit, vtx)
 	}
@@ -418,6 +436,8 @@ func (m *Meta) CacheStats() CacheStats { return m.cache.stats() }
 // Close releases the Meta. It does not commit: what was not committed is
 // lost, as after a crash (callers Commit first).
 func (m *Meta) Close() error {
+	m.commitMu.Lock() // a commit in flight ends first
+	defer m.commitMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {

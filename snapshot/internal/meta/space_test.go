@@ -88,7 +88,7 @@ func TestNoSpace(t *testing.T) {
 // TestDataSpace: data chunks run out with ErrNoSpace, a freed chunk is not
 // reused before its transaction commits, and GrowData adds chunks.
 func TestDataSpace(t *testing.T) {
-	_, m := newMemMeta(t, 64, 100, 0)
+	_, m := newMemMeta(t, 256, 100, 0)
 	var locs []uint64
 	for range 100 {
 		loc, err := m.AllocData()
@@ -105,10 +105,26 @@ func TestDataSpace(t *testing.T) {
 	loc, err := m.AllocData()
 	require.NoError(t, err)
 	require.Equal(t, locs[7], loc)
+	_, err = m.PutData(Key{C: 1, E: 1})
+	require.ErrorIs(t, err, ErrNoSpace)
 	require.NoError(t, m.GrowData(200))
-	loc, err = m.AllocData()
+	loc, err = m.PutData(Key{C: 1, E: 1})
 	require.NoError(t, err)
 	require.EqualValues(t, 100, loc)
+	_, err = m.PutData(Key{C: 1, E: 1})
+	require.ErrorIs(t, err, ErrExists, "a failed PutData frees its chunk at once")
+	loc, err = m.AllocData()
+	require.NoError(t, err)
+	require.EqualValues(t, 101, loc)
+	require.NoError(t, m.Put(Key{C: 2, E: 1}, loc))
+	for _, l := range locs {
+		if l != locs[7] {
+			require.NoError(t, m.Put(Key{C: 1000 + l, E: 1}, l))
+		}
+	}
+	require.NoError(t, m.Put(Key{C: 3, E: 1}, locs[7]))
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
 }
 
 // TestViews: a view reads its committed transaction while the writer goes
