@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -31,9 +32,11 @@ import (
 // commits the metadata), back to back. Both destinations are compared with
 // the image byte for byte, and every hole of the image must be a hole in
 // them (SEEK_DATA). Reported: MB/s of ours over the whole image (the
-// timer), ours-s and nbdcopy-s (mean seconds per copy) and x-nbdcopy, the
-// ratio nbdcopy-s / ours-s (above 1: we are faster), and dest-MiB, the
-// bytes our destination allocates. With delay=1ms a foreground reader
+// timer), ours-s and nbdcopy-s (median seconds per copy), x-nbdcopy, the
+// median over iterations of the ratio of the two back-to-back times
+// (nbdcopy's over ours: above 1, we are faster; pairing keeps a noisy
+// machine's bursts out of the ratio), and dest-MiB, the bytes our
+// destination allocates. With delay=1ms a foreground reader
 // reads a random 4 KiB block of the clone every millisecond while it
 // hydrates, reported as p50-ns and p99-ns (the bound: p99 within 3
 // times the source latency), and against the bare source beforehand as
@@ -77,7 +80,7 @@ func CloneHydrateRemote(b *testing.B, env Env, delay time.Duration) {
 		b.Fatal(err)
 	}
 	defer stop()
-	var ours, peer time.Duration
+	var ours, peer []float64 // seconds per iteration, paired
 	var alloc int64
 	var busy, bare Hist
 	var fg *Hist
@@ -91,7 +94,7 @@ func CloneHydrateRemote(b *testing.B, env Env, delay time.Duration) {
 		dst := filepath.Join(dir, "nbdcopy.img")
 		start := time.Now()
 		out, err := exec.Command("nbdcopy", "--flush", uri, dst).CombinedOutput()
-		peer += time.Since(start)
+		peer = append(peer, time.Since(start).Seconds())
 		if err != nil {
 			b.Fatalf("nbdcopy: %v: %s", err, out)
 		}
@@ -102,7 +105,7 @@ func CloneHydrateRemote(b *testing.B, env Env, delay time.Duration) {
 
 		dst = filepath.Join(dir, "clone.img")
 		el, err := hydrateRemote(b, uri, dst, filepath.Join(dir, "clone.meta"), fg)
-		ours += el
+		ours = append(ours, el.Seconds())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -114,10 +117,13 @@ func CloneHydrateRemote(b *testing.B, env Env, delay time.Duration) {
 		}
 		os.Remove(dst)
 	}
-	n := float64(b.N)
-	b.ReportMetric(ours.Seconds()/n, "ours-s")
-	b.ReportMetric(peer.Seconds()/n, "nbdcopy-s")
-	b.ReportMetric(peer.Seconds()/ours.Seconds(), "x-nbdcopy")
+	ratios := make([]float64, len(ours))
+	for i := range ours {
+		ratios[i] = peer[i] / ours[i]
+	}
+	b.ReportMetric(median(ours), "ours-s")
+	b.ReportMetric(median(peer), "nbdcopy-s")
+	b.ReportMetric(median(ratios), "x-nbdcopy")
 	b.ReportMetric(float64(alloc)/(1<<20), "dest-MiB")
 	if busy.Count() > 0 {
 		b.ReportMetric(float64(busy.Percentile(0.5).Nanoseconds()), "p50-ns")
@@ -135,6 +141,12 @@ func sampleRemote(uri string, h *Hist) error {
 	}
 	sampleFor(c, h, 200*time.Millisecond)
 	return c.Close()
+}
+
+// median of v (v is reordered).
+func median(v []float64) float64 {
+	slices.Sort(v)
+	return v[len(v)/2]
 }
 
 // hydrateRemote hydrates a new sparse file at dst from uri, timed from the

@@ -99,33 +99,52 @@ func (c *copier) data(off, n int64) error {
 	if c.buf == nil {
 		c.buf = AlignedBuffer(int(min(copyPiece, c.total)))
 	}
+	return ScanRuns(c.ctx, c.src, off, n, c.buf, c.bs, func(at int64, p []byte, zero bool) error {
+		var err error
+		if zero {
+			err = makeZero(c.dst, at, int64(len(p)))
+		} else {
+			_, err = c.dst.WriteAt(p, at)
+		}
+		if err != nil {
+			return fmt.Errorf("blockdev: copy: write destination at %d: %w", at, err)
+		}
+		c.report(int64(len(p)))
+		return nil
+	})
+}
+
+// ScanRuns reads [off, off+n) of dev into buf, a piece at a time, and calls
+// fn for each run of consecutive blocks of bs bytes that are all zero
+// (zero true) or all hold data, in offset order; p holds the run's bytes
+// and is valid until fn returns. A run never spans two pieces, so one run
+// of the device may come as several. buf's length must be a multiple of
+// bs, as must off and n. It stops at the first error of a read, of fn or
+// of ctx. Copy and diffstream.Export scan what they read with it.
+func ScanRuns(ctx context.Context, dev Device, off, n int64, buf []byte, bs int64, fn func(off int64, p []byte, zero bool) error) error {
+	if bs <= 0 || int64(len(buf)) < bs || int64(len(buf))%bs != 0 || off%bs != 0 || n%bs != 0 {
+		return fmt.Errorf("%w: scan of [%d, +%d) through %d bytes in blocks of %d", ErrMisaligned, off, n, len(buf), bs)
+	}
 	for n > 0 {
-		if err := c.ctx.Err(); err != nil {
+		if err := ctx.Err(); err != nil {
 			return err
 		}
-		k := min(n, int64(len(c.buf)))
-		p := c.buf[:k]
-		if _, err := c.src.ReadAt(p, off); err != nil {
-			return fmt.Errorf("blockdev: copy: read source at %d: %w", off, err)
+		k := min(n, int64(len(buf)))
+		p := buf[:k]
+		if _, err := dev.ReadAt(p, off); err != nil {
+			return fmt.Errorf("blockdev: read at %d: %w", off, err)
 		}
 		for i := int64(0); i < k; {
-			zero := IsZero(p[i : i+c.bs])
-			j := i + c.bs
-			for j < k && IsZero(p[j:j+c.bs]) == zero {
-				j += c.bs
+			zero := IsZero(p[i : i+bs])
+			j := i + bs
+			for j < k && IsZero(p[j:j+bs]) == zero {
+				j += bs
 			}
-			var err error
-			if zero {
-				err = makeZero(c.dst, off+i, j-i)
-			} else {
-				_, err = c.dst.WriteAt(p[i:j], off+i)
-			}
-			if err != nil {
-				return fmt.Errorf("blockdev: copy: write destination at %d: %w", off+i, err)
+			if err := fn(off+i, p[i:j], zero); err != nil {
+				return err
 			}
 			i = j
 		}
-		c.report(k)
 		off += k
 		n -= k
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -105,6 +106,18 @@ func TestCopyErrors(t *testing.T) {
 	big, err := blockdev.NewMem(1<<20, 4096)
 	require.NoError(t, err)
 	require.ErrorIs(t, blockdev.Copy(ctx, big, odd, nil), blockdev.ErrMisaligned)
+	none := func(int64, []byte, bool) error { return nil }
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 1000), 512, none), blockdev.ErrMisaligned)
+	require.ErrorIs(t, blockdev.ScanRuns(ctx, src, 0, 4096, make([]byte, 256), 512, none), blockdev.ErrMisaligned)
+
+	// ScanRuns: runs alternate, never span pieces, and cover the range.
+	var runs []blockdev.Extent
+	require.NoError(t, blockdev.ScanRuns(ctx, src, 0, 16384, make([]byte, 10240), 512, func(off int64, p []byte, zero bool) error {
+		runs = append(runs, blockdev.Extent{Off: off, Len: int64(len(p)), Zero: zero})
+		return nil
+	}))
+	require.Equal(t, []blockdev.Extent{{Off: 0, Len: 8192, Zero: true}, {Off: 8192, Len: 2048}, {Off: 10240, Len: 2048},
+		{Off: 12288, Len: 4096, Zero: true}}, runs)
 }
 
 func TestEqual(t *testing.T) {
@@ -247,4 +260,39 @@ func TestIsZero(t *testing.T) {
 			p[i] = 0
 		}
 	}
+}
+
+// io.Copy from a TCP connection into a file device opened with O_DIRECT
+// (which needs aligned offsets, lengths and memory) through a Writer.
+func TestWriterFromNetworkOntoDirectFile(t *testing.T) {
+	dev := newFile(t, blockdev.FileOptions{Direct: true})
+	data := make([]byte, 3<<20+777)
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 5))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	sent := make(chan error, 1)
+	go func() {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err == nil {
+			_, err = c.Write(data)
+			c.Close()
+		}
+		sent <- err
+	}()
+	conn, err := ln.Accept()
+	require.NoError(t, err)
+	defer conn.Close()
+	w := blockdev.NewWriter(dev, 4096+100)
+	n, err := io.Copy(w, conn)
+	require.NoError(t, err)
+	require.NoError(t, <-sent)
+	require.Equal(t, int64(len(data)), n)
+	require.NoError(t, w.Close())
+	got := blockdevtest.ReadAll(t, dev)
+	require.Equal(t, data, got[4096+100:4096+100+len(data)])
+	require.True(t, blockdev.IsZero(got[:4096+100]))
 }

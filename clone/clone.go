@@ -7,7 +7,12 @@
 // is in the destination". Reads of hydrated regions go to the destination,
 // others to the source; writes go to the destination, filling a partially
 // written region from the source first. Background hydration copies the
-// remaining regions, batching contiguous ones. The bitmap is persisted on a
+// remaining regions, batching contiguous ones, with a window of bytes in
+// flight that follows the source's bandwidth-delay product (many MiB for a
+// remote source, little while user reads wait on the source); regions the
+// source maps as holes or zeros (blockdev.AllocationMapper, which the NBD
+// client offers through base:allocation) are hydrated as metadata, never
+// read, and stay holes in the destination. The bitmap is persisted on a
 // small metadata device through package journal; every commit flushes the
 // destination before it writes metadata, so a region marked hydrated always
 // holds source data or data the user wrote, whatever a crash loses.
@@ -15,7 +20,8 @@
 // When every region is hydrated (Done, Wait) the destination holds the
 // whole volume and can be used alone.
 //
-// The I/O paths are in io.go, background hydration in hydrate.go, the
+// The I/O paths are in io.go, background hydration in hydrate.go (its
+// window in pacer.go, the source's allocation map in srcmap.go), the
 // in-core bitmap in bitmap.go, the on-disk formats in metadata.go, commit
 // and recovery in commit.go, progress in status.go.
 package clone

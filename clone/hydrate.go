@@ -184,8 +184,8 @@ func (h *hydrator) run() {
 			})
 			continue
 		case need > 0:
-			if err := h.pay(ctx, need); err == nil {
-				paid += need
+			if n, err := h.pay(ctx, need); err == nil {
+				paid += n
 			}
 			continue // closed, or the rate changed: look again
 		}
@@ -203,20 +203,24 @@ func (h *hydrator) run() {
 	}
 }
 
-// pay waits until the rate limit allows n more bytes. It returns early with
-// an error when ctx ends or SetRateLimit changes the rate (the caller looks
-// again, paying at the new rate).
-func (h *hydrator) pay(ctx context.Context, n int64) error {
+// pay waits until the rate limit allows n more bytes (at most the burst)
+// and returns what it paid. It returns early with an error when ctx ends or
+// SetRateLimit changes the rate (the caller looks again, paying at the new
+// rate).
+func (h *hydrator) pay(ctx context.Context, n int64) (int64, error) {
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	h.mu.Lock()
 	h.payCancel = cancel
 	h.mu.Unlock()
+	// Never above the burst: WaitN refuses that at once, which would make
+	// the dispatcher spin.
+	n = min(n, int64(h.lim.Burst()))
 	err := h.lim.WaitN(wctx, int(n))
 	h.mu.Lock()
 	h.payCancel = nil
 	h.mu.Unlock()
-	return err
+	return n, err
 }
 
 // next claims the next job, or says how many rate-limit bytes must be paid

@@ -251,7 +251,7 @@ func TestPacerWindow(t *testing.T) {
 	require.InDelta(t, bulkGain*bdp, float64(p.window(false)), 1)
 	base := p.baseLatency()
 	require.InDelta(t, 8.75, float64(base)/float64(time.Millisecond), 0.5, "latency less the transfer of 1 MiB")
-	ybdp := int64(p.rate() * base.Seconds())
+	ybdp := int64(yieldGain * p.rate() * base.Seconds())
 	require.Equal(t, ybdp+p.yieldBatch(ybdp), p.window(true))
 	// A slow sample does not raise the latency estimate or lower the rate.
 	r := p.rate()

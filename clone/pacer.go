@@ -40,6 +40,10 @@ const (
 	yieldFor = 500 * time.Millisecond
 	// bulkGain is the bulk window's gain over the bandwidth-delay product.
 	bulkGain = 3.0
+	// yieldGain is the yielding window's: a little above 1, so that a
+	// rate estimate below the source's true rate grows back, at the cost
+	// of a queue a quarter of the base latency long.
+	yieldGain = 1.25
 )
 
 // pacer estimates the source pipeline and sizes the window. It is guarded
@@ -155,7 +159,7 @@ func (p *pacer) window(yield bool) int64 {
 	}
 	var w int64
 	if yield {
-		bdp := int64(bw * p.baseLatency().Seconds())
+		bdp := int64(yieldGain * bw * p.baseLatency().Seconds())
 		w = bdp + p.yieldBatch(bdp)
 	} else {
 		w = int64(bulkGain * bw * rtt.Seconds())

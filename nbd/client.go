@@ -107,6 +107,10 @@ type DialOptions struct {
 	// than one only where the server advertises NBD_FLAG_CAN_MULTI_CONN.
 	// 0 means 1. Extra connections the server refuses are done without.
 	Connections int
+	// TLSCertificates is the certificate directory for an nbds:// URI
+	// (ca-cert.pem, and client-cert.pem with client-key.pem for servers
+	// that verify clients); it overrides the URI's tls-certificates.
+	TLSCertificates string
 }
 
 // MaxConnections bounds DialOptions.Connections.
@@ -135,6 +139,9 @@ func DialWith(ctx context.Context, uri string, opts DialOptions) (*Client, error
 	}
 	var tlsConf *tls.Config
 	if t.tls {
+		if opts.TLSCertificates != "" {
+			t.tlsDir = opts.TLSCertificates
+		}
 		if tlsConf, err = clientTLSConfig(t); err != nil {
 			return nil, err
 		}

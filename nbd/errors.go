@@ -19,8 +19,12 @@ var (
 	ErrServerClosed = errors.New("nbd: server closed")
 	// ErrShutdown: the server answered ESHUTDOWN or ERR_SHUTDOWN.
 	ErrShutdown = errors.New("nbd: server shutting down")
-	// ErrBadURI: the URI is not an nbd:// or nbd+unix:// URI this package
-	// can use.
+	// ErrTLSRequired: TLS is required for what the client asked
+	// (NBD_REP_ERR_TLS_REQD), or a client on a TLS-only export did not
+	// start TLS.
+	ErrTLSRequired = errors.New("nbd: server requires TLS")
+	// ErrBadURI: the URI is not an nbd://, nbd+unix://, nbds:// or
+	// nbds+unix:// URI this package can use.
 	ErrBadURI = errors.New("nbd: bad URI")
 )
 

@@ -17,7 +17,9 @@
 // and the buffer memory of requests in flight is bounded per connection
 // and in total, so idle or slow clients cannot lock others out or pin
 // memory. Server.Stats and Server.WriteMetrics expose per-export counters;
-// Server.CloseExport closes the connections on one export.
+// Server.CloseExport closes the connections on one export. NBD_OPT_STARTTLS
+// upgrades to TLS with x509 credentials (Options.TLS); the client dials
+// nbds:// URIs. The repository's docs/nbd.md describes all of this.
 package nbd
 
 import (

@@ -84,10 +84,6 @@ type ClientAccess struct {
 	ReadOnly bool
 }
 
-// ErrTLSRequired: the server requires TLS for what the client asked
-// (NBD_REP_ERR_TLS_REQD).
-var ErrTLSRequired = errors.New("nbd: server requires TLS")
-
 // loadServerTLS reads a certificate directory and builds the server's
 // TLS configuration. ca-cert.pem is needed only to verify clients: with
 // verifyPeer set, or when an export has an allow-list.

@@ -366,3 +366,21 @@ func TestTLSClientConformance(t *testing.T) {
 		return c
 	})
 }
+
+// DialOptions.TLSCertificates names the certificate directory without
+// putting a path in the URI, and multi-connection dialing upgrades every
+// connection.
+func TestTLSDialOptions(t *testing.T) {
+	f := newTLSFixture(t, Options{TLS: TLSRequire, TLSVerifyPeer: true})
+	uri := fmt.Sprintf("nbds://%s/d", f.ts.addr)
+	_, err := Dial(t.Context(), uri)
+	require.Error(t, err, "no client certificate, no trusted CA")
+	c, err := DialWith(t.Context(), uri, DialOptions{TLSCertificates: f.client1, Connections: 3})
+	require.NoError(t, err)
+	defer c.Close()
+	require.Equal(t, 3, c.Info().Connections)
+	require.Equal(t, 3, f.ts.srv.Stats().Established)
+	_, err = c.WriteAt(make([]byte, 4096), 0)
+	require.NoError(t, err)
+	require.NoError(t, c.Flush())
+}

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -129,16 +130,18 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 }
 
 // TestDeleteRacesOperationsOnTheVolume deletes a clone while writes,
-// discards, snapshots and clones of it are in flight (a slow store flush
-// widens the window in which they wait for the branch gate that Delete
-// holds). They used to run on the deleted branch after the delete and fail
-// the whole store ("entries of unknown branch"), or make a snapshot mixing
-// two volumes. Each must now either complete before the delete or fail
-// with ErrInvalidSnapshot, and the store must stay usable and consistent.
+// discards, snapshots, clones, reads and rollbacks of it are in flight (a
+// slow store flush widens the window in which they wait for the branch
+// gate that Delete holds), and deletes a snapshot while the clone is
+// rolled back to it. The operations used to run on the deleted branch
+// after the delete and fail the whole store ("entries of unknown branch"),
+// or make a snapshot mixing two volumes. Each must now either complete
+// before the delete or fail with ErrInvalidSnapshot, and the store must
+// stay usable and consistent. Run with -race too.
 func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 	seed := testSeed()
 	t.Logf("seed %d", seed)
-	for _, op := range []string{"write", "discard", "snapshot", "clone"} {
+	for _, op := range []string{"write", "discard", "snapshot", "clone", "read", "rollback", "rollback-target"} {
 		t.Run(op, func(t *testing.T) {
 			origin, err := blockdev.NewMem(1<<20, 512)
 			require.NoError(t, err)
@@ -152,6 +155,7 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 			o := s.Origin()
 			golden, err := s.CreateSnapshot("golden", o)
 			require.NoError(t, err)
+			goldenData := readAll(t, golden)
 			rng := rand.New(rand.NewPCG(seed, 5))
 			hangGuard(t, 2*time.Minute, func() {
 				for round := range shortScale(20) {
@@ -163,6 +167,12 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 					}
 					_, err = cl.WriteAt(want, 0) // the clone differs from golden in every chunk
 					require.NoError(t, err)
+					cs, err := s.CreateSnapshot("cs", cl)
+					require.NoError(t, err)
+					victim := "c"
+					if op == "rollback-target" {
+						victim = "cs"
+					}
 					var wg sync.WaitGroup
 					errs := make(chan error, 4)
 					var mu sync.Mutex
@@ -182,6 +192,16 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 									_, err = cl.WriteAt(buf, off)
 								case "discard":
 									err = cl.Discard(off, 4<<10)
+								case "read": // the clone, and its parent snapshot
+									got := make([]byte, 8<<10)
+									if _, err = cl.ReadAt(got, off); err == nil && !bytes.Equal(got, want[off:off+8<<10]) {
+										err = fmt.Errorf("read of the clone at %d: not its contents", off)
+									}
+									if _, gerr := golden.ReadAt(got, off); gerr != nil || !bytes.Equal(got, goldenData[off:off+8<<10]) {
+										err = fmt.Errorf("read of the clone's parent at %d: %v, or not its contents", off, gerr)
+									}
+								case "rollback", "rollback-target":
+									err = s.Rollback(context.Background(), cl, cs)
 								case "snapshot", "clone":
 									var v *Volume
 									if op == "snapshot" {
@@ -204,8 +224,12 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 					}
 					close(start)
 					time.Sleep(time.Duration(rng.IntN(3)) * time.Millisecond) // let some operations complete first
-					_, err = s.Delete("c")
+					_, err = s.Delete(victim)
 					require.NoError(t, err)
+					if victim != "c" { // the clone lives on: stop its users
+						_, err = s.Delete("c")
+						require.NoError(t, err)
+					}
 					wg.Wait()
 					close(errs)
 					for err := range errs {
@@ -331,3 +355,91 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 }
 
 var _ = errors.Is
+
+// The origin handle never is nil: after Close its calls fail with
+// ErrClosed (they used to panic on a nil handle).
+func TestOriginAfterClose(t *testing.T) {
+	s, _, _ := newMemStore(t, 64<<10, 4<<20, Options{ChunkSize: 4 << 10})
+	require.NoError(t, s.Close())
+	o := s.Origin()
+	require.NotNil(t, o)
+	_, err := o.ReadAt(make([]byte, 4096), 0)
+	require.ErrorIs(t, err, ErrClosed)
+	_, err = o.WriteAt(make([]byte, 4096), 0)
+	require.ErrorIs(t, err, ErrClosed)
+	require.ErrorIs(t, o.Flush(), ErrClosed)
+	require.ErrorIs(t, o.Discard(0, 4096), ErrClosed)
+}
+
+// A transient Format marks the store device so: a later Open is refused
+// rather than finding the persistent store formatted there before (its
+// journal partly overwritten by the transient store's data).
+func TestTransientFormatNotOpenable(t *testing.T) {
+	origin, err := blockdev.NewMem(64<<10, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(4<<20, 512)
+	require.NoError(t, err)
+	s, err := Format(origin, store, Options{ChunkSize: 4 << 10})
+	require.NoError(t, err)
+	_, err = s.CreateSnapshot("old", s.Origin())
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	s, err = Format(origin, store, Options{ChunkSize: 4 << 10, Transient: true})
+	require.NoError(t, err)
+	_, err = s.CreateSnapshot("t", s.Origin())
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	_, err = Open(origin, store, Options{})
+	require.ErrorIs(t, err, ErrBadOptions)
+	require.ErrorContains(t, err, "transient")
+}
+
+// Closing a failed store writes out the buffered origin writes whose
+// copies are durable, and names the chunks of those whose copies are not
+// (it used to drop them all silently). The origin then holds the first
+// write and not the second, and the snapshot holds neither.
+func TestFailedStoreCloseWritesOutDurable(t *testing.T) {
+	const cs = 4 << 10
+	origin, err := blockdev.NewMem(64<<10, 512)
+	require.NoError(t, err)
+	fillPattern(t, origin, 3)
+	mem, err := blockdev.NewMem(4<<20, 512)
+	require.NoError(t, err)
+	store := blockdevtest.NewFaulty(mem)
+	opts := Options{ChunkSize: cs, CommitInterval: -1}
+	s, err := Format(origin, store, opts)
+	require.NoError(t, err)
+	o := s.Origin()
+	before := readAll(t, o)
+	_, err = s.CreateSnapshot("snap", o)
+	require.NoError(t, err)
+	one := bytes.Repeat([]byte{1}, cs)
+	_, err = o.WriteAt(one, 0) // buffered; its copy made durable next
+	require.NoError(t, err)
+	require.NoError(t, s.commit(context.Background()))
+	_, err = o.WriteAt(bytes.Repeat([]byte{2}, cs), 5*cs) // buffered; its copy never durable
+	require.NoError(t, err)
+	store.FailWhen(func(c blockdevtest.Call) error {
+		if c.Op == blockdevtest.OpFlush {
+			return blockdev.ErrIO
+		}
+		return nil
+	})
+	require.Error(t, s.commit(context.Background()))
+	require.Error(t, s.usable(), "the store has not failed")
+	err = s.Close()
+	require.ErrorIs(t, err, blockdev.ErrIO)
+	require.ErrorContains(t, err, "1 acknowledged origin writes lost")
+	require.ErrorContains(t, err, "chunks [5]")
+	store.Clear()
+	s, err = Open(origin, store, opts)
+	require.NoError(t, err)
+	defer func() { _ = s.Close() }()
+	mustCheck(t, s)
+	want := bytes.Clone(before)
+	copy(want, one)
+	require.Equal(t, -1, firstDiff(readAll(t, s.Origin()), want), "origin after the failed store's close")
+	snap, err := s.OpenVolume("snap")
+	require.NoError(t, err)
+	require.Equal(t, -1, firstDiff(readAll(t, snap), before), "snapshot")
+}

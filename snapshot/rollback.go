@@ -25,7 +25,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if to.kind != KindSnapshot || to.meta.branch != vol.br.id {
 		return fmt.Errorf("%w: volume %d is not a snapshot of volume %d", ErrBadOptions, to.meta.id, vol.meta.id)
 	}
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	vol.br.gate.RLock()
@@ -73,7 +73,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := s.usable(); err != nil {
+		if err := s.writable(); err != nil {
 			return err
 		}
 		off := int64(ch.c) * s.cs
@@ -114,7 +114,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 // live entry is re-keyed to the newest snapshot that still needs it, or
 // dropped. Called with br's gate held shared.
 func (s *Store) cloneInherit(br *branch, c uint64) error {
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	l := s.cloneStripe(br.id, c)

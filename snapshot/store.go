@@ -138,9 +138,12 @@ type Store struct {
 	jdev          *blockdev.SliceDevice
 
 	// mu guards the index, the branch and volume tables and the collector's
-	// queue. It is never held across device I/O. Lock order: branch gate,
-	// then clone stripe, then origin stripe, then reclaim, then mu, then
-	// allocator.mu.
+	// queue. It is never held across device I/O, nor while waiting for
+	// any, but by an Append that finds the log full despite makeLogRoom
+	// (then a checkpoint that needs no lock frees it). Lock order: branch
+	// gate, then clone stripe, then origin stripe, then fgMu, then
+	// reclaim, then mu, then allocator.mu; ckptMu and the origin buffer's
+	// drainMu are never held with mu.
 	mu        sync.RWMutex
 	ix        index
 	branches  map[uint32]*branch
@@ -209,7 +212,7 @@ type Store struct {
 	metaGrowth atomic.Int64
 	metaMark   atomic.Pointer[metaMark]
 
-	ckptMu   sync.Mutex // serialises checkpoints; taken after mu, never before
+	ckptMu   sync.Mutex // serialises checkpoints; never taken with mu held
 	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
 
 	ob originBuf // origin writes waiting for their copy's commit

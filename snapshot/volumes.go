@@ -315,11 +315,8 @@ type Stats struct {
 	// index encodes to: extents of consecutive chunks at consecutive
 	// locations, a few bytes each).
 	MetadataBytes int64
-	// IndexMemoryBytes estimates the in-memory index: two B-tree entries
-	// of 24 bytes per index entry plus node overhead.
-	IndexMemoryBytes int64
-	Volumes          int     // visible volumes, the origin included
-	JournalFill      float64 // fraction of the journal's log in use (0 when transient)
+	Volumes       int     // visible volumes, the origin included
+	JournalFill   float64 // fraction of the journal's log in use (0 when transient)
 	// BufferedChunks is the number of origin chunks whose new data waits
 	// in memory for its copy's commit (Options.OriginBuffer).
 	BufferedChunks int64
@@ -335,7 +332,6 @@ func (s *Store) Stats() Stats {
 	used, free := s.alloc.counts()
 	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: used, FreeChunks: free,
 		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols, BufferedChunks: s.ob.n.Load()}
-	st.IndexMemoryBytes = int64(st.IndexEntries) * 2 * 24 * 5 / 4
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
 	}

@@ -341,54 +341,23 @@ func (e *exporter) flushZero() error {
 	return err
 }
 
-// data reads [off, off+n) from the source and sends it, all-zero blocks as
-// ZERO records.
+// data reads [off, off+n) from the source and sends it: runs of non-zero
+// blocks as DATA, runs of zero blocks merged into the pending ZERO run.
 func (e *exporter) data(off, n int64) error {
 	if e.buf == nil {
 		e.buf = make([]byte, min(MaxData, e.w.h.VolumeSize))
 	}
-	for n > 0 {
-		if err := e.ctx.Err(); err != nil {
-			return err
-		}
-		k := min(n, int64(len(e.buf)))
-		p := e.buf[:k]
-		if _, err := e.src.ReadAt(p, off); err != nil {
-			return fmt.Errorf("diffstream: read source at %d: %w", off, err)
-		}
-		if err := e.piece(off, p); err != nil {
-			return err
-		}
-		off += k
-		n -= k
-	}
-	return nil
-}
-
-// piece sends one buffer read from off: runs of non-zero blocks as DATA,
-// runs of zero blocks merged into the pending ZERO run.
-func (e *exporter) piece(off int64, p []byte) error {
-	bs := int(e.bs)
-	for i := 0; i < len(p); {
-		j := i
-		zero := blockdev.IsZero(p[i : i+bs])
-		for j < len(p) && blockdev.IsZero(p[j:j+bs]) == zero {
-			j += bs
-		}
+	return blockdev.ScanRuns(e.ctx, e.src, off, n, e.buf, e.bs, func(at int64, p []byte, zero bool) error {
 		if zero {
-			if err := e.zero(off+int64(i), int64(j-i)); err != nil {
-				return err
-			}
-		} else {
-			if err := e.flushZero(); err != nil {
-				return err
-			}
-			if err := e.w.WriteData(off+int64(i), p[i:j]); err != nil {
-				return err
-			}
-			e.report(int64(j - i))
+			return e.zero(at, int64(len(p)))
 		}
-		i = j
-	}
-	return nil
+		if err := e.flushZero(); err != nil {
+			return err
+		}
+		if err := e.w.WriteData(at, p); err != nil {
+			return err
+		}
+		e.report(int64(len(p)))
+		return nil
+	})
 }
