@@ -39,9 +39,24 @@
 //   - nbd: an NBD server that exports any Device to QEMU, qemu-img, nbdcopy,
 //     fio and the kernel, and a client that makes a remote export a Device.
 //
-// Dependencies point one way: blockdev <- journal <- {exception, snapshot,
-// clone} <- {nbd, cmd/blocksnap, bench, examples}; the engines never import
-// each other.
+// Dependencies point one way (the package imports as they are; go list
+// shows them):
+//
+//   - blockdev imports none of ours; blockdev/blockdevtest imports blockdev
+//     only and is imported by tests, bench and snapshot/metascale.
+//   - journal, exception, snapshot/diffstream, snapshot/internal/meta (the
+//     next metadata layer, not yet used by snapshot) and nbd import blockdev
+//     only: exception keeps the kernel's own format, not a journal, and nbd
+//     serves any Device without knowing which engine made it.
+//   - clone imports blockdev and journal; snapshot imports blockdev,
+//     journal and snapshot/diffstream; snapshot/metascale imports
+//     snapshot/internal/meta.
+//   - archive imports blockdev and snapshot (backups are snapshot diffs).
+//   - cmd/blocksnap, bench and examples sit on top: they import the
+//     engines, archive, nbd and blockdev; nothing imports them.
+//     internal/metamorphic holds only a test, which imports them all.
+//
+// The engines never import each other.
 //
 // # Crash model
 //

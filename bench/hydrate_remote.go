@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -248,8 +249,11 @@ func serveDelayed(dir, img string, delay time.Duration) (uri string, stop func()
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	}
+	// The socket file appears before nbdkit listens on it: wait until a
+	// connection is accepted.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
+		if nc, err := net.Dial("unix", sock); err == nil {
+			nc.Close()
 			return "nbd+unix:///?socket=" + sock, stop, nil
 		}
 		if time.Now().After(deadline) {

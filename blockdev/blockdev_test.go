@@ -16,7 +16,7 @@ import (
 
 const testSize = 8 << 20
 
-func newMem(t *testing.T) blockdev.Device {
+func memDevice(t *testing.T) blockdev.Device {
 	m, err := blockdev.NewMem(testSize, 512)
 	require.NoError(t, err)
 	return m
@@ -31,7 +31,7 @@ func newFile(t *testing.T, opts blockdev.FileOptions) blockdev.Device {
 	return f
 }
 
-func TestConformanceMem(t *testing.T) { blockdevtest.Run(t, newMem) }
+func TestConformanceMem(t *testing.T) { blockdevtest.Run(t, memDevice) }
 
 func TestConformanceMem4K(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
@@ -55,7 +55,7 @@ func TestConformanceFileDirect(t *testing.T) {
 
 func TestConformanceSlice(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		parent := newMem(t)
+		parent := memDevice(t)
 		s, err := blockdev.Slice(parent, 1<<20, 4<<20)
 		require.NoError(t, err)
 		return s
@@ -64,7 +64,7 @@ func TestConformanceSlice(t *testing.T) {
 
 func TestConformanceReadOnly(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		parent := newMem(t)
+		parent := memDevice(t)
 		_, err := parent.WriteAt([]byte(strings.Repeat("x", 4096)), 0)
 		require.NoError(t, err)
 		return blockdev.ReadOnly(parent)
@@ -112,7 +112,7 @@ func TestConformanceLoopDevice(t *testing.T) {
 }
 
 func TestSliceBounds(t *testing.T) {
-	m := newMem(t)
+	m := memDevice(t)
 	_, err := blockdev.Slice(m, 1, 4096)
 	require.ErrorIs(t, err, blockdev.ErrMisaligned)
 	_, err = blockdev.Slice(m, testSize-4096, 8192)

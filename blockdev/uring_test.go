@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -78,7 +77,7 @@ func TestURingManyGoroutines(t *testing.T) {
 			defer func() { require.NoError(t, u.Close()) }()
 			const workers, blocksEach, steps = 64, 8, 60
 			bs := int64(u.BlockSize())
-			seed := uint64(time.Now().UnixNano())
+			seed := blockdevtest.Seed(t)
 			var wg sync.WaitGroup
 			errs := make(chan error, workers)
 			for w := range workers {

@@ -22,8 +22,8 @@
 //
 // The I/O paths are in io.go, background hydration in hydrate.go (its
 // window in pacer.go, the source's allocation map in srcmap.go), the
-// in-core bitmap in bitmap.go, the on-disk formats in metadata.go, commit
-// and recovery in commit.go, progress in status.go.
+// metadata type (the in-core bitmap) in metadata.go, the on-disk formats in
+// format.go, commit and recovery in commit.go, progress in status.go.
 package clone
 
 import (
@@ -135,6 +135,7 @@ type Options struct {
 	testBugOrder    bool                                 // commit metadata before flushing the destination (dm-clone's bug)
 	testAfterCommit func()                               // called right after each metadata commit
 	testAfter       func(time.Duration) <-chan time.Time // replaces time.After in backoff waits
+	testEarlyCommit int64                                // replaces earlyCommit
 }
 
 // Clone is a blockdev.Device whose contents are the source's, overlaid with
@@ -277,9 +278,17 @@ func checkGeometry(g geometry, src, dst blockdev.Device, opts Options) error {
 		{"source block size", int64(g.SourceBlock), int64(src.BlockSize())},
 		{"destination block size", int64(g.DestBlock), int64(dst.BlockSize())},
 	} {
-		if c.rec != c.got {
-			return &GeometryError{Field: c.field, Recorded: c.rec, Have: c.got}
+		if c.rec == c.got {
+			continue
 		}
+		// A source whose block size now divides the recorded one serves
+		// every request the clone was made for: an NBD server that came to
+		// advertise a smaller minimum block size (512 where it said 4096)
+		// still serves the same image.
+		if c.field == "source block size" && c.got > 0 && c.got < c.rec && c.rec%c.got == 0 {
+			continue
+		}
+		return &GeometryError{Field: c.field, Recorded: c.rec, Have: c.got}
 	}
 	if opts.RegionSize != 0 && opts.RegionSize != g.RegionSize {
 		return &GeometryError{Field: "region size", Recorded: g.RegionSize, Have: opts.RegionSize}

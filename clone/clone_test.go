@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
 
@@ -49,34 +48,10 @@ func newSource(t testing.TB, size int64, bs int) (*blockdev.Mem, []byte) {
 	return m, img
 }
 
-func newMem(t testing.TB, size int64, bs int) *blockdev.Mem {
-	t.Helper()
-	m, err := blockdev.NewMem(size, bs)
-	require.NoError(t, err)
-	return m
-}
-
-// checkLeaks fails the test if goroutines started by it are still running
-// once it ends, polling with a deadline (goroutines exit asynchronously
-// after the channel that stops them closes).
-func checkLeaks(t *testing.T) {
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<20)
-			t.Errorf("%d goroutines leaked:\n%s", n-before, buf[:runtime.Stack(buf, true)])
-		}
-	})
-}
-
 func TestConformanceMem(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
 		src, _ := newSource(t, 4<<20, 512)
-		c, err := Create(blockdev.ReadOnly(src), newMem(t, 4<<20, 4096), newMem(t, MetadataSize(4<<20, 0), 512), Options{RegionSize: 64 << 10})
+		c, err := Create(blockdev.ReadOnly(src), blockdevtest.NewMem(t, 4<<20, 4096), blockdevtest.NewMem(t, MetadataSize(4<<20, 0), 512), Options{RegionSize: 64 << 10})
 		require.NoError(t, err)
 		return c
 	})
@@ -85,7 +60,7 @@ func TestConformanceMem(t *testing.T) {
 func TestConformanceMemHydrateOnRead(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
 		src, _ := newSource(t, 1<<20, 4096)
-		c, err := Create(src, newMem(t, 2<<20, 4096), newMem(t, MetadataSize(1<<20, 4096), 4096),
+		c, err := Create(src, blockdevtest.NewMem(t, 2<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 4096), 4096),
 			Options{RegionSize: 4096, HydrateOnRead: true, NoHydration: true, NoDiscardPassdown: true})
 		require.NoError(t, err)
 		return c
@@ -113,23 +88,23 @@ func TestConformanceFile(t *testing.T) {
 }
 
 func TestCreateOptions(t *testing.T) {
-	src := newMem(t, 1<<20, 4096)
-	meta := newMem(t, 1<<20, 4096)
+	src := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewMem(t, 1<<20, 4096)
 	for _, rs := range []int64{1000, 2048, 3 << 12, 2 << 30} {
-		_, err := Create(src, newMem(t, 1<<20, 4096), meta, Options{RegionSize: rs})
+		_, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), meta, Options{RegionSize: rs})
 		require.ErrorIs(t, err, ErrOptions, "region size %d", rs)
 	}
-	_, err := Create(src, newMem(t, 512<<10, 4096), meta, Options{})
+	_, err := Create(src, blockdevtest.NewMem(t, 512<<10, 4096), meta, Options{})
 	require.ErrorIs(t, err, ErrOptions, "small destination")
-	_, err = Create(src, newMem(t, 1<<20, 4096), newMem(t, 8192, 4096), Options{})
+	_, err = Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, 8192, 4096), Options{})
 	require.ErrorIs(t, err, ErrOptions, "small metadata")
 }
 
 func TestGeometryMismatch(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	dst := newMem(t, 1<<20, 4096)
-	meta := newMem(t, MetadataSize(1<<20, 0), 4096)
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
 	c, err := Create(src, dst, meta, Options{NoHydration: true})
 	require.NoError(t, err)
 	require.NoError(t, c.Close())
@@ -140,11 +115,11 @@ func TestGeometryMismatch(t *testing.T) {
 	require.ErrorIs(t, err, ErrGeometry)
 	require.Equal(t, "region size", ge.Field)
 
-	_, err = Open(newMem(t, 2<<20, 4096), dst, meta, Options{})
+	_, err = Open(blockdevtest.NewMem(t, 2<<20, 4096), dst, meta, Options{})
 	require.ErrorIs(t, err, ErrGeometry)
-	_, err = Open(src, newMem(t, 2<<20, 4096), meta, Options{})
+	_, err = Open(src, blockdevtest.NewMem(t, 2<<20, 4096), meta, Options{})
 	require.ErrorIs(t, err, ErrGeometry)
-	_, err = Open(src, dst, newMem(t, MetadataSize(1<<20, 0), 4096), Options{})
+	_, err = Open(src, dst, blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{})
 	require.ErrorIs(t, err, ErrCorrupt, "blank metadata")
 
 	c, err = Open(src, dst, meta, Options{RegionSize: 64 << 10})
@@ -157,11 +132,11 @@ func TestGeometryMismatch(t *testing.T) {
 // TestHydrateAndReopen hydrates fully in the background, checks the
 // destination alone holds the source, and reopens.
 func TestHydrateAndReopen(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 3<<20 + 8192 // a short last region
 	src, img := newSource(t, size, 4096)
-	dst := newMem(t, size, 4096)
-	meta := newMem(t, MetadataSize(size, 0), 4096)
+	dst := blockdevtest.NewMem(t, size, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(size, 0), 4096)
 	var reports []Status
 	c, err := Create(src, dst, meta, Options{Progress: func(s Status) { reports = append(reports, s) }})
 	require.NoError(t, err)
@@ -196,10 +171,10 @@ func TestHydrateAndReopen(t *testing.T) {
 // TestFlushNoChange: a Flush with nothing hydrated since the last commit
 // writes no metadata.
 func TestFlushNoChange(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	dst := newMem(t, 1<<20, 4096)
-	meta := blockdevtest.NewFaulty(newMem(t, MetadataSize(1<<20, 0), 4096))
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewFaulty(blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096))
 	c, err := Create(src, dst, meta, Options{NoHydration: true, CommitInterval: -1})
 	require.NoError(t, err)
 	defer c.Close()
@@ -218,9 +193,9 @@ func TestFlushNoChange(t *testing.T) {
 
 // TestPauseResume: with hydration off nothing is copied; Resume finishes.
 func TestPauseResume(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 2<<20, 4096)
-	c, err := Create(src, newMem(t, 2<<20, 4096), newMem(t, MetadataSize(2<<20, 0), 4096), Options{NoHydration: true, RateLimit: 64 << 20})
+	c, err := Create(src, blockdevtest.NewMem(t, 2<<20, 4096), blockdevtest.NewMem(t, MetadataSize(2<<20, 0), 4096), Options{NoHydration: true, RateLimit: 64 << 20})
 	require.NoError(t, err)
 	defer c.Close()
 	require.Equal(t, Paused, c.Status().State)
@@ -235,9 +210,9 @@ func TestPauseResume(t *testing.T) {
 }
 
 func TestWaitClosed(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true})
+	c, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true})
 	require.NoError(t, err)
 	errc := make(chan error, 1)
 	go func() { errc <- c.Wait(context.Background()) }()
@@ -248,12 +223,11 @@ func TestWaitClosed(t *testing.T) {
 // TestConcurrentHydrationAndWrites races user writes of every alignment
 // against background hydration and checks the result against a model.
 func TestConcurrentHydrationAndWrites(t *testing.T) {
-	checkLeaks(t)
-	seed := rand.Uint64()
-	t.Logf("seed %d", seed)
+	blockdevtest.CheckLeaks(t)
+	seed := blockdevtest.Seed(t)
 	const size = 4 << 20
 	src, img := newSource(t, size, 4096)
-	c, err := Create(src, newMem(t, size, 4096), newMem(t, MetadataSize(size, 16<<10), 4096),
+	c, err := Create(src, blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 16<<10), 4096),
 		Options{RegionSize: 16 << 10, BatchSize: 3, HydrationThreshold: 9})
 	require.NoError(t, err)
 	defer c.Close()
@@ -310,9 +284,9 @@ func TestHotPathAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
 	}
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true})
+	c, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true})
 	require.NoError(t, err)
 	defer c.Close()
 	p := make([]byte, 64<<10)
@@ -322,4 +296,38 @@ func TestHotPathAllocs(t *testing.T) {
 	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.ReadAt(buf, 4096) }), "read of a hydrated region")
 	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.WriteAt(buf, 8192) }), "write to a hydrated region")
 	require.Zero(t, testing.AllocsPerRun(100, func() { _, _ = c.ReadAt(buf, 512<<10) }), "read of an unhydrated region")
+}
+
+// A clone made from a source with 4 KiB blocks reopens on the same image
+// served with 512-byte blocks (an NBD server that lowered its advertised
+// minimum), reading the same data; the reverse, a larger block than
+// recorded, is a geometry mismatch.
+func TestSourceBlockSizeShrinks(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	src, _ := newSource(t, 1<<20, 4096)
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+	c, err := Create(src, dst, meta, Options{NoHydration: true})
+	require.NoError(t, err)
+	want := blockdevtest.ReadAll(t, c)
+	require.NoError(t, c.Close())
+
+	small := blockdevtest.NewMem(t, 1<<20, 512)
+	_, err = small.WriteAt(blockdevtest.ReadAll(t, src), 0)
+	require.NoError(t, err)
+	c, err = Open(small, dst, meta, Options{NoHydration: true})
+	require.NoError(t, err)
+	require.Equal(t, want, blockdevtest.ReadAll(t, c))
+	require.NoError(t, c.Check())
+	require.NoError(t, c.Close())
+
+	src512, _ := newSource(t, 1<<20, 512)
+	meta2 := blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096)
+	c, err = Create(src512, blockdevtest.NewMem(t, 1<<20, 512), meta2, Options{NoHydration: true})
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	_, err = Open(src, blockdevtest.NewMem(t, 1<<20, 512), meta2, Options{})
+	var ge *GeometryError
+	require.ErrorAs(t, err, &ge)
+	require.Equal(t, "source block size", ge.Field)
 }

@@ -303,6 +303,10 @@ func (m *metadata) committer(ctx context.Context, interval time.Duration) {
 			if m.pending() > 0 {
 				_ = m.commit(ctx) // recorded for Status; the next tick retries
 			}
+		case <-m.early:
+			if tick != nil && m.pending() > 0 {
+				_ = m.commit(ctx)
+			}
 		case _, ok := <-need:
 			if !ok {
 				return

@@ -23,8 +23,8 @@ import (
 func TestErrorSweep(t *testing.T) {
 	for _, target := range []string{"source", "destination", "metadata"} {
 		t.Run(target, func(t *testing.T) {
-			checkLeaks(t)
-			seed := testSeed(t)
+			blockdevtest.CheckLeaks(t)
+			seed := blockdevtest.Seed(t)
 			for k := 1; ; k++ {
 				if done := sweepRun(t, target, k, seed); done {
 					t.Logf("%s: swept %d fault points", target, k-1)
@@ -40,20 +40,23 @@ func TestErrorSweep(t *testing.T) {
 // returns true when no fault was injected (the sweep is over).
 func sweepRun(t *testing.T, target string, k int, seed uint64) bool {
 	const size = 256 << 10
-	what := fmt.Sprintf("seed %d, %s call %d fails", seed, target, k)
 	srcMem, img := newSource(t, size, 4096)
-	dstMem := newMem(t, size, 4096)
-	metaMem := newMem(t, MetadataSize(size, 8<<10), 4096)
-	src, dst, meta := blockdevtest.NewFaulty(srcMem), blockdevtest.NewFaulty(dstMem), blockdevtest.NewFaulty(metaMem)
+	dstMem := blockdevtest.NewMem(t, size, 4096)
+	metaMem := blockdevtest.NewMem(t, MetadataSize(size, 8<<10), 4096)
+	src := blockdevtest.NewNamedFaulty(srcMem, "source")
+	dst := blockdevtest.NewNamedFaulty(dstMem, "destination")
+	meta := blockdevtest.NewNamedFaulty(metaMem, "metadata")
 	f := map[string]*blockdevtest.Faulty{"source": src, "destination": dst, "metadata": meta}[target]
-	f.FailNth(blockdevtest.OpAny, k, blockdev.ErrIO)
+	f.Inject(blockdevtest.Fail(blockdevtest.Nth(blockdevtest.OpAny, k), blockdev.ErrIO))
+	what := fmt.Sprintf("seed %d, %v", seed, f)
 	opts := Options{RegionSize: 8 << 10, NoHydration: true, CommitInterval: -1}
 	c, err := Create(src, dst, meta, opts)
 	if err != nil {
 		require.ErrorIs(t, err, blockdev.ErrIO, what)
 		return false
 	}
-	model := newCrashModel(img)
+	model := blockdevtest.NewSectorModel()
+	model.Add("clone", img)
 	rng := rand.New(rand.NewPCG(seed, 3))
 	for range 80 {
 		sweepOp(t, rng, c, model, what)
@@ -68,11 +71,11 @@ func sweepRun(t *testing.T, target string, k int, seed uint64) bool {
 	got := make([]byte, size)
 	_, err = c.ReadAt(got, 0)
 	require.NoError(t, err, what)
-	require.NoError(t, model.check(got, false), what)
+	require.NoError(t, model.CheckCrash("clone", got, blockdevtest.Drop), what)
 	return injected == 0
 }
 
-func sweepOp(t *testing.T, rng *rand.Rand, c *Clone, m *crashModel, what string) {
+func sweepOp(t *testing.T, rng *rand.Rand, c *Clone, m *blockdevtest.SectorModel, what string) {
 	size, bs := c.Size(), int64(c.BlockSize())
 	off := rng.Int64N(size/bs) * bs
 	n := min(bs*(1+rng.Int64N(3*c.RegionSize()/bs)), size-off)
@@ -90,8 +93,7 @@ func sweepOp(t *testing.T, rng *rand.Rand, c *Clone, m *crashModel, what string)
 		p := make([]byte, n)
 		_, rerr := c.ReadAt(p, off)
 		require.NoError(t, rerr, what)
-		require.True(t, readAllowed(m, p, off), "%s: after a failed write at %d+%d", what, off, n)
-		copy(m.cur[off:], p)
+		require.NoError(t, m.Observe("clone", off, p), "%s: after a failed write at %d+%d", what, off, n)
 	}
 	switch op := rng.IntN(10); {
 	case op < 3:
@@ -99,25 +101,33 @@ func sweepOp(t *testing.T, rng *rand.Rand, c *Clone, m *crashModel, what string)
 		fillPattern(p, off, byte(rng.Uint32()))
 		_, err := c.WriteAt(p, off)
 		check(err)
-		m.write(off, n, p)
+		if err != nil {
+			m.Failed("clone", off, n, p)
+		} else {
+			m.Write("clone", off, p)
+		}
 		learn(err)
 	case op < 4:
 		err := c.Discard(off, n)
 		check(err)
-		m.write(off, n, nil)
+		if err != nil {
+			m.Failed("clone", off, n, nil)
+		} else {
+			m.Discard("clone", off, n)
+		}
 		learn(err)
 	case op < 6:
 		p := make([]byte, n)
 		_, err := c.ReadAt(p, off)
 		check(err)
 		if err == nil {
-			require.True(t, readAllowed(m, p, off), "%s: read %d+%d", what, off, n)
+			require.NoError(t, m.CheckRead("clone", off, p), "%s: read %d+%d", what, off, n)
 		}
 	case op < 8:
 		err := c.Flush()
 		check(err)
 		if err == nil {
-			m.flushed()
+			m.Flush("clone")
 		}
 	default:
 		_, err := c.hyd.step(context.Background(), uint64(1+rng.IntN(3)))
@@ -125,29 +135,12 @@ func sweepOp(t *testing.T, rng *rand.Rand, c *Clone, m *crashModel, what string)
 	}
 }
 
-// readAllowed: a read sees, per sector, the current value or, where a
-// write failed since the last flush, one of the values written since.
-func readAllowed(m *crashModel, p []byte, off int64) bool {
-	for i := int64(0); i < int64(len(p)); i += sector {
-		g := p[i : i+sector]
-		s := (off + i) / sector
-		ok := string(g) == string(m.cur[off+i:off+i+sector]) || string(g) == string(m.stable[off+i:off+i+sector])
-		for _, v := range m.cands[s] {
-			ok = ok || string(g) == string(v)
-		}
-		if !ok {
-			return false
-		}
-	}
-	return true
-}
-
 // TestSourceErrorBackoff: with a dead source, background hydration reports
 // the error through Status and the progress callback and retries with
 // exponential backoff; every failed attempt is followed by a backoff wait
 // (no busy loop).
 func TestSourceErrorBackoff(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	srcMem, _ := newSource(t, 1<<20, 4096)
 	src := blockdevtest.NewFaulty(srcMem)
 	src.FailFrom(blockdevtest.OpRead, 1, blockdev.ErrIO)
@@ -178,7 +171,7 @@ func TestSourceErrorBackoff(t *testing.T) {
 		ch <- time.Now() // the wait is recorded, not slept
 		return ch
 	}
-	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), opts)
+	c, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), opts)
 	require.NoError(t, err)
 	<-enough
 	st := c.Status()
@@ -205,7 +198,7 @@ func TestSourceErrorBackoff(t *testing.T) {
 // TestSourceErrorRecovers: a source that fails for a while and then works
 // again is hydrated completely.
 func TestSourceErrorRecovers(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	srcMem, img := newSource(t, 1<<20, 4096)
 	src := blockdevtest.NewFaulty(srcMem)
 	var n int
@@ -218,8 +211,8 @@ func TestSourceErrorRecovers(t *testing.T) {
 		}
 		return nil
 	})
-	dst := newMem(t, 1<<20, 4096)
-	c, err := Create(src, dst, newMem(t, MetadataSize(1<<20, 0), 4096), Options{RetryMin: time.Millisecond, RetryMax: 4 * time.Millisecond})
+	dst := blockdevtest.NewMem(t, 1<<20, 4096)
+	c, err := Create(src, dst, blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{RetryMin: time.Millisecond, RetryMax: 4 * time.Millisecond})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -14,9 +14,9 @@ import (
 // TestReadHintPriority: a region read from the source is the next one
 // background hydration copies.
 func TestReadHintPriority(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 4<<20, 4096)
-	c, err := Create(src, newMem(t, 4<<20, 4096), newMem(t, MetadataSize(4<<20, 0), 4096), Options{NoHydration: true, BatchSize: 2})
+	c, err := Create(src, blockdevtest.NewMem(t, 4<<20, 4096), blockdevtest.NewMem(t, MetadataSize(4<<20, 0), 4096), Options{NoHydration: true, BatchSize: 2})
 	require.NoError(t, err)
 	defer c.Close()
 	buf := make([]byte, 4096)
@@ -31,9 +31,9 @@ func TestReadHintPriority(t *testing.T) {
 
 // TestCommitInterval: hydration progress is committed without a Flush.
 func TestCommitInterval(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true, CommitInterval: 5 * time.Millisecond})
+	c, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true, CommitInterval: 5 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
 	_, err = c.WriteAt(make([]byte, 4096), 0) // hydrates region 0
@@ -48,11 +48,11 @@ func TestCommitInterval(t *testing.T) {
 // TestCheckpoints: many commits fill the journal; checkpoints trim it and
 // reopening recovers the same bitmap from checkpoint plus records.
 func TestCheckpoints(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 8 << 20
 	src, _ := newSource(t, size, 4096)
-	dst := newMem(t, size, 4096)
-	meta := newMem(t, MetadataSize(size, 4096), 4096)
+	dst := blockdevtest.NewMem(t, size, 4096)
+	meta := blockdevtest.NewMem(t, MetadataSize(size, 4096), 4096)
 	opts := Options{RegionSize: 4096, NoHydration: true, CommitInterval: -1}
 	c, err := Create(src, dst, meta, opts)
 	require.NoError(t, err)
@@ -78,10 +78,11 @@ func TestCheckpoints(t *testing.T) {
 // cannot be opened (its hydration state is lost); a cleanly closed one
 // can.
 func TestUnsyncedCrash(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	src, _ := newSource(t, 1<<20, 4096)
-	dst := wrapSim(blockdevtest.MustCrashSim(1<<20, 4096))
-	meta := wrapSim(blockdevtest.MustCrashSim(MetadataSize(1<<20, 0), 4096))
+	pc := blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, blockdevtest.Policy{Mode: blockdevtest.Keep})
+	dst := pc.NewDevice(t, "destination", 1<<20, 4096)
+	meta := pc.NewDevice(t, "metadata", MetadataSize(1<<20, 0), 4096)
 	opts := Options{NoMetadataSync: true, NoHydration: true}
 	c, err := Create(src, dst, meta, opts)
 	require.NoError(t, err)
@@ -95,7 +96,8 @@ func TestUnsyncedCrash(t *testing.T) {
 	_, err = c.WriteAt(make([]byte, 8192), 1<<19)
 	require.NoError(t, err)
 	require.NoError(t, c.Flush()) // no metadata: the region's bit is not durable
-	dst, meta = crashAll(t, blockdevtest.Policy{Mode: blockdevtest.Keep}, dst, meta)
+	after := pc.Cut()
+	dst, meta = after[0], after[1]
 	_ = c.Close()
 	_, err = Open(src, dst, meta, opts)
 	require.ErrorIs(t, err, ErrUnclean)
@@ -104,10 +106,10 @@ func TestUnsyncedCrash(t *testing.T) {
 // TestHydrateOnReadConcurrent: concurrent readers of the same unhydrated
 // regions with HydrateOnRead copy each region once and all see the source.
 func TestHydrateOnReadConcurrent(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	srcMem, img := newSource(t, 1<<20, 4096)
 	src := blockdevtest.NewFaulty(srcMem) // counts source reads
-	c, err := Create(src, newMem(t, 1<<20, 4096), newMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true, HydrateOnRead: true})
+	c, err := Create(src, blockdevtest.NewMem(t, 1<<20, 4096), blockdevtest.NewMem(t, MetadataSize(1<<20, 0), 4096), Options{NoHydration: true, HydrateOnRead: true})
 	require.NoError(t, err)
 	defer c.Close()
 	errc := make(chan error, 8)

@@ -44,6 +44,12 @@ const maxSkip = 256 << 20
 // maxSkipJobs bounds the skip jobs in flight.
 const maxSkipJobs = 4
 
+// earlyCommit is how many bytes background copies hydrate before they ask
+// for a commit ahead of the commit interval. A commit flushes the
+// destination; flushing as hydration goes, while the source is the
+// bottleneck, leaves the final Flush little to write.
+const earlyCommit = 64 << 20
+
 // batch is a claimed run of regions [r0, r0+n).
 type batch struct {
 	r0, n uint64
@@ -73,6 +79,8 @@ type hydrator struct {
 	inflightBytes int64     // bytes of those copies
 	idleSince     time.Time // when inflightBytes last dropped to 0
 	skipping      int       // skip jobs in flight
+	sinceCommit   int64     // bytes copied since the last early commit request
+	earlyCommit   int64     // earlyCommit, or the test's value
 	cursor        uint64
 	low           uint64 // no region below it is unhydrated: the source map is dropped below it
 	hints         []uint64
@@ -96,6 +104,10 @@ func newHydrator(c *Clone) *hydrator {
 	batchBytes := int64(c.batch) * c.geo.RegionSize
 	h.pace = newPacer(c.geo.RegionSize, int64(h.threshold)*c.geo.RegionSize, 4*batchBytes, h.epoch)
 	h.idleSince = h.epoch
+	h.earlyCommit = earlyCommit
+	if c.opts.testEarlyCommit > 0 {
+		h.earlyCommit = c.opts.testEarlyCommit
+	}
 	h.lim = rate.NewLimiter(limitOf(c.opts.RateLimit), c.bufSize)
 	h.smap = newSrcMap(c.src, h.kick)
 	h.rateMark = h.epoch
@@ -450,6 +462,14 @@ func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time) {
 		}
 		if err == nil {
 			h.pace.sample(now, start, b.bytes)
+			h.sinceCommit += b.bytes
+			if h.sinceCommit >= h.earlyCommit {
+				h.sinceCommit = 0
+				select {
+				case c.md.early <- struct{}{}:
+				default:
+				}
+			}
 		}
 	}
 	switch {

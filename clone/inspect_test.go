@@ -16,7 +16,7 @@ import (
 func TestInspectMetadataAlone(t *testing.T) {
 	const size = 2 << 20
 	src, _ := newSource(t, size, 512)
-	dst, meta := newMem(t, size, 4096), newMem(t, MetadataSize(size, 0), 4096)
+	dst, meta := blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 0), 4096)
 	c, err := Create(src, dst, meta, Options{NoHydration: true, NoMetadataSync: true})
 	require.NoError(t, err)
 	_, err = c.WriteAt(bytes.Repeat([]byte{1}, 128<<10), 256<<10)

@@ -8,7 +8,7 @@ import (
 
 // The I/O paths. Each case of dm-clone's map function is a named function
 // here; the only thing they ask of the metadata is the narrow interface in
-// bitmap.go (test a region, mark regions hydrated).
+// metadata.go (test a region, mark regions hydrated).
 //
 // Hydrated regions stay hydrated, so a region seen hydrated needs no lock:
 // its data is in the destination for good. Work that makes regions hydrated

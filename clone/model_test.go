@@ -5,27 +5,13 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-// testSeed returns BLOCKSNAP_SEED if set (to replay a failure), else a
-// random seed; it is logged either way.
-func testSeed(t testing.TB) uint64 {
-	seed := rand.Uint64()
-	if s := os.Getenv("BLOCKSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "BLOCKSNAP_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
-	return seed
-}
 
 type modelConfig struct {
 	name      string
@@ -54,8 +40,8 @@ var modelConfigs = []modelConfig{
 func TestModel(t *testing.T) {
 	for _, cfg := range modelConfigs {
 		t.Run(cfg.name, func(t *testing.T) {
-			checkLeaks(t)
-			runModel(t, cfg, testSeed(t))
+			blockdevtest.CheckLeaks(t)
+			runModel(t, cfg, blockdevtest.Seed(t))
 		})
 	}
 }
@@ -80,13 +66,13 @@ func runModel(t *testing.T, cfg modelConfig, seed uint64) {
 	var img []byte
 	m.src, img = newSource(t, cfg.size, cfg.srcBS)
 	m.model = img
-	m.dst = newMem(t, cfg.size, cfg.dstBS)
+	m.dst = blockdevtest.NewMem(t, cfg.size, cfg.dstBS)
 	// A destination holding garbage: nothing may read it before it is
 	// written or discarded.
 	junk := bytes.Repeat([]byte{0xee}, int(cfg.size))
 	_, err := m.dst.WriteAt(junk, 0)
 	require.NoError(t, err)
-	m.meta = newMem(t, MetadataSize(cfg.size, cfg.opts.RegionSize), 4096)
+	m.meta = blockdevtest.NewMem(t, MetadataSize(cfg.size, cfg.opts.RegionSize), 4096)
 	opts := cfg.opts
 	opts.NoHydration = !cfg.bgHydrate
 	opts.CommitInterval = -1

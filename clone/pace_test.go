@@ -42,9 +42,9 @@ func (s *mappedSource) MapAllocation(off, n int64) (int64, blockdev.Allocation, 
 // random length and position, the rest holes, plus its image and the bytes
 // of data. The seed is logged.
 func sparseSource(t *testing.T, size int64) (*blockdev.Mem, []byte, int64) {
-	seed := testSeed(t)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 18))
-	m := newMem(t, size, 4096)
+	m := blockdevtest.NewMem(t, size, 4096)
 	img := make([]byte, size)
 	var data int64
 	for off := int64(0); off < size; {
@@ -64,17 +64,17 @@ func sparseSource(t *testing.T, size int64) (*blockdev.Mem, []byte, int64) {
 // allocation are hydrated without being read, and stay holes in the
 // destination; the destination equals the source.
 func TestHoleSkipping(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 8 << 20
 	mem, img, data := sparseSource(t, size)
 	src := &mappedSource{Device: mem, mem: mem}
-	dst := newMem(t, size, 4096)
+	dst := blockdevtest.NewMem(t, size, 4096)
 	// Dirty the destination: skipped holes must be discarded, not assumed.
 	junk := make([]byte, size)
 	fillPattern(junk, 0, 0x77)
 	_, err := dst.WriteAt(junk, 0)
 	require.NoError(t, err)
-	c, err := Create(blockdev.ReadOnly(src), dst, newMem(t, MetadataSize(size, 16<<10), 4096), Options{RegionSize: 16 << 10})
+	c, err := Create(blockdev.ReadOnly(src), dst, blockdevtest.NewMem(t, MetadataSize(size, 16<<10), 4096), Options{RegionSize: 16 << 10})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -119,12 +119,12 @@ func countExtents(t *testing.T, m *blockdev.Mem) int {
 // TestHoleSkippingMapFails: a source whose map fails part way is still
 // hydrated completely (the rest is copied).
 func TestHoleSkippingMapFails(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 4 << 20
 	mem, img, _ := sparseSource(t, size)
 	src := &mappedSource{Device: mem, mem: mem, mapErrAt: 3}
-	dst := newMem(t, size, 4096)
-	c, err := Create(src, dst, newMem(t, MetadataSize(size, 0), 4096), Options{})
+	dst := blockdevtest.NewMem(t, size, 4096)
+	c, err := Create(src, dst, blockdevtest.NewMem(t, MetadataSize(size, 0), 4096), Options{})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -140,11 +140,11 @@ func TestHoleSkippingMapFails(t *testing.T) {
 // TestSetRateLimitWhileRunning: a hydration limited to a crawl finishes
 // once the limit is lifted while the dispatcher waits for tokens.
 func TestSetRateLimitWhileRunning(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 4 << 20
 	src, img := newSource(t, size, 4096)
-	dst := newMem(t, size, 4096)
-	c, err := Create(src, dst, newMem(t, MetadataSize(size, 0), 4096), Options{RateLimit: 16 << 10})
+	dst := blockdevtest.NewMem(t, size, 4096)
+	c, err := Create(src, dst, blockdevtest.NewMem(t, MetadataSize(size, 0), 4096), Options{RateLimit: 16 << 10})
 	require.NoError(t, err)
 	defer c.Close()
 	require.EqualValues(t, 16<<10, c.Status().RateLimit)
@@ -169,16 +169,16 @@ func TestSetRateLimitWhileRunning(t *testing.T) {
 // rate times the time elapsed (a bound that a slow machine only makes
 // easier to meet).
 func TestRateLimitHonoured(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 16 << 20
 	const limit = 2 << 20
-	m := newMem(t, size, 4096)
+	m := blockdevtest.NewMem(t, size, 4096)
 	buf := make([]byte, size)
 	fillPattern(buf, 0, 1)
 	_, err := m.WriteAt(buf, 0)
 	require.NoError(t, err)
 	start := time.Now()
-	c, err := Create(m, newMem(t, size, 4096), newMem(t, MetadataSize(size, 0), 4096), Options{RateLimit: limit})
+	c, err := Create(m, blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 0), 4096), Options{RateLimit: limit})
 	require.NoError(t, err)
 	defer c.Close()
 	for range 20 {
@@ -193,13 +193,13 @@ func TestRateLimitHonoured(t *testing.T) {
 // status reports the measured latency and rate and a window within its
 // bounds, and the hydration completes.
 func TestWindowFollowsSource(t *testing.T) {
-	checkLeaks(t)
+	blockdevtest.CheckLeaks(t)
 	const size = 8 << 20
 	mem, img := newSource(t, size, 4096)
 	src := blockdevtest.NewDelayed(mem, blockdevtest.DelayOptions{ReadLatency: 2 * time.Millisecond})
 	var mu sync.Mutex
 	var seen []Status
-	c, err := Create(src, newMem(t, size, 4096), newMem(t, MetadataSize(size, 0), 4096), Options{
+	c, err := Create(src, blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 0), 4096), Options{
 		Progress:         func(s Status) { mu.Lock(); seen = append(seen, s); mu.Unlock() },
 		ProgressInterval: time.Millisecond,
 	})
@@ -268,4 +268,29 @@ func TestPacerWindow(t *testing.T) {
 	later := now.Add(2*bwSpan + time.Millisecond)
 	p.sample(later, later.Add(-20*time.Millisecond), 1<<20)
 	require.Less(t, p.rate(), r)
+}
+
+// TestEarlyCommit: background hydration asks for a commit once it has
+// copied enough, long before the commit interval.
+func TestEarlyCommit(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	const size = 4 << 20
+	src, img := newSource(t, size, 4096)
+	dst := blockdevtest.NewMem(t, size, 4096)
+	opts := Options{CommitInterval: time.Hour, testEarlyCommit: 256 << 10}
+	c, err := Create(src, dst, blockdevtest.NewMem(t, MetadataSize(size, 0), 4096), opts)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, c.Wait(ctx))
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Status().Commits == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	require.Positive(t, c.Status().Commits, "no commit with an hour-long interval")
+	require.NoError(t, c.Close())
+	got := make([]byte, size)
+	_, err = dst.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(img, got))
 }

@@ -18,10 +18,10 @@ import (
 func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	for _, nosync := range []bool{false, true} {
 		t.Run(fmt.Sprintf("nosync=%v", nosync), func(t *testing.T) {
-			checkLeaks(t)
+			blockdevtest.CheckLeaks(t)
 			const size = 2 << 20
 			src, _ := newSource(t, size, 512)
-			dst, meta := newMem(t, size, 4096), newMem(t, MetadataSize(size, 0), 4096)
+			dst, meta := blockdevtest.NewMem(t, size, 4096), blockdevtest.NewMem(t, MetadataSize(size, 0), 4096)
 			c, err := Create(src, dst, meta, Options{NoHydration: true, NoMetadataSync: nosync})
 			require.NoError(t, err)
 			// Some regions hydrated by writes, one discarded, the rest not.
@@ -67,7 +67,7 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 func TestCheckReportsEveryProblem(t *testing.T) {
 	const size = 1 << 20
 	src, _ := newSource(t, size, 512)
-	c, err := Create(src, newMem(t, size, 512), newMem(t, MetadataSize(size, 0), 512), Options{NoHydration: true})
+	c, err := Create(src, blockdevtest.NewMem(t, size, 512), blockdevtest.NewMem(t, MetadataSize(size, 0), 512), Options{NoHydration: true})
 	require.NoError(t, err)
 	defer c.Close()
 	require.True(t, c.CheckReport().OK())

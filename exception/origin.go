@@ -58,6 +58,11 @@ type Origin struct {
 	// and exclusively by snapshot create, open, close, delete and by the
 	// start and end of a merge. Nobody waits for a COW slot while holding
 	// it, and nothing that completes a copy needs it.
+	//
+	// Lock order in this package, outermost first: Snapshot.mergeMu,
+	// Origin.gate, Snapshot.ioGate, a table stripe's mu. A persistent
+	// store's ioMu comes before its mu. Stripe and store locks are leaves:
+	// no other lock is taken while one is held.
 	gate    sync.RWMutex
 	snaps   []*Snapshot // guarded by gate
 	merging *Snapshot   // guarded by gate

@@ -38,7 +38,7 @@ const crashRoundsPerRun = 3
 // journal several times (so recoveries of recoveries are checked too).
 func TestCrashTorture(t *testing.T) {
 	base := blockdevtest.Seed(t)
-	budget := blockdevtest.TortureBudget(t, 1500*crashRoundsPerRun)
+	budget := blockdevtest.TortureBudget(t, 3334*crashRoundsPerRun)
 	for i := uint64(0); budget.NextN(crashRoundsPerRun); i++ {
 		// Run i replays first with BLOCKSNAP_SEED=base+i.
 		seed := base + i

@@ -29,7 +29,7 @@ func dialMulti(t *testing.T, uri string, n int) *Client {
 
 func TestClientMultiConnConformance(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 4<<20, 512)})
+		ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, 4<<20, 512)})
 		c, err := DialWith(t.Context(), ts.uri("m"), DialOptions{Connections: 3})
 		require.NoError(t, err)
 		require.Equal(t, 3, c.Info().Connections)
@@ -49,7 +49,7 @@ func TestClientMultiConnSpreads(t *testing.T) {
 	}
 	t.Logf("seed %d (replay with BLOCKSNAP_SEED=%d)", seed, seed)
 	const size = 16 << 20
-	ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, size, 4096)})
+	ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, size, 4096)})
 	c := dialMulti(t, ts.uri("m"), 4)
 	require.Equal(t, 4, c.Info().Connections)
 	img := make([]byte, size)
@@ -106,7 +106,7 @@ func TestClientMultiConnSpreads(t *testing.T) {
 // one takes the least loaded lane, the express lane when the bulk lanes
 // are busy; a broken lane is avoided.
 func TestClientPick(t *testing.T) {
-	ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 1<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, 1<<20, 512)})
 	c := dialMulti(t, ts.uri("m"), 3)
 	require.Len(t, c.lanes, 3)
 	c.lanes[1].load.Store(8 << 20)
@@ -158,7 +158,7 @@ func TestClientMultiConnRefused(t *testing.T) {
 // TestClientMultiConnClose: Close closes every lane; later calls fail with
 // ErrClosed.
 func TestClientMultiConnClose(t *testing.T) {
-	ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 1<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, 1<<20, 512)})
 	c, err := DialWith(context.Background(), ts.uri("m"), DialOptions{Connections: 4})
 	require.NoError(t, err)
 	require.NoError(t, c.Close())
@@ -188,7 +188,7 @@ func (m *mappedCounter) ReadAt(p []byte, off int64) (int, error) {
 // in the destination, and the destination equals the export.
 func TestClientCloneSource(t *testing.T) {
 	const size = 16 << 20
-	mem := newMem(t, size, 4096)
+	mem := blockdevtest.NewMem(t, size, 4096)
 	img := make([]byte, size)
 	var data int64
 	for off := int64(0); off < size; off += 2 << 20 {
@@ -204,8 +204,8 @@ func TestClientCloneSource(t *testing.T) {
 	ts := startServer(t, Options{}, Export{Name: "src", Device: src, ReadOnly: true})
 	c := dialMulti(t, ts.uri("src"), 3)
 	require.True(t, c.Info().BlockStatus)
-	dst := newMem(t, size, 4096)
-	cl, err := clone.Create(c, dst, newMem(t, clone.MetadataSize(size, 0), 4096), clone.Options{})
+	dst := blockdevtest.NewMem(t, size, 4096)
+	cl, err := clone.Create(c, dst, blockdevtest.NewMem(t, clone.MetadataSize(size, 0), 4096), clone.Options{})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -231,7 +231,7 @@ func TestClientCloneSource(t *testing.T) {
 func TestClientMultiConnTLS(t *testing.T) {
 	ca := newTestCA(t, "test CA")
 	ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: ca.certDir(t, true, "localhost")},
-		Export{Name: "d", Device: newMem(t, 8<<20, 4096)})
+		Export{Name: "d", Device: blockdevtest.NewMem(t, 8<<20, 4096)})
 	c := dialMulti(t, tlsURI(ts, "d", ca.certDir(t, false, "")), 3)
 	require.Equal(t, 3, c.Info().Connections)
 	p := bytes.Repeat([]byte{0x42}, 4<<20)

@@ -11,7 +11,7 @@ import (
 )
 
 func TestClientSmoke(t *testing.T) {
-	ts := startServer(t, Options{}, Export{Name: "a", Device: newMem(t, 1<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "a", Device: blockdevtest.NewMem(t, 1<<20, 512)})
 	c := dial(t, ts.uri("a"))
 	p := bytes.Repeat([]byte{7}, 8192)
 	_, err := c.WriteAt(p, 4096)
@@ -31,7 +31,7 @@ func TestClientConformance(t *testing.T) {
 	for _, bs := range []int{512, 4096} {
 		t.Run(map[int]string{512: "bs=512", 4096: "bs=4096"}[bs], func(t *testing.T) {
 			blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-				ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 4<<20, bs)})
+				ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, 4<<20, bs)})
 				c, err := Dial(t.Context(), ts.uri("m"))
 				require.NoError(t, err)
 				return c
@@ -42,7 +42,7 @@ func TestClientConformance(t *testing.T) {
 
 func TestClientConformanceReadOnly(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
-		ts := startServer(t, Options{}, Export{Name: "ro", Device: newMem(t, 1<<20, 512), ReadOnly: true})
+		ts := startServer(t, Options{}, Export{Name: "ro", Device: blockdevtest.NewMem(t, 1<<20, 512), ReadOnly: true})
 		c, err := Dial(t.Context(), ts.uri("ro"))
 		require.NoError(t, err)
 		return c
@@ -50,11 +50,11 @@ func TestClientConformanceReadOnly(t *testing.T) {
 }
 
 func TestClientMapAllocation(t *testing.T) {
-	ts := startServer(t, Options{}, Export{Name: "m", Device: newMem(t, 8<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewMem(t, 8<<20, 512)})
 	c := dial(t, ts.uri("m"))
 	checkAllocation(t, c)
 	// Without the metadata context everything reads as allocated.
-	ts2 := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewFaulty(newMem(t, 8<<20, 512))})
+	ts2 := startServer(t, Options{}, Export{Name: "m", Device: blockdevtest.NewFaulty(blockdevtest.NewMem(t, 8<<20, 512))})
 	c2 := dial(t, ts2.uri("m"))
 	l, st, err := c2.MapAllocation(0, 8<<20)
 	require.NoError(t, err)

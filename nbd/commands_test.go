@@ -62,7 +62,7 @@ func (r *raw) readData(off uint64, n int, structured bool) []byte {
 
 func TestCommandsReadWrite(t *testing.T) {
 	for _, structured := range []bool{false, true} {
-		dev := &counting{Device: newMem(t, cmdSize, 512)}
+		dev := &counting{Device: blockdevtest.NewMem(t, cmdSize, 512)}
 		r := cmdSession(t, dev, false, structured)
 		p := bytes.Repeat([]byte{0x5a}, 8192)
 		require.Equal(t, Errno(0), r.errno(0, cmdWrite, 4096, 8192, p))
@@ -88,7 +88,7 @@ func TestCommandsReadWrite(t *testing.T) {
 }
 
 func TestCommandsFlushTrimZeroes(t *testing.T) {
-	dev := &counting{Device: newMem(t, cmdSize, 512)}
+	dev := &counting{Device: blockdevtest.NewMem(t, cmdSize, 512)}
 	r := cmdSession(t, dev, false, true)
 	fill := bytes.Repeat([]byte{0xee}, 65536)
 
@@ -122,7 +122,7 @@ func TestCommandsFlushTrimZeroes(t *testing.T) {
 func TestCommandsFastZeroRefused(t *testing.T) {
 	// A plain Mem has no ZeroWriter: zeroing without holes means writing
 	// buffers, which FAST_ZERO must refuse, changing nothing.
-	mem := newMem(t, cmdSize, 512)
+	mem := blockdevtest.NewMem(t, cmdSize, 512)
 	r := cmdSession(t, blockdevtest.NewFaulty(mem), false, true)
 	fill := bytes.Repeat([]byte{0xee}, 4096)
 	require.Equal(t, Errno(0), r.errno(0, cmdWrite, 0, 4096, fill))
@@ -134,7 +134,7 @@ func TestCommandsFastZeroRefused(t *testing.T) {
 }
 
 func TestCommandsBlockStatus(t *testing.T) {
-	mem := newMem(t, cmdSize, 512)
+	mem := blockdevtest.NewMem(t, cmdSize, 512)
 	_, err := mem.WriteAt(bytes.Repeat([]byte{1}, 8192), 8192)
 	require.NoError(t, err)
 	r := cmdSession(t, mem, false, true)
@@ -162,7 +162,7 @@ func TestCommandsBlockStatus(t *testing.T) {
 
 func TestCommandsBlockStatusWithoutMapper(t *testing.T) {
 	// A device that cannot tell holes reports everything allocated.
-	r := cmdSession(t, blockdevtest.NewFaulty(newMem(t, cmdSize, 512)), false, true)
+	r := cmdSession(t, blockdevtest.NewFaulty(blockdevtest.NewMem(t, cmdSize, 512)), false, true)
 	c := r.roundTrip(0, cmdBlockStatus, 4096, 65536, nil)
 	require.Equal(t, chunkBlockStatus, c.typ)
 	require.Equal(t, []uint32{metaContextID, 65536, 0},
@@ -171,7 +171,7 @@ func TestCommandsBlockStatusWithoutMapper(t *testing.T) {
 
 func TestCommandsInvalid(t *testing.T) {
 	for _, structured := range []bool{false, true} {
-		ts := startServer(t, Options{}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+		ts := startServer(t, Options{}, Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 		r := dialRaw(t, ts)
 		r.session("d", structured, false) // no metadata context
 		for _, tc := range []struct {
@@ -213,7 +213,7 @@ func TestCommandsInvalid(t *testing.T) {
 }
 
 func TestCommandsReadOnly(t *testing.T) {
-	r := cmdSession(t, newMem(t, cmdSize, 512), true, true)
+	r := cmdSession(t, blockdevtest.NewMem(t, cmdSize, 512), true, true)
 	require.Equal(t, EPERM, r.errno(0, cmdWrite, 0, 512, make([]byte, 512)))
 	require.Equal(t, EPERM, r.errno(0, cmdTrim, 0, 512, nil))
 	require.Equal(t, EPERM, r.errno(0, cmdWriteZeroes, 0, 512, nil))
@@ -223,7 +223,7 @@ func TestCommandsReadOnly(t *testing.T) {
 
 func TestCommandsReadErrorReachesClient(t *testing.T) {
 	for _, structured := range []bool{false, true} {
-		f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+		f := blockdevtest.NewFaulty(blockdevtest.NewMem(t, cmdSize, 512))
 		f.FailNth(blockdevtest.OpRead, 1, blockdev.ErrIO)
 		r := cmdSession(t, f, false, structured)
 		c := r.roundTrip(0, cmdRead, 0, 4096, nil)
@@ -241,7 +241,7 @@ func TestCommandsReadErrorReachesClient(t *testing.T) {
 }
 
 func TestCommandsBadRequestMagic(t *testing.T) {
-	r := cmdSession(t, newMem(t, cmdSize, 512), false, true)
+	r := cmdSession(t, blockdevtest.NewMem(t, cmdSize, 512), false, true)
 	b := make([]byte, requestLen)
 	encodeRequest(b, request{typ: cmdRead, handle: 1, length: 512})
 	b[0] ^= 0xff
@@ -250,7 +250,7 @@ func TestCommandsBadRequestMagic(t *testing.T) {
 }
 
 func TestCommandsTruncatedRequest(t *testing.T) {
-	r := cmdSession(t, newMem(t, cmdSize, 512), false, true)
+	r := cmdSession(t, blockdevtest.NewMem(t, cmdSize, 512), false, true)
 	b := make([]byte, requestLen)
 	encodeRequest(b, request{typ: cmdWrite, handle: 1, length: 4096})
 	r.write(b, make([]byte, 1000)) // payload cut short
@@ -259,7 +259,7 @@ func TestCommandsTruncatedRequest(t *testing.T) {
 }
 
 func TestCommandsDisconnect(t *testing.T) {
-	mem := newMem(t, cmdSize, 512)
+	mem := blockdevtest.NewMem(t, cmdSize, 512)
 	r := cmdSession(t, mem, false, true)
 	p := bytes.Repeat([]byte{9}, 4096)
 	r.req(0, cmdWrite, 5, 0, 4096, p)
@@ -296,7 +296,7 @@ func (g *gated) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func TestCommandsOutOfOrder(t *testing.T) {
-	g := newGated(newMem(t, cmdSize, 512), 0)
+	g := newGated(blockdevtest.NewMem(t, cmdSize, 512), 0)
 	r := cmdSession(t, g, false, true)
 	r.req(0, cmdRead, 1, 0, 512, nil) // blocks in the device
 	<-g.entered

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 func needFuseLoop(t *testing.T) {
@@ -126,12 +128,11 @@ func TestFuseExt4(t *testing.T) {
 
 func testFuseExt4(t *testing.T, bs int) {
 	needFuseLoop(t)
-	mem := newMem(t, 64<<20, bs)
+	mem := blockdevtest.NewMem(t, 64<<20, bs)
 	ts := startServer(t, Options{}, Export{Name: "fs", Device: mem})
 	uri := ts.uri("fs")
 
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	files := map[string][32]byte{}
 

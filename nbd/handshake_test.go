@@ -4,13 +4,14 @@ import (
 	"context"
 	"testing"
 
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/stretchr/testify/require"
 )
 
 func handshakeServer(t *testing.T) *testServer {
 	return startServer(t, Options{},
-		Export{Name: "one", Description: "the first", Device: newMem(t, 1<<20, 512)},
-		Export{Name: "two", Device: newMem(t, 2<<20, 4096), ReadOnly: true})
+		Export{Name: "one", Description: "the first", Device: blockdevtest.NewMem(t, 1<<20, 512)},
+		Export{Name: "two", Device: blockdevtest.NewMem(t, 2<<20, 4096), ReadOnly: true})
 }
 
 func TestHandshakeUnknownClientFlags(t *testing.T) {
@@ -259,7 +260,7 @@ func TestHandshakeMetaContextOtherExport(t *testing.T) {
 
 func TestHandshakeTimeout(t *testing.T) {
 	ts := startServer(t, Options{HandshakeTimeout: 50e6},
-		Export{Name: "one", Device: newMem(t, 1<<20, 512)})
+		Export{Name: "one", Device: blockdevtest.NewMem(t, 1<<20, 512)})
 	r := dialRaw(t, ts)
 	r.read(greetingLen)
 	// Say nothing: the server gives up on us.
@@ -287,7 +288,7 @@ func TestServerRemoveExport(t *testing.T) {
 	_, err = c.WriteAt(make([]byte, 512), 0) // the open connection still works
 	require.NoError(t, err)
 
-	require.NoError(t, ts.srv.Add(Export{Name: "one", Device: newMem(t, 1<<20, 512)}))
+	require.NoError(t, ts.srv.Add(Export{Name: "one", Device: blockdevtest.NewMem(t, 1<<20, 512)}))
 	c2 := dial(t, ts.uri("one"))
 	require.NoError(t, c2.Close())
 }

@@ -47,13 +47,6 @@ func startServerOn(t *testing.T, network string, opts Options, exports ...Export
 // uri is the URI of an export of the server.
 func (ts *testServer) uri(name string) string { return URI(ts.addr, name) }
 
-func newMem(t *testing.T, size int64, bs int) *blockdev.Mem {
-	t.Helper()
-	m, err := blockdev.NewMem(size, bs)
-	require.NoError(t, err)
-	return m
-}
-
 func dial(t *testing.T, uri string) *Client {
 	t.Helper()
 	c, err := Dial(context.Background(), uri)

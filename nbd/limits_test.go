@@ -37,7 +37,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func TestLimitsIdleNegotiators(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
 	ts := startServer(t, Options{MaxNegotiating: 8, MaxConns: 4},
-		Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+		Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	var idle []net.Conn
 	for range 50 {
 		nc, err := net.Dial("tcp", ts.addr.String())
@@ -65,7 +65,7 @@ func TestLimitsIdleNegotiators(t *testing.T) {
 // that names the limit; idle established ones do not count against
 // negotiation, and a closed one frees its slot.
 func TestLimitsMaxConns(t *testing.T) {
-	ts := startServer(t, Options{MaxConns: 2}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+	ts := startServer(t, Options{MaxConns: 2}, Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	a, b := dial(t, ts.uri("d")), dial(t, ts.uri("d"))
 	_, err := Dial(context.Background(), ts.uri("d"))
 	require.ErrorContains(t, err, "connection limit (2)")
@@ -87,7 +87,7 @@ func TestLimitsMaxConns(t *testing.T) {
 // A stalled handshake holds its slot no longer than HandshakeTimeout.
 func TestLimitsHandshakeDeadline(t *testing.T) {
 	ts := startServer(t, Options{HandshakeTimeout: 100 * time.Millisecond, MaxNegotiating: 1},
-		Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+		Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	r := dialRaw(t, ts)
 	r.greet(cflagFixedNewstyle)
 	// Half an option header, then silence.
@@ -103,7 +103,7 @@ func TestLimitsHandshakeDeadline(t *testing.T) {
 func TestLimitsReplyMemory(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
 	srv, err := New(Options{MaxInFlightBytes: MaxRequest, MaxBufferBytes: 2 * MaxRequest},
-		Export{Name: "d", Device: newMem(t, 64<<20, 4096)})
+		Export{Name: "d", Device: blockdevtest.NewMem(t, 64<<20, 4096)})
 	require.NoError(t, err)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -140,7 +140,7 @@ func TestLimitsReplyMemory(t *testing.T) {
 func TestLimitsWriteTimeout(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
 	ts := startServer(t, Options{WriteTimeout: 50 * time.Millisecond},
-		Export{Name: "d", Device: newMem(t, 64<<20, 4096)})
+		Export{Name: "d", Device: blockdevtest.NewMem(t, 64<<20, 4096)})
 	r := dialRaw(t, ts)
 	r.session("d", true, false)
 	for h := range 4 {
@@ -159,8 +159,8 @@ func TestLimitsWriteTimeout(t *testing.T) {
 // requests to leave the device, and leaves other exports alone.
 func TestLimitsCloseExport(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
-	g := newGated(newMem(t, cmdSize, 512), 4096)
-	ts := startServer(t, Options{}, Export{Name: "a", Device: g}, Export{Name: "b", Device: newMem(t, cmdSize, 512)})
+	g := newGated(blockdevtest.NewMem(t, cmdSize, 512), 4096)
+	ts := startServer(t, Options{}, Export{Name: "a", Device: g}, Export{Name: "b", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	a1, a2, b := dial(t, ts.uri("a")), dial(t, ts.uri("a")), dial(t, ts.uri("b"))
 	var eg errgroup.Group
 	eg.Go(func() error {
@@ -204,7 +204,7 @@ func TestLimitsCloseExport(t *testing.T) {
 // Stats count requests, bytes and errors per export; WriteMetrics shows
 // them in the Prometheus text format.
 func TestStatsAndMetrics(t *testing.T) {
-	ts := startServer(t, Options{}, Export{Name: `we"ird`, Device: newMem(t, cmdSize, 512)})
+	ts := startServer(t, Options{}, Export{Name: `we"ird`, Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	c := dial(t, ts.uri(`we"ird`))
 	_, err := c.WriteAt(make([]byte, 4096), 0)
 	require.NoError(t, err)
@@ -273,7 +273,7 @@ func (l *lockedBuffer) String() string {
 // command and the range; limits being hit are logged too.
 func TestLogDeviceErrorsAndLimits(t *testing.T) {
 	var logs lockedBuffer
-	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	f := blockdevtest.NewFaulty(blockdevtest.NewMem(t, cmdSize, 512))
 	ts := startServer(t, Options{MaxConns: 1, Logger: slog.New(slog.NewTextHandler(&logs, nil))},
 		Export{Name: "d", Device: f})
 	c := dial(t, ts.uri("d"))

@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // need skips the test unless every tool is on PATH.
@@ -78,7 +79,7 @@ func randomFile(t *testing.T, path string, size int, seed uint64) []byte {
 
 func TestQemuIO(t *testing.T) {
 	need(t, "qemu-io")
-	mem := newMem(t, 64<<20, 512)
+	mem := blockdevtest.NewMem(t, 64<<20, 512)
 	dev := &counting{Device: mem}
 	ts := startServer(t, Options{}, Export{Name: "disk", Device: dev})
 	uri := ts.uri("disk")
@@ -121,7 +122,7 @@ func TestQemuIO(t *testing.T) {
 
 func TestQemuIOReadOnly(t *testing.T) {
 	need(t, "qemu-io")
-	mem := newMem(t, 16<<20, 512)
+	mem := blockdevtest.NewMem(t, 16<<20, 512)
 	_, err := mem.WriteAt(bytes.Repeat([]byte{0x42}, 4096), 0)
 	require.NoError(t, err)
 	ts := startServer(t, Options{}, Export{Name: "ro", Device: mem, ReadOnly: true})
@@ -178,7 +179,7 @@ func TestNbdcopy(t *testing.T) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
 	want := randomFile(t, src, 8<<20, 2)
-	ts := startServer(t, Options{}, Export{Name: "disk", Device: newMem(t, 8<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "disk", Device: blockdevtest.NewMem(t, 8<<20, 512)})
 	uri := ts.uri("disk")
 	run(t, "nbdcopy", src, uri)
 	dst := filepath.Join(dir, "dst.img")
@@ -191,7 +192,7 @@ func TestNbdcopy(t *testing.T) {
 
 func TestNbdinfo(t *testing.T) {
 	need(t, "nbdinfo")
-	mem := newMem(t, 4<<20, 512)
+	mem := blockdevtest.NewMem(t, 4<<20, 512)
 	_, err := mem.WriteAt(bytes.Repeat([]byte{1}, 64<<10), 0)
 	require.NoError(t, err)
 	ts := startServer(t, Options{}, Export{Name: "rw", Device: mem},
@@ -230,7 +231,7 @@ func TestFioVerify(t *testing.T) {
 	if out, _ := runErr(t, "fio", "--enghelp=nbd"); !strings.Contains(out, "uri") {
 		t.Skipf("fio has no nbd engine: %s", out)
 	}
-	ts := startServer(t, Options{}, Export{Name: "disk", Device: newMem(t, 16<<20, 512)})
+	ts := startServer(t, Options{}, Export{Name: "disk", Device: blockdevtest.NewMem(t, 16<<20, 512)})
 	for _, rw := range []string{"randwrite", "write"} {
 		out := run(t, "fio", "--name=verify", "--ioengine=nbd", "--uri="+ts.uri("disk"),
 			"--rw="+rw, "--bs=4k", "--iodepth=32", "--size=16m",

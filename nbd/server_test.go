@@ -60,7 +60,7 @@ func TestServerShutdownDrainsAndFlushes(t *testing.T) {
 }
 
 func TestServerServeContext(t *testing.T) {
-	srv, err := New(Options{}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+	srv, err := New(Options{}, Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	require.NoError(t, err)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -80,7 +80,7 @@ func TestServerServeContext(t *testing.T) {
 }
 
 func TestServerMaxConns(t *testing.T) {
-	ts := startServer(t, Options{MaxConns: 2}, Export{Name: "d", Device: newMem(t, cmdSize, 512)})
+	ts := startServer(t, Options{MaxConns: 2}, Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	a, b := dial(t, ts.uri("d")), dial(t, ts.uri("d"))
 	_, err := Dial(context.Background(), ts.uri("d"))
 	require.Error(t, err, "third connection over the limit")
@@ -101,7 +101,7 @@ func TestServerMaxConns(t *testing.T) {
 func TestServerMaxInFlight(t *testing.T) {
 	// One worker, two requests in flight: the reader stops reading while
 	// the worker is blocked, yet everything is answered once it resumes.
-	g := newGated(newMem(t, cmdSize, 512), 0)
+	g := newGated(blockdevtest.NewMem(t, cmdSize, 512), 0)
 	ts := startServer(t, Options{Workers: 1, MaxInFlight: 2}, Export{Name: "d", Device: g})
 	r := dialRaw(t, ts)
 	r.session("d", true, false)
@@ -136,7 +136,7 @@ func TestServerMultiConnFlush(t *testing.T) {
 }
 
 func TestServerUnixSocket(t *testing.T) {
-	ts := startServerOn(t, "unix", Options{}, Export{Name: "u", Device: newMem(t, cmdSize, 4096)})
+	ts := startServerOn(t, "unix", Options{}, Export{Name: "u", Device: blockdevtest.NewMem(t, cmdSize, 4096)})
 	c := dial(t, ts.uri("u"))
 	// Any alignment is served (minimum block size 1), so the client
 	// takes its own smallest block size.
@@ -151,31 +151,31 @@ func TestServerUnixSocket(t *testing.T) {
 }
 
 func TestServerExports(t *testing.T) {
-	_, err := New(Options{}, Export{Name: "", Device: newMem(t, cmdSize, 512)})
+	_, err := New(Options{}, Export{Name: "", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	require.Error(t, err)
 	_, err = New(Options{}, Export{Name: "x"})
 	require.Error(t, err)
-	_, err = New(Options{}, Export{Name: "x", Device: newMem(t, cmdSize, 512)},
-		Export{Name: "x", Device: newMem(t, cmdSize, 512)})
+	_, err = New(Options{}, Export{Name: "x", Device: blockdevtest.NewMem(t, cmdSize, 512)},
+		Export{Name: "x", Device: blockdevtest.NewMem(t, cmdSize, 512)})
 	require.Error(t, err)
 
 	ts := startServer(t, Options{DefaultExport: "b"},
-		Export{Name: "a", Device: newMem(t, cmdSize, 512)},
-		Export{Name: "b", Device: newMem(t, 2*cmdSize, 512)})
+		Export{Name: "a", Device: blockdevtest.NewMem(t, cmdSize, 512)},
+		Export{Name: "b", Device: blockdevtest.NewMem(t, 2*cmdSize, 512)})
 	require.Equal(t, int64(2*cmdSize), dial(t, ts.uri("")).Size())
-	require.NoError(t, ts.srv.Add(Export{Name: "c", Device: newMem(t, 3*cmdSize, 512)}))
+	require.NoError(t, ts.srv.Add(Export{Name: "c", Device: blockdevtest.NewMem(t, 3*cmdSize, 512)}))
 	require.Equal(t, int64(3*cmdSize), dial(t, ts.uri("c")).Size())
 	_, err = Dial(context.Background(), ts.uri("nope"))
 	require.ErrorIs(t, err, ErrUnknownExport)
 	// A *blockdev.ReadOnlyDevice is exported read-only.
-	require.NoError(t, ts.srv.Add(Export{Name: "ro", Device: blockdev.ReadOnly(newMem(t, cmdSize, 512))}))
+	require.NoError(t, ts.srv.Add(Export{Name: "ro", Device: blockdev.ReadOnly(blockdevtest.NewMem(t, cmdSize, 512))}))
 	require.True(t, dial(t, ts.uri("ro")).Info().ReadOnly)
 }
 
 func TestServerDeviceErrors(t *testing.T) {
 	// Errors of every kind reach the client as errors, mapped to the
 	// sentinels a caller tests.
-	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	f := blockdevtest.NewFaulty(blockdevtest.NewMem(t, cmdSize, 512))
 	ts := startServer(t, Options{}, Export{Name: "d", Device: f})
 	c := dial(t, ts.uri("d"))
 	f.FailNth(blockdevtest.OpRead, 1, blockdev.ErrIO)
@@ -195,7 +195,7 @@ func TestServerDeviceErrors(t *testing.T) {
 // Every engine's no-space error wraps blockdev.ErrNoSpace, and the server
 // answers it with ENOSPC (not EIO), which the client maps back.
 func TestServerNoSpace(t *testing.T) {
-	f := blockdevtest.NewFaulty(newMem(t, cmdSize, 512))
+	f := blockdevtest.NewFaulty(blockdevtest.NewMem(t, cmdSize, 512))
 	ts := startServer(t, Options{}, Export{Name: "d", Device: f})
 	c := dial(t, ts.uri("d"))
 	for _, full := range []error{blockdev.ErrNoSpace, snapshot.ErrNoSpace, exception.ErrNoSpace, exception.ErrOverflow} {

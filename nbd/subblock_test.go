@@ -39,7 +39,7 @@ func TestSpan(t *testing.T) {
 func TestSubBlockRandom(t *testing.T) {
 	const size = 256 << 10
 	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 0))
-	mem := newMem(t, size, 4096)
+	mem := blockdevtest.NewMem(t, size, 4096)
 	r := cmdSession(t, mem, false, true)
 	model := make([]byte, size)
 	for step := range 400 {
@@ -79,7 +79,7 @@ func TestSubBlockRandom(t *testing.T) {
 }
 
 func TestSubBlockFastZero(t *testing.T) {
-	r := cmdSession(t, newMem(t, cmdSize, 4096), false, true)
+	r := cmdSession(t, blockdevtest.NewMem(t, cmdSize, 4096), false, true)
 	require.Equal(t, ENOTSUP, r.errno(cflagFastZero, cmdWriteZeroes, 512, 4096, nil))
 	require.Equal(t, Errno(0), r.errno(cflagFastZero, cmdWriteZeroes, 4096, 4096, nil))
 }
@@ -87,7 +87,7 @@ func TestSubBlockFastZero(t *testing.T) {
 // Block status of an unaligned range: descriptors start at the request's
 // offset and end at its end; a partial block has its block's state.
 func TestSubBlockBlockStatus(t *testing.T) {
-	mem := newMem(t, cmdSize, 4096)
+	mem := blockdevtest.NewMem(t, cmdSize, 4096)
 	_, err := mem.WriteAt(bytes.Repeat([]byte{1}, 4096), 4096)
 	require.NoError(t, err)
 	r := cmdSession(t, mem, false, true)
@@ -119,7 +119,7 @@ func sectorPattern(w, k int) []byte {
 // the same block, and no writer's last write may be lost.
 func TestSubBlockConcurrentSectors(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
-	mem := newMem(t, 64<<10, 4096)
+	mem := blockdevtest.NewMem(t, 64<<10, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	const writers, rounds = 8, 50
 	var g errgroup.Group
@@ -150,7 +150,7 @@ func TestSubBlockConcurrentSectors(t *testing.T) {
 // read-modify-write that read the block before the write and wrote it
 // back after would bring the old bytes back.
 func TestSubBlockWholeWriteNotLost(t *testing.T) {
-	mem := newMem(t, 64<<10, 4096)
+	mem := blockdevtest.NewMem(t, 64<<10, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	whole, part := dial(t, ts.uri("d")), dial(t, ts.uri("d"))
 	stop := make(chan struct{})
@@ -226,7 +226,7 @@ func TestSubBlockLibnbd(t *testing.T) {
 	if _, err := runErr(t, "env", "PATH=/usr/bin:"+os.Getenv("PATH"), "python3", "-c", "import nbd"); err != nil {
 		t.Skip("python3 nbd module (python3-libnbd) missing")
 	}
-	mem := newMem(t, 1<<20, 4096)
+	mem := blockdevtest.NewMem(t, 1<<20, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	script := `
 import nbd, sys
@@ -271,7 +271,7 @@ for h in hs:
 func TestSubBlockClientModel(t *testing.T) {
 	const size = 128 << 10
 	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 1))
-	mem := newMem(t, size, 4096)
+	mem := blockdevtest.NewMem(t, size, 4096)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: slowWrites(mem)})
 	c := dial(t, ts.uri("d"))
 	// Each goroutine owns every 8th sector, so the final content is

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"testing"
 
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/stretchr/testify/require"
 )
 
@@ -33,8 +34,8 @@ func FuzzHandshakeTLS(f *testing.F) {
 		if mode&1 != 0 {
 			opts.TLS = TLSRequire
 		}
-		srv, err := New(opts, Export{Name: "d", Device: newMem(t, 1<<20, 512)},
-			Export{Name: "vm", Device: newMem(t, 1<<20, 4096), Clients: []ClientAccess{{Subject: "writer"}}})
+		srv, err := New(opts, Export{Name: "d", Device: blockdevtest.NewMem(t, 1<<20, 512)},
+			Export{Name: "vm", Device: blockdevtest.NewMem(t, 1<<20, 4096), Clients: []ClientAccess{{Subject: "writer"}}})
 		require.NoError(t, err)
 		sc := &streamConn{in: bytes.NewReader(in)}
 		c := newConn(srv, sc)

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/stretchr/testify/require"
 )
 
@@ -99,7 +100,7 @@ func qemuTLSArgs(ts *testServer, export, dir string) []string {
 func TestTLSRealClients(t *testing.T) {
 	need(t, "qemu-io", "qemu-img", "nbdinfo", "nbdcopy")
 	pki := newGnutlsPKI(t)
-	mem := newMem(t, 16<<20, 4096)
+	mem := blockdevtest.NewMem(t, 16<<20, 4096)
 	ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: pki.server, TLSVerifyPeer: true},
 		Export{Name: "d", Device: mem})
 	nbds := func(dir string) string {

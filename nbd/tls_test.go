@@ -126,7 +126,7 @@ func newTLSFixture(t *testing.T, opts Options, exports ...Export) *tlsFixture {
 		client1: ca.certDir(t, false, "client1")}
 	opts.TLSCertDir = f.serverDir
 	if len(exports) == 0 {
-		exports = []Export{{Name: "d", Device: newMem(t, cmdSize, 4096)}}
+		exports = []Export{{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 4096)}}
 	}
 	f.ts = startServer(t, opts, exports...)
 	return f
@@ -138,7 +138,7 @@ func TestTLSRequireOurClient(t *testing.T) {
 			ca := newTestCA(t, "test CA")
 			srvDir := ca.certDir(t, true, "localhost")
 			ts := startServerOn(t, network, Options{TLS: TLSRequire, TLSCertDir: srvDir},
-				Export{Name: "d", Device: newMem(t, cmdSize, 4096)})
+				Export{Name: "d", Device: blockdevtest.NewMem(t, cmdSize, 4096)})
 			c := dial(t, tlsURI(ts, "d", ca.certDir(t, false, "")))
 			p := make([]byte, 4096)
 			p[7] = 7
@@ -228,8 +228,8 @@ func TestTLSAllowList(t *testing.T) {
 	ca := newTestCA(t, "test CA")
 	srvDir := ca.certDir(t, true, "localhost")
 	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: srvDir},
-		Export{Name: "open", Device: newMem(t, cmdSize, 512)},
-		Export{Name: "vm", Device: newMem(t, cmdSize, 512), Clients: []ClientAccess{
+		Export{Name: "open", Device: blockdevtest.NewMem(t, cmdSize, 512)},
+		Export{Name: "vm", Device: blockdevtest.NewMem(t, cmdSize, 512), Clients: []ClientAccess{
 			{Subject: "writer"},
 			{Subject: "CN=reader,O=blocksnap test", ReadOnly: true},
 		}})
@@ -256,7 +256,7 @@ func TestTLSAllowList(t *testing.T) {
 	require.Equal(t, "open", string(reps[0].data[4:]))
 
 	// An allow-list without TLS is a configuration error.
-	_, err = New(Options{}, Export{Name: "x", Device: newMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "a"}}})
+	_, err = New(Options{}, Export{Name: "x", Device: blockdevtest.NewMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "a"}}})
 	require.Error(t, err)
 }
 
@@ -340,7 +340,7 @@ func TestTLSModeAndURIs(t *testing.T) {
 func TestTLSOnMetaContextBeforeTLS(t *testing.T) {
 	ca := newTestCA(t, "test CA")
 	ts := startServer(t, Options{TLS: TLSOn, TLSCertDir: ca.certDir(t, true, "localhost")},
-		Export{Name: "vm", Device: newMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "writer"}}})
+		Export{Name: "vm", Device: blockdevtest.NewMem(t, cmdSize, 512), Clients: []ClientAccess{{Subject: "writer"}}})
 	r := dialRaw(t, ts)
 	r.greet(cflagFixedNewstyle)
 	r.opt(optStructuredReply, nil)
@@ -360,7 +360,7 @@ func TestTLSClientConformance(t *testing.T) {
 	srvDir, cliDir := ca.certDir(t, true, "localhost"), ca.certDir(t, false, "client1")
 	blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
 		ts := startServer(t, Options{TLS: TLSRequire, TLSCertDir: srvDir, TLSVerifyPeer: true},
-			Export{Name: "m", Device: newMem(t, 4<<20, 4096)})
+			Export{Name: "m", Device: blockdevtest.NewMem(t, 4<<20, 4096)})
 		c, err := Dial(t.Context(), tlsURI(ts, "m", cliDir))
 		require.NoError(t, err)
 		return c

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // TestConcurrentWriters runs writers on the origin and on clones (each on
@@ -18,8 +19,7 @@ import (
 // taken and deleted, and a snapshot taken while they are paused is checked
 // exactly at the end. Run with -race.
 func TestConcurrentWriters(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	s, origin, _ := newMemStore(t, 1<<20, 32<<20, Options{ChunkSize: 4 << 10, JournalSize: 256 << 10})
 	o := s.Origin()
 	base, err := s.CreateSnapshot("base", o)

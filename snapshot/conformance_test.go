@@ -2,7 +2,6 @@ package snapshot
 
 import (
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"testing"
 
@@ -112,8 +111,6 @@ func mustCheck(t testing.TB, s *Store) {
 	require.NoError(t, s.WaitIdle(context.Background()))
 	require.NoError(t, s.Check())
 }
-
-var _ = fmt.Sprintf
 
 // The origin's creation time is the store's format time, recorded in the
 // superblock, not the time of the latest Open.

@@ -4,11 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,102 +14,6 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
-// trip cuts the power to both devices at the k-th device call made
-// through either: a crash at an arbitrary point inside an operation.
-type trip struct {
-	mu     sync.Mutex
-	left   int
-	policy blockdevtest.Policy
-	sims   []*blockdevtest.CrashSim
-	out    []*blockdevtest.CrashSim
-	err    error
-	size   map[blockdev.Device]int64
-}
-
-func (t *trip) fired() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.out != nil || t.err != nil
-}
-
-func (t *trip) tick() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.out != nil || t.err != nil {
-		return blockdevtest.ErrCrashed
-	}
-	if t.left--; t.left == 0 {
-		t.out, t.err = blockdevtest.CrashAll(t.policy, t.sims...)
-		return blockdevtest.ErrCrashed
-	}
-	return nil
-}
-
-// fire crashes now if the trip has not fired yet.
-func (t *trip) fire() ([]*blockdevtest.CrashSim, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.out == nil && t.err == nil {
-		t.out, t.err = blockdevtest.CrashAll(t.policy, t.sims...)
-	}
-	return t.out, t.err
-}
-
-// tripDev passes calls to a CrashSim until its trip fires. It answers Size
-// and BlockSize itself: a crashed CrashSim's panic (nil image).
-type tripDev struct {
-	blockdev.Device
-	t  *trip
-	bs int
-}
-
-func newTripDev(d *blockdevtest.CrashSim, t *trip) *tripDev { return &tripDev{d, t, d.BlockSize()} }
-
-func (d *tripDev) Size() int64 {
-	if d.t.fired() {
-		return d.t.size[d.Device]
-	}
-	return d.Device.Size()
-}
-
-func (d *tripDev) BlockSize() int { return d.bs }
-
-func (d *tripDev) ReadAt(p []byte, off int64) (int, error) {
-	if err := d.t.tick(); err != nil {
-		return 0, err
-	}
-	return d.Device.ReadAt(p, off)
-}
-
-func (d *tripDev) WriteAt(p []byte, off int64) (int, error) {
-	if err := d.t.tick(); err != nil {
-		return 0, err
-	}
-	return d.Device.WriteAt(p, off)
-}
-
-func (d *tripDev) Flush() error {
-	if err := d.t.tick(); err != nil {
-		return err
-	}
-	return d.Device.Flush()
-}
-
-func (d *tripDev) Discard(off, n int64) error {
-	if err := d.t.tick(); err != nil {
-		return err
-	}
-	return d.Device.Discard(off, n)
-}
-
-// testSeed is BLOCKSNAP_SEED if set, else random.
-func testSeed() uint64 {
-	if v, err := strconv.ParseUint(os.Getenv("BLOCKSNAP_SEED"), 10, 64); err == nil {
-		return v
-	}
-	return rand.Uint64()
-}
-
 // shortScale cuts a test's iteration count in -short mode (the race
 // detector run in CI); the plain run keeps the full count.
 func shortScale(n int) int {
@@ -121,13 +21,6 @@ func shortScale(n int) int {
 		return max(1, n/5)
 	}
 	return n
-}
-
-func tortureBudget() time.Duration {
-	if v, err := strconv.Atoi(os.Getenv("BLOCKSNAP_TORTURE_SECONDS")); err == nil && v > 0 {
-		return time.Duration(v) * time.Second
-	}
-	return 0
 }
 
 // tortureConfig is a store geometry for the crash torture.
@@ -158,8 +51,7 @@ type tortureConfig struct {
 // the committer on, device calls come from background goroutines too, so
 // a seed replays the workload but not always the same crash points.
 func TestCrashTorture(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d (BLOCKSNAP_SEED replays it; BLOCKSNAP_TORTURE_SECONDS for a longer run)", seed)
+	seed := blockdevtest.Seed(t)
 	configs := []tortureConfig{
 		{"512", 128 << 10, 3 << 20, 512, 4 << 10, 128 << 10},
 		{"4096-partial-chunk", 300 << 10, 2 << 20, 4096, 8 << 10, 64 << 10},
@@ -167,29 +59,32 @@ func TestCrashTorture(t *testing.T) {
 	}
 	for i, cfg := range configs {
 		t.Run(cfg.name, func(t *testing.T) {
-			crashTorture(t, seed+uint64(i), cfg, shortScale(3000)/len(configs), tortureBudget()/time.Duration(len(configs)))
+			crashTorture(t, seed+uint64(i), cfg, blockdevtest.TortureBudget(t, crashPoints/len(configs)))
 		})
 	}
 }
 
-func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, target int, budget time.Duration) {
+// crashPoints is the torture's default count of crash points over its
+// configurations (a tenth under -short).
+const crashPoints = 3000
+
+func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdevtest.Budget) {
 	rng := rand.New(rand.NewPCG(seed, 3))
 	crashes := 0
-	deadline := time.Now().Add(budget)
 	oSim := blockdevtest.MustCrashSim(cfg.originSize, cfg.blockSize)
 	sSim := blockdevtest.MustCrashSim(cfg.storeLen, cfg.blockSize)
 	fillPattern(t, oSim, seed)
 	require.NoError(t, oSim.Flush())
 	policies := blockdevtest.AllPolicies(seed)
-	newTrip := func() *trip {
+	// A power cut over both devices, armed at a random call below.
+	newCut := func() *blockdevtest.PowerCut {
 		p := policies[crashes%len(policies)]
 		p.Seed += uint64(crashes)
-		return &trip{left: 1 << 30, policy: p, sims: []*blockdevtest.CrashSim{oSim, sSim},
-			size: map[blockdev.Device]int64{oSim: oSim.Size(), sSim: sSim.Size()}}
+		return blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, p)
 	}
-	tr := newTrip()
+	tr := newCut()
 	opts := Options{ChunkSize: cfg.chunkSize, JournalSize: cfg.journalSize, CommitInterval: -1}
-	w := newWorkload(t, seed, newTripDev(oSim, tr), newTripDev(sSim, tr), opts)
+	w := newWorkload(t, seed, tr.Device("origin", oSim), tr.Device("store", sSim), opts)
 	w.failOK = true
 	w.maxVols = 8
 	reopen := false
@@ -201,10 +96,8 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, target int, budg
 	ckptAt := []float64{0, minCheckpointAt, 0.3, maxCheckpointAt}
 	policiesNS := []NoSpacePolicy{NoSpaceFailWrite, NoSpaceInvalidate}
 	buffered, full, committer := 0, 0, 0 // crashes that found origin writes buffered, the store full, the committer on
-	for crashes < target || time.Now().Before(deadline) {
-		tr.mu.Lock()
-		tr.left = 1 + rng.IntN(150)
-		tr.mu.Unlock()
+	for budget.Next() {
+		tr.Arm(blockdevtest.OpAny, 1+rng.IntN(150))
 		var err error
 		if reopen { // recovery itself may be hit by the next crash
 			w.opts.OriginBuffer = buffers[crashes%len(buffers)]
@@ -229,8 +122,8 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, target int, budg
 		}
 		oSim, sSim = w.crashed(tr, err)
 		crashes++
-		tr = newTrip()
-		w.origin, w.store = newTripDev(oSim, tr), newTripDev(sSim, tr)
+		tr = newCut()
+		w.origin, w.store = tr.Device("origin", oSim), tr.Device("store", sSim)
 		reopen = true
 	}
 	t.Logf("%d crash points: %d with origin writes buffered, %d with the committer running, %d after ErrNoSpace; "+
@@ -241,13 +134,12 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, target int, budg
 
 // crashed completes the power cut, reopens on the surviving images and
 // checks them against the model, then resynchronises the model.
-func (w *workload) crashed(tr *trip, cause error) (*blockdevtest.CrashSim, *blockdevtest.CrashSim) {
+func (w *workload) crashed(tr *blockdevtest.PowerCut, cause error) (*blockdevtest.CrashSim, *blockdevtest.CrashSim) {
 	w.t.Helper()
 	if !errors.Is(cause, blockdevtest.ErrCrashed) && !errors.Is(cause, ErrNoSpace) {
 		w.t.Fatalf("seed %d step %d: failed without a crash: %v", w.seed, w.steps, cause)
 	}
-	out, err := tr.fire() // before Close, which would flush
-	require.NoError(w.t, err)
+	out := tr.Cut() // before Close, which would flush
 	if w.s != nil {
 		w.retire()
 		_ = w.s.Close()
@@ -256,12 +148,12 @@ func (w *workload) crashed(tr *trip, cause error) (*blockdevtest.CrashSim, *bloc
 	oSim, sSim := out[0], out[1]
 	w.origin, w.store = oSim, sSim
 	s, err := Open(oSim, sSim, w.opts)
-	w.must(err, "open after crash (%v, cause %v)", tr.policy, cause)
+	w.must(err, "open after crash (%v, cause %v)", tr, cause)
 	w.s = s
 	w.must(s.WaitIdle(context.Background()), "collector after crash")
-	w.must(s.Check(), "check after crash (%v)", tr.policy)
+	w.must(s.Check(), "check after crash (%v)", tr)
 	w.why = "reconcile"
-	w.reconcile(tr.policy)
+	w.reconcile(tr.Policy())
 	w.retire()
 	w.must(s.Close(), "close after crash check")
 	w.s = nil
@@ -311,7 +203,7 @@ func (w *workload) reconcile(p blockdevtest.Policy) {
 		_, err = vol.ReadAt(buf, 0)
 		w.must(err, "read %s after crash", name)
 		if v.kind == KindSnapshot {
-			if i := firstDiff(buf, v.data); i >= 0 {
+			if i := blockdevtest.FirstDiff(buf, v.data); i >= 0 {
 				w.t.Fatalf("seed %d step %d: snapshot %s changed in a crash (%v) at byte %d", w.seed, w.steps, name, p, i)
 			}
 			continue
@@ -360,5 +252,3 @@ func (w *workload) checkSectors(v *vmodel, got []byte, p blockdevtest.Policy) {
 		}
 	}
 }
-
-var _ = fmt.Sprint

@@ -52,8 +52,7 @@ func hangGuard(t *testing.T, limit time.Duration, f func()) {
 // of a snapshot run together. The emergency checkpoint used to take
 // reclaim under mu (the reverse of a reader's order) and hang.
 func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	origin, err := blockdev.NewMem(4<<20, 512)
 	require.NoError(t, err)
 	fillPattern(t, origin, seed)
@@ -139,8 +138,7 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 // before the delete or fail with ErrInvalidSnapshot, and the store must
 // stay usable and consistent. Run with -race too.
 func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	for _, op := range []string{"write", "discard", "snapshot", "clone", "read", "rollback", "rollback-target"} {
 		t.Run(op, func(t *testing.T) {
 			origin, err := blockdev.NewMem(1<<20, 512)
@@ -155,7 +153,7 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 			o := s.Origin()
 			golden, err := s.CreateSnapshot("golden", o)
 			require.NoError(t, err)
-			goldenData := readAll(t, golden)
+			goldenData := blockdevtest.ReadAll(t, golden)
 			rng := rand.New(rand.NewPCG(seed, 5))
 			hangGuard(t, 2*time.Minute, func() {
 				for round := range shortScale(20) {
@@ -240,7 +238,7 @@ func TestDeleteRacesOperationsOnTheVolume(t *testing.T) {
 					for _, v := range made { // each holds the clone's contents, whole
 						_, err := v.ReadAt(got, 0)
 						require.NoError(t, err)
-						require.Equal(t, -1, firstDiff(got, want), "volume %s of the deleted clone", v.Info().Name)
+						require.Equal(t, -1, blockdevtest.FirstDiff(got, want), "volume %s of the deleted clone", v.Info().Name)
 					}
 					for _, vi := range s.List() { // what the racing operations made
 						if vi.Kind != KindOrigin && vi.Name != "golden" {
@@ -307,8 +305,7 @@ func TestFreedChunksReusedBeforeNoSpace(t *testing.T) {
 // reopen). The store must refuse the growth with ErrNoSpace before it
 // commits and stay usable.
 func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	origin, err := blockdev.NewMem(16<<30, 4096) // sparse: 256 Ki chunks of 64 KiB
 	require.NoError(t, err)
 	store, err := blockdev.NewMem(16<<20, 4096)
@@ -410,7 +407,7 @@ func TestFailedStoreCloseWritesOutDurable(t *testing.T) {
 	s, err := Format(origin, store, opts)
 	require.NoError(t, err)
 	o := s.Origin()
-	before := readAll(t, o)
+	before := blockdevtest.ReadAll(t, o)
 	_, err = s.CreateSnapshot("snap", o)
 	require.NoError(t, err)
 	one := bytes.Repeat([]byte{1}, cs)
@@ -438,8 +435,8 @@ func TestFailedStoreCloseWritesOutDurable(t *testing.T) {
 	mustCheck(t, s)
 	want := bytes.Clone(before)
 	copy(want, one)
-	require.Equal(t, -1, firstDiff(readAll(t, s.Origin()), want), "origin after the failed store's close")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s.Origin()), want), "origin after the failed store's close")
 	snap, err := s.OpenVolume("snap")
 	require.NoError(t, err)
-	require.Equal(t, -1, firstDiff(readAll(t, snap), before), "snapshot")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "snapshot")
 }

@@ -20,8 +20,7 @@ import (
 // devices must recover, pass Check and hold every snapshot's exact
 // contents; and no goroutine may leak.
 func TestErrorSweep(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	baseline := runtime.NumGoroutine()
 	const steps = 40
 	for k := 1; ; k++ {

@@ -18,18 +18,14 @@ func TestExportDiffRestores(t *testing.T) {
 	ctx := context.Background()
 	s, _, _ := newMemStore(t, 4<<20, 16<<20, Options{ChunkSize: 16 << 10})
 	o := s.Origin()
-	write := func(b byte, off, n int64) {
-		_, err := o.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
-		require.NoError(t, err)
-	}
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
-	write(1, 0, 64<<10)
-	write(2, 2<<20, 4096)
+	fillAt(t, o, 1, 0, 64<<10)
+	fillAt(t, o, 2, 2<<20, 4096)
 	require.NoError(t, o.Discard(1<<20, 48<<10))
 	s2, err := s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
-	write(3, 3<<20, 32<<10)
+	fillAt(t, o, 3, 3<<20, 32<<10)
 	s3, err := s.CreateSnapshot("s3", o)
 	require.NoError(t, err)
 

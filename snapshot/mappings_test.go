@@ -1,12 +1,12 @@
 package snapshot
 
 import (
-	"bytes"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // Every volume reads, within its mappings, the store bytes they name (or
@@ -15,17 +15,13 @@ import (
 func TestMappingsSayWhereDataLives(t *testing.T) {
 	s, origin, store := newMemStore(t, 4<<20, 16<<20, Options{ChunkSize: 16 << 10, CommitInterval: -1})
 	o := s.Origin()
-	write := func(v *Volume, b byte, off, n int64) {
-		_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
-		require.NoError(t, err)
-	}
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
-	write(o, 1, 0, 64<<10) // four chunks copied for s1, in order
-	write(o, 2, 1<<20, 16<<10)
+	fillAt(t, o, 1, 0, 64<<10) // four chunks copied for s1, in order
+	fillAt(t, o, 2, 1<<20, 16<<10)
 	c, err := s.CreateClone("c", s1)
 	require.NoError(t, err)
-	write(c, 3, 2<<20, 32<<10)
+	fillAt(t, c, 3, 2<<20, 32<<10)
 	require.NoError(t, c.Discard(3<<20, 16<<10))
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
@@ -38,7 +34,7 @@ func TestMappingsSayWhereDataLives(t *testing.T) {
 		v := mustOpen(t, ro, name)
 		maps, err := ro.Mappings(v)
 		require.NoError(t, err)
-		img := readAll(t, v)
+		img := blockdevtest.ReadAll(t, v)
 		covered := make([]bool, len(img))
 		for i, m := range maps {
 			if i > 0 {
@@ -56,7 +52,7 @@ func TestMappingsSayWhereDataLives(t *testing.T) {
 				covered[j] = true
 			}
 		}
-		base := readAll(t, origin)
+		base := blockdevtest.ReadAll(t, origin)
 		for j := range img {
 			if !covered[j] && img[j] != base[j] {
 				t.Fatalf("%s: byte %d outside every mapping differs from the origin device", name, j)

@@ -30,15 +30,6 @@ func newMemStore512(t testing.TB, originSize, storeSize int64, opts Options) (*S
 	return s, origin
 }
 
-// readAll reads a whole device.
-func readAll(t testing.TB, d blockdev.Device) []byte {
-	t.Helper()
-	buf := make([]byte, d.Size())
-	_, err := d.ReadAt(buf, 0)
-	require.NoError(t, err)
-	return buf
-}
-
 // TestOriginBufferReadYourWrites writes random ranges (any block alignment,
 // partial chunks, overlaps, discards) to the origin after a snapshot, with
 // no background commit: every read of the origin sees the writes while the
@@ -47,13 +38,12 @@ func readAll(t testing.TB, d blockdev.Device) []byte {
 // Flush writes everything out and empties the buffer; the snapshot stays
 // exact throughout.
 func TestOriginBufferReadYourWrites(t *testing.T) {
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 11))
 	const cs = 4 << 10
 	s, origin := newMemStore512(t, 256<<10, 4<<20, Options{ChunkSize: cs, JournalSize: 256 << 10, CommitInterval: -1})
 	o := s.Origin()
-	before := readAll(t, origin)
+	before := blockdevtest.ReadAll(t, origin)
 	snap, err := s.CreateSnapshot("snap", o)
 	require.NoError(t, err)
 	model := bytes.Clone(before)
@@ -84,22 +74,22 @@ func TestOriginBufferReadYourWrites(t *testing.T) {
 			got := make([]byte, rn)
 			_, err := o.ReadAt(got, ro)
 			require.NoError(t, err)
-			require.Equal(t, -1, firstDiff(got, model[ro:ro+rn]), "seed %d round %d: read %d at %d", seed, round, rn, ro)
+			require.Equal(t, -1, blockdevtest.FirstDiff(got, model[ro:ro+rn]), "seed %d round %d: read %d at %d", seed, round, rn, ro)
 		}
-		require.Equal(t, -1, firstDiff(readAll(t, o), model), "seed %d round %d: origin volume", seed, round)
+		require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, o), model), "seed %d round %d: origin volume", seed, round)
 		if round == 0 {
 			// Nothing committed yet: the origin device has not changed, and
 			// each touched chunk was copied exactly once.
-			require.Equal(t, -1, firstDiff(readAll(t, origin), before), "seed %d: origin device written before the commit", seed)
+			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin), before), "seed %d: origin device written before the commit", seed)
 			st := s.Stats()
 			require.Equal(t, int64(len(touched)), st.BufferedChunks)
 			require.Equal(t, uint64(len(touched)), st.UsedChunks)
 		}
-		require.Equal(t, -1, firstDiff(readAll(t, snap), before), "seed %d round %d: snapshot changed", seed, round)
+		require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "seed %d round %d: snapshot changed", seed, round)
 		if rng.IntN(2) == 0 || round == 0 {
 			require.NoError(t, o.Flush())
 			require.Zero(t, s.Stats().BufferedChunks)
-			require.Equal(t, -1, firstDiff(readAll(t, origin), model), "seed %d round %d: origin device after Flush", seed, round)
+			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin), model), "seed %d round %d: origin device after Flush", seed, round)
 		}
 	}
 	mustCheck(t, s)
@@ -115,7 +105,7 @@ func TestOriginBufferFlushDurable(t *testing.T) {
 			sSim := blockdevtest.MustCrashSim(2<<20, 512)
 			fillPattern(t, oSim, 5)
 			require.NoError(t, oSim.Flush())
-			before := readAll(t, oSim)
+			before := blockdevtest.ReadAll(t, oSim)
 			opts := Options{ChunkSize: 4 << 10, JournalSize: 128 << 10, CommitInterval: -1}
 			s, err := Format(oSim, sSim, opts)
 			require.NoError(t, err)
@@ -142,10 +132,10 @@ func TestOriginBufferFlushDurable(t *testing.T) {
 			if flush {
 				want = model
 			}
-			require.Equal(t, -1, firstDiff(readAll(t, s2.Origin()), want), "origin after the crash")
+			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s2.Origin()), want), "origin after the crash")
 			sv, err := s2.OpenVolume("snap")
 			require.NoError(t, err)
-			require.Equal(t, -1, firstDiff(readAll(t, sv), before), "snapshot after the crash")
+			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, sv), before), "snapshot after the crash")
 		})
 	}
 }
@@ -156,30 +146,30 @@ func TestOriginBufferFlushDurable(t *testing.T) {
 func TestOriginBufferSnapshotAfterWrite(t *testing.T) {
 	s, origin := newMemStore512(t, 64<<10, 2<<20, Options{ChunkSize: 4 << 10, JournalSize: 128 << 10, CommitInterval: -1})
 	o := s.Origin()
-	v0 := readAll(t, origin)
+	v0 := blockdevtest.ReadAll(t, origin)
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
 	_, err = o.WriteAt(bytes.Repeat([]byte{1}, 2048), 1024) // partial chunk, buffered
 	require.NoError(t, err)
-	v1 := readAll(t, o)
+	v1 := blockdevtest.ReadAll(t, o)
 	require.Positive(t, s.Stats().BufferedChunks)
 	s2, err := s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
 	require.Zero(t, s.Stats().BufferedChunks, "snapshot creation drains the buffer")
 	_, err = o.WriteAt(bytes.Repeat([]byte{2}, 4096), 0) // the same chunk, whole: copied again for s2
 	require.NoError(t, err)
-	v2 := readAll(t, o)
+	v2 := blockdevtest.ReadAll(t, o)
 	c1, err := s.CreateClone("c1", o) // through an implicit snapshot
 	require.NoError(t, err)
 	_, err = o.WriteAt(bytes.Repeat([]byte{3}, 512), 512)
 	require.NoError(t, err)
-	v3 := readAll(t, o)
-	require.Equal(t, -1, firstDiff(readAll(t, s1), v0), "s1")
-	require.Equal(t, -1, firstDiff(readAll(t, s2), v1), "s2")
-	require.Equal(t, -1, firstDiff(readAll(t, c1), v2), "c1")
-	require.Equal(t, -1, firstDiff(readAll(t, o), v3), "origin")
+	v3 := blockdevtest.ReadAll(t, o)
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s1), v0), "s1")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, s2), v1), "s2")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, c1), v2), "c1")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, o), v3), "origin")
 	require.NoError(t, o.Flush())
-	require.Equal(t, -1, firstDiff(readAll(t, origin), v3), "origin device")
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin), v3), "origin device")
 	mustCheck(t, s)
 }
 
@@ -192,7 +182,7 @@ func TestOriginBufferBackpressure(t *testing.T) {
 	const cs = 4 << 10
 	s, origin := newMemStore512(t, 256<<10, 4<<20, Options{ChunkSize: cs, JournalSize: 256 << 10, CommitInterval: -1, OriginBuffer: 4 * cs})
 	o := s.Origin()
-	before := readAll(t, origin)
+	before := blockdevtest.ReadAll(t, origin)
 	_, err := s.CreateSnapshot("snap", o)
 	require.NoError(t, err)
 	model := bytes.Clone(before)
@@ -205,19 +195,18 @@ func TestOriginBufferBackpressure(t *testing.T) {
 		require.LessOrEqual(t, st.BufferedChunks, int64(4))
 		require.Equal(t, c%4+1, st.BufferedChunks, "chunk %d", c)
 	}
-	dev := readAll(t, origin)
+	dev := blockdevtest.ReadAll(t, origin)
 	require.Equal(t, model[:16*cs], dev[:16*cs], "drained chunks reached the origin device")
 	require.Equal(t, before[16*cs:], dev[16*cs:], "buffered chunks did not")
-	require.Equal(t, -1, firstDiff(readAll(t, o), model))
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, o), model))
 
 	// Concurrent writers, each on its own region, racing the committer.
-	seed := testSeed()
-	t.Logf("seed %d", seed)
+	seed := blockdevtest.Seed(t)
 	s2, origin2 := newMemStore512(t, 1<<20, 16<<20, Options{ChunkSize: cs, JournalSize: 512 << 10, CommitInterval: time.Millisecond, OriginBuffer: 8 * cs})
 	o2 := s2.Origin()
 	_, err = s2.CreateSnapshot("snap", o2)
 	require.NoError(t, err)
-	model2 := readAll(t, o2)
+	model2 := blockdevtest.ReadAll(t, o2)
 	const writers = 4
 	region := int64(len(model2)) / writers
 	var wg sync.WaitGroup
@@ -248,9 +237,9 @@ func TestOriginBufferBackpressure(t *testing.T) {
 	if p := failed.Load(); p != nil {
 		t.Fatalf("seed %d: %v", seed, *p)
 	}
-	require.Equal(t, -1, firstDiff(readAll(t, o2), model2), "seed %d: origin volume", seed)
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, o2), model2), "seed %d: origin volume", seed)
 	require.NoError(t, o2.Flush())
-	require.Equal(t, -1, firstDiff(readAll(t, origin2), model2), "seed %d: origin device", seed)
+	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin2), model2), "seed %d: origin device", seed)
 	mustCheck(t, s2)
 }
 
@@ -292,7 +281,7 @@ func TestOriginBufferWriteOutError(t *testing.T) {
 	require.ErrorIs(t, o.Flush(), blockdev.ErrIO, "the failure is reported by the next Flush")
 	require.Zero(t, s.Stats().BufferedChunks)
 	require.NoError(t, o.Flush(), "reported once")
-	dev := readAll(t, mem)
+	dev := blockdevtest.ReadAll(t, mem)
 	require.Equal(t, bytes.Repeat([]byte{1}, cs), dev[:cs])
 	require.Equal(t, bytes.Repeat([]byte{2}, cs), dev[cs:2*cs])
 	require.NoError(t, write(2, 3))

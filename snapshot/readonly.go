@@ -31,10 +31,15 @@ func (s *Store) closeReadOnly() error {
 	if errors.Is(err, journal.ErrClosed) {
 		err = nil
 	}
+	s.closeVolumes()
+	return err
+}
+
+// closeVolumes makes every open volume handle of a closed store fail.
+func (s *Store) closeVolumes() {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, v := range s.volumes {
 		v.dead.Store(true)
 	}
-	s.mu.Unlock()
-	return err
 }

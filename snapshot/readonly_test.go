@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // roFixture builds a closed store with an origin, snapshots, a clone with
@@ -19,26 +20,22 @@ func roFixture(t *testing.T) (*blockdev.Mem, *blockdev.Mem) {
 	t.Helper()
 	s, origin, store := newMemStore(t, 4<<20, 16<<20, Options{ChunkSize: 16 << 10, CommitInterval: -1})
 	o := s.Origin()
-	write := func(v *Volume, b byte, off, n int64) {
-		_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
-		require.NoError(t, err)
-	}
 	s1, err := s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
-	write(o, 1, 0, 64<<10)
+	fillAt(t, o, 1, 0, 64<<10)
 	require.NoError(t, o.Discard(1<<20, 32<<10))
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
 	c, err := s.CreateClone("c", s1)
 	require.NoError(t, err)
-	write(c, 2, 512<<10, 48<<10)
+	fillAt(t, c, 2, 512<<10, 48<<10)
 	require.NoError(t, c.Discard(2<<20, 16<<10))
 	_, err = s.CreateSnapshot("cs", c)
 	require.NoError(t, err)
-	write(o, 3, 3<<20, 16<<10)
+	fillAt(t, o, 3, 3<<20, 16<<10)
 	gone, err := s.CreateSnapshot("gone", o)
 	require.NoError(t, err)
-	write(o, 4, 3<<20, 16<<10)
+	fillAt(t, o, 4, 3<<20, 16<<10)
 	_, err = s.Delete(gone.Info().Name)
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
@@ -51,7 +48,7 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 	out := map[string][]byte{}
 	for _, vi := range s.List() {
 		v := mustOpen(t, s, vi.Name)
-		out[vi.Name] = readAll(t, v)
+		out[vi.Name] = blockdevtest.ReadAll(t, v)
 		require.NoError(t, v.Close())
 	}
 	return out
@@ -64,7 +61,7 @@ func volumeImages(t *testing.T, s *Store) map[string][]byte {
 func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	ctx := context.Background()
 	origin, store := roFixture(t)
-	before := [2][]byte{readAll(t, origin), readAll(t, store)}
+	before := [2][]byte{blockdevtest.ReadAll(t, origin), blockdevtest.ReadAll(t, store)}
 
 	_, err := Open(blockdev.ReadOnly(origin), blockdev.ReadOnly(store), Options{})
 	require.ErrorIs(t, err, blockdev.ErrReadOnly, "a read-write open writes a journal epoch")
@@ -115,8 +112,8 @@ func TestReadOnlyOpenWritesNothing(t *testing.T) {
 	require.NoError(t, o.Flush())
 	require.NoError(t, c.Flush())
 	require.NoError(t, s.Close())
-	require.Equal(t, before[0], readAll(t, origin), "origin device changed")
-	require.Equal(t, before[1], readAll(t, store), "store device changed")
+	require.Equal(t, before[0], blockdevtest.ReadAll(t, origin), "origin device changed")
+	require.Equal(t, before[1], blockdevtest.ReadAll(t, store), "store device changed")
 
 	rw, err := Open(origin, store, Options{})
 	require.NoError(t, err)
@@ -169,6 +166,13 @@ func mustOpen(t *testing.T, s *Store, name string) *Volume {
 	v, err := s.OpenVolume(name)
 	require.NoError(t, err)
 	return v
+}
+
+// fillAt writes n bytes of value b at off.
+func fillAt(t *testing.T, v *Volume, b byte, off, n int64) {
+	t.Helper()
+	_, err := v.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
+	require.NoError(t, err)
 }
 
 func second[T any](_ T, err error) error { return err }

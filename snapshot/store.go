@@ -484,11 +484,7 @@ func (s *Store) Close() error {
 			err = cerr
 		}
 	}
-	s.mu.Lock()
-	for _, v := range s.volumes {
-		v.dead.Store(true)
-	}
-	s.mu.Unlock()
+	s.closeVolumes()
 	return err
 }
 

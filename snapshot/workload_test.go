@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // The model-based workload: random operations against the store and
@@ -442,23 +443,11 @@ func (w *workload) verifySome(all bool) {
 		v := w.vols[name]
 		_, err := v.vol.ReadAt(buf, 0)
 		w.must(err, "read %s", name)
-		if i := firstDiff(buf, v.data); i >= 0 {
+		if i := blockdevtest.FirstDiff(buf, v.data); i >= 0 {
 			w.t.Fatalf("seed %d step %d: volume %s (%v) differs from the model at byte %d (chunk %d): got %#x want %#x",
 				w.seed, w.steps, name, v.kind, i, int64(i)/w.s.cs, buf[i], v.data[i])
 		}
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	if bytes.Equal(a, b) {
-		return -1
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return len(a)
 }
 
 func TestModelWorkload(t *testing.T) {
@@ -477,8 +466,7 @@ func TestModelWorkload(t *testing.T) {
 		{"journal-4k-partial-chunk", Options{ChunkSize: 8 << 10, JournalSize: 256 << 10}, 1000, 600 << 10, 4096},
 	} {
 		t.Run(m.name, func(t *testing.T) {
-			seed := testSeed()
-			t.Logf("seed %d", seed)
+			seed := blockdevtest.Seed(t)
 			size, bs := cmp.Or(m.size, 256<<10), cmp.Or(m.bs, 512)
 			origin, _ := blockdev.NewMem(size, bs)
 			store, _ := blockdev.NewMem(max(8<<20, 40*size), bs)

@@ -34,8 +34,6 @@ func TestConformanceDelayed(t *testing.T) {
 	})
 }
 
-func fill(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
-
 func read(t *testing.T, d blockdev.Device, off int64, n int) []byte {
 	t.Helper()
 	p := make([]byte, n)
@@ -48,32 +46,32 @@ func read(t *testing.T, d blockdev.Device, off int64, n int) []byte {
 // [0, 32 KiB) and discards [32 KiB, 48 KiB), both unflushed.
 func setup(t *testing.T) *blockdevtest.CrashSim {
 	s := blockdevtest.MustCrashSim(1<<20, 512)
-	_, err := s.WriteAt(fill('A', 64<<10), 0)
+	_, err := s.WriteAt(blockdevtest.Fill('A', 64<<10), 0)
 	require.NoError(t, err)
 	require.NoError(t, s.Flush())
-	_, err = s.WriteAt(fill('B', 32<<10), 0)
+	_, err = s.WriteAt(blockdevtest.Fill('B', 32<<10), 0)
 	require.NoError(t, err)
 	require.NoError(t, s.Discard(32<<10, 16<<10))
 	require.Equal(t, 2, s.Pending())
 	// Before a crash, reads see everything.
-	require.Equal(t, fill('B', 32<<10), read(t, s, 0, 32<<10))
-	require.Equal(t, fill(0, 16<<10), read(t, s, 32<<10, 16<<10))
+	require.Equal(t, blockdevtest.Fill('B', 32<<10), read(t, s, 0, 32<<10))
+	require.Equal(t, blockdevtest.Fill(0, 16<<10), read(t, s, 32<<10, 16<<10))
 	return s
 }
 
 func TestCrashDropKeepsOnlyFlushed(t *testing.T) {
 	s := setup(t)
 	c := s.MustCrash(blockdevtest.Policy{Mode: blockdevtest.Drop})
-	require.Equal(t, fill('A', 64<<10), read(t, c, 0, 64<<10))
+	require.Equal(t, blockdevtest.Fill('A', 64<<10), read(t, c, 0, 64<<10))
 	require.Equal(t, 0, c.Pending())
 }
 
 func TestCrashKeepKeepsEverything(t *testing.T) {
 	s := setup(t)
 	c := s.MustCrash(blockdevtest.Policy{Mode: blockdevtest.Keep})
-	require.Equal(t, fill('B', 32<<10), read(t, c, 0, 32<<10))
-	require.Equal(t, fill(0, 16<<10), read(t, c, 32<<10, 16<<10))
-	require.Equal(t, fill('A', 16<<10), read(t, c, 48<<10, 16<<10))
+	require.Equal(t, blockdevtest.Fill('B', 32<<10), read(t, c, 0, 32<<10))
+	require.Equal(t, blockdevtest.Fill(0, 16<<10), read(t, c, 32<<10, 16<<10))
+	require.Equal(t, blockdevtest.Fill('A', 16<<10), read(t, c, 48<<10, 16<<10))
 }
 
 // classify counts, over the 96 sectors setup's unflushed ops touched, those
@@ -87,9 +85,9 @@ func classify(img []byte) (old, kept, garbage int) {
 			newVal = 0
 		}
 		switch {
-		case bytes.Equal(b, fill(newVal, 512)):
+		case bytes.Equal(b, blockdevtest.Fill(newVal, 512)):
 			kept++
-		case bytes.Equal(b, fill('A', 512)):
+		case bytes.Equal(b, blockdevtest.Fill('A', 512)):
 			old++
 		default:
 			garbage++
@@ -107,7 +105,7 @@ func TestCrashKeepSomePerSector(t *testing.T) {
 		img := read(t, c, 0, 64<<10)
 		lost, kept, garbage := classify(img)
 		require.Zero(t, garbage, "p=%v: a sector is neither old nor new", p)
-		require.Equal(t, fill('A', 16<<10), img[48<<10:], "untouched sectors keep flushed data")
+		require.Equal(t, blockdevtest.Fill('A', 16<<10), img[48<<10:], "untouched sectors keep flushed data")
 		switch p {
 		case 0:
 			require.Equal(t, 0, kept)
@@ -139,7 +137,7 @@ func TestCrashTear(t *testing.T) {
 	require.Positive(t, old)
 	require.Positive(t, kept)
 	require.Positive(t, garbage)
-	require.Equal(t, fill('A', 16<<10), img[48<<10:])
+	require.Equal(t, blockdevtest.Fill('A', 16<<10), img[48<<10:])
 }
 
 func TestCrashedDeviceFails(t *testing.T) {
@@ -162,14 +160,14 @@ func TestCrashedDeviceFails(t *testing.T) {
 func TestCrashChainAllPolicies(t *testing.T) {
 	s := blockdevtest.MustCrashSim(256<<10, 4096)
 	for i, p := range blockdevtest.AllPolicies(9) {
-		_, err := s.WriteAt(fill(byte('a'+i), 4096), int64(i)*4096)
+		_, err := s.WriteAt(blockdevtest.Fill(byte('a'+i), 4096), int64(i)*4096)
 		require.NoError(t, err)
 		require.NoError(t, s.Flush())
-		_, err = s.WriteAt(fill('z', 4096), 128<<10)
+		_, err = s.WriteAt(blockdevtest.Fill('z', 4096), 128<<10)
 		require.NoError(t, err)
 		s = s.MustCrash(p)
 		for j := 0; j <= i; j++ {
-			require.Equal(t, fill(byte('a'+j), 4096), read(t, s, int64(j)*4096, 4096), "policy %v block %d", p, j)
+			require.Equal(t, blockdevtest.Fill(byte('a'+j), 4096), read(t, s, int64(j)*4096, 4096), "policy %v block %d", p, j)
 		}
 	}
 }
@@ -177,15 +175,15 @@ func TestCrashChainAllPolicies(t *testing.T) {
 func TestCrashAll(t *testing.T) {
 	a := blockdevtest.MustCrashSim(256<<10, 512)
 	b := blockdevtest.MustCrashSim(256<<10, 512)
-	_, err := a.WriteAt(fill(1, 512), 0)
+	_, err := a.WriteAt(blockdevtest.Fill(1, 512), 0)
 	require.NoError(t, err)
 	require.NoError(t, a.Flush())
-	_, err = b.WriteAt(fill(2, 512), 0)
+	_, err = b.WriteAt(blockdevtest.Fill(2, 512), 0)
 	require.NoError(t, err)
 	out, err := blockdevtest.CrashAll(blockdevtest.Policy{Mode: blockdevtest.Drop}, a, b)
 	require.NoError(t, err)
-	require.Equal(t, fill(1, 512), read(t, out[0], 0, 512))
-	require.Equal(t, fill(0, 512), read(t, out[1], 0, 512))
+	require.Equal(t, blockdevtest.Fill(1, 512), read(t, out[0], 0, 512))
+	require.Equal(t, blockdevtest.Fill(0, 512), read(t, out[1], 0, 512))
 }
 
 func TestFaultyNth(t *testing.T) {
@@ -193,12 +191,12 @@ func TestFaultyNth(t *testing.T) {
 	require.NoError(t, err)
 	f := blockdevtest.NewFaulty(m)
 	f.FailNth(blockdevtest.OpWrite, 2, blockdev.ErrIO)
-	_, err = f.WriteAt(fill(1, 512), 0)
+	_, err = f.WriteAt(blockdevtest.Fill(1, 512), 0)
 	require.NoError(t, err)
-	_, err = f.WriteAt(fill(2, 512), 0)
+	_, err = f.WriteAt(blockdevtest.Fill(2, 512), 0)
 	require.ErrorIs(t, err, blockdev.ErrIO)
-	require.Equal(t, fill(1, 512), read(t, m, 0, 512), "a failed write does not touch the device")
-	_, err = f.WriteAt(fill(3, 512), 0)
+	require.Equal(t, blockdevtest.Fill(1, 512), read(t, m, 0, 512), "a failed write does not touch the device")
+	_, err = f.WriteAt(blockdevtest.Fill(3, 512), 0)
 	require.NoError(t, err)
 	require.Equal(t, 1, f.Injected())
 	require.Equal(t, 3, f.Calls())

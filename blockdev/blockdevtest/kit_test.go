@@ -198,6 +198,13 @@ func TestSectorModel(t *testing.T) {
 	withFailed := append([]byte(nil), cur...)
 	copy(withFailed[2048:], blockdevtest.Fill(3, 512))
 	require.NoError(t, m.CheckRead("origin", 0, withFailed), "a failed write may have landed")
+	observed := blockdevtest.NewSectorModel()
+	observed.Add("v", make([]byte, 1024))
+	observed.Failed("v", 0, 1024, blockdevtest.Fill(4, 1024))
+	seen := append(blockdevtest.Fill(4, 512), make([]byte, 512)...)
+	require.NoError(t, observed.Observe("v", 0, seen))
+	require.Equal(t, seen, observed.Current("v"), "a read settles what a failed write left")
+	require.Error(t, observed.CheckRead("v", 0, make([]byte, 1024)), "and later reads must agree")
 	bad := append([]byte(nil), cur...)
 	bad[1024] = 9
 	require.ErrorContains(t, m.CheckRead("origin", 0, bad), "sector 2")

@@ -104,6 +104,9 @@ func (pc *PowerCut) cutLocked() {
 // waits for either its end or the cut.
 func (pc *PowerCut) Done() <-chan struct{} { return pc.done }
 
+// Policy returns the crash policy the cut applies.
+func (pc *PowerCut) Policy() Policy { return pc.policy }
+
 // After returns the images the cut left, or nil before it fired.
 func (pc *PowerCut) After() []*CrashSim {
 	pc.mu.Lock()

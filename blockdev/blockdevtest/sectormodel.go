@@ -166,6 +166,24 @@ func (m *SectorModel) CheckRead(name string, off int64, got []byte) error {
 	return nil
 }
 
+// Observe is CheckRead that also settles the sectors a failed write left
+// unsure: what the read returned is what they hold until written again (a
+// crash may still leave any value written since the last flush).
+func (m *SectorModel) Observe(name string, off int64, got []byte) error {
+	if err := m.CheckRead(name, off, got); err != nil {
+		return err
+	}
+	v := m.vol(name)
+	for i := int64(0); i < int64(len(got)); i += SectorSize {
+		s := (off + i) / SectorSize
+		if v.unsure[s] {
+			copy(v.cur[off+i:off+i+SectorSize], got[i:i+SectorSize])
+			delete(v.unsure, s)
+		}
+	}
+	return nil
+}
+
 func (v *sectorVol) allowed(s int64, g []byte) bool {
 	if bytes.Equal(g, v.stable[s*SectorSize:(s+1)*SectorSize]) {
 		return true

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
@@ -34,6 +35,11 @@ func TestMetamorphic(t *testing.T) {
 	}
 	rng := rand.New(rand.NewPCG(seed, 0x3e7a))
 	ts := targets()
+	names := make([]string, len(ts))
+	for i, tg := range ts {
+		names[i] = tg.name
+	}
+	t.Logf("%d targets, each compared with %s: %s", len(ts), ts[0].name, strings.Join(names, ", "))
 	ops, skipped := 0, map[string]string{}
 	for r := range runs {
 		cfg := drawConfig(rng)

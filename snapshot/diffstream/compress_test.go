@@ -54,10 +54,10 @@ func TestCompressedRoundTrip(t *testing.T) {
 	require.Equal(t, uint16(Version2), binary.LittleEndian.Uint16(zFull[8:]))
 	require.Less(t, len(zFull), len(plainFull)/2)
 
-	h, tot, err := readAll(zFull)
+	h, tot, err := readStream(zFull)
 	require.NoError(t, err)
 	require.True(t, h.Compressed())
-	_, plainTot, err := readAll(plainFull)
+	_, plainTot, err := readStream(plainFull)
 	require.NoError(t, err)
 	require.Equal(t, plainTot, tot)
 
@@ -86,10 +86,10 @@ func TestCompressedDamageAndReaderErrors(t *testing.T) {
 	for _, at := range []int{hlen, hlen + 7, (hlen + len(stream)) / 2, len(stream) - 3} {
 		bad := append([]byte(nil), stream...)
 		bad[at] ^= 0x5a
-		_, _, err := readAll(bad)
+		_, _, err := readStream(bad)
 		require.ErrorIs(t, err, ErrCorrupt, "flip at byte %d", at)
 	}
-	_, _, err = readAll(stream[:len(stream)-10])
+	_, _, err = readStream(stream[:len(stream)-10])
 	require.ErrorIs(t, err, ErrCorrupt)
 
 	boom := errors.New("connection reset")
@@ -145,7 +145,31 @@ func TestCompressedStreamLargerThanDecoderMemory(t *testing.T) {
 	_, err = Export(context.Background(), &buf, m, Header{To: ident(0), Flags: FlagZstd}, nil, nil)
 	require.NoError(t, err)
 	require.Less(t, buf.Len(), size/20)
-	_, tot, err := readAll(buf.Bytes())
+	_, tot, err := readStream(buf.Bytes())
 	require.NoError(t, err)
 	require.Equal(t, int64(size), tot.DataBytes)
+}
+
+// failingWriter fails every write after the first n bytes.
+type failingWriter struct{ n int }
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > f.n {
+		k := f.n
+		f.n = 0
+		return k, errors.New("disk full")
+	}
+	f.n -= len(p)
+	return len(p), nil
+}
+
+// A compressed export onto a writer that fails returns its error, at any
+// point of the stream, and releases the compressor.
+func TestCompressedExportWriterFails(t *testing.T) {
+	v := newVolume(t, 14, 1<<20)
+	v.scribble(30)
+	for _, n := range []int{0, 10, 100, 5000, 60000} {
+		_, err := Export(context.Background(), &failingWriter{n: n}, v.live, Header{To: ident(0), Flags: FlagZstd}, nil, nil)
+		require.ErrorContains(t, err, "disk full", "failing after %d bytes", n)
+	}
 }

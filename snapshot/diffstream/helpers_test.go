@@ -149,7 +149,7 @@ func (f *failingReader) Read(p []byte) (int, error) {
 }
 
 // readAll decodes a whole stream and returns its records' totals.
-func readAll(stream []byte) (Header, Totals, error) {
+func readStream(stream []byte) (Header, Totals, error) {
 	r, err := NewReader(bytes.NewReader(stream))
 	if err != nil {
 		return Header{}, Totals{}, err

@@ -19,7 +19,7 @@ func TestFullExportIsSparseAndCoversTheVolume(t *testing.T) {
 	v.scribble(20)
 	s := v.snapshot()
 	stream := exportFull(t, s, 0)
-	h, tot, err := readAll(stream)
+	h, tot, err := readStream(stream)
 	require.NoError(t, err)
 	require.True(t, h.Full())
 	require.Equal(t, int64(1<<20), h.VolumeSize)
@@ -267,7 +267,7 @@ func TestCorruptionAtEveryByteIsDetected(t *testing.T) {
 	b := v.snapshot()
 	for name, stream := range map[string][]byte{"full": exportFull(t, a, 0), "incremental": exportIncr(t, a, b, 0, 1)} {
 		t.Run(name, func(t *testing.T) {
-			_, _, err := readAll(stream)
+			_, _, err := readStream(stream)
 			require.NoError(t, err)
 			t.Logf("stream of %d bytes", len(stream))
 			bad := make([]byte, len(stream))
@@ -275,7 +275,7 @@ func TestCorruptionAtEveryByteIsDetected(t *testing.T) {
 				for _, flip := range []byte{0x01, 0x80, 0xff} {
 					copy(bad, stream)
 					bad[i] ^= flip
-					_, _, err := readAll(bad)
+					_, _, err := readStream(bad)
 					if err == nil {
 						t.Fatalf("flip %#x at byte %d of %d not detected", flip, i, len(stream))
 					}
@@ -288,7 +288,7 @@ func TestCorruptionAtEveryByteIsDetected(t *testing.T) {
 				}
 			}
 			for n := range len(stream) {
-				_, _, err := readAll(stream[:n])
+				_, _, err := readStream(stream[:n])
 				require.ErrorIs(t, err, ErrCorrupt, "truncated at %d", n)
 			}
 		})

@@ -189,6 +189,19 @@ func (c *cache) dirtyNodes(max int) []*node {
 	return out
 }
 
+// dirtyNodesOf is dirtyNodes restricted to nodes of transaction tx.
+func (c *cache) dirtyNodesOf(tx uint64, max int) []*node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []*node
+	for n := c.dhead.dnext; n != &c.dhead && len(out) < max; n = n.dnext {
+		if n.tx == tx {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 func (c *cache) dirtyBytes() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()

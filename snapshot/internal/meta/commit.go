@@ -184,10 +184,13 @@ func (m *Meta) shadowMaps() error {
 	}
 }
 
-// Write-back thresholds, as fractions of the cache: past half of it
-// dirty, each change writes back a few of the longest-dirty nodes (so the
-// cost is spread over changes and no change stalls long); past three
-// quarters, it writes back until below half.
+// Write-back: past half of the cache dirty, each change writes back
+// writeBackBatch of the open transaction's longest-dirty nodes, and four
+// times that past three quarters. The cost is spread over changes, so no
+// change stalls for more than a few page writes. Nodes of a commit in
+// flight are left to the commit, which writes them anyway; while it runs
+// they stay pinned, so the cache can pass its limit by up to one
+// commit's nodes.
 const writeBackBatch = 16
 
 // writeBack writes dirty nodes of the open transaction to their new,
@@ -200,22 +203,21 @@ func (m *Meta) writeBack() error {
 		m.cache.evict()
 		return nil
 	}
-	for first := true; first || m.cache.dirtyBytes() > soft && d > hard; first = false {
-		batch := m.cache.dirtyNodes(writeBackBatch)
-		if len(batch) == 0 {
-			break
-		}
-		for _, n := range batch {
-			n.encode(m.buf)
-			if err := m.writePage(m.buf, n.loc); err != nil {
-				return m.fail(err)
-			}
-			m.cache.setDirty(n, false)
-		}
-		m.cache.mu.Lock()
-		m.cache.writeOut += uint64(len(batch))
-		m.cache.mu.Unlock()
+	max := writeBackBatch
+	if d > hard {
+		max *= 4
 	}
+	batch := m.cache.dirtyNodesOf(m.tx, max)
+	for _, n := range batch {
+		n.encode(m.buf)
+		if err := m.writePage(m.buf, n.loc); err != nil {
+			return m.fail(err)
+		}
+		m.cache.setDirty(n, false)
+	}
+	m.cache.mu.Lock()
+	m.cache.writeOut += uint64(len(batch))
+	m.cache.mu.Unlock()
 	m.cache.evict()
 	return nil
 }

@@ -248,7 +248,11 @@ func TestModel(t *testing.T) {
 		dev, m := newMemMeta(t, 4096, 1<<16, cache)
 		w := &workload{t: t, rng: rng, m: m, md: newModel(), space: keySpace{branches: 3, chunks: 3000, epochs: 6}}
 		committed := w.md.clone()
-		for i := range 4000 {
+		steps := 4000
+		if testing.Short() {
+			steps = 1000
+		}
+		for i := range steps {
 			w.step()
 			if i%97 == 0 {
 				verifyQueries(t, rng, m, w.md, 20, w.space)
@@ -287,7 +291,10 @@ func TestModel(t *testing.T) {
 		require.NoError(t, m.Commit())
 		require.NoError(t, m.Commit())
 		require.NoError(t, m.Check())
-		require.Less(t, m.Space().PagesUsed, used)
+		if st.ChunkLevels > 1 {
+			require.Less(t, m.Space().PagesUsed, used, "nodes joined and pages were freed")
+		}
+		require.LessOrEqual(t, m.Space().PagesUsed, used)
 		st = m.Stats()
 		cs := m.CacheStats()
 		t.Logf("cache %d: %d keys in %d chunk runs, %d epoch runs, levels %d/%d; cache %+v", cache, st.Keys, st.ChunkRuns, st.EpochRuns, st.ChunkLevels, st.EpochLevels, cs)
