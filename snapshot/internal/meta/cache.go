@@ -202,6 +202,17 @@ func (c *cache) dirtyNodesOf(tx uint64, max int) []*node {
 	return out
 }
 
+// costOf sums the cache cost of nodes.
+func (c *cache) costOf(nodes []*node) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sum := 0
+	for _, n := range nodes {
+		sum += n.cost
+	}
+	return sum
+}
+
 func (c *cache) dirtyBytes() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()

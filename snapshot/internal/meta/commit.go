@@ -33,15 +33,19 @@ func (m *Meta) Commit() error {
 	for i, n := range dirty {
 		n.encode(pages[i*PageSize : (i+1)*PageSize])
 	}
+	m.wbMu.Lock() // a write-back batch encoded before the freeze lands first
 	err = m.writeCommit(tx, pages, locs)
+	m.wbMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	defer m.wbCond.Broadcast()
 	if err != nil {
 		return m.fail(err)
 	}
 	for _, n := range dirty {
 		m.cache.setDirty(n, false)
 	}
+	m.frozenBytes = 0
 	m.durable = tx
 	m.publish(m.frozen)
 	m.releaseFrees()
@@ -68,6 +72,7 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 	}
 	tx = m.tx
 	dirty = m.cache.dirtyNodes(0)
+	m.frozenBytes = m.cache.costOf(dirty)
 	n := len(dirty) + 1
 	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
 		for _, d := range sm.dirtyPage {
@@ -184,26 +189,52 @@ func (m *Meta) shadowMaps() error {
 	}
 }
 
-// Write-back: past half of the cache dirty, each change writes back
-// writeBackBatch of the open transaction's longest-dirty nodes, and four
-// times that past three quarters. The cost is spread over changes, so no
-// change stalls for more than a few page writes. Nodes of a commit in
-// flight are left to the commit, which writes them anyway; while it runs
-// they stay pinned, so the cache can pass its limit by up to one
-// commit's nodes.
-const writeBackBatch = 16
+// Write-back keeps dirty nodes well below the cache size. Past half of
+// the cache dirty, the writer wakes the write-back goroutine, which writes
+// the open transaction's longest-dirty nodes in batches of wbBatch until a
+// quarter is dirty; past three quarters, the writer waits for it. With
+// Options.SyncWriteBack the writer writes a batch itself instead. Nodes of
+// a commit in flight are left to the commit, which writes them anyway;
+// while it runs they stay pinned, so the cache can pass its limit by up
+// to one commit's nodes.
+const wbBatch = 16
 
-// writeBack writes dirty nodes of the open transaction to their new,
-// unreferenced pages. It runs between operations, never inside one, so no
-// caller holds a node it might evict.
+// writeBack runs at the end of each change, under mu. It runs between
+// operations, never inside one, so no caller holds a node it might evict.
 func (m *Meta) writeBack() error {
 	soft, hard := m.cache.limit/2, m.cache.limit*3/4
+	if m.wbKick == nil {
+		return m.writeBackSync(soft, hard)
+	}
+	if m.openDirty() > soft {
+		select {
+		case m.wbKick <- struct{}{}:
+		default:
+		}
+	}
+	for m.openDirty() > hard && m.failed == nil && !m.closed {
+		m.wbCond.Wait()
+	}
+	m.cache.evict()
+	if m.failed != nil {
+		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
+	}
+	return nil
+}
+
+// openDirty is the dirty bytes of the open transaction: a commit's pinned
+// nodes are its own to write, so they neither wake write-back nor make
+// the writer wait. Callers hold mu.
+func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
+
+// writeBackSync writes one batch in the writer's call (four past hard).
+func (m *Meta) writeBackSync(soft, hard int) error {
 	d := m.cache.dirtyBytes()
 	if d <= soft {
 		m.cache.evict()
 		return nil
 	}
-	max := writeBackBatch
+	max := wbBatch
 	if d > hard {
 		max *= 4
 	}
@@ -220,6 +251,72 @@ func (m *Meta) writeBack() error {
 	m.cache.mu.Unlock()
 	m.cache.evict()
 	return nil
+}
+
+// writeBackLoop is the write-back goroutine; Close stops it.
+func (m *Meta) writeBackLoop() {
+	defer close(m.wbDone)
+	for {
+		select {
+		case <-m.wbStop:
+			return
+		case <-m.wbKick:
+		}
+		for m.writeBackBatch() {
+			select {
+			case <-m.wbStop:
+				return
+			default:
+			}
+		}
+	}
+}
+
+// writeBackBatch encodes a batch of the open transaction's dirty nodes
+// under mu, writes them without it, and marks clean those that did not
+// change meanwhile. It reports whether more is due.
+func (m *Meta) writeBackBatch() bool {
+	m.wbMu.Lock()
+	defer m.wbMu.Unlock()
+	m.mu.Lock()
+	if m.closed || m.failed != nil || m.openDirty() <= m.cache.limit/4 {
+		m.mu.Unlock()
+		return false
+	}
+	tx := m.tx
+	batch := m.cache.dirtyNodesOf(tx, wbBatch)
+	m.wbGens = m.wbGens[:0]
+	for i, n := range batch {
+		n.encode(m.wbBuf[i*PageSize : (i+1)*PageSize])
+		m.wbGens = append(m.wbGens, n.gen)
+	}
+	m.mu.Unlock()
+	if len(batch) == 0 {
+		return false
+	}
+	var err error
+	for i, n := range batch {
+		if err = m.writePage(m.wbBuf[i*PageSize:(i+1)*PageSize], n.loc); err != nil {
+			break
+		}
+	}
+	m.mu.Lock()
+	if err != nil {
+		m.fail(err)
+	} else {
+		for i, n := range batch {
+			if n.gen == m.wbGens[i] && n.tx == tx {
+				m.cache.setDirty(n, false)
+			}
+		}
+	}
+	m.wbCond.Broadcast()
+	m.mu.Unlock()
+	m.cache.mu.Lock()
+	m.cache.writeOut += uint64(len(batch))
+	m.cache.mu.Unlock()
+	m.cache.evict()
+	return err == nil
 }
 
 // lowSpace returns the callback to run (after unlocking), if the free

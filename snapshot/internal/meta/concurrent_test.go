@@ -112,7 +112,7 @@ func TestCommitWhileWriting(t *testing.T) {
 		pol := blockdevtest.AllPolicies(seed + uint64(round))[round%4]
 		pc := blockdevtest.NewPowerCut(blockdevtest.OpWrite, 0, pol)
 		dev := pc.NewDevice(t, "meta", 2048*PageSize, 4096)
-		m, err := Format(dev, Options{DataChunks: 1 << 16, CacheBytes: 64 << 10})
+		m, err := Format(dev, Options{DataChunks: 1 << 16, CacheBytes: 8 << 10}) // background write-back all the time
 		require.NoError(t, err)
 		pc.Arm(blockdevtest.OpWrite, 200+rng.IntN(600))
 		var mu sync.Mutex // guards put

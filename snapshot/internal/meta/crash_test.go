@@ -89,7 +89,7 @@ func TestCrashEveryCall(t *testing.T) {
 	run := func(s uint64, op blockdevtest.Op, k int, pol blockdevtest.Policy) (*blockdevtest.PowerCut, *model, *model) {
 		pc := blockdevtest.NewPowerCut(op, 0, pol)
 		dev := pc.NewDevice(t, "meta", pages*PageSize, 4096)
-		m, err := Format(dev, Options{DataChunks: 4096, CacheBytes: cache})
+		m, err := Format(dev, Options{DataChunks: 4096, CacheBytes: cache, SyncWriteBack: true})
 		require.NoError(t, err)
 		if k > 0 {
 			pc.Arm(op, k)
@@ -113,7 +113,7 @@ func TestCrashEveryCall(t *testing.T) {
 				pol := blockdevtest.AllPolicies(s + uint64(k))[k%4]
 				pc, committed, inflight := run(s, op, k, pol)
 				imgs := pc.Cut()
-				m2, err := Open(imgs[0], Options{CacheBytes: cache})
+				m2, err := Open(imgs[0], Options{CacheBytes: cache, SyncWriteBack: true})
 				require.NoError(t, err, "seed %d, %v", s, pc)
 				require.NoError(t, m2.Check(), "seed %d, %v", s, pc)
 				want := committed

@@ -23,6 +23,10 @@ type Options struct {
 	CacheBytes int
 	// ReadOnly opens without ever writing the device.
 	ReadOnly bool
+	// SyncWriteBack writes dirty nodes back in the writer's own calls
+	// instead of in a background goroutine. Tests use it so that a seed
+	// replays the same device calls.
+	SyncWriteBack bool
 	// LowSpaceThreshold and LowSpace: LowSpace(free, total) is called,
 	// without locks held, when the free metadata pages drop below the
 	// threshold (once per crossing).
@@ -76,11 +80,23 @@ type Meta struct {
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
-	// It also guards commitBuf. Lock order: commitMu -> mu -> viewMu ->
-	// cache.mu.
+	// It also guards commitBuf and cstats. Lock order: commitMu -> wbMu ->
+	// mu -> viewMu -> cache.mu.
 	commitMu  sync.Mutex
 	commitBuf []byte
 	cstats    CommitStats
+
+	// wbMu is held by the write-back goroutine from encoding a batch to
+	// having written it, and by a commit while it writes, so a page
+	// encoded before a freeze is never written after the commit's newer
+	// version of it. It also guards wbBuf and wbGens.
+	wbMu   sync.Mutex
+	wbBuf  []byte
+	wbGens []uint64
+	wbKick chan struct{} // wakes the write-back goroutine (nil: SyncWriteBack or read-only)
+	wbStop chan struct{}
+	wbDone chan struct{}
+	wbCond *sync.Cond // on mu: write-back or a commit cleaned nodes, or the Meta failed or closed
 
 	// mu guards the open transaction: everything below up to viewMu.
 	mu       sync.Mutex
@@ -101,6 +117,9 @@ type Meta struct {
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
 	frozen   state  // what the commit in flight makes durable
+	// frozenBytes is the cache cost of the commit in flight's nodes,
+	// pinned until it has written them.
+	frozenBytes int
 
 	// viewMu guards committed and views.
 	viewMu    sync.Mutex
@@ -137,6 +156,7 @@ func Format(dev blockdev.Device, opts Options) (*Meta, error) {
 	if err := m.Commit(); err != nil {
 		return nil, err
 	}
+	m.startWriteBack()
 	return m, nil
 }
 
@@ -159,7 +179,18 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
+	m.wbCond = sync.NewCond(&m.mu)
 	return m
+}
+
+// startWriteBack starts the write-back goroutine of a writable Meta.
+func (m *Meta) startWriteBack() {
+	if m.opts.ReadOnly || m.opts.SyncWriteBack {
+		return
+	}
+	m.wbKick, m.wbStop, m.wbDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+	m.wbBuf = make([]byte, wbBatch*PageSize)
+	go m.writeBackLoop()
 }
 
 // Open opens the metadata region on dev: it reads both superblocks, takes
@@ -207,6 +238,7 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 	st.tx = best.tx
 	m.durable = best.tx
 	m.publish(st)
+	m.startWriteBack()
 	return m, nil
 }
 
@@ -439,10 +471,16 @@ func (m *Meta) Close() error {
 	m.commitMu.Lock() // a commit in flight ends first
 	defer m.commitMu.Unlock()
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if m.closed {
+		m.mu.Unlock()
 		return ErrClosed
 	}
 	m.closed = true
+	m.wbCond.Broadcast()
+	m.mu.Unlock()
+	if m.wbStop != nil {
+		close(m.wbStop)
+		<-m.wbDone
+	}
 	return nil
 }

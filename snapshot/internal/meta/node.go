@@ -269,6 +269,7 @@ type node struct {
 	kids  []ptr // branch only
 	size  int   // leaf only: encoded body size
 	dirty bool
+	gen   uint64 // bumped each time the writer takes the node to change it
 
 	// cache bookkeeping, guarded by cache.mu
 	prev, next   *node // LRU list

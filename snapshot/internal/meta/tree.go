@@ -179,6 +179,7 @@ func (m *Meta) own(n *node) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
+	n.gen++ // tells write-back the node changed after it was encoded
 	m.cache.setDirty(n, true)
 	m.cache.touched(n)
 	return n, nil
