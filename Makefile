@@ -1,7 +1,7 @@
 # The test command (README.md): formatting, vet, the whole test suite, and
 # the race detector over the concurrent packages in short mode.
 GO ?= go
-RACE_DIRS ?= blockdev journal exception snapshot clone nbd archive
+RACE_DIRS ?= blockdev journal exception snapshot clone nbd archive control
 
 .PHONY: test fmt vet unit race lint bench report fuzz
 

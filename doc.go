@@ -4,6 +4,11 @@
 // without kernel modules and without their limits.
 //
 // This package holds no code; it is the map of how the packages compose.
+// The repository's docs/ directory has the rest: docs/design.md (the
+// architecture and the crash model), docs/formats.md (every on-disk
+// format), docs/control.md (the control socket of a running blocksnap serve
+// or hydrate, spoken by package control) and docs/cli/ (a page per command
+// of cmd/blocksnap).
 //
 // # The Device contract
 //
@@ -52,8 +57,11 @@
 //     journal and snapshot/diffstream; snapshot/metascale imports
 //     snapshot/internal/meta.
 //   - archive imports blockdev and snapshot (backups are snapshot diffs).
+//   - control (the control socket protocol of a running blocksnap serve or
+//     hydrate) imports none of ours: a VM manager can drive a server with
+//     it alone.
 //   - cmd/blocksnap, bench and examples sit on top: they import the
-//     engines, archive, nbd and blockdev; nothing imports them.
+//     engines, archive, nbd, control and blockdev; nothing imports them.
 //     internal/metamorphic holds only a test, which imports them all.
 //
 // The engines never import each other.

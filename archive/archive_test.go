@@ -432,16 +432,10 @@ func (d *cancellingDev) ReadAt(p []byte, off int64) (int, error) {
 func TestBackupCancelResume(t *testing.T) {
 	rng := rand.New(rand.NewPCG(testSeed(t), 7))
 	r, _ := dirRepo(t, Options{})
-	src := memDev(t, 4<<20)
-	b := make([]byte, src.Size())
-	for i := range b {
-		b[i] = byte(rng.Uint32())
-	}
-	_, err := src.WriteAt(b, 0)
-	require.NoError(t, err)
+	src := randomDev(t, rng, 4<<20)
 	ctx, cancel := context.WithCancel(context.Background())
 	var last Progress
-	_, err = r.Backup(ctx, &cancellingDev{Device: src, n: 40, cancel: cancel},
+	_, err := r.Backup(ctx, &cancellingDev{Device: src, n: 40, cancel: cancel},
 		BackupOptions{ID: "x", PackSize: 128 << 10, Parallel: 2, Progress: func(p Progress) { last = p }})
 	require.ErrorIs(t, err, context.Canceled)
 	require.Positive(t, last.TotalBytes)
@@ -453,4 +447,33 @@ func TestBackupCancelResume(t *testing.T) {
 	_, err = r.Restore(context.Background(), "x", dst, RestoreOptions{})
 	require.NoError(t, err)
 	requireSame(t, src, dst, src.Size())
+}
+
+// TestImagePrefetch: a read that continues the previous one fetches the
+// next blocks in the background, so reading them then fetches nothing.
+func TestImagePrefetch(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(testSeed(t), 8))
+	r, _ := dirRepo(t, Options{})
+	src := randomDev(t, rng, 1<<20)
+	res, err := r.Backup(ctx, src, BackupOptions{})
+	require.NoError(t, err)
+	im, err := OpenLazy(ctx, r, res.Manifest.ID, LazyOptions{Prefetch: 4})
+	require.NoError(t, err)
+	defer im.Close()
+	bs := int64(r.BlockSize())
+	p := make([]byte, 4096)
+	for _, off := range []int64{0, bs} { // block 1 continues block 0
+		_, err := im.ReadAt(p, off)
+		require.NoError(t, err)
+	}
+	require.Eventually(t, func() bool { return im.Stats().Misses == 6 }, 10*time.Second, time.Millisecond,
+		"blocks 2 to 5 were not prefetched: %+v", im.Stats())
+	hits := im.Stats().Hits
+	for blk := int64(5); blk >= 2; blk-- { // backwards: no further prefetch
+		_, err := im.ReadAt(p, blk*bs+4096)
+		require.NoError(t, err)
+	}
+	require.Equal(t, int64(6), im.Stats().Misses)
+	require.Equal(t, hits+4, im.Stats().Hits)
 }

@@ -46,8 +46,9 @@ type ObjectInfo struct {
 }
 
 // Dir is a Backend over a local directory (a NAS mount, a test). Objects are
-// files under the root; Put writes a temporary file, syncs it and renames it
-// into place, so a crash leaves the old state or the new, never a torn object.
+// files under the root; Put writes a temporary file, syncs it, renames it
+// into place and syncs the directory, so a crash leaves the old state or the
+// new, never a torn object, and an object Put returned for stays.
 type Dir struct {
 	root string
 }
@@ -98,7 +99,24 @@ func (d *Dir) Put(ctx context.Context, key string, data []byte) error {
 		os.Remove(f.Name())
 		return fmt.Errorf("archive: put %s: %w", key, err)
 	}
+	// The rename is durable once the directory is synced: a manifest must
+	// not survive a crash that its blocks' packs do not.
+	if err := syncDir(filepath.Dir(p)); err != nil {
+		return fmt.Errorf("archive: put %s: %w", key, err)
+	}
 	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Get implements Backend.

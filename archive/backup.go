@@ -138,7 +138,7 @@ type BackupResult struct {
 // Backup reads src and stores it as a new backup. Only blocks that are not
 // zeros and not already in the repository are uploaded, so running the same
 // backup again after an interruption sends only what the first run did not
-// (the repository's block listing is read at the start).
+// (the repository's index is read at the start).
 func (r *Repo) Backup(ctx context.Context, src blockdev.Device, o BackupOptions) (*BackupResult, error) {
 	if o.ID == "" {
 		o.ID = newBackupID()
@@ -205,8 +205,8 @@ func (r *Repo) Backup(ctx context.Context, src blockdev.Device, o BackupOptions)
 }
 
 // blocksToRead returns the blocks a backup must read, filling m.Blocks with
-// the parent's hashes for the rest. A parent block the listing does not
-// show is read again rather than referenced.
+// the parent's hashes for the rest. A parent block the index does not
+// hold is read again rather than referenced.
 func (r *Repo) blocksToRead(ctx context.Context, m *Manifest, o BackupOptions, known map[Hash]struct{}) (*bitset.BitSet, error) {
 	n := uint(len(m.Blocks))
 	todo := bitset.New(n)

@@ -79,6 +79,19 @@ func fillVolume(t testing.TB, dev blockdev.Device, rng *rand.Rand) {
 	}
 }
 
+// randomDev returns a memory device of size bytes, all random (no zero
+// blocks, nothing compressible).
+func randomDev(t testing.TB, rng *rand.Rand, size int64) *blockdev.Mem {
+	d := memDev(t, size)
+	b := make([]byte, size)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	_, err := d.WriteAt(b, 0)
+	require.NoError(t, err)
+	return d
+}
+
 // requireSame compares two devices' contents.
 func requireSame(t testing.TB, want, got blockdev.Device, size int64) {
 	t.Helper()

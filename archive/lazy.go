@@ -47,7 +47,7 @@ type Image struct {
 	cacheFile *os.File // nil for a memory cache
 	bufs      sync.Pool
 	prefetch  int
-	sem       chan struct{} // bounds prefetches in flight
+	sem       chan struct{} // bounds background fetches in flight
 	wg        sync.WaitGroup
 	closed    atomic.Bool
 
@@ -104,7 +104,7 @@ func OpenLazy(ctx context.Context, r *Repo, id string, o LazyOptions) (*Image, e
 	nslots := max(size/bs, 8)
 	im := &Image{r: r, m: m, devBS: m.DevBlock, bs: bs, prefetch: o.Prefetch,
 		slotOf: make([]int32, len(m.Blocks)), slots: make([]slot, nslots),
-		fetching: make(map[int]*fetchOp), last: -2, sem: make(chan struct{}, 4)}
+		fetching: make(map[int]*fetchOp), last: -2, sem: make(chan struct{}, 8)}
 	if im.prefetch == 0 {
 		im.prefetch = 4
 	}
@@ -154,6 +154,11 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	first, lastB := int(off/im.bs), int((off+int64(len(p))-1)/im.bs)
+	if lastB > first {
+		// A read of several blocks fetches them in parallel while it
+		// copies out the first.
+		im.fetchAhead(first+1, lastB)
+	}
 	im.maybePrefetch(first, lastB)
 	done := 0
 	for b := first; b <= lastB; b++ {
@@ -307,10 +312,15 @@ func (im *Image) maybePrefetch(first, lastB int) {
 	seq := first == im.last || first == im.last+1
 	im.last = lastB
 	im.mu.Unlock()
-	if !seq {
-		return
+	if seq {
+		im.fetchAhead(lastB+1, min(lastB+im.prefetch, len(im.m.Blocks)-1))
 	}
-	for b := lastB + 1; b <= lastB+im.prefetch && b < len(im.m.Blocks); b++ {
+}
+
+// fetchAhead starts background fetches of the blocks in [from, to] that are
+// neither cached nor being fetched, as many as the semaphore allows.
+func (im *Image) fetchAhead(from, to int) {
+	for b := from; b <= to; b++ {
 		if im.m.Blocks[b].IsZero() {
 			continue
 		}

@@ -181,7 +181,7 @@ func Create(ctx context.Context, be Backend, o Options) (*Repo, error) {
 func OpenRepo(ctx context.Context, be Backend, o Options) (*Repo, error) {
 	b, err := be.Get(ctx, cfgKey)
 	if errors.Is(err, ErrNotFound) {
-		return nil, fmt.Errorf("archive: %w (no config object)", ErrNoRepo)
+		return nil, fmt.Errorf("%w (no config object)", ErrNoRepo)
 	}
 	if err != nil {
 		return nil, err

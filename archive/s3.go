@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -35,8 +36,10 @@ type S3Options struct {
 	// want it).
 	PathStyle bool
 	// Insecure speaks plain HTTP instead of TLS. InsecureSkipVerify keeps
-	// TLS but accepts any certificate (tests with self-signed servers).
+	// TLS but accepts any certificate. CAFile is a PEM file of the
+	// certificates to trust instead of the system's (a private CA).
 	Insecure, InsecureSkipVerify bool
+	CAFile                       string
 	// AccessKey and SecretKey, when set, are used as given. Otherwise the
 	// standard AWS environment variables (AWS_ACCESS_KEY_ID,
 	// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are tried, then the profile
@@ -101,9 +104,19 @@ func NewS3(ctx context.Context, o S3Options) (*S3, error) {
 		})
 	}
 	transport := o.Transport
-	if transport == nil && o.InsecureSkipVerify {
+	if transport == nil && (o.InsecureSkipVerify || o.CAFile != "") {
 		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
+		t.TLSClientConfig = &tls.Config{InsecureSkipVerify: o.InsecureSkipVerify}
+		if o.CAFile != "" {
+			pem, err := os.ReadFile(o.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("archive: CA file: %w", err)
+			}
+			t.TLSClientConfig.RootCAs = x509.NewCertPool()
+			if !t.TLSClientConfig.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("archive: CA file %s holds no PEM certificate: %w", o.CAFile, ErrOptions)
+			}
+		}
 		transport = t
 	}
 	retries := o.MaxRetries

@@ -5,13 +5,16 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/archive/archivetest"
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/blocksnap/blocksnap/clone"
 )
 
@@ -111,15 +114,7 @@ func TestS3KillResume(t *testing.T) {
 	rng := rand.New(rand.NewPCG(testSeed(t), 11))
 	g := startGateway(t)
 	r := g.repo(t, "bkt", "")
-	src := memDev(t, 8<<20)
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < src.Size(); off += int64(len(buf)) {
-		for i := range buf {
-			buf[i] = byte(rng.Uint32())
-		}
-		_, err := src.WriteAt(buf, off)
-		require.NoError(t, err)
-	}
+	src := randomDev(t, rng, 8<<20)
 	const blocks = 128
 	// Packs of 4 blocks, so the first run completes some.
 	_, err := r.Backup(ctx, &killingDev{Device: src, n: blocks / 2, g: g}, BackupOptions{ID: "b1", Parallel: 4, PackSize: 256 << 10})
@@ -257,4 +252,75 @@ func TestS3SlowServer(t *testing.T) {
 	_, err = im2.ReadAt(b, dataOff)
 	require.ErrorIs(t, err, context.Canceled)
 	require.True(t, errors.Is(err, blockdev.ErrIO))
+}
+
+// TestS3Credentials: without explicit keys, credentials come from the AWS
+// environment variables, else from a profile in a credentials file.
+func TestS3Credentials(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	g.makeBucket(t, "creds")
+	o := g.options("creds", "")
+	o.AccessKey, o.SecretKey = "", ""
+
+	t.Setenv("AWS_ACCESS_KEY_ID", archivetest.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", archivetest.SecretKey)
+	be, err := NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err := Create(ctx, be, Options{})
+	require.NoError(t, err)
+	r.Close()
+
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
+	o.ProfileFile = filepath.Join(t.TempDir(), "credentials")
+	o.Profile = "backup"
+	require.NoError(t, os.WriteFile(o.ProfileFile, []byte("[default]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n"+
+		"[backup]\naws_access_key_id = "+archivetest.AccessKey+"\naws_secret_access_key = "+archivetest.SecretKey+"\n"), 0o600))
+	be, err = NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err = OpenRepo(ctx, be, Options{})
+	require.NoError(t, err)
+	r.Close()
+
+	o.Profile = "default" // wrong keys: refused by the server
+	_, err = NewS3(ctx, o)
+	require.Error(t, err)
+}
+
+// TestS3TLS: a gateway serving HTTPS with a self-signed certificate is
+// refused unless its certificate is trusted (CAFile) or verification is
+// skipped.
+func TestS3TLS(t *testing.T) {
+	blockdevtest.CheckLeaks(t)
+	ctx := context.Background()
+	if _, err := archivetest.GatewayPath(); err != nil {
+		t.Skip(err)
+	}
+	g, err := archivetest.StartGatewayTLS(filepath.Join(t.TempDir(), "s3"))
+	require.NoError(t, err)
+	t.Cleanup(g.Kill)
+	require.NoError(t, g.MakeBucket(ctx, "tls"))
+	o := S3Options{Endpoint: g.Endpoint(), Bucket: "tls", PathStyle: true, AccessKey: archivetest.AccessKey,
+		SecretKey: archivetest.SecretKey, MaxRetries: 1}
+	_, err = NewS3(ctx, o)
+	require.ErrorContains(t, err, "certificate")
+	o.CAFile = g.CertFile() // trusted as a CA
+	_, err = NewS3(ctx, o)
+	require.NoError(t, err)
+	o.CAFile, o.InsecureSkipVerify = "", true
+	be, err := NewS3(ctx, o)
+	require.NoError(t, err)
+	r, err := Create(ctx, be, Options{})
+	require.NoError(t, err)
+	defer r.Close()
+	src := memDev(t, 1<<20)
+	_, err = src.WriteAt([]byte("over TLS"+string(make([]byte, 4088))), 0)
+	require.NoError(t, err)
+	res, err := r.Backup(ctx, src, BackupOptions{})
+	require.NoError(t, err)
+	dst := memDev(t, 1<<20)
+	_, err = r.Restore(ctx, res.Manifest.ID, dst, RestoreOptions{})
+	require.NoError(t, err)
+	requireSame(t, src, dst, src.Size())
 }

@@ -15,8 +15,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// Snapshot counts swept by the origin benchmarks (DESIGN.md section 9 and
-// the engine issues): exception up to 16, snapshot up to 1024.
+// Snapshot counts swept by the origin benchmarks (the README's Benchmarks
+// section and the engine issues): exception up to 16, snapshot up to 1024.
 var snapCounts = map[string][]int{
 	"raw":       {0},
 	"exception": {0, 1, 2, 4, 8, 16},

@@ -1,7 +1,7 @@
 // Package bench holds blocksnap's benchmarks: the bodies live here, in
 // ordinary code, so that both `go test -bench` (bench_test.go) and the
 // report command (bench/cmd/report, through testing.Benchmark) run exactly
-// the same measurements. Names and parameters follow DESIGN.md section 9.
+// the same measurements. Names and parameters are listed in the README's Benchmarks section.
 //
 // Where the devices come from:
 //

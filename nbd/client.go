@@ -478,7 +478,7 @@ func (c *Client) Close() error {
 }
 
 // close waits for the lane's requests in flight (at most closeWait), sends
-// NBD_CMD_DISC and closes the connection.
+// NBD_CMD_DISC (giving up after discWait) and closes the connection.
 func (c *lane) close() {
 	c.mu.Lock()
 	c.closing = true
@@ -498,6 +498,11 @@ func (c *lane) close() {
 	failed := c.err != nil
 	c.mu.Unlock()
 	if !failed {
+		// A server that stopped reading (its receive buffer full)
+		// would hold the flush forever; the DISC is only a courtesy.
+		// Set before taking wmu, so a sender stuck flushing gives
+		// way too.
+		c.nc.SetWriteDeadline(time.Now().Add(discWait))
 		c.wmu.Lock()
 		encodeRequest(c.whdr[:], request{typ: cmdDisc, handle: c.handles.Add(1)})
 		c.bw.Write(c.whdr[:])

@@ -13,6 +13,11 @@ import (
 
 // call is one request in flight from the client. Calls are pooled; done
 // has room for the one completion each call gets.
+//
+// Only the lane's reply reader completes calls (see lane.fail): it may be
+// writing a reply into buf up to the moment it does, so a completion from
+// anywhere else could hand the caller its buffer back while the reader
+// still writes into it, and then send the call a second token.
 type call struct {
 	typ  uint16
 	off  uint64
@@ -32,6 +37,10 @@ var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}
 
 // closeWait bounds how long Close waits for requests in flight.
 const closeWait = 30 * time.Second
+
+// discWait bounds the write of NBD_CMD_DISC on Close: a server that stopped
+// reading must not hold Close forever.
+var discWait = 5 * time.Second
 
 // window is how many split requests one call keeps in flight.
 const window = 8
@@ -157,24 +166,34 @@ func finish(cl *call, op string, off int64) error {
 }
 
 func putCall(cl *call) {
+	if len(cl.done) != 0 {
+		// A stray completion: the next request given this call would
+		// return at once with nothing done. Never let it be pooled.
+		return
+	}
 	cl.buf, cl.err, cl.got = nil, nil, 0
 	cl.extLen, cl.extFlags, cl.extSeen, cl.finished = 0, 0, false, false
 	callPool.Put(cl)
 }
 
-// complete hands a call its result; the caller has removed it from
-// pending under mu.
+// complete hands a call its result. Only the reader calls it, once per
+// call, after removing the call from pending under mu.
 func (c *lane) complete(cl *call) {
 	c.load.Add(-cl.cost)
 	cl.done <- struct{}{}
 }
 
-// take removes a call from pending.
+// take removes a call from pending once the reader has its whole reply.
+// If the lane failed meanwhile, the call gets the lane's error (unless the
+// reply carried one): fail promises it to every call in flight.
 func (c *lane) take(handle uint64) *call {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	cl := c.pending[handle]
 	delete(c.pending, handle)
+	if cl != nil && cl.err == nil && c.err != nil {
+		cl.err = c.err
+	}
 	c.noteDrained()
 	return cl
 }
@@ -192,38 +211,47 @@ func (c *lane) noteDrained() {
 }
 
 // fail breaks the connection: every call in flight, and every later one,
-// gets err.
+// gets err (or the error of an earlier fail). It records err and closes
+// the socket; it completes no call itself. The reader may be reading a
+// reply into a caller's buffer, even to its end from what it has
+// buffered, so the reader completes the calls: a reply it finishes gets
+// the error in take, and when its next read fails it completes every call
+// still pending.
 func (c *lane) fail(err error) {
 	c.mu.Lock()
-	if c.err != nil {
-		c.mu.Unlock()
-		return
+	first := c.err == nil
+	if first {
+		c.err = err
+		c.broken.Store(true)
 	}
-	c.err = err
-	c.broken.Store(true)
-	calls := c.pending
-	c.pending = make(map[uint64]*call)
-	c.noteDrained()
 	c.mu.Unlock()
-	c.nc.Close()
-	for _, cl := range calls {
-		cl.err = err
-		c.complete(cl)
+	if first {
+		c.nc.Close()
 	}
 }
 
 // readReplies is the reply reader: it matches replies to calls by handle
-// and reads READ data straight into the caller's buffer.
+// and reads READ data straight into the caller's buffer. It is the only
+// goroutine that removes calls from pending and completes them.
 func (c *lane) readReplies() {
 	defer close(c.readerDone)
-	for {
-		if err := c.readReply(); err != nil {
-			if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
-				err = fmt.Errorf("nbd: connection closed: %w", err)
-			}
-			c.fail(err)
-			return
-		}
+	var err error
+	for err == nil {
+		err = c.readReply()
+	}
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
+		err = fmt.Errorf("nbd: connection closed: %w", err)
+	}
+	c.fail(err)
+	c.mu.Lock()
+	err = c.err // the first failure's
+	calls := c.pending
+	c.pending = make(map[uint64]*call)
+	c.noteDrained()
+	c.mu.Unlock()
+	for _, cl := range calls {
+		cl.err = err
+		c.complete(cl)
 	}
 }
 
@@ -247,8 +275,11 @@ func (c *lane) readReply() error {
 	return fmt.Errorf("%w: bad reply magic %#x", ErrProtocol, be.Uint32(h[:]))
 }
 
+// simpleReply reads a simple reply's data (a READ's) into the call's
+// buffer while the call is still pending, then takes and completes it. If
+// the read fails, the call stays pending and readReplies completes it.
 func (c *lane) simpleReply(errno Errno, handle uint64) error {
-	cl := c.take(handle)
+	cl := c.peek(handle)
 	if cl == nil {
 		return fmt.Errorf("%w: reply for unknown handle %d", ErrProtocol, handle)
 	}
@@ -256,17 +287,18 @@ func (c *lane) simpleReply(errno Errno, handle uint64) error {
 		cl.err = errno
 	} else if cl.typ == cmdRead {
 		if err := readFull(c.br, cl.buf); err != nil {
-			cl.err = err
-			c.complete(cl)
 			return err
 		}
 	}
-	c.complete(cl)
+	if c.take(handle) == cl {
+		c.complete(cl)
+	}
 	return nil
 }
 
-// peek finds a call without removing it (structured replies may take
-// several chunks).
+// peek finds a call without removing it: the reader reads a reply into
+// the call while it is pending, and takes it once the reply is whole
+// (structured replies may take several chunks).
 func (c *lane) peek(handle uint64) *call {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -283,19 +315,20 @@ func (c *lane) chunk(flags, typ uint16, handle uint64, n uint32) error {
 		return fmt.Errorf("%w: chunk for unknown handle %d", ErrProtocol, handle)
 	}
 	if err := c.chunkPayload(cl, typ, n); err != nil {
-		return err
+		return err // cl stays pending: readReplies completes it
 	}
 	if flags&replyFlagDone == 0 {
 		return nil
 	}
-	c.take(handle)
 	if cl.err == nil && cl.typ == cmdRead && cl.got != uint64(len(cl.buf)) {
 		cl.err = fmt.Errorf("%w: read reply covered %d of %d bytes", ErrProtocol, cl.got, len(cl.buf))
 	}
 	if cl.err == nil && cl.typ == cmdBlockStatus && !cl.extSeen {
 		cl.err = fmt.Errorf("%w: block status reply without our context", ErrProtocol)
 	}
-	c.complete(cl)
+	if c.take(handle) == cl {
+		c.complete(cl)
+	}
 	return nil
 }
 

@@ -287,3 +287,29 @@ func TestLogDeviceErrorsAndLimits(t *testing.T) {
 	require.Contains(t, out, "command=read offset=1024 length=512")
 	require.Contains(t, out, "established connections at their limit")
 }
+
+// After Remove and an Add of a new export under the same name,
+// CloseExport closes the clients of the removed export, not those of the
+// new one; a second CloseExport closes the new one's.
+func TestLimitsCloseExportAfterReAdd(t *testing.T) {
+	ts := startServer(t, Options{}, Export{Name: "x", Device: blockdevtest.NewMem(t, cmdSize, 512)})
+	old := dial(t, ts.uri("x"))
+	require.NoError(t, ts.srv.Remove("x"))
+	require.NoError(t, ts.srv.Add(Export{Name: "x", Device: blockdevtest.NewMem(t, cmdSize, 512)}))
+	cur := dial(t, ts.uri("x"))
+	buf := make([]byte, 512)
+
+	n, err := ts.srv.CloseExport(context.Background(), "x")
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "connections closed")
+	_, err = old.ReadAt(buf, 0)
+	require.Error(t, err, "the removed export's client")
+	_, err = cur.ReadAt(buf, 0)
+	require.NoError(t, err, "the new export's client")
+
+	n, err = ts.srv.CloseExport(context.Background(), "x")
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "connections closed")
+	_, err = cur.ReadAt(buf, 0)
+	require.Error(t, err, "the new export's client")
+}

@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -182,6 +183,7 @@ type Server struct {
 	mu          sync.Mutex
 	exports     map[string]*export
 	order       []*export
+	withdrawn   map[string][]*export // see CloseExport
 	listeners   map[net.Listener]struct{}
 	conns       map[*conn]struct{}
 	negotiating int // conns in connNegotiating
@@ -209,6 +211,7 @@ func New(opts Options, exports ...Export) (*Server, error) {
 	s := &Server{
 		opts:      opts,
 		exports:   make(map[string]*export),
+		withdrawn: make(map[string][]*export),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 		done:      make(chan struct{}),
@@ -264,7 +267,8 @@ func (s *Server) Add(e Export) error {
 // longer see it. Connections already using it keep their device until they
 // close, or until CloseExport closes them; the caller decides what that
 // device does meanwhile (for a deleted volume: fail every request). The
-// name can be added again afterwards.
+// name can be added again afterwards; CloseExport(name) still means the
+// removed export until it has been called.
 func (s *Server) Remove(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -279,7 +283,23 @@ func (s *Server) Remove(name string) error {
 			break
 		}
 	}
+	// Remember it for CloseExport. A withdrawn export gains no
+	// connections (establish checks s.exports), so one without any is
+	// done with and dropped; the name stays recorded.
+	s.withdrawn[name] = inUse(append(s.withdrawn[name], x))
 	return nil
+}
+
+// inUse returns the exports of xs that have established connections.
+// s.mu is held.
+func inUse(xs []*export) []*export {
+	var out []*export
+	for _, x := range xs {
+		if x.stats.conns.Load() > 0 {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // lookup resolves an export name; the empty name is the default export.
@@ -439,18 +459,31 @@ func (s *Server) establish(c *conn, x *export) error {
 	return nil
 }
 
-// CloseExport closes every connection in the transmission phase on the
-// export named name (including one removed with Remove), and waits until
-// their requests have returned from the device and the connections are
-// gone, or ctx ends. Afterwards no request of theirs touches the device:
-// the caller can delete or reset the volume behind it. To keep new
-// connections out as well, Remove the export first. It returns the number
-// of connections closed.
+// CloseExport closes every connection in the transmission phase on an
+// export named name, and waits until their requests have returned from the
+// device and the connections are gone, or ctx ends. Afterwards no request
+// of theirs touches the device: the caller can delete or reset the volume
+// behind it. To keep new connections out as well, Remove the export first.
+// It returns the number of connections closed.
+//
+// Connections are matched by export, not by name. If Remove withdrew
+// exports named name since the last CloseExport of that name, it closes
+// the connections on those, and leaves alone an export added under the
+// name since: Remove, Add of a new export with the same name, then
+// CloseExport closes the old export's clients only. Otherwise it closes
+// those on the export now serving under name. If ctx ends first, the
+// withdrawn exports stay recorded, so calling again waits for the rest.
 func (s *Server) CloseExport(ctx context.Context, name string) (int, error) {
 	s.mu.Lock()
+	targets, removed := s.withdrawn[name]
+	if removed {
+		delete(s.withdrawn, name)
+	} else if x := s.exports[name]; x != nil {
+		targets = []*export{x}
+	}
 	var victims []*conn
 	for c := range s.conns {
-		if c.state == connEstablished && c.active.Name == name {
+		if c.state == connEstablished && slices.Contains(targets, c.active) {
 			victims = append(victims, c)
 		}
 	}
@@ -462,6 +495,11 @@ func (s *Server) CloseExport(ctx context.Context, name string) (int, error) {
 		select {
 		case <-c.done:
 		case <-ctx.Done():
+			if removed {
+				s.mu.Lock()
+				s.withdrawn[name] = inUse(append(s.withdrawn[name], targets...))
+				s.mu.Unlock()
+			}
 			return len(victims), fmt.Errorf("nbd: close export %q: %w", name, ctx.Err())
 		}
 	}

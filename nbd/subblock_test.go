@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -194,23 +195,36 @@ func TestSubBlockWholeWriteNotLost(t *testing.T) {
 func TestRangeLock(t *testing.T) {
 	var l rangeLock
 	a := l.lock(0, 4096, false)
-	b := l.lock(0, 8192, false) // shared with shared: no wait
-	c := l.lock(8192, 12288, true)
-	got := make(chan string, 4)
+	b := l.lock(0, 8192, false)    // shared with shared: no wait
+	c := l.lock(8192, 12288, true) // disjoint: no wait
+	got := make(chan uint64, 1)
 	go func() {
-		id := l.lock(4096, 8192, true) // overlaps b
-		got <- "excl"
-		l.unlock(id)
+		got <- l.lock(4096, 8192, true) // overlaps b only
 	}()
+	// Wait until the exclusive request is in and waiting: checking
+	// before it has even asked would prove nothing.
+	for deadline := time.Now().Add(time.Minute); ; {
+		select {
+		case <-got:
+			t.Fatal("exclusive lock granted while a shared holder overlaps")
+		default:
+		}
+		l.mu.Lock()
+		waiting := l.waiting
+		l.mu.Unlock()
+		if waiting == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for the exclusive request to wait")
+		}
+		runtime.Gosched()
+	}
+	// Releasing b lets it in; a and c, adjacent but disjoint, stay held.
+	l.unlock(b)
+	l.unlock(<-got)
 	l.unlock(a)
 	l.unlock(c)
-	select {
-	case s := <-got:
-		t.Fatalf("%s granted while a shared holder overlaps", s)
-	default:
-	}
-	l.unlock(b)
-	require.Equal(t, "excl", <-got)
 	// Every entry is gone.
 	l.mu.Lock()
 	require.Empty(t, l.entries)

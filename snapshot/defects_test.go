@@ -3,8 +3,8 @@ package snapshot
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"runtime/pprof"
@@ -72,9 +72,14 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 	errs := make(chan error, 3)
 	rounds := shortScale(15000)
 	hangGuard(t, 2*time.Minute, func() {
+		var writers sync.WaitGroup // the reader runs until both writers are done
+		writers.Add(2)
+		stop := make(chan struct{})
+		go func() { writers.Wait(); close(stop) }()
 		wg.Add(3)
 		go func() { // copy-on-write writer; new snapshots keep it copying
 			defer wg.Done()
+			defer writers.Done()
 			rng := rand.New(rand.NewPCG(seed, 1))
 			buf := make([]byte, 4<<10)
 			for i := range rounds {
@@ -92,6 +97,7 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 		}()
 		go func() { // clone writes and discards: frees chunks
 			defer wg.Done()
+			defer writers.Done()
 			rng := rand.New(rand.NewPCG(seed, 2))
 			buf := make([]byte, 4<<10)
 			for range rounds {
@@ -110,7 +116,12 @@ func TestEmergencyCheckpointWithSnapshotReadsAndCloneDiscards(t *testing.T) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(seed, 3))
 			buf := make([]byte, 4<<10)
-			for range rounds {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
 				if _, err := snap.ReadAt(buf, rng.Int64N(chunks)*(4<<10)); err != nil {
 					errs <- err
 					return
@@ -351,8 +362,6 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 	mustCheck(t, s)
 }
 
-var _ = errors.Is
-
 // The origin handle never is nil: after Close its calls fail with
 // ErrClosed (they used to panic on a nil handle).
 func TestOriginAfterClose(t *testing.T) {
@@ -439,4 +448,26 @@ func TestFailedStoreCloseWritesOutDurable(t *testing.T) {
 	snap, err := s.OpenVolume("snap")
 	require.NoError(t, err)
 	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "snapshot")
+}
+
+// CheckpointAt past maxCheckpointAt would leave every checkpoint to the
+// foreground path; such settings (and nonsense) are refused at Format and
+// Open alike.
+func TestCheckpointAtRange(t *testing.T) {
+	origin, err := blockdev.NewMem(64<<10, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(4<<20, 512)
+	require.NoError(t, err)
+	for _, at := range []float64{0.9, 0.71, 1, -0.5, 0.01, math.NaN()} {
+		_, err := Format(origin, store, Options{CheckpointAt: at})
+		require.ErrorIs(t, err, ErrBadOptions, "CheckpointAt %v", at)
+	}
+	s, err := Format(origin, store, Options{CheckpointAt: maxCheckpointAt})
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	_, err = Open(origin, store, Options{CheckpointAt: 0.9})
+	require.ErrorIs(t, err, ErrBadOptions)
+	s, err = Open(origin, store, Options{CheckpointAt: minCheckpointAt})
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
 }

@@ -16,9 +16,8 @@ import (
 // An origin write that needs a copy-on-write is acknowledged once the copy
 // is in the store and its index record appended: the new data waits in
 // memory, one whole chunk per entry, until a commit makes the copy and the
-// record durable (DESIGN.md section 6: "buffering the origin write until the
-// next commit is also allowed"; section 3: an acknowledged write not covered
-// by a Flush may be lost). drainOrigin commits the journal (store flush,
+// record durable (docs/design.md, "The shared snapshot store"; and its crash
+// model: an acknowledged write not covered by a Flush may be lost). drainOrigin commits the journal (store flush,
 // then records) and only then writes each entry the commit covered to the
 // origin device and drops it, so the origin never receives new data for a
 // chunk before that chunk's copy and record are durable.

@@ -3,7 +3,7 @@
 // writable clone of it, with unlimited snapshots, clones of clones to any
 // depth, metadata-only background delete and diffs between snapshots.
 //
-// Data model (DESIGN.md section 6). Every writable volume is a branch: the
+// Data model (docs/design.md, "The shared snapshot store"). Every writable volume is a branch: the
 // origin is branch 0, a clone is a branch whose parent is a (branch,
 // snapshot) point. A snapshot of a branch is a number (an epoch) in that
 // branch's increasing sequence. One ordered index keyed (branch, chunk,
@@ -178,15 +178,21 @@ type Store struct {
 	bufs    sync.Pool // *[]byte of one chunk
 	scratch sync.Pool // *scratch
 
-	failed   atomic.Pointer[error] // sticky metadata failure: reopen to recover
-	closed   atomic.Bool
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	gcKick   chan struct{}
-	ckptCh   chan capture
-	gcIdle   *sync.Cond // broadcast when the collector's queue drains; uses mu
-	ckptBusy atomic.Bool
+	failed atomic.Pointer[error] // sticky metadata failure: reopen to recover
+	// failCtx is canceled by the first failure and by Close. An Append
+	// waits on it for log room: once the checkpointer has failed (and
+	// stopped) no checkpoint will make room, and the waiter, holding mu,
+	// would otherwise hang every other operation with it.
+	failCtx    context.Context
+	failCancel context.CancelFunc
+	closed     atomic.Bool
+	ctx        context.Context
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	gcKick     chan struct{}
+	ckptCh     chan capture
+	gcIdle     *sync.Cond // broadcast when the collector's queue drains; uses mu
+	ckptBusy   atomic.Bool
 	// postedUpTo is the upTo of the last capture handed to the
 	// checkpointer past emergencyFill; guarded by mu.
 	postedUpTo uint64
@@ -430,6 +436,7 @@ func (s *Store) journalOptions() journal.Options {
 // start launches the background goroutines.
 func (s *Store) start() {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.failCtx, s.failCancel = context.WithCancel(s.ctx)
 	if s.opts.ReadOnly {
 		return // nothing to commit, checkpoint or collect
 	}
@@ -491,7 +498,9 @@ func (s *Store) Close() error {
 // fail records a metadata failure: from now on every change returns it and
 // the store must be reopened.
 func (s *Store) fail(err error) error {
-	s.failed.CompareAndSwap(nil, &err)
+	if s.failed.CompareAndSwap(nil, &err) && s.failCancel != nil {
+		s.failCancel()
+	}
 	return err
 }
 
@@ -534,8 +543,11 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 		return 0, s.fail(err)
 	}
 	sc.rec = encodeRecord(sc.rec, sc.ops)
-	got, err := s.j.Append(s.ctx, sc.rec)
+	got, err := s.j.Append(s.failCtx, sc.rec)
 	if err != nil {
+		if uerr := s.usable(); uerr != nil {
+			return 0, uerr // the store failed or closed while this waited for log room
+		}
 		return 0, s.fail(fmt.Errorf("snapshot: journal append: %w", err))
 	}
 	if got != seq {

@@ -7,10 +7,19 @@ package archivetest
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,6 +56,9 @@ func GatewayPath() (string, error) {
 type Gateway struct {
 	Dir, Addr string
 	bin       string
+	// cert and key are the TLS certificate and key files; empty for a
+	// plain HTTP gateway.
+	cert, key string
 	mu        sync.Mutex // guards cmd
 	cmd       *exec.Cmd
 }
@@ -54,6 +66,16 @@ type Gateway struct {
 // StartGateway starts versitygw on a free loopback port with its data in
 // dir (created if missing), and waits until it accepts connections.
 func StartGateway(dir string) (*Gateway, error) {
+	return startGateway(dir, false)
+}
+
+// StartGatewayTLS is StartGateway serving HTTPS with a self-signed
+// certificate for 127.0.0.1 (kept in DIR.tls).
+func StartGatewayTLS(dir string) (*Gateway, error) {
+	return startGateway(dir, true)
+}
+
+func startGateway(dir string, withTLS bool) (*Gateway, error) {
 	bin, err := GatewayPath()
 	if err != nil {
 		return nil, err
@@ -68,6 +90,11 @@ func StartGateway(dir string) (*Gateway, error) {
 	addr := l.Addr().String()
 	l.Close()
 	g := &Gateway{Dir: dir, Addr: addr, bin: bin}
+	if withTLS {
+		if g.cert, g.key, err = selfSigned(dir + ".tls"); err != nil {
+			return nil, err
+		}
+	}
 	return g, g.Start()
 }
 
@@ -78,7 +105,11 @@ func (g *Gateway) Start() error {
 	if g.cmd != nil {
 		return nil
 	}
-	cmd := exec.Command(g.bin, "--access", AccessKey, "--secret", SecretKey, "--port", g.Addr, "posix", g.Dir)
+	args := []string{"--access", AccessKey, "--secret", SecretKey, "--port", g.Addr}
+	if g.cert != "" {
+		args = append(args, "--cert", g.cert, "--key", g.key)
+	}
+	cmd := exec.Command(g.bin, append(args, "posix", g.Dir)...)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
@@ -113,8 +144,13 @@ func (g *Gateway) Kill() {
 
 // Client returns a minio client for the server.
 func (g *Gateway) Client() (*minio.Client, error) {
-	return minio.New(g.Addr, &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""),
-		BucketLookup: minio.BucketLookupPath})
+	o := &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""), BucketLookup: minio.BucketLookupPath}
+	if g.cert != "" {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} // our own self-signed certificate
+		o.Secure, o.Transport = true, t
+	}
+	return minio.New(g.Addr, o)
 }
 
 // MakeBucket creates a bucket.
@@ -128,7 +164,45 @@ func (g *Gateway) MakeBucket(ctx context.Context, bucket string) error {
 
 // Endpoint is the server's URL, for archive.S3Options.Endpoint (with
 // PathStyle and the credentials above).
-func (g *Gateway) Endpoint() string { return "http://" + g.Addr }
+func (g *Gateway) Endpoint() string {
+	if g.cert != "" {
+		return "https://" + g.Addr
+	}
+	return "http://" + g.Addr
+}
+
+// CertFile is the TLS gateway's certificate (PEM), to trust as a CA; empty
+// for a plain HTTP gateway.
+func (g *Gateway) CertFile() string { return g.cert }
+
+// selfSigned writes a self-signed certificate and key for 127.0.0.1 into
+// dir and returns their paths.
+func selfSigned(dir string) (cert, key string, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "archivetest"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		return "", "", err
+	}
+	pk, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return "", "", err
+	}
+	cert, key = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	err = errors.Join(
+		os.WriteFile(cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600),
+		os.WriteFile(key, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: pk}), 0o600))
+	return cert, key, err
+}
 
 // ObjectPath is where the server keeps an object on disk.
 func (g *Gateway) ObjectPath(bucket, key string) string {

@@ -8,61 +8,38 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/clone"
+	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/nbd"
 )
-
-var cmdHydrate = &command{
-	name: "hydrate",
-	args: "--source PATH|nbd://... --dest PATH --meta PATH [--serve ADDR] [--region-size 64KiB] [--rate SIZE] [--format] [--json]",
-	summary: "hydrate a destination from a read-only source in the background (the dm-clone target), " +
-		"optionally serving the clone over NBD meanwhile; resumes where a previous run stopped",
-}
-
-var cmdStatus = &command{
-	name:    "status",
-	args:    "--source PATH|nbd://... --dest PATH --meta PATH [--json]",
-	summary: "show a clone's hydration status (asks the running hydrate when it holds the clone)",
-}
-
-func init() {
-	cmdHydrate.run = runHydrate
-	cmdStatus.run = runStatus
-}
 
 // errCloneInUse: a running hydrate holds the clone.
 var errCloneInUse = errors.New("clone is in use by another process")
 
-// cloneFlags are the flags of hydrate and status.
+// cloneFlags name a clone's devices.
 type cloneFlags struct {
 	source, dest, meta, control string
+	// connections: how many connections to an nbd:// source (hydrate).
+	connections int
 }
 
-func addCloneFlags(fl interface {
-	StringVar(*string, string, string, string)
-}) *cloneFlags {
+func addCloneFlags(fs *pflag.FlagSet) *cloneFlags {
 	f := &cloneFlags{}
-	fl.StringVar(&f.source, "source", "", "source `PATH` or nbd:// URI (read-only)")
-	fl.StringVar(&f.dest, "dest", "", "destination `PATH` (created with the source's size if missing)")
-	fl.StringVar(&f.meta, "meta", "", "metadata `PATH` (created if missing)")
-	fl.StringVar(&f.control, "control", "", "control socket `PATH` of a running hydrate (default META.control)")
+	fs.StringVar(&f.source, "source", "", "source `PATH`, nbd:// URI or s3://BUCKET/PREFIX/BACKUP (read-only)")
+	fs.StringVar(&f.dest, "dest", "", "destination `PATH` (created with the source's size if missing)")
+	fs.StringVar(&f.meta, "meta", "", "metadata `PATH` (created if missing)")
+	addControlFlag(fs, f)
 	return f
 }
 
-func (f *cloneFlags) check() error {
-	var missing []string
-	for _, x := range []struct{ v, n string }{{f.source, "--source"}, {f.dest, "--dest"}, {f.meta, "--meta"}} {
-		if x.v == "" {
-			missing = append(missing, x.n)
-		}
-	}
-	if len(missing) > 0 {
-		return usagef("missing %s", strings.Join(missing, " and "))
-	}
-	return nil
+func addControlFlag(fs *pflag.FlagSet, f *cloneFlags) {
+	fs.StringVar(&f.control, "control", "", "control socket `PATH` of the running hydrate (default META.control)")
 }
 
 func (f *cloneFlags) controlPath() string {
@@ -72,27 +49,10 @@ func (f *cloneFlags) controlPath() string {
 	return f.meta + ".control"
 }
 
-// statusJSON is a clone's status as the command prints it.
-type statusJSON struct {
-	State         string  `json:"state"`
-	RegionSize    int64   `json:"region_size"`
-	Regions       uint64  `json:"regions"`
-	Hydrated      uint64  `json:"hydrated"`
-	Percent       float64 `json:"percent"`
-	InFlight      int     `json:"in_flight"`
-	BytesCopied   int64   `json:"bytes_copied"`
-	BytesSkipped  int64   `json:"bytes_skipped"`
-	Rate          float64 `json:"rate"`
-	ETASeconds    float64 `json:"eta_seconds"`
-	Errors        int64   `json:"errors"`
-	LastError     string  `json:"last_error,omitempty"`
-	MetadataError string  `json:"metadata_error,omitempty"`
-}
-
-func statusOf(s clone.Status) statusJSON {
-	j := statusJSON{State: s.State.String(), RegionSize: s.RegionSize, Regions: s.Regions, Hydrated: s.Hydrated,
+func statusOf(s clone.Status, rateCap int64) control.CloneStatus {
+	j := control.CloneStatus{State: s.State.String(), RegionSize: s.RegionSize, Regions: s.Regions, Hydrated: s.Hydrated,
 		InFlight: s.InFlight, BytesCopied: s.BytesCopied, BytesSkipped: s.BytesSkipped, Rate: s.Rate,
-		ETASeconds: s.ETA.Seconds(), Errors: s.Errors}
+		RateLimit: rateCap, ETASeconds: s.ETA.Seconds(), Errors: s.Errors}
 	if s.Regions > 0 {
 		j.Percent = float64(s.Hydrated) * 100 / float64(s.Regions)
 	}
@@ -105,11 +65,14 @@ func statusOf(s clone.Status) statusJSON {
 	return j
 }
 
-func (j statusJSON) String() string {
+func statusLine(j control.CloneStatus) string {
 	s := fmt.Sprintf("%s: %d of %d regions hydrated (%.1f%%), %s copied, %s skipped",
 		j.State, j.Hydrated, j.Regions, j.Percent, human(j.BytesCopied), human(j.BytesSkipped))
 	if j.Rate > 0 && j.State == clone.Hydrating.String() {
 		s += fmt.Sprintf(", %s/s, ETA %s", human(int64(j.Rate)), time.Duration(j.ETASeconds*float64(time.Second)).Round(time.Second))
+	}
+	if j.RateLimit > 0 {
+		s += fmt.Sprintf(", capped at %s/s", human(j.RateLimit))
 	}
 	if j.Errors > 0 {
 		s += fmt.Sprintf(", %d copy errors (last: %s)", j.Errors, j.LastError)
@@ -117,18 +80,55 @@ func (j statusJSON) String() string {
 	return s
 }
 
-// openSource opens a source path read-only, or dials an NBD URI.
-func openSource(ctx context.Context, src string) (blockdev.Device, error) {
-	if strings.HasPrefix(src, "nbd://") || strings.HasPrefix(src, "nbd+unix://") || strings.HasPrefix(src, "nbd+tcp://") {
+func printStatus(e *env, st control.CloneStatus, js bool) error {
+	if js {
+		return writeJSON(e.stdout, st)
+	}
+	_, err := fmt.Fprintln(e.stdout, statusLine(st))
+	return err
+}
+
+// isNBD reports whether src is an NBD URI rather than a path.
+func isNBD(src string) bool {
+	for _, p := range []string{"nbd://", "nbd+unix://", "nbd+tcp://", "nbds://", "nbds+unix://"} {
+		if strings.HasPrefix(src, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// openSource opens a source path read-only, or dials an NBD URI with up
+// to conns connections (0: one).
+func openSource(ctx context.Context, src string, conns int) (blockdev.Device, error) {
+	if isArchive(src) {
+		return openArchiveSource(ctx, src)
+	}
+	if isNBD(src) {
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		return nbd.Dial(dctx, src)
+		c, err := nbd.DialWith(dctx, src, nbd.DialOptions{Connections: conns})
+		if err != nil {
+			// Not c: a nil *nbd.Client in a Device is not a nil Device.
+			return nil, fmt.Errorf("source %s: %w", src, err)
+		}
+		return c, nil
+	}
+	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("source %s does not exist (give a file, a block device or an nbd:// URI)", src)
 	}
 	d, err := blockdev.Open(src, blockdev.FileOptions{ReadOnly: true})
 	if err != nil {
 		return nil, fmt.Errorf("source: %w", err)
 	}
 	return d, nil
+}
+
+// cloneOptions are the options a command opens a clone with: an
+// inspecting command (check, status) opens it read-only, so that it never
+// changes the clone (no journal epoch, no hydration).
+func cloneOptions(a access) clone.Options {
+	return clone.Options{ReadOnly: a == inspect}
 }
 
 // cloneSession is an open clone with its devices and locks.
@@ -147,7 +147,7 @@ func (s *cloneSession) close() error {
 		if d == nil {
 			continue
 		}
-		if ferr := d.Flush(); err == nil {
+		if ferr := d.Flush(); err == nil && !errors.Is(ferr, blockdev.ErrReadOnly) {
 			err = ferr
 		}
 		d.Close()
@@ -159,51 +159,67 @@ func (s *cloneSession) close() error {
 	return err
 }
 
+// emptyOrMissing reports whether path does not exist or is an empty
+// regular file.
+func emptyOrMissing(path string) bool {
+	fi, err := os.Stat(path)
+	return errors.Is(err, fs.ErrNotExist) || (err == nil && fi.Mode().IsRegular() && fi.Size() == 0)
+}
+
 // openClone opens (create: or creates, when meta is new) the clone the
-// flags name.
+// flags name. The metadata is locked before the source is opened, so that
+// a clone a running hydrate holds is reported as such whatever the source.
 func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, format bool) (*cloneSession, error) {
 	s := &cloneSession{}
+	var created []string // files this call made, removed again if it fails
 	fail := func(err error) (*cloneSession, error) {
 		s.close()
+		for _, p := range created {
+			os.Remove(p)
+		}
 		return nil, err
 	}
-	var err error
-	if s.src, err = openSource(ctx, f.source); err != nil {
-		return fail(err)
+	fresh := format || emptyOrMissing(f.meta)
+	if fresh && !create {
+		return fail(fmt.Errorf("meta %s holds no clone (start one with blocksnap hydrate)", f.meta))
 	}
-	fresh := format
-	if fi, err := os.Stat(f.meta); errors.Is(err, fs.ErrNotExist) || (err == nil && fi.Mode().IsRegular() && fi.Size() == 0) {
-		if !create {
-			return fail(fmt.Errorf("meta %s holds no clone (start one with blocksnap hydrate)", f.meta))
+	if !fresh {
+		if err := s.lock(f.meta); err != nil {
+			return fail(err)
 		}
-		fresh = true
+	}
+	var err error
+	if s.src, err = openSource(ctx, f.source, f.connections); err != nil {
+		return fail(err)
 	}
 	size := s.src.Size()
 	for _, p := range []struct {
 		path string
 		size int64
 	}{{f.dest, size}, {f.meta, clone.MetadataSize(size, opts.RegionSize)}} {
-		fi, err := os.Stat(p.path)
-		if create && (errors.Is(err, fs.ErrNotExist) || (err == nil && fi.Mode().IsRegular() && fi.Size() == 0)) {
+		if create && emptyOrMissing(p.path) {
+			_, statErr := os.Stat(p.path)
 			d, err := blockdev.Create(p.path, p.size, blockdev.FileOptions{})
 			if err != nil {
 				return fail(err)
 			}
+			if errors.Is(statErr, fs.ErrNotExist) {
+				created = append(created, p.path)
+			}
 			d.Close()
 		}
-		l, err := lockFile(p.path)
-		if errors.Is(err, errInUse) {
-			return fail(fmt.Errorf("%s: %w", p.path, errCloneInUse))
+		if p.path == f.meta && !fresh {
+			continue // locked above
 		}
-		if err != nil {
+		if err := s.lock(p.path); err != nil {
 			return fail(err)
 		}
-		s.locks = append(s.locks, l)
 	}
-	if s.dest, err = blockdev.Open(f.dest, blockdev.FileOptions{}); err != nil {
+	fo := blockdev.FileOptions{ReadOnly: opts.ReadOnly}
+	if s.dest, err = blockdev.Open(f.dest, fo); err != nil {
 		return fail(fmt.Errorf("dest: %w", err))
 	}
-	if s.meta, err = blockdev.Open(f.meta, blockdev.FileOptions{}); err != nil {
+	if s.meta, err = blockdev.Open(f.meta, fo); err != nil {
 		return fail(fmt.Errorf("meta: %w", err))
 	}
 	if fresh {
@@ -220,134 +236,300 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 	return s, nil
 }
 
-func runHydrate(e *env, args []string) error {
-	fl := newFlags(e, cmdHydrate)
-	cf := addCloneFlags(fl)
-	serve := fl.String("serve", "", "serve the clone over NBD on TCP `ADDR` (export \"clone\") while it hydrates, until interrupted")
-	var region, rate sizeFlag
-	fl.Var(&region, "region-size", "hydration unit `SIZE` for a new clone (default 64KiB)")
-	fl.Var(&rate, "rate", "cap background hydration at `SIZE` bytes per second")
-	format := fl.Bool("format", false, "start a new clone even if META holds one")
-	js := fl.Bool("json", false, "print the final status (and, with --serve, the address) as JSON")
-	if _, err := parse(e, cmdHydrate, fl, args, 0, 0); err != nil {
-		return err
-	}
-	if err := cf.check(); err != nil {
-		return err
-	}
-	p := newProgress(e, "hydrate")
-	opts := clone.Options{RegionSize: region.n, RateLimit: rate.n, Progress: func(s clone.Status) {
-		p.update(int64(s.Hydrated)*s.RegionSize, int64(s.Regions)*s.RegionSize)
-	}}
-	s, err := openClone(e.ctx, cf, opts, true, *format)
-	if err != nil {
-		return err
-	}
-	err = hydrate(e, s, cf.controlPath(), *serve, *js, p)
-	p.done()
-	if cerr := s.close(); err == nil {
-		err = cerr
+func (s *cloneSession) lock(path string) error {
+	l, err := lockFile(path)
+	if errors.Is(err, errInUse) {
+		return fmt.Errorf("%s: %w", path, errCloneInUse)
 	}
 	if err != nil {
 		return err
 	}
-	st := statusOf(s.c.Status())
-	if *js {
-		return writeJSON(e.stdout, st)
-	}
-	_, err = fmt.Fprintln(e.stdout, st)
-	return err
+	s.locks = append(s.locks, l)
+	return nil
 }
 
-func hydrate(e *env, s *cloneSession, control, serve string, js bool, p *progress) error {
-	cs, err := listenControl(control, func(_ context.Context, r request) (any, error) {
-		switch r.Op {
-		case "status":
-			return statusOf(s.c.Status()), nil
-		case "pause":
-			s.c.Pause()
-			return statusOf(s.c.Status()), nil
-		case "resume":
-			s.c.Resume()
-			return statusOf(s.c.Status()), nil
+var cmdHydrate = &command{
+	name: "hydrate",
+	examples: []string{
+		"blocksnap hydrate --source nbd://images:10809/golden --dest vm1.img --meta vm1.meta --serve 127.0.0.1:10810 --rate 100MiB",
+		"blocksnap set-rate --meta vm1.meta --rate 0",
+	},
+	summary: "hydrate a destination from a read-only source in the background (the dm-clone target), " +
+		"optionally serving the clone over NBD meanwhile; resumes where a previous run stopped",
+	long: "While it runs, blocksnap status, pause, resume and set-rate reach it through its control socket. " +
+		"With --serve and TLS, SIGHUP reloads the certificates from --tls-creds for new connections.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		cf := addCloneFlags(fl)
+		required(fl, "source", "dest", "meta")
+		serve := fl.String("serve", "", "serve the clone over NBD on TCP `ADDR` (export \"clone\") while it hydrates, until interrupted")
+		var region, rate sizeFlag
+		fl.Var(&region, "region-size", "hydration unit `SIZE` for a new clone (default 64KiB)")
+		fl.Var(&rate, "rate", "cap background hydration at `SIZE` bytes per second (change it later with set-rate)")
+		format := fl.Bool("format", false, "start a new clone even if META holds one")
+		fl.IntVar(&cf.connections, "connections", 0, "open up to `N` connections to an nbd:// source that allows several (0: one)")
+		nf := addNBDFlags(fl)
+		js := fl.Bool("json", false, "print the final status (and, with --serve, the address) as JSON")
+		return func(e *env, _ []string) error {
+			nopts, err := nf.options(nbd.Options{}, e.stderr)
+			if err != nil {
+				return err
+			}
+			if cf.connections < 0 {
+				return usagef("--connections %d: want 0 or more", cf.connections)
+			}
+			if *serve == "" {
+				for _, n := range []string{"tls", "tls-creds", "tls-verify-peer", "allow-plaintext", "max-conns", "metrics"} {
+					if fl.Changed(n) {
+						return usagef("--%s needs --serve", n)
+					}
+				}
+			}
+			if err := nf.checkListen("--serve", *serve); err != nil {
+				return err
+			}
+			p := newProgress(e, "hydrate")
+			opts := clone.Options{RegionSize: region.n, RateLimit: rate.n, Progress: func(s clone.Status) {
+				p.update(int64(s.Hydrated)*s.RegionSize, int64(s.Regions)*s.RegionSize)
+			}}
+			s, err := openClone(e.ctx, cf, opts, true, *format)
+			if errors.Is(err, errCloneInUse) {
+				return inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "it is already hydrating this clone (see blocksnap status --meta "+cf.meta+")")
+			}
+			if err != nil {
+				return err
+			}
+			h := &hydration{s: s, cf: cf, started: time.Now()}
+			h.rateCap.Store(rate.n)
+			err = h.run(e, *serve, nopts, nf.metrics, *js, p)
+			p.done()
+			if cerr := s.close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return err
+			}
+			return printStatus(e, statusOf(s.c.Status(), h.rateCap.Load()), *js)
 		}
-		return nil, fmt.Errorf("unknown operation %q (hydrate answers status, pause, resume)", r.Op)
-	})
+	},
+}
+
+// hydration is a running hydrate: the clone and what its control socket
+// answers.
+type hydration struct {
+	s       *cloneSession
+	cf      *cloneFlags
+	started time.Time
+	listen  string       // set before the control socket answers, then read-only
+	metrics string       // likewise
+	rateCap atomic.Int64 // the cap set last (the clone has no getter)
+}
+
+func (h *hydration) handle(_ context.Context, r control.Request) (any, error) {
+	c := h.s.c
+	switch r.Op {
+	case control.OpInfo:
+		return control.Info{Program: "blocksnap hydrate", PID: os.Getpid(), Started: h.started, Control: h.cf.controlPath(),
+			Dest: h.cf.dest, Meta: h.cf.meta, Listen: h.listen, Metrics: h.metrics}, nil
+	case control.OpStatus:
+	case control.OpPause:
+		c.Pause()
+	case control.OpResume:
+		c.Resume()
+	case control.OpSetRate:
+		c.SetRateLimit(r.Rate)
+		h.rateCap.Store(r.Rate)
+	case control.OpCheck:
+		rep := c.CheckReport()
+		return control.CheckReport{OK: rep.OK(), Target: h.cf.meta, Engine: "clone", Problems: rep.Problems, Live: true}, nil
+	default:
+		return nil, fmt.Errorf("operation %q is not one a hydrate answers (status, pause, resume, set-rate, check)", r.Op)
+	}
+	return statusOf(c.Status(), h.rateCap.Load()), nil
+}
+
+func (h *hydration) run(e *env, serve string, nopts nbd.Options, metrics string, js bool, p *progress) error {
+	var l net.Listener
+	var srv *nbd.Server
+	if serve != "" {
+		var err error
+		if srv, err = nbd.New(nopts, nbd.Export{Name: "clone", Description: "blocksnap hydrating clone", Device: h.s.c}); err != nil {
+			return err
+		}
+		if l, err = net.Listen("tcp", serve); err != nil {
+			return err
+		}
+		defer l.Close()
+		h.listen = l.Addr().String()
+		ms, err := serveMetrics(metrics, srv, e.stderr)
+		if err != nil {
+			return err
+		}
+		defer ms.stop()
+		if ms != nil {
+			h.metrics = ms.addr
+		}
+	}
+	cs, err := control.Listen(h.cf.controlPath(), h.handle, nil)
 	if err != nil {
 		return err
 	}
-	defer cs.close()
+	defer cs.Close()
 	if serve == "" {
-		if err := s.c.Wait(e.ctx); err != nil {
+		if err := h.s.c.Wait(e.ctx); err != nil {
 			if e.ctx.Err() != nil {
-				return fmt.Errorf("interrupted; hydration resumes where it stopped on the next run (%s)", statusOf(s.c.Status()))
+				return fmt.Errorf("interrupted; hydration resumes where it stopped on the next run (%s)", statusLine(statusOf(h.s.c.Status(), 0)))
 			}
 			return err
 		}
 		return nil
 	}
-	srv, err := nbd.New(nbd.Options{}, nbd.Export{Name: "clone", Description: "blocksnap hydrating clone", Device: s.c})
-	if err != nil {
-		return err
-	}
-	l, err := net.Listen("tcp", serve)
-	if err != nil {
-		return err
-	}
+	control := h.cf.controlPath()
+	// SIGHUP is handled before readiness is announced: from then on it
+	// reloads the certificates rather than ending the process.
+	stopReload := reloadOnHangup(srv, nopts, "hydrate", e.stderr)
+	defer stopReload()
 	if js {
-		err = writeJSON(e.stdout, serveInfo{Listen: l.Addr().String(), Control: control, Exports: []string{"clone"}})
+		err = writeJSON(e.stdout, serveInfo{Listen: h.listen, Control: control, Metrics: h.metrics, Exports: []string{"clone"}})
 	} else {
-		_, err = fmt.Fprintf(e.stdout, "serving the clone on nbd://%s/clone while it hydrates (control socket %s); ^C to stop\n", l.Addr(), control)
+		_, err = fmt.Fprintf(e.stdout, "serving the clone on nbd://%s/clone while it hydrates (control socket %s); ^C to stop\n", h.listen, control)
 	}
 	if err != nil {
-		l.Close()
 		return err
 	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	announced := make(chan struct{})
 	go func() {
+		defer close(announced)
 		select {
-		case <-s.c.Done():
+		case <-h.s.c.Done():
 			p.done()
 			fmt.Fprintln(e.stderr, "blocksnap hydrate: hydrated; the destination alone now holds the volume")
-		case <-e.ctx.Done():
+		case <-ctx.Done():
 		}
 	}()
-	if err := srv.Serve(e.ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+	err = srv.Serve(ctx, l)
+	cancel()
+	<-announced
+	if err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 		return err
 	}
 	return nil
 }
 
-func runStatus(e *env, args []string) error {
-	fl := newFlags(e, cmdStatus)
-	cf := addCloneFlags(fl)
-	js := fl.Bool("json", false, "print as JSON")
-	if _, err := parse(e, cmdStatus, fl, args, 0, 0); err != nil {
-		return err
-	}
-	if err := cf.check(); err != nil {
-		return err
-	}
-	var st statusJSON
-	s, err := openClone(e.ctx, cf, clone.Options{NoHydration: true}, false, false)
-	switch {
-	case errors.Is(err, errCloneInUse):
-		if cerr := callControl(e.ctx, cf.controlPath(), request{Op: "status"}, &st); cerr != nil {
-			return fmt.Errorf("%v (and %v)", err, cerr)
+var cmdStatus = &command{
+	name:    "status",
+	summary: "show a clone's hydration status",
+	long: "With only --meta it asks the hydrate running on that clone, through its control socket. " +
+		"When none runs, give --source and --dest too: the status is then read from the clone itself " +
+		"(opened read-only: nothing is copied or written).",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		cf := &cloneFlags{}
+		fl.StringVar(&cf.meta, "meta", "", "metadata `PATH` of the clone")
+		required(fl, "meta")
+		fl.StringVar(&cf.source, "source", "", "source `PATH` or nbd:// URI (only when no hydrate is running)")
+		fl.StringVar(&cf.dest, "dest", "", "destination `PATH` (only when no hydrate is running)")
+		addControlFlag(fl, cf)
+		js := fl.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			st, err := cloneStatus(e, cf)
+			if err != nil {
+				return err
+			}
+			return printStatus(e, st, *js)
 		}
-	case err != nil:
-		return err
-	default:
-		st = statusOf(s.c.Status())
-		if err := s.close(); err != nil {
-			return err
-		}
-		if st.State == clone.Paused.String() && st.Hydrated < st.Regions {
-			st.State = "stopped"
-		}
-	}
-	if *js {
-		return writeJSON(e.stdout, st)
-	}
-	_, err = fmt.Fprintln(e.stdout, st)
-	return err
+	},
 }
+
+// cloneStatus asks the running hydrate, or reads the clone when none runs.
+func cloneStatus(e *env, cf *cloneFlags) (control.CloneStatus, error) {
+	if emptyOrMissing(cf.meta) {
+		return control.CloneStatus{}, fmt.Errorf("meta %s holds no clone (start one with blocksnap hydrate)", cf.meta)
+	}
+	held, err := isLocked(cf.meta)
+	if err != nil {
+		return control.CloneStatus{}, err
+	}
+	if held {
+		st, err := control.Dial(cf.controlPath()).Status(e.ctx)
+		if errors.Is(err, control.ErrNoServer) {
+			return st, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "")
+		}
+		return st, err
+	}
+	if cf.source == "" || cf.dest == "" {
+		return control.CloneStatus{}, usagef("no hydrate is running on %s: give --source and --dest to read its status from the files", cf.meta)
+	}
+	s, err := openClone(e.ctx, cf, cloneOptions(inspect), false, false)
+	if err != nil {
+		return control.CloneStatus{}, err
+	}
+	st := statusOf(s.c.Status(), 0)
+	if err := s.close(); err != nil {
+		return st, err
+	}
+	if st.State == clone.Paused.String() && st.Hydrated < st.Regions {
+		st.State = "stopped"
+	}
+	return st, nil
+}
+
+// isLocked reports whether another process holds path's lock.
+func isLocked(path string) (bool, error) {
+	l, err := lockFile(path)
+	if errors.Is(err, errInUse) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return false, l.Close()
+}
+
+// hydrateControl is a command that sends one request to a running
+// hydrate and prints its status.
+func hydrateControl(name, summary string, req func(fl *pflag.FlagSet) func() (control.Request, error)) *command {
+	return &command{
+		name: name, summary: summary,
+		define: func(fl *pflag.FlagSet) func(*env, []string) error {
+			cf := &cloneFlags{}
+			fl.StringVar(&cf.meta, "meta", "", "metadata `PATH` of the clone a hydrate is running on")
+			required(fl, "meta")
+			addControlFlag(fl, cf)
+			js := fl.Bool("json", false, "print the status as JSON")
+			mk := req(fl)
+			return func(e *env, _ []string) error {
+				r, err := mk()
+				if err != nil {
+					return err
+				}
+				var st control.CloneStatus
+				err = control.Dial(cf.controlPath()).Call(e.ctx, r, &st)
+				if errors.Is(err, control.ErrNoServer) {
+					return fmt.Errorf("no hydrate is running on %s (%v)", cf.meta, err)
+				}
+				if err != nil {
+					return err
+				}
+				return printStatus(e, st, *js)
+			}
+		},
+	}
+}
+
+var (
+	cmdPause = hydrateControl("pause", "pause a running hydrate's background copying (reads and writes through the clone go on)",
+		func(*pflag.FlagSet) func() (control.Request, error) {
+			return func() (control.Request, error) { return control.Request{Op: control.OpPause}, nil }
+		})
+	cmdResume = hydrateControl("resume", "resume a paused hydrate's background copying",
+		func(*pflag.FlagSet) func() (control.Request, error) {
+			return func() (control.Request, error) { return control.Request{Op: control.OpResume}, nil }
+		})
+	cmdSetRate = hydrateControl("set-rate", "change a running hydrate's cap on background copying (--rate 0: no cap)",
+		func(fl *pflag.FlagSet) func() (control.Request, error) {
+			var rate sizeFlag
+			fl.Var(&rate, "rate", "the new cap in `SIZE` bytes per second (0: no cap)")
+			required(fl, "rate")
+			return func() (control.Request, error) { return control.Request{Op: control.OpSetRate, Rate: rate.n}, nil }
+		})
+)

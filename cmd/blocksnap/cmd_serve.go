@@ -9,21 +9,47 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/nbd"
 	"github.com/blocksnap/blocksnap/snapshot"
 )
 
 var cmdServe = &command{
 	name: "serve",
-	args: "--origin PATH --store PATH [--listen 127.0.0.1:10809] [--socket PATH] [--control PATH] [--json]",
+	examples: []string{
+		"blocksnap serve --origin disk.img --store store.img --listen 127.0.0.1:10809",
+		"qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/vm1,format=raw,if=virtio ...",
+	},
 	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
-		"snapshot, clone, delete, list, stat, diff and export-diff act on the live server through its control socket",
-}
-
-func init() {
-	cmdServe.run = runServe
+		"the other store commands act on the live server through its control socket",
+	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed. " +
+		"With TLS, SIGHUP reloads the certificates from --tls-creds for new connections; open ones keep theirs. " +
+		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given.",
+	define: func(fl *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fl)
+		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
+		sock := fl.String("socket", "", "also serve NBD on the Unix socket `PATH`")
+		nf := addNBDFlags(fl)
+		js := fl.Bool("json", false, "print the listening addresses as JSON once ready")
+		return func(e *env, _ []string) error {
+			if *listen == "" && *sock == "" {
+				return usagef("nothing to listen on: give --listen or --socket")
+			}
+			opts, err := nf.options(nbd.Options{DefaultExport: "origin"}, e.stderr)
+			if err != nil {
+				return err
+			}
+			if err := nf.checkListen("--listen", *listen); err != nil {
+				return err
+			}
+			return runServe(e, sf, opts, nf.metrics, *listen, *sock, *js)
+		}
+	},
 }
 
 // serveInfo is printed (as JSON with --json) once the server is ready.
@@ -31,28 +57,25 @@ type serveInfo struct {
 	Listen  string   `json:"listen,omitempty"`
 	Socket  string   `json:"socket,omitempty"`
 	Control string   `json:"control"`
+	Metrics string   `json:"metrics,omitempty"`
 	Exports []string `json:"exports"`
 }
 
-func runServe(e *env, args []string) error {
-	fl := newFlags(e, cmdServe)
-	sf := addStoreFlags(fl)
-	listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
-	sock := fl.String("socket", "", "also serve NBD on the Unix socket `PATH`")
-	js := fl.Bool("json", false, "print the listening addresses as JSON once ready")
-	if _, err := parseStore(e, cmdServe, fl, sf, args, 0, 0); err != nil {
-		return err
+func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
+	s, err := openSession(sf, readWrite)
+	if errors.Is(err, ErrStoreInUse) {
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)")
 	}
-	if *listen == "" && *sock == "" {
-		return usagef("nothing to listen on: give --listen or --socket")
-	}
-	s, err := openSession(sf)
 	if err != nil {
 		return err
 	}
-	vs, err := newVolumeServer(s.st)
+	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
-		err = vs.serve(e, sf.controlPath(), *listen, *sock, *js)
+		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite}
+		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
+			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
+		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
 	}
 	if vs != nil {
 		vs.closeVolumes()
@@ -66,19 +89,22 @@ func runServe(e *env, args []string) error {
 // volumeServer exports a store's volumes over NBD and keeps the exports in
 // step with snapshots, clones and deletes made through the control socket.
 type volumeServer struct {
-	st  *snapshot.Store
-	nbd *nbd.Server
+	st   *snapshot.Store
+	nbd  *nbd.Server
+	opts nbd.Options  // nbd's options
+	ops  ops          // set before serving; its hooks call back into vs
+	info control.Info // set before serving, then read-only
 
-	mu      sync.Mutex // guards exports and serializes control operations
+	mu      sync.Mutex // guards exports. Lock order: vs.mu, then the nbd server's and the store's locks (closing a handle); never the reverse
 	exports map[string]*liveDev
 }
 
-func newVolumeServer(st *snapshot.Store) (*volumeServer, error) {
-	srv, err := nbd.New(nbd.Options{DefaultExport: "origin"})
+func newVolumeServer(st *snapshot.Store, opts nbd.Options) (*volumeServer, error) {
+	srv, err := nbd.New(opts)
 	if err != nil {
 		return nil, err
 	}
-	vs := &volumeServer{st: st, nbd: srv, exports: map[string]*liveDev{}}
+	vs := &volumeServer{st: st, nbd: srv, opts: opts, exports: map[string]*liveDev{}}
 	for _, i := range st.List() {
 		v, err := st.OpenID(i.ID)
 		if err != nil {
@@ -98,9 +124,7 @@ func (vs *volumeServer) add(v *snapshot.Volume) error {
 	name := v.Info().Name
 	d := &liveDev{size: v.Size(), bs: v.BlockSize()}
 	d.v.Store(v)
-	ro := v.Kind() == snapshot.KindSnapshot
-	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), name)
-	if err := vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: ro}); err != nil {
+	if err := vs.export(name, d, v); err != nil {
 		v.Close()
 		return err
 	}
@@ -109,18 +133,24 @@ func (vs *volumeServer) add(v *snapshot.Volume) error {
 }
 
 // retire withdraws a deleted volume's export: new connections no longer
-// see it, and connections still open on it get an error for every request.
-// A volume created again under the name gets a fresh export.
+// see it, and the connections open on it are closed once their requests in
+// flight are answered (requests after the delete get an error). A volume
+// created again under the name gets a fresh export.
 func (vs *volumeServer) retire(name string) {
 	vs.mu.Lock()
-	defer vs.mu.Unlock()
 	d, ok := vs.exports[name]
 	if !ok {
+		vs.mu.Unlock()
 		return
 	}
 	delete(vs.exports, name)
 	_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
-	if old := d.v.Swap(nil); old != nil {
+	old := d.v.Swap(nil)
+	vs.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers get errors from d
+	if old != nil {
 		old.Close()
 	}
 }
@@ -148,28 +178,80 @@ func (vs *volumeServer) closeVolumes() {
 	}
 }
 
+// rename moves a renamed volume's export to its new name; connections
+// open on the old name keep working on the same volume.
+func (vs *volumeServer) rename(oldName, newName string) {
+	vs.mu.Lock()
+	defer vs.mu.Unlock()
+	d, ok := vs.exports[oldName]
+	if !ok {
+		return
+	}
+	v := d.v.Load()
+	if v == nil {
+		return
+	}
+	_ = vs.nbd.Remove(oldName) // present: added together with vs.exports[oldName]
+	delete(vs.exports, oldName)
+	if err := vs.export(newName, d, v); err == nil {
+		vs.exports[newName] = d
+	}
+}
+
+// export adds v's NBD export under name, read-only for a snapshot.
+func (vs *volumeServer) export(name string, d *liveDev, v *snapshot.Volume) error {
+	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), name)
+	return vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: v.Kind() == snapshot.KindSnapshot})
+}
+
+// rewrite withdraws the export of a volume about to be rolled back and
+// closes its connections, so that no client keeps data it cached from
+// before; the returned function exports it again. Clients reconnect to the
+// rolled-back volume.
+func (vs *volumeServer) rewrite(name string) func() {
+	vs.mu.Lock()
+	d, ok := vs.exports[name]
+	if ok {
+		_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
+	}
+	vs.mu.Unlock()
+	if !ok {
+		return func() {}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers see the rollback happen
+	return func() {
+		vs.mu.Lock()
+		defer vs.mu.Unlock()
+		if vs.exports[name] != d {
+			return // deleted or renamed meanwhile
+		}
+		if v := d.v.Load(); v != nil {
+			_ = vs.export(name, d, v) // the name was free: withdrawn above, and vs.mu held since
+		}
+	}
+}
+
 // handle runs a control request against the live store.
-func (vs *volumeServer) handle(ctx context.Context, r request) (any, error) {
-	o := &ops{st: vs.st, onCreate: vs.add, onDelete: vs.retire}
-	return o.do(ctx, r)
+func (vs *volumeServer) handle(ctx context.Context, r control.Request) (any, error) {
+	if r.Op == control.OpInfo {
+		return vs.info, nil
+	}
+	return vs.ops.do(ctx, r)
 }
 
 // serve listens, reports readiness, and serves until e.ctx ends (SIGINT,
 // SIGTERM), then drains: the NBD server answers requests in flight and
 // flushes every export; the control socket closes.
-func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) error {
-	cs, err := listenControl(control, vs.handle)
-	if err != nil {
-		return err
-	}
-	defer cs.close()
+func (vs *volumeServer) serve(e *env, controlPath, metrics, listen, sock string, js bool) error {
 	var ls []net.Listener
 	closeAll := func() {
 		for _, l := range ls {
 			l.Close()
 		}
 	}
-	info := serveInfo{Control: control}
+	info := serveInfo{Control: controlPath}
 	if listen != "" {
 		l, err := net.Listen("tcp", listen)
 		if err != nil {
@@ -188,7 +270,28 @@ func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) err
 		ls = append(ls, l)
 		info.Socket = sock
 	}
+	ms, err := serveMetrics(metrics, vs.nbd, e.stderr)
+	if err != nil {
+		closeAll()
+		return err
+	}
+	defer ms.stop()
+	if ms != nil {
+		info.Metrics = ms.addr
+	}
+	// vs.info is read by the control handler: complete before it starts.
+	vs.info.Listen, vs.info.Socket, vs.info.Metrics = info.Listen, info.Socket, info.Metrics
+	cs, err := control.Listen(controlPath, vs.handle, classify)
+	if err != nil {
+		closeAll()
+		return err
+	}
+	defer cs.Close()
 	info.Exports = vs.names()
+	// SIGHUP is handled before readiness is announced: from then on it
+	// reloads the certificates rather than ending the process.
+	stopReload := reloadOnHangup(vs.nbd, vs.opts, "serve", e.stderr)
+	defer stopReload()
 	if js {
 		err = writeJSON(e.stdout, info)
 	} else {
@@ -199,7 +302,10 @@ func (vs *volumeServer) serve(e *env, control, listen, sock string, js bool) err
 		if info.Socket != "" {
 			where += " nbd+unix:///?socket=" + info.Socket
 		}
-		_, err = fmt.Fprintf(e.stdout, "serving %d volumes on%s (control socket %s); ^C to stop\n", len(info.Exports), where, control)
+		if info.Metrics != "" {
+			where += ", metrics on http://" + info.Metrics + "/metrics"
+		}
+		_, err = fmt.Fprintf(e.stdout, "serving %d volumes on%s (control socket %s); ^C to stop\n", len(info.Exports), where, controlPath)
 	}
 	if err != nil {
 		closeAll()

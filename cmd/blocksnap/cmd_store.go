@@ -3,147 +3,33 @@ package main
 import (
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io/fs"
-	"os"
-	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/blocksnap/blocksnap/blockdev"
-	"github.com/blocksnap/blocksnap/snapshot"
+	"github.com/spf13/pflag"
+
+	"github.com/blocksnap/blocksnap/control"
 )
 
-var cmdFormat = &command{
-	name:    "format",
-	args:    "--origin PATH --store PATH [--chunk-size 64KiB] [--size SIZE] [--store-size SIZE] [--force]",
-	summary: "create an empty store for an origin; --size creates missing files (the origin's contents are kept)",
-}
-
-var cmdSnapshot = &command{
-	name:    "snapshot",
-	args:    "NAME --origin PATH --store PATH [--of VOLUME] [--json]",
-	summary: "take a read-only snapshot of the origin (or of the clone --of names)",
-}
-
-var cmdClone = &command{
-	name:    "clone",
-	args:    "NAME --from SNAPSHOT --origin PATH --store PATH [--json]",
-	summary: "make a writable clone of a snapshot",
-}
-
-var cmdList = &command{
-	name:    "list",
-	args:    "--origin PATH --store PATH [--json]",
-	summary: "list the origin, snapshots and clones",
-}
-
-var cmdDelete = &command{
-	name:    "delete",
-	args:    "NAME --origin PATH --store PATH [--no-wait] [--json]",
-	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
-}
-
-var cmdRollback = &command{
-	name:    "rollback",
-	args:    "VOLUME --to SNAPSHOT --origin PATH --store PATH",
-	summary: "revert the origin or a clone to one of its snapshots (later snapshots stay intact)",
-}
-
-var cmdStat = &command{
-	name:    "stat",
-	args:    "NAME --origin PATH --store PATH [--json]",
-	summary: "space accounting of a volume: mapped, exclusive and shared bytes",
-}
-
-var cmdCheck = &command{
-	name:    "check",
-	args:    "--origin PATH --store PATH [--json]",
-	summary: "verify the store's metadata; exit 1 with a report when something is wrong",
-}
-
-var cmdDump = &command{
-	name:    "dump",
-	args:    "--origin PATH --store PATH",
-	summary: "print the store's metadata (volumes, space, check result) as JSON, for support",
-}
-
-var cmdDiff = &command{
-	name:    "diff",
-	args:    "FROM [TO] --origin PATH --store PATH [--json]",
-	summary: "list the extents that differ between two volumes (TO: default the live volume FROM was taken of)",
-}
-
-func init() {
-	cmdFormat.run = runFormat
-	cmdSnapshot.run = func(e *env, args []string) error {
-		fs := newFlags(e, cmdSnapshot)
-		sf := addStoreFlags(fs)
-		of := fs.String("of", "origin", "`VOLUME` to snapshot: the origin or a clone")
-		js := fs.Bool("json", false, "print the new volume as JSON")
-		pos, err := parseStore(e, cmdSnapshot, fs, sf, args, 1, 1)
-		if err != nil {
-			return err
-		}
-		var v volumeJSON
-		if err := runOp(e, sf, request{Op: "snapshot", Name: pos[0], Of: *of}, &v); err != nil {
-			return err
-		}
-		return printVolume(e, v, *js, "snapshot")
-	}
-	cmdClone.run = func(e *env, args []string) error {
-		fs := newFlags(e, cmdClone)
-		sf := addStoreFlags(fs)
-		from := fs.String("from", "", "`SNAPSHOT` to clone")
-		js := fs.Bool("json", false, "print the new volume as JSON")
-		pos, err := parseStore(e, cmdClone, fs, sf, args, 1, 1)
-		if err != nil {
-			return err
-		}
-		if *from == "" {
-			return usagef("missing --from SNAPSHOT")
-		}
-		var v volumeJSON
-		if err := runOp(e, sf, request{Op: "clone", Name: pos[0], From: *from}, &v); err != nil {
-			return err
-		}
-		return printVolume(e, v, *js, "clone")
-	}
-	cmdList.run = runList
-	cmdDelete.run = runDelete
-	cmdRollback.run = runRollback
-	cmdStat.run = runStat
-	cmdCheck.run = runCheck
-	cmdDump.run = runDump
-	cmdDiff.run = runDiff
-}
-
-// parseStore parses a store command's arguments and checks the store
-// flags.
-func parseStore(e *env, c *command, fs *flag.FlagSet, sf *storeFlags, args []string, lo, hi int) ([]string, error) {
-	pos, err := parse(e, c, fs, args, lo, hi)
-	if err != nil {
-		return nil, err
-	}
-	return pos, sf.check()
-}
-
 // runOp runs r on the store: locally when this process can lock it,
-// otherwise through the control socket of the server holding it.
-func runOp(e *env, sf *storeFlags, r request, out any) error {
-	s, err := openSession(sf)
+// otherwise through the control socket of the server holding it. out gets
+// the result either way, in the control protocol's JSON form.
+func runOp(e *env, sf *storeFlags, a access, r control.Request, out any) error {
+	s, err := openSession(sf, a)
 	if errors.Is(err, ErrStoreInUse) {
-		cerr := callControl(e.ctx, sf.controlPath(), r, out)
-		if errors.Is(cerr, errNoServer) {
-			return fmt.Errorf("%w (and %v)", err, cerr)
+		cerr := control.Dial(sf.controlPath()).Call(e.ctx, r, out)
+		if errors.Is(cerr, control.ErrNoServer) {
+			return inUse(e.ctx, "store", sf.store, sf.controlPath(), "")
 		}
 		return cerr
 	}
 	if err != nil {
 		return err
 	}
-	res, err := (&ops{st: s.st}).do(e.ctx, r)
+	o := &ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(),
+		progress: func(what string) *progress { return newProgress(e, what) }}
+	res, err := o.do(e.ctx, r)
 	if cerr := s.close(); err == nil {
 		err = cerr
 	}
@@ -157,7 +43,7 @@ func runOp(e *env, sf *storeFlags, r request, out any) error {
 	return json.Unmarshal(b, out)
 }
 
-func printVolume(e *env, v volumeJSON, js bool, what string) error {
+func printVolume(e *env, v control.Volume, js bool, what string) error {
 	if js {
 		return writeJSON(e.stdout, v)
 	}
@@ -165,341 +51,246 @@ func printVolume(e *env, v volumeJSON, js bool, what string) error {
 	if v.Parent != "" {
 		of = " of " + v.Parent
 	}
-	_, err := fmt.Fprintf(e.stdout, "created %s %s%s (id %d)\n", what, v.Name, of, v.ID)
+	_, err := fmt.Fprintf(e.stdout, "created %s %s%s\n", what, v.Name, of)
 	return err
 }
 
-func runFormat(e *env, args []string) error {
-	fl := newFlags(e, cmdFormat)
-	sf := addStoreFlags(fl)
-	var chunk, size, storeSize sizeFlag
-	fl.Var(&chunk, "chunk-size", "copy-on-write chunk `SIZE`, a power of two from 4KiB to 1MiB (default 64KiB)")
-	fl.Var(&size, "size", "create missing files of `SIZE` (the store too, unless --store-size)")
-	fl.Var(&storeSize, "store-size", "`SIZE` of a missing store file (default: --size)")
-	force := fl.Bool("force", false, "format even if the store already holds a blocksnap store")
-	if _, err := parseStore(e, cmdFormat, fl, sf, args, 0, 0); err != nil {
-		return err
-	}
-	if !storeSize.set {
-		storeSize = size
-	}
-	for _, p := range []struct {
-		path string
-		size sizeFlag
-	}{{sf.origin, size}, {sf.store, storeSize}} {
-		if _, err := os.Stat(p.path); errors.Is(err, fs.ErrNotExist) {
-			if !p.size.set {
-				return fmt.Errorf("%s does not exist (give --size to create it)", p.path)
-			}
-			d, err := blockdev.Create(p.path, p.size.n, blockdev.FileOptions{})
-			if err != nil {
+var cmdSnapshot = &command{
+	name: "snapshot", args: "NAME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap snapshot monday --origin disk.img --store store.img",
+		"blocksnap snapshot vm1-before-upgrade --of vm1 --origin disk.img --store store.img",
+	},
+	summary: "take a read-only snapshot of the origin (or of the clone --of names)",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		of := fs.String("of", "origin", "`VOLUME` to snapshot: the origin or a clone")
+		js := fs.Bool("json", false, "print the new volume as JSON")
+		return func(e *env, pos []string) error {
+			var v control.Volume
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpSnapshot, Name: pos[0], Of: *of}, &v); err != nil {
 				return err
 			}
-			d.Close()
+			return printVolume(e, v, *js, "snapshot")
 		}
-	}
-	locks, err := lockPaths(sf.origin, sf.store)
-	if err != nil {
-		return err
-	}
-	defer unlock(locks)
-	o, s, err := openDevices(sf.origin, sf.store)
-	if err != nil {
-		return err
-	}
-	defer o.Close()
-	defer s.Close()
-	if !*force {
-		if st, err := snapshot.Open(o, s, snapshot.Options{}); err == nil {
-			n := len(st.List())
-			st.Close()
-			return fmt.Errorf("%s already holds a blocksnap store with %d volumes (use --force to reformat and lose them)", sf.store, n)
-		}
-	}
-	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: int(chunk.n)})
-	if err != nil {
-		return err
-	}
-	if err := st.Close(); err != nil {
-		return err
-	}
-	if err := s.Flush(); err != nil {
-		return err
-	}
-	cs := chunk.n
-	if cs == 0 {
-		cs = 64 << 10
-	}
-	_, err = fmt.Fprintf(e.stdout, "formatted store %s (%s) for origin %s (%s), chunk size %s\n",
-		sf.store, human(s.Size()), sf.origin, human(o.Size()), human(cs))
-	return err
+	},
 }
 
-func runList(e *env, args []string) error {
-	fs := newFlags(e, cmdList)
-	sf := addStoreFlags(fs)
-	js := fs.Bool("json", false, "print as JSON")
-	if _, err := parseStore(e, cmdList, fs, sf, args, 0, 0); err != nil {
-		return err
-	}
-	var vs []volumeJSON
-	if err := runOp(e, sf, request{Op: "list"}, &vs); err != nil {
-		return err
-	}
-	if *js {
-		return writeJSON(e.stdout, vs)
-	}
-	tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tKIND\tPARENT\tSIZE\tCREATED")
-	for _, v := range vs {
-		parent := v.Parent
-		if parent == "" {
-			parent = "-"
-		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.ID, v.Name, v.Kind, parent, human(v.Size), v.Created.Local().Format(time.DateTime))
-	}
-	return tw.Flush()
-}
-
-func runDelete(e *env, args []string) error {
-	fs := newFlags(e, cmdDelete)
-	sf := addStoreFlags(fs)
-	noWait := fs.Bool("no-wait", false, "return once the delete is durable; reclaim space in the background (next open)")
-	js := fs.Bool("json", false, "print the result as JSON")
-	pos, err := parseStore(e, cmdDelete, fs, sf, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	var out deleteJSON
-	s, err := openSession(sf)
-	switch {
-	case errors.Is(err, ErrStoreInUse):
-		if cerr := callControl(e.ctx, sf.controlPath(), request{Op: "delete", Name: pos[0]}, &out); cerr != nil {
-			if errors.Is(cerr, errNoServer) {
-				return fmt.Errorf("%w (and %v)", err, cerr)
-			}
-			return cerr
-		}
-	case err != nil:
-		return err
-	default:
-		err = deleteLocal(e, s, pos[0], !*noWait, &out)
-		if cerr := s.close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return err
-		}
-	}
-	if *js {
-		return writeJSON(e.stdout, out)
-	}
-	if out.Waited {
-		_, err = fmt.Fprintf(e.stdout, "deleted %s; reclaimed %s\n", out.Deleted, human(out.Reclaimed))
-	} else {
-		_, err = fmt.Fprintf(e.stdout, "deleted %s; space is reclaimed in the background\n", out.Deleted)
-	}
-	return err
-}
-
-func deleteLocal(e *env, s *session, name string, wait bool, out *deleteJSON) error {
-	op, err := s.st.Delete(name)
-	if err != nil {
-		return err
-	}
-	out.Deleted = name
-	if !wait {
-		return nil
-	}
-	p := newProgress(e, "delete "+name)
-	defer p.done()
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		select {
-		case <-op.Done():
-			if err := op.Wait(e.ctx); err != nil {
+var cmdClone = &command{
+	name: "clone", args: "NAME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap clone vm1 --from golden --origin disk.img --store store.img",
+	},
+	summary: "make a writable clone of a snapshot",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		from := fs.String("from", "", "`SNAPSHOT` to clone")
+		required(fs, "from")
+		js := fs.Bool("json", false, "print the new volume as JSON")
+		return func(e *env, pos []string) error {
+			var v control.Volume
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpClone, Name: pos[0], From: *from}, &v); err != nil {
 				return err
 			}
-			out.Reclaimed, out.Waited = op.Progress().BytesReclaimed, true
-			return nil
-		case <-tick.C:
-			pr := op.Progress()
-			p.text(fmt.Sprintf("%d entries, %s reclaimed", pr.Entries, human(pr.BytesReclaimed)))
-		case <-e.ctx.Done():
-			return fmt.Errorf("interrupted; the delete is durable and reclaiming resumes at the next open: %w", e.ctx.Err())
+			return printVolume(e, v, *js, "clone")
 		}
-	}
+	},
 }
 
-func runRollback(e *env, args []string) error {
-	fs := newFlags(e, cmdRollback)
-	sf := addStoreFlags(fs)
-	to := fs.String("to", "", "`SNAPSHOT` to roll back to")
-	pos, err := parseStore(e, cmdRollback, fs, sf, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	if *to == "" {
-		return usagef("missing --to SNAPSHOT")
-	}
-	return withSession(sf, func(s *session) error {
-		vol, err := s.st.OpenVolume(pos[0])
-		if err != nil {
-			return err
-		}
-		defer vol.Close()
-		snap, err := s.st.OpenVolume(*to)
-		if err != nil {
-			return err
-		}
-		defer snap.Close()
-		p := newProgress(e, "rollback "+pos[0])
-		p.text("rewriting the chunks that differ from " + *to)
-		err = s.st.Rollback(e.ctx, vol, snap)
-		p.done()
-		if err != nil {
-			return err
-		}
-		if err := vol.Flush(); err != nil {
-			return err
-		}
-		_, err = fmt.Fprintf(e.stdout, "rolled %s back to %s\n", pos[0], *to)
-		return err
-	})
-}
-
-func runStat(e *env, args []string) error {
-	fs := newFlags(e, cmdStat)
-	sf := addStoreFlags(fs)
-	js := fs.Bool("json", false, "print as JSON")
-	pos, err := parseStore(e, cmdStat, fs, sf, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	var st statJSON
-	if err := runOp(e, sf, request{Op: "stat", Name: pos[0]}, &st); err != nil {
-		return err
-	}
-	if *js {
-		return writeJSON(e.stdout, st)
-	}
-	_, err = fmt.Fprintf(e.stdout, "%s (%s, id %d): size %s, mapped %s, exclusive %s, shared %s\n",
-		st.Name, st.Kind, st.ID, human(st.Size), human(st.Mapped), human(st.Exclusive), human(st.Shared))
-	return err
-}
-
-// checkReport is check's JSON output.
-type checkReport struct {
-	OK       bool     `json:"ok"`
-	Volumes  int      `json:"volumes"`
-	Problems []string `json:"problems,omitempty"`
-}
-
-func checkStore(st *snapshot.Store) checkReport {
-	r := checkReport{OK: true, Volumes: len(st.List())}
-	if err := st.Check(); err != nil {
-		r.OK = false
-		for _, l := range strings.Split(err.Error(), "\n") {
-			if l = strings.TrimSpace(l); l != "" {
-				r.Problems = append(r.Problems, l)
-			}
-		}
-	}
-	return r
-}
-
-func runCheck(e *env, args []string) error {
-	fs := newFlags(e, cmdCheck)
-	sf := addStoreFlags(fs)
-	js := fs.Bool("json", false, "print the report as JSON")
-	if _, err := parseStore(e, cmdCheck, fs, sf, args, 0, 0); err != nil {
-		return err
-	}
-	var r checkReport
-	if err := withSession(sf, func(s *session) error {
-		r = checkStore(s.st)
-		return nil
-	}); err != nil {
-		return err
-	}
-	if *js {
-		if err := writeJSON(e.stdout, r); err != nil {
-			return err
-		}
-	} else if r.OK {
-		fmt.Fprintf(e.stdout, "store %s is clean (%d volumes)\n", sf.store, r.Volumes)
-	} else {
-		fmt.Fprintf(e.stdout, "store %s has problems:\n", sf.store)
-		for _, p := range r.Problems {
-			fmt.Fprintf(e.stdout, "  %s\n", p)
-		}
-	}
-	if !r.OK {
-		return fmt.Errorf("store %s failed its check: %d problems (%s)", sf.store, len(r.Problems), r.Problems[0])
-	}
-	return nil
-}
-
-// dumpJSON is dump's output: everything the store's API tells about it.
-type dumpJSON struct {
-	Origin     string      `json:"origin"`
-	OriginSize int64       `json:"origin_size"`
-	Store      string      `json:"store"`
-	StoreSize  int64       `json:"store_size"`
-	BlockSize  int         `json:"block_size"`
-	Volumes    []statJSON  `json:"volumes"`
-	Check      checkReport `json:"check"`
-}
-
-func runDump(e *env, args []string) error {
-	fs := newFlags(e, cmdDump)
-	sf := addStoreFlags(fs)
-	if _, err := parseStore(e, cmdDump, fs, sf, args, 0, 0); err != nil {
-		return err
-	}
-	return withSession(sf, func(s *session) error {
-		d := dumpJSON{Origin: sf.origin, OriginSize: s.origin.Size(), Store: sf.store, StoreSize: s.store.Size(),
-			BlockSize: s.st.Origin().BlockSize(), Volumes: []statJSON{}}
-		names := nameMap(s.st)
-		for _, i := range s.st.List() {
-			st, err := s.st.Stat(i.Name)
-			if err != nil {
+var cmdList = &command{
+	name:    "list",
+	summary: "list the origin, snapshots and clones",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			var vs []control.Volume
+			if err := runOp(e, sf, inspect, control.Request{Op: control.OpList}, &vs); err != nil {
 				return err
 			}
-			d.Volumes = append(d.Volumes, statJSON{volumeJSON: toJSON(i, names), Mapped: st.Mapped, Exclusive: st.Exclusive, Shared: st.Shared})
+			if *js {
+				return writeJSON(e.stdout, vs)
+			}
+			tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tSIZE\tCREATED")
+			for _, v := range vs {
+				parent := v.Parent
+				if parent == "" {
+					parent = "-"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.Name, v.Kind, parent, human(v.Size), v.Created.Local().Format(time.DateTime))
+			}
+			return tw.Flush()
 		}
-		d.Check = checkStore(s.st)
-		return writeJSON(e.stdout, d)
-	})
+	},
 }
 
-func runDiff(e *env, args []string) error {
-	fs := newFlags(e, cmdDiff)
-	sf := addStoreFlags(fs)
-	js := fs.Bool("json", false, "print as JSON")
-	pos, err := parseStore(e, cmdDiff, fs, sf, args, 1, 2)
-	if err != nil {
-		return err
-	}
-	r := request{Op: "diff", From: pos[0]}
-	if len(pos) == 2 {
-		r.To = pos[1]
-	}
-	var d diffJSON
-	if err := runOp(e, sf, r, &d); err != nil {
-		return err
-	}
-	if *js {
-		return writeJSON(e.stdout, d)
-	}
-	for _, x := range d.Extents {
-		kind := "data"
-		if x.Zero {
-			kind = "zero"
+var cmdDelete = &command{
+	name: "delete", args: "NAME", lo: 1, hi: 1,
+	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
+	long: "Against a running serve the volume's export is withdrawn at once (its connections are closed) " +
+		"and the command still waits for the space, unless --no-wait.",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		noWait := fs.Bool("no-wait", false, "return once the delete is durable; space is reclaimed in the background")
+		js := fs.Bool("json", false, "print the result as JSON")
+		return func(e *env, pos []string) error {
+			var out control.DeleteResult
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait}, &out); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, out)
+			}
+			var err error
+			if out.Waited {
+				_, err = fmt.Fprintf(e.stdout, "deleted %s; reclaimed %s\n", out.Deleted, human(out.Reclaimed))
+			} else {
+				_, err = fmt.Fprintf(e.stdout, "deleted %s; space is reclaimed in the background\n", out.Deleted)
+			}
+			return err
 		}
-		fmt.Fprintf(e.stdout, "%d\t%d\t%s\n", x.Off, x.Len, kind)
-	}
-	_, err = fmt.Fprintf(e.stdout, "%d extents, %s changed from %s to %s\n", len(d.Extents), human(d.Bytes), d.From, d.To)
-	return err
+	},
+}
+
+var cmdRename = &command{
+	name: "rename", args: "NAME NEWNAME", lo: 2, hi: 2,
+	summary: "rename a snapshot or clone (a running serve exports it under the new name)",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print the renamed volume as JSON")
+		return func(e *env, pos []string) error {
+			var v control.Volume
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpRename, Name: pos[0], NewName: pos[1]}, &v); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, v)
+			}
+			_, err := fmt.Fprintf(e.stdout, "renamed %s to %s\n", pos[0], v.Name)
+			return err
+		}
+	},
+}
+
+var cmdRollback = &command{
+	name: "rollback", args: "VOLUME", lo: 1, hi: 1,
+	examples: []string{
+		"blocksnap rollback vm1 --to vm1-before-upgrade --origin disk.img --store store.img",
+	},
+	summary: "revert the origin or a clone to one of its snapshots (later snapshots stay intact)",
+	long: "Against a running serve the volume's NBD connections are closed for the rollback and its export " +
+		"comes back after it: clients reconnect to the rolled-back data.",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		to := fs.String("to", "", "`SNAPSHOT` of VOLUME to roll back to")
+		required(fs, "to")
+		return func(e *env, pos []string) error {
+			var v control.Volume
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpRollback, Name: pos[0], To: *to}, &v); err != nil {
+				return err
+			}
+			_, err := fmt.Fprintf(e.stdout, "rolled %s back to %s\n", pos[0], *to)
+			return err
+		}
+	},
+}
+
+var cmdStat = &command{
+	name: "stat", args: "NAME", lo: 1, hi: 1,
+	summary: "space accounting of a volume: mapped, exclusive and shared bytes",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, pos []string) error {
+			var st control.VolumeStat
+			if err := runOp(e, sf, inspect, control.Request{Op: control.OpStat, Name: pos[0]}, &st); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, st)
+			}
+			_, err := fmt.Fprintf(e.stdout, "%s (%s): size %s, mapped %s, exclusive %s, shared %s\n",
+				st.Name, st.Kind, human(st.Size), human(st.Mapped), human(st.Exclusive), human(st.Shared))
+			return err
+		}
+	},
+}
+
+var cmdUsage = &command{
+	name:    "usage",
+	summary: "the store's space: data chunks used and free, index entries, metadata size, journal fill",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			var sp control.Space
+			if err := runOp(e, sf, inspect, control.Request{Op: control.OpUsage}, &sp); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, sp)
+			}
+			pct := 0.0
+			if sp.DataChunks > 0 {
+				pct = float64(sp.UsedChunks) * 100 / float64(sp.DataChunks)
+			}
+			_, err := fmt.Fprintf(e.stdout, "store %s: %s used of %s (%.1f%%), %s free; %d index entries, metadata %s, journal %.0f%% full\n",
+				sf.store, human(int64(sp.UsedChunks)*sp.ChunkSize), human(int64(sp.DataChunks)*sp.ChunkSize), pct,
+				human(int64(sp.FreeChunks)*sp.ChunkSize), sp.IndexEntries, human(sp.MetadataBytes), sp.JournalFill*100)
+			return err
+		}
+	},
+}
+
+var cmdDump = &command{
+	name:    "dump",
+	summary: "print the store's metadata as JSON: volumes, their extents, space, check result",
+	long: "Each snapshot lists the extents where it differs from the volume it was taken of, and each " +
+		"clone those where it differs from its snapshot: the chunks it holds in the store for itself.",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		return func(e *env, _ []string) error {
+			var d control.Dump
+			if err := runOp(e, sf, inspect, control.Request{Op: control.OpDump}, &d); err != nil {
+				return err
+			}
+			return writeJSON(e.stdout, d)
+		}
+	},
+}
+
+var cmdDiff = &command{
+	name: "diff", args: "FROM [TO]", lo: 1, hi: 2,
+	examples: []string{
+		"blocksnap diff monday --origin disk.img --store store.img",
+		"blocksnap diff monday tuesday --json --origin disk.img --store store.img",
+	},
+	summary: "list the extents that differ between two volumes (TO: default the live volume FROM was taken of)",
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, pos []string) error {
+			r := control.Request{Op: control.OpDiff, From: pos[0]}
+			if len(pos) == 2 {
+				r.To = pos[1]
+			}
+			var d control.Diff
+			if err := runOp(e, sf, inspect, r, &d); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, d)
+			}
+			for _, x := range d.Extents {
+				kind := "data"
+				if x.Zero {
+					kind = "zero"
+				}
+				fmt.Fprintf(e.stdout, "%d\t%d\t%s\n", x.Off, x.Len, kind)
+			}
+			_, err := fmt.Fprintf(e.stdout, "%d extents, %s changed from %s to %s\n", len(d.Extents), human(d.Bytes), d.From, d.To)
+			return err
+		}
+	},
 }

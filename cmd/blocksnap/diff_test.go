@@ -133,4 +133,11 @@ func TestExportApplyRoundTrip(t *testing.T) {
 	fails(t, 1, "no such file or directory", "apply-diff", "--target", target, "-i", streams["full"]+".nope")
 	require.NoError(t, os.WriteFile(badPath, []byte("hello, this is not a diff stream"), 0o644))
 	fails(t, 1, "not a blocksnap diff stream", "apply-diff", "--target", target, "-i", badPath)
+
+	// A disk image as the target is refused, untouched.
+	qcow := filepath.Join(f.dir, "disk.qcow2")
+	img := append([]byte("QFI\xfb"), make([]byte, 1<<20)...)
+	require.NoError(t, os.WriteFile(qcow, img, 0o644))
+	fails(t, 1, "target "+qcow+" is a qcow2 image, not a raw disk; convert it first", "apply-diff", "--target", qcow, "-i", streams["full"])
+	require.Equal(t, img, readFile(t, qcow))
 }

@@ -15,6 +15,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/control"
+
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/nbd"
 )
@@ -54,12 +56,12 @@ func serveImage(t *testing.T, p []byte) string {
 }
 
 // waitStatus polls `blocksnap status` until cond holds (a minute at most).
-func waitStatus(t *testing.T, flags []string, cond func(statusJSON) bool) statusJSON {
+func waitStatus(t *testing.T, flags []string, cond func(control.CloneStatus) bool) control.CloneStatus {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
 		r := bs(t, nil, append([]string{"status", "--json"}, flags...)...)
-		var st statusJSON
+		var st control.CloneStatus
 		if r.code == 0 {
 			require.NoError(t, json.Unmarshal([]byte(r.stdout), &st))
 			if cond(st) {
@@ -88,7 +90,7 @@ func TestHydrateFromFile(t *testing.T) {
 	// Running it again is a no-op that finds everything hydrated.
 	require.Contains(t, ok(t, append([]string{"hydrate"}, flags...)...), "64 of 64")
 
-	fails(t, 1, "source: blockdev: open", "hydrate", "--source", filepath.Join(dir, "nope"), "--dest", filepath.Join(dir, "d2"), "--meta", filepath.Join(dir, "m2"))
+	fails(t, 1, "/nope does not exist", "hydrate", "--source", filepath.Join(dir, "nope"), "--dest", filepath.Join(dir, "d2"), "--meta", filepath.Join(dir, "m2"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "junk"), bytes.Repeat([]byte{7}, 1<<20), 0o644))
 	fails(t, 1, "holds no valid clone metadata", "status", "--source", src, "--dest", flags[3], "--meta", filepath.Join(dir, "junk"))
 }
@@ -111,11 +113,11 @@ func TestHydrateFromNBDWhileServing(t *testing.T) {
 	d := startDaemon(t, append([]string{"hydrate", "--serve", "127.0.0.1:0", "--rate", "2MiB", "--json"}, flags...)...)
 	require.Equal(t, []string{"clone"}, d.info.Exports)
 	qemuIO(t, "nbd://"+d.info.Listen+"/clone", true, "read -P 0x3c 0 64k")
-	st := waitStatus(t, flags, func(s statusJSON) bool { return s.Hydrated > 0 })
+	st := waitStatus(t, flags, func(s control.CloneStatus) bool { return s.Hydrated > 0 })
 	require.Equal(t, uint64(128), st.Regions)
 	qemuIO(t, "nbd://"+d.info.Listen+"/clone", false, "write -P 0x77 1M 64k", "flush")
 	d.stop(t)
-	st = waitStatus(t, flags, func(statusJSON) bool { return true })
+	st = waitStatus(t, flags, func(control.CloneStatus) bool { return true })
 	t.Logf("after the first run: %+v", st)
 
 	// Second run (no --serve): finishes the rest and exits.
@@ -136,14 +138,27 @@ func TestHydrateInterrupted(t *testing.T) {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
-	waitStatus(t, flags, func(s statusJSON) bool { return s.Hydrated > 0 && s.State == "hydrating" })
+	waitStatus(t, flags, func(s control.CloneStatus) bool { return s.Hydrated > 0 && s.State == "hydrating" })
 	require.NoError(t, cmd.Process.Signal(syscall.SIGINT))
 	err := cmd.Wait()
 	var ee *exec.ExitError
 	require.ErrorAs(t, err, &ee)
 	require.Equal(t, 1, ee.ExitCode())
 	require.Contains(t, stderr.String(), "interrupted; hydration resumes where it stopped")
-	st := waitStatus(t, flags, func(statusJSON) bool { return true })
+	st := waitStatus(t, flags, func(control.CloneStatus) bool { return true })
 	require.Equal(t, "stopped", st.State)
 	require.Less(t, st.Hydrated, st.Regions)
+}
+
+// hydrate --connections reads an nbd:// source over several connections
+// (the export allows it) and ends with the source's bytes.
+func TestHydrateMultiConnection(t *testing.T) {
+	dir := t.TempDir()
+	img := randomImage(t, 7, 4<<20)
+	uri := serveImage(t, img)
+	dest := filepath.Join(dir, "dest.img")
+	fails(t, 2, "--connections -1: want 0 or more", "hydrate", "--source", uri, "--dest", dest, "--meta", filepath.Join(dir, "meta"), "--connections", "-1")
+	out := ok(t, "hydrate", "--source", uri, "--dest", dest, "--meta", filepath.Join(dir, "meta"), "--connections", "4")
+	require.Contains(t, out, "64 of 64 regions hydrated")
+	require.Equal(t, img, readFile(t, dest))
 }

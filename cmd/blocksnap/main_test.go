@@ -14,6 +14,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/control"
+
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot"
 )
@@ -85,6 +87,10 @@ func fails(t *testing.T, code int, msg string, args ...string) {
 	require.Contains(t, r.stderr, msg, "blocksnap %s", strings.Join(args, " "))
 	require.Equal(t, 1, strings.Count(r.stderr, "\n"), "one line on stderr: %q", r.stderr)
 	require.True(t, strings.HasPrefix(r.stderr, "blocksnap"), "stderr %q", r.stderr)
+	for _, pkg := range []string{"snapshot", "clone", "exception", "journal", "blockdev", "diffstream", "nbd", "control"} {
+		require.NotContains(t, r.stderr, ": "+pkg+": ", "a library prefix leaked into the message")
+	}
+	require.NotContains(t, r.stderr, "bad options")
 }
 
 // fixture is a formatted store in a temporary directory.
@@ -161,20 +167,22 @@ func TestUsageAndHelp(t *testing.T) {
 		require.Contains(t, out, "Flags:", c.name)
 	}
 	fails(t, 2, `unknown command "frobnicate"`, "frobnicate")
-	fails(t, 2, "flag provided but not defined: -bogus", "list", "--bogus")
+	fails(t, 2, "unknown flag: --bogus", "list", "--bogus")
 }
 
 func TestBadUsage(t *testing.T) {
 	f := newFixture(t)
-	for _, c := range []string{"snapshot x", "clone x --from s", "list", "delete x", "rollback x --to s", "stat x", "check", "dump", "diff a", "export-diff s", "serve", "format"} {
+	for _, c := range []string{"snapshot x", "clone x --from s", "list", "delete x", "rollback x --to s", "stat x", "dump", "diff a", "export-diff s", "serve", "format"} {
 		fails(t, 2, "missing --origin and --store", strings.Fields(c)...)
 		fails(t, 2, "missing --store", append(strings.Fields(c), "--origin", f.origin)...)
 	}
+	fails(t, 2, "give --origin and --store, or --source, --dest and --meta, or --cow", "check")
+	fails(t, 2, "give --origin and --store", "check", "--origin", f.origin)
 	fails(t, 2, "missing NAME", f.args("snapshot")...)
 	fails(t, 2, "unexpected arguments", f.args("snapshot", "a", "b")...)
-	fails(t, 2, "missing --from SNAPSHOT", f.args("clone", "c")...)
+	fails(t, 2, "missing --from", f.args("clone", "c")...)
 	fails(t, 2, "missing VOLUME", f.args("rollback", "--to", "s")...)
-	fails(t, 2, "missing --to SNAPSHOT", f.args("rollback", "origin")...)
+	fails(t, 2, "missing --to", f.args("rollback", "origin")...)
 	fails(t, 2, "missing FROM", f.args("diff")...)
 	fails(t, 2, "unexpected arguments", f.args("diff", "a", "b", "c")...)
 	fails(t, 2, "missing TO", f.args("export-diff")...)
@@ -193,14 +201,14 @@ func TestStoreCommands(t *testing.T) {
 	require.Contains(t, ok(t, f.args("snapshot", "s1")...), "created snapshot s1 of origin")
 	f.write(t, 128<<10, 64<<10, 0xb2)
 	out := ok(t, f.args("clone", "c1", "--from", "s1", "--json")...)
-	var v volumeJSON
+	var v control.Volume
 	require.NoError(t, json.Unmarshal([]byte(out), &v))
 	require.Equal(t, "c1", v.Name)
 	require.Equal(t, "clone", v.Kind)
 	require.Equal(t, "s1", v.Parent)
 	ok(t, f.args("snapshot", "c1snap", "--of", "c1")...)
 
-	var vs []volumeJSON
+	var vs []control.Volume
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
 	var names []string
 	for _, v := range vs {
@@ -209,15 +217,15 @@ func TestStoreCommands(t *testing.T) {
 	require.Equal(t, []string{"origin:origin", "s1:snapshot", "c1:clone", "c1snap:snapshot"}, names)
 	require.Contains(t, ok(t, f.args("list")...), "c1snap  snapshot  c1")
 
-	var st statJSON
+	var st control.VolumeStat
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("stat", "s1", "--json")...)), &st))
 	require.Equal(t, int64(64<<10), st.Mapped, "s1 holds the one chunk the origin overwrote")
-	require.Contains(t, ok(t, f.args("stat", "origin")...), "origin (origin, id 1)")
+	require.Contains(t, ok(t, f.args("stat", "origin")...), "origin (origin): size 16MiB")
 
-	var d diffJSON
+	var d control.Diff
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("diff", "s1", "--json")...)), &d))
-	require.Equal(t, diffJSON{From: "s1", To: "origin", Extents: []extentJSON{{Off: 128 << 10, Len: 64 << 10}}, Bytes: 64 << 10}, d)
-	require.Contains(t, ok(t, f.args("diff", "s1", "origin")...), "1 extents, 64 KiB changed from s1 to origin")
+	require.Equal(t, control.Diff{From: "s1", To: "origin", Extents: []control.Extent{{Off: 128 << 10, Len: 64 << 10}}, Bytes: 64 << 10}, d)
+	require.Contains(t, ok(t, f.args("diff", "s1", "origin")...), "1 extents, 64KiB changed from s1 to origin")
 
 	require.Contains(t, ok(t, f.args("rollback", "origin", "--to", "s1")...), "rolled origin back to s1")
 	require.Equal(t, f.image(t, "s1"), f.image(t, "origin"))
@@ -225,16 +233,33 @@ func TestStoreCommands(t *testing.T) {
 	require.Contains(t, ok(t, f.args("delete", "c1snap")...), "deleted c1snap; reclaimed")
 	require.Contains(t, ok(t, f.args("delete", "c1", "--no-wait")...), "reclaimed in the background")
 
-	var rep checkReport
+	var rep control.CheckReport
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("check", "--json")...)), &rep))
 	require.True(t, rep.OK)
 	require.Contains(t, ok(t, f.args("check")...), "is clean (2 volumes)")
 
-	var dump dumpJSON
+	var dump control.Dump
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("dump")...)), &dump))
 	require.Equal(t, int64(16<<20), dump.OriginSize)
 	require.Len(t, dump.Volumes, 2)
 	require.True(t, dump.Check.OK)
+	require.Equal(t, int64(64<<10), dump.Space.ChunkSize)
+	require.Equal(t, "s1", dump.Volumes[1].Name)
+	require.Equal(t, "origin", dump.Volumes[1].Against)
+	require.Equal(t, []control.Extent{{Off: 128 << 10, Len: 64 << 10}}, dump.Volumes[1].Extents, "s1 differs from the origin where the origin was overwritten")
+
+	var sp control.Space
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
+	require.Equal(t, dump.Space, sp)
+	require.Contains(t, ok(t, f.args("usage")...), "store "+f.store+": 64KiB used of ")
+
+	// rename, locally; the old name is gone, the new one is the volume.
+	require.Contains(t, ok(t, f.args("rename", "s1", "monday")...), "renamed s1 to monday")
+	fails(t, 1, `no such volume: "s1"`, f.args("stat", "s1")...)
+	require.Contains(t, ok(t, f.args("stat", "monday")...), "monday (snapshot)")
+	fails(t, 1, "name already in use", f.args("rename", "monday", "origin")...)
+	fails(t, 2, "missing NEWNAME", f.args("rename", "monday")...)
+	ok(t, f.args("rename", "monday", "s1")...)
 
 	// Wrong names.
 	fails(t, 1, `no such volume: "nope"`, f.args("snapshot", "x", "--of", "nope")...)
@@ -262,7 +287,7 @@ func TestNotAStoreAndLockedStore(t *testing.T) {
 	l, err := lockFile(f.store)
 	require.NoError(t, err)
 	for _, c := range []string{"list", "check", "dump", "snapshot x", "format --force", "rollback origin --to x", "export-diff x"} {
-		fails(t, 1, "store is in use by another process", f.args(strings.Fields(c)...)...)
+		fails(t, 1, "is in use by another process, and no control socket answers at "+f.store+".control", f.args(strings.Fields(c)...)...)
 	}
 	l.Close()
 	ok(t, f.args("check")...)

@@ -7,59 +7,94 @@ import (
 	"io"
 	"time"
 
+	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/snapshot"
 )
 
-// request is one operation, run locally or sent over the control socket
-// as one line of JSON.
-type request struct {
-	Op   string `json:"op"`             // snapshot, clone, delete, list, stat, diff, export-diff
-	Name string `json:"name,omitempty"` // the volume created, deleted or stat'ed
-	Of   string `json:"of,omitempty"`   // snapshot: the volume to snapshot
-	From string `json:"from,omitempty"` // clone: the snapshot; diff: the older volume
-	To   string `json:"to,omitempty"`   // diff: the newer volume (default: live); export-diff: the snapshot
+// ops runs control requests against an open store: for a command run
+// locally, and for `serve` on its control socket. The serve command sets
+// the hooks to export new volumes and retire deleted or renamed ones.
+type ops struct {
+	st *snapshot.Store
+	// where the store lives, for dump and check
+	originPath, storePath string
+	storeSize             int64
+	// live: a running serve's state (check reports say so)
+	live bool
+	// progress, when set, shows a waiting delete and a rollback.
+	progress func(what string) *progress
+
+	onCreate func(v *snapshot.Volume) error // takes ownership of v; nil: v is closed
+	onDelete func(name string)
+	onRename func(oldName, newName string)
+	// onRewrite is called before a rollback rewrites the volume name; the
+	// function it returns, after (serve closes the volume's connections
+	// for the rollback and exports it again after).
+	onRewrite func(name string) (done func())
 }
 
-// volumeJSON is a volume as the command prints it.
-type volumeJSON struct {
-	ID       uint64    `json:"id"`
-	Name     string    `json:"name"`
-	Kind     string    `json:"kind"`
-	Parent   string    `json:"parent,omitempty"` // name of the parent volume
-	ParentID uint64    `json:"parent_id,omitempty"`
-	Created  time.Time `json:"created"`
-	Size     int64     `json:"size"`
+func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
+	switch r.Op {
+	case control.OpSnapshot:
+		of := r.Of
+		if of == "" {
+			of = "origin"
+		}
+		return o.create(r.Name, of, o.st.CreateSnapshot)
+	case control.OpClone:
+		return o.create(r.Name, r.From, o.st.CreateClone)
+	case control.OpDelete:
+		return o.delete(ctx, r.Name, r.Wait)
+	case control.OpRename:
+		if err := o.st.Rename(r.Name, r.NewName); err != nil {
+			return nil, err
+		}
+		if o.onRename != nil {
+			o.onRename(r.Name, r.NewName)
+		}
+		return o.volume(r.NewName)
+	case control.OpRollback:
+		return o.rollback(ctx, r.Name, r.To)
+	case control.OpList:
+		names := nameMap(o.st)
+		out := []control.Volume{}
+		for _, i := range o.st.List() {
+			out = append(out, toJSON(i, names))
+		}
+		return out, nil
+	case control.OpStat:
+		s, err := o.st.Stat(r.Name)
+		if err != nil {
+			return nil, err
+		}
+		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
+	case control.OpUsage:
+		return o.space(), nil
+	case control.OpDiff:
+		return o.diff(ctx, r.From, r.To)
+	case control.OpCheck:
+		return o.check(), nil
+	case control.OpDump:
+		return o.dump(ctx)
+	case control.OpExportDiff:
+		if err := checkSnapshot(o.st, r.To, "TO"); err != nil {
+			return nil, err
+		}
+		if r.From != "" {
+			if err := checkSnapshot(o.st, r.From, "--from"); err != nil {
+				return nil, err
+			}
+		}
+		return control.Stream(func(w io.Writer) error {
+			_, err := exportStream(ctx, o.st, r, w, func(int64, int64) {})
+			return err
+		}), nil
+	}
+	return nil, fmt.Errorf("operation %q is not one a store answers", r.Op)
 }
 
-type statJSON struct {
-	volumeJSON
-	Mapped    int64 `json:"mapped"`
-	Exclusive int64 `json:"exclusive"`
-	Shared    int64 `json:"shared"`
-}
-
-type deleteJSON struct {
-	Deleted string `json:"deleted"`
-	// Reclaimed is the store space freed, when the command waited for it.
-	Reclaimed int64 `json:"reclaimed,omitempty"`
-	Waited    bool  `json:"waited"`
-}
-
-type extentJSON struct {
-	Off  int64 `json:"off"`
-	Len  int64 `json:"len"`
-	Zero bool  `json:"zero,omitempty"`
-}
-
-type diffJSON struct {
-	From    string       `json:"from"`
-	To      string       `json:"to"`
-	Extents []extentJSON `json:"extents"`
-	Bytes   int64        `json:"bytes"`
-}
-
-func toJSON(i snapshot.VolumeInfo, names map[uint64]string) volumeJSON {
-	return volumeJSON{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
+func toJSON(i snapshot.VolumeInfo, names map[uint64]string) control.Volume {
+	return control.Volume{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
 		ParentID: i.Parent, Created: i.Created, Size: i.Size}
 }
 
@@ -71,62 +106,13 @@ func nameMap(st *snapshot.Store) map[uint64]string {
 	return m
 }
 
-// ops runs requests against an open store. The serve command sets the
-// hooks to export new volumes and retire deleted ones.
-type ops struct {
-	st       *snapshot.Store
-	onCreate func(v *snapshot.Volume) error // takes ownership of v; nil: v is closed
-	onDelete func(name string)
-}
-
-func (o *ops) do(ctx context.Context, r request) (any, error) {
-	switch r.Op {
-	case "snapshot":
-		of := r.Of
-		if of == "" {
-			of = "origin"
+func (o *ops) volume(name string) (control.Volume, error) {
+	for _, i := range o.st.List() {
+		if i.Name == name {
+			return toJSON(i, nameMap(o.st)), nil
 		}
-		return o.create(r.Name, of, o.st.CreateSnapshot)
-	case "clone":
-		return o.create(r.Name, r.From, o.st.CreateClone)
-	case "delete":
-		if _, err := o.st.Delete(r.Name); err != nil {
-			return nil, err
-		}
-		if o.onDelete != nil {
-			o.onDelete(r.Name)
-		}
-		return deleteJSON{Deleted: r.Name}, nil
-	case "list":
-		names := nameMap(o.st)
-		out := []volumeJSON{}
-		for _, i := range o.st.List() {
-			out = append(out, toJSON(i, names))
-		}
-		return out, nil
-	case "stat":
-		s, err := o.st.Stat(r.Name)
-		if err != nil {
-			return nil, err
-		}
-		return statJSON{volumeJSON: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
-	case "diff":
-		return o.diff(ctx, r.From, r.To)
-	case "export-diff":
-		if _, err := openSnapshotCheck(o.st, r.To, "TO"); err != nil {
-			return nil, err
-		}
-		if r.From != "" {
-			if _, err := openSnapshotCheck(o.st, r.From, "--from"); err != nil {
-				return nil, err
-			}
-		}
-		return streamer(func(w io.Writer) error {
-			_, err := exportStream(ctx, o.st, r.From, r.To, w, func(int64, int64) {})
-			return err
-		}), nil
 	}
-	return nil, fmt.Errorf("unknown operation %q", r.Op)
+	return control.Volume{}, fmt.Errorf("%w: %q", snapshot.ErrNotFound, name)
 }
 
 func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*snapshot.Volume, error)) (any, error) {
@@ -146,19 +132,92 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 	return info, v.Close()
 }
 
-// openSnapshotCheck reports whether name is a snapshot, so that a bad
-// export request gets an error answer before any stream starts.
-func openSnapshotCheck(st *snapshot.Store, name, role string) (bool, error) {
+func (o *ops) delete(ctx context.Context, name string, wait bool) (any, error) {
+	op, err := o.st.Delete(name)
+	if err != nil {
+		return nil, err
+	}
+	if o.onDelete != nil {
+		o.onDelete(name)
+	}
+	out := control.DeleteResult{Deleted: name}
+	if !wait {
+		return out, nil
+	}
+	var p *progress
+	if o.progress != nil {
+		p = o.progress("delete " + name)
+		defer p.done()
+	}
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-op.Done():
+			if err := op.Wait(ctx); err != nil {
+				return nil, err
+			}
+			out.Reclaimed, out.Waited = op.Progress().BytesReclaimed, true
+			return out, nil
+		case <-tick.C:
+			if p != nil {
+				pr := op.Progress()
+				p.text(fmt.Sprintf("%d entries, %s reclaimed", pr.Entries, human(pr.BytesReclaimed)))
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("interrupted; the delete of %s is durable and reclaiming resumes at the next open: %w", name, ctx.Err())
+		}
+	}
+}
+
+// errNotSnapshot: a volume given where a snapshot is needed is not one.
+var errNotSnapshot = errors.New("not a snapshot")
+
+func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
+	vol, err := o.st.OpenVolume(name)
+	if err != nil {
+		return nil, err
+	}
+	defer vol.Close()
+	snap, err := o.st.OpenVolume(to)
+	if err != nil {
+		return nil, err
+	}
+	defer snap.Close()
+	// Checked here so that the error names the volumes (the store's own
+	// error names their IDs).
+	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || si.Parent != vol.Info().ID {
+		return nil, fmt.Errorf("%s is not a snapshot of %s: %w", to, name, errNotSnapshot)
+	}
+	if o.onRewrite != nil {
+		defer o.onRewrite(name)()
+	}
+	if o.progress != nil {
+		p := o.progress("rollback " + name)
+		p.text("rewriting the chunks that differ from " + to)
+		defer p.done()
+	}
+	if err := o.st.Rollback(ctx, vol, snap); err != nil {
+		return nil, err
+	}
+	if err := vol.Flush(); err != nil {
+		return nil, err
+	}
+	return o.volume(name)
+}
+
+// checkSnapshot fails unless name is a snapshot, so that a bad export
+// request gets an error answer before any stream starts.
+func checkSnapshot(st *snapshot.Store, name, role string) error {
 	v, err := openSnapshot(st, name, role)
 	if err != nil {
-		return false, err
+		return err
 	}
-	return true, v.Close()
+	return v.Close()
 }
 
 // liveOf returns the name of the writable volume a snapshot was taken of.
-func liveOf(st *snapshot.Store, v *snapshot.Volume) (string, error) {
-	i := v.Info()
+func liveOf(st *snapshot.Store, i snapshot.VolumeInfo) (string, error) {
 	if i.Kind != snapshot.KindSnapshot {
 		return "", fmt.Errorf("%s is a %s: give TO", i.Name, i.Kind)
 	}
@@ -169,35 +228,78 @@ func liveOf(st *snapshot.Store, v *snapshot.Volume) (string, error) {
 	return name, nil
 }
 
-func (o *ops) diff(ctx context.Context, from, to string) (any, error) {
+func (o *ops) diff(ctx context.Context, from, to string) (control.Diff, error) {
 	fv, err := o.st.OpenVolume(from)
 	if err != nil {
-		return nil, err
+		return control.Diff{}, err
 	}
 	defer fv.Close()
 	if to == "" {
-		if to, err = liveOf(o.st, fv); err != nil {
-			return nil, err
+		if to, err = liveOf(o.st, fv.Info()); err != nil {
+			return control.Diff{}, err
 		}
 	}
 	tv, err := o.st.OpenVolume(to)
 	if err != nil {
-		return nil, err
+		return control.Diff{}, err
 	}
 	defer tv.Close()
-	out := diffJSON{From: from, To: to, Extents: []extentJSON{}}
+	out := control.Diff{From: from, To: to, Extents: []control.Extent{}}
 	for x, err := range o.st.Diff(fv, tv) {
+		if errors.Is(err, snapshot.ErrBadOptions) {
+			return control.Diff{}, fmt.Errorf("%s and %s are not one line of history (two snapshots of one volume, a snapshot and its volume, or a clone and its snapshot): %w", from, to, errNotSnapshot)
+		}
 		if err != nil {
-			return nil, err
+			return control.Diff{}, err
 		}
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return control.Diff{}, err
 		}
-		out.Extents = append(out.Extents, extentJSON{Off: x.Off, Len: x.Len, Zero: x.Zero})
+		out.Extents = append(out.Extents, control.Extent{Off: x.Off, Len: x.Len, Zero: x.Zero})
 		out.Bytes += x.Len
 	}
 	return out, nil
 }
 
-// errNoServer: the store is locked and no control socket answers.
-var errNoServer = errors.New("no control socket answers")
+// check runs the store's check and reports each problem on its own.
+func (o *ops) check() control.CheckReport {
+	rep := o.st.CheckReport()
+	return control.CheckReport{OK: rep.OK(), Target: o.storePath, Engine: "snapshot", Volumes: len(o.st.List()),
+		Live: o.live, Problems: rep.Problems}
+}
+
+func (o *ops) space() control.Space {
+	s := o.st.Stats()
+	return control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
+		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill}
+}
+
+// dump gathers everything the store's API tells about it: each volume
+// with its accounting and the extents where it differs from the volume it
+// derives from.
+func (o *ops) dump(ctx context.Context) (control.Dump, error) {
+	origin := o.st.Origin()
+	defer origin.Close()
+	d := control.Dump{Origin: o.originPath, OriginSize: origin.Size(), Store: o.storePath, StoreSize: o.storeSize,
+		BlockSize: origin.BlockSize(), Volumes: []control.DumpVolume{}, Space: o.space()}
+	names := nameMap(o.st)
+	for _, i := range o.st.List() {
+		st, err := o.st.Stat(i.Name)
+		if err != nil {
+			return d, err
+		}
+		dv := control.DumpVolume{VolumeStat: control.VolumeStat{Volume: toJSON(i, names), Mapped: st.Mapped, Exclusive: st.Exclusive, Shared: st.Shared}}
+		if i.Kind != snapshot.KindOrigin {
+			if against, ok := names[i.Parent]; ok {
+				diff, err := o.diff(ctx, i.Name, against)
+				if err != nil {
+					return d, err
+				}
+				dv.Against, dv.Extents = against, diff.Extents
+			}
+		}
+		d.Volumes = append(d.Volumes, dv)
+	}
+	d.Check = o.check()
+	return d, nil
+}

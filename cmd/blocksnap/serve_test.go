@@ -10,11 +10,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/control"
 )
 
 // daemon is a blocksnap process running in the background (serve,
@@ -22,8 +25,40 @@ import (
 type daemon struct {
 	cmd    *exec.Cmd
 	info   serveInfo
-	stderr *bytes.Buffer
+	stderr *syncBuffer
 	done   chan error
+}
+
+// syncBuffer is a daemon's stderr: written by exec's copying goroutine,
+// read by the test while the daemon runs.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitStderr polls, with a deadline, until the daemon has written substr
+// on stderr.
+func (d *daemon) waitStderr(t *testing.T, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(d.stderr.String(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon stderr did not show %q within a minute: %s", substr, d.stderr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func startDaemon(t *testing.T, args ...string) *daemon {
@@ -31,7 +66,7 @@ func startDaemon(t *testing.T, args ...string) *daemon {
 	cmd := exec.Command(binary, args...)
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)
-	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	d := &daemon{cmd: cmd, stderr: &syncBuffer{}, done: make(chan error, 1)}
 	cmd.Stderr = d.stderr
 	require.NoError(t, cmd.Start())
 	// Whatever happens, the process does not outlive the test.
@@ -118,18 +153,19 @@ func TestServeWithQemuIO(t *testing.T) {
 	qemuIO(t, uri("vm1"), false, "read -P 0xab 0 1M", "write -P 0xee 64k 64k", "flush")
 	qemuIO(t, uri("snap1"), true, "read -P 0xab 0 1M")
 
-	var vs []volumeJSON
+	var vs []control.Volume
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
 	require.Len(t, vs, 3)
-	var st statJSON
+	var st control.VolumeStat
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("stat", "vm1", "--json")...)), &st))
 	require.Equal(t, int64(64<<10), st.Exclusive)
-	require.Contains(t, ok(t, f.args("diff", "snap1")...), "1 MiB changed from snap1 to origin")
+	require.Contains(t, ok(t, f.args("diff", "snap1")...), "1MiB changed from snap1 to origin")
 
-	// The store is locked against commands that need it whole.
-	for _, c := range []string{"check", "dump", "rollback origin --to snap1", "format --force", "serve --listen 127.0.0.1:0"} {
-		fails(t, 1, "store is in use by another process", f.args(strings.Fields(c)...)...)
-	}
+	// The store is locked against commands that need it whole; the error
+	// names the server and says what to do.
+	holder := fmt.Sprintf("is in use by blocksnap serve (pid %d, control socket %s)", d.cmd.Process.Pid, d.info.Control)
+	fails(t, 1, holder+"; stop it first", f.args("format", "--force")...)
+	fails(t, 1, holder+"; one serve per store", f.args("serve", "--listen", "127.0.0.1:0")...)
 
 	// Export from the live server (through the control socket), applied
 	// onto a blank file, equals the snapshot (checked after the server
@@ -139,15 +175,49 @@ func TestServeWithQemuIO(t *testing.T) {
 	restored := filepath.Join(f.dir, "restored.img")
 	ok(t, "apply-diff", "--target", restored, "-i", backup)
 	fails(t, 1, "TO origin is a origin, not a snapshot", f.args("export-diff", "origin", "-o", backup)...)
+	// The same, zstd-compressed: a smaller stream, the same image.
+	zbackup := filepath.Join(f.dir, "snap1.bsd.zst")
+	ok(t, f.args("export-diff", "snap1", "--compress", "-o", zbackup)...)
+	zrestored := filepath.Join(f.dir, "zrestored.img")
+	ok(t, "apply-diff", "--target", zrestored, "-i", zbackup)
+	require.Less(t, len(readFile(t, zbackup)), len(readFile(t, backup)))
+	require.Equal(t, readFile(t, restored), readFile(t, zrestored))
 
 	// Delete live: the export is withdrawn at once; a new volume of the
 	// same name is served at once.
-	require.Contains(t, ok(t, f.args("delete", "vm1")...), "deleted vm1")
+	require.Contains(t, ok(t, f.args("delete", "vm1")...), "deleted vm1; reclaimed", "delete waits for the space, live too")
 	out, _ = exec.Command("qemu-io", "-f", "raw", "-r", uri("vm1"), "-c", "read 0 4k").CombinedOutput()
 	require.Contains(t, string(out), "Requested export not available", "%s", out)
 	ok(t, f.args("snapshot", "vm1")...)
 	qemuIO(t, uri("vm1"), true, "read -P 0xcd 0 1M")
 	fails(t, 1, `no such volume: "ghost"`, f.args("delete", "ghost")...)
+
+	// check and dump read the live state; rename moves the export;
+	// rollback rewrites the live origin.
+	var rep control.CheckReport
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("check", "--json")...)), &rep))
+	require.True(t, rep.OK && rep.Live, "%+v", rep)
+	var dump control.Dump
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("dump")...)), &dump))
+	var kinds []string
+	for _, v := range dump.Volumes {
+		kinds = append(kinds, v.Name+":"+v.Against)
+		if v.Name == "snap1" {
+			require.Equal(t, []control.Extent{{Off: 0, Len: 1 << 20}}, v.Extents, "snap1 holds the MiB the origin overwrote")
+		}
+	}
+	require.Equal(t, "origin: snap1:origin vm1:origin", strings.Join(kinds, " "))
+	var sp control.Space
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
+	require.Equal(t, dump.Space.ChunkSize, sp.ChunkSize)
+	require.NotZero(t, sp.UsedChunks)
+	require.Contains(t, ok(t, f.args("rename", "vm1", "vm2")...), "renamed vm1 to vm2")
+	qemuIO(t, uri("vm2"), true, "read -P 0xcd 0 1M")
+	out, _ = exec.Command("qemu-io", "-f", "raw", "-r", uri("vm1"), "-c", "read 0 4k").CombinedOutput()
+	require.Contains(t, string(out), "Requested export not available", "%s", out)
+	fails(t, 1, "vm2 is not a snapshot of snap1", f.args("rollback", "snap1", "--to", "vm2")...)
+	require.Contains(t, ok(t, f.args("rollback", "origin", "--to", "snap1")...), "rolled origin back to snap1")
+	qemuIO(t, uri("origin"), true, "read -P 0xab 0 1M")
 
 	d.stop(t)
 	require.Contains(t, ok(t, f.args("check")...), "is clean (3 volumes)")
@@ -156,8 +226,8 @@ func TestServeWithQemuIO(t *testing.T) {
 	snap := f.image(t, "snap1")
 	require.Equal(t, snap, readFile(t, restored))
 	require.Equal(t, bytes.Repeat([]byte{0xab}, 1<<20), snap[:1<<20])
-	origin := f.image(t, "origin")
-	require.Equal(t, bytes.Repeat([]byte{0xcd}, 1<<20), origin[:1<<20])
+	require.Equal(t, snap, f.image(t, "origin"), "rolled back")
+	require.Equal(t, bytes.Repeat([]byte{0xcd}, 1<<20), f.image(t, "vm2")[:1<<20])
 }
 
 // A stale control socket file (a server that died) does not stop the next

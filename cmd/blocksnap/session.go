@@ -2,10 +2,11 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io/fs"
 	"os"
+
+	"github.com/spf13/pflag"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot"
@@ -23,24 +24,13 @@ type storeFlags struct {
 	origin, store, control string
 }
 
-func addStoreFlags(fs *flag.FlagSet) *storeFlags {
+func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
 	f := &storeFlags{}
 	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume)")
 	fs.StringVar(&f.store, "store", "", "store `PATH` (file or block device holding snapshots and metadata)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` of a running serve (default STORE.control)")
+	required(fs, "origin", "store")
 	return f
-}
-
-func (f *storeFlags) check() error {
-	switch {
-	case f.origin == "" && f.store == "":
-		return usagef("missing --origin and --store")
-	case f.origin == "":
-		return usagef("missing --origin")
-	case f.store == "":
-		return usagef("missing --store")
-	}
-	return nil
 }
 
 func (f *storeFlags) controlPath() string {
@@ -49,6 +39,10 @@ func (f *storeFlags) controlPath() string {
 	}
 	return f.store + ".control"
 }
+
+// inUseAdvice is what to do about a store a running serve holds, for a
+// command that cannot go through its control socket.
+const inUseAdvice = "stop it first (kill -TERM PID; it drains its NBD clients and exits)"
 
 // session is a store opened by this process, with its locks held.
 type session struct {
@@ -74,7 +68,7 @@ func lockPaths(origin, store string) ([]*os.File, error) {
 	switch {
 	case errors.Is(err, errInUse):
 		sl.Close()
-		return nil, fmt.Errorf("origin %s is in use by another process", origin)
+		return nil, fmt.Errorf("origin %s is in use by another process (find it with: fuser -v %s)", origin, origin)
 	case errors.Is(err, fs.ErrNotExist):
 		sl.Close()
 		return nil, fmt.Errorf("origin %s does not exist", origin)
@@ -91,13 +85,14 @@ func unlock(locks []*os.File) {
 	}
 }
 
-// openDevices opens origin and store read-write.
-func openDevices(origin, store string) (*blockdev.File, *blockdev.File, error) {
-	o, err := blockdev.Open(origin, blockdev.FileOptions{})
+// openDevices opens origin and store, read-only for an inspecting command.
+func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File, error) {
+	opts := blockdev.FileOptions{ReadOnly: a == inspect}
+	o, err := blockdev.Open(origin, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("origin: %w", err)
 	}
-	s, err := blockdev.Open(store, blockdev.FileOptions{})
+	s, err := blockdev.Open(store, opts)
 	if err != nil {
 		o.Close()
 		return nil, nil, fmt.Errorf("store: %w", err)
@@ -105,18 +100,35 @@ func openDevices(origin, store string) (*blockdev.File, *blockdev.File, error) {
 	return o, s, nil
 }
 
+// access says whether a command changes the store.
+type access int
+
+const (
+	readWrite access = iota
+	// inspect: the command only reads (list, stat, diff, check, dump,
+	// export-diff).
+	inspect
+)
+
+// storeOptions are the options a command opens the store with: an
+// inspecting command opens it read-only, so that it never changes what it
+// inspects (no journal epoch, no tail cut, no background work).
+func storeOptions(a access) snapshot.Options {
+	return snapshot.Options{ReadOnly: a == inspect}
+}
+
 // openSession locks and opens the store named by f.
-func openSession(f *storeFlags) (*session, error) {
+func openSession(f *storeFlags, a access) (*session, error) {
 	locks, err := lockPaths(f.origin, f.store)
 	if err != nil {
 		return nil, err
 	}
-	o, s, err := openDevices(f.origin, f.store)
+	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
 		unlock(locks)
 		return nil, err
 	}
-	st, err := snapshot.Open(o, s, snapshot.Options{})
+	st, err := snapshot.Open(o, s, storeOptions(a))
 	if err != nil {
 		o.Close()
 		s.Close()
@@ -134,7 +146,7 @@ func openSession(f *storeFlags) (*session, error) {
 func (s *session) close() error {
 	err := s.st.Close()
 	for _, d := range []*blockdev.File{s.origin, s.store} {
-		if ferr := d.Flush(); err == nil {
+		if ferr := d.Flush(); err == nil && !errors.Is(ferr, blockdev.ErrReadOnly) {
 			err = ferr
 		}
 		if cerr := d.Close(); err == nil {
@@ -142,18 +154,5 @@ func (s *session) close() error {
 		}
 	}
 	unlock(s.locks)
-	return err
-}
-
-// withSession runs fn on the store opened locally, closing it after.
-func withSession(f *storeFlags, fn func(s *session) error) error {
-	s, err := openSession(f)
-	if err != nil {
-		return err
-	}
-	err = fn(s)
-	if cerr := s.close(); err == nil {
-		err = cerr
-	}
 	return err
 }

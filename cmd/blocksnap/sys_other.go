@@ -7,5 +7,3 @@ import "os"
 // lockFile cannot lock on this platform; the store is not protected
 // against a second process here.
 func lockFile(path string) (*os.File, error) { return os.Open(path) }
-
-func isTerminal(*os.File) bool { return false }

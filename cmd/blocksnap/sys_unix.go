@@ -27,9 +27,3 @@ func lockFile(path string) (*os.File, error) {
 	}
 	return f, nil
 }
-
-// isTerminal reports whether f is a terminal.
-func isTerminal(f *os.File) bool {
-	_, err := unix.IoctlGetTermios(int(f.Fd()), ioctlGetTermios)
-	return err == nil
-}

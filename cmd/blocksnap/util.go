@@ -4,37 +4,45 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"strconv"
+	"math/big"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/docker/go-units"
 )
 
-// parseSize reads a byte count: a number with an optional suffix K, M, G
-// or T (powers of 1024; "KiB", "KB" and "k" are accepted alike).
+// sizeSyntax is a byte count: a decimal number, then optionally a unit
+// letter (K, M, G, T, P: powers of 1024) with or without "iB" or "B".
+var sizeSyntax = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?) ?([kKmMgGtTpP]?)(?:[iI]?[bB])?$`)
+
+// parseSize reads a byte count: 4096, 64K, 64KiB, 1.5GiB, 2T. A value
+// that is not a whole number of bytes (1.3KiB) is refused, not rounded.
 func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	mult := int64(1)
-	lower := strings.ToLower(t)
-	for _, suf := range []struct {
-		s string
-		m int64
-	}{{"tib", 1 << 40}, {"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10},
-		{"tb", 1 << 40}, {"gb", 1 << 30}, {"mb", 1 << 20}, {"kb", 1 << 10},
-		{"t", 1 << 40}, {"g", 1 << 30}, {"m", 1 << 20}, {"k", 1 << 10}, {"b", 1}} {
-		if strings.HasSuffix(lower, suf.s) {
-			mult, t = suf.m, t[:len(t)-len(suf.s)]
-			break
-		}
+	m := sizeSyntax.FindStringSubmatch(strings.TrimSpace(s))
+	if m == nil {
+		return 0, fmt.Errorf("bad size %q: want a number with an optional unit (4096, 64KiB, 1.5GiB)", s)
 	}
-	n, err := strconv.ParseInt(strings.TrimSpace(t), 10, 64)
-	if err != nil || n < 0 || (n > 0 && mult > (1<<62)/n) {
-		return 0, fmt.Errorf("bad size %q: want a number with an optional K, M, G or T suffix", s)
+	r, ok := new(big.Rat).SetString(m[1])
+	if !ok {
+		return 0, fmt.Errorf("bad size %q", s)
 	}
-	return n * mult, nil
+	shift := uint(0) // bytes
+	if m[2] != "" {
+		shift = 10 * uint(strings.Index("KMGTP", strings.ToUpper(m[2]))+1)
+	}
+	r.Mul(r, new(big.Rat).SetInt(new(big.Int).Lsh(big.NewInt(1), shift)))
+	switch {
+	case !r.IsInt():
+		return 0, fmt.Errorf("bad size %q: not a whole number of bytes", s)
+	case !r.Num().IsInt64() || r.Num().Int64() > 1<<62:
+		return 0, fmt.Errorf("bad size %q: too large", s)
+	}
+	return r.Num().Int64(), nil
 }
 
-// sizeFlag is a flag.Value holding a byte count.
+// sizeFlag is a pflag.Value holding a byte count.
 type sizeFlag struct {
 	n   int64
 	set bool
@@ -56,21 +64,14 @@ func (f *sizeFlag) Set(s string) error {
 	return nil
 }
 
-// human formats a byte count with a binary unit.
+func (f *sizeFlag) Type() string { return "SIZE" }
+
+// human formats a byte count with a binary unit: 4KiB, 1.5GiB, 512B.
 func human(n int64) string {
-	const units = "KMGTPE"
-	if n < 1024 && n > -1024 {
-		return fmt.Sprintf("%d B", n)
+	if n < 0 {
+		return "-" + units.BytesSize(float64(-n))
 	}
-	v, i := float64(n)/1024, 0
-	for (v >= 1024 || v <= -1024) && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if v == float64(int64(v)) {
-		return fmt.Sprintf("%d %ciB", int64(v), units[i])
-	}
-	return fmt.Sprintf("%.1f %ciB", v, units[i])
+	return units.BytesSize(float64(n))
 }
 
 func writeJSON(w io.Writer, v any) error {
@@ -79,8 +80,8 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-// progress draws one self-overwriting status line on a terminal, at most
-// every 200 ms; it draws nothing when the stream is not a terminal.
+// progress draws one self-overwriting status line on stderr, at most
+// every 200 ms, when env.progress is on; otherwise nothing.
 type progress struct {
 	w     io.Writer
 	on    bool
@@ -93,7 +94,7 @@ type progress struct {
 }
 
 func newProgress(e *env, what string) *progress {
-	return &progress{w: e.stderr, on: e.tty, what: what, start: time.Now()}
+	return &progress{w: e.stderr, on: e.progress, what: what, start: time.Now()}
 }
 
 // update shows done of total bytes (total 0: unknown).

@@ -1,0 +1,75 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/blocksnap/blocksnap/control"
+	"github.com/blocksnap/blocksnap/snapshot"
+)
+
+// libraryPackages are the packages whose errors start with their name
+// ("snapshot: bad options: ..."): that says where in the code an error
+// came from, which an operator does not need, so message drops it.
+var libraryPackages = map[string]bool{
+	"snapshot": true, "clone": true, "exception": true, "journal": true,
+	"blockdev": true, "diffstream": true, "nbd": true, "control": true, "archive": true,
+}
+
+// message is err as the command prints it: on one line, without the
+// library package prefixes (and the "bad options" that follows one) at the
+// start of any of its ": "-separated parts.
+func message(err error) string {
+	parts := strings.Split(oneLine(err.Error()), ": ")
+	out := parts[:0]
+	dropped := false
+	for i, p := range parts {
+		last := i == len(parts)-1
+		switch {
+		case !last && libraryPackages[p]:
+			dropped = true
+			continue
+		case !last && dropped && p == "bad options":
+			dropped = false
+			continue
+		}
+		dropped = false
+		out = append(out, p)
+	}
+	return strings.Join(out, ": ")
+}
+
+// inUse is the error for a path another process holds: it names the
+// holder when a control socket at control answers (the program, its PID)
+// and says what to do (todo: the advice for this command).
+func inUse(ctx context.Context, what, path, socket, todo string) error {
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	info, err := control.Dial(socket).Info(ictx)
+	if err != nil {
+		return fmt.Errorf("%s %s is in use by another process, and no control socket answers at %s (find the holder with: fuser -v %s)", what, path, socket, path)
+	}
+	msg := fmt.Sprintf("%s %s is in use by %s (pid %d, control socket %s)", what, path, info.Program, info.PID, info.Control)
+	if todo != "" {
+		msg += "; " + strings.ReplaceAll(todo, "PID", fmt.Sprint(info.PID))
+	}
+	return errors.New(msg)
+}
+
+// classify maps an error of the store to the control protocol's codes.
+func classify(err error) control.Code {
+	switch {
+	case errors.Is(err, snapshot.ErrNotFound):
+		return control.CodeNotFound
+	case errors.Is(err, snapshot.ErrExists):
+		return control.CodeExists
+	case errors.Is(err, snapshot.ErrNoSpace):
+		return control.CodeNoSpace
+	case errors.Is(err, snapshot.ErrBadOptions), errors.Is(err, errNotSnapshot):
+		return control.CodeInvalid
+	}
+	return control.CodeFailed
+}
