@@ -69,7 +69,7 @@ func (c *Client) split(typ, flags uint16, p []byte, off int64) error {
 			p, off = p[k:], off+int64(k)
 		}
 		for i := 0; i < n; i++ {
-			if err := finish(calls[i], opName(typ), int64(calls[i].off)); err != nil && first == nil {
+			if err := finish(calls[i], commandName(typ), int64(calls[i].off)); err != nil && first == nil {
 				first = err
 			}
 		}
@@ -86,27 +86,7 @@ func (c *Client) roundTrip(typ, flags uint16, off, n int64) error {
 	if err != nil {
 		return err
 	}
-	return finish(cl, opName(typ), off)
-}
-
-func opName(typ uint16) string {
-	switch typ {
-	case cmdRead:
-		return "read"
-	case cmdWrite:
-		return "write"
-	case cmdFlush:
-		return "flush"
-	case cmdTrim:
-		return "trim"
-	case cmdCache:
-		return "cache"
-	case cmdWriteZeroes:
-		return "write zeroes"
-	case cmdBlockStatus:
-		return "block status"
-	}
-	return fmt.Sprintf("command %d", typ)
+	return finish(cl, commandName(typ), off)
 }
 
 // start registers a call and sends its request.
@@ -405,7 +385,7 @@ func (c *lane) chunkPayload(cl *call, typ uint16, n uint32) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("%w: unexpected chunk type %d for %s", ErrProtocol, typ, opName(cl.typ))
+	return fmt.Errorf("%w: unexpected chunk type %d for %s", ErrProtocol, typ, commandName(cl.typ))
 }
 
 // span returns the part of a READ's buffer a content chunk covers, after
