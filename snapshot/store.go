@@ -61,7 +61,11 @@ const (
 	// NoSpaceInvalidate deletes the snapshots of the origin that needed the
 	// copy (their open handles return ErrInvalidSnapshot) and lets the
 	// write through, as dm-snapshot does. A snapshot that clones depend on
-	// cannot be invalidated; if one needs the copy the write fails.
+	// cannot be invalidated; if one needs the copy the write fails. The
+	// policy covers data space only: a copy refused because the metadata
+	// would outgrow its checkpoint slot fails the write with ErrNoSpace
+	// under either policy (deleting snapshots frees that room only once
+	// the collector has run).
 	NoSpaceInvalidate
 )
 
