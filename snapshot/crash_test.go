@@ -127,8 +127,8 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 		reopen = true
 	}
 	t.Logf("%d crash points: %d with origin writes buffered, %d with the committer running, %d after ErrNoSpace; "+
-		"%d emergency checkpoints crossed, %d metadata measures, %d snapshots invalidated for room",
-		crashes, buffered, committer, full, w.emergencies, w.measures, w.invalidated)
+		"%d emergency checkpoints crossed, %d snapshots invalidated for room",
+		crashes, buffered, committer, full, w.emergencies, w.invalidated)
 	require.Positive(t, buffered, "no crash hit buffered origin writes")
 }
 

@@ -282,7 +282,7 @@ func TestFreedChunksReusedBeforeNoSpace(t *testing.T) {
 		t.Run(fmt.Sprint(policy), func(t *testing.T) {
 			const cs = 4 << 10
 			opts := Options{ChunkSize: cs, JournalSize: 128 << 10, CommitInterval: -1, NoSpace: policy}
-			dataOff := int64((superblockSize + 128<<10 + cs - 1) / cs * cs)
+			dataOff := int64((superblockSize + 128<<10 + minMetaBytes + cs - 1) / cs * cs)
 			s, _, _ := newMemStore(t, 1<<20, dataOff+100*cs, opts)
 			require.EqualValues(t, 100, s.geo.dataChunks)
 			o := s.Origin()
