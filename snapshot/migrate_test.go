@@ -3,10 +3,10 @@ package snapshot
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"hash/crc32"
-	"compress/gzip"
 	"io"
 	"os"
 	"path/filepath"
@@ -70,7 +70,7 @@ func v1Store(t *testing.T, origin *blockdev.Mem) (*blockdev.Mem, map[string][]by
 	}
 	require.NoError(t, j.Commit(ctx))
 	img := v1Image(&capture{nextVol: 3, nextBr: 1,
-		volumes: []volRec{{id: 2, name: "s1", kind: KindSnapshot, epoch: 1, created: 1}},
+		volumes:  []volRec{{id: 2, name: "s1", kind: KindSnapshot, epoch: 1, created: 1}},
 		branches: []branchRec{{id: 0, lastEpoch: 1}}}, [][5]uint64{{0, 1, 0, 4, 0}})
 	require.NoError(t, j.Checkpoint(ctx, 1, func(w io.Writer) error { _, err := w.Write(img); return err }))
 	clone := bytes.Repeat([]byte{0xc1}, cs)
