@@ -1,0 +1,165 @@
+package blockdev_test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+func openFile(t *testing.T, path string, ro bool) *blockdev.File {
+	t.Helper()
+	f, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: ro})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = f.Close() })
+	return f
+}
+
+func lockTarget(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "dev")
+	f, err := blockdev.Create(path, 1<<20, blockdev.FileOptions{})
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	return path
+}
+
+func TestFileLockModes(t *testing.T) {
+	if runtime.GOOS == "windows" || runtime.GOOS == "plan9" {
+		t.Skip("no flock(2) on " + runtime.GOOS)
+	}
+	path := lockTarget(t)
+	a, b := openFile(t, path, false), openFile(t, path, true)
+	cases := []struct {
+		first, second blockdev.LockMode
+		ok            bool
+	}{
+		{blockdev.LockExclusive, blockdev.LockExclusive, false},
+		{blockdev.LockExclusive, blockdev.LockShared, false},
+		{blockdev.LockShared, blockdev.LockExclusive, false},
+		{blockdev.LockShared, blockdev.LockShared, true},
+	}
+	for _, c := range cases {
+		t.Run(fmt.Sprintf("%v-then-%v", c.first, c.second), func(t *testing.T) {
+			require.NoError(t, a.Lock(c.first))
+			err := b.Lock(c.second)
+			if c.ok {
+				require.NoError(t, err)
+				require.NoError(t, b.Unlock())
+			} else {
+				require.ErrorIs(t, err, blockdev.ErrLocked)
+				require.Contains(t, err.Error(), path)
+				if runtime.GOOS == "linux" {
+					require.Contains(t, err.Error(), fmt.Sprintf("pid %d (this process)", os.Getpid()))
+				}
+			}
+			require.NoError(t, a.Unlock())
+			require.NoError(t, b.Lock(c.second), "released by Unlock")
+			require.NoError(t, b.Unlock())
+		})
+	}
+}
+
+func TestFileLockSameHandleAndClose(t *testing.T) {
+	path := lockTarget(t)
+	a := openFile(t, path, false)
+	require.NoError(t, a.Lock(blockdev.LockShared))
+	err := a.Lock(blockdev.LockShared)
+	require.ErrorIs(t, err, blockdev.ErrLocked, "not reentrant")
+	require.Contains(t, err.Error(), "already locked through this handle")
+	require.NoError(t, a.Close())
+	require.ErrorIs(t, a.Lock(blockdev.LockShared), blockdev.ErrClosed)
+	require.NoError(t, a.Unlock(), "Close released it")
+	b := openFile(t, path, false)
+	require.NoError(t, b.Lock(blockdev.LockExclusive), "Close released it")
+}
+
+func TestLockDeviceViews(t *testing.T) {
+	path := lockTarget(t)
+	a, b := openFile(t, path, false), openFile(t, path, false)
+	release, err := blockdev.LockDevice(blockdev.ReadOnly(a), blockdev.LockShared)
+	require.NoError(t, err)
+	_, err = blockdev.LockDevice(b, blockdev.LockExclusive)
+	require.ErrorIs(t, err, blockdev.ErrLocked, "the view locks its parent")
+	require.NoError(t, release())
+	release, err = blockdev.LockDevice(b, blockdev.LockExclusive)
+	require.NoError(t, err)
+	require.NoError(t, release())
+
+	m, err := blockdev.NewMem(1<<20, 512)
+	require.NoError(t, err)
+	for _, d := range []blockdev.Device{m, blockdev.ReadOnly(m)} {
+		release, err := blockdev.LockDevice(d, blockdev.LockExclusive)
+		require.NoError(t, err, "a device that cannot lock is not locked")
+		require.NoError(t, release())
+	}
+}
+
+// TestFileLockOtherProcess holds the lock in a child process (this test
+// binary, run as TestLockHelperProcess) and sees a second opener refused
+// with the child's pid.
+func TestFileLockOtherProcess(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the holder's pid comes from /proc/locks (Linux)")
+	}
+	path := lockTarget(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestLockHelperProcess$")
+	cmd.Env = append(os.Environ(), "BLOCKSNAP_LOCK_HELPER="+path)
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "locked\n", line)
+
+	f := openFile(t, path, true)
+	err = f.Lock(blockdev.LockShared)
+	require.ErrorIs(t, err, blockdev.ErrLocked)
+	require.Contains(t, err.Error(), fmt.Sprintf("held by pid %d)", cmd.Process.Pid))
+
+	require.NoError(t, stdin.Close()) // the helper exits, and its lock goes with it
+	require.NoError(t, cmd.Wait())
+	require.NoError(t, f.Lock(blockdev.LockShared))
+}
+
+// TestLockHelperProcess is the child of TestFileLockOtherProcess: it locks
+// the file, says so, and holds the lock until its stdin closes.
+func TestLockHelperProcess(t *testing.T) {
+	path := os.Getenv("BLOCKSNAP_LOCK_HELPER")
+	if path == "" {
+		t.Skip("run by TestFileLockOtherProcess")
+	}
+	f, err := blockdev.Open(path, blockdev.FileOptions{})
+	require.NoError(t, err)
+	require.NoError(t, f.Lock(blockdev.LockExclusive))
+	fmt.Println("locked")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	require.NoError(t, f.Close())
+}
+
+func TestIsReadOnly(t *testing.T) {
+	path := lockTarget(t)
+	rw, ro := openFile(t, path, false), openFile(t, path, true)
+	m, err := blockdev.NewMem(1<<20, 512)
+	require.NoError(t, err)
+	sl, err := blockdev.Slice(ro, 0, 4096)
+	require.NoError(t, err)
+	slw, err := blockdev.Slice(rw, 0, 4096)
+	require.NoError(t, err)
+	for _, c := range []struct {
+		d  blockdev.Device
+		ro bool
+	}{{rw, false}, {ro, true}, {m, false}, {blockdev.ReadOnly(m), true}, {sl, true}, {slw, false}} {
+		require.Equal(t, c.ro, blockdev.IsReadOnly(c.d), "%T", c.d)
+	}
+}
