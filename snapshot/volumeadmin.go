@@ -25,12 +25,7 @@ type VolumeStat struct {
 	Mapped, Exclusive, Shared int64
 }
 
-func validName(name string) error {
-	if name == "" || len(name) > maxNameLen {
-		return fmt.Errorf("%w: name %q: 1 to %d bytes", ErrBadOptions, name, maxNameLen)
-	}
-	return nil
-}
+func validName(name string) error { return ValidName(name) }
 
 // writableBranch returns v's branch if v is the origin or a live clone.
 func (v *Volume) writable() error {
