@@ -70,6 +70,12 @@ func classify(err error) control.Code {
 		return control.CodeNoSpace
 	case errors.Is(err, snapshot.ErrBadOptions), errors.Is(err, errNotSnapshot):
 		return control.CodeInvalid
+	case errors.Is(err, errBusy):
+		return control.CodeBusy
 	}
 	return control.CodeFailed
 }
+
+// errBusy: a volume that NBD clients are connected to is not deleted
+// without --force.
+var errBusy = errors.New("volume is in use")
