@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/control"
+	"github.com/blocksnap/blocksnap/snapshot"
 )
 
 // qemuSession is an interactive qemu-io holding one NBD connection open.
@@ -118,6 +121,12 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 		require.True(t, strings.HasPrefix(rows[i+1], want+" "), "row %d: %q, want %q", i+1, rows[i+1], want)
 	}
 
+	// A restarted serve exports every visible volume (hidden ones have no
+	// name to export).
+	d.stop(t)
+	d = startDaemon(t, f.args("serve", "--listen", "127.0.0.1:0", "--json")...)
+	require.Equal(t, []string{"live", "origin", "vm"}, d.info.Exports)
+
 	q := startQemuIO(t, uri("vm"))
 	require.Contains(t, q.do(t, "write -P 0x3c 0 64k", "wrote"), "wrote 65536/65536 bytes")
 	fails(t, 1, "volume is in use: vm has 1 connected NBD client(s); delete --force closes their connections", f.args("delete", "vm")...)
@@ -132,4 +141,24 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
 	require.Len(t, vs, 1, "%+v", vs)
 	d.stop(t)
+}
+
+// An origin locked by another process (here: this test) is refused with
+// the holder's pid; a store held by a program embedding the library is
+// refused like one held by serve, with no control socket to go through.
+func TestOriginAndStoreLockedByOthers(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the holder's pid comes from /proc/locks (Linux)")
+	}
+	f := newFixture(t)
+	l, err := lockFile(f.origin)
+	require.NoError(t, err)
+	fails(t, 1, fmt.Sprintf("origin %s is in use by another process (held by pid %d)", f.origin, os.Getpid()),
+		f.args("snapshot", "x")...)
+	require.NoError(t, l.Close())
+
+	f.withStore(t, func(*snapshot.Store) {
+		fails(t, 1, "store "+f.store+" is in use by another process, and no control socket answers", f.args("list")...)
+	})
+	ok(t, f.args("snapshot", "x")...)
 }

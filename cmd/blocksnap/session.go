@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strings"
 
 	"github.com/spf13/pflag"
 
@@ -85,7 +86,7 @@ func inUseErr(f *storeFlags, err error) error {
 	case !errors.As(err, &le):
 		return err
 	case le.Path == f.origin:
-		return fmt.Errorf("origin %s is in use by another process: %w", f.origin, err)
+		return fmt.Errorf("origin %s is in use by another process (%s)", f.origin, heldBy(le))
 	}
 	return fmt.Errorf("%s: %w (%w)", f.store, ErrStoreInUse, err)
 }
@@ -147,4 +148,16 @@ func unlock(locks []*os.File) {
 	for _, l := range locks {
 		l.Close()
 	}
+}
+
+// heldBy names the processes holding a lock, or says how to find them.
+func heldBy(le *blockdev.LockedError) string {
+	if len(le.Holders) == 0 {
+		return "find it with: fuser -v " + le.Path
+	}
+	pids := make([]string, len(le.Holders))
+	for i, p := range le.Holders {
+		pids[i] = fmt.Sprint(p)
+	}
+	return "held by pid " + strings.Join(pids, ", ")
 }
