@@ -1,11 +1,8 @@
 package blockdev_test
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"testing"
@@ -13,22 +10,17 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 func openFile(t *testing.T, path string, ro bool) *blockdev.File {
-	t.Helper()
-	f, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: ro})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = f.Close() })
-	return f
+	return blockdevtest.OpenFile(t, path, ro)
 }
 
+// lockTarget makes a file to lock and returns its path.
 func lockTarget(t *testing.T) string {
-	t.Helper()
 	path := filepath.Join(t.TempDir(), "dev")
-	f, err := blockdev.Create(path, 1<<20, blockdev.FileOptions{})
-	require.NoError(t, err)
-	require.NoError(t, f.Close())
+	blockdevtest.CreateFile(t, path, 1<<20)
 	return path
 }
 
@@ -103,48 +95,32 @@ func TestLockDeviceViews(t *testing.T) {
 	}
 }
 
-// TestFileLockOtherProcess holds the lock in a child process (this test
-// binary, run as TestLockHelperProcess) and sees a second opener refused
-// with the child's pid.
+// TestFileLockOtherProcess holds the lock in a child process
+// (TestLockHelperProcess) and sees a second opener refused with the child's
+// pid, then succeed once the child has exited.
 func TestFileLockOtherProcess(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the holder's pid comes from /proc/locks (Linux)")
 	}
 	path := lockTarget(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestLockHelperProcess$")
-	cmd.Env = append(os.Environ(), "BLOCKSNAP_LOCK_HELPER="+path)
-	stdin, err := cmd.StdinPipe()
-	require.NoError(t, err)
-	stdout, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	require.NoError(t, err)
-	require.Equal(t, "locked\n", line)
-
+	pid, finish := blockdevtest.StartChild(t, "TestLockHelperProcess", "BLOCKSNAP_LOCK_HELPER="+path)
 	f := openFile(t, path, true)
-	err = f.Lock(blockdev.LockShared)
+	err := f.Lock(blockdev.LockShared)
 	require.ErrorIs(t, err, blockdev.ErrLocked)
-	require.Contains(t, err.Error(), fmt.Sprintf("held by pid %d)", cmd.Process.Pid))
-
-	require.NoError(t, stdin.Close()) // the helper exits, and its lock goes with it
-	require.NoError(t, cmd.Wait())
+	require.Contains(t, err.Error(), fmt.Sprintf("held by pid %d)", pid))
+	finish() // the child exits, and its lock goes with it
 	require.NoError(t, f.Lock(blockdev.LockShared))
 }
 
-// TestLockHelperProcess is the child of TestFileLockOtherProcess: it locks
-// the file, says so, and holds the lock until its stdin closes.
+// TestLockHelperProcess is the child of TestFileLockOtherProcess.
 func TestLockHelperProcess(t *testing.T) {
 	path := os.Getenv("BLOCKSNAP_LOCK_HELPER")
 	if path == "" {
 		t.Skip("run by TestFileLockOtherProcess")
 	}
-	f, err := blockdev.Open(path, blockdev.FileOptions{})
-	require.NoError(t, err)
+	f := openFile(t, path, false)
 	require.NoError(t, f.Lock(blockdev.LockExclusive))
-	fmt.Println("locked")
-	_, _ = io.Copy(io.Discard, os.Stdin)
-	require.NoError(t, f.Close())
+	blockdevtest.ChildReady()
 }
 
 func TestIsReadOnly(t *testing.T) {

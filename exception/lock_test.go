@@ -6,25 +6,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
-
-func lockTestFile(t *testing.T, path string, size int64) *blockdev.File {
-	t.Helper()
-	f, err := blockdev.Create(path, size, blockdev.FileOptions{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = f.Close() })
-	return f
-}
-
-func reopenFile(t *testing.T, path string, ro bool) *blockdev.File {
-	t.Helper()
-	f, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: ro})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = f.Close() })
-	return f
-}
 
 // An origin and a COW device are each used by one Origin or Snapshot at a
 // time: a second one over the same file fails with ErrLocked until the
@@ -32,37 +15,37 @@ func reopenFile(t *testing.T, path string, ro bool) *blockdev.File {
 func TestOriginAndCOWLocked(t *testing.T) {
 	dir := t.TempDir()
 	originPath, cowPath := filepath.Join(dir, "origin"), filepath.Join(dir, "cow")
-	o := newOrigin(t, lockTestFile(t, originPath, 1<<20))
-	cow := lockTestFile(t, cowPath, 1<<20)
+	o := newOrigin(t, blockdevtest.CreateFile(t, originPath, 1<<20))
+	cow := blockdevtest.CreateFile(t, cowPath, 1<<20)
 	s, err := o.CreateSnapshot(cow, Options{ChunkSize: 4096, Persistent: true})
 	require.NoError(t, err)
 
-	_, err = NewOrigin(reopenFile(t, originPath, false), OriginOptions{})
+	_, err = NewOrigin(blockdevtest.OpenFile(t, originPath, false), OriginOptions{})
 	require.ErrorIs(t, err, ErrLocked)
 	require.Contains(t, err.Error(), "origin device: blockdev: "+originPath+" is locked by another user")
-	_, err = NewOrigin(reopenFile(t, originPath, true), OriginOptions{})
+	_, err = NewOrigin(blockdevtest.OpenFile(t, originPath, true), OriginOptions{})
 	require.ErrorIs(t, err, ErrLocked, "a read-only origin takes a shared lock, which a writer excludes")
 
 	other := newOrigin(t, blockdevtest.NewMem(t, 1<<20, 512))
-	_, err = other.OpenSnapshot(reopenFile(t, cowPath, false), Options{})
+	_, err = other.OpenSnapshot(blockdevtest.OpenFile(t, cowPath, false), Options{})
 	require.ErrorIs(t, err, ErrLocked)
-	_, err = other.CreateSnapshot(reopenFile(t, cowPath, false), Options{ChunkSize: 4096, Persistent: true})
+	_, err = other.CreateSnapshot(blockdevtest.OpenFile(t, cowPath, false), Options{ChunkSize: 4096, Persistent: true})
 	require.ErrorIs(t, err, ErrLocked, "and nothing was formatted over the snapshot in use")
 	require.Len(t, other.Snapshots(), 0)
 
 	require.NoError(t, s.Close())
-	s2, err := other.OpenSnapshot(reopenFile(t, cowPath, false), Options{})
+	s2, err := other.OpenSnapshot(blockdevtest.OpenFile(t, cowPath, false), Options{})
 	require.NoError(t, err, "Close released the COW device")
 	require.NoError(t, s2.Close())
 	require.NoError(t, o.Close())
-	o2, err := NewOrigin(reopenFile(t, originPath, false), OriginOptions{})
+	o2, err := NewOrigin(blockdevtest.OpenFile(t, originPath, false), OriginOptions{})
 	require.NoError(t, err, "Close released the origin")
 	require.NoError(t, o2.Close())
 
 	// Read-only origins share.
-	a, err := NewOrigin(reopenFile(t, originPath, true), OriginOptions{})
+	a, err := NewOrigin(blockdevtest.OpenFile(t, originPath, true), OriginOptions{})
 	require.NoError(t, err)
-	b, err := NewOrigin(reopenFile(t, originPath, true), OriginOptions{})
+	b, err := NewOrigin(blockdevtest.OpenFile(t, originPath, true), OriginOptions{})
 	require.NoError(t, err)
 	require.NoError(t, a.Close())
 	require.NoError(t, b.Close())

@@ -56,9 +56,15 @@ func (s *Store) releaseLocks() {
 	s.locks = nil
 }
 
-// adopt hands the locks to a store just made by formatStore or openStore,
-// or releases them if it failed.
-func adopt(s *Store, err error, l deviceLocks, origin blockdev.Device) (*Store, error) {
+// withLocks locks the devices and runs open (formatStore or openStore),
+// handing the locks to the store it returns, or releasing them if it
+// fails.
+func withLocks(origin, store blockdev.Device, opts Options, open func(origin, store blockdev.Device, opts Options) (*Store, error)) (*Store, error) {
+	l, err := lockDevices(origin, store, opts.ReadOnly)
+	if err != nil {
+		return nil, err
+	}
+	s, err := open(origin, store, opts)
 	if err != nil {
 		l.release()
 		return nil, err
@@ -83,24 +89,14 @@ func adopt(s *Store, err error, l deviceLocks, origin blockdev.Device) (*Store, 
 // writes, discards and rollbacks fail with ErrReadOnly; snapshots and
 // clones of it work.
 func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
-	l, err := lockDevices(origin, store, opts.ReadOnly)
-	if err != nil {
-		return nil, err
-	}
-	s, err := formatStore(origin, store, opts)
-	return adopt(s, err, l, origin)
+	return withLocks(origin, store, opts, formatStore)
 }
 
 // Open opens a store made by Format, recovering from the journal. It
 // locks the devices as Format does (ErrLocked while another Store has
 // them).
 func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
-	l, err := lockDevices(origin, store, opts.ReadOnly)
-	if err != nil {
-		return nil, err
-	}
-	s, err := openStore(origin, store, opts)
-	return adopt(s, err, l, origin)
+	return withLocks(origin, store, opts, openStore)
 }
 
 // errReadOnlyOrigin is what a write to a read-only origin returns.

@@ -1,12 +1,9 @@
 package snapshot
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"testing"
@@ -14,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // fileStore formats a store on two files in a fresh directory, closes it,
@@ -30,19 +28,11 @@ func fileStore(t *testing.T) (origin, store string) {
 }
 
 func createFile(t *testing.T, path string, size int64) *blockdev.File {
-	t.Helper()
-	f, err := blockdev.Create(path, size, blockdev.FileOptions{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = f.Close() })
-	return f
+	return blockdevtest.CreateFile(t, path, size)
 }
 
 func openFile(t *testing.T, path string, ro bool) *blockdev.File {
-	t.Helper()
-	f, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: ro})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = f.Close() })
-	return f
+	return blockdevtest.OpenFile(t, path, ro)
 }
 
 // openFiles opens the store on fresh handles of its two files.
@@ -122,30 +112,19 @@ func TestFailedOpenReleasesLocks(t *testing.T) {
 }
 
 // TestOpenRefusedAcrossProcesses holds the store open in a child process
-// (this test binary, as TestStoreHolderProcess) and sees Open refused with
-// the child's pid, then succeed once the child has exited.
+// (TestStoreHolderProcess) and sees Open refused with the child's pid, then
+// succeed once the child has exited.
 func TestOpenRefusedAcrossProcesses(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the holder's pid comes from /proc/locks (Linux)")
 	}
 	originPath, storePath := fileStore(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestStoreHolderProcess$")
-	cmd.Env = append(os.Environ(), "BLOCKSNAP_STORE_HOLDER="+originPath+"\n"+storePath)
-	stdin, err := cmd.StdinPipe()
-	require.NoError(t, err)
-	stdout, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	require.NoError(t, err)
-	require.Equal(t, "open\n", line)
-
-	_, err = openFiles(t, originPath, storePath, Options{ReadOnly: true})
+	pid, finish := blockdevtest.StartChild(t, "TestStoreHolderProcess",
+		"BLOCKSNAP_HOLDER_ORIGIN="+originPath, "BLOCKSNAP_HOLDER_STORE="+storePath)
+	_, err := openFiles(t, originPath, storePath, Options{ReadOnly: true})
 	require.ErrorIs(t, err, ErrLocked)
-	require.Contains(t, err.Error(), fmt.Sprintf("%s is locked by another user (held by pid %d)", storePath, cmd.Process.Pid))
-
-	require.NoError(t, stdin.Close())
-	require.NoError(t, cmd.Wait())
+	require.Contains(t, err.Error(), fmt.Sprintf("%s is locked by another user (held by pid %d)", storePath, pid))
+	finish()
 	st, err := openFiles(t, originPath, storePath, Options{})
 	require.NoError(t, err)
 	_, err = st.OpenVolume("child")
@@ -155,19 +134,15 @@ func TestOpenRefusedAcrossProcesses(t *testing.T) {
 
 // TestStoreHolderProcess is the child of TestOpenRefusedAcrossProcesses.
 func TestStoreHolderProcess(t *testing.T) {
-	env := os.Getenv("BLOCKSNAP_STORE_HOLDER")
-	if env == "" {
+	originPath, storePath := os.Getenv("BLOCKSNAP_HOLDER_ORIGIN"), os.Getenv("BLOCKSNAP_HOLDER_STORE")
+	if storePath == "" {
 		t.Skip("run by TestOpenRefusedAcrossProcesses")
 	}
-	var originPath, storePath string
-	_, err := fmt.Sscanf(env, "%s\n%s", &originPath, &storePath)
-	require.NoError(t, err)
 	st, err := openFiles(t, originPath, storePath, Options{})
 	require.NoError(t, err)
 	_, err = st.CreateSnapshot("child", st.Origin())
 	require.NoError(t, err)
-	fmt.Println("open")
-	_, _ = io.Copy(io.Discard, os.Stdin)
+	blockdevtest.ChildReady()
 	require.NoError(t, st.Close())
 }
 
@@ -232,13 +207,8 @@ func TestReadOnlyOrigin(t *testing.T) {
 // Rolling back a read-only origin that did change (it was writable when
 // snapshotted) is refused: it would have to write it.
 func TestReadOnlyOriginRollback(t *testing.T) {
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	store, err := blockdev.NewMem(4<<20, 4096)
-	require.NoError(t, err)
-	st, err := Format(origin, store, Options{ChunkSize: 16 << 10})
-	require.NoError(t, err)
-	_, err = st.CreateSnapshot("before", st.Origin())
+	st, origin, store := newMemStore(t, 1<<20, 4<<20, Options{ChunkSize: 16 << 10})
+	_, err := st.CreateSnapshot("before", st.Origin())
 	require.NoError(t, err)
 	fillAt(t, st.Origin(), 5, 0, 16<<10)
 	require.NoError(t, st.Close())
