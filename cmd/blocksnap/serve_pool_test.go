@@ -162,3 +162,19 @@ func TestOriginAndStoreLockedByOthers(t *testing.T) {
 	})
 	ok(t, f.args("snapshot", "x")...)
 }
+
+// A bad volume name is refused by the library, locally and through a
+// running serve alike, with the rule it breaks.
+func TestBadVolumeNames(t *testing.T) {
+	f := newFixture(t)
+	ok(t, f.args("snapshot", "s1")...)
+	try := func() {
+		fails(t, 1, `bad volume name "a/b": holds a slash`, f.args("snapshot", "a/b")...)
+		fails(t, 1, `bad volume name "vm/1": holds a slash`, f.args("clone", "vm/1", "--from", "s1")...)
+		fails(t, 1, `bad volume name "x/y": holds a slash`, f.args("rename", "s1", "x/y")...)
+	}
+	try()
+	d := startDaemon(t, f.args("serve", "--listen", "127.0.0.1:0", "--json")...)
+	try()
+	d.stop(t)
+}
