@@ -70,9 +70,9 @@ func (m LockMode) String() string {
 // user, so that two programs (or two parts of one) never drive one store
 // at once. File implements it with flock(2) on its descriptor, which other
 // processes see (and which the kernel drops if the process dies); URing
-// through its File, and the ReadOnly view through its parent. Devices that
-// live in one process only (Mem) have nothing to guard against and do not
-// implement it.
+// through its File, and the ReadOnly view through its parent. Mem, which
+// lives in one process, keeps its lock in memory. Slice does not implement
+// it: slices of one device may be used by different users.
 //
 // The lock is advisory: it only excludes other users that lock too.
 type Locker interface {
@@ -158,6 +158,38 @@ func (r *ReadOnlyDevice) Lock(mode LockMode) error {
 func (r *ReadOnlyDevice) Unlock() error {
 	if l, ok := r.dev.(Locker); ok {
 		return l.Unlock()
+	}
+	return nil
+}
+
+// Lock implements Locker within this process: a Mem lives in one process,
+// so its lock keeps out a second user there (two stores opened on one Mem).
+// Shared locks count; Unlock releases an exclusive lock, or one shared.
+func (m *Mem) Lock(mode LockMode) error {
+	m.lockMu.Lock()
+	defer m.lockMu.Unlock()
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	if m.exclusive || (mode == LockExclusive && m.shared > 0) {
+		return &LockedError{Path: "memory device", Mode: mode, Holders: []int{os.Getpid()}}
+	}
+	if mode == LockExclusive {
+		m.exclusive = true
+	} else {
+		m.shared++
+	}
+	return nil
+}
+
+// Unlock implements Locker.
+func (m *Mem) Unlock() error {
+	m.lockMu.Lock()
+	defer m.lockMu.Unlock()
+	if m.exclusive {
+		m.exclusive = false
+	} else if m.shared > 0 {
+		m.shared--
 	}
 	return nil
 }

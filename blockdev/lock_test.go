@@ -86,13 +86,36 @@ func TestLockDeviceViews(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, release())
 
-	m, err := blockdev.NewMem(1<<20, 512)
+	sl, err := blockdev.Slice(a, 0, 4096)
 	require.NoError(t, err)
-	for _, d := range []blockdev.Device{m, blockdev.ReadOnly(m)} {
+	for _, d := range []blockdev.Device{sl, blockdev.ReadOnly(sl)} {
 		release, err := blockdev.LockDevice(d, blockdev.LockExclusive)
 		require.NoError(t, err, "a device that cannot lock is not locked")
 		require.NoError(t, release())
 	}
+}
+
+// A Mem's lock works within the process, as a File's does across handles.
+func TestMemLock(t *testing.T) {
+	m, err := blockdev.NewMem(1<<20, 512)
+	require.NoError(t, err)
+	release, err := blockdev.LockDevice(m, blockdev.LockShared)
+	require.NoError(t, err)
+	release2, err := blockdev.LockDevice(blockdev.ReadOnly(m), blockdev.LockShared)
+	require.NoError(t, err, "shared locks share")
+	err = m.Lock(blockdev.LockExclusive)
+	require.ErrorIs(t, err, blockdev.ErrLocked)
+	require.Contains(t, err.Error(), fmt.Sprintf("memory device is locked by another user (held by pid %d (this process))", os.Getpid()))
+	require.NoError(t, release())
+	require.ErrorIs(t, m.Lock(blockdev.LockExclusive), blockdev.ErrLocked, "one shared lock is left")
+	require.NoError(t, release2())
+	require.NoError(t, m.Lock(blockdev.LockExclusive))
+	require.ErrorIs(t, m.Lock(blockdev.LockShared), blockdev.ErrLocked)
+	require.ErrorIs(t, m.Lock(blockdev.LockExclusive), blockdev.ErrLocked)
+	require.NoError(t, m.Unlock())
+	require.NoError(t, m.Lock(blockdev.LockShared))
+	require.NoError(t, m.Close())
+	require.ErrorIs(t, m.Lock(blockdev.LockShared), blockdev.ErrClosed)
 }
 
 // TestFileLockOtherProcess holds the lock in a child process

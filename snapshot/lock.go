@@ -19,7 +19,7 @@ type deviceLocks []func() error
 // may change them: each exclusively, but shared where this store only
 // reads it (Options.ReadOnly; a read-only origin, which several stores may
 // share as their golden image). Devices that are not blockdev.Lockers
-// (Mem, CrashSim) are not locked.
+// (Slice, CrashSim) are not locked.
 func lockDevices(origin, store blockdev.Device, readOnly bool) (deviceLocks, error) {
 	mode := func(ro bool) blockdev.LockMode {
 		if ro {
@@ -79,7 +79,7 @@ func withLocks(origin, store blockdev.Device, opts Options, open func(origin, st
 // the store held is lost.
 //
 // Format and Open lock the devices that implement blockdev.Locker (File,
-// URing, and ReadOnly views of them): the store device, and the origin,
+// URing, Mem, and ReadOnly views of them): the store device, and the origin,
 // exclusively, so that a second Format or Open of the same devices, in this
 // process or another, fails with ErrLocked until Close. A read-only store
 // (Options.ReadOnly) takes shared locks, so inspections may run side by

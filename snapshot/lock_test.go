@@ -84,6 +84,26 @@ func TestSecondOpenRefused(t *testing.T) {
 	require.NoError(t, release())
 }
 
+// Two stores on one Mem in one process are refused the same way: the
+// second Open fails, and a snapshot made through the first is kept.
+func TestSecondOpenOfMemRefused(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 4<<20, Options{ChunkSize: 16 << 10})
+	_, err := Open(origin, store, Options{})
+	require.ErrorIs(t, err, ErrLocked)
+	require.Contains(t, err.Error(), "store device: blockdev: memory device is locked by another user")
+	_, err = Open(origin, store, Options{ReadOnly: true})
+	require.ErrorIs(t, err, ErrLocked)
+	_, err = s.CreateSnapshot("kept", s.Origin())
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, Options{})
+	require.NoError(t, err)
+	_, err = s.OpenVolume("kept")
+	require.NoError(t, err)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+}
+
 // Read-only opens share the lock with each other, and keep a writer out.
 func TestReadOnlyOpensShare(t *testing.T) {
 	originPath, storePath := fileStore(t)
