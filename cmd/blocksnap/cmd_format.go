@@ -112,7 +112,7 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 	}
 	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: int(chunk.n)})
 	if errors.Is(err, snapshot.ErrLocked) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}
 	if err != nil {
 		return err

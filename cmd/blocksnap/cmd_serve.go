@@ -64,7 +64,7 @@ type serveInfo struct {
 func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
 	s, err := openSession(sf, readWrite)
 	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)")
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)", err)
 	}
 	if err != nil {
 		return err

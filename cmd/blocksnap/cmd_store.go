@@ -21,7 +21,7 @@ func runOp(e *env, sf *storeFlags, a access, r control.Request, out any) error {
 	if errors.Is(err, ErrStoreInUse) {
 		cerr := control.Dial(sf.controlPath()).Call(e.ctx, r, out)
 		if errors.Is(cerr, control.ErrNoServer) {
-			return inUse(e.ctx, "store", sf.store, sf.controlPath(), "")
+			return inUse(e.ctx, "store", sf.store, sf.controlPath(), "", err)
 		}
 		return cerr
 	}

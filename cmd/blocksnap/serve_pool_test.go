@@ -158,7 +158,8 @@ func TestOriginAndStoreLockedByOthers(t *testing.T) {
 	require.NoError(t, l.Close())
 
 	f.withStore(t, func(*snapshot.Store) {
-		fails(t, 1, "store "+f.store+" is in use by another process, and no control socket answers", f.args("list")...)
+		fails(t, 1, fmt.Sprintf("store %s is in use by another process, and no control socket answers at %s.control (held by pid %d)", f.store, f.store, os.Getpid()),
+			f.args("list")...)
 	})
 	ok(t, f.args("snapshot", "x")...)
 }
