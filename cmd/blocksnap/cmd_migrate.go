@@ -35,14 +35,6 @@ var cmdMigrate = &command{
 }
 
 func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
-	locks, err := lockPaths(sf.origin, sf.store)
-	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
-	}
-	if err != nil {
-		return err
-	}
-	defer unlock(locks)
 	o, old, err := openDevices(sf.origin, sf.store, inspect)
 	if err != nil {
 		return err
@@ -70,17 +62,16 @@ func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
 			return usagef("--store and --to are the same file %s: migrate writes a new store device", to)
 		}
 	}
-	tl, err := lockFile(to)
-	if err != nil {
-		return fmt.Errorf("%s: %w", to, err)
-	}
-	defer tl.Close()
 	dst, err := blockdev.Open(to, blockdev.FileOptions{})
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
 	defer dst.Close()
-	if err := snapshot.Migrate(o, blockdev.ReadOnly(old), dst, snapshot.Options{}); err != nil {
+	err = snapshot.Migrate(o, blockdev.ReadOnly(old), dst, snapshot.Options{})
+	if errors.Is(err, snapshot.ErrLocked) {
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
+	}
+	if err != nil {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "migrated %s into %s: use --store %s from now on\n", sf.store, to, to)
