@@ -109,8 +109,9 @@ type Options struct {
 	// touches between tree commits make those writes cheap.
 	MetadataCache int
 	// LowMetadata, if set, is called (without locks held) when the free
-	// metadata space drops below an eighth of the region: free and total
-	// bytes. Past the point where a change could not be committed,
+	// metadata space drops below an eighth of the region plus the part
+	// kept for deletes and commits (1% and at least 256 KiB, plus 128
+	// KiB): free and total bytes, once per crossing. Past the point where a change could not be committed,
 	// changes fail with ErrNoSpace; deletes still work and free space.
 	LowMetadata func(free, total int64)
 	// CommitInterval is how often pending metadata is committed in the
@@ -417,7 +418,10 @@ func (s *Store) openMeta(format bool) error {
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
 		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
 	if fn := s.opts.LowMetadata; fn != nil {
-		mo.LowSpaceThreshold = mo.Pages / 8
+		// An eighth of the region above what changes may not use: the
+		// layer's delete reserve (1%, at least 64 pages) and room for a
+		// commit.
+		mo.LowSpaceThreshold = mo.Pages/8 + max(64, mo.Pages/100) + 32
 		mo.LowSpace = func(free, total uint64) { fn(int64(free)*meta.PageSize, int64(total)*meta.PageSize) }
 	}
 	var m *meta.Meta
