@@ -159,6 +159,9 @@ type Clone struct {
 	io struct {
 		sync.Mutex
 		flights map[uint64]*flight
+		free    []*flight // released flights, for reuse
+		cond    sync.Cond // signalled when a flight ends and waiters > 0
+		waiters int       // claims waiting on cond
 	}
 	bufs sync.Pool // *[]byte of bufSize, aligned for O_DIRECT
 
@@ -329,6 +332,7 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 		return &b
 	}
 	c.io.flights = make(map[uint64]*flight)
+	c.io.cond.L = &c.io.Mutex
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }

@@ -3,12 +3,18 @@ package clone
 import "time"
 
 // The in-flight window of background hydration follows the bandwidth-delay
-// product of the source, in the manner of BBR: completed background copies
-// give the delivery rate (bytes completed per interval of at least a round
-// trip; the estimate is the recent maximum) and the latency (from issuing
-// the source read to the destination write's return; the estimate is the
-// recent minimum, and its base part, the latency less the copy's own
-// transfer time at the estimated rate). Two windows follow:
+// product of the source, in the manner of BBR: every completed background
+// copy gives a delivery rate sample (the bytes completed between the last
+// completion before the copy was issued and its own, over that interval,
+// which is at least the copy's latency; the estimate is the recent
+// maximum) and a latency sample (from issuing the source read to the
+// destination write's return; the estimate is the recent minimum, and its
+// base part, the latency less the copy's own transfer time at the
+// estimated rate). Sampling per copy rather than per fixed interval matters
+// at the start: the first copies of a full initial window complete
+// together, and a rate measured over the first completion alone would be a
+// fraction of the pipe's and collapse the window for several round trips.
+// Two windows follow:
 //
 //   - bulk, while no user I/O reads the source: bulkGain times rate times
 //     latency. Above 1 the window grows every round trip while the delivery
@@ -29,12 +35,14 @@ const (
 	// forgets within 2 s, the latency estimates within 20 s.
 	bwSpan  = time.Second
 	rttSpan = 10 * time.Second
-	// minInterval is the shortest interval a delivery rate is measured
-	// over (also at least the latency estimate).
-	minInterval = 5 * time.Millisecond
 	// DefaultMaxInFlight is the cap on the bytes background hydration keeps
 	// in flight when Options.HydrationThreshold is 0.
 	DefaultMaxInFlight = 64 << 20
+	// initialWindow is the window until the source has been measured (at
+	// least four batches), what nbdcopy keeps in flight over its first
+	// connection: a remote source is not starved while its rate is
+	// unknown, and the first measurement is of a full pipe.
+	initialWindow = 16 << 20
 	// yieldFor is how long after a user read of the source background
 	// hydration keeps yielding.
 	yieldFor = 500 * time.Millisecond
@@ -53,10 +61,8 @@ type pacer struct {
 	initWin        int64 // until the first rate is measured
 	region         int64
 
-	delivered int64 // bytes completed by background copies, total
-
-	markAt        time.Time // start of the current rate interval
-	markDelivered int64     // delivered at markAt
+	delivered   int64     // bytes completed by background copies, total
+	deliveredAt time.Time // when delivered last grew (or the pipe restarted)
 
 	bw  maxFilter // bytes/s
 	rtt minFilter // whole copy latency
@@ -108,25 +114,37 @@ func (m *minFilter) get() (time.Duration, int64) {
 func newPacer(region, maxWin, initWin int64, now time.Time) pacer {
 	return pacer{
 		minWin: region, maxWin: max(region, maxWin), initWin: initWin, region: region,
-		markAt: now,
-		bw:     maxFilter{at: now, span: bwSpan},
-		rtt:    minFilter{at: now, span: rttSpan},
+		deliveredAt: now,
+		bw:          maxFilter{at: now, span: bwSpan},
+		rtt:         minFilter{at: now, span: rttSpan},
 	}
 }
 
-// sample records a copy of n bytes issued at start and completed at now.
-func (p *pacer) sample(now, start time.Time, n int64) {
+// stamp is what a copy remembers of the pacer when it is issued.
+type stamp struct {
+	start       time.Time
+	delivered   int64
+	deliveredAt time.Time
+}
+
+// issue stamps a copy issued at now.
+func (p *pacer) issue(now time.Time) stamp {
+	return stamp{start: now, delivered: p.delivered, deliveredAt: p.deliveredAt}
+}
+
+// sample records a copy of n bytes, stamped s at issue, completed at now.
+func (p *pacer) sample(now time.Time, s stamp, n int64) {
 	p.delivered += n
-	p.rtt.add(now, max(now.Sub(start), time.Microsecond), n)
-	if iv := now.Sub(p.markAt); iv >= max(minInterval, p.latency()) {
-		p.bw.add(now, float64(p.delivered-p.markDelivered)/iv.Seconds())
-		p.markAt, p.markDelivered = now, p.delivered
+	p.deliveredAt = now
+	p.rtt.add(now, max(now.Sub(s.start), time.Microsecond), n)
+	if iv := now.Sub(s.deliveredAt); iv > 0 {
+		p.bw.add(now, float64(p.delivered-s.delivered)/iv.Seconds())
 	}
 }
 
-// restart begins a new rate interval: the time before it (paused, waiting
-// for the map, idle) says nothing about the source.
-func (p *pacer) restart(now time.Time) { p.markAt, p.markDelivered = now, p.delivered }
+// restart begins the rate measurement anew: the time before now (paused,
+// waiting for the map, idle) says nothing about the source.
+func (p *pacer) restart(now time.Time) { p.deliveredAt = now }
 
 // rate is the bandwidth estimate in bytes/s (0 before it is measured).
 func (p *pacer) rate() float64 { return p.bw.get() }
@@ -163,6 +181,11 @@ func (p *pacer) window(yield bool) int64 {
 		w = bdp + p.yieldBatch(bdp)
 	} else {
 		w = int64(bulkGain * bw * rtt.Seconds())
+		if p.delivered < p.initWin {
+			// The initial window is still on its way back: its
+			// first completions underestimate the pipe.
+			w = max(w, p.initWin)
+		}
 	}
 	return min(max(w, p.minWin), p.maxWin)
 }
