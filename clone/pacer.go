@@ -8,9 +8,8 @@ import "time"
 // completion before the copy was issued and its own, over that interval,
 // which is at least the copy's latency; the estimate is the recent
 // maximum) and a latency sample (from issuing the source read to the
-// destination write's return; the estimate is the recent minimum, and its
-// base part, the latency less the copy's own transfer time at the
-// estimated rate). Sampling per copy rather than per fixed interval matters
+// destination write's return; the estimate is the recent minimum).
+// Sampling per copy rather than per fixed interval matters
 // at the start: the first copies of a full initial window complete
 // together, and a rate measured over the first completion alone would be a
 // fraction of the pipe's and collapse the window for several round trips.
@@ -21,11 +20,16 @@ import "time"
 //     rate keeps growing (a window-limited pipe delivers more when given
 //     more) and settles a bounded queue above the product once the source
 //     is saturated; a remote source 20 ms away gets tens of MiB in flight.
-//   - yield, while user I/O reads the source: rate times base latency plus
-//     one batch, in batches a quarter of that. The pipe stays full but
-//     almost nothing queues ahead of the user's requests: on a link of
+//   - yield, while user I/O reads the source: yieldGain times rate times
+//     latency plus one batch, in batches a quarter of that. The pipe stays
+//     full but little queues ahead of the user's requests: on a link of
 //     128 MB/s and 1 ms that is about 200 KiB in 64 KiB copies, where a
-//     fixed four 1 MiB copies made a user read wait 32 ms.
+//     fixed four 1 MiB copies made a user read wait 32 ms. A gain above 1
+//     matters: a window-limited pipe (one copy at a time, as when a user
+//     read came before any measurement) measures the rate as the window
+//     over the latency, and only a window larger than that product lets
+//     the estimate grow; it stops growing once a queue a quarter of the
+//     latency long builds.
 //
 // Both are clamped to [one region, the cap].
 
@@ -50,7 +54,7 @@ const (
 	bulkGain = 3.0
 	// yieldGain is the yielding window's: a little above 1, so that a
 	// rate estimate below the source's true rate grows back, at the cost
-	// of a queue a quarter of the base latency long.
+	// of a queue a quarter of the latency long.
 	yieldGain = 1.25
 )
 
@@ -85,30 +89,28 @@ func (m *maxFilter) add(now time.Time, x float64) {
 
 func (m *maxFilter) get() float64 { return max(m.v[0], m.v[1]) }
 
-// minFilter is a windowed minimum of latencies over two buckets of span,
-// with the size of the copy each minimum was measured on. 0 is "no
-// sample".
+// minFilter is a windowed minimum of latencies over two buckets of span.
+// 0 is "no sample".
 type minFilter struct {
 	v    [2]time.Duration
-	n    [2]int64
 	at   time.Time
 	span time.Duration
 }
 
-func (m *minFilter) add(now time.Time, x time.Duration, n int64) {
+func (m *minFilter) add(now time.Time, x time.Duration) {
 	if now.Sub(m.at) >= m.span {
-		m.v[1], m.n[1], m.v[0], m.at = m.v[0], m.n[0], 0, now
+		m.v[1], m.v[0], m.at = m.v[0], 0, now
 	}
 	if m.v[0] == 0 || x < m.v[0] {
-		m.v[0], m.n[0] = x, n
+		m.v[0] = x
 	}
 }
 
-func (m *minFilter) get() (time.Duration, int64) {
+func (m *minFilter) get() time.Duration {
 	if m.v[0] == 0 || (m.v[1] != 0 && m.v[1] < m.v[0]) {
-		return m.v[1], m.n[1]
+		return m.v[1]
 	}
-	return m.v[0], m.n[0]
+	return m.v[0]
 }
 
 func newPacer(region, maxWin, initWin int64, now time.Time) pacer {
@@ -136,7 +138,7 @@ func (p *pacer) issue(now time.Time) stamp {
 func (p *pacer) sample(now time.Time, s stamp, n int64) {
 	p.delivered += n
 	p.deliveredAt = now
-	p.rtt.add(now, max(now.Sub(s.start), time.Microsecond), n)
+	p.rtt.add(now, max(now.Sub(s.start), time.Microsecond))
 	if iv := now.Sub(s.deliveredAt); iv > 0 {
 		p.bw.add(now, float64(p.delivered-s.delivered)/iv.Seconds())
 	}
@@ -150,21 +152,7 @@ func (p *pacer) restart(now time.Time) { p.deliveredAt = now }
 func (p *pacer) rate() float64 { return p.bw.get() }
 
 // latency is the copy latency estimate (0 before the first sample).
-func (p *pacer) latency() time.Duration {
-	d, _ := p.rtt.get()
-	return d
-}
-
-// baseLatency is the latency less the transfer time of the copy it was
-// measured on, at the current rate estimate (computed when asked, so that
-// it improves as the rate estimate does).
-func (p *pacer) baseLatency() time.Duration {
-	d, n := p.rtt.get()
-	if bw := p.rate(); bw > 0 {
-		d -= time.Duration(float64(n) / bw * float64(time.Second))
-	}
-	return max(d, 0)
-}
+func (p *pacer) latency() time.Duration { return p.rtt.get() }
 
 // window is the bytes background copies may have in flight.
 func (p *pacer) window(yield bool) int64 {
@@ -177,7 +165,7 @@ func (p *pacer) window(yield bool) int64 {
 	}
 	var w int64
 	if yield {
-		bdp := int64(yieldGain * bw * p.baseLatency().Seconds())
+		bdp := int64(yieldGain * bw * rtt.Seconds())
 		w = bdp + p.yieldBatch(bdp)
 	} else {
 		w = int64(bulkGain * bw * rtt.Seconds())
