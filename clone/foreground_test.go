@@ -3,6 +3,7 @@ package clone
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -112,3 +113,38 @@ func TestForegroundRobsBackgroundCopy(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(want, got), "destination differs: a copy overwrote a robbed region")
 }
+
+// TestCopyAllocs: a background copy (claim, source read, destination
+// write, release) allocates nothing once its flight and buffer are pooled.
+func TestCopyAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	blockdevtest.CheckLeaks(t)
+	const size, region = 16 << 20, 4096
+	src, _ := newSource(t, size, 4096)
+	dst := blockdevtest.NewMem(t, size, 4096)
+	// A Mem allocates a page when it is first written: write them all.
+	junk := make([]byte, size)
+	fillPattern(junk, 0, 0x77)
+	_, err := dst.WriteAt(junk, 0)
+	require.NoError(t, err)
+	opts := Options{RegionSize: region, NoHydration: true, CommitInterval: -1, NoDiscardPassdown: true}
+	c, err := Create(hideMap{src}, dst, blockdevtest.NewMem(t, MetadataSize(size, region), 4096), opts)
+	require.NoError(t, err)
+	defer c.Close()
+	ctx := context.Background()
+	_, err = c.hyd.step(ctx, 16) // warm the pools
+	require.NoError(t, err)
+	var bad error
+	allocs := testing.AllocsPerRun(100, func() {
+		if n, err := c.hyd.step(ctx, 16); err != nil || n != 16 {
+			bad = fmt.Errorf("step: %d regions, %v", n, err)
+		}
+	})
+	require.NoError(t, bad)
+	require.Zero(t, allocs, "allocations per copy of 16 regions")
+}
+
+// hideMap hides a device's allocation map: every region is copied.
+type hideMap struct{ blockdev.Device }
