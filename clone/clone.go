@@ -12,7 +12,10 @@
 // remote source, little while user reads wait on the source); regions the
 // source maps as holes or zeros (blockdev.AllocationMapper, which the NBD
 // client offers through base:allocation) are hydrated as metadata, never
-// read, and stay holes in the destination. The bitmap is persisted on a
+// read, and stay holes in the destination. User I/O never waits for a
+// background copy's source read: reads go to the source at once, and a
+// partial write takes its region from a copy that has not begun to write
+// it (io.go). The bitmap is persisted on a
 // small metadata device through package journal; every commit flushes the
 // destination before it writes metadata, so a region marked hydrated always
 // holds source data or data the user wrote, whatever a crash loses.
