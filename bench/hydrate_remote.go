@@ -28,7 +28,9 @@ import (
 // over a WAN, served by a server nobody here wrote, against the tool they
 // would otherwise use. A 512 MiB image with 192 MiB of data (64 extents of
 // 3 MiB at random places, the rest holes) is served read-only by `nbdkit
-// --filter=delay file IMAGE rdelay=D`; each iteration runs `nbdcopy --flush`
+// --filter=delay file IMAGE rdelay=D delay-extents=D` (reads and block
+// status delayed, as over a WAN; both tools map the holes with block
+// status, so both pay for its round trips); each iteration runs `nbdcopy --flush`
 // from it into a new sparse file, then our clone hydration into another
 // (dialled with RemoteConnections connections, Wait, then Flush, which
 // commits the metadata), back to back. Both destinations are compared with
@@ -328,12 +330,13 @@ func writeSparseImage(path string) ([]int64, error) {
 	return exts, f.Sync()
 }
 
-// serveDelayed starts nbdkit serving img read-only with every read delayed
-// by delay, on a Unix socket in dir; stop kills it.
+// serveDelayed starts nbdkit serving img read-only with every read and
+// block status delayed by delay, on a Unix socket in dir; stop kills it.
 func serveDelayed(dir, img string, delay time.Duration) (uri string, stop func(), err error) {
 	sock := filepath.Join(dir, "nbdkit.sock")
 	cmd := exec.Command("nbdkit", "-f", "--exit-with-parent", "-r", "-U", sock,
-		"--filter=delay", "file", img, fmt.Sprintf("rdelay=%dms", delay.Milliseconds()))
+		"--filter=delay", "file", img, fmt.Sprintf("rdelay=%dms", delay.Milliseconds()),
+		fmt.Sprintf("delay-extents=%dms", delay.Milliseconds()))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
