@@ -116,9 +116,9 @@ type Options struct {
 	LowMetadata func(free, total int64)
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
-	// happen on Flush, FUA and snapshot operations only). The tree is
-	// committed every treeCommitEvery intervals (and when the journal
-	// passes CheckpointAt, and at Close).
+	// happen on Flush, FUA and snapshot operations only). The metadata
+	// tree is committed every five intervals, every 65,536 records, when
+	// the journal passes CheckpointAt, and at Close.
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
@@ -135,7 +135,10 @@ type Options struct {
 	// that starts later than 0.7 would leave every checkpoint to the
 	// foreground.
 	CheckpointAt float64
-	// ReadOnly opens the store for inspection (Open only): nothing is
+	// ReadOnly opens the store for inspection (Open only). The journal
+	// records since the last tree commit (none after a clean Close) are
+	// applied to the index in memory, where they stay: after a crash that
+	// costs up to a decoded leaf per record replayed. Nothing is
 	// written to either device, not even the journal's new epoch or the
 	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
 	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
