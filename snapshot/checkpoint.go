@@ -55,6 +55,9 @@ type capture struct {
 	nextBr   uint32
 	branches []branchRec
 	volumes  []volRec
+	// view, when set, receives a view of the written commit before the
+	// capture ends (readView).
+	view **meta.View
 }
 
 // volRec is a volume's persistent fields.
@@ -239,6 +242,9 @@ func (s *Store) writeCheckpoint(c capture) error {
 		if err := c.fz.Write(); err != nil {
 			return s.fail(metaErr("tree commit", err))
 		}
+	}
+	if c.view != nil {
+		*c.view = s.m.View() // the commit just written: no other can start before endCapture
 	}
 	s.setDurable(c.upTo)
 	if s.j != nil {

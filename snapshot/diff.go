@@ -64,16 +64,27 @@ func (s *Store) diffChunks(from, to *Volume) ([]uint64, *Volume, error) {
 	if a.kind != KindSnapshot || (b.kind == KindSnapshot && b.meta.branch == a.meta.branch && b.meta.epoch < a.meta.epoch) {
 		a, b = b, a
 	}
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+	// The walk reads a committed view (readView), so writers are not
+	// held up by a large diff.
 	var br uint32
 	var lo, hi uint32
-	switch {
-	case a.kind == KindSnapshot && b.meta.branch == a.meta.branch:
-		br, lo, hi = a.meta.branch, a.meta.epoch, b.meta.epoch // b's epoch is epochLive for a live volume
-	case a.kind == KindSnapshot && b.kind == KindClone && b.br.parent == a.meta.branch && b.br.parentEpoch == a.meta.epoch:
-		br, lo, hi = b.br.id, epochLive, epochLive
-	default:
+	var related bool
+	ix, done, err := s.readView(func() {
+		related = true
+		switch {
+		case a.kind == KindSnapshot && b.meta.branch == a.meta.branch:
+			br, lo, hi = a.meta.branch, a.meta.epoch, b.meta.epoch // b's epoch is epochLive for a live volume
+		case a.kind == KindSnapshot && b.kind == KindClone && b.br.parent == a.meta.branch && b.br.parentEpoch == a.meta.epoch:
+			br, lo, hi = b.br.id, epochLive, epochLive
+		default:
+			related = false
+		}
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	defer done()
+	if !related {
 		return nil, nil, fmt.Errorf("%w: volumes %d and %d are not snapshots of one volume, nor a clone and its parent", ErrBadOptions, from.meta.id, to.meta.id)
 	}
 	var out []uint64
@@ -83,11 +94,10 @@ func (s *Store) diffChunks(from, to *Volume) ([]uint64, *Volume, error) {
 		}
 		return true
 	}
-	var err error
 	if lo == epochLive {
-		err = s.ix.epochEntries(br, epochLive, 0, visit)
+		err = ix.epochEntries(br, epochLive, 0, visit)
 	} else {
-		err = s.ix.epochRange(br, lo, hi, visit)
+		err = ix.epochRange(br, lo, hi, visit)
 	}
 	if err != nil {
 		return nil, nil, metaErr("index walk", err)

@@ -14,8 +14,32 @@ import (
 //
 // locZero and locInherit are above meta.LocSpecial, so the layer stores
 // them as they are and never merges them into runs.
+//
+// Its reads go through r when set: a committed meta.View that a reader
+// walks without the store's lock (readView); such an index is read-only.
 type pagedIndex struct {
 	m *meta.Meta
+	r treeReader
+}
+
+// treeReader is the read side of the layer, which both the live layer
+// (*meta.Meta) and a committed view (*meta.View) offer.
+type treeReader interface {
+	Get(q meta.Key) (uint64, bool, error)
+	Seek(q meta.Key) (meta.Key, uint64, bool, error)
+	Prev(q meta.Key) (meta.Key, uint64, bool, error)
+	Ascend(from meta.Key, fn func(meta.Key, uint64) bool) error
+	AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error
+	NextEpoch(b, e uint32) (uint32, bool, error)
+	Len() uint64
+}
+
+// rd is what the index reads: the view, or else the live layer.
+func (p pagedIndex) rd() treeReader {
+	if p.r != nil {
+		return p.r
+	}
+	return p.m
 }
 
 func metaKey(b uint32, c uint64, e uint32) meta.Key { return meta.Key{B: b, C: c, E: e} }
@@ -45,7 +69,7 @@ func (p pagedIndex) del(b uint32, c uint64, e uint32) (entry, bool, error) {
 
 // get returns the entry exactly at (b, c, e).
 func (p pagedIndex) get(b uint32, c uint64, e uint32) (entry, bool, error) {
-	loc, ok, err := p.m.Get(metaKey(b, c, e))
+	loc, ok, err := p.rd().Get(metaKey(b, c, e))
 	if err != nil || !ok {
 		return entry{}, false, err
 	}
@@ -54,7 +78,7 @@ func (p pagedIndex) get(b uint32, c uint64, e uint32) (entry, bool, error) {
 
 // seek returns the first entry of (b, c) with epoch >= e.
 func (p pagedIndex) seek(b uint32, c uint64, e uint32) (entry, bool, error) {
-	k, loc, ok, err := p.m.Seek(metaKey(b, c, e))
+	k, loc, ok, err := p.rd().Seek(metaKey(b, c, e))
 	if err != nil || !ok || k.B != b || k.C != c {
 		return entry{}, false, err
 	}
@@ -66,7 +90,7 @@ func (p pagedIndex) prev(b uint32, c uint64, e uint32) (entry, bool, error) {
 	if e == 0 {
 		return entry{}, false, nil
 	}
-	k, loc, ok, err := p.m.Prev(metaKey(b, c, e))
+	k, loc, ok, err := p.rd().Prev(metaKey(b, c, e))
 	if err != nil || !ok || k.B != b || k.C != c {
 		return entry{}, false, err
 	}
@@ -91,7 +115,7 @@ func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry)
 	batch := make([]uint64, 0, epochBatch)
 	for {
 		batch = batch[:0]
-		err := p.m.AscendEpoch(b, e, from, func(c uint64) bool {
+		err := p.rd().AscendEpoch(b, e, from, func(c uint64) bool {
 			batch = append(batch, c)
 			return len(batch) < epochBatch
 		})
@@ -99,7 +123,7 @@ func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry)
 			return err
 		}
 		for _, c := range batch {
-			loc, ok, err := p.m.Get(metaKey(b, c, e))
+			loc, ok, err := p.rd().Get(metaKey(b, c, e))
 			if err != nil {
 				return err
 			}
@@ -121,7 +145,7 @@ func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry)
 // branch b, in increasing order.
 func (p pagedIndex) branchEpochs(b uint32, fn func(e uint32) bool) error {
 	for e := uint32(0); ; e++ {
-		got, ok, err := p.m.NextEpoch(b, e)
+		got, ok, err := p.rd().NextEpoch(b, e)
 		if err != nil || !ok || !fn(got) || got == epochLive {
 			return err
 		}
@@ -131,11 +155,11 @@ func (p pagedIndex) branchEpochs(b uint32, fn func(e uint32) bool) error {
 
 // branchHas reports whether branch b has any entries.
 func (p pagedIndex) branchHas(b uint32) (bool, error) {
-	k, _, ok, err := p.m.Seek(metaKey(b, 0, 0))
+	k, _, ok, err := p.rd().Seek(metaKey(b, 0, 0))
 	return ok && k.B == b, err
 }
 
-func (p pagedIndex) len() int { return int(p.m.Len()) }
+func (p pagedIndex) len() int { return int(p.rd().Len()) }
 
 // ascend calls fn for the entries at or after from in (b, c, e) order
 // until fn returns false. fn runs outside the layer's lock (entries are
@@ -145,7 +169,7 @@ func (p pagedIndex) ascend(from entry, fn func(entry) bool) error {
 	k := metaKey(from.b, from.c, from.e)
 	for {
 		batch = batch[:0]
-		err := p.m.Ascend(k, func(k meta.Key, loc uint64) bool {
+		err := p.rd().Ascend(k, func(k meta.Key, loc uint64) bool {
 			batch = append(batch, entryOf(k, loc))
 			return len(batch) < epochBatch
 		})
@@ -178,7 +202,7 @@ func (p pagedIndex) ascend(from entry, fn func(entry) bool) error {
 // [lo, hi), epoch by epoch, each in chunk order.
 func (p pagedIndex) epochRange(b, lo, hi uint32, fn func(entry) bool) error {
 	for e := lo; e < hi; e++ {
-		got, ok, err := p.m.NextEpoch(b, e)
+		got, ok, err := p.rd().NextEpoch(b, e)
 		if err != nil || !ok || got >= hi {
 			return err
 		}

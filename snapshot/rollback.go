@@ -40,22 +40,27 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		inherit bool // k sees the parent point (clones)
 	}
 	var changes []change
-	s.mu.RLock()
+	// Plan on a committed view (readView): the walk covers every chunk the
+	// branch ever wrote, and must not hold writers up meanwhile.
+	ix, done, err := s.readView(func() {})
+	if err != nil {
+		return err
+	}
 	last := uint64(1<<64 - 1)
 	var lerr error
-	err := s.ix.branchAscend(b, func(x entry) bool {
+	err = ix.branchAscend(b, func(x entry) bool {
 		if x.c == last {
 			return true
 		}
 		last = x.c
-		kv, ok, err := s.ix.seek(b, x.c, k)
+		kv, ok, err := ix.seek(b, x.c, k)
 		if err != nil {
 			lerr = err
 			return false
 		}
 		switch {
 		case !ok && b != 0:
-			_, live, err := s.ix.get(b, x.c, epochLive)
+			_, live, err := ix.get(b, x.c, epochLive)
 			if err != nil {
 				lerr = err
 				return false
@@ -70,7 +75,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		}
 		return true
 	})
-	s.mu.RUnlock()
+	done()
 	if err = errors.Join(err, lerr); err != nil {
 		return metaErr("rollback planning", err)
 	}

@@ -232,40 +232,59 @@ func (v *Volume) Info() VolumeInfo {
 	return v.s.infoLocked(v.meta)
 }
 
-// Stat returns the named volume's space accounting. It walks the index
-// entries of the volume's branch and its ancestors (metadata only).
+// Stat returns the named volume's space accounting. The origin's comes
+// from its preserved epochs (memory). A snapshot's or clone's walks the
+// index entries of the volume's branch and its ancestors (metadata only)
+// on a committed view of the index (readView), so the walk does not hold
+// the store's lock and writers go on meanwhile; the answer is the state at
+// the call's start.
 func (s *Store) Stat(name string) (VolumeStat, error) {
 	s.mu.RLock()
-	defer s.mu.RUnlock()
-	id, ok := s.byName[name]
-	if !ok {
+	if id, ok := s.byName[name]; ok && s.volumes[id].kind == KindOrigin {
+		defer s.mu.RUnlock()
+		return s.originStatLocked(s.volumes[id]), nil
+	}
+	s.mu.RUnlock()
+
+	var st VolumeStat
+	var levels []viewLevel
+	var h holders
+	found := false
+	ix, done, err := s.readView(func() {
+		id, ok := s.byName[name]
+		if !ok {
+			return
+		}
+		found = true
+		v := s.volumes[id]
+		if v.kind == KindOrigin {
+			st = s.originStatLocked(v)
+			return
+		}
+		st.VolumeInfo = s.infoLocked(v)
+		br := s.branches[v.branch]
+		levels = append(levels, viewLevel{b: br.id, e: v.epoch})
+		for _, l := range br.chain {
+			levels = append(levels, viewLevel{b: l.br.id, e: l.e})
+		}
+		h = holdersOf(br)
+	})
+	if err != nil {
+		return VolumeStat{}, err
+	}
+	defer done()
+	if !found {
 		return VolumeStat{}, fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
-	v := s.volumes[id]
-	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
-	if v.kind == KindOrigin {
-		need := s.b0.need.Load()
-		for c := uint64(0); c < s.chunks; c++ {
-			n := s.chunkLen(c)
-			st.Mapped += n
-			if need > s.preserved[c] {
-				st.Shared += n
-			}
-		}
-		st.Exclusive = st.Mapped - st.Shared
-		return st, nil
-	}
-	br := s.branches[v.branch]
-	levels := append([]level{{br: br, e: v.epoch}}, br.chain...)
 	seen := map[uint64]bool{}
 	var lerr error
 	for i, l := range levels {
-		err := s.ix.branchAscend(l.br.id, func(x entry) bool {
+		err := ix.branchAscend(l.b, func(x entry) bool {
 			if seen[x.c] {
 				return true
 			}
 			seen[x.c] = true
-			loc, fromOrigin, err := s.resolveLocked(levels, x.c)
+			loc, fromOrigin, err := resolveIn(ix, levels, x.c)
 			if err != nil {
 				lerr = err
 				return false
@@ -277,7 +296,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 			st.Mapped += n
 			excl := false
 			if i == 0 {
-				if excl, err = s.exclusiveLocked(l.br, x.c, l.e, loc); err != nil {
+				if excl, err = h.exclusive(ix, x.c, l.e, loc); err != nil {
 					lerr = err
 					return false
 				}
@@ -296,30 +315,92 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	return st, nil
 }
 
-// exclusiveLocked reports whether the entry for (br, c) that epoch e reads,
-// at loc, is read by that epoch's volume only.
-func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) (bool, error) {
-	x, ok, err := s.ix.seek(br.id, c, e)
+// originStatLocked is the origin's Stat: a chunk is shared while a
+// snapshot still needs its preserved copy. Called with Store.mu held.
+func (s *Store) originStatLocked(v *volume) VolumeStat {
+	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
+	need := s.b0.need.Load()
+	for c := uint64(0); c < s.chunks; c++ {
+		n := s.chunkLen(c)
+		st.Mapped += n
+		if need > s.preserved[c] {
+			st.Shared += n
+		}
+	}
+	st.Exclusive = st.Mapped - st.Shared
+	return st
+}
+
+// viewLevel is a level of a volume's chain as copied for a reader of a
+// view: the branch by id, since the branch itself may change meanwhile.
+type viewLevel struct {
+	b, e uint32
+}
+
+// resolveIn is resolveLocked on a view: where chunk c lives as levels
+// sees it. It looks every level up, since the branches' summaries are
+// live state that the caller does not hold.
+func resolveIn(ix pagedIndex, levels []viewLevel, c uint64) (loc uint64, fromOrigin bool, err error) {
+	for _, l := range levels {
+		var x entry
+		var ok bool
+		if l.e == epochLive {
+			x, ok, err = ix.get(l.b, c, epochLive)
+		} else {
+			x, ok, err = ix.seek(l.b, c, l.e)
+		}
+		if err != nil {
+			return 0, false, metaErr("index lookup", err)
+		}
+		if ok && x.loc != locInherit {
+			return x.loc, false, nil
+		}
+	}
+	return 0, true, nil
+}
+
+// holders is a branch's held epochs, with their reference counts, and
+// whether its live volume exists: a copy taken under Store.mu, for a
+// reader that walks a view after the lock is released.
+type holders struct {
+	b    uint32
+	held []uint32
+	refs []int32 // refs[i] is held[i]'s count
+	live bool
+}
+
+func holdersOf(br *branch) holders {
+	h := holders{b: br.id, held: slices.Clone(br.held), refs: make([]int32, len(br.held)), live: br.live}
+	for i, e := range br.held {
+		h.refs[i] = br.refs[e]
+	}
+	return h
+}
+
+// exclusive reports whether the entry of chunk c that epoch e reads, at
+// loc, is read by that epoch's volume only.
+func (h *holders) exclusive(ix pagedIndex, c uint64, e uint32, loc uint64) (bool, error) {
+	x, ok, err := ix.seek(h.b, c, e)
 	if err != nil || !ok || x.loc != loc {
 		return false, err
 	}
 	lo := uint32(0)
-	p, ok, err := s.ix.prev(br.id, c, x.e)
+	p, ok, err := ix.prev(h.b, c, x.e)
 	if err != nil {
 		return false, err
 	}
 	if ok {
 		lo = p.e
 	}
-	holders := 0
-	i, _ := slices.BinarySearch(br.held, lo+1)
-	for ; i < len(br.held) && br.held[i] <= x.e; i++ {
-		holders += int(br.refs[br.held[i]])
+	n := 0
+	i, _ := slices.BinarySearch(h.held, lo+1)
+	for ; i < len(h.held) && h.held[i] <= x.e; i++ {
+		n += int(h.refs[i])
 	}
-	if x.e == epochLive && br.live {
-		holders++
+	if x.e == epochLive && h.live {
+		n++
 	}
-	return holders == 1, nil
+	return n == 1, nil
 }
 
 // Stats is the store's space and metadata accounting.

@@ -1,0 +1,107 @@
+package snapshot
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// branchEntries counts the entries of branch b in ix.
+func branchEntries(t *testing.T, ix pagedIndex, b uint32) int {
+	t.Helper()
+	n := 0
+	require.NoError(t, ix.branchAscend(b, func(entry) bool { n++; return true }))
+	return n
+}
+
+// TestReadViewDoesNotHoldWriters: while a reader holds a view from
+// readView, copy-on-write writes, a new snapshot, a Stat, a Diff and a
+// tree commit all go on (they would wait for ever if the reader held
+// Store.mu), and the view still reads the index as it was when taken,
+// the records not yet tree-committed at that point included.
+func TestReadViewDoesNotHoldWriters(t *testing.T) {
+	const cs = 4 << 10
+	s, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: cs, CommitInterval: -1})
+	o := s.Origin()
+	a, err := s.CreateSnapshot("a", o)
+	require.NoError(t, err)
+	buf := make([]byte, cs)
+	for c := range 4 { // four copies, in the journal only: no tree commit yet
+		_, err := o.WriteAt(buf, int64(c)*cs)
+		require.NoError(t, err)
+	}
+	copied := 0
+	ix, done, err := s.readView(func() { copied = len(s.branches) })
+	require.NoError(t, err)
+	require.Equal(t, 1, copied)
+	require.NotNil(t, ix.r, "a writable store reads a committed view")
+	require.Equal(t, 4, branchEntries(t, ix, 0))
+
+	// The work runs in hangGuard's goroutine, so it reports by values,
+	// checked here (require must not stop the test from another goroutine).
+	var werr error
+	var mapped int64
+	diffChunks := 0
+	hangGuard(t, 2*time.Minute, func() {
+		for c := 4; c < 8 && werr == nil; c++ {
+			_, werr = o.WriteAt(buf, int64(c)*cs)
+		}
+		if werr != nil {
+			return
+		}
+		var b *Volume
+		if b, werr = s.CreateSnapshot("b", o); werr != nil {
+			return
+		}
+		var st VolumeStat
+		if st, werr = s.Stat("a"); werr != nil {
+			return
+		}
+		mapped = st.Mapped
+		for x, err := range s.Diff(a, b) {
+			if err != nil {
+				werr = err
+				return
+			}
+			diffChunks += int(x.Len / cs)
+		}
+		werr = s.Checkpoint(t.Context())
+	})
+	require.NoError(t, werr)
+	require.Equal(t, int64(8*cs), mapped)
+	require.Equal(t, 8, diffChunks)
+	require.Equal(t, 4, branchEntries(t, ix, 0), "the view changed under its reader")
+	done()
+	_, _, err = ix.get(0, 0, 1)
+	require.Error(t, err, "a released view must not be read")
+}
+
+// TestReadViewReadOnly: a read-only store cannot commit, so readView walks
+// the live index under the store's lock, and Stat answers as before.
+func TestReadViewReadOnly(t *testing.T) {
+	const cs = 4 << 10
+	s, origin, store := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: cs})
+	o := s.Origin()
+	_, err := s.CreateSnapshot("a", o)
+	require.NoError(t, err)
+	_, err = o.WriteAt(make([]byte, 2*cs), 0)
+	require.NoError(t, err)
+	require.NoError(t, o.Flush())
+	want, err := s.Stat("a")
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+
+	ro, err := Open(origin, store, Options{ReadOnly: true})
+	require.NoError(t, err)
+	defer func() { _ = ro.Close() }()
+	ix, done, err := ro.readView(func() {})
+	require.NoError(t, err)
+	require.Nil(t, ix.r, "a read-only store walks the live index")
+	require.Equal(t, 2, branchEntries(t, ix, 0))
+	done()
+	got, err := ro.Stat("a")
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+	require.Equal(t, int64(2*cs), got.Mapped)
+}
