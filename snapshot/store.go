@@ -274,6 +274,9 @@ type Store struct {
 	durableSeq atomic.Uint64
 
 	ob originBuf // origin writes waiting for their copy's commit
+
+	locks    deviceLocks // the devices' locks, released by Close (lock.go)
+	originRO bool        // the origin device refuses writes (lock.go); set before the store is handed out
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -316,10 +319,9 @@ const (
 	maxCheckpointAt = 0.7
 )
 
-// Format creates a new, empty store for origin on store and returns it
-// open. The origin's contents are kept (they are the live volume); whatever
-// the store held is lost.
-func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
+// formatNew is Format once the devices are locked (lock.go): it lays out
+// and formats the store and writes its superblock.
+func formatNew(origin, store blockdev.Device, opts Options) (*Store, error) {
 	s, err := formatStore(origin, store, opts)
 	if err != nil {
 		return nil, err
@@ -491,9 +493,10 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	return g, nil
 }
 
-// Open opens a store made by Format: it opens the metadata region at its
-// last tree commit and replays the journal records after it.
-func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
+// openStore is Open once the devices are locked (lock.go): it opens the
+// metadata region at its last tree commit and replays the journal records
+// after it.
+func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if opts.Transient {
 		return nil, fmt.Errorf("%w: a transient store cannot be reopened", ErrBadOptions)
 	}
@@ -632,6 +635,7 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
 	}
+	defer s.releaseLocks()
 	if s.opts.ReadOnly {
 		return s.closeReadOnly()
 	}

@@ -35,20 +35,27 @@ var cmdMigrate = &command{
 }
 
 func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
-	locks, err := lockPaths(sf.origin, sf.store)
-	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
-	}
-	if err != nil {
-		return err
-	}
-	defer unlock(locks)
 	o, old, err := openDevices(sf.origin, sf.store, inspect)
 	if err != nil {
 		return err
 	}
 	defer o.Close()
 	defer old.Close()
+	// snapshot.Migrate only reads the old store and the origin, but nothing
+	// may change them meanwhile: lock them as a writer of the store would.
+	release, err := blockdev.LockDevice(old, blockdev.LockExclusive)
+	if err != nil {
+		if err = inUseErr(sf, err); errors.Is(err, ErrStoreInUse) {
+			return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
+		}
+		return err
+	}
+	defer release()
+	releaseOrigin, err := blockdev.LockDevice(o, blockdev.LockShared)
+	if err != nil {
+		return inUseErr(sf, err)
+	}
+	defer releaseOrigin()
 	if _, serr := os.Stat(to); errors.Is(serr, fs.ErrNotExist) {
 		n := size.n
 		if !size.set {
@@ -70,16 +77,16 @@ func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
 			return usagef("--store and --to are the same file %s: migrate writes a new store device", to)
 		}
 	}
-	tl, err := lockFile(to)
-	if err != nil {
-		return fmt.Errorf("%s: %w", to, err)
-	}
-	defer tl.Close()
 	dst, err := blockdev.Open(to, blockdev.FileOptions{})
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
 	defer dst.Close()
+	releaseDst, err := blockdev.LockDevice(dst, blockdev.LockExclusive)
+	if err != nil {
+		return fmt.Errorf("--to %s: %w", to, err)
+	}
+	defer releaseDst()
 	if err := snapshot.Migrate(o, blockdev.ReadOnly(old), dst, snapshot.Options{}); err != nil {
 		return err
 	}
