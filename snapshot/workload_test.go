@@ -282,7 +282,27 @@ func (w *workload) delete() error {
 	if v == nil {
 		return nil
 	}
+	if w.rng.IntN(4) == 0 { // a protected volume refuses the delete
+		if err := w.s.Protect(v.name); err != nil {
+			return w.failed(err, "protect "+v.name)
+		}
+		_, err := w.s.Delete(v.name)
+		if err == nil {
+			w.t.Fatalf("seed %d: delete of protected %s succeeded", w.seed, v.name)
+		}
+		if !errors.Is(err, ErrProtected) {
+			return w.failed(err, "delete of protected "+v.name)
+		}
+		if err := w.s.Unprotect(v.name); err != nil {
+			return w.failed(err, "unprotect "+v.name)
+		}
+	}
 	d, err := w.s.Delete(v.name)
+	if errors.Is(err, ErrProtected) { // a crash came between Protect and Unprotect
+		if err = w.s.Unprotect(v.name); err == nil {
+			d, err = w.s.Delete(v.name)
+		}
+	}
 	if err != nil {
 		w.maybeGone[v.name] = true
 		return w.failed(err, "delete "+v.name)
