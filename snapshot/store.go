@@ -711,11 +711,15 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if err := s.writable(); err != nil {
 		return 0, err
 	}
-	if err := s.m.Room(indexChanges(sc.ops), sc.reclaiming); err != nil {
-		if errors.Is(err, meta.ErrNoSpace) {
-			return 0, metaErr("metadata region", err)
+	if n, adds := indexChanges(sc.ops); n > 0 {
+		// Records that only remove entries (and the collector's) may use
+		// the layer's delete reserve, so deletes work on a full region.
+		if err := s.m.Room(n, sc.reclaiming || !adds); err != nil {
+			if errors.Is(err, meta.ErrNoSpace) {
+				return 0, metaErr("metadata region", err)
+			}
+			return 0, s.fail(metaErr("metadata region", err))
 		}
-		return 0, s.fail(metaErr("metadata region", err))
 	}
 	if s.j == nil {
 		if err := s.applyOps(sc.ops, 0, false); err != nil {
@@ -745,18 +749,20 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	return seq, nil
 }
 
-// indexChanges is the number of index keys ops put or delete.
-func indexChanges(ops []op) int {
-	n := 0
+// indexChanges is the number of index keys ops put or delete, and
+// whether any is put.
+func indexChanges(ops []op) (n int, adds bool) {
 	for i := range ops {
 		switch ops[i].kind {
-		case opPut, opDel:
+		case opPut:
+			n, adds = n+int(ops[i].n), true
+		case opDel:
 			n += int(ops[i].n)
 		case opMove:
-			n += 2
+			n, adds = n+2, true
 		}
 	}
-	return n
+	return n, adds
 }
 
 // emergencyFill is the journal fill past which an operation writes a
