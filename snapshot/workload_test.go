@@ -333,6 +333,9 @@ func (w *workload) rollback() error {
 		return nil
 	}
 	v := w.vols[snap.parent]
+	if w.rng.IntN(2) == 0 {
+		v, snap = w.ancestorReset(v, snap)
+	}
 	if v == nil {
 		return nil
 	}
@@ -347,6 +350,42 @@ func (w *workload) rollback() error {
 	copy(v.data, snap.data)
 	w.makeDurable(v)
 	return nil
+}
+
+// ancestorReset picks a clone and a snapshot of one of its ancestors (the
+// store's parent links, deleted volumes included, say which), or returns
+// v and snap unchanged when there is none.
+func (w *workload) ancestorReset(v, snap *vmodel) (*vmodel, *vmodel) {
+	clone := w.pick(func(x *vmodel) bool { return x.kind == KindClone && x.vol != nil })
+	if clone == nil {
+		return v, snap
+	}
+	info := map[uint64]VolumeInfo{}
+	for _, i := range w.s.ListAll() {
+		info[i.ID] = i
+	}
+	anc := map[uint64]bool{}
+	for id := clone.vol.ID(); ; {
+		p, ok := info[info[id].Parent] // the snapshot id was cloned from
+		if !ok || p.Kind != KindSnapshot {
+			break
+		}
+		anc[p.Parent] = true // the volume that snapshot was taken of
+		id = p.Parent
+		if info[id].Kind != KindClone {
+			break
+		}
+	}
+	var cands []*vmodel
+	for _, n := range w.names(func(x *vmodel) bool { return isSnap(x) && x.vol != nil }) {
+		if x := w.vols[n]; anc[x.vol.Info().Parent] {
+			cands = append(cands, x)
+		}
+	}
+	if len(cands) == 0 {
+		return v, snap
+	}
+	return clone, cands[w.rng.IntN(len(cands))]
 }
 
 func (w *workload) rename() error {
