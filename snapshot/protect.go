@@ -106,7 +106,9 @@ func (s *Store) setProtected(name string, on bool) error {
 // options, a protected volume and a snapshot with dependants are refused
 // with a *DependantsError. With Recursive, the dependants are deleted
 // first (each as Delete does), then the volume; the DeleteOp returned
-// tracks the named volume's own reclaim.
+// tracks the named volume's own reclaim (WaitIdle waits for the
+// dependants' too, and for the hidden point a snapshot stays as until
+// its clones' branches are collected).
 func (s *Store) DeleteWith(name string, opts DeleteOptions) (*DeleteOp, error) {
 	if !opts.Recursive {
 		return s.deleteOne(name, opts)
@@ -209,4 +211,20 @@ func (s *Store) dependantsLocked(v *volume) []*volume {
 		out = slices.DeleteFunc(out, func(x *volume) bool { return x == v })
 	}
 	return out
+}
+
+// Dependants returns the names of the named volume's dependants, deepest
+// first: what a Recursive delete deletes before it.
+func (s *Store) Dependants(name string) ([]string, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	id, ok := s.byName[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	var out []string
+	for _, d := range s.dependantsLocked(s.volumes[id]) {
+		out = append(out, d.name)
+	}
+	return out, nil
 }
