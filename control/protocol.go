@@ -30,6 +30,7 @@ const (
 	OpDump       Op = "dump"        // Dump
 	OpProtect    Op = "protect"     // Name: Volume
 	OpUnprotect  Op = "unprotect"   // Name: Volume
+	OpGrow       Op = "grow"        // GrowResult
 )
 
 // Operations of `blocksnap hydrate` (a clone).
@@ -152,6 +153,7 @@ var needs = map[Op][]string{
 	OpRename:     {"name", "new_name"},
 	OpRollback:   {"name", "to"},
 	OpProtect:    {"name"},
+	OpGrow:       nil,
 	OpUnprotect:  {"name"},
 	OpDiff:       {"from"},
 	OpExportDiff: {"to"},
@@ -273,6 +275,14 @@ type VolumeStat struct {
 	Mapped    int64 `json:"mapped"`
 	Exclusive int64 `json:"exclusive"`
 	Shared    int64 `json:"shared"`
+}
+
+// GrowResult is what grow did: the data bytes it added (0 when the store
+// device has not grown since the store was opened) and the data region's
+// size now.
+type GrowResult struct {
+	Added     int64 `json:"added"`
+	DataBytes int64 `json:"data_bytes"`
 }
 
 // DeleteResult is what delete did.

@@ -234,6 +234,31 @@ func protectCommand(name string, op control.Op, summary string) *command {
 	}
 }
 
+var cmdGrow = &command{
+	name:    "grow",
+	summary: "extend the store's data region onto a store device that has grown (an extended LV, a bigger file)",
+	long: "Grow the device first (lvextend, truncate -s), then run grow. The metadata region keeps its size. " +
+		"A running serve opened the device at its old size: restart it to use the new space.",
+	examples: []string{
+		"truncate -s 20G store.img && blocksnap grow --origin disk.img --store store.img",
+	},
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			var g control.GrowResult
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpGrow}, &g); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, g)
+			}
+			_, err := fmt.Fprintf(e.stdout, "store %s: data region %s (%s added)\n", sf.store, human(g.DataBytes), human(g.Added))
+			return err
+		}
+	},
+}
+
 var cmdStat = &command{
 	name: "stat", args: "NAME", lo: 1, hi: 1,
 	summary: "space accounting of a volume: mapped, exclusive and shared bytes",

@@ -77,6 +77,13 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
 	case control.OpUsage:
 		return o.space(), nil
+	case control.OpGrow:
+		added, err := o.st.Grow()
+		if err != nil {
+			return nil, err
+		}
+		s := o.st.Stats()
+		return control.GrowResult{Added: added, DataBytes: int64(s.DataChunks) * s.ChunkSize}, nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:

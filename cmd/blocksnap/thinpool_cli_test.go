@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -53,5 +54,22 @@ func TestThinPoolCommands(t *testing.T) {
 	var vs []control.Volume
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
 	require.Len(t, vs, 1)
+	require.Contains(t, ok(t, f.args("check")...), "is clean")
+}
+
+// grow extends the data region after the store file grew.
+func TestGrowCommand(t *testing.T) {
+	f := newFixture(t)
+	var g control.GrowResult
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("grow", "--json")...)), &g))
+	require.Zero(t, g.Added)
+	before := g.DataBytes
+	st, err := os.Stat(f.store)
+	require.NoError(t, err)
+	require.NoError(t, os.Truncate(f.store, st.Size()+8<<20))
+	require.Contains(t, ok(t, f.args("grow")...), "(8MiB added)")
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("grow", "--json")...)), &g))
+	require.Equal(t, before+8<<20, g.DataBytes)
+	require.Zero(t, g.Added)
 	require.Contains(t, ok(t, f.args("check")...), "is clean")
 }
