@@ -409,7 +409,7 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 // invalidateFor makes room for an origin write to chunk c when the store
 // is full (NoSpaceInvalidate): it deletes every snapshot of the origin
 // that would need c copied. Called with c's origin stripe held
-// exclusively; fails if one of them has clones.
+// exclusively; fails if one of them has clones or is protected.
 func (s *Store) invalidateFor(c uint64) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
@@ -426,6 +426,9 @@ func (s *Store) invalidateFor(c uint64) error {
 		vid, ok := s.byPoint[point{0, h}]
 		if !ok || s.volumes[vid].hidden || br.refs[h] != 1 {
 			return fmt.Errorf("%w: snapshot at epoch %d has clones and cannot be invalidated", ErrNoSpace, h)
+		}
+		if s.volumes[vid].protected {
+			return fmt.Errorf("%w: snapshot %q is protected and cannot be invalidated", ErrNoSpace, s.volumes[vid].name)
 		}
 		sc.ops = append(sc.ops, op{kind: opDropVolume, id: vid})
 	}

@@ -158,3 +158,27 @@ func TestProtectRecordRoundTrip(t *testing.T) {
 	_, err = decodeRecord(nil, []byte{recordVersion, byte(opProtect), 7, 2}, "test")
 	require.ErrorIs(t, err, ErrCorrupt)
 }
+
+// NoSpaceInvalidate does not delete a protected snapshot: the origin
+// write fails with ErrNoSpace instead, and the snapshot keeps its data.
+func TestInvalidateSparesProtected(t *testing.T) {
+	s, _, _ := newMemStore(t, 256<<10, 4096+minMetaBytes+16*4096, Options{ChunkSize: 4096, Transient: true, NoSpace: NoSpaceInvalidate})
+	o := s.Origin()
+	snap, err := s.CreateSnapshot("s", o)
+	require.NoError(t, err)
+	require.NoError(t, s.Protect("s"))
+	before := readChunk(t, snap, 16)
+	buf := make([]byte, 4096)
+	for c := range 16 {
+		_, err := o.WriteAt(buf, int64(c)*4096)
+		require.NoError(t, err)
+	}
+	_, err = o.WriteAt(buf, 16*4096)
+	require.ErrorIs(t, err, ErrNoSpace)
+	require.Equal(t, before, readChunk(t, snap, 16))
+	require.NoError(t, s.Unprotect("s"))
+	_, err = o.WriteAt(buf, 16*4096)
+	require.NoError(t, err)
+	_, err = s.OpenVolume("s")
+	require.ErrorIs(t, err, ErrNotFound)
+}
