@@ -42,8 +42,11 @@ func (e *DependantsError) Error() string {
 	if len(e.Dependants) > 0 {
 		deps = strings.Join(e.Dependants, ", ")
 	}
-	if e.Protected {
-		return fmt.Sprintf("%v: %q is protected (dependants: %s)", ErrProtected, e.Blocker, deps)
+	switch {
+	case e.Protected && e.Blocker == e.Name:
+		return fmt.Sprintf("%v: %q is protected (dependants: %s)", ErrProtected, e.Name, deps)
+	case e.Protected:
+		return fmt.Sprintf("%v: %q, a dependant of %q, is protected (dependants of %q: %s)", ErrProtected, e.Blocker, e.Name, e.Name, deps)
 	}
 	return fmt.Sprintf("%v: %q has dependants: %s", ErrHasDependants, e.Name, deps)
 }
