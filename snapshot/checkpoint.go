@@ -110,17 +110,32 @@ func (s *Store) captureLocked() (capture, error) {
 }
 
 // maybeCaptureLocked hands a capture to the checkpointer when the journal
-// asks for a checkpoint. Capturing here, under mu, means the checkpointer
-// never needs mu to freeze.
+// asks for a checkpoint, or when treeCommitRecords records were logged
+// since the last tree commit (which bounds what Open replays after a
+// crash). Capturing here, under mu, means the checkpointer never needs mu
+// to freeze.
 func (s *Store) maybeCaptureLocked() {
+	if s.capOut {
+		return
+	}
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords {
+		s.postCaptureLocked()
+		return
+	}
 	select {
 	case _, ok := <-s.j.NeedCheckpoint():
-		if ok && !s.capOut {
+		if ok {
 			s.postCaptureLocked()
 		}
 	default:
 	}
 }
+
+// treeCommitRecords is how many journal records may be logged before a
+// tree commit starts in the background, whatever the commit interval:
+// Open after a crash replays at most about this many (plus those logged
+// while that commit runs).
+const treeCommitRecords = 1 << 16
 
 // postCaptureLocked hands the checkpointer a capture of the state now.
 // Called with mu held and no capture outstanding, so the channel (one

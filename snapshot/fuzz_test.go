@@ -106,7 +106,7 @@ func FuzzRecord(f *testing.F) {
 func fuzzStore(t testing.TB) *Store {
 	origin, _ := blockdev.NewMem(1<<20, 512)
 	store, _ := blockdev.NewMem(16<<20, 512)
-	s, err := formatStore(origin, store, Options{ChunkSize: 4 << 10, JournalSize: 256 << 10, MetadataBytes: 4 << 20})
+	s, err := formatRegions(origin, store, Options{ChunkSize: 4 << 10, JournalSize: 256 << 10, MetadataBytes: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,7 +56,7 @@ func (s *Store) releaseLocks() {
 	s.locks = nil
 }
 
-// withLocks locks the devices and runs open (formatNew or openStore),
+// withLocks locks the devices and runs open (formatStore or openStore),
 // handing the locks to the store it returns, or releasing them if it
 // fails.
 func withLocks(origin, store blockdev.Device, opts Options, open func(origin, store blockdev.Device, opts Options) (*Store, error)) (*Store, error) {
@@ -89,7 +89,7 @@ func withLocks(origin, store blockdev.Device, opts Options, open func(origin, st
 // writes, discards and rollbacks fail with ErrReadOnly; snapshots and
 // clones of it work.
 func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
-	return withLocks(origin, store, opts, formatNew)
+	return withLocks(origin, store, opts, formatStore)
 }
 
 // Open opens a store made by Format, recovering from the journal. It

@@ -21,6 +21,8 @@ import (
 // whole. dst must be large enough for the journal, the metadata region
 // and at least as many data chunks as old has. opts is Format's (the
 // chunk size is old's); ChunkSize, Transient and ReadOnly are ignored.
+// The devices are locked as Open locks them (old and origin shared, dst
+// exclusively): ErrLocked while a Store has them.
 func Migrate(origin, old, dst blockdev.Device, opts Options) error {
 	g, err := readSuperblock(origin, old)
 	if err != nil {
@@ -32,6 +34,16 @@ func Migrate(origin, old, dst blockdev.Device, opts Options) error {
 	if dst.Size() <= 0 || old == dst {
 		return fmt.Errorf("%w: Migrate writes a new store device", ErrBadOptions)
 	}
+	locks, err := lockDevices(origin, old, true) // shared: both are only read
+	if err != nil {
+		return err
+	}
+	defer locks.release()
+	release, err := blockdev.LockDevice(dst, blockdev.LockExclusive)
+	if err != nil {
+		return fmt.Errorf("snapshot: new store device: %w", err)
+	}
+	defer func() { _ = release() }()
 	zero := blockdev.AlignedBuffer(max(superblockSize, dst.BlockSize()))
 	if _, err := dst.WriteAt(zero, 0); err != nil {
 		return fmt.Errorf("snapshot: migrate: clear the new superblock: %w", err)
@@ -40,7 +52,7 @@ func Migrate(origin, old, dst blockdev.Device, opts Options) error {
 		return fmt.Errorf("snapshot: migrate: %w", err)
 	}
 	opts.ChunkSize, opts.Transient, opts.ReadOnly = int(g.chunkSize), false, false
-	s, err := formatStore(origin, dst, opts)
+	s, err := formatRegions(origin, dst, opts)
 	if err != nil {
 		return err
 	}

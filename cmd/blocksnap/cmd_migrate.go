@@ -41,21 +41,6 @@ func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
 	}
 	defer o.Close()
 	defer old.Close()
-	// snapshot.Migrate only reads the old store and the origin, but nothing
-	// may change them meanwhile: lock them as a writer of the store would.
-	release, err := blockdev.LockDevice(old, blockdev.LockExclusive)
-	if err != nil {
-		if err = inUseErr(sf, err); errors.Is(err, ErrStoreInUse) {
-			return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
-		}
-		return err
-	}
-	defer release()
-	releaseOrigin, err := blockdev.LockDevice(o, blockdev.LockShared)
-	if err != nil {
-		return inUseErr(sf, err)
-	}
-	defer releaseOrigin()
 	if _, serr := os.Stat(to); errors.Is(serr, fs.ErrNotExist) {
 		n := size.n
 		if !size.set {
@@ -82,12 +67,11 @@ func migrate(e *env, sf *storeFlags, to string, size sizeFlag) (err error) {
 		return fmt.Errorf("--to: %w", err)
 	}
 	defer dst.Close()
-	releaseDst, err := blockdev.LockDevice(dst, blockdev.LockExclusive)
-	if err != nil {
-		return fmt.Errorf("--to %s: %w", to, err)
+	err = snapshot.Migrate(o, blockdev.ReadOnly(old), dst, snapshot.Options{})
+	if errors.Is(err, snapshot.ErrLocked) {
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}
-	defer releaseDst()
-	if err := snapshot.Migrate(o, blockdev.ReadOnly(old), dst, snapshot.Options{}); err != nil {
+	if err != nil {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "migrated %s into %s: use --store %s from now on\n", sf.store, to, to)
