@@ -183,9 +183,12 @@ func (w *workload) write(discard bool) error {
 	var p []byte
 	var err error
 	defer w.mayInvalidate(v, &err)()
-	if discard {
+	switch {
+	case discard && w.rng.IntN(2) == 0:
+		err = v.vol.WriteZeroes(off, n) // zero mappings, like Discard on a clone
+	case discard:
 		err = v.vol.Discard(off, n)
-	} else {
+	default:
 		p = make([]byte, n)
 		for i := range p {
 			p[i] = byte(w.rng.Uint32())
