@@ -18,8 +18,8 @@ type Mapping struct {
 // at consecutive store locations merged into one run. What no run covers
 // is read from the origin device (the live origin maps nothing). Metadata
 // only: it walks the index entries of the volume's branch and its parent
-// chain under the store's lock, as Stat does, and works on a store opened
-// read-only.
+// chain on a committed view, as Stat does (the writers go on meanwhile),
+// and works on a store opened read-only.
 func (s *Store) Mappings(v *Volume) ([]Mapping, error) {
 	if err := v.check(0, 0); err != nil {
 		return nil, err
@@ -27,12 +27,16 @@ func (s *Store) Mappings(v *Volume) ([]Mapping, error) {
 	if v.kind == KindOrigin {
 		return nil, nil
 	}
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+	var levels []viewLevel
+	ix, done, err := s.readView(func() { levels = viewLevels(v.levels) })
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	var chunks []uint64
 	seen := map[uint64]bool{}
-	for _, l := range v.levels {
-		err := s.ix.branchAscend(l.br.id, func(x entry) bool {
+	for _, l := range levels {
+		err := ix.branchAscend(l.b, func(x entry) bool {
 			if !seen[x.c] {
 				seen[x.c] = true
 				chunks = append(chunks, x.c)
@@ -46,7 +50,7 @@ func (s *Store) Mappings(v *Volume) ([]Mapping, error) {
 	slices.Sort(chunks)
 	var out []Mapping
 	for _, c := range chunks {
-		loc, fromOrigin, err := s.resolveLocked(v.levels, c)
+		loc, fromOrigin, err := resolveIn(ix, levels, c)
 		if err != nil {
 			return nil, err
 		}

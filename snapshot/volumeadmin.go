@@ -265,10 +265,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 		}
 		st.VolumeInfo = s.infoLocked(v)
 		br := s.branches[v.branch]
-		levels = append(levels, viewLevel{b: br.id, e: v.epoch})
-		for _, l := range br.chain {
-			levels = append(levels, viewLevel{b: l.br.id, e: l.e})
-		}
+		levels = append([]viewLevel{{b: br.id, e: v.epoch}}, viewLevels(br.chain)...)
 		h = holdersOf(br)
 	})
 	if err != nil {
@@ -337,6 +334,16 @@ func (s *Store) originStatLocked(v *volume) VolumeStat {
 // view: the branch by id, since the branch itself may change meanwhile.
 type viewLevel struct {
 	b, e uint32
+}
+
+// viewLevels copies levels for a reader of a view. Called with Store.mu
+// held.
+func viewLevels(levels []level) []viewLevel {
+	out := make([]viewLevel, len(levels))
+	for i, l := range levels {
+		out[i] = viewLevel{b: l.br.id, e: l.e}
+	}
+	return out
 }
 
 // resolveIn is resolveLocked on a view: where chunk c lives as levels
@@ -424,7 +431,8 @@ type Stats struct {
 	BufferedChunks int64
 }
 
-// Stats returns the store's accounting; it walks nothing.
+// Stats returns the store's accounting; it walks nothing, and holds the
+// store's lock only to count the volumes and entries.
 func (s *Store) Stats() Stats {
 	s.mu.RLock()
 	vols := len(s.byName)
