@@ -2,6 +2,8 @@ package snapshot
 
 import (
 	"errors"
+	"maps"
+	"slices"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
@@ -9,9 +11,11 @@ import (
 
 // Check verifies every invariant of the store's state and returns nil if
 // all hold, else a *blockdev.CheckError wrapping ErrCorrupt that holds every
-// problem found (CheckReport returns them as a list). It holds the store's
-// lock for its duration (a walk of the index), so run it when the store is
-// quiet, or on a store opened with Options.ReadOnly:
+// problem found (CheckReport returns them as a list). On a writable store
+// it checks the state as of its start, from a committed view of the index,
+// and holds the store's lock only to freeze that commit and check the
+// volume tables, so it may run while the store is in use; it works on a
+// store opened with Options.ReadOnly too (there, under the lock):
 //   - entries are ordered, within bounds (branch exists, chunk < chunks,
 //     location in the data region) and the two index trees agree;
 //   - every entry's epoch is held (a live snapshot, a hidden parent point,
@@ -30,28 +34,41 @@ func (s *Store) Check() error { return s.CheckReport().Err(ErrCorrupt) }
 
 // CheckReport runs the checks of Check and lists every problem found, one
 // line each (an empty report: the store is consistent).
+//
+// On a store that can commit, the walk reads a committed view (readView):
+// under the store's lock it only freezes a tree commit, checks the volume
+// and branch tables (memory) and copies what the walk compares entries
+// with; the walk itself, and meta's Check of the same view, run without
+// the lock, so writers go on. The view's data space map then equals the
+// chunks its tree references (a tree commit shows copies in flight as
+// free), which meta's Check verifies. A read-only or failed store walks
+// the live index under the lock and compares the live space map with the
+// referenced chunks plus the copies in flight.
 func (s *Store) CheckReport() blockdev.CheckReport {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	var rep blockdev.CheckReport
 	bad := func(format string, args ...any) bool {
 		rep.Addf(format, args...)
 		return true // keep walking: report everything
 	}
-	queued := map[point]bool{}
-	for _, t := range s.gcq {
-		queued[t.p] = true
+	var cs checkState
+	ix, done, err := s.readView(func() {
+		cs = s.checkStateLocked()
+		s.checkVolumes(map[point]int32{}, bad)
+	})
+	if err != nil {
+		bad("freeze for the check: %v", err)
+		return rep
 	}
-	refs := map[point]int32{}
+	defer done()
 	seen := make([]bool, s.geo.dataChunks)
 	var prev entry
 	first := true
-	err := s.ix.ascend(entry{}, func(x entry) bool {
+	err = ix.ascend(entry{}, func(x entry) bool {
 		if !first && !lessBCE(prev, x) {
 			return bad("index out of order at (%d,%d,%d)", x.b, x.c, x.e)
 		}
 		first, prev = false, x
-		br := s.branches[x.b]
+		br := cs.branches[x.b]
 		switch {
 		case br == nil:
 			return bad("entry (%d,%d,%d) of missing branch", x.b, x.c, x.e)
@@ -65,11 +82,11 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 			return bad("origin entry (0,%d) at the live epoch", x.c)
 		case !br.groups.mayHave(x.c) || x.b != 0 && !br.chainGroups.mayHave(x.c):
 			return bad("entry (%d,%d,%d) missing from its branch summary", x.b, x.c, x.e)
-		case x.b == 0 && s.preserved[x.c] < x.e:
-			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, s.preserved[x.c], x.e)
+		case x.b == 0 && cs.preserved[x.c] < x.e:
+			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, cs.preserved[x.c], x.e)
 		}
 		held := br.refs[x.e] > 0 || (x.e == epochLive && br.live)
-		if !held && !queued[point{x.b, x.e}] {
+		if !held && !cs.queued[point{x.b, x.e}] {
 			return bad("entry (%d,%d,%d) at an epoch nothing holds and nothing collects", x.b, x.c, x.e)
 		}
 		if x.isData() {
@@ -84,17 +101,51 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		_ = s.fail(metaErr("check: walk of the index", err))
 		bad("walk of the index: %v", err)
 	}
-	s.checkAlloc(seen, bad)
-	if err := s.m.Check(); err != nil {
-		if ioErr := notCorrupt(err); ioErr != nil {
+	var merr error
+	if v, ok := ix.r.(*meta.View); ok {
+		merr = v.Check()
+	} else {
+		s.checkAlloc(seen, bad)
+		merr = s.m.Check()
+	}
+	if merr != nil {
+		if ioErr := notCorrupt(merr); ioErr != nil {
 			// A page that could not be read is a device failure, not
 			// a finding: the store fails as it would in any lookup.
 			_ = s.fail(metaErr("check", ioErr))
 		}
-		bad("metadata region: %v", err)
+		bad("metadata region: %v", merr)
 	}
-	s.checkVolumes(refs, bad)
 	return rep
+}
+
+// checkState is what the check's walk compares entries with: a copy taken
+// under Store.mu at the instant of the index it walks.
+type checkState struct {
+	branches  map[uint32]*checkBranch
+	preserved []uint32
+	queued    map[point]bool
+}
+
+type checkBranch struct {
+	lastEpoch           uint32
+	live                bool
+	refs                map[uint32]int32
+	groups, chainGroups chunkGroups
+}
+
+// checkStateLocked copies the check's state. Called with Store.mu held.
+func (s *Store) checkStateLocked() checkState {
+	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), preserved: slices.Clone(s.preserved),
+		queued: map[point]bool{}}
+	for id, br := range s.branches {
+		cs.branches[id] = &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
+			groups: br.groups.clone(), chainGroups: br.chainGroups.clone()}
+	}
+	for _, t := range s.gcq {
+		cs.queued[t.p] = true
+	}
+	return cs
 }
 
 // notCorrupt returns the first of err's joined problems that is not

@@ -105,3 +105,21 @@ func TestReadViewReadOnly(t *testing.T) {
 	require.Equal(t, want, got)
 	require.Equal(t, int64(2*cs), got.Mapped)
 }
+
+// TestCheckReadsRecordsNotYetTreeCommitted: Check on a writable store
+// walks a view, and the view includes what was applied since the last
+// tree commit: an entry put into the live index just before is found.
+func TestCheckReadsRecordsNotYetTreeCommitted(t *testing.T) {
+	s, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 4 << 10, CommitInterval: -1})
+	_, err := s.CreateSnapshot("a", s.Origin())
+	require.NoError(t, err)
+	require.NoError(t, s.Check())
+	s.mu.Lock()
+	ok, err := s.ix.put(entry{b: 0, c: 1, e: 99, loc: locZero}) // epoch 99 was never handed out
+	s.mu.Unlock()
+	require.NoError(t, err)
+	require.True(t, ok)
+	rep := s.CheckReport()
+	require.False(t, rep.OK())
+	require.Contains(t, rep.Problems, "entry (0,1,99) at an epoch never handed out (last 1)")
+}
