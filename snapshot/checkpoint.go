@@ -157,6 +157,11 @@ func (s *Store) checkpointer() {
 	for {
 		select {
 		case <-s.ctx.Done():
+			// A capture posted before Close (the select may pick
+			// this case with one waiting) is written now: a tree
+			// commit that waits for it (the collector's) would
+			// otherwise keep Close waiting for ever.
+			s.dropCapture()
 			return
 		case c := <-s.ckptCh:
 			if err := s.writeCheckpoint(c); err != nil {
