@@ -123,3 +123,44 @@ func TestCheckReadsRecordsNotYetTreeCommitted(t *testing.T) {
 	require.False(t, rep.OK())
 	require.Contains(t, rep.Problems, "entry (0,1,99) at an epoch never handed out (last 1)")
 }
+
+// TestStatOnView: Stat's accounting, walked on a view, for two snapshots
+// of the origin and a clone. After a, chunks 0-3 are written (copied for a); after b,
+// chunks 2-5 (copied for b, which a reads too where it has no copy of
+// its own: chunks 4 and 5).
+func TestStatOnView(t *testing.T) {
+	const cs = 4 << 10
+	s, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: cs, CommitInterval: -1})
+	o := s.Origin()
+	write := func(from, to int64) {
+		t.Helper()
+		_, err := o.WriteAt(make([]byte, (to-from)*cs), from*cs)
+		require.NoError(t, err)
+	}
+	_, err := s.CreateSnapshot("a", o)
+	require.NoError(t, err)
+	write(0, 4)
+	_, err = s.CreateSnapshot("b", o)
+	require.NoError(t, err)
+	write(2, 6)
+	st, err := s.Stat("a")
+	require.NoError(t, err)
+	require.Equal(t, [3]int64{6 * cs, 4 * cs, 2 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+	st, err = s.Stat("b") // b's copies of chunks 4 and 5 are read by a too
+	require.NoError(t, err)
+	require.Equal(t, [3]int64{4 * cs, 2 * cs, 2 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+	b, err := s.OpenVolume("b")
+	require.NoError(t, err)
+	c, err := s.CreateClone("c", b)
+	require.NoError(t, err)
+	_, err = c.WriteAt(make([]byte, cs), 5*cs) // the clone's own chunk 5
+	require.NoError(t, err)
+	st, err = s.Stat("c")
+	require.NoError(t, err)
+	// c reads chunk 5 from its own copy, 2-4 from b's copies (shared with
+	// b), 0-1 from the origin.
+	require.Equal(t, [3]int64{4 * cs, 1 * cs, 3 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+	st, err = s.Stat("b") // b's epoch is now held by c too
+	require.NoError(t, err)
+	require.Equal(t, [3]int64{4 * cs, 0, 4 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+}
