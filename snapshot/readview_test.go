@@ -163,4 +163,19 @@ func TestStatOnView(t *testing.T) {
 	st, err = s.Stat("b") // b's epoch is now held by c too
 	require.NoError(t, err)
 	require.Equal(t, [3]int64{4 * cs, 0, 4 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+
+	// A clone d of a snapshot of c, which discards chunk 3: d reads 5 from
+	// c's copy (through the snapshot), 2 and 4 from b's, 3 as zeros (not
+	// mapped), 0-1 from the origin; c's copy is now read by three.
+	cSnap, err := s.CreateSnapshot("c-snap", c)
+	require.NoError(t, err)
+	d, err := s.CreateClone("d", cSnap)
+	require.NoError(t, err)
+	require.NoError(t, d.Discard(3*cs, cs))
+	st, err = s.Stat("d")
+	require.NoError(t, err)
+	require.Equal(t, [3]int64{3 * cs, 0, 3 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
+	st, err = s.Stat("c")
+	require.NoError(t, err)
+	require.Equal(t, [3]int64{4 * cs, 0, 4 * cs}, [3]int64{st.Mapped, st.Exclusive, st.Shared})
 }

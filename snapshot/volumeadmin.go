@@ -275,35 +275,77 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	if !found {
 		return VolumeStat{}, fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
-	seen := map[uint64]bool{}
+	// The volume's own level is one pass, chunk by chunk: the entry its
+	// epoch reads (the first at or above it) and the one before it, which
+	// bound who else reads it, come from the walk, not from lookups. A
+	// chunk first met at a deeper level has no entry above that level.
+	seen := make([]uint64, (s.chunks+63)/64)
+	count := func(c, loc uint64, excl bool) {
+		if loc == locZero {
+			return
+		}
+		n := s.chunkLen(c)
+		st.Mapped += n
+		if excl {
+			st.Exclusive += n
+		} else {
+			st.Shared += n
+		}
+	}
+	var group []entry
+	chunk := func() error {
+		c := group[0].c
+		seen[c/64] |= 1 << (c % 64)
+		for j, x := range group {
+			if x.e < levels[0].e {
+				continue
+			}
+			if x.loc == locInherit {
+				break
+			}
+			lo := uint32(0)
+			if j > 0 {
+				lo = group[j-1].e
+			}
+			count(c, x.loc, h.readers(lo, x.e) == 1)
+			return nil
+		}
+		loc, fromOrigin, err := resolveIn(ix, levels[1:], c)
+		if err == nil && !fromOrigin {
+			count(c, loc, false)
+		}
+		return err
+	}
 	var lerr error
-	for i, l := range levels {
-		err := ix.branchAscend(l.b, func(x entry) bool {
-			if seen[x.c] {
+	err = ix.branchAscend(levels[0].b, func(x entry) bool {
+		if len(group) > 0 && group[0].c != x.c {
+			if lerr = chunk(); lerr != nil {
+				return false
+			}
+			group = group[:0]
+		}
+		group = append(group, x)
+		return true
+	})
+	if err == nil && lerr == nil && len(group) > 0 {
+		lerr = chunk()
+	}
+	if err = errors.Join(err, lerr); err != nil {
+		return VolumeStat{}, metaErr("stat", err)
+	}
+	for i := 1; i < len(levels); i++ {
+		err := ix.branchAscend(levels[i].b, func(x entry) bool {
+			if seen[x.c/64]&(1<<(x.c%64)) != 0 {
 				return true
 			}
-			seen[x.c] = true
-			loc, fromOrigin, err := resolveIn(ix, levels, x.c)
+			seen[x.c/64] |= 1 << (x.c % 64)
+			loc, fromOrigin, err := resolveIn(ix, levels[i:], x.c)
 			if err != nil {
 				lerr = err
 				return false
 			}
-			if fromOrigin || loc == locZero {
-				return true
-			}
-			n := s.chunkLen(x.c)
-			st.Mapped += n
-			excl := false
-			if i == 0 {
-				if excl, err = h.exclusive(ix, x.c, l.e, loc); err != nil {
-					lerr = err
-					return false
-				}
-			}
-			if excl {
-				st.Exclusive += n
-			} else {
-				st.Shared += n
+			if !fromOrigin {
+				count(x.c, loc, false)
 			}
 			return true
 		})
@@ -386,30 +428,19 @@ func holdersOf(br *branch) holders {
 	return h
 }
 
-// exclusive reports whether the entry of chunk c that epoch e reads, at
-// loc, is read by that epoch's volume only.
-func (h *holders) exclusive(ix pagedIndex, c uint64, e uint32, loc uint64) (bool, error) {
-	x, ok, err := ix.seek(h.b, c, e)
-	if err != nil || !ok || x.loc != loc {
-		return false, err
-	}
-	lo := uint32(0)
-	p, ok, err := ix.prev(h.b, c, x.e)
-	if err != nil {
-		return false, err
-	}
-	if ok {
-		lo = p.e
-	}
+// readers returns how many volumes read an entry at epoch e of the branch
+// whose previous entry for the chunk is at epoch lo (0: none): the holders
+// of the epochs in (lo, e], and the live volume for the live epoch.
+func (h *holders) readers(lo, e uint32) int {
 	n := 0
 	i, _ := slices.BinarySearch(h.held, lo+1)
-	for ; i < len(h.held) && h.held[i] <= x.e; i++ {
+	for ; i < len(h.held) && h.held[i] <= e; i++ {
 		n += int(h.refs[i])
 	}
-	if x.e == epochLive && h.live {
+	if e == epochLive && h.live {
 		n++
 	}
-	return n == 1, nil
+	return n
 }
 
 // Stats is the store's space and metadata accounting.
