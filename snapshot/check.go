@@ -21,8 +21,9 @@ import (
 //   - every entry's epoch is held (a live snapshot, a hidden parent point,
 //     or the live epoch of a live clone) or queued for the collector;
 //   - each store chunk is referenced by at most one entry, and the data
-//     space map equals the referenced set plus the copies in flight;
-//   - the metadata region's last commit passes meta's Check (pages,
+//     space map equals the referenced set (plus the copies in flight,
+//     when checked live; a commit shows those free);
+//   - the metadata region's commit passes meta's Check (pages,
 //     tree order and fill, the two trees agree, space maps against
 //     what the trees and maps reach);
 //   - every volume's branch exists, every snapshot's epoch was handed out,
