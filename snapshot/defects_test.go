@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime/pprof"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -321,7 +322,8 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 	require.NoError(t, err)
 	store, err := blockdev.NewMem(16<<20, 4096)
 	require.NoError(t, err)
-	opts := Options{JournalSize: 256 << 10} // 64 KiB checkpoint slots
+	var low atomic.Int64 // free metadata bytes at the last low-space call
+	opts := Options{JournalSize: 256 << 10, LowMetadata: func(free, total int64) { low.Store(free + 1) }}
 	s, err := Format(origin, store, opts)
 	require.NoError(t, err)
 	defer func() { _ = s.Close() }()
@@ -336,6 +338,9 @@ func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
 	}
 	t.Logf("%d discards, then: %v", n, derr)
 	require.ErrorIs(t, derr, ErrNoSpace)
+	st := s.Stats()
+	require.Positive(t, low.Load(), "LowMetadata was not called")
+	require.Less(t, low.Load()-1, st.MetadataRegion/8+(64+32)*4096+st.MetadataRegion/100, "LowMetadata called above its threshold")
 	// Still usable: reads, writes that need no new entry, flushes, a
 	// checkpoint, a reopen, and a delete that makes room. A write that
 	// needs a new entry (the origin's copy for the clone's parent point)

@@ -109,15 +109,16 @@ type Options struct {
 	// touches between tree commits make those writes cheap.
 	MetadataCache int
 	// LowMetadata, if set, is called (without locks held) when the free
-	// metadata space drops below an eighth of the region: free and total
-	// bytes. Past the point where a change could not be committed,
+	// metadata space drops below an eighth of the region plus the part
+	// kept for deletes and commits (1% and at least 256 KiB, plus 128
+	// KiB): free and total bytes, once per crossing. Past the point where a change could not be committed,
 	// changes fail with ErrNoSpace; deletes still work and free space.
 	LowMetadata func(free, total int64)
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
-	// happen on Flush, FUA and snapshot operations only). The tree is
-	// committed every treeCommitEvery intervals (and when the journal
-	// passes CheckpointAt, and at Close).
+	// happen on Flush, FUA and snapshot operations only). The metadata
+	// tree is committed every five intervals, every 65,536 records, when
+	// the journal passes CheckpointAt, and at Close.
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
@@ -134,7 +135,10 @@ type Options struct {
 	// that starts later than 0.7 would leave every checkpoint to the
 	// foreground.
 	CheckpointAt float64
-	// ReadOnly opens the store for inspection (Open only): nothing is
+	// ReadOnly opens the store for inspection (Open only). The journal
+	// records since the last tree commit (none after a clean Close) are
+	// applied to the index in memory, where they stay: after a crash that
+	// costs up to a decoded leaf per record replayed. Nothing is
 	// written to either device, not even the journal's new epoch or the
 	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
 	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
@@ -417,7 +421,10 @@ func (s *Store) openMeta(format bool) error {
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
 		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
 	if fn := s.opts.LowMetadata; fn != nil {
-		mo.LowSpaceThreshold = mo.Pages / 8
+		// An eighth of the region above what changes may not use: the
+		// layer's delete reserve (1%, at least 64 pages) and room for a
+		// commit.
+		mo.LowSpaceThreshold = mo.Pages/8 + max(64, mo.Pages/100) + 32
 		mo.LowSpace = func(free, total uint64) { fn(int64(free)*meta.PageSize, int64(total)*meta.PageSize) }
 	}
 	var m *meta.Meta

@@ -160,7 +160,10 @@ func (m *Meta) Room(changes int, isDelete bool) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	return m.roomFor(changes, isDelete)
+	// One change more than asked: each change checks a whole change's
+	// worst case for itself (room), so the last of them must still find
+	// that much after the others took theirs.
+	return m.roomFor(changes+1, isDelete)
 }
 
 // roomFor is Room with m.mu held. The worst case for k changes in one
