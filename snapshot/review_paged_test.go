@@ -13,6 +13,7 @@ import (
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // memCopy returns a new Mem holding d's bytes: the image a power cut
@@ -207,4 +208,16 @@ func TestReviewHeldChunkReusedAfterTreeCommit(t *testing.T) {
 		require.NoError(t, r.Close())
 		_ = s.Close()
 	}
+}
+
+// Close of a read-only store closes its metadata overlay, which pins every
+// node the journal replay changed: a read-write Close closes its layer,
+// and a read-only one must too.
+func TestReviewReadOnlyCloseClosesOverlay(t *testing.T) {
+	origin, store := roFixture(t)
+	s, err := Open(blockdev.ReadOnly(origin), blockdev.ReadOnly(store), Options{ReadOnly: true})
+	require.NoError(t, err)
+	require.NoError(t, s.Check())
+	require.NoError(t, s.Close())
+	require.ErrorIs(t, s.m.Close(), meta.ErrClosed, "the overlay was left open")
 }
