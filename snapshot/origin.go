@@ -132,7 +132,7 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 	}
 	s.lockOrigin(c0, c1, true)
 	defer s.unlockOrigin(c0, c1, true)
-	invalidated := false
+	invalidated, committed := false, false
 	for {
 		need = s.b0.need.Load()
 		if !s.needsCopy(c0, c1, need) {
@@ -141,6 +141,10 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 		err := s.copyOut(c0, c1, need)
 		if err == errRetry {
 			invalidated = true
+			continue
+		}
+		if !committed && s.commitForRoom(err) {
+			committed = true // once: the tree commit may have made room
 			continue
 		}
 		if err != nil {
