@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 )
@@ -143,9 +144,13 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 			invalidated = true
 			continue
 		}
-		if !committed && s.commitForRoom(err) {
-			committed = true // once: the tree commit may have made room
-			continue
+		if !committed {
+			retry, cerr := s.commitForRoom(err)
+			if retry {
+				committed = true // once: the tree commit may have made room
+				continue
+			}
+			err = cmp.Or(cerr, err)
 		}
 		if err != nil {
 			return err

@@ -39,6 +39,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -823,8 +824,11 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		s.mu.Lock()
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
-		if retried || !s.commitForRoom(err) {
+		if retried {
 			return seq, err
+		}
+		if retry, cerr := s.commitForRoom(err); !retry {
+			return seq, cmp.Or(cerr, err)
 		}
 	}
 }
@@ -842,16 +846,24 @@ func (e metaRoomError) Unwrap() error { return e.error }
 // so without it a region that the tree fills to a third can refuse
 // records. A region that is really full gets ErrNoSpace after at most
 // one commit, and none while nothing was logged since the last one.
-// Called with no lock of the store held but branch gates and stripes.
-func (s *Store) commitForRoom(err error) bool {
+// A failed commit's error is returned (it, not ErrNoSpace, is what the
+// caller must report). Called with no lock of the store held but branch
+// gates and stripes.
+func (s *Store) commitForRoom(err error) (retry bool, cerr error) {
 	var mr metaRoomError
 	if !errors.As(err, &mr) {
-		return false
+		return false, nil
 	}
 	s.mu.Lock()
 	worth := s.capOut || s.j == nil || s.j.LastSeq() > s.lastTreeSeq
 	s.mu.Unlock()
-	return worth && s.treeCommit(s.ctx) == nil
+	if !worth {
+		return false, nil
+	}
+	if cerr := s.treeCommit(s.ctx); cerr != nil {
+		return false, cerr
+	}
+	return true, nil
 }
 
 // commit makes every record appended so far durable. Chunks they freed
