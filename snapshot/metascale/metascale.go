@@ -41,7 +41,7 @@ type Result struct {
 	WorstPut    time.Duration // the slowest single version (an origin write's metadata stall)
 	P99Put      time.Duration // 99th and 99.9th percentile of a version's time (upper bucket bounds, 1.6%)
 	P999Put     time.Duration
-	PutsOver    uint64 // versions slower than StallLimit
+	PutsOver    uint64        // versions slower than StallLimit
 	WorstCommit time.Duration // the slowest commit, run in the background
 	WorstFreeze time.Duration // the longest a commit held the writer's lock
 	CommitPages uint64        // pages the commits wrote
