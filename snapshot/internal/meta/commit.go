@@ -33,12 +33,18 @@ func (m *Meta) Commit() error {
 	for i, n := range dirty {
 		n.encode(pages[i*PageSize : (i+1)*PageSize])
 	}
-	m.wbMu.Lock() // a write-back batch encoded before the freeze lands first
-	err = m.writeCommit(tx, pages, locs)
+	// A write-back batch encoded before the freeze may hold an older
+	// version of one of T's pages: wait for it to land, so the commit's
+	// version lands last. The lock is a barrier only. Batches that start
+	// later take nodes of T+1 only, whose pages T neither writes nor
+	// reaches, so write-back goes on during the commit's writes and
+	// flushes and the writer never waits for them.
+	m.wbMu.Lock()
+	//lint:ignore SA2001 the empty critical section is the barrier
 	m.wbMu.Unlock()
+	err = m.writeCommit(tx, pages, locs)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	defer m.wbCond.Broadcast()
 	if err != nil {
 		return m.fail(err)
 	}
@@ -192,12 +198,20 @@ func (m *Meta) shadowMaps() error {
 // Write-back keeps dirty nodes well below the cache size. Past half of
 // the cache dirty, the writer wakes the write-back goroutine, which writes
 // the open transaction's longest-dirty nodes in batches of wbBatch until a
-// quarter is dirty; past three quarters, the writer waits for it. With
-// Options.SyncWriteBack the writer writes a batch itself instead. Nodes of
-// a commit in flight are left to the commit, which writes them anyway;
-// while it runs they stay pinned, so the cache can pass its limit by up
-// to one commit's nodes.
-const wbBatch = 16
+// quarter is dirty. Past three quarters the writer does not wait for the
+// goroutine: it writes up to wbAssist of those nodes itself, the ones not
+// in the goroutine's batch in flight, and goes on. A change dirties at
+// most a few nodes, so that bounds the dirty set and the writer's stall
+// (a few page writes) without a hand-off to another goroutine, which on a
+// loaded machine costs a scheduler time slice. With Options.SyncWriteBack
+// the writer writes a batch itself instead, from half. Nodes of a commit
+// in flight are left to the commit, which writes them anyway; while it
+// runs they stay pinned, so the cache can pass its limit by up to one
+// commit's nodes.
+const (
+	wbBatch  = 16
+	wbAssist = 4
+)
 
 // writeBack runs at the end of each change, under mu. It runs between
 // operations, never inside one, so no caller holds a node it might evict.
@@ -206,25 +220,28 @@ func (m *Meta) writeBack() error {
 	if m.wbKick == nil {
 		return m.writeBackSync(soft, hard)
 	}
-	if m.openDirty() > soft {
+	d := m.openDirty()
+	if d > soft {
 		select {
 		case m.wbKick <- struct{}{}:
 		default:
 		}
 	}
-	for m.openDirty() > hard && m.failed == nil && !m.closed {
-		m.wbCond.Wait()
+	if d > hard {
+		if err := m.writeNodes(wbAssist); err != nil {
+			return err
+		}
 	}
 	m.cache.evict()
-	if m.failed != nil {
+	if m.failed != nil { // the write-back goroutine failed: the transaction is lost
 		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
 	}
 	return nil
 }
 
 // openDirty is the dirty bytes of the open transaction: a commit's pinned
-// nodes are its own to write, so they neither wake write-back nor make
-// the writer wait. Callers hold mu.
+// nodes are its own to write, so they neither wake write-back nor count
+// towards the writer's limit. Callers hold mu.
 func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
 
 // writeBackSync writes one batch in the writer's call (four past hard).
@@ -238,18 +255,29 @@ func (m *Meta) writeBackSync(soft, hard int) error {
 	if d > hard {
 		max *= 4
 	}
-	batch := m.cache.dirtyNodesOf(m.tx, max)
-	for _, n := range batch {
+	if err := m.writeNodes(max); err != nil {
+		return err
+	}
+	m.cache.evict()
+	return nil
+}
+
+// writeNodes writes up to max of the open transaction's longest-dirty
+// nodes in the writer's call and marks them clean: they cannot change
+// meanwhile, since the caller holds mu. Nodes in the write-back
+// goroutine's batch in flight are skipped, so no page is written twice at
+// once (an older version landing last). Callers hold mu.
+func (m *Meta) writeNodes(max int) error {
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	for _, n := range m.nodeBuf {
 		n.encode(m.buf)
 		if err := m.writePage(m.buf, n.loc); err != nil {
 			return m.fail(err)
 		}
 		m.cache.setDirty(n, false)
 	}
-	m.cache.mu.Lock()
-	m.cache.writeOut += uint64(len(batch))
-	m.cache.mu.Unlock()
-	m.cache.evict()
+	m.cache.wrote(len(m.nodeBuf))
+	clear(m.nodeBuf) // keep no node alive past its eviction
 	return nil
 }
 
@@ -273,8 +301,9 @@ func (m *Meta) writeBackLoop() {
 }
 
 // writeBackBatch encodes a batch of the open transaction's dirty nodes
-// under mu, writes them without it, and marks clean those that did not
-// change meanwhile. It reports whether more is due.
+// under mu, marks them busy so the writer's own write-back skips them,
+// writes them without mu, and marks clean those that did not change
+// meanwhile. It reports whether more is due.
 func (m *Meta) writeBackBatch() bool {
 	m.wbMu.Lock()
 	defer m.wbMu.Unlock()
@@ -284,10 +313,12 @@ func (m *Meta) writeBackBatch() bool {
 		return false
 	}
 	tx := m.tx
-	batch := m.cache.dirtyNodesOf(tx, wbBatch)
+	m.wbNodes = m.cache.dirtyNodesOf(m.wbNodes[:0], tx, wbBatch)
+	batch := m.wbNodes
 	m.wbGens = m.wbGens[:0]
 	for i, n := range batch {
 		n.encode(m.wbBuf[i*PageSize : (i+1)*PageSize])
+		n.wbBusy = true
 		m.wbGens = append(m.wbGens, n.gen)
 	}
 	m.mu.Unlock()
@@ -301,20 +332,18 @@ func (m *Meta) writeBackBatch() bool {
 		}
 	}
 	m.mu.Lock()
-	if err != nil {
-		m.fail(err)
-	} else {
-		for i, n := range batch {
-			if n.gen == m.wbGens[i] && n.tx == tx {
-				m.cache.setDirty(n, false)
-			}
+	for i, n := range batch {
+		n.wbBusy = false
+		if err == nil && n.gen == m.wbGens[i] && n.tx == tx {
+			m.cache.setDirty(n, false)
 		}
 	}
-	m.wbCond.Broadcast()
+	if err != nil {
+		m.fail(err)
+	}
 	m.mu.Unlock()
-	m.cache.mu.Lock()
-	m.cache.writeOut += uint64(len(batch))
-	m.cache.mu.Unlock()
+	m.cache.wrote(len(batch))
+	clear(m.wbNodes)
 	m.cache.evict()
 	return err == nil
 }

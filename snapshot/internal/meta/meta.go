@@ -87,16 +87,17 @@ type Meta struct {
 	cstats    CommitStats
 
 	// wbMu is held by the write-back goroutine from encoding a batch to
-	// having written it, and by a commit while it writes, so a page
-	// encoded before a freeze is never written after the commit's newer
-	// version of it. It also guards wbBuf and wbGens.
-	wbMu   sync.Mutex
-	wbBuf  []byte
-	wbGens []uint64
-	wbKick chan struct{} // wakes the write-back goroutine (nil: SyncWriteBack or read-only)
-	wbStop chan struct{}
-	wbDone chan struct{}
-	wbCond *sync.Cond // on mu: write-back or a commit cleaned nodes, or the Meta failed or closed
+	// having written it. A commit takes it once after its freeze, as a
+	// barrier, so that a page encoded before the freeze is never written
+	// after the commit's newer version of it. It also guards wbBuf,
+	// wbGens and wbNodes.
+	wbMu    sync.Mutex
+	wbBuf   []byte
+	wbGens  []uint64
+	wbNodes []*node
+	wbKick  chan struct{} // wakes the write-back goroutine (nil: SyncWriteBack or read-only)
+	wbStop  chan struct{}
+	wbDone  chan struct{}
 
 	// mu guards the open transaction: everything below up to viewMu.
 	mu       sync.Mutex
@@ -113,6 +114,7 @@ type Meta struct {
 	closed   bool
 	lowFired bool
 	buf      []byte // page buffer for writes
+	nodeBuf  []*node
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
@@ -179,7 +181,6 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
-	m.wbCond = sync.NewCond(&m.mu)
 	return m
 }
 
@@ -476,7 +477,6 @@ func (m *Meta) Close() error {
 		return ErrClosed
 	}
 	m.closed = true
-	m.wbCond.Broadcast()
 	m.mu.Unlock()
 	if m.wbStop != nil {
 		close(m.wbStop)
