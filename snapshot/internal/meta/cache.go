@@ -190,9 +190,9 @@ func (c *cache) dirtyNodes(max int) []*node {
 }
 
 // dirtyNodesOf appends to dst up to max dirty nodes of transaction tx,
-// longest dirty first, skipping those in the write-back goroutine's batch
-// in flight (wbBusy, which callers read under Meta.mu). dst is the
-// caller's buffer, so write-back does not allocate.
+// longest dirty first, skipping those queued to the write-back goroutine
+// (wbBusy, which callers read under Meta.mu). dst is the caller's buffer,
+// so write-back does not allocate.
 func (c *cache) dirtyNodesOf(dst []*node, tx uint64, max int) []*node {
 	c.mu.Lock()
 	defer c.mu.Unlock()

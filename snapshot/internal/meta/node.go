@@ -270,8 +270,8 @@ type node struct {
 	size  int   // leaf only: encoded body size
 	dirty bool
 	gen   uint64 // bumped each time the writer takes the node to change it
-	// wbBusy: the write-back goroutine's batch in flight holds the node's
-	// page, so the writer's own write-back skips it. Guarded by Meta.mu.
+	// wbBusy: the node's page is queued to the write-back goroutine and
+	// not reaped yet, so write-back skips it. Guarded by Meta.mu.
 	wbBusy bool
 
 	// cache bookkeeping, guarded by cache.mu
