@@ -200,19 +200,20 @@ func (m *Meta) shadowMaps() error {
 
 // Write-back keeps dirty nodes well below the cache size, and the writer
 // never waits for another goroutine to do it (docs/metadata.md section
-// 5). Past half of the cache dirty, each change encodes up to wbPerChange
-// of the open transaction's longest-dirty nodes into free slots and
-// queues them to the write-back goroutine, which only writes them: it
-// never takes mu, so the writer never waits for it, and its page writes,
-// which the kernel may hold behind a commit's flush of the same file,
-// stay out of the writer's calls. The next change reaps the written slots
-// and marks clean the nodes that did not change meanwhile. Past three
-// quarters with every slot in flight, the writer writes up to wbPerChange
-// nodes itself. With Options.SyncWriteBack the writer writes a batch of
-// wbBatch itself from half (four past three quarters), so that a seed
-// replays the same device calls. Nodes of a commit in flight are left to
-// the commit, which writes them anyway; while it runs they stay pinned,
-// so the cache can pass its limit by up to one commit's nodes.
+// 5). Past half of the cache dirty, each change encodes one to
+// wbPerChange (in proportion to the excess) of the open transaction's
+// longest-dirty nodes into free slots and queues them to the write-back
+// goroutine, which only writes them. It takes no lock but wbMu, so the
+// writer never waits for it, and its page writes, which the kernel may
+// hold behind a commit's flush of the same file, stay out of the
+// writer's calls. The next change reaps the written slots and marks clean
+// the nodes that did not change meanwhile. Past three quarters with every
+// slot in flight, the writer writes up to wbPerChange nodes itself. With
+// Options.SyncWriteBack the writer writes a batch of wbBatch itself from
+// half (four past three quarters), so that a seed replays the same device
+// calls. Nodes of a commit in flight are left to the commit, which writes
+// them anyway; while it runs they stay pinned, so the cache can pass its
+// limit by up to one commit's nodes.
 const (
 	wbBatch     = 16
 	wbPerChange = 4
@@ -252,7 +253,11 @@ func (m *Meta) writeBack() error {
 		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
 	}
 	if d := m.openDirty(); d > soft {
-		if m.queueWriteBack(wbPerChange) == 0 && d > hard {
+		// In proportion to the excess: one node a change just past half,
+		// up to wbPerChange at three quarters, so write-back keeps pace
+		// with the changes at the least cost to each.
+		k := min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
+		if m.queueWriteBack(k) == 0 && d > hard {
 			if err := m.writeNodes(wbPerChange); err != nil {
 				return err
 			}
