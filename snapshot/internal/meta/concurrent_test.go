@@ -3,7 +3,6 @@ package meta
 import (
 	"math/rand/v2"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -158,23 +157,6 @@ func TestCommitWhileWriting(t *testing.T) {
 	}
 }
 
-// flushGate is a device whose next Flush, once armed, waits until
-// released: a commit stuck in its flush.
-type flushGate struct {
-	blockdev.Device
-	armed   atomic.Bool
-	entered chan struct{}
-	release chan struct{}
-}
-
-func (g *flushGate) Flush() error {
-	if g.armed.CompareAndSwap(true, false) {
-		close(g.entered)
-		<-g.release
-	}
-	return g.Device.Flush()
-}
-
 // TestWriterNeverWaitsForCommitOrWriteBack: while a commit is stuck in its
 // flush and the write-back goroutine cannot run, the writer puts keys that
 // dirty several times the cache. Every put must return (the writer once
@@ -185,7 +167,7 @@ func (g *flushGate) Flush() error {
 func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
 	mem, err := blockdev.NewMem(4096*PageSize, 4096)
 	require.NoError(t, err)
-	g := &flushGate{Device: mem, entered: make(chan struct{}), release: make(chan struct{})}
+	g := blockdevtest.NewFlushGate(mem)
 	const cache = 1 << 20
 	m, err := Format(g, Options{DataChunks: 1 << 17, CacheBytes: cache})
 	require.NoError(t, err)
@@ -195,10 +177,10 @@ func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
 		_, err := m.PutData(key(i))
 		require.NoError(t, err)
 	}
-	g.armed.Store(true)
+	g.Arm()
 	committed := make(chan error, 1)
 	go func() { committed <- m.Commit() }()
-	<-g.entered   // the commit is in its first flush, past its write-back barrier
+	<-g.Entered() // the commit is in its first flush, past its write-back barrier
 	m.wbMu.Lock() // and the write-back goroutine cannot take a batch
 	written := m.CacheStats().WrittenBack
 	worst := 0
@@ -213,7 +195,7 @@ func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
 	require.Greater(t, m.CacheStats().WrittenBack, written, "the writer wrote nothing back itself")
 	require.LessOrEqual(t, worst, cache, "the open transaction's dirty nodes outgrew the cache")
 	m.wbMu.Unlock()
-	close(g.release)
+	g.Release()
 	require.NoError(t, <-committed)
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())

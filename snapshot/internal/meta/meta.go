@@ -95,7 +95,8 @@ type Meta struct {
 	wbErr     error  // its first write error
 	// The slots and the channels between the writer and the goroutine
 	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
-	// of wbFree (guarded by mu), wbQueue and wbReaped.
+	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
+	// wbReaped.
 	wbSlot   []wbSlot
 	wbQueue  chan int
 	wbReaped chan int
