@@ -26,11 +26,20 @@ func (m *Meta) Commit() error {
 	if err != nil || pages == nil {
 		return err
 	}
+	return m.writeFrozen(tx, dirty, pages, locs, queued, frozen, true)
+}
+
+// writeFrozen writes frozen transaction tx: it encodes its nodes (now
+// immutable: T+1 shadows them before any change) without the lock, waits
+// for the write-back pages queued before the freeze (queued), writes the
+// pages, flushes, writes the superblock, flushes, and publishes tx.
+// release also makes reusable what durable transactions freed; frozen is
+// how long the freeze held the writer's lock, for CommitStats. Callers
+// hold commitMu, not mu.
+func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64, queued uint64, frozen time.Duration, release bool) error {
 	m.cstats.Commits++
 	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
 	m.cstats.Pages += uint64(len(locs))
-	// T's nodes are immutable now (T+1 shadows them before any change),
-	// so they are encoded without the lock.
 	for i, n := range dirty {
 		n.encode(pages[i*PageSize : (i+1)*PageSize])
 	}
@@ -39,12 +48,10 @@ func (m *Meta) Commit() error {
 	// the freeze is written, so the commit's version lands last. Pages
 	// queued later are T+1's, which T neither writes nor reaches, so
 	// write-back goes on during the commit's writes and flushes.
-	if err := m.waitWriteBack(queued); err != nil {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		return m.fail(err)
+	err := m.waitWriteBack(queued)
+	if err == nil {
+		err = m.writeCommit(tx, pages, locs)
 	}
-	err = m.writeCommit(tx, pages, locs)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err != nil {
@@ -57,7 +64,9 @@ func (m *Meta) Commit() error {
 	m.reapWriteBack()
 	m.durable = tx
 	m.publish(m.frozen)
-	m.releaseFrees()
+	if release {
+		m.releaseFrees()
+	}
 	m.cache.evict()
 	return nil
 }
