@@ -19,7 +19,7 @@ type Options struct {
 	// DataChunks is the size of the data space map Format creates.
 	DataChunks uint64
 	// CacheBytes bounds the decoded-node cache (0: DefaultCacheBytes).
-	// Dirty nodes are written back once they pass a quarter of it.
+	// Dirty nodes are written back once they pass half of it.
 	CacheBytes int
 	// ReadOnly opens without ever writing the device.
 	ReadOnly bool
