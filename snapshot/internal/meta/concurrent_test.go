@@ -181,7 +181,7 @@ func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
 	committed := make(chan error, 1)
 	go func() { committed <- m.Commit() }()
 	<-g.Entered() // the commit is in its first flush, past its write-back barrier
-	m.wbMu.Lock() // and the write-back goroutine cannot take a batch
+	m.wbMu.Lock() // and the write-back goroutine stops at its next page (it counts each under wbMu)
 	written := m.CacheStats().WrittenBack
 	worst := 0
 	for i := before; i < n; i++ {
