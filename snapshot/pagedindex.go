@@ -20,6 +20,10 @@ import (
 type pagedIndex struct {
 	m *meta.Meta
 	r treeReader
+	// reserve: puts may use the layer's delete reserve (set under
+	// Store.mu while a record that Room admitted on it is applied, and
+	// while Open replays records the store once accepted).
+	reserve bool
 }
 
 // treeReader is the read side of the layer, which both the live layer
@@ -48,7 +52,11 @@ func entryOf(k meta.Key, loc uint64) entry { return entry{b: k.B, c: k.C, e: k.E
 
 // put inserts x; false if (b, c, e) is already present.
 func (p pagedIndex) put(x entry) (bool, error) {
-	err := p.m.Put(metaKey(x.b, x.c, x.e), x.loc)
+	put := p.m.Put
+	if p.reserve {
+		put = p.m.PutReserve
+	}
+	err := put(metaKey(x.b, x.c, x.e), x.loc)
 	if errors.Is(err, meta.ErrExists) {
 		return false, nil
 	}
