@@ -55,7 +55,7 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 	ix, done, err := s.readView(func() {
 		cs = s.checkStateLocked()
 		s.checkVolumes(map[point]int32{}, bad)
-	})
+	}, true)
 	if err != nil {
 		bad("freeze for the check: %v", err)
 		return rep

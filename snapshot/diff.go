@@ -79,7 +79,7 @@ func (s *Store) diffChunks(from, to *Volume) ([]uint64, *Volume, error) {
 		default:
 			related = false
 		}
-	})
+	}, false)
 	if err != nil {
 		return nil, nil, err
 	}

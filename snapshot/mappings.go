@@ -28,7 +28,7 @@ func (s *Store) Mappings(v *Volume) ([]Mapping, error) {
 		return nil, nil
 	}
 	var levels []viewLevel
-	ix, done, err := s.readView(func() { levels = viewLevels(v.levels) })
+	ix, done, err := s.readView(func() { levels = viewLevels(v.levels) }, false)
 	if err != nil {
 		return nil, err
 	}

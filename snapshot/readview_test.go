@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // branchEntries counts the entries of branch b in ix.
@@ -32,7 +34,7 @@ func TestReadViewDoesNotHoldWriters(t *testing.T) {
 		require.NoError(t, err)
 	}
 	copied := 0
-	ix, done, err := s.readView(func() { copied = len(s.branches) })
+	ix, done, err := s.readView(func() { copied = len(s.branches) }, false)
 	require.NoError(t, err)
 	require.Equal(t, 1, copied)
 	require.NotNil(t, ix.r, "a writable store reads a committed view")
@@ -73,6 +75,23 @@ func TestReadViewDoesNotHoldWriters(t *testing.T) {
 	require.Equal(t, 8, diffChunks)
 	require.Equal(t, 4, branchEntries(t, ix, 0), "the view changed under its reader")
 	done()
+
+	// Nothing logged since the last tree commit: the view is that
+	// commit's, and no other commit is made.
+	tx := s.m.View()
+	defer tx.Release()
+	ix2, done2, err := s.readView(func() {}, false)
+	require.NoError(t, err)
+	require.Equal(t, tx.Tx(), ix2.r.(*meta.View).Tx())
+	require.Equal(t, 8, branchEntries(t, ix2, 0))
+	done2()
+	_, err = o.WriteAt(buf, 9*cs) // one more record: the next view commits it
+	require.NoError(t, err)
+	ix3, done3, err := s.readView(func() {}, false)
+	require.NoError(t, err)
+	require.Greater(t, ix3.r.(*meta.View).Tx(), tx.Tx())
+	require.Equal(t, 9, branchEntries(t, ix3, 0))
+	done3()
 	_, _, err = ix.get(0, 0, 1)
 	require.Error(t, err, "a released view must not be read")
 }
@@ -95,7 +114,7 @@ func TestReadViewReadOnly(t *testing.T) {
 	ro, err := Open(origin, store, Options{ReadOnly: true})
 	require.NoError(t, err)
 	defer func() { _ = ro.Close() }()
-	ix, done, err := ro.readView(func() {})
+	ix, done, err := ro.readView(func() {}, false)
 	require.NoError(t, err)
 	require.Nil(t, ix.r, "a read-only store walks the live index")
 	require.Equal(t, 2, branchEntries(t, ix, 0))
@@ -119,6 +138,10 @@ func TestCheckReadsRecordsNotYetTreeCommitted(t *testing.T) {
 	s.mu.Unlock()
 	require.NoError(t, err)
 	require.True(t, ok)
+	// The entry bypassed the journal; a write logs a record, so the view
+	// is a new commit, which covers the entry as any applied record.
+	_, err = s.Origin().WriteAt(make([]byte, 4<<10), 0)
+	require.NoError(t, err)
 	rep := s.CheckReport()
 	require.False(t, rep.OK())
 	require.Contains(t, rep.Problems, "entry (0,1,99) at an epoch never handed out (last 1)")

@@ -49,7 +49,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	var changes []change
 	// Plan on a committed view (readView): the walk covers every chunk the
 	// branch ever wrote, and must not hold writers up meanwhile.
-	ix, done, err := s.readView(func() {})
+	ix, done, err := s.readView(func() {}, false)
 	if err != nil {
 		return err
 	}

@@ -267,7 +267,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 		br := s.branches[v.branch]
 		levels = append([]viewLevel{{b: br.id, e: v.epoch}}, viewLevels(br.chain)...)
 		h = holdersOf(br)
-	})
+	}, false)
 	if err != nil {
 		return VolumeStat{}, err
 	}
