@@ -253,7 +253,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 		return st, nil
 	}
 	br := s.branches[v.branch]
-	levels := append([]level{{br: br, e: v.epoch}}, br.chain...)
+	levels := levelsOf(br, v.epoch)
 	seen := map[uint64]bool{}
 	for i, l := range levels {
 		s.ix.byChunk.AscendGreaterOrEqual(entry{b: l.br.id}, func(x entry) bool {

@@ -56,7 +56,7 @@ func (s *Store) openLocked(v *volume) (*Volume, error) {
 	}
 	br := s.branches[v.branch]
 	vol := &Volume{s: s, meta: v, br: br, kind: v.kind}
-	vol.levels = append([]level{{br: br, e: v.epoch}}, br.chain...)
+	vol.levels = levelsOf(br, v.epoch)
 	return vol, nil
 }
 
