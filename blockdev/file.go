@@ -42,6 +42,9 @@ type File struct {
 	// first time the file system refuses it, after which Discard writes
 	// zeros.
 	punch atomic.Bool
+
+	lockMu sync.Mutex // guards locked (Lock, Unlock); taken alone
+	locked bool       // Lock holds the flock
 }
 
 // Create makes (or truncates) the regular file at path with the given size,

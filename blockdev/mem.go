@@ -22,6 +22,10 @@ type Mem struct {
 	bs     int
 	closed atomic.Bool
 	shards [memShards]memShard
+
+	lockMu    sync.Mutex // guards exclusive and shared (Lock, Unlock); taken alone
+	exclusive bool       // an exclusive Lock is held
+	shared    int        // shared Locks held
 }
 
 // memShard guards the pages whose index is congruent to its position modulo

@@ -79,3 +79,30 @@ func (r *ReadOnlyDevice) Close() error {
 	}
 	return nil
 }
+
+// ReadOnlyReporter is implemented by devices that can tell that they refuse
+// every write (File opened read-only, URing likewise, the ReadOnly view, a
+// Slice of any of them), so that an engine can refuse or adapt at open
+// rather than accept writes it could never make durable.
+type ReadOnlyReporter interface {
+	// ReadOnly reports whether every write and discard fails with
+	// ErrReadOnly.
+	ReadOnly() bool
+}
+
+// IsReadOnly reports whether dev says it refuses every write (see
+// ReadOnlyReporter). A device that does not say is taken as writable.
+func IsReadOnly(dev Device) bool {
+	r, ok := dev.(ReadOnlyReporter)
+	return ok && r.ReadOnly()
+}
+
+// ReadOnly implements ReadOnlyReporter: always true.
+func (r *ReadOnlyDevice) ReadOnly() bool { return true }
+
+// ReadOnly implements ReadOnlyReporter.
+func (d *File) ReadOnly() bool { return d.ro }
+
+// ReadOnly implements ReadOnlyReporter: a slice of a read-only device is
+// read-only.
+func (s *SliceDevice) ReadOnly() bool { return IsReadOnly(s.dev) }

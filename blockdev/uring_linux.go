@@ -315,3 +315,12 @@ func (u *URing) Close() error {
 		return err
 	}
 }
+
+// Lock implements Locker through the file.
+func (u *URing) Lock(mode LockMode) error { return u.f.Lock(mode) }
+
+// Unlock implements Locker through the file.
+func (u *URing) Unlock() error { return u.f.Unlock() }
+
+// ReadOnly implements ReadOnlyReporter.
+func (u *URing) ReadOnly() bool { return u.f.ro }

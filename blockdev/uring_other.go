@@ -47,3 +47,12 @@ func (u *URing) BlockSize() int { return 4096 }
 
 // Close implements Device; it always fails here.
 func (u *URing) Close() error { return errURingLinuxOnly }
+
+// Lock implements Locker; it always fails.
+func (u *URing) Lock(LockMode) error { return errURingLinuxOnly }
+
+// Unlock implements Locker; it always fails.
+func (u *URing) Unlock() error { return errURingLinuxOnly }
+
+// ReadOnly implements ReadOnlyReporter.
+func (u *URing) ReadOnly() bool { return false }

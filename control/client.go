@@ -170,6 +170,12 @@ func (c *Client) Delete(ctx context.Context, name string, wait bool) (DeleteResu
 	return call[DeleteResult](ctx, c, Request{Op: OpDelete, Name: name, Wait: wait})
 }
 
+// ForceDelete deletes a volume even while NBD clients are connected to it,
+// closing their connections (Delete refuses it with ErrBusy).
+func (c *Client) ForceDelete(ctx context.Context, name string, wait bool) (DeleteResult, error) {
+	return call[DeleteResult](ctx, c, Request{Op: OpDelete, Name: name, Wait: wait, Force: true})
+}
+
 // Rename renames a volume.
 func (c *Client) Rename(ctx context.Context, name, newName string) (Volume, error) {
 	return call[Volume](ctx, c, Request{Op: OpRename, Name: name, NewName: newName})

@@ -21,7 +21,7 @@ const (
 	OpUsage      Op = "usage"       // Space
 	OpSnapshot   Op = "snapshot"    // Name, Of (default "origin"): Volume
 	OpClone      Op = "clone"       // Name, From: Volume
-	OpDelete     Op = "delete"      // Name, Wait: DeleteResult
+	OpDelete     Op = "delete"      // Name, Wait, Force: DeleteResult
 	OpRename     Op = "rename"      // Name, NewName: Volume
 	OpRollback   Op = "rollback"    // Name, To: Volume
 	OpDiff       Op = "diff"        // From, To (default: the live volume From was taken of): Diff
@@ -58,6 +58,9 @@ type Request struct {
 	NewName string `json:"new_name,omitempty"` // rename
 	// Wait: delete answers once the volume's space is reclaimed.
 	Wait bool `json:"wait,omitempty"`
+	// Force: delete a volume that NBD clients are connected to, closing
+	// their connections (without it a serve refuses, CodeBusy).
+	Force bool `json:"force,omitempty"`
 	// Compress: export-diff writes a zstd-compressed stream (version 2).
 	Compress bool `json:"compress,omitempty"`
 	// Rate is set-rate's cap on background hydration in bytes per
@@ -87,6 +90,7 @@ const (
 	CodeExists     Code = "exists"      // the name is taken
 	CodeInvalid    Code = "invalid"     // the operation does not apply (a live volume as a diff end, the origin deleted)
 	CodeNoSpace    Code = "no-space"    // the store is full
+	CodeBusy       Code = "busy"        // the volume is in use (NBD clients connected to it)
 	CodeFailed     Code = "failed"      // anything else
 )
 
@@ -115,6 +119,8 @@ func (e *Error) Is(target error) bool {
 		return e.Code == CodeExists
 	case ErrNoSpace:
 		return e.Code == CodeNoSpace
+	case ErrBusy:
+		return e.Code == CodeBusy
 	}
 	return false
 }
@@ -124,6 +130,7 @@ var (
 	ErrNotFound = errors.New("control: no such volume")
 	ErrExists   = errors.New("control: name already in use")
 	ErrNoSpace  = errors.New("control: store is full")
+	ErrBusy     = errors.New("control: volume is in use")
 	// ErrNoServer: nothing answers at the socket's path.
 	ErrNoServer = errors.New("no control socket answers")
 	// ErrBadAnswer: the server's answer did not decode.
@@ -244,6 +251,11 @@ type Volume struct {
 	ParentID uint64    `json:"parent_id,omitempty"`
 	Created  time.Time `json:"created"`
 	Size     int64     `json:"size"` // bytes
+	// Hidden: a snapshot kept only as the parent point of clones (no
+	// name; list shows it so that every parent_id is in the list).
+	Hidden bool `json:"hidden,omitempty"`
+	// Children are the IDs of the volumes whose parent this is (list).
+	Children []uint64 `json:"children,omitempty"`
 }
 
 // VolumeStat is a volume's space accounting, in bytes of store space.

@@ -37,6 +37,7 @@ func TestOpenReadOnlyCOWClosesCleanly(t *testing.T) {
 	mustWrite(t, o, blockdevtest.Fill(0x22, 8192), 4096)
 	want := blockdevtest.ReadAll(t, s)
 	require.NoError(t, s.Close())
+	require.NoError(t, o.Close()) // the devices are locked until then
 
 	for name, cow := range map[string]*blockdev.Mem{"kernel": kernel, "ours": ours} {
 		t.Run(name, func(t *testing.T) {

@@ -53,6 +53,7 @@ type Origin struct {
 	bs     int
 	slots  chan struct{} // COW throttle: a token per copy in flight
 	closed atomic.Bool
+	unlock func() error // releases dev's lock (lock.go); called once, by Close
 
 	// gate is held shared by every origin request for its whole duration,
 	// and exclusively by snapshot create, open, close, delete and by the
@@ -72,7 +73,9 @@ type Origin struct {
 // retry.
 var errNeedSlot = errors.New("exception: need a COW slot")
 
-// NewOrigin wraps dev. Closing the Origin does not close dev.
+// NewOrigin wraps dev. Closing the Origin does not close dev. A dev that
+// is a blockdev.Locker is locked until Close (exclusively; shared when it
+// is read-only): a second Origin over it fails with ErrLocked.
 func NewOrigin(dev blockdev.Device, opts OriginOptions) (*Origin, error) {
 	if opts.MaxCOWs < 0 {
 		return nil, fmt.Errorf("exception: MaxCOWs %d is negative", opts.MaxCOWs)
@@ -80,7 +83,11 @@ func NewOrigin(dev blockdev.Device, opts OriginOptions) (*Origin, error) {
 	if opts.MaxCOWs == 0 {
 		opts.MaxCOWs = DefaultMaxCOWs
 	}
-	return &Origin{dev: dev, size: dev.Size(), bs: dev.BlockSize(), slots: make(chan struct{}, opts.MaxCOWs)}, nil
+	unlock, err := lockDevice("origin", dev)
+	if err != nil {
+		return nil, err
+	}
+	return &Origin{dev: dev, size: dev.Size(), bs: dev.BlockSize(), slots: make(chan struct{}, opts.MaxCOWs), unlock: unlock}, nil
 }
 
 // slot is a COW slot a request may hold across a retry.
@@ -254,6 +261,7 @@ func (o *Origin) Close() error {
 		o.gate.Unlock()
 		return blockdev.ErrClosed
 	}
+	defer func() { _ = o.unlock() }()
 	snaps := o.snaps
 	o.snaps, o.merging = nil, nil
 	o.gate.Unlock()

@@ -67,6 +67,7 @@ type Snapshot struct {
 	size       int64
 	persistent bool
 	overflowOK bool
+	unlock     func() error // releases cow's lock (lock.go); called once, by shut or a failed open
 	st         store
 	tab        table
 	state      atomic.Int32
@@ -93,6 +94,7 @@ func (o *Origin) CreateSnapshot(cow blockdev.Device, opts Options) (*Snapshot, e
 	if opts.Persistent {
 		p, err := formatPersistent(cow, opts.ChunkSize)
 		if err != nil {
+			_ = s.unlock()
 			return nil, err
 		}
 		s.st = p
@@ -101,6 +103,7 @@ func (o *Origin) CreateSnapshot(cow blockdev.Device, opts Options) (*Snapshot, e
 	}
 	if err := o.attach(s, true); err != nil {
 		_ = s.st.close()
+		_ = s.unlock()
 		return nil, err
 	}
 	return s, nil
@@ -128,6 +131,7 @@ func (o *Origin) OpenSnapshot(cow blockdev.Device, opts Options) (*Snapshot, err
 	for i, e := range p.list {
 		if e.Old >= originChunks {
 			_ = p.close()
+			_ = s.unlock()
 			return nil, fmt.Errorf("%w: exception %d: origin chunk %d beyond the origin's %d chunks", ErrCorrupt, i, e.Old, originChunks)
 		}
 		s.tab.insert(e.Old, e.New)
@@ -137,6 +141,7 @@ func (o *Origin) OpenSnapshot(cow blockdev.Device, opts Options) (*Snapshot, err
 	}
 	if err := o.attach(s, false); err != nil {
 		_ = p.close()
+		_ = s.unlock()
 		return nil, err
 	}
 	return s, nil
@@ -150,6 +155,11 @@ func (o *Origin) newSnapshot(cow blockdev.Device, cs int64, opts Options) (*Snap
 	s := &Snapshot{o: o, cow: cow, cs: cs, shift: uint(bits.TrailingZeros64(uint64(cs))), bs: bs, cowBS: cow.BlockSize(),
 		size: o.size - o.size%int64(bs), persistent: opts.Persistent, overflowOK: opts.Overflow}
 	s.tab.init()
+	unlock, err := lockDevice("COW", cow)
+	if err != nil {
+		return nil, err
+	}
+	s.unlock = unlock
 	return s, nil
 }
 
@@ -501,5 +511,6 @@ func (s *Snapshot) shut() error {
 	if prev == StateClosed {
 		return nil
 	}
+	defer func() { _ = s.unlock() }()
 	return s.st.close()
 }

@@ -77,6 +77,9 @@ func (s *Store) originWrite(p []byte, off, n int64, discard bool) error {
 
 // originWriteGated is originWrite with branch 0's gate held shared.
 func (s *Store) originWriteGated(p []byte, off, n int64, discard bool) error {
+	if err := s.originWritable(); err != nil {
+		return err
+	}
 	for n > 0 {
 		c0 := uint64(off / s.cs)
 		c1 := uint64((off + n - 1) / s.cs)

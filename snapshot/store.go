@@ -227,6 +227,9 @@ type Store struct {
 	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
 
 	ob originBuf // origin writes waiting for their copy's commit
+
+	locks    deviceLocks // the devices' locks, released by Close (lock.go)
+	originRO bool        // the origin device refuses writes (lock.go); set before the store is handed out
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -269,10 +272,8 @@ const (
 	maxCheckpointAt = 0.7
 )
 
-// Format creates a new, empty store for origin on store and returns it
-// open. The origin's contents are kept (they are the live volume); whatever
-// the store held is lost.
-func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
+// formatStore is Format once the devices are locked (lock.go).
+func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if err := opts.normalize(); err != nil {
 		return nil, err
 	}
@@ -343,8 +344,8 @@ func alignedCopy(b []byte, bs int) []byte {
 	return out
 }
 
-// Open opens a store made by Format, recovering from the journal.
-func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
+// openStore is Open once the devices are locked (lock.go).
+func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if opts.Transient {
 		return nil, fmt.Errorf("%w: a transient store cannot be reopened", ErrBadOptions)
 	}
@@ -467,6 +468,7 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
 	}
+	defer s.releaseLocks()
 	if s.opts.ReadOnly {
 		return s.closeReadOnly()
 	}

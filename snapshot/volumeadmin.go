@@ -14,6 +14,11 @@ type VolumeInfo struct {
 	Parent  uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin)
 	Created time.Time
 	Size    int64
+	// Hidden: a snapshot kept only as the parent point of clones (taken
+	// implicitly by CreateClone of a live volume, or deleted while clones
+	// needed it). It has no name, cannot be opened, and goes when its last
+	// clone does. Only ListAll returns hidden volumes.
+	Hidden bool
 }
 
 // VolumeStat is a volume's space accounting, in the manner of thin_ls.
@@ -25,12 +30,7 @@ type VolumeStat struct {
 	Mapped, Exclusive, Shared int64
 }
 
-func validName(name string) error {
-	if name == "" || len(name) > maxNameLen {
-		return fmt.Errorf("%w: name %q: 1 to %d bytes", ErrBadOptions, name, maxNameLen)
-	}
-	return nil
-}
+func validName(name string) error { return ValidName(name) }
 
 // writableBranch returns v's branch if v is the origin or a live clone.
 func (v *Volume) writable() error {
@@ -202,7 +202,7 @@ func (s *Store) Rename(oldName, newName string) error {
 
 func (s *Store) infoLocked(v *volume) VolumeInfo {
 	created := time.Unix(0, v.created)
-	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize}
+	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden}
 }
 
 // List returns every visible volume (the origin first), ordered by ID.

@@ -124,7 +124,7 @@ func backup(e *env, sf *storeFlags, rf *repoFlags, snapName, to, from, volume st
 	}
 	s, err := openSession(sf, inspect)
 	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}
 	if err != nil {
 		return err

@@ -90,7 +90,7 @@ func checkClone(e *env, cf *cloneFlags) (control.CheckReport, error) {
 	if held {
 		err := control.Dial(cf.controlPath()).Call(e.ctx, control.Request{Op: control.OpCheck}, &r)
 		if errors.Is(err, control.ErrNoServer) {
-			return r, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "")
+			return r, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "", nil)
 		}
 		return r, err
 	}

@@ -293,7 +293,7 @@ var cmdHydrate = &command{
 			}}
 			s, err := openClone(e.ctx, cf, opts, true, *format)
 			if errors.Is(err, errCloneInUse) {
-				return inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "it is already hydrating this clone (see blocksnap status --meta "+cf.meta+")")
+				return inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "it is already hydrating this clone (see blocksnap status --meta "+cf.meta+")", nil)
 			}
 			if err != nil {
 				return err
@@ -452,7 +452,7 @@ func cloneStatus(e *env, cf *cloneFlags) (control.CloneStatus, error) {
 	if held {
 		st, err := control.Dial(cf.controlPath()).Status(e.ctx)
 		if errors.Is(err, control.ErrNoServer) {
-			return st, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "")
+			return st, inUse(e.ctx, "clone", cf.meta, cf.controlPath(), "", nil)
 		}
 		return st, err
 	}

@@ -102,7 +102,7 @@ func exportDiff(e *env, sf *storeFlags, r control.Request, out string, js bool) 
 			// A running serve holds the store: it writes the stream.
 			n, cerr := exportRemote(e.ctx, control.Dial(sf.controlPath()), r, w, func(n int64) { p.update(n, 0) })
 			if errors.Is(cerr, control.ErrNoServer) {
-				return inUse(e.ctx, "store", sf.store, sf.controlPath(), "")
+				return inUse(e.ctx, "store", sf.store, sf.controlPath(), "", err)
 			}
 			sum.Records, sum.DataBytes, sum.ZeroBytes = n.Records, n.DataBytes, n.ZeroBytes
 			return cerr

@@ -97,14 +97,6 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 			return usagef("--origin and --store are the same file %s: the store needs a device of its own", sf.store)
 		}
 	}
-	locks, err := lockPaths(sf.origin, sf.store)
-	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice)
-	}
-	if err != nil {
-		return err
-	}
-	defer unlock(locks)
 	o, s, err := openDevices(sf.origin, sf.store, readWrite)
 	if err != nil {
 		return err
@@ -119,6 +111,9 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 		}
 	}
 	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: int(chunk.n)})
+	if errors.Is(err, snapshot.ErrLocked) {
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
+	}
 	if err != nil {
 		return err
 	}

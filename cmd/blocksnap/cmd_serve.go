@@ -64,7 +64,7 @@ type serveInfo struct {
 func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
 	s, err := openSession(sf, readWrite)
 	if errors.Is(err, ErrStoreInUse) {
-		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)")
+		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)", err)
 	}
 	if err != nil {
 		return err
@@ -72,7 +72,7 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
-			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite}
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite, connections: vs.connections}
 		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
 			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
 		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
@@ -198,10 +198,21 @@ func (vs *volumeServer) rename(oldName, newName string) {
 	}
 }
 
-// export adds v's NBD export under name, read-only for a snapshot.
+// export adds v's NBD export under name, read-only for a snapshot (and
+// for the origin of a read-only origin device).
 func (vs *volumeServer) export(name string, d *liveDev, v *snapshot.Volume) error {
 	desc := fmt.Sprintf("blocksnap %s %s", v.Kind(), name)
-	return vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: v.Kind() == snapshot.KindSnapshot})
+	return vs.nbd.Add(nbd.Export{Name: name, Description: desc, Device: d, ReadOnly: v.ReadOnly()})
+}
+
+// connections counts the NBD connections on the export named name now.
+func (vs *volumeServer) connections(name string) int64 {
+	for _, x := range vs.nbd.Stats().Exports {
+		if x.Name == name {
+			return x.Connections
+		}
+	}
+	return 0
 }
 
 // rewrite withdraws the export of a volume about to be rolled back and

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -20,7 +21,7 @@ func runOp(e *env, sf *storeFlags, a access, r control.Request, out any) error {
 	if errors.Is(err, ErrStoreInUse) {
 		cerr := control.Dial(sf.controlPath()).Call(e.ctx, r, out)
 		if errors.Is(cerr, control.ErrNoServer) {
-			return inUse(e.ctx, "store", sf.store, sf.controlPath(), "")
+			return inUse(e.ctx, "store", sf.store, sf.controlPath(), "", err)
 		}
 		return cerr
 	}
@@ -99,7 +100,10 @@ var cmdClone = &command{
 
 var cmdList = &command{
 	name:    "list",
-	summary: "list the origin, snapshots and clones",
+	summary: "list the origin, snapshots and clones, and the hidden snapshots clones hang from",
+	long: "A hidden snapshot has no name (it shows as (hidden #ID)): one taken implicitly by a clone " +
+		"of a live volume, or a snapshot deleted while clones needed it; it goes with its last clone. " +
+		"CHILDREN lists the volumes made from each.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		js := fs.Bool("json", false, "print as JSON")
@@ -111,16 +115,7 @@ var cmdList = &command{
 			if *js {
 				return writeJSON(e.stdout, vs)
 			}
-			tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tSIZE\tCREATED")
-			for _, v := range vs {
-				parent := v.Parent
-				if parent == "" {
-					parent = "-"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.Name, v.Kind, parent, human(v.Size), v.Created.Local().Format(time.DateTime))
-			}
-			return tw.Flush()
+			return printList(e, vs)
 		}
 	},
 }
@@ -128,15 +123,18 @@ var cmdList = &command{
 var cmdDelete = &command{
 	name: "delete", args: "NAME", lo: 1, hi: 1,
 	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
-	long: "Against a running serve the volume's export is withdrawn at once (its connections are closed) " +
+	long: "Against a running serve a volume that NBD clients are connected to is not deleted unless --force, " +
+		"which closes their connections; the volume's export is withdrawn at once " +
 		"and the command still waits for the space, unless --no-wait.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		noWait := fs.Bool("no-wait", false, "return once the delete is durable; space is reclaimed in the background")
+		force := fs.Bool("force", false, "delete the volume even while NBD clients of a running serve are connected to it, closing their connections")
 		js := fs.Bool("json", false, "print the result as JSON")
 		return func(e *env, pos []string) error {
 			var out control.DeleteResult
-			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait}, &out); err != nil {
+			r := control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait, Force: *force}
+			if err := runOp(e, sf, readWrite, r, &out); err != nil {
 				return err
 			}
 			if *js {
@@ -293,4 +291,33 @@ var cmdDiff = &command{
 			return err
 		}
 	},
+}
+
+// printList prints list's table: a hidden volume as (hidden #ID), a
+// volume's children by name.
+func printList(e *env, vs []control.Volume) error {
+	display := map[uint64]string{}
+	for _, v := range vs {
+		display[v.ID] = v.Name
+		if v.Hidden {
+			display[v.ID] = fmt.Sprintf("(hidden #%d)", v.ID)
+		}
+	}
+	dash := func(s string) string {
+		if s == "" {
+			return "-"
+		}
+		return s
+	}
+	tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tCHILDREN\tSIZE\tCREATED")
+	for _, v := range vs {
+		children := make([]string, len(v.Children))
+		for i, c := range v.Children {
+			children[i] = display[c]
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", display[v.ID], v.Kind, dash(display[v.ParentID]), dash(strings.Join(children, ",")),
+			human(v.Size), v.Created.Local().Format(time.DateTime))
+	}
+	return tw.Flush()
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/control"
 	"github.com/blocksnap/blocksnap/snapshot"
 )
@@ -45,12 +46,16 @@ func message(err error) string {
 // inUse is the error for a path another process holds: it names the
 // holder when a control socket at control answers (the program, its PID)
 // and says what to do (todo: the advice for this command).
-func inUse(ctx context.Context, what, path, socket, todo string) error {
+func inUse(ctx context.Context, what, path, socket, todo string, cause error) error {
 	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	info, err := control.Dial(socket).Info(ictx)
 	if err != nil {
-		return fmt.Errorf("%s %s is in use by another process, and no control socket answers at %s (find the holder with: fuser -v %s)", what, path, socket, path)
+		holder := "find the holder with: fuser -v " + path
+		if le := (*blockdev.LockedError)(nil); errors.As(cause, &le) && len(le.Holders) > 0 {
+			holder = heldBy(le)
+		}
+		return fmt.Errorf("%s %s is in use by another process, and no control socket answers at %s (%s)", what, path, socket, holder)
 	}
 	msg := fmt.Sprintf("%s %s is in use by %s (pid %d, control socket %s)", what, path, info.Program, info.PID, info.Control)
 	if todo != "" {
@@ -70,6 +75,12 @@ func classify(err error) control.Code {
 		return control.CodeNoSpace
 	case errors.Is(err, snapshot.ErrBadOptions), errors.Is(err, errNotSnapshot):
 		return control.CodeInvalid
+	case errors.Is(err, errBusy):
+		return control.CodeBusy
 	}
 	return control.CodeFailed
 }
+
+// errBusy: a volume that NBD clients are connected to is not deleted
+// without --force.
+var errBusy = errors.New("volume is in use")

@@ -21,11 +21,13 @@
 // Exit status: 0 success, 1 failure, 2 bad usage, 70 an internal error (a
 // bug). Errors go to standard error on one line.
 //
-// The store is locked (flock) while a command uses it. While `serve` holds
-// it, the other store commands act on the live server through its control
-// socket (a Unix socket, default STORE.control; package control, schema in
-// docs/control.md). While `hydrate` holds a clone, status, pause, resume and
-// set-rate go through its socket (default META.control).
+// The store is locked (flock, taken by snapshot.Open) while a command uses
+// it. While `serve` holds it, the other store commands act on the live
+// server through its control socket (a Unix socket, default STORE.control;
+// package control, schema in docs/control.md); it refuses to delete a
+// volume that NBD clients are connected to unless --force. While `hydrate`
+// holds a clone, status, pause, resume and set-rate go through its socket
+// (default META.control).
 package main
 
 import (

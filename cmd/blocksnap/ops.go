@@ -25,8 +25,11 @@ type ops struct {
 	progress func(what string) *progress
 
 	onCreate func(v *snapshot.Volume) error // takes ownership of v; nil: v is closed
-	onDelete func(name string)
-	onRename func(oldName, newName string)
+	// connections, when set (serve), counts the NBD connections on a
+	// volume's export now: delete refuses a volume in use unless forced.
+	connections func(name string) int64
+	onDelete    func(name string)
+	onRename    func(oldName, newName string)
 	// onRewrite is called before a rollback rewrites the volume name; the
 	// function it returns, after (serve closes the volume's connections
 	// for the rollback and exports it again after).
@@ -44,7 +47,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 	case control.OpClone:
 		return o.create(r.Name, r.From, o.st.CreateClone)
 	case control.OpDelete:
-		return o.delete(ctx, r.Name, r.Wait)
+		return o.delete(ctx, r.Name, r.Wait, r.Force)
 	case control.OpRename:
 		if err := o.st.Rename(r.Name, r.NewName); err != nil {
 			return nil, err
@@ -56,12 +59,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 	case control.OpRollback:
 		return o.rollback(ctx, r.Name, r.To)
 	case control.OpList:
-		names := nameMap(o.st)
-		out := []control.Volume{}
-		for _, i := range o.st.List() {
-			out = append(out, toJSON(i, names))
-		}
-		return out, nil
+		return o.list(), nil
 	case control.OpStat:
 		s, err := o.st.Stat(r.Name)
 		if err != nil {
@@ -95,7 +93,26 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 
 func toJSON(i snapshot.VolumeInfo, names map[uint64]string) control.Volume {
 	return control.Volume{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
-		ParentID: i.Parent, Created: i.Created, Size: i.Size}
+		ParentID: i.Parent, Created: i.Created, Size: i.Size, Hidden: i.Hidden}
+}
+
+// list is every volume, the hidden snapshots clones hang from included,
+// each with its children, so that every parent_id is in the list.
+func (o *ops) list() []control.Volume {
+	names := nameMap(o.st)
+	all := o.st.ListAll()
+	out := make([]control.Volume, 0, len(all))
+	at := map[uint64]int{}
+	for _, i := range all {
+		at[i.ID] = len(out)
+		out = append(out, toJSON(i, names))
+	}
+	for _, i := range all {
+		if k, ok := at[i.Parent]; ok && i.Parent != 0 {
+			out[k].Children = append(out[k].Children, i.ID)
+		}
+	}
+	return out
 }
 
 func nameMap(st *snapshot.Store) map[uint64]string {
@@ -132,7 +149,12 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 	return info, v.Close()
 }
 
-func (o *ops) delete(ctx context.Context, name string, wait bool) (any, error) {
+func (o *ops) delete(ctx context.Context, name string, wait, force bool) (any, error) {
+	if o.connections != nil && !force {
+		if n := o.connections(name); n > 0 {
+			return nil, fmt.Errorf("%w: %s has %d connected NBD client(s); delete --force closes their connections", errBusy, name, n)
+		}
+	}
 	op, err := o.st.Delete(name)
 	if err != nil {
 		return nil, err

@@ -111,7 +111,12 @@ func TestServeTLSMetricsAndDelete(t *testing.T) {
 	_, err = sc.ReadAt(p, 0)
 	require.NoError(t, err)
 	require.Equal(t, byte(0x5c), p[0])
-	ok(t, f.args("delete", "s1")...)
+	// A volume with a client connected is deleted only with --force,
+	// which closes the connection.
+	fails(t, 1, "volume is in use: s1 has 1 connected NBD client(s); delete --force closes their connections", f.args("delete", "s1")...)
+	_, err = sc.ReadAt(p, 0)
+	require.NoError(t, err, "the refused delete left the client alone")
+	ok(t, f.args("delete", "s1", "--force")...)
 	_, err = sc.ReadAt(p, 0)
 	require.Error(t, err, "the connection on a deleted volume is closed")
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strings"
 
 	"github.com/spf13/pflag"
 
@@ -44,60 +45,50 @@ func (f *storeFlags) controlPath() string {
 // command that cannot go through its control socket.
 const inUseAdvice = "stop it first (kill -TERM PID; it drains its NBD clients and exits)"
 
-// session is a store opened by this process, with its locks held.
+// session is a store opened by this process. The store and origin are
+// locked by snapshot.Open itself (flock on the device files, released at
+// Close): the CLI takes no lock of its own, so a program embedding the
+// library and this command exclude each other the same way.
 type session struct {
 	st     *snapshot.Store
 	origin *blockdev.File
 	store  *blockdev.File
-	locks  []*os.File
-}
-
-// lockPaths locks the store, then the origin. It returns ErrStoreInUse
-// when the store is held elsewhere.
-func lockPaths(origin, store string) ([]*os.File, error) {
-	sl, err := lockFile(store)
-	switch {
-	case errors.Is(err, errInUse):
-		return nil, fmt.Errorf("%s: %w", store, ErrStoreInUse)
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("store %s does not exist (create it with blocksnap format --size)", store)
-	case err != nil:
-		return nil, err
-	}
-	ol, err := lockFile(origin)
-	switch {
-	case errors.Is(err, errInUse):
-		sl.Close()
-		return nil, fmt.Errorf("origin %s is in use by another process (find it with: fuser -v %s)", origin, origin)
-	case errors.Is(err, fs.ErrNotExist):
-		sl.Close()
-		return nil, fmt.Errorf("origin %s does not exist", origin)
-	case err != nil:
-		sl.Close()
-		return nil, err
-	}
-	return []*os.File{sl, ol}, nil
-}
-
-func unlock(locks []*os.File) {
-	for _, l := range locks {
-		l.Close()
-	}
 }
 
 // openDevices opens origin and store, read-only for an inspecting command.
 func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File, error) {
 	opts := blockdev.FileOptions{ReadOnly: a == inspect}
 	o, err := blockdev.Open(origin, opts)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("origin %s does not exist", origin)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("origin: %w", err)
 	}
 	s, err := blockdev.Open(store, opts)
 	if err != nil {
 		o.Close()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil, fmt.Errorf("store %s does not exist (create it with blocksnap format --size)", store)
+		}
 		return nil, nil, fmt.Errorf("store: %w", err)
 	}
 	return o, s, nil
+}
+
+// inUseErr turns the library's ErrLocked on the store into ErrStoreInUse,
+// for the commands that then go through a running serve's control socket.
+// An origin locked by something else (an apply-diff, a hydrate, another
+// store) is an error of its own, naming the holder where the system says.
+func inUseErr(f *storeFlags, err error) error {
+	var le *blockdev.LockedError
+	switch {
+	case !errors.As(err, &le):
+		return err
+	case le.Path == f.origin:
+		return fmt.Errorf("origin %s is in use by another process (%s)", f.origin, heldBy(le))
+	}
+	return fmt.Errorf("%s: %w (%w)", f.store, ErrStoreInUse, err)
 }
 
 // access says whether a command changes the store.
@@ -117,32 +108,27 @@ func storeOptions(a access) snapshot.Options {
 	return snapshot.Options{ReadOnly: a == inspect}
 }
 
-// openSession locks and opens the store named by f.
+// openSession opens (and so locks) the store named by f. It returns
+// ErrStoreInUse when another process holds the store or its origin.
 func openSession(f *storeFlags, a access) (*session, error) {
-	locks, err := lockPaths(f.origin, f.store)
-	if err != nil {
-		return nil, err
-	}
 	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
-		unlock(locks)
 		return nil, err
 	}
 	st, err := snapshot.Open(o, s, storeOptions(a))
 	if err != nil {
 		o.Close()
 		s.Close()
-		unlock(locks)
 		if errors.Is(err, snapshot.ErrCorrupt) {
 			return nil, fmt.Errorf("%s is not a blocksnap store, or its metadata is damaged: %w", f.store, err)
 		}
-		return nil, err
+		return nil, inUseErr(f, err)
 	}
-	return &session{st: st, origin: o, store: s, locks: locks}, nil
+	return &session{st: st, origin: o, store: s}, nil
 }
 
-// close commits and closes the store, flushes and closes the devices and
-// releases the locks. It returns the first error.
+// close commits and closes the store (which releases its locks), and
+// flushes and closes the devices. It returns the first error.
 func (s *session) close() error {
 	err := s.st.Close()
 	for _, d := range []*blockdev.File{s.origin, s.store} {
@@ -153,6 +139,25 @@ func (s *session) close() error {
 			err = cerr
 		}
 	}
-	unlock(s.locks)
 	return err
+}
+
+// unlock releases the locks lockFile took (a clone's, an apply-diff
+// target's).
+func unlock(locks []*os.File) {
+	for _, l := range locks {
+		l.Close()
+	}
+}
+
+// heldBy names the processes holding a lock, or says how to find them.
+func heldBy(le *blockdev.LockedError) string {
+	if len(le.Holders) == 0 {
+		return "find it with: fuser -v " + le.Path
+	}
+	pids := make([]string, len(le.Holders))
+	for i, p := range le.Holders {
+		pids[i] = fmt.Sprint(p)
+	}
+	return "held by pid " + strings.Join(pids, ", ")
 }
