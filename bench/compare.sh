@@ -2,7 +2,8 @@
 # compare.sh: the engine=snapshot benchmarks of an older commit and of the
 # current tree, side by side on this machine, back to back.
 #
-#   bench/compare.sh [-n ROUNDS] [-b REGEX] OLD [NEW]
+#   bench/compare.sh [-n ROUNDS] [-b REGEX] [-k] OLD [NEW]
+#   bench/compare.sh -r DIR
 #
 # OLD and NEW are anything `git rev-parse` takes (main, HEAD~3, a hash). NEW
 # defaults to the working tree as it is, uncommitted changes included. OLD
@@ -12,12 +13,15 @@
 # order alternating from round to round so that neither side always runs on
 # a machine the other has just warmed or loaded. The table gives, per
 # benchmark, the median over the rounds of each side's MB/s (or ops/s where
-# a benchmark sets no bytes) and of its p99 latency, and the ratio new/old
-# of the medians: above 1 the new code is faster.
+# a benchmark sets no bytes) and of its p99 latency, the ratio new/old of
+# the medians (above 1 the new code is faster), and the median and range of
+# the ratios of the two runs of each round, which shows how noisy the
+# machine was.
 #
 #   -n ROUNDS   rounds (default 5)
 #   -b REGEX    only the groups whose name matches REGEX (grep -E)
 #   -k          keep the raw outputs (their directory is printed)
+#   -r DIR      print the table again from the outputs kept in DIR; no runs
 #
 # The groups, each a `go test -bench` pattern and a -benchtime (the origin
 # benchmarks do one 64 MiB pass per iteration; the random-I/O ones are
@@ -25,21 +29,26 @@
 # latter (default 100000x).
 set -euo pipefail
 
+usage() {
+	awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+	exit 2
+}
 rounds=5
 only=""
 keep=0
-while getopts "n:b:k" opt; do
+reprint=""
+while getopts "n:b:kr:" opt; do
 	case $opt in
 	n) rounds=$OPTARG ;;
 	b) only=$OPTARG ;;
 	k) keep=1 ;;
-	*) sed -n '2,25s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+	r) reprint=$OPTARG ;;
+	*) usage ;;
 	esac
 done
 shift $((OPTIND - 1))
-if [ $# -lt 1 ] || [ $# -gt 2 ]; then
-	sed -n '2,25s/^# \{0,1\}//p' "$0" >&2
-	exit 2
+if [ -z "$reprint" ] && { [ $# -lt 1 ] || [ $# -gt 2 ]; }; then
+	usage
 fi
 io=${BENCHTIME_IO:-100000x}
 groups=(
@@ -49,6 +58,83 @@ groups=(
 	"ConcurrentWrite/engine=snapshot/ $io"
 	"CloneRead/ $io"
 )
+
+# table DIR: the comparison of DIR/old.out and DIR/new.out.
+table() {
+	# Each result line: round, name, iterations, then value-unit pairs.
+	awk '
+	function speed(   i, mbs, ns) {
+		for (i = 4; i < NF; i += 2) {
+			if ($(i + 1) == "MB/s") mbs = $i
+			if ($(i + 1) == "ns/op") ns = $i
+		}
+		if (mbs != "") return mbs
+		if (ns > 0) return 1e9 / ns
+		return ""
+	}
+	function p99(   i) {
+		for (i = 4; i < NF; i += 2) if ($(i + 1) == "p99-ns") return $i
+		return ""
+	}
+	function median(list,   a, n, i, j, t) {
+		n = split(list, a, " ")
+		for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+		if (n == 0) return ""
+		if (n % 2) return a[(n + 1) / 2]
+		return (a[n / 2] + a[n / 2 + 1]) / 2
+	}
+	{
+		name = $2
+		sub(/-[0-9]+$/, "", name)
+		sub(/^Benchmark/, "", name)
+		if (!(name in seen)) { seen[name] = 1; order[++n] = name }
+		s = speed()
+		if (s != "") { sp[FILENAME, name] = sp[FILENAME, name] " " s; per[FILENAME, name, $1] = s }
+		if ($1 > rounds) rounds = $1
+		p = p99(); if (p != "") lat[FILENAME, name] = lat[FILENAME, name] " " p
+		for (i = 4; i < NF; i += 2) if ($(i + 1) == "MB/s") has[name] = 1
+	}
+	END {
+		printf "%-44s %9s %9s %7s %15s %8s %8s %7s\n", "benchmark", "old", "new", "new/old", "pairs", "old p99", "new p99", "p99 n/o"
+		for (k = 1; k <= n; k++) {
+			name = order[k]
+			o = median(sp[OLD, name]); w = median(sp[NEW, name])
+			lo = median(lat[OLD, name]); ln = median(lat[NEW, name])
+			r = (o > 0 && w != "") ? sprintf("%.2f", w / o) : "n/a"
+			rl = (lo > 0 && ln != "") ? sprintf("%.2f", ln / lo) : "n/a"
+			u = has[name] ? "MB/s" : "op/s"
+			pairs = ""; lo2 = ""; hi2 = ""
+			for (i = 1; i <= rounds; i++) {
+				if (per[OLD, name, i] > 0 && per[NEW, name, i] != "") {
+					q = per[NEW, name, i] / per[OLD, name, i]
+					pairs = pairs " " q
+					if (lo2 == "" || q < lo2) lo2 = q
+					if (hi2 == "" || q > hi2) hi2 = q
+				}
+			}
+			pr = pairs == "" ? "n/a" : sprintf("%.2f %.2f-%.2f", median(pairs), lo2, hi2)
+			printf "%-44s %9s %9s %7s %15s %8s %8s %7s\n", name, fmt(o, u), fmt(w, u), r, pr, us(lo), us(ln), rl
+		}
+		print ""
+		print "old, new: median MB/s (op/s where marked) over the rounds; new/old: their ratio, above 1"
+		print "is faster; pairs: the median and range of the ratios of the runs made back to back in"
+		print "each round (a wide range means a noisy machine); p99 in microseconds."
+	}
+	function fmt(v, u) {
+		if (v == "") return "n/a"
+		return sprintf("%.1f%s", v, u == "op/s" ? "op/s" : "")
+	}
+	function us(v) {
+		if (v == "") return "n/a"
+		return sprintf("%.1f", v / 1000)
+	}
+' OLD="$1/old.out" NEW="$1/new.out" "$1/old.out" "$1/new.out"
+}
+
+if [ -n "$reprint" ]; then
+	table "$reprint"
+	exit 0
+fi
 
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 old=$(git -C "$root" rev-parse --verify "$1^{commit}")
@@ -124,57 +210,4 @@ else
 fi
 echo "$rounds rounds, alternating; medians; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-# Each result line: round, name, iterations, then value-unit pairs.
-awk '
-function speed(   i, mbs, ns) {
-	for (i = 4; i < NF; i += 2) {
-		if ($(i + 1) == "MB/s") mbs = $i
-		if ($(i + 1) == "ns/op") ns = $i
-	}
-	if (mbs != "") return mbs
-	if (ns > 0) return 1e9 / ns
-	return ""
-}
-function p99(   i) {
-	for (i = 4; i < NF; i += 2) if ($(i + 1) == "p99-ns") return $i
-	return ""
-}
-function median(list,   a, n, i, j, t) {
-	n = split(list, a, " ")
-	for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-	if (n == 0) return ""
-	if (n % 2) return a[(n + 1) / 2]
-	return (a[n / 2] + a[n / 2 + 1]) / 2
-}
-{
-	name = $2
-	sub(/-[0-9]+$/, "", name)
-	sub(/^Benchmark/, "", name)
-	if (!(name in seen)) { seen[name] = 1; order[++n] = name }
-	s = speed(); if (s != "") sp[FILENAME, name] = sp[FILENAME, name] " " s
-	p = p99(); if (p != "") lat[FILENAME, name] = lat[FILENAME, name] " " p
-	for (i = 4; i < NF; i += 2) if ($(i + 1) == "MB/s") has[name] = 1
-}
-END {
-	printf "%-44s %10s %10s %8s %10s %10s %8s\n", "benchmark", "old", "new", "new/old", "old p99", "new p99", "p99 n/o"
-	for (k = 1; k <= n; k++) {
-		name = order[k]
-		o = median(sp[OLD, name]); w = median(sp[NEW, name])
-		lo = median(lat[OLD, name]); ln = median(lat[NEW, name])
-		r = (o > 0 && w != "") ? sprintf("%.2f", w / o) : "n/a"
-		rl = (lo > 0 && ln != "") ? sprintf("%.2f", ln / lo) : "n/a"
-		u = has[name] ? "MB/s" : "op/s"
-		printf "%-44s %10s %10s %8s %10s %10s %8s\n", name, fmt(o, u), fmt(w, u), r, us(lo), us(ln), rl
-	}
-	print ""
-	print "old, new: median MB/s (op/s where marked); p99 in microseconds; new/old above 1 is faster."
-}
-function fmt(v, u) {
-	if (v == "") return "n/a"
-	return sprintf("%.1f%s", v, u == "op/s" ? "op/s" : "")
-}
-function us(v) {
-	if (v == "") return "n/a"
-	return sprintf("%.1f", v / 1000)
-}
-' OLD="$tmp/old.out" NEW="$tmp/new.out" "$tmp/old.out" "$tmp/new.out"
+table "$tmp"
