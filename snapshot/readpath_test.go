@@ -56,25 +56,31 @@ func snapshotReadsRaceOriginWrites(t *testing.T, originBuffer int64) {
 	var stop atomic.Bool
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
-	for w := range 2 { // writers: random whole and partial chunks
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(seed, uint64(w)))
-			p := make([]byte, cs)
-			for !stop.Load() {
-				for i := range p {
-					p[i] = byte(rng.Uint32())
+	// startWriters runs two writers of random whole and partial chunks
+	// until stop; gen tells the rounds' generators apart.
+	startWriters := func(gen uint64) {
+		stop.Store(false)
+		for w := range uint64(2) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(seed, gen*2+w))
+				p := make([]byte, cs)
+				for !stop.Load() {
+					for i := range p {
+						p[i] = byte(rng.Uint32())
+					}
+					n := int64(512 << rng.IntN(4))
+					off := rng.Int64N(chunks)*cs + rng.Int64N(cs/n)*n
+					if _, err := o.WriteAt(p[:n], off); err != nil {
+						errs <- err
+						return
+					}
 				}
-				n := int64(512 << rng.IntN(4))
-				off := rng.Int64N(chunks)*cs + rng.Int64N(cs/n)*n
-				if _, err := o.WriteAt(p[:n], off); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
+			}()
+		}
 	}
+	startWriters(0)
 	rng := rand.New(rand.NewPCG(seed, 99))
 	got := make([]byte, 512)
 	for round := range 3 {
@@ -88,24 +94,7 @@ func snapshotReadsRaceOriginWrites(t *testing.T, originBuffer int64) {
 		stop.Store(true)
 		wg.Wait() // a consistent model needs the writers paused
 		takeSnap()
-		stop.Store(false)
-		for w := range 2 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				rng := rand.New(rand.NewPCG(seed, uint64(round*2+w+2)))
-				p := make([]byte, cs)
-				for !stop.Load() {
-					for i := range p {
-						p[i] = byte(rng.Uint32())
-					}
-					if _, err := o.WriteAt(p, rng.Int64N(chunks)*cs); err != nil {
-						errs <- err
-						return
-					}
-				}
-			}()
-		}
+		startWriters(uint64(round) + 1)
 	}
 	stop.Store(true)
 	wg.Wait()
