@@ -292,14 +292,19 @@ func TestTLSReload(t *testing.T) {
 // clients do not lock out a real one.
 func TestTLSStalledHandshake(t *testing.T) {
 	blockdevtest.CheckLeaks(t)
-	f := newTLSFixture(t, Options{TLS: TLSRequire, HandshakeTimeout: 200 * time.Millisecond, MaxNegotiating: 4})
+	// The deadline is long enough for a real client's handshake under
+	// -race on a loaded machine; a stalled client is closed after it.
+	f := newTLSFixture(t, Options{TLS: TLSRequire, HandshakeTimeout: time.Second, MaxNegotiating: 4})
 	var stalled []*raw
 	for range 10 {
 		r := dialRaw(t, f.ts)
 		r.greet(cflagFixedNewstyle)
 		r.opt(optStartTLS, nil)
 		require.Equal(t, repAck, r.reply(optStartTLS).typ)
-		r.write([]byte{0x16, 0x03, 0x01}) // the start of a ClientHello, then silence
+		// The start of a ClientHello, then silence. On a slow machine the
+		// server may already have given up on this client and closed it,
+		// which is the outcome the test expects anyway: ignore the error.
+		_, _ = r.nc.Write([]byte{0x16, 0x03, 0x01})
 		stalled = append(stalled, r)
 	}
 	require.NoError(t, dial(t, tlsURI(f.ts, "d", f.caOnly)).Flush())
