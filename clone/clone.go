@@ -12,7 +12,10 @@
 // remote source, little while user reads wait on the source); regions the
 // source maps as holes or zeros (blockdev.AllocationMapper, which the NBD
 // client offers through base:allocation) are hydrated as metadata, never
-// read, and stay holes in the destination. The bitmap is persisted on a
+// read, and stay holes in the destination. User I/O never waits for a
+// background copy's source read: reads go to the source at once, and a
+// partial write takes its region from a copy that has not begun to write
+// it (io.go). The bitmap is persisted on a
 // small metadata device through package journal; every commit flushes the
 // destination before it writes metadata, so a region marked hydrated always
 // holds source data or data the user wrote, whatever a crash loses.
@@ -159,6 +162,9 @@ type Clone struct {
 	io struct {
 		sync.Mutex
 		flights map[uint64]*flight
+		free    []*flight // released flights, for reuse
+		cond    sync.Cond // signalled when a flight ends and waiters > 0
+		waiters int       // claims waiting on cond
 	}
 	bufs sync.Pool // *[]byte of bufSize, aligned for O_DIRECT
 
@@ -329,6 +335,7 @@ func newClone(src, dst, meta blockdev.Device, opts Options, g geometry) *Clone {
 		return &b
 	}
 	c.io.flights = make(map[uint64]*flight)
+	c.io.cond.L = &c.io.Mutex
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }

@@ -48,12 +48,13 @@ const maxSkipJobs = 4
 // for a commit ahead of the commit interval. A commit flushes the
 // destination; flushing as hydration goes, while the source is the
 // bottleneck, leaves the final Flush little to write.
-const earlyCommit = 64 << 20
+const earlyCommit = 16 << 20
 
 // batch is a claimed run of regions [r0, r0+n).
 type batch struct {
 	r0, n uint64
 	f     *flight
+	st    stamp               // the pacer's, at issue (copies)
 	skip  bool                // hydrate as metadata: the source range is a hole or zeros
 	state blockdev.Allocation // for skip: Hole or Zero
 	bytes int64               // the run's bytes
@@ -102,7 +103,7 @@ func newHydrator(c *Clone) *hydrator {
 		h.threshold = int(max(int64(c.batch), DefaultMaxInFlight/c.geo.RegionSize))
 	}
 	batchBytes := int64(c.batch) * c.geo.RegionSize
-	h.pace = newPacer(c.geo.RegionSize, int64(h.threshold)*c.geo.RegionSize, 4*batchBytes, h.epoch)
+	h.pace = newPacer(c.geo.RegionSize, int64(h.threshold)*c.geo.RegionSize, max(4*batchBytes, initialWindow), h.epoch)
 	h.idleSince = h.epoch
 	h.earlyCommit = earlyCommit
 	if c.opts.testEarlyCommit > 0 {
@@ -174,7 +175,12 @@ func (h *hydrator) run() {
 		defer stop() // before g.Wait: the mapper may wait for a scan that ended
 		g.Go(func() error { h.smap.run(mctx); return nil })
 	}
-	var paid int64 // rate tokens obtained and not yet spent
+	// Jobs go to idle workers; a new worker starts only when none is
+	// idle, so the workers number the most jobs ever in flight at once,
+	// and a job costs no goroutine or closure.
+	jobs := make(chan batch)
+	defer close(jobs) // before g.Wait: idle workers return
+	var paid int64    // rate tokens obtained and not yet spent
 	for {
 		h.report()
 		if ctx.Err() != nil {
@@ -189,11 +195,11 @@ func (h *hydrator) run() {
 			if !b.skip {
 				paid = max(0, paid-b.bytes)
 			}
-			start := time.Now()
-			g.Go(func() error {
-				h.runJob(ctx, b, start)
-				return nil
-			})
+			select {
+			case jobs <- b:
+			default:
+				g.Go(func() error { h.worker(ctx, b, jobs); return nil })
+			}
 			continue
 		case need > 0:
 			if n, err := h.pay(ctx, need); err == nil {
@@ -308,13 +314,13 @@ func (h *hydrator) started(b batch) batch {
 		h.skipping++
 		return b
 	}
-	if h.inflightBytes == 0 {
+	now := time.Now()
+	if h.inflightBytes == 0 && now.Sub(h.idleSince) > h.pace.latency() {
 		// After an idle spell longer than a round trip the rate
 		// measurement starts over.
-		if now := time.Now(); now.Sub(h.idleSince) > h.pace.latency() {
-			h.pace.restart(now)
-		}
+		h.pace.restart(now)
 	}
+	b.st = h.pace.issue(now)
 	h.inflight += int(b.n)
 	h.inflightBytes += b.bytes
 	return b
@@ -401,7 +407,7 @@ func (h *hydrator) claimAt(r, room, skipRoom uint64, skipsOnly bool) (b batch, o
 			if h.skipping >= maxSkipJobs || skipRoom == 0 {
 				return batch{}, false, r + max(1, n)
 			}
-			b := h.claimRun(r, min(max(1, n), skipRoom))
+			b := h.claimRun(r, min(max(1, n), skipRoom), false)
 			b.skip, b.state = true, e.state
 			return b, true, 0
 		case known && e.state != blockdev.Allocated:
@@ -420,7 +426,7 @@ func (h *hydrator) claimAt(r, room, skipRoom uint64, skipsOnly bool) (b batch, o
 	if skipsOnly || limit == 0 {
 		return batch{}, false, r
 	}
-	return h.claimRun(r, limit), true, 0
+	return h.claimRun(r, limit, true), true, 0
 }
 
 func (h *hydrator) free(r uint64) bool {
@@ -429,10 +435,11 @@ func (h *hydrator) free(r uint64) bool {
 }
 
 // claimRun claims the run of free regions starting at free region r, at
-// most room long. Called with c.io held.
-func (h *hydrator) claimRun(r, room uint64) batch {
+// most room long, for a copy (user claims may rob it) or a skip (it does no
+// source I/O: they wait for it). Called with c.io held.
+func (h *hydrator) claimRun(r, room uint64, robbable bool) batch {
 	c := h.c
-	b := batch{r0: r, f: &flight{done: make(chan struct{})}}
+	b := batch{r0: r, f: c.newFlight(robbable)}
 	for b.n < room && h.free(r+b.n) {
 		c.io.flights[r+b.n] = b.f
 		b.n++
@@ -441,8 +448,15 @@ func (h *hydrator) claimRun(r, room uint64) batch {
 	return b
 }
 
+// worker runs job b, then the jobs it receives until jobs is closed.
+func (h *hydrator) worker(ctx context.Context, b batch, jobs <-chan batch) {
+	for ok := true; ok; b, ok = <-jobs {
+		h.runJob(ctx, b)
+	}
+}
+
 // runJob runs a claimed job and releases it.
-func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time) {
+func (h *hydrator) runJob(ctx context.Context, b batch) {
 	c := h.c
 	err := c.doJob(ctx, b)
 	c.release(b.f, b.r0, b.r0+b.n-1, err == nil)
@@ -461,7 +475,7 @@ func (h *hydrator) runJob(ctx context.Context, b batch, start time.Time) {
 			h.idleSince = now
 		}
 		if err == nil {
-			h.pace.sample(now, start, b.bytes)
+			h.pace.sample(now, b.st, b.bytes)
 			h.sinceCommit += b.bytes
 			if h.sinceCommit >= h.earlyCommit {
 				h.sinceCommit = 0
@@ -498,7 +512,7 @@ func (c *Clone) doJob(ctx context.Context, b batch) error {
 	}
 	bp := c.getBuf()
 	defer c.putBuf(bp)
-	return c.copyRange(ctx, *bp, lo, hi)
+	return c.copyRange(ctx, *bp, b.f, lo, hi)
 }
 
 // skipRange hydrates [lo, hi), which reads as zeros in the source, without
@@ -519,11 +533,12 @@ func (c *Clone) skipRange(lo, hi int64, state blockdev.Allocation) error {
 	return nil
 }
 
-// copyRange copies [lo, hi) from the source to the destination through
-// buf, in chunks of len(buf). Within a chunk, runs of all-zero regions are
-// discarded on the destination and runs of data regions written with one
-// call each.
-func (c *Clone) copyRange(ctx context.Context, buf []byte, lo, hi int64) error {
+// copyRange copies [lo, hi), claimed by background copy f, from the
+// source to the destination through buf, in chunks of len(buf). Within a
+// chunk, runs of all-zero regions are discarded on the destination, runs
+// of data regions written with one call each, and regions robbed by user
+// claims meanwhile left to them.
+func (c *Clone) copyRange(ctx context.Context, buf []byte, f *flight, lo, hi int64) error {
 	for off := lo; off < hi; {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -533,27 +548,51 @@ func (c *Clone) copyRange(ctx context.Context, buf []byte, lo, hi int64) error {
 		if _, err := c.src.ReadAt(chunk, off); err != nil {
 			return hydrateErr("read source", off, n, err)
 		}
+		r0, r1 := c.regionsOf(off, n)
+		robbed, anyRobbed := c.seal(f, r0, r1+1)
 		unit := min(c.geo.RegionSize, n)
+		// kind of the region at chunk offset i: 0 data, 1 zeros, 2
+		// robbed (left alone).
+		kind := func(i int64) int {
+			switch {
+			case anyRobbed && robbed.has(uint64(i>>c.shift)):
+				return 2
+			case blockdev.IsZero(chunk[i:min(i+unit, n)]):
+				return 1
+			}
+			return 0
+		}
 		for i := int64(0); i < n; {
-			zero := blockdev.IsZero(chunk[i:min(i+unit, n)])
+			k := kind(i)
 			j := min(i+unit, n)
-			for j < n && blockdev.IsZero(chunk[j:min(j+unit, n)]) == zero {
+			for j < n && kind(j) == k {
 				j = min(j+unit, n)
 			}
-			if zero {
-				if err := discardOrZero(c.dst, off+i, j-i); err != nil {
-					return hydrateErr("discard destination", off+i, j-i, err)
-				}
-				c.hyd.addSkipped(j - i)
-			} else {
-				if _, err := c.dst.WriteAt(chunk[i:j], off+i); err != nil {
-					return hydrateErr("write destination", off+i, j-i, err)
-				}
-				c.hyd.addCopied(j - i)
+			if err := c.putRun(chunk[i:j], off+i, k); err != nil {
+				return err
 			}
 			i = j
 		}
 		off += n
+	}
+	return nil
+}
+
+// putRun writes a run of a copied chunk to the destination: data (kind
+// 0), zeros (1, discarded) or robbed regions (2, nothing).
+func (c *Clone) putRun(p []byte, off int64, kind int) error {
+	n := int64(len(p))
+	switch kind {
+	case 1:
+		if err := discardOrZero(c.dst, off, n); err != nil {
+			return hydrateErr("discard destination", off, n, err)
+		}
+		c.hyd.addSkipped(n)
+	case 0:
+		if _, err := c.dst.WriteAt(p, off); err != nil {
+			return hydrateErr("write destination", off, n, err)
+		}
+		c.hyd.addCopied(n)
 	}
 	return nil
 }

@@ -19,12 +19,23 @@ import (
 // go to the source without waiting: until a flight completes the region's
 // contents are the source's, and a read concurrent with the write that
 // hydrates it may see either.
+//
+// User I/O never waits for a background copy's source read: a claim takes
+// the regions it needs away from a background copy that has not begun to
+// write them (the copy is "robbed"), and does its own source request at
+// once. The copy skips robbed regions when it writes and leaves them to the
+// claim. Once a copy has begun to write a chunk, its regions up to the
+// chunk's end are sealed: a claim waits for the copy, which has only a
+// destination write left to do.
 
-// flight is a claim on a set of regions being made hydrated; done is closed
-// when the claim ends, successfully or not.
+// flight is a claim on a set of regions being made hydrated. Flights are
+// reused (c.io.free); every field is guarded by c.io.mu.
 type flight struct {
-	done    chan struct{}
-	waiters int // I/O waiting on it (guarded by c.io.mu)
+	// bg: a background copy, which user claims may rob of its regions
+	// from sealed on.
+	bg     bool
+	sealed uint64
+	robbed []uint64 // regions taken by user claims (bg only)
 }
 
 func errClosed(op string) error { return fmt.Errorf("clone: %s: %w", op, blockdev.ErrClosed) }
@@ -41,49 +52,105 @@ func (c *Clone) regionsOf(off, n int64) (uint64, uint64) {
 func (c *Clone) getBuf() *[]byte  { return c.bufs.Get().(*[]byte) }
 func (c *Clone) putBuf(b *[]byte) { c.bufs.Put(b) }
 
-// claim claims every unhydrated region of [r0, r1] for the caller. If a
-// region in the range is in flight, it waits for that flight and tries
+// newFlight returns a reset flight. Called with c.io held.
+func (c *Clone) newFlight(bg bool) *flight {
+	var f *flight
+	if k := len(c.io.free); k > 0 {
+		f = c.io.free[k-1]
+		c.io.free = c.io.free[:k-1]
+	} else {
+		f = &flight{}
+	}
+	f.bg, f.sealed, f.robbed = bg, 0, f.robbed[:0]
+	return f
+}
+
+// claim claims every unhydrated region of [r0, r1] for the caller, robbing
+// background copies that have not sealed them. If a region in the range is
+// in a flight it cannot rob, it waits until some flight ends and tries
 // again, so it never holds a claim while waiting (no deadlock between
 // overlapping claims). It returns nil if every region is hydrated.
 func (c *Clone) claim(r0, r1 uint64) *flight {
-	for {
-		c.io.Lock()
-		var busy *flight
-		for r := r0; r <= r1 && busy == nil; r++ {
-			busy = c.io.flights[r]
-		}
-		if busy == nil {
-			var f *flight
-			c.md.forEachUnhydrated(r0, r1, func(r uint64) {
-				if f == nil {
-					f = &flight{done: make(chan struct{})}
-				}
-				c.io.flights[r] = f
-			})
-			c.io.Unlock()
-			return f
-		}
-		busy.waiters++
-		c.io.Unlock()
-		<-busy.done
+	c.io.Lock()
+	defer c.io.Unlock()
+	for c.busy(r0, r1) {
+		c.io.waiters++
+		c.io.cond.Wait()
+		c.io.waiters--
 	}
+	var f *flight
+	c.md.forEachUnhydrated(r0, r1, func(r uint64) {
+		if f == nil {
+			f = c.newFlight(false)
+		}
+		if bf := c.io.flights[r]; bf != nil {
+			bf.robbed = append(bf.robbed, r)
+		}
+		c.io.flights[r] = f
+	})
+	return f
 }
 
-// release ends f's claim on [r0, r1]. If ok, the regions it claimed become
-// hydrated first, so that anyone who finds the claim gone finds them
-// hydrated.
+// busy reports whether a region of [r0, r1] is in a flight a claim cannot
+// rob: a user claim, or a background copy that sealed it. Called with c.io
+// held.
+func (c *Clone) busy(r0, r1 uint64) bool {
+	for r := r0; r <= r1; r++ {
+		if f := c.io.flights[r]; f != nil && (!f.bg || r < f.sealed) {
+			return true
+		}
+	}
+	return false
+}
+
+// robMask says which regions of a chunk of a background copy were robbed:
+// bit k for the chunk's k-th region. A chunk is at most a copy buffer,
+// which is at most max(region, 1 MiB): 256 regions of 4 KiB, or one.
+type robMask [4]uint64
+
+func (m *robMask) has(k uint64) bool { return m[k/64]&(1<<(k%64)) != 0 }
+
+// seal stops claims from robbing f of the regions below end and returns
+// which regions of [r0, end) were robbed already (end-r0 <= 256).
+func (c *Clone) seal(f *flight, r0, end uint64) (m robMask, any bool) {
+	c.io.Lock()
+	defer c.io.Unlock()
+	f.sealed = max(f.sealed, end)
+	for _, r := range f.robbed {
+		if r >= r0 && r < end {
+			m[(r-r0)/64] |= 1 << ((r - r0) % 64)
+			any = true
+		}
+	}
+	return m, any
+}
+
+// release ends f's claim on the regions of [r0, r1] it still holds. If
+// ok, they become hydrated first, so that anyone who finds the claim gone
+// finds them hydrated. Robbed regions belong to their robber's flight.
 func (c *Clone) release(f *flight, r0, r1 uint64, ok bool) {
 	c.io.Lock()
-	if ok {
-		c.md.markRange(r0, r1)
-	}
-	for r := r0; r <= r1; r++ {
-		if c.io.flights[r] == f {
+	for r := r0; r <= r1; {
+		if c.io.flights[r] != f {
+			r++
+			continue
+		}
+		e := r
+		for e < r1 && c.io.flights[e+1] == f {
+			e++
+		}
+		if ok {
+			c.md.markRange(r, e)
+		}
+		for ; r <= e; r++ {
 			delete(c.io.flights, r)
 		}
 	}
+	c.io.free = append(c.io.free, f)
+	if c.io.waiters > 0 {
+		c.io.cond.Broadcast()
+	}
 	c.io.Unlock()
-	close(f.done)
 	c.hyd.kick()
 }
 

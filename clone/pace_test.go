@@ -231,8 +231,7 @@ func TestWindowFollowsSource(t *testing.T) {
 
 // TestPacerWindow checks the window arithmetic on synthetic samples: the
 // bulk window is bulkGain times the bandwidth-delay product, the yielding
-// one the product of the base latency plus a batch; both keep their
-// bounds.
+// one yieldGain times it plus a batch; both keep their bounds.
 func TestPacerWindow(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	p := newPacer(64<<10, 64<<20, 4<<20, t0)
@@ -240,34 +239,70 @@ func TestPacerWindow(t *testing.T) {
 	require.EqualValues(t, 64<<10, p.window(true), "before any sample, yielding")
 	// 1 MiB copies taking 10 ms each, one issued every 1.25 ms: 8 in
 	// flight, 800 MiB/s.
-	now := t0
-	for range 400 {
-		p.sample(now.Add(10*time.Millisecond), now, 1<<20)
-		now = now.Add(10 * time.Millisecond / 8)
-	}
+	now := steady(&p, t0, 400)
 	require.InEpsilon(t, 800<<20, p.rate(), 0.05)
 	require.Equal(t, 10*time.Millisecond, p.latency())
 	bdp := p.rate() * p.latency().Seconds()
 	require.InDelta(t, bulkGain*bdp, float64(p.window(false)), 1)
-	base := p.baseLatency()
-	require.InDelta(t, 8.75, float64(base)/float64(time.Millisecond), 0.5, "latency less the transfer of 1 MiB")
-	ybdp := int64(yieldGain * p.rate() * base.Seconds())
-	require.Equal(t, ybdp+p.yieldBatch(ybdp), p.window(true))
+	ybdp := int64(yieldGain * bdp)
+	require.InDelta(t, ybdp+p.yieldBatch(ybdp), p.window(true), 1)
 	// A slow sample does not raise the latency estimate or lower the rate.
 	r := p.rate()
-	p.sample(now.Add(time.Second), now, 1<<20)
+	p.sample(now.Add(time.Second), p.issue(now), 1<<20)
 	require.Equal(t, 10*time.Millisecond, p.latency())
 	require.GreaterOrEqual(t, p.rate(), r)
 	// Bounds.
 	q := newPacer(64<<10, 1<<20, 4<<20, t0)
 	require.EqualValues(t, 1<<20, q.window(false))
-	q.sample(t0.Add(time.Second), t0, 4096)
-	require.EqualValues(t, 64<<10, q.window(false))
-	require.EqualValues(t, 64<<10, q.window(true))
+	q = newPacer(64<<10, 1<<20, 4096, t0)
+	q.sample(t0.Add(time.Second), q.issue(t0), 4096)
+	require.EqualValues(t, 64<<10, q.window(false), "at least a region")
+	require.EqualValues(t, int64(yieldGain*4096)+64<<10, q.window(true), "the product plus a batch of a region")
 	// Estimates forget: two bucket spans later only new samples count.
 	later := now.Add(2*bwSpan + time.Millisecond)
-	p.sample(later, later.Add(-20*time.Millisecond), 1<<20)
+	p.restart(later.Add(-20 * time.Millisecond))
+	p.sample(later, p.issue(later.Add(-20*time.Millisecond)), 1<<20)
 	require.Less(t, p.rate(), r)
+}
+
+// steady feeds p n copies of 1 MiB taking 10 ms each, one issued every
+// 1.25 ms from t0, each completion before the issue due at the same time;
+// it returns the time after the last.
+func steady(p *pacer, t0 time.Time, n int) time.Time {
+	const every = 10 * time.Millisecond / 8
+	var flying []stamp
+	now := t0
+	for k := range n + 8 {
+		now = t0.Add(time.Duration(k) * every)
+		if len(flying) == 8 || (k >= n && len(flying) > 0) {
+			p.sample(now, flying[0], 1<<20)
+			flying = flying[1:]
+		}
+		if k < n {
+			flying = append(flying, p.issue(now))
+		}
+	}
+	return now
+}
+
+// TestPacerStartup: a full initial window whose copies complete together
+// after one latency gives a rate estimate of the whole window over that
+// latency, not of the first copy over it, and the window never drops
+// below the initial one while that first flight comes back.
+func TestPacerStartup(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	p := newPacer(64<<10, 64<<20, 16<<20, t0)
+	var flying []stamp
+	for range 16 {
+		flying = append(flying, p.issue(t0))
+	}
+	for i, s := range flying {
+		// 10 ms of latency, then 1 MiB every 0.1 ms: 10 GB/s.
+		p.sample(t0.Add(10*time.Millisecond+time.Duration(i)*100*time.Microsecond), s, 1<<20)
+		require.GreaterOrEqual(t, p.window(false), int64(16<<20), "after %d completions", i+1)
+	}
+	require.InEpsilon(t, float64(16<<20)/0.0115, p.rate(), 0.01)
+	require.Equal(t, 10*time.Millisecond, p.latency())
 }
 
 // TestEarlyCommit: background hydration asks for a commit once it has

@@ -69,6 +69,9 @@ type Client struct {
 	rr      atomic.Uint32
 	closing atomic.Bool
 
+	writes  atomic.Uint64 // completed writes, discards and zeroings (client_map.go)
+	extents extentCache
+
 	closeOnce sync.Once
 }
 
@@ -304,6 +307,7 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 	if err := c.checkWrite(off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	defer c.wrote()
 	if err := c.split(cmdWrite, 0, p, off); err != nil {
 		return 0, err
 	}
@@ -316,6 +320,7 @@ func (c *Client) WriteAtFUA(p []byte, off int64) (int, error) {
 	if err := c.checkWrite(off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	defer c.wrote()
 	if !c.info.FUA {
 		if err := c.split(cmdWrite, 0, p, off); err != nil {
 			return 0, err
@@ -371,6 +376,7 @@ func (c *Client) Trim(off, n int64) error {
 	if !c.info.Trim {
 		return nil
 	}
+	defer c.wrote()
 	return c.ranged(cmdTrim, 0, off, n)
 }
 
@@ -386,6 +392,7 @@ func (c *Client) Cache(off, n int64) error {
 }
 
 func (c *Client) zero(off, n int64, flags uint16) error {
+	defer c.wrote()
 	if c.info.Zeroes {
 		return c.ranged(cmdWriteZeroes, flags, off, n)
 	}
@@ -417,45 +424,6 @@ func (c *Client) ranged(typ, flags uint16, off, n int64) error {
 		n -= k
 	}
 	return nil
-}
-
-// MapAllocation implements blockdev.AllocationMapper with
-// NBD_CMD_BLOCK_STATUS on base:allocation. Without the context every
-// range is reported allocated.
-func (c *Client) MapAllocation(off, n int64) (int64, blockdev.Allocation, error) {
-	if err := c.check(off, n); err != nil {
-		return 0, blockdev.Allocated, err
-	}
-	if n == 0 || !c.info.BlockStatus {
-		return n, blockdev.Allocated, nil
-	}
-	bs := int64(c.info.BlockSize)
-	ask := min(n, 1<<31)
-	cl, err := c.pick(0).start(cmdBlockStatus, cflagReqOne, uint64(off), uint32(ask), nil, nil)
-	if err != nil {
-		return 0, blockdev.Allocated, err
-	}
-	<-cl.done
-	cl.finished = true
-	length, flags := cl.extLen, cl.extFlags
-	if err := finish(cl, "block status", off); err != nil {
-		return 0, blockdev.Allocated, err
-	}
-	length = min(length, ask)
-	length -= length % bs
-	if length <= 0 {
-		// An extent smaller than a block: say the block is allocated,
-		// which is never wrong.
-		return bs, blockdev.Allocated, nil
-	}
-	switch {
-	case flags&(stateHole|stateZero) == stateHole|stateZero:
-		return length, blockdev.Hole, nil
-	case flags&stateZero != 0:
-		return length, blockdev.Zero, nil
-	}
-	// HOLE without ZERO reads as undefined data: treat it as data.
-	return length, blockdev.Allocated, nil
 }
 
 // Close implements blockdev.Device: it waits for the requests in flight,

@@ -25,9 +25,9 @@ type call struct {
 	got  uint64 // READ bytes delivered by content chunks
 	err  error
 	done chan struct{}
-	// BLOCK_STATUS: the first extent of our context.
-	extLen   int64
-	extFlags uint32
+	// BLOCK_STATUS: the extents of our context (the slice is kept
+	// with the pooled call).
+	exts     []extent
 	extSeen  bool
 	finished bool  // done has been received from
 	cost     int64 // bytes it adds to its lane's load
@@ -152,7 +152,7 @@ func putCall(cl *call) {
 		return
 	}
 	cl.buf, cl.err, cl.got = nil, nil, 0
-	cl.extLen, cl.extFlags, cl.extSeen, cl.finished = 0, 0, false, false
+	cl.exts, cl.extSeen, cl.finished = cl.exts[:0], false, false
 	callPool.Put(cl)
 }
 
@@ -365,9 +365,13 @@ func (c *lane) chunkPayload(cl *call, typ uint16, n uint32) error {
 			return fmt.Errorf("%w: block status chunk of %d bytes", ErrProtocol, n)
 		}
 		if be.Uint32(b) == c.metaID && !cl.extSeen {
-			cl.extLen, cl.extFlags, cl.extSeen = int64(be.Uint32(b[4:])), be.Uint32(b[8:]), true
-			if cl.extLen == 0 {
-				return fmt.Errorf("%w: block status extent of length 0", ErrProtocol)
+			cl.extSeen = true
+			for d := b[4:]; len(d) >= 8 && len(cl.exts) < maxKeptExtents; d = d[8:] {
+				e := extent{n: int64(be.Uint32(d)), flags: be.Uint32(d[4:])}
+				if e.n == 0 {
+					return fmt.Errorf("%w: block status extent of length 0", ErrProtocol)
+				}
+				cl.exts = append(cl.exts, e)
 			}
 		}
 		return nil

@@ -44,7 +44,7 @@ func (r *report) extraTables(w io.Writer) {
 		})
 	}
 	if len(bench.RemoteDelays) > 0 {
-		fmt.Fprintf(w, "\n## Remote hydration against nbdcopy\n\nA 512 MiB image with 192 MiB of data served by `nbdkit --filter=delay file` with every read delayed; `nbdcopy --flush` and our hydration (%d connections, ending with a Flush) back to back (BenchmarkCloneHydrate/mode=nbd-remote). At 1 ms a foreground reader reads the clone as above; its p99 is shown beside that of the same reads against the bare source.\n\n", bench.RemoteConnections)
+		fmt.Fprintf(w, "\n## Remote hydration against nbdcopy\n\nA 512 MiB image with 192 MiB of data served by `nbdkit --filter=delay file` with every read and block status delayed; `nbdcopy --flush` and our hydration (%d connections, ending with a Flush) back to back (BenchmarkCloneHydrate/mode=nbd-remote). At 1 ms a foreground reader reads the image's data through the clone and from the bare source alternately; the p99 of its reads that went to the source through the clone is shown beside that of the same reads from the bare source.\n\n", bench.RemoteConnections)
 		table(w, []string{"read delay", "ours s", "nbdcopy s", "x nbdcopy", "fg read p99 µs, hydrating / bare source"}, func(emit func(...string)) {
 			for _, d := range bench.RemoteDelays {
 				f := r.measure("1x", func(b *testing.B) { bench.CloneHydrateRemote(b, r.env, d) })
