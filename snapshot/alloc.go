@@ -1,165 +1,110 @@
 package snapshot
 
 import (
-	"math/bits"
+	"errors"
+	"fmt"
 	"sync"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
-// allocator is the store's allocation bitmap: one bit per data chunk, set
-// while the chunk is referenced by an index entry, allocated for a copy in
-// flight, or freed by a transaction that is not durable yet. It is derived
-// state: Open rebuilds it from the index, so it is never written to disk.
+// allocator hands out data chunks from the metadata layer's data space
+// map (meta.AllocDataRun), and remembers the chunks allocated for a copy
+// in flight: taken, being written, and not yet referenced by an index
+// entry. A tree commit frozen meanwhile shows those free (meta.Freeze's
+// inflight), so a crash after it leaks none of them. A chunk freed by an
+// entry's removal (meta.FreeData) is held by the layer until the tree
+// commit of its transaction is durable, then released under Store.reclaim
+// (Store.releaseFreed), so neither a crash nor a read in flight can see it
+// reused early.
 type allocator struct {
-	mu sync.Mutex // guards the fields below; taken after Store.mu, never before
-
-	used     []uint64
-	n        uint64 // data chunks
-	nused    uint64 // bits set
-	cursor   uint64 // next place to look (allocation rotates through the store)
-	pending  []freed
-	inflight int64 // allocated and not yet referenced by the index
+	// mu guards inflight and list. Lock order: after Store.mu, before the
+	// meta layer's locks. A freeze holds it, so an allocation is either
+	// in the frozen transaction's in-flight list or after the freeze.
+	mu       sync.Mutex
+	m        *meta.Meta
+	inflight map[uint64]struct{}
+	list     []uint64 // Freeze's in-flight list, reused
 }
 
-// freed is a chunk released by the transaction whose last record is seq; it
-// may be reused once that record is durable.
-type freed struct {
-	seq uint64
-	loc uint64
-}
-
-func newAllocator(n uint64) *allocator {
-	return &allocator{used: make([]uint64, (n+63)/64), n: n}
-}
-
-func (a *allocator) isUsed(loc uint64) bool { return a.used[loc/64]&(1<<(loc%64)) != 0 }
-
-func (a *allocator) set(loc uint64) {
-	a.used[loc/64] |= 1 << (loc % 64)
-	a.nused++
-}
-
-func (a *allocator) clear(loc uint64) {
-	a.used[loc/64] &^= 1 << (loc % 64)
-	a.nused--
+func newAllocator(m *meta.Meta) *allocator {
+	return &allocator{m: m, inflight: map[uint64]struct{}{}}
 }
 
 // allocRun allocates up to want chunks at consecutive locations (at least
-// one) and returns the first and the count; ok is false when the store is
-// full. The chunks count as in flight until adopt or release.
-func (a *allocator) allocRun(want int) (start uint64, got int, ok bool) {
+// one) and returns the first and the count; ok is false when the data
+// space is full. Other errors (a failed layer) are returned. The chunks
+// count as in flight until adopt or release.
+func (a *allocator) allocRun(want int) (start uint64, got int, ok bool, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.nused >= a.n {
-		return 0, 0, false
+	start, got, err = a.m.AllocDataRun(want)
+	if errors.Is(err, meta.ErrNoSpace) {
+		return 0, 0, false, nil
 	}
-	loc, found := a.findClear(a.cursor)
-	if !found {
-		loc, found = a.findClear(0)
+	if err != nil {
+		return 0, 0, false, err
 	}
-	if !found {
-		return 0, 0, false
+	for i := uint64(0); i < uint64(got); i++ {
+		a.inflight[start+i] = struct{}{}
 	}
-	start = loc
-	for got < want && loc < a.n && !a.isUsed(loc) {
-		a.set(loc)
-		loc++
-		got++
-	}
-	a.cursor = loc
-	if a.cursor >= a.n {
-		a.cursor = 0
-	}
-	a.inflight += int64(got)
-	return start, got, true
+	return start, got, true, nil
 }
 
-// findClear returns the first clear bit at or after from.
-func (a *allocator) findClear(from uint64) (uint64, bool) {
-	for w := from / 64; w < uint64(len(a.used)); w++ {
-		word := a.used[w]
-		if w == from/64 {
-			word |= (1 << (from % 64)) - 1
-		}
-		if word != ^uint64(0) {
-			loc := w*64 + uint64(bits.TrailingZeros64(^word))
-			if loc < a.n {
-				return loc, true
-			}
-			return 0, false
-		}
-	}
-	return 0, false
-}
-
-// adopt moves n in-flight chunks to referenced (their entries are in the
-// index now).
-func (a *allocator) adopt(n int) {
+// adopt moves in-flight chunks [loc, loc+n) to referenced (their entries
+// are in the index now). Called with Store.mu held.
+func (a *allocator) adopt(loc, n uint64) {
 	a.mu.Lock()
-	a.inflight -= int64(n)
+	for i := uint64(0); i < n; i++ {
+		delete(a.inflight, loc+i)
+	}
 	a.mu.Unlock()
 }
 
 // release returns in-flight chunks that were never referenced.
-func (a *allocator) release(start uint64, n int) {
+func (a *allocator) release(start uint64, n int) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	var errs []error
 	for i := uint64(0); i < uint64(n); i++ {
-		a.clear(start + i)
-	}
-	a.inflight -= int64(n)
-}
-
-// free releases a referenced chunk: at once when seq is 0 (nothing to wait
-// for), otherwise when the record seq is durable (see durable).
-func (a *allocator) free(loc, seq uint64) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if seq == 0 {
-		a.clear(loc)
-		return
-	}
-	a.pending = append(a.pending, freed{seq: seq, loc: loc})
-}
-
-// durable makes chunks freed by records up to seq reusable and reports how
-// many were.
-func (a *allocator) durable(seq uint64) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	kept := a.pending[:0]
-	n := 0
-	for _, f := range a.pending {
-		if f.seq <= seq {
-			a.clear(f.loc)
-			n++
-		} else {
-			kept = append(kept, f)
+		delete(a.inflight, start+i)
+		if err := a.m.ReturnData(start + i); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	a.pending = kept
-	return n
+	return errors.Join(errs...)
 }
 
-// hasPending reports whether some freed chunks wait for a durable record.
-func (a *allocator) hasPending() bool {
+// freeze freezes the open metadata transaction as a tree commit covering
+// journal record upTo, with the in-flight chunks kept out of it. Called
+// with Store.mu held exclusively and no other capture outstanding.
+func (a *allocator) freeze(upTo uint64) (*meta.Frozen, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return len(a.pending) > 0
-}
-
-// mark sets loc as referenced (Open, rebuilding from the index); false if it
-// was already set.
-func (a *allocator) mark(loc uint64) bool {
-	if loc >= a.n || a.isUsed(loc) {
-		return false
+	a.list = a.list[:0]
+	for loc := range a.inflight {
+		a.list = append(a.list, loc)
 	}
-	a.set(loc)
-	return true
+	return a.m.Freeze(upTo, a.list)
 }
 
-// counts returns used and free chunks.
-func (a *allocator) counts() (used, free uint64) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.nused, a.n - a.nused
+// hasPending reports whether some freed chunks wait for a tree commit.
+func (a *allocator) hasPending() bool { return a.m.DataHeld() > 0 }
+
+// mark claims loc for an entry being replayed; false if it is out of
+// range or already referenced.
+func (a *allocator) mark(loc uint64) bool { return a.m.MarkData(loc) == nil }
+
+// metaErr maps a layer error to the store's: ErrNoSpace stays ErrNoSpace
+// (with the layer's words), anything else is reported as it is.
+func metaErr(what string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, meta.ErrNoSpace):
+		return fmt.Errorf("%w: %s: %v", ErrNoSpace, what, err)
+	case errors.Is(err, meta.ErrCorrupt):
+		return fmt.Errorf("%w: %s: %v", ErrCorrupt, what, err)
+	}
+	return fmt.Errorf("snapshot: %s: %w", what, err)
 }

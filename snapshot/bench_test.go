@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"runtime"
 	"testing"
 	"time"
 
@@ -66,10 +65,8 @@ func BenchmarkDelete1M(b *testing.B) {
 
 // BenchmarkMetadataPerChunk writes every chunk of a 256 MiB origin once
 // after a snapshot (4 KiB chunks), in order or at random, and reports the
-// metadata image's bytes per mapped chunk (B/chunk) and the in-memory
-// index's (mem-B/chunk): the heap, measured with runtime.MemStats, that an
-// index built by the same inserts in the same order holds (the store's own
-// heap also holds the devices' data, so it is rebuilt apart).
+// metadata region's bytes in use per mapped chunk (B/chunk: index pages
+// and space maps).
 func BenchmarkMetadataPerChunk(b *testing.B) {
 	for _, order := range []string{"sequential", "random"} {
 		b.Run("order="+order, func(b *testing.B) {
@@ -101,36 +98,10 @@ func BenchmarkMetadataPerChunk(b *testing.B) {
 				}
 				st := s.Stats()
 				b.ReportMetric(float64(st.MetadataBytes)/float64(st.IndexEntries), "B/chunk")
-				b.ReportMetric(indexHeapPerEntry(s, idx), "mem-B/chunk")
 				_ = s.Close()
 			}
 		})
 	}
-}
-
-// indexHeapPerEntry rebuilds s's origin entries (epoch 1) in the order of
-// the chunks in idx into a fresh index and returns the heap it holds per
-// entry, measured with runtime.MemStats after a collection on each side.
-func indexHeapPerEntry(s *Store, idx []int) float64 {
-	entries := make([]entry, 0, len(idx))
-	for _, c := range idx {
-		if x, ok := s.ix.get(0, uint64(c), 1); ok {
-			entries = append(entries, x)
-		}
-	}
-	var before, after runtime.MemStats
-	runtime.GC()
-	runtime.GC() // a second cycle frees what sync.Pools kept through the first
-	runtime.ReadMemStats(&before)
-	ix := newIndex()
-	for _, x := range entries {
-		ix.put(x)
-	}
-	runtime.GC()
-	runtime.ReadMemStats(&after)
-	runtime.KeepAlive(ix)
-	runtime.KeepAlive(entries) // live on both sides, so not counted
-	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / float64(len(entries))
 }
 
 func benchStore(b *testing.B, size int64, opts Options) *Store {

@@ -1,8 +1,13 @@
 package snapshot
 
-import "github.com/blocksnap/blocksnap/blockdev"
+import (
+	"errors"
 
-// Check verifies every invariant of the in-memory state and returns nil if
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
+)
+
+// Check verifies every invariant of the store's state and returns nil if
 // all hold, else a *blockdev.CheckError wrapping ErrCorrupt that holds every
 // problem found (CheckReport returns them as a list). It holds the store's
 // lock for its duration (a walk of the index), so run it when the store is
@@ -11,9 +16,11 @@ import "github.com/blocksnap/blocksnap/blockdev"
 //     location in the data region) and the two index trees agree;
 //   - every entry's epoch is held (a live snapshot, a hidden parent point,
 //     or the live epoch of a live clone) or queued for the collector;
-//   - each store chunk is referenced by at most one entry, and the
-//     allocation bitmap equals the referenced set plus chunks freed by
-//     records not yet durable and copies in flight;
+//   - each store chunk is referenced by at most one entry, and the data
+//     space map equals the referenced set plus the copies in flight;
+//   - the metadata region's last commit passes meta's Check (pages,
+//     tree order and fill, the two trees agree, space maps against
+//     what the trees and maps reach);
 //   - every volume's branch exists, every snapshot's epoch was handed out,
 //     every clone's parent point is held, reference counts match the
 //     volumes and branches that hold them, and hidden snapshots have clones;
@@ -37,10 +44,9 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 	}
 	refs := map[point]int32{}
 	seen := make([]bool, s.geo.dataChunks)
-	referenced := uint64(0)
 	var prev entry
 	first := true
-	s.ix.byChunk.Ascend(func(x entry) bool {
+	err := s.ix.ascend(entry{}, func(x entry) bool {
 		if !first && !lessBCE(prev, x) {
 			return bad("index out of order at (%d,%d,%d)", x.b, x.c, x.e)
 		}
@@ -66,51 +72,73 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		if !held && !queued[point{x.b, x.e}] {
 			return bad("entry (%d,%d,%d) at an epoch nothing holds and nothing collects", x.b, x.c, x.e)
 		}
-		if _, ok := s.ix.byEpoch.Get(x); !ok {
-			return bad("entry (%d,%d,%d) missing from the epoch tree", x.b, x.c, x.e)
-		}
 		if x.isData() {
 			if seen[x.loc] {
 				return bad("store chunk %d referenced twice (again by (%d,%d,%d))", x.loc, x.b, x.c, x.e)
 			}
 			seen[x.loc] = true
-			referenced++
-			if !s.alloc.isUsed(x.loc) {
-				return bad("store chunk %d referenced by (%d,%d,%d) but free in the bitmap", x.loc, x.b, x.c, x.e)
-			}
 		}
 		return true
 	})
-	if a, b := s.ix.byChunk.Len(), s.ix.byEpoch.Len(); a != b {
-		bad("index trees hold %d and %d entries", a, b)
+	if err != nil {
+		_ = s.fail(metaErr("check: walk of the index", err))
+		bad("walk of the index: %v", err)
 	}
-	s.checkAlloc(seen, referenced, bad)
+	s.checkAlloc(seen, bad)
+	if err := s.m.Check(); err != nil {
+		if ioErr := notCorrupt(err); ioErr != nil {
+			// A page that could not be read is a device failure, not
+			// a finding: the store fails as it would in any lookup.
+			_ = s.fail(metaErr("check", ioErr))
+		}
+		bad("metadata region: %v", err)
+	}
 	s.checkVolumes(refs, bad)
 	return rep
 }
 
-func (s *Store) checkAlloc(seen []bool, referenced uint64, bad func(string, ...any) bool) {
+// notCorrupt returns the first of err's joined problems that is not
+// meta.ErrCorrupt (a read that failed), or nil.
+func notCorrupt(err error) error {
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	for _, e := range errs {
+		if !errors.Is(e, meta.ErrCorrupt) {
+			return e
+		}
+	}
+	return nil
+}
+
+// checkAlloc compares the data space map with the referenced chunks and
+// the copies in flight: no chunk referenced and free, none allocated and
+// neither referenced nor in flight (leaked).
+func (s *Store) checkAlloc(seen []bool, bad func(string, ...any) bool) {
 	a := s.alloc
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	pending := map[uint64]bool{}
-	for _, f := range a.pending {
-		if seen[f.loc] {
-			bad("store chunk %d both referenced and freed", f.loc)
+	used := make([]bool, len(seen))
+	leaked := 0
+	a.m.DataInUse(func(loc uint64) bool {
+		if loc >= uint64(len(used)) {
+			leaked++
+			return true
 		}
-		pending[f.loc] = true
-	}
-	extra := int64(0)
-	for loc := uint64(0); loc < a.n; loc++ {
-		if a.isUsed(loc) && !seen[loc] && !pending[loc] {
-			extra++
+		used[loc] = true
+		if _, inflight := a.inflight[loc]; !seen[loc] && !inflight {
+			leaked++
 		}
+		return true
+	})
+	if leaked > 0 {
+		bad("%d store chunks allocated but neither referenced nor in flight: leaked", leaked)
 	}
-	if extra != a.inflight {
-		bad("%d store chunks allocated but neither referenced nor freed (%d copies in flight): leaked", extra, a.inflight)
-	}
-	if want := referenced + uint64(len(pending)) + uint64(a.inflight); a.nused != want {
-		bad("bitmap counts %d used chunks, want %d", a.nused, want)
+	for loc, ref := range seen {
+		if ref && !used[loc] {
+			bad("store chunk %d referenced but free in the space map", loc)
+		}
 	}
 }
 

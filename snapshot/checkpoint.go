@@ -1,27 +1,29 @@
 package snapshot
 
-// The checkpoint image: the whole state, streamed into a journal slot.
+// The checkpoint image: the store's small state (branches and volumes),
+// streamed into a journal slot at each tree commit. The index is not in
+// it: it lives in the metadata region, whose commit records the journal
+// record it covers.
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (1), little-endian
+//	     8    4  version (2), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1)
 //	          -  uv volume count; per volume (the origin excluded): uv id,
 //	             uv kind, uv branch, uv epoch, uv hidden, sv created, uv parent,
 //	             uv name length, name
-//	          -  entry runs in (branch, epoch, chunk) order, each: a tag byte
-//	             (1: new branch/epoch follows, 2: same as the previous run),
-//	             [uv branch, uv epoch], uv chunk (tag 2: delta from the previous
-//	             run's end), uv count, uv location (0 zero, 1 inherit, else 2 +
-//	             zigzag of the delta from the previous data run's end); tag 0
-//	             ends the runs
+//	          -  a zero byte (version 1 had the entry runs here: see
+//	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
 //
-// A run is count consecutive chunks at one (branch, epoch) with consecutive
-// store locations (or the same special location), so sequential writes cost
-// a few bytes per extent, random ones a few bytes per chunk.
+// Version 1 (format version 1 stores) held the whole index after the
+// volumes, as entry runs in (branch, epoch, chunk) order, each: a tag byte
+// (1: new branch/epoch follows, 2: same as the previous run), [uv branch,
+// uv epoch], uv chunk (tag 2: delta from the previous run's end), uv
+// count, uv location (0 zero, 1 inherit, else 2 + zigzag of the delta from
+// the previous data run's end); tag 0 ended the runs.
 
 import (
 	"bufio"
@@ -33,19 +35,22 @@ import (
 	"hash/crc32"
 	"io"
 	"slices"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 const (
-	checkpointMagic   = "BSNAPCKP"
-	checkpointVersion = 1
+	checkpointMagic      = "BSNAPCKP"
+	checkpointVersion    = 2
+	oldCheckpointVersion = 1
 )
 
-// capture is a consistent copy of the state, taken under mu, that the
-// checkpointer streams without holding any lock.
+// capture is a tree commit frozen under mu at journal record upTo, with
+// the small state as of that record: the checkpointer writes it without
+// holding any lock of the store.
 type capture struct {
 	upTo     uint64
-	growth   int64 // Store.metaGrowth when captured
-	ix       index
+	fz       *meta.Frozen // nil: the tree did not change
 	nextVol  uint64
 	nextBr   uint32
 	branches []branchRec
@@ -66,11 +71,10 @@ type branchRec struct {
 	live                               bool
 }
 
-func (s *Store) captureLocked() capture {
-	c := capture{ix: s.ix.clone(), nextVol: s.nextVol, nextBr: s.nextBranch, growth: s.metaGrowth.Load()}
-	if s.j != nil {
-		c.upTo = s.j.LastSeq()
-	}
+// smallStateLocked copies the branch and volume tables. Called with mu
+// held.
+func (s *Store) smallStateLocked(c *capture) {
+	c.nextVol, c.nextBr = s.nextVol, s.nextBranch
 	for _, br := range s.branches {
 		c.branches = append(c.branches, branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live})
 	}
@@ -82,38 +86,68 @@ func (s *Store) captureLocked() capture {
 		}
 	}
 	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
-	return c
+}
+
+// captureLocked freezes a tree commit at the last record appended. Called
+// with mu held exclusively and no capture outstanding; it marks one
+// outstanding until writeCheckpoint ends it. A freeze that fails fails
+// the store.
+func (s *Store) captureLocked() (capture, error) {
+	var c capture
+	if s.j != nil {
+		c.upTo = s.j.LastSeq()
+	}
+	s.smallStateLocked(&c)
+	fz, err := s.alloc.freeze(c.upTo)
+	if err != nil {
+		return c, s.fail(metaErr("freeze tree commit", err))
+	}
+	c.fz = fz
+	s.capOut = true
+	s.lastTreeSeq = c.upTo
+	return c, nil
 }
 
 // maybeCaptureLocked hands a capture to the checkpointer when the journal
-// asks for a checkpoint. Capturing here, under mu, means the checkpointer
-// never needs mu.
+// asks for a checkpoint, or when treeCommitRecords records were logged
+// since the last tree commit (which bounds what Open replays after a
+// crash). Capturing here, under mu, means the checkpointer never needs mu
+// to freeze.
 func (s *Store) maybeCaptureLocked() {
+	if s.capOut {
+		return
+	}
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords {
+		s.postCaptureLocked()
+		return
+	}
 	select {
 	case _, ok := <-s.j.NeedCheckpoint():
-		if ok && !s.ckptBusy.Load() {
+		if ok {
 			s.postCaptureLocked()
 		}
 	default:
 	}
 }
 
-// postCaptureLocked hands the checkpointer a capture of the state now; it
-// replaces one the checkpointer has not taken yet. Every sender holds mu,
-// so the channel (one slot) is empty when the send comes.
+// treeCommitRecords is how many journal records may be logged before a
+// tree commit starts in the background, whatever the commit interval:
+// Open after a crash replays at most about this many (plus those logged
+// while that commit runs).
+const treeCommitRecords = 1 << 16
+
+// postCaptureLocked hands the checkpointer a capture of the state now.
+// Called with mu held and no capture outstanding, so the channel (one
+// slot) is empty.
 func (s *Store) postCaptureLocked() {
-	c := s.captureLocked()
-	select {
-	case <-s.ckptCh:
-	default:
+	c, err := s.captureLocked()
+	if err != nil {
+		return
 	}
-	s.postedUpTo = c.upTo
-	s.ckptBusy.Store(true)
 	s.ckptCh <- c
 }
 
-// checkpointer writes the captures it is handed, then lets the chunks
-// freed by the records they cover be reused.
+// checkpointer writes the captures it is handed.
 func (s *Store) checkpointer() {
 	defer s.wg.Done()
 	for {
@@ -121,149 +155,110 @@ func (s *Store) checkpointer() {
 		case <-s.ctx.Done():
 			return
 		case c := <-s.ckptCh:
-			err := s.writeCheckpoint(s.ctx, c)
-			s.ckptBusy.Store(false)
-			if err != nil && s.ctx.Err() == nil {
+			if err := s.writeCheckpoint(c); err != nil {
 				_ = s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
 				return
-			}
-			if err == nil {
-				s.releaseFreed(c.upTo)
 			}
 		}
 	}
 }
 
-// Checkpoint writes a checkpoint now and waits for it (tests and tools;
-// the store checkpoints by itself in the background).
+// dropCapture ends a capture left in the checkpointer's channel (Close,
+// after the checkpointer stopped): written if the store is sound,
+// abandoned otherwise.
+func (s *Store) dropCapture() {
+	select {
+	case c := <-s.ckptCh:
+		if s.failed.Load() == nil {
+			_ = s.writeCheckpoint(c) // a failure fails the store, which Close reports
+			return
+		}
+		if c.fz != nil {
+			c.fz.Abandon(errors.New("snapshot: the store failed"))
+		}
+		s.endCapture()
+	default:
+	}
+}
+
+// Checkpoint commits the metadata tree now and waits for it (tests and
+// tools; the store does it by itself in the background).
 func (s *Store) Checkpoint(ctx context.Context) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	if s.j == nil {
-		return nil
-	}
-	s.mu.Lock()
-	c := s.captureLocked()
-	s.mu.Unlock()
-	if err := s.writeCheckpoint(ctx, c); err != nil {
-		return err
-	}
-	s.releaseFreed(c.upTo)
-	return nil
+	return s.treeCommit(ctx)
 }
 
-// writeCheckpoint writes c unless a newer checkpoint has been written; the
-// image's size becomes the measured base of the metadata bound.
-func (s *Store) writeCheckpoint(ctx context.Context, c capture) error {
-	s.ckptMu.Lock()
-	defer s.ckptMu.Unlock()
-	if c.upTo < s.ckptUpTo {
-		return nil
+// treeCommit freezes a tree commit (waiting for one outstanding to end
+// first) and writes it. Called with no lock of the store held but branch
+// gates and stripes.
+func (s *Store) treeCommit(ctx context.Context) error {
+	s.mu.Lock()
+	for s.capOut && s.failed.Load() == nil {
+		s.capDone.Wait()
 	}
-	var n int64
-	err := s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error {
-		var err error
-		n, err = c.encode(w)
+	if err := ctx.Err(); err != nil {
+		s.mu.Unlock()
 		return err
-	})
+	}
+	if p := s.failed.Load(); p != nil {
+		s.mu.Unlock()
+		return *p
+	}
+	c, err := s.captureLocked()
+	s.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	s.ckptUpTo = c.upTo
+	return s.writeCheckpoint(c)
+}
+
+// writeCheckpoint writes capture c: it makes the records up to c.upTo
+// durable in the journal (so the tree never covers a record the journal
+// could lose), writes the frozen tree commit (pages, flush, the tree's
+// superblock, which records c.upTo, flush), writes the small state as the
+// journal's checkpoint at c.upTo (which trims the log), and then lets the
+// data chunks freed by durable commits be reused. A crash between the
+// tree commit and the journal checkpoint is safe: Open replays only the
+// small-state changes of the records the tree covers. It runs to the end
+// even when the store is closing: an unwritten frozen commit would block
+// every later one.
+func (s *Store) writeCheckpoint(c capture) error {
+	defer s.endCapture()
+	ctx := context.Background()
+	if s.j != nil {
+		if err := s.j.Commit(ctx); err != nil {
+			if c.fz != nil {
+				c.fz.Abandon(err)
+			}
+			return s.fail(fmt.Errorf("snapshot: commit: %w", err))
+		}
+	}
+	if c.fz != nil {
+		if err := c.fz.Write(); err != nil {
+			return s.fail(metaErr("tree commit", err))
+		}
+	}
 	s.setDurable(c.upTo)
-	s.setMark(&metaMark{bytes: n, growth: c.growth})
+	if s.j != nil {
+		if err := s.j.Checkpoint(ctx, c.upTo, func(w io.Writer) error {
+			_, err := c.encode(w)
+			return err
+		}); err != nil {
+			return s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
+		}
+	}
+	s.releaseFreed()
 	return nil
 }
 
-// setMark makes m the measured base of the metadata bound unless a later
-// capture has been measured already.
-func (s *Store) setMark(m *metaMark) {
-	for {
-		cur := s.metaMark.Load()
-		if m.growth < cur.growth || s.metaMark.CompareAndSwap(cur, m) {
-			return
-		}
-	}
-}
-
-// measureMeta measures the metadata image now (a walk of a lazy copy of
-// the index, outside mu, no I/O) and makes it the bound's base.
-func (s *Store) measureMeta() {
+// endCapture marks the outstanding capture ended.
+func (s *Store) endCapture() {
 	s.mu.Lock()
-	c := s.captureLocked()
+	s.capOut = false
+	s.capDone.Broadcast()
 	s.mu.Unlock()
-	s.setMark(&metaMark{bytes: c.metadataBytes(), growth: c.growth})
-}
-
-// metaMark is a measured point of the metadata bound: the checkpoint image
-// of a capture was bytes long, and metaGrowth was growth at the capture.
-type metaMark struct {
-	bytes, growth int64
-}
-
-// emptyImage bounds the image of a store with no volumes or entries, the
-// base of the bound before the first checkpoint.
-const emptyImage = 64
-
-// metaBound returns the bound on the checkpoint image now, and the part
-// of it not measured by a checkpoint.
-func (s *Store) metaBound() (bound, unmeasured int64) {
-	m := s.metaMark.Load()
-	unmeasured = s.metaGrowth.Load() - m.growth
-	return m.bytes + unmeasured, unmeasured
-}
-
-// metaLimit is the most the bound may reach: the checkpoint slot, less a
-// sixteenth kept for the collector (whose records are not refused).
-func (s *Store) metaLimit() int64 {
-	slot := s.geo.journalLen / 4 / 4096 * 4096 // journalOptions' CheckpointSize
-	return slot - slot/16
-}
-
-// metaRoomLocked refuses, with ErrNoSpace, operations whose worst-case
-// growth of the image would take the bound past metaLimit: a store must
-// never hold more than it can checkpoint. Called with mu held.
-func (s *Store) metaRoomLocked(cost int64) error {
-	if cost == 0 {
-		return nil
-	}
-	if bound, _ := s.metaBound(); bound+cost > s.metaLimit() {
-		return fmt.Errorf("%w: the metadata would outgrow its %d-byte checkpoint slot (up to %d bytes now)",
-			ErrNoSpace, s.geo.journalLen/4/4096*4096, bound)
-	}
-	return nil
-}
-
-// opsCost is the most that applying ops can add to the checkpoint image.
-// A put adds at most one run (entries at consecutive chunks and
-// locations); a del can split a run in two; a move is a del and a put.
-// Either can also lengthen the next run's deltas (chunk and location).
-func (s *Store) opsCost(ops []op) int64 {
-	cw := int64(uvLen(s.chunks))
-	lw := int64(uvLen(2*s.geo.dataChunks + 4))
-	run := 1 + 5 + 5 + 2*cw + cw + 2*lw // tag, branch, epoch, chunk, count, location; the next run's deltas
-	var n int64
-	for i := range ops {
-		switch o := &ops[i]; o.kind {
-		case opPut, opDel:
-			n += run
-		case opMove:
-			n += 2 * run
-		case opBranch:
-			n += 5 * 5
-		case opVolume:
-			n += 7*10 + int64(len(o.name)) // and the next volume or branch id
-		case opRename:
-			n += int64(len(o.name))
-		}
-	}
-	return n
-}
-
-func uvLen(v uint64) int {
-	var b [binary.MaxVarintLen64]byte
-	return binary.PutUvarint(b[:], v)
 }
 
 // encoder writes varints through a buffer and a running checksum.
@@ -345,68 +340,7 @@ func (c *capture) encodeTo(e *encoder) {
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}
-	encodeRuns(c.ix, e)
-	e.byte1(0)
-}
-
-// run is a maximal extent of entries.
-type run struct {
-	b, e   uint32
-	c, n   uint64
-	loc    uint64
-	active bool
-}
-
-// encodeRuns writes the index as runs; it returns nothing, errors stick in e.
-func encodeRuns(ix index, e *encoder) {
-	var cur run
-	var prevEnd, locEnd uint64
-	var pb, pe uint32
-	first := true
-	flush := func() {
-		if !cur.active {
-			return
-		}
-		if first || cur.b != pb || cur.e != pe {
-			e.byte1(1)
-			e.uv(uint64(cur.b))
-			e.uv(uint64(cur.e))
-			e.uv(cur.c)
-		} else {
-			e.byte1(2)
-			e.uv(cur.c - prevEnd)
-		}
-		first, pb, pe, prevEnd = false, cur.b, cur.e, cur.c+cur.n
-		e.uv(cur.n)
-		switch cur.loc {
-		case locZero:
-			e.uv(0)
-		case locInherit:
-			e.uv(1)
-		default:
-			d := int64(cur.loc - locEnd)
-			e.uv(2 + uint64((d<<1)^(d>>63)))
-			locEnd = cur.loc + cur.n
-		}
-	}
-	ix.byEpoch.Ascend(func(x entry) bool {
-		if cur.active && x.b == cur.b && x.e == cur.e && x.c == cur.c+cur.n &&
-			((x.isData() && cur.loc < locInherit && x.loc == cur.loc+cur.n) || (!x.isData() && x.loc == cur.loc)) {
-			cur.n++
-			return true
-		}
-		flush()
-		cur = run{b: x.b, e: x.e, c: x.c, n: 1, loc: x.loc, active: true}
-		return e.err == nil
-	})
-	flush()
-}
-
-// metadataBytes is the size of the checkpoint image of c.
-func (c *capture) metadataBytes() int64 {
-	e := &encoder{w: bufio.NewWriterSize(io.Discard, 4096), crc: crc32.New(castagnoli)}
-	c.encodeTo(e)
-	return e.n + 4
+	e.byte1(0) // no entry runs: the index is in the metadata region
 }
 
 // replayer adapts Store to journal.Replayer.
@@ -414,11 +348,16 @@ type replayer Store
 
 func (r *replayer) LoadCheckpoint(rd io.Reader) error { return (*Store)(r).loadCheckpoint(rd) }
 
+// Replay applies a record; of those the tree's last commit covers, only
+// the branch and volume changes (the tree holds their index changes).
 func (r *replayer) Replay(seq uint64, payload []byte) error {
 	s := (*Store)(r)
 	ops, err := decodeRecord(nil, payload, fmt.Sprintf("journal record %d", seq))
 	if err != nil {
 		return err
+	}
+	if seq <= s.treeSeq {
+		ops = slices.DeleteFunc(ops, func(o op) bool { return o.kind == opPut || o.kind == opDel || o.kind == opMove })
 	}
 	return s.applyOps(ops, seq, true)
 }

@@ -1,6 +1,9 @@
 package snapshot
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+)
 
 // The clone write path: redirect-on-write.
 //
@@ -60,26 +63,36 @@ type liveView struct {
 	needAt  uint32 // the newest held epoch that sees the current live view, or 0
 }
 
-func (s *Store) liveViewOf(br *branch, c uint64) liveView {
+func (s *Store) liveViewOf(br *branch, c uint64) (liveView, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var v liveView
-	v.live, v.hasLive = s.ix.get(br.id, c, epochLive)
+	var err error
+	if v.live, v.hasLive, err = s.ix.get(br.id, c, epochLive); err != nil {
+		return v, metaErr("index lookup", err)
+	}
 	prevE := uint32(0)
-	if prev, ok := s.ix.last(br.id, c); ok {
+	prev, ok, err := s.ix.last(br.id, c)
+	if err != nil {
+		return v, metaErr("index lookup", err)
+	}
+	if ok {
 		prevE = prev.e
 	}
 	if h := br.need.Load(); h > prevE {
 		v.needAt = h
 	}
-	return v
+	return v, nil
 }
 
 func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard bool) error {
 	l := s.cloneStripe(br.id, c)
 	l.Lock()
 	defer l.Unlock()
-	v := s.liveViewOf(br, c)
+	v, err := s.liveViewOf(br, c)
+	if err != nil {
+		return err
+	}
 	whole := in == 0 && k == s.chunkLen(c)
 	if v.hasLive && v.needAt == 0 {
 		switch {
@@ -109,12 +122,11 @@ func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard 
 		return err
 	}
 	if err := s.writeRedirected(br, c, v, loc, p, in, k, whole); err != nil {
-		s.alloc.release(loc, 1)
-		return err
+		return errors.Join(err, s.alloc.release(loc, 1))
 	}
 	sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: loc})
 	if _, err = s.log(sc); err != nil && s.failed.Load() == nil {
-		s.alloc.release(loc, 1) // refused before it changed anything
+		err = errors.Join(err, s.alloc.release(loc, 1)) // refused before it changed anything
 	}
 	return err
 }

@@ -30,6 +30,10 @@ type tortureConfig struct {
 	blockSize            int
 	chunkSize            int
 	journalSize          int64
+	// metadataCache is Options.MetadataCache: tiny, so that the metadata
+	// layer evicts and re-reads pages (and writes dirty ones back) under
+	// the torture.
+	metadataCache int
 }
 
 // TestCrashTorture runs the random workload on CrashSim origin and store
@@ -40,11 +44,12 @@ type tortureConfig struct {
 // since (any contents under Tear), volumes exist as their last completed
 // operation left them.
 //
-// Three geometries: 512-byte devices with a roomy store; 4096-byte devices
+// Four geometries: 512-byte devices with a roomy store; 4096-byte devices
 // with an origin that ends in half a chunk and a small store and journal
 // (the store fills, foreground checkpoints happen); 512-byte devices with
 // an origin of more than 64 chunks (writes longer than one segment) that
-// is not a whole number of chunks. The options that are not stored change
+// is not a whole number of chunks; and a metadata cache far smaller than
+// the index, so that pages are written back, evicted and re-read. The options that are not stored change
 // from one reopen to the next: the origin buffer, the background commit
 // interval (off, or running, so the committer and the drain race the
 // workload), CheckpointAt up to its maximum, and the NoSpace policy. With
@@ -53,9 +58,10 @@ type tortureConfig struct {
 func TestCrashTorture(t *testing.T) {
 	seed := blockdevtest.Seed(t)
 	configs := []tortureConfig{
-		{"512", 128 << 10, 3 << 20, 512, 4 << 10, 128 << 10},
-		{"4096-partial-chunk", 300 << 10, 2 << 20, 4096, 8 << 10, 64 << 10},
-		{"512-long-writes", 300<<10 + 1536, 1536 << 10, 512, 4 << 10, 48 << 10},
+		{"512", 128 << 10, 3 << 20, 512, 4 << 10, 128 << 10, 0},
+		{"4096-partial-chunk", 300 << 10, 2 << 20, 4096, 8 << 10, 64 << 10, 0},
+		{"512-long-writes", 300<<10 + 1536, 1536 << 10, 512, 4 << 10, 48 << 10, 0},
+		{"4096-tiny-metadata-cache", 300 << 10, 2 << 20, 4096, 4 << 10, 64 << 10, 4 << 10},
 	}
 	for i, cfg := range configs {
 		t.Run(cfg.name, func(t *testing.T) {
@@ -83,7 +89,10 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 		return blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, p)
 	}
 	tr := newCut()
-	opts := Options{ChunkSize: cfg.chunkSize, JournalSize: cfg.journalSize, CommitInterval: -1}
+	// The metadata layer writes back in the writer's calls, so that a
+	// seed replays the same device calls.
+	opts := Options{ChunkSize: cfg.chunkSize, JournalSize: cfg.journalSize, CommitInterval: -1,
+		MetadataCache: cfg.metadataCache, syncWriteBack: true}
 	w := newWorkload(t, seed, tr.Device("origin", oSim), tr.Device("store", sSim), opts)
 	w.failOK = true
 	w.maxVols = 8
@@ -127,9 +136,13 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 		reopen = true
 	}
 	t.Logf("%d crash points: %d with origin writes buffered, %d with the committer running, %d after ErrNoSpace; "+
-		"%d emergency checkpoints crossed, %d metadata measures, %d snapshots invalidated for room",
-		crashes, buffered, committer, full, w.emergencies, w.measures, w.invalidated)
+		"%d emergency checkpoints crossed, %d snapshots invalidated for room; %d metadata pages read on a miss, %d evicted",
+		crashes, buffered, committer, full, w.emergencies, w.invalidated, w.metaMisses, w.metaEvicted)
 	require.Positive(t, buffered, "no crash hit buffered origin writes")
+	if cfg.metadataCache > 0 {
+		require.Positive(t, w.metaEvicted, "the tiny metadata cache never evicted")
+		require.Positive(t, w.metaMisses, "no metadata page was read back")
+	}
 }
 
 // crashed completes the power cut, reopens on the surviving images and

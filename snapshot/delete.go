@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 )
@@ -154,10 +155,11 @@ func (s *Store) collector() {
 		if s.ctx.Err() != nil {
 			return // resumes at the next Open
 		}
-		if err == nil && s.j != nil {
-			err = s.commit(s.ctx)
-		} else if err == nil {
-			s.releaseFreed(^uint64(0))
+		if err == nil {
+			// A tree commit, not just a journal commit: it makes the
+			// freed chunks reusable now, so a finished delete shows
+			// its space free.
+			err = s.treeCommit(s.ctx)
 		}
 		s.mu.Lock()
 		s.gcq = s.gcq[1:]
@@ -234,13 +236,17 @@ func (s *Store) collect(t gcTask) error {
 		s.mu.RLock()
 		br := s.branches[t.p.b]
 		held := br != nil && (br.refs[t.p.e] > 0 || (t.p.e == epochLive && br.live))
+		var werr error
 		if br != nil && !held {
-			s.ix.epochEntries(t.p.b, t.p.e, 0, func(x entry) bool {
+			werr = s.ix.epochEntries(t.p.b, t.p.e, 0, func(x entry) bool {
 				batch = append(batch, x)
 				return len(batch) < gcBatch
 			})
 		}
 		s.mu.RUnlock()
+		if werr != nil {
+			return metaErr("index walk", werr)
+		}
 		if len(batch) == 0 {
 			break
 		}
@@ -249,7 +255,15 @@ func (s *Store) collect(t gcTask) error {
 			stripes[s.stripeOf(x.b, x.c)] = true
 		}
 		s.lockStripes(t.p.b, &stripes)
-		err := s.collectBatch(t, br, batch)
+		// A batch the metadata region has no room for (its worst case
+		// counts every change) is retried in halves: one delete always
+		// fits the layer's delete reserve.
+		n := len(batch)
+		err := s.collectBatch(t, br, batch[:n])
+		for errors.Is(err, ErrNoSpace) && n > 1 {
+			n /= 2
+			err = s.collectBatch(t, br, batch[:n])
+		}
 		s.unlockStripes(t.p.b, &stripes)
 		if err != nil {
 			return err
@@ -302,12 +316,19 @@ func (s *Store) collectBatch(t gcTask, br *branch, batch []entry) error {
 	defer s.mu.Unlock()
 	freed := int64(0)
 	for _, x := range batch {
-		cur, ok := s.ix.get(x.b, x.c, x.e)
+		cur, ok, err := s.ix.get(x.b, x.c, x.e)
+		if err != nil {
+			return metaErr("index lookup", err)
+		}
 		if !ok {
 			continue
 		}
 		lo := uint32(0)
-		if p, ok := s.ix.prev(x.b, x.c, x.e); ok {
+		p, ok, err := s.ix.prev(x.b, x.c, x.e)
+		if err != nil {
+			return metaErr("index lookup", err)
+		}
+		if ok {
 			lo = p.e
 		}
 		if h := br.newestHeldBelow(lo, x.e); h != 0 {
@@ -346,8 +367,11 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.branches[t.p.b]
-	if br == nil || !br.dead() || s.ix.branchHas(br.id) {
+	if br == nil || !br.dead() {
 		return nil
+	}
+	if has, err := s.ix.branchHas(br.id); err != nil || has {
+		return metaErr("index lookup", err)
 	}
 	sc := s.getScratch()
 	defer s.putScratch(sc)

@@ -83,10 +83,14 @@ func (s *Store) diffChunks(from, to *Volume) ([]uint64, *Volume, error) {
 		}
 		return true
 	}
+	var err error
 	if lo == epochLive {
-		s.ix.epochEntries(br, epochLive, 0, visit)
+		err = s.ix.epochEntries(br, epochLive, 0, visit)
 	} else {
-		s.ix.byEpoch.AscendRange(entry{b: br, e: lo}, entry{b: br, e: hi}, visit)
+		err = s.ix.epochRange(br, lo, hi, visit)
+	}
+	if err != nil {
+		return nil, nil, metaErr("index walk", err)
 	}
 	slices.Sort(out)
 	return slices.Compact(out), b, nil
@@ -98,9 +102,13 @@ func (s *Store) readsZero(v *Volume, c uint64) bool {
 	var loc uint64
 	fromOrigin := true
 	if v.kind != KindOrigin {
+		var err error
 		s.mu.RLock()
-		loc, fromOrigin = s.resolveLocked(v.levels, c)
+		loc, fromOrigin, err = s.resolveLocked(v.levels, c)
 		s.mu.RUnlock()
+		if err != nil {
+			return false // unknown: the caller reads the chunk
+		}
 	}
 	if !fromOrigin {
 		return loc == locZero

@@ -18,7 +18,8 @@ import (
 
 func seedSuperblock() []byte {
 	g := geometry{chunkSize: 64 << 10, originSize: 1 << 30, storeSize: 1 << 30, journalOff: superblockSize,
-		journalLen: 1 << 20, dataOff: 2 << 20, dataChunks: (1<<30 - 2<<20) / (64 << 10)}
+		journalLen: 1 << 20, metaOff: superblockSize + 1<<20, metaLen: 1 << 20, dataOff: 3 << 20,
+		dataChunks: (1<<30 - 3<<20) / (64 << 10), version: superblockVersion}
 	return g.encode()
 }
 
@@ -102,12 +103,27 @@ func FuzzRecord(f *testing.F) {
 }
 
 // fuzzStore is an unstarted store over small Mem devices.
-func fuzzStore(t *testing.T) *Store {
+func fuzzStore(t testing.TB) *Store {
 	origin, _ := blockdev.NewMem(1<<20, 512)
-	store, _ := blockdev.NewMem(4<<20, 512)
-	g := geometry{chunkSize: 4 << 10, originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize,
-		dataOff: 4096, dataChunks: 1023}
-	return newStore(origin, store, Options{ChunkSize: 4 << 10}, g)
+	store, _ := blockdev.NewMem(16<<20, 512)
+	s, err := formatRegions(origin, store, Options{ChunkSize: 4 << 10, JournalSize: 256 << 10, MetadataBytes: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.abort)
+	return s
+}
+
+// smallImage encodes s's small state as a checkpoint image.
+func smallImage(s *Store) []byte {
+	var c capture
+	s.mu.Lock()
+	s.smallStateLocked(&c)
+	s.mu.Unlock()
+	var buf bytes.Buffer
+	_, err := c.encode(&buf)
+	check(err)
+	return buf.Bytes()
 }
 
 func check(err error) {
@@ -118,9 +134,9 @@ func check(err error) {
 
 // seedCheckpoints returns checkpoint images of a small populated store and
 // of an empty one, with fuzzStore's geometry.
-func seedCheckpoints() [][]byte {
+func seedCheckpoints(t testing.TB) [][]byte {
 	origin, _ := blockdev.NewMem(1<<20, 512)
-	store, _ := blockdev.NewMem(4<<20, 512)
+	store, _ := blockdev.NewMem(16<<20, 512)
 	s, err := Format(origin, store, Options{ChunkSize: 4 << 10, Transient: true})
 	check(err)
 	defer s.Close()
@@ -142,21 +158,11 @@ func seedCheckpoints() [][]byte {
 	check(err)
 	_, err = s.CreateClone("c2", c) // a hidden snapshot
 	check(err)
-	var out [][]byte
-	for _, st := range []*Store{s, newStore(origin, store, Options{ChunkSize: 4 << 10}, s.geo)} {
-		st.mu.Lock()
-		cp := st.captureLocked()
-		st.mu.Unlock()
-		var buf bytes.Buffer
-		_, err := cp.encode(&buf)
-		check(err)
-		out = append(out, buf.Bytes())
-	}
-	return out
+	return [][]byte{smallImage(s), smallImage(fuzzStore(t))}
 }
 
 func FuzzCheckpoint(f *testing.F) {
-	for _, b := range seedCheckpoints() {
+	for _, b := range seedCheckpoints(f) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -167,7 +173,7 @@ func FuzzCheckpoint(f *testing.F) {
 			return
 		}
 		// A loaded image is consistent.
-		s.afterReplay()
+		require.NoError(t, s.afterReplay())
 		require.NoError(t, s.Check())
 	})
 }
@@ -175,18 +181,12 @@ func FuzzCheckpoint(f *testing.F) {
 // TestCheckpointRoundTrip loads a checkpoint written by a real store and
 // compares the state.
 func TestCheckpointRoundTrip(t *testing.T) {
-	imgs := seedCheckpoints()
+	imgs := seedCheckpoints(t)
 	s := fuzzStore(t)
 	require.NoError(t, s.loadCheckpoint(bytes.NewReader(imgs[0])))
 	require.NoError(t, s.Check())
 	require.Equal(t, 6, len(s.volumes)) // origin, s1, c1, c1-s, c2 and its hidden parent snapshot
-	s.mu.Lock()
-	cp := s.captureLocked()
-	s.mu.Unlock()
-	var buf bytes.Buffer
-	_, err := cp.encode(&buf)
-	require.NoError(t, err)
-	require.Equal(t, imgs[0], buf.Bytes())
+	require.Equal(t, imgs[0], smallImage(s))
 }
 
 // The checkpoint image and the journal records decode varints alike: the

@@ -3,12 +3,14 @@ package snapshot
 import (
 	"bufio"
 	"encoding/binary"
+	"fmt"
 	"hash/crc32"
 	"io"
 )
 
 // loadCheckpoint decodes a checkpoint image (checkpoint.go) into the empty
-// state of a store being opened. Every object it creates consumes input
+// state of a store being opened (version 1 images, whose entry runs go
+// into the index, only when Migrate reads an old store). Every object it creates consumes input
 // bytes, so its allocations are bounded by the image's length.
 func (s *Store) loadCheckpoint(r io.Reader) error {
 	d := &ckptReader{r: bufio.NewReaderSize(r, 64<<10), crc: crc32.New(castagnoli)}
@@ -17,13 +19,18 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	d.crc.Write(salt[:])
 	var hdr [12]byte
 	d.read(hdr[:])
-	if d.err == nil && (string(hdr[:8]) != checkpointMagic || binary.LittleEndian.Uint32(hdr[8:]) != checkpointVersion) {
-		d.fail("bad magic or version")
+	version := binary.LittleEndian.Uint32(hdr[8:])
+	if d.err == nil && (string(hdr[:8]) != checkpointMagic || version != checkpointVersion && !(s.migrating && version == oldCheckpointVersion)) {
+		d.fail("bad magic or version %d", version)
 	}
 	nextVol, nextBr := d.uv(), d.u32()
 	s.loadBranches(d)
 	s.loadVolumes(d)
-	s.loadRuns(d)
+	if version == oldCheckpointVersion {
+		s.loadRuns(d)
+	} else if tag := d.byte1(); tag != 0 && d.err == nil {
+		d.fail("entry runs in a version %d image", version)
+	}
 	if d.err != nil {
 		return d.err
 	}
@@ -128,20 +135,53 @@ func (d *ckptReader) sv() int64 {
 
 // afterReplay queues the collection of whatever a delete left unfinished:
 // entries at epochs nothing holds, and dead branches.
-func (s *Store) afterReplay() {
+func (s *Store) afterReplay() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, br := range s.branches {
-		s.ix.branchEpochs(br.id, func(e uint32) bool {
+		err := s.ix.branchEpochs(br.id, func(e uint32) bool {
 			if br.refs[e] <= 0 && !(e == epochLive && br.live) {
 				s.queueGC(point{br.id, e})
 			}
 			return true
 		})
+		if err != nil {
+			return metaErr("scan branch epochs", err)
+		}
 		if br.dead() {
 			s.queueGC(point{br.id, epochLive})
 		}
 	}
+	return nil
+}
+
+// rebuildSummaries rebuilds, from the index, what the store keeps in
+// memory beside it: each origin chunk's preserved epoch and each branch's
+// chunk-group bits. It is one walk of the chunk tree, in key order, so it
+// reads every leaf once: its cost grows with the index entries (about 11
+// bytes of leaf each), not with the journal.
+func (s *Store) rebuildSummaries() error {
+	var bad error
+	err := s.ix.ascend(entry{}, func(x entry) bool {
+		br := s.branches[x.b]
+		if br == nil {
+			bad = fmt.Errorf("%w: index entry (%d,%d,%d) of unknown branch %d", ErrCorrupt, x.b, x.c, x.e, x.b)
+			return false
+		}
+		if x.c >= s.chunks {
+			bad = fmt.Errorf("%w: index entry (%d,%d,%d) past the origin's %d chunks", ErrCorrupt, x.b, x.c, x.e, s.chunks)
+			return false
+		}
+		if x.b == 0 && x.e > s.preserved[x.c] && x.e != epochLive {
+			s.preserved[x.c] = x.e
+		}
+		markGroups(br, x.c, 1)
+		return true
+	})
+	if err != nil {
+		return metaErr("rebuild summaries", err)
+	}
+	return bad
 }
 
 func (s *Store) loadRuns(d *ckptReader) {

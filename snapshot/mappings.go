@@ -32,21 +32,24 @@ func (s *Store) Mappings(v *Volume) ([]Mapping, error) {
 	var chunks []uint64
 	seen := map[uint64]bool{}
 	for _, l := range v.levels {
-		s.ix.byChunk.AscendGreaterOrEqual(entry{b: l.br.id}, func(x entry) bool {
-			if x.b != l.br.id {
-				return false
-			}
+		err := s.ix.branchAscend(l.br.id, func(x entry) bool {
 			if !seen[x.c] {
 				seen[x.c] = true
 				chunks = append(chunks, x.c)
 			}
 			return true
 		})
+		if err != nil {
+			return nil, metaErr("index walk", err)
+		}
 	}
 	slices.Sort(chunks)
 	var out []Mapping
 	for _, c := range chunks {
-		loc, fromOrigin := s.resolveLocked(v.levels, c)
+		loc, fromOrigin, err := s.resolveLocked(v.levels, c)
+		if err != nil {
+			return nil, err
+		}
 		if fromOrigin {
 			continue
 		}

@@ -12,8 +12,9 @@ import (
 // the copy are deleted and the write goes through.
 func TestNoSpace(t *testing.T) {
 	for _, policy := range []NoSpacePolicy{NoSpaceFailWrite, NoSpaceInvalidate} {
-		// 4 KiB chunks; the data region holds 16 of them.
-		s, _, _ := newMemStore(t, 256<<10, 4096+16*4096, Options{ChunkSize: 4096, Transient: true, NoSpace: policy})
+		// 4 KiB chunks; the data region holds 16 of them, after the
+		// superblock and the smallest metadata region.
+		s, _, _ := newMemStore(t, 256<<10, 4096+minMetaBytes+16*4096, Options{ChunkSize: 4096, Transient: true, NoSpace: policy})
 		o := s.Origin()
 		snap, err := s.CreateSnapshot("s", o)
 		require.NoError(t, err)

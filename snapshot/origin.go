@@ -284,7 +284,9 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 func (s *Store) dropCow(sc *scratch) {
 	for i := range sc.cow {
 		x := &sc.cow[i]
-		s.alloc.release(x.loc, 1)
+		if err := s.alloc.release(x.loc, 1); err != nil {
+			_ = s.fail(metaErr("return data chunk", err))
+		}
 		if x.fresh {
 			s.obPut(x.e)
 		}
@@ -293,20 +295,25 @@ func (s *Store) dropCow(sc *scratch) {
 }
 
 // allocOne allocates a data chunk. When the store is full but chunks
-// freed by records not yet durable wait in the allocator, it commits (or
-// joins the commit in flight), which makes them reusable, and tries again:
+// freed by transactions not yet durable are held by the metadata layer,
+// it commits the tree (after the commit in flight, if any), which makes
+// them reusable, and tries again:
 // ErrNoSpace, and the snapshots NoSpaceInvalidate deletes, are for a store
 // that is really full. Called with no lock of the store held but branch
 // gates and stripes (the commit takes reclaim).
 func (s *Store) allocOne() (uint64, error) {
 	for retried := false; ; retried = true {
-		if loc, _, ok := s.alloc.allocRun(1); ok {
+		loc, _, ok, err := s.alloc.allocRun(1)
+		if err != nil {
+			return 0, s.fail(metaErr("allocate data chunk", err))
+		}
+		if ok {
 			return loc, nil
 		}
 		if retried || !s.alloc.hasPending() {
 			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.geo.dataChunks)
 		}
-		if err := s.commit(s.ctx); err != nil {
+		if err := s.treeCommit(s.ctx); err != nil {
 			return 0, err
 		}
 	}

@@ -6,13 +6,11 @@ import (
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
-// pagedIndex is the store's index (index.go) on the paged metadata layer
-// (snapshot/internal/meta, docs/metadata.md): the same entries, keyed
-// (branch, chunk, epoch), with the same queries, but on the store device
-// behind a bounded cache instead of in memory. Its methods mirror index's,
-// with errors, because a page read can fail. It is the first step of the
-// store's move onto the layer (docs/metadata.md section 10); the store does
-// not use it yet.
+// pagedIndex is the store's index on the paged metadata layer
+// (snapshot/internal/meta, docs/metadata.md): entries keyed (branch,
+// chunk, epoch) on the store device behind a bounded cache. Its methods
+// return errors, because a page read can fail. It is changed only with
+// Store.mu held exclusively; the layer's own lock makes each call atomic.
 //
 // locZero and locInherit are above meta.LocSpecial, so the layer stores
 // them as they are and never merges them into runs.
@@ -138,3 +136,65 @@ func (p pagedIndex) branchHas(b uint32) (bool, error) {
 }
 
 func (p pagedIndex) len() int { return int(p.m.Len()) }
+
+// ascend calls fn for the entries at or after from in (b, c, e) order
+// until fn returns false. fn runs outside the layer's lock (entries are
+// collected in batches), so it may query the index.
+func (p pagedIndex) ascend(from entry, fn func(entry) bool) error {
+	batch := make([]entry, 0, epochBatch)
+	k := metaKey(from.b, from.c, from.e)
+	for {
+		batch = batch[:0]
+		err := p.m.Ascend(k, func(k meta.Key, loc uint64) bool {
+			batch = append(batch, entryOf(k, loc))
+			return len(batch) < epochBatch
+		})
+		if err != nil {
+			return err
+		}
+		for _, x := range batch {
+			if !fn(x) {
+				return nil
+			}
+		}
+		if len(batch) < epochBatch {
+			return nil
+		}
+		last := batch[len(batch)-1]
+		switch {
+		case last.e < epochLive:
+			k = metaKey(last.b, last.c, last.e+1)
+		case last.c < ^uint64(0):
+			k = metaKey(last.b, last.c+1, 0)
+		case last.b < ^uint32(0):
+			k = metaKey(last.b+1, 0, 0)
+		default:
+			return nil
+		}
+	}
+}
+
+// epochRange calls fn for the entries of branch b with epochs in
+// [lo, hi), epoch by epoch, each in chunk order.
+func (p pagedIndex) epochRange(b, lo, hi uint32, fn func(entry) bool) error {
+	for e := lo; e < hi; e++ {
+		got, ok, err := p.m.NextEpoch(b, e)
+		if err != nil || !ok || got >= hi {
+			return err
+		}
+		stop := false
+		if err := p.epochEntries(b, got, 0, func(x entry) bool {
+			stop = !fn(x)
+			return !stop
+		}); err != nil || stop {
+			return err
+		}
+		e = got
+	}
+	return nil
+}
+
+// branchAscend calls fn for the entries of branch b in (c, e) order.
+func (p pagedIndex) branchAscend(b uint32, fn func(entry) bool) error {
+	return p.ascend(entry{b: b}, func(x entry) bool { return x.b == b && fn(x) })
+}

@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
 )
 
@@ -41,18 +42,25 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	var changes []change
 	s.mu.RLock()
 	last := uint64(1<<64 - 1)
-	s.ix.byChunk.AscendGreaterOrEqual(entry{b: b}, func(x entry) bool {
-		if x.b != b {
-			return false
-		}
+	var lerr error
+	err := s.ix.branchAscend(b, func(x entry) bool {
 		if x.c == last {
 			return true
 		}
 		last = x.c
-		kv, ok := s.ix.seek(b, x.c, k)
+		kv, ok, err := s.ix.seek(b, x.c, k)
+		if err != nil {
+			lerr = err
+			return false
+		}
 		switch {
 		case !ok && b != 0:
-			if _, live := s.ix.get(b, x.c, epochLive); live {
+			_, live, err := s.ix.get(b, x.c, epochLive)
+			if err != nil {
+				lerr = err
+				return false
+			}
+			if live {
 				changes = append(changes, change{c: x.c, inherit: true})
 			}
 		case !ok:
@@ -63,6 +71,9 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		return true
 	})
 	s.mu.RUnlock()
+	if err = errors.Join(err, lerr); err != nil {
+		return metaErr("rollback planning", err)
+	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
 	for _, ch := range changes {
@@ -116,7 +127,10 @@ func (s *Store) cloneInherit(br *branch, c uint64) error {
 	l := s.cloneStripe(br.id, c)
 	l.Lock()
 	defer l.Unlock()
-	v := s.liveViewOf(br, c)
+	v, err := s.liveViewOf(br, c)
+	if err != nil {
+		return err
+	}
 	if !v.hasLive {
 		return nil
 	}
@@ -127,6 +141,6 @@ func (s *Store) cloneInherit(br *branch, c uint64) error {
 	} else {
 		sc.ops = append(sc.ops, op{kind: opDel, b: br.id, c: c, e: epochLive, n: 1})
 	}
-	_, err := s.log(sc)
+	_, err = s.log(sc)
 	return err
 }

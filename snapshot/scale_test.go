@@ -3,11 +3,18 @@ package snapshot
 import (
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 // stamp fills a chunk-sized buffer with a value derived from v.
@@ -118,4 +125,130 @@ func TestScaleCloneChain(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, models[depth], got)
 	mustCheck(t, s)
+}
+
+// splitDev is a store device whose first bytes (superblock, journal,
+// metadata region) live on meta and whose data region is a data-less
+// blockdevtest.Null: the index of a scale run is real, its data is not.
+type splitDev struct {
+	meta  blockdev.Device
+	null  *blockdevtest.Null
+	split int64
+}
+
+func (d *splitDev) dev(off int64) (blockdev.Device, int64) {
+	if off >= d.split {
+		return d.null, off - d.split
+	}
+	return d.meta, off
+}
+
+func (d *splitDev) ReadAt(p []byte, off int64) (int, error) {
+	dev, o := d.dev(off)
+	return dev.ReadAt(p, o)
+}
+
+func (d *splitDev) WriteAt(p []byte, off int64) (int, error) {
+	dev, o := d.dev(off)
+	return dev.WriteAt(p, o)
+}
+
+func (d *splitDev) Discard(off, n int64) error {
+	dev, o := d.dev(off)
+	return dev.Discard(o, n)
+}
+
+func (d *splitDev) Flush() error   { return d.meta.Flush() }
+func (d *splitDev) Size() int64    { return d.split + d.null.Size() }
+func (d *splitDev) BlockSize() int { return 4096 }
+func (d *splitDev) Close() error   { return d.meta.Close() }
+
+// TestStoreOpenScale measures the store at BLOCKSNAP_SCALE chunk versions
+// (for example 1000000): one snapshot of a 4 KiB-chunk origin, then every
+// origin chunk written once, in random order (BLOCKSNAP_SCALE_ORDER=
+// sequential: in order, 64 chunks a write), so each write copies one
+// chunk. It logs the heap per version, Open after a clean Close, and Open
+// after a crash (the metadata file copied while the store is open, after
+// a Flush, so the journal tail since the last tree commit is replayed).
+// Skipped without the variable: it is a measurement, not a test.
+func TestStoreOpenScale(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("BLOCKSNAP_SCALE"))
+	if n <= 0 {
+		t.Skip("set BLOCKSNAP_SCALE=N (chunk versions) to run")
+	}
+	const cs = 4096
+	order := os.Getenv("BLOCKSNAP_SCALE_ORDER")
+	origin, err := blockdevtest.NewNull(int64(n)*cs, 4096)
+	require.NoError(t, err)
+	total := int64(n+n/8)*cs + 512<<20 // the data region, and room for the journal and metadata
+	dir := t.TempDir()
+	opts := Options{ChunkSize: cs, CommitInterval: -1}
+	g, err := layout(origin, sized{origin, total}, &opts) // where a store of this size puts its data region
+	require.NoError(t, err)
+	mf, err := blockdev.Create(filepath.Join(dir, "meta"), g.dataOff, blockdev.FileOptions{})
+	require.NoError(t, err)
+	null, err := blockdevtest.NewNull(total-g.dataOff, 4096)
+	require.NoError(t, err)
+	store := &splitDev{meta: mf, null: null, split: g.dataOff}
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	s, err := Format(origin, store, opts)
+	require.NoError(t, err)
+	o := s.Origin()
+	_, err = s.CreateSnapshot("s", o)
+	require.NoError(t, err)
+	t0 := time.Now()
+	if order == "sequential" {
+		buf := make([]byte, 64*cs)
+		for c := 0; c < n; c += 64 {
+			_, err := o.WriteAt(buf[:min(64, n-c)*cs], int64(c)*cs)
+			require.NoError(t, err)
+		}
+	} else {
+		buf := make([]byte, cs)
+		for _, c := range rand.New(rand.NewPCG(1, 2)).Perm(n) {
+			_, err := o.WriteAt(buf, int64(c)*cs)
+			require.NoError(t, err)
+		}
+	}
+	require.NoError(t, o.Flush())
+	fill := time.Since(t0)
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	st := s.Stats()
+	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version; the origin's preserved epochs are 4 B/chunk of it); metadata %.1f MiB on disk (%.2f B/version)",
+		st.IndexEntries, order, fill, float64(m1.HeapInuse)/(1<<20), float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(st.IndexEntries),
+		float64(st.MetadataBytes)/(1<<20), float64(st.MetadataBytes)/float64(st.IndexEntries))
+	// A crash image: the metadata file as it is now, the store open.
+	s.mu.Lock()
+	for s.capOut {
+		s.capDone.Wait()
+	}
+	tail := s.j.LastSeq() - s.lastTreeSeq
+	crashed := filepath.Join(dir, "crashed")
+	require.NoError(t, copyFile(filepath.Join(dir, "meta"), crashed))
+	s.mu.Unlock()
+	t0 = time.Now()
+	require.NoError(t, s.Close())
+	t.Logf("Close (a tree commit) %v", time.Since(t0))
+	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay)", tail), crashed}} {
+		f, err := blockdev.Open(c.path, blockdev.FileOptions{})
+		require.NoError(t, err)
+		store.meta = f
+		t0 := time.Now()
+		s, err := Open(origin, store, opts)
+		require.NoError(t, err)
+		t.Logf("Open after %s: %v", c.name, time.Since(t0))
+		require.NoError(t, s.Close())
+		require.NoError(t, f.Close())
+	}
+}
+
+func copyFile(from, to string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(to, b, 0o600)
 }

@@ -175,18 +175,18 @@ func levelsOf(br *branch, e uint32) []level {
 	return br.chainLevels(append(make([]level, 0, br.depth+1), level{br: br, e: e}))
 }
 
-// applyOps applies a transaction's operations to the in-memory state. It is
-// the one place state changes, live or in replay, so the two agree. With
-// replay set, chunks are marked in the bitmap and frees are immediate;
-// otherwise data puts adopt in-flight allocations and frees wait for seq to
-// be durable. Called with s.mu held.
+// applyOps applies a transaction's operations to the index and the
+// in-memory state. It is the one place state changes, live or in replay,
+// so the two agree. With replay set, the chunks of data puts are claimed
+// in the data space map; otherwise they are adopted from the in-flight
+// allocations. Freed chunks are held by the metadata layer until a tree
+// commit covering the free is durable. Called with s.mu held.
 func (s *Store) applyOps(ops []op, seq uint64, replay bool) error {
 	for i := range ops {
 		if err := s.applyOp(&ops[i], seq, replay); err != nil {
 			return err
 		}
 	}
-	s.metaGrowth.Add(s.opsCost(ops))
 	return nil
 }
 
@@ -207,21 +207,32 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return s.applyPut(br, o, replay, bad)
 		}
 		for i := uint64(0); i < o.n; i++ {
-			x, ok := s.ix.del(o.b, o.c+i, o.e)
+			x, ok, err := s.ix.del(o.b, o.c+i, o.e)
+			if err != nil {
+				return metaErr("index delete", err)
+			}
 			if !ok {
 				return bad("delete of missing entry (%d,%d,%d)", o.b, o.c+i, o.e)
 			}
 			if x.isData() {
-				s.alloc.free(x.loc, freeSeq(seq, replay))
+				if err := s.m.FreeData(x.loc); err != nil {
+					return bad("entry (%d,%d,%d) frees store chunk %d: %v", o.b, o.c+i, o.e, x.loc, err)
+				}
 			}
 		}
 	case opMove:
-		x, ok := s.ix.del(o.b, o.c, o.e)
+		x, ok, err := s.ix.del(o.b, o.c, o.e)
+		if err != nil {
+			return metaErr("index delete", err)
+		}
 		if !ok {
 			return bad("move of missing entry (%d,%d,%d)", o.b, o.c, o.e)
 		}
 		x.e = o.e2
-		if !s.ix.put(x) {
+		if ok, err := s.ix.put(x); err != nil || !ok {
+			if err != nil {
+				return metaErr("index put", err)
+			}
 			return bad("move onto existing entry (%d,%d,%d)", o.b, o.c, o.e2)
 		}
 	case opBranch:
@@ -280,13 +291,6 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 	return nil
 }
 
-func freeSeq(seq uint64, replay bool) uint64 {
-	if replay {
-		return 0
-	}
-	return seq
-}
-
 func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any) error) error {
 	if o.loc < locInherit && o.loc+o.n > s.geo.dataChunks {
 		return bad("location %d+%d past the data region", o.loc, o.n)
@@ -299,7 +303,10 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 				return bad("store chunk %d referenced twice", x.loc)
 			}
 		}
-		if !s.ix.put(x) {
+		if ok, err := s.ix.put(x); err != nil || !ok {
+			if err != nil {
+				return metaErr("index put", err)
+			}
 			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
 		}
 		if br.id == 0 && o.e > s.preserved[x.c] {
@@ -308,7 +315,7 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 	}
 	markGroups(br, o.c, o.n)
 	if o.loc < locInherit && !replay {
-		s.alloc.adopt(int(o.n))
+		s.alloc.adopt(o.loc, o.n)
 	}
 	return nil
 }

@@ -14,14 +14,28 @@
 // at most, with a per-branch summary that lets levels without entries be
 // skipped without a seek.
 //
-// Crash safety: the index lives in memory; every change is a journal record
-// (package journal) and the whole index is checkpointed in the background.
+// Crash safety: the index and the data space map live in a paged,
+// copy-on-write B+tree in the store's metadata region (package
+// snapshot/internal/meta, docs/metadata.md), behind a bounded page cache
+// (Options.MetadataCache). Every change is also a journal record (package
+// journal): a group commit is one journal append and flush. In the
+// background, and at Close, a tree commit writes the changed pages and
+// switches the tree's superblock, which records the last journal record it
+// covers; the journal is then trimmed to it, and a checkpoint of the small
+// state (branches and volumes, not the index) is written to the journal.
 // An origin write that needs a copy writes the copy to the store and
 // appends the record; its data waits in memory (the origin buffer) until a
 // commit (store flush, then the record) is durable, and only then reaches
-// the origin device. Open
-// replays the journal (never a scan of the data) and rebuilds the
-// allocation bitmap from the index.
+// the origin device.
+//
+// What Open costs: reading the tree's superblock and space maps (one 4 KiB
+// page per 32,512 data chunks or metadata pages), replaying the journal
+// records after the last tree commit (bounded by the tree-commit interval
+// and the journal's fill, never the whole history), and one walk of the
+// chunk tree that rebuilds two in-memory summaries (each origin chunk's
+// preserved epoch, and the per-branch chunk-group bits that let reads skip
+// clone levels): that walk reads every leaf once, so it grows with the
+// number of index entries (about 11 bytes each on disk).
 package snapshot
 
 import (
@@ -36,6 +50,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Sentinel errors; test them with errors.Is.
@@ -48,6 +63,9 @@ var (
 	ErrBadOptions      = errors.New("snapshot: bad options")
 	ErrClosed          = fmt.Errorf("snapshot: store closed: %w", blockdev.ErrClosed)
 	ErrReadOnly        = blockdev.ErrReadOnly
+	// ErrOldFormat: the store was written by an older format version; the
+	// error names both versions. Migrate (blocksnap migrate) converts it.
+	ErrOldFormat = errors.New("snapshot: store format too old")
 )
 
 // NoSpacePolicy says what an origin write does when the store has no room
@@ -63,9 +81,9 @@ const (
 	// write through, as dm-snapshot does. A snapshot that clones depend on
 	// cannot be invalidated; if one needs the copy the write fails. The
 	// policy covers data space only: a copy refused because the metadata
-	// would outgrow its checkpoint slot fails the write with ErrNoSpace
-	// under either policy (deleting snapshots frees that room only once
-	// the collector has run).
+	// region is full fails the write with ErrNoSpace under either policy
+	// (deleting snapshots frees that room only once the collector has
+	// run).
 	NoSpaceInvalidate
 )
 
@@ -78,9 +96,29 @@ type Options struct {
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
 	JournalSize int64
+	// MetadataBytes is the metadata region in bytes (the paged index and
+	// space maps); 0 means 1% of the store, at least 64 MiB. Either is
+	// clamped to an eighth of what follows the journal (but 1 MiB, the
+	// least it may be), and rounded down to 4 KiB. Format only. See docs/metadata.md for the sizes: a
+	// random chunk version takes about 11 bytes, a sequential one about 1.
+	MetadataBytes int64
+	// MetadataCache bounds, in bytes, the cache of decoded metadata pages;
+	// 0 means 64 MiB. To keep every lookup at one page read at most it
+	// should hold the tree's branch levels, about 0.2 bytes per random
+	// chunk version; about 34 bytes per version of the chunks a workload
+	// touches between tree commits make those writes cheap.
+	MetadataCache int
+	// LowMetadata, if set, is called (without locks held) when the free
+	// metadata space drops below an eighth of the region plus the part
+	// kept for deletes and commits (1% and at least 256 KiB, plus 128
+	// KiB): free and total bytes, once per crossing. Past the point where a change could not be committed,
+	// changes fail with ErrNoSpace; deletes still work and free space.
+	LowMetadata func(free, total int64)
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
-	// happen on Flush, FUA and snapshot operations only).
+	// happen on Flush, FUA and snapshot operations only). The metadata
+	// tree is committed every five intervals, every 65,536 records, when
+	// the journal passes CheckpointAt, and at Close.
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
@@ -90,20 +128,27 @@ type Options struct {
 	// NoSpace is the origin's behaviour when the store is full.
 	NoSpace NoSpacePolicy
 	// CheckpointAt is the journal fill fraction that starts a background
-	// checkpoint: from 0.05 to 0.7; 0 means 0.5. Other values are refused
+	// checkpoint (a tree commit): from 0.05 to 0.7; 0 means 0.5. Other values are refused
 	// with ErrBadOptions: past 0.75 of the journal an operation must write
 	// a checkpoint itself, in the foreground, before it may log (it never
 	// waits for one under the store's lock), so a background checkpoint
 	// that starts later than 0.7 would leave every checkpoint to the
 	// foreground.
 	CheckpointAt float64
-	// ReadOnly opens the store for inspection (Open only): nothing is
+	// ReadOnly opens the store for inspection (Open only). The journal
+	// records since the last tree commit (none after a clean Close) are
+	// applied to the index in memory, where they stay: after a crash that
+	// costs up to a decoded leaf per record replayed. Nothing is
 	// written to either device, not even the journal's new epoch or the
 	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
 	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
 	// work; every change (writes, discards, snapshots, clones, deletes,
 	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
 	ReadOnly bool
+	// syncWriteBack makes the metadata layer write back dirty pages in
+	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
+	// uses it so that a seed replays the same device calls.
+	syncWriteBack bool
 	// OriginBuffer bounds, in bytes, the origin writes held in memory after
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
@@ -141,16 +186,29 @@ type Store struct {
 	bs            int    // volume block size
 	j             *journal.Journal
 	jdev          *blockdev.SliceDevice
+	// m is the metadata region: the index (through ix) and the data space
+	// map. Its own locks come after every lock of the store.
+	m    *meta.Meta
+	mdev *blockdev.SliceDevice
+	// treeSeq is the last journal record the tree's last durable commit
+	// covers, as Open found it: replay applies only the volume and branch
+	// changes of records up to it (their index changes are in the tree).
+	treeSeq uint64
+	// migrating: Migrate is loading a format version 1 store's journal
+	// into this one (its checkpoint image holds the index).
+	migrating bool
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
 	// any, but by an Append that finds the log full despite makeLogRoom
 	// (then a checkpoint that needs no lock frees it). Lock order: branch
 	// gate, then clone stripe, then origin stripe, then fgMu, then
-	// reclaim, then mu, then allocator.mu; ckptMu and the origin buffer's
-	// drainMu are never held with mu.
+	// reclaim, then mu, then allocator.mu, then the meta layer's locks;
+	// the origin buffer's drainMu is never held with mu. The index (ix)
+	// is changed only with mu held exclusively, so a tree commit frozen
+	// under mu covers whole journal records.
 	mu        sync.RWMutex
-	ix        index
+	ix        pagedIndex
 	branches  map[uint32]*branch
 	volumes   map[uint64]*volume
 	byName    map[string]uint64
@@ -197,34 +255,27 @@ type Store struct {
 	gcKick     chan struct{}
 	ckptCh     chan capture
 	gcIdle     *sync.Cond // broadcast when the collector's queue drains; uses mu
-	ckptBusy   atomic.Bool
-	// postedUpTo is the upTo of the last capture handed to the
-	// checkpointer past emergencyFill; guarded by mu.
-	postedUpTo uint64
+	// capOut is set while a capture (a frozen tree commit) is made and
+	// not yet written: at most one is, so a freeze never waits, under mu,
+	// for another commit's I/O. capDone, on mu, is broadcast when it is
+	// cleared. Both guarded by mu.
+	capOut  bool
+	capDone *sync.Cond
+	// lastTreeSeq is the journal record the last tree commit frozen
+	// covers; guarded by mu.
+	lastTreeSeq uint64
 	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
 	// that find the journal full write one, not one each. Taken with no
-	// lock of the store held but branch gates and stripes; mu, ckptMu and
-	// reclaim are taken under it.
+	// lock of the store held but branch gates and stripes; mu and reclaim
+	// are taken under it.
 	fgMu sync.Mutex
 	// emergencies counts foreground checkpoints written because the
-	// journal passed emergencyFill, measures the foreground measures of
-	// the metadata image near its slot (tests report them).
-	emergencies, measures atomic.Int64
+	// journal passed emergencyFill (tests report them).
+	emergencies atomic.Int64
 	// durableSeq is the last record known durable (a commit or a
 	// checkpoint covered it): buffered origin writes preserved by records
 	// up to it may reach the origin even after the store failed.
 	durableSeq atomic.Uint64
-
-	// The metadata bound: the checkpoint image is at most metaMark.bytes
-	// (the size of the last checkpoint written, measured) plus the
-	// worst-case growth of the operations applied since its capture
-	// (metaGrowth, a running total written under mu, minus
-	// metaMark.growth, its value at the capture). See metaRoomLocked.
-	metaGrowth atomic.Int64
-	metaMark   atomic.Pointer[metaMark]
-
-	ckptMu   sync.Mutex // serialises checkpoints; never taken with mu held
-	ckptUpTo uint64     // upTo of the last checkpoint written; guarded by ckptMu
 
 	ob originBuf // origin writes waiting for their copy's commit
 
@@ -274,14 +325,27 @@ const (
 
 // formatStore is Format once the devices are locked (lock.go).
 func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
-	if err := opts.normalize(); err != nil {
+	s, err := formatRegions(origin, store, opts)
+	if err != nil {
 		return nil, err
 	}
-	if opts.ReadOnly {
-		return nil, fmt.Errorf("%w: Format of a read-only store", ErrBadOptions)
+	if err := writeSuperblock(store, &s.geo); err != nil {
+		s.abort()
+		return nil, err
 	}
+	s.start()
+	return s, nil
+}
+
+// minMetaBytes is the smallest metadata region.
+const minMetaBytes = 1 << 20
+
+// layout computes a new store's geometry: superblock, journal, metadata
+// region, data.
+func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	cs := int64(opts.ChunkSize)
-	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize}
+	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize,
+		version: superblockVersion}
 	if !opts.Transient {
 		jl := opts.JournalSize
 		if jl == 0 {
@@ -289,41 +353,111 @@ func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		}
 		g.journalLen = (jl + 4095) / 4096 * 4096
 	}
-	g.dataOff = (g.journalOff + g.journalLen + cs - 1) / cs * cs
-	if origin.Size() <= 0 || g.dataOff >= store.Size() {
-		return nil, fmt.Errorf("%w: store of %d bytes has no room for data after %d bytes of metadata", ErrBadOptions, store.Size(), g.dataOff)
+	g.metaOff = g.journalOff + g.journalLen
+	ml := opts.MetadataBytes
+	if ml == 0 {
+		ml = max(store.Size()/100, 64<<20)
+	}
+	ml = min(ml, max((store.Size()-g.metaOff)/8, minMetaBytes))
+	g.metaLen = max(ml/4096*4096, 0)
+	g.dataOff = (g.metaOff + g.metaLen + cs - 1) / cs * cs
+	if origin.Size() <= 0 || g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
+		return g, fmt.Errorf("%w: store of %d bytes has no room for %d bytes of metadata (at least %d) and data after %d bytes of journal",
+			ErrBadOptions, store.Size(), g.metaLen, minMetaBytes, g.journalLen)
 	}
 	g.dataChunks = uint64((store.Size() - g.dataOff) / cs)
 	if g.dataChunks == 0 {
-		return nil, fmt.Errorf("%w: store of %d bytes holds no data chunk", ErrBadOptions, store.Size())
+		return g, fmt.Errorf("%w: store of %d bytes holds no data chunk", ErrBadOptions, store.Size())
 	}
 	_, _ = rand.Read(g.uuid[:])
 	g.formatted = time.Now().UnixNano()
 	g.transient = opts.Transient
+	return g, nil
+}
+
+// formatRegions formats the journal and the metadata region and returns
+// the store, not started, with its superblock not yet written (Migrate
+// writes it last).
+func formatRegions(origin, store blockdev.Device, opts Options) (*Store, error) {
+	if err := opts.normalize(); err != nil {
+		return nil, err
+	}
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("%w: Format of a read-only store", ErrBadOptions)
+	}
+	g, err := layout(origin, store, &opts)
+	if err != nil {
+		return nil, err
+	}
 	s := newStore(origin, store, opts, g)
+	if err := s.openMeta(true); err != nil {
+		return nil, err
+	}
 	if opts.Transient {
-		if err := writeSuperblock(store, &g); err != nil {
-			return nil, err
-		}
-		s.start()
 		return s, nil
 	}
 	jdev, err := blockdev.Slice(store, g.journalOff, g.journalLen)
 	if err != nil {
+		s.abort()
 		return nil, fmt.Errorf("snapshot: journal region: %w", err)
 	}
 	s.jdev = jdev
 	j, err := journal.Format(jdev, s.journalOptions())
 	if err != nil {
+		s.abort()
 		return nil, fmt.Errorf("snapshot: format journal: %w", err)
 	}
 	s.j = j
-	if err := writeSuperblock(store, &g); err != nil {
-		_ = j.Close()
-		return nil, err
-	}
-	s.start()
 	return s, nil
+}
+
+// openMeta formats or opens the metadata region.
+func (s *Store) openMeta(format bool) error {
+	mdev, err := blockdev.Slice(s.store, s.geo.metaOff, s.geo.metaLen)
+	if err != nil {
+		return fmt.Errorf("%w: metadata region: %v", ErrCorrupt, err)
+	}
+	s.mdev = mdev
+	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
+		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
+	if fn := s.opts.LowMetadata; fn != nil {
+		// An eighth of the region above what changes may not use: the
+		// layer's delete reserve (1%, at least 64 pages) and room for a
+		// commit.
+		mo.LowSpaceThreshold = mo.Pages/8 + max(64, mo.Pages/100) + 32
+		mo.LowSpace = func(free, total uint64) { fn(int64(free)*meta.PageSize, int64(total)*meta.PageSize) }
+	}
+	var m *meta.Meta
+	switch {
+	case format:
+		m, err = meta.Format(mdev, mo)
+	case s.opts.ReadOnly:
+		m, err = meta.OpenOverlay(mdev, mo)
+	default:
+		m, err = meta.Open(mdev, mo)
+	}
+	if err != nil {
+		return metaErr("metadata region", err)
+	}
+	if !format && m.Space().Chunks != s.geo.dataChunks {
+		_ = m.Close()
+		return fmt.Errorf("%w: metadata region maps %d data chunks, superblock %d", ErrCorrupt, m.Space().Chunks, s.geo.dataChunks)
+	}
+	s.m = m
+	s.ix = pagedIndex{m: m}
+	s.alloc = newAllocator(m)
+	return nil
+}
+
+// abort releases what formatStore or Open opened, for a store that will
+// not be returned.
+func (s *Store) abort() {
+	if s.j != nil {
+		_ = s.j.Close()
+	}
+	if s.m != nil {
+		_ = s.m.Close()
+	}
 }
 
 // writeSuperblock writes g's superblock and flushes the store.
@@ -344,57 +478,97 @@ func alignedCopy(b []byte, bs int) []byte {
 	return out
 }
 
-// openStore is Open once the devices are locked (lock.go).
+// readSuperblock reads and decodes the store's superblock (either
+// version) and checks it against the devices.
+func readSuperblock(origin, store blockdev.Device) (geometry, error) {
+	buf := blockdev.AlignedBuffer(max(superblockSize, store.BlockSize()))
+	if _, err := store.ReadAt(buf, 0); err != nil {
+		return geometry{}, fmt.Errorf("snapshot: read superblock: %w", err)
+	}
+	g, err := decodeSuperblock(buf)
+	if err != nil {
+		return g, err
+	}
+	if g.transient {
+		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
+	}
+	if g.originSize != origin.Size() || g.storeSize != store.Size() {
+		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
+			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	}
+	return g, nil
+}
+
+// openStore is Open once the devices are locked (lock.go): it opens the
+// metadata region at its last tree commit and replays the journal records
+// after it.
 func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if opts.Transient {
 		return nil, fmt.Errorf("%w: a transient store cannot be reopened", ErrBadOptions)
 	}
-	buf := blockdev.AlignedBuffer(max(superblockSize, store.BlockSize()))
-	if _, err := store.ReadAt(buf, 0); err != nil {
-		return nil, fmt.Errorf("snapshot: read superblock: %w", err)
-	}
-	g, err := decodeSuperblock(buf)
+	g, err := readSuperblock(origin, store)
 	if err != nil {
 		return nil, err
 	}
-	if g.transient {
-		return nil, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
-	}
-	if g.originSize != origin.Size() || g.storeSize != store.Size() {
-		return nil, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
-			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	if g.version != superblockVersion {
+		return nil, fmt.Errorf("%w: the store is format version %d, this build reads version %d: convert it with `blocksnap migrate` (snapshot.Migrate)",
+			ErrOldFormat, g.version, superblockVersion)
 	}
 	opts.ChunkSize = int(g.chunkSize)
 	if err := opts.normalize(); err != nil {
 		return nil, err
 	}
 	s := newStore(origin, store, opts, g)
-	jdev, err := blockdev.Slice(store, g.journalOff, g.journalLen)
+	if err := s.openMeta(false); err != nil {
+		return nil, err
+	}
+	s.treeSeq = s.m.User()
+	if err := s.openJournal(); err != nil {
+		s.abort()
+		return nil, err
+	}
+	if err := s.rebuildSummaries(); err != nil {
+		s.abort()
+		return nil, err
+	}
+	if err := s.afterReplay(); err != nil {
+		s.abort()
+		return nil, err
+	}
+	s.start()
+	return s, nil
+}
+
+// openJournal opens the journal and replays it: its checkpoint (the small
+// state) and the records after it, of which those up to treeSeq change
+// only the small state (the tree holds their index changes).
+func (s *Store) openJournal() error {
+	g := s.geo
+	jdev, err := blockdev.Slice(s.store, g.journalOff, g.journalLen)
 	if err != nil {
-		return nil, fmt.Errorf("%w: journal region: %v", ErrCorrupt, err)
+		return fmt.Errorf("%w: journal region: %v", ErrCorrupt, err)
 	}
 	s.jdev = jdev
 	s.replaying = true
 	openJournal := journal.Open
-	if opts.ReadOnly {
+	if s.opts.ReadOnly {
 		openJournal = journal.OpenReadOnly
 	}
 	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
 	s.replaying = false
 	if errors.Is(err, journal.ErrCorrupt) {
-		return nil, journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
+		return journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("snapshot: open journal: %w", err)
+		return fmt.Errorf("snapshot: open journal: %w", err)
 	}
 	s.j = j
-	// The image loaded is measured; the records replayed on it count as
-	// growth. Everything replayed is durable.
-	s.metaMark.Store(&metaMark{bytes: emptyImage + j.Stats().CheckpointBytes})
-	s.setDurable(j.LastSeq())
-	s.afterReplay()
-	s.start()
-	return s, nil
+	if j.LastSeq() < s.treeSeq {
+		_ = j.Close()
+		return fmt.Errorf("%w: the metadata tree covers journal record %d, the journal ends at %d", ErrCorrupt, s.treeSeq, j.LastSeq())
+	}
+	s.setDurable(j.LastSeq()) // everything replayed is durable
+	return nil
 }
 
 func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
@@ -403,20 +577,18 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		origin: origin, store: store, opts: opts, geo: g, cs: cs,
 		chunks:   uint64((origin.Size() + cs - 1) / cs),
 		bs:       max(origin.BlockSize(), store.BlockSize()),
-		ix:       newIndex(),
 		branches: map[uint32]*branch{},
 		volumes:  map[uint64]*volume{},
 		byName:   map[string]uint64{},
 		byPoint:  map[point]uint64{},
 		deletes:  map[uint64]*DeleteOp{},
 		nextVol:  originVolumeID + 1,
-		alloc:    newAllocator(g.dataChunks),
 		gcKick:   make(chan struct{}, 1),
 		ckptCh:   make(chan capture, 1),
 	}
 	s.preserved = make([]uint32, s.chunks)
-	s.metaMark.Store(&metaMark{bytes: emptyImage})
 	s.gcIdle = sync.NewCond(&s.mu)
+	s.capDone = sync.NewCond(&s.mu)
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
@@ -459,7 +631,8 @@ func (s *Store) start() {
 }
 
 // Close stops the background work (a delete in progress resumes at the next
-// Open), flushes both devices, commits what is pending and closes the
+// Open), flushes both devices, commits what is pending, commits the
+// metadata tree (so that the next Open replays nothing) and closes the
 // journal. It does not close the origin or store devices. Closing a failed
 // store still writes out the acknowledged origin writes whose copies are
 // durable, and its error names the chunks of those it could not (their
@@ -493,13 +666,20 @@ func (s *Store) Close() error {
 			err = s.store.Flush()
 		}
 	}
+	s.dropCapture() // a capture the stopped checkpointer never took
+	if err == nil && s.failed.Load() == nil {
+		err = s.treeCommit(context.Background())
+	}
+	if p := s.failed.Load(); err == nil && p != nil {
+		err = *p
+	}
 	if s.j != nil {
-		if err == nil && s.failed.Load() == nil {
-			err = s.commit(context.Background())
-		}
 		if cerr := s.j.Close(); err == nil && cerr != nil && !errors.Is(cerr, journal.ErrClosed) {
 			err = cerr
 		}
+	}
+	if cerr := s.m.Close(); err == nil && cerr != nil && !errors.Is(cerr, meta.ErrClosed) {
+		err = cerr
 	}
 	s.closeVolumes()
 	return err
@@ -524,28 +704,36 @@ func (s *Store) usable() error {
 	return nil
 }
 
-// logLocked applies ops to memory and appends them as one record. Called
-// with mu held, after makeLogRoom (called without it). It does no device
-// I/O: past emergencyFill (writers raced past makeLogRoom) it hands the
-// checkpointer a capture of the state so far, so that an Append that finds
-// the log full, and waits for space under mu, is freed by a checkpoint
-// that needs no lock of the store. Growth of the metadata image beyond
-// what its checkpoint slot holds is refused with ErrNoSpace before
-// anything changes (the collector's records, which free space, are not
-// refused).
+// logLocked applies ops to the index and appends them as one record.
+// Called with mu held, after makeLogRoom (called without it). It does no
+// device I/O but the metadata layer's page reads and write-back: past
+// emergencyFill (writers raced past makeLogRoom) it freezes a tree commit
+// and hands it to the checkpointer, so that an Append that finds the log
+// full, and waits for space under mu, is freed by a checkpoint that needs
+// no lock of the store. A record the metadata region may not have room
+// for is refused with ErrNoSpace before anything changes (the collector's
+// records, which free space, may use the layer's delete reserve).
 func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if err := s.writable(); err != nil {
 		return 0, err
 	}
-	if s.j == nil {
-		return 0, s.applyOps(sc.ops, 0, false)
-	}
-	if !sc.reclaiming {
-		if err := s.metaRoomLocked(s.opsCost(sc.ops)); err != nil {
-			return 0, err
+	if n, adds := indexChanges(sc.ops); n > 0 {
+		// Records that only remove entries (and the collector's) may use
+		// the layer's delete reserve, so deletes work on a full region.
+		if err := s.m.Room(n, sc.reclaiming || !adds); err != nil {
+			if errors.Is(err, meta.ErrNoSpace) {
+				return 0, metaErr("metadata region", err)
+			}
+			return 0, s.fail(metaErr("metadata region", err))
 		}
 	}
-	if s.j.Stats().Fill > emergencyFill && s.j.LastSeq() > s.postedUpTo {
+	if s.j == nil {
+		if err := s.applyOps(sc.ops, 0, false); err != nil {
+			return 0, s.fail(err)
+		}
+		return 0, nil
+	}
+	if s.j.Stats().Fill > emergencyFill && !s.capOut {
 		s.postCaptureLocked()
 	}
 	seq := s.j.LastSeq() + 1
@@ -567,6 +755,22 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	return seq, nil
 }
 
+// indexChanges is the number of index keys ops put or delete, and
+// whether any is put.
+func indexChanges(ops []op) (n int, adds bool) {
+	for i := range ops {
+		switch ops[i].kind {
+		case opPut:
+			n, adds = n+int(ops[i].n), true
+		case opDel:
+			n += int(ops[i].n)
+		case opMove:
+			n, adds = n+2, true
+		}
+	}
+	return n, adds
+}
+
 // emergencyFill is the journal fill past which an operation writes a
 // checkpoint in the foreground (makeLogRoom) before it logs, rather than
 // risk an Append blocked on a full log while it holds mu.
@@ -576,56 +780,28 @@ const emergencyFill = 0.75
 // lock of the store but its branch gate and stripes (lock order: they come
 // before reclaim, which the checkpoint's release of freed chunks takes).
 // When the journal is past emergencyFill (the background checkpoint fell
-// behind) it writes a checkpoint in the foreground, outside mu: readers
-// and other writers go on meanwhile. When the metadata bound nears the
-// checkpoint slot with much growth not yet measured, it measures the
-// image (CPU only), so that ErrNoSpace is not given for growth that a
-// loose bound only imagined.
+// behind) it writes a checkpoint (a tree commit) in the foreground,
+// outside mu: readers and other writers go on meanwhile.
 func (s *Store) makeLogRoom() error {
-	if s.j == nil {
-		return nil
-	}
-	if full, loose := s.needCheckpoint(); !full && !loose {
+	if s.j == nil || s.j.Stats().Fill <= emergencyFill {
 		return nil
 	}
 	s.fgMu.Lock()
 	defer s.fgMu.Unlock()
-	full, loose := s.needCheckpoint()
-	if !full && !loose {
+	if s.j.Stats().Fill <= emergencyFill {
 		return nil // another operation has just written one
 	}
 	if err := s.usable(); err != nil {
 		return err
 	}
-	if !full {
-		s.measures.Add(1)
-		s.measureMeta()
-		return nil
-	}
 	s.emergencies.Add(1)
-	s.mu.Lock()
-	c := s.captureLocked()
-	s.mu.Unlock()
-	if err := s.writeCheckpoint(s.ctx, c); err != nil {
+	if err := s.treeCommit(s.ctx); err != nil {
 		if s.ctx.Err() != nil {
 			return err
 		}
 		return s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
 	}
-	s.releaseFreed(c.upTo)
 	return nil
-}
-
-// needCheckpoint reports whether the journal is past emergencyFill, and
-// whether the metadata bound is near the slot with enough growth since
-// the last measure that a checkpoint (which measures it) may make room.
-func (s *Store) needCheckpoint() (full, loose bool) {
-	if s.j.Stats().Fill > emergencyFill {
-		return true, false
-	}
-	limit := s.metaLimit()
-	bound, unmeasured := s.metaBound()
-	return false, bound > limit*7/8 && unmeasured > limit/32
 }
 
 // log takes mu and calls logLocked.
@@ -638,12 +814,13 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 	return s.logLocked(sc)
 }
 
-// commit makes every record appended so far durable, then lets chunks they
-// freed be reused.
+// commit makes every record appended so far durable. Chunks they freed
+// become reusable at the next tree commit; a transient store (no journal)
+// commits the tree here when some wait.
 func (s *Store) commit(ctx context.Context) error {
 	if s.j == nil {
 		if s.alloc.hasPending() {
-			s.releaseFreed(^uint64(0))
+			return s.treeCommit(ctx)
 		}
 		return nil
 	}
@@ -655,9 +832,6 @@ func (s *Store) commit(ctx context.Context) error {
 		return s.fail(fmt.Errorf("snapshot: commit: %w", err))
 	}
 	s.setDurable(target)
-	if s.alloc.hasPending() {
-		s.releaseFreed(target)
-	}
 	return nil
 }
 
@@ -672,11 +846,11 @@ func (s *Store) setDurable(seq uint64) {
 }
 
 // releaseFreed waits for reads in flight, then makes chunks freed by
-// durable records reusable. Called with no lock of the store held but
+// durable tree commits reusable. Called with no lock of the store held but
 // branch gates and stripes (reclaim comes after them, before mu).
-func (s *Store) releaseFreed(seq uint64) {
+func (s *Store) releaseFreed() {
 	s.reclaim.Lock()
-	s.alloc.durable(seq)
+	s.m.ReleaseFrees()
 	s.reclaim.Unlock()
 }
 
@@ -693,10 +867,16 @@ func (s *Store) flushStore() error {
 	return s.store.Flush()
 }
 
+// treeCommitEvery is how many commit intervals pass between background
+// tree commits (when records were logged since the last one): it bounds
+// the journal tail that Open replays.
+const treeCommitEvery = 5
+
 // committer commits pending records every CommitInterval, and drains the
-// origin buffer then and whenever it is half full. Its failures are kept:
-// a failed commit fails the store, a failed origin write is reported by the
-// next Flush.
+// origin buffer then and whenever it is half full; every treeCommitEvery
+// intervals it hands the checkpointer a tree commit. Its failures are
+// kept: a failed commit fails the store, a failed origin write is
+// reported by the next Flush.
 func (s *Store) committer() {
 	defer s.wg.Done()
 	if s.opts.CommitInterval < 0 {
@@ -704,11 +884,13 @@ func (s *Store) committer() {
 	}
 	t := time.NewTicker(s.opts.CommitInterval)
 	defer t.Stop()
+	ticks := 0
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
+			ticks++
 		case <-s.ob.kick: // nil (never ready) with the buffer off
 		}
 		if s.usable() != nil {
@@ -718,6 +900,14 @@ func (s *Store) committer() {
 			_ = s.drainOrigin(s.ctx)
 		} else {
 			_ = s.commit(s.ctx)
+		}
+		if ticks >= treeCommitEvery {
+			ticks = 0
+			s.mu.Lock()
+			if !s.capOut && s.j.LastSeq() > s.lastTreeSeq {
+				s.postCaptureLocked()
+			}
+			s.mu.Unlock()
 		}
 	}
 }

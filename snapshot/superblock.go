@@ -4,7 +4,7 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPSTR"
-//	     8    4  format version (1)
+//	     8    4  format version (2; version 1 is refused with ErrOldFormat)
 //	    12    4  CRC32C of bytes [0, 4096) with this field zero, salted with saltSuperblock
 //	    16    8  location of this block (0): a misdirected block is detected
 //	    24    4  chunk size in bytes (power of two, 4 KiB .. 1 MiB)
@@ -18,11 +18,16 @@ package snapshot
 //	    72    8  data chunks
 //	    80   16  store UUID (random at Format)
 //	    96    8  format time (unix ns; the origin volume's creation time; 0 = unknown)
-//	   104 3992  zero
+//	   104    8  metadata region offset in bytes (version 2; a multiple of 4096)
+//	   112    8  metadata region length in bytes (version 2; a multiple of 4096)
+//	   120 3976  zero
 //
 // All integers little-endian. The region [0, 4096) is the superblock; the
-// journal region follows it; the data region follows the journal. The
-// allocation bitmap is derived from the index at Open and not stored.
+// journal region follows it, then the metadata region (the paged index and
+// space maps of package snapshot/internal/meta, docs/metadata.md), then
+// the data region. Version 1 had no metadata region: its index lived in
+// the journal's checkpoints, and its allocation bitmap was derived from
+// the index at Open; Migrate converts such a store.
 
 import (
 	"encoding/binary"
@@ -33,7 +38,9 @@ import (
 const (
 	superblockSize    = 4096
 	superblockMagic   = "BSNAPSTR"
-	superblockVersion = 1
+	superblockVersion = 2
+	// oldSuperblockVersion is the last format Migrate reads.
+	oldSuperblockVersion = 1
 
 	minChunkSize = 4 << 10
 	maxChunkSize = 1 << 20
@@ -71,6 +78,9 @@ type geometry struct {
 	uuid       [16]byte
 	formatted  int64 // unix ns, 0 if unknown
 	transient  bool  // flag: formatted transient, not openable
+	version    uint32
+	metaOff    int64 // metadata region (version 2)
+	metaLen    int64
 }
 
 // flagTransient marks a store formatted transient: Open refuses it rather
@@ -81,7 +91,7 @@ func (g *geometry) encode() []byte {
 	b := make([]byte, superblockSize)
 	copy(b, superblockMagic)
 	le := binary.LittleEndian
-	le.PutUint32(b[8:], superblockVersion)
+	le.PutUint32(b[8:], g.version)
 	le.PutUint64(b[16:], 0)
 	le.PutUint32(b[24:], g.chunkSize)
 	if g.transient {
@@ -95,6 +105,8 @@ func (g *geometry) encode() []byte {
 	le.PutUint64(b[72:], g.dataChunks)
 	copy(b[80:96], g.uuid[:])
 	le.PutUint64(b[96:], uint64(g.formatted))
+	le.PutUint64(b[104:], uint64(g.metaOff))
+	le.PutUint64(b[112:], uint64(g.metaLen))
 	le.PutUint32(b[12:], checksum(saltSuperblock, b))
 	return b
 }
@@ -109,13 +121,16 @@ func decodeSuperblock(b []byte) (geometry, error) {
 	if len(b) < superblockSize {
 		return g, bad(0, "short block of %d bytes", len(b))
 	}
-	b = b[:superblockSize]
+	if len(b) > superblockSize {
+		b = b[:superblockSize]
+	}
 	if string(b[:8]) != superblockMagic {
 		return g, bad(0, "bad magic %q", b[:8])
 	}
 	le := binary.LittleEndian
-	if v := le.Uint32(b[8:]); v != superblockVersion {
-		return g, bad(8, "unsupported version %d", v)
+	g.version = le.Uint32(b[8:])
+	if g.version != superblockVersion && g.version != oldSuperblockVersion {
+		return g, bad(8, "unsupported version %d", g.version)
 	}
 	var tmp [superblockSize]byte
 	copy(tmp[:], b)
@@ -142,7 +157,13 @@ func decodeSuperblock(b []byte) (geometry, error) {
 	g.dataChunks = le.Uint64(b[72:])
 	copy(g.uuid[:], b[80:96])
 	g.formatted = int64(le.Uint64(b[96:]))
+	g.metaOff = int64(le.Uint64(b[104:]))
+	g.metaLen = int64(le.Uint64(b[112:]))
 	cs := int64(g.chunkSize)
+	regionEnd := g.journalOff + g.journalLen
+	if g.version == superblockVersion && !g.transient {
+		regionEnd = g.metaOff + g.metaLen
+	}
 	switch {
 	case g.originSize <= 0 || g.originSize > 1<<60:
 		return g, bad(32, "origin size %d", g.originSize)
@@ -150,7 +171,12 @@ func decodeSuperblock(b []byte) (geometry, error) {
 		return g, bad(40, "store size %d", g.storeSize)
 	case g.journalOff != superblockSize || g.journalLen < 0 || g.journalLen > g.storeSize:
 		return g, bad(48, "journal region %d+%d", g.journalOff, g.journalLen)
-	case g.dataOff < g.journalOff+g.journalLen || g.dataOff%cs != 0 || g.dataOff > g.storeSize:
+	case g.version == oldSuperblockVersion && (g.metaOff != 0 || g.metaLen != 0):
+		return g, bad(104, "version 1 with a metadata region")
+	case g.version == superblockVersion && !g.transient &&
+		(g.metaOff != g.journalOff+g.journalLen || g.metaOff%4096 != 0 || g.metaLen < minMetaBytes || g.metaLen%4096 != 0 || g.metaLen > g.storeSize):
+		return g, bad(104, "metadata region %d+%d", g.metaOff, g.metaLen)
+	case g.dataOff < regionEnd || g.dataOff%cs != 0 || g.dataOff > g.storeSize:
 		return g, bad(64, "data region offset %d", g.dataOff)
 	case g.dataChunks > uint64(g.storeSize-g.dataOff)/uint64(cs):
 		return g, bad(72, "%d data chunks do not fit a store of %d bytes", g.dataChunks, g.storeSize)

@@ -1,9 +1,12 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // VolumeInfo describes a volume.
@@ -255,41 +258,57 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	br := s.branches[v.branch]
 	levels := levelsOf(br, v.epoch)
 	seen := map[uint64]bool{}
+	var lerr error
 	for i, l := range levels {
-		s.ix.byChunk.AscendGreaterOrEqual(entry{b: l.br.id}, func(x entry) bool {
-			if x.b != l.br.id {
-				return false
-			}
+		err := s.ix.branchAscend(l.br.id, func(x entry) bool {
 			if seen[x.c] {
 				return true
 			}
 			seen[x.c] = true
-			loc, fromOrigin := s.resolveLocked(levels, x.c)
+			loc, fromOrigin, err := s.resolveLocked(levels, x.c)
+			if err != nil {
+				lerr = err
+				return false
+			}
 			if fromOrigin || loc == locZero {
 				return true
 			}
 			n := s.chunkLen(x.c)
 			st.Mapped += n
-			if i == 0 && s.exclusiveLocked(l.br, x.c, l.e, loc) {
+			excl := false
+			if i == 0 {
+				if excl, err = s.exclusiveLocked(l.br, x.c, l.e, loc); err != nil {
+					lerr = err
+					return false
+				}
+			}
+			if excl {
 				st.Exclusive += n
 			} else {
 				st.Shared += n
 			}
 			return true
 		})
+		if err = errors.Join(err, lerr); err != nil {
+			return VolumeStat{}, metaErr("stat", err)
+		}
 	}
 	return st, nil
 }
 
 // exclusiveLocked reports whether the entry for (br, c) that epoch e reads,
 // at loc, is read by that epoch's volume only.
-func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) bool {
-	x, ok := s.ix.seek(br.id, c, e)
-	if !ok || x.loc != loc {
-		return false
+func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) (bool, error) {
+	x, ok, err := s.ix.seek(br.id, c, e)
+	if err != nil || !ok || x.loc != loc {
+		return false, err
 	}
 	lo := uint32(0)
-	if p, ok := s.ix.prev(br.id, c, x.e); ok {
+	p, ok, err := s.ix.prev(br.id, c, x.e)
+	if err != nil {
+		return false, err
+	}
+	if ok {
 		lo = p.e
 	}
 	holders := 0
@@ -300,7 +319,7 @@ func (s *Store) exclusiveLocked(br *branch, c uint64, e uint32, loc uint64) bool
 	if x.e == epochLive && br.live {
 		holders++
 	}
-	return holders == 1
+	return holders == 1, nil
 }
 
 // Stats is the store's space and metadata accounting.
@@ -311,27 +330,27 @@ type Stats struct {
 	FreeChunks uint64
 	// IndexEntries is the number of index entries (one per chunk version).
 	IndexEntries int
-	// MetadataBytes is the size of the metadata image (the checkpoint the
-	// index encodes to: extents of consecutive chunks at consecutive
-	// locations, a few bytes each).
-	MetadataBytes int64
-	Volumes       int     // visible volumes, the origin included
-	JournalFill   float64 // fraction of the journal's log in use (0 when transient)
+	// MetadataBytes is the metadata region in use (pages of the index
+	// trees and space maps, freed ones not yet reusable included), and
+	// MetadataRegion its size.
+	MetadataBytes, MetadataRegion int64
+	Volumes                       int     // visible volumes, the origin included
+	JournalFill                   float64 // fraction of the journal's log in use (0 when transient)
 	// BufferedChunks is the number of origin chunks whose new data waits
 	// in memory for its copy's commit (Options.OriginBuffer).
 	BufferedChunks int64
 }
 
-// Stats returns the store's accounting. MetadataBytes costs a walk of the
-// index, done on a lazy copy outside the store's lock.
+// Stats returns the store's accounting; it walks nothing.
 func (s *Store) Stats() Stats {
-	s.mu.Lock()
-	c := s.captureLocked()
+	s.mu.RLock()
 	vols := len(s.byName)
-	s.mu.Unlock()
-	used, free := s.alloc.counts()
-	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: used, FreeChunks: free,
-		IndexEntries: c.ix.len(), MetadataBytes: c.metadataBytes(), Volumes: vols, BufferedChunks: s.ob.n.Load()}
+	entries := s.ix.len()
+	s.mu.RUnlock()
+	sp := s.m.Space()
+	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: sp.ChunksUsed, FreeChunks: sp.Chunks - sp.ChunksUsed,
+		IndexEntries: entries, MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
+		Volumes: vols, BufferedChunks: s.ob.n.Load()}
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
 	}

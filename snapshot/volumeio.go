@@ -211,16 +211,16 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 	for {
 		s.reclaim.RLock()
 		s.mu.RLock()
-		loc, fromOrigin := s.resolveLocked(levels, c)
+		loc, fromOrigin, err := s.resolveLocked(levels, c)
 		s.mu.RUnlock()
-		if fromOrigin && !striped {
+		if err == nil && fromOrigin && !striped {
 			s.reclaim.RUnlock() // lock order: the stripe comes first
 			ol.RLock()
 			striped = true
 			continue
 		}
-		var err error
 		switch {
+		case err != nil:
 		case fromOrigin:
 			_, err = s.origin.ReadAt(p, int64(c)*s.cs+in)
 		case loc == locZero:
@@ -242,7 +242,7 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 // resolveLocked returns where chunk c lives as levels sees it: a store
 // chunk, locZero, or the origin device. One seek per level that may have
 // entries for c; levels whose summary says otherwise cost a bit test.
-func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool) {
+func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
 	if n := len(levels); n > 1 && !levels[0].br.chainGroups.mayHave(c) {
 		levels = levels[n-1:] // no clone level has entries near c: go to branch 0
 	}
@@ -254,13 +254,16 @@ func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin 
 		var x entry
 		var ok bool
 		if l.e == epochLive {
-			x, ok = s.ix.get(l.br.id, c, epochLive)
+			x, ok, err = s.ix.get(l.br.id, c, epochLive)
 		} else {
-			x, ok = s.ix.seek(l.br.id, c, l.e)
+			x, ok, err = s.ix.seek(l.br.id, c, l.e)
+		}
+		if err != nil {
+			return 0, false, metaErr("index lookup", err)
 		}
 		if ok && x.loc != locInherit {
-			return x.loc, false
+			return x.loc, false, nil
 		}
 	}
-	return 0, true
+	return 0, true, nil
 }

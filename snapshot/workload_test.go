@@ -63,15 +63,18 @@ type workload struct {
 	maybeNew  map[string]*vmodel
 	renamed   map[string]string
 	// Counted over every store the workload opened (see retire): foreground
-	// checkpoints and metadata measures, and snapshots NoSpaceInvalidate
-	// deleted.
-	emergencies, measures, invalidated int64
+	// checkpoints, and snapshots NoSpaceInvalidate deleted; metadata
+	// pages read on a cache miss and evicted.
+	emergencies, invalidated int64
+	metaMisses, metaEvicted  uint64
 }
 
 // retire adds the counters of the store about to be closed to w's.
 func (w *workload) retire() {
 	w.emergencies += w.s.emergencies.Load()
-	w.measures += w.s.measures.Load()
+	cs := w.s.m.CacheStats()
+	w.metaMisses += cs.Misses
+	w.metaEvicted += cs.Evicted
 }
 
 func newWorkload(t testing.TB, seed uint64, origin, store blockdev.Device, opts Options) *workload {

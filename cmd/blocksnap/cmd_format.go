@@ -108,6 +108,8 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 			n := len(st.List())
 			st.Close()
 			return fmt.Errorf("%s already holds a blocksnap store with %d volumes (use --force to reformat and lose them)", sf.store, n)
+		} else if errors.Is(err, snapshot.ErrOldFormat) {
+			return fmt.Errorf("%s already holds a blocksnap store of an older format (convert it with blocksnap migrate, or use --force to reformat and lose it)", sf.store)
 		}
 	}
 	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: int(chunk.n)})

@@ -79,7 +79,7 @@ var commands []*command
 func init() {
 	commands = []*command{
 		cmdFormat, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRename, cmdRollback, cmdStat, cmdUsage,
-		cmdCheck, cmdDump, cmdDiff, cmdExportDiff, cmdApplyDiff, cmdServe,
+		cmdCheck, cmdDump, cmdDiff, cmdExportDiff, cmdApplyDiff, cmdServe, cmdMigrate,
 		cmdHydrate, cmdStatus, cmdPause, cmdResume, cmdSetRate,
 		cmdBackup, cmdRestore, cmdArchive,
 		cmdCompletion, cmdVersion,

@@ -116,7 +116,7 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 	s := super{tx: tx, pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
 		chunkRoot: m.chunk.root, epochRoot: m.epoch.root, chunkLevel: m.chunk.level, epochLevel: m.epoch.level,
 		keys: m.keys, chunkRuns: m.chunk.runs, epochRuns: m.epoch.runs,
-		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx}
+		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx, user: m.user}
 	s.encode(next(tx % 2))
 	m.frozen = m.snapshotState()
 	m.tx++
@@ -202,6 +202,9 @@ const wbBatch = 16
 // writeBack runs at the end of each change, under mu. It runs between
 // operations, never inside one, so no caller holds a node it might evict.
 func (m *Meta) writeBack() error {
+	if m.overlay {
+		return nil // nothing is written: dirty nodes stay in memory (OpenOverlay)
+	}
 	soft, hard := m.cache.limit/2, m.cache.limit*3/4
 	if m.wbKick == nil {
 		return m.writeBackSync(soft, hard)

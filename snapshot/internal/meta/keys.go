@@ -270,20 +270,7 @@ func (m *Meta) del(q Key) (uint64, error) {
 // room checks, before a change, that the worst case of pages it can need
 // is free, plus what the commit needs; puts also leave the delete reserve.
 // Failing here changes nothing.
-func (m *Meta) room(isDelete bool) error {
-	need := uint64(2*m.chunk.level+4) + uint64(2*m.epoch.level+4)
-	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
-		need += uint64(len(sm.pages) + len(sm.idx))
-	}
-	need += 8
-	if !isDelete {
-		need += max(64, m.metaSM.nbits/100)
-	}
-	if free := m.metaSM.free(); free < need {
-		return fmt.Errorf("meta: %d metadata pages free, the change may need %d: %w", free, need, ErrNoSpace)
-	}
-	return nil
-}
+func (m *Meta) room(isDelete bool) error { return m.roomFor(1, isDelete) }
 
 // Get returns the location of key q in the open transaction.
 func (m *Meta) Get(q Key) (uint64, bool, error) {

@@ -112,6 +112,8 @@ type Meta struct {
 	failed   error
 	closed   bool
 	lowFired bool
+	user     uint64 // the user word the next commit records (store_api.go)
+	overlay  bool   // changes stay in memory, never written (OpenOverlay)
 	buf      []byte // page buffer for writes
 	pathBuf  []*node
 	idxBuf   []int
@@ -223,6 +225,7 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 	m.chunk = tree{kind: chunkTree, root: best.chunkRoot, level: best.chunkLevel, runs: best.chunkRuns}
 	m.epoch = tree{kind: epochTree, root: best.epochRoot, level: best.epochLevel, runs: best.epochRuns}
 	m.keys = best.keys
+	m.user = best.user
 	var err error
 	if m.metaSM, err = m.loadMap(best.pages, best.metaIdx, best.pages, best.tx); err != nil {
 		return nil, err

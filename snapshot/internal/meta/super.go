@@ -6,7 +6,7 @@ package meta
 //	offset size    field
 //	0      32      common header (location 0 or 1, tx = sequence)
 //	32     8       magic "BSMETA01"
-//	40     4       format version (1)
+//	40     4       format version (2; version 1 had no user word)
 //	44     4       page size (4096)
 //	48     8       metadata pages in the region
 //	56     8       data chunks in the space map
@@ -22,7 +22,9 @@ package meta
 //	144    2       chunk-tree root level
 //	146    2       epoch-tree root level
 //	148    4       zero
-//	152    16(m+d) (page, tx) of each index page, metadata ones first
+//	152    8       user word: the store records the last journal record the
+//	               commit covers (opaque to this package)
+//	160    16(m+d) (page, tx) of each index page, metadata ones first
 
 import (
 	"encoding/binary"
@@ -31,8 +33,8 @@ import (
 
 const (
 	superMagic   = "BSMETA01"
-	superVersion = 1
-	superFixed   = 152
+	superVersion = 2
+	superFixed   = 160
 	maxIdxPtrs   = (PageSize - superFixed) / 16
 )
 
@@ -48,6 +50,7 @@ type super struct {
 	epochRuns          uint64
 	metaUsed, dataUsed uint64
 	metaIdx, dataIdx   []ptr
+	user               uint64
 }
 
 func (s *super) encode(p []byte) {
@@ -71,6 +74,7 @@ func (s *super) encode(p []byte) {
 	le.PutUint32(p[140:], uint32(len(s.dataIdx)))
 	le.PutUint16(p[144:], s.chunkLevel)
 	le.PutUint16(p[146:], s.epochLevel)
+	le.PutUint64(p[152:], s.user)
 	for i, q := range append(append([]ptr(nil), s.metaIdx...), s.dataIdx...) {
 		le.PutUint64(p[superFixed+16*i:], q.loc)
 		le.PutUint64(p[superFixed+16*i+8:], q.tx)
@@ -105,6 +109,7 @@ func decodeSuper(p []byte, slot uint64) (*super, error) {
 	s.metaUsed, s.dataUsed = le.Uint64(p[120:]), le.Uint64(p[128:])
 	m, d := le.Uint32(p[136:]), le.Uint32(p[140:])
 	s.chunkLevel, s.epochLevel = le.Uint16(p[144:]), le.Uint16(p[146:])
+	s.user = le.Uint64(p[152:])
 	if le.Uint32(p[148:]) != 0 {
 		return nil, corrupt(slot, "reserved superblock bytes not zero")
 	}

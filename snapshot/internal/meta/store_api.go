@@ -1,0 +1,274 @@
+package meta
+
+import (
+	"fmt"
+	"math/bits"
+	"time"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+)
+
+// What the snapshot store needs beyond Commit: a commit split in two so
+// that the store can freeze the transaction under its own lock (at a
+// journal record boundary) and write it without that lock; a user word in
+// the superblock for the journal position a commit covers; data chunks
+// allocated for copies still in flight kept out of a commit; claiming a
+// given chunk when the journal is replayed; and a space check for a whole
+// journal record before any of it is applied.
+
+// Frozen is a transaction ended by Freeze and not yet written. Until Write
+// (or Abandon) returns, no other commit can start.
+type Frozen struct {
+	m      *Meta
+	tx     uint64
+	dirty  []*node
+	pages  []byte
+	locs   []uint64
+	frozen time.Duration
+}
+
+// Freeze ends the open transaction as Commit does and returns it for
+// Write. user is recorded in its superblock (User reads it back after
+// Open). The data chunks in inflight, allocated by AllocData but not yet
+// referenced by any key, are shown free in the frozen transaction's map
+// and stay allocated in the next one, so a crash after the commit leaks
+// none of them. A nil Frozen means there was nothing to commit.
+func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
+	m.commitMu.Lock()
+	m.mu.Lock()
+	if m.overlay {
+		m.mu.Unlock()
+		m.commitMu.Unlock()
+		return nil, ErrReadOnly
+	}
+	for i, loc := range inflight {
+		if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
+			for _, l := range inflight[:i] {
+				m.dataSM.set(l)
+			}
+			m.mu.Unlock()
+			m.commitMu.Unlock()
+			return nil, fmt.Errorf("meta: freeze: in-flight data chunk %d is not allocated: %w", loc, ErrInvalid)
+		}
+		m.dataSM.clear(loc)
+	}
+	if user != m.user {
+		m.user = user
+		m.changed = true
+	}
+	t0 := time.Now()
+	tx, dirty, pages, locs, err := m.freeze()
+	frozen := time.Since(t0)
+	for _, loc := range inflight {
+		m.dataSM.set(loc)
+	}
+	if len(inflight) > 0 && err == nil {
+		m.changed = true // the next transaction holds them again
+	}
+	m.mu.Unlock()
+	if err != nil || pages == nil {
+		m.commitMu.Unlock()
+		return nil, err
+	}
+	return &Frozen{m: m, tx: tx, dirty: dirty, pages: pages, locs: locs, frozen: frozen}, nil
+}
+
+// Write writes the frozen transaction (pages, flush, superblock, flush)
+// and publishes it to new Views. Unlike Commit it does not release what
+// durable transactions freed: the caller does that with ReleaseFrees,
+// under whatever lock keeps its readers off reused data chunks.
+func (f *Frozen) Write() error {
+	m := f.m
+	defer m.commitMu.Unlock()
+	m.cstats.Commits++
+	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, f.frozen)
+	m.cstats.Pages += uint64(len(f.locs))
+	for i, n := range f.dirty {
+		n.encode(f.pages[i*PageSize : (i+1)*PageSize])
+	}
+	m.wbMu.Lock()
+	err := m.writeCommit(f.tx, f.pages, f.locs)
+	m.wbMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	defer m.wbCond.Broadcast()
+	if err != nil {
+		return m.fail(err)
+	}
+	for _, n := range f.dirty {
+		m.cache.setDirty(n, false)
+	}
+	m.frozenBytes = 0
+	m.durable = f.tx
+	m.publish(m.frozen)
+	m.cache.evict()
+	return nil
+}
+
+// Abandon gives up a frozen transaction without writing it. The Meta
+// fails (its open transaction builds on the frozen one): reopen to
+// recover from the last commit.
+func (f *Frozen) Abandon(cause error) {
+	m := f.m
+	m.mu.Lock()
+	m.fail(fmt.Errorf("meta: commit %d abandoned: %w", f.tx, cause))
+	m.wbCond.Broadcast()
+	m.mu.Unlock()
+	m.commitMu.Unlock()
+}
+
+// ReleaseFrees makes reusable what durable transactions freed (after
+// Frozen.Write).
+func (m *Meta) ReleaseFrees() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.releaseFrees()
+}
+
+// User returns the user word of the open transaction: after Open, the
+// one the last durable commit recorded.
+func (m *Meta) User() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.user
+}
+
+// MarkData claims data chunk loc in the open transaction (a replayed
+// journal record that references it). ErrInvalid if it is out of range,
+// already in use or held.
+func (m *Meta) MarkData(loc uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if loc >= m.dataSM.nbits || m.dataSM.isSet(loc) || m.dataSM.held[loc/64]&(1<<(loc%64)) != 0 {
+		return fmt.Errorf("meta: claim of data chunk %d, out of range or in use: %w", loc, ErrInvalid)
+	}
+	m.dataSM.set(loc)
+	m.changed = true
+	return nil
+}
+
+// Room reports ErrNoSpace, changing nothing, unless the metadata region
+// has room for changes key changes (puts and deletes) in the open
+// transaction, in the worst case, plus what the commit needs. With
+// isDelete the changes may use the delete reserve.
+func (m *Meta) Room(changes int, isDelete bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	// One change more than asked: each change checks a whole change's
+	// worst case for itself (room), so the last of them must still find
+	// that much after the others took theirs.
+	return m.roomFor(changes+1, isDelete)
+}
+
+// roomFor is Room with m.mu held. The worst case for k changes in one
+// transaction: each node is shadowed at most once per transaction, so
+// shadows are at most the pages in use (and at most k paths); a leaf
+// split leaves both halves about half empty, and a change adds at most
+// two runs of at most 40 bytes, so a leaf splits at most once per 16
+// changes after its first split: leaf splits are at most the leaves (the
+// pages in use) plus k/16 per tree, and never more than k; a branch
+// splits once per 63 leaf splits below it, plus one per level and a new
+// root.
+func (m *Meta) roomFor(changes int, isDelete bool) error {
+	k := uint64(max(changes, 1))
+	lc, le := uint64(m.chunk.level), uint64(m.epoch.level)
+	used := m.metaSM.used
+	need := min(k*(lc+le+2), used) + 2*min(k, used+k/16+1) + 2*(k/16+1) + lc + le + 4
+	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
+		need += uint64(len(sm.pages) + len(sm.idx))
+	}
+	need += 8
+	if !isDelete {
+		need += max(64, m.metaSM.nbits/100)
+	}
+	if free := m.metaSM.free(); free < need {
+		return fmt.Errorf("meta: %d metadata pages free, %d changes may need %d: %w", free, changes, need, ErrNoSpace)
+	}
+	return nil
+}
+
+// OpenOverlay opens a region that is never written, like a ReadOnly
+// Open, but that accepts changes in memory: a read-only store replays its
+// journal tail into it. Its dirty nodes are never written back or
+// evicted, so its memory grows with the changes (the tail is bounded);
+// Freeze and Commit fail with ErrReadOnly.
+func OpenOverlay(dev blockdev.Device, opts Options) (*Meta, error) {
+	opts.ReadOnly, opts.SyncWriteBack = false, true // no write-back goroutine
+	m, err := Open(dev, opts)
+	if err != nil {
+		return nil, err
+	}
+	m.overlay = true
+	return m, nil
+}
+
+// AllocDataRun takes up to want free data chunks at consecutive
+// locations (at least one) in the open transaction, and returns the first
+// and the count. ErrNoSpace when no chunk is free (DataHeld tells whether
+// a commit would free some).
+func (m *Meta) AllocDataRun(want int) (uint64, int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return 0, 0, err
+	}
+	sm := m.dataSM
+	start, ok := sm.alloc()
+	if !ok {
+		return 0, 0, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
+	}
+	n := 1
+	for loc := start + 1; n < want && loc < sm.nbits && !sm.isSet(loc) && sm.held[loc/64]&(1<<(loc%64)) == 0; loc++ {
+		sm.set(loc)
+		n++
+	}
+	m.changed = true
+	return start, n, nil
+}
+
+// ReturnData gives back a data chunk that AllocData or AllocDataRun took
+// and that no key ever referenced: it is free at once (no commit can need
+// it: Freeze kept it out as in flight).
+func (m *Meta) ReturnData(loc uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
+		return fmt.Errorf("meta: return of data chunk %d, not in use: %w", loc, ErrInvalid)
+	}
+	m.dataSM.clear(loc)
+	m.changed = true
+	return nil
+}
+
+// DataHeld is the number of data chunks freed but not reusable yet.
+func (m *Meta) DataHeld() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.dataSM.nheld
+}
+
+// DataInUse calls fn, under the layer's lock (fn must not call the
+// Meta), for every data chunk allocated in the open transaction, in
+// order, until fn returns false.
+func (m *Meta) DataInUse(fn func(loc uint64) bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for w, word := range m.dataSM.words {
+		for word != 0 {
+			b := uint64(bits.TrailingZeros64(word))
+			word &^= 1 << b
+			if !fn(uint64(w)*64 + b) {
+				return
+			}
+		}
+	}
+}
