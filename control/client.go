@@ -176,6 +176,16 @@ func (c *Client) ForceDelete(ctx context.Context, name string, wait bool) (Delet
 	return call[DeleteResult](ctx, c, Request{Op: OpDelete, Name: name, Wait: wait, Force: true})
 }
 
+// Protect makes deletes refuse the volume name until Unprotect.
+func (c *Client) Protect(ctx context.Context, name string) (Volume, error) {
+	return call[Volume](ctx, c, Request{Op: OpProtect, Name: name})
+}
+
+// Unprotect lifts Protect.
+func (c *Client) Unprotect(ctx context.Context, name string) (Volume, error) {
+	return call[Volume](ctx, c, Request{Op: OpUnprotect, Name: name})
+}
+
 // Rename renames a volume.
 func (c *Client) Rename(ctx context.Context, name, newName string) (Volume, error) {
 	return call[Volume](ctx, c, Request{Op: OpRename, Name: name, NewName: newName})

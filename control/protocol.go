@@ -21,13 +21,16 @@ const (
 	OpUsage      Op = "usage"       // Space
 	OpSnapshot   Op = "snapshot"    // Name, Of (default "origin"): Volume
 	OpClone      Op = "clone"       // Name, From: Volume
-	OpDelete     Op = "delete"      // Name, Wait, Force: DeleteResult
+	OpDelete     Op = "delete"      // Name, Wait, Force, Recursive: DeleteResult
 	OpRename     Op = "rename"      // Name, NewName: Volume
 	OpRollback   Op = "rollback"    // Name, To: Volume
 	OpDiff       Op = "diff"        // From, To (default: the live volume From was taken of): Diff
 	OpExportDiff Op = "export-diff" // To, From (empty: full): a diff stream
 	OpCheck      Op = "check"       // CheckReport
 	OpDump       Op = "dump"        // Dump
+	OpProtect    Op = "protect"     // Name: Volume
+	OpUnprotect  Op = "unprotect"   // Name: Volume
+	OpGrow       Op = "grow"        // GrowResult
 )
 
 // Operations of `blocksnap hydrate` (a clone).
@@ -61,6 +64,9 @@ type Request struct {
 	// Force: delete a volume that NBD clients are connected to, closing
 	// their connections (without it a serve refuses, CodeBusy).
 	Force bool `json:"force,omitempty"`
+	// Recursive: delete also the volumes that depend on Name (the clones
+	// of a snapshot, their snapshots and clones), deepest first.
+	Recursive bool `json:"recursive,omitempty"`
 	// Compress: export-diff writes a zstd-compressed stream (version 2).
 	Compress bool `json:"compress,omitempty"`
 	// Rate is set-rate's cap on background hydration in bytes per
@@ -146,6 +152,9 @@ var needs = map[Op][]string{
 	OpDelete:     {"name"},
 	OpRename:     {"name", "new_name"},
 	OpRollback:   {"name", "to"},
+	OpProtect:    {"name"},
+	OpGrow:       nil,
+	OpUnprotect:  {"name"},
 	OpDiff:       {"from"},
 	OpExportDiff: {"to"},
 	OpStatus:     nil, OpPause: nil, OpResume: nil, OpSetRate: nil,
@@ -254,6 +263,8 @@ type Volume struct {
 	// Hidden: a snapshot kept only as the parent point of clones (no
 	// name; list shows it so that every parent_id is in the list).
 	Hidden bool `json:"hidden,omitempty"`
+	// Protected: delete refuses the volume until unprotect.
+	Protected bool `json:"protected,omitempty"`
 	// Children are the IDs of the volumes whose parent this is (list).
 	Children []uint64 `json:"children,omitempty"`
 }
@@ -266,9 +277,19 @@ type VolumeStat struct {
 	Shared    int64 `json:"shared"`
 }
 
+// GrowResult is what grow did: the data bytes it added (0 when the store
+// device has not grown since the store was opened) and the data region's
+// size now.
+type GrowResult struct {
+	Added     int64 `json:"added"`
+	DataBytes int64 `json:"data_bytes"`
+}
+
 // DeleteResult is what delete did.
 type DeleteResult struct {
 	Deleted string `json:"deleted"`
+	// Dependants are the volumes a recursive delete deleted first.
+	Dependants []string `json:"dependants,omitempty"`
 	// Reclaimed is the store space freed, when the request waited for it.
 	Reclaimed int64 `json:"reclaimed,omitempty"`
 	Waited    bool  `json:"waited"`
@@ -311,6 +332,9 @@ type Space struct {
 	IndexEntries  int     `json:"index_entries"`
 	MetadataBytes int64   `json:"metadata_bytes"`
 	JournalFill   float64 `json:"journal_fill"`
+	// MetadataRegion is the metadata region's size (MetadataBytes of it
+	// in use).
+	MetadataRegion int64 `json:"metadata_region"`
 }
 
 // DumpVolume is a volume in a Dump: its accounting and the extents where

@@ -8,7 +8,6 @@ import (
 	"io"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -308,42 +307,25 @@ func TestCheckpointTooLarge(t *testing.T) {
 	require.NoError(t, j.Close())
 }
 
-// gateDevice blocks the first Flush until released, so a test can line up
-// committers behind a leader without timing.
-type gateDevice struct {
-	blockdev.Device
-	armed   atomic.Bool
-	entered chan struct{}
-	release chan struct{}
-}
-
-func (g *gateDevice) Flush() error {
-	if g.armed.CompareAndSwap(true, false) {
-		close(g.entered)
-		<-g.release
-	}
-	return g.Device.Flush()
-}
-
 func TestGroupCommit(t *testing.T) {
 	ctx := context.Background()
 	mem := blockdevtest.NewMem(t, 4<<20, 4096)
 	j0, err := Format(mem, Options{})
 	require.NoError(t, err)
 	require.NoError(t, j0.Close())
-	g := &gateDevice{Device: mem, entered: make(chan struct{}), release: make(chan struct{})}
+	g := blockdevtest.NewFlushGate(mem)
 	var pre sync.Mutex
 	preCalls := 0
 	j, err := Open(g, Options{PreCommit: func() error { pre.Lock(); preCalls++; pre.Unlock(); return nil }}, &recorder{})
 	require.NoError(t, err)
-	g.armed.Store(true)
+	g.Arm()
 
 	const followers = 15
 	errs := make(chan error, followers+1)
 	_, err = j.Append(ctx, []byte("leader"))
 	require.NoError(t, err)
 	go func() { errs <- j.Commit(ctx) }()
-	<-g.entered // the leader is inside its Flush
+	<-g.Entered() // the leader is inside its Flush
 	for i := range followers {
 		_, err := j.Append(ctx, []byte(fmt.Sprint("follower ", i)))
 		require.NoError(t, err)
@@ -355,7 +337,7 @@ func TestGroupCommit(t *testing.T) {
 		defer j.mu.Unlock()
 		return j.st.lastSeq == followers+1
 	})
-	close(g.release)
+	g.Release()
 	for range followers + 1 {
 		require.NoError(t, <-errs)
 	}

@@ -12,7 +12,8 @@ package snapshot
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1)
 //	          -  uv volume count; per volume (the origin excluded): uv id,
-//	             uv kind, uv branch, uv epoch, uv hidden, sv created, uv parent,
+//	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
+//	             protected), sv created, uv parent,
 //	             uv name length, name
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
@@ -63,7 +64,7 @@ type volRec struct {
 	name                string
 	kind                Kind
 	branch, epoch       uint32
-	hidden              bool
+	hidden, protected   bool
 }
 
 type branchRec struct {
@@ -82,7 +83,7 @@ func (s *Store) smallStateLocked(c *capture) {
 	for _, v := range s.volumes {
 		if v.kind != KindOrigin {
 			c.volumes = append(c.volumes, volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
-				epoch: v.epoch, hidden: v.hidden, created: v.created, parent: int64(v.parent)})
+				epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent)})
 		}
 	}
 	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
@@ -334,7 +335,7 @@ func (c *capture) encodeTo(e *encoder) {
 		e.uv(uint64(v.kind))
 		e.uv(uint64(v.branch))
 		e.uv(uint64(v.epoch))
-		e.uv(b2u(v.hidden))
+		e.uv(b2u(v.hidden) | b2u(v.protected)<<1)
 		e.sv(v.created)
 		e.uv(uint64(v.parent))
 		e.uv(uint64(len(v.name)))

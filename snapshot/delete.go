@@ -74,7 +74,15 @@ func (d *DeleteOp) Progress() DeleteProgress {
 // Delete deletes the named snapshot or clone. It returns once the deletion
 // is durable; the space is reclaimed in the background (see DeleteOp).
 // Open handles on the volume fail with ErrInvalidSnapshot from then on.
+// A protected volume is refused (ErrProtected); a snapshot that clones
+// depend on goes as a hidden parent point (DeleteWith with Detach; see
+// DeleteWith for the other choices).
 func (s *Store) Delete(name string) (*DeleteOp, error) {
+	return s.deleteOne(name, DeleteOptions{Detach: true})
+}
+
+// deleteOne deletes one volume as Delete does, refused as opts says.
+func (s *Store) deleteOne(name string, opts DeleteOptions) (*DeleteOp, error) {
 	if err := s.writable(); err != nil {
 		return nil, err
 	}
@@ -105,6 +113,10 @@ func (s *Store) Delete(name string) (*DeleteOp, error) {
 	if v == nil || v.hidden || s.byName[name] != id {
 		s.mu.Unlock()
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if err := s.refuseLocked(v, s.dependantsLocked(v), opts); err != nil {
+		s.mu.Unlock()
+		return nil, err
 	}
 	if v.kind == KindSnapshot && s.branches[v.branch].refs[v.epoch] > 1 {
 		sc.ops = append(sc.ops, op{kind: opHide, id: id})
@@ -397,7 +409,7 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 // invalidateFor makes room for an origin write to chunk c when the store
 // is full (NoSpaceInvalidate): it deletes every snapshot of the origin
 // that would need c copied. Called with c's origin stripe held
-// exclusively; fails if one of them has clones.
+// exclusively; fails if one of them has clones or is protected.
 func (s *Store) invalidateFor(c uint64) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
@@ -414,6 +426,9 @@ func (s *Store) invalidateFor(c uint64) error {
 		vid, ok := s.byPoint[point{0, h}]
 		if !ok || s.volumes[vid].hidden || br.refs[h] != 1 {
 			return fmt.Errorf("%w: snapshot at epoch %d has clones and cannot be invalidated", ErrNoSpace, h)
+		}
+		if s.volumes[vid].protected {
+			return fmt.Errorf("%w: snapshot %q is protected and cannot be invalidated", ErrNoSpace, s.volumes[vid].name)
 		}
 		sc.ops = append(sc.ops, op{kind: opDropVolume, id: vid})
 	}

@@ -93,13 +93,13 @@ func (s *Store) loadVolumes(d *ckptReader) {
 		if d.err != nil {
 			return
 		}
-		if ln > maxNameLen || k < uint64(KindSnapshot) || k > uint64(KindClone) || h > 1 {
+		if ln > maxNameLen || k < uint64(KindSnapshot) || k > uint64(KindClone) || h > 3 {
 			d.fail("volume %d: kind %d, hidden %d, name of %d bytes", o.id, k, h, ln)
 			return
 		}
 		name := make([]byte, ln)
 		d.read(name)
-		o.vkind, o.hidden, o.name = Kind(k), h == 1, string(name)
+		o.vkind, o.hidden, o.name = Kind(k), h&1 == 1, string(name)
 		if d.err != nil {
 			return
 		}
@@ -121,6 +121,7 @@ func (s *Store) loadVolumes(d *ckptReader) {
 		if err != nil {
 			return
 		}
+		s.volumes[o.id].protected = h&2 != 0 && !o.hidden
 		if o.vkind == KindClone && !br.live {
 			d.fail("clone volume %d on dead branch %d", o.id, o.b)
 			return

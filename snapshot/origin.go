@@ -308,10 +308,12 @@ func (s *Store) allocOne() (uint64, error) {
 			return 0, s.fail(metaErr("allocate data chunk", err))
 		}
 		if ok {
+			s.lowDataCheck()
 			return loc, nil
 		}
 		if retried || !s.alloc.hasPending() {
-			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.geo.dataChunks)
+			s.lowDataCheck()
+			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.alloc.m.Space().Chunks)
 		}
 		if err := s.treeCommit(s.ctx); err != nil {
 			return 0, err

@@ -18,6 +18,7 @@ package snapshot
 //	   7  hide        id                                 a deleted snapshot kept as a hidden parent
 //	   8  dropVolume  id                                 a deleted volume
 //	   9  rename      id, len, name
+//	  10  protect     id, on (0/1)                       Protect or Unprotect a volume
 //
 // Decoders bound every count by the bytes that remain, and never panic.
 
@@ -40,6 +41,7 @@ const (
 	opHide
 	opDropVolume
 	opRename
+	opProtect
 	opMax
 )
 
@@ -61,6 +63,7 @@ type op struct {
 	time   int64
 	parent uint64
 	name   string
+	on     bool // protect: on or off
 }
 
 func encodeLoc(loc uint64) uint64 {
@@ -110,6 +113,8 @@ func appendOp(b []byte, o *op) []byte {
 	case opRename:
 		b = u(u(b, o.id), uint64(len(o.name)))
 		b = append(b, o.name...)
+	case opProtect:
+		b = u(u(b, o.id), b2u(o.on))
 	}
 	return b
 }
@@ -233,6 +238,13 @@ func (d *decoder) op(o *op) {
 	case opRename:
 		o.id = d.uv()
 		o.name = d.str()
+	case opProtect:
+		o.id = d.uv()
+		on := d.uv()
+		if on > 1 {
+			d.fail("protect flag %d", on)
+		}
+		o.on = on == 1
 	default:
 		d.fail("unknown operation %d", o.kind)
 	}

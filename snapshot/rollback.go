@@ -12,12 +12,19 @@ import (
 // chain does not deepen. Writes racing with the rollback land before or
 // after it, chunk by chunk. The branch gate is held shared throughout, so
 // neither volume can be deleted (nor a snapshot of it taken) meanwhile.
+//
+// A clone may also be reset to a snapshot of one of its ancestors (the
+// snapshot it was cloned from, or any other snapshot of a branch in its
+// chain): see resetToAncestor.
 func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if err := vol.writable(); err != nil {
 		return err
 	}
 	if err := to.check(0, 0); err != nil {
 		return err
+	}
+	if to.kind == KindSnapshot && to.meta.branch != vol.br.id && vol.inChain(to.meta.branch) {
+		return s.resetToAncestor(ctx, vol, to)
 	}
 	if to.kind != KindSnapshot || to.meta.branch != vol.br.id {
 		return fmt.Errorf("%w: volume %d is not a snapshot of volume %d", ErrBadOptions, to.meta.id, vol.meta.id)

@@ -84,15 +84,18 @@ type branch struct {
 
 // volume is a named volume's metadata. Guarded by Store.mu.
 type volume struct {
-	id      uint64
-	name    string
-	kind    Kind
-	branch  uint32
-	epoch   uint32 // snapshots; epochLive for clones and the origin
-	hidden  bool   // a deleted snapshot kept as a clone's parent point
-	created int64
-	parent  uint64
-	dead    atomic.Bool // deleted: handles fail
+	id     uint64
+	name   string
+	kind   Kind
+	branch uint32
+	epoch  uint32 // snapshots; epochLive for clones and the origin
+	hidden bool   // a deleted snapshot kept as a clone's parent point
+	// protected refuses Delete (Protect); persisted in the checkpoint
+	// with hidden, as bit 1 of the same field.
+	protected bool
+	created   int64
+	parent    uint64
+	dead      atomic.Bool // deleted: handles fail
 }
 
 // point is a snapshot of a branch.
@@ -285,6 +288,12 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		s.removeName(v)
 		v.name = o.name
 		s.byName[o.name] = v.id
+	case opProtect:
+		v := s.volumes[o.id]
+		if v == nil || v.hidden || v.kind == KindOrigin {
+			return bad("protect of volume %d", o.id)
+		}
+		v.protected = o.on
 	default:
 		return bad("operation %d", o.kind)
 	}

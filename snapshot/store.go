@@ -114,6 +114,13 @@ type Options struct {
 	// KiB): free and total bytes, once per crossing. Past the point where a change could not be committed,
 	// changes fail with ErrNoSpace; deletes still work and free space.
 	LowMetadata func(free, total int64)
+	// LowData, if set, is called (without locks held, on a goroutine of
+	// the store) when the free data space drops below LowDataThreshold
+	// bytes (0: an eighth of the data region): free and total bytes. It
+	// fires once per crossing, as dm-thin's low-water mark does, so a
+	// manager can extend the store device, reopen, and Grow.
+	LowData          func(free, total int64)
+	LowDataThreshold int64
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
 	// happen on Flush, FUA and snapshot operations only). The metadata
@@ -272,6 +279,10 @@ type Store struct {
 	// emergencies counts foreground checkpoints written because the
 	// journal passed emergencyFill (tests report them).
 	emergencies atomic.Int64
+	// lowDataFired: the LowData warning fired and the free space has not
+	// risen above the threshold since; lowDataKick wakes the notifier.
+	lowDataFired atomic.Bool
+	lowDataKick  chan struct{}
 	// durableSeq is the last record known durable (a commit or a
 	// checkpoint covered it): buffered origin writes preserved by records
 	// up to it may reach the origin even after the store failed.
@@ -439,17 +450,19 @@ func (s *Store) openMeta(format bool) error {
 	if err != nil {
 		return metaErr("metadata region", err)
 	}
-	if !format && m.Space().Chunks != s.geo.dataChunks {
-		_ = m.Close()
-		return fmt.Errorf("%w: metadata region maps %d data chunks, superblock %d", ErrCorrupt, m.Space().Chunks, s.geo.dataChunks)
-	}
 	s.m = m
+	if !format {
+		if err := s.adoptDataChunks(m.Space().Chunks); err != nil {
+			_ = m.Close()
+			return err
+		}
+	}
 	s.ix = pagedIndex{m: m}
 	s.alloc = newAllocator(m)
 	return nil
 }
 
-// abort releases what formatStore or Open opened, for a store that will
+// abort releases what formatRegions or Open opened, for a store that will
 // not be returned.
 func (s *Store) abort() {
 	if s.j != nil {
@@ -492,7 +505,8 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
-	if g.originSize != origin.Size() || g.storeSize != store.Size() {
+	// A larger store device is a grown one (Grow uses the new space).
+	if g.originSize != origin.Size() || g.storeSize > store.Size() {
 		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
 			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
 	}
@@ -575,16 +589,17 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	cs := int64(g.chunkSize)
 	s := &Store{
 		origin: origin, store: store, opts: opts, geo: g, cs: cs,
-		chunks:   uint64((origin.Size() + cs - 1) / cs),
-		bs:       max(origin.BlockSize(), store.BlockSize()),
-		branches: map[uint32]*branch{},
-		volumes:  map[uint64]*volume{},
-		byName:   map[string]uint64{},
-		byPoint:  map[point]uint64{},
-		deletes:  map[uint64]*DeleteOp{},
-		nextVol:  originVolumeID + 1,
-		gcKick:   make(chan struct{}, 1),
-		ckptCh:   make(chan capture, 1),
+		chunks:      uint64((origin.Size() + cs - 1) / cs),
+		bs:          max(origin.BlockSize(), store.BlockSize()),
+		branches:    map[uint32]*branch{},
+		volumes:     map[uint64]*volume{},
+		byName:      map[string]uint64{},
+		byPoint:     map[point]uint64{},
+		deletes:     map[uint64]*DeleteOp{},
+		nextVol:     originVolumeID + 1,
+		gcKick:      make(chan struct{}, 1),
+		lowDataKick: make(chan struct{}, 1),
+		ckptCh:      make(chan capture, 1),
 	}
 	s.preserved = make([]uint32, s.chunks)
 	s.gcIdle = sync.NewCond(&s.mu)
@@ -623,6 +638,10 @@ func (s *Store) start() {
 	}
 	s.wg.Add(1)
 	go s.collector()
+	if s.opts.LowData != nil {
+		s.wg.Add(1)
+		go s.lowDataNotifier()
+	}
 	if s.j != nil {
 		s.wg.Add(2)
 		go s.checkpointer()

@@ -22,6 +22,8 @@ type VolumeInfo struct {
 	// needed it). It has no name, cannot be opened, and goes when its last
 	// clone does. Only ListAll returns hidden volumes.
 	Hidden bool
+	// Protected: Delete refuses the volume until Unprotect.
+	Protected bool
 }
 
 // VolumeStat is a volume's space accounting, in the manner of thin_ls.
@@ -205,7 +207,7 @@ func (s *Store) Rename(oldName, newName string) error {
 
 func (s *Store) infoLocked(v *volume) VolumeInfo {
 	created := time.Unix(0, v.created)
-	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden}
+	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden, Protected: v.protected}
 }
 
 // List returns every visible volume (the origin first), ordered by ID.
@@ -348,7 +350,7 @@ func (s *Store) Stats() Stats {
 	entries := s.ix.len()
 	s.mu.RUnlock()
 	sp := s.m.Space()
-	st := Stats{ChunkSize: s.cs, DataChunks: s.geo.dataChunks, UsedChunks: sp.ChunksUsed, FreeChunks: sp.Chunks - sp.ChunksUsed,
+	st := Stats{ChunkSize: s.cs, DataChunks: sp.Chunks, UsedChunks: sp.ChunksUsed, FreeChunks: sp.Chunks - sp.ChunksUsed,
 		IndexEntries: entries, MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
 		Volumes: vols, BufferedChunks: s.ob.n.Load()}
 	if s.j != nil {

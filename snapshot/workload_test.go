@@ -183,9 +183,12 @@ func (w *workload) write(discard bool) error {
 	var p []byte
 	var err error
 	defer w.mayInvalidate(v, &err)()
-	if discard {
+	switch {
+	case discard && w.rng.IntN(2) == 0:
+		err = v.vol.WriteZeroes(off, n) // zero mappings, like Discard on a clone
+	case discard:
 		err = v.vol.Discard(off, n)
-	} else {
+	default:
 		p = make([]byte, n)
 		for i := range p {
 			p[i] = byte(w.rng.Uint32())
@@ -287,7 +290,27 @@ func (w *workload) delete() error {
 	if v == nil {
 		return nil
 	}
+	if w.rng.IntN(4) == 0 { // a protected volume refuses the delete
+		if err := w.s.Protect(v.name); err != nil {
+			return w.failed(err, "protect "+v.name)
+		}
+		_, err := w.s.Delete(v.name)
+		if err == nil {
+			w.t.Fatalf("seed %d: delete of protected %s succeeded", w.seed, v.name)
+		}
+		if !errors.Is(err, ErrProtected) {
+			return w.failed(err, "delete of protected "+v.name)
+		}
+		if err := w.s.Unprotect(v.name); err != nil {
+			return w.failed(err, "unprotect "+v.name)
+		}
+	}
 	d, err := w.s.Delete(v.name)
+	if errors.Is(err, ErrProtected) { // a crash came between Protect and Unprotect
+		if err = w.s.Unprotect(v.name); err == nil {
+			d, err = w.s.Delete(v.name)
+		}
+	}
 	if err != nil {
 		w.maybeGone[v.name] = true
 		return w.failed(err, "delete "+v.name)
@@ -313,6 +336,9 @@ func (w *workload) rollback() error {
 		return nil
 	}
 	v := w.vols[snap.parent]
+	if w.rng.IntN(2) == 0 {
+		v, snap = w.ancestorReset(v, snap)
+	}
 	if v == nil {
 		return nil
 	}
@@ -327,6 +353,42 @@ func (w *workload) rollback() error {
 	copy(v.data, snap.data)
 	w.makeDurable(v)
 	return nil
+}
+
+// ancestorReset picks a clone and a snapshot of one of its ancestors (the
+// store's parent links, deleted volumes included, say which), or returns
+// v and snap unchanged when there is none.
+func (w *workload) ancestorReset(v, snap *vmodel) (*vmodel, *vmodel) {
+	clone := w.pick(func(x *vmodel) bool { return x.kind == KindClone && x.vol != nil })
+	if clone == nil {
+		return v, snap
+	}
+	info := map[uint64]VolumeInfo{}
+	for _, i := range w.s.ListAll() {
+		info[i.ID] = i
+	}
+	anc := map[uint64]bool{}
+	for id := clone.vol.ID(); ; {
+		p, ok := info[info[id].Parent] // the snapshot id was cloned from
+		if !ok || p.Kind != KindSnapshot {
+			break
+		}
+		anc[p.Parent] = true // the volume that snapshot was taken of
+		id = p.Parent
+		if info[id].Kind != KindClone {
+			break
+		}
+	}
+	var cands []*vmodel
+	for _, n := range w.names(func(x *vmodel) bool { return isSnap(x) && x.vol != nil }) {
+		if x := w.vols[n]; anc[x.vol.Info().Parent] {
+			cands = append(cands, x)
+		}
+	}
+	if len(cands) == 0 {
+		return v, snap
+	}
+	return clone, cands[w.rng.IntN(len(cands))]
 }
 
 func (w *workload) rename() error {

@@ -393,6 +393,16 @@ func (d *liveDev) WriteZeroes(off, n int64) error {
 	return blockdev.WriteZeroes(v, off, n)
 }
 
+// MapAllocation passes the volume's holes and zero mappings on to the
+// NBD server's block status.
+func (d *liveDev) MapAllocation(off, n int64) (int64, blockdev.Allocation, error) {
+	v, err := d.vol()
+	if err != nil {
+		return 0, blockdev.Allocated, err
+	}
+	return v.MapAllocation(off, n)
+}
+
 func (d *liveDev) Flush() error {
 	if v := d.v.Load(); v != nil {
 		return v.Flush()

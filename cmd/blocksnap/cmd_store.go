@@ -123,22 +123,30 @@ var cmdList = &command{
 var cmdDelete = &command{
 	name: "delete", args: "NAME", lo: 1, hi: 1,
 	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
-	long: "Against a running serve a volume that NBD clients are connected to is not deleted unless --force, " +
+	long: "A protected volume is refused (unprotect it first). A snapshot that clones depend on stays as a hidden " +
+		"parent point until its last clone goes, unless --recursive deletes the clones too. " +
+		"Against a running serve a volume that NBD clients are connected to is not deleted unless --force, " +
 		"which closes their connections; the volume's export is withdrawn at once " +
 		"and the command still waits for the space, unless --no-wait.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		noWait := fs.Bool("no-wait", false, "return once the delete is durable; space is reclaimed in the background")
 		force := fs.Bool("force", false, "delete the volume even while NBD clients of a running serve are connected to it, closing their connections")
+		recursive := fs.Bool("recursive", false, "delete also the volumes that depend on NAME (a snapshot's clones, their snapshots and clones), deepest first")
 		js := fs.Bool("json", false, "print the result as JSON")
 		return func(e *env, pos []string) error {
 			var out control.DeleteResult
-			r := control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait, Force: *force}
+			r := control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait, Force: *force, Recursive: *recursive}
 			if err := runOp(e, sf, readWrite, r, &out); err != nil {
 				return err
 			}
 			if *js {
 				return writeJSON(e.stdout, out)
+			}
+			if len(out.Dependants) > 0 {
+				if _, err := fmt.Fprintf(e.stdout, "deleted %s first\n", strings.Join(out.Dependants, ", ")); err != nil {
+					return err
+				}
 			}
 			var err error
 			if out.Waited {
@@ -176,12 +184,13 @@ var cmdRollback = &command{
 	examples: []string{
 		"blocksnap rollback vm1 --to vm1-before-upgrade --origin disk.img --store store.img",
 	},
-	summary: "revert the origin or a clone to one of its snapshots (later snapshots stay intact)",
-	long: "Against a running serve the volume's NBD connections are closed for the rollback and its export " +
+	summary: "revert the origin or a clone to one of its snapshots, or a clone to a snapshot of its ancestors (later snapshots stay intact)",
+	long: "A clone reset to the snapshot it was cloned from moves no data: its chunks inherit again. " +
+		"Against a running serve the volume's NBD connections are closed for the rollback and its export " +
 		"comes back after it: clients reconnect to the rolled-back data.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
-		to := fs.String("to", "", "`SNAPSHOT` of VOLUME to roll back to")
+		to := fs.String("to", "", "`SNAPSHOT` of VOLUME, or of one of its ancestors, to roll back to")
 		required(fs, "to")
 		return func(e *env, pos []string) error {
 			var v control.Volume
@@ -189,6 +198,62 @@ var cmdRollback = &command{
 				return err
 			}
 			_, err := fmt.Fprintf(e.stdout, "rolled %s back to %s\n", pos[0], *to)
+			return err
+		}
+	},
+}
+
+var cmdProtect = protectCommand("protect", control.OpProtect,
+	"protect a snapshot or clone: delete refuses it, recursive deletes of what it depends on too, until unprotect")
+
+var cmdUnprotect = protectCommand("unprotect", control.OpUnprotect, "lift protect from a snapshot or clone")
+
+func protectCommand(name string, op control.Op, summary string) *command {
+	return &command{
+		name: name, args: "NAME", lo: 1, hi: 1,
+		summary: summary,
+		define: func(fs *pflag.FlagSet) func(*env, []string) error {
+			sf := addStoreFlags(fs)
+			js := fs.Bool("json", false, "print the volume as JSON")
+			return func(e *env, pos []string) error {
+				var v control.Volume
+				if err := runOp(e, sf, readWrite, control.Request{Op: op, Name: pos[0]}, &v); err != nil {
+					return err
+				}
+				if *js {
+					return writeJSON(e.stdout, v)
+				}
+				state := "unprotected"
+				if v.Protected {
+					state = "protected"
+				}
+				_, err := fmt.Fprintf(e.stdout, "%s is %s\n", v.Name, state)
+				return err
+			}
+		},
+	}
+}
+
+var cmdGrow = &command{
+	name:    "grow",
+	summary: "extend the store's data region onto a store device that has grown (an extended LV, a bigger file)",
+	long: "Grow the device first (lvextend, truncate -s), then run grow. The metadata region keeps its size. " +
+		"A running serve opened the device at its old size: restart it to use the new space.",
+	examples: []string{
+		"truncate -s 20G store.img && blocksnap grow --origin disk.img --store store.img",
+	},
+	define: func(fs *pflag.FlagSet) func(*env, []string) error {
+		sf := addStoreFlags(fs)
+		js := fs.Bool("json", false, "print as JSON")
+		return func(e *env, _ []string) error {
+			var g control.GrowResult
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpGrow}, &g); err != nil {
+				return err
+			}
+			if *js {
+				return writeJSON(e.stdout, g)
+			}
+			_, err := fmt.Fprintf(e.stdout, "store %s: data region %s (%s added)\n", sf.store, human(g.DataBytes), human(g.Added))
 			return err
 		}
 	},
@@ -217,25 +282,61 @@ var cmdStat = &command{
 
 var cmdUsage = &command{
 	name:    "usage",
-	summary: "the store's space: data chunks used and free, index entries, metadata size, journal fill",
+	summary: "the store's space: data and metadata used and free, index entries, journal fill; each volume's with --volumes",
+	long: "With --volumes each volume follows with its mapped and exclusive bytes (as stat reports them), " +
+		"like lvs -o data_percent,metadata_percent and rbd du.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		js := fs.Bool("json", false, "print as JSON")
+		vols := fs.Bool("volumes", false, "also list each volume's mapped and exclusive bytes")
 		return func(e *env, _ []string) error {
 			var sp control.Space
 			if err := runOp(e, sf, inspect, control.Request{Op: control.OpUsage}, &sp); err != nil {
 				return err
 			}
+			var stats []control.VolumeStat
+			if *vols {
+				var vs []control.Volume
+				if err := runOp(e, sf, inspect, control.Request{Op: control.OpList}, &vs); err != nil {
+					return err
+				}
+				for _, v := range vs {
+					if v.Hidden {
+						continue
+					}
+					var st control.VolumeStat
+					if err := runOp(e, sf, inspect, control.Request{Op: control.OpStat, Name: v.Name}, &st); err != nil {
+						return err
+					}
+					stats = append(stats, st)
+				}
+			}
 			if *js {
+				if *vols {
+					return writeJSON(e.stdout, struct {
+						control.Space
+						Volumes []control.VolumeStat `json:"volumes"`
+					}{sp, stats})
+				}
 				return writeJSON(e.stdout, sp)
 			}
-			pct := 0.0
-			if sp.DataChunks > 0 {
-				pct = float64(sp.UsedChunks) * 100 / float64(sp.DataChunks)
+			pct := func(a, b int64) float64 {
+				if b <= 0 {
+					return 0
+				}
+				return float64(a) * 100 / float64(b)
 			}
-			_, err := fmt.Fprintf(e.stdout, "store %s: %s used of %s (%.1f%%), %s free; %d index entries, metadata %s, journal %.0f%% full\n",
-				sf.store, human(int64(sp.UsedChunks)*sp.ChunkSize), human(int64(sp.DataChunks)*sp.ChunkSize), pct,
-				human(int64(sp.FreeChunks)*sp.ChunkSize), sp.IndexEntries, human(sp.MetadataBytes), sp.JournalFill*100)
+			used, total := int64(sp.UsedChunks)*sp.ChunkSize, int64(sp.DataChunks)*sp.ChunkSize
+			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full\n",
+				sf.store, human(used), human(total), pct(used, total), human(int64(sp.FreeChunks)*sp.ChunkSize),
+				human(sp.MetadataBytes), human(sp.MetadataRegion), pct(sp.MetadataBytes, sp.MetadataRegion),
+				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100)
+			for _, st := range stats {
+				if err != nil {
+					break
+				}
+				_, err = fmt.Fprintf(e.stdout, "  %-20s %-8s mapped %s, exclusive %s\n", st.Name, st.Kind, human(st.Mapped), human(st.Exclusive))
+			}
 			return err
 		}
 	},

@@ -73,7 +73,8 @@ func classify(err error) control.Code {
 		return control.CodeExists
 	case errors.Is(err, snapshot.ErrNoSpace):
 		return control.CodeNoSpace
-	case errors.Is(err, snapshot.ErrBadOptions), errors.Is(err, errNotSnapshot):
+	case errors.Is(err, snapshot.ErrBadOptions), errors.Is(err, errNotSnapshot),
+		errors.Is(err, snapshot.ErrProtected), errors.Is(err, snapshot.ErrHasDependants):
 		return control.CodeInvalid
 	case errors.Is(err, errBusy):
 		return control.CodeBusy

@@ -251,7 +251,7 @@ func TestStoreCommands(t *testing.T) {
 	var sp control.Space
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
 	require.Equal(t, dump.Space, sp)
-	require.Contains(t, ok(t, f.args("usage")...), "store "+f.store+": 64KiB used of ")
+	require.Contains(t, ok(t, f.args("usage")...), "store "+f.store+": data 64KiB used of ")
 
 	// rename, locally; the old name is gone, the new one is the volume.
 	require.Contains(t, ok(t, f.args("rename", "s1", "monday")...), "renamed s1 to monday")

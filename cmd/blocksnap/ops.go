@@ -47,7 +47,16 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 	case control.OpClone:
 		return o.create(r.Name, r.From, o.st.CreateClone)
 	case control.OpDelete:
-		return o.delete(ctx, r.Name, r.Wait, r.Force)
+		return o.delete(ctx, r)
+	case control.OpProtect, control.OpUnprotect:
+		set := o.st.Protect
+		if r.Op == control.OpUnprotect {
+			set = o.st.Unprotect
+		}
+		if err := set(r.Name); err != nil {
+			return nil, err
+		}
+		return o.volume(r.Name)
 	case control.OpRename:
 		if err := o.st.Rename(r.Name, r.NewName); err != nil {
 			return nil, err
@@ -68,6 +77,13 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
 	case control.OpUsage:
 		return o.space(), nil
+	case control.OpGrow:
+		added, err := o.st.Grow()
+		if err != nil {
+			return nil, err
+		}
+		s := o.st.Stats()
+		return control.GrowResult{Added: added, DataBytes: int64(s.DataChunks) * s.ChunkSize}, nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:
@@ -93,7 +109,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 
 func toJSON(i snapshot.VolumeInfo, names map[uint64]string) control.Volume {
 	return control.Volume{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
-		ParentID: i.Parent, Created: i.Created, Size: i.Size, Hidden: i.Hidden}
+		ParentID: i.Parent, Created: i.Created, Size: i.Size, Hidden: i.Hidden, Protected: i.Protected}
 }
 
 // list is every volume, the hidden snapshots clones hang from included,
@@ -149,20 +165,41 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 	return info, v.Close()
 }
 
-func (o *ops) delete(ctx context.Context, name string, wait, force bool) (any, error) {
-	if o.connections != nil && !force {
-		if n := o.connections(name); n > 0 {
-			return nil, fmt.Errorf("%w: %s has %d connected NBD client(s); delete --force closes their connections", errBusy, name, n)
+func (o *ops) delete(ctx context.Context, r control.Request) (any, error) {
+	name, wait := r.Name, r.Wait
+	var deps []string
+	if r.Recursive {
+		var err error
+		if deps, err = o.st.Dependants(name); err != nil {
+			return nil, err
 		}
 	}
-	op, err := o.st.Delete(name)
+	if o.connections != nil && !r.Force {
+		for _, n := range append(deps, name) {
+			if k := o.connections(n); k > 0 {
+				return nil, fmt.Errorf("%w: %s has %d connected NBD client(s); delete --force closes their connections", errBusy, n, k)
+			}
+		}
+	}
+	// A snapshot with clones goes as a hidden parent point unless
+	// recursive (list shows it).
+	op, err := o.st.DeleteWith(name, snapshot.DeleteOptions{Recursive: r.Recursive, Detach: true})
+	if o.onDelete != nil {
+		// A recursive delete that failed half way deleted a prefix of
+		// deps: retire the exports of those that are gone.
+		for _, n := range append(deps, name) {
+			v, oerr := o.st.OpenVolume(n)
+			if errors.Is(oerr, snapshot.ErrNotFound) {
+				o.onDelete(n)
+			} else if oerr == nil {
+				_ = v.Close()
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
-	if o.onDelete != nil {
-		o.onDelete(name)
-	}
-	out := control.DeleteResult{Deleted: name}
+	out := control.DeleteResult{Deleted: name, Dependants: deps}
 	if !wait {
 		return out, nil
 	}
@@ -178,6 +215,13 @@ func (o *ops) delete(ctx context.Context, name string, wait, force bool) (any, e
 		case <-op.Done():
 			if err := op.Wait(ctx); err != nil {
 				return nil, err
+			}
+			// The dependants' reclaim, and the snapshot's hidden point
+			// their clones held, finish in the background too.
+			if r.Recursive {
+				if err := o.st.WaitIdle(ctx); err != nil {
+					return nil, err
+				}
 			}
 			out.Reclaimed, out.Waited = op.Progress().BytesReclaimed, true
 			return out, nil
@@ -207,8 +251,9 @@ func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
 	}
 	defer snap.Close()
 	// Checked here so that the error names the volumes (the store's own
-	// error names their IDs).
-	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || si.Parent != vol.Info().ID {
+	// error names their IDs). A clone may also go back to a snapshot of
+	// any of its ancestors; the store says which are.
+	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || vol.Kind() == snapshot.KindSnapshot {
 		return nil, fmt.Errorf("%s is not a snapshot of %s: %w", to, name, errNotSnapshot)
 	}
 	if o.onRewrite != nil {
@@ -220,6 +265,9 @@ func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
 		defer p.done()
 	}
 	if err := o.st.Rollback(ctx, vol, snap); err != nil {
+		if errors.Is(err, snapshot.ErrBadOptions) {
+			return nil, fmt.Errorf("%s is not a snapshot of %s or of its ancestors: %w", to, name, errNotSnapshot)
+		}
 		return nil, err
 	}
 	if err := vol.Flush(); err != nil {
@@ -293,7 +341,8 @@ func (o *ops) check() control.CheckReport {
 func (o *ops) space() control.Space {
 	s := o.st.Stats()
 	return control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
-		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill}
+		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
+		MetadataRegion: s.MetadataRegion}
 }
 
 // dump gathers everything the store's API tells about it: each volume

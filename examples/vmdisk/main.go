@@ -10,7 +10,8 @@
 //
 // Clones cost nothing until written: each VM's writes go to the shared
 // store, the golden image stays as it was, and any clone can be
-// snapshotted and rolled back without touching the others.
+// snapshotted and rolled back without touching the others, or reset to
+// the golden snapshot, which is protected from deletion.
 package main
 
 import (
@@ -117,6 +118,23 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 	}
 	s, _ = get(vm1, 0)
 	fmt.Fprintf(w, "vm1 after the rollback: %q\n", s)
+
+	// The golden snapshot is protected: a delete is refused, naming the
+	// clones that depend on it.
+	if err := st.Protect("golden"); err != nil {
+		return err
+	}
+	if _, err := st.Delete("golden"); !errors.Is(err, snapshot.ErrProtected) {
+		return fmt.Errorf("delete of the protected golden snapshot: %v", err)
+	} else {
+		fmt.Fprintf(w, "delete golden: %v\n", err)
+	}
+
+	// vm3 is reimaged: reset to golden, as metadata (its chunks inherit
+	// golden's again), under the same handle and export.
+	if err := st.Rollback(ctx, vols["vm3"], base); err != nil {
+		return err
+	}
 	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
 		a, _ := get(vols[name], 0)
 		b, _ := get(vols[name], 1<<20)

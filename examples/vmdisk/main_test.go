@@ -26,12 +26,14 @@ func TestVMDisk(t *testing.T) {
 	t.Log("\n" + out.String())
 	require.Contains(t, out.String(), `vm1 after the rollback: "golden OS image v1"`)
 	require.Contains(t, out.String(), `golden: block 0: "golden OS image v1"   at 1 MiB: ""`)
+	require.Contains(t, out.String(), `vm3:    block 0: "golden OS image v1"   at 1 MiB: ""`, "vm3 was reset to golden")
+	require.Contains(t, out.String(), `delete golden: snapshot: volume is protected: "golden" is protected (dependants: vm1-before-upgrade, vm1, vm2, vm3)`)
 }
 
 // check reads every export through an NBD client, then stops the server.
 func check(ctx context.Context, cancel func(), addr net.Addr) error {
 	defer cancel()
-	for name, want := range map[string]string{"vm1": "hostname: vm1", "vm2": "hostname: vm2", "vm3": "hostname: vm3", "golden": ""} {
+	for name, want := range map[string]string{"vm1": "hostname: vm1", "vm2": "hostname: vm2", "vm3": "", "golden": ""} {
 		c, err := nbd.Dial(ctx, nbd.URI(addr, name))
 		if err != nil {
 			return err

@@ -39,6 +39,9 @@ type Result struct {
 	ChunkRuns   uint64
 	Fill        time.Duration // the whole fill, commits included
 	WorstPut    time.Duration // the slowest single version (an origin write's metadata stall)
+	P99Put      time.Duration // 99th and 99.9th percentile of a version's time (upper bucket bounds, 1.6%)
+	P999Put     time.Duration
+	PutsOver    uint64        // versions slower than StallLimit
 	WorstCommit time.Duration // the slowest commit, run in the background
 	WorstFreeze time.Duration // the longest a commit held the writer's lock
 	CommitPages uint64        // pages the commits wrote
@@ -46,6 +49,11 @@ type Result struct {
 	OpenClean   time.Duration // Open after Commit and Close
 	OpenCrash   time.Duration // Open after a crash with uncommitted, written-back work
 }
+
+// StallLimit is the worst stall the issue allows; Result.PutsOver counts
+// the versions slower than it, so one scheduler hiccup (a count of 1) is
+// told apart from a systematic stall (many).
+const StallLimit = 10 * time.Millisecond
 
 // PageBytes returns the metadata region size a run of cfg needs.
 func PageBytes(cfg Config) int64 {
@@ -110,6 +118,7 @@ func Run(dev blockdev.Device, cfg Config) (Result, error) {
 	if err != nil {
 		return res, err
 	}
+	lat := new(latency) // before the baseline: it is the run's, not the metadata's
 	var before runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
@@ -131,7 +140,9 @@ func Run(dev blockdev.Device, cfg Config) (Result, error) {
 		if err != nil {
 			return err
 		}
-		res.WorstPut = max(res.WorstPut, time.Since(t0))
+		d := time.Since(t0)
+		res.WorstPut = max(res.WorstPut, d)
+		lat.add(d)
 		// the copy of the chunk, to a device that drops it
 		_, err = data.WriteAt(buf, int64(loc)*ChunkSize)
 		return err
@@ -181,6 +192,7 @@ func Run(dev blockdev.Device, cfg Config) (Result, error) {
 	}
 	res.WorstCommit = max(res.WorstCommit, time.Since(t0))
 	res.Commits++
+	res.P99Put, res.P999Put, res.PutsOver = lat.quantile(0.99), lat.quantile(0.999), lat.over(StallLimit)
 	cs := m.CommitStats()
 	res.WorstFreeze, res.CommitPages = cs.WorstFreeze, cs.Pages
 	res.Fill = time.Since(start)

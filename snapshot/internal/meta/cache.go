@@ -189,17 +189,26 @@ func (c *cache) dirtyNodes(max int) []*node {
 	return out
 }
 
-// dirtyNodesOf is dirtyNodes restricted to nodes of transaction tx.
-func (c *cache) dirtyNodesOf(tx uint64, max int) []*node {
+// dirtyNodesOf appends to dst up to max dirty nodes of transaction tx,
+// longest dirty first, skipping those queued to the write-back goroutine
+// (wbBusy, which callers read under Meta.mu). dst is the caller's buffer,
+// so write-back does not allocate.
+func (c *cache) dirtyNodesOf(dst []*node, tx uint64, max int) []*node {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []*node
-	for n := c.dhead.dnext; n != &c.dhead && len(out) < max; n = n.dnext {
-		if n.tx == tx {
-			out = append(out, n)
+	for n := c.dhead.dnext; n != &c.dhead && len(dst) < max; n = n.dnext {
+		if n.tx == tx && !n.wbBusy {
+			dst = append(dst, n)
 		}
 	}
-	return out
+	return dst
+}
+
+// wrote counts nodes written back.
+func (c *cache) wrote(n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.writeOut += uint64(n)
 }
 
 // costOf sums the cache cost of nodes.

@@ -21,24 +21,39 @@ func (m *Meta) Commit() error {
 	t0 := time.Now()
 	tx, dirty, pages, locs, err := m.freeze()
 	frozen := time.Since(t0)
+	queued := m.wbQueued
 	m.mu.Unlock()
 	if err != nil || pages == nil {
 		return err
 	}
+	return m.writeFrozen(tx, dirty, pages, locs, queued, frozen, true)
+}
+
+// writeFrozen writes frozen transaction tx: it encodes its nodes (now
+// immutable: T+1 shadows them before any change) without the lock, waits
+// for the write-back pages queued before the freeze (queued), writes the
+// pages, flushes, writes the superblock, flushes, and publishes tx.
+// release also makes reusable what durable transactions freed; frozen is
+// how long the freeze held the writer's lock, for CommitStats. Callers
+// hold commitMu, not mu.
+func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64, queued uint64, frozen time.Duration, release bool) error {
 	m.cstats.Commits++
 	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
 	m.cstats.Pages += uint64(len(locs))
-	// T's nodes are immutable now (T+1 shadows them before any change),
-	// so they are encoded without the lock.
 	for i, n := range dirty {
 		n.encode(pages[i*PageSize : (i+1)*PageSize])
 	}
-	m.wbMu.Lock() // a write-back batch encoded before the freeze lands first
-	err = m.writeCommit(tx, pages, locs)
-	m.wbMu.Unlock()
+	// A write-back page encoded before the freeze may hold an older
+	// version of one of T's pages: wait until every page queued before
+	// the freeze is written, so the commit's version lands last. Pages
+	// queued later are T+1's, which T neither writes nor reaches, so
+	// write-back goes on during the commit's writes and flushes.
+	err := m.waitWriteBack(queued)
+	if err == nil {
+		err = m.writeCommit(tx, pages, locs)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	defer m.wbCond.Broadcast()
 	if err != nil {
 		return m.fail(err)
 	}
@@ -46,9 +61,12 @@ func (m *Meta) Commit() error {
 		m.cache.setDirty(n, false)
 	}
 	m.frozenBytes = 0
+	m.reapWriteBack()
 	m.durable = tx
 	m.publish(m.frozen)
-	m.releaseFrees()
+	if release {
+		m.releaseFrees()
+	}
 	m.cache.evict()
 	return nil
 }
@@ -189,15 +207,48 @@ func (m *Meta) shadowMaps() error {
 	}
 }
 
-// Write-back keeps dirty nodes well below the cache size. Past half of
-// the cache dirty, the writer wakes the write-back goroutine, which writes
-// the open transaction's longest-dirty nodes in batches of wbBatch until a
-// quarter is dirty; past three quarters, the writer waits for it. With
-// Options.SyncWriteBack the writer writes a batch itself instead. Nodes of
-// a commit in flight are left to the commit, which writes them anyway;
-// while it runs they stay pinned, so the cache can pass its limit by up
-// to one commit's nodes.
-const wbBatch = 16
+// Write-back keeps dirty nodes well below the cache size, and the writer
+// never waits for another goroutine to do it (docs/metadata.md section
+// 5). Past half of the cache dirty, each change encodes one to
+// wbPerChange (in proportion to the excess) of the open transaction's
+// longest-dirty nodes into free slots and queues them to the write-back
+// goroutine, which only writes them. It takes no lock but wbMu, so the
+// writer never waits for it, and its page writes, which the kernel may
+// hold behind a commit's flush of the same file, stay out of the
+// writer's calls. The next change reaps the written slots and marks clean
+// the nodes that did not change meanwhile. Past three quarters with every
+// slot in flight, the writer writes up to wbPerChange nodes itself. With
+// Options.SyncWriteBack the writer writes a batch of wbBatch itself from
+// half (four past three quarters), so that a seed replays the same device
+// calls. Nodes of a commit in flight are left to the commit, which writes
+// them anyway; while it runs they stay pinned, so the cache can pass its
+// limit by up to one commit's nodes.
+const (
+	wbBatch     = 16
+	wbPerChange = 4
+	wbMaxSlots  = 64
+	// wbSlotCost bounds the cache cost of a node queued for write-back
+	// (a full leaf of the shortest runs), to size the slots so that the
+	// nodes in flight, which neither the writer nor eviction can touch,
+	// fit in the quarter of the cache above the hard limit.
+	wbSlotCost = nodeOverhead + 32*(leafCap/4+2)
+)
+
+// wbSlotsFor is the number of write-back slots for a cache of limit bytes.
+func wbSlotsFor(limit int) int { return min(max(limit/4/wbSlotCost, 1), wbMaxSlots) }
+
+// wbSlot is one page queued to the write-back goroutine. The writer fills
+// it under mu and sends its index on wbQueue; the goroutine writes it,
+// sets err and sends the index back on wbReaped (the channels order the
+// accesses).
+type wbSlot struct {
+	n   *node
+	gen uint64 // n.gen when encoded: a change since means still dirty
+	tx  uint64
+	loc uint64
+	buf []byte
+	err error
+}
 
 // writeBack runs at the end of each change, under mu. It runs between
 // operations, never inside one, so no caller holds a node it might evict.
@@ -206,29 +257,93 @@ func (m *Meta) writeBack() error {
 		return nil // nothing is written: dirty nodes stay in memory (OpenOverlay)
 	}
 	soft, hard := m.cache.limit/2, m.cache.limit*3/4
-	if m.wbKick == nil {
+	if m.wbQueue == nil {
 		return m.writeBackSync(soft, hard)
 	}
-	if m.openDirty() > soft {
-		select {
-		case m.wbKick <- struct{}{}:
-		default:
-		}
-	}
-	for m.openDirty() > hard && m.failed == nil && !m.closed {
-		m.wbCond.Wait()
-	}
-	m.cache.evict()
-	if m.failed != nil {
+	m.reapWriteBack()
+	if m.failed != nil { // a queued page failed: the transaction is lost
 		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
 	}
+	if d := m.openDirty(); d > soft {
+		// In proportion to the excess: one node a change just past half,
+		// up to wbPerChange at three quarters, so write-back keeps pace
+		// with the changes at the least cost to each.
+		k := min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
+		if m.queueWriteBack(k) == 0 && d > hard {
+			if err := m.writeNodes(wbPerChange); err != nil {
+				return err
+			}
+		}
+	}
+	m.cache.evict()
 	return nil
 }
 
 // openDirty is the dirty bytes of the open transaction: a commit's pinned
-// nodes are its own to write, so they neither wake write-back nor make
-// the writer wait. Callers hold mu.
+// nodes are its own to write, so they neither start write-back nor count
+// towards the writer's limit. Callers hold mu.
 func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
+
+// queueWriteBack encodes up to max of the open transaction's
+// longest-dirty nodes that are not in flight into free slots, marks them
+// in flight and queues them. It returns how many it queued. Callers hold
+// mu.
+func (m *Meta) queueWriteBack(max int) int {
+	max = min(max, len(m.wbFree))
+	if max == 0 {
+		return 0
+	}
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	for _, n := range m.nodeBuf {
+		i := m.wbFree[len(m.wbFree)-1]
+		m.wbFree = m.wbFree[:len(m.wbFree)-1]
+		s := &m.wbSlot[i]
+		n.encode(s.buf)
+		n.wbBusy = true
+		s.n, s.gen, s.tx, s.loc, s.err = n, n.gen, m.tx, n.loc, nil
+		m.wbQueued++
+		m.wbQueue <- i // never blocks: it has room for every slot
+	}
+	q := len(m.nodeBuf)
+	clear(m.nodeBuf) // keep no node alive past its eviction
+	return q
+}
+
+// reapWriteBack takes back the slots the goroutine has written: a node
+// that did not change since it was encoded is clean now. A failed write
+// fails the Meta. Callers hold mu.
+func (m *Meta) reapWriteBack() {
+	for {
+		select {
+		case i := <-m.wbReaped:
+			s := &m.wbSlot[i]
+			s.n.wbBusy = false
+			if s.err != nil {
+				m.fail(s.err)
+			} else if s.n.gen == s.gen && s.n.tx == s.tx {
+				m.cache.setDirty(s.n, false)
+			}
+			s.n = nil
+			m.wbFree = append(m.wbFree, i)
+		default:
+			return
+		}
+	}
+}
+
+// waitWriteBack waits until the goroutine has written the first queued
+// pages and returns the first write error. Callers hold commitMu, not mu.
+func (m *Meta) waitWriteBack(queued uint64) error {
+	if m.wbQueue == nil {
+		return nil
+	}
+	m.wbMu.Lock()
+	defer m.wbMu.Unlock()
+	for m.wbWritten < queued && m.wbErr == nil {
+		m.wbCond.Wait()
+	}
+	return m.wbErr
+}
 
 // writeBackSync writes one batch in the writer's call (four past hard).
 func (m *Meta) writeBackSync(soft, hard int) error {
@@ -241,85 +356,57 @@ func (m *Meta) writeBackSync(soft, hard int) error {
 	if d > hard {
 		max *= 4
 	}
-	batch := m.cache.dirtyNodesOf(m.tx, max)
-	for _, n := range batch {
+	if err := m.writeNodes(max); err != nil {
+		return err
+	}
+	m.cache.evict()
+	return nil
+}
+
+// writeNodes writes up to max of the open transaction's longest-dirty
+// nodes in the writer's call and marks them clean: they cannot change
+// meanwhile, since the caller holds mu. Nodes in flight in the write-back
+// goroutine are skipped, so no page is written twice at once (an older
+// version landing last). Callers hold mu.
+func (m *Meta) writeNodes(max int) error {
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	for _, n := range m.nodeBuf {
 		n.encode(m.buf)
 		if err := m.writePage(m.buf, n.loc); err != nil {
 			return m.fail(err)
 		}
 		m.cache.setDirty(n, false)
 	}
-	m.cache.mu.Lock()
-	m.cache.writeOut += uint64(len(batch))
-	m.cache.mu.Unlock()
-	m.cache.evict()
+	m.cache.wrote(len(m.nodeBuf))
+	clear(m.nodeBuf) // keep no node alive past its eviction
 	return nil
 }
 
-// writeBackLoop is the write-back goroutine; Close stops it.
+// writeBackLoop is the write-back goroutine: it writes the queued slots
+// in order. It takes no lock but wbMu, so the writer never waits for it.
+// Close stops it.
 func (m *Meta) writeBackLoop() {
 	defer close(m.wbDone)
 	for {
 		select {
 		case <-m.wbStop:
 			return
-		case <-m.wbKick:
-		}
-		for m.writeBackBatch() {
-			select {
-			case <-m.wbStop:
-				return
-			default:
+		case i := <-m.wbQueue:
+			s := &m.wbSlot[i]
+			s.err = m.writePage(s.buf, s.loc)
+			if s.err == nil {
+				m.cache.wrote(1)
 			}
-		}
-	}
-}
-
-// writeBackBatch encodes a batch of the open transaction's dirty nodes
-// under mu, writes them without it, and marks clean those that did not
-// change meanwhile. It reports whether more is due.
-func (m *Meta) writeBackBatch() bool {
-	m.wbMu.Lock()
-	defer m.wbMu.Unlock()
-	m.mu.Lock()
-	if m.closed || m.failed != nil || m.openDirty() <= m.cache.limit/4 {
-		m.mu.Unlock()
-		return false
-	}
-	tx := m.tx
-	batch := m.cache.dirtyNodesOf(tx, wbBatch)
-	m.wbGens = m.wbGens[:0]
-	for i, n := range batch {
-		n.encode(m.wbBuf[i*PageSize : (i+1)*PageSize])
-		m.wbGens = append(m.wbGens, n.gen)
-	}
-	m.mu.Unlock()
-	if len(batch) == 0 {
-		return false
-	}
-	var err error
-	for i, n := range batch {
-		if err = m.writePage(m.wbBuf[i*PageSize:(i+1)*PageSize], n.loc); err != nil {
-			break
-		}
-	}
-	m.mu.Lock()
-	if err != nil {
-		m.fail(err)
-	} else {
-		for i, n := range batch {
-			if n.gen == m.wbGens[i] && n.tx == tx {
-				m.cache.setDirty(n, false)
+			m.wbMu.Lock()
+			m.wbWritten++
+			if s.err != nil && m.wbErr == nil {
+				m.wbErr = s.err
 			}
+			m.wbCond.Broadcast()
+			m.wbMu.Unlock()
+			m.wbReaped <- i // never blocks: it has room for every slot
 		}
 	}
-	m.wbCond.Broadcast()
-	m.mu.Unlock()
-	m.cache.mu.Lock()
-	m.cache.writeOut += uint64(len(batch))
-	m.cache.mu.Unlock()
-	m.cache.evict()
-	return err == nil
 }
 
 // lowSpace returns the callback to run (after unlocking), if the free

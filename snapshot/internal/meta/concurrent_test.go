@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
@@ -154,4 +155,55 @@ func TestCommitWhileWriting(t *testing.T) {
 		}
 		t.Logf("round %d: %d keys durable, %d acknowledged, %v", round, got, acked, pc)
 	}
+}
+
+// TestWriterNeverWaitsForCommitOrWriteBack: while a commit is stuck in its
+// flush and the write-back goroutine cannot run, the writer puts keys that
+// dirty several times the cache. Every put must return (the writer once
+// waited for write-back, which waited for the commit), the writer must
+// write back itself so that the open transaction's dirty nodes stay within
+// the cache, and afterwards the commit must succeed and every key be
+// there.
+func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
+	mem, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	g := blockdevtest.NewFlushGate(mem)
+	const cache = 1 << 20
+	m, err := Format(g, Options{DataChunks: 1 << 17, CacheBytes: cache})
+	require.NoError(t, err)
+	key := func(i int) Key { return Key{C: uint64(i) * 7919 % (1 << 20), E: 1} }
+	const before, n = 1000, 60000
+	for i := range before {
+		_, err := m.PutData(key(i))
+		require.NoError(t, err)
+	}
+	g.Arm()
+	committed := make(chan error, 1)
+	go func() { committed <- m.Commit() }()
+	<-g.Entered() // the commit is in its first flush, past its write-back barrier
+	m.wbMu.Lock() // and the write-back goroutine stops at its next page (it counts each under wbMu)
+	written := m.CacheStats().WrittenBack
+	worst := 0
+	for i := before; i < n; i++ {
+		_, err := m.PutData(key(i))
+		require.NoError(t, err)
+		m.mu.Lock()
+		worst = max(worst, m.openDirty())
+		m.mu.Unlock()
+	}
+	t.Logf("open transaction's dirty bytes at most %d (cache %d); the writer wrote back %d nodes", worst, cache, m.CacheStats().WrittenBack-written)
+	require.Greater(t, m.CacheStats().WrittenBack, written, "the writer wrote nothing back itself")
+	require.LessOrEqual(t, worst, cache, "the open transaction's dirty nodes outgrew the cache")
+	m.wbMu.Unlock()
+	g.Release()
+	require.NoError(t, <-committed)
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
+	require.Equal(t, uint64(n), m.Len())
+	for i := range n {
+		_, ok, err := m.Get(key(i))
+		require.NoError(t, err)
+		require.True(t, ok, "key %d", i)
+	}
+	require.NoError(t, m.Close())
 }

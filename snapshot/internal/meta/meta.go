@@ -19,7 +19,7 @@ type Options struct {
 	// DataChunks is the size of the data space map Format creates.
 	DataChunks uint64
 	// CacheBytes bounds the decoded-node cache (0: DefaultCacheBytes).
-	// Dirty nodes are written back once they pass a quarter of it.
+	// Dirty nodes are written back once they pass half of it.
 	CacheBytes int
 	// ReadOnly opens without ever writing the device.
 	ReadOnly bool
@@ -86,17 +86,22 @@ type Meta struct {
 	commitBuf []byte
 	cstats    CommitStats
 
-	// wbMu is held by the write-back goroutine from encoding a batch to
-	// having written it, and by a commit while it writes, so a page
-	// encoded before a freeze is never written after the commit's newer
-	// version of it. It also guards wbBuf and wbGens.
-	wbMu   sync.Mutex
-	wbBuf  []byte
-	wbGens []uint64
-	wbKick chan struct{} // wakes the write-back goroutine (nil: SyncWriteBack or read-only)
-	wbStop chan struct{}
-	wbDone chan struct{}
-	wbCond *sync.Cond // on mu: write-back or a commit cleaned nodes, or the Meta failed or closed
+	// wbMu guards wbWritten and wbErr; wbCond, on wbMu, tells a commit
+	// waiting for the pages queued before its freeze that more were
+	// written. The write-back goroutine takes no other lock.
+	wbMu      sync.Mutex
+	wbCond    *sync.Cond
+	wbWritten uint64 // pages the goroutine has written (or failed)
+	wbErr     error  // its first write error
+	// The slots and the channels between the writer and the goroutine
+	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
+	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
+	// wbReaped.
+	wbSlot   []wbSlot
+	wbQueue  chan int
+	wbReaped chan int
+	wbStop   chan struct{}
+	wbDone   chan struct{}
 
 	// mu guards the open transaction: everything below up to viewMu.
 	mu       sync.Mutex
@@ -115,6 +120,9 @@ type Meta struct {
 	user     uint64 // the user word the next commit records (store_api.go)
 	overlay  bool   // changes stay in memory, never written (OpenOverlay)
 	buf      []byte // page buffer for writes
+	nodeBuf  []*node
+	wbFree   []int  // write-back slots not in flight
+	wbQueued uint64 // pages queued to the write-back goroutine so far
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
@@ -181,7 +189,7 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
-	m.wbCond = sync.NewCond(&m.mu)
+	m.wbCond = sync.NewCond(&m.wbMu)
 	return m
 }
 
@@ -190,8 +198,15 @@ func (m *Meta) startWriteBack() {
 	if m.opts.ReadOnly || m.opts.SyncWriteBack {
 		return
 	}
-	m.wbKick, m.wbStop, m.wbDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
-	m.wbBuf = make([]byte, wbBatch*PageSize)
+	m.wbStop, m.wbDone = make(chan struct{}), make(chan struct{})
+	slots := wbSlotsFor(m.cache.limit)
+	m.wbQueue, m.wbReaped = make(chan int, slots), make(chan int, slots)
+	m.wbSlot = make([]wbSlot, slots)
+	bufs := make([]byte, slots*PageSize)
+	for i := range m.wbSlot {
+		m.wbSlot[i].buf = bufs[i*PageSize : (i+1)*PageSize]
+		m.wbFree = append(m.wbFree, i)
+	}
 	go m.writeBackLoop()
 }
 
@@ -479,7 +494,6 @@ func (m *Meta) Close() error {
 		return ErrClosed
 	}
 	m.closed = true
-	m.wbCond.Broadcast()
 	m.mu.Unlock()
 	if m.wbStop != nil {
 		close(m.wbStop)

@@ -270,6 +270,9 @@ type node struct {
 	size  int   // leaf only: encoded body size
 	dirty bool
 	gen   uint64 // bumped each time the writer takes the node to change it
+	// wbBusy: the node's page is queued to the write-back goroutine and
+	// not reaped yet, so write-back skips it. Guarded by Meta.mu.
+	wbBusy bool
 
 	// cache bookkeeping, guarded by cache.mu
 	prev, next   *node // LRU list
@@ -344,7 +347,12 @@ func decodeNode(p []byte, loc uint64, k kind, tx uint64, level int) (*node, erro
 		if int(h.count) > leafCap {
 			return nil, corrupt(loc, "%d runs", h.count)
 		}
-		n.runs = make([]run, 0, h.count)
+		// Room for one change (a put that splits a run adds two) without
+		// growing: a node of the open transaction that was written back,
+		// evicted and read again is changed in place, and growing it
+		// would copy the runs and double its cache cost on every such
+		// round trip.
+		n.runs = make([]run, 0, int(h.count)+2)
 		body, prev, off := p[headerSize:], run{}, 0
 		for i := 0; i < int(h.count); i++ {
 			x, m := k.decRun(body[off:], prev)
@@ -378,8 +386,8 @@ func decodeNode(p []byte, loc uint64, k kind, tx uint64, level int) (*node, erro
 	if int(h.count) > maxKids {
 		return nil, corrupt(loc, "%d children", h.count)
 	}
-	n.runs = make([]run, h.count)
-	n.kids = make([]ptr, h.count)
+	n.runs = make([]run, h.count, int(h.count)+1) // room for one split below
+	n.kids = make([]ptr, h.count, int(h.count)+1)
 	for i := range n.runs {
 		q := p[headerSize+32*i:]
 		n.runs[i] = run{b: binary.LittleEndian.Uint32(q), e: binary.LittleEndian.Uint32(q[4:]), c: binary.LittleEndian.Uint64(q[8:])}

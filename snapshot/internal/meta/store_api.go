@@ -24,6 +24,7 @@ type Frozen struct {
 	dirty  []*node
 	pages  []byte
 	locs   []uint64
+	queued uint64 // write-back pages queued before the freeze
 	frozen time.Duration
 }
 
@@ -65,12 +66,13 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 	if len(inflight) > 0 && err == nil {
 		m.changed = true // the next transaction holds them again
 	}
+	queued := m.wbQueued
 	m.mu.Unlock()
 	if err != nil || pages == nil {
 		m.commitMu.Unlock()
 		return nil, err
 	}
-	return &Frozen{m: m, tx: tx, dirty: dirty, pages: pages, locs: locs, frozen: frozen}, nil
+	return &Frozen{m: m, tx: tx, dirty: dirty, pages: pages, locs: locs, queued: queued, frozen: frozen}, nil
 }
 
 // Write writes the frozen transaction (pages, flush, superblock, flush)
@@ -80,29 +82,7 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 func (f *Frozen) Write() error {
 	m := f.m
 	defer m.commitMu.Unlock()
-	m.cstats.Commits++
-	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, f.frozen)
-	m.cstats.Pages += uint64(len(f.locs))
-	for i, n := range f.dirty {
-		n.encode(f.pages[i*PageSize : (i+1)*PageSize])
-	}
-	m.wbMu.Lock()
-	err := m.writeCommit(f.tx, f.pages, f.locs)
-	m.wbMu.Unlock()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	defer m.wbCond.Broadcast()
-	if err != nil {
-		return m.fail(err)
-	}
-	for _, n := range f.dirty {
-		m.cache.setDirty(n, false)
-	}
-	m.frozenBytes = 0
-	m.durable = f.tx
-	m.publish(m.frozen)
-	m.cache.evict()
-	return nil
+	return m.writeFrozen(f.tx, f.dirty, f.pages, f.locs, f.queued, f.frozen, false)
 }
 
 // Abandon gives up a frozen transaction without writing it. The Meta
@@ -112,7 +92,6 @@ func (f *Frozen) Abandon(cause error) {
 	m := f.m
 	m.mu.Lock()
 	m.fail(fmt.Errorf("meta: commit %d abandoned: %w", f.tx, cause))
-	m.wbCond.Broadcast()
 	m.mu.Unlock()
 	m.commitMu.Unlock()
 }
