@@ -24,7 +24,7 @@ import (
 func TestCrashMetadataFull(t *testing.T) {
 	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 11))
-	origin, err := blockdev.NewMem(4<<30, 4096) // sparse: 64 Ki chunks of 64 KiB
+	origin, err := blockdev.NewMem(64<<30, 4096) // sparse: 1 Mi chunks of 64 KiB (more entries than the region holds)
 	require.NoError(t, err)
 	sSim := blockdevtest.MustCrashSim(8<<20, 4096)
 	opts := Options{JournalSize: 256 << 10, CommitInterval: -1, MetadataCache: 256 << 10, syncWriteBack: true}
@@ -40,8 +40,18 @@ func TestCrashMetadataFull(t *testing.T) {
 		if s == nil && cuts == 0 {
 			s, err = Format(origin, store, opts)
 			require.NoError(t, err)
-			_, err = s.CreateClone("c", s.Origin())
+			cl, err := s.CreateClone("c", s.Origin())
 			require.NoError(t, err)
+			// Fill the region to the first refusal before the cuts begin
+			// (ErrNoSpace comes only once a tree commit makes no room).
+			for {
+				c := rng.Int64N(origin.Size() / (64 << 10))
+				if err := cl.Discard(c*(64<<10), 64<<10); err != nil {
+					require.ErrorIs(t, err, ErrNoSpace)
+					break
+				}
+				durable[c] = true
+			}
 			require.NoError(t, s.Close())
 		}
 		s, err = Open(origin, store, opts)

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 )
@@ -132,7 +133,7 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 	}
 	s.lockOrigin(c0, c1, true)
 	defer s.unlockOrigin(c0, c1, true)
-	invalidated := false
+	invalidated, committed := false, false
 	for {
 		need = s.b0.need.Load()
 		if !s.needsCopy(c0, c1, need) {
@@ -142,6 +143,14 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 		if err == errRetry {
 			invalidated = true
 			continue
+		}
+		if !committed {
+			retry, cerr := s.commitForRoom(err)
+			if retry {
+				committed = true // once: the tree commit may have made room
+				continue
+			}
+			err = cmp.Or(cerr, err)
 		}
 		if err != nil {
 			return err

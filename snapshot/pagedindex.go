@@ -16,6 +16,10 @@ import (
 // them as they are and never merges them into runs.
 type pagedIndex struct {
 	m *meta.Meta
+	// reserve: puts may use the layer's delete reserve (set under
+	// Store.mu while a record that Room admitted on it is applied, and
+	// while Open replays records the store once accepted).
+	reserve bool
 }
 
 func metaKey(b uint32, c uint64, e uint32) meta.Key { return meta.Key{B: b, C: c, E: e} }
@@ -24,7 +28,11 @@ func entryOf(k meta.Key, loc uint64) entry { return entry{b: k.B, c: k.C, e: k.E
 
 // put inserts x; false if (b, c, e) is already present.
 func (p pagedIndex) put(x entry) (bool, error) {
-	err := p.m.Put(metaKey(x.b, x.c, x.e), x.loc)
+	put := p.m.Put
+	if p.reserve {
+		put = p.m.PutReserve
+	}
+	err := put(metaKey(x.b, x.c, x.e), x.loc)
 	if errors.Is(err, meta.ErrExists) {
 		return false, nil
 	}

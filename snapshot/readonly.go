@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // errReadOnlyStore is what every change to a store opened with
@@ -24,12 +25,16 @@ func (s *Store) writable() error {
 }
 
 // closeReadOnly closes a read-only store: no goroutines ran, nothing is
-// buffered or pending, so nothing is flushed or written.
+// buffered or pending, so nothing is flushed or written. The metadata
+// overlay is closed too: it pins every node the replay changed.
 func (s *Store) closeReadOnly() error {
 	s.cancel()
 	err := s.j.Close()
 	if errors.Is(err, journal.ErrClosed) {
 		err = nil
+	}
+	if merr := s.m.Close(); err == nil && merr != nil && !errors.Is(merr, meta.ErrClosed) {
+		err = merr
 	}
 	s.closeVolumes()
 	return err

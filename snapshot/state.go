@@ -218,7 +218,15 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 				return bad("delete of missing entry (%d,%d,%d)", o.b, o.c+i, o.e)
 			}
 			if x.isData() {
-				if err := s.m.FreeData(x.loc); err != nil {
+				free := s.m.FreeData
+				if s.migrating {
+					// A version 1 store reused a freed chunk once the record
+					// freeing it was durable, so a later record of its tail
+					// may reference it again: free it at once (nothing of the
+					// new store is durable yet).
+					free = s.m.ReturnData
+				}
+				if err := free(x.loc); err != nil {
 					return bad("entry (%d,%d,%d) frees store chunk %d: %v", o.b, o.c+i, o.e, x.loc, err)
 				}
 			}

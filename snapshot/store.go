@@ -39,6 +39,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -564,12 +565,16 @@ func (s *Store) openJournal() error {
 	}
 	s.jdev = jdev
 	s.replaying = true
+	// The replayed records were accepted once: none may be refused for
+	// the delete reserve now (Open replays them in one transaction, which
+	// needs no more pages than they took).
+	s.ix.reserve = true
 	openJournal := journal.Open
 	if s.opts.ReadOnly {
 		openJournal = journal.OpenReadOnly
 	}
 	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
-	s.replaying = false
+	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
 		return journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
 	}
@@ -736,12 +741,17 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if err := s.writable(); err != nil {
 		return 0, err
 	}
-	if n, adds := indexChanges(sc.ops); n > 0 {
-		// Records that only remove entries (and the collector's) may use
-		// the layer's delete reserve, so deletes work on a full region.
-		if err := s.m.Room(n, sc.reclaiming || !adds); err != nil {
+	n, adds := indexChanges(sc.ops)
+	// Records that only remove entries (and the collector's) may use the
+	// layer's delete reserve, so deletes work on a full region: their
+	// puts too (the collector moves entries), or a put would be refused
+	// half way through the record and fail the store.
+	s.ix.reserve = sc.reclaiming || !adds
+	defer func() { s.ix.reserve = false }()
+	if n > 0 {
+		if err := s.m.Room(n, s.ix.reserve); err != nil {
 			if errors.Is(err, meta.ErrNoSpace) {
-				return 0, metaErr("metadata region", err)
+				return 0, metaRoomError{metaErr("metadata region", err)}
 			}
 			return 0, s.fail(metaErr("metadata region", err))
 		}
@@ -823,14 +833,56 @@ func (s *Store) makeLogRoom() error {
 	return nil
 }
 
-// log takes mu and calls logLocked.
+// log takes mu and calls logLocked; a record the metadata region refused
+// is tried once more after a tree commit (see commitForRoom).
 func (s *Store) log(sc *scratch) (uint64, error) {
-	if err := s.makeLogRoom(); err != nil {
-		return 0, err
+	for retried := false; ; retried = true {
+		if err := s.makeLogRoom(); err != nil {
+			return 0, err
+		}
+		s.mu.Lock()
+		seq, err := s.logLocked(sc)
+		s.mu.Unlock()
+		if retried {
+			return seq, err
+		}
+		if retry, cerr := s.commitForRoom(err); !retry {
+			return seq, cmp.Or(cerr, err)
+		}
+	}
+}
+
+// metaRoomError is logLocked's refusal of a record the metadata region
+// may not have room for (it wraps ErrNoSpace).
+type metaRoomError struct{ error }
+
+func (e metaRoomError) Unwrap() error { return e.error }
+
+// commitForRoom reports whether err is logLocked's refusal for want of
+// metadata pages and a tree commit, which it then runs, may have made
+// room: the pages that the changes since the last tree commit shadowed
+// (and those of a commit in flight) stay held until a commit is durable,
+// so without it a region that the tree fills to a third can refuse
+// records. A region that is really full gets ErrNoSpace after at most
+// one commit, and none while nothing was logged since the last one.
+// A failed commit's error is returned (it, not ErrNoSpace, is what the
+// caller must report). Called with no lock of the store held but branch
+// gates and stripes.
+func (s *Store) commitForRoom(err error) (retry bool, cerr error) {
+	var mr metaRoomError
+	if !errors.As(err, &mr) {
+		return false, nil
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.logLocked(sc)
+	worth := s.capOut || s.j == nil || s.j.LastSeq() > s.lastTreeSeq
+	s.mu.Unlock()
+	if !worth {
+		return false, nil
+	}
+	if cerr := s.treeCommit(s.ctx); cerr != nil {
+		return false, cerr
+	}
+	return true, nil
 }
 
 // commit makes every record appended so far durable. Chunks they freed

@@ -163,9 +163,17 @@ func (r *reader) nextEpoch(b, e uint32) (uint32, bool, error) {
 // Put inserts key q mapped to loc (a data chunk, or a value >= LocSpecial)
 // in the open transaction. ErrExists if q is present; ErrNoSpace, with
 // nothing changed, if the metadata region cannot take it.
-func (m *Meta) Put(q Key, loc uint64) error {
+func (m *Meta) Put(q Key, loc uint64) error { return m.putLocking(q, loc, false) }
+
+// PutReserve is Put that may use the delete reserve: for a change that
+// Room admitted with isDelete (a record that frees more than it adds, as
+// the store's collector's moves do), so that its puts are not refused
+// half way through it.
+func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc, true) }
+
+func (m *Meta) putLocking(q Key, loc uint64, reserve bool) error {
 	m.mu.Lock()
-	err := m.put(q, loc)
+	err := m.put(q, loc, reserve)
 	cb := m.lowSpace()
 	m.mu.Unlock()
 	if cb != nil {
@@ -174,11 +182,11 @@ func (m *Meta) Put(q Key, loc uint64) error {
 	return err
 }
 
-func (m *Meta) put(q Key, loc uint64) error {
+func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	if err := m.room(false); err != nil {
+	if err := m.room(reserve); err != nil {
 		return err
 	}
 	r := m.reader()
@@ -222,7 +230,7 @@ func (m *Meta) putData(q Key) (uint64, error) {
 		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
 	}
 	m.changed = true
-	if err := m.put(q, loc); err != nil {
+	if err := m.put(q, loc, false); err != nil {
 		m.dataSM.clear(loc) // never referenced by any commit: free at once
 		return 0, err
 	}
