@@ -139,9 +139,21 @@ type checkBranch struct {
 func (s *Store) checkStateLocked() checkState {
 	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), preserved: slices.Clone(s.preserved),
 		queued: map[point]bool{}}
+	// Branches share summary words until they differ (copy on write):
+	// copy each set of words once.
+	copies := map[*uint64]chunkGroups{}
+	copyOf := func(g *chunkGroups) chunkGroups {
+		k := &g.bits[0]
+		c, ok := copies[k]
+		if !ok {
+			c = g.clone()
+			copies[k] = c
+		}
+		return c
+	}
 	for id, br := range s.branches {
 		cs.branches[id] = &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
-			groups: br.groups.clone(), chainGroups: br.chainGroups.clone()}
+			groups: copyOf(&br.groups), chainGroups: copyOf(&br.chainGroups)}
 	}
 	for _, t := range s.gcq {
 		cs.queued[t.p] = true

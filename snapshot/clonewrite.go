@@ -188,5 +188,6 @@ func (s *Store) readCurrent(br *branch, c uint64, v liveView, buf []byte) error 
 		}
 		return nil
 	}
-	return s.readChunkPart(br.chain, c, buf, 0)
+	var chain [16]level // room for most chains without an allocation
+	return s.readChunkPart(br.chainLevels(chain[:0]), c, buf, 0)
 }

@@ -22,8 +22,8 @@ import (
 
 // inChain reports whether branch b is an ancestor of v's branch.
 func (v *Volume) inChain(b uint32) bool {
-	for _, l := range v.br.chain {
-		if l.br.id == b {
+	for a := v.br.up; a != nil; a = a.up {
+		if a.id == b {
 			return true
 		}
 	}
@@ -49,7 +49,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 		if err := s.writable(); err != nil {
 			return err
 		}
-		same, zero, err := s.sameView(br.chain, to.levels, c)
+		same, zero, err := s.sameView(vol.levels[1:], to.levels, c) // the parent point's view
 		if err != nil {
 			return err
 		}

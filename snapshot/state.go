@@ -38,22 +38,38 @@ type level struct {
 }
 
 // branch is a writable line of history: the origin (id 0) or a clone.
+//
+// A branch costs memory independent of its depth: its clone ancestry is
+// the up pointers (resolution orders are built from them when a volume
+// handle opens), and its summaries share their words until they differ.
+// The fields that change are guarded by Store.mu, but need and gate.
 type branch struct {
 	id          uint32
-	parent      uint32 // parent branch (clones)
-	parentEpoch uint32 // the parent's snapshot this branch was cloned from
-	chain       []level
-	live        bool   // the branch's live volume exists (always true for 0)
-	liveVol     uint64 // the clone volume's id
-	lastEpoch   uint32 // last snapshot number handed out
+	parent      uint32  // parent branch (clones)
+	parentEpoch uint32  // the parent's snapshot this branch was cloned from
+	up          *branch // the parent branch (nil for branch 0)
+	depth       int     // clone levels above branch 0 (0 for branch 0)
+	live        bool    // the branch's live volume exists (always true for 0)
+	liveVol     uint64  // the clone volume's id
+	lastEpoch   uint32  // last snapshot number handed out
 	refs        map[uint32]int32
 	held        []uint32 // sorted epochs with refs > 0
-	groups      chunkGroups
+	// groups summarises the chunks the branch has entries for. Until its
+	// first entry it shares branch 0's chainGroups, which is never set (branch
+	// 0 is no clone), so an empty branch costs no words; ownGroups says the
+	// words are the branch's own.
+	groups    chunkGroups
+	ownGroups bool
 	// chainGroups is the union of groups over this branch and its clone
 	// ancestors (branch 0 excluded): a clear bit sends a read straight to
 	// branch 0's level, whatever the depth. Bits only get set; a set bit
-	// here is set in every descendant's too.
+	// here is set in every descendant's too. Unless ownChain, the words are
+	// the parent's (or, for a clone of branch 0, the never-set empty
+	// summary): a branch copies them only when its own entries add a bit
+	// its parent's union lacks, so a chain of N clones costs N summaries
+	// only where N levels wrote somewhere new.
 	chainGroups chunkGroups
+	ownChain    bool
 	children    []*branch
 
 	// need is the newest held epoch (0: none); written under Store.mu and
@@ -127,17 +143,39 @@ func (br *branch) ref(e uint32, d int32) (nowZero bool) {
 func (br *branch) dead() bool { return br.id != 0 && !br.live && len(br.held) == 0 }
 
 func (s *Store) newBranch(id, parent, pe uint32) *branch {
-	br := &branch{id: id, parent: parent, parentEpoch: pe, live: true, refs: map[uint32]int32{}, groups: newChunkGroups(s.chunks)}
-	br.chainGroups = newChunkGroups(s.chunks)
-	if id != 0 {
-		p := s.branches[parent]
-		br.chain = append([]level{{br: p, e: pe}}, p.chain...)
-		if parent != 0 {
-			br.chainGroups = p.chainGroups.clone()
-		}
-		p.children = append(p.children, br)
+	br := &branch{id: id, parent: parent, parentEpoch: pe, live: true, refs: map[uint32]int32{}}
+	if id == 0 {
+		br.groups, br.ownGroups = newChunkGroups(s.chunks), true
+		br.chainGroups = newChunkGroups(s.chunks) // the shared empty summary
+		return br
 	}
+	p := s.branches[parent]
+	empty := s.branches[0].chainGroups
+	br.up, br.depth = p, p.depth+1
+	br.groups = empty
+	br.chainGroups = empty
+	if parent != 0 {
+		br.chainGroups = p.chainGroups
+	}
+	p.children = append(p.children, br)
 	return br
+}
+
+// chainLevels appends the resolution order below br, the levels a read of
+// br falls through to: br's parent at the epoch br was cloned from, its
+// parent at its own, and so on to branch 0. Nothing is allocated when dst
+// has room for br.depth levels.
+func (br *branch) chainLevels(dst []level) []level {
+	for b := br; b.up != nil; b = b.up {
+		dst = append(dst, level{br: b.up, e: b.parentEpoch})
+	}
+	return dst
+}
+
+// levelsOf returns the resolution order of branch br seen at epoch e:
+// (br, e), then br.chainLevels.
+func levelsOf(br *branch, e uint32) []level {
+	return br.chainLevels(append(make([]level, 0, br.depth+1), level{br: br, e: e}))
 }
 
 // applyOps applies a transaction's operations to the index and the
@@ -382,6 +420,9 @@ func markGroups(br *branch, c, n uint64) {
 		if g.has(i) {
 			continue
 		}
+		if !br.ownGroups {
+			*g, br.ownGroups = g.clone(), true // the shared words are all clear
+		}
 		g.setBit(i)
 		if br.id != 0 {
 			markChain(br, i)
@@ -389,12 +430,31 @@ func markGroups(br *branch, c, n uint64) {
 	}
 }
 
+// markChain sets bit i of br's chain summary, copying the words first if
+// they are shared, and spreads the bit to the descendants.
 func markChain(br *branch, i uint64) {
 	if br.chainGroups.has(i) {
 		return // and so do all descendants
 	}
+	if !br.ownChain {
+		br.chainGroups, br.ownChain = br.chainGroups.clone(), true
+	}
 	br.chainGroups.setBit(i)
 	for _, ch := range br.children {
-		markChain(ch, i)
+		spreadChain(ch, i)
+	}
+}
+
+// spreadChain tells br that its parent's chain summary gained bit i: a
+// branch sharing the parent's words takes them again (they may be a new
+// copy) and passes the news on; one with its own words sets the bit.
+func spreadChain(br *branch, i uint64) {
+	if br.ownChain {
+		markChain(br, i)
+		return
+	}
+	br.chainGroups = br.up.chainGroups
+	for _, ch := range br.children {
+		spreadChain(ch, i)
 	}
 }

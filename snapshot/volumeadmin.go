@@ -265,7 +265,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 		}
 		st.VolumeInfo = s.infoLocked(v)
 		br := s.branches[v.branch]
-		levels = append([]viewLevel{{b: br.id, e: v.epoch}}, viewLevels(br.chain)...)
+		levels = viewLevels(levelsOf(br, v.epoch))
 		h = holdersOf(br)
 	}, false)
 	if err != nil {
