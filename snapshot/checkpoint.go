@@ -142,8 +142,15 @@ const treeCommitRecords = 1 << 16
 
 // postCaptureLocked hands the checkpointer a capture of the state now.
 // Called with mu held and no capture outstanding, so the channel (one
-// slot) is empty.
+// slot) is empty. Once Close has canceled s.ctx nothing is posted: the
+// checkpointer may have exited, and a capture left in its channel would
+// keep capOut set, so a tree commit waiting for it (the collector's, which
+// Close waits for) would wait for ever. Close writes a capture posted just
+// before the cancel, and then the final tree commit, itself.
 func (s *Store) postCaptureLocked() {
+	if s.ctx.Err() != nil {
+		return
+	}
 	c, err := s.captureLocked()
 	if err != nil {
 		return

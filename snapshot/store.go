@@ -670,9 +670,17 @@ func (s *Store) Close() error {
 		return s.closeReadOnly()
 	}
 	s.cancel()
+	// Taking mu after the cancel is also a barrier: a capture is posted
+	// under mu and only before the cancel (postCaptureLocked), so once mu
+	// is ours any capture is in the checkpointer's channel or taken. The
+	// checkpointer may already have exited without it; write it here, or
+	// a tree commit waiting for it (the collector's) would keep wg.Wait
+	// waiting for ever. Cancel is not done under mu: a writer may hold mu
+	// while its journal Append waits on the canceled context.
 	s.mu.Lock()
 	s.gcIdle.Broadcast()
 	s.mu.Unlock()
+	s.dropCapture()
 	s.wg.Wait()
 	var err error
 	if p := s.failed.Load(); p != nil {
