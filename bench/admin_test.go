@@ -43,44 +43,6 @@ func BenchmarkAdminUnderLoad(b *testing.B) {
 	})
 }
 
-// splitStore is a store device whose first split bytes (superblock,
-// journal, metadata region) are a real device and the rest (the data
-// chunks) a data-less Null.
-type splitStore struct {
-	head  blockdev.Device
-	tail  *blockdevtest.Null
-	split int64
-}
-
-func (d *splitStore) at(off int64) (blockdev.Device, int64) {
-	if off >= d.split {
-		return d.tail, off - d.split
-	}
-	return d.head, off
-}
-
-// The store never lets one I/O cross the split: it is a multiple of the
-// chunk size, and the store's I/Os are chunk or page aligned and sized.
-func (d *splitStore) ReadAt(p []byte, off int64) (int, error) {
-	dev, o := d.at(off)
-	return dev.ReadAt(p, o)
-}
-
-func (d *splitStore) WriteAt(p []byte, off int64) (int, error) {
-	dev, o := d.at(off)
-	return dev.WriteAt(p, o)
-}
-
-func (d *splitStore) Discard(off, n int64) error {
-	dev, o := d.at(off)
-	return dev.Discard(o, n)
-}
-
-func (d *splitStore) Flush() error   { return d.head.Flush() }
-func (d *splitStore) Size() int64    { return d.split + d.tail.Size() }
-func (d *splitStore) BlockSize() int { return 4096 }
-func (d *splitStore) Close() error   { return d.head.Close() }
-
 // stallWriter writes 4 KiB to random origin chunks until stopped,
 // recording each write's time.
 type stallWriter struct {
@@ -140,7 +102,7 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s, err := snapshot.Format(origin, &splitStore{head: head, tail: tail, split: split}, opts)
+	s, err := snapshot.Format(origin, &blockdevtest.Split{Head: head, Tail: tail, At: split}, opts)
 	if err != nil {
 		b.Fatal(err)
 	}

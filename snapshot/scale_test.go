@@ -127,42 +127,6 @@ func TestScaleCloneChain(t *testing.T) {
 	mustCheck(t, s)
 }
 
-// splitDev is a store device whose first bytes (superblock, journal,
-// metadata region) live on meta and whose data region is a data-less
-// blockdevtest.Null: the index of a scale run is real, its data is not.
-type splitDev struct {
-	meta  blockdev.Device
-	null  *blockdevtest.Null
-	split int64
-}
-
-func (d *splitDev) dev(off int64) (blockdev.Device, int64) {
-	if off >= d.split {
-		return d.null, off - d.split
-	}
-	return d.meta, off
-}
-
-func (d *splitDev) ReadAt(p []byte, off int64) (int, error) {
-	dev, o := d.dev(off)
-	return dev.ReadAt(p, o)
-}
-
-func (d *splitDev) WriteAt(p []byte, off int64) (int, error) {
-	dev, o := d.dev(off)
-	return dev.WriteAt(p, o)
-}
-
-func (d *splitDev) Discard(off, n int64) error {
-	dev, o := d.dev(off)
-	return dev.Discard(o, n)
-}
-
-func (d *splitDev) Flush() error   { return d.meta.Flush() }
-func (d *splitDev) Size() int64    { return d.split + d.null.Size() }
-func (d *splitDev) BlockSize() int { return 4096 }
-func (d *splitDev) Close() error   { return d.meta.Close() }
-
 // TestStoreOpenScale measures the store at BLOCKSNAP_SCALE chunk versions
 // (for example 1000000): one snapshot of a 4 KiB-chunk origin, then every
 // origin chunk written once, in random order (BLOCKSNAP_SCALE_ORDER=
@@ -189,7 +153,7 @@ func TestStoreOpenScale(t *testing.T) {
 	require.NoError(t, err)
 	null, err := blockdevtest.NewNull(total-g.dataOff, 4096)
 	require.NoError(t, err)
-	store := &splitDev{meta: mf, null: null, split: g.dataOff}
+	store := &blockdevtest.Split{Head: mf, Tail: null, At: g.dataOff}
 	var m0, m1 runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&m0)
@@ -235,7 +199,7 @@ func TestStoreOpenScale(t *testing.T) {
 	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay)", tail), crashed}} {
 		f, err := blockdev.Open(c.path, blockdev.FileOptions{})
 		require.NoError(t, err)
-		store.meta = f
+		store.Head = f
 		t0 := time.Now()
 		s, err := Open(origin, store, opts)
 		require.NoError(t, err)
