@@ -171,14 +171,21 @@ func (m *Meta) Put(q Key, loc uint64) error { return m.putLocking(q, loc, false)
 // half way through it.
 func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc, true) }
 
-func (m *Meta) putLocking(q Key, loc uint64, reserve bool) error {
-	m.mu.Lock()
-	err := m.put(q, loc, reserve)
+// unlockNotify releases mu, then calls the low-space callback if the
+// change just made crossed the threshold (outside mu: the callback may
+// call back into the layer).
+func (m *Meta) unlockNotify() {
 	cb := m.lowSpace()
 	m.mu.Unlock()
 	if cb != nil {
 		cb()
 	}
+}
+
+func (m *Meta) putLocking(q Key, loc uint64, reserve bool) error {
+	m.mu.Lock()
+	err := m.put(q, loc, reserve)
+	m.unlockNotify()
 	return err
 }
 
@@ -213,11 +220,7 @@ func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 func (m *Meta) PutData(q Key) (uint64, error) {
 	m.mu.Lock()
 	loc, err := m.putData(q)
-	cb := m.lowSpace()
-	m.mu.Unlock()
-	if cb != nil {
-		cb()
-	}
+	m.unlockNotify()
 	return loc, err
 }
 
@@ -241,11 +244,7 @@ func (m *Meta) putData(q Key) (uint64, error) {
 func (m *Meta) Delete(q Key) (uint64, error) {
 	m.mu.Lock()
 	loc, err := m.del(q)
-	cb := m.lowSpace()
-	m.mu.Unlock()
-	if cb != nil {
-		cb()
-	}
+	m.unlockNotify()
 	return loc, err
 }
 
