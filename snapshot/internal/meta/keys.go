@@ -134,11 +134,48 @@ func (r *reader) ascendEpoch(b uint32, e uint32, from uint64, fn func(c uint64) 
 }
 
 // reader returns the writer's reader over the open transaction; its
-// iterator buffers are reused, so writer-side queries do not allocate.
-// Callers hold m.mu.
+// iterator buffers are reused, so the writer's own lookups do not
+// allocate. Callers hold m.mu exclusively.
 func (m *Meta) reader() *reader {
 	m.rd.m, m.rd.chunk, m.rd.epoch = m, m.chunk, m.epoch
 	return &m.rd
+}
+
+// sharedReader returns a reader over the open transaction for a query
+// under m.mu shared: many run at once, so each takes its own reader (and
+// iterator buffers) from a pool rather than the writer's. Callers hold
+// m.mu shared and hand it back with putReader.
+func (m *Meta) sharedReader() *reader {
+	r, _ := m.readers.Get().(*reader)
+	if r == nil {
+		r = &reader{}
+	}
+	r.m, r.chunk, r.epoch = m, m.chunk, m.epoch
+	return r
+}
+
+// putReader returns r to the pool, keeping no node alive past its
+// eviction.
+func (m *Meta) putReader(r *reader) {
+	clear(r.it.nodes[:cap(r.it.nodes)])
+	m.readers.Put(r)
+}
+
+// readLock takes m.mu shared and a reader of the open transaction for a
+// lookup: lookups never wait for one another, only for a change.
+// readUnlock ends it.
+func (m *Meta) readLock() (*reader, error) {
+	m.mu.RLock()
+	if m.closed {
+		m.mu.RUnlock()
+		return nil, ErrClosed
+	}
+	return m.sharedReader(), nil
+}
+
+func (m *Meta) readUnlock(r *reader) {
+	m.putReader(r)
+	m.mu.RUnlock()
 }
 
 // nextEpoch returns the smallest epoch >= e with keys in branch b.
@@ -279,72 +316,76 @@ func (m *Meta) del(q Key) (uint64, error) {
 // Failing here changes nothing.
 func (m *Meta) room(isDelete bool) error { return m.roomFor(1, isDelete) }
 
-// Get returns the location of key q in the open transaction.
+// Get returns the location of key q in the open transaction. Get, Seek,
+// Prev, Ascend, AscendEpoch and NextEpoch hold the layer's lock shared:
+// they run alongside each other and wait only for a change.
 func (m *Meta) Get(q Key) (uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return 0, false, err
 	}
-	return m.reader().get(q)
+	defer m.readUnlock(r)
+	return r.get(q)
 }
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
 func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return Key{}, 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
 	}
-	return m.reader().seek(q)
+	defer m.readUnlock(r)
+	return r.seek(q)
 }
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
 func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return Key{}, 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
 	}
-	return m.reader().prev(q)
+	defer m.readUnlock(r)
+	return r.prev(q)
 }
 
 // Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
-// until fn returns false. fn must not call back into m.
+// until fn returns false. fn must not call back into m (a change waiting
+// for this call would block the nested lookup, and so both).
 func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return err
 	}
-	return m.reader().ascend(from, fn)
+	defer m.readUnlock(r)
+	return r.ascend(from, fn)
 }
 
 // AscendEpoch calls fn with the chunks of branch b that have a key at
-// epoch e, from chunk from, in chunk order, until fn returns false.
+// epoch e, from chunk from, in chunk order, until fn returns false. fn
+// must not call back into m.
 func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return err
 	}
-	return m.reader().ascendEpoch(b, e, from, fn)
+	defer m.readUnlock(r)
+	return r.ascendEpoch(b, e, from, fn)
 }
 
 // NextEpoch returns the smallest epoch >= e that has keys in branch b.
 func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return 0, false, err
 	}
-	return m.reader().nextEpoch(b, e)
+	defer m.readUnlock(r)
+	return r.nextEpoch(b, e)
 }
 
 // Len returns the number of keys in the open transaction.
 func (m *Meta) Len() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.keys
 }
 
@@ -357,8 +398,8 @@ type Stats struct {
 
 // Stats reports key and run counts.
 func (m *Meta) Stats() Stats {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	lv := func(t tree) int {
 		if t.root.isNil() {
 			return 0

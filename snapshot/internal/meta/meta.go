@@ -104,7 +104,11 @@ type Meta struct {
 	wbDone   chan struct{}
 
 	// mu guards the open transaction: everything below up to viewMu.
-	mu       sync.Mutex
+	// Changes (Put, Delete, the freeze, write-back) hold it exclusively;
+	// lookups of the open transaction (Get, Seek, Prev, Ascend...) hold it
+	// shared, each with its own reader from readers, and may load nodes
+	// into the cache meanwhile (docs/metadata.md section 8).
+	mu       sync.RWMutex
 	tx       uint64 // the open transaction
 	durable  uint64 // the last durable transaction
 	chunk    tree
@@ -136,8 +140,9 @@ type Meta struct {
 	committed state
 	views     map[uint64]int // committed tx -> open views
 
-	cache *cache
-	pool  sync.Pool // page buffers for reads
+	cache   *cache
+	pool    sync.Pool // page buffers for reads
+	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
 }
 
 // Format initialises a metadata region on dev and returns it open.
@@ -475,8 +480,8 @@ type Space struct {
 
 // Space reports the current transaction's space use.
 func (m *Meta) Space() Space {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits, ChunksUsed: m.dataSM.nbits - m.dataSM.free()}
 }
 

@@ -107,8 +107,8 @@ func (m *Meta) ReleaseFrees() {
 // User returns the user word of the open transaction: after Open, the
 // one the last durable commit recorded.
 func (m *Meta) User() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.user
 }
 
@@ -230,8 +230,8 @@ func (m *Meta) ReturnData(loc uint64) error {
 
 // DataHeld is the number of data chunks freed but not reusable yet.
 func (m *Meta) DataHeld() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.dataSM.nheld
 }
 
@@ -239,8 +239,8 @@ func (m *Meta) DataHeld() uint64 {
 // Meta), for every data chunk allocated in the open transaction, in
 // order, until fn returns false.
 func (m *Meta) DataInUse(fn func(loc uint64) bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	for w, word := range m.dataSM.words {
 		for word != 0 {
 			b := uint64(bits.TrailingZeros64(word))
