@@ -382,6 +382,28 @@ func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
 	return r.nextEpoch(b, e)
 }
 
+// Prefetch loads into the cache the nodes that a Put or Delete of key q
+// would walk in both trees, under the layer's lock shared, and reports a
+// read error. A caller that changes the layer under a lock of its own
+// (the store's, which its readers need) prefetches first, so that the
+// change, made under that lock, finds its nodes cached and reads no page
+// there. It is a hint: the tree may change, or the nodes be evicted,
+// before the change, which then reads what it misses as always.
+func (m *Meta) Prefetch(q Key) error {
+	r, err := m.readLock()
+	if err != nil {
+		return err
+	}
+	defer m.readUnlock(r)
+	qr := q.run(0)
+	for _, t := range []tree{r.chunk, r.epoch} {
+		if it := r.iter(t.kind); !it.seek(t, qr) && it.err != nil {
+			return it.err
+		}
+	}
+	return nil
+}
+
 // Len returns the number of keys in the open transaction.
 func (m *Meta) Len() uint64 {
 	m.mu.RLock()
