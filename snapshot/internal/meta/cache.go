@@ -125,6 +125,19 @@ func (c *cache) resize(n *node) {
 func (c *cache) touched(n *node) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.touchedLocked(n)
+}
+
+// dirtied is setDirty(n, true) and touched(n) under one lock: the writer
+// takes each node of a change's path so.
+func (c *cache) dirtied(n *node) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.setDirtyLocked(n, true)
+	c.touchedLocked(n)
+}
+
+func (c *cache) touchedLocked(n *node) {
 	if !n.inCache {
 		if old := c.nodes[n.loc]; old != nil {
 			c.remove(old)
@@ -150,6 +163,10 @@ func (c *cache) insert(n *node) {
 func (c *cache) setDirty(n *node, d bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.setDirtyLocked(n, d)
+}
+
+func (c *cache) setDirtyLocked(n *node, d bool) {
 	if n.dirty == d {
 		return
 	}

@@ -208,10 +208,22 @@ func (m *Meta) Put(q Key, loc uint64) error { return m.putLocking(q, loc, false)
 // half way through it.
 func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc, true) }
 
-// unlockNotify releases mu, then calls the low-space callback if the
-// change just made crossed the threshold (outside mu: the callback may
-// call back into the layer).
+// lockChange takes mu for a Put, PutData or Delete, and notes the cache's
+// misses so far, so that unlockNotify can tell whether the change read a
+// page.
+func (m *Meta) lockChange() {
+	m.mu.Lock()
+	m.missMark = m.cache.misses.Load()
+}
+
+// unlockNotify ends a change begun by lockChange: it turns prefetching on
+// if the change read a page (see Prefetch), releases mu, then calls the
+// low-space callback if the change crossed the threshold (outside mu: the
+// callback may call back into the layer).
 func (m *Meta) unlockNotify() {
+	if m.cache.misses.Load() != m.missMark {
+		m.prefetch.Store(prefetchWindow)
+	}
 	cb := m.lowSpace()
 	m.mu.Unlock()
 	if cb != nil {
@@ -220,7 +232,7 @@ func (m *Meta) unlockNotify() {
 }
 
 func (m *Meta) putLocking(q Key, loc uint64, reserve bool) error {
-	m.mu.Lock()
+	m.lockChange()
 	err := m.put(q, loc, reserve)
 	m.unlockNotify()
 	return err
@@ -255,7 +267,7 @@ func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 // of the open transaction, so that no commit can separate the allocation
 // from the key that references it (which Check would report as a leak).
 func (m *Meta) PutData(q Key) (uint64, error) {
-	m.mu.Lock()
+	m.lockChange()
 	loc, err := m.putData(q)
 	m.unlockNotify()
 	return loc, err
@@ -279,7 +291,7 @@ func (m *Meta) putData(q Key) (uint64, error) {
 
 // Delete removes key q and returns its location.
 func (m *Meta) Delete(q Key) (uint64, error) {
-	m.mu.Lock()
+	m.lockChange()
 	loc, err := m.del(q)
 	m.unlockNotify()
 	return loc, err
@@ -389,20 +401,41 @@ func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
 // change, made under that lock, finds its nodes cached and reads no page
 // there. It is a hint: the tree may change, or the nodes be evicted,
 // before the change, which then reads what it misses as always.
+//
+// A prefetch walks both trees as the change will again, which doubles the
+// cost of a change whose nodes are cached anyway (the copy-on-write of a
+// working set that fits the cache: the store's common case). So Prefetch
+// works only for prefetchWindow calls after a page was read by a change or
+// by a prefetch (or after Open, whose cache is empty), and is a single
+// atomic load otherwise: a working set that fits stops prefetching within
+// prefetchWindow changes, one that does not keeps it on, and a change
+// that misses with it off turns it back on.
 func (m *Meta) Prefetch(q Key) error {
+	if m.prefetch.Load() <= 0 {
+		return nil
+	}
+	m.prefetch.Add(-1)
 	r, err := m.readLock()
 	if err != nil {
 		return err
 	}
 	defer m.readUnlock(r)
+	misses := m.cache.misses.Load()
 	qr := q.run(0)
 	for _, t := range []tree{r.chunk, r.epoch} {
 		if it := r.iter(t.kind); !it.seek(t, qr) && it.err != nil {
 			return it.err
 		}
 	}
+	if m.cache.misses.Load() != misses {
+		m.prefetch.Store(prefetchWindow)
+	}
 	return nil
 }
+
+// prefetchWindow is how many Prefetch calls work after the last page a
+// change or a prefetch read.
+const prefetchWindow = 1024
 
 // Len returns the number of keys in the open transaction.
 func (m *Meta) Len() uint64 {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -130,6 +131,7 @@ type Meta struct {
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
+	missMark uint64 // the cache's misses when the change in progress began (lockChange)
 	frozen   state  // what the commit in flight makes durable
 	// frozenBytes is the cache cost of the commit in flight's nodes,
 	// pinned until it has written them.
@@ -143,6 +145,9 @@ type Meta struct {
 	cache   *cache
 	pool    sync.Pool // page buffers for reads
 	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// prefetch is how many more Prefetch calls load nodes (Prefetch);
+	// atomic, since prefetches run under mu shared.
+	prefetch atomic.Int64
 }
 
 // Format initialises a metadata region on dev and returns it open.
@@ -194,6 +199,7 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
+	m.prefetch.Store(prefetchWindow) // the cache starts empty
 	m.wbCond = sync.NewCond(&m.wbMu)
 	return m
 }

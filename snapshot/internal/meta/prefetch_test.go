@@ -25,7 +25,8 @@ func (d *readCounter) ReadAt(p []byte, off int64) (int, error) {
 // TestPrefetch: after Prefetch of a key, a Put and a Delete of that key
 // read no page (the store prefetches before it takes its own lock, so
 // that its changes read none under it), while a Put of a key whose leaves
-// were not prefetched does; and Prefetch changes nothing.
+// were not prefetched does; Prefetch changes nothing; it turns itself off
+// after a window of prefetches that all hit, and on when a change reads.
 func TestPrefetch(t *testing.T) {
 	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 8))
@@ -33,8 +34,8 @@ func TestPrefetch(t *testing.T) {
 	require.NoError(t, err)
 	m, err := Format(mem, Options{DataChunks: 1 << 16})
 	require.NoError(t, err)
-	for range 20000 {
-		_, err := m.PutData(Key{C: rng.Uint64N(1 << 30), E: 1})
+	for i := range 20000 {
+		_, err := m.PutData(Key{C: uint64(i)*53600 + rng.Uint64N(53600), E: 1}) // distinct, spread over 2^30
 		require.NoError(t, err)
 	}
 	require.NoError(t, m.Commit())
@@ -63,4 +64,18 @@ func TestPrefetch(t *testing.T) {
 	reads = dev.reads.Load()
 	require.NoError(t, m.Put(Key{C: q.C ^ 1<<29, E: 2}, 9))
 	require.Greater(t, dev.reads.Load(), reads, "a Put of a key not prefetched read nothing: the test proves nothing")
+
+	// Prefetches that all hit turn prefetching off within a window...
+	for range prefetchWindow {
+		require.NoError(t, m.Prefetch(q))
+	}
+	reads = dev.reads.Load()
+	require.NoError(t, m.Prefetch(Key{C: q.C ^ 1<<28, E: 2}))
+	require.Equal(t, reads, dev.reads.Load(), "Prefetch still reads after a window of prefetches that all hit")
+	// ... and a change that reads a page turns it back on.
+	require.NoError(t, m.Put(Key{C: q.C ^ 1<<28, E: 2}, 10))
+	require.Greater(t, dev.reads.Load(), reads, "the Put read nothing: the test proves nothing")
+	reads = dev.reads.Load()
+	require.NoError(t, m.Prefetch(Key{C: q.C ^ 1<<27, E: 2}))
+	require.Greater(t, dev.reads.Load(), reads, "Prefetch stayed off after a change read a page")
 }
