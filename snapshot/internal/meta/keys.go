@@ -253,10 +253,10 @@ func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 		return err
 	}
 	m.changed = true
-	if err := m.putKey(&m.chunk, q.run(loc)); err != nil {
+	if err := m.putKey(&m.chunk, q.run(loc), r.it.nodes); err != nil {
 		return m.fail(err)
 	}
-	if err := m.putKey(&m.epoch, q.run(0)); err != nil {
+	if err := m.putKey(&m.epoch, q.run(0), nil); err != nil {
 		return m.fail(err)
 	}
 	m.keys++
@@ -312,11 +312,11 @@ func (m *Meta) del(q Key) (uint64, error) {
 		return 0, err
 	}
 	m.changed = true
-	x, err := m.deleteKey(&m.chunk, q.run(0))
+	x, err := m.deleteKey(&m.chunk, q.run(0), r.it.nodes)
 	if err != nil {
 		return 0, m.fail(err)
 	}
-	if _, err := m.deleteKey(&m.epoch, q.run(0)); err != nil {
+	if _, err := m.deleteKey(&m.epoch, q.run(0), nil); err != nil {
 		return 0, m.fail(err)
 	}
 	m.keys--

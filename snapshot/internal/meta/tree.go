@@ -197,9 +197,13 @@ func (m *Meta) own(n *node) (*node, error) {
 // belongs and returns it (root first) with the child index taken at each
 // branch. Separators on the leftmost path are lowered to q when q is below
 // them, so that q may be inserted in that leaf.
-func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
+//
+// hint is the path (root first) that the change's existence check just
+// walked to q, or nil: a node of it that is the one a pointer on the way
+// names is taken as it is, rather than looked up in the cache again.
+func (m *Meta) writablePath(t *tree, q run, hint []*node) ([]*node, []int, error) {
 	path, idx := m.pathBuf[:0], m.idxBuf[:0]
-	n, err := m.load(t.root, t.kind, int(t.level))
+	n, err := m.loadHint(hint, 0, t.root, t.kind, int(t.level))
 	if err == nil {
 		n, err = m.own(n)
 	}
@@ -212,7 +216,7 @@ func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
 		if i == 0 && t.kind.cmp(q, n.runs[0]) < 0 {
 			n.runs[0] = run{b: q.b, c: q.c, e: q.e}
 		}
-		c, err := m.load(n.kids[i], t.kind, int(n.level)-1)
+		c, err := m.loadHint(hint, len(path)+1, n.kids[i], t.kind, int(n.level)-1)
 		if err == nil {
 			c, err = m.own(c)
 		}
@@ -226,6 +230,18 @@ func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
 	path, idx = append(path, n), append(idx, -1)
 	m.pathBuf, m.idxBuf = path, idx
 	return path, idx, nil
+}
+
+// loadHint is load, but returns hint[d] when it is the node p points to
+// (the iterator that walked there may have gone on to a neighbour, whose
+// path differs below some depth: the check tells).
+func (m *Meta) loadHint(hint []*node, d int, p ptr, k kind, level int) (*node, error) {
+	if d < len(hint) {
+		if h := hint[d]; h != nil && h.loc == p.loc && h.tx == p.tx && h.kind == k && int(h.level) == level {
+			return h, nil
+		}
+	}
+	return m.load(p, k, level)
 }
 
 // replace puts repl in place of leaf runs [i, j), keeping the encoded
@@ -406,8 +422,9 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 	return r, nil
 }
 
-// putKey inserts key q (a run of one) into t; ErrExists if present.
-func (m *Meta) putKey(t *tree, q run) error {
+// putKey inserts key q (a run of one) into t; ErrExists if present. hint
+// is as for writablePath.
+func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 	k := t.kind
 	if t.root.isNil() {
 		loc, err := m.allocPage()
@@ -421,7 +438,7 @@ func (m *Meta) putKey(t *tree, q run) error {
 		m.cache.touched(n)
 		return nil
 	}
-	path, idx, err := m.writablePath(t, q)
+	path, idx, err := m.writablePath(t, q, hint)
 	if err != nil {
 		return err
 	}
@@ -452,13 +469,14 @@ func (m *Meta) putKey(t *tree, q run) error {
 	return m.fix(t, path, idx)
 }
 
-// deleteKey removes key q from t and returns it (with its loc).
-func (m *Meta) deleteKey(t *tree, q run) (run, error) {
+// deleteKey removes key q from t and returns it (with its loc). hint is
+// as for writablePath.
+func (m *Meta) deleteKey(t *tree, q run, hint []*node) (run, error) {
 	k := t.kind
 	if t.root.isNil() {
 		return run{}, fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
 	}
-	path, idx, err := m.writablePath(t, q)
+	path, idx, err := m.writablePath(t, q, hint)
 	if err != nil {
 		return run{}, err
 	}
