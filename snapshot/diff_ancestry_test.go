@@ -49,8 +49,8 @@ func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.To
 	require.NoError(t, err)
 	res, err := diffstream.Apply(ctx, &buf, target, diffstream.ApplyOptions{Force: true})
 	require.NoError(t, err)
-	require.Equal(t, from.Info().Identity(), res.Header.From)
-	require.Equal(t, to.Info().Identity(), res.Header.To)
+	require.Equal(t, from.Identity(), res.Header.From)
+	require.Equal(t, to.Identity(), res.Header.To)
 	return readAll(t, target), tot
 }
 
@@ -278,4 +278,28 @@ func checkDiffPair(t *testing.T, s *Store, a, b *Volume) {
 		got, _ := exportOnto(t, s, a, b)
 		require.Equal(t, bb, got, "%s: export applied onto %s", what, a.Info().Name)
 	}
+}
+
+// A volume's identity survives reopen; its UUID is a version 8 UUID that
+// differs between stores whose volumes have the same IDs.
+func TestVolumeIdentityStable(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	v1, err := s.CreateSnapshot("v1", s.Origin())
+	require.NoError(t, err)
+	id := v1.Identity()
+	require.Equal(t, "v1", id.Name)
+	require.Regexp(t, `^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`, id.UUID)
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer s.Close()
+	again, err := s.OpenVolume("v1")
+	require.NoError(t, err)
+	require.Equal(t, id, again.Identity())
+
+	other, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	w, err := other.CreateSnapshot("v1", other.Origin())
+	require.NoError(t, err)
+	require.Equal(t, again.ID(), w.ID())
+	require.NotEqual(t, id.UUID, w.Identity().UUID)
 }
