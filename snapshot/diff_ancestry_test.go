@@ -303,3 +303,48 @@ func TestVolumeIdentityStable(t *testing.T) {
 	require.Equal(t, again.ID(), w.ID())
 	require.NotEqual(t, id.UUID, w.Identity().UUID)
 }
+
+// Diffs of snapshots across clones give the same answer while the live
+// clones they came from, and the origin, are written concurrently.
+func TestDiffAncestryUnderWrites(t *testing.T) {
+	const cs = 16 << 10
+	s, _, _ := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
+	o := s.Origin()
+	v1, err := s.CreateSnapshot("v1", o)
+	require.NoError(t, err)
+	vm1, err := s.CreateClone("vm1", v1)
+	require.NoError(t, err)
+	for c := int64(0); c < 128; c += 3 {
+		fillAt(t, vm1, byte(c), c*cs, 4096)
+	}
+	s1, err := s.CreateSnapshot("vm1@s1", vm1)
+	require.NoError(t, err)
+	want := diffList(t, s, v1, s1)
+	require.NotEmpty(t, want)
+	stop := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		defer close(errc)
+		p := bytes.Repeat([]byte{0xee}, 4096)
+		for i := int64(0); ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			v := vm1
+			if i%2 == 1 {
+				v = o
+			}
+			if _, err := v.WriteAt(p, (i*7%128)*cs); err != nil {
+				errc <- err
+				return
+			}
+		}
+	}()
+	for range 20 {
+		require.Equal(t, want, diffList(t, s, v1, s1))
+	}
+	close(stop)
+	require.NoError(t, <-errc)
+}
