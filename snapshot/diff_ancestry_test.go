@@ -54,6 +54,19 @@ func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.To
 	return readAll(t, target), tot
 }
 
+// goldenAndClone is a 2 MiB store of chunk size cs with a snapshot
+// golden@v1 of the origin and a clone vm1 of it.
+func goldenAndClone(t *testing.T, cs int64) (s *Store, o, v1, vm1 *Volume) {
+	t.Helper()
+	s, _, _ = newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
+	o = s.Origin()
+	v1, err := s.CreateSnapshot("golden@v1", o)
+	require.NoError(t, err)
+	vm1, err = s.CreateClone("vm1", v1)
+	require.NoError(t, err)
+	return s, o, v1, vm1
+}
+
 // The VM manager's flow: golden@v1, a clone vm1 with writes, zero-writes
 // and discards, vm1@s1; Diff(v1, vm1@s1) is exactly what the clone
 // changed, its zero ranges are Zero, and the exported stream applied onto
@@ -61,12 +74,7 @@ func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.To
 // clone of a clone of a later golden snapshot.
 func TestDiffAcrossAncestry(t *testing.T) {
 	const cs = 16 << 10
-	s, _, _ := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
-	o := s.Origin()
-	v1, err := s.CreateSnapshot("golden@v1", o)
-	require.NoError(t, err)
-	vm1, err := s.CreateClone("vm1", v1)
-	require.NoError(t, err)
+	s, o, v1, vm1 := goldenAndClone(t, cs)
 	fillAt(t, vm1, 0xa1, 0, cs)                     // chunk 0, whole
 	fillAt(t, vm1, 0xa2, 5*cs+4096, 4096)           // chunk 5, part
 	require.NoError(t, vm1.WriteZeroes(8*cs, 2*cs)) // chunks 8-9: zero mappings
@@ -308,12 +316,7 @@ func TestVolumeIdentityStable(t *testing.T) {
 // clones they came from, and the origin, are written concurrently.
 func TestDiffAncestryUnderWrites(t *testing.T) {
 	const cs = 16 << 10
-	s, _, _ := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
-	o := s.Origin()
-	v1, err := s.CreateSnapshot("v1", o)
-	require.NoError(t, err)
-	vm1, err := s.CreateClone("vm1", v1)
-	require.NoError(t, err)
+	s, o, v1, vm1 := goldenAndClone(t, cs)
 	for c := int64(0); c < 128; c += 3 {
 		fillAt(t, vm1, byte(c), c*cs, 4096)
 	}
