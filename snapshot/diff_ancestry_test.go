@@ -351,3 +351,39 @@ func TestDiffAncestryUnderWrites(t *testing.T) {
 	close(stop)
 	require.NoError(t, <-errc)
 }
+
+// Diff across clones answers the same after reopen, and on a read-only
+// open (whose walk holds the store's lock instead of a view).
+func TestDiffAncestryAfterReopen(t *testing.T) {
+	const cs = 16 << 10
+	s, origin, store := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
+	v1, err := s.CreateSnapshot("v1", s.Origin())
+	require.NoError(t, err)
+	vm1, err := s.CreateClone("vm1", v1)
+	require.NoError(t, err)
+	fillAt(t, vm1, 1, 3*cs, cs)
+	require.NoError(t, vm1.Discard(7*cs, 2*cs))
+	vm2, err := s.CreateClone("vm2", vm1)
+	require.NoError(t, err)
+	fillAt(t, vm2, 2, 9*cs, 4096)
+	_, err = s.CreateSnapshot("vm2@s", vm2)
+	require.NoError(t, err)
+	want := []Extent{{Off: 3 * cs, Len: cs}, {Off: 7 * cs, Len: 2 * cs, Zero: true}, {Off: 9 * cs, Len: cs}}
+	pair := func(s *Store) (*Volume, *Volume) {
+		a, err := s.OpenVolume("v1")
+		require.NoError(t, err)
+		b, err := s.OpenVolume("vm2@s")
+		require.NoError(t, err)
+		return a, b
+	}
+	a, b := pair(s)
+	require.Equal(t, want, diffList(t, s, a, b))
+	require.NoError(t, s.Close())
+	for _, ro := range []bool{false, true} {
+		s, err := Open(origin, store, Options{ReadOnly: ro})
+		require.NoError(t, err)
+		a, b := pair(s)
+		require.Equal(t, want, diffList(t, s, a, b), "read-only %v", ro)
+		require.NoError(t, s.Close())
+	}
+}
