@@ -33,8 +33,8 @@ var ErrUnrelated = fmt.Errorf("%w: volumes share no history", ErrBadOptions)
 //
 // It reads metadata only, on a committed view of the index (readView),
 // so writers are not held up. Its cost is proportional to the index
-// entries in the answer, per level where the two chains differ, not to
-// the volumes' size. Zero is reported for the newer side: the one that
+// entries of the levels where the two chains differ (those at or above
+// the epoch each level is seen at), not to the volumes' size. Zero is reported for the newer side: the one that
 // descends from the other (the later snapshot, the clone), else to.
 func (s *Store) Diff(from, to *Volume) iter.Seq2[Extent, error] {
 	return s.diff(from, to, nil)
