@@ -130,6 +130,9 @@ func (s *Store) diffChunks(from, to *Volume) ([]diffChunk, *Volume, error) {
 	if err := to.check(0, 0); err != nil {
 		return nil, nil, err
 	}
+	if from.s != s || to.s != s {
+		return nil, nil, fmt.Errorf("%w: a volume of another store", ErrUnrelated)
+	}
 	// Levels are fixed when a handle opens (a branch's parent point never
 	// changes), so the plan needs no lock.
 	p, ok := planDiff(from.levels, to.levels)

@@ -164,6 +164,21 @@ func TestPlanDiffUnrelated(t *testing.T) {
 	require.True(t, p.aNewer)
 	require.False(t, p.bNewer)
 	require.True(t, errors.Is(ErrUnrelated, ErrBadOptions))
+
+	// Volumes of two stores share no history either.
+	s1, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	s2, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	a, err := s1.CreateSnapshot("a", s1.Origin())
+	require.NoError(t, err)
+	b, err := s2.CreateSnapshot("a", s2.Origin())
+	require.NoError(t, err)
+	var errs []error
+	for _, err := range s1.Diff(a, b) {
+		errs = append(errs, err)
+	}
+	require.Len(t, errs, 1)
+	require.ErrorIs(t, errs[0], ErrUnrelated)
+	require.ErrorContains(t, errs[0], "another store")
 }
 
 // A random tree of snapshots and clones with origin writes, clone writes,
