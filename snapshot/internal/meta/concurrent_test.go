@@ -26,47 +26,28 @@ func TestViewsConcurrent(t *testing.T) {
 	if testing.Short() {
 		rounds = 10
 	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	for g := range 3 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rr := rand.New(rand.NewPCG(seed, uint64(10+g)))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				v := m.View()
-				mu.Lock()
-				md := models[v.Tx()]
-				mu.Unlock()
-				if md == nil { // committed, model not recorded yet
-					v.Release()
-					continue
-				}
-				for range 20 {
-					q := w.space.random(rr)
-					got, loc, ok, err := v.Seek(q)
-					if err != nil {
-						errs <- err
-						v.Release()
-						return
-					}
-					want, wok := md.seek(q)
-					if ok != wok || ok && (got != want || loc != md.locs[want]) {
-						errs <- errMismatch
-						v.Release()
-						return
-					}
-				}
-				v.Release()
+	stop := runReaders(t, 3, seed, 10, func(rr *rand.Rand) error {
+		v := m.View()
+		defer v.Release()
+		mu.Lock()
+		md := models[v.Tx()]
+		mu.Unlock()
+		if md == nil { // committed, model not recorded yet
+			return nil
+		}
+		for range 20 {
+			q := w.space.random(rr)
+			got, loc, ok, err := v.Seek(q)
+			if err != nil {
+				return err
 			}
-		}()
-	}
+			want, wok := md.seek(q)
+			if ok != wok || ok && (got != want || loc != md.locs[want]) {
+				return errMismatch
+			}
+		}
+		return nil
+	})
 	for range rounds {
 		for range 100 {
 			w.step()
@@ -76,13 +57,43 @@ func TestViewsConcurrent(t *testing.T) {
 		models[committedTx(m)] = w.md.clone()
 		mu.Unlock()
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	stop()
 	require.NoError(t, m.Check())
+}
+
+// runReaders runs n goroutines that call fn, each with its own random
+// source (seed, stream+g), until the returned stop is called or fn fails.
+// stop waits for them and fails t with the first error.
+func runReaders(t *testing.T, n int, seed, stream uint64, fn func(rr *rand.Rand) error) (stop func()) {
+	done := make(chan struct{})
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for g := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rr := rand.New(rand.NewPCG(seed, stream+uint64(g)))
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if err := fn(rr); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	return func() {
+		close(done)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+	}
 }
 
 var errMismatch = errorString("a view disagrees with the model of its commit")
@@ -235,27 +246,9 @@ func TestLookupsConcurrentWithWriter(t *testing.T) {
 	if testing.Short() {
 		rounds = 6
 	}
-	stop := make(chan struct{})
-	errs := make(chan error, 4)
-	var wg sync.WaitGroup
-	for g := range 3 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rr := rand.New(rand.NewPCG(seed, uint64(20+g)))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if err := checkStableLookup(m, stable, rr.Uint64N(chunks/2)*2); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
+	stop := runReaders(t, 3, seed, 20, func(rr *rand.Rand) error {
+		return checkStableLookup(m, stable, rr.Uint64N(chunks/2)*2)
+	})
 	rng := rand.New(rand.NewPCG(seed, 7))
 	live := make(map[Key]bool)
 	for range rounds {
@@ -274,12 +267,7 @@ func TestLookupsConcurrentWithWriter(t *testing.T) {
 		}
 		require.NoError(t, m.Commit())
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	stop()
 	require.Greater(t, m.CacheStats().Evicted, uint64(0), "the cache never evicted: the test did not exercise eviction")
 	require.NoError(t, m.Check())
 	require.Equal(t, uint64(len(stable)+len(live)), m.Len())
