@@ -200,28 +200,31 @@ func (c *cache) remove(n *node) {
 }
 
 // evictLocked drops clean nodes from the cold end until the cache fits.
-// A referenced node is spared once: its bit is cleared and it moves to
-// the hot end, where the walk, going towards the hot end, reaches it again
-// only after every node that was colder. Each node is spared at most once
-// per call (nothing sets a bit while mu is held exclusively), so the walk
-// ends.
+// The ring turns like a clock face under a fixed hand at its cold end: a
+// referenced node loses its bit and goes to the hot end (its second
+// chance), and so does a dirty one, which cannot be dropped until it is
+// written. Otherwise dirty nodes, which a lookup never moves, would
+// gather at the cold end, and every eviction would walk past all of them
+// again (the LRU order moved them away on each hit). The walk ends: each
+// node is spared at most once per call (nothing sets a bit while mu is
+// held exclusively), and dirty nodes go round at most once between them
+// all, so a cache of nothing but dirty nodes costs one turn.
 func (c *cache) evictLocked() {
-	for n := c.head.prev; c.bytes > c.limit && n != &c.head; {
-		prev := n.prev
+	for budget := len(c.nodes); c.bytes > c.limit && budget > 0; {
+		n := c.head.prev
 		switch {
 		case n.dirty:
+			budget--
+			c.unlink(n)
+			c.pushFront(n)
 		case n.ref.Load():
 			n.ref.Store(false)
 			c.unlink(n)
 			c.pushFront(n)
-			if prev == &c.head { // n was the only node left to visit
-				prev = n
-			}
 		default:
 			c.remove(n)
 			c.evicted++
 		}
-		n = prev
 	}
 }
 
