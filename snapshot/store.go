@@ -565,6 +565,7 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.start()
+	s.dropInterruptedImports()
 	return s, nil
 }
 
