@@ -72,7 +72,7 @@ func TestPoolNoOrigin(t *testing.T) {
 	require.Equal(t, int64(3<<20+4096), b.Size())
 	require.Equal(t, KindVolume, a.Kind())
 	require.Equal(t, make([]byte, 1<<20), readAll(t, a), "a blank volume reads zeros")
-	require.Equal(t, 0, int(s.Stats().UsedChunks), "and holds no store space")
+	require.Equal(t, 0, int(s.Stats().usedChunks()), "and holds no store space")
 
 	_, err = a.WriteAt(bytes.Repeat([]byte{1}, 8192), 8192)
 	require.NoError(t, err)
@@ -259,14 +259,14 @@ func TestResizeBlank(t *testing.T) {
 	err = s.Resize("v", 512<<10, ResizeOptions{})
 	require.ErrorIs(t, err, ErrBadOptions, "a shrink must be asked for")
 	require.NoError(t, s.Checkpoint(t.Context()))
-	used := s.Stats().UsedChunks
+	used := s.Stats().UsedBytes
 	require.NoError(t, s.Resize("v", 512<<10+4096, ResizeOptions{Shrink: true}))
 	require.Equal(t, int64(512<<10+4096), v.Size())
 	_, err = v.ReadAt(make([]byte, 4096), 512<<10+4096)
 	require.ErrorIs(t, err, blockdev.ErrOutOfRange)
 	require.NoError(t, s.Checkpoint(t.Context()))
 	require.NoError(t, s.Checkpoint(t.Context()))
-	require.Less(t, s.Stats().UsedChunks, used, "the tail's chunks are freed")
+	require.Less(t, s.Stats().UsedBytes, used, "the tail's chunks are freed")
 	require.Equal(t, int64(1<<20), snap.Size())
 	require.Equal(t, bytes.Repeat([]byte{9}, 1<<20), readAll(t, snap), "the snapshot keeps its data and size")
 

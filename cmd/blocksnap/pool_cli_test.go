@@ -88,5 +88,5 @@ func TestPoolCommands(t *testing.T) {
 
 	var u control.Space
 	require.NoError(t, json.Unmarshal([]byte(ok(t, poolArgs(store, "usage", "--json")...)), &u))
-	require.Equal(t, uint64(7), u.UsedChunks, "the import stored only its 100KiB of data")
+	require.Equal(t, int64(7*16<<10), u.UsedBytes, "the import stored only its 100KiB of data")
 }
