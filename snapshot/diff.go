@@ -50,20 +50,26 @@ func (s *Store) diff(from, to, zeroFor *Volume) iter.Seq2[Extent, error] {
 			return
 		}
 		trustZero := zeroFor == nil || zeroFor == newer
+		// Entries past both volumes' sizes (a larger ancestor, a shrunk
+		// tail) are read by neither.
+		size := max(from.Size(), to.Size())
 		var cur Extent
-		for i, c := range chunks {
-			off, n := int64(c.c)*s.cs, s.chunkLen(c.c)
+		for _, c := range chunks {
+			off, n := int64(c.c)*s.cs, s.volChunkLen(c.c, size)
+			if n == 0 {
+				break // chunks come in offset order
+			}
 			zero := trustZero && s.chunkZero(newer, c)
-			if i > 0 && cur.Off+cur.Len == off && cur.Zero == zero {
+			if cur.Len > 0 && cur.Off+cur.Len == off && cur.Zero == zero {
 				cur.Len += n
 				continue
 			}
-			if i > 0 && !yield(cur, nil) {
+			if cur.Len > 0 && !yield(cur, nil) {
 				return
 			}
 			cur = Extent{Off: off, Len: n, Zero: zero}
 		}
-		if len(chunks) > 0 {
+		if cur.Len > 0 {
 			yield(cur, nil)
 		}
 	}
