@@ -63,6 +63,12 @@ func TestPoolNoOrigin(t *testing.T) {
 	require.Empty(t, s.List())
 	_, err := s.OpenVolume("origin")
 	require.ErrorIs(t, err, ErrNotFound)
+	_, err = s.CreateSnapshot("o", s.Origin())
+	require.ErrorIs(t, err, ErrNotFound, "no origin to snapshot")
+	_, err = s.CreateClone("o", s.Origin())
+	require.ErrorIs(t, err, ErrNotFound)
+	_, err = s.Origin().ReadAt(make([]byte, 512), 0)
+	require.ErrorIs(t, err, ErrNotFound)
 
 	a, err := s.CreateVolume("a", 1<<20)
 	require.NoError(t, err)

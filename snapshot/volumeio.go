@@ -21,7 +21,12 @@ type Volume struct {
 	closed atomic.Bool
 }
 
-// Origin returns a handle on the live origin volume. Reads go to the origin
+// errNoOriginVolume is what the origin volume's calls return in a store
+// without an origin.
+var errNoOriginVolume = fmt.Errorf("%w: the store has no origin volume", ErrNotFound)
+
+// Origin returns a handle on the live origin volume (in a store without an
+// origin, a handle whose every call fails with ErrNotFound). Reads go to the origin
 // device (and the origin buffer); writes copy a chunk to the store first
 // when a snapshot still needs its old contents. It never returns nil: after
 // Close the handle's calls fail with ErrClosed, after a failure its writes
@@ -77,6 +82,9 @@ func (v *Volume) check(off, n int64) error {
 	}
 	if err := v.notDeleted(); err != nil {
 		return err
+	}
+	if v.kind == KindOrigin && v.s.geo.noOrigin {
+		return errNoOriginVolume
 	}
 	return blockdev.CheckRange(off, n, v.meta.size.Load(), v.s.bs)
 }
