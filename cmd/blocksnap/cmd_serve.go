@@ -418,7 +418,15 @@ func (d *liveDev) Discard(off, n int64) error {
 	return v.Discard(off, n)
 }
 
-func (d *liveDev) Size() int64    { return d.size }
+// Size is the volume's size now (a resize shows at a client's next
+// connection), or its last one after a delete.
+func (d *liveDev) Size() int64 {
+	if v := d.v.Load(); v != nil {
+		return v.Size()
+	}
+	return d.size
+}
+
 func (d *liveDev) BlockSize() int { return d.bs }
 
 // Close does nothing: the server owns the volumes (closeVolumes).

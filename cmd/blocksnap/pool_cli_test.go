@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -89,4 +91,38 @@ func TestPoolCommands(t *testing.T) {
 	var u control.Space
 	require.NoError(t, json.Unmarshal([]byte(ok(t, poolArgs(store, "usage", "--json")...)), &u))
 	require.Equal(t, int64(7*16<<10), u.UsedBytes, "the import stored only its 100KiB of data")
+}
+
+// Against a running serve on a pool: create and import export the new
+// volume at once, and a resize shows in qemu-img info at the next
+// connection.
+func TestServePoolCreateImportResize(t *testing.T) {
+	needTool(t, "qemu-img")
+	dir := t.TempDir()
+	store := filepath.Join(dir, "pool.img")
+	ok(t, poolArgs(store, "format", "--size", "64MiB")...)
+	d := startDaemon(t, poolArgs(store, "serve", "--listen", "127.0.0.1:0", "--json")...)
+	uri := func(name string) string { return fmt.Sprintf("nbd://%s/%s", d.info.Listen, name) }
+	virtualSize := func(name string) int64 {
+		t.Helper()
+		out, err := exec.Command("qemu-img", "info", "--output=json", "-f", "raw", uri(name)).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		var info struct {
+			VirtualSize int64 `json:"virtual-size"`
+		}
+		require.NoError(t, json.Unmarshal(out, &info), "%s", out)
+		return info.VirtualSize
+	}
+
+	ok(t, poolArgs(store, "create", "data1", "--size", "2GiB")...)
+	require.Equal(t, int64(2<<30), virtualSize("data1"))
+	img := filepath.Join(dir, "golden.raw")
+	data := make([]byte, 8<<20)
+	copy(data[3<<20:], bytes.Repeat([]byte{0x6b}, 64<<10))
+	require.NoError(t, os.WriteFile(img, data, 0o644))
+	ok(t, poolArgs(store, "import", "golden", img)...)
+	got, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri("golden")).CombinedOutput()
+	require.NoError(t, err, "%s", got)
+	ok(t, poolArgs(store, "resize", "data1", "--size", "3GiB")...)
+	require.Equal(t, int64(3<<30), virtualSize("data1"))
 }
