@@ -361,3 +361,37 @@ func TestResizeClones(t *testing.T) {
 	require.ErrorIs(t, err, ErrBadOptions)
 	mustCheck(t, s)
 }
+
+// A store whose superblock predates the pool fields (bytes 120-131 zero)
+// opens as before: its volumes have the origin's size, and new volumes are
+// bounded by it.
+func TestOpenStoreWithoutPoolFields(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	snap, err := s.CreateSnapshot("s1", s.Origin())
+	require.NoError(t, err)
+	_, err = s.CreateClone("c1", snap)
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	sb := make([]byte, superblockSize)
+	_, err = store.ReadAt(sb, 0)
+	require.NoError(t, err)
+	g, err := decodeSuperblock(sb)
+	require.NoError(t, err)
+	g.maxVolSize = 0
+	_, err = store.WriteAt(g.encode(), 0)
+	require.NoError(t, err)
+
+	s2, err := Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	require.Equal(t, int64(1<<20), s2.MaxVolumeSize())
+	for _, i := range s2.List() {
+		require.Equal(t, int64(1<<20), i.Size, i.Name)
+	}
+	_, err = s2.CreateVolume("big", 2<<20)
+	require.ErrorIs(t, err, ErrBadOptions)
+	v, err := s2.CreateVolume("small", 512<<10)
+	require.NoError(t, err)
+	require.Equal(t, make([]byte, 512<<10), readAll(t, v))
+	mustCheck(t, s2)
+}

@@ -125,4 +125,13 @@ func TestServePoolCreateImportResize(t *testing.T) {
 	require.NoError(t, err, "%s", got)
 	ok(t, poolArgs(store, "resize", "data1", "--size", "3GiB")...)
 	require.Equal(t, int64(3<<30), virtualSize("data1"))
+
+	// An NBD source: the serve reads its own export of golden.
+	out := ok(t, poolArgs(store, "import", "golden2", uri("golden"))...)
+	require.Contains(t, out, "as volume golden2 (8MiB")
+	got, err = exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri("golden2")).CombinedOutput()
+	require.NoError(t, err, "%s", got)
+	var u control.Space
+	require.NoError(t, json.Unmarshal([]byte(ok(t, poolArgs(store, "usage", "--json")...)), &u))
+	require.Equal(t, int64(2*64<<10), u.UsedBytes, "each import stored its one chunk of data")
 }
