@@ -53,6 +53,8 @@ import (
 	"hash/crc64"
 	"sync"
 	"sync/atomic"
+
+	"github.com/blocksnap/blocksnap/blockdev"
 )
 
 const (
@@ -104,7 +106,7 @@ type ownerRecord struct {
 	host  string
 }
 
-func (o *ownerRecord) held() bool { return o.id != [16]byte{} }
+func (o ownerRecord) held() bool { return o.id != [16]byte{} }
 
 // identState is one slot's contents.
 type identState struct {
@@ -341,7 +343,7 @@ func hashSamples(origin interface {
 	ReadAt([]byte, int64) (int, error)
 }, pos *[maxSamples]int64, n int, l int64) ([maxSamples]uint64, error) {
 	var h [maxSamples]uint64
-	buf := alignedCopy(nil, int(l))
+	buf := blockdev.AlignedBuffer(int(l))
 	for i := 0; i < n; i++ {
 		if i > 0 && pos[i] == pos[i-1] {
 			h[i] = h[i-1]
@@ -448,7 +450,7 @@ func (s *Store) settleSamples(gens *[maxSamples]uint64) error {
 	if dirty == 0 {
 		return nil
 	}
-	buf := alignedCopy(nil, int(id.l))
+	buf := blockdev.AlignedBuffer(int(id.l))
 	changed := false
 	for i := 0; i < id.n; i++ {
 		if dirty&(1<<i) == 0 {
