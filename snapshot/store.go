@@ -205,6 +205,11 @@ type Store struct {
 	// migrating: Migrate is loading a format version 1 store's journal
 	// into this one (its checkpoint image holds the index).
 	migrating bool
+	// rebuild: the checkpoint image Open loaded predates the chunk-group
+	// summaries (version 2), so Open rebuilds the summaries by a walk.
+	rebuild bool
+	// replayOps is Replay's reusable record buffer.
+	replayOps []op
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -538,13 +543,16 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.treeSeq = s.m.User()
+	s.forgetPreserved() // looked up in the tree on first use (preserve.go)
 	if err := s.openJournal(); err != nil {
 		s.abort()
 		return nil, err
 	}
-	if err := s.rebuildSummaries(); err != nil {
-		s.abort()
-		return nil, err
+	if s.rebuild {
+		if err := s.rebuildSummaries(); err != nil {
+			s.abort()
+			return nil, err
+		}
 	}
 	if err := s.afterReplay(); err != nil {
 		s.abort()

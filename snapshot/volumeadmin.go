@@ -364,8 +364,8 @@ func (s *Store) originStatLocked(v *volume) VolumeStat {
 	for c := uint64(0); c < s.chunks; c++ {
 		n := s.chunkLen(c)
 		st.Mapped += n
-		if need > s.preserved[c] {
-			st.Shared += n
+		if pe, err := s.preservedOf(c); err != nil || need > pe {
+			st.Shared += n // unreadable: counted as the snapshot's, not the origin's
 		}
 	}
 	st.Exclusive = st.Mapped - st.Shared
