@@ -121,7 +121,7 @@ func (s *Store) captureLocked() (capture, error) {
 	}
 	c.fz = fz
 	s.capOut = true
-	s.lastTreeSeq = c.upTo
+	s.lastTreeSeq, s.treeChanges = c.upTo, 0
 	return c, nil
 }
 
@@ -134,7 +134,7 @@ func (s *Store) maybeCaptureLocked() {
 	if s.capOut {
 		return
 	}
-	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords {
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords || s.treeChanges >= treeCommitRecords {
 		s.postCaptureLocked()
 		return
 	}
@@ -147,10 +147,10 @@ func (s *Store) maybeCaptureLocked() {
 	}
 }
 
-// treeCommitRecords is how many journal records may be logged before a
-// tree commit starts in the background, whatever the commit interval:
-// Open after a crash replays at most about this many (plus those logged
-// while that commit runs).
+// treeCommitRecords is how many journal records, or index changes, may
+// be logged before a tree commit starts in the background, whatever the
+// commit interval: Open after a crash replays at most about this many
+// (plus those logged while that commit runs).
 const treeCommitRecords = 1 << 16
 
 // postCaptureLocked hands the checkpointer a capture of the state now.

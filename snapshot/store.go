@@ -277,6 +277,10 @@ type Store struct {
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
+	// treeChanges counts the index changes logged since then (guarded by
+	// mu): a record may hold many (a sequential write's copies), and
+	// Open replays each one.
+	treeChanges int
 	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
 	// that find the journal full write one, not one each. Taken with no
 	// lock of the store held but branch gates and stripes; mu and reclaim
@@ -796,6 +800,7 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if got != seq {
 		return 0, s.fail(fmt.Errorf("snapshot: journal append: sequence %d, expected %d", got, seq))
 	}
+	s.treeChanges += n
 	s.maybeCaptureLocked()
 	return seq, nil
 }
