@@ -440,7 +440,8 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack,
+		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a

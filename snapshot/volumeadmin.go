@@ -470,7 +470,8 @@ func (s *Store) Stats() Stats {
 	entries := s.ix.len()
 	s.mu.RUnlock()
 	sp := s.m.Space()
-	st := Stats{ChunkSize: s.cs, DataChunks: sp.Chunks, UsedChunks: sp.ChunksUsed, FreeChunks: sp.Chunks - sp.ChunksUsed,
+	// Chunks the metadata region grew into (GrowMetadata) are not data.
+	st := Stats{ChunkSize: s.cs, DataChunks: sp.Chunks - sp.ChunksMeta, UsedChunks: sp.ChunksUsed - sp.ChunksMeta, FreeChunks: sp.Chunks - sp.ChunksUsed,
 		IndexEntries: entries, MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
 		Volumes: vols, BufferedChunks: s.ob.n.Load()}
 	if s.j != nil {
