@@ -198,7 +198,7 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	s := fuzzStore(t)
 	require.NoError(t, s.loadCheckpoint(bytes.NewReader(imgs[0])))
 	require.NoError(t, s.Check())
-	require.Equal(t, 6, len(s.volumes)) // origin, s1, c1, c1-s, c2 and its hidden parent snapshot
+	require.Equal(t, 8, len(s.volumes)) // origin, s1, c1, c1-s, c2 and its hidden parent snapshot, blank, blank-s
 	require.Equal(t, imgs[0], smallImage(s))
 }
 
