@@ -2,6 +2,8 @@ package snapshot
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -394,4 +396,54 @@ func TestOpenStoreWithoutPoolFields(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, make([]byte, 512<<10), readAll(t, v))
 	mustCheck(t, s2)
+}
+
+// Resizes race writers and readers of the volume: every I/O either
+// succeeds or is out of range, and the store checks clean.
+func TestResizeUnderIO(t *testing.T) {
+	const cs = 16 << 10
+	s, _ := newPool(t, 64<<20, Options{ChunkSize: cs})
+	v, err := s.CreateVolume("v", 4<<20)
+	require.NoError(t, err)
+	seed := blockdevtest.Seed(t)
+	done := make(chan struct{})
+	errs := make(chan error, 4)
+	for g := range 3 {
+		go func() {
+			rng := newRand(seed + uint64(g))
+			p := bytes.Repeat([]byte{byte(g + 1)}, 8192)
+			for {
+				select {
+				case <-done:
+					errs <- nil
+					return
+				default:
+				}
+				off := rng.Int64N(8<<20/8192) * 8192
+				var err error
+				if g == 2 {
+					_, err = v.ReadAt(p, off)
+				} else {
+					_, err = v.WriteAt(p, off)
+				}
+				if err != nil && !errors.Is(err, blockdev.ErrOutOfRange) {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for i := range 40 {
+		size := int64(1+i%8) << 20
+		require.NoError(t, s.Resize("v", size, ResizeOptions{Shrink: true}))
+		if i%10 == 0 {
+			_, err := s.CreateSnapshot(fmt.Sprintf("v@%d", i), v)
+			require.NoError(t, err)
+		}
+	}
+	close(done)
+	for range 3 {
+		require.NoError(t, <-errs)
+	}
+	mustCheck(t, s)
 }
