@@ -264,23 +264,13 @@ func (s *Store) readOriginPart(p []byte, off int64) error {
 // Where no level maps c, a chain that ends at a root branch, or at branch
 // 0 past the origin's end, reads zeros.
 func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
-	// No levels: the chain below a root branch (readCurrent).
-	if len(levels) == 0 || levels[len(levels)-1].br.id != 0 || c >= s.chunks {
-		loc, found, err := s.resolveMapped(levels, c)
-		if err != nil || found {
-			return loc, false, err
-		}
+	n := len(levels)
+	if n == 0 { // the chain below a root branch (readCurrent)
 		return locZero, false, nil
 	}
-	loc, found, err := s.resolveMapped(levels, c)
-	return loc, !found && err == nil, err
-}
-
-// resolveMapped is resolveLocked's lookup: where the first level that maps
-// c (found) says it lives.
-func (s *Store) resolveMapped(levels []level, c uint64) (loc uint64, found bool, err error) {
-	if n := len(levels); n > 1 && !levels[0].br.chainGroups.mayHave(c) {
-		levels = levels[n-1:] // no clone level has entries near c: go to branch 0
+	origin := levels[n-1].br.id == 0 && c < s.chunks
+	if n > 1 && !levels[0].br.chainGroups.mayHave(c) {
+		levels = levels[n-1:] // no clone level has entries near c: go to the root
 	}
 	for i := range levels {
 		l := &levels[i]
@@ -298,8 +288,11 @@ func (s *Store) resolveMapped(levels []level, c uint64) (loc uint64, found bool,
 			return 0, false, metaErr("index lookup", err)
 		}
 		if ok && x.loc != locInherit {
-			return x.loc, true, nil
+			return x.loc, false, nil
 		}
 	}
-	return 0, false, nil
+	if origin {
+		return 0, true, nil
+	}
+	return locZero, false, nil
 }
