@@ -186,8 +186,27 @@ func TestPlanDiffUnrelated(t *testing.T) {
 // every chunk outside Diff reads alike in both, every Zero extent reads
 // zeros in the newer one, and an export applied onto the older's bytes
 // gives the newer's. Reads are the store's own.
+//
+// One round by default; with BLOCKSNAP_TORTURE_SECONDS, rounds of seeds
+// seed, seed+1, ... for that long (a failing round names its seed).
 func TestDiffAncestryModel(t *testing.T) {
 	seed := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, 1)
+	cur := seed
+	t.Cleanup(func() {
+		if t.Failed() && cur != seed {
+			t.Logf("failed in the round of seed %d (replay: %s)", cur, blockdevtest.ReplayCommand(t, cur))
+		}
+	})
+	for ; budget.Next(); cur++ {
+		diffModelRound(t, cur)
+		if t.Failed() {
+			return
+		}
+	}
+}
+
+func diffModelRound(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 14))
 	const cs = 16 << 10
 	const chunks = 48
