@@ -26,15 +26,6 @@ func diffList(t *testing.T, s *Store, from, to *Volume) []Extent {
 	return out
 }
 
-// readAll reads the whole of v.
-func readAll(t *testing.T, v blockdev.Device) []byte {
-	t.Helper()
-	b := make([]byte, v.Size())
-	_, err := v.ReadAt(b, 0)
-	require.NoError(t, err)
-	return b
-}
-
 // exportOnto exports the diff from -> to and applies it onto a copy of
 // from's bytes; it returns the result's bytes and the stream's totals.
 func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.Totals) {
