@@ -143,7 +143,7 @@ func (s *Store) diffChunks(from, to *Volume) ([]diffChunk, *Volume, error) {
 	// changes), so the plan needs no lock.
 	p, ok := planDiff(from.levels, to.levels)
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: volume %d (%s) and volume %d (%s)", ErrUnrelated, from.meta.id, from.kind, to.meta.id, to.kind)
+		return nil, nil, fmt.Errorf("%w: %s %q and %s %q", ErrUnrelated, from.Kind(), from.Info().Name, to.Kind(), to.Info().Name)
 	}
 	newer, newerOnly, older := to, p.onlyB, p.onlyA
 	if p.aNewer {

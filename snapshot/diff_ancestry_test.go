@@ -504,4 +504,5 @@ func TestDiffBlankVolumes(t *testing.T) {
 	var buf bytes.Buffer
 	_, err = s.ExportDiff(context.Background(), &buf, v1, d2, ExportOptions{})
 	require.ErrorIs(t, err, ErrUnrelated)
+	require.ErrorContains(t, err, `snapshot "golden@v1" and snapshot "data@2"`)
 }
