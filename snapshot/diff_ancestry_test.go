@@ -304,7 +304,7 @@ func checkDiffPair(t *testing.T, s *Store, a, b *Volume) {
 		return
 	}
 	ab, bb := readAll(t, a), readAll(t, b)
-	require.Equal(t, len(ab), len(bb), "%s: no Resize yet, so related volumes have one size", what)
+	require.Equal(t, len(ab), len(bb), "%s: the model never resizes, so related volumes have one size", what)
 	newer := b
 	if p.aNewer {
 		newer = a
