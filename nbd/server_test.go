@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -170,6 +172,45 @@ func TestServerExports(t *testing.T) {
 	// A *blockdev.ReadOnlyDevice is exported read-only.
 	require.NoError(t, ts.srv.Add(Export{Name: "ro", Device: blockdev.ReadOnly(blockdevtest.NewMem(t, cmdSize, 512))}))
 	require.True(t, dial(t, ts.uri("ro")).Info().ReadOnly)
+}
+
+// Any device that reports itself read-only (blockdev.IsReadOnly) is
+// exported read-only, not only the blockdev.ReadOnly view: a slice of one,
+// a file opened read-only, and a client of a read-only export re-exported.
+// A writable device stays writable.
+func TestServerExportsReadOnlyReporters(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ro.img")
+	require.NoError(t, os.WriteFile(path, make([]byte, cmdSize), 0o644))
+	rofile, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { rofile.Close() })
+	slice, err := blockdev.Slice(blockdev.ReadOnly(blockdevtest.NewMem(t, 2*cmdSize, 512)), cmdSize, cmdSize)
+	require.NoError(t, err)
+	ts := startServer(t, Options{},
+		Export{Name: "rw", Device: blockdevtest.NewMem(t, cmdSize, 512)},
+		Export{Name: "file", Device: rofile},
+		Export{Name: "slice", Device: slice},
+		Export{Name: "flagged", Device: blockdevtest.NewMem(t, cmdSize, 512), ReadOnly: true})
+
+	rw := dial(t, ts.uri("rw"))
+	require.False(t, rw.ReadOnly())
+	require.False(t, blockdev.IsReadOnly(rw))
+	for _, name := range []string{"file", "slice", "flagged"} {
+		c := dial(t, ts.uri(name))
+		require.True(t, c.ReadOnly(), name)
+		require.True(t, blockdev.IsReadOnly(c), name)
+		_, err := c.WriteAt(make([]byte, 512), 0)
+		require.ErrorIs(t, err, blockdev.ErrReadOnly, name)
+	}
+
+	// A client of the read-only export, itself exported by a second
+	// server, is read-only there too, with no flag given.
+	inner := dial(t, ts.uri("flagged"))
+	ts2 := startServer(t, Options{}, Export{Name: "again", Device: inner})
+	again := dial(t, ts2.uri("again"))
+	require.True(t, again.Info().ReadOnly)
+	err = again.Discard(0, 512)
+	require.ErrorIs(t, err, blockdev.ErrReadOnly)
 }
 
 func TestServerDeviceErrors(t *testing.T) {
