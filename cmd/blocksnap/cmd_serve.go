@@ -72,7 +72,7 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
-			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite, connections: vs.connections}
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, connections: vs.connections}
 		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
 			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
 		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
@@ -213,35 +213,6 @@ func (vs *volumeServer) connections(name string) int64 {
 		}
 	}
 	return 0
-}
-
-// rewrite withdraws the export of a volume about to be rolled back and
-// closes its connections, so that no client keeps data it cached from
-// before; the returned function exports it again. Clients reconnect to the
-// rolled-back volume.
-func (vs *volumeServer) rewrite(name string) func() {
-	vs.mu.Lock()
-	d, ok := vs.exports[name]
-	if ok {
-		_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
-	}
-	vs.mu.Unlock()
-	if !ok {
-		return func() {}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers see the rollback happen
-	return func() {
-		vs.mu.Lock()
-		defer vs.mu.Unlock()
-		if vs.exports[name] != d {
-			return // deleted or renamed meanwhile
-		}
-		if v := d.v.Load(); v != nil {
-			_ = vs.export(name, d, v) // the name was free: withdrawn above, and vs.mu held since
-		}
-	}
 }
 
 // handle runs a control request against the live store.
