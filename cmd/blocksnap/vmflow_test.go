@@ -74,12 +74,19 @@ func TestVMManagerFlow(t *testing.T) {
 	out, err := exec.Command("qemu-io", "-f", "raw", uri("vm3"), "-c", "write -P 0x33 0 16M").CombinedOutput()
 	require.Error(t, err, "%s", out)
 	require.Contains(t, string(out), "write failed: No space left on device")
+	// So does an origin write that needs a copy for golden-v1.
+	out, err = exec.Command("qemu-io", "-f", "raw", uri("origin"), "-c", "write -P 0x44 0 64k").CombinedOutput()
+	require.Error(t, err, "%s", out)
+	require.Contains(t, string(out), "write failed: No space left on device")
+	qemuIO(t, uri("golden-v1"), true, "read -P 0xa1 0 1M")
 	// The connection open on vm1 carries on, and the store frees space:
 	// once vm3 goes (forced: the failed qemu-io's connection may still be
 	// closing on the server's side), writes succeed again.
 	require.Contains(t, q.do(t, "read -P 0xa1 0 64k", "read"), "read 65536/65536 bytes")
 	ok(t, f.args("delete", "vm3", "--force")...)
 	qemuIO(t, uri("vm2"), false, "write -P 0x22 0 4M", "flush", "read -P 0x22 0 4M")
+	qemuIO(t, uri("origin"), false, "write -P 0x44 0 64k", "flush", "read -P 0x44 0 64k")
+	qemuIO(t, uri("golden-v1"), true, "read -P 0xa1 0 1M")
 	require.Contains(t, q.do(t, "write -P 0x11 0 1M", "wrote"), "wrote 1048576/1048576 bytes")
 	require.Contains(t, q.do(t, "read -P 0x11 0 1M", "read"), "read 1048576/1048576 bytes")
 	require.Contains(t, ok(t, f.args("check")...), "is clean")
