@@ -389,7 +389,17 @@ func (d *liveDev) Discard(off, n int64) error {
 	return v.Discard(off, n)
 }
 
-func (d *liveDev) Size() int64    { return d.size }
+// Size is the volume's size now, so that a connection made after a
+// resize sees the new size (each NBD connection learns the size once, at
+// its handshake). Once the volume is deleted (no new connection can
+// reach the export) it is the size the volume was exported with.
+func (d *liveDev) Size() int64 {
+	if v := d.v.Load(); v != nil {
+		return v.Size()
+	}
+	return d.size
+}
+
 func (d *liveDev) BlockSize() int { return d.bs }
 
 // Close does nothing: the server owns the volumes (closeVolumes).
