@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -69,6 +70,18 @@ func TestVMManagerFlow(t *testing.T) {
 		require.Contains(t, out, "read ", "%s after the reset", c)
 	}
 	require.Equal(t, golden, nbdMap(t, uri("vm1")), "the reset to the clone's base is metadata: the holes are back")
+
+	// A backup of vm2: its snapshot exported as a diff stream and applied
+	// onto a blank file is the snapshot, byte for byte (qemu-img compare
+	// reads both).
+	qemuIO(t, uri("vm2"), false, "write -P 0x22 2M 1M", "write -z 8M 64k", "flush")
+	ok(t, f.args("snapshot", "vm2-s1", "--of", "vm2")...)
+	stream, restored := filepath.Join(f.dir, "vm2-s1.bsd"), filepath.Join(f.dir, "vm2-s1.img")
+	ok(t, f.args("export-diff", "vm2-s1", "-o", stream)...)
+	ok(t, "apply-diff", "--target", restored, "-i", stream)
+	cmp, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, uri("vm2-s1")).CombinedOutput()
+	require.NoError(t, err, "%s", cmp)
+	require.Contains(t, string(cmp), "Images are identical.")
 
 	// Fill the store through vm3: qemu-io gets ENOSPC, not EIO.
 	out, err := exec.Command("qemu-io", "-f", "raw", uri("vm3"), "-c", "write -P 0x33 0 16M").CombinedOutput()
