@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sort"
@@ -29,7 +30,11 @@ var cmdServe = &command{
 		"the other store commands act on the live server through its control socket",
 	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed. " +
 		"With TLS, SIGHUP reloads the certificates from --tls-creds for new connections; open ones keep theirs. " +
-		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given.",
+		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given. " +
+		"Volumes created, cloned, snapshotted or renamed through the control socket are exported at once; a deleted " +
+		"volume's export is withdrawn; a rollback keeps its clients connected. A write that needs space the full store " +
+		"lacks fails with ENOSPC (QEMU's werror=enospc pauses the VM), and a warning on standard error comes first, " +
+		"when the free data or metadata space drops below an eighth of its region.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
 		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
@@ -62,7 +67,7 @@ type serveInfo struct {
 }
 
 func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
-	s, err := openSession(sf, readWrite)
+	s, err := openSessionWith(sf, readWrite, lowSpaceWarnings(storeOptions(readWrite), sf, e.stderr))
 	if errors.Is(err, ErrStoreInUse) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)", err)
 	}
@@ -84,6 +89,26 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 		err = cerr
 	}
 	return err
+}
+
+// lowSpaceWarnings makes serve say on w when the store's free data or
+// metadata space drops below the store's low-water mark (an eighth of
+// the region), once per crossing, so that an operator extends the store
+// device and runs grow before writes fail with ENOSPC. The store calls
+// them on its own goroutine with no lock held; w takes whole lines from
+// several goroutines (standard error).
+func lowSpaceWarnings(opts snapshot.Options, sf *storeFlags, w io.Writer) snapshot.Options {
+	opts.LowData = func(free, total int64) {
+		fmt.Fprintf(w, "blocksnap serve: warning: store %s is low on data space: %s free of %s; "+
+			"when it is full, writes that need space fail with ENOSPC (extend the store device, then blocksnap grow)\n",
+			sf.store, human(free), human(total))
+	}
+	opts.LowMetadata = func(free, total int64) {
+		fmt.Fprintf(w, "blocksnap serve: warning: store %s is low on metadata space: %s free of %s; "+
+			"when it is full, changes fail with ENOSPC and only deletes work\n",
+			sf.store, human(free), human(total))
+	}
+	return opts
 }
 
 // volumeServer exports a store's volumes over NBD and keeps the exports in

@@ -31,8 +31,10 @@ func nbdMap(t *testing.T, uri string) []string {
 // (qemu-io, qemu-img, nbdinfo): a sparse golden image, its snapshot, three
 // clones; each clone maps holes where the golden image has them; a clone
 // is written, then reset to golden while a qemu-io stays connected, and
-// that client reads golden's bytes; the store is filled through a clone,
-// qemu-io gets ENOSPC, and after a delete the store takes writes again.
+// that client reads golden's bytes; a clone's snapshot is backed up with
+// export-diff and compared with qemu-img; the store is filled through a
+// clone, serve warns at the low-water mark, qemu-io gets ENOSPC, and after
+// a delete the store takes writes again.
 func TestVMManagerFlow(t *testing.T) {
 	for _, tool := range []string{"qemu-io", "qemu-img", "nbdinfo"} {
 		needTool(t, tool)
@@ -87,6 +89,8 @@ func TestVMManagerFlow(t *testing.T) {
 	out, err := exec.Command("qemu-io", "-f", "raw", uri("vm3"), "-c", "write -P 0x33 0 16M").CombinedOutput()
 	require.Error(t, err, "%s", out)
 	require.Contains(t, string(out), "write failed: No space left on device")
+	// serve warned when the free space crossed the low-water mark.
+	d.waitStderr(t, "blocksnap serve: warning: store "+f.store+" is low on data space: ")
 	// So does an origin write that needs a copy for golden-v1.
 	out, err = exec.Command("qemu-io", "-f", "raw", uri("origin"), "-c", "write -P 0x44 0 64k").CombinedOutput()
 	require.Error(t, err, "%s", out)
