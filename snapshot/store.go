@@ -14,6 +14,16 @@
 // at most, with a per-branch summary that lets levels without entries be
 // skipped without a seek.
 //
+// API conventions. Operations on a volume's data, or that derive one
+// volume from another, take an open *Volume handle: CreateSnapshot,
+// CreateClone, Rollback, Diff, ExportDiff, Mappings. Operations on the
+// catalogue take names: OpenVolume, Delete and DeleteWith, Dependants,
+// Rename, Protect and Unprotect, Stat (a name works without opening the
+// volume, and a hidden volume has no name and cannot be opened). Every
+// size and offset is in bytes and every count an int64: Options, Stats,
+// VolumeStat, VolumeInfo, DeleteProgress, Mapping (a Volume's BlockSize is
+// an int because blockdev.Device says so).
+//
 // Crash safety: the index and the data space map live in a paged,
 // copy-on-write B+tree in the store's metadata region (package
 // snapshot/internal/meta, docs/metadata.md), behind a bounded page cache
@@ -92,7 +102,7 @@ const (
 type Options struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two from
 	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
-	ChunkSize int
+	ChunkSize int64
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
@@ -108,7 +118,7 @@ type Options struct {
 	// should hold the tree's branch levels, about 0.2 bytes per random
 	// chunk version; about 34 bytes per version of the chunks a workload
 	// touches between tree commits make those writes cheap.
-	MetadataCache int
+	MetadataCache int64
 	// LowMetadata, if set, is called (without locks held) when the free
 	// metadata space drops below an eighth of the region plus the part
 	// kept for deletes and commits (1% and at least 256 KiB, plus 128
@@ -431,7 +441,7 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack}
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a
@@ -529,7 +539,7 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: the store is format version %d, this build reads version %d: convert it with `blocksnap migrate` (snapshot.Migrate)",
 			ErrOldFormat, g.version, superblockVersion)
 	}
-	opts.ChunkSize = int(g.chunkSize)
+	opts.ChunkSize = int64(g.chunkSize)
 	if err := opts.normalize(); err != nil {
 		return nil, err
 	}

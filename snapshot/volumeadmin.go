@@ -11,12 +11,16 @@ import (
 
 // VolumeInfo describes a volume.
 type VolumeInfo struct {
-	ID      uint64
-	Name    string
-	Kind    Kind
-	Parent  uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin)
-	Created time.Time
-	Size    int64
+	ID     uint64
+	Name   string
+	Kind   Kind
+	Parent uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin)
+	// ParentName is the parent's name: empty for the origin and when the
+	// parent is hidden (a hidden volume has no name; Parent still says
+	// which it is).
+	ParentName string
+	Created    time.Time
+	Size       int64
 	// Hidden: a snapshot kept only as the parent point of clones (taken
 	// implicitly by CreateClone of a live volume, or deleted while clones
 	// needed it). It has no name, cannot be opened, and goes when its last
@@ -207,7 +211,11 @@ func (s *Store) Rename(oldName, newName string) error {
 
 func (s *Store) infoLocked(v *volume) VolumeInfo {
 	created := time.Unix(0, v.created)
-	return VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden, Protected: v.protected}
+	info := VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden, Protected: v.protected}
+	if p, ok := s.volumes[v.parent]; ok && v.kind != KindOrigin {
+		info.ParentName = p.name
+	}
+	return info
 }
 
 // List returns every visible volume (the origin first), ordered by ID.
@@ -443,23 +451,24 @@ func (h *holders) readers(lo, e uint32) int {
 	return n
 }
 
-// Stats is the store's space and metadata accounting.
+// Stats is the store's space and metadata accounting. Like VolumeStat,
+// every size is in bytes and every count an int64.
 type Stats struct {
-	ChunkSize  int64
-	DataChunks uint64 // chunks in the data region
-	UsedChunks uint64 // referenced, in flight, or freed and not yet reusable
-	FreeChunks uint64
+	ChunkSize int64
+	DataBytes int64 // the data region
+	UsedBytes int64 // referenced, in flight, or freed and not yet reusable
+	FreeBytes int64
 	// IndexEntries is the number of index entries (one per chunk version).
-	IndexEntries int
+	IndexEntries int64
 	// MetadataBytes is the metadata region in use (pages of the index
 	// trees and space maps, freed ones not yet reusable included), and
 	// MetadataRegion its size.
 	MetadataBytes, MetadataRegion int64
-	Volumes                       int     // visible volumes, the origin included
+	Volumes                       int64   // visible volumes, the origin included
 	JournalFill                   float64 // fraction of the journal's log in use (0 when transient)
-	// BufferedChunks is the number of origin chunks whose new data waits
-	// in memory for its copy's commit (Options.OriginBuffer).
-	BufferedChunks int64
+	// BufferedBytes is the origin data that waits in memory for its
+	// copy's commit (Options.OriginBuffer), in whole chunks.
+	BufferedBytes int64
 }
 
 // Stats returns the store's accounting; it walks nothing, and holds the
@@ -470,9 +479,10 @@ func (s *Store) Stats() Stats {
 	entries := s.ix.len()
 	s.mu.RUnlock()
 	sp := s.m.Space()
-	st := Stats{ChunkSize: s.cs, DataChunks: sp.Chunks, UsedChunks: sp.ChunksUsed, FreeChunks: sp.Chunks - sp.ChunksUsed,
-		IndexEntries: entries, MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
-		Volumes: vols, BufferedChunks: s.ob.n.Load()}
+	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks) * s.cs, UsedBytes: int64(sp.ChunksUsed) * s.cs,
+		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
+		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
+		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs}
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
 	}

@@ -327,9 +327,9 @@ var cmdUsage = &command{
 				}
 				return float64(a) * 100 / float64(b)
 			}
-			used, total := int64(sp.UsedChunks)*sp.ChunkSize, int64(sp.DataChunks)*sp.ChunkSize
+			used, total := sp.UsedBytes, sp.DataBytes
 			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full\n",
-				sf.store, human(used), human(total), pct(used, total), human(int64(sp.FreeChunks)*sp.ChunkSize),
+				sf.store, human(used), human(total), pct(used, total), human(sp.FreeBytes),
 				human(sp.MetadataBytes), human(sp.MetadataRegion), pct(sp.MetadataBytes, sp.MetadataRegion),
 				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100)
 			for _, st := range stats {

@@ -79,7 +79,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 			return nil, err
 		}
 		s := o.st.Stats()
-		return control.GrowResult{Added: added, DataBytes: int64(s.DataChunks) * s.ChunkSize}, nil
+		return control.GrowResult{Added: added, DataBytes: s.DataBytes}, nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:
@@ -338,8 +338,8 @@ func (o *ops) check() control.CheckReport {
 
 func (o *ops) space() control.Space {
 	s := o.st.Stats()
-	return control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
-		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
+	return control.Space{ChunkSize: s.ChunkSize, DataBytes: s.DataBytes, UsedBytes: s.UsedBytes,
+		FreeBytes: s.FreeBytes, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
 		MetadataRegion: s.MetadataRegion}
 }
 
