@@ -11,7 +11,8 @@
 // Clones cost nothing until written: each VM's writes go to the shared
 // store, the golden image stays as it was, and any clone can be
 // snapshotted and rolled back without touching the others, or reset to
-// the golden snapshot, which is protected from deletion.
+// the golden snapshot (which is protected from deletion) while its VM
+// stays connected.
 package main
 
 import (
@@ -26,6 +27,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/blocksnap/blocksnap/blockdev"
@@ -130,29 +132,24 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 		fmt.Fprintf(w, "delete golden: %v\n", err)
 	}
 
-	// vm3 is reimaged: reset to golden, as metadata (its chunks inherit
-	// golden's again), under the same handle and export.
-	if err := st.Rollback(ctx, vols["vm3"], base); err != nil {
-		return err
-	}
-	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
-		a, _ := get(vols[name], 0)
-		b, _ := get(vols[name], 1<<20)
-		fmt.Fprintf(w, "%-7s block 0: %-22q at 1 MiB: %q\n", name+":", a, b)
-	}
-
-	return serve(ctx, w, listen, vols, ready)
+	return serve(ctx, w, listen, st, vols, ready)
 }
 
-func serve(ctx context.Context, w io.Writer, listen string, vols map[string]*snapshot.Volume, ready func(net.Addr)) error {
+// exports are the volumes served, in order.
+var exports = []string{"golden", "vm1", "vm2", "vm3", "vm1-before-upgrade"}
+
+// serve exports the volumes and, while they are served, reimages vm3
+// under a connected client, then serves until ctx ends.
+func serve(ctx context.Context, w io.Writer, listen string, st *snapshot.Store, vols map[string]*snapshot.Volume, ready func(net.Addr)) error {
 	srv, err := nbd.New(nbd.Options{DefaultExport: "vm1"})
 	if err != nil {
 		return err
 	}
-	for _, name := range []string{"golden", "vm1", "vm2", "vm3", "vm1-before-upgrade"} {
+	for _, name := range exports {
 		v := vols[name]
-		ro := v.Kind() == snapshot.KindSnapshot // snapshots are served read-only
-		if err := srv.Add(nbd.Export{Name: name, Device: v, ReadOnly: ro, Description: v.Kind().String()}); err != nil {
+		// Snapshots are exported read-only: the server asks the volume
+		// (blockdev.IsReadOnly).
+		if err := srv.Add(nbd.Export{Name: name, Device: v, Description: v.Kind().String()}); err != nil {
 			return err
 		}
 	}
@@ -160,15 +157,56 @@ func serve(ctx context.Context, w io.Writer, listen string, vols map[string]*sna
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "serving golden, vm1, vm2, vm3 and vm1-before-upgrade on nbd://%s/NAME; ^C to stop\n", l.Addr())
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }() // Serve drains and flushes every export when ctx ends
+	if err := reimage(ctx, w, st, vols, l.Addr()); err != nil {
+		cancel()
+		<-served
+		return err
+	}
+	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
+		a, _ := get(vols[name], 0)
+		b, _ := get(vols[name], 1<<20)
+		fmt.Fprintf(w, "%-7s block 0: %-22q at 1 MiB: %q\n", name+":", a, b)
+	}
+	fmt.Fprintf(w, "serving %s on nbd://%s/NAME; ^C to stop\n", strings.Join(exports, ", "), l.Addr())
 	fmt.Fprintf(w, "  qemu-io -f raw -r nbd://%s/vm2 -c 'read -v 1M 16'\n", l.Addr())
 	if ready != nil {
 		ready(l.Addr())
 	}
-	// Serve drains and flushes every export when ctx ends.
-	if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+	if err := <-served; err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 		return err
 	}
+	return nil
+}
+
+// reimage resets vm3 to golden while an NBD client (a VM would be one)
+// is connected to it. The reset is metadata, vm3's chunks inheriting
+// golden's again, under the same handle and export: the client stays
+// connected and its next read returns golden's data.
+func reimage(ctx context.Context, w io.Writer, st *snapshot.Store, vols map[string]*snapshot.Volume, addr net.Addr) error {
+	vm, err := nbd.Dial(ctx, nbd.URI(addr, "vm3"))
+	if err != nil {
+		return err
+	}
+	defer vm.Close()
+	if err := put(vm, 0, "vm3 OS, drifted"); err != nil {
+		return err
+	}
+	s, err := get(vm, 0)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "vm3 over NBD before the reset: %q\n", s)
+	if err := st.Rollback(ctx, vols["vm3"], vols["golden"]); err != nil {
+		return err
+	}
+	if s, err = get(vm, 0); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "vm3 over NBD after the reset:  %q (same connection)\n", s)
 	return nil
 }
 

@@ -11,8 +11,9 @@ import (
 	"github.com/blocksnap/blocksnap/nbd"
 )
 
-// The example builds the disks and serves them; an NBD client reads each
-// VM's own data, and the snapshot export refuses writes.
+// The example builds the disks and serves them, resetting vm3 under its
+// connected client; an NBD client reads each VM's own data, and the
+// snapshot export refuses writes.
 func TestVMDisk(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -26,6 +27,8 @@ func TestVMDisk(t *testing.T) {
 	t.Log("\n" + out.String())
 	require.Contains(t, out.String(), `vm1 after the rollback: "golden OS image v1"`)
 	require.Contains(t, out.String(), `golden: block 0: "golden OS image v1"   at 1 MiB: ""`)
+	require.Contains(t, out.String(), `vm3 over NBD before the reset: "vm3 OS, drifted"`)
+	require.Contains(t, out.String(), `vm3 over NBD after the reset:  "golden OS image v1" (same connection)`)
 	require.Contains(t, out.String(), `vm3:    block 0: "golden OS image v1"   at 1 MiB: ""`, "vm3 was reset to golden")
 	require.Contains(t, out.String(), `delete golden: snapshot: volume is protected: "golden" is protected (dependants: vm1-before-upgrade, vm1, vm2, vm3)`)
 }
