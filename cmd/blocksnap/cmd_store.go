@@ -365,8 +365,12 @@ var cmdDiff = &command{
 	examples: []string{
 		"blocksnap diff monday --origin disk.img --store store.img",
 		"blocksnap diff monday tuesday --json --origin disk.img --store store.img",
+		"blocksnap diff golden vm1-backup --origin disk.img --store store.img",
 	},
 	summary: "list the extents that differ between two volumes (TO: default the live volume FROM was taken of)",
+	long: "FROM and TO may be any two related volumes: snapshots of one volume, a volume and its snapshot, or across clones " +
+		"(golden to a snapshot of a clone of it, a snapshot to a later snapshot of a clone of its clone, two clones of one snapshot). " +
+		"Zero extents read as zeros in the newer of the two. The answer comes from the store's metadata; no data is read.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		js := fs.Bool("json", false, "print as JSON")

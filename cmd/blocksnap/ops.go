@@ -314,8 +314,8 @@ func (o *ops) diff(ctx context.Context, from, to string) (control.Diff, error) {
 	defer tv.Close()
 	out := control.Diff{From: from, To: to, Extents: []control.Extent{}}
 	for x, err := range o.st.Diff(fv, tv) {
-		if errors.Is(err, snapshot.ErrBadOptions) {
-			return control.Diff{}, fmt.Errorf("%s and %s are not one line of history (two snapshots of one volume, a snapshot and its volume, or a clone and its snapshot): %w", from, to, errNotSnapshot)
+		if errors.Is(err, snapshot.ErrUnrelated) {
+			return control.Diff{}, fmt.Errorf("%s and %s share no history (neither descends from a volume the other does): %w", from, to, errNotSnapshot)
 		}
 		if err != nil {
 			return control.Diff{}, err
