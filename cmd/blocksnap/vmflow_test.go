@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -31,8 +32,9 @@ func nbdMap(t *testing.T, uri string) []string {
 // (qemu-io, qemu-img, nbdinfo): a sparse golden image, its snapshot, three
 // clones; each clone maps holes where the golden image has them; a clone
 // is written, then reset to golden while a qemu-io stays connected, and
-// that client reads golden's bytes; a clone's snapshot is backed up with
-// export-diff and compared with qemu-img; the store is filled through a
+// that client reads golden's bytes; a clone's snapshot is backed up as an
+// incremental from golden, applied onto a copy of golden and compared
+// with qemu-img; the store is filled through a
 // clone, serve warns at the low-water mark, qemu-io gets ENOSPC, and after
 // a delete the store takes writes again.
 func TestVMManagerFlow(t *testing.T) {
@@ -73,20 +75,31 @@ func TestVMManagerFlow(t *testing.T) {
 	}
 	require.Equal(t, golden, nbdMap(t, uri("vm1")), "the reset to the clone's base is metadata: the holes are back")
 
-	// A backup of vm2: its snapshot exported as a diff stream and applied
-	// onto a blank file is the snapshot, byte for byte (qemu-img compare
-	// reads both).
+	// A backup of vm2 as an incremental from golden: golden-v1 exported
+	// in full and applied makes a copy of golden; the diff from golden-v1
+	// to a snapshot of vm2, exported through serve and applied onto that
+	// copy, gives the snapshot, byte for byte (qemu-img compare reads the
+	// file and the snapshot's export). The stream carries only what vm2
+	// changed.
 	qemuIO(t, uri("vm2"), false, "write -P 0x22 2M 1M", "write -z 8M 64k", "flush")
 	ok(t, f.args("snapshot", "vm2-s1", "--of", "vm2")...)
-	stream, restored := filepath.Join(f.dir, "vm2-s1.bsd"), filepath.Join(f.dir, "vm2-s1.img")
-	ok(t, f.args("export-diff", "vm2-s1", "-o", stream)...)
-	ok(t, "apply-diff", "--target", restored, "-i", stream)
-	cmp, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, uri("vm2-s1")).CombinedOutput()
-	require.NoError(t, err, "%s", cmp)
-	require.Contains(t, string(cmp), "Images are identical.")
+	require.Contains(t, ok(t, f.args("diff", "golden-v1", "vm2-s1")...), "2 extents, 1.062MiB changed from golden-v1 to vm2-s1")
+	full, incr := filepath.Join(f.dir, "golden-v1.bsd"), filepath.Join(f.dir, "vm2-s1.bsd")
+	copyOfGolden := filepath.Join(f.dir, "vm2.img")
+	ok(t, f.args("export-diff", "golden-v1", "-o", full)...)
+	ok(t, "apply-diff", "--target", copyOfGolden, "-i", full)
+	compare(t, copyOfGolden, uri("golden-v1"))
+	var sum streamSummary
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("export-diff", "vm2-s1", "--from", "golden-v1", "-o", incr, "--json")...)), &sum))
+	require.Equal(t, streamSummary{From: "golden-v1", To: "vm2-s1", Records: sum.Records, DataBytes: 1 << 20, ZeroBytes: 64 << 10}, sum)
+	require.Contains(t, ok(t, "apply-diff", "--target", copyOfGolden, "-i", incr), "target is at vm2-s1")
+	compare(t, copyOfGolden, uri("vm2-s1"))
+	out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", copyOfGolden, uri("golden-v1")).CombinedOutput()
+	require.Error(t, err, "the copy is no longer golden: %s", out)
+	require.Contains(t, string(out), "Content mismatch at offset 2097152!")
 
 	// Fill the store through vm3: qemu-io gets ENOSPC, not EIO.
-	out, err := exec.Command("qemu-io", "-f", "raw", uri("vm3"), "-c", "write -P 0x33 0 16M").CombinedOutput()
+	out, err = exec.Command("qemu-io", "-f", "raw", uri("vm3"), "-c", "write -P 0x33 0 16M").CombinedOutput()
 	require.Error(t, err, "%s", out)
 	require.Contains(t, string(out), "write failed: No space left on device")
 	// serve warned when the free space crossed the low-water mark.
@@ -110,4 +123,13 @@ func TestVMManagerFlow(t *testing.T) {
 	q.in.Close()
 	d.stop(t)
 	require.Contains(t, ok(t, f.args("check")...), "is clean")
+}
+
+// compare requires qemu-img compare to find the raw file and the export
+// identical.
+func compare(t *testing.T, file, uri string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", file, uri).CombinedOutput()
+	require.NoError(t, err, "qemu-img compare %s %s: %s", file, uri, out)
+	require.Contains(t, string(out), "Images are identical.")
 }
