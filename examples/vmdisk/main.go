@@ -1,5 +1,6 @@
-// VM disks: one golden image, three VM clones of it, a snapshot and a
-// rollback of one clone, all served over NBD for QEMU or qemu-io.
+// VM disks: one golden image, three VM clones of it, a blank data disk,
+// a snapshot and a rollback of one clone, all served over NBD for QEMU or
+// qemu-io.
 //
 //	go run ./examples/vmdisk [-listen 127.0.0.1:10809] [-dir DIR]
 //
@@ -103,6 +104,17 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 		}
 	}
 
+	// A blank data disk for vm1: 2 GiB of its own size, reading as zeros
+	// and taking store space only where it is written.
+	data, err := st.CreateVolume("vm1-data", 2<<30)
+	if err != nil {
+		return err
+	}
+	vols["vm1-data"] = data
+	if err := put(data, 0, "vm1 data disk"); err != nil {
+		return err
+	}
+
 	// vm1: snapshot before an upgrade, upgrade, then roll back.
 	vm1 := vols["vm1"]
 	pre, err := st.CreateSnapshot("vm1-before-upgrade", vm1)
@@ -136,7 +148,7 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 }
 
 // exports are the volumes served, in order.
-var exports = []string{"golden", "vm1", "vm2", "vm3", "vm1-before-upgrade"}
+var exports = []string{"golden", "vm1", "vm2", "vm3", "vm1-data", "vm1-before-upgrade"}
 
 // serve exports the volumes and, while they are served, reimages vm3
 // under a connected client, then serves until ctx ends.
@@ -166,10 +178,11 @@ func serve(ctx context.Context, w io.Writer, listen string, st *snapshot.Store, 
 		<-served
 		return err
 	}
-	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
-		a, _ := get(vols[name], 0)
-		b, _ := get(vols[name], 1<<20)
-		fmt.Fprintf(w, "%-7s block 0: %-22q at 1 MiB: %q\n", name+":", a, b)
+	for _, name := range []string{"golden", "vm1", "vm2", "vm3", "vm1-data"} {
+		v := vols[name]
+		a, _ := get(v, 0)
+		b, _ := get(v, 1<<20)
+		fmt.Fprintf(w, "%-9s %4d MiB, block 0: %-22q at 1 MiB: %q\n", name+":", v.Size()>>20, a, b)
 	}
 	fmt.Fprintf(w, "serving %s on nbd://%s/NAME; ^C to stop\n", strings.Join(exports, ", "), l.Addr())
 	fmt.Fprintf(w, "  qemu-io -f raw -r nbd://%s/vm2 -c 'read -v 1M 16'\n", l.Addr())
