@@ -15,7 +15,9 @@ import (
 // (ExportDiff, the command line, the examples) names volumes through it,
 // so a target's state matches the next stream's From.
 //
-// The UUID is the volume's (VolumeInfo.UUID, Volume.UUID).
+// The UUID is VolumeInfo.UUID, which streams written before volumes had
+// UUIDs carried too (derived the same way, from the store's UUID, the ID
+// and the creation time), so no volume's identity changed with it.
 func (v *Volume) Identity() diffstream.Identity {
 	i := v.Info()
 	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: i.UUID.String()}
@@ -40,7 +42,8 @@ type ExportOptions struct {
 // any pair Diff relates: snapshots of one volume (either order), or
 // across clones, such as golden@v1 and a snapshot of a clone of it (as
 // `zfs send -i golden@v1 vm1@snap`); applied onto a copy of from, the
-// stream gives to.
+// stream gives to. The stream is as large as to; Apply refuses a target of
+// another size, so a copy of a smaller or larger from is resized first.
 //
 // The stream names both ends by Volume.Identity and records the store's
 // chunk size. The changed extents come from Diff (metadata only); those
@@ -78,6 +81,11 @@ func (s *Store) ExportDiff(ctx context.Context, w io.Writer, from, to *Volume, o
 		for x, err := range s.diff(from, to, to) {
 			if err != nil {
 				return diffstream.Totals{}, err
+			}
+			// Past to's end (from is larger) the stream has nothing to
+			// say: it is as large as to.
+			if x.Len = min(x.Len, to.Size()-x.Off); x.Len <= 0 {
+				break
 			}
 			list = append(list, x)
 			total += x.Len

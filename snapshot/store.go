@@ -942,6 +942,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
+		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		s.mu.Lock()
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
@@ -971,6 +972,9 @@ func (e metaRoomError) Unwrap() error { return e.error }
 // caller must report). Called with no lock of the store held but branch
 // gates and stripes.
 func (s *Store) commitForRoom(err error) (retry bool, cerr error) {
+	if err == nil {
+		return false, nil // the common case, and errors.As's target would cost an allocation
+	}
 	var mr metaRoomError
 	if !errors.As(err, &mr) {
 		return false, nil
