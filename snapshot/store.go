@@ -1,11 +1,16 @@
 // Package snapshot is the shared snapshot store: one origin device holding
 // the live data in place, and one store device holding every snapshot and
 // writable clone of it, with unlimited snapshots, clones of clones to any
-// depth, metadata-only background delete and diffs between snapshots.
+// depth, metadata-only background delete and diffs between snapshots. It is
+// also a pool of thin volumes (docs/pool.md): blank volumes (CreateVolume)
+// and imported ones (Import), each with its own size (Resize) and a stable
+// UUID, in a store that may have no origin at all (Format and Open with a
+// nil origin).
 //
 // Data model (docs/design.md, "The shared snapshot store"). Every writable volume is a branch: the
 // origin is branch 0, a clone is a branch whose parent is a (branch,
-// snapshot) point. A snapshot of a branch is a number (an epoch) in that
+// snapshot) point, a blank volume is a root branch with no parent (what
+// nothing maps reads as zeros, not as the origin). A snapshot of a branch is a number (an epoch) in that
 // branch's increasing sequence. One ordered index keyed (branch, chunk,
 // epoch) maps to store chunks: entry (b, c, e) serves the snapshots of b
 // numbered in (previous entry's epoch, e]; a clone's live chunks use the
@@ -17,8 +22,8 @@
 // API conventions. Operations on a volume's data, or that derive one
 // volume from another, take an open *Volume handle: CreateSnapshot,
 // CreateClone, Rollback, Diff, ExportDiff, Mappings. Operations on the
-// catalogue take names: OpenVolume, Delete and DeleteWith, Dependants,
-// Rename, Protect and Unprotect, Stat (a name works without opening the
+// catalogue take names: OpenVolume, CreateVolume, Import, Resize, Delete
+// and DeleteWith, Dependants, Rename, Protect and Unprotect, Stat (a name works without opening the
 // volume, and a hidden volume has no name and cannot be opened). Every
 // size and offset is in bytes and every count an int64: Options, Stats,
 // VolumeStat, VolumeInfo, DeleteProgress, Mapping (a Volume's BlockSize is
@@ -103,6 +108,12 @@ type Options struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two from
 	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
 	ChunkSize int64
+	// TakeOver opens a store whose owner record names a holder that may
+	// still run (another host, or a live pid of this host on a store
+	// device without flock): the caller has made sure it is gone. A
+	// holder that is certainly gone (this host and no such process, or
+	// the flock it held is free) is taken over without it (owner.go).
+	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
@@ -163,10 +174,20 @@ type Options struct {
 	// work; every change (writes, discards, snapshots, clones, deletes,
 	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
 	ReadOnly bool
+	// storeFlock: the store device holds a real flock (lockDevices set
+	// it), which an owner record of this Open records.
+	storeFlock bool
 	// syncWriteBack makes the metadata layer write back dirty pages in
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// MaxVolumeSize bounds, in bytes, the size of every volume of the
+	// store (CreateVolume, Resize, Import): it is the extent of the index's
+	// chunk space, whose per-branch summaries stay the same size whatever
+	// it is, but grow coarser (and reads of deep clone chains slower) the
+	// larger it is. 0 means 16 TiB, or the origin's size if larger; it is
+	// rounded up to the chunk size. Format only (the superblock records it).
+	MaxVolumeSize int64
 	// OriginBuffer bounds, in bytes, the origin writes held in memory after
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
@@ -201,6 +222,7 @@ type Store struct {
 	geo           geometry
 	cs            int64  // chunk size
 	chunks        uint64 // origin chunks
+	maxChunks     uint64 // the chunk space: chunks of the largest volume (geometry.volumeBound)
 	bs            int    // volume block size
 	j             *journal.Journal
 	jdev          *blockdev.SliceDevice
@@ -215,6 +237,11 @@ type Store struct {
 	// migrating: Migrate is loading a format version 1 store's journal
 	// into this one (its checkpoint image holds the index).
 	migrating bool
+	// rebuild: the checkpoint image Open loaded predates the chunk-group
+	// summaries (version 2), so Open rebuilds the summaries by a walk.
+	rebuild bool
+	// replayOps is Replay's reusable record buffer.
+	replayOps []op
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -282,6 +309,10 @@ type Store struct {
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
+	// treeChanges counts the index changes logged since then (guarded by
+	// mu): a record may hold many (a sequential write's copies), and
+	// Open replays each one.
+	treeChanges int
 	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
 	// that find the journal full write one, not one each. Taken with no
 	// lock of the store held but branch gates and stripes; mu and reclaim
@@ -303,6 +334,14 @@ type Store struct {
 
 	locks    deviceLocks // the devices' locks, released by Close (lock.go)
 	originRO bool        // the origin device refuses writes (lock.go); set before the store is handed out
+
+	// id is the owner record and the origin's fingerprint (identity.go,
+	// owner.go). claimed: this Store wrote its owner record, which
+	// Close clears; ownerSeen: the record a read-only Open found. Both
+	// are set by Format or Open before the store is handed out.
+	id        ident
+	claimed   bool
+	ownerSeen ownerRecord
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -351,6 +390,10 @@ func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := s.formatIdentity(true); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := writeSuperblock(store, &s.geo); err != nil {
 		s.abort()
 		return nil, err
@@ -369,6 +412,8 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize,
 		version: superblockVersion}
 	if !opts.Transient {
+		g.idOff, g.idLen = superblockSize, identityLen
+		g.journalOff += identityLen
 		jl := opts.JournalSize
 		if jl == 0 {
 			jl = min(max(store.Size()/32, 1<<20), 2<<30)
@@ -383,7 +428,10 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	ml = min(ml, max((store.Size()-g.metaOff)/8, minMetaBytes))
 	g.metaLen = max(ml/4096*4096, 0)
 	g.dataOff = (g.metaOff + g.metaLen + cs - 1) / cs * cs
-	if origin.Size() <= 0 || g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
+	if err := poolLayout(&g, origin, opts); err != nil {
+		return g, err
+	}
+	if g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
 		return g, fmt.Errorf("%w: store of %d bytes has no room for %d bytes of metadata (at least %d) and data after %d bytes of journal",
 			ErrBadOptions, store.Size(), g.metaLen, minMetaBytes, g.journalLen)
 	}
@@ -441,7 +489,8 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack,
+		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a
@@ -476,6 +525,7 @@ func (s *Store) openMeta(format bool) error {
 // abort releases what formatRegions or Open opened, for a store that will
 // not be returned.
 func (s *Store) abort() {
+	_ = s.releaseOwner()
 	if s.j != nil {
 		_ = s.j.Close()
 	}
@@ -516,10 +566,22 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
+	if err := checkOriginKind(&g, origin); err != nil {
+		return g, err
+	}
+	if g.originSize != origin.Size() {
+		e := &OriginError{Size: g.originSize, GotSize: origin.Size()}
+		if g.idLen != 0 {
+			if st, err := readIdentity(store, &g); err == nil {
+				e.Fingerprint = st.fingerprint()
+			}
+		}
+		return g, e
+	}
 	// A larger store device is a grown one (Grow uses the new space).
-	if g.originSize != origin.Size() || g.storeSize > store.Size() {
-		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
-			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	if g.storeSize > store.Size() {
+		return g, fmt.Errorf("%w: superblock records a store of %d bytes; the device has %d",
+			ErrCorrupt, g.storeSize, store.Size())
 	}
 	return g, nil
 }
@@ -544,23 +606,32 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := newStore(origin, store, opts, g)
+	if err := s.openIdentity(); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := s.openMeta(false); err != nil {
+		s.abort()
 		return nil, err
 	}
 	s.treeSeq = s.m.User()
+	s.forgetPreserved() // looked up in the tree on first use (preserve.go)
 	if err := s.openJournal(); err != nil {
 		s.abort()
 		return nil, err
 	}
-	if err := s.rebuildSummaries(); err != nil {
-		s.abort()
-		return nil, err
+	if s.rebuild {
+		if err := s.rebuildSummaries(); err != nil {
+			s.abort()
+			return nil, err
+		}
 	}
 	if err := s.afterReplay(); err != nil {
 		s.abort()
 		return nil, err
 	}
 	s.start()
+	s.dropInterruptedImports()
 	return s, nil
 }
 
@@ -605,6 +676,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s := &Store{
 		origin: origin, store: store, opts: opts, geo: g, cs: cs,
 		chunks:      uint64((origin.Size() + cs - 1) / cs),
+		maxChunks:   uint64((g.volumeBound() + cs - 1) / cs),
 		bs:          max(origin.BlockSize(), store.BlockSize()),
 		branches:    map[uint32]*branch{},
 		volumes:     map[uint64]*volume{},
@@ -627,9 +699,12 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		created = time.Now().UnixNano()
 	}
 	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: created}
+	s.origVol.size.Store(g.originSize)
 	s.b0.liveVol = originVolumeID
 	s.volumes[originVolumeID] = s.origVol
-	s.byName[originName] = originVolumeID
+	if !g.noOrigin {
+		s.byName[originName] = originVolumeID
+	}
 	s.bufs.New = func() any { b := blockdev.AlignedBuffer(int(cs)); return &b }
 	s.scratch.New = func() any { return &scratch{} }
 	s.initOriginBuf()
@@ -692,6 +767,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
+	gens := s.sampleGens()
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -722,6 +798,13 @@ func (s *Store) Close() error {
 	}
 	if cerr := s.m.Close(); err == nil && cerr != nil && !errors.Is(cerr, meta.ErrClosed) {
 		err = cerr
+	}
+	if err == nil {
+		// The origin is flushed: its samples' contents are durable.
+		err = s.settleSamples(&gens)
+	}
+	if rerr := s.releaseOwner(); err == nil && rerr != nil {
+		err = rerr
 	}
 	s.closeVolumes()
 	return err
@@ -798,6 +881,7 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if got != seq {
 		return 0, s.fail(fmt.Errorf("snapshot: journal append: sequence %d, expected %d", got, seq))
 	}
+	s.treeChanges += n
 	s.maybeCaptureLocked()
 	return seq, nil
 }
@@ -1016,8 +1100,14 @@ func (s *Store) getScratch() *scratch {
 
 func (s *Store) putScratch(sc *scratch) { s.scratch.Put(sc) }
 
-// chunkLen is the number of bytes of chunk c within the origin.
-func (s *Store) chunkLen(c uint64) int64 { return min(s.cs, s.geo.originSize-int64(c)*s.cs) }
+// chunkLen is the number of bytes of chunk c within the origin; a whole
+// chunk past the origin's end (a volume larger than the origin).
+func (s *Store) chunkLen(c uint64) int64 {
+	if c >= s.chunks {
+		return s.cs
+	}
+	return min(s.cs, s.geo.originSize-int64(c)*s.cs)
+}
 
 // storeOff is the store offset of data chunk loc.
 func (s *Store) storeOff(loc uint64) int64 { return s.geo.dataOff + int64(loc)*s.cs }

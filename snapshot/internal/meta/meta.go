@@ -33,6 +33,14 @@ type Options struct {
 	// threshold (once per crossing).
 	LowSpaceThreshold uint64
 	LowSpace          func(free, total uint64)
+	// Outer, DataOff and ChunkBytes say where data chunk k lives: at
+	// DataOff + k*ChunkBytes on Outer. GrowFromData needs them, and so
+	// does opening a region that grew (extent.go). The Meta's device is
+	// expected to be a part of Outer: a grown region's commits flush
+	// Outer only.
+	Outer      blockdev.Device
+	DataOff    int64
+	ChunkBytes int64
 }
 
 // Key is one index key: branch, chunk, epoch.
@@ -63,6 +71,7 @@ type state struct {
 	dataIdx      []ptr
 	metaPages    int // bitmap pages per map, to read them back
 	dataPages    int
+	ext          []extent // the region's extents (extent.go)
 }
 
 // freeBatch is what transaction tx freed; it becomes reusable once tx is
@@ -78,6 +87,8 @@ type freeBatch struct {
 type Meta struct {
 	dev  blockdev.Device
 	opts Options
+	// layout maps pages to devices (extent.go); replaced, never changed.
+	layout atomic.Pointer[layout]
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
@@ -162,6 +173,7 @@ func Format(dev blockdev.Device, opts Options) (*Meta, error) {
 		return nil, err
 	}
 	m := newMeta(dev, opts)
+	m.layout.Store(&layout{base: opts.Pages})
 	m.metaSM = newSpaceMap(opts.Pages)
 	m.metaSM.set(0)
 	m.metaSM.set(1)
@@ -244,8 +256,11 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 	if best == nil {
 		return nil, fmt.Errorf("meta: open: no valid superblock: %w", errors.Join(errs...))
 	}
-	if best.pages > uint64(dev.Size())/PageSize {
+	if len(best.ext) == 0 && best.pages > uint64(dev.Size())/PageSize {
 		return nil, fmt.Errorf("meta: open: %w: superblock has %d pages, device %d bytes", ErrCorrupt, best.pages, dev.Size())
+	}
+	if err := m.setLayout(best.pages, best.dataChunks, best.ext); err != nil {
+		return nil, fmt.Errorf("meta: open: %w", err)
 	}
 	m.tx = best.tx + 1
 	m.chunk = tree{kind: chunkTree, root: best.chunkRoot, level: best.chunkLevel, runs: best.chunkRuns}
@@ -303,14 +318,16 @@ func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, er
 }
 
 func (m *Meta) readPage(p []byte, loc uint64) error {
-	if _, err := m.dev.ReadAt(p, int64(loc)*PageSize); err != nil {
+	dev, off := m.locate(loc)
+	if _, err := dev.ReadAt(p, off); err != nil {
 		return fmt.Errorf("meta: read page %d: %w", loc, err)
 	}
 	return nil
 }
 
 func (m *Meta) writePage(p []byte, loc uint64) error {
-	if _, err := m.dev.WriteAt(p, int64(loc)*PageSize); err != nil {
+	dev, off := m.locate(loc)
+	if _, err := dev.WriteAt(p, off); err != nil {
 		return fmt.Errorf("meta: write page %d: %w", loc, err)
 	}
 	return nil
@@ -322,7 +339,7 @@ func (m *Meta) snapshotState() state {
 	return state{tx: m.tx, chunk: m.chunk, epoch: m.epoch, keys: m.keys,
 		pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
 		metaIdx: append([]ptr(nil), m.metaSM.idx...), dataIdx: append([]ptr(nil), m.dataSM.idx...),
-		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages)}
+		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages), ext: m.extentsOf()}
 }
 
 // publish makes st, now durable, what new Views read.
@@ -452,9 +469,14 @@ func (m *Meta) Grow(pages uint64) error {
 	if pages < m.metaSM.nbits {
 		return fmt.Errorf("meta: grow to %d pages from %d: %w", pages, m.metaSM.nbits, ErrInvalid)
 	}
+	if len(m.extentsOf()) > 0 {
+		// The extents' pages follow the base: it cannot grow in place.
+		return fmt.Errorf("meta: grow a region that has extents in place: %w", ErrInvalid)
+	}
 	if err := checkGeometry(m.dev, pages, m.dataSM.nbits); err != nil {
 		return err
 	}
+	m.layout.Store(&layout{base: pages})
 	m.metaSM.grow(pages)
 	m.changed = true
 	return nil
@@ -479,16 +501,19 @@ func (m *Meta) GrowData(chunks uint64) error {
 }
 
 // Space reports metadata pages and data chunks: total and in use.
+// ChunksUsed counts ChunksMeta, the data chunks the region grew into.
 type Space struct {
 	Pages, PagesUsed   uint64
 	Chunks, ChunksUsed uint64
+	ChunksMeta         uint64
 }
 
 // Space reports the current transaction's space use.
 func (m *Meta) Space() Space {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits, ChunksUsed: m.dataSM.nbits - m.dataSM.free()}
+	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
+		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf())}
 }
 
 // CacheStats reports the node cache.

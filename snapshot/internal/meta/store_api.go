@@ -237,17 +237,32 @@ func (m *Meta) DataHeld() uint64 {
 
 // DataInUse calls fn, under the layer's lock (fn must not call the
 // Meta), for every data chunk allocated in the open transaction, in
-// order, until fn returns false.
+// order, until fn returns false. The chunks the region grew into
+// (GrowFromData) are not data: they are left out.
 func (m *Meta) DataInUse(fn func(loc uint64) bool) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
+	ext := m.extentsOf()
 	for w, word := range m.dataSM.words {
 		for word != 0 {
 			b := uint64(bits.TrailingZeros64(word))
 			word &^= 1 << b
-			if !fn(uint64(w)*64 + b) {
+			loc := uint64(w)*64 + b
+			if inExtent(ext, loc) {
+				continue
+			}
+			if !fn(loc) {
 				return
 			}
 		}
 	}
+}
+
+func inExtent(ext []extent, loc uint64) bool {
+	for _, e := range ext {
+		if loc >= e.chunk && loc < e.chunk+e.chunks {
+			return true
+		}
+	}
+	return false
 }
