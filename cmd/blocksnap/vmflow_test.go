@@ -133,3 +133,31 @@ func compare(t *testing.T, file, uri string) {
 	require.NoError(t, err, "qemu-img compare %s %s: %s", file, uri, out)
 	require.Contains(t, string(out), "Images are identical.")
 }
+
+// An origin write that needs a copy for a snapshot, on a full store, gets
+// ENOSPC in qemu-io (the origin is not written, and the snapshot keeps its
+// data); once a delete frees space the same write succeeds.
+func TestServeOriginNoSpace(t *testing.T) {
+	needTool(t, "qemu-io")
+	f := newFixture(t) // 16 MiB origin and store
+	d := startDaemon(t, f.args("serve", "--listen", "127.0.0.1:0", "--json")...)
+	uri := func(name string) string { return fmt.Sprintf("nbd://%s/%s", d.info.Listen, name) }
+	qemuIO(t, uri("origin"), false, "write -P 0xa1 0 1M", "flush")
+	ok(t, f.args("snapshot", "s1")...)
+	ok(t, f.args("clone", "filler", "--from", "s1")...)
+	out, err := exec.Command("qemu-io", "-f", "raw", uri("filler"), "-c", "write -P 0x33 0 16M").CombinedOutput()
+	require.Error(t, err, "%s", out)
+	require.Contains(t, string(out), "write failed: No space left on device")
+
+	out, err = exec.Command("qemu-io", "-f", "raw", uri("origin"), "-c", "write -P 0x44 0 64k").CombinedOutput()
+	require.Error(t, err, "%s", out)
+	require.Contains(t, string(out), "write failed: No space left on device")
+	qemuIO(t, uri("origin"), true, "read -P 0xa1 0 1M")
+	qemuIO(t, uri("s1"), true, "read -P 0xa1 0 1M")
+
+	ok(t, f.args("delete", "filler", "--force")...) // forced: the failed qemu-io's connection may still be closing
+	qemuIO(t, uri("origin"), false, "write -P 0x44 0 64k", "flush", "read -P 0x44 0 64k")
+	qemuIO(t, uri("s1"), true, "read -P 0xa1 0 1M")
+	d.stop(t)
+	require.Contains(t, ok(t, f.args("check")...), "is clean")
+}
