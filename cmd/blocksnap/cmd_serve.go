@@ -74,6 +74,11 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	if err != nil {
 		return err
 	}
+	if !s.st.HasOrigin() && opts.DefaultExport == "origin" {
+		// A pool has no origin: the empty export name (nbd://host:port)
+		// selects the first volume exported.
+		opts.DefaultExport = ""
+	}
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
