@@ -80,6 +80,18 @@ func TestVMManagerFlow(t *testing.T) {
 	require.Equal(t, []string{"0 2147483648 hole,zero"}, nbdMap(t, uri("data1")))
 	require.Contains(t, qemuImgInfo(t, uri("data1")), "virtual size: 2 GiB (2147483648 bytes)")
 	qemuIO(t, uri("data1"), false, "write -P 0xda 1G 64k", "flush", "read -P 0xda 1G 64k", "read -P 0 0 1M")
+	// The other way in: qemu-img convert copies golden onto a blank
+	// volume through NBD. Its zeroing of the holes (WRITE_ZEROES) takes
+	// no store space, so the copy maps, and costs, what golden does.
+	ok(t, pool("create", "copy", "--size", "16MiB")...)
+	out, err = exec.Command("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", img, uri("copy")).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Equal(t, golden, nbdMap(t, uri("copy")))
+	compare(t, img, uri("copy"))
+	var u2 control.Space
+	require.NoError(t, json.Unmarshal([]byte(ok(t, pool("usage", "--json")...)), &u2))
+	require.Equal(t, u.UsedBytes+1536<<10+64<<10, u2.UsedBytes, "golden's data again, and data1's chunk")
+	ok(t, pool("delete", "copy", "--force")...) // forced: qemu-img's connections may still be closing
 
 	// vm1 is written (over data and into a hole), then reset to golden
 	// while this qemu-io stays connected: its next reads see golden.
