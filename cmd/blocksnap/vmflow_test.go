@@ -36,7 +36,8 @@ func nbdMap(t *testing.T, uri string) []string {
 // cloned three times, and a blank 2 GiB data volume is created; each
 // clone maps holes where golden has them; a clone is written, then reset
 // to golden while a qemu-io stays connected, and that client reads
-// golden's bytes; a resized clone shows its new size in qemu-img info; a
+// golden's bytes; a clone shrunk under that client fails its reads past
+// the new end, and a grown one shows its new size in qemu-img info; a
 // clone's snapshot is backed up as an incremental from golden, applied
 // onto a copy of golden and compared with qemu-img; the store is filled
 // through a clone, serve warns at the low-water mark, qemu-io gets ENOSPC,
@@ -107,6 +108,13 @@ func TestVMManagerFlow(t *testing.T) {
 		require.Contains(t, out, "read ", "%s after the reset", c)
 	}
 	require.Equal(t, golden, nbdMap(t, uri("vm1")), "the reset to the clone's base is metadata: the holes are back")
+	// A shrink under the connected client: it learnt the old size at its
+	// handshake, so a read past the new end gets an error (EINVAL), and
+	// the connection carries on.
+	require.Contains(t, ok(t, pool("resize", "vm1", "--size", "8MiB", "--shrink")...), "resized vm1 to 8MiB")
+	require.Contains(t, q.do(t, "read 12M 64k", "read "), "read failed: Invalid argument")
+	require.Contains(t, q.do(t, "read -P 0xa1 0 64k", "read ", "failed"), "read 65536/65536 bytes")
+	require.Contains(t, qemuImgInfo(t, uri("vm1")), "virtual size: 8 MiB (8388608 bytes)")
 
 	// vm3 grows; a new connection sees the new size, and the grown range
 	// reads as zeros and maps as a hole.
