@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -140,14 +139,6 @@ func (s *session) close() error {
 		}
 	}
 	return err
-}
-
-// unlock releases the locks lockFile took (a clone's, an apply-diff
-// target's).
-func unlock(locks []*os.File) {
-	for _, l := range locks {
-		l.Close()
-	}
 }
 
 // heldBy names the processes holding a lock, or says how to find them.
