@@ -484,8 +484,9 @@ func (s *Store) settleSamples(gens *[maxSamples]uint64) error {
 }
 
 // sampleGens takes each dirty sample's write count, with its stripe held
-// exclusively so that no write to it is in flight: a write that the Flush
-// about to start does not cover changes the count.
+// exclusively so that no write to it is in flight: every write counted
+// has completed before the Flush about to start (called right after), and
+// one it may not cover changes the count.
 func (s *Store) sampleGens() (gens [maxSamples]uint64) {
 	id := &s.id
 	dirty := id.durable.Load()

@@ -730,7 +730,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
-	gens := s.sampleGens()
+	var gens [maxSamples]uint64 // taken just before the origin's Flush
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -741,6 +741,7 @@ func (s *Store) Close() error {
 		// A clean shutdown leaves every completed write durable: the
 		// buffered origin writes go out after their commit.
 		if err = s.drainOrigin(context.Background()); err == nil {
+			gens = s.sampleGens()
 			err = s.origin.Flush()
 		}
 		if err == nil {
