@@ -133,7 +133,13 @@ func (st *identState) fingerprint() uint64 {
 }
 
 func (st *identState) encode(slot int) []byte {
-	b := make([]byte, identitySlot)
+	return st.encodeTo(make([]byte, identitySlot), slot)
+}
+
+// encodeTo encodes slot's image into b (identitySlot bytes) and returns
+// it.
+func (st *identState) encodeTo(b []byte, slot int) []byte {
+	clear(b)
 	le := binary.LittleEndian
 	copy(b, identityMagic)
 	le.PutUint32(b[12:], uint32(slot))
@@ -289,8 +295,9 @@ type ident struct {
 	// mu guards st and the region's writes. Lock order: after the origin
 	// stripes (the write path marks samples with its stripes held); no
 	// lock of the store is taken under it.
-	mu sync.Mutex
-	st identState
+	mu  sync.Mutex
+	st  identState
+	buf []byte // a slot image being written, aligned for any block size
 }
 
 // writeIdentityLocked writes st to both slots, each followed by a flush.
@@ -298,8 +305,11 @@ type ident struct {
 func (s *Store) writeIdentityLocked() error {
 	id := &s.id
 	id.st.seq++
+	if id.buf == nil {
+		id.buf = blockdev.AlignedBuffer(identitySlot)
+	}
 	for slot := range 2 {
-		b := alignedCopy(id.st.encode(slot), s.store.BlockSize())
+		b := id.st.encodeTo(id.buf, slot)
 		if _, err := s.store.WriteAt(b, s.geo.idOff+int64(slot)*identitySlot); err != nil {
 			return fmt.Errorf("snapshot: write identity slot %d: %w", slot, err)
 		}
@@ -400,6 +410,26 @@ func checkOrigin(origin interface {
 		GotFingerprint: other.fingerprint(), Samples: diff}
 }
 
+// touched returns the samples [lo, hi) that bytes [off, off+n) overlap:
+// from the first that ends after off (positions ascend, so a binary
+// search finds it) to the last that starts before off+n.
+func (id *ident) touched(off, n int64) (lo, hi int) {
+	lo, hi = 0, id.n
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if id.pos[m]+id.l <= off {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	hi = lo
+	for hi < id.n && id.pos[hi] < off+n {
+		hi++
+	}
+	return lo, hi
+}
+
 // touchSamples is called before a device write or discard of origin bytes
 // [off, off+n), with the origin stripes of those bytes held: it counts the
 // write against each sample it touches and makes those samples' dirty
@@ -408,15 +438,10 @@ func checkOrigin(origin interface {
 func (s *Store) touchSamples(off, n int64) error {
 	id := &s.id
 	var mask uint32
-	for i := 0; i < id.n; i++ {
-		p := id.pos[i]
-		if p >= off+n {
-			break
-		}
-		if off < p+id.l {
-			id.gen[i].Add(1)
-			mask |= 1 << i
-		}
+	lo, hi := id.touched(off, n)
+	for i := lo; i < hi; i++ {
+		id.gen[i].Add(1)
+		mask |= 1 << i
 	}
 	if mask == 0 || id.durable.Load()&mask == mask {
 		return nil

@@ -401,6 +401,26 @@ func TestSamplePositions(t *testing.T) {
 	}
 }
 
+// touched finds exactly the samples a byte range overlaps.
+func TestSamplesTouched(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	for _, size := range []int64{512, 4096, 20 << 10, 300<<10 + 1536, 64 << 20} {
+		var id ident
+		id.pos, id.n = samplePositions(size)
+		id.l = sampleLen(size)
+		for range 2000 {
+			off := int64(rng.IntN(int(size/512))) * 512
+			n := min(int64(1+rng.IntN(64))*512, size-off)
+			lo, hi := id.touched(off, n)
+			for i := 0; i < id.n; i++ {
+				want := id.pos[i] < off+n && off < id.pos[i]+id.l
+				require.Equal(t, want, i >= lo && i < hi, "size %d [%d, %d) sample %d at %d", size, off, off+n, i, id.pos[i])
+			}
+		}
+	}
+}
+
 // A store on a file keeps its fingerprint across a Close and an Open on
 // fresh handles; errors.Is finds the identity error through the CLI's
 // wrapping too.
@@ -501,4 +521,32 @@ func TestSettleSkipsSamplesWrittenSince(t *testing.T) {
 	require.EqualValues(t, 1, s.id.durable.Load(), "buffered: still dirty")
 	require.NoError(t, o.Flush())
 	require.Zero(t, s.id.durable.Load())
+}
+
+// BenchmarkTouchSamples is what the origin write path pays for the
+// fingerprint on a write that touches no sample (the common case), and on
+// one that touches a sample already marked dirty.
+func BenchmarkTouchSamples(b *testing.B) {
+	origin, err := blockdev.NewMem(64<<20, 4096)
+	require.NoError(b, err)
+	store, err := blockdev.NewMem(16<<20, 4096)
+	require.NoError(b, err)
+	s, err := Format(origin, store, Options{ChunkSize: 4 << 10})
+	require.NoError(b, err)
+	defer s.Close()
+	pos, _ := samplePositions(64 << 20)
+	require.NoError(b, s.touchSamples(pos[15], 4096))
+	for _, bc := range []struct {
+		name string
+		off  int64
+	}{{"miss", pos[15] - 8192}, {"dirty-sample", pos[15]}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for range b.N {
+				if err := s.touchSamples(bc.off, 4096); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
