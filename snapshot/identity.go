@@ -526,3 +526,32 @@ func (s *Store) sampleGens() (gens [maxSamples]uint64) {
 	}
 	return gens
 }
+
+// checkSamples reports each clean sample whose origin block no longer
+// hashes as recorded: the origin was written outside the store, and its
+// snapshots may no longer hold what they did. Each is read with its
+// stripe held exclusively, so no write of the store is in flight on it
+// (the store marks a sample dirty before it writes it).
+func (s *Store) checkSamples(bad func(format string, args ...any) bool) {
+	id := &s.id
+	if id.n == 0 {
+		return
+	}
+	buf := blockdev.AlignedBuffer(int(id.l))
+	for i := 0; i < id.n; i++ {
+		c := uint64(id.pos[i] / s.cs)
+		s.lockOrigin(c, c, true)
+		id.mu.Lock()
+		clean, want := id.st.dirty&(1<<i) == 0, id.st.hash[i]
+		id.mu.Unlock()
+		if clean {
+			if _, err := s.origin.ReadAt(buf, id.pos[i]); err != nil {
+				bad("origin sample at %d: %v", id.pos[i], err)
+			} else if got := crc64.Checksum(buf, crcTable); got != want {
+				bad("origin block at %d changed outside the store (hash %016x, recorded %016x): snapshots of the origin may no longer match it",
+					id.pos[i], got, want)
+			}
+		}
+		s.unlockOrigin(c, c, true)
+	}
+}

@@ -401,6 +401,23 @@ func TestSamplePositions(t *testing.T) {
 	}
 }
 
+// Check reports an origin block written outside the store, where a
+// sample catches it; the store's own writes, flushed or not, never.
+func TestCheckSeesOriginWrittenOutside(t *testing.T) {
+	s, origin, _ := newMemStore(t, 1<<20, 8<<20, Options{ChunkSize: 4 << 10})
+	pos, _ := samplePositions(1 << 20)
+	_, err := s.CreateSnapshot("s", s.Origin())
+	require.NoError(t, err)
+	fillAt(t, s.Origin(), 1, pos[3], 4096) // the store's own write, unflushed
+	mustCheck(t, s)
+	require.NoError(t, s.Origin().Flush())
+	mustCheck(t, s)
+	fillDev(t, origin, 2, pos[5], 4096) // behind the store's back
+	err = s.Check()
+	require.ErrorIs(t, err, ErrCorrupt)
+	require.ErrorContains(t, err, fmt.Sprintf("origin block at %d changed outside the store", pos[5]))
+}
+
 // touched finds exactly the samples a byte range overlaps.
 func TestSamplesTouched(t *testing.T) {
 	seed := blockdevtest.Seed(t)
