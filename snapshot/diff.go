@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"fmt"
 	"iter"
 	"slices"
@@ -32,8 +33,8 @@ var ErrUnrelated = fmt.Errorf("%w: volumes share no history", ErrBadOptions)
 //
 // It reads metadata only, on a committed view of the index (readView),
 // so writers are not held up. Its cost is proportional to the index
-// entries in the answer, per level where the two chains differ, not to
-// the volumes' size. Zero is reported for the newer side: the one that
+// entries of the levels where the two chains differ (those at or above
+// the epoch each level is seen at), not to the volumes' size. Zero is reported for the newer side: the one that
 // descends from the other (the later snapshot, the clone), else to.
 func (s *Store) Diff(from, to *Volume) iter.Seq2[Extent, error] {
 	return s.diff(from, to, nil)
@@ -114,13 +115,11 @@ func planDiff(a, b []level) (p diffPlan, ok bool) {
 	return p, true
 }
 
-// diffChunk is a changed chunk and, when the walk learned it, what the
-// newer volume reads there.
+// diffChunk is a changed chunk and what the newer volume reads there.
 type diffChunk struct {
 	c        uint64
-	loc      uint64 // a store chunk or locZero; meaningful when known && !origin
-	known    bool
-	fromOrig bool // the newer volume reads the chunk from the origin device
+	loc      uint64 // a store chunk or locZero, unless fromOrig
+	fromOrig bool   // the newer volume reads the chunk from the origin device
 }
 
 // diffChunks returns the sorted chunks that differ, and the newer volume.
@@ -130,6 +129,9 @@ func (s *Store) diffChunks(from, to *Volume) ([]diffChunk, *Volume, error) {
 	}
 	if err := to.check(0, 0); err != nil {
 		return nil, nil, err
+	}
+	if from.s != s || to.s != s {
+		return nil, nil, fmt.Errorf("%w: a volume of another store", ErrUnrelated)
 	}
 	// Levels are fixed when a handle opens (a branch's parent point never
 	// changes), so the plan needs no lock.
@@ -168,26 +170,28 @@ func (s *Store) diffChunks(from, to *Volume) ([]diffChunk, *Volume, error) {
 }
 
 // walkDiff collects the changed chunks of plan p on ix: where the newer
-// side's own levels have a say (what it reads there is then known), where
-// the older side's own levels have one, and the shared branch's entries
-// between the two epochs. The newer side is then resolved, on the same
-// view, where its own levels did not answer.
+// side's own levels answer (what it reads there is then known), where the
+// older side's own levels answer, and the shared branch's entries between
+// the two epochs. The newer side is then resolved, on the same view, where
+// its own levels did not answer. Everything is kept in sorted slices, a
+// few words per entry walked.
 func (s *Store) walkDiff(ix pagedIndex, p diffPlan, newer *Volume, newerOnly, older []level) ([]diffChunk, error) {
-	known := map[uint64]uint64{} // chunk -> what the newer side's own levels map it to
+	var known []answer // what the newer side's own levels map, topmost first
 	for _, l := range newerOnly {
-		err := levelSay(ix, l, func(c, loc uint64) {
-			if _, ok := known[c]; !ok { // a higher level answered already
-				known[c] = loc
-			}
-		})
+		got, err := levelAnswers(ix, l)
 		if err != nil {
 			return nil, err
 		}
+		known = mergeAnswers(known, got)
 	}
 	var other []uint64
 	for _, l := range older {
-		if err := levelSay(ix, l, func(c, _ uint64) { other = append(other, c) }); err != nil {
+		got, err := levelAnswers(ix, l)
+		if err != nil {
 			return nil, err
+		}
+		for _, a := range got {
+			other = append(other, a.c)
 		}
 	}
 	if p.split {
@@ -199,70 +203,82 @@ func (s *Store) walkDiff(ix pagedIndex, p diffPlan, newer *Volume, newerOnly, ol
 			return nil, err
 		}
 	}
-	out := make([]diffChunk, 0, len(known)+len(other))
-	for c, loc := range known {
-		out = append(out, diffChunk{c: c, loc: loc, known: true})
-	}
-	for _, c := range other {
-		if _, ok := known[c]; !ok {
-			out = append(out, diffChunk{c: c})
-		}
-	}
-	slices.SortFunc(out, func(a, b diffChunk) int {
-		switch {
-		case a.c < b.c:
-			return -1
-		case a.c > b.c:
-			return 1
-		}
-		return 0
-	})
-	out = slices.CompactFunc(out, func(a, b diffChunk) bool { return a.c == b.c })
+	slices.Sort(other)
+	other = slices.Compact(other)
 	// The rest of the newer chain, below its own levels.
 	rest := newer.levels[len(newerOnly):]
-	for i := range out {
-		if out[i].known {
-			continue
+	out := make([]diffChunk, 0, len(known)+len(other))
+	for i, j := 0, 0; i < len(known) || j < len(other); {
+		switch {
+		case j == len(other) || (i < len(known) && known[i].c <= other[j]):
+			if j < len(other) && known[i].c == other[j] {
+				j++
+			}
+			out = append(out, diffChunk{c: known[i].c, loc: known[i].loc})
+			i++
+		default:
+			loc, fromOrig, err := resolveView(ix, rest, other[j])
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, diffChunk{c: other[j], loc: loc, fromOrig: fromOrig})
+			j++
 		}
-		loc, fromOrig, err := resolveView(ix, rest, out[i].c)
-		if err != nil {
-			return nil, err
-		}
-		out[i].loc, out[i].fromOrig, out[i].known = loc, fromOrig, true
 	}
 	return out, nil
 }
 
-// levelSay calls fn for each chunk that level l answers: the first entry
-// of (l.br, c) at or above l.e (for a live level, the live entry) is not
-// an inherit, so a read there stops at this level. Its cost is the
-// level's entries at or above l.e.
-func levelSay(ix pagedIndex, l level, fn func(c, loc uint64)) error {
-	if l.e == epochLive {
-		return ix.epochEntries(l.br.id, epochLive, 0, func(x entry) bool {
-			if x.loc != locInherit {
-				fn(x.c, x.loc)
-			}
-			return true
-		})
-	}
-	// Epochs are walked in increasing order, so a chunk's first visit is
-	// its first entry at or above l.e.
-	seen := map[uint64]struct{}{}
+// answer is a chunk a level answers, and the location it maps it to.
+type answer struct{ c, loc uint64 }
+
+// levelAnswers returns, in chunk order, the chunks that level l answers:
+// the first entry of (l.br, c) at or above l.e (for a live level, the
+// live entry) is not an inherit, so a read there stops at this level. Its
+// cost is the level's entries at or above l.e.
+func levelAnswers(ix pagedIndex, l level) ([]answer, error) {
+	var got []answer
 	visit := func(x entry) bool {
-		if _, ok := seen[x.c]; ok {
-			return true
-		}
-		seen[x.c] = struct{}{}
-		if x.loc != locInherit {
-			fn(x.c, x.loc)
-		}
+		got = append(got, answer{c: x.c, loc: x.loc})
 		return true
 	}
-	if err := ix.epochRange(l.br.id, l.e, epochLive, visit); err != nil {
-		return err
+	if l.e != epochLive {
+		// Epoch by epoch, in increasing order: after a stable sort by
+		// chunk, a chunk's first entry is its first at or above l.e.
+		if err := ix.epochRange(l.br.id, l.e, epochLive, visit); err != nil {
+			return nil, err
+		}
 	}
-	return ix.epochEntries(l.br.id, epochLive, 0, visit)
+	if err := ix.epochEntries(l.br.id, epochLive, 0, visit); err != nil {
+		return nil, err
+	}
+	slices.SortStableFunc(got, func(a, b answer) int { return cmp.Compare(a.c, b.c) })
+	got = slices.CompactFunc(got, func(a, b answer) bool { return a.c == b.c })
+	return slices.DeleteFunc(got, func(a answer) bool { return a.loc == locInherit }), nil
+}
+
+// mergeAnswers merges b, a lower level's answers, into a, keeping a's
+// where both answer a chunk.
+func mergeAnswers(a, b []answer) []answer {
+	if len(a) == 0 {
+		return b
+	}
+	out := make([]answer, 0, len(a)+len(b))
+	i, j := 0, 0
+	for i < len(a) && j < len(b) {
+		switch {
+		case a[i].c < b[j].c:
+			out = append(out, a[i])
+			i++
+		case a[i].c > b[j].c:
+			out = append(out, b[j])
+			j++
+		default:
+			out = append(out, a[i])
+			i, j = i+1, j+1
+		}
+	}
+	out = append(out, a[i:]...)
+	return append(out, b[j:]...)
 }
 
 // resolveView is resolveLocked on a view, without the branch summaries

@@ -26,15 +26,6 @@ func diffList(t *testing.T, s *Store, from, to *Volume) []Extent {
 	return out
 }
 
-// readAll reads the whole of v.
-func readAll(t *testing.T, v blockdev.Device) []byte {
-	t.Helper()
-	b := make([]byte, v.Size())
-	_, err := v.ReadAt(b, 0)
-	require.NoError(t, err)
-	return b
-}
-
 // exportOnto exports the diff from -> to and applies it onto a copy of
 // from's bytes; it returns the result's bytes and the stream's totals.
 func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.Totals) {
@@ -54,6 +45,19 @@ func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.To
 	return readAll(t, target), tot
 }
 
+// goldenAndClone is a 2 MiB store of chunk size cs with a snapshot
+// golden@v1 of the origin and a clone vm1 of it.
+func goldenAndClone(t *testing.T, cs int64) (s *Store, o, v1, vm1 *Volume) {
+	t.Helper()
+	s, _, _ = newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
+	o = s.Origin()
+	v1, err := s.CreateSnapshot("golden@v1", o)
+	require.NoError(t, err)
+	vm1, err = s.CreateClone("vm1", v1)
+	require.NoError(t, err)
+	return s, o, v1, vm1
+}
+
 // The VM manager's flow: golden@v1, a clone vm1 with writes, zero-writes
 // and discards, vm1@s1; Diff(v1, vm1@s1) is exactly what the clone
 // changed, its zero ranges are Zero, and the exported stream applied onto
@@ -61,12 +65,7 @@ func exportOnto(t *testing.T, s *Store, from, to *Volume) ([]byte, diffstream.To
 // clone of a clone of a later golden snapshot.
 func TestDiffAcrossAncestry(t *testing.T) {
 	const cs = 16 << 10
-	s, _, _ := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
-	o := s.Origin()
-	v1, err := s.CreateSnapshot("golden@v1", o)
-	require.NoError(t, err)
-	vm1, err := s.CreateClone("vm1", v1)
-	require.NoError(t, err)
+	s, o, v1, vm1 := goldenAndClone(t, cs)
 	fillAt(t, vm1, 0xa1, 0, cs)                     // chunk 0, whole
 	fillAt(t, vm1, 0xa2, 5*cs+4096, 4096)           // chunk 5, part
 	require.NoError(t, vm1.WriteZeroes(8*cs, 2*cs)) // chunks 8-9: zero mappings
@@ -156,6 +155,21 @@ func TestPlanDiffUnrelated(t *testing.T) {
 	require.True(t, p.aNewer)
 	require.False(t, p.bNewer)
 	require.True(t, errors.Is(ErrUnrelated, ErrBadOptions))
+
+	// Volumes of two stores share no history either.
+	s1, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	s2, _, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	a, err := s1.CreateSnapshot("a", s1.Origin())
+	require.NoError(t, err)
+	b, err := s2.CreateSnapshot("a", s2.Origin())
+	require.NoError(t, err)
+	var errs []error
+	for _, err := range s1.Diff(a, b) {
+		errs = append(errs, err)
+	}
+	require.Len(t, errs, 1)
+	require.ErrorIs(t, errs[0], ErrUnrelated)
+	require.ErrorContains(t, errs[0], "another store")
 }
 
 // A random tree of snapshots and clones with origin writes, clone writes,
@@ -302,4 +316,80 @@ func TestVolumeIdentityStable(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, again.ID(), w.ID())
 	require.NotEqual(t, id.UUID, w.Identity().UUID)
+}
+
+// Diffs of snapshots across clones give the same answer while the live
+// clones they came from, and the origin, are written concurrently.
+func TestDiffAncestryUnderWrites(t *testing.T) {
+	const cs = 16 << 10
+	s, o, v1, vm1 := goldenAndClone(t, cs)
+	for c := int64(0); c < 128; c += 3 {
+		fillAt(t, vm1, byte(c), c*cs, 4096)
+	}
+	s1, err := s.CreateSnapshot("vm1@s1", vm1)
+	require.NoError(t, err)
+	want := diffList(t, s, v1, s1)
+	require.NotEmpty(t, want)
+	stop := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		defer close(errc)
+		p := bytes.Repeat([]byte{0xee}, 4096)
+		for i := int64(0); ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			v := vm1
+			if i%2 == 1 {
+				v = o
+			}
+			if _, err := v.WriteAt(p, (i*7%128)*cs); err != nil {
+				errc <- err
+				return
+			}
+		}
+	}()
+	for range 20 {
+		require.Equal(t, want, diffList(t, s, v1, s1))
+	}
+	close(stop)
+	require.NoError(t, <-errc)
+}
+
+// Diff across clones answers the same after reopen, and on a read-only
+// open (whose walk holds the store's lock instead of a view).
+func TestDiffAncestryAfterReopen(t *testing.T) {
+	const cs = 16 << 10
+	s, origin, store := newMemStore(t, 2<<20, 32<<20, Options{ChunkSize: cs})
+	v1, err := s.CreateSnapshot("v1", s.Origin())
+	require.NoError(t, err)
+	vm1, err := s.CreateClone("vm1", v1)
+	require.NoError(t, err)
+	fillAt(t, vm1, 1, 3*cs, cs)
+	require.NoError(t, vm1.Discard(7*cs, 2*cs))
+	vm2, err := s.CreateClone("vm2", vm1)
+	require.NoError(t, err)
+	fillAt(t, vm2, 2, 9*cs, 4096)
+	_, err = s.CreateSnapshot("vm2@s", vm2)
+	require.NoError(t, err)
+	want := []Extent{{Off: 3 * cs, Len: cs}, {Off: 7 * cs, Len: 2 * cs, Zero: true}, {Off: 9 * cs, Len: cs}}
+	pair := func(s *Store) (*Volume, *Volume) {
+		a, err := s.OpenVolume("v1")
+		require.NoError(t, err)
+		b, err := s.OpenVolume("vm2@s")
+		require.NoError(t, err)
+		return a, b
+	}
+	a, b := pair(s)
+	require.Equal(t, want, diffList(t, s, a, b))
+	require.NoError(t, s.Close())
+	for _, ro := range []bool{false, true} {
+		s, err := Open(origin, store, Options{ReadOnly: ro})
+		require.NoError(t, err)
+		a, b := pair(s)
+		require.Equal(t, want, diffList(t, s, a, b), "read-only %v", ro)
+		require.NoError(t, s.Close())
+	}
 }

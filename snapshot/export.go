@@ -22,11 +22,15 @@ import (
 // needs nothing stored.
 func (v *Volume) Identity() diffstream.Identity {
 	i := v.Info()
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: v.s.volumeUUID(i)}
+	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: v.s.derivedUUID(i)}
 }
 
-// volumeUUID is the UUID Identity gives the volume i.
-func (s *Store) volumeUUID(i VolumeInfo) string {
+// derivedUUID is the UUID Identity gives the volume i, derived as the
+// pool's volume UUIDs are (the SHA-256 of the store's UUID, then the ID
+// and the creation time in nanoseconds, little-endian), so that when
+// VolumeInfo carries its UUID and Identity takes it from there, no
+// volume's identity changes.
+func (s *Store) derivedUUID(i VolumeInfo) string {
 	var b [32]byte
 	copy(b[:16], s.geo.uuid[:])
 	binary.LittleEndian.PutUint64(b[16:], i.ID)

@@ -176,6 +176,13 @@ type Options struct {
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// MaxVolumeSize bounds, in bytes, the size of every volume of the
+	// store (CreateVolume, Resize, Import): it is the extent of the index's
+	// chunk space, whose per-branch summaries stay the same size whatever
+	// it is, but grow coarser (and reads of deep clone chains slower) the
+	// larger it is. 0 means 16 TiB, or the origin's size if larger; it is
+	// rounded up to the chunk size. Format only (the superblock records it).
+	MaxVolumeSize int64
 	// OriginBuffer bounds, in bytes, the origin writes held in memory after
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
@@ -210,6 +217,7 @@ type Store struct {
 	geo           geometry
 	cs            int64  // chunk size
 	chunks        uint64 // origin chunks
+	maxChunks     uint64 // the chunk space: chunks of the largest volume (geometry.volumeBound)
 	bs            int    // volume block size
 	j             *journal.Journal
 	jdev          *blockdev.SliceDevice
@@ -406,7 +414,10 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	ml = min(ml, max((store.Size()-g.metaOff)/8, minMetaBytes))
 	g.metaLen = max(ml/4096*4096, 0)
 	g.dataOff = (g.metaOff + g.metaLen + cs - 1) / cs * cs
-	if origin.Size() <= 0 || g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
+	if err := poolLayout(&g, origin, opts); err != nil {
+		return g, err
+	}
+	if g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
 		return g, fmt.Errorf("%w: store of %d bytes has no room for %d bytes of metadata (at least %d) and data after %d bytes of journal",
 			ErrBadOptions, store.Size(), g.metaLen, minMetaBytes, g.journalLen)
 	}
@@ -540,6 +551,9 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
+	if err := checkOriginKind(&g, origin); err != nil {
+		return g, err
+	}
 	if g.originSize != origin.Size() {
 		e := &OriginError{Size: g.originSize, GotSize: origin.Size()}
 		if g.idLen != 0 {
@@ -643,6 +657,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s := &Store{
 		origin: origin, store: store, opts: opts, geo: g, cs: cs,
 		chunks:      uint64((origin.Size() + cs - 1) / cs),
+		maxChunks:   uint64((g.volumeBound() + cs - 1) / cs),
 		bs:          max(origin.BlockSize(), store.BlockSize()),
 		branches:    map[uint32]*branch{},
 		volumes:     map[uint64]*volume{},
@@ -665,9 +680,12 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		created = time.Now().UnixNano()
 	}
 	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: created}
+	s.origVol.size.Store(g.originSize)
 	s.b0.liveVol = originVolumeID
 	s.volumes[originVolumeID] = s.origVol
-	s.byName[originName] = originVolumeID
+	if !g.noOrigin {
+		s.byName[originName] = originVolumeID
+	}
 	s.bufs.New = func() any { b := blockdev.AlignedBuffer(int(cs)); return &b }
 	s.scratch.New = func() any { return &scratch{} }
 	s.initOriginBuf()
@@ -1059,8 +1077,14 @@ func (s *Store) getScratch() *scratch {
 
 func (s *Store) putScratch(sc *scratch) { s.scratch.Put(sc) }
 
-// chunkLen is the number of bytes of chunk c within the origin.
-func (s *Store) chunkLen(c uint64) int64 { return min(s.cs, s.geo.originSize-int64(c)*s.cs) }
+// chunkLen is the number of bytes of chunk c within the origin; a whole
+// chunk past the origin's end (a volume larger than the origin).
+func (s *Store) chunkLen(c uint64) int64 {
+	if c >= s.chunks {
+		return s.cs
+	}
+	return min(s.cs, s.geo.originSize-int64(c)*s.cs)
+}
 
 // storeOff is the store offset of data chunk loc.
 func (s *Store) storeOff(loc uint64) int64 { return s.geo.dataOff + int64(loc)*s.cs }

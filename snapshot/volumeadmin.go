@@ -11,16 +11,19 @@ import (
 
 // VolumeInfo describes a volume.
 type VolumeInfo struct {
-	ID     uint64
+	ID uint64
+	// UUID is the volume's stable identity (see UUID).
+	UUID   UUID
 	Name   string
 	Kind   Kind
-	Parent uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin)
-	// ParentName is the parent's name: empty for the origin and when the
-	// parent is hidden (a hidden volume has no name; Parent still says
-	// which it is).
+	Parent uint64 // snapshot: the volume it was taken of; clone: the snapshot it was cloned from (0 for the origin and blank volumes)
+	// ParentName is the parent's name: empty when there is no parent and
+	// when the parent is hidden (a hidden volume has no name; Parent still
+	// says which it is).
 	ParentName string
 	Created    time.Time
-	Size       int64
+	// Size is the volume's size in bytes (Volume.Size).
+	Size int64
 	// Hidden: a snapshot kept only as the parent point of clones (taken
 	// implicitly by CreateClone of a live volume, or deleted while clones
 	// needed it). It has no name, cannot be opened, and goes when its last
@@ -211,8 +214,9 @@ func (s *Store) Rename(oldName, newName string) error {
 
 func (s *Store) infoLocked(v *volume) VolumeInfo {
 	created := time.Unix(0, v.created)
-	info := VolumeInfo{ID: v.id, Name: v.name, Kind: v.kind, Parent: v.parent, Created: created, Size: s.geo.originSize, Hidden: v.hidden, Protected: v.protected}
-	if p, ok := s.volumes[v.parent]; ok && v.kind != KindOrigin {
+	info := VolumeInfo{ID: v.id, UUID: s.volumeUUID(v), Name: v.name, Kind: kindOf(v, s.branches[v.branch]), Parent: v.parent,
+		Created: created, Size: v.size.Load(), Hidden: v.hidden, Protected: v.protected}
+	if p, ok := s.volumes[v.parent]; ok && v.parent != 0 && p != v {
 		info.ParentName = p.name
 	}
 	return info
@@ -287,12 +291,15 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	// epoch reads (the first at or above it) and the one before it, which
 	// bound who else reads it, come from the walk, not from lookups. A
 	// chunk first met at a deeper level has no entry above that level.
-	seen := make([]uint64, (s.chunks+63)/64)
+	// Only chunks within the volume's size count: entries past it (an
+	// ancestor's larger size, a shrink's tail) are never read through it.
+	vc := uint64((st.Size + s.cs - 1) / s.cs)
+	seen := make([]uint64, (vc+63)/64)
 	count := func(c, loc uint64, excl bool) {
 		if loc == locZero {
 			return
 		}
-		n := s.chunkLen(c)
+		n := s.volChunkLen(c, st.Size)
 		st.Mapped += n
 		if excl {
 			st.Exclusive += n
@@ -303,6 +310,9 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	var group []entry
 	chunk := func() error {
 		c := group[0].c
+		if c >= vc {
+			return nil
+		}
 		seen[c/64] |= 1 << (c % 64)
 		for j, x := range group {
 			if x.e < levels[0].e {
@@ -343,7 +353,7 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 	}
 	for i := 1; i < len(levels); i++ {
 		err := ix.branchAscend(levels[i].b, func(x entry) bool {
-			if seen[x.c/64]&(1<<(x.c%64)) != 0 {
+			if x.c >= vc || seen[x.c/64]&(1<<(x.c%64)) != 0 {
 				return true
 			}
 			seen[x.c/64] |= 1 << (x.c % 64)
