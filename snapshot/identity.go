@@ -254,8 +254,12 @@ func isZero(b []byte) bool {
 // the whole of a smaller origin.
 func sampleLen(originSize int64) int64 { return min(sampleBytes, originSize) }
 
-// sampleCount is how many samples an origin of originSize bytes has.
+// sampleCount is how many samples an origin of originSize bytes has:
+// none for a store without an origin (size 0).
 func sampleCount(originSize int64) int {
+	if originSize <= 0 {
+		return 0
+	}
 	return int(min(maxSamples, max(1, originSize/sampleBytes)))
 }
 
@@ -265,8 +269,8 @@ func sampleCount(originSize int64) int {
 func samplePositions(originSize int64) (pos [maxSamples]int64, n int) {
 	n = sampleCount(originSize)
 	l := sampleLen(originSize)
-	if n == 1 {
-		return pos, 1
+	if n <= 1 {
+		return pos, n
 	}
 	span := originSize - l
 	for i := 0; i < n; i++ {

@@ -418,6 +418,31 @@ func TestCheckSeesOriginWrittenOutside(t *testing.T) {
 	require.ErrorContains(t, err, fmt.Sprintf("origin block at %d changed outside the store", pos[5]))
 }
 
+// A store without an origin has no fingerprint, and its owner record
+// works as any other's.
+func TestNoOriginNoFingerprint(t *testing.T) {
+	store, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	_, sv := sliceViews(t, store, store)
+	s, err := Format(nil, sv, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	require.Zero(t, s.id.n)
+	g := readGeometry(t, store)
+	st, err := readIdentity(store, &g)
+	require.NoError(t, err)
+	require.Zero(t, st.n)
+	require.Zero(t, st.fingerprint())
+	require.True(t, st.owner.held())
+	_, sv2 := sliceViews(t, store, store)
+	_, err = Open(nil, sv2, Options{})
+	require.ErrorIs(t, err, ErrLocked)
+	require.NoError(t, s.Close())
+	s, err = Open(nil, sv2, Options{})
+	require.NoError(t, err)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+}
+
 // touched finds exactly the samples a byte range overlaps.
 func TestSamplesTouched(t *testing.T) {
 	seed := blockdevtest.Seed(t)
