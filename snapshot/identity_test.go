@@ -111,12 +111,19 @@ func TestSecondOpenRefusedWithoutFlock(t *testing.T) {
 
 	require.NoError(t, st.Close())
 	require.False(t, ownerOf(t, store).held(), "Close clears the record")
-	st, err = Open(o2, s2, Options{})
+	reopenKept(t, o2, s2)
+}
+
+// reopenKept opens the store, finds the volume "kept" in it, checks it
+// and closes it.
+func reopenKept(t *testing.T, origin, store blockdev.Device) {
+	t.Helper()
+	s, err := Open(origin, store, Options{})
 	require.NoError(t, err)
-	_, err = st.OpenVolume("kept")
+	_, err = s.OpenVolume("kept")
 	require.NoError(t, err)
-	mustCheck(t, st)
-	require.NoError(t, st.Close())
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
 }
 
 // A crash leaves the owner record of a Store that is gone: the next Open
@@ -136,11 +143,7 @@ func TestStaleOwnerTakenOver(t *testing.T) {
 	_ = s.Close()
 	require.True(t, ownerOf(t, store2).held())
 
-	s, err = Open(origin2, store2, Options{})
-	require.NoError(t, err, "the crashed Store's record is taken over")
-	_, err = s.OpenVolume("kept")
-	require.NoError(t, err)
-	require.NoError(t, s.Close())
+	reopenKept(t, origin2, store2) // the crashed Store's record is taken over
 
 	gone := exitedPid(t)
 	cases := []struct {
@@ -569,13 +572,7 @@ func TestSettleSkipsSamplesWrittenSince(t *testing.T) {
 // fingerprint on a write that touches no sample (the common case), and on
 // one that touches a sample already marked dirty.
 func BenchmarkTouchSamples(b *testing.B) {
-	origin, err := blockdev.NewMem(64<<20, 4096)
-	require.NoError(b, err)
-	store, err := blockdev.NewMem(16<<20, 4096)
-	require.NoError(b, err)
-	s, err := Format(origin, store, Options{ChunkSize: 4 << 10})
-	require.NoError(b, err)
-	defer s.Close()
+	s, _, _ := newMemStore(b, 64<<20, 16<<20, Options{ChunkSize: 4 << 10})
 	pos, _ := samplePositions(64 << 20)
 	require.NoError(b, s.touchSamples(pos[15], 4096))
 	for _, bc := range []struct {

@@ -96,12 +96,7 @@ func TestSecondOpenOfMemRefused(t *testing.T) {
 	_, err = s.CreateSnapshot("kept", s.Origin())
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
-	s, err = Open(origin, store, Options{})
-	require.NoError(t, err)
-	_, err = s.OpenVolume("kept")
-	require.NoError(t, err)
-	mustCheck(t, s)
-	require.NoError(t, s.Close())
+	reopenKept(t, origin, store)
 }
 
 // Read-only opens share the lock with each other, and keep a writer out.
