@@ -126,6 +126,30 @@ func reopenKept(t *testing.T, origin, store blockdev.Device) {
 	require.NoError(t, s.Close())
 }
 
+// Format over a store that another Store holds is refused the same way
+// (it would pull the journal from under it), unless TakeOver; over one
+// nobody holds it goes ahead.
+func TestFormatOverHeldStoreRefused(t *testing.T) {
+	origin, err := blockdev.NewMem(1<<20, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(4<<20, 4096)
+	require.NoError(t, err)
+	o1, s1 := sliceViews(t, origin, store)
+	st, err := Format(o1, s1, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	o2, s2 := sliceViews(t, origin, store)
+	_, err = Format(o2, s2, Options{ChunkSize: 16 << 10})
+	var oe *OwnerError
+	require.ErrorAs(t, err, &oe)
+	require.NoError(t, st.Close())
+	st, err = Format(o2, s2, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err, "nobody holds it now")
+	st2, err := Format(o1, s1, Options{ChunkSize: 16 << 10, TakeOver: true})
+	require.NoError(t, err, "TakeOver formats over a holder")
+	require.NoError(t, st2.Close())
+	_ = st.Close()
+}
+
 // A crash leaves the owner record of a Store that is gone: the next Open
 // of this process takes it over (so does one after a crash of another
 // process of this host, whose pid is gone, and one that gets the flock

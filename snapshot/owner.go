@@ -122,6 +122,35 @@ func ownerGone(o *ownerRecord, flock bool) bool {
 	return false
 }
 
+// refuseOwner returns the *OwnerError that refuses an Open (or a Format
+// over the store) with opts while o holds it, or nil.
+func refuseOwner(o *ownerRecord, opts Options) error {
+	if !o.held() || opts.TakeOver || ownerGone(o, opts.storeFlock) {
+		return nil
+	}
+	return &OwnerError{Host: o.host, PID: int(o.pid), Since: time.Unix(0, o.since), OpenID: fmt.Sprintf("%x", o.id)}
+}
+
+// refuseFormatOver refuses a Format of a store device that holds a store
+// another Store holds (its owner record says so): formatting it would
+// pull the journal and the metadata from under that Store. Anything that
+// is not such a store is formatted over.
+func refuseFormatOver(store blockdev.Device, opts Options) error {
+	buf := blockdev.AlignedBuffer(max(superblockSize, store.BlockSize()))
+	if _, err := store.ReadAt(buf, 0); err != nil {
+		return nil
+	}
+	g, err := decodeSuperblock(buf)
+	if err != nil || g.idLen == 0 || g.idOff+g.idLen > store.Size() {
+		return nil
+	}
+	st, err := readIdentity(store, &g)
+	if err != nil {
+		return nil
+	}
+	return refuseOwner(&st.owner, opts)
+}
+
 // claim makes this Store the store's owner, after the identity region's
 // record has been judged (openIdentity): the record and any settled
 // samples are written before the Open writes anything else.
@@ -213,8 +242,8 @@ func (s *Store) openIdentity() error {
 		s.ownerSeen = st.owner
 		return nil
 	}
-	if o := &st.owner; o.held() && !s.opts.TakeOver && !ownerGone(o, s.opts.storeFlock) {
-		return &OwnerError{Host: o.host, PID: int(o.pid), Since: time.Unix(0, o.since), OpenID: fmt.Sprintf("%x", o.id)}
+	if err := refuseOwner(&st.owner, s.opts); err != nil {
+		return err
 	}
 	if st.dirty != 0 {
 		if err := s.origin.Flush(); err != nil {

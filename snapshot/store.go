@@ -239,7 +239,8 @@ type Store struct {
 	// (then a checkpoint that needs no lock frees it). Lock order: branch
 	// gate, then clone stripe, then origin stripe, then fgMu, then
 	// reclaim, then mu, then allocator.mu, then the meta layer's locks;
-	// the origin buffer's drainMu is never held with mu. The index (ix)
+	// the origin buffer's drainMu is never held with mu. id.mu
+	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
 	mu        sync.RWMutex
@@ -372,6 +373,9 @@ const (
 
 // formatStore is Format once the devices are locked (lock.go).
 func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
+	if err := refuseFormatOver(store, opts); err != nil {
+		return nil, err
+	}
 	s, err := formatRegions(origin, store, opts)
 	if err != nil {
 		return nil, err
