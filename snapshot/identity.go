@@ -281,10 +281,11 @@ func samplePositions(originSize int64) (pos [maxSamples]int64, n int) {
 
 // ident is a store's identity state in memory.
 type ident struct {
-	// on: the store has an identity region (not a transient store nor
-	// one formatted before the region existed).
-	on  bool
-	pos [maxSamples]int64 // sample offsets (fixed at Open)
+	// pos, n and l are the samples' offsets, count and length, fixed by
+	// Format or Open; n is 0 where there is nothing to keep current (a
+	// transient store, one without an origin or formatted before the
+	// identity region existed).
+	pos [maxSamples]int64
 	n   int
 	l   int64
 	// durable has bit i set while sample i's dirty bit is durable: the
@@ -332,7 +333,7 @@ func readIdentity(store interface {
 	var best identState
 	var errs []error
 	found := false
-	buf := make([]byte, identityLen)
+	buf := blockdev.AlignedBuffer(identityLen) // O_DIRECT devices need it
 	if _, err := store.ReadAt(buf, g.idOff); err != nil {
 		return best, fmt.Errorf("snapshot: read identity region: %w", err)
 	}
@@ -359,10 +360,6 @@ func hashSamples(origin interface {
 	var h [maxSamples]uint64
 	buf := blockdev.AlignedBuffer(int(l))
 	for i := 0; i < n; i++ {
-		if i > 0 && pos[i] == pos[i-1] {
-			h[i] = h[i-1]
-			continue
-		}
 		if _, err := origin.ReadAt(buf, pos[i]); err != nil {
 			return h, fmt.Errorf("snapshot: read origin sample at %d: %w", pos[i], err)
 		}
@@ -375,7 +372,6 @@ func hashSamples(origin interface {
 // (all samples clean; Format flushed the origin first).
 func (s *Store) newIdentity() error {
 	id := &s.id
-	id.on = true
 	id.pos, id.n = samplePositions(s.geo.originSize)
 	id.l = sampleLen(s.geo.originSize)
 	h, err := hashSamples(s.origin, &id.pos, id.n, id.l)

@@ -613,3 +613,41 @@ func BenchmarkTouchSamples(b *testing.B) {
 		})
 	}
 }
+
+// Opens racing on one device without flock in this process: exactly one
+// wins, the others are refused naming it.
+func TestConcurrentOpensOneWins(t *testing.T) {
+	origin, err := blockdev.NewMem(1<<20, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(4<<20, 4096)
+	require.NoError(t, err)
+	o, sv := sliceViews(t, origin, store)
+	s, err := Format(o, sv, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	const n = 4
+	type result struct {
+		s   *Store
+		err error
+	}
+	out := make(chan result, n)
+	for range n {
+		o, sv := sliceViews(t, origin, store)
+		go func() {
+			s, err := Open(o, sv, Options{})
+			out <- result{s, err}
+		}()
+	}
+	var won []*Store
+	for range n {
+		r := <-out
+		if r.err == nil {
+			won = append(won, r.s)
+			continue
+		}
+		var oe *OwnerError
+		require.ErrorAs(t, r.err, &oe)
+	}
+	require.Len(t, won, 1)
+	require.NoError(t, won[0].Close())
+}

@@ -85,6 +85,14 @@ func (o *ownerRecord) public() Owner {
 // process.
 var liveOpens sync.Map // [16]byte -> struct{}
 
+// judging serialises, within this process, the reading of an owner
+// record with the claim that follows it (openIdentity; Format from its
+// check to its claim), so that two Opens here of one device without
+// flock cannot both find it free. Across processes the flock does that
+// where there is one. Lock order: before the Store's id.mu; nothing else
+// of a store is held with it.
+var judging sync.Mutex
+
 // thisHost is the host name owner records carry (at most maxHostLen
 // bytes).
 func thisHost() string {
@@ -156,10 +164,11 @@ func refuseFormatOver(store blockdev.Device, opts Options) error {
 // samples are written before the Open writes anything else.
 func (s *Store) claimLocked(flock bool) error {
 	s.id.st.owner = newOwner(flock)
+	liveOpens.Store(s.id.st.owner.id, struct{}{}) // live from its first write on
 	if err := s.writeIdentityLocked(); err != nil {
+		liveOpens.Delete(s.id.st.owner.id)
 		return err
 	}
-	liveOpens.Store(s.id.st.owner.id, struct{}{})
 	s.claimed = true
 	return nil
 }
@@ -220,6 +229,10 @@ func (s *Store) openIdentity() error {
 	if g.idLen == 0 {
 		return nil
 	}
+	if !s.opts.ReadOnly {
+		judging.Lock() // from the record's read to the claim
+		defer judging.Unlock()
+	}
 	st, err := readIdentity(s.store, g)
 	if err != nil {
 		return err
@@ -228,7 +241,6 @@ func (s *Store) openIdentity() error {
 		return err
 	}
 	id := &s.id
-	id.on = true
 	id.pos, id.n = samplePositions(g.originSize)
 	id.l = sampleLen(g.originSize)
 	if st.n == 0 { // never fingerprinted: nothing to keep current

@@ -373,6 +373,8 @@ const (
 
 // formatStore is Format once the devices are locked (lock.go).
 func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
+	judging.Lock() // until the claim (owner.go)
+	defer judging.Unlock()
 	if err := refuseFormatOver(store, opts); err != nil {
 		return nil, err
 	}
