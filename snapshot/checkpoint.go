@@ -7,11 +7,13 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (2), little-endian
+//	     8    4  version (3), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
-//	             uv last epoch, uv live (0/1); a root branch (CreateVolume)
-//	             has parent = id and parent epoch 0
+//	             uv last epoch, uv live (0/1), then its chunk-group summary:
+//	             uv count of non-zero words; per word: uv index (delta from
+//	             the previous word's index, the first from 0), uv word. A root
+//	             branch (CreateVolume) has parent = id and parent epoch 0
 //	          -  uv volume count; per volume (the origin excluded): uv id,
 //	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
 //	             protected, bit 2 size follows), sv created, uv parent,
@@ -21,6 +23,11 @@ package snapshot
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
+//
+// Version 2 had no chunk-group summaries: Open rebuilds them, and the
+// origin's preserved epochs, by one walk of the chunk tree (loadCheckpoint
+// sets rebuild). Version 3 images carry them, so Open walks nothing: the
+// preserved epochs are looked up in the tree on first use (preserve.go).
 //
 // Version 1 (format version 1 stores) held the whole index after the
 // volumes, as entry runs in (branch, epoch, chunk) order, each: a tag byte
@@ -45,7 +52,8 @@ import (
 
 const (
 	checkpointMagic      = "BSNAPCKP"
-	checkpointVersion    = 2
+	checkpointVersion    = 3
+	noGroupsVersion      = 2 // images without chunk-group summaries
 	oldCheckpointVersion = 1
 )
 
@@ -81,18 +89,23 @@ const flagCkptSize = 4
 type branchRec struct {
 	id, parent, parentEpoch, lastEpoch uint32
 	live                               bool
+	// groups are the branch's chunk-group summary words as of the
+	// capture. They are shared with the branch, which copies them before
+	// it sets another bit (markGroups), so the capture costs no copy.
+	groups []uint64
 }
 
 // smallStateLocked copies the branch and volume tables. Called with mu
-// held.
+// held exclusively (it hands each branch's summary words to the capture).
 func (s *Store) smallStateLocked(c *capture) {
 	c.nextVol, c.nextBr = s.nextVol, s.nextBranch
 	for _, br := range s.branches {
-		r := branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live}
+		r := branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live, br.groups.bits}
 		if br.root {
 			r.parent, r.parentEpoch = br.id, 0
 		}
 		c.branches = append(c.branches, r)
+		br.groupsCaptured = br.ownGroups // the capture now shares the words
 	}
 	slices.SortFunc(c.branches, func(a, b branchRec) int { return int(int64(a.id) - int64(b.id)) })
 	for _, v := range s.volumes {
@@ -121,7 +134,7 @@ func (s *Store) captureLocked() (capture, error) {
 	}
 	c.fz = fz
 	s.capOut = true
-	s.lastTreeSeq = c.upTo
+	s.lastTreeSeq, s.treeChanges = c.upTo, 0
 	return c, nil
 }
 
@@ -134,7 +147,7 @@ func (s *Store) maybeCaptureLocked() {
 	if s.capOut {
 		return
 	}
-	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords {
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords || s.treeChanges >= treeCommitRecords {
 		s.postCaptureLocked()
 		return
 	}
@@ -147,10 +160,10 @@ func (s *Store) maybeCaptureLocked() {
 	}
 }
 
-// treeCommitRecords is how many journal records may be logged before a
-// tree commit starts in the background, whatever the commit interval:
-// Open after a crash replays at most about this many (plus those logged
-// while that commit runs).
+// treeCommitRecords is how many journal records, or index changes, may
+// be logged before a tree commit starts in the background, whatever the
+// commit interval: Open after a crash replays at most about this many
+// (plus those logged while that commit runs).
 const treeCommitRecords = 1 << 16
 
 // postCaptureLocked hands the checkpointer a capture of the state now.
@@ -328,26 +341,41 @@ func b2u(b bool) uint64 {
 
 // encode writes the image to w and returns its length.
 func (c *capture) encode(w io.Writer) (int64, error) {
+	e := newEncoder(w)
+	c.encodeTo(e)
+	err := e.finish()
+	return e.n + 4, err
+}
+
+// newEncoder starts an image on w: its checksum is salted.
+func newEncoder(w io.Writer) *encoder {
 	e := &encoder{w: bufio.NewWriterSize(w, 64<<10), crc: crc32.New(castagnoli)}
 	var salt [4]byte
 	binary.LittleEndian.PutUint32(salt[:], saltCheckpoint)
 	e.crc.Write(salt[:])
-	c.encodeTo(e)
-	sum := e.crc.Sum32()
-	binary.LittleEndian.PutUint32(e.tmp[:4], sum)
+	return e
+}
+
+// finish appends the checksum and flushes.
+func (e *encoder) finish() error {
+	binary.LittleEndian.PutUint32(e.tmp[:4], e.crc.Sum32())
 	if e.err == nil {
 		_, e.err = e.w.Write(e.tmp[:4])
 	}
 	if e.err == nil {
 		e.err = e.w.Flush()
 	}
-	return e.n + 4, e.err
+	return e.err
 }
 
-func (c *capture) encodeTo(e *encoder) {
+func (c *capture) encodeTo(e *encoder) { c.encodeVersion(e, checkpointVersion) }
+
+// encodeVersion writes the image in format version v: before version 3,
+// without the chunk-group summaries (tests write older images with it).
+func (c *capture) encodeVersion(e *encoder, v uint32) {
 	var hdr [12]byte
 	copy(hdr[:], checkpointMagic)
-	binary.LittleEndian.PutUint32(hdr[8:], checkpointVersion)
+	binary.LittleEndian.PutUint32(hdr[8:], v)
 	e.bytes(hdr[:])
 	e.uv(c.nextVol)
 	e.uv(uint64(c.nextBr))
@@ -358,6 +386,9 @@ func (c *capture) encodeTo(e *encoder) {
 		e.uv(uint64(b.parentEpoch))
 		e.uv(uint64(b.lastEpoch))
 		e.uv(b2u(b.live))
+		if v >= checkpointVersion {
+			encodeGroups(e, b.groups)
+		}
 	}
 	e.uv(uint64(len(c.volumes)))
 	for i := range c.volumes {
@@ -376,23 +407,60 @@ func (c *capture) encodeTo(e *encoder) {
 	e.byte1(0) // no entry runs: the index is in the metadata region
 }
 
+// encodeGroups writes a chunk-group summary: its non-zero words, each with
+// its index as a delta.
+func encodeGroups(e *encoder, bits []uint64) {
+	n := 0
+	for _, w := range bits {
+		if w != 0 {
+			n++
+		}
+	}
+	e.uv(uint64(n))
+	prev := 0
+	for i, w := range bits {
+		if w != 0 {
+			e.uv(uint64(i - prev))
+			e.uv(w)
+			prev = i
+		}
+	}
+}
+
 // replayer adapts Store to journal.Replayer.
 type replayer Store
 
 func (r *replayer) LoadCheckpoint(rd io.Reader) error { return (*Store)(r).loadCheckpoint(rd) }
 
 // Replay applies a record; of those the tree's last commit covers, only
-// the branch and volume changes (the tree holds their index changes).
+// the branch and volume changes (the tree holds their index changes) and
+// the puts' chunk-group bits (the checkpoint image, which may predate the
+// tree's commit, lacks them).
 func (r *replayer) Replay(seq uint64, payload []byte) error {
 	s := (*Store)(r)
-	ops, err := decodeRecord(nil, payload, fmt.Sprintf("journal record %d", seq))
+	ops, err := decodeRecord(s.replayOps[:0], payload, fmt.Sprintf("journal record %d", seq))
 	if err != nil {
 		return err
 	}
-	if seq <= s.treeSeq {
-		ops = slices.DeleteFunc(ops, func(o op) bool { return o.kind == opPut || o.kind == opDel || o.kind == opMove })
+	s.replayOps = ops
+	if seq > s.treeSeq {
+		return s.applyOps(ops, seq, true)
 	}
-	return s.applyOps(ops, seq, true)
+	for i := range ops {
+		o := &ops[i]
+		switch o.kind {
+		case opPut:
+			if err := s.markCovered(o, seq); err != nil {
+				return err
+			}
+		case opDel, opMove:
+		default:
+			if err := s.applyOp(o, seq, true); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 var errCkptShort = errors.New("truncated")

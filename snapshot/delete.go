@@ -187,7 +187,14 @@ func (s *Store) collector() {
 		}
 		s.mu.Unlock()
 		if err != nil {
-			// The store has failed (sticky); drain the queue's waiters.
+			// The collector stops here, so the store fails (sticky; a
+			// page read error is not sticky by itself), unless Close
+			// stopped it: a store that went on would hold entries
+			// nothing collects until the next Open. Drain the queue's
+			// waiters.
+			if s.ctx.Err() == nil {
+				err = s.fail(err)
+			}
 			s.failQueue(err)
 			return
 		}
@@ -420,8 +427,12 @@ func (s *Store) invalidateFor(c uint64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.b0
+	pe, err := s.preservedOf(c)
+	if err != nil {
+		return err
+	}
 	for _, h := range br.held {
-		if h <= s.preserved[c] {
+		if h <= pe {
 			continue
 		}
 		vid, ok := s.byPoint[point{0, h}]
@@ -436,6 +447,6 @@ func (s *Store) invalidateFor(c uint64) error {
 	if len(sc.ops) == 0 {
 		return fmt.Errorf("%w: nothing to invalidate", ErrNoSpace)
 	}
-	_, err := s.logLocked(sc)
+	_, err = s.logLocked(sc)
 	return err
 }

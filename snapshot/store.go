@@ -232,6 +232,11 @@ type Store struct {
 	// migrating: Migrate is loading a format version 1 store's journal
 	// into this one (its checkpoint image holds the index).
 	migrating bool
+	// rebuild: the checkpoint image Open loaded predates the chunk-group
+	// summaries (version 2), so Open rebuilds the summaries by a walk.
+	rebuild bool
+	// replayOps is Replay's reusable record buffer.
+	replayOps []op
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -300,6 +305,10 @@ type Store struct {
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
+	// treeChanges counts the index changes logged since then (guarded by
+	// mu): a record may hold many (a sequential write's copies), and
+	// Open replays each one.
+	treeChanges int
 	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
 	// that find the journal full write one, not one each. Taken with no
 	// lock of the store held but branch gates and stripes; mu and reclaim
@@ -481,7 +490,8 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack,
+		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a
@@ -606,13 +616,16 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.treeSeq = s.m.User()
+	s.forgetPreserved() // looked up in the tree on first use (preserve.go)
 	if err := s.openJournal(); err != nil {
 		s.abort()
 		return nil, err
 	}
-	if err := s.rebuildSummaries(); err != nil {
-		s.abort()
-		return nil, err
+	if s.rebuild {
+		if err := s.rebuildSummaries(); err != nil {
+			s.abort()
+			return nil, err
+		}
 	}
 	if err := s.afterReplay(); err != nil {
 		s.abort()
@@ -869,6 +882,7 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if got != seq {
 		return 0, s.fail(fmt.Errorf("snapshot: journal append: sequence %d, expected %d", got, seq))
 	}
+	s.treeChanges += n
 	s.maybeCaptureLocked()
 	return seq, nil
 }
@@ -929,6 +943,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
+		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		s.mu.Lock()
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
@@ -958,6 +973,9 @@ func (e metaRoomError) Unwrap() error { return e.error }
 // caller must report). Called with no lock of the store held but branch
 // gates and stripes.
 func (s *Store) commitForRoom(err error) (retry bool, cerr error) {
+	if err == nil {
+		return false, nil // the common case, and errors.As's target would cost an allocation
+	}
 	var mr metaRoomError
 	if !errors.As(err, &mr) {
 		return false, nil

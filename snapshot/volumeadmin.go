@@ -382,8 +382,8 @@ func (s *Store) originStatLocked(v *volume) VolumeStat {
 	for c := uint64(0); c < s.chunks; c++ {
 		n := s.chunkLen(c)
 		st.Mapped += n
-		if need > s.preserved[c] {
-			st.Shared += n
+		if pe, err := s.preservedOf(c); err != nil || need > pe {
+			st.Shared += n // unreadable: counted as the snapshot's, not the origin's
 		}
 	}
 	st.Exclusive = st.Mapped - st.Shared
@@ -489,7 +489,8 @@ func (s *Store) Stats() Stats {
 	entries := s.ix.len()
 	s.mu.RUnlock()
 	sp := s.m.Space()
-	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks) * s.cs, UsedBytes: int64(sp.ChunksUsed) * s.cs,
+	// Chunks the metadata region grew into (GrowMetadata) are not data.
+	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
 		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
 		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
 		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs}

@@ -188,8 +188,9 @@ var cmdRollback = &command{
 	},
 	summary: "revert the origin or a clone to one of its snapshots, or a clone to a snapshot of its ancestors (later snapshots stay intact)",
 	long: "A clone reset to the snapshot it was cloned from moves no data: its chunks inherit again. " +
-		"Against a running serve the volume's NBD connections are closed for the rollback and its export " +
-		"comes back after it: clients reconnect to the rolled-back data.",
+		"Against a running serve the volume's NBD clients stay connected and read the rolled-back data from " +
+		"their next request on (a client that caches what it read, such as a mounted filesystem, must drop " +
+		"its cache: stop the VM or unmount first, as for any disk rewritten under it).",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		to := fs.String("to", "", "`SNAPSHOT` of VOLUME, or of one of its ancestors, to roll back to")
