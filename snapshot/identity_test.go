@@ -37,6 +37,18 @@ func fillDev(t *testing.T, d blockdev.Device, b byte, off, n int64) {
 	require.NoError(t, err)
 }
 
+// sliceStore formats a store on views of two new Mems (an origin of 1
+// MiB, a store of 4 MiB) that cannot be locked, and returns the Mems and
+// the open store.
+func sliceStore(t *testing.T) (origin, store *blockdev.Mem, s *Store) {
+	t.Helper()
+	origin, store = blockdevtest.NewMem(t, 1<<20, 512), blockdevtest.NewMem(t, 4<<20, 4096)
+	o, sv := sliceViews(t, origin, store)
+	s, err := Format(o, sv, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	return origin, store, s
+}
+
 // readGeometry decodes the store's superblock.
 func readGeometry(t *testing.T, store blockdev.Device) geometry {
 	t.Helper()
@@ -77,14 +89,8 @@ func ownerOf(t *testing.T, store blockdev.Device) ownerRecord {
 // a read-only Open goes ahead and reports the holder; Close clears the
 // record, and the next Open succeeds.
 func TestSecondOpenRefusedWithoutFlock(t *testing.T) {
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	store, err := blockdev.NewMem(4<<20, 4096)
-	require.NoError(t, err)
-	o1, s1 := sliceViews(t, origin, store)
-	st, err := Format(o1, s1, Options{ChunkSize: 16 << 10})
-	require.NoError(t, err)
-	_, err = st.CreateSnapshot("kept", st.Origin())
+	origin, store, st := sliceStore(t)
+	_, err := st.CreateSnapshot("kept", st.Origin())
 	require.NoError(t, err)
 	own, ok := st.Owner()
 	require.True(t, ok)
@@ -130,15 +136,10 @@ func reopenKept(t *testing.T, origin, store blockdev.Device) {
 // (it would pull the journal from under it), unless TakeOver; over one
 // nobody holds it goes ahead.
 func TestFormatOverHeldStoreRefused(t *testing.T) {
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	store, err := blockdev.NewMem(4<<20, 4096)
-	require.NoError(t, err)
+	origin, store, st := sliceStore(t)
 	o1, s1 := sliceViews(t, origin, store)
-	st, err := Format(o1, s1, Options{ChunkSize: 16 << 10})
-	require.NoError(t, err)
 	o2, s2 := sliceViews(t, origin, store)
-	_, err = Format(o2, s2, Options{ChunkSize: 16 << 10})
+	_, err := Format(o2, s2, Options{ChunkSize: 16 << 10})
 	var oe *OwnerError
 	require.ErrorAs(t, err, &oe)
 	require.NoError(t, st.Close())
@@ -235,7 +236,7 @@ func exitedPid(t *testing.T) int {
 }
 
 // TestOwnerRefusedAcrossProcesses holds the store open in a child process
-// through devices without flock (TestOwnerHolderProcess) and sees Open
+// through devices without flock (TestStoreHolderProcess) and sees Open
 // refused with the child's pid by the owner record, then succeed once the
 // child has closed the store and exited.
 func TestOwnerRefusedAcrossProcesses(t *testing.T) {
@@ -243,8 +244,8 @@ func TestOwnerRefusedAcrossProcesses(t *testing.T) {
 		t.Skip("needs a unix child process")
 	}
 	originPath, storePath := fileStore(t)
-	pid, finish := blockdevtest.StartChild(t, "TestOwnerHolderProcess",
-		"BLOCKSNAP_OWNER_ORIGIN="+originPath, "BLOCKSNAP_OWNER_STORE="+storePath)
+	pid, finish := blockdevtest.StartChild(t, "TestStoreHolderProcess",
+		"BLOCKSNAP_HOLDER_ORIGIN="+originPath, "BLOCKSNAP_HOLDER_STORE="+storePath, "BLOCKSNAP_HOLDER_SLICES=1")
 	o, s := sliceViews(t, openFile(t, originPath, false), openFile(t, storePath, false))
 	_, err := Open(o, s, Options{})
 	var oe *OwnerError
@@ -255,21 +256,6 @@ func TestOwnerRefusedAcrossProcesses(t *testing.T) {
 	require.NoError(t, err)
 	_, err = st.OpenVolume("child")
 	require.NoError(t, err, "the child's snapshot is there")
-	require.NoError(t, st.Close())
-}
-
-// TestOwnerHolderProcess is the child of TestOwnerRefusedAcrossProcesses.
-func TestOwnerHolderProcess(t *testing.T) {
-	originPath, storePath := os.Getenv("BLOCKSNAP_OWNER_ORIGIN"), os.Getenv("BLOCKSNAP_OWNER_STORE")
-	if storePath == "" {
-		t.Skip("run by TestOwnerRefusedAcrossProcesses")
-	}
-	o, s := sliceViews(t, openFile(t, originPath, false), openFile(t, storePath, false))
-	st, err := Open(o, s, Options{})
-	require.NoError(t, err)
-	_, err = st.CreateSnapshot("child", st.Origin())
-	require.NoError(t, err)
-	blockdevtest.ChildReady()
 	require.NoError(t, st.Close())
 }
 
@@ -617,13 +603,7 @@ func BenchmarkTouchSamples(b *testing.B) {
 // Opens racing on one device without flock in this process: exactly one
 // wins, the others are refused naming it.
 func TestConcurrentOpensOneWins(t *testing.T) {
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	store, err := blockdev.NewMem(4<<20, 4096)
-	require.NoError(t, err)
-	o, sv := sliceViews(t, origin, store)
-	s, err := Format(o, sv, Options{ChunkSize: 16 << 10})
-	require.NoError(t, err)
+	origin, store, s := sliceStore(t)
 	require.NoError(t, s.Close())
 	const n = 4
 	type result struct {
