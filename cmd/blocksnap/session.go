@@ -22,6 +22,7 @@ var errInUse = errors.New("in use by another process")
 // storeFlags are the flags every store command takes.
 type storeFlags struct {
 	origin, store, control string
+	takeOver               bool // snapshot.Options.TakeOver
 }
 
 func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
@@ -29,6 +30,8 @@ func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
 	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume)")
 	fs.StringVar(&f.store, "store", "", "store `PATH` (file or block device holding snapshots and metadata)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` of a running serve (default STORE.control)")
+	fs.BoolVar(&f.takeOver, "take-over", false, "open the store although its owner record names a holder the flock cannot see "+
+		"(another host sharing the device): only once that holder is known to be gone")
 	required(fs, "origin", "store")
 	return f
 }
@@ -81,7 +84,10 @@ func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File
 // store) is an error of its own, naming the holder where the system says.
 func inUseErr(f *storeFlags, err error) error {
 	var le *blockdev.LockedError
+	var oe *snapshot.OwnerError
 	switch {
+	case errors.As(err, &oe):
+		return ownerHeld("store", f.store, oe)
 	case !errors.As(err, &le):
 		return err
 	case le.Path == f.origin:
@@ -115,6 +121,7 @@ func openSession(f *storeFlags, a access) (*session, error) {
 
 // openSessionWith is openSession with the store options given.
 func openSessionWith(f *storeFlags, a access, opts snapshot.Options) (*session, error) {
+	opts.TakeOver = opts.TakeOver || f.takeOver
 	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
 		return nil, err
