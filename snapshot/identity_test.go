@@ -171,20 +171,27 @@ func TestStaleOwnerTakenOver(t *testing.T) {
 	reopenKept(t, origin2, store2) // the crashed Store's record is taken over
 
 	gone := exitedPid(t)
-	cases := []struct {
+	type ownerCase struct {
 		name  string
 		owner ownerRecord
-		ok    bool
-	}{
+		ok    bool // taken over without TakeOver
+	}
+	cases := []ownerCase{
 		{"this host, pid gone", ownerRecord{pid: uint64(gone), host: thisHost()}, true},
-		{"this host, pid alive", ownerRecord{pid: 1, host: thisHost()}, false},
+		{"this host, pid alive", ownerRecord{pid: 1, host: thisHost(), since: time.Now().UnixNano()}, false},
 		{"another host", ownerRecord{pid: uint64(gone), host: "elsewhere"}, false},
 		{"another host, had the flock (this device has none)", ownerRecord{pid: 7, host: "elsewhere", flock: true}, false},
+	}
+	if _, ok := bootTime(); ok {
+		cases = append(cases, ownerCase{"this host, pid alive, opened before the last boot", ownerRecord{pid: 1, host: thisHost(), since: 1}, true})
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.owner
-			o.id, o.since = [16]byte{1, 2, 3}, time.Now().UnixNano()
+			o.id = [16]byte{1, 2, 3}
+			if o.since == 0 {
+				o.since = time.Now().UnixNano()
+			}
 			rewriteIdentity(t, store2, func(st *identState) { st.owner = o })
 			s, err := Open(origin2, store2, Options{})
 			if tc.ok {

@@ -25,7 +25,8 @@ import (
 //     crash the process lived through: take over);
 //   - the holder held the store device's flock and this Open got it: the
 //     holder is gone, as the flock goes with its process (take over);
-//   - this host and no process has the pid: gone (take over);
+//   - this host and no process has the pid, or the record predates the
+//     host's last boot (Linux): gone (take over);
 //   - otherwise (another host, or a live pid on a device without flock)
 //     it may run: refuse with an *OwnerError naming it, unless
 //     Options.TakeOver says the caller knows it is gone.
@@ -126,6 +127,8 @@ func ownerGone(o *ownerRecord, flock bool) bool {
 		return true
 	case sameHost && !pidAlive(int(o.pid)):
 		return true
+	case sameHost && openedBeforeBoot(o.since):
+		return true // its pid, if alive, is another process's now
 	}
 	return false
 }
@@ -157,6 +160,14 @@ func refuseFormatOver(store blockdev.Device, opts Options) error {
 		return nil
 	}
 	return refuseOwner(&st.owner, opts)
+}
+
+// openedBeforeBoot reports whether a record of this host dated since
+// (unix ns) predates the host's last boot (a second of slack for the
+// boot time's rounding).
+func openedBeforeBoot(since int64) bool {
+	boot, ok := bootTime()
+	return ok && time.Unix(0, since).Before(boot.Add(-time.Second))
 }
 
 // claim makes this Store the store's owner, after the identity region's
