@@ -373,6 +373,21 @@ func TestIdentitySlotBitFlips(t *testing.T) {
 	_, err = Open(origin, store, Options{})
 	require.ErrorIs(t, err, ErrCorrupt)
 	require.ErrorContains(t, err, fmt.Sprintf("identity slot 0 at store offset %d", g.idOff))
+	require.ErrorContains(t, err, "Options.TakeOver writes a new owner record")
+	s, err = Open(origin, store, Options{ReadOnly: true, TakeOver: true})
+	require.NoError(t, err, "a read-only open reads past it")
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+	_, err = Open(origin, store, Options{ReadOnly: true})
+	require.ErrorIs(t, err, ErrCorrupt, "and writes nothing")
+	s, err = Open(origin, store, Options{TakeOver: true})
+	require.NoError(t, err, "TakeOver writes a new region")
+	require.Zero(t, s.id.durable.Load(), "the origin fingerprinted as it is")
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, Options{})
+	require.NoError(t, err)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
 }
 
 // FuzzIdentity: a slot image decodes or fails with ErrCorrupt, never

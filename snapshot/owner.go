@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -245,7 +246,17 @@ func (s *Store) openIdentity() error {
 		defer judging.Unlock()
 	}
 	st, err := readIdentity(s.store, g)
+	if errors.Is(err, ErrCorrupt) && s.opts.TakeOver {
+		// Both copies are bad: TakeOver starts a new record, every sample
+		// dirty, so that the origin as it is now is fingerprinted below.
+		st = identState{uuid: g.uuid, originSize: g.originSize, n: sampleCount(g.originSize), sampleLen: sampleLen(g.originSize)}
+		st.dirty = 1<<st.n - 1
+		err = nil
+	}
 	if err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			err = fmt.Errorf("%w (Options.TakeOver writes a new owner record and fingerprints the origin as it is)", err)
+		}
 		return err
 	}
 	if err := checkOrigin(s.origin, &st); err != nil {

@@ -108,6 +108,9 @@ type Options struct {
 	// device without flock): the caller has made sure it is gone. A
 	// holder that is certainly gone (this host and no such process, or
 	// the flock it held is free) is taken over without it (owner.go).
+	// It also opens a store whose identity region is unreadable (both
+	// copies bad), writing a new one (a read-only open only reads past
+	// it) with the origin fingerprinted as it is.
 	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
