@@ -250,9 +250,8 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 				}
 				if err := free(x.loc); err != nil {
 					if !errors.Is(err, meta.ErrInvalid) {
-						// The layer failed (a device error): not a bad
-						// record, and the error's cause must show.
-						return metaErr("free data chunk", err)
+						// The layer failed (a device error): not the record's fault.
+						return metaErr("free of a store chunk", err)
 					}
 					return bad("entry (%d,%d,%d) frees store chunk %d: %v", o.b, o.c+i, o.e, x.loc, err)
 				}
