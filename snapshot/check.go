@@ -51,6 +51,7 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		rep.Addf(format, args...)
 		return true // keep walking: report everything
 	}
+	s.checkSamples(bad) // identity.go
 	var cs checkState
 	ix, done, err := s.readView(func() {
 		cs = s.checkStateLocked()

@@ -113,6 +113,9 @@ type Options struct {
 	// device without flock): the caller has made sure it is gone. A
 	// holder that is certainly gone (this host and no such process, or
 	// the flock it held is free) is taken over without it (owner.go).
+	// It also opens a store whose identity region is unreadable (both
+	// copies bad), writing a new one (a read-only open only reads past
+	// it) with the origin fingerprinted as it is.
 	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
@@ -249,7 +252,8 @@ type Store struct {
 	// (then a checkpoint that needs no lock frees it). Lock order: branch
 	// gate, then clone stripe, then origin stripe, then fgMu, then
 	// reclaim, then mu, then allocator.mu, then the meta layer's locks;
-	// the origin buffer's drainMu is never held with mu. The index (ix)
+	// the origin buffer's drainMu is never held with mu. id.mu
+	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
 	mu        sync.RWMutex
@@ -386,6 +390,11 @@ const (
 
 // formatStore is Format once the devices are locked (lock.go).
 func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
+	judging.Lock() // until the claim (owner.go)
+	defer judging.Unlock()
+	if err := refuseFormatOver(store, opts); err != nil {
+		return nil, err
+	}
 	s, err := formatRegions(origin, store, opts)
 	if err != nil {
 		return nil, err
@@ -767,7 +776,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
-	gens := s.sampleGens()
+	var gens [maxSamples]uint64 // taken just before the origin's Flush
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -778,6 +787,7 @@ func (s *Store) Close() error {
 		// A clean shutdown leaves every completed write durable: the
 		// buffered origin writes go out after their commit.
 		if err = s.drainOrigin(context.Background()); err == nil {
+			gens = s.sampleGens()
 			err = s.origin.Flush()
 		}
 		if err == nil {
