@@ -77,8 +77,8 @@ func TestGrowMetadataFull(t *testing.T) {
 	require.Equal(t, int64(1<<20), added)
 	after := s.Stats()
 	require.Equal(t, before.MetadataRegion+added, after.MetadataRegion)
-	require.Equal(t, before.DataChunks-16, after.DataChunks)
-	require.Equal(t, before.UsedChunks, after.UsedChunks)
+	require.Equal(t, before.dataChunks()-16, after.dataChunks())
+	require.Equal(t, before.usedChunks(), after.usedChunks())
 
 	// The data space fills without touching the region's chunks.
 	g, err := s.CreateSnapshot("g", s.Origin())
@@ -86,7 +86,7 @@ func TestGrowMetadataFull(t *testing.T) {
 	d, err := s.CreateClone("d", g)
 	require.NoError(t, err)
 	end := fillUntilFull(t, d, 0)
-	require.EqualValues(t, after.DataChunks, end, "data chunks written")
+	require.EqualValues(t, after.dataChunks(), end, "data chunks written")
 	mustCheck(t, s)
 
 	more := fillMetadata(t, cl, rng)

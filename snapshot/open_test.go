@@ -20,7 +20,7 @@ import (
 
 // openFixture is a store with history: a snapshot of the origin whose
 // chunks were all copied in random order, a clone of it with writes of its
-// own, and a snapshot of the clone. It returns the store and its devices,
+// own, a snapshot of the clone, and a blank volume with writes. It returns the store and its devices,
 // open.
 func openFixture(t *testing.T, seed uint64) (*Store, *blockdev.Mem, *blockdev.Mem) {
 	const cs = 4096
@@ -48,6 +48,14 @@ func openFixture(t *testing.T, seed uint64) (*Store, *blockdev.Mem, *blockdev.Me
 	}
 	_, err = s.CreateSnapshot("c1", cl)
 	require.NoError(t, err)
+	vol, err := s.CreateVolume("v", 64<<20) // a root branch, larger than the origin
+	require.NoError(t, err)
+	for range 100 {
+		c := rng.IntN(64 << 20 / cs)
+		stamp(buf, uint64(c)+2<<32)
+		_, err := vol.WriteAt(buf, int64(c)*cs)
+		require.NoError(t, err)
+	}
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
 	for range 300 { // some copies at epoch 2
@@ -84,8 +92,8 @@ func summariesOf(t *testing.T, s *Store) summaries {
 	return sm
 }
 
-// readAll returns every volume's contents by name.
-func readAll(t *testing.T, s *Store) map[string][]byte {
+// readVolumes returns every volume's contents by name.
+func readVolumes(t *testing.T, s *Store) map[string][]byte {
 	out := map[string][]byte{}
 	for _, info := range s.List() {
 		v, err := s.OpenVolume(info.Name)
@@ -105,7 +113,7 @@ func readAll(t *testing.T, s *Store) map[string][]byte {
 // store whose image predates the summaries still makes at Open.
 func TestOpenWalksNoTree(t *testing.T) {
 	s, origin, store := openFixture(t, blockdevtest.Seed(t))
-	want := readAll(t, s)
+	want := readVolumes(t, s)
 	old := version2Copy(t, s, store)
 	require.NoError(t, s.Close())
 
@@ -116,7 +124,7 @@ func TestOpenWalksNoTree(t *testing.T) {
 		require.Equal(t, rebuild, s.rebuild)
 		misses, sm := s.m.CacheStats().Misses, summariesOf(t, s)
 		checkSummaries(t, s)
-		require.Equal(t, want, readAll(t, s))
+		require.Equal(t, want, readVolumes(t, s))
 		mustCheck(t, s)
 		return misses, sm
 	}
@@ -176,7 +184,7 @@ func TestOpenPreservedOnFirstUse(t *testing.T) {
 	o = s.Origin()
 	write(64)
 	require.Equal(t, entries, s.Stats().IndexEntries, "chunks preserved before the reopen copied again")
-	s2 := readAll(t, s)["s2"]
+	s2 := readVolumes(t, s)["s2"]
 	_, err = s.CreateSnapshot("s3", o)
 	require.NoError(t, err)
 	stamp(buf, 99)
@@ -184,7 +192,7 @@ func TestOpenPreservedOnFirstUse(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, o.Flush())
 	require.Equal(t, entries+1, s.Stats().IndexEntries)
-	after := readAll(t, s)
+	after := readVolumes(t, s)
 	require.Equal(t, s2, after["s2"])
 	require.Equal(t, make([]byte, 4096), after["s3"][:4096])
 	mustCheck(t, s)
@@ -195,7 +203,7 @@ func TestOpenPreservedOnFirstUse(t *testing.T) {
 // summaries by a walk, and the next tree commit writes a version 3 image.
 func TestOpenVersion2Image(t *testing.T) {
 	s, origin, store := openFixture(t, blockdevtest.Seed(t))
-	want := readAll(t, s)
+	want := readVolumes(t, s)
 	old := version2Copy(t, s, store)
 	require.NoError(t, s.Close())
 
@@ -203,14 +211,14 @@ func TestOpenVersion2Image(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, s.rebuild, "a version 2 image without a rebuild")
 	checkSummaries(t, s)
-	require.Equal(t, want, readAll(t, s))
+	require.Equal(t, want, readVolumes(t, s))
 	mustCheck(t, s)
 	require.NoError(t, s.Close())
 	s, err = Open(origin, old, Options{})
 	require.NoError(t, err)
 	defer s.Close()
 	require.False(t, s.rebuild, "Close wrote a version 2 image")
-	require.Equal(t, want, readAll(t, s))
+	require.Equal(t, want, readVolumes(t, s))
 }
 
 func copyMem(t *testing.T, d *blockdev.Mem) *blockdev.Mem {
