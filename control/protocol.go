@@ -72,6 +72,9 @@ type Request struct {
 	// Rate is set-rate's cap on background hydration in bytes per
 	// second; 0 removes the cap.
 	Rate int64 `json:"rate,omitempty"`
+	// Metadata is grow's bytes to add to the metadata region (taken from
+	// the free data space); 0 grows only the data region.
+	Metadata int64 `json:"metadata,omitempty"`
 }
 
 // Response is one answer line. A failed request has OK false and Error a
@@ -211,6 +214,9 @@ func (r Request) Validate() error {
 	if r.Rate < 0 {
 		return &RequestError{Reason: fmt.Sprintf("negative rate %d", r.Rate)}
 	}
+	if r.Metadata < 0 {
+		return &RequestError{Reason: fmt.Sprintf("negative metadata size %d", r.Metadata)}
+	}
 	return nil
 }
 
@@ -283,6 +289,10 @@ type VolumeStat struct {
 type GrowResult struct {
 	Added     int64 `json:"added"`
 	DataBytes int64 `json:"data_bytes"`
+	// MetadataAdded is what grow --metadata added to the metadata region,
+	// and MetadataBytes the region's size now.
+	MetadataAdded int64 `json:"metadata_added"`
+	MetadataBytes int64 `json:"metadata_bytes"`
 }
 
 // DeleteResult is what delete did.
