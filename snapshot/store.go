@@ -226,8 +226,10 @@ type Store struct {
 	// rebuild: the checkpoint image Open loaded predates the chunk-group
 	// summaries (version 2), so Open rebuilds the summaries by a walk.
 	rebuild bool
-	// replayOps is Replay's reusable record buffer.
+	// replayOps is Replay's reusable record buffer; deferred holds the
+	// replayed index changes not applied yet (replay.go).
 	replayOps []op
+	deferred  []deferredOp
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -611,6 +613,14 @@ func (s *Store) openJournal() error {
 		openJournal = journal.OpenReadOnly
 	}
 	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
+	if err == nil {
+		if err = s.flushDeferred(); err != nil {
+			_ = j.Close()
+			s.replaying, s.ix.reserve = false, false
+			return err
+		}
+		s.deferred, s.replayOps = nil, nil // Open's alone
+	}
 	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
 		return journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
