@@ -221,10 +221,24 @@ func TestStoreOpenScale(t *testing.T) {
 	}
 }
 
+// copyFile copies from to to and syncs the copy, so that the Open timed on
+// it does not pay for writing back the copy's dirty pages at its first
+// flush (about 2 s for the 0.5 GB image of a 10M-version store).
 func copyFile(from, to string) error {
 	b, err := os.ReadFile(from)
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(to, b, 0o600)
+	f, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
