@@ -12,8 +12,8 @@ package snapshot
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1), then its chunk-group summary:
 //	             uv count of non-zero words; per word: uv index (delta from
-//	             the previous word's index, the first from 0), uv word; a
-//	             root branch (CreateVolume) has parent = id and parent epoch 0
+//	             the previous word's index, the first from 0), uv word. A root
+//	             branch (CreateVolume) has parent = id and parent epoch 0
 //	          -  uv volume count; per volume (the origin excluded): uv id,
 //	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
 //	             protected, bit 2 size follows), sv created, uv parent,
@@ -444,10 +444,7 @@ func (r *replayer) Replay(seq uint64, payload []byte) error {
 	}
 	s.replayOps = ops
 	if seq > s.treeSeq {
-		if s.migrating {
-			return s.applyOps(ops, seq, true)
-		}
-		return s.replayDeferred(ops, seq) // replay.go
+		return s.applyOps(ops, seq, true)
 	}
 	for i := range ops {
 		o := &ops[i]

@@ -74,11 +74,12 @@ func (d *DeleteOp) Progress() DeleteProgress {
 // Delete deletes the named snapshot or clone. It returns once the deletion
 // is durable; the space is reclaimed in the background (see DeleteOp).
 // Open handles on the volume fail with ErrInvalidSnapshot from then on.
-// A protected volume is refused (ErrProtected); a snapshot that clones
-// depend on goes as a hidden parent point (DeleteWith with Detach; see
-// DeleteWith for the other choices).
+// A protected volume is refused (ErrProtected), and so is a snapshot
+// that clones depend on (ErrHasDependants): the *DependantsError lists
+// them. DeleteWith deletes them first (Recursive) or lets the snapshot go
+// as a hidden parent point that its clones keep (Detach).
 func (s *Store) Delete(name string) (*DeleteOp, error) {
-	return s.deleteOne(name, DeleteOptions{Detach: true})
+	return s.deleteOne(name, DeleteOptions{})
 }
 
 // deleteOne deletes one volume as Delete does, refused as opts says.

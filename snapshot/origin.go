@@ -193,6 +193,9 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 var errRetry = errors.New("snapshot: retry")
 
 func (s *Store) originIO(p []byte, off, n int64, discard bool) error {
+	if err := s.touchSamples(off, n); err != nil {
+		return fmt.Errorf("snapshot: origin at %d: %w", off, err)
+	}
 	var err error
 	if discard {
 		err = s.origin.Discard(off, n)

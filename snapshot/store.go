@@ -103,6 +103,12 @@ type Options struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two from
 	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
 	ChunkSize int64
+	// TakeOver opens a store whose owner record names a holder that may
+	// still run (another host, or a live pid of this host on a store
+	// device without flock): the caller has made sure it is gone. A
+	// holder that is certainly gone (this host and no such process, or
+	// the flock it held is free) is taken over without it (owner.go).
+	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
@@ -163,6 +169,9 @@ type Options struct {
 	// work; every change (writes, discards, snapshots, clones, deletes,
 	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
 	ReadOnly bool
+	// storeFlock: the store device holds a real flock (lockDevices set
+	// it), which an owner record of this Open records.
+	storeFlock bool
 	// syncWriteBack makes the metadata layer write back dirty pages in
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
@@ -322,6 +331,14 @@ type Store struct {
 
 	locks    deviceLocks // the devices' locks, released by Close (lock.go)
 	originRO bool        // the origin device refuses writes (lock.go); set before the store is handed out
+
+	// id is the owner record and the origin's fingerprint (identity.go,
+	// owner.go). claimed: this Store wrote its owner record, which
+	// Close clears; ownerSeen: the record a read-only Open found. Both
+	// are set by Format or Open before the store is handed out.
+	id        ident
+	claimed   bool
+	ownerSeen ownerRecord
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -370,6 +387,10 @@ func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := s.formatIdentity(true); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := writeSuperblock(store, &s.geo); err != nil {
 		s.abort()
 		return nil, err
@@ -388,6 +409,8 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize,
 		version: superblockVersion}
 	if !opts.Transient {
+		g.idOff, g.idLen = superblockSize, identityLen
+		g.journalOff += identityLen
 		jl := opts.JournalSize
 		if jl == 0 {
 			jl = min(max(store.Size()/32, 1<<20), 2<<30)
@@ -499,6 +522,7 @@ func (s *Store) openMeta(format bool) error {
 // abort releases what formatRegions or Open opened, for a store that will
 // not be returned.
 func (s *Store) abort() {
+	_ = s.releaseOwner()
 	if s.j != nil {
 		_ = s.j.Close()
 	}
@@ -539,13 +563,22 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
-	if err := checkOrigin(&g, origin); err != nil {
+	if err := checkOriginKind(&g, origin); err != nil {
 		return g, err
 	}
+	if g.originSize != origin.Size() {
+		e := &OriginError{Size: g.originSize, GotSize: origin.Size()}
+		if g.idLen != 0 {
+			if st, err := readIdentity(store, &g); err == nil {
+				e.Fingerprint = st.fingerprint()
+			}
+		}
+		return g, e
+	}
 	// A larger store device is a grown one (Grow uses the new space).
-	if g.originSize != origin.Size() || g.storeSize > store.Size() {
-		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
-			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	if g.storeSize > store.Size() {
+		return g, fmt.Errorf("%w: superblock records a store of %d bytes; the device has %d",
+			ErrCorrupt, g.storeSize, store.Size())
 	}
 	return g, nil
 }
@@ -570,7 +603,12 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := newStore(origin, store, opts, g)
+	if err := s.openIdentity(); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := s.openMeta(false); err != nil {
+		s.abort()
 		return nil, err
 	}
 	s.treeSeq = s.m.User()
@@ -733,6 +771,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
+	gens := s.sampleGens()
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -763,6 +802,13 @@ func (s *Store) Close() error {
 	}
 	if cerr := s.m.Close(); err == nil && cerr != nil && !errors.Is(cerr, meta.ErrClosed) {
 		err = cerr
+	}
+	if err == nil {
+		// The origin is flushed: its samples' contents are durable.
+		err = s.settleSamples(&gens)
+	}
+	if rerr := s.releaseOwner(); err == nil && rerr != nil {
+		err = rerr
 	}
 	s.closeVolumes()
 	return err

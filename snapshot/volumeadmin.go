@@ -490,9 +490,8 @@ func (s *Store) Stats() Stats {
 	s.mu.RUnlock()
 	sp := s.m.Space()
 	// Chunks the metadata region grew into (GrowMetadata) are not data.
-	data, used := sp.Chunks-sp.ChunksMeta, sp.ChunksUsed-sp.ChunksMeta
-	st := Stats{ChunkSize: s.cs, DataBytes: int64(data) * s.cs, UsedBytes: int64(used) * s.cs,
-		FreeBytes: int64(data-used) * s.cs, IndexEntries: int64(entries),
+	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
+		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
 		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
 		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs}
 	if s.j != nil {

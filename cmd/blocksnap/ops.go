@@ -187,9 +187,9 @@ func (o *ops) delete(ctx context.Context, r control.Request) (any, error) {
 			}
 		}
 	}
-	// A snapshot with clones goes as a hidden parent point unless
-	// recursive (list shows it).
-	op, err := o.st.DeleteWith(name, snapshot.DeleteOptions{Recursive: r.Recursive, Detach: true})
+	// A snapshot with clones is refused unless recursive, or detached
+	// (it goes as a hidden parent point that list shows).
+	op, err := o.st.DeleteWith(name, snapshot.DeleteOptions{Recursive: r.Recursive, Detach: r.Detach})
 	if o.onDelete != nil {
 		// A recursive delete that failed half way deleted a prefix of
 		// deps: retire the exports of those that are gone.

@@ -86,7 +86,8 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 	ok(t, f.args("clone", "live", "--from", "origin")...) // through an implicit hidden snapshot
 	ok(t, f.args("snapshot", "gold")...)
 	ok(t, f.args("clone", "vm", "--from", "gold")...)
-	ok(t, f.args("delete", "gold")...) // vm keeps it, hidden
+	fails(t, 1, `"gold" has dependants: vm`, f.args("delete", "gold")...)
+	ok(t, f.args("delete", "gold", "--detach")...) // vm keeps it, hidden
 
 	var vs []control.Volume
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))
