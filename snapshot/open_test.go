@@ -268,7 +268,7 @@ func newCkptReader(b []byte) *ckptReader {
 func TestReplaySortedMatchesLive(t *testing.T) {
 	seed := blockdevtest.Seed(t)
 	s, origin, store := openFixture(t, seed)
-	d, err := s.Delete("s1") // the collector moves and deletes the origin's entries, then commits
+	d, err := s.Delete("s2") // the collector moves and deletes the origin's entries, then commits
 	require.NoError(t, err)
 	require.NoError(t, d.Wait(context.Background()))
 	require.NoError(t, s.Checkpoint(context.Background()))
