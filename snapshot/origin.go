@@ -262,6 +262,7 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 		s.dropCow(sc)
 		return err
 	}
+	s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
 	s.mu.Lock()
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()

@@ -188,8 +188,9 @@ var cmdRollback = &command{
 	},
 	summary: "revert the origin or a clone to one of its snapshots, or a clone to a snapshot of its ancestors (later snapshots stay intact)",
 	long: "A clone reset to the snapshot it was cloned from moves no data: its chunks inherit again. " +
-		"Against a running serve the volume's NBD connections are closed for the rollback and its export " +
-		"comes back after it: clients reconnect to the rolled-back data.",
+		"Against a running serve the volume's NBD clients stay connected and read the rolled-back data from " +
+		"their next request on (a client that caches what it read, such as a mounted filesystem, must drop " +
+		"its cache: stop the VM or unmount first, as for any disk rewritten under it).",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		to := fs.String("to", "", "`SNAPSHOT` of VOLUME, or of one of its ancestors, to roll back to")
@@ -343,7 +344,7 @@ var cmdUsage = &command{
 				if err != nil {
 					break
 				}
-				_, err = fmt.Fprintf(e.stdout, "  %-20s %-8s mapped %s, exclusive %s\n", st.Name, st.Kind, human(st.Mapped), human(st.Exclusive))
+				_, err = fmt.Fprintf(e.stdout, "  %-20s %-8s mapped %s, exclusive %s of %s\n", st.Name, st.Kind, human(st.Mapped), human(st.Exclusive), human(st.Size))
 			}
 			return err
 		}
@@ -423,14 +424,14 @@ func printList(e *env, vs []control.Volume) error {
 		return s
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tCHILDREN\tSIZE\tCREATED")
+	fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tCHILDREN\tSIZE\tCREATED\tUUID")
 	for _, v := range vs {
 		children := make([]string, len(v.Children))
 		for i, c := range v.Children {
 			children[i] = display[c]
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", display[v.ID], v.Kind, dash(display[v.ParentID]), dash(strings.Join(children, ",")),
-			human(v.Size), v.Created.Local().Format(time.DateTime))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", display[v.ID], v.Kind, dash(display[v.ParentID]), dash(strings.Join(children, ",")),
+			human(v.Size), v.Created.Local().Format(time.DateTime), dash(v.UUID))
 	}
 	return tw.Flush()
 }

@@ -30,10 +30,6 @@ type ops struct {
 	connections func(name string) int64
 	onDelete    func(name string)
 	onRename    func(oldName, newName string)
-	// onRewrite is called before a rollback rewrites the volume name; the
-	// function it returns, after (serve closes the volume's connections
-	// for the rollback and exports it again after).
-	onRewrite func(name string) (done func())
 }
 
 func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
@@ -77,6 +73,15 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
 	case control.OpUsage:
 		return o.space(), nil
+	case control.OpCreate:
+		return o.created(o.st.CreateVolume(r.Name, r.Size))
+	case control.OpResize:
+		if err := o.st.Resize(r.Name, r.Size, snapshot.ResizeOptions{Shrink: r.Shrink}); err != nil {
+			return nil, err
+		}
+		return o.volume(r.Name)
+	case control.OpImport:
+		return o.importVolume(ctx, r.Name, r.Source)
 	case control.OpGrow:
 		added, err := o.st.Grow()
 		if err != nil {
@@ -114,7 +119,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 }
 
 func toJSON(i snapshot.VolumeInfo, names map[uint64]string) control.Volume {
-	return control.Volume{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
+	return control.Volume{ID: i.ID, UUID: i.UUID.String(), Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
 		ParentID: i.Parent, Created: i.Created, Size: i.Size, Hidden: i.Hidden, Protected: i.Protected}
 }
 
@@ -160,15 +165,7 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 		return nil, err
 	}
 	defer p.Close()
-	v, err := make(name, p)
-	if err != nil {
-		return nil, err
-	}
-	info := toJSON(v.Info(), nameMap(o.st))
-	if o.onCreate != nil {
-		return info, o.onCreate(v)
-	}
-	return info, v.Close()
+	return o.created(make(name, p))
 }
 
 func (o *ops) delete(ctx context.Context, r control.Request) (any, error) {
@@ -262,9 +259,11 @@ func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
 	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || vol.Kind() == snapshot.KindSnapshot {
 		return nil, fmt.Errorf("%s is not a snapshot of %s: %w", to, name, errNotSnapshot)
 	}
-	if o.onRewrite != nil {
-		defer o.onRewrite(name)()
-	}
+	// Against serve the volume's export stays up and its clients stay
+	// connected: the store keeps open handles valid across a rollback,
+	// and the export reads through the same handle, so the next read of
+	// a connected client returns the rolled-back data. Nothing between
+	// the client and the store caches data (the NBD server has no cache).
 	if o.progress != nil {
 		p := o.progress("rollback " + name)
 		p.text("rewriting the chunks that differ from " + to)

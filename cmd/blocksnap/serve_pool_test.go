@@ -49,9 +49,9 @@ func startQemuIO(t *testing.T, uri string) *qemuSession {
 	return q
 }
 
-// do sends one qemu-io command and returns the output lines up to the one
-// holding want (or all of them, if qemu-io exits first).
-func (q *qemuSession) do(t *testing.T, command, want string) string {
+// do sends one qemu-io command and returns the output lines up to the
+// first one holding any of want (or all of them, if qemu-io exits first).
+func (q *qemuSession) do(t *testing.T, command string, want ...string) string {
 	t.Helper()
 	_, err := io.WriteString(q.in, command+"\n")
 	require.NoError(t, err)
@@ -64,8 +64,10 @@ func (q *qemuSession) do(t *testing.T, command, want string) string {
 				return strings.Join(got, "\n")
 			}
 			got = append(got, l)
-			if strings.Contains(l, want) {
-				return strings.Join(got, "\n")
+			for _, w := range want {
+				if strings.Contains(l, w) {
+					return strings.Join(got, "\n")
+				}
 			}
 		case <-deadline:
 			t.Fatalf("qemu-io did not answer %q with %q within a minute: %q", command, want, got)
@@ -111,7 +113,7 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 		rows = append(rows, strings.Join(strings.Fields(l), " "))
 	}
 	hl, hv := byName["live"].ParentID, byName["vm"].ParentID
-	require.Equal(t, "NAME KIND PARENT CHILDREN SIZE CREATED", rows[0])
+	require.Equal(t, "NAME KIND PARENT CHILDREN SIZE CREATED UUID", rows[0])
 	for i, want := range []string{
 		fmt.Sprintf("origin origin - (hidden #%d),(hidden #%d) 16MiB", hl, hv),
 		fmt.Sprintf("(hidden #%d) snapshot origin live 16MiB", hl),

@@ -116,7 +116,11 @@ type Meta struct {
 	wbDone   chan struct{}
 
 	// mu guards the open transaction: everything below up to viewMu.
-	mu       sync.Mutex
+	// Changes (Put, Delete, the freeze, write-back) hold it exclusively;
+	// lookups of the open transaction (Get, Seek, Prev, Ascend...) hold it
+	// shared, each with its own reader from readers, and may load nodes
+	// into the cache meanwhile (docs/metadata.md section 8).
+	mu       sync.RWMutex
 	tx       uint64 // the open transaction
 	durable  uint64 // the last durable transaction
 	chunk    tree
@@ -138,6 +142,7 @@ type Meta struct {
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
+	missMark uint64 // the cache's misses when the change in progress began (lockChange)
 	frozen   state  // what the commit in flight makes durable
 	// frozenBytes is the cache cost of the commit in flight's nodes,
 	// pinned until it has written them.
@@ -148,8 +153,12 @@ type Meta struct {
 	committed state
 	views     map[uint64]int // committed tx -> open views
 
-	cache *cache
-	pool  sync.Pool // page buffers for reads
+	cache   *cache
+	pool    sync.Pool // page buffers for reads
+	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// prefetch is how many more Prefetch calls load nodes (Prefetch);
+	// atomic, since prefetches run under mu shared.
+	prefetch atomic.Int64
 }
 
 // Format initialises a metadata region on dev and returns it open.
@@ -202,6 +211,7 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
+	m.prefetch.Store(prefetchWindow) // the cache starts empty
 	m.wbCond = sync.NewCond(&m.wbMu)
 	return m
 }
@@ -500,8 +510,8 @@ type Space struct {
 
 // Space reports the current transaction's space use.
 func (m *Meta) Space() Space {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
 		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf())}
 }

@@ -107,8 +107,8 @@ func (m *Meta) ReleaseFrees() {
 // User returns the user word of the open transaction: after Open, the
 // one the last durable commit recorded.
 func (m *Meta) User() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.user
 }
 
@@ -230,8 +230,8 @@ func (m *Meta) ReturnData(loc uint64) error {
 
 // DataHeld is the number of data chunks freed but not reusable yet.
 func (m *Meta) DataHeld() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.dataSM.nheld
 }
 
@@ -240,8 +240,8 @@ func (m *Meta) DataHeld() uint64 {
 // order, until fn returns false. The chunks the region grew into
 // (GrowFromData) are not data: they are left out.
 func (m *Meta) DataInUse(fn func(loc uint64) bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	ext := m.extentsOf()
 	for w, word := range m.dataSM.words {
 		for word != 0 {
