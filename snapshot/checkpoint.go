@@ -444,7 +444,10 @@ func (r *replayer) Replay(seq uint64, payload []byte) error {
 	}
 	s.replayOps = ops
 	if seq > s.treeSeq {
-		return s.applyOps(ops, seq, true)
+		if s.migrating {
+			return s.applyOps(ops, seq, true)
+		}
+		return s.replayDeferred(ops, seq) // replay.go
 	}
 	for i := range ops {
 		o := &ops[i]

@@ -44,13 +44,13 @@
 // the origin device.
 //
 // What Open costs: reading the tree's superblock and space maps (one 4 KiB
-// page per 32,512 data chunks or metadata pages), replaying the journal
-// records after the last tree commit (bounded by the tree-commit interval
-// and the journal's fill, never the whole history), and one walk of the
-// chunk tree that rebuilds two in-memory summaries (each origin chunk's
-// preserved epoch, and the per-branch chunk-group bits that let reads skip
-// clone levels): that walk reads every leaf once, so it grows with the
-// number of index entries (about 11 bytes each on disk).
+// page per 32,512 data chunks or metadata pages), the checkpoint image
+// (the branch and volume tables, with each branch's chunk-group bits that
+// let reads skip clone levels), and replaying the journal records after
+// the last tree commit (at most about 65,536 records or index changes,
+// and the journal's fill; none after a clean Close), sorted by key. No
+// walk of the tree: each origin chunk's preserved epoch is looked up on
+// its first write after Open (preserve.go).
 package snapshot
 
 import (
@@ -243,8 +243,10 @@ type Store struct {
 	// rebuild: the checkpoint image Open loaded predates the chunk-group
 	// summaries (version 2), so Open rebuilds the summaries by a walk.
 	rebuild bool
-	// replayOps is Replay's reusable record buffer.
+	// replayOps is Replay's reusable record buffer; deferred holds the
+	// replayed index changes not applied yet (replay.go).
 	replayOps []op
+	deferred  []deferredOp
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -664,6 +666,14 @@ func (s *Store) openJournal() error {
 		openJournal = journal.OpenReadOnly
 	}
 	j, err := openJournal(jdev, s.journalOptions(), (*replayer)(s))
+	if err == nil {
+		if err = s.flushDeferred(); err != nil {
+			_ = j.Close()
+			s.replaying, s.ix.reserve = false, false
+			return err
+		}
+		s.deferred, s.replayOps = nil, nil // Open's alone
+	}
 	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
 		return journalerr.Wrap(ErrCorrupt, "store", g.journalOff, g.journalLen, err)
