@@ -7,7 +7,7 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (2), little-endian
+//	     8    4  version (3), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1)
@@ -15,6 +15,7 @@ package snapshot
 //	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
 //	             protected), sv created, uv parent,
 //	             uv name length, name
+//	          -  the origin snapshots' counters (version 3; counters.go)
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
@@ -42,8 +43,10 @@ import (
 
 const (
 	checkpointMagic      = "BSNAPCKP"
-	checkpointVersion    = 2
+	checkpointVersion    = 3
 	oldCheckpointVersion = 1
+	// noCounterVersion images lack the counters: Open rebuilds them.
+	noCounterVersion = 2
 )
 
 // capture is a tree commit frozen under mu at journal record upTo, with
@@ -56,6 +59,7 @@ type capture struct {
 	nextBr   uint32
 	branches []branchRec
 	volumes  []volRec
+	ctr      counters
 	// view, when set, receives a view of the written commit before the
 	// capture ends (readView).
 	view **meta.View
@@ -90,6 +94,7 @@ func (s *Store) smallStateLocked(c *capture) {
 		}
 	}
 	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
+	c.ctr = s.ctr.clone()
 }
 
 // captureLocked freezes a tree commit at the last record appended. Called
@@ -332,6 +337,14 @@ func (c *capture) encode(w io.Writer) (int64, error) {
 }
 
 func (c *capture) encodeTo(e *encoder) {
+	c.encodeState(e)
+	c.ctr.encodeTo(e)
+	e.byte1(0) // no entry runs: the index is in the metadata region
+}
+
+// encodeState writes the header, branches and volumes: what every version
+// of the image begins with.
+func (c *capture) encodeState(e *encoder) {
 	var hdr [12]byte
 	copy(hdr[:], checkpointMagic)
 	binary.LittleEndian.PutUint32(hdr[8:], checkpointVersion)
@@ -359,7 +372,6 @@ func (c *capture) encodeTo(e *encoder) {
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}
-	e.byte1(0) // no entry runs: the index is in the metadata region
 }
 
 // replayer adapts Store to journal.Replayer.
@@ -376,6 +388,9 @@ func (r *replayer) Replay(seq uint64, payload []byte) error {
 		return err
 	}
 	if seq <= s.treeSeq {
+		// The counters of the checkpoint lack these records' index
+		// changes, which the tree holds: Open rebuilds them.
+		s.ctr.stale = true
 		ops = slices.DeleteFunc(ops, func(o op) bool { return o.kind == opPut || o.kind == opDel || o.kind == opMove })
 	}
 	return s.applyOps(ops, seq, true)

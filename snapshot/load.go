@@ -20,12 +20,16 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	var hdr [12]byte
 	d.read(hdr[:])
 	version := binary.LittleEndian.Uint32(hdr[8:])
-	if d.err == nil && (string(hdr[:8]) != checkpointMagic || version != checkpointVersion && !(s.migrating && version == oldCheckpointVersion)) {
+	if d.err == nil && (string(hdr[:8]) != checkpointMagic || version != checkpointVersion && version != noCounterVersion && !(s.migrating && version == oldCheckpointVersion)) {
 		d.fail("bad magic or version %d", version)
 	}
 	nextVol, nextBr := d.uv(), d.u32()
+	s.ctr = counters{stale: true} // loading the holders changes no counter
 	s.loadBranches(d)
 	s.loadVolumes(d)
+	if version == checkpointVersion {
+		s.loadCounters(d)
+	}
 	if version == oldCheckpointVersion {
 		s.loadRuns(d)
 	} else if tag := d.byte1(); tag != 0 && d.err == nil {

@@ -24,9 +24,9 @@ import (
 func v1Image(c *capture, runs [][5]uint64) []byte {
 	var buf bytes.Buffer
 	e := &encoder{w: bufio.NewWriter(&buf), crc: crc32.New(castagnoli)}
-	c.encodeTo(e)
+	c.encodeState(e)
 	check(e.w.Flush())
-	body := buf.Bytes()[:buf.Len()-1] // drop the end tag
+	body := buf.Bytes()
 	binary.LittleEndian.PutUint32(body[8:], oldCheckpointVersion)
 	for _, r := range runs { // each run a tag 1 with its own branch and epoch
 		body = append(body, 1)

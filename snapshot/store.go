@@ -238,6 +238,9 @@ type Store struct {
 	// harmless: new snapshots get greater numbers). Guarded by the origin
 	// stripe of c (written under mu as well).
 	preserved []uint32
+	// ctr: the origin's snapshots' space counters (counters.go).
+	// Guarded by mu.
+	ctr counters
 
 	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
 	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
@@ -543,6 +546,10 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	if err := s.rebuildSummaries(); err != nil {
+		s.abort()
+		return nil, err
+	}
+	if err := s.settleCounters(); err != nil {
 		s.abort()
 		return nil, err
 	}

@@ -234,19 +234,35 @@ func (v *Volume) Info() VolumeInfo {
 	return v.s.infoLocked(v.meta)
 }
 
-// Stat returns the named volume's space accounting. The origin's comes
-// from its preserved epochs (memory). A snapshot's or clone's walks the
-// index entries of the volume's branch and its ancestors (metadata only)
-// on a committed view of the index (readView), so the walk does not hold
-// the store's lock and writers go on meanwhile; the answer is the state at
-// the call's start.
+// Stat returns the named volume's space accounting (docs/metadata.md
+// section 13 defines it). The origin's comes from its preserved epochs
+// (memory); a snapshot of the origin's from counters kept as entries
+// change, in O(log snapshots). A clone's or a clone's snapshot's walks
+// the index entries of the volume's branch and its ancestors (metadata
+// only) on a committed view of the index (readView), so the walk does not
+// hold the store's lock and writers go on meanwhile; the answer is the
+// state at the call's start.
 func (s *Store) Stat(name string) (VolumeStat, error) {
 	s.mu.RLock()
-	if id, ok := s.byName[name]; ok && s.volumes[id].kind == KindOrigin {
-		defer s.mu.RUnlock()
-		return s.originStatLocked(s.volumes[id]), nil
+	if id, ok := s.byName[name]; ok {
+		v := s.volumes[id]
+		switch {
+		case v.kind == KindOrigin:
+			defer s.mu.RUnlock()
+			return s.originStatLocked(v), nil
+		case v.kind == KindSnapshot && v.branch == 0 && !s.ctr.stale:
+			defer s.mu.RUnlock()
+			return s.snapshotStatLocked(v), nil
+		}
 	}
 	s.mu.RUnlock()
+	return s.statWalk(name)
+}
+
+// statWalk is Stat by a walk of the entries the volume reads: what clones
+// and their snapshots use, and the oracle that the counters are tested
+// against.
+func (s *Store) statWalk(name string) (VolumeStat, error) {
 
 	var st VolumeStat
 	var levels []viewLevel

@@ -1,0 +1,421 @@
+package snapshot
+
+import (
+	"maps"
+	"slices"
+)
+
+// Space counters of the origin's snapshots (docs/metadata.md section 13).
+//
+// An entry (0, c, e) of branch 0 is read by the snapshots numbered in
+// (lo, e], lo being the epoch of the chunk's entry before it (0: none).
+// Its held cover is the set of held epochs in that range. For every
+// snapshot epoch E of branch 0 the store keeps, as entries change:
+//
+//   - mapped(E): the bytes of the data entries whose range holds E, as a
+//     Fenwick tree of point deltas over epochs (+len at lo+1, -len at
+//     e+1), so a put costs O(log epochs) and a query O(log epochs);
+//   - excl[E]: the bytes of the data entries whose held cover is exactly
+//     {E} (a snapshot's exclusive bytes, when one volume holds E).
+//
+// Both are exact at held epochs; what they hold for an epoch nothing holds
+// is never read (such an epoch is never held again: new snapshots get
+// greater numbers). That is what keeps the collector's work free of
+// counter upkeep: it re-keys an entry at an unheld epoch to the newest
+// held epoch still in its range, or drops an entry whose range holds no
+// held epoch, and neither changes any held cover. The same argument lets
+// an origin copy-on-write take lo from the chunk's preserved epoch
+// (memory) instead of a lookup: preserved only grows, and no epoch
+// between the chunk's true last entry and its preserved epoch is held.
+//
+// A held epoch added is always the newest (a new snapshot, or a clone's
+// hidden parent point taken now), which no entry's range holds yet. A held
+// epoch E removed (its last holder gone) merges the covers around it: an
+// entry covering {p, E} now covers {p} alone, one covering {E, n} covers
+// {n}. Those entries are keyed in [E, next held after n); heldRemoved
+// visits them with a lookup each. So a delete costs the entries of the
+// deleted snapshot and of the one after it, under the store's lock.
+
+// epochSums is a Fenwick tree of int64 point values over epochs: position
+// e is epoch e, and position 0 is unused (no snapshot has epoch 0, and a
+// range starts at lo+1). Its size follows the origin's last epoch: 8 bytes
+// per snapshot number ever handed out.
+type epochSums struct {
+	t []int64 // t[0] unused
+}
+
+// add adds v at epoch e (e > 0; callers bound e by the last epoch).
+func (f *epochSums) add(e uint32, v int64) {
+	if v == 0 || e == 0 {
+		return
+	}
+	i := int(e)
+	if i >= len(f.t) {
+		f.grow(i + 1)
+	}
+	for ; i < len(f.t); i += i & -i {
+		f.t[i] += v
+	}
+}
+
+// sum returns the total of the values at epochs 1..e.
+func (f *epochSums) sum(e uint32) int64 {
+	i := min(int(e), len(f.t)-1)
+	var s int64
+	for ; i > 0; i -= i & -i {
+		s += f.t[i]
+	}
+	return s
+}
+
+// values returns the point values, indexed by epoch (O(n)).
+func (f *epochSums) values() []int64 {
+	v := slices.Clone(f.t)
+	for i := len(v) - 1; i > 0; i-- {
+		if j := i + i&-i; j < len(v) {
+			v[j] -= v[i]
+		}
+	}
+	return v
+}
+
+// grow makes room for epochs below n, doubling so that growth is
+// amortised O(1) per epoch handed out.
+func (f *epochSums) grow(n int) {
+	v := f.values()
+	size := max(n, 2*len(v), 64)
+	v = append(v, make([]int64, size-len(v))...)
+	for i := 1; i < len(v); i++ { // rebuild in O(n)
+		if j := i + i&-i; j < len(v) {
+			v[j] += v[i]
+		}
+	}
+	f.t = v
+}
+
+func (f *epochSums) clone() epochSums { return epochSums{t: slices.Clone(f.t)} }
+
+// counters are branch 0's per-snapshot counters. Guarded by Store.mu.
+type counters struct {
+	mapped epochSums
+	excl   map[uint32]int64 // held epoch -> bytes; no key for 0
+	// stale: not maintained (an image without counters was loaded, Open
+	// replays records the tree already holds, or a migration loads an old
+	// store); Open rebuilds them by one walk of branch 0 (settleCounters).
+	stale bool
+}
+
+func (c *counters) addExcl(e uint32, v int64) {
+	if c.excl == nil {
+		c.excl = map[uint32]int64{}
+	}
+	if n := c.excl[e] + v; n != 0 {
+		c.excl[e] = n
+	} else {
+		delete(c.excl, e)
+	}
+}
+
+// onlyHeld returns the one held epoch in (lo, e], or 0 if there are none
+// or several.
+func onlyHeld(held []uint32, lo, e uint32) uint32 {
+	i, _ := slices.BinarySearch(held, lo+1)
+	if i < len(held) && held[i] <= e && (i+1 == len(held) || held[i+1] > e) {
+		return held[i]
+	}
+	return 0
+}
+
+// addEntry counts a data entry of branch 0 keyed at e whose previous entry
+// is at lo, with held the held epochs at that instant.
+func (c *counters) addEntry(held []uint32, lo, e uint32, n int64) {
+	c.mapped.add(lo+1, n)
+	c.mapped.add(e+1, -n)
+	if h := onlyHeld(held, lo, e); h != 0 {
+		c.addExcl(h, n)
+	}
+}
+
+// countPut counts the put of origin chunk c at epoch e (data or not), before
+// the index changes. During replay the chunk's preserved epoch is not yet
+// rebuilt, so the previous entry is looked up. Called with Store.mu held.
+func (s *Store) countPut(c uint64, e uint32, data bool) error {
+	if s.ctr.stale || !data {
+		return nil
+	}
+	if e == 0 || e > s.b0.lastEpoch {
+		s.ctr.stale = true // a bad record, which the replay refuses or Check reports
+		return nil
+	}
+	lo := s.preserved[c]
+	if s.replaying {
+		p, ok, err := s.ix.prev(0, c, e)
+		if err != nil {
+			return metaErr("index lookup", err)
+		}
+		lo = 0
+		if ok {
+			lo = p.e
+		}
+	}
+	if lo >= e {
+		// Not the chunk's newest entry: only a migration loads such puts,
+		// and it rebuilds the counters after.
+		s.ctr.stale = true
+		return nil
+	}
+	s.ctr.addEntry(s.b0.held, lo, e, s.chunkLen(c))
+	return nil
+}
+
+// countChange notes a delete or move of an origin entry keyed at e. The
+// collector's are free (see above); any other would change held covers,
+// which no caller does: the counters are then marked stale, which Check
+// reports.
+func (s *Store) countChange(e uint32) {
+	if !s.ctr.stale && s.b0.refs[e] > 0 {
+		s.ctr.stale = true
+	}
+}
+
+// refAt changes the holders of epoch e of br as br.ref does, and keeps
+// branch 0's counters when e becomes held or stops being held. Called with
+// Store.mu held.
+func (s *Store) refAt(br *branch, e uint32, d int32) (nowZero bool, err error) {
+	was := br.refs[e] > 0
+	nowZero = br.ref(e, d)
+	if br.id != 0 || s.ctr.stale || was == !nowZero {
+		return nowZero, nil
+	}
+	if !was { // added: the newest held epoch, or the counters cannot say
+		if br.held[len(br.held)-1] != e {
+			s.ctr.stale = true
+		}
+		return nowZero, nil
+	}
+	return nowZero, s.heldRemoved(br, e)
+}
+
+// heldRemoved moves the bytes whose cover loses epoch e to the neighbour
+// that now holds them alone: entries covering {p, e} to p, entries covering
+// {e, n} to n (p and n the held epochs around e, pp before p, nn after n).
+func (s *Store) heldRemoved(br *branch, e uint32) error {
+	s.ctr.addExcl(e, -s.ctr.excl[e])
+	i, _ := slices.BinarySearch(br.held, e)
+	var pp, p, n, nn uint32
+	if i > 0 {
+		p = br.held[i-1]
+	}
+	if i > 1 {
+		pp = br.held[i-2]
+	}
+	hi := br.lastEpoch + 1 // no origin entry is keyed above lastEpoch
+	if i < len(br.held) {
+		n = br.held[i]
+		if i+1 < len(br.held) {
+			nn = br.held[i+1]
+			hi = nn
+		}
+	}
+	var lerr error
+	err := s.ix.epochRange(0, e, hi, func(x entry) bool {
+		if !x.isData() {
+			return true
+		}
+		lo := uint32(0)
+		pv, ok, err := s.ix.prev(0, x.c, x.e)
+		if err != nil {
+			lerr = err
+			return false
+		}
+		if ok {
+			lo = pv.e
+		}
+		switch {
+		case n == 0 || x.e < n: // covered e and maybe p
+			if p != 0 && lo >= pp && lo < p {
+				s.ctr.addExcl(p, s.chunkLen(x.c))
+			}
+		case lo >= p && lo < e: // covered e and n
+			s.ctr.addExcl(n, s.chunkLen(x.c))
+		}
+		return true
+	})
+	if err == nil {
+		err = lerr
+	}
+	if err != nil {
+		return metaErr("counter upkeep", err)
+	}
+	return nil
+}
+
+// counterBuilder recomputes branch 0's counters from its entries in (c, e)
+// order: Check's oracle, and Open's rebuild of stale counters.
+type counterBuilder struct {
+	ctr    counters
+	held   []uint32
+	last   uint32 // the origin's last epoch: entries above it are Check's to report
+	c      uint64
+	lastE  uint32
+	inside bool
+}
+
+// add counts x, the next entry of branch 0 in (c, e) order, of n bytes.
+func (b *counterBuilder) add(x entry, n int64) {
+	lo := uint32(0)
+	if b.inside && b.c == x.c {
+		lo = b.lastE
+	}
+	b.c, b.lastE, b.inside = x.c, x.e, true
+	if x.isData() && x.e <= b.last {
+		b.ctr.addEntry(b.held, lo, x.e, n)
+	}
+}
+
+// buildCounters walks branch 0 of ix. Called with Store.mu held.
+func (s *Store) buildCounters(ix pagedIndex) (counters, error) {
+	b := counterBuilder{held: s.b0.held, last: s.b0.lastEpoch}
+	err := ix.branchAscend(0, func(x entry) bool {
+		b.add(x, s.chunkLen(x.c))
+		return true
+	})
+	if err != nil {
+		return counters{}, metaErr("counter rebuild", err)
+	}
+	return b.ctr, nil
+}
+
+// settleCounters rebuilds stale counters (Open, after the replay). Its
+// cost is one walk of branch 0's entries; an Open after a clean Close or
+// most crashes finds the counters current and walks nothing.
+func (s *Store) settleCounters() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.ctr.stale {
+		return nil
+	}
+	c, err := s.buildCounters(s.ix)
+	if err != nil {
+		return err
+	}
+	s.ctr = c
+	return nil
+}
+
+// snapshotStatLocked answers Stat of a snapshot of the origin from the
+// counters. Called with Store.mu held.
+func (s *Store) snapshotStatLocked(v *volume) VolumeStat {
+	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
+	st.Mapped = s.ctr.mapped.sum(v.epoch)
+	if s.b0.refs[v.epoch] == 1 {
+		st.Exclusive = s.ctr.excl[v.epoch]
+	}
+	st.Shared = st.Mapped - st.Exclusive
+	return st
+}
+
+// checkCounters compares the counters copied with a check's view (got)
+// with those its walk recomputed (want), at every held epoch of branch 0.
+func checkCounters(got, want *counters, held []uint32, bad func(string, ...any) bool) {
+	if got.stale {
+		bad("origin snapshot counters are not maintained")
+		return
+	}
+	for _, e := range held {
+		if g, w := got.mapped.sum(e), want.mapped.sum(e); g != w {
+			bad("origin snapshot at epoch %d: mapped counter %d bytes, entries map %d", e, g, w)
+		}
+		if g, w := got.excl[e], want.excl[e]; g != w {
+			bad("origin snapshot at epoch %d: exclusive counter %d bytes, entries give %d", e, g, w)
+		}
+	}
+	for e, n := range got.excl {
+		if _, ok := slices.BinarySearch(held, e); !ok {
+			bad("exclusive counter of %d bytes at epoch %d that nothing holds", n, e)
+		}
+	}
+}
+
+// Checkpoint image section (version 3), after the volumes:
+//
+//	uv present (0: not kept, Open rebuilds them; 1: kept)
+//	uv count; per nonzero point value of mapped, by epoch: uv epoch delta
+//	   from the previous one, sv value
+//	uv count; per nonzero excl, by epoch: uv epoch delta, sv value
+
+func (c *counters) encodeTo(e *encoder) {
+	if c.stale {
+		e.uv(0)
+		return
+	}
+	e.uv(1)
+	v := c.mapped.values()
+	n := 0
+	for _, x := range v {
+		if x != 0 {
+			n++
+		}
+	}
+	e.uv(uint64(n))
+	last := 0
+	for i, x := range v {
+		if x != 0 {
+			e.uv(uint64(i - last))
+			e.sv(x)
+			last = i
+		}
+	}
+	keys := slices.Sorted(maps.Keys(c.excl))
+	e.uv(uint64(len(keys)))
+	prev := uint32(0)
+	for _, k := range keys {
+		e.uv(uint64(k - prev))
+		e.sv(c.excl[k])
+		prev = k
+	}
+}
+
+// loadCounters decodes the section; every epoch must be at most one past
+// the origin's last epoch, which bounds what it allocates by what the
+// image already declared.
+func (s *Store) loadCounters(d *ckptReader) {
+	switch d.uv() {
+	case 0:
+		return // stays stale
+	case 1:
+	default:
+		d.fail("counters flag")
+		return
+	}
+	var c counters
+	limit := uint64(s.b0.lastEpoch) + 1
+	for _, excl := range []bool{false, true} {
+		n := d.uv()
+		e := uint64(0)
+		for i := uint64(0); i < n && d.err == nil; i++ {
+			step := d.uv()
+			e += step
+			v := d.sv()
+			if d.err != nil {
+				return
+			}
+			if step == 0 || e > limit || v == 0 {
+				d.fail("counter %d at epoch %d (last %d)", v, e, limit-1)
+				return
+			}
+			if excl {
+				c.addExcl(uint32(e), v)
+			} else {
+				c.mapped.add(uint32(e), v)
+			}
+		}
+	}
+	if d.err == nil {
+		s.ctr = c
+	}
+}
+
+func (c *counters) clone() counters {
+	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), stale: c.stale}
+}

@@ -1,0 +1,195 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// TestEpochSums compares the Fenwick tree with a plain array, across
+// growth and the values/rebuild round trip.
+func TestEpochSums(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 13))
+	var f epochSums
+	plain := make([]int64, 2000)
+	for range 5000 {
+		e := uint32(1 + rng.IntN(len(plain)-1))
+		v := rng.Int64N(2001) - 1000
+		f.add(e, v)
+		plain[e] += v
+		q := uint32(rng.IntN(len(plain) + 10))
+		var want int64
+		for i := 1; i <= int(q) && i < len(plain); i++ {
+			want += plain[i]
+		}
+		require.Equal(t, want, f.sum(q), "seed %d: sum(%d)", seed, q)
+	}
+	vals := f.values()
+	for i := 1; i < len(plain); i++ {
+		require.Equal(t, plain[i], vals[i], "seed %d: value %d", seed, i)
+	}
+	f.add(0, 7) // epoch 0 holds nothing
+	g := f.clone()
+	require.Equal(t, f.sum(5), g.sum(5))
+}
+
+// requireStatsMatchWalk compares Stat of every visible volume with the
+// walk it replaced (the oracle).
+func requireStatsMatchWalk(t testing.TB, s *Store, why string) {
+	t.Helper()
+	for _, v := range s.List() {
+		got, err := s.Stat(v.Name)
+		require.NoError(t, err, why)
+		if v.Kind == KindOrigin {
+			continue // not a walk: both are its preserved epochs
+		}
+		want, err := s.statWalk(v.Name)
+		require.NoError(t, err, why)
+		require.Equal(t, want, got, "%s: volume %s", why, v.Name)
+	}
+}
+
+// TestCountersNeighbours deletes snapshots between others, so that the
+// bytes two snapshots shared become one's alone, and compares Stat with
+// the walk at each step; then reopens (the counters come from the
+// checkpoint) and compares again.
+func TestCountersNeighbours(t *testing.T) {
+	origin, _ := blockdev.NewMem(64*4096, 512)
+	store, _ := blockdev.NewMem(8<<20, 512)
+	opts := Options{ChunkSize: 4096, JournalSize: 256 << 10}
+	s, err := Format(origin, store, opts)
+	require.NoError(t, err)
+	o := s.Origin()
+	buf := make([]byte, 4096)
+	write := func(chunks ...int) {
+		for _, c := range chunks {
+			_, err := o.WriteAt(buf, int64(c)*4096)
+			require.NoError(t, err)
+		}
+		require.NoError(t, o.Flush())
+	}
+	// Copies after s1: chunks 0-3; after s2: 0, 1, 4; after s3: 2, 4;
+	// after s4: 0.
+	for i, w := range [][]int{{0, 1, 2, 3}, {0, 1, 4}, {2, 4}, {0}} {
+		_, err := s.CreateSnapshot(fmt.Sprintf("s%d", i+1), o)
+		require.NoError(t, err)
+		write(w...)
+	}
+	requireStatsMatchWalk(t, s, "before deletes")
+	st, err := s.Stat("s2")
+	require.NoError(t, err)
+	// s2 reads the copies of 0 and 1 made after it (its alone), of 2 made
+	// after s3 (s3's too) and of 4 made after it (s1's too); chunk 3
+	// it reads from the origin.
+	require.EqualValues(t, 4*4096, st.Mapped)
+	require.EqualValues(t, 2*4096, st.Exclusive)
+	for _, name := range []string{"s2", "s3"} {
+		d, err := s.Delete(name)
+		require.NoError(t, err)
+		requireStatsMatchWalk(t, s, "after delete of "+name)
+		require.NoError(t, d.Wait(context.Background()))
+		requireStatsMatchWalk(t, s, "after collection of "+name)
+		require.NoError(t, s.Check())
+	}
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, opts)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, s.Close()) }()
+	requireStatsMatchWalk(t, s, "after reopen")
+	require.NoError(t, s.Check())
+}
+
+// TestCountersWorkload runs the random model workload with Stat compared
+// with the walk every few steps.
+func TestCountersWorkload(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	origin, _ := blockdev.NewMem(128<<10, 512)
+	store, _ := blockdev.NewMem(8<<20, 512)
+	fillPattern(t, origin, seed)
+	w := newWorkload(t, seed, origin, store, Options{ChunkSize: 4 << 10, JournalSize: 256 << 10})
+	defer func() { _ = w.s.Close() }()
+	for i := range shortScale(1200) {
+		require.NoError(t, w.step())
+		if i%10 == 0 {
+			requireStatsMatchWalk(t, w.s, fmt.Sprintf("seed %d step %d", seed, w.steps))
+		}
+	}
+	require.NoError(t, w.s.WaitIdle(context.Background()))
+	requireStatsMatchWalk(t, w.s, fmt.Sprintf("seed %d end", seed))
+	mustCheck(t, w.s)
+}
+
+// TestCheckReportsCounters corrupts each kind of counter and sees Check
+// report it; a store whose counters were not kept is reported too.
+func TestCheckReportsCounters(t *testing.T) {
+	origin, _ := blockdev.NewMem(64*4096, 512)
+	store, _ := blockdev.NewMem(8<<20, 512)
+	s, err := Format(origin, store, Options{ChunkSize: 4096, JournalSize: 256 << 10})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, s.Close()) }()
+	o := s.Origin()
+	snap, err := s.CreateSnapshot("s1", o)
+	require.NoError(t, err)
+	_, err = o.WriteAt(make([]byte, 3*4096), 0)
+	require.NoError(t, err)
+	require.NoError(t, o.Flush())
+	require.NoError(t, s.Check())
+	e := snap.meta.epoch
+	for _, tc := range []struct {
+		name, want string
+		corrupt    func()
+		undo       func()
+	}{
+		{"mapped", "mapped counter", func() { s.ctr.mapped.add(e, 512) }, func() { s.ctr.mapped.add(e, -512) }},
+		{"exclusive", "exclusive counter", func() { s.ctr.addExcl(e, -4096) }, func() { s.ctr.addExcl(e, 4096) }},
+		{"unheld", "nothing holds", func() { s.ctr.addExcl(e+5, 4096) }, func() { s.ctr.addExcl(e+5, -4096) }},
+		{"stale", "not maintained", func() { s.ctr.stale = true }, func() { s.ctr.stale = false }},
+	} {
+		s.mu.Lock()
+		tc.corrupt()
+		s.mu.Unlock()
+		err := s.Check()
+		require.ErrorIs(t, err, ErrCorrupt, tc.name)
+		require.ErrorContains(t, err, tc.want, tc.name)
+		s.mu.Lock()
+		tc.undo()
+		s.mu.Unlock()
+		require.NoError(t, s.Check(), tc.name)
+	}
+}
+
+// TestCountersRebuiltFromOldImage: an image without counters (version 2)
+// leaves them stale, and Open rebuilds them by a walk.
+func TestCountersRebuiltFromOldImage(t *testing.T) {
+	origin, _ := blockdev.NewMem(64*4096, 512)
+	store, _ := blockdev.NewMem(8<<20, 512)
+	s, err := Format(origin, store, Options{ChunkSize: 4096, JournalSize: 256 << 10})
+	require.NoError(t, err)
+	o := s.Origin()
+	_, err = s.CreateSnapshot("s1", o)
+	require.NoError(t, err)
+	_, err = o.WriteAt(make([]byte, 2*4096), 4096)
+	require.NoError(t, err)
+	require.NoError(t, o.Flush())
+	want, err := s.Stat("s1")
+	require.NoError(t, err)
+	s.mu.Lock()
+	s.ctr.stale = true // the next checkpoint has no counters
+	s.mu.Unlock()
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, s.Close()) }()
+	got, err := s.Stat("s1")
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+	require.False(t, s.ctr.stale)
+	require.NoError(t, s.Check())
+}
