@@ -59,6 +59,10 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		cs = s.checkStateLocked()
 		s.checkVolumes(map[point]int32{}, bad)
 		ctr.held, ctr.last = slices.Clone(s.b0.held), s.b0.lastEpoch
+		need := s.b0.need.Load()
+		if got, want := s.presSums.sum(need), s.originSharedLoop(s.preserved, need); got != want {
+			bad("origin: shared counter %d bytes, preserved epochs give %d", got, want)
+		}
 	}, true)
 	if err != nil {
 		bad("freeze for the check: %v", err)

@@ -84,8 +84,13 @@ func (f *epochSums) values() []int64 {
 func (f *epochSums) grow(n int) {
 	v := f.values()
 	size := max(n, 2*len(v), 64)
-	v = append(v, make([]int64, size-len(v))...)
-	for i := 1; i < len(v); i++ { // rebuild in O(n)
+	f.build(append(v, make([]int64, size-len(v))...))
+}
+
+// build makes the tree of point values v (v[0] unused) in O(len(v)),
+// reusing v.
+func (f *epochSums) build(v []int64) {
+	for i := 1; i < len(v); i++ {
 		if j := i + i&-i; j < len(v) {
 			v[j] += v[i]
 		}
@@ -286,12 +291,54 @@ func (s *Store) buildCounters(ix pagedIndex) (counters, error) {
 	return b.ctr, nil
 }
 
-// settleCounters rebuilds stale counters (Open, after the replay). Its
-// cost is one walk of branch 0's entries; an Open after a clean Close or
-// most crashes finds the counters current and walks nothing.
+// countPreserved builds the origin's counter from the chunks' preserved
+// epochs: presSums holds, at position p+1, the bytes of the chunks
+// preserved to epoch p, so the origin's shared bytes (chunks a snapshot
+// newer than their last copy still reads from the origin) are
+// presSums.sum(need). O(chunks + epochs), memory work. Called with
+// Store.mu held or before the store is shared.
+func (s *Store) countPreserved() {
+	v := make([]int64, max(s.b0.lastEpoch+2, 64))
+	for c, p := range s.preserved {
+		if int(p)+1 >= len(v) { // a bad entry's epoch: Check reports it
+			continue
+		}
+		v[p+1] += s.chunkLen(uint64(c))
+	}
+	s.presSums.build(v)
+}
+
+// movePreserved moves chunk c's bytes in presSums from preserved epoch
+// from to to. Called with Store.mu held.
+func (s *Store) movePreserved(c uint64, from, to uint32) {
+	if to == epochLive { // a bad record: Check reports it
+		return
+	}
+	n := s.chunkLen(c)
+	s.presSums.add(from+1, -n)
+	s.presSums.add(to+1, n)
+}
+
+// originSharedLoop is the origin's shared bytes by a pass over the
+// chunks: the oracle for presSums.
+func (s *Store) originSharedLoop(preserved []uint32, need uint32) int64 {
+	var n int64
+	for c, p := range preserved {
+		if need > p {
+			n += s.chunkLen(uint64(c))
+		}
+	}
+	return n
+}
+
+// settleCounters rebuilds stale counters (Open, after the replay), and
+// the origin's from the preserved epochs just rebuilt. Its cost is one
+// walk of branch 0's entries when they are stale; an Open after a clean
+// Close or most crashes finds them current and walks nothing.
 func (s *Store) settleCounters() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.countPreserved()
 	if !s.ctr.stale {
 		return nil
 	}

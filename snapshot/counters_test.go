@@ -41,14 +41,21 @@ func TestEpochSums(t *testing.T) {
 }
 
 // requireStatsMatchWalk compares Stat of every visible volume with the
-// walk it replaced (the oracle).
+// walk it replaced (the oracle), and the origin's with a pass over its
+// preserved epochs.
 func requireStatsMatchWalk(t testing.TB, s *Store, why string) {
 	t.Helper()
 	for _, v := range s.List() {
 		got, err := s.Stat(v.Name)
 		require.NoError(t, err, why)
 		if v.Kind == KindOrigin {
-			continue // not a walk: both are its preserved epochs
+			s.mu.RLock()
+			shared := s.originSharedLoop(s.preserved, s.b0.need.Load())
+			s.mu.RUnlock()
+			require.Equal(t, s.geo.originSize, got.Mapped, why)
+			require.Equal(t, shared, got.Shared, "%s: origin", why)
+			require.Equal(t, got.Mapped-shared, got.Exclusive, "%s: origin", why)
+			continue
 		}
 		want, err := s.statWalk(v.Name)
 		require.NoError(t, err, why)
@@ -151,6 +158,7 @@ func TestCheckReportsCounters(t *testing.T) {
 		{"exclusive", "exclusive counter", func() { s.ctr.addExcl(e, -4096) }, func() { s.ctr.addExcl(e, 4096) }},
 		{"unheld", "nothing holds", func() { s.ctr.addExcl(e+5, 4096) }, func() { s.ctr.addExcl(e+5, -4096) }},
 		{"stale", "not maintained", func() { s.ctr.stale = true }, func() { s.ctr.stale = false }},
+		{"origin", "origin: shared counter", func() { s.presSums.add(1, 4096) }, func() { s.presSums.add(1, -4096) }},
 	} {
 		s.mu.Lock()
 		tc.corrupt()

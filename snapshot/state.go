@@ -349,6 +349,7 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
 		}
 		if br.id == 0 && o.e > s.preserved[x.c] {
+			s.movePreserved(x.c, s.preserved[x.c], o.e)
 			s.preserved[x.c] = o.e
 		}
 	}

@@ -238,9 +238,10 @@ type Store struct {
 	// harmless: new snapshots get greater numbers). Guarded by the origin
 	// stripe of c (written under mu as well).
 	preserved []uint32
-	// ctr: the origin's snapshots' space counters (counters.go).
-	// Guarded by mu.
-	ctr counters
+	// ctr: the origin's snapshots' space counters, and presSums the
+	// origin's, over preserved[] (counters.go). Guarded by mu.
+	ctr      counters
+	presSums epochSums
 
 	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
 	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
@@ -619,6 +620,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
+	s.countPreserved()
 	created := g.formatted
 	if created == 0 { // a store formatted before the superblock recorded it
 		created = time.Now().UnixNano()

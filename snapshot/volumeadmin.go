@@ -373,17 +373,11 @@ func (s *Store) statWalk(name string) (VolumeStat, error) {
 }
 
 // originStatLocked is the origin's Stat: a chunk is shared while a
-// snapshot still needs its preserved copy. Called with Store.mu held.
+// snapshot still needs its preserved copy (the snapshot reads it from the
+// origin). O(log snapshots), from presSums. Called with Store.mu held.
 func (s *Store) originStatLocked(v *volume) VolumeStat {
-	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
-	need := s.b0.need.Load()
-	for c := uint64(0); c < s.chunks; c++ {
-		n := s.chunkLen(c)
-		st.Mapped += n
-		if need > s.preserved[c] {
-			st.Shared += n
-		}
-	}
+	st := VolumeStat{VolumeInfo: s.infoLocked(v), Mapped: s.geo.originSize}
+	st.Shared = s.presSums.sum(s.b0.need.Load())
 	st.Exclusive = st.Mapped - st.Shared
 	return st
 }
