@@ -90,7 +90,7 @@ func newSnapshotStore(pool *Pool, size, chunk int64) (*snapshot.Store, *snapshot
 	if err != nil {
 		return nil, nil, err
 	}
-	store, err := snapshot.Format(dev, storeDev, snapshot.Options{ChunkSize: int(chunk)})
+	store, err := snapshot.Format(dev, storeDev, snapshot.Options{ChunkSize: int64(chunk)})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -322,14 +322,14 @@ type CheckReport struct {
 	Live bool `json:"live,omitempty"`
 }
 
-// Space is a store's space summary: chunks of the data region, the
-// metadata image and the journal.
+// Space is a store's space summary: the data region, the metadata region
+// and the journal, in bytes (as snapshot.Stats).
 type Space struct {
 	ChunkSize     int64   `json:"chunk_size"`
-	DataChunks    uint64  `json:"data_chunks"`
-	UsedChunks    uint64  `json:"used_chunks"`
-	FreeChunks    uint64  `json:"free_chunks"`
-	IndexEntries  int     `json:"index_entries"`
+	DataBytes     int64   `json:"data_bytes"`
+	UsedBytes     int64   `json:"used_bytes"`
+	FreeBytes     int64   `json:"free_bytes"`
+	IndexEntries  int64   `json:"index_entries"`
 	MetadataBytes int64   `json:"metadata_bytes"`
 	JournalFill   float64 `json:"journal_fill"`
 	// MetadataRegion is the metadata region's size (MetadataBytes of it

@@ -75,8 +75,10 @@ func (s *Store) chunkAllocation(v *Volume, c uint64, pos, k int64) (int64, block
 	switch {
 	case err != nil:
 		return 0, blockdev.Allocated, err
+	case fromOrigin && pos >= s.geo.originSize: // a clone grown past the origin
+		return k, blockdev.Hole, nil
 	case fromOrigin:
-		return s.originAllocation(pos, k)
+		return s.originAllocation(pos, min(k, s.geo.originSize-pos))
 	case loc == locZero:
 		return k, blockdev.Hole, nil
 	}

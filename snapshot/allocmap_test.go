@@ -135,7 +135,7 @@ func TestWriteZeroesAllocatesNothing(t *testing.T) {
 	require.NoError(t, err)
 	used := func() uint64 {
 		require.NoError(t, s.Checkpoint(context.Background())) // frees become reusable
-		return s.Stats().UsedChunks
+		return s.Stats().usedChunks()
 	}
 	u0 := used()
 	require.NoError(t, c.WriteZeroes(0, 16*amChunk)) // over golden data and holes

@@ -69,7 +69,7 @@ func BenchmarkResetToParent(b *testing.B) {
 	for b.Loop() {
 		b.StopTimer()
 		writeHalf(b, c)
-		before := s.Stats().UsedChunks
+		before := s.Stats().usedChunks()
 		b.StartTimer()
 		if err := s.Rollback(context.Background(), c, g); err != nil {
 			b.Fatal(err)
@@ -78,7 +78,7 @@ func BenchmarkResetToParent(b *testing.B) {
 		if err := s.Checkpoint(context.Background()); err != nil {
 			b.Fatal(err)
 		}
-		if after := s.Stats().UsedChunks; after+2048 != before {
+		if after := s.Stats().usedChunks(); after+2048 != before {
 			writes++
 		}
 		b.StartTimer()

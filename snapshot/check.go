@@ -81,8 +81,8 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		switch {
 		case br == nil:
 			return bad("entry (%d,%d,%d) of missing branch", x.b, x.c, x.e)
-		case x.c >= s.chunks:
-			return bad("entry (%d,%d,%d) past the last chunk %d", x.b, x.c, x.e, s.chunks-1)
+		case x.c >= s.chunkBound(x.b):
+			return bad("entry (%d,%d,%d) past the chunk space's %d chunks", x.b, x.c, x.e, s.chunkBound(x.b))
 		case x.isData() && x.loc >= s.geo.dataChunks:
 			return bad("entry (%d,%d,%d) at store chunk %d past the data region", x.b, x.c, x.e, x.loc)
 		case x.e == 0 || x.e > br.lastEpoch && x.e != epochLive:
@@ -243,7 +243,8 @@ func (s *Store) checkVolumes(refs map[point]int32, bad func(string, ...any) bool
 				bad("clone %d on branch %d that is not live for it", id, v.branch)
 			}
 		}
-		if !v.hidden {
+		s.checkSize(v, bad)
+		if !v.hidden && !(v.kind == KindOrigin && s.geo.noOrigin) {
 			if s.byName[v.name] != id {
 				bad("volume %d (%q) missing from the name table", id, v.name)
 			}
@@ -251,6 +252,12 @@ func (s *Store) checkVolumes(refs map[point]int32, bad func(string, ...any) bool
 	}
 	for id, br := range s.branches {
 		if id == 0 {
+			continue
+		}
+		if br.root {
+			if br.live && s.volumes[br.liveVol] == nil {
+				bad("live root branch %d without its volume", id)
+			}
 			continue
 		}
 		p := s.branches[br.parent]

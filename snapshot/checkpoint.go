@@ -10,11 +10,14 @@ package snapshot
 //	     8    4  version (3), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
-//	             uv last epoch, uv live (0/1)
+//	             uv last epoch, uv live (0/1); a root branch (CreateVolume)
+//	             has parent = id and parent epoch 0
 //	          -  uv volume count; per volume (the origin excluded): uv id,
 //	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
-//	             protected), sv created, uv parent,
-//	             uv name length, name
+//	             protected, bit 2 size follows), sv created, uv parent,
+//	             [uv size in bytes, with flag bit 2; images without it were
+//	             written before volumes had sizes: every volume then had the
+//	             origin's], uv name length, name
 //	          -  the origin snapshots' counters (version 3; counters.go)
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
@@ -72,7 +75,12 @@ type volRec struct {
 	kind                Kind
 	branch, epoch       uint32
 	hidden, protected   bool
+	size                int64
 }
+
+// flagCkptSize is the volume flag bit of the checkpoint image that says a
+// size follows.
+const flagCkptSize = 4
 
 type branchRec struct {
 	id, parent, parentEpoch, lastEpoch uint32
@@ -84,13 +92,18 @@ type branchRec struct {
 func (s *Store) smallStateLocked(c *capture) {
 	c.nextVol, c.nextBr = s.nextVol, s.nextBranch
 	for _, br := range s.branches {
-		c.branches = append(c.branches, branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live})
+		r := branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live}
+		if br.root {
+			r.parent, r.parentEpoch = br.id, 0
+		}
+		c.branches = append(c.branches, r)
 	}
 	slices.SortFunc(c.branches, func(a, b branchRec) int { return int(int64(a.id) - int64(b.id)) })
 	for _, v := range s.volumes {
 		if v.kind != KindOrigin {
 			c.volumes = append(c.volumes, volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
-				epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent)})
+				epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent),
+				size: v.size.Load()})
 		}
 	}
 	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
@@ -366,9 +379,10 @@ func (c *capture) encodeState(e *encoder) {
 		e.uv(uint64(v.kind))
 		e.uv(uint64(v.branch))
 		e.uv(uint64(v.epoch))
-		e.uv(b2u(v.hidden) | b2u(v.protected)<<1)
+		e.uv(b2u(v.hidden) | b2u(v.protected)<<1 | flagCkptSize)
 		e.sv(v.created)
 		e.uv(uint64(v.parent))
+		e.uv(uint64(v.size))
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}

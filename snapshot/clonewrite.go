@@ -93,7 +93,10 @@ func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard 
 	if err != nil {
 		return err
 	}
-	whole := in == 0 && k == s.chunkLen(c)
+	// A part chunk at a volume's end (the origin's last chunk, a size that
+	// is not a multiple of the chunk size) is never whole: a grown volume
+	// may hold data past the old end within it.
+	whole := in == 0 && k == s.cs
 	if v.hasLive && v.needAt == 0 {
 		switch {
 		case v.live.isData() && !(discard && whole):
@@ -158,10 +161,8 @@ func (s *Store) writeRedirected(br *branch, c uint64, v liveView, loc uint64, p 
 	bp := s.getBuf()
 	defer s.putBuf(bp)
 	buf := *bp
-	cl := s.chunkLen(c)
-	clear(buf[cl:])
 	if !whole {
-		if err := s.readCurrent(br, c, v, buf[:cl]); err != nil {
+		if err := s.readCurrent(br, c, v, buf); err != nil {
 			return err
 		}
 	}

@@ -28,12 +28,12 @@ type tortureConfig struct {
 	name                 string
 	originSize, storeLen int64
 	blockSize            int
-	chunkSize            int
+	chunkSize            int64
 	journalSize          int64
 	// metadataCache is Options.MetadataCache: tiny, so that the metadata
 	// layer evicts and re-reads pages (and writes dirty ones back) under
 	// the torture.
-	metadataCache int
+	metadataCache int64
 }
 
 // TestCrashTorture runs the random workload on CrashSim origin and store

@@ -57,7 +57,7 @@ func Example() {
 	d.Wait(context.Background())
 	d, _ = s.Delete("monday")
 	d.Wait(context.Background())
-	fmt.Println("check:", s.Check(), "used chunks:", s.Stats().UsedChunks)
+	fmt.Println("check:", s.Check(), "used bytes:", s.Stats().UsedBytes)
 	// Output:
 	// origin: version 2
 	// monday: version 1
@@ -66,5 +66,5 @@ func Example() {
 	// 2 monday snapshot
 	// 3 vm-1 clone
 	// changed since monday: 0+65536
-	// check: <nil> used chunks: 0
+	// check: <nil> used bytes: 0
 }

@@ -2,20 +2,43 @@ package snapshot
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 
 	"github.com/blocksnap/blocksnap/snapshot/diffstream"
 )
 
-// Identity is the volume's stable identity in diff streams and in the state
-// a target of ApplyDiff keeps: its ID in the store and its creation time
-// (both survive reopen; the pair is practically unique across stores), and
-// its name for people. This is the one place it is built: every exporter
-// (ExportDiff, the command line, the examples) names volumes through it, so
-// a target's state matches the next stream's From.
-func (i VolumeInfo) Identity() diffstream.Identity {
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name}
+// Identity is the volume's stable identity in diff streams and in the
+// state a target of ApplyDiff keeps: its ID in the store and its creation
+// time (both survive reopen), its UUID (unique across stores), and its
+// name for people. This is the one place it is built: every exporter
+// (ExportDiff, the command line, the examples) names volumes through it,
+// so a target's state matches the next stream's From.
+//
+// The UUID is derived from the store's UUID, the volume's ID and its
+// creation time (a version 8 UUID of their SHA-256), so it is stable and
+// needs nothing stored.
+func (v *Volume) Identity() diffstream.Identity {
+	i := v.Info()
+	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: v.s.derivedUUID(i)}
+}
+
+// derivedUUID is the UUID Identity gives the volume i, derived as the
+// pool's volume UUIDs are (the SHA-256 of the store's UUID, then the ID
+// and the creation time in nanoseconds, little-endian), so that when
+// VolumeInfo carries its UUID and Identity takes it from there, no
+// volume's identity changes.
+func (s *Store) derivedUUID(i VolumeInfo) string {
+	var b [32]byte
+	copy(b[:16], s.geo.uuid[:])
+	binary.LittleEndian.PutUint64(b[16:], i.ID)
+	binary.LittleEndian.PutUint64(b[24:], uint64(i.Created.UnixNano()))
+	u := sha256.Sum256(b[:])
+	u[6] = u[6]&0x0f | 0x80 // version 8: custom
+	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
 }
 
 // ExportOptions configures ExportDiff. The zero value is a good default.
@@ -33,11 +56,13 @@ type ExportOptions struct {
 // ExportDiff writes to w the diff stream that takes a volume from snapshot
 // from to snapshot to (an incremental, as `zfs send -i`), or, with from nil,
 // the whole of to (a full, sparse export). Both must be snapshots (frozen
-// contents); for a live volume, take a snapshot first. from and to are
-// snapshots of one volume (either order), or to is a snapshot of a clone
-// whose parent snapshot is from, as Diff allows.
+// contents); for a live volume, take a snapshot first. from and to may be
+// any pair Diff relates: snapshots of one volume (either order), or
+// across clones, such as golden@v1 and a snapshot of a clone of it (as
+// `zfs send -i golden@v1 vm1@snap`); applied onto a copy of from, the
+// stream gives to.
 //
-// The stream names both ends by VolumeInfo.Identity and records the store's
+// The stream names both ends by Volume.Identity and records the store's
 // chunk size. The changed extents come from Diff (metadata only); those
 // Diff marks Zero are sent as ZERO records without reading data only when
 // to is the newer side, since Diff's Zero describes the newer volume (an
@@ -58,14 +83,14 @@ func (s *Store) ExportDiff(ctx context.Context, w io.Writer, from, to *Volume, o
 	if to == nil {
 		return diffstream.Totals{}, fmt.Errorf("%w: export needs the snapshot to export", ErrBadOptions)
 	}
-	h := diffstream.Header{To: to.Info().Identity(), ChunkSize: int(s.cs)}
+	h := diffstream.Header{To: to.Identity(), ChunkSize: int(s.cs)}
 	if opts.Compress {
 		h.Flags |= diffstream.FlagZstd
 	}
 	total := to.Size()
 	var extents func(func(Extent, error) bool)
 	if from != nil {
-		h.From = from.Info().Identity()
+		h.From = from.Identity()
 		// Collected first (metadata only, a few words per extent) so
 		// that progress knows its total.
 		var list []Extent

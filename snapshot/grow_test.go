@@ -51,7 +51,7 @@ func TestGrowStore(t *testing.T) {
 	c, err := s.CreateClone("c", g)
 	require.NoError(t, err)
 	next := fillUntilFull(t, c, 0)
-	before := s.Stats().DataChunks
+	before := s.Stats().dataChunks()
 	require.NoError(t, s.Close())
 
 	small, err := blockdev.Slice(store, 0, 4<<20)
@@ -62,11 +62,11 @@ func TestGrowStore(t *testing.T) {
 	big := biggerCopy(t, store, 16<<20)
 	s, err = Open(origin, big, opts)
 	require.NoError(t, err)
-	require.Equal(t, before, s.Stats().DataChunks)
+	require.Equal(t, before, s.Stats().dataChunks())
 	added, err := s.Grow()
 	require.NoError(t, err)
 	require.Equal(t, int64(8<<20), added)
-	require.Equal(t, before+128, s.Stats().DataChunks)
+	require.Equal(t, before+128, s.Stats().dataChunks())
 	added, err = s.Grow()
 	require.NoError(t, err)
 	require.Zero(t, added)
@@ -79,7 +79,7 @@ func TestGrowStore(t *testing.T) {
 	s, err = Open(origin, big, opts)
 	require.NoError(t, err)
 	defer s.Close()
-	require.Equal(t, before+128, s.Stats().DataChunks)
+	require.Equal(t, before+128, s.Stats().dataChunks())
 	c = mustOpen(t, s, "c")
 	require.Equal(t, bytes.Repeat([]byte{byte(end - 1)}, growChunk), amReadAt(t, c, (end-1)*growChunk))
 	mustCheck(t, s)
@@ -105,7 +105,7 @@ func TestGrowInterrupted(t *testing.T) {
 		require.NoError(t, err)
 		s, err := Format(origin, store, opts)
 		require.NoError(t, err)
-		before := s.Stats().DataChunks
+		before := s.Stats().dataChunks()
 		require.NoError(t, s.Close())
 		big := biggerCopy(t, store, 12<<20)
 		s, err = Open(origin, big, opts)
@@ -120,7 +120,7 @@ func TestGrowInterrupted(t *testing.T) {
 		require.NoError(t, s.Close()) // commits the tree, writes no superblock
 		s, err = Open(origin, big, opts)
 		require.NoError(t, err, "metaFirst=%v", metaFirst)
-		require.Equal(t, before+64, s.Stats().DataChunks)
+		require.Equal(t, before+64, s.Stats().dataChunks())
 		mustCheck(t, s)
 		require.NoError(t, s.Close())
 		g, err := readSuperblock(origin, big)
@@ -148,7 +148,7 @@ func TestLowDataCallback(t *testing.T) {
 	require.NoError(t, err)
 	c, err := s.CreateClone("c", g)
 	require.NoError(t, err)
-	total := int64(s.Stats().DataChunks) * growChunk
+	total := int64(s.Stats().dataChunks()) * growChunk
 	n := (total - thr) / growChunk // the last write that leaves the threshold free
 	for i := int64(0); i < n; i++ {
 		fillAt(t, c, 1, i*growChunk, growChunk)

@@ -76,7 +76,9 @@ func (g *chunkGroups) clone() chunkGroups {
 	return chunkGroups{shift: g.shift, bits: append([]uint64(nil), g.bits...)}
 }
 
+// mayHave reports whether chunk c's group may have entries; a chunk past
+// the summary's space (branch 0's is the origin's) has none.
 func (g *chunkGroups) mayHave(c uint64) bool {
 	i := c >> g.shift
-	return g.bits[i/64]&(1<<(i%64)) != 0
+	return i/64 < uint64(len(g.bits)) && g.bits[i/64]&(1<<(i%64)) != 0
 }

@@ -11,6 +11,9 @@ func (s *Store) ListAll() []VolumeInfo {
 	defer s.mu.RUnlock()
 	out := make([]VolumeInfo, 0, len(s.volumes))
 	for _, v := range s.volumes {
+		if v.kind == KindOrigin && s.geo.noOrigin {
+			continue
+		}
 		i := s.infoLocked(v)
 		if v.hidden {
 			i.Name = "" // a deleted snapshot's old name is free for reuse

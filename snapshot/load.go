@@ -69,6 +69,10 @@ func (s *Store) loadBranches(d *ckptReader) {
 			continue
 		}
 		p := s.branches[parent]
+		if parent == id && pe == 0 && s.branches[id] == nil && live <= 1 { // a root branch (CreateVolume)
+			s.loadRootBranch(id, last, live == 1)
+			continue
+		}
 		if p == nil || s.branches[id] != nil || parent >= id || live > 1 || pe == 0 || pe > p.lastEpoch {
 			d.fail("branch %d (parent %d at %d)", id, parent, pe)
 			return
@@ -93,11 +97,14 @@ func (s *Store) loadVolumes(d *ckptReader) {
 		h := d.uv()
 		o.time = d.sv()
 		o.parent = d.uv()
+		if h&flagCkptSize != 0 {
+			o.size = int64(d.uv())
+		}
 		ln := d.uv()
 		if d.err != nil {
 			return
 		}
-		if ln > maxNameLen || k < uint64(KindSnapshot) || k > uint64(KindClone) || h > 3 {
+		if ln > maxNameLen || k < uint64(KindSnapshot) || k > uint64(KindClone) || h > 7 || o.size < 0 || o.size > maxVolumeBound {
 			d.fail("volume %d: kind %d, hidden %d, name of %d bytes", o.id, k, h, ln)
 			return
 		}
@@ -126,6 +133,9 @@ func (s *Store) loadVolumes(d *ckptReader) {
 			return
 		}
 		s.volumes[o.id].protected = h&2 != 0 && !o.hidden
+		if o.size != 0 {
+			s.volumes[o.id].size.Store(o.size)
+		}
 		if o.vkind == KindClone && !br.live {
 			d.fail("clone volume %d on dead branch %d", o.id, o.b)
 			return
@@ -173,8 +183,8 @@ func (s *Store) rebuildSummaries() error {
 			bad = fmt.Errorf("%w: index entry (%d,%d,%d) of unknown branch %d", ErrCorrupt, x.b, x.c, x.e, x.b)
 			return false
 		}
-		if x.c >= s.chunks {
-			bad = fmt.Errorf("%w: index entry (%d,%d,%d) past the origin's %d chunks", ErrCorrupt, x.b, x.c, x.e, s.chunks)
+		if lim := s.chunkBound(x.b); x.c >= lim {
+			bad = fmt.Errorf("%w: index entry (%d,%d,%d) past the chunk space's %d chunks", ErrCorrupt, x.b, x.c, x.e, lim)
 			return false
 		}
 		if x.b == 0 && x.e > s.preserved[x.c] && x.e != epochLive {

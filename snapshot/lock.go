@@ -88,15 +88,19 @@ func withLocks(origin, store blockdev.Device, opts Options, open func(origin, st
 // image that stores on several store devices may share. Its volume's
 // writes, discards and rollbacks fail with ErrReadOnly; snapshots and
 // clones of it work.
+//
+// A nil origin makes a store without one, a pool of volumes made by
+// CreateVolume and Import: it has no "origin" volume, and Open must be
+// given nil too.
 func Format(origin, store blockdev.Device, opts Options) (*Store, error) {
-	return withLocks(origin, store, opts, formatStore)
+	return withLocks(originOrNone(origin), store, opts, formatStore)
 }
 
 // Open opens a store made by Format, recovering from the journal. It
 // locks the devices as Format does (ErrLocked while another Store has
 // them).
 func Open(origin, store blockdev.Device, opts Options) (*Store, error) {
-	return withLocks(origin, store, opts, openStore)
+	return withLocks(originOrNone(origin), store, opts, openStore)
 }
 
 // errReadOnlyOrigin is what a write to a read-only origin returns.

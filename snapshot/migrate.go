@@ -51,7 +51,7 @@ func Migrate(origin, old, dst blockdev.Device, opts Options) error {
 	if err := dst.Flush(); err != nil {
 		return fmt.Errorf("snapshot: migrate: %w", err)
 	}
-	opts.ChunkSize, opts.Transient, opts.ReadOnly = int(g.chunkSize), false, false
+	opts.ChunkSize, opts.Transient, opts.ReadOnly = int64(g.chunkSize), false, false
 	s, err := formatRegions(origin, dst, opts)
 	if err != nil {
 		return err
@@ -142,7 +142,7 @@ func MigrateSize(origin, old blockdev.Device, opts Options) (int64, error) {
 	if g.version != oldSuperblockVersion {
 		return 0, fmt.Errorf("%w: the store is format version %d; Migrate converts version %d", ErrBadOptions, g.version, oldSuperblockVersion)
 	}
-	opts.ChunkSize, opts.Transient = int(g.chunkSize), false
+	opts.ChunkSize, opts.Transient = int64(g.chunkSize), false
 	if err := opts.normalize(); err != nil {
 		return 0, err
 	}

@@ -82,13 +82,13 @@ func TestOriginBufferReadYourWrites(t *testing.T) {
 			// each touched chunk was copied exactly once.
 			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin), before), "seed %d: origin device written before the commit", seed)
 			st := s.Stats()
-			require.Equal(t, int64(len(touched)), st.BufferedChunks)
-			require.Equal(t, uint64(len(touched)), st.UsedChunks)
+			require.Equal(t, int64(len(touched)), st.bufferedChunks())
+			require.Equal(t, uint64(len(touched)), st.usedChunks())
 		}
 		require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "seed %d round %d: snapshot changed", seed, round)
 		if rng.IntN(2) == 0 || round == 0 {
 			require.NoError(t, o.Flush())
-			require.Zero(t, s.Stats().BufferedChunks)
+			require.Zero(t, s.Stats().bufferedChunks())
 			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, origin), model), "seed %d round %d: origin device after Flush", seed, round)
 		}
 	}
@@ -117,7 +117,7 @@ func TestOriginBufferFlushDurable(t *testing.T) {
 			_, err = o.WriteAt(p, 3<<10)
 			require.NoError(t, err)
 			copy(model[3<<10:], p)
-			require.Positive(t, s.Stats().BufferedChunks)
+			require.Positive(t, s.Stats().bufferedChunks())
 			if flush {
 				require.NoError(t, o.Flush())
 			}
@@ -152,10 +152,10 @@ func TestOriginBufferSnapshotAfterWrite(t *testing.T) {
 	_, err = o.WriteAt(bytes.Repeat([]byte{1}, 2048), 1024) // partial chunk, buffered
 	require.NoError(t, err)
 	v1 := blockdevtest.ReadAll(t, o)
-	require.Positive(t, s.Stats().BufferedChunks)
+	require.Positive(t, s.Stats().bufferedChunks())
 	s2, err := s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
-	require.Zero(t, s.Stats().BufferedChunks, "snapshot creation drains the buffer")
+	require.Zero(t, s.Stats().bufferedChunks(), "snapshot creation drains the buffer")
 	_, err = o.WriteAt(bytes.Repeat([]byte{2}, 4096), 0) // the same chunk, whole: copied again for s2
 	require.NoError(t, err)
 	v2 := blockdevtest.ReadAll(t, o)
@@ -192,8 +192,8 @@ func TestOriginBufferBackpressure(t *testing.T) {
 		require.NoError(t, err)
 		copy(model[c*cs:], p)
 		st := s.Stats()
-		require.LessOrEqual(t, st.BufferedChunks, int64(4))
-		require.Equal(t, c%4+1, st.BufferedChunks, "chunk %d", c)
+		require.LessOrEqual(t, st.bufferedChunks(), int64(4))
+		require.Equal(t, c%4+1, st.bufferedChunks(), "chunk %d", c)
 	}
 	dev := blockdevtest.ReadAll(t, origin)
 	require.Equal(t, model[:16*cs], dev[:16*cs], "drained chunks reached the origin device")
@@ -267,7 +267,7 @@ func TestOriginBufferWriteOutError(t *testing.T) {
 	require.NoError(t, write(0, 1))
 	fo.FailFrom(blockdevtest.OpWrite, 1, blockdev.ErrIO)
 	require.ErrorIs(t, o.Flush(), blockdev.ErrIO)
-	require.Equal(t, int64(1), s.Stats().BufferedChunks, "the failed chunk stays buffered")
+	require.Equal(t, int64(1), s.Stats().bufferedChunks(), "the failed chunk stays buffered")
 	got := make([]byte, cs)
 	_, err = o.ReadAt(got, 0)
 	require.NoError(t, err)
@@ -279,7 +279,7 @@ func TestOriginBufferWriteOutError(t *testing.T) {
 	require.ErrorIs(t, write(2, 3), blockdev.ErrIO, "full buffer, failed drain: the write fails")
 	fo.Clear()
 	require.ErrorIs(t, o.Flush(), blockdev.ErrIO, "the failure is reported by the next Flush")
-	require.Zero(t, s.Stats().BufferedChunks)
+	require.Zero(t, s.Stats().bufferedChunks())
 	require.NoError(t, o.Flush(), "reported once")
 	dev := blockdevtest.ReadAll(t, mem)
 	require.Equal(t, bytes.Repeat([]byte{1}, cs), dev[:cs])

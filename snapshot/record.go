@@ -19,6 +19,10 @@ package snapshot
 //	   8  dropVolume  id                                 a deleted volume
 //	   9  rename      id, len, name
 //	  10  protect     id, on (0/1)                       Protect or Unprotect a volume
+//	  11  create      id, branch, size, created (sv),    a blank volume on a new root branch
+//	                  len, name                          (a branch with no parent)
+//	  12  resize      id, size                           a clone's or blank volume's new size
+//	                                                     in bytes
 //
 // Decoders bound every count by the bytes that remain, and never panic.
 
@@ -42,6 +46,8 @@ const (
 	opDropVolume
 	opRename
 	opProtect
+	opCreate
+	opResize
 	opMax
 )
 
@@ -63,7 +69,8 @@ type op struct {
 	time   int64
 	parent uint64
 	name   string
-	on     bool // protect: on or off
+	on     bool  // protect: on or off
+	size   int64 // create, resize: the volume's size in bytes
 }
 
 func encodeLoc(loc uint64) uint64 {
@@ -115,6 +122,13 @@ func appendOp(b []byte, o *op) []byte {
 		b = append(b, o.name...)
 	case opProtect:
 		b = u(u(b, o.id), b2u(o.on))
+	case opCreate:
+		b = u(u(u(b, o.id), uint64(o.b)), uint64(o.size))
+		b = binary.AppendVarint(b, o.time)
+		b = u(b, uint64(len(o.name)))
+		b = append(b, o.name...)
+	case opResize:
+		b = u(u(b, o.id), uint64(o.size))
 	}
 	return b
 }
@@ -203,6 +217,15 @@ func (d *decoder) str() string {
 	return s
 }
 
+// volSize reads a volume size: positive and at most maxVolumeBound.
+func (d *decoder) volSize() int64 {
+	v := d.uv()
+	if d.err == nil && (v == 0 || v > maxVolumeBound) {
+		d.fail("volume size %d", v)
+	}
+	return int64(v)
+}
+
 func (d *decoder) done() bool { return d.err != nil || d.off >= len(d.b) }
 
 // decodeOp reads one operation.
@@ -245,6 +268,14 @@ func (d *decoder) op(o *op) {
 			d.fail("protect flag %d", on)
 		}
 		o.on = on == 1
+	case opCreate:
+		o.id, o.b = d.uv(), d.u32()
+		o.size = d.volSize()
+		o.time = d.sv()
+		o.name = d.str()
+	case opResize:
+		o.id = d.uv()
+		o.size = d.volSize()
 	default:
 		d.fail("unknown operation %d", o.kind)
 	}

@@ -17,6 +17,12 @@ const (
 	KindSnapshot
 	// KindClone is a writable clone of a snapshot.
 	KindClone
+	// KindVolume is a writable volume with no parent: made blank by
+	// CreateVolume or filled by Import. It is a clone of nothing, and every
+	// operation treats it as a clone (its snapshots, their clones, Rollback,
+	// Resize, Delete). Only VolumeInfo and Volume.Kind report it; the
+	// metadata records it as a clone on a root branch.
+	KindVolume
 )
 
 func (k Kind) String() string {
@@ -27,6 +33,8 @@ func (k Kind) String() string {
 		return "snapshot"
 	case KindClone:
 		return "clone"
+	case KindVolume:
+		return "volume"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -47,13 +55,17 @@ type branch struct {
 	id          uint32
 	parent      uint32  // parent branch (clones)
 	parentEpoch uint32  // the parent's snapshot this branch was cloned from
-	up          *branch // the parent branch (nil for branch 0)
-	depth       int     // clone levels above branch 0 (0 for branch 0)
-	live        bool    // the branch's live volume exists (always true for 0)
-	liveVol     uint64  // the clone volume's id
-	lastEpoch   uint32  // last snapshot number handed out
-	refs        map[uint32]int32
-	held        []uint32 // sorted epochs with refs > 0
+	up          *branch // the parent branch (nil for branch 0 and roots)
+	depth       int     // clone levels above the chain's root (0 for a root)
+	// root: a branch with no parent, made by CreateVolume (parent and
+	// parentEpoch are 0 and mean nothing). A chunk that no level of a chain
+	// ending at a root maps reads as zeros, not from the origin.
+	root      bool
+	live      bool   // the branch's live volume exists (always true for 0)
+	liveVol   uint64 // the clone volume's id
+	lastEpoch uint32 // last snapshot number handed out
+	refs      map[uint32]int32
+	held      []uint32 // sorted epochs with refs > 0
 	// groups summarises the chunks the branch has entries for. Until its
 	// first entry it shares branch 0's chainGroups, which is never set (branch
 	// 0 is no clone), so an empty branch costs no words; ownGroups says the
@@ -96,6 +108,10 @@ type volume struct {
 	created   int64
 	parent    uint64
 	dead      atomic.Bool // deleted: handles fail
+	// size is the volume's size in bytes: written under Store.mu (and, for
+	// a clone, its branch gate held exclusively), read atomically by the
+	// I/O paths' bounds checks.
+	size atomic.Int64
 }
 
 // point is a snapshot of a branch.
@@ -146,7 +162,7 @@ func (s *Store) newBranch(id, parent, pe uint32) *branch {
 	br := &branch{id: id, parent: parent, parentEpoch: pe, live: true, refs: map[uint32]int32{}}
 	if id == 0 {
 		br.groups, br.ownGroups = newChunkGroups(s.chunks), true
-		br.chainGroups = newChunkGroups(s.chunks) // the shared empty summary
+		br.chainGroups = newChunkGroups(s.maxChunks) // the shared empty summary, over the whole chunk space
 		return br
 	}
 	p := s.branches[parent]
@@ -203,8 +219,8 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		if br == nil {
 			return bad("entries of unknown branch %d", o.b)
 		}
-		if o.c+o.n > s.chunks || o.c+o.n < o.c {
-			return bad("chunks %d+%d past the end (%d)", o.c, o.n, s.chunks)
+		if lim := s.chunkBound(o.b); o.c+o.n > lim || o.c+o.n < o.c {
+			return bad("chunks %d+%d past the end (%d)", o.c, o.n, lim)
 		}
 		if o.kind == opPut {
 			return s.applyPut(br, o, replay, bad)
@@ -273,6 +289,9 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return bad("drop of branch %d that is missing or still needed", o.id)
 		}
 		delete(s.branches, br.id)
+		if br.root {
+			return nil
+		}
 		if p := s.branches[br.parent]; p != nil {
 			p.children = slices.DeleteFunc(p.children, func(x *branch) bool { return x == br })
 		}
@@ -316,6 +335,8 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return bad("protect of volume %d", o.id)
 		}
 		v.protected = o.on
+	case opCreate, opResize:
+		return s.applyPoolOp(o, bad)
 	default:
 		return bad("operation %d", o.kind)
 	}
@@ -369,6 +390,7 @@ func (s *Store) applyVolume(o *op, bad func(string, ...any) error) error {
 		return bad("volume %d: name %q taken", o.id, o.name)
 	}
 	v := &volume{id: o.id, name: o.name, kind: o.vkind, branch: o.b, epoch: o.e, hidden: o.hidden, created: o.time, parent: o.parent}
+	v.size.Store(s.inheritedSize(br, o.vkind))
 	switch o.vkind {
 	case KindSnapshot:
 		if o.e <= br.lastEpoch || o.e == epochLive {

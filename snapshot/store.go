@@ -14,6 +14,16 @@
 // at most, with a per-branch summary that lets levels without entries be
 // skipped without a seek.
 //
+// API conventions. Operations on a volume's data, or that derive one
+// volume from another, take an open *Volume handle: CreateSnapshot,
+// CreateClone, Rollback, Diff, ExportDiff, Mappings. Operations on the
+// catalogue take names: OpenVolume, Delete and DeleteWith, Dependants,
+// Rename, Protect and Unprotect, Stat (a name works without opening the
+// volume, and a hidden volume has no name and cannot be opened). Every
+// size and offset is in bytes and every count an int64: Options, Stats,
+// VolumeStat, VolumeInfo, DeleteProgress, Mapping (a Volume's BlockSize is
+// an int because blockdev.Device says so).
+//
 // Crash safety: the index and the data space map live in a paged,
 // copy-on-write B+tree in the store's metadata region (package
 // snapshot/internal/meta, docs/metadata.md), behind a bounded page cache
@@ -92,7 +102,7 @@ const (
 type Options struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two from
 	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
-	ChunkSize int
+	ChunkSize int64
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
@@ -108,7 +118,7 @@ type Options struct {
 	// should hold the tree's branch levels, about 0.2 bytes per random
 	// chunk version; about 34 bytes per version of the chunks a workload
 	// touches between tree commits make those writes cheap.
-	MetadataCache int
+	MetadataCache int64
 	// LowMetadata, if set, is called (without locks held) when the free
 	// metadata space drops below an eighth of the region plus the part
 	// kept for deletes and commits (1% and at least 256 KiB, plus 128
@@ -157,6 +167,13 @@ type Options struct {
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// MaxVolumeSize bounds, in bytes, the size of every volume of the
+	// store (CreateVolume, Resize, Import): it is the extent of the index's
+	// chunk space, whose per-branch summaries stay the same size whatever
+	// it is, but grow coarser (and reads of deep clone chains slower) the
+	// larger it is. 0 means 16 TiB, or the origin's size if larger; it is
+	// rounded up to the chunk size. Format only (the superblock records it).
+	MaxVolumeSize int64
 	// OriginBuffer bounds, in bytes, the origin writes held in memory after
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
@@ -191,6 +208,7 @@ type Store struct {
 	geo           geometry
 	cs            int64  // chunk size
 	chunks        uint64 // origin chunks
+	maxChunks     uint64 // the chunk space: chunks of the largest volume (geometry.volumeBound)
 	bs            int    // volume block size
 	j             *journal.Journal
 	jdev          *blockdev.SliceDevice
@@ -377,7 +395,10 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	ml = min(ml, max((store.Size()-g.metaOff)/8, minMetaBytes))
 	g.metaLen = max(ml/4096*4096, 0)
 	g.dataOff = (g.metaOff + g.metaLen + cs - 1) / cs * cs
-	if origin.Size() <= 0 || g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
+	if err := poolLayout(&g, origin, opts); err != nil {
+		return g, err
+	}
+	if g.metaLen < minMetaBytes || g.dataOff >= store.Size() {
 		return g, fmt.Errorf("%w: store of %d bytes has no room for %d bytes of metadata (at least %d) and data after %d bytes of journal",
 			ErrBadOptions, store.Size(), g.metaLen, minMetaBytes, g.journalLen)
 	}
@@ -435,7 +456,7 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: s.opts.MetadataCache, SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack}
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a
@@ -510,6 +531,9 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
+	if err := checkOrigin(&g, origin); err != nil {
+		return g, err
+	}
 	// A larger store device is a grown one (Grow uses the new space).
 	if g.originSize != origin.Size() || g.storeSize > store.Size() {
 		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
@@ -533,7 +557,7 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: the store is format version %d, this build reads version %d: convert it with `blocksnap migrate` (snapshot.Migrate)",
 			ErrOldFormat, g.version, superblockVersion)
 	}
-	opts.ChunkSize = int(g.chunkSize)
+	opts.ChunkSize = int64(g.chunkSize)
 	if err := opts.normalize(); err != nil {
 		return nil, err
 	}
@@ -603,6 +627,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s := &Store{
 		origin: origin, store: store, opts: opts, geo: g, cs: cs,
 		chunks:      uint64((origin.Size() + cs - 1) / cs),
+		maxChunks:   uint64((g.volumeBound() + cs - 1) / cs),
 		bs:          max(origin.BlockSize(), store.BlockSize()),
 		branches:    map[uint32]*branch{},
 		volumes:     map[uint64]*volume{},
@@ -626,9 +651,12 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		created = time.Now().UnixNano()
 	}
 	s.origVol = &volume{id: originVolumeID, name: originName, kind: KindOrigin, epoch: epochLive, created: created}
+	s.origVol.size.Store(g.originSize)
 	s.b0.liveVol = originVolumeID
 	s.volumes[originVolumeID] = s.origVol
-	s.byName[originName] = originVolumeID
+	if !g.noOrigin {
+		s.byName[originName] = originVolumeID
+	}
 	s.bufs.New = func() any { b := blockdev.AlignedBuffer(int(cs)); return &b }
 	s.scratch.New = func() any { return &scratch{} }
 	s.initOriginBuf()
@@ -1011,8 +1039,14 @@ func (s *Store) getScratch() *scratch {
 
 func (s *Store) putScratch(sc *scratch) { s.scratch.Put(sc) }
 
-// chunkLen is the number of bytes of chunk c within the origin.
-func (s *Store) chunkLen(c uint64) int64 { return min(s.cs, s.geo.originSize-int64(c)*s.cs) }
+// chunkLen is the number of bytes of chunk c within the origin; a whole
+// chunk past the origin's end (a volume larger than the origin).
+func (s *Store) chunkLen(c uint64) int64 {
+	if c >= s.chunks {
+		return s.cs
+	}
+	return min(s.cs, s.geo.originSize-int64(c)*s.cs)
+}
 
 // storeOff is the store offset of data chunk loc.
 func (s *Store) storeOff(loc uint64) int64 { return s.geo.dataOff + int64(loc)*s.cs }

@@ -20,7 +20,12 @@ package snapshot
 //	    96    8  format time (unix ns; the origin volume's creation time; 0 = unknown)
 //	   104    8  metadata region offset in bytes (version 2; a multiple of 4096)
 //	   112    8  metadata region length in bytes (version 2; a multiple of 4096)
-//	   120 3976  zero
+//	   120    8  largest volume size in bytes (the chunk space's bound, a multiple
+//	             of the chunk size; 0 in stores formatted before it: the origin's size)
+//	   128    4  pool flags: bit 0 = no origin (the origin size is then 0); other
+//	             bits must be 0
+//	   132   28  zero (reserved for the pool)
+//	   160 3936  zero
 //
 // All integers little-endian. The region [0, 4096) is the superblock; the
 // journal region follows it, then the metadata region (the paged index and
@@ -81,6 +86,22 @@ type geometry struct {
 	version    uint32
 	metaOff    int64 // metadata region (version 2)
 	metaLen    int64
+	// maxVolSize bounds every volume's size (0: the origin's size, for a
+	// store formatted before it was recorded); noOrigin: Format was given
+	// no origin device.
+	maxVolSize int64
+	noOrigin   bool
+}
+
+// flagNoOrigin (pool flags, byte 128) marks a store without an origin.
+const flagNoOrigin = 1
+
+// volumeBound is the largest size any volume of the store may have.
+func (g *geometry) volumeBound() int64 {
+	if g.maxVolSize == 0 {
+		return g.originSize
+	}
+	return g.maxVolSize
 }
 
 // flagTransient marks a store formatted transient: Open refuses it rather
@@ -107,6 +128,10 @@ func (g *geometry) encode() []byte {
 	le.PutUint64(b[96:], uint64(g.formatted))
 	le.PutUint64(b[104:], uint64(g.metaOff))
 	le.PutUint64(b[112:], uint64(g.metaLen))
+	le.PutUint64(b[120:], uint64(g.maxVolSize))
+	if g.noOrigin {
+		le.PutUint32(b[128:], flagNoOrigin)
+	}
 	le.PutUint32(b[12:], checksum(saltSuperblock, b))
 	return b
 }
@@ -159,14 +184,23 @@ func decodeSuperblock(b []byte) (geometry, error) {
 	g.formatted = int64(le.Uint64(b[96:]))
 	g.metaOff = int64(le.Uint64(b[104:]))
 	g.metaLen = int64(le.Uint64(b[112:]))
+	g.maxVolSize = int64(le.Uint64(b[120:]))
+	if f := le.Uint32(b[128:]); f&^flagNoOrigin != 0 {
+		return g, bad(128, "unknown pool flags %#x", f)
+	}
+	g.noOrigin = le.Uint32(b[128:])&flagNoOrigin != 0
 	cs := int64(g.chunkSize)
 	regionEnd := g.journalOff + g.journalLen
 	if g.version == superblockVersion && !g.transient {
 		regionEnd = g.metaOff + g.metaLen
 	}
 	switch {
-	case g.originSize <= 0 || g.originSize > 1<<60:
-		return g, bad(32, "origin size %d", g.originSize)
+	case g.originSize < 0 || g.originSize > 1<<60 || (g.originSize == 0) != g.noOrigin:
+		return g, bad(32, "origin size %d (no origin: %v)", g.originSize, g.noOrigin)
+	case g.maxVolSize != 0 && (g.maxVolSize < g.originSize || g.maxVolSize > maxVolumeBound || g.maxVolSize%cs != 0):
+		return g, bad(120, "largest volume size %d (origin %d bytes)", g.maxVolSize, g.originSize)
+	case g.maxVolSize == 0 && g.noOrigin:
+		return g, bad(120, "no origin and no volume size bound")
 	case g.storeSize <= superblockSize || g.storeSize > 1<<60:
 		return g, bad(40, "store size %d", g.storeSize)
 	case g.journalOff != superblockSize || g.journalLen < 0 || g.journalLen > g.storeSize:

@@ -7,15 +7,17 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 )
 
-// Volume is an open volume of a store: the origin, a read-only snapshot or
-// a writable clone. It is a blockdev.Device, safe for concurrent use, and
-// as large as the origin. Closing it does not close the store.
+// Volume is an open volume of a store: the origin, a read-only snapshot, a
+// writable clone or a blank volume. It is a blockdev.Device, safe for
+// concurrent use, of the volume's own size (Size). Closing it does not
+// close the store.
 type Volume struct {
 	s      *Store
 	meta   *volume
 	br     *branch
 	levels []level // resolution order: (branch, epoch) then the parent chain
-	kind   Kind
+	kind   Kind    // as the metadata records it (a blank volume is a KindClone)
+	info   Kind    // as Kind reports it (KindVolume for a blank volume)
 	closed atomic.Bool
 }
 
@@ -25,7 +27,7 @@ type Volume struct {
 // Close the handle's calls fail with ErrClosed, after a failure its writes
 // fail with the store's error.
 func (s *Store) Origin() *Volume {
-	return &Volume{s: s, meta: s.origVol, br: s.b0, levels: []level{{br: s.b0, e: epochLive}}, kind: KindOrigin}
+	return &Volume{s: s, meta: s.origVol, br: s.b0, levels: []level{{br: s.b0, e: epochLive}}, kind: KindOrigin, info: KindOrigin}
 }
 
 // OpenVolume returns a handle on the volume with the given name.
@@ -44,7 +46,7 @@ func (s *Store) OpenID(id uint64) (*Volume, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	v := s.volumes[id]
-	if v == nil || v.hidden {
+	if v == nil || v.hidden || (v.kind == KindOrigin && s.geo.noOrigin) {
 		return nil, fmt.Errorf("%w: id %d", ErrNotFound, id)
 	}
 	return s.openLocked(v)
@@ -55,7 +57,7 @@ func (s *Store) openLocked(v *volume) (*Volume, error) {
 		return nil, err
 	}
 	br := s.branches[v.branch]
-	vol := &Volume{s: s, meta: v, br: br, kind: v.kind}
+	vol := &Volume{s: s, meta: v, br: br, kind: v.kind, info: kindOf(v, br)}
 	vol.levels = levelsOf(br, v.epoch)
 	return vol, nil
 }
@@ -64,7 +66,7 @@ func (s *Store) openLocked(v *volume) (*Volume, error) {
 func (v *Volume) ID() uint64 { return v.meta.id }
 
 // Kind returns the volume's kind.
-func (v *Volume) Kind() Kind { return v.kind }
+func (v *Volume) Kind() Kind { return v.info }
 
 func (v *Volume) check(off, n int64) error {
 	if v.closed.Load() {
@@ -76,7 +78,7 @@ func (v *Volume) check(off, n int64) error {
 	if err := v.notDeleted(); err != nil {
 		return err
 	}
-	return blockdev.CheckRange(off, n, v.s.geo.originSize, v.s.bs)
+	return blockdev.CheckRange(off, n, v.meta.size.Load(), v.s.bs)
 }
 
 // notDeleted fails once the volume is deleted. An operation that must not
@@ -160,9 +162,6 @@ func (v *Volume) Flush() error {
 	return nil
 }
 
-// Size implements blockdev.Device: the origin's size.
-func (v *Volume) Size() int64 { return v.s.geo.originSize }
-
 // BlockSize implements blockdev.Device: the larger of the origin's and the
 // store's block sizes.
 func (v *Volume) BlockSize() int { return v.s.bs }
@@ -222,7 +221,7 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 		switch {
 		case err != nil:
 		case fromOrigin:
-			_, err = s.origin.ReadAt(p, int64(c)*s.cs+in)
+			err = s.readOriginPart(p, int64(c)*s.cs+in)
 		case loc == locZero:
 			clear(p)
 		default:
@@ -239,10 +238,39 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 	}
 }
 
+// readOriginPart reads p at off of the origin device for a clone level:
+// the bytes past the origin's end (a clone grown larger) read as zeros.
+func (s *Store) readOriginPart(p []byte, off int64) error {
+	k := max(0, min(int64(len(p)), s.geo.originSize-off))
+	clear(p[k:])
+	if k == 0 {
+		return nil
+	}
+	_, err := s.origin.ReadAt(p[:k], off)
+	return err
+}
+
 // resolveLocked returns where chunk c lives as levels sees it: a store
 // chunk, locZero, or the origin device. One seek per level that may have
 // entries for c; levels whose summary says otherwise cost a bit test.
+// Where no level maps c, a chain that ends at a root branch, or at branch
+// 0 past the origin's end, reads zeros.
 func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
+	// No levels: the chain below a root branch (readCurrent).
+	if len(levels) == 0 || levels[len(levels)-1].br.id != 0 || c >= s.chunks {
+		loc, found, err := s.resolveMapped(levels, c)
+		if err != nil || found {
+			return loc, false, err
+		}
+		return locZero, false, nil
+	}
+	loc, found, err := s.resolveMapped(levels, c)
+	return loc, !found && err == nil, err
+}
+
+// resolveMapped is resolveLocked's lookup: where the first level that maps
+// c (found) says it lives.
+func (s *Store) resolveMapped(levels []level, c uint64) (loc uint64, found bool, err error) {
 	if n := len(levels); n > 1 && !levels[0].br.chainGroups.mayHave(c) {
 		levels = levels[n-1:] // no clone level has entries near c: go to branch 0
 	}
@@ -262,8 +290,8 @@ func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin 
 			return 0, false, metaErr("index lookup", err)
 		}
 		if ok && x.loc != locInherit {
-			return x.loc, false, nil
+			return x.loc, true, nil
 		}
 	}
-	return 0, true, nil
+	return 0, false, nil
 }

@@ -23,11 +23,15 @@ var cmdExportDiff = &command{
 	examples: []string{
 		"blocksnap export-diff monday -o monday.bsd --origin disk.img --store store.img",
 		"blocksnap export-diff tuesday --from monday --compress --origin disk.img --store store.img | ssh backup blocksnap apply-diff --target /srv/vm1.img",
+		"blocksnap export-diff vm1-backup --from golden -o vm1.bsd --origin disk.img --store store.img",
 	},
+	long: "--from may be any snapshot related to TO, as for diff: an earlier snapshot of the same volume, or across clones " +
+		"(golden to a snapshot of a VM's clone of it), so a VM's backup is an incremental from its golden image. " +
+		"The stream names both snapshots by ID and UUID; apply-diff checks the target is at FROM.",
 	summary: "write a diff stream of snapshot TO: incremental from --from, else a full sparse image (standard output by default)",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
-		from := fl.String("from", "", "`SNAPSHOT` the receiver already has (empty: a full export)")
+		from := fl.String("from", "", "`SNAPSHOT` the receiver already has: any snapshot related to TO (empty: a full export)")
 		out := fl.StringP("output", "o", "", "write the stream to `FILE` (default: standard output)")
 		compress := fl.Bool("compress", false, "zstd-compress the stream (stream version 2: older blocksnap releases refuse it)")
 		js := fl.Bool("json", false, "print the summary as JSON (with --output)")

@@ -112,7 +112,7 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 			return fmt.Errorf("%s already holds a blocksnap store of an older format (convert it with blocksnap migrate, or use --force to reformat and lose it)", sf.store)
 		}
 	}
-	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: int(chunk.n)})
+	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: chunk.n})
 	if errors.Is(err, snapshot.ErrLocked) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}

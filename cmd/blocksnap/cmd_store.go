@@ -326,9 +326,9 @@ var cmdUsage = &command{
 				}
 				return float64(a) * 100 / float64(b)
 			}
-			used, total := int64(sp.UsedChunks)*sp.ChunkSize, int64(sp.DataChunks)*sp.ChunkSize
+			used, total := sp.UsedBytes, sp.DataBytes
 			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full\n",
-				sf.store, human(used), human(total), pct(used, total), human(int64(sp.FreeChunks)*sp.ChunkSize),
+				sf.store, human(used), human(total), pct(used, total), human(sp.FreeBytes),
 				human(sp.MetadataBytes), human(sp.MetadataRegion), pct(sp.MetadataBytes, sp.MetadataRegion),
 				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100)
 			for _, st := range stats {
@@ -364,8 +364,12 @@ var cmdDiff = &command{
 	examples: []string{
 		"blocksnap diff monday --origin disk.img --store store.img",
 		"blocksnap diff monday tuesday --json --origin disk.img --store store.img",
+		"blocksnap diff golden vm1-backup --origin disk.img --store store.img",
 	},
 	summary: "list the extents that differ between two volumes (TO: default the live volume FROM was taken of)",
+	long: "FROM and TO may be any two related volumes: snapshots of one volume, a volume and its snapshot, or across clones " +
+		"(golden to a snapshot of a clone of it, a snapshot to a later snapshot of a clone of its clone, two clones of one snapshot). " +
+		"Zero extents read as zeros in the newer of the two. The answer comes from the store's metadata; no data is read.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		js := fs.Bool("json", false, "print as JSON")

@@ -83,7 +83,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 			return nil, err
 		}
 		s := o.st.Stats()
-		return control.GrowResult{Added: added, DataBytes: int64(s.DataChunks) * s.ChunkSize}, nil
+		return control.GrowResult{Added: added, DataBytes: s.DataBytes}, nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:
@@ -316,8 +316,8 @@ func (o *ops) diff(ctx context.Context, from, to string) (control.Diff, error) {
 	defer tv.Close()
 	out := control.Diff{From: from, To: to, Extents: []control.Extent{}}
 	for x, err := range o.st.Diff(fv, tv) {
-		if errors.Is(err, snapshot.ErrBadOptions) {
-			return control.Diff{}, fmt.Errorf("%s and %s are not one line of history (two snapshots of one volume, a snapshot and its volume, or a clone and its snapshot): %w", from, to, errNotSnapshot)
+		if errors.Is(err, snapshot.ErrUnrelated) {
+			return control.Diff{}, fmt.Errorf("%s and %s share no history (neither descends from a volume the other does): %w", from, to, errNotSnapshot)
 		}
 		if err != nil {
 			return control.Diff{}, err
@@ -340,8 +340,8 @@ func (o *ops) check() control.CheckReport {
 
 func (o *ops) space() control.Space {
 	s := o.st.Stats()
-	return control.Space{ChunkSize: s.ChunkSize, DataChunks: s.DataChunks, UsedChunks: s.UsedChunks,
-		FreeChunks: s.FreeChunks, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
+	return control.Space{ChunkSize: s.ChunkSize, DataBytes: s.DataBytes, UsedBytes: s.UsedBytes,
+		FreeBytes: s.FreeBytes, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
 		MetadataRegion: s.MetadataRegion}
 }
 

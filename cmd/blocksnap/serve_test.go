@@ -210,7 +210,7 @@ func TestServeWithQemuIO(t *testing.T) {
 	var sp control.Space
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
 	require.Equal(t, dump.Space.ChunkSize, sp.ChunkSize)
-	require.NotZero(t, sp.UsedChunks)
+	require.NotZero(t, sp.UsedBytes)
 	require.Contains(t, ok(t, f.args("rename", "vm1", "vm2")...), "renamed vm1 to vm2")
 	qemuIO(t, uri("vm2"), true, "read -P 0xcd 0 1M")
 	out, _ = exec.Command("qemu-io", "-f", "raw", "-r", uri("vm1"), "-c", "read 0 4k").CombinedOutput()

@@ -153,7 +153,7 @@ func openException(t *testing.T, cfg config, persistent, onSnap bool) (blockdev.
 func openStore(t *testing.T, cfg config, depth int) (blockdev.Device, func() error, string) {
 	origin := blockdevtest.NewMem(t, cfg.Size, cfg.BlockSize)
 	store := blockdevtest.NewMem(t, 4*cfg.Size+(4<<20), cfg.BlockSize)
-	s, err := snapshot.Format(origin, store, snapshot.Options{ChunkSize: cfg.StoreChunk, CommitInterval: cfg.CommitInterval, OriginBuffer: cfg.OriginBuffer})
+	s, err := snapshot.Format(origin, store, snapshot.Options{ChunkSize: int64(cfg.StoreChunk), CommitInterval: cfg.CommitInterval, OriginBuffer: cfg.OriginBuffer})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -115,6 +115,9 @@ type applier struct {
 	rmw    []byte
 }
 
+// howToForce ends a refusal: how to apply the stream all the same.
+const howToForce = "ApplyOptions.Force, or blocksnap apply-diff --force, applies it anyway"
+
 // plan reads the state and decides whether to apply, resume, skip or
 // refuse.
 func (a *applier) plan() error {
@@ -123,7 +126,7 @@ func (a *applier) plan() error {
 		if h.Full() || a.opts.Force {
 			return nil
 		}
-		return fmt.Errorf("%w: no state file says where the target is; this incremental stream needs it at %s (keep a state file, or use force to apply anyway)", ErrMismatch, h.From)
+		return fmt.Errorf("%w: no state file says where the target is; this incremental stream needs it at %s (keep a state file, or %s)", ErrMismatch, h.From, howToForce)
 	}
 	st, err := ReadState(a.opts.StatePath)
 	if err != nil {
@@ -134,19 +137,19 @@ func (a *applier) plan() error {
 	}
 	a.state = st
 	p := st.Partial
-	same := p != nil && p.From == h.From && p.To == h.To
+	same := p != nil && p.From.Same(h.From) && p.To.Same(h.To)
 	switch {
 	case same:
 		a.resume = p.Records
-	case !a.opts.Force && p == nil && st.At != nil && st.At.ID == h.To.ID:
+	case !a.opts.Force && p == nil && st.At != nil && st.At.Same(h.To):
 		a.res.NoOp = true
 	case a.opts.Force || h.Full():
 	case p != nil:
-		return fmt.Errorf("%w: target is %s; this stream is %s -> %s (use force to apply anyway)", ErrMismatch, st, h.From, h.To)
+		return fmt.Errorf("%w: target is %s; this stream is %s -> %s (%s)", ErrMismatch, st, h.From, h.To, howToForce)
 	case st.At == nil:
-		return fmt.Errorf("%w: target state is unknown (no %s); this incremental stream needs it at %s (use force to apply anyway)", ErrMismatch, a.opts.StatePath, h.From)
-	case st.At.ID != h.From.ID:
-		return fmt.Errorf("%w: target is at %s, this stream applies onto %s (use force to apply anyway)", ErrMismatch, st.At, h.From)
+		return fmt.Errorf("%w: target state is unknown (no %s); this incremental stream needs it at %s (%s)", ErrMismatch, a.opts.StatePath, h.From, howToForce)
+	case !st.At.Same(h.From):
+		return fmt.Errorf("%w: target is at %s, this stream applies onto %s (%s)", ErrMismatch, st.At, h.From, howToForce)
 	}
 	return nil
 }

@@ -37,8 +37,28 @@
 //	.       2+n   From name (u16 length, UTF-8)
 //	.       2+n   To ID
 //	.       2+n   To name
-//	.       ...   reserved for later fields of this version (skipped)
+//	.       ...   extension fields, up to H-4 (none in streams written
+//	              before volume UUIDs; see below)
 //	H-4     4     CRC32C (Castagnoli) of bytes [0, H-4)
+//
+// Extension fields carry what later writers add to the header without a
+// new version, so that readers of either age read the stream: each is
+//
+//	offset  size  field
+//	0       2     tag
+//	2       2     length n (<= 1024)
+//	4       n     value
+//
+// and they fill the space between To name and the CRC exactly (a field
+// that runs past it is corrupt). A reader skips tags it does not know;
+// readers from before extension fields skip the whole area. Tags:
+//
+//	tag  field
+//	1    From UUID: the volume's stable UUID, in canonical text form
+//	2    To UUID
+//
+// An identity whose UUID is empty (every stream written before them) is
+// compared by its ID alone (see Identity.Same).
 //
 // Version 2 differs from version 1 only in that, with FlagZstd, every byte
 // after the header is one zstd stream (RFC 8878, window at most 8 MiB)
@@ -111,6 +131,12 @@ const (
 	knownFlags = FlagFull | FlagZstd
 )
 
+// Header extension tags (see the layout).
+const (
+	extFromUUID uint16 = 1
+	extToUUID   uint16 = 2
+)
+
 // Record types.
 const (
 	TypeData uint8 = 1
@@ -171,24 +197,39 @@ func (e *CorruptError) Error() string {
 // Unwrap makes errors.Is(err, ErrCorrupt) hold.
 func (e *CorruptError) Unwrap() error { return ErrCorrupt }
 
-// Identity names a snapshot: an opaque ID (stable, unique within its store,
-// what Apply compares) and a human-readable name.
+// Identity names a snapshot: an opaque ID (stable, unique within its
+// store), the volume's UUID (unique across stores; empty in streams
+// written before UUIDs), and a human-readable name. Apply compares
+// identities with Same.
 type Identity struct {
 	ID   string `json:"id"`
 	Name string `json:"name,omitempty"`
+	UUID string `json:"uuid,omitempty"`
 }
 
 // IsZero reports whether the identity is empty (no snapshot).
-func (i Identity) IsZero() bool { return i.ID == "" && i.Name == "" }
+func (i Identity) IsZero() bool { return i.ID == "" && i.Name == "" && i.UUID == "" }
+
+// Same reports whether i and o name the same snapshot: by UUID when both
+// have one, else by ID (an identity from an older stream or state file
+// has no UUID). Names are for people and never compared.
+func (i Identity) Same(o Identity) bool {
+	if i.UUID != "" && o.UUID != "" {
+		return i.UUID == o.UUID
+	}
+	return i.ID == o.ID
+}
 
 func (i Identity) String() string {
 	switch {
 	case i.IsZero():
 		return "(empty)"
-	case i.Name == "":
+	case i.Name == "" && i.UUID == "":
 		return i.ID
+	case i.UUID == "":
+		return fmt.Sprintf("%s (%s)", i.Name, i.ID)
 	}
-	return fmt.Sprintf("%s (%s)", i.Name, i.ID)
+	return fmt.Sprintf("%s (%s, uuid %s)", i.Name, i.ID, i.UUID)
 }
 
 // Header describes a stream.
@@ -229,7 +270,10 @@ func (h Header) validate() error {
 	if h.Full() != (h.From.ID == "") {
 		return errors.New("a full export has no From and an incremental one must have one")
 	}
-	for _, s := range []string{h.From.ID, h.From.Name, h.To.ID, h.To.Name} {
+	if h.Full() && h.From.UUID != "" {
+		return errors.New("a full export has a From UUID")
+	}
+	for _, s := range []string{h.From.ID, h.From.Name, h.To.ID, h.To.Name, h.From.UUID, h.To.UUID} {
 		if len(s) > MaxIdentity {
 			return fmt.Errorf("identity of %d bytes exceeds %d", len(s), MaxIdentity)
 		}
@@ -250,6 +294,18 @@ func encodeHeader(b []byte, h Header) []byte {
 	for _, s := range []string{h.From.ID, h.From.Name, h.To.ID, h.To.Name} {
 		b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
 		b = append(b, s...)
+	}
+	// Extension fields only when set, so a stream without UUIDs is byte
+	// for byte what writers before them wrote.
+	for _, f := range []struct {
+		tag uint16
+		v   string
+	}{{extFromUUID, h.From.UUID}, {extToUUID, h.To.UUID}} {
+		if f.v != "" {
+			b = binary.LittleEndian.AppendUint16(b, f.tag)
+			b = binary.LittleEndian.AppendUint16(b, uint16(len(f.v)))
+			b = append(b, f.v...)
+		}
 	}
 	binary.LittleEndian.PutUint16(b[start+10:], uint16(len(b)-start+4))
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli))
@@ -288,6 +344,23 @@ func decodeHeader(b []byte) (Header, error) {
 	}
 	h.From = Identity{ID: ids[0], Name: ids[1]}
 	h.To = Identity{ID: ids[2], Name: ids[3]}
+	for pos < n-4 {
+		if pos+4 > n-4 {
+			return bad("extension field at byte %d runs past the header", pos)
+		}
+		tag, l := binary.LittleEndian.Uint16(b[pos:]), int(binary.LittleEndian.Uint16(b[pos+2:]))
+		if l > MaxIdentity || pos+4+l > n-4 {
+			return bad("extension field %d of %d bytes at byte %d runs past the header", tag, l, pos)
+		}
+		v := string(b[pos+4 : pos+4+l])
+		switch tag {
+		case extFromUUID:
+			h.From.UUID = v
+		case extToUUID:
+			h.To.UUID = v
+		}
+		pos += 4 + l
+	}
 	if int64(h.VolumeSize) < 0 {
 		return bad("volume size overflows")
 	}

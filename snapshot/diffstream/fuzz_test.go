@@ -37,7 +37,7 @@ func FuzzReader(f *testing.F) {
 	}
 	f.Add(full.Bytes())
 	var incr bytes.Buffer
-	w, err := NewWriter(&incr, Header{VolumeSize: 8 << 10, BlockSize: 512, From: Identity{ID: "f"}, To: Identity{ID: "t"}})
+	w, err := NewWriter(&incr, Header{VolumeSize: 8 << 10, BlockSize: 512, From: Identity{ID: "f", UUID: "uf"}, To: Identity{ID: "t", UUID: "ut"}})
 	if err != nil {
 		f.Fatal(err)
 	}

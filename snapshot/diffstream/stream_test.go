@@ -246,10 +246,20 @@ func TestHeaderVersionAndExtension(t *testing.T) {
 	require.NoError(t, w.WriteZero(0, 64<<10))
 	_, err = w.Close()
 	require.NoError(t, err)
-	ext := rewriteHeader(buf.Bytes(), func(h []byte) []byte { return append(h, "future fields"...) })
+	// An extension field of an unknown tag is skipped; one that runs past
+	// the header is corrupt.
+	ext := rewriteHeader(buf.Bytes(), func(h []byte) []byte {
+		h = binary.LittleEndian.AppendUint16(h, 0x7fff)
+		h = binary.LittleEndian.AppendUint16(h, 13)
+		return append(h, "future fields"...)
+	})
 	r, err := NewReader(bytes.NewReader(ext))
 	require.NoError(t, err)
 	require.Equal(t, ident(0), r.Header().To)
+	bad := rewriteHeader(buf.Bytes(), func(h []byte) []byte { return append(h, "future fields"...) })
+	_, err = NewReader(bytes.NewReader(bad))
+	require.ErrorIs(t, err, ErrCorrupt)
+	require.ErrorContains(t, err, "runs past the header")
 
 	_, err = NewReader(bytes.NewReader([]byte("not a stream at all, not at all")))
 	require.ErrorIs(t, err, ErrCorrupt)

@@ -101,7 +101,7 @@ func run(ctx context.Context, size int64, block, chunk int, dir string, change f
 		return err
 	}
 	defer storeDev.Close()
-	st, err := snapshot.Format(origin, storeDev, snapshot.Options{ChunkSize: chunk})
+	st, err := snapshot.Format(origin, storeDev, snapshot.Options{ChunkSize: int64(chunk)})
 	if err != nil {
 		return err
 	}

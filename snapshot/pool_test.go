@@ -1,0 +1,232 @@
+package snapshot
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// newPool formats a store without an origin on a fresh Mem device.
+func newPool(t testing.TB, storeSize int64, opts Options) (*Store, *blockdev.Mem) {
+	t.Helper()
+	store, err := blockdev.NewMem(storeSize, 4096)
+	require.NoError(t, err)
+	s, err := Format(nil, store, opts)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close() })
+	return s, store
+}
+
+func readAll(t testing.TB, d blockdev.Device) []byte {
+	t.Helper()
+	b := make([]byte, d.Size())
+	_, err := d.ReadAt(b, 0)
+	require.NoError(t, err)
+	return b
+}
+
+func TestPoolConformance(t *testing.T) {
+	t.Run("blank", func(t *testing.T) {
+		blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
+			s, _ := newPool(t, 48<<20, Options{ChunkSize: 16 << 10})
+			v, err := s.CreateVolume("v", 8<<20)
+			require.NoError(t, err)
+			_, err = s.CreateSnapshot("v-s1", v)
+			require.NoError(t, err)
+			return v
+		})
+	})
+	t.Run("clone-of-blank", func(t *testing.T) {
+		blockdevtest.Run(t, func(t *testing.T) blockdev.Device {
+			s, _ := newPool(t, 48<<20, Options{ChunkSize: 16 << 10})
+			v, err := s.CreateVolume("v", 8<<20)
+			require.NoError(t, err)
+			_, err = v.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 1<<20)
+			require.NoError(t, err)
+			c, err := s.CreateClone("c", v)
+			require.NoError(t, err)
+			return c
+		})
+	})
+}
+
+// A store without an origin holds blank volumes with their own sizes,
+// their snapshots and clones, and all of it survives a reopen.
+func TestPoolNoOrigin(t *testing.T) {
+	s, store := newPool(t, 32<<20, Options{ChunkSize: 16 << 10, MaxVolumeSize: 1 << 30})
+	require.False(t, s.HasOrigin())
+	require.Equal(t, int64(1<<30), s.MaxVolumeSize())
+	require.Empty(t, s.List())
+	_, err := s.OpenVolume("origin")
+	require.ErrorIs(t, err, ErrNotFound)
+
+	a, err := s.CreateVolume("a", 1<<20)
+	require.NoError(t, err)
+	b, err := s.CreateVolume("b", 3<<20+4096) // not a multiple of the chunk size
+	require.NoError(t, err)
+	require.Equal(t, int64(1<<20), a.Size())
+	require.Equal(t, int64(3<<20+4096), b.Size())
+	require.Equal(t, KindVolume, a.Kind())
+	require.Equal(t, make([]byte, 1<<20), readAll(t, a), "a blank volume reads zeros")
+	require.Equal(t, 0, int(s.Stats().usedChunks()), "and holds no store space")
+
+	_, err = a.WriteAt(bytes.Repeat([]byte{1}, 8192), 8192)
+	require.NoError(t, err)
+	tail := bytes.Repeat([]byte{2}, 4096)
+	_, err = b.WriteAt(tail, 3<<20) // the partial last chunk
+	require.NoError(t, err)
+	_, err = b.WriteAt(tail, 3<<20+4096)
+	require.ErrorIs(t, err, blockdev.ErrOutOfRange)
+
+	snap, err := s.CreateSnapshot("a@1", a)
+	require.NoError(t, err)
+	require.Equal(t, a.Size(), snap.Size())
+	cl, err := s.CreateClone("a-clone", snap)
+	require.NoError(t, err)
+	require.Equal(t, a.Size(), cl.Size())
+	require.Equal(t, KindClone, cl.Kind())
+	_, err = a.WriteAt(bytes.Repeat([]byte{3}, 4096), 0)
+	require.NoError(t, err)
+	wantSnap := readAll(t, snap)
+	require.Equal(t, wantSnap, readAll(t, cl))
+	require.Equal(t, byte(0), wantSnap[0])
+	require.Equal(t, byte(1), wantSnap[8192])
+
+	uuids := map[string]UUID{}
+	for _, i := range s.List() {
+		require.NotEqual(t, UUID{}, i.UUID)
+		for n, u := range uuids {
+			require.NotEqual(t, u, i.UUID, "%s and %s", n, i.Name)
+		}
+		uuids[i.Name] = i.UUID
+	}
+	require.Len(t, uuids, 4)
+	require.Equal(t, uuids["a"], a.UUID())
+	mustCheck(t, s)
+	wantA, wantB := readAll(t, a), readAll(t, b)
+	require.NoError(t, s.Close())
+
+	store2, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	_, err = Open(store2, store, Options{})
+	require.ErrorIs(t, err, ErrBadOptions, "a store without an origin is opened without one")
+
+	s2, err := Open(nil, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	for _, i := range s2.List() {
+		require.Equal(t, uuids[i.Name], i.UUID, "%s: the UUID is stable", i.Name)
+	}
+	a2, err := s2.OpenVolume("a")
+	require.NoError(t, err)
+	b2, err := s2.OpenVolume("b")
+	require.NoError(t, err)
+	require.Equal(t, wantA, readAll(t, a2))
+	require.Equal(t, wantB, readAll(t, b2))
+	require.Equal(t, KindVolume, b2.Info().Kind)
+	mustCheck(t, s2)
+
+	// The same after a reopen that replays the journal (no tree commit).
+	_, err = b2.WriteAt(tail, 0)
+	require.NoError(t, err)
+	require.NoError(t, b2.Flush())
+	_, err = s2.CreateVolume("c", 64<<10)
+	require.NoError(t, err)
+	img := crashImage(t, store)
+	s3, err := Open(nil, img, Options{})
+	require.NoError(t, err)
+	defer s3.Close()
+	c3, err := s3.OpenVolume("c")
+	require.NoError(t, err)
+	require.Equal(t, int64(64<<10), c3.Size())
+	b3, err := s3.OpenVolume("b")
+	require.NoError(t, err)
+	require.Equal(t, tail, readAll(t, b3)[:4096])
+	mustCheck(t, s3)
+}
+
+// crashImage copies a device as it stands, as a power cut would leave it
+// with every completed write kept (Mem keeps what it was given).
+func crashImage(t testing.TB, d *blockdev.Mem) *blockdev.Mem {
+	t.Helper()
+	img, err := blockdev.NewMem(d.Size(), d.BlockSize())
+	require.NoError(t, err)
+	buf := readAll(t, d)
+	_, err = img.WriteAt(buf, 0)
+	require.NoError(t, err)
+	return img
+}
+
+// A blank volume in a store with an origin reads zeros, never the origin;
+// a store with an origin must be opened with it.
+func TestPoolBlankBesideOrigin(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	require.True(t, s.HasOrigin())
+	require.Equal(t, int64(defaultMaxVolumeSize), s.MaxVolumeSize())
+	v, err := s.CreateVolume("blank", 4<<20)
+	require.NoError(t, err)
+	require.Equal(t, make([]byte, 4<<20), readAll(t, v))
+	require.Len(t, s.List(), 2)
+	require.NoError(t, s.Close())
+	_, err = Open(nil, store, Options{})
+	require.ErrorIs(t, err, ErrBadOptions)
+	s2, err := Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	v2, err := s2.OpenVolume("blank")
+	require.NoError(t, err)
+	require.Equal(t, int64(4<<20), v2.Size())
+}
+
+func TestCreateVolumeRefusals(t *testing.T) {
+	s, _ := newPool(t, 16<<20, Options{ChunkSize: 16 << 10, MaxVolumeSize: 1 << 20})
+	for _, size := range []int64{0, -4096, 1000, 1<<20 + 4096} {
+		_, err := s.CreateVolume("v", size)
+		require.ErrorIs(t, err, ErrBadOptions, "size %d", size)
+	}
+	_, err := s.CreateVolume("a/b", 4096)
+	require.ErrorIs(t, err, ErrBadName)
+	_, err = s.CreateVolume("v", 1<<20)
+	require.NoError(t, err)
+	_, err = s.CreateVolume("v", 4096)
+	require.ErrorIs(t, err, ErrExists)
+
+	store, err := blockdev.NewMem(16<<20, 4096)
+	require.NoError(t, err)
+	origin, err := blockdev.NewMem(2<<20, 512)
+	require.NoError(t, err)
+	_, err = Format(origin, store, Options{MaxVolumeSize: 1 << 20})
+	require.ErrorIs(t, err, ErrBadOptions, "the bound is at least the origin")
+	_, err = Format(nil, store, Options{MaxVolumeSize: -1})
+	require.ErrorIs(t, err, ErrBadOptions)
+}
+
+// A store formatted before the volume size bound was recorded (superblock
+// bytes 120-159 zero) bounds its volumes by the origin's size.
+func TestSuperblockWithoutVolumeBound(t *testing.T) {
+	g := geometry{chunkSize: 64 << 10, originSize: 1 << 20, storeSize: 64 << 20, journalOff: superblockSize, journalLen: 1 << 20,
+		metaOff: superblockSize + 1<<20, metaLen: 1 << 20, dataOff: 4 << 20, dataChunks: 10, version: superblockVersion}
+	got, err := decodeSuperblock(g.encode())
+	require.NoError(t, err)
+	require.Equal(t, int64(1<<20), got.volumeBound())
+	g.maxVolSize = 1 << 30
+	got, err = decodeSuperblock(g.encode())
+	require.NoError(t, err)
+	require.Equal(t, int64(1<<30), got.volumeBound())
+	for _, bad := range []func(g *geometry){
+		func(g *geometry) { g.maxVolSize = 1 << 19 },                              // below the origin
+		func(g *geometry) { g.maxVolSize = 1<<30 + 4096 },                         // not whole chunks
+		func(g *geometry) { g.noOrigin = true },                                   // no origin, yet a size
+		func(g *geometry) { g.originSize, g.noOrigin = 0, false },                 // an origin of no bytes
+		func(g *geometry) { g.originSize, g.maxVolSize, g.noOrigin = 0, 0, true }, // no bound
+	} {
+		b := g
+		bad(&b)
+		_, err := decodeSuperblock(b.encode())
+		require.ErrorIs(t, err, ErrCorrupt)
+	}
+}
