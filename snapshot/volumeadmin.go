@@ -33,10 +33,13 @@ type VolumeInfo struct {
 	Protected bool
 }
 
-// VolumeStat is a volume's space accounting, in the manner of thin_ls.
-// Mapped counts the bytes whose data this volume reads from the store (for
-// the origin: from the origin device); Exclusive those no other volume
-// reads; Shared the rest.
+// VolumeStat is a volume's space accounting, in the manner of thin_ls
+// (docs/metadata.md section 13 defines it exactly). Mapped counts the bytes
+// whose data this volume reads from the store (for the origin: from the
+// origin device); Exclusive those no other volume reads (a clone taken of
+// a snapshot reads what the snapshot reads); Shared the rest, which
+// includes everything a clone reads through its parent. For the origin,
+// Shared is what a snapshot still reads from the origin device.
 type VolumeStat struct {
 	VolumeInfo
 	Mapped, Exclusive, Shared int64
