@@ -1,11 +1,27 @@
 package snapshot
 
+// Space counters of the origin's snapshots, and their section of the
+// checkpoint image (version 3; checkpoint.go has the whole image), after
+// the volumes:
+//
+//	field                                   encoding
+//	present                                 uv: 0 not kept (Open rebuilds
+//	                                        them), 1 kept; nothing follows 0
+//	mapped: count of nonzero point values   uv
+//	  per value, by increasing epoch        uv epoch minus the previous one
+//	                                        (the first: minus 0; each >= 1),
+//	                                        sv value (bytes, nonzero)
+//	excl: count of held epochs with bytes   uv
+//	  per epoch, increasing                 uv epoch delta as above, sv bytes
+//
+// Every epoch is at most the origin's last epoch plus one.
+
 import (
 	"maps"
 	"slices"
 )
 
-// Space counters of the origin's snapshots (docs/metadata.md section 13).
+// The counters (docs/metadata.md section 13).
 //
 // An entry (0, c, e) of branch 0 is read by the snapshots numbered in
 // (lo, e], lo being the epoch of the chunk's entry before it (0: none).
@@ -384,13 +400,8 @@ func checkCounters(got, want *counters, held []uint32, bad func(string, ...any) 
 	}
 }
 
-// Checkpoint image section (version 3), after the volumes:
-//
-//	uv present (0: not kept, Open rebuilds them; 1: kept)
-//	uv count; per nonzero point value of mapped, by epoch: uv epoch delta
-//	   from the previous one, sv value
-//	uv count; per nonzero excl, by epoch: uv epoch delta, sv value
-
+// encodeTo writes the checkpoint image's counters section (layout at the
+// top of the file).
 func (c *counters) encodeTo(e *encoder) {
 	if c.stale {
 		e.uv(0)
