@@ -362,7 +362,7 @@ func (s *Store) settleCounters() error {
 	if err != nil {
 		return err
 	}
-	s.ctr = c
+	s.ctr, s.ctrRebuilt = c, true
 	return nil
 }
 

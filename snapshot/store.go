@@ -260,6 +260,9 @@ type Store struct {
 	// origin's, over preserved[] (counters.go). Guarded by mu.
 	ctr      counters
 	presSums epochSums
+	// ctrRebuilt: Open found ctr stale and rebuilt it by a walk (set
+	// before the store is shared; tests read it).
+	ctrRebuilt bool
 
 	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
 	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
