@@ -67,6 +67,10 @@ type Request struct {
 	// Recursive: delete also the volumes that depend on Name (the clones
 	// of a snapshot, their snapshots and clones), deepest first.
 	Recursive bool `json:"recursive,omitempty"`
+	// Detach: a snapshot that clones depend on goes as a hidden parent
+	// point that they keep (without it, or Recursive, such a delete is
+	// refused, CodeInvalid).
+	Detach bool `json:"detach,omitempty"`
 	// Compress: export-diff writes a zstd-compressed stream (version 2).
 	Compress bool `json:"compress,omitempty"`
 	// Rate is set-rate's cap on background hydration in bytes per

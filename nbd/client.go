@@ -271,6 +271,12 @@ func (c *Client) Size() int64 { return c.info.Size }
 // BlockSize implements blockdev.Device.
 func (c *Client) BlockSize() int { return c.info.BlockSize }
 
+// ReadOnly implements blockdev.ReadOnlyReporter: the server flagged the
+// export read-only, so every write, trim and zeroing fails with
+// blockdev.ErrReadOnly (without a round trip). An engine given the client
+// as a device can so refuse it, or open it read-only, at once.
+func (c *Client) ReadOnly() bool { return c.info.ReadOnly }
+
 func (c *Client) check(off, n int64) error {
 	if c.closed() {
 		return blockdev.ErrClosed

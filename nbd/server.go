@@ -46,7 +46,11 @@ type Export struct {
 	// Device is the exported device. The server never closes it.
 	Device blockdev.Device
 	// ReadOnly exports the device read-only: writes, trims and zeroing
-	// fail with EPERM. A *blockdev.ReadOnlyDevice is always read-only.
+	// fail with EPERM. A device that reports itself read-only
+	// (blockdev.IsReadOnly: a blockdev.ReadOnly view, a File opened
+	// read-only, an NBD client of a read-only export) is always exported
+	// read-only, so that clients are told up front rather than failing on
+	// their first write.
 	ReadOnly bool
 	// Clients, when not empty, makes the export TLS-only and lets only
 	// the client certificates it lists use it (verified against the CA
@@ -249,10 +253,7 @@ func (s *Server) Add(e Export) error {
 			return fmt.Errorf("nbd: export %q: a client allow-list needs %s in %s", e.Name, CACertFile, s.opts.TLSCertDir)
 		}
 	}
-	x := &export{Export: e, ro: e.ReadOnly}
-	if _, ok := e.Device.(*blockdev.ReadOnlyDevice); ok {
-		x.ro = true
-	}
+	x := &export{Export: e, ro: e.ReadOnly || blockdev.IsReadOnly(e.Device)}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, dup := s.exports[e.Name]; dup {

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -172,6 +174,45 @@ func TestServerExports(t *testing.T) {
 	require.True(t, dial(t, ts.uri("ro")).Info().ReadOnly)
 }
 
+// Any device that reports itself read-only (blockdev.IsReadOnly) is
+// exported read-only, not only the blockdev.ReadOnly view: a slice of one,
+// a file opened read-only, and a client of a read-only export re-exported.
+// A writable device stays writable.
+func TestServerExportsReadOnlyReporters(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ro.img")
+	require.NoError(t, os.WriteFile(path, make([]byte, cmdSize), 0o644))
+	rofile, err := blockdev.Open(path, blockdev.FileOptions{ReadOnly: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { rofile.Close() })
+	slice, err := blockdev.Slice(blockdev.ReadOnly(blockdevtest.NewMem(t, 2*cmdSize, 512)), cmdSize, cmdSize)
+	require.NoError(t, err)
+	ts := startServer(t, Options{},
+		Export{Name: "rw", Device: blockdevtest.NewMem(t, cmdSize, 512)},
+		Export{Name: "file", Device: rofile},
+		Export{Name: "slice", Device: slice},
+		Export{Name: "flagged", Device: blockdevtest.NewMem(t, cmdSize, 512), ReadOnly: true})
+
+	rw := dial(t, ts.uri("rw"))
+	require.False(t, rw.ReadOnly())
+	require.False(t, blockdev.IsReadOnly(rw))
+	for _, name := range []string{"file", "slice", "flagged"} {
+		c := dial(t, ts.uri(name))
+		require.True(t, c.ReadOnly(), name)
+		require.True(t, blockdev.IsReadOnly(c), name)
+		_, err := c.WriteAt(make([]byte, 512), 0)
+		require.ErrorIs(t, err, blockdev.ErrReadOnly, name)
+	}
+
+	// A client of the read-only export, itself exported by a second
+	// server, is read-only there too, with no flag given.
+	inner := dial(t, ts.uri("flagged"))
+	ts2 := startServer(t, Options{}, Export{Name: "again", Device: inner})
+	again := dial(t, ts2.uri("again"))
+	require.True(t, again.Info().ReadOnly)
+	err = again.Discard(0, 512)
+	require.ErrorIs(t, err, blockdev.ErrReadOnly)
+}
+
 func TestServerDeviceErrors(t *testing.T) {
 	// Errors of every kind reach the client as errors, mapped to the
 	// sentinels a caller tests.
@@ -211,4 +252,67 @@ func TestServerNoSpace(t *testing.T) {
 	require.Equal(t, ENOSPC, r.errno(0, cmdWrite, 100, 10, make([]byte, 10)))
 	st := ts.srv.Stats()
 	require.Equal(t, uint64(5), st.Exports[0].Errors)
+}
+
+// End to end with a real engine: a clone of a store too small for it,
+// exported and written through a client until the store is full. The
+// write that finds no space gets ENOSPC (blockdev.ErrNoSpace), the
+// connection carries on, and the store stays usable: zeroing and
+// trimming what the clone wrote release store space, so that data writes
+// succeed again, and every byte reads as the model says.
+func TestServerNoSpaceSnapshotStore(t *testing.T) {
+	const size, step = 16 << 20, 1 << 20
+	st, err := snapshot.Format(blockdevtest.NewMem(t, size, 512), blockdevtest.NewMem(t, 8<<20, 512),
+		snapshot.Options{ChunkSize: 64 << 10, CommitInterval: -1})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, st.Close()) })
+	origin := st.Origin()
+	defer origin.Close()
+	base, err := st.CreateSnapshot("base", origin)
+	require.NoError(t, err)
+	defer base.Close()
+	vm, err := st.CreateClone("vm", base)
+	require.NoError(t, err)
+	defer vm.Close()
+	ts := startServer(t, Options{}, Export{Name: "vm", Device: vm})
+	c := dial(t, ts.uri("vm"))
+
+	model := make([]byte, size)
+	var full int64 = -1
+	for off := int64(0); off < size; off += step {
+		p := bytes.Repeat([]byte{byte(off/step) + 1}, step)
+		_, err := c.WriteAt(p, off)
+		if err != nil {
+			require.ErrorIs(t, err, ENOSPC)
+			require.ErrorIs(t, err, blockdev.ErrNoSpace)
+			full = off
+			break
+		}
+		copy(model[off:], p)
+	}
+	require.Positive(t, full, "a 16 MiB clone does not fit in an 8 MiB store")
+	require.Less(t, full+2*step, int64(size), "room left in the clone for the writes below")
+	// The failed write may have landed in part; the model takes what the
+	// clone reads there.
+	_, err = c.ReadAt(model[full:full+step], full)
+	require.NoError(t, err, "the connection carries on after ENOSPC")
+	_, err = c.WriteAt(bytes.Repeat([]byte{0xee}, step), full+step)
+	require.ErrorIs(t, err, ENOSPC, "still full")
+
+	// Zeroes and a trim release what they replace.
+	require.NoError(t, c.WriteZeroes(0, 2*step))
+	clear(model[:2*step])
+	require.NoError(t, c.Discard(2*step, step))
+	clear(model[2*step : 3*step])
+	p := bytes.Repeat([]byte{0xee}, step)
+	_, err = c.WriteAt(p, full+step)
+	require.NoError(t, err, "writes succeed once space is released")
+	copy(model[full+step:], p)
+	require.NoError(t, c.Flush())
+
+	got := make([]byte, size)
+	_, err = c.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(model, got), "the clone reads as the model")
+	require.NoError(t, st.Check())
 }

@@ -7,21 +7,31 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (3), little-endian
+//	     8    4  version (4), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
-//	             uv last epoch, uv live (0/1); a root branch (CreateVolume)
-//	             has parent = id and parent epoch 0
+//	             uv last epoch, uv live (0/1), then its chunk-group summary:
+//	             uv count of non-zero words; per word: uv index (delta from
+//	             the previous word's index, the first from 0), uv word. A root
+//	             branch (CreateVolume) has parent = id and parent epoch 0
 //	          -  uv volume count; per volume (the origin excluded): uv id,
 //	             uv kind, uv branch, uv epoch, uv flags (bit 0 hidden, bit 1
 //	             protected, bit 2 size follows), sv created, uv parent,
 //	             [uv size in bytes, with flag bit 2; images without it were
 //	             written before volumes had sizes: every volume then had the
 //	             origin's], uv name length, name
-//	          -  the origin snapshots' counters (version 3; counters.go)
+//	          -  the origin's and its snapshots' space counters (version 4;
+//	             layout in counters.go)
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
+//
+// Version 2 had no chunk-group summaries: Open rebuilds them, and the
+// origin's preserved epochs, by one walk of the chunk tree (loadCheckpoint
+// sets rebuild). Version 3 images carry them, so Open walks nothing: the
+// preserved epochs are looked up in the tree on first use (preserve.go).
+// Version 3 had no space counters: Open rebuilds them by one walk of the
+// origin's entries (settleCounters).
 //
 // Version 1 (format version 1 stores) held the whole index after the
 // volumes, as entry runs in (branch, epoch, chunk) order, each: a tag byte
@@ -46,10 +56,10 @@ import (
 
 const (
 	checkpointMagic      = "BSNAPCKP"
-	checkpointVersion    = 3
+	checkpointVersion    = 4
+	noCounterVersion     = 3 // images without the space counters (counters.go)
+	noGroupsVersion      = 2 // images without chunk-group summaries either
 	oldCheckpointVersion = 1
-	// noCounterVersion images lack the counters: Open rebuilds them.
-	noCounterVersion = 2
 )
 
 // capture is a tree commit frozen under mu at journal record upTo, with
@@ -85,18 +95,23 @@ const flagCkptSize = 4
 type branchRec struct {
 	id, parent, parentEpoch, lastEpoch uint32
 	live                               bool
+	// groups are the branch's chunk-group summary words as of the
+	// capture. They are shared with the branch, which copies them before
+	// it sets another bit (markGroups), so the capture costs no copy.
+	groups []uint64
 }
 
 // smallStateLocked copies the branch and volume tables. Called with mu
-// held.
+// held exclusively (it hands each branch's summary words to the capture).
 func (s *Store) smallStateLocked(c *capture) {
 	c.nextVol, c.nextBr = s.nextVol, s.nextBranch
 	for _, br := range s.branches {
-		r := branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live}
+		r := branchRec{br.id, br.parent, br.parentEpoch, br.lastEpoch, br.live, br.groups.bits}
 		if br.root {
 			r.parent, r.parentEpoch = br.id, 0
 		}
 		c.branches = append(c.branches, r)
+		br.groupsCaptured = br.ownGroups // the capture now shares the words
 	}
 	slices.SortFunc(c.branches, func(a, b branchRec) int { return int(int64(a.id) - int64(b.id)) })
 	for _, v := range s.volumes {
@@ -126,7 +141,7 @@ func (s *Store) captureLocked() (capture, error) {
 	}
 	c.fz = fz
 	s.capOut = true
-	s.lastTreeSeq = c.upTo
+	s.lastTreeSeq, s.treeChanges = c.upTo, 0
 	return c, nil
 }
 
@@ -139,7 +154,7 @@ func (s *Store) maybeCaptureLocked() {
 	if s.capOut {
 		return
 	}
-	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords {
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords || s.treeChanges >= treeCommitRecords {
 		s.postCaptureLocked()
 		return
 	}
@@ -152,10 +167,10 @@ func (s *Store) maybeCaptureLocked() {
 	}
 }
 
-// treeCommitRecords is how many journal records may be logged before a
-// tree commit starts in the background, whatever the commit interval:
-// Open after a crash replays at most about this many (plus those logged
-// while that commit runs).
+// treeCommitRecords is how many journal records, or index changes, may
+// be logged before a tree commit starts in the background, whatever the
+// commit interval: Open after a crash replays at most about this many
+// (plus those logged while that commit runs).
 const treeCommitRecords = 1 << 16
 
 // postCaptureLocked hands the checkpointer a capture of the state now.
@@ -333,34 +348,42 @@ func b2u(b bool) uint64 {
 
 // encode writes the image to w and returns its length.
 func (c *capture) encode(w io.Writer) (int64, error) {
+	e := newEncoder(w)
+	c.encodeTo(e)
+	err := e.finish()
+	return e.n + 4, err
+}
+
+// newEncoder starts an image on w: its checksum is salted.
+func newEncoder(w io.Writer) *encoder {
 	e := &encoder{w: bufio.NewWriterSize(w, 64<<10), crc: crc32.New(castagnoli)}
 	var salt [4]byte
 	binary.LittleEndian.PutUint32(salt[:], saltCheckpoint)
 	e.crc.Write(salt[:])
-	c.encodeTo(e)
-	sum := e.crc.Sum32()
-	binary.LittleEndian.PutUint32(e.tmp[:4], sum)
+	return e
+}
+
+// finish appends the checksum and flushes.
+func (e *encoder) finish() error {
+	binary.LittleEndian.PutUint32(e.tmp[:4], e.crc.Sum32())
 	if e.err == nil {
 		_, e.err = e.w.Write(e.tmp[:4])
 	}
 	if e.err == nil {
 		e.err = e.w.Flush()
 	}
-	return e.n + 4, e.err
+	return e.err
 }
 
-func (c *capture) encodeTo(e *encoder) {
-	c.encodeState(e)
-	c.ctr.encodeTo(e)
-	e.byte1(0) // no entry runs: the index is in the metadata region
-}
+func (c *capture) encodeTo(e *encoder) { c.encodeVersion(e, checkpointVersion) }
 
-// encodeState writes the header, branches and volumes: what every version
-// of the image begins with.
-func (c *capture) encodeState(e *encoder) {
+// encodeVersion writes the image in format version v: before version 3,
+// without the chunk-group summaries; before version 4, without the space
+// counters (tests write older images with it).
+func (c *capture) encodeVersion(e *encoder, v uint32) {
 	var hdr [12]byte
 	copy(hdr[:], checkpointMagic)
-	binary.LittleEndian.PutUint32(hdr[8:], checkpointVersion)
+	binary.LittleEndian.PutUint32(hdr[8:], v)
 	e.bytes(hdr[:])
 	e.uv(c.nextVol)
 	e.uv(uint64(c.nextBr))
@@ -371,6 +394,9 @@ func (c *capture) encodeState(e *encoder) {
 		e.uv(uint64(b.parentEpoch))
 		e.uv(uint64(b.lastEpoch))
 		e.uv(b2u(b.live))
+		if v >= noCounterVersion {
+			encodeGroups(e, b.groups)
+		}
 	}
 	e.uv(uint64(len(c.volumes)))
 	for i := range c.volumes {
@@ -386,6 +412,30 @@ func (c *capture) encodeState(e *encoder) {
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}
+	if v >= checkpointVersion {
+		c.ctr.encodeTo(e)
+	}
+	e.byte1(0) // no entry runs: the index is in the metadata region
+}
+
+// encodeGroups writes a chunk-group summary: its non-zero words, each with
+// its index as a delta.
+func encodeGroups(e *encoder, bits []uint64) {
+	n := 0
+	for _, w := range bits {
+		if w != 0 {
+			n++
+		}
+	}
+	e.uv(uint64(n))
+	prev := 0
+	for i, w := range bits {
+		if w != 0 {
+			e.uv(uint64(i - prev))
+			e.uv(w)
+			prev = i
+		}
+	}
 }
 
 // replayer adapts Store to journal.Replayer.
@@ -394,20 +444,37 @@ type replayer Store
 func (r *replayer) LoadCheckpoint(rd io.Reader) error { return (*Store)(r).loadCheckpoint(rd) }
 
 // Replay applies a record; of those the tree's last commit covers, only
-// the branch and volume changes (the tree holds their index changes).
+// the branch and volume changes (the tree holds their index changes) and
+// the puts' chunk-group bits (the checkpoint image, which may predate the
+// tree's commit, lacks them).
 func (r *replayer) Replay(seq uint64, payload []byte) error {
 	s := (*Store)(r)
-	ops, err := decodeRecord(nil, payload, fmt.Sprintf("journal record %d", seq))
+	ops, err := decodeRecord(s.replayOps[:0], payload, fmt.Sprintf("journal record %d", seq))
 	if err != nil {
 		return err
 	}
-	if seq <= s.treeSeq {
-		// The counters of the checkpoint lack these records' index
-		// changes, which the tree holds: Open rebuilds them.
-		s.ctr.stale = true
-		ops = slices.DeleteFunc(ops, func(o op) bool { return o.kind == opPut || o.kind == opDel || o.kind == opMove })
+	s.replayOps = ops
+	if seq > s.treeSeq {
+		return s.applyOps(ops, seq, true)
 	}
-	return s.applyOps(ops, seq, true)
+	// The checkpoint's counters lack the index changes of the records
+	// the tree holds: Open rebuilds them.
+	s.ctr.stale = true
+	for i := range ops {
+		o := &ops[i]
+		switch o.kind {
+		case opPut:
+			if err := s.markCovered(o, seq); err != nil {
+				return err
+			}
+		case opDel, opMove:
+		default:
+			if err := s.applyOp(o, seq, true); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 var errCkptShort = errors.New("truncated")

@@ -13,6 +13,10 @@ package snapshot
 //	                                        sv value (bytes, nonzero)
 //	excl: count of held epochs with bytes   uv
 //	  per epoch, increasing                 uv epoch delta as above, sv bytes
+//	pres: count of nonzero point values     uv
+//	  per value, by increasing position     uv position delta as above, sv
+//	                                        bytes (position p+1: origin
+//	                                        chunks preserved to epoch p)
 //
 // Every epoch is at most the origin's last epoch plus one.
 
@@ -120,6 +124,13 @@ func (f *epochSums) clone() epochSums { return epochSums{t: slices.Clone(f.t)} }
 type counters struct {
 	mapped epochSums
 	excl   map[uint32]int64 // held epoch -> bytes; no key for 0
+	// pres holds, at position p+1, the bytes of the origin chunks whose
+	// preserved epoch is p: the origin's shared bytes (chunks a snapshot
+	// newer than their last copy still reads from the origin device) are
+	// pres.sum(need). Exact at held epochs, as the others: a chunk's bytes
+	// may sit at a stale high preserved epoch, above which no held epoch
+	// lies below its true one.
+	pres epochSums
 	// stale: not maintained (an image without counters was loaded, Open
 	// replays records the tree already holds, or a migration loads an old
 	// store); Open rebuilds them by one walk of branch 0 (settleCounters).
@@ -157,11 +168,14 @@ func (c *counters) addEntry(held []uint32, lo, e uint32, n int64) {
 	}
 }
 
-// countPut counts the put of origin chunk c at epoch e (data or not), before
-// the index changes. During replay the chunk's preserved epoch is not yet
-// rebuilt, so the previous entry is looked up. Called with Store.mu held.
+// countPut counts the put of origin chunk c at epoch e (data or not),
+// before the index changes: its bytes move to preserved epoch e, and a
+// data entry's range (lo, e] is counted. lo is the chunk's preserved epoch
+// when known (an upper bound of its last entry's: see above), else looked
+// up (during replay, and for a chunk not looked up since Open). Called
+// with Store.mu held.
 func (s *Store) countPut(c uint64, e uint32, data bool) error {
-	if s.ctr.stale || !data {
+	if s.ctr.stale {
 		return nil
 	}
 	if e == 0 || e > s.b0.lastEpoch {
@@ -169,7 +183,7 @@ func (s *Store) countPut(c uint64, e uint32, data bool) error {
 		return nil
 	}
 	lo := s.preserved[c]
-	if s.replaying {
+	if s.replaying || lo == preservedUnknown {
 		p, ok, err := s.ix.prev(0, c, e)
 		if err != nil {
 			return metaErr("index lookup", err)
@@ -185,7 +199,12 @@ func (s *Store) countPut(c uint64, e uint32, data bool) error {
 		s.ctr.stale = true
 		return nil
 	}
-	s.ctr.addEntry(s.b0.held, lo, e, s.chunkLen(c))
+	n := s.chunkLen(c)
+	s.ctr.pres.add(lo+1, -n)
+	s.ctr.pres.add(e+1, n)
+	if data {
+		s.ctr.addEntry(s.b0.held, lo, e, n)
+	}
 	return nil
 }
 
@@ -279,19 +298,43 @@ type counterBuilder struct {
 	last   uint32 // the origin's last epoch: entries above it are Check's to report
 	c      uint64
 	lastE  uint32
+	n      int64 // bytes of chunk c
 	inside bool
+	placed int64 // bytes of the chunks with entries, placed in pres
 }
 
 // add counts x, the next entry of branch 0 in (c, e) order, of n bytes.
 func (b *counterBuilder) add(x entry, n int64) {
+	if x.e > b.last {
+		return
+	}
 	lo := uint32(0)
 	if b.inside && b.c == x.c {
 		lo = b.lastE
+	} else {
+		b.endChunk()
 	}
-	b.c, b.lastE, b.inside = x.c, x.e, true
-	if x.isData() && x.e <= b.last {
+	b.c, b.lastE, b.n, b.inside = x.c, x.e, n, true
+	if x.isData() {
 		b.ctr.addEntry(b.held, lo, x.e, n)
 	}
+}
+
+// endChunk places the chunk just walked at its preserved epoch.
+func (b *counterBuilder) endChunk() {
+	if b.inside {
+		b.ctr.pres.add(b.lastE+1, b.n)
+		b.placed += b.n
+		b.inside = false
+	}
+}
+
+// finish places the origin chunks without entries (of size bytes in all)
+// at preserved epoch 0 and returns the counters.
+func (b *counterBuilder) finish(size int64) counters {
+	b.endChunk()
+	b.ctr.pres.add(1, size-b.placed)
+	return b.ctr
 }
 
 // buildCounters walks branch 0 of ix. Called with Store.mu held.
@@ -304,57 +347,22 @@ func (s *Store) buildCounters(ix pagedIndex) (counters, error) {
 	if err != nil {
 		return counters{}, metaErr("counter rebuild", err)
 	}
-	return b.ctr, nil
+	return b.finish(s.geo.originSize), nil
 }
 
-// countPreserved builds the origin's counter from the chunks' preserved
-// epochs: presSums holds, at position p+1, the bytes of the chunks
-// preserved to epoch p, so the origin's shared bytes (chunks a snapshot
-// newer than their last copy still reads from the origin) are
-// presSums.sum(need). O(chunks + epochs), memory work. Called with
-// Store.mu held or before the store is shared.
-func (s *Store) countPreserved() {
-	v := make([]int64, max(s.b0.lastEpoch+2, 64))
-	for c, p := range s.preserved {
-		if int(p)+1 >= len(v) { // a bad entry's epoch: Check reports it
-			continue
-		}
-		v[p+1] += s.chunkLen(uint64(c))
-	}
-	s.presSums.build(v)
+// countFormat sets the counters of a new store: every origin chunk
+// preserved to epoch 0, no snapshot.
+func (s *Store) countFormat() {
+	s.ctr = counters{}
+	s.ctr.pres.add(1, s.geo.originSize)
 }
 
-// movePreserved moves chunk c's bytes in presSums from preserved epoch
-// from to to. Called with Store.mu held.
-func (s *Store) movePreserved(c uint64, from, to uint32) {
-	if to == epochLive { // a bad record: Check reports it
-		return
-	}
-	n := s.chunkLen(c)
-	s.presSums.add(from+1, -n)
-	s.presSums.add(to+1, n)
-}
-
-// originSharedLoop is the origin's shared bytes by a pass over the
-// chunks: the oracle for presSums.
-func (s *Store) originSharedLoop(preserved []uint32, need uint32) int64 {
-	var n int64
-	for c, p := range preserved {
-		if need > p {
-			n += s.chunkLen(uint64(c))
-		}
-	}
-	return n
-}
-
-// settleCounters rebuilds stale counters (Open, after the replay), and
-// the origin's from the preserved epochs just rebuilt. Its cost is one
-// walk of branch 0's entries when they are stale; an Open after a clean
-// Close or most crashes finds them current and walks nothing.
+// settleCounters rebuilds stale counters (Open, after the replay). Its
+// cost is one walk of branch 0's entries; an Open after a clean Close or
+// most crashes finds them current and walks nothing.
 func (s *Store) settleCounters() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.countPreserved()
 	if !s.ctr.stale {
 		return nil
 	}
@@ -385,7 +393,13 @@ func checkCounters(got, want *counters, held []uint32, bad func(string, ...any) 
 		bad("origin snapshot counters are not maintained")
 		return
 	}
-	for _, e := range held {
+	for _, e := range append([]uint32{0}, held...) {
+		if g, w := got.pres.sum(e), want.pres.sum(e); g != w {
+			bad("origin: %d bytes preserved below epoch %d by the counters, %d by the entries", g, e, w)
+		}
+		if e == 0 {
+			continue
+		}
 		if g, w := got.mapped.sum(e), want.mapped.sum(e); g != w {
 			bad("origin snapshot at epoch %d: mapped counter %d bytes, entries map %d", e, g, w)
 		}
@@ -408,7 +422,22 @@ func (c *counters) encodeTo(e *encoder) {
 		return
 	}
 	e.uv(1)
-	v := c.mapped.values()
+	encodeSums(e, &c.mapped)
+	keys := slices.Sorted(maps.Keys(c.excl))
+	e.uv(uint64(len(keys)))
+	prev := uint32(0)
+	for _, k := range keys {
+		e.uv(uint64(k - prev))
+		e.sv(c.excl[k])
+		prev = k
+	}
+	encodeSums(e, &c.pres)
+}
+
+// encodeSums writes f's nonzero point values, each as a position delta and
+// the value.
+func encodeSums(e *encoder, f *epochSums) {
+	v := f.values()
 	n := 0
 	for _, x := range v {
 		if x != 0 {
@@ -423,14 +452,6 @@ func (c *counters) encodeTo(e *encoder) {
 			e.sv(x)
 			last = i
 		}
-	}
-	keys := slices.Sorted(maps.Keys(c.excl))
-	e.uv(uint64(len(keys)))
-	prev := uint32(0)
-	for _, k := range keys {
-		e.uv(uint64(k - prev))
-		e.sv(c.excl[k])
-		prev = k
 	}
 }
 
@@ -448,7 +469,7 @@ func (s *Store) loadCounters(d *ckptReader) {
 	}
 	var c counters
 	limit := uint64(s.b0.lastEpoch) + 1
-	for _, excl := range []bool{false, true} {
+	for part := range 3 { // mapped, excl, pres
 		n := d.uv()
 		e := uint64(0)
 		for i := uint64(0); i < n && d.err == nil; i++ {
@@ -462,10 +483,13 @@ func (s *Store) loadCounters(d *ckptReader) {
 				d.fail("counter %d at epoch %d (last %d)", v, e, limit-1)
 				return
 			}
-			if excl {
-				c.addExcl(uint32(e), v)
-			} else {
+			switch part {
+			case 0:
 				c.mapped.add(uint32(e), v)
+			case 1:
+				c.addExcl(uint32(e), v)
+			default:
+				c.pres.add(uint32(e), v)
 			}
 		}
 	}
@@ -475,5 +499,5 @@ func (s *Store) loadCounters(d *ckptReader) {
 }
 
 func (c *counters) clone() counters {
-	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), stale: c.stale}
+	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), pres: c.pres.clone(), stale: c.stale}
 }

@@ -74,11 +74,12 @@ func (d *DeleteOp) Progress() DeleteProgress {
 // Delete deletes the named snapshot or clone. It returns once the deletion
 // is durable; the space is reclaimed in the background (see DeleteOp).
 // Open handles on the volume fail with ErrInvalidSnapshot from then on.
-// A protected volume is refused (ErrProtected); a snapshot that clones
-// depend on goes as a hidden parent point (DeleteWith with Detach; see
-// DeleteWith for the other choices).
+// A protected volume is refused (ErrProtected), and so is a snapshot
+// that clones depend on (ErrHasDependants): the *DependantsError lists
+// them. DeleteWith deletes them first (Recursive) or lets the snapshot go
+// as a hidden parent point that its clones keep (Detach).
 func (s *Store) Delete(name string) (*DeleteOp, error) {
-	return s.deleteOne(name, DeleteOptions{Detach: true})
+	return s.deleteOne(name, DeleteOptions{})
 }
 
 // deleteOne deletes one volume as Delete does, refused as opts says.
@@ -186,7 +187,14 @@ func (s *Store) collector() {
 		}
 		s.mu.Unlock()
 		if err != nil {
-			// The store has failed (sticky); drain the queue's waiters.
+			// The collector stops here, so the store fails (sticky; a
+			// page read error is not sticky by itself), unless Close
+			// stopped it: a store that went on would hold entries
+			// nothing collects until the next Open. Drain the queue's
+			// waiters.
+			if s.ctx.Err() == nil {
+				err = s.fail(err)
+			}
 			s.failQueue(err)
 			return
 		}
@@ -419,8 +427,12 @@ func (s *Store) invalidateFor(c uint64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.b0
+	pe, err := s.preservedOf(c)
+	if err != nil {
+		return err
+	}
 	for _, h := range br.held {
-		if h <= s.preserved[c] {
+		if h <= pe {
 			continue
 		}
 		vid, ok := s.byPoint[point{0, h}]
@@ -435,6 +447,6 @@ func (s *Store) invalidateFor(c uint64) error {
 	if len(sc.ops) == 0 {
 		return fmt.Errorf("%w: nothing to invalidate", ErrNoSpace)
 	}
-	_, err := s.logLocked(sc)
+	_, err = s.logLocked(sc)
 	return err
 }

@@ -50,20 +50,26 @@ func (s *Store) diff(from, to, zeroFor *Volume) iter.Seq2[Extent, error] {
 			return
 		}
 		trustZero := zeroFor == nil || zeroFor == newer
+		// Extents cover the larger volume: past the smaller one's end the
+		// other has data (or zeros the index maps).
+		size := max(from.Size(), to.Size())
 		var cur Extent
-		for i, c := range chunks {
-			off, n := int64(c.c)*s.cs, s.chunkLen(c.c)
+		for _, c := range chunks {
+			off, n := int64(c.c)*s.cs, s.volChunkLen(c.c, size)
+			if n == 0 {
+				break // past both volumes' ends (entries a shrink left to a snapshot)
+			}
 			zero := trustZero && s.chunkZero(newer, c)
-			if i > 0 && cur.Off+cur.Len == off && cur.Zero == zero {
+			if cur.Len > 0 && cur.Off+cur.Len == off && cur.Zero == zero {
 				cur.Len += n
 				continue
 			}
-			if i > 0 && !yield(cur, nil) {
+			if cur.Len > 0 && !yield(cur, nil) {
 				return
 			}
 			cur = Extent{Off: off, Len: n, Zero: zero}
 		}
-		if len(chunks) > 0 {
+		if cur.Len > 0 {
 			yield(cur, nil)
 		}
 	}
@@ -137,7 +143,7 @@ func (s *Store) diffChunks(from, to *Volume) ([]diffChunk, *Volume, error) {
 	// changes), so the plan needs no lock.
 	p, ok := planDiff(from.levels, to.levels)
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: volume %d (%s) and volume %d (%s)", ErrUnrelated, from.meta.id, from.kind, to.meta.id, to.kind)
+		return nil, nil, fmt.Errorf("%w: %s %q and %s %q", ErrUnrelated, from.Kind(), from.Info().Name, to.Kind(), to.Info().Name)
 	}
 	newer, newerOnly, older := to, p.onlyB, p.onlyA
 	if p.aNewer {
@@ -217,7 +223,7 @@ func (s *Store) walkDiff(ix pagedIndex, p diffPlan, newer *Volume, newerOnly, ol
 			out = append(out, diffChunk{c: known[i].c, loc: known[i].loc})
 			i++
 		default:
-			loc, fromOrig, err := resolveView(ix, rest, other[j])
+			loc, fromOrig, err := s.resolveView(ix, rest, other[j])
 			if err != nil {
 				return nil, err
 			}
@@ -283,8 +289,10 @@ func mergeAnswers(a, b []answer) []answer {
 
 // resolveView is resolveLocked on a view, without the branch summaries
 // (they are guarded by Store.mu, which the view's reader does not hold):
-// one lookup per level.
-func resolveView(ix pagedIndex, levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
+// one lookup per level. A chunk no level maps reads the origin device if
+// the chain ends at branch 0 and the chunk lies within the origin, else
+// zeros (a chain of a blank volume, or past the origin's end).
+func (s *Store) resolveView(ix pagedIndex, levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
 	for _, l := range levels {
 		var x entry
 		var ok bool
@@ -299,6 +307,9 @@ func resolveView(ix pagedIndex, levels []level, c uint64) (loc uint64, fromOrigi
 		if ok && x.loc != locInherit {
 			return x.loc, false, nil
 		}
+	}
+	if len(levels) == 0 || levels[len(levels)-1].br.id != 0 || c >= s.chunks {
+		return locZero, false, nil
 	}
 	return 0, true, nil
 }

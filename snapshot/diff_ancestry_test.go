@@ -3,6 +3,8 @@ package snapshot
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -177,14 +179,37 @@ func TestPlanDiffUnrelated(t *testing.T) {
 // every chunk outside Diff reads alike in both, every Zero extent reads
 // zeros in the newer one, and an export applied onto the older's bytes
 // gives the newer's. Reads are the store's own.
+//
+// One round by default; with BLOCKSNAP_TORTURE_SECONDS, rounds of seeds
+// seed, seed+1, ... for that long (a failing round names its seed).
 func TestDiffAncestryModel(t *testing.T) {
 	seed := blockdevtest.Seed(t)
+	budget := blockdevtest.TortureBudget(t, 1)
+	cur := seed
+	t.Cleanup(func() {
+		if t.Failed() && cur != seed {
+			t.Logf("failed in the round of seed %d (replay: %s)", cur, blockdevtest.ReplayCommand(t, cur))
+		}
+	})
+	for ; budget.Next(); cur++ {
+		diffModelRound(t, cur)
+		if t.Failed() {
+			return
+		}
+	}
+}
+
+func diffModelRound(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 14))
 	const cs = 16 << 10
 	const chunks = 48
 	s, _, _ := newMemStore(t, chunks*cs, 16<<20, Options{ChunkSize: cs})
 	ctx := context.Background()
-	writable := []*Volume{s.Origin()}
+	// A blank volume, larger than the origin and ending inside a chunk,
+	// starts a second tree: its line and the origin's are unrelated.
+	blank, err := s.CreateVolume("blank", (chunks+3)*cs+8192)
+	require.NoError(t, err)
+	writable := []*Volume{s.Origin(), blank}
 	var snaps []*Volume
 	name := 0
 	next := func(prefix string) string { name++; return fmt.Sprintf("%s%d", prefix, name) }
@@ -194,12 +219,15 @@ func TestDiffAncestryModel(t *testing.T) {
 	}
 	for range steps {
 		w := writable[rng.IntN(len(writable))]
-		c := int64(rng.IntN(chunks))
-		n := int64(1 + rng.IntN(3))
-		if c+n > chunks {
-			n = chunks - c
+		wc := w.Size() / cs // whole chunks
+		c := rng.Int64N(wc)
+		n := min(1+rng.Int64N(3), wc-c)
+		if c+n == wc && w.Size()%cs != 0 && rng.IntN(2) == 0 {
+			c, n = wc, 0 // the partial last chunk: one 4 KiB block of it below
 		}
 		switch op := rng.IntN(20); {
+		case op < 8 && n == 0:
+			fillAt(t, w, byte(1+rng.IntN(250)), c*cs, 4096)
 		case op < 8:
 			off := c*cs + int64(rng.IntN(4))*4096
 			l := n*cs - (off - c*cs)
@@ -207,9 +235,9 @@ func TestDiffAncestryModel(t *testing.T) {
 				l = 4096
 			}
 			fillAt(t, w, byte(1+rng.IntN(250)), off, l)
-		case op < 10:
+		case op < 10 && n > 0:
 			require.NoError(t, w.WriteZeroes(c*cs, n*cs))
-		case op < 11:
+		case op < 11 && n > 0:
 			require.NoError(t, w.Discard(c*cs, n*cs))
 		case op < 15:
 			sv, err := s.CreateSnapshot(next("s"), w)
@@ -223,7 +251,7 @@ func TestDiffAncestryModel(t *testing.T) {
 			cv, err := s.CreateClone(next("c"), from)
 			require.NoError(t, err)
 			writable = append(writable, cv)
-		case op < 18 && w.Kind() == KindClone:
+		case op < 18 && (w.Kind() == KindClone || w.Kind() == KindVolume):
 			// Reset to its parent (or to an older snapshot of its line).
 			var cands []*Volume
 			for _, sv := range snaps {
@@ -265,26 +293,47 @@ func TestDiffAncestryModel(t *testing.T) {
 func checkDiffPair(t *testing.T, s *Store, a, b *Volume) {
 	t.Helper()
 	what := fmt.Sprintf("%s -> %s", a.Info().Name, b.Info().Name)
+	p, related := planDiff(a.levels, b.levels)
+	if !related {
+		var errs []error
+		for _, err := range s.Diff(a, b) {
+			errs = append(errs, err)
+		}
+		require.Len(t, errs, 1, what)
+		require.ErrorIs(t, errs[0], ErrUnrelated, what)
+		return
+	}
 	ab, bb := readAll(t, a), readAll(t, b)
-	p, _ := planDiff(a.levels, b.levels)
+	require.Equal(t, len(ab), len(bb), "%s: the model never resizes, so related volumes have one size", what)
 	newer := b
 	if p.aNewer {
 		newer = a
 	}
 	nb := readAll(t, newer)
-	in := make([]bool, len(ab)/int(s.cs))
+	in := make([]bool, (int64(len(ab))+s.cs-1)/s.cs)
 	for _, x := range diffList(t, s, a, b) {
 		require.Zero(t, x.Off%s.cs, what)
+		require.LessOrEqual(t, x.Off+x.Len, int64(len(ab)), "%s: extent %+v past the end", what, x)
 		for off := x.Off; off < x.Off+x.Len; off += s.cs {
 			in[off/s.cs] = true
 		}
 		if x.Zero {
 			require.Equal(t, make([]byte, x.Len), nb[x.Off:x.Off+x.Len], "%s: Zero extent %+v", what, x)
+			continue
+		}
+		// Where the store's own read path finds a zero mapping (or
+		// nothing, below a blank volume), the extent must say Zero.
+		for off := x.Off; off < x.Off+x.Len; off += s.cs {
+			s.mu.RLock()
+			loc, fromOrigin, err := s.resolveLocked(newer.levels, uint64(off/s.cs))
+			s.mu.RUnlock()
+			require.NoError(t, err)
+			require.False(t, !fromOrigin && loc == locZero, "%s: chunk %d reads a zero mapping, but its extent %+v is not Zero", what, off/s.cs, x)
 		}
 	}
 	for c, changed := range in {
 		if !changed {
-			lo, hi := int64(c)*s.cs, int64(c+1)*s.cs
+			lo, hi := int64(c)*s.cs, min(int64(c+1)*s.cs, int64(len(ab)))
 			require.Equal(t, ab[lo:hi], bb[lo:hi], "%s: chunk %d differs but is not in the diff", what, c)
 		}
 	}
@@ -303,6 +352,16 @@ func TestVolumeIdentityStable(t *testing.T) {
 	id := v1.Identity()
 	require.Equal(t, "v1", id.Name)
 	require.Regexp(t, `^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`, id.UUID)
+	require.Equal(t, v1.Info().UUID.String(), id.UUID)
+	// Streams written before VolumeInfo had a UUID derived it so: a target
+	// restored from one still matches the volume's next stream.
+	var in [32]byte
+	copy(in[:16], s.geo.uuid[:])
+	binary.LittleEndian.PutUint64(in[16:], v1.ID())
+	binary.LittleEndian.PutUint64(in[24:], uint64(v1.Info().Created.UnixNano()))
+	h := sha256.Sum256(in[:])
+	h[6], h[8] = h[6]&0x0f|0x80, h[8]&0x3f|0x80
+	require.Equal(t, fmt.Sprintf("%x-%x-%x-%x-%x", h[0:4], h[4:6], h[6:8], h[8:10], h[10:16]), id.UUID)
 	require.NoError(t, s.Close())
 	s, err = Open(origin, store, Options{})
 	require.NoError(t, err)
@@ -392,4 +451,58 @@ func TestDiffAncestryAfterReopen(t *testing.T) {
 		require.Equal(t, want, diffList(t, s, a, b), "read-only %v", ro)
 		require.NoError(t, s.Close())
 	}
+}
+
+// Blank volumes (CreateVolume) diff along their own tree, past the
+// origin's size and up to a last chunk they end inside; what nothing maps
+// below them reads as zeros and is Zero. A blank volume's line and the
+// origin's are unrelated.
+func TestDiffBlankVolumes(t *testing.T) {
+	const cs = 16 << 10
+	s, _, v1, _ := goldenAndClone(t, cs) // a 2 MiB origin
+	size := int64(4<<20 + 8192)          // past the origin, into a chunk
+	d, err := s.CreateVolume("data", size)
+	require.NoError(t, err)
+	fillAt(t, d, 1, 0, cs)
+	fillAt(t, d, 2, 200*cs, 4096) // past the origin's 128 chunks
+	d1, err := s.CreateSnapshot("data@1", d)
+	require.NoError(t, err)
+	fillAt(t, d, 3, size-8192, 8192) // the last, partial chunk
+	require.NoError(t, d.WriteZeroes(0, cs))
+	fillAt(t, d, 4, 100*cs, cs)
+	d2, err := s.CreateSnapshot("data@2", d)
+	require.NoError(t, err)
+	last := size / cs * cs
+	require.Equal(t, []Extent{
+		{Off: 0, Len: cs, Zero: true}, {Off: 100 * cs, Len: cs}, {Off: last, Len: 8192},
+	}, diffList(t, s, d1, d2))
+	dc, err := s.CreateClone("data-clone", d1)
+	require.NoError(t, err)
+	fillAt(t, dc, 5, 250*cs, cs)
+	require.NoError(t, dc.Discard(200*cs, cs)) // what d1 wrote: zeros again
+	dcs, err := s.CreateSnapshot("data-clone@1", dc)
+	require.NoError(t, err)
+	require.Equal(t, []Extent{{Off: 200 * cs, Len: cs, Zero: true}, {Off: 250 * cs, Len: cs}}, diffList(t, s, d1, dcs))
+	// Siblings: neither is newer, so Zero describes to, d2.
+	require.Equal(t, []Extent{
+		{Off: 0, Len: cs, Zero: true}, {Off: 100 * cs, Len: cs}, {Off: 200 * cs, Len: cs},
+		{Off: 250 * cs, Len: cs, Zero: true}, {Off: last, Len: 8192},
+	}, diffList(t, s, dcs, d2))
+	for _, p := range [][2]*Volume{{d1, d2}, {d2, d1}, {d1, dcs}, {dcs, d2}, {d2, dcs}} {
+		got, _ := exportOnto(t, s, p[0], p[1])
+		require.Equal(t, readAll(t, p[1]), got, "%s -> %s", p[0].Info().Name, p[1].Info().Name)
+	}
+	for _, p := range [][2]*Volume{{v1, d1}, {d2, v1}, {s.Origin(), d}} {
+		var errs []error
+		for _, err := range s.Diff(p[0], p[1]) {
+			errs = append(errs, err)
+		}
+		require.Len(t, errs, 1)
+		require.ErrorIs(t, errs[0], ErrUnrelated)
+		require.ErrorIs(t, errs[0], ErrBadOptions)
+	}
+	var buf bytes.Buffer
+	_, err = s.ExportDiff(context.Background(), &buf, v1, d2, ExportOptions{})
+	require.ErrorIs(t, err, ErrUnrelated)
+	require.ErrorContains(t, err, `snapshot "golden@v1" and snapshot "data@2"`)
 }

@@ -2,8 +2,6 @@ package snapshot
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
 	"fmt"
 	"io"
 
@@ -17,28 +15,12 @@ import (
 // (ExportDiff, the command line, the examples) names volumes through it,
 // so a target's state matches the next stream's From.
 //
-// The UUID is derived from the store's UUID, the volume's ID and its
-// creation time (a version 8 UUID of their SHA-256), so it is stable and
-// needs nothing stored.
+// The UUID is VolumeInfo.UUID, which streams written before volumes had
+// UUIDs carried too (derived the same way, from the store's UUID, the ID
+// and the creation time), so no volume's identity changed with it.
 func (v *Volume) Identity() diffstream.Identity {
 	i := v.Info()
-	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: v.s.derivedUUID(i)}
-}
-
-// derivedUUID is the UUID Identity gives the volume i, derived as the
-// pool's volume UUIDs are (the SHA-256 of the store's UUID, then the ID
-// and the creation time in nanoseconds, little-endian), so that when
-// VolumeInfo carries its UUID and Identity takes it from there, no
-// volume's identity changes.
-func (s *Store) derivedUUID(i VolumeInfo) string {
-	var b [32]byte
-	copy(b[:16], s.geo.uuid[:])
-	binary.LittleEndian.PutUint64(b[16:], i.ID)
-	binary.LittleEndian.PutUint64(b[24:], uint64(i.Created.UnixNano()))
-	u := sha256.Sum256(b[:])
-	u[6] = u[6]&0x0f | 0x80 // version 8: custom
-	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
-	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+	return diffstream.Identity{ID: fmt.Sprintf("%d-%d", i.ID, i.Created.UnixNano()), Name: i.Name, UUID: i.UUID.String()}
 }
 
 // ExportOptions configures ExportDiff. The zero value is a good default.
@@ -60,7 +42,8 @@ type ExportOptions struct {
 // any pair Diff relates: snapshots of one volume (either order), or
 // across clones, such as golden@v1 and a snapshot of a clone of it (as
 // `zfs send -i golden@v1 vm1@snap`); applied onto a copy of from, the
-// stream gives to.
+// stream gives to. The stream is as large as to; Apply refuses a target of
+// another size, so a copy of a smaller or larger from is resized first.
 //
 // The stream names both ends by Volume.Identity and records the store's
 // chunk size. The changed extents come from Diff (metadata only); those
@@ -98,6 +81,11 @@ func (s *Store) ExportDiff(ctx context.Context, w io.Writer, from, to *Volume, o
 		for x, err := range s.diff(from, to, to) {
 			if err != nil {
 				return diffstream.Totals{}, err
+			}
+			// Past to's end (from is larger) the stream has nothing to
+			// say: it is as large as to.
+			if x.Len = min(x.Len, to.Size()-x.Off); x.Len <= 0 {
+				break
 			}
 			list = append(list, x)
 			total += x.Len

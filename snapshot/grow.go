@@ -1,7 +1,11 @@
 package snapshot
 
 import (
+	"context"
+	"errors"
 	"fmt"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Growing the store and the data low-space warning.
@@ -9,9 +13,17 @@ import (
 // A Device has a fixed size, so a grown store device (an extended LV, a
 // bigger file) shows at the next Open: Open accepts a store device larger
 // than its superblock records, and Grow then extends the data region to
-// the device's end. The metadata region stays where and as large as it
-// is: it sits between the journal and the data, so growing it would mean
-// moving data (its free space is what LowMetadata reports).
+// the device's end.
+//
+// The metadata region sits between the journal and the data, so it cannot
+// grow in place. GrowMetadata grows it into data chunks instead: the
+// layer takes the highest run of free data chunks (the tail of the data
+// region, which a Grow just extended when the device grew) and makes them
+// pages of the region, listed as an extent in its own superblock. The
+// chunks stay in use in the data space map, so the data region's size and
+// the store's superblock do not change. The extent, the chunks' bits and
+// the grown page map are one tree commit: a crash before it leaves the
+// region as it was and the chunks free (docs/metadata.md section 13).
 //
 // Grow order: the data space map grows first (in memory; durable at the
 // next tree commit), then the superblock is rewritten and flushed. Chunks
@@ -113,4 +125,34 @@ func (s *Store) lowDataNotifier() {
 			s.opts.LowData(int64(sp.Chunks-sp.ChunksUsed)*s.cs, int64(sp.Chunks)*s.cs)
 		}
 	}
+}
+
+// GrowMetadata grows the metadata region by at least bytes (rounded up to
+// whole chunks) taken from the free data space, highest chunks first, and
+// commits it. It returns the bytes added. ErrNoSpace: no run of that many
+// free data chunks (Grow the store device first); ErrBadOptions: bytes is
+// not positive, or the region has had 64 extents already. Run Grow first
+// when the device grew: the new space then serves either region.
+func (s *Store) GrowMetadata(ctx context.Context, bytes int64) (int64, error) {
+	if err := s.writable(); err != nil {
+		return 0, err
+	}
+	if bytes <= 0 {
+		return 0, fmt.Errorf("%w: grow the metadata region by %d bytes", ErrBadOptions, bytes)
+	}
+	chunks := uint64((bytes + s.cs - 1) / s.cs)
+	s.mu.Lock()
+	_, err := s.m.GrowFromData(chunks)
+	s.mu.Unlock()
+	if err != nil {
+		if errors.Is(err, meta.ErrInvalid) {
+			return 0, fmt.Errorf("%w: %v", ErrBadOptions, err)
+		}
+		return 0, metaErr("grow the metadata region", err)
+	}
+	s.lowDataCheck() // the data space shrank
+	if err := s.treeCommit(ctx); err != nil {
+		return 0, err
+	}
+	return int64(chunks) * s.cs, nil
 }

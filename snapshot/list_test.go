@@ -18,7 +18,7 @@ func TestListAllShowsHidden(t *testing.T) {
 	require.NoError(t, err)
 	vm, err := s.CreateClone("vm", gold)
 	require.NoError(t, err)
-	_, err = s.Delete("gold") // vm keeps it, hidden
+	_, err = s.DeleteWith("gold", DeleteOptions{Detach: true}) // vm keeps it, hidden
 	require.NoError(t, err)
 
 	visible := map[uint64]bool{}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math/bits"
 )
 
 // loadCheckpoint decodes a checkpoint image (checkpoint.go) into the empty
@@ -20,15 +21,19 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	var hdr [12]byte
 	d.read(hdr[:])
 	version := binary.LittleEndian.Uint32(hdr[8:])
-	if d.err == nil && (string(hdr[:8]) != checkpointMagic || version != checkpointVersion && version != noCounterVersion && !(s.migrating && version == oldCheckpointVersion)) {
+	known := version == checkpointVersion || version == noCounterVersion || version == noGroupsVersion ||
+		s.migrating && version == oldCheckpointVersion
+	if d.err == nil && (string(hdr[:8]) != checkpointMagic || !known) {
 		d.fail("bad magic or version %d", version)
 	}
 	nextVol, nextBr := d.uv(), d.u32()
+	// Older images carry no chunk-group summaries: Open rebuilds them.
+	s.rebuild = version < noCounterVersion
 	s.ctr = counters{stale: true} // loading the holders changes no counter
-	s.loadBranches(d)
+	s.loadBranches(d, version >= noCounterVersion)
 	s.loadVolumes(d)
 	if version == checkpointVersion {
-		s.loadCounters(d)
+		s.loadCounters(d) // else they stay stale: Open rebuilds them
 	}
 	if version == oldCheckpointVersion {
 		s.loadRuns(d)
@@ -57,7 +62,7 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	return nil
 }
 
-func (s *Store) loadBranches(d *ckptReader) {
+func (s *Store) loadBranches(d *ckptReader, groups bool) {
 	n := d.uv()
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		id, parent, pe, last, live := d.u32(), d.u32(), d.u32(), d.u32(), d.uv()
@@ -66,11 +71,17 @@ func (s *Store) loadBranches(d *ckptReader) {
 		}
 		if id == 0 {
 			s.b0.lastEpoch = last
+			if groups {
+				s.loadGroups(d, s.b0)
+			}
 			continue
 		}
 		p := s.branches[parent]
 		if parent == id && pe == 0 && s.branches[id] == nil && live <= 1 { // a root branch (CreateVolume)
 			s.loadRootBranch(id, last, live == 1)
+			if groups {
+				s.loadGroups(d, s.branches[id])
+			}
 			continue
 		}
 		if p == nil || s.branches[id] != nil || parent >= id || live > 1 || pe == 0 || pe > p.lastEpoch {
@@ -83,6 +94,44 @@ func (s *Store) loadBranches(d *ckptReader) {
 		p.ref(pe, 1)
 		if id >= s.nextBranch {
 			s.nextBranch = id + 1
+		}
+		if groups {
+			s.loadGroups(d, br)
+		}
+	}
+}
+
+// loadGroups reads a branch's chunk-group summary (encodeGroups) and sets
+// its bits with markGroups, which also builds the chain summaries: the
+// image lists parents before their clones (parent < id). The words must
+// be increasing, non-zero and within the summary's size, and no bit may
+// lie past the last chunk's group.
+func (s *Store) loadGroups(d *ckptReader, br *branch) {
+	words := uint64(len(br.groups.bits))
+	shift := br.groups.shift
+	n := d.uv()
+	if n > words {
+		d.fail("branch %d: %d summary words, at most %d", br.id, n, words)
+		return
+	}
+	idx := uint64(0)
+	for k := uint64(0); k < n && d.err == nil; k++ {
+		delta, w := d.uv(), d.uv()
+		idx += delta
+		if d.err != nil {
+			return
+		}
+		if k > 0 && delta == 0 || idx >= words || w == 0 {
+			d.fail("branch %d: summary word %d (%#x)", br.id, idx, w)
+			return
+		}
+		for ; w != 0; w &= w - 1 {
+			g := idx*64 + uint64(bits.TrailingZeros64(w))
+			if bound := s.chunkBound(br.id); g<<shift >= bound {
+				d.fail("branch %d: summary group %d past the last chunk %d", br.id, g, bound-1)
+				return
+			}
+			markGroups(br, g<<shift, 1)
 		}
 	}
 }
@@ -174,8 +223,10 @@ func (s *Store) afterReplay() error {
 // memory beside it: each origin chunk's preserved epoch and each branch's
 // chunk-group bits. It is one walk of the chunk tree, in key order, so it
 // reads every leaf once: its cost grows with the index entries (about 11
-// bytes of leaf each), not with the journal.
+// bytes of leaf each). Open runs it only for a checkpoint image older than
+// the summaries (version 2); the next tree commit writes them.
 func (s *Store) rebuildSummaries() error {
+	clear(s.preserved) // Open marked them unknown; the walk finds them all
 	var bad error
 	err := s.ix.ascend(entry{}, func(x entry) bool {
 		br := s.branches[x.b]

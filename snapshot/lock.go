@@ -64,6 +64,7 @@ func withLocks(origin, store blockdev.Device, opts Options, open func(origin, st
 	if err != nil {
 		return nil, err
 	}
+	opts.storeFlock = storeFlockable(store)
 	s, err := open(origin, store, opts)
 	if err != nil {
 		l.release()

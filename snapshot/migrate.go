@@ -103,6 +103,9 @@ func (s *Store) migrateFrom(old blockdev.Device, g geometry) error {
 		return fmt.Errorf("snapshot: migrate: %w", err)
 	}
 	s.m = nil
+	if err := s.formatIdentity(false); err != nil {
+		return err
+	}
 	return writeSuperblock(s.store, &s.geo)
 }
 

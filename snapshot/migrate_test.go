@@ -24,11 +24,10 @@ import (
 func v1Image(c *capture, runs [][5]uint64) []byte {
 	var buf bytes.Buffer
 	e := &encoder{w: bufio.NewWriter(&buf), crc: crc32.New(castagnoli)}
-	c.encodeState(e)
+	c.encodeVersion(e, oldCheckpointVersion)
 	check(e.w.Flush())
-	body := buf.Bytes()
-	binary.LittleEndian.PutUint32(body[8:], oldCheckpointVersion)
-	for _, r := range runs { // each run a tag 1 with its own branch and epoch
+	body := buf.Bytes()[:buf.Len()-1] // drop the end tag
+	for _, r := range runs {          // each run a tag 1 with its own branch and epoch
 		body = append(body, 1)
 		for _, v := range []uint64{r[0], r[1], r[2], r[3], r[4] + 2} {
 			body = binary.AppendUvarint(body, v)

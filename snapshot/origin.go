@@ -102,12 +102,15 @@ func (s *Store) originWriteGated(p []byte, off, n int64, discard bool) error {
 	return nil
 }
 
+// needsCopy reports whether a chunk of [c0, c1] lacks a copy for epoch
+// need, or may (its preserved epoch is unknown: the caller takes the
+// stripes exclusively and looks it up).
 func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
 	if need == 0 {
 		return false
 	}
 	for c := c0; c <= c1; c++ {
-		if s.preserved[c] < need {
+		if p := s.preserved[c]; p < need || p == preservedUnknown {
 			return true
 		}
 	}
@@ -136,6 +139,11 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 	invalidated, committed := false, false
 	for {
 		need = s.b0.need.Load()
+		if need != 0 {
+			if err := s.resolvePreserved(c0, c1); err != nil {
+				return err
+			}
+		}
 		if !s.needsCopy(c0, c1, need) {
 			break
 		}
@@ -185,6 +193,9 @@ func (s *Store) originSegment(p []byte, off, n int64, c0, c1 uint64, discard boo
 var errRetry = errors.New("snapshot: retry")
 
 func (s *Store) originIO(p []byte, off, n int64, discard bool) error {
+	if err := s.touchSamples(off, n); err != nil {
+		return fmt.Errorf("snapshot: origin at %d: %w", off, err)
+	}
 	var err error
 	if discard {
 		err = s.origin.Discard(off, n)
@@ -251,6 +262,7 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 		s.dropCow(sc)
 		return err
 	}
+	s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
 	s.mu.Lock()
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()

@@ -320,6 +320,9 @@ func (s *Store) writeOutDurable() error {
 // call per run.
 func (s *Store) obWriteOut(e *obEntry) error {
 	off, cl := int64(e.c)*s.cs, s.chunkLen(e.c)
+	if err := s.touchSamples(off, cl); err != nil {
+		return fmt.Errorf("snapshot: write-out of buffered origin chunk %d: %w", e.c, err)
+	}
 	if e.discard {
 		if err := s.origin.Discard(off, cl); err != nil {
 			return fmt.Errorf("snapshot: write-out of buffered origin chunk %d (discard): %w", e.c, err)
@@ -363,11 +366,15 @@ func (s *Store) flushOrigin() error {
 	if err := s.usable(); err != nil {
 		return err
 	}
+	gens := s.sampleGens()
 	err := s.drainOrigin(s.ctx)
 	if err == nil {
 		if err = s.origin.Flush(); err != nil {
 			err = fmt.Errorf("snapshot: flush origin: %w", err)
 		}
+	}
+	if err == nil {
+		err = s.settleSamples(&gens)
 	}
 	if earlier := s.takeOriginErr(); err == nil && earlier != nil {
 		err = earlier

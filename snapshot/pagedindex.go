@@ -230,3 +230,27 @@ func (p pagedIndex) epochRange(b, lo, hi uint32, fn func(entry) bool) error {
 func (p pagedIndex) branchAscend(b uint32, fn func(entry) bool) error {
 	return p.ascend(entry{b: b}, func(x entry) bool { return x.b == b && fn(x) })
 }
+
+// prefetchOps loads the index nodes that applying ops will walk, before
+// the caller takes Store.mu to log them: a page read there (a cache miss
+// of the record's puts and deletes) would hold every reader and writer of
+// the store for the read. Called with no lock of the store held but branch
+// gates and stripes (lock order: they come before the layer's lock, which
+// the prefetch takes shared). It is a hint: a read error is left for the
+// change itself to meet and report, and a node evicted meanwhile is read
+// again under Store.mu as before.
+func (s *Store) prefetchOps(ops []op) {
+	for i := range ops {
+		o := &ops[i]
+		switch o.kind {
+		case opPut, opDel:
+			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e))
+			if o.n > 1 {
+				_ = s.m.Prefetch(metaKey(o.b, o.c+o.n-1, o.e))
+			}
+		case opMove:
+			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e))
+			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e2))
+		}
+	}
+}

@@ -140,9 +140,9 @@ func poolLayout(g *geometry, origin blockdev.Device, opts *Options) error {
 	return nil
 }
 
-// checkOrigin refuses an Open whose origin (or its absence) is not the
+// checkOriginKind refuses an Open whose origin (or its absence) is not the
 // store's.
-func checkOrigin(g *geometry, origin blockdev.Device) error {
+func checkOriginKind(g *geometry, origin blockdev.Device) error {
 	_, none := origin.(noOrigin)
 	switch {
 	case g.noOrigin && !none:

@@ -137,7 +137,7 @@ func TestPoolNoOrigin(t *testing.T) {
 	_, err = s2.CreateVolume("c", 64<<10)
 	require.NoError(t, err)
 	img := crashImage(t, store)
-	s3, err := Open(nil, img, Options{})
+	s3, err := Open(nil, img, Options{TakeOver: true}) // s2, in this process, still holds the image's owner record
 	require.NoError(t, err)
 	defer s3.Close()
 	c3, err := s3.OpenVolume("c")

@@ -13,10 +13,10 @@ import (
 // snapshot, the clones made from it, and in turn their snapshots and
 // clones; for a clone, its snapshots and theirs. Protect marks a snapshot
 // or clone so that no delete takes it (one record, persisted in the
-// checkpoint). DeleteWith refuses a protected volume, and a snapshot with
-// dependants unless asked to go recursively (dependants first) or to
-// detach (the snapshot stays as a hidden parent point until its last
-// clone goes, which is what Delete does).
+// checkpoint). Delete and DeleteWith refuse a protected volume, and a
+// snapshot with dependants unless asked to go recursively (dependants
+// first) or to detach (the snapshot stays as a hidden parent point until
+// its last clone goes).
 
 var (
 	// ErrProtected is returned by a delete of a protected volume.

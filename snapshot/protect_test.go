@@ -100,7 +100,13 @@ func TestProtectRefusesDelete(t *testing.T) {
 	}
 	require.Equal(t, map[string]bool{"origin": false, "golden": true, "vm": false}, info)
 	require.NoError(t, s.Unprotect("golden"))
-	d, err := s.Delete("golden") // hidden: vm still needs it
+	_, err = s.Delete("golden") // vm still needs it
+	var de *DependantsError
+	require.ErrorAs(t, err, &de)
+	require.ErrorIs(t, err, ErrHasDependants)
+	require.Equal(t, []string{"vm"}, de.Dependants)
+	require.ErrorContains(t, err, `"golden" has dependants: vm`)
+	d, err := s.DeleteWith("golden", DeleteOptions{Detach: true}) // hidden: vm still needs it
 	require.NoError(t, err)
 	require.NoError(t, d.Wait(context.Background()))
 	mustCheck(t, s)

@@ -109,7 +109,8 @@ func TestReviewTreeAheadOfJournalCheckpoint(t *testing.T) {
 	want := volumeImages(t, s)
 
 	o2, st2 := memCopy(t, origin), memCopy(t, store)
-	r, err := Open(o2, st2, Options{CommitInterval: -1})
+	// A copy of a store open here: its owner record names a live Store.
+	r, err := Open(o2, st2, Options{CommitInterval: -1, TakeOver: true})
 	require.NoError(t, err)
 	require.NoError(t, r.Check())
 	require.Equal(t, want, volumeImages(t, r))
@@ -178,7 +179,7 @@ func TestReviewHeldChunkReusedAfterTreeCommit(t *testing.T) {
 		require.NoError(t, err)
 		fillPattern(t, origin, 9)
 		orig := blockdevtest.ReadAll(t, origin)
-		sim := blockdevtest.MustCrashSim(superblockSize+256<<10+1<<20+dataChunks*cs, 4096)
+		sim := blockdevtest.MustCrashSim(superblockSize+identityLen+256<<10+1<<20+dataChunks*cs, 4096)
 		s, err := Format(origin, sim, opts)
 		require.NoError(t, err)
 		require.EqualValues(t, dataChunks, s.geo.dataChunks)
@@ -197,7 +198,11 @@ func TestReviewHeldChunkReusedAfterTreeCommit(t *testing.T) {
 		require.False(t, s.alloc.hasPending())
 
 		img := sim.MustCrash(p)
-		r, err := Open(memCopy(t, origin), img, opts)
+		// s, on the crashed device, is still open: its owner record
+		// names a live Store of this process.
+		to := opts
+		to.TakeOver = true
+		r, err := Open(memCopy(t, origin), img, to)
 		require.NoError(t, err, "%v", p)
 		require.NoError(t, r.Check(), "%v", p)
 		imgs := volumeImages(t, r)

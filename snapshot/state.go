@@ -72,6 +72,9 @@ type branch struct {
 	// words are the branch's own.
 	groups    chunkGroups
 	ownGroups bool
+	// groupsCaptured: a tree commit's capture shares the own words (it
+	// encodes them without the lock), so the next bit set copies them.
+	groupsCaptured bool
 	// chainGroups is the union of groups over this branch and its clone
 	// ancestors (branch 0 excluded): a clear bit sends a read straight to
 	// branch 0's level, whatever the depth. Bits only get set; a set bit
@@ -370,7 +373,6 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
 		}
 		if br.id == 0 && o.e > s.preserved[x.c] {
-			s.movePreserved(x.c, s.preserved[x.c], o.e)
 			s.preserved[x.c] = o.e
 		}
 	}
@@ -470,8 +472,10 @@ func markGroups(br *branch, c, n uint64) {
 		if g.has(i) {
 			continue
 		}
-		if !br.ownGroups {
-			*g, br.ownGroups = g.clone(), true // the shared words are all clear
+		if !br.ownGroups || br.groupsCaptured {
+			// The words are shared: the empty summary (all clear), or
+			// a capture's (smallStateLocked).
+			*g, br.ownGroups, br.groupsCaptured = g.clone(), true, false
 		}
 		g.setBit(i)
 		if br.id != 0 {

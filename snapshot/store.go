@@ -103,6 +103,12 @@ type Options struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two from
 	// 4 KiB to 1 MiB; 0 means 64 KiB. Format only (Open reads it).
 	ChunkSize int64
+	// TakeOver opens a store whose owner record names a holder that may
+	// still run (another host, or a live pid of this host on a store
+	// device without flock): the caller has made sure it is gone. A
+	// holder that is certainly gone (this host and no such process, or
+	// the flock it held is free) is taken over without it (owner.go).
+	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
 	// Format only.
@@ -163,6 +169,9 @@ type Options struct {
 	// work; every change (writes, discards, snapshots, clones, deletes,
 	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
 	ReadOnly bool
+	// storeFlock: the store device holds a real flock (lockDevices set
+	// it), which an owner record of this Open records.
+	storeFlock bool
 	// syncWriteBack makes the metadata layer write back dirty pages in
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
@@ -223,6 +232,11 @@ type Store struct {
 	// migrating: Migrate is loading a format version 1 store's journal
 	// into this one (its checkpoint image holds the index).
 	migrating bool
+	// rebuild: the checkpoint image Open loaded predates the chunk-group
+	// summaries (version 2), so Open rebuilds the summaries by a walk.
+	rebuild bool
+	// replayOps is Replay's reusable record buffer.
+	replayOps []op
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -256,10 +270,9 @@ type Store struct {
 	// harmless: new snapshots get greater numbers). Guarded by the origin
 	// stripe of c (written under mu as well).
 	preserved []uint32
-	// ctr: the origin's snapshots' space counters, and presSums the
-	// origin's, over preserved[] (counters.go). Guarded by mu.
-	ctr      counters
-	presSums epochSums
+	// ctr: the space counters of the origin and its snapshots
+	// (counters.go). Guarded by mu.
+	ctr counters
 	// ctrRebuilt: Open found ctr stale and rebuilt it by a walk (set
 	// before the store is shared; tests read it).
 	ctrRebuilt bool
@@ -297,6 +310,10 @@ type Store struct {
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
+	// treeChanges counts the index changes logged since then (guarded by
+	// mu): a record may hold many (a sequential write's copies), and
+	// Open replays each one.
+	treeChanges int
 	// fgMu serialises foreground checkpoints (makeLogRoom), so that writers
 	// that find the journal full write one, not one each. Taken with no
 	// lock of the store held but branch gates and stripes; mu and reclaim
@@ -318,6 +335,14 @@ type Store struct {
 
 	locks    deviceLocks // the devices' locks, released by Close (lock.go)
 	originRO bool        // the origin device refuses writes (lock.go); set before the store is handed out
+
+	// id is the owner record and the origin's fingerprint (identity.go,
+	// owner.go). claimed: this Store wrote its owner record, which
+	// Close clears; ownerSeen: the record a read-only Open found. Both
+	// are set by Format or Open before the store is handed out.
+	id        ident
+	claimed   bool
+	ownerSeen ownerRecord
 }
 
 // scratch is per-operation reusable memory for the write paths.
@@ -366,6 +391,10 @@ func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := s.formatIdentity(true); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := writeSuperblock(store, &s.geo); err != nil {
 		s.abort()
 		return nil, err
@@ -384,6 +413,8 @@ func layout(origin, store blockdev.Device, opts *Options) (geometry, error) {
 	g := geometry{chunkSize: uint32(cs), originSize: origin.Size(), storeSize: store.Size(), journalOff: superblockSize,
 		version: superblockVersion}
 	if !opts.Transient {
+		g.idOff, g.idLen = superblockSize, identityLen
+		g.journalOff += identityLen
 		jl := opts.JournalSize
 		if jl == 0 {
 			jl = min(max(store.Size()/32, 1<<20), 2<<30)
@@ -459,7 +490,8 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack}
+		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack,
+		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
 		// layer's delete reserve (1%, at least 64 pages) and room for a
@@ -494,6 +526,7 @@ func (s *Store) openMeta(format bool) error {
 // abort releases what formatRegions or Open opened, for a store that will
 // not be returned.
 func (s *Store) abort() {
+	_ = s.releaseOwner()
 	if s.j != nil {
 		_ = s.j.Close()
 	}
@@ -534,13 +567,22 @@ func readSuperblock(origin, store blockdev.Device) (geometry, error) {
 	if g.transient {
 		return g, fmt.Errorf("%w: the store was formatted transient: it kept nothing to open", ErrBadOptions)
 	}
-	if err := checkOrigin(&g, origin); err != nil {
+	if err := checkOriginKind(&g, origin); err != nil {
 		return g, err
 	}
+	if g.originSize != origin.Size() {
+		e := &OriginError{Size: g.originSize, GotSize: origin.Size()}
+		if g.idLen != 0 {
+			if st, err := readIdentity(store, &g); err == nil {
+				e.Fingerprint = st.fingerprint()
+			}
+		}
+		return g, e
+	}
 	// A larger store device is a grown one (Grow uses the new space).
-	if g.originSize != origin.Size() || g.storeSize > store.Size() {
-		return g, fmt.Errorf("%w: superblock records origin %d and store %d bytes; devices have %d and %d",
-			ErrCorrupt, g.originSize, g.storeSize, origin.Size(), store.Size())
+	if g.storeSize > store.Size() {
+		return g, fmt.Errorf("%w: superblock records a store of %d bytes; the device has %d",
+			ErrCorrupt, g.storeSize, store.Size())
 	}
 	return g, nil
 }
@@ -565,17 +607,25 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := newStore(origin, store, opts, g)
+	if err := s.openIdentity(); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := s.openMeta(false); err != nil {
+		s.abort()
 		return nil, err
 	}
 	s.treeSeq = s.m.User()
+	s.forgetPreserved() // looked up in the tree on first use (preserve.go)
 	if err := s.openJournal(); err != nil {
 		s.abort()
 		return nil, err
 	}
-	if err := s.rebuildSummaries(); err != nil {
-		s.abort()
-		return nil, err
+	if s.rebuild {
+		if err := s.rebuildSummaries(); err != nil {
+			s.abort()
+			return nil, err
+		}
 	}
 	if err := s.settleCounters(); err != nil {
 		s.abort()
@@ -648,7 +698,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
-	s.countPreserved()
+	s.countFormat()
 	created := g.formatted
 	if created == 0 { // a store formatted before the superblock recorded it
 		created = time.Now().UnixNano()
@@ -722,6 +772,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
+	gens := s.sampleGens()
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -752,6 +803,13 @@ func (s *Store) Close() error {
 	}
 	if cerr := s.m.Close(); err == nil && cerr != nil && !errors.Is(cerr, meta.ErrClosed) {
 		err = cerr
+	}
+	if err == nil {
+		// The origin is flushed: its samples' contents are durable.
+		err = s.settleSamples(&gens)
+	}
+	if rerr := s.releaseOwner(); err == nil && rerr != nil {
+		err = rerr
 	}
 	s.closeVolumes()
 	return err
@@ -828,6 +886,7 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if got != seq {
 		return 0, s.fail(fmt.Errorf("snapshot: journal append: sequence %d, expected %d", got, seq))
 	}
+	s.treeChanges += n
 	s.maybeCaptureLocked()
 	return seq, nil
 }
@@ -888,6 +947,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
+		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		s.mu.Lock()
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
@@ -917,6 +977,9 @@ func (e metaRoomError) Unwrap() error { return e.error }
 // caller must report). Called with no lock of the store held but branch
 // gates and stripes.
 func (s *Store) commitForRoom(err error) (retry bool, cerr error) {
+	if err == nil {
+		return false, nil // the common case, and errors.As's target would cost an allocation
+	}
 	var mr metaRoomError
 	if !errors.As(err, &mr) {
 		return false, nil

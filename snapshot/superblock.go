@@ -25,10 +25,15 @@ package snapshot
 //	   128    4  pool flags: bit 0 = no origin (the origin size is then 0); other
 //	             bits must be 0
 //	   132   28  zero (reserved for the pool)
-//	   160 3936  zero
+//	   160    8  identity region offset in bytes (4096, or 0: none)
+//	   168    8  identity region length in bytes (8192, or 0: none)
+//	   176 3920  zero
 //
 // All integers little-endian. The region [0, 4096) is the superblock; the
-// journal region follows it, then the metadata region (the paged index and
+// identity region (identity.go: the owner record and the origin's
+// fingerprint, in two copies that change while the store is open, so that
+// the block above is written only by Format and Grow) follows it in stores
+// formatted since it exists, then the journal region, then the metadata region (the paged index and
 // space maps of package snapshot/internal/meta, docs/metadata.md), then
 // the data region. Version 1 had no metadata region: its index lived in
 // the journal's checkpoints, and its allocation bitmap was derived from
@@ -91,6 +96,8 @@ type geometry struct {
 	// no origin device.
 	maxVolSize int64
 	noOrigin   bool
+	idOff      int64 // identity region (identity.go); 0 in older stores
+	idLen      int64
 }
 
 // flagNoOrigin (pool flags, byte 128) marks a store without an origin.
@@ -132,6 +139,8 @@ func (g *geometry) encode() []byte {
 	if g.noOrigin {
 		le.PutUint32(b[128:], flagNoOrigin)
 	}
+	le.PutUint64(b[160:], uint64(g.idOff))
+	le.PutUint64(b[168:], uint64(g.idLen))
 	le.PutUint32(b[12:], checksum(saltSuperblock, b))
 	return b
 }
@@ -189,6 +198,8 @@ func decodeSuperblock(b []byte) (geometry, error) {
 		return g, bad(128, "unknown pool flags %#x", f)
 	}
 	g.noOrigin = le.Uint32(b[128:])&flagNoOrigin != 0
+	g.idOff = int64(le.Uint64(b[160:]))
+	g.idLen = int64(le.Uint64(b[168:]))
 	cs := int64(g.chunkSize)
 	regionEnd := g.journalOff + g.journalLen
 	if g.version == superblockVersion && !g.transient {
@@ -203,7 +214,9 @@ func decodeSuperblock(b []byte) (geometry, error) {
 		return g, bad(120, "no origin and no volume size bound")
 	case g.storeSize <= superblockSize || g.storeSize > 1<<60:
 		return g, bad(40, "store size %d", g.storeSize)
-	case g.journalOff != superblockSize || g.journalLen < 0 || g.journalLen > g.storeSize:
+	case g.idOff != 0 && g.idOff != superblockSize || g.idLen != 0 && g.idLen != identityLen || (g.idOff == 0) != (g.idLen == 0):
+		return g, bad(160, "identity region %d+%d", g.idOff, g.idLen)
+	case g.journalOff != superblockSize+g.idLen || g.journalLen < 0 || g.journalLen > g.storeSize:
 		return g, bad(48, "journal region %d+%d", g.journalOff, g.journalLen)
 	case g.version == oldSuperblockVersion && (g.metaOff != 0 || g.metaLen != 0):
 		return g, bad(104, "version 1 with a metadata region")

@@ -395,10 +395,19 @@ func (s *Store) statWalk(name string) (VolumeStat, error) {
 
 // originStatLocked is the origin's Stat: a chunk is shared while a
 // snapshot still needs its preserved copy (the snapshot reads it from the
-// origin). O(log snapshots), from presSums. Called with Store.mu held.
+// origin). O(log snapshots), from the counters. Called with Store.mu held.
 func (s *Store) originStatLocked(v *volume) VolumeStat {
 	st := VolumeStat{VolumeInfo: s.infoLocked(v), Mapped: s.geo.originSize}
-	st.Shared = s.presSums.sum(s.b0.need.Load())
+	need := s.b0.need.Load()
+	if !s.ctr.stale {
+		st.Shared = s.ctr.pres.sum(need)
+	} else { // a pass over the chunks, looking up those not known
+		for c := uint64(0); c < s.chunks; c++ {
+			if pe, err := s.preservedOf(c); err != nil || need > pe {
+				st.Shared += s.chunkLen(c) // unreadable: counted as the snapshot's, not the origin's
+			}
+		}
+	}
 	st.Exclusive = st.Mapped - st.Shared
 	return st
 }
@@ -502,7 +511,8 @@ func (s *Store) Stats() Stats {
 	entries := s.ix.len()
 	s.mu.RUnlock()
 	sp := s.m.Space()
-	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks) * s.cs, UsedBytes: int64(sp.ChunksUsed) * s.cs,
+	// Chunks the metadata region grew into (GrowMetadata) are not data.
+	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
 		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
 		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
 		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs}

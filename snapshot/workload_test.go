@@ -311,6 +311,15 @@ func (w *workload) delete() error {
 			d, err = w.s.Delete(v.name)
 		}
 	}
+	if errors.Is(err, ErrHasDependants) {
+		// A snapshot with clones is refused, naming them; detached, it
+		// goes as a hidden parent point.
+		var de *DependantsError
+		if !errors.As(err, &de) || de.Name != v.name || len(de.Dependants) == 0 {
+			return w.failed(fmt.Errorf("refusal %v does not list the dependants", err), "delete "+v.name)
+		}
+		d, err = w.s.DeleteWith(v.name, DeleteOptions{Detach: true})
+	}
 	if err != nil {
 		w.maybeGone[v.name] = true
 		return w.failed(err, "delete "+v.name)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sort"
@@ -29,7 +30,11 @@ var cmdServe = &command{
 		"the other store commands act on the live server through its control socket",
 	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed. " +
 		"With TLS, SIGHUP reloads the certificates from --tls-creds for new connections; open ones keep theirs. " +
-		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given.",
+		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given. " +
+		"Volumes created, cloned, snapshotted or renamed through the control socket are exported at once; a deleted " +
+		"volume's export is withdrawn; a rollback keeps its clients connected. A write that needs space the full store " +
+		"lacks fails with ENOSPC (QEMU's werror=enospc pauses the VM), and a warning on standard error comes first, " +
+		"when the free data or metadata space drops below an eighth of its region.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
 		listen := fl.String("listen", "127.0.0.1:10809", "TCP `ADDR` to serve NBD on (empty: none)")
@@ -62,7 +67,7 @@ type serveInfo struct {
 }
 
 func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock string, js bool) error {
-	s, err := openSession(sf, readWrite)
+	s, err := openSessionWith(sf, readWrite, lowSpaceWarnings(storeOptions(readWrite), sf, e.stderr))
 	if errors.Is(err, ErrStoreInUse) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), "one serve per store: use that one (or stop it first: kill -TERM PID)", err)
 	}
@@ -72,7 +77,7 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {
 		vs.ops = ops{st: s.st, originPath: sf.origin, storePath: sf.store, storeSize: s.store.Size(), live: true,
-			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, onRewrite: vs.rewrite, connections: vs.connections}
+			onCreate: vs.add, onDelete: vs.retire, onRename: vs.rename, connections: vs.connections}
 		vs.info = control.Info{Program: "blocksnap serve", PID: os.Getpid(), Started: time.Now(),
 			Control: sf.controlPath(), Store: sf.store, Origin: sf.origin}
 		err = vs.serve(e, sf.controlPath(), metrics, listen, sock, js)
@@ -84,6 +89,26 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 		err = cerr
 	}
 	return err
+}
+
+// lowSpaceWarnings makes serve say on w when the store's free data or
+// metadata space drops below the store's low-water mark (an eighth of
+// the region), once per crossing, so that an operator extends the store
+// device and runs grow before writes fail with ENOSPC. The store calls
+// them on its own goroutine with no lock held; w takes whole lines from
+// several goroutines (standard error).
+func lowSpaceWarnings(opts snapshot.Options, sf *storeFlags, w io.Writer) snapshot.Options {
+	opts.LowData = func(free, total int64) {
+		fmt.Fprintf(w, "blocksnap serve: warning: store %s is low on data space: %s free of %s; "+
+			"when it is full, writes that need space fail with ENOSPC (extend the store device, then blocksnap grow)\n",
+			sf.store, human(free), human(total))
+	}
+	opts.LowMetadata = func(free, total int64) {
+		fmt.Fprintf(w, "blocksnap serve: warning: store %s is low on metadata space: %s free of %s; "+
+			"when it is full, changes fail with ENOSPC and only deletes work\n",
+			sf.store, human(free), human(total))
+	}
+	return opts
 }
 
 // volumeServer exports a store's volumes over NBD and keeps the exports in
@@ -213,35 +238,6 @@ func (vs *volumeServer) connections(name string) int64 {
 		}
 	}
 	return 0
-}
-
-// rewrite withdraws the export of a volume about to be rolled back and
-// closes its connections, so that no client keeps data it cached from
-// before; the returned function exports it again. Clients reconnect to the
-// rolled-back volume.
-func (vs *volumeServer) rewrite(name string) func() {
-	vs.mu.Lock()
-	d, ok := vs.exports[name]
-	if ok {
-		_ = vs.nbd.Remove(name) // present: added together with vs.exports[name]
-	}
-	vs.mu.Unlock()
-	if !ok {
-		return func() {}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_, _ = vs.nbd.CloseExport(ctx, name) // on timeout the stragglers see the rollback happen
-	return func() {
-		vs.mu.Lock()
-		defer vs.mu.Unlock()
-		if vs.exports[name] != d {
-			return // deleted or renamed meanwhile
-		}
-		if v := d.v.Load(); v != nil {
-			_ = vs.export(name, d, v) // the name was free: withdrawn above, and vs.mu held since
-		}
-	}
 }
 
 // handle runs a control request against the live store.
@@ -418,7 +414,17 @@ func (d *liveDev) Discard(off, n int64) error {
 	return v.Discard(off, n)
 }
 
-func (d *liveDev) Size() int64    { return d.size }
+// Size is the volume's size now, so that a connection made after a
+// resize sees the new size (each NBD connection learns the size once, at
+// its handshake). Once the volume is deleted (no new connection can
+// reach the export) it is the size the volume was exported with.
+func (d *liveDev) Size() int64 {
+	if v := d.v.Load(); v != nil {
+		return v.Size()
+	}
+	return d.size
+}
+
 func (d *liveDev) BlockSize() int { return d.bs }
 
 // Close does nothing: the server owns the volumes (closeVolumes).

@@ -123,8 +123,9 @@ var cmdList = &command{
 var cmdDelete = &command{
 	name: "delete", args: "NAME", lo: 1, hi: 1,
 	summary: "delete a snapshot or clone; waits until its space is reclaimed unless --no-wait",
-	long: "A protected volume is refused (unprotect it first). A snapshot that clones depend on stays as a hidden " +
-		"parent point until its last clone goes, unless --recursive deletes the clones too. " +
+	long: "A protected volume is refused (unprotect it first). A snapshot that clones depend on is refused too, " +
+		"naming them, unless --recursive deletes them first or --detach lets the snapshot go as a hidden " +
+		"parent point that its clones keep until the last of them goes. " +
 		"Against a running serve a volume that NBD clients are connected to is not deleted unless --force, " +
 		"which closes their connections; the volume's export is withdrawn at once " +
 		"and the command still waits for the space, unless --no-wait.",
@@ -133,10 +134,11 @@ var cmdDelete = &command{
 		noWait := fs.Bool("no-wait", false, "return once the delete is durable; space is reclaimed in the background")
 		force := fs.Bool("force", false, "delete the volume even while NBD clients of a running serve are connected to it, closing their connections")
 		recursive := fs.Bool("recursive", false, "delete also the volumes that depend on NAME (a snapshot's clones, their snapshots and clones), deepest first")
+		detach := fs.Bool("detach", false, "let a snapshot that clones depend on go as a hidden parent point (list shows it) instead of refusing")
 		js := fs.Bool("json", false, "print the result as JSON")
 		return func(e *env, pos []string) error {
 			var out control.DeleteResult
-			r := control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait, Force: *force, Recursive: *recursive}
+			r := control.Request{Op: control.OpDelete, Name: pos[0], Wait: !*noWait, Force: *force, Recursive: *recursive, Detach: *detach}
 			if err := runOp(e, sf, readWrite, r, &out); err != nil {
 				return err
 			}
@@ -186,8 +188,9 @@ var cmdRollback = &command{
 	},
 	summary: "revert the origin or a clone to one of its snapshots, or a clone to a snapshot of its ancestors (later snapshots stay intact)",
 	long: "A clone reset to the snapshot it was cloned from moves no data: its chunks inherit again. " +
-		"Against a running serve the volume's NBD connections are closed for the rollback and its export " +
-		"comes back after it: clients reconnect to the rolled-back data.",
+		"Against a running serve the volume's NBD clients stay connected and read the rolled-back data from " +
+		"their next request on (a client that caches what it read, such as a mounted filesystem, must drop " +
+		"its cache: stop the VM or unmount first, as for any disk rewritten under it).",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		to := fs.String("to", "", "`SNAPSHOT` of VOLUME, or of one of its ancestors, to roll back to")

@@ -79,6 +79,16 @@ func TestDiffAndExportAcrossClones(t *testing.T) {
 	fails(t, 1, "blocksnap apply-diff --force", "apply-diff", "--target", target, "-i", other)
 	require.Equal(t, f.image(t, "vm2s"), readFile(t, target))
 
+	// A blank volume's line shares no history with golden's.
+	f.withStore(t, func(st *snapshot.Store) {
+		v, err := st.CreateVolume("blank", 1<<20)
+		require.NoError(t, err)
+		require.NoError(t, v.Close())
+	})
+	ok(t, f.args("snapshot", "blank-s", "--of", "blank")...)
+	fails(t, 1, "golden and blank-s share no history", f.args("diff", "golden", "blank-s")...)
+	fails(t, 1, "share no history", f.args("export-diff", "blank-s", "--from", "golden", "-o", other)...)
+
 	// And as a tool no one here wrote sees it: the golden copy with the
 	// incremental applied equals a full export of the VM's snapshot.
 	needTool(t, "qemu-img")

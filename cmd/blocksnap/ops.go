@@ -30,10 +30,6 @@ type ops struct {
 	connections func(name string) int64
 	onDelete    func(name string)
 	onRename    func(oldName, newName string)
-	// onRewrite is called before a rollback rewrites the volume name; the
-	// function it returns, after (serve closes the volume's connections
-	// for the rollback and exports it again after).
-	onRewrite func(name string) (done func())
 }
 
 func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
@@ -181,9 +177,9 @@ func (o *ops) delete(ctx context.Context, r control.Request) (any, error) {
 			}
 		}
 	}
-	// A snapshot with clones goes as a hidden parent point unless
-	// recursive (list shows it).
-	op, err := o.st.DeleteWith(name, snapshot.DeleteOptions{Recursive: r.Recursive, Detach: true})
+	// A snapshot with clones is refused unless recursive, or detached
+	// (it goes as a hidden parent point that list shows).
+	op, err := o.st.DeleteWith(name, snapshot.DeleteOptions{Recursive: r.Recursive, Detach: r.Detach})
 	if o.onDelete != nil {
 		// A recursive delete that failed half way deleted a prefix of
 		// deps: retire the exports of those that are gone.
@@ -256,9 +252,11 @@ func (o *ops) rollback(ctx context.Context, name, to string) (any, error) {
 	if si := snap.Info(); si.Kind != snapshot.KindSnapshot || vol.Kind() == snapshot.KindSnapshot {
 		return nil, fmt.Errorf("%s is not a snapshot of %s: %w", to, name, errNotSnapshot)
 	}
-	if o.onRewrite != nil {
-		defer o.onRewrite(name)()
-	}
+	// Against serve the volume's export stays up and its clients stay
+	// connected: the store keeps open handles valid across a rollback,
+	// and the export reads through the same handle, so the next read of
+	// a connected client returns the rolled-back data. Nothing between
+	// the client and the store caches data (the NBD server has no cache).
 	if o.progress != nil {
 		p := o.progress("rollback " + name)
 		p.text("rewriting the chunks that differ from " + to)

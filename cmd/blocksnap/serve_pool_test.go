@@ -49,9 +49,9 @@ func startQemuIO(t *testing.T, uri string) *qemuSession {
 	return q
 }
 
-// do sends one qemu-io command and returns the output lines up to the one
-// holding want (or all of them, if qemu-io exits first).
-func (q *qemuSession) do(t *testing.T, command, want string) string {
+// do sends one qemu-io command and returns the output lines up to the
+// first one holding any of want (or all of them, if qemu-io exits first).
+func (q *qemuSession) do(t *testing.T, command string, want ...string) string {
 	t.Helper()
 	_, err := io.WriteString(q.in, command+"\n")
 	require.NoError(t, err)
@@ -64,8 +64,10 @@ func (q *qemuSession) do(t *testing.T, command, want string) string {
 				return strings.Join(got, "\n")
 			}
 			got = append(got, l)
-			if strings.Contains(l, want) {
-				return strings.Join(got, "\n")
+			for _, w := range want {
+				if strings.Contains(l, w) {
+					return strings.Join(got, "\n")
+				}
 			}
 		case <-deadline:
 			t.Fatalf("qemu-io did not answer %q with %q within a minute: %q", command, want, got)
@@ -86,7 +88,8 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 	ok(t, f.args("clone", "live", "--from", "origin")...) // through an implicit hidden snapshot
 	ok(t, f.args("snapshot", "gold")...)
 	ok(t, f.args("clone", "vm", "--from", "gold")...)
-	ok(t, f.args("delete", "gold")...) // vm keeps it, hidden
+	fails(t, 1, `"gold" has dependants: vm`, f.args("delete", "gold")...)
+	ok(t, f.args("delete", "gold", "--detach")...) // vm keeps it, hidden
 
 	var vs []control.Volume
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("list", "--json")...)), &vs))

@@ -98,10 +98,16 @@ func (d *daemon) stop(t *testing.T) {
 	}
 }
 
+// needTool skips the test, naming the Debian package to install, when a
+// real client it runs is missing.
 func needTool(t *testing.T, name string) {
 	t.Helper()
+	pkg := "qemu-utils"
+	if strings.HasPrefix(name, "nbd") {
+		pkg = "libnbd-bin"
+	}
 	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s is not installed (apt-get install -y qemu-utils); skipping the real-client test", name)
+		t.Skipf("%s is not installed (apt-get install -y %s); skipping the real-client test", name, pkg)
 	}
 }
 

@@ -111,11 +111,16 @@ func storeOptions(a access) snapshot.Options {
 // openSession opens (and so locks) the store named by f. It returns
 // ErrStoreInUse when another process holds the store or its origin.
 func openSession(f *storeFlags, a access) (*session, error) {
+	return openSessionWith(f, a, storeOptions(a))
+}
+
+// openSessionWith is openSession with the store options given.
+func openSessionWith(f *storeFlags, a access, opts snapshot.Options) (*session, error) {
 	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
 		return nil, err
 	}
-	st, err := snapshot.Open(o, s, storeOptions(a))
+	st, err := snapshot.Open(o, s, opts)
 	if err != nil {
 		o.Close()
 		s.Close()

@@ -1,5 +1,6 @@
-// VM disks: one golden image, three VM clones of it, a snapshot and a
-// rollback of one clone, all served over NBD for QEMU or qemu-io.
+// VM disks: one golden image, three VM clones of it, a blank data disk,
+// a snapshot and a rollback of one clone, all served over NBD for QEMU or
+// qemu-io.
 //
 //	go run ./examples/vmdisk [-listen 127.0.0.1:10809] [-dir DIR]
 //
@@ -11,7 +12,8 @@
 // Clones cost nothing until written: each VM's writes go to the shared
 // store, the golden image stays as it was, and any clone can be
 // snapshotted and rolled back without touching the others, or reset to
-// the golden snapshot, which is protected from deletion.
+// the golden snapshot (which is protected from deletion) while its VM
+// stays connected.
 package main
 
 import (
@@ -26,6 +28,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/blocksnap/blocksnap/blockdev"
@@ -101,6 +104,17 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 		}
 	}
 
+	// A blank data disk for vm1: 2 GiB of its own size, reading as zeros
+	// and taking store space only where it is written.
+	data, err := st.CreateVolume("vm1-data", 2<<30)
+	if err != nil {
+		return err
+	}
+	vols["vm1-data"] = data
+	if err := put(data, 0, "vm1 data disk"); err != nil {
+		return err
+	}
+
 	// vm1: snapshot before an upgrade, upgrade, then roll back.
 	vm1 := vols["vm1"]
 	pre, err := st.CreateSnapshot("vm1-before-upgrade", vm1)
@@ -130,29 +144,24 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 		fmt.Fprintf(w, "delete golden: %v\n", err)
 	}
 
-	// vm3 is reimaged: reset to golden, as metadata (its chunks inherit
-	// golden's again), under the same handle and export.
-	if err := st.Rollback(ctx, vols["vm3"], base); err != nil {
-		return err
-	}
-	for _, name := range []string{"golden", "vm1", "vm2", "vm3"} {
-		a, _ := get(vols[name], 0)
-		b, _ := get(vols[name], 1<<20)
-		fmt.Fprintf(w, "%-7s block 0: %-22q at 1 MiB: %q\n", name+":", a, b)
-	}
-
-	return serve(ctx, w, listen, vols, ready)
+	return serve(ctx, w, listen, st, vols, ready)
 }
 
-func serve(ctx context.Context, w io.Writer, listen string, vols map[string]*snapshot.Volume, ready func(net.Addr)) error {
+// exports are the volumes served, in order.
+var exports = []string{"golden", "vm1", "vm2", "vm3", "vm1-data", "vm1-before-upgrade"}
+
+// serve exports the volumes and, while they are served, reimages vm3
+// under a connected client, then serves until ctx ends.
+func serve(ctx context.Context, w io.Writer, listen string, st *snapshot.Store, vols map[string]*snapshot.Volume, ready func(net.Addr)) error {
 	srv, err := nbd.New(nbd.Options{DefaultExport: "vm1"})
 	if err != nil {
 		return err
 	}
-	for _, name := range []string{"golden", "vm1", "vm2", "vm3", "vm1-before-upgrade"} {
+	for _, name := range exports {
 		v := vols[name]
-		ro := v.Kind() == snapshot.KindSnapshot // snapshots are served read-only
-		if err := srv.Add(nbd.Export{Name: name, Device: v, ReadOnly: ro, Description: v.Kind().String()}); err != nil {
+		// Snapshots are exported read-only: the server asks the volume
+		// (blockdev.IsReadOnly).
+		if err := srv.Add(nbd.Export{Name: name, Device: v, Description: v.Kind().String()}); err != nil {
 			return err
 		}
 	}
@@ -160,15 +169,57 @@ func serve(ctx context.Context, w io.Writer, listen string, vols map[string]*sna
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "serving golden, vm1, vm2, vm3 and vm1-before-upgrade on nbd://%s/NAME; ^C to stop\n", l.Addr())
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }() // Serve drains and flushes every export when ctx ends
+	if err := reimage(ctx, w, st, vols, l.Addr()); err != nil {
+		cancel()
+		<-served
+		return err
+	}
+	for _, name := range []string{"golden", "vm1", "vm2", "vm3", "vm1-data"} {
+		v := vols[name]
+		a, _ := get(v, 0)
+		b, _ := get(v, 1<<20)
+		fmt.Fprintf(w, "%-9s %4d MiB, block 0: %-22q at 1 MiB: %q\n", name+":", v.Size()>>20, a, b)
+	}
+	fmt.Fprintf(w, "serving %s on nbd://%s/NAME; ^C to stop\n", strings.Join(exports, ", "), l.Addr())
 	fmt.Fprintf(w, "  qemu-io -f raw -r nbd://%s/vm2 -c 'read -v 1M 16'\n", l.Addr())
 	if ready != nil {
 		ready(l.Addr())
 	}
-	// Serve drains and flushes every export when ctx ends.
-	if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+	if err := <-served; err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 		return err
 	}
+	return nil
+}
+
+// reimage resets vm3 to golden while an NBD client (a VM would be one)
+// is connected to it. The reset is metadata, vm3's chunks inheriting
+// golden's again, under the same handle and export: the client stays
+// connected and its next read returns golden's data.
+func reimage(ctx context.Context, w io.Writer, st *snapshot.Store, vols map[string]*snapshot.Volume, addr net.Addr) error {
+	vm, err := nbd.Dial(ctx, nbd.URI(addr, "vm3"))
+	if err != nil {
+		return err
+	}
+	defer vm.Close()
+	if err := put(vm, 0, "vm3 OS, drifted"); err != nil {
+		return err
+	}
+	s, err := get(vm, 0)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "vm3 over NBD before the reset: %q\n", s)
+	if err := st.Rollback(ctx, vols["vm3"], vols["golden"]); err != nil {
+		return err
+	}
+	if s, err = get(vm, 0); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "vm3 over NBD after the reset:  %q (same connection)\n", s)
 	return nil
 }
 

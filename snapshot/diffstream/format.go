@@ -273,10 +273,18 @@ func (h Header) validate() error {
 	if h.Full() && h.From.UUID != "" {
 		return errors.New("a full export has a From UUID")
 	}
-	for _, s := range []string{h.From.ID, h.From.Name, h.To.ID, h.To.Name, h.From.UUID, h.To.UUID} {
+	n := minHeader
+	for i, s := range []string{h.From.ID, h.From.Name, h.To.ID, h.To.Name, h.From.UUID, h.To.UUID} {
 		if len(s) > MaxIdentity {
 			return fmt.Errorf("identity of %d bytes exceeds %d", len(s), MaxIdentity)
 		}
+		if n += len(s); i >= 4 && s != "" {
+			n += 4 // an extension field's tag and length
+		}
+	}
+	if n > MaxHeader {
+		// Readers refuse a longer header: the stream would be unreadable.
+		return fmt.Errorf("identities make a header of %d bytes, more than %d", n, MaxHeader)
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"hash/crc32"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -55,6 +56,22 @@ func TestHeaderCarriesUUIDs(t *testing.T) {
 	// (the length at byte 10 differs, and covers the extension).
 	require.Equal(t, old[:10], enc[:10])
 	require.Equal(t, old[12:len(old)-4], enc[12:len(old)-4])
+
+	// A header readers would refuse for its length is not written.
+	long := strings.Repeat("n", MaxIdentity)
+	_, err = NewWriter(&bytes.Buffer{}, Header{VolumeSize: 512, BlockSize: 512,
+		From: Identity{ID: long, Name: long}, To: Identity{ID: long, Name: long, UUID: "u"}})
+	require.ErrorContains(t, err, "more than 4096")
+	long = strings.Repeat("n", 1000)
+	var buf bytes.Buffer
+	w, err := NewWriter(&buf, Header{VolumeSize: 512, BlockSize: 512,
+		From: Identity{ID: long, Name: long}, To: Identity{ID: long, Name: long[:980], UUID: h.To.UUID}})
+	require.NoError(t, err)
+	_, err = w.Close()
+	require.NoError(t, err)
+	r, err := NewReader(&buf)
+	require.NoError(t, err)
+	require.Equal(t, h.To.UUID, r.Header().To.UUID)
 
 	// A full export has no From, so no From UUID.
 	_, err = NewWriter(&bytes.Buffer{}, Header{VolumeSize: 512, BlockSize: 512, Flags: FlagFull, To: h.To, From: Identity{UUID: "x"}})

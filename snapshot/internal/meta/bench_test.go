@@ -59,3 +59,29 @@ func BenchmarkSeek(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkPutCopyOnWrite: the store's copy-on-write pattern, which its
+// OriginFirstWrite benchmark drives: every chunk of a 64 MiB region of 4
+// KiB chunks (16384) preserved once at epoch 1, in a random order, each
+// at the next data chunk (PutData). A fresh layer per 16384 puts; no
+// commit, as between the store's tree commits.
+func BenchmarkPutCopyOnWrite(b *testing.B) {
+	const chunks = 16384
+	perm := rand.New(rand.NewPCG(1, 2)).Perm(chunks)
+	var m *Meta
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if i%chunks == 0 {
+			b.StopTimer()
+			if m != nil {
+				_ = m.Close()
+			}
+			m = benchMeta(b, 1<<12)
+			b.StartTimer()
+		}
+		if _, err := m.PutData(Key{C: uint64(perm[i%chunks]), E: 1}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	_ = m.Close()
+}

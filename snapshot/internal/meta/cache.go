@@ -1,28 +1,43 @@
 package meta
 
-import "sync"
+import (
+	"sync"
+	"sync/atomic"
+)
 
 // nodeOverhead approximates a decoded node's memory beyond its run array.
 const nodeOverhead = 200
 
 // cache holds decoded nodes by page number, bounded in bytes. Clean nodes
-// are evicted in LRU order; dirty nodes (written by the current
-// transaction, not yet on disk) stay until the writer writes them back.
+// are evicted in CLOCK (second-chance) order; dirty nodes (written by the
+// current transaction, not yet on disk) stay until the writer writes them
+// back.
+//
+// A hit takes mu shared and only sets the node's referenced bit, so any
+// number of lookups (the writer-side queries under Meta.mu shared, and
+// views) run at once; an LRU move on every hit made each lookup take mu
+// exclusively, and concurrent readers queued on it. Eviction, under mu
+// exclusively, walks the ring from its cold end: a referenced node loses
+// its bit and goes to the hot end (its second chance), an unreferenced
+// clean one is dropped.
 type cache struct {
-	// mu guards every field below and the prev/next/cost/inCache fields
-	// of the nodes; it is the innermost lock (Meta.mu -> Meta.viewMu ->
-	// cache.mu).
-	mu       sync.Mutex
-	limit    int
-	bytes    int
-	dirty    int // bytes of dirty nodes
-	nodes    map[uint64]*node
-	head     node // LRU sentinel: head.next is the most recently used
-	dhead    node // dirty FIFO sentinel: dhead.dnext is the longest dirty
-	hits     uint64
-	misses   uint64
+	// mu guards every field below but the atomic counters, and the
+	// prev/next/cost/inCache fields of the nodes; it is the innermost lock
+	// (Meta.mu -> Meta.viewMu -> cache.mu). Lookups take it shared,
+	// everything that changes the map, the ring or the counts exclusively.
+	mu    sync.RWMutex
+	limit int
+	bytes int
+	dirty int // bytes of dirty nodes
+	nodes map[uint64]*node
+	head  node // CLOCK ring sentinel: head.next is the most recently inserted or spared
+	dhead node // dirty FIFO sentinel: dhead.dnext is the longest dirty
+	// evicted is guarded by mu; the others are atomic, counted by lookups
+	// under mu shared and by the write-back goroutine, which takes no lock.
 	evicted  uint64
-	writeOut uint64
+	hits     atomic.Uint64
+	misses   atomic.Uint64
+	writeOut atomic.Uint64
 }
 
 func newCache(limit int) *cache {
@@ -60,18 +75,21 @@ func (c *cache) dirtyUnlink(n *node) {
 	c.dirty -= n.cost
 }
 
-// get returns the cached node at loc, if any, and marks it recently used.
+// get returns the cached node at loc, if any, and marks it referenced.
+// It takes mu shared: the bit is set while eviction, which takes mu
+// exclusively and clears the bits, cannot run.
 func (c *cache) get(loc uint64) *node {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
 	n := c.nodes[loc]
+	if n != nil && !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
+		n.ref.Store(true)
+	}
+	c.mu.RUnlock()
 	if n == nil {
-		c.misses++
+		c.misses.Add(1)
 		return nil
 	}
-	c.hits++
-	c.unlink(n)
-	c.pushFront(n)
+	c.hits.Add(1)
 	return n
 }
 
@@ -81,12 +99,10 @@ func (c *cache) add(n *node) *node {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if old := c.nodes[n.loc]; old != nil {
-		if old != n {
-			return old
+		old.ref.Store(true)
+		if old == n {
+			c.resize(old)
 		}
-		c.unlink(old)
-		c.pushFront(old)
-		c.resize(old)
 		return old
 	}
 	c.insert(n)
@@ -109,6 +125,19 @@ func (c *cache) resize(n *node) {
 func (c *cache) touched(n *node) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.touchedLocked(n)
+}
+
+// dirtied is setDirty(n, true) and touched(n) under one lock: the writer
+// takes each node of a change's path so.
+func (c *cache) dirtied(n *node) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.setDirtyLocked(n, true)
+	c.touchedLocked(n)
+}
+
+func (c *cache) touchedLocked(n *node) {
 	if !n.inCache {
 		if old := c.nodes[n.loc]; old != nil {
 			c.remove(old)
@@ -134,6 +163,10 @@ func (c *cache) insert(n *node) {
 func (c *cache) setDirty(n *node, d bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.setDirtyLocked(n, d)
+}
+
+func (c *cache) setDirtyLocked(n *node, d bool) {
 	if n.dirty == d {
 		return
 	}
@@ -167,14 +200,31 @@ func (c *cache) remove(n *node) {
 }
 
 // evictLocked drops clean nodes from the cold end until the cache fits.
+// The ring turns like a clock face under a fixed hand at its cold end: a
+// referenced node loses its bit and goes to the hot end (its second
+// chance), and so does a dirty one, which cannot be dropped until it is
+// written. Otherwise dirty nodes, which a lookup never moves, would
+// gather at the cold end, and every eviction would walk past all of them
+// again (the LRU order moved them away on each hit). The walk ends: each
+// node is spared at most once per call (nothing sets a bit while mu is
+// held exclusively), and dirty nodes go round at most once between them
+// all, so a cache of nothing but dirty nodes costs one turn.
 func (c *cache) evictLocked() {
-	for n := c.head.prev; c.bytes > c.limit && n != &c.head; {
-		prev := n.prev
-		if !n.dirty {
+	for budget := len(c.nodes); c.bytes > c.limit && budget > 0; {
+		n := c.head.prev
+		switch {
+		case n.dirty:
+			budget--
+			c.unlink(n)
+			c.pushFront(n)
+		case n.ref.Load():
+			n.ref.Store(false)
+			c.unlink(n)
+			c.pushFront(n)
+		default:
 			c.remove(n)
 			c.evicted++
 		}
-		n = prev
 	}
 }
 
@@ -205,11 +255,7 @@ func (c *cache) dirtyNodesOf(dst []*node, tx uint64, max int) []*node {
 }
 
 // wrote counts nodes written back.
-func (c *cache) wrote(n int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.writeOut += uint64(n)
-}
+func (c *cache) wrote(n int) { c.writeOut.Add(uint64(n)) }
 
 // costOf sums the cache cost of nodes.
 func (c *cache) costOf(nodes []*node) int {
@@ -223,8 +269,8 @@ func (c *cache) costOf(nodes []*node) int {
 }
 
 func (c *cache) dirtyBytes() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	return c.dirty
 }
 
@@ -243,8 +289,8 @@ type CacheStats struct {
 }
 
 func (c *cache) stats() CacheStats {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: len(c.nodes),
-		Hits: c.hits, Misses: c.misses, Evicted: c.evicted, WrittenBack: c.writeOut}
+		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted, WrittenBack: c.writeOut.Load()}
 }

@@ -57,6 +57,13 @@ func (v *View) Check() error {
 	c := &checker{v: v, pages: make([]uint64, (st.pages+63)/64), chunks: make([]uint64, (st.dataChunks+63)/64)}
 	c.page(0, "superblock")
 	c.page(1, "superblock")
+	for _, e := range st.ext { // the region's own data chunks
+		for i := e.chunk; i < e.chunk+e.chunks && i < st.dataChunks; i++ {
+			if markBit(c.chunks, i) {
+				c.addf("data chunk %d in two extents", i)
+			}
+		}
+	}
 	for i, t := range []tree{st.chunk, st.epoch} {
 		if !t.root.isNil() {
 			c.walk(t, t.root, int(t.level), nil, nil, true)

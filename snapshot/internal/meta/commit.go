@@ -134,7 +134,8 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 	s := super{tx: tx, pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
 		chunkRoot: m.chunk.root, epochRoot: m.epoch.root, chunkLevel: m.chunk.level, epochLevel: m.epoch.level,
 		keys: m.keys, chunkRuns: m.chunk.runs, epochRuns: m.epoch.runs,
-		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx, user: m.user}
+		metaUsed: m.metaSM.used, dataUsed: m.dataSM.used, metaIdx: m.metaSM.idx, dataIdx: m.dataSM.idx, user: m.user,
+		ext: m.extentsOf()}
 	s.encode(next(tx % 2))
 	m.frozen = m.snapshotState()
 	m.tx++
@@ -151,13 +152,13 @@ func (m *Meta) writeCommit(tx uint64, pages []byte, locs []uint64) error {
 			return err
 		}
 	}
-	if err := m.dev.Flush(); err != nil {
+	if err := m.flushDev(); err != nil {
 		return fmt.Errorf("meta: commit %d: flush pages: %w", tx, err)
 	}
 	if err := m.writePage(pages[last*PageSize:], locs[last]); err != nil {
 		return err
 	}
-	if err := m.dev.Flush(); err != nil {
+	if err := m.flushDev(); err != nil {
 		return fmt.Errorf("meta: commit %d: flush superblock: %w", tx, err)
 	}
 	return nil

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -25,47 +26,28 @@ func TestViewsConcurrent(t *testing.T) {
 	if testing.Short() {
 		rounds = 10
 	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	for g := range 3 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rr := rand.New(rand.NewPCG(seed, uint64(10+g)))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				v := m.View()
-				mu.Lock()
-				md := models[v.Tx()]
-				mu.Unlock()
-				if md == nil { // committed, model not recorded yet
-					v.Release()
-					continue
-				}
-				for range 20 {
-					q := w.space.random(rr)
-					got, loc, ok, err := v.Seek(q)
-					if err != nil {
-						errs <- err
-						v.Release()
-						return
-					}
-					want, wok := md.seek(q)
-					if ok != wok || ok && (got != want || loc != md.locs[want]) {
-						errs <- errMismatch
-						v.Release()
-						return
-					}
-				}
-				v.Release()
+	stop := runReaders(t, 3, seed, 10, func(rr *rand.Rand) error {
+		v := m.View()
+		defer v.Release()
+		mu.Lock()
+		md := models[v.Tx()]
+		mu.Unlock()
+		if md == nil { // committed, model not recorded yet
+			return nil
+		}
+		for range 20 {
+			q := w.space.random(rr)
+			got, loc, ok, err := v.Seek(q)
+			if err != nil {
+				return err
 			}
-		}()
-	}
+			want, wok := md.seek(q)
+			if ok != wok || ok && (got != want || loc != md.locs[want]) {
+				return errMismatch
+			}
+		}
+		return nil
+	})
 	for range rounds {
 		for range 100 {
 			w.step()
@@ -75,13 +57,43 @@ func TestViewsConcurrent(t *testing.T) {
 		models[committedTx(m)] = w.md.clone()
 		mu.Unlock()
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	stop()
 	require.NoError(t, m.Check())
+}
+
+// runReaders runs n goroutines that call fn, each with its own random
+// source (seed, stream+g), until the returned stop is called or fn fails.
+// stop waits for them and fails t with the first error.
+func runReaders(t *testing.T, n int, seed, stream uint64, fn func(rr *rand.Rand) error) (stop func()) {
+	done := make(chan struct{})
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for g := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rr := rand.New(rand.NewPCG(seed, stream+uint64(g)))
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if err := fn(rr); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	return func() {
+		close(done)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+	}
 }
 
 var errMismatch = errorString("a view disagrees with the model of its commit")
@@ -206,4 +218,97 @@ func TestWriterNeverWaitsForCommitOrWriteBack(t *testing.T) {
 		require.True(t, ok, "key %d", i)
 	}
 	require.NoError(t, m.Close())
+}
+
+// TestLookupsConcurrentWithWriter: goroutines look keys up in the open
+// transaction (Get, Seek, Prev: the layer's lock shared, several at once)
+// while the writer puts and deletes keys between them, commits, and writes
+// back, with a cache of a few nodes so that the lookups load and evict
+// nodes all the time. Stable keys sit at even chunks and never change; the
+// writer's keys sit at the odd chunks between them, in the same leaves, so
+// leaves split and join around the stable keys. Every lookup must see the
+// stable keys exactly. Run it with -race.
+func TestLookupsConcurrentWithWriter(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	dev, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	m, err := Format(dev, Options{DataChunks: 1 << 16, CacheBytes: 16 << 10})
+	require.NoError(t, err)
+	const chunks = 3000 // stable keys at even chunks, the writer's at odd ones
+	stable := make(map[uint64]uint64)
+	for c := uint64(0); c < chunks; c += 2 {
+		loc, err := m.PutData(Key{C: c, E: 1})
+		require.NoError(t, err)
+		stable[c] = loc
+	}
+	require.NoError(t, m.Commit())
+	rounds := 12
+	if testing.Short() {
+		rounds = 6
+	}
+	stop := runReaders(t, 3, seed, 20, func(rr *rand.Rand) error {
+		return checkStableLookup(m, stable, rr.Uint64N(chunks/2)*2)
+	})
+	rng := rand.New(rand.NewPCG(seed, 7))
+	live := make(map[Key]bool)
+	for range rounds {
+		for range 400 {
+			q := Key{C: rng.Uint64N(chunks/2)*2 + 1, E: uint32(1 + rng.IntN(3))}
+			if live[q] {
+				loc, err := m.Delete(q)
+				require.NoError(t, err)
+				require.NoError(t, m.FreeData(loc))
+				delete(live, q)
+			} else {
+				_, err := m.PutData(q)
+				require.NoError(t, err)
+				live[q] = true
+			}
+		}
+		require.NoError(t, m.Commit())
+	}
+	stop()
+	require.Greater(t, m.CacheStats().Evicted, uint64(0), "the cache never evicted: the test did not exercise eviction")
+	require.NoError(t, m.Check())
+	require.Equal(t, uint64(len(stable)+len(live)), m.Len())
+	require.NoError(t, m.Close())
+}
+
+// checkStableLookup looks up the stable key at even chunk c three ways
+// and checks the answers against what no change of the writer's can
+// alter.
+func checkStableLookup(m *Meta, stable map[uint64]uint64, c uint64) error {
+	want := Key{C: c, E: 1}
+	loc, ok, err := m.Get(want)
+	if err != nil {
+		return err
+	}
+	if !ok || loc != stable[c] {
+		return fmt.Errorf("Get %v: %d %v, want %d", want, loc, ok, stable[c])
+	}
+	got, loc, ok, err := m.Seek(Key{C: c})
+	if err != nil {
+		return err
+	}
+	if !ok || got != want || loc != stable[c] {
+		return fmt.Errorf("Seek %v: %v %d %v, want %v %d", Key{C: c}, got, loc, ok, want, stable[c])
+	}
+	if c == 0 {
+		return nil
+	}
+	// The key before a stable key: a writer's key at c-1, or the stable
+	// key at c-2.
+	got, loc, ok, err = m.Prev(want)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !ok:
+		return fmt.Errorf("Prev %v: nothing", want)
+	case got.C == c-2 && (got.E != 1 || loc != stable[c-2]):
+		return fmt.Errorf("Prev %v: %v %d, want %d", want, got, loc, stable[c-2])
+	case got.C != c-2 && got.C != c-1:
+		return fmt.Errorf("Prev %v: %v", want, got)
+	}
+	return nil
 }

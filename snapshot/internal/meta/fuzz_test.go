@@ -72,6 +72,9 @@ func FuzzDecodeSuper(f *testing.F) {
 	p := make([]byte, PageSize)
 	s.encode(p)
 	f.Add(p[:superFixed+32])
+	s.pages, s.ext = 164, []extent{{chunk: 900, chunks: 1}} // a grown region (extent.go)
+	s.encode(p)
+	f.Add(p[:superFixed+48])
 	f.Fuzz(func(t *testing.T, data []byte) {
 		raw, sealed := fuzzPage(data, typeSuper)
 		for _, p := range [][]byte{raw, sealed} {

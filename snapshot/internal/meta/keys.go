@@ -134,11 +134,48 @@ func (r *reader) ascendEpoch(b uint32, e uint32, from uint64, fn func(c uint64) 
 }
 
 // reader returns the writer's reader over the open transaction; its
-// iterator buffers are reused, so writer-side queries do not allocate.
-// Callers hold m.mu.
+// iterator buffers are reused, so the writer's own lookups do not
+// allocate. Callers hold m.mu exclusively.
 func (m *Meta) reader() *reader {
 	m.rd.m, m.rd.chunk, m.rd.epoch = m, m.chunk, m.epoch
 	return &m.rd
+}
+
+// sharedReader returns a reader over the open transaction for a query
+// under m.mu shared: many run at once, so each takes its own reader (and
+// iterator buffers) from a pool rather than the writer's. Callers hold
+// m.mu shared and hand it back with putReader.
+func (m *Meta) sharedReader() *reader {
+	r, _ := m.readers.Get().(*reader)
+	if r == nil {
+		r = &reader{}
+	}
+	r.m, r.chunk, r.epoch = m, m.chunk, m.epoch
+	return r
+}
+
+// putReader returns r to the pool, keeping no node alive past its
+// eviction.
+func (m *Meta) putReader(r *reader) {
+	clear(r.it.nodes[:cap(r.it.nodes)])
+	m.readers.Put(r)
+}
+
+// readLock takes m.mu shared and a reader of the open transaction for a
+// lookup: lookups never wait for one another, only for a change.
+// readUnlock ends it.
+func (m *Meta) readLock() (*reader, error) {
+	m.mu.RLock()
+	if m.closed {
+		m.mu.RUnlock()
+		return nil, ErrClosed
+	}
+	return m.sharedReader(), nil
+}
+
+func (m *Meta) readUnlock(r *reader) {
+	m.putReader(r)
+	m.mu.RUnlock()
 }
 
 // nextEpoch returns the smallest epoch >= e with keys in branch b.
@@ -171,10 +208,22 @@ func (m *Meta) Put(q Key, loc uint64) error { return m.putLocking(q, loc, false)
 // half way through it.
 func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc, true) }
 
-// unlockNotify releases mu, then calls the low-space callback if the
-// change just made crossed the threshold (outside mu: the callback may
-// call back into the layer).
+// lockChange takes mu for a Put, PutData or Delete, and notes the cache's
+// misses so far, so that unlockNotify can tell whether the change read a
+// page.
+func (m *Meta) lockChange() {
+	m.mu.Lock()
+	m.missMark = m.cache.misses.Load()
+}
+
+// unlockNotify ends a change begun by lockChange: it turns prefetching on
+// if the change read a page (see Prefetch), releases mu, then calls the
+// low-space callback if the change crossed the threshold (outside mu: the
+// callback may call back into the layer).
 func (m *Meta) unlockNotify() {
+	if m.cache.misses.Load() != m.missMark {
+		m.prefetch.Store(prefetchWindow)
+	}
 	cb := m.lowSpace()
 	m.mu.Unlock()
 	if cb != nil {
@@ -183,7 +232,7 @@ func (m *Meta) unlockNotify() {
 }
 
 func (m *Meta) putLocking(q Key, loc uint64, reserve bool) error {
-	m.mu.Lock()
+	m.lockChange()
 	err := m.put(q, loc, reserve)
 	m.unlockNotify()
 	return err
@@ -204,10 +253,10 @@ func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 		return err
 	}
 	m.changed = true
-	if err := m.putKey(&m.chunk, q.run(loc)); err != nil {
+	if err := m.putKey(&m.chunk, q.run(loc), r.it.nodes); err != nil {
 		return m.fail(err)
 	}
-	if err := m.putKey(&m.epoch, q.run(0)); err != nil {
+	if err := m.putKey(&m.epoch, q.run(0), nil); err != nil {
 		return m.fail(err)
 	}
 	m.keys++
@@ -218,7 +267,7 @@ func (m *Meta) put(q Key, loc uint64, reserve bool) error {
 // of the open transaction, so that no commit can separate the allocation
 // from the key that references it (which Check would report as a leak).
 func (m *Meta) PutData(q Key) (uint64, error) {
-	m.mu.Lock()
+	m.lockChange()
 	loc, err := m.putData(q)
 	m.unlockNotify()
 	return loc, err
@@ -242,7 +291,7 @@ func (m *Meta) putData(q Key) (uint64, error) {
 
 // Delete removes key q and returns its location.
 func (m *Meta) Delete(q Key) (uint64, error) {
-	m.mu.Lock()
+	m.lockChange()
 	loc, err := m.del(q)
 	m.unlockNotify()
 	return loc, err
@@ -263,11 +312,11 @@ func (m *Meta) del(q Key) (uint64, error) {
 		return 0, err
 	}
 	m.changed = true
-	x, err := m.deleteKey(&m.chunk, q.run(0))
+	x, err := m.deleteKey(&m.chunk, q.run(0), r.it.nodes)
 	if err != nil {
 		return 0, m.fail(err)
 	}
-	if _, err := m.deleteKey(&m.epoch, q.run(0)); err != nil {
+	if _, err := m.deleteKey(&m.epoch, q.run(0), nil); err != nil {
 		return 0, m.fail(err)
 	}
 	m.keys--
@@ -279,72 +328,119 @@ func (m *Meta) del(q Key) (uint64, error) {
 // Failing here changes nothing.
 func (m *Meta) room(isDelete bool) error { return m.roomFor(1, isDelete) }
 
-// Get returns the location of key q in the open transaction.
+// Get returns the location of key q in the open transaction. Get, Seek,
+// Prev, Ascend, AscendEpoch and NextEpoch hold the layer's lock shared:
+// they run alongside each other and wait only for a change.
 func (m *Meta) Get(q Key) (uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return 0, false, err
 	}
-	return m.reader().get(q)
+	defer m.readUnlock(r)
+	return r.get(q)
 }
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
 func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return Key{}, 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
 	}
-	return m.reader().seek(q)
+	defer m.readUnlock(r)
+	return r.seek(q)
 }
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
 func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return Key{}, 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
 	}
-	return m.reader().prev(q)
+	defer m.readUnlock(r)
+	return r.prev(q)
 }
 
 // Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
-// until fn returns false. fn must not call back into m.
+// until fn returns false. fn must not call back into m (a change waiting
+// for this call would block the nested lookup, and so both).
 func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return err
 	}
-	return m.reader().ascend(from, fn)
+	defer m.readUnlock(r)
+	return r.ascend(from, fn)
 }
 
 // AscendEpoch calls fn with the chunks of branch b that have a key at
-// epoch e, from chunk from, in chunk order, until fn returns false.
+// epoch e, from chunk from, in chunk order, until fn returns false. fn
+// must not call back into m.
 func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return err
 	}
-	return m.reader().ascendEpoch(b, e, from, fn)
+	defer m.readUnlock(r)
+	return r.ascendEpoch(b, e, from, fn)
 }
 
 // NextEpoch returns the smallest epoch >= e that has keys in branch b.
 func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, false, ErrClosed
+	r, err := m.readLock()
+	if err != nil {
+		return 0, false, err
 	}
-	return m.reader().nextEpoch(b, e)
+	defer m.readUnlock(r)
+	return r.nextEpoch(b, e)
 }
+
+// Prefetch loads into the cache the nodes that a Put or Delete of key q
+// would walk in both trees, under the layer's lock shared, and reports a
+// read error. A caller that changes the layer under a lock of its own
+// (the store's, which its readers need) prefetches first, so that the
+// change, made under that lock, finds its nodes cached and reads no page
+// there. It is a hint: the tree may change, or the nodes be evicted,
+// before the change, which then reads what it misses as always.
+//
+// A prefetch walks both trees as the change will again, which doubles the
+// cost of a change whose nodes are cached anyway (the copy-on-write of a
+// working set that fits the cache: the store's common case). So Prefetch
+// works only for prefetchWindow calls after a page was read by a change or
+// by a prefetch (or after Open, whose cache is empty), and is a single
+// atomic load otherwise: a working set that fits stops prefetching within
+// prefetchWindow changes, one that does not keeps it on, and a change
+// that misses with it off turns it back on.
+func (m *Meta) Prefetch(q Key) error {
+	if m.prefetch.Load() <= 0 {
+		return nil
+	}
+	m.prefetch.Add(-1)
+	r, err := m.readLock()
+	if err != nil {
+		return err
+	}
+	defer m.readUnlock(r)
+	misses := m.cache.misses.Load()
+	qr := q.run(0)
+	for _, t := range []tree{r.chunk, r.epoch} {
+		if it := r.iter(t.kind); !it.seek(t, qr) && it.err != nil {
+			return it.err
+		}
+	}
+	if m.cache.misses.Load() != misses {
+		m.prefetch.Store(prefetchWindow)
+	}
+	return nil
+}
+
+// prefetchWindow is how many Prefetch calls work after the last page a
+// change or a prefetch read.
+const prefetchWindow = 1024
 
 // Len returns the number of keys in the open transaction.
 func (m *Meta) Len() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.keys
 }
 
@@ -357,8 +453,8 @@ type Stats struct {
 
 // Stats reports key and run counts.
 func (m *Meta) Stats() Stats {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	lv := func(t tree) int {
 		if t.root.isNil() {
 			return 0

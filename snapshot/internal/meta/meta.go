@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -32,6 +33,14 @@ type Options struct {
 	// threshold (once per crossing).
 	LowSpaceThreshold uint64
 	LowSpace          func(free, total uint64)
+	// Outer, DataOff and ChunkBytes say where data chunk k lives: at
+	// DataOff + k*ChunkBytes on Outer. GrowFromData needs them, and so
+	// does opening a region that grew (extent.go). The Meta's device is
+	// expected to be a part of Outer: a grown region's commits flush
+	// Outer only.
+	Outer      blockdev.Device
+	DataOff    int64
+	ChunkBytes int64
 }
 
 // Key is one index key: branch, chunk, epoch.
@@ -62,6 +71,7 @@ type state struct {
 	dataIdx      []ptr
 	metaPages    int // bitmap pages per map, to read them back
 	dataPages    int
+	ext          []extent // the region's extents (extent.go)
 }
 
 // freeBatch is what transaction tx freed; it becomes reusable once tx is
@@ -77,6 +87,8 @@ type freeBatch struct {
 type Meta struct {
 	dev  blockdev.Device
 	opts Options
+	// layout maps pages to devices (extent.go); replaced, never changed.
+	layout atomic.Pointer[layout]
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
@@ -104,7 +116,11 @@ type Meta struct {
 	wbDone   chan struct{}
 
 	// mu guards the open transaction: everything below up to viewMu.
-	mu       sync.Mutex
+	// Changes (Put, Delete, the freeze, write-back) hold it exclusively;
+	// lookups of the open transaction (Get, Seek, Prev, Ascend...) hold it
+	// shared, each with its own reader from readers, and may load nodes
+	// into the cache meanwhile (docs/metadata.md section 8).
+	mu       sync.RWMutex
 	tx       uint64 // the open transaction
 	durable  uint64 // the last durable transaction
 	chunk    tree
@@ -126,6 +142,7 @@ type Meta struct {
 	pathBuf  []*node
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
+	missMark uint64 // the cache's misses when the change in progress began (lockChange)
 	frozen   state  // what the commit in flight makes durable
 	// frozenBytes is the cache cost of the commit in flight's nodes,
 	// pinned until it has written them.
@@ -136,8 +153,12 @@ type Meta struct {
 	committed state
 	views     map[uint64]int // committed tx -> open views
 
-	cache *cache
-	pool  sync.Pool // page buffers for reads
+	cache   *cache
+	pool    sync.Pool // page buffers for reads
+	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// prefetch is how many more Prefetch calls load nodes (Prefetch);
+	// atomic, since prefetches run under mu shared.
+	prefetch atomic.Int64
 }
 
 // Format initialises a metadata region on dev and returns it open.
@@ -152,6 +173,7 @@ func Format(dev blockdev.Device, opts Options) (*Meta, error) {
 		return nil, err
 	}
 	m := newMeta(dev, opts)
+	m.layout.Store(&layout{base: opts.Pages})
 	m.metaSM = newSpaceMap(opts.Pages)
 	m.metaSM.set(0)
 	m.metaSM.set(1)
@@ -189,6 +211,7 @@ func newMeta(dev blockdev.Device, opts Options) *Meta {
 	}
 	m := &Meta{dev: dev, opts: opts, buf: make([]byte, PageSize), cache: newCache(opts.CacheBytes), views: make(map[uint64]int)}
 	m.pool.New = func() any { b := make([]byte, PageSize); return &b }
+	m.prefetch.Store(prefetchWindow) // the cache starts empty
 	m.wbCond = sync.NewCond(&m.wbMu)
 	return m
 }
@@ -233,8 +256,11 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 	if best == nil {
 		return nil, fmt.Errorf("meta: open: no valid superblock: %w", errors.Join(errs...))
 	}
-	if best.pages > uint64(dev.Size())/PageSize {
+	if len(best.ext) == 0 && best.pages > uint64(dev.Size())/PageSize {
 		return nil, fmt.Errorf("meta: open: %w: superblock has %d pages, device %d bytes", ErrCorrupt, best.pages, dev.Size())
+	}
+	if err := m.setLayout(best.pages, best.dataChunks, best.ext); err != nil {
+		return nil, fmt.Errorf("meta: open: %w", err)
 	}
 	m.tx = best.tx + 1
 	m.chunk = tree{kind: chunkTree, root: best.chunkRoot, level: best.chunkLevel, runs: best.chunkRuns}
@@ -292,14 +318,16 @@ func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, er
 }
 
 func (m *Meta) readPage(p []byte, loc uint64) error {
-	if _, err := m.dev.ReadAt(p, int64(loc)*PageSize); err != nil {
+	dev, off := m.locate(loc)
+	if _, err := dev.ReadAt(p, off); err != nil {
 		return fmt.Errorf("meta: read page %d: %w", loc, err)
 	}
 	return nil
 }
 
 func (m *Meta) writePage(p []byte, loc uint64) error {
-	if _, err := m.dev.WriteAt(p, int64(loc)*PageSize); err != nil {
+	dev, off := m.locate(loc)
+	if _, err := dev.WriteAt(p, off); err != nil {
 		return fmt.Errorf("meta: write page %d: %w", loc, err)
 	}
 	return nil
@@ -311,7 +339,7 @@ func (m *Meta) snapshotState() state {
 	return state{tx: m.tx, chunk: m.chunk, epoch: m.epoch, keys: m.keys,
 		pages: m.metaSM.nbits, dataChunks: m.dataSM.nbits,
 		metaIdx: append([]ptr(nil), m.metaSM.idx...), dataIdx: append([]ptr(nil), m.dataSM.idx...),
-		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages)}
+		metaPages: len(m.metaSM.pages), dataPages: len(m.dataSM.pages), ext: m.extentsOf()}
 }
 
 // publish makes st, now durable, what new Views read.
@@ -441,9 +469,14 @@ func (m *Meta) Grow(pages uint64) error {
 	if pages < m.metaSM.nbits {
 		return fmt.Errorf("meta: grow to %d pages from %d: %w", pages, m.metaSM.nbits, ErrInvalid)
 	}
+	if len(m.extentsOf()) > 0 {
+		// The extents' pages follow the base: it cannot grow in place.
+		return fmt.Errorf("meta: grow a region that has extents in place: %w", ErrInvalid)
+	}
 	if err := checkGeometry(m.dev, pages, m.dataSM.nbits); err != nil {
 		return err
 	}
+	m.layout.Store(&layout{base: pages})
 	m.metaSM.grow(pages)
 	m.changed = true
 	return nil
@@ -468,16 +501,19 @@ func (m *Meta) GrowData(chunks uint64) error {
 }
 
 // Space reports metadata pages and data chunks: total and in use.
+// ChunksUsed counts ChunksMeta, the data chunks the region grew into.
 type Space struct {
 	Pages, PagesUsed   uint64
 	Chunks, ChunksUsed uint64
+	ChunksMeta         uint64
 }
 
 // Space reports the current transaction's space use.
 func (m *Meta) Space() Space {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits, ChunksUsed: m.dataSM.nbits - m.dataSM.free()}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
+		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf())}
 }
 
 // CacheStats reports the node cache.

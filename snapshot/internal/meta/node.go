@@ -27,6 +27,7 @@ package meta
 import (
 	"encoding/binary"
 	"math"
+	"sync/atomic"
 )
 
 const (
@@ -275,10 +276,13 @@ type node struct {
 	wbBusy bool
 
 	// cache bookkeeping, guarded by cache.mu
-	prev, next   *node // LRU list
+	prev, next   *node // CLOCK ring
 	dprev, dnext *node // dirty FIFO
 	cost         int
 	inCache      bool
+	// ref is the CLOCK referenced bit: set by lookups under cache.mu
+	// shared, cleared by eviction under cache.mu exclusively.
+	ref atomic.Bool
 }
 
 func (n *node) leaf() bool { return n.level == 0 }

@@ -107,8 +107,8 @@ func (m *Meta) ReleaseFrees() {
 // User returns the user word of the open transaction: after Open, the
 // one the last durable commit recorded.
 func (m *Meta) User() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.user
 }
 
@@ -230,24 +230,39 @@ func (m *Meta) ReturnData(loc uint64) error {
 
 // DataHeld is the number of data chunks freed but not reusable yet.
 func (m *Meta) DataHeld() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	return m.dataSM.nheld
 }
 
 // DataInUse calls fn, under the layer's lock (fn must not call the
 // Meta), for every data chunk allocated in the open transaction, in
-// order, until fn returns false.
+// order, until fn returns false. The chunks the region grew into
+// (GrowFromData) are not data: they are left out.
 func (m *Meta) DataInUse(fn func(loc uint64) bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	ext := m.extentsOf()
 	for w, word := range m.dataSM.words {
 		for word != 0 {
 			b := uint64(bits.TrailingZeros64(word))
 			word &^= 1 << b
-			if !fn(uint64(w)*64 + b) {
+			loc := uint64(w)*64 + b
+			if inExtent(ext, loc) {
+				continue
+			}
+			if !fn(loc) {
 				return
 			}
 		}
 	}
+}
+
+func inExtent(ext []extent, loc uint64) bool {
+	for _, e := range ext {
+		if loc >= e.chunk && loc < e.chunk+e.chunks {
+			return true
+		}
+	}
+	return false
 }

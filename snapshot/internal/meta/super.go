@@ -21,10 +21,14 @@ package meta
 //	140    4       data bitmap index pages (d)
 //	144    2       chunk-tree root level
 //	146    2       epoch-tree root level
-//	148    4       zero
+//	148    4       extents (x; version 3, zero in version 2)
 //	152    8       user word: the store records the last journal record the
 //	               commit covers (opaque to this package)
 //	160    16(m+d) (page, tx) of each index page, metadata ones first
+//	...    16x     (first data chunk, data chunks) of each extent (extent.go)
+//
+// Version 3 is written only by a region that has extents, so one that
+// never grew stays readable by the code of version 2.
 
 import (
 	"encoding/binary"
@@ -33,7 +37,8 @@ import (
 
 const (
 	superMagic   = "BSMETA01"
-	superVersion = 2
+	superVersion = 3
+	noExtVersion = 2 // superblocks of regions without extents
 	superFixed   = 160
 	maxIdxPtrs   = (PageSize - superFixed) / 16
 )
@@ -51,13 +56,17 @@ type super struct {
 	metaUsed, dataUsed uint64
 	metaIdx, dataIdx   []ptr
 	user               uint64
+	ext                []extent
 }
 
 func (s *super) encode(p []byte) {
 	clear(p)
 	copy(p[32:], superMagic)
 	le := binary.LittleEndian
-	le.PutUint32(p[40:], superVersion)
+	le.PutUint32(p[40:], noExtVersion)
+	if len(s.ext) > 0 {
+		le.PutUint32(p[40:], superVersion)
+	}
 	le.PutUint32(p[44:], PageSize)
 	le.PutUint64(p[48:], s.pages)
 	le.PutUint64(p[56:], s.dataChunks)
@@ -79,6 +88,7 @@ func (s *super) encode(p []byte) {
 		le.PutUint64(p[superFixed+16*i:], q.loc)
 		le.PutUint64(p[superFixed+16*i+8:], q.tx)
 	}
+	encodeExtents(p, superFixed+16*(len(s.metaIdx)+len(s.dataIdx)), s.ext)
 	seal(p, header{typ: typeSuper, loc: s.tx % 2, tx: s.tx})
 }
 
@@ -92,8 +102,9 @@ func decodeSuper(p []byte, slot uint64) (*super, error) {
 	if string(p[32:40]) != superMagic {
 		return nil, corrupt(slot, "bad superblock magic %q", p[32:40])
 	}
-	if v := le.Uint32(p[40:]); v != superVersion {
-		return nil, corrupt(slot, "superblock version %d, want %d", v, superVersion)
+	v := le.Uint32(p[40:])
+	if v != superVersion && v != noExtVersion {
+		return nil, corrupt(slot, "superblock version %d, want %d or %d", v, noExtVersion, superVersion)
 	}
 	if ps := le.Uint32(p[44:]); ps != PageSize {
 		return nil, corrupt(slot, "page size %d, want %d", ps, PageSize)
@@ -110,11 +121,12 @@ func decodeSuper(p []byte, slot uint64) (*super, error) {
 	m, d := le.Uint32(p[136:]), le.Uint32(p[140:])
 	s.chunkLevel, s.epochLevel = le.Uint16(p[144:]), le.Uint16(p[146:])
 	s.user = le.Uint64(p[152:])
-	if le.Uint32(p[148:]) != 0 {
-		return nil, corrupt(slot, "reserved superblock bytes not zero")
+	x := le.Uint32(p[148:])
+	if (x == 0) != (v == noExtVersion) || x > maxExtents {
+		return nil, corrupt(slot, "%d extents in a version %d superblock", x, v)
 	}
-	if uint64(m)+uint64(d) > maxIdxPtrs {
-		return nil, corrupt(slot, "%d+%d index pages", m, d)
+	if uint64(m)+uint64(d)+uint64(x) > maxIdxPtrs {
+		return nil, corrupt(slot, "%d+%d index pages and %d extents", m, d, x)
 	}
 	if s.pages < 3 || s.metaUsed > s.pages || s.dataUsed > s.dataChunks {
 		return nil, corrupt(slot, "counts: %d pages, %d used; %d chunks, %d used", s.pages, s.metaUsed, s.dataChunks, s.dataUsed)
@@ -137,9 +149,12 @@ func decodeSuper(p []byte, slot uint64) (*super, error) {
 			return nil, corrupt(slot, "index pointer %d (%d, %d)", i, all[i].loc, all[i].tx)
 		}
 	}
-	for _, b := range p[superFixed+16*len(all):] {
+	if x > 0 {
+		s.ext = decodeExtents(p, superFixed+16*len(all), int(x))
+	}
+	for _, b := range p[superFixed+16*(len(all)+int(x)):] {
 		if b != 0 {
-			return nil, corrupt(slot, "bytes after the index pointers")
+			return nil, corrupt(slot, "bytes after the index pointers and extents")
 		}
 	}
 	s.metaIdx, s.dataIdx = all[:m], all[m:]

@@ -34,32 +34,41 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 
 // childIndex is the index of the child whose subtree holds key q: the last
 // separator <= q, or 0.
-func childIndex(k kind, n *node, q run) int {
-	lo, hi := 0, len(n.runs) // first separator > q
-	for lo < hi {
-		h := (lo + hi) / 2
-		if k.cmp(n.runs[h], q) <= 0 {
-			lo = h + 1
-		} else {
-			hi = h
-		}
-	}
-	return max(lo-1, 0)
-}
+func childIndex(k kind, n *node, q run) int { return max(upperBound(k, n.runs, q)-1, 0) }
 
 // floorIndex is the index of the last run of leaf n starting at or before
 // q, or -1.
-func floorIndex(k kind, n *node, q run) int {
-	lo, hi := 0, len(n.runs)
+func floorIndex(k kind, n *node, q run) int { return upperBound(k, n.runs, q) - 1 }
+
+// upperBound is the index of the first of runs whose start key is greater
+// than q's, by binary search. Every lookup and change runs it at each
+// level, so each tree's order is written out here rather than through
+// kind.cmp, whose switch on the kind and three-way result cost a third of
+// a cached lookup.
+func upperBound(k kind, runs []run, q run) int {
+	lo, hi := 0, len(runs)
+	if k == chunkTree {
+		for lo < hi {
+			h := int(uint(lo+hi) >> 1)
+			r := &runs[h]
+			if r.b < q.b || r.b == q.b && (r.c < q.c || r.c == q.c && r.e <= q.e) {
+				lo = h + 1
+			} else {
+				hi = h
+			}
+		}
+		return lo
+	}
 	for lo < hi {
-		h := (lo + hi) / 2
-		if k.cmp(n.runs[h], q) <= 0 {
+		h := int(uint(lo+hi) >> 1)
+		r := &runs[h]
+		if r.b < q.b || r.b == q.b && (r.e < q.e || r.e == q.e && r.c <= q.c) {
 			lo = h + 1
 		} else {
 			hi = h
 		}
 	}
-	return lo - 1
+	return lo
 }
 
 // iter walks a tree's runs in order. It holds nodes, so writers must not
@@ -180,8 +189,7 @@ func (m *Meta) own(n *node) (*node, error) {
 		return nil, err
 	}
 	n.gen++ // tells write-back the node changed after it was encoded
-	m.cache.setDirty(n, true)
-	m.cache.touched(n)
+	m.cache.dirtied(n)
 	return n, nil
 }
 
@@ -189,9 +197,13 @@ func (m *Meta) own(n *node) (*node, error) {
 // belongs and returns it (root first) with the child index taken at each
 // branch. Separators on the leftmost path are lowered to q when q is below
 // them, so that q may be inserted in that leaf.
-func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
+//
+// hint is the path (root first) that the change's existence check just
+// walked to q, or nil: a node of it that is the one a pointer on the way
+// names is taken as it is, rather than looked up in the cache again.
+func (m *Meta) writablePath(t *tree, q run, hint []*node) ([]*node, []int, error) {
 	path, idx := m.pathBuf[:0], m.idxBuf[:0]
-	n, err := m.load(t.root, t.kind, int(t.level))
+	n, err := m.loadHint(hint, 0, t.root, t.kind, int(t.level))
 	if err == nil {
 		n, err = m.own(n)
 	}
@@ -204,7 +216,7 @@ func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
 		if i == 0 && t.kind.cmp(q, n.runs[0]) < 0 {
 			n.runs[0] = run{b: q.b, c: q.c, e: q.e}
 		}
-		c, err := m.load(n.kids[i], t.kind, int(n.level)-1)
+		c, err := m.loadHint(hint, len(path)+1, n.kids[i], t.kind, int(n.level)-1)
 		if err == nil {
 			c, err = m.own(c)
 		}
@@ -218,6 +230,18 @@ func (m *Meta) writablePath(t *tree, q run) ([]*node, []int, error) {
 	path, idx = append(path, n), append(idx, -1)
 	m.pathBuf, m.idxBuf = path, idx
 	return path, idx, nil
+}
+
+// loadHint is load, but returns hint[d] when it is the node p points to
+// (the iterator that walked there may have gone on to a neighbour, whose
+// path differs below some depth: the check tells).
+func (m *Meta) loadHint(hint []*node, d int, p ptr, k kind, level int) (*node, error) {
+	if d < len(hint) {
+		if h := hint[d]; h != nil && h.loc == p.loc && h.tx == p.tx && h.kind == k && int(h.level) == level {
+			return h, nil
+		}
+	}
+	return m.load(p, k, level)
 }
 
 // replace puts repl in place of leaf runs [i, j), keeping the encoded
@@ -398,8 +422,9 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 	return r, nil
 }
 
-// putKey inserts key q (a run of one) into t; ErrExists if present.
-func (m *Meta) putKey(t *tree, q run) error {
+// putKey inserts key q (a run of one) into t; ErrExists if present. hint
+// is as for writablePath.
+func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 	k := t.kind
 	if t.root.isNil() {
 		loc, err := m.allocPage()
@@ -413,7 +438,7 @@ func (m *Meta) putKey(t *tree, q run) error {
 		m.cache.touched(n)
 		return nil
 	}
-	path, idx, err := m.writablePath(t, q)
+	path, idx, err := m.writablePath(t, q, hint)
 	if err != nil {
 		return err
 	}
@@ -444,13 +469,14 @@ func (m *Meta) putKey(t *tree, q run) error {
 	return m.fix(t, path, idx)
 }
 
-// deleteKey removes key q from t and returns it (with its loc).
-func (m *Meta) deleteKey(t *tree, q run) (run, error) {
+// deleteKey removes key q from t and returns it (with its loc). hint is
+// as for writablePath.
+func (m *Meta) deleteKey(t *tree, q run, hint []*node) (run, error) {
 	k := t.kind
 	if t.root.isNil() {
 		return run{}, fmt.Errorf("meta: delete %v: %w", q, ErrNotFound)
 	}
-	path, idx, err := m.writablePath(t, q)
+	path, idx, err := m.writablePath(t, q, hint)
 	if err != nil {
 		return run{}, err
 	}
