@@ -420,19 +420,24 @@ func (c *capture) encodeVersion(e *encoder, v uint32) {
 
 // encodeGroups writes a chunk-group summary: its non-zero words, each with
 // its index as a delta.
-func encodeGroups(e *encoder, bits []uint64) {
+func encodeGroups(e *encoder, bits []uint64) { encodeSparse(e, bits, e.uv) }
+
+// encodeSparse writes the count of vals' non-zero values, then each: its
+// index as a delta from the previous one's (the first from 0), and the
+// value as put writes it.
+func encodeSparse[T uint64 | int64](e *encoder, vals []T, put func(T)) {
 	n := 0
-	for _, w := range bits {
+	for _, w := range vals {
 		if w != 0 {
 			n++
 		}
 	}
 	e.uv(uint64(n))
 	prev := 0
-	for i, w := range bits {
+	for i, w := range vals {
 		if w != 0 {
 			e.uv(uint64(i - prev))
-			e.uv(w)
+			put(w)
 			prev = i
 		}
 	}

@@ -434,26 +434,8 @@ func (c *counters) encodeTo(e *encoder) {
 	encodeSums(e, &c.pres)
 }
 
-// encodeSums writes f's nonzero point values, each as a position delta and
-// the value.
-func encodeSums(e *encoder, f *epochSums) {
-	v := f.values()
-	n := 0
-	for _, x := range v {
-		if x != 0 {
-			n++
-		}
-	}
-	e.uv(uint64(n))
-	last := 0
-	for i, x := range v {
-		if x != 0 {
-			e.uv(uint64(i - last))
-			e.sv(x)
-			last = i
-		}
-	}
-}
+// encodeSums writes f's nonzero point values (encodeSparse).
+func encodeSums(e *encoder, f *epochSums) { encodeSparse(e, f.values(), e.sv) }
 
 // loadCounters decodes the section; every epoch must be at most one past
 // the origin's last epoch, which bounds what it allocates by what the

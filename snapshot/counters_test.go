@@ -71,6 +71,19 @@ func requireStatsMatchWalk(t testing.TB, s *Store, why string) {
 	}
 }
 
+// chunkWriter returns a function that writes whole 4 KiB chunks of v, then
+// flushes it.
+func chunkWriter(t *testing.T, v *Volume) func(chunks ...int) {
+	buf := make([]byte, 4096)
+	return func(chunks ...int) {
+		for _, c := range chunks {
+			_, err := v.WriteAt(buf, int64(c)*4096)
+			require.NoError(t, err)
+		}
+		require.NoError(t, v.Flush())
+	}
+}
+
 // TestCountersNeighbours deletes snapshots between others, so that the
 // bytes two snapshots shared become one's alone, and compares Stat with
 // the walk at each step; then reopens (the counters come from the
@@ -82,14 +95,7 @@ func TestCountersNeighbours(t *testing.T) {
 	s, err := Format(origin, store, opts)
 	require.NoError(t, err)
 	o := s.Origin()
-	buf := make([]byte, 4096)
-	write := func(chunks ...int) {
-		for _, c := range chunks {
-			_, err := o.WriteAt(buf, int64(c)*4096)
-			require.NoError(t, err)
-		}
-		require.NoError(t, o.Flush())
-	}
+	write := chunkWriter(t, o)
 	// Copies after s1: chunks 0-3; after s2: 0, 1, 4; after s3: 2, 4;
 	// after s4: 0.
 	for i, w := range [][]int{{0, 1, 2, 3}, {0, 1, 4}, {2, 4}, {0}} {
@@ -275,14 +281,7 @@ func TestCountersCrashBetweenTreeAndCheckpoint(t *testing.T) {
 	s, err := Format(oSim, sSim, opts)
 	require.NoError(t, err)
 	o := s.Origin()
-	buf := make([]byte, 4096)
-	write := func(chunks ...int) {
-		for _, c := range chunks {
-			_, err := o.WriteAt(buf, int64(c)*4096)
-			require.NoError(t, err)
-		}
-		require.NoError(t, o.Flush())
-	}
+	write := chunkWriter(t, o)
 	_, err = s.CreateSnapshot("s1", o)
 	require.NoError(t, err)
 	write(0, 1, 2)
@@ -290,18 +289,7 @@ func TestCountersCrashBetweenTreeAndCheckpoint(t *testing.T) {
 	_, err = s.CreateSnapshot("s2", o)
 	require.NoError(t, err)
 	write(0, 3)
-	// A tree commit whose journal checkpoint is never written.
-	s.mu.Lock()
-	for s.capOut {
-		s.capDone.Wait()
-	}
-	c, err := s.captureLocked()
-	s.mu.Unlock()
-	require.NoError(t, err)
-	require.NoError(t, s.j.Commit(context.Background()))
-	require.NoError(t, c.fz.Write())
-	s.setDurable(c.upTo)
-	s.endCapture()
+	crashAfterTreeCommit(t, s) // a tree commit whose journal checkpoint is never written
 	write(1, 4) // records after the tree commit: replayed whole
 	want := map[string]VolumeStat{}
 	for _, name := range []string{"s1", "s2"} {
