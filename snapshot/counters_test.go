@@ -290,7 +290,7 @@ func TestCountersCrashBetweenTreeAndCheckpoint(t *testing.T) {
 	require.NoError(t, err)
 	write(0, 3)
 	crashAfterTreeCommit(t, s) // a tree commit whose journal checkpoint is never written
-	write(1, 4) // records after the tree commit: replayed whole
+	write(1, 4)                // records after the tree commit: replayed whole
 	want := map[string]VolumeStat{}
 	for _, name := range []string{"s1", "s2"} {
 		want[name], err = s.Stat(name)
