@@ -42,7 +42,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
-	for c := uint64(0); c < s.chunks; c++ {
+	for c, end := uint64(0), uint64((to.Size()+s.cs-1)/s.cs); c < end; c++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -58,7 +58,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 		if err := to.notDeleted(); err != nil {
 			return err
 		}
-		off, cl := int64(c)*s.cs, s.chunkLen(c)
+		off, cl := int64(c)*s.cs, s.volChunkLen(c, to.Size())
 		switch {
 		case same:
 			err = s.cloneInherit(br, c)
@@ -78,7 +78,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 			return fmt.Errorf("snapshot: reset of chunk %d: %w", c, err)
 		}
 	}
-	return s.flushStore()
+	return s.resetSize(vol, to)
 }
 
 // sameView resolves chunk c through the parent point levels p and the
