@@ -25,7 +25,7 @@ import (
 	"slices"
 )
 
-// The counters (docs/metadata.md section 13).
+// The counters (docs/metadata.md section 14).
 //
 // An entry (0, c, e) of branch 0 is read by the snapshots numbered in
 // (lo, e], lo being the epoch of the chunk's entry before it (0: none).

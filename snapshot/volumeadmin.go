@@ -34,7 +34,7 @@ type VolumeInfo struct {
 }
 
 // VolumeStat is a volume's space accounting, in the manner of thin_ls
-// (docs/metadata.md section 13 defines it exactly). Mapped counts the bytes
+// (docs/metadata.md section 14 defines it exactly). Mapped counts the bytes
 // whose data this volume reads from the store (for the origin: from the
 // origin device); Exclusive those no other volume reads (a clone taken of
 // a snapshot reads what the snapshot reads); Shared the rest, which
@@ -250,7 +250,7 @@ func (v *Volume) Info() VolumeInfo {
 }
 
 // Stat returns the named volume's space accounting (docs/metadata.md
-// section 13 defines it). The origin's comes from its preserved epochs
+// section 14 defines it). The origin's comes from its preserved epochs
 // (memory); a snapshot of the origin's from counters kept as entries
 // change, in O(log snapshots). A clone's or a clone's snapshot's walks
 // the index entries of the volume's branch and its ancestors (metadata
