@@ -281,6 +281,12 @@ type Store struct {
 	// harmless: new snapshots get greater numbers). Guarded by the origin
 	// stripe of c (written under mu as well).
 	preserved []uint32
+	// ctr: the space counters of the origin and its snapshots
+	// (counters.go). Guarded by mu.
+	ctr counters
+	// ctrRebuilt: Open found ctr stale and rebuilt it by a walk (set
+	// before the store is shared; tests read it).
+	ctrRebuilt bool
 
 	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
 	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
@@ -637,6 +643,10 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
+	if err := s.settleCounters(); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := s.afterReplay(); err != nil {
 		s.abort()
 		return nil, err
@@ -713,6 +723,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
+	s.countFormat()
 	created := g.formatted
 	if created == 0 { // a store formatted before the superblock recorded it
 		created = time.Now().UnixNano()
