@@ -42,7 +42,11 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
-	for c := uint64(0); c < s.chunks; c++ {
+	// The clone's own chunks, not the origin's: a blank volume's tree, or
+	// a clone larger than the origin, has chunks past the origin's end.
+	size := vol.Size()
+	chunks := uint64((size + s.cs - 1) / s.cs)
+	for c := uint64(0); c < chunks; c++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -58,7 +62,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 		if err := to.notDeleted(); err != nil {
 			return err
 		}
-		off, cl := int64(c)*s.cs, s.chunkLen(c)
+		off, cl := int64(c)*s.cs, s.volChunkLen(c, size)
 		switch {
 		case same:
 			err = s.cloneInherit(br, c)
