@@ -67,6 +67,7 @@ type workload struct {
 	// pages read on a cache miss and evicted.
 	emergencies, invalidated int64
 	metaMisses, metaEvicted  uint64
+	metaGrows, blanks        int // GrowMetadata calls that grew the region; blank volumes created
 }
 
 // retire adds the counters of the store about to be closed to w's.
@@ -164,6 +165,9 @@ func (w *workload) step() error {
 	default:
 		if w.opts.Transient {
 			return w.write(false)
+		}
+		if r < 94 {
+			return w.poolOp() // review_workload_test.go
 		}
 		return w.reopen()
 	}
@@ -553,6 +557,10 @@ func TestModelWorkload(t *testing.T) {
 			}
 			w.verifySome(true)
 			mustCheck(t, w.s)
+			t.Logf("%d blank volumes created, metadata region grown %d times", w.blanks, w.metaGrows)
+			if !m.opts.Transient && !testing.Short() {
+				require.Positive(t, w.blanks, "the workload made no blank volume")
+			}
 		})
 	}
 }
