@@ -31,6 +31,9 @@ const (
 	OpProtect    Op = "protect"     // Name: Volume
 	OpUnprotect  Op = "unprotect"   // Name: Volume
 	OpGrow       Op = "grow"        // GrowResult
+	OpCreate     Op = "create"      // Name, Size: Volume (a blank volume)
+	OpResize     Op = "resize"      // Name, Size, Shrink: Volume
+	OpImport     Op = "import"      // Name, Source (a path or nbd:// URI the server opens): Volume
 )
 
 // Operations of `blocksnap hydrate` (a clone).
@@ -76,6 +79,13 @@ type Request struct {
 	// Rate is set-rate's cap on background hydration in bytes per
 	// second; 0 removes the cap.
 	Rate int64 `json:"rate,omitempty"`
+	// Size is create's and resize's volume size in bytes.
+	Size int64 `json:"size,omitempty"`
+	// Shrink: resize may make the volume smaller, discarding its tail.
+	Shrink bool `json:"shrink,omitempty"`
+	// Source is import's source: a path on the server's machine (an
+	// absolute one) or an nbd:// URI.
+	Source string `json:"source,omitempty"`
 }
 
 // Response is one answer line. A failed request has OK false and Error a
@@ -158,6 +168,9 @@ var needs = map[Op][]string{
 	OpRollback:   {"name", "to"},
 	OpProtect:    {"name"},
 	OpGrow:       nil,
+	OpCreate:     {"name"},
+	OpResize:     {"name"},
+	OpImport:     {"name", "source"},
 	OpUnprotect:  {"name"},
 	OpDiff:       {"from"},
 	OpExportDiff: {"to"},
@@ -201,19 +214,22 @@ func (r Request) Validate() error {
 	if !ok {
 		return &RequestError{Reason: fmt.Sprintf("unknown operation %q", truncate(string(r.Op)))}
 	}
-	fields := map[string]string{"name": r.Name, "of": r.Of, "from": r.From, "to": r.To, "new_name": r.NewName}
+	fields := map[string]string{"name": r.Name, "of": r.Of, "from": r.From, "to": r.To, "new_name": r.NewName, "source": r.Source}
 	for _, f := range need {
 		if fields[f] == "" {
 			return &RequestError{Reason: fmt.Sprintf("%s needs %q", r.Op, f)}
 		}
 	}
-	for _, f := range []string{"name", "of", "from", "to", "new_name"} {
+	for _, f := range []string{"name", "of", "from", "to", "new_name", "source"} {
 		if err := checkName(f, fields[f]); err != nil {
 			return err
 		}
 	}
 	if r.Rate < 0 {
 		return &RequestError{Reason: fmt.Sprintf("negative rate %d", r.Rate)}
+	}
+	if (r.Op == OpCreate || r.Op == OpResize) && r.Size <= 0 {
+		return &RequestError{Reason: fmt.Sprintf("%s needs a positive size, not %d", r.Op, r.Size)}
 	}
 	return nil
 }
@@ -259,7 +275,8 @@ func oneLine(s string) string {
 type Volume struct {
 	ID       uint64    `json:"id"`
 	Name     string    `json:"name"`
-	Kind     string    `json:"kind"` // origin, snapshot, clone
+	UUID     string    `json:"uuid,omitempty"` // the volume's stable identity
+	Kind     string    `json:"kind"`           // origin, snapshot, clone, volume (blank or imported)
 	Parent   string    `json:"parent,omitempty"`
 	ParentID uint64    `json:"parent_id,omitempty"`
 	Created  time.Time `json:"created"`

@@ -89,7 +89,7 @@ func (w *workload) initFrom(origin, store blockdev.Device, opts Options) {
 	w.origin, w.store, w.opts = origin, store, opts
 	w.rng = newRand(w.seed)
 	w.vols, w.maxVols, w.failOK = map[string]*vmodel{}, 6, true
-	w.maybeGone, w.maybeNew, w.renamed = map[string]bool{}, map[string]*vmodel{}, map[string]string{}
+	w.maybeGone, w.maybeNew, w.renamed, w.resized = map[string]bool{}, map[string]*vmodel{}, map[string]string{}, map[string]int64{}
 	w.size = origin.Size()
 	s, err := Open(origin, store, opts)
 	w.must(err, "open")

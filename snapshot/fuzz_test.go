@@ -35,6 +35,10 @@ func FuzzSuperblock(f *testing.F) {
 	f.Add(bytes.TrimRight(sb, "\x00"), false)
 	f.Add([]byte{}, true)
 	f.Add([]byte("BSNAPSTR"), false)
+	g := geometry{chunkSize: 64 << 10, storeSize: 1 << 30, journalOff: superblockSize, journalLen: 1 << 20,
+		metaOff: superblockSize + 1<<20, metaLen: 1 << 20, dataOff: 3 << 20, dataChunks: 100, version: superblockVersion,
+		maxVolSize: 1 << 40, noOrigin: true}
+	f.Add(bytes.TrimRight(g.encode(), "\x00"), true) // a pool without an origin
 	f.Fuzz(func(t *testing.T, prefix []byte, sum bool) {
 		if _, err := decodeSuperblock(prefix[:min(len(prefix), superblockSize-1)]); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("a short block: %v", err)
@@ -74,6 +78,8 @@ func seedRecords() [][]byte {
 		encodeRecord(nil, []op{{kind: opVolume, id: 9, vkind: KindClone, b: 3, e: epochLive, time: -5, parent: 2, name: "vm-1"},
 			{kind: opHide, id: 4}, {kind: opDropVolume, id: 5}, {kind: opRename, id: 6, name: "x"}, {kind: opDropBranch, id: 2}}),
 		encodeRecord(nil, []op{{kind: opPut, b: 1, e: 2, c: 0, n: 1, loc: locInherit}, {kind: opPut, b: 1, e: epochLive, c: 0, n: 1, loc: locZero}}),
+		encodeRecord(nil, []op{{kind: opCreate, id: 7, b: 4, size: 8 << 20, time: 12, name: "blank"}, {kind: opResize, id: 7, size: 1 << 20},
+			{kind: opPut, b: 4, e: epochLive, c: 100, n: 2, loc: 3}}),
 	}
 }
 
@@ -158,6 +164,13 @@ func seedCheckpoints(t testing.TB) [][]byte {
 	check(err)
 	_, err = s.CreateClone("c2", c) // a hidden snapshot
 	check(err)
+	v, err := s.CreateVolume("blank", 2<<20) // a root branch, a size of its own
+	check(err)
+	_, err = v.WriteAt(make([]byte, 4096), 1<<20)
+	check(err)
+	_, err = s.CreateSnapshot("blank-s", v)
+	check(err)
+	check(s.Resize("blank", 3<<20, ResizeOptions{}))
 	return [][]byte{smallImage(s), smallImage(fuzzStore(t))}
 }
 
@@ -185,7 +198,7 @@ func TestCheckpointRoundTrip(t *testing.T) {
 	s := fuzzStore(t)
 	require.NoError(t, s.loadCheckpoint(bytes.NewReader(imgs[0])))
 	require.NoError(t, s.Check())
-	require.Equal(t, 6, len(s.volumes)) // origin, s1, c1, c1-s, c2 and its hidden parent snapshot
+	require.Equal(t, 8, len(s.volumes)) // origin, s1, c1, c1-s, c2 and its hidden parent snapshot, blank, blank-s
 	require.Equal(t, imgs[0], smallImage(s))
 }
 

@@ -2,6 +2,8 @@ package snapshot
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -62,6 +64,12 @@ func TestPoolNoOrigin(t *testing.T) {
 	require.Equal(t, int64(1<<30), s.MaxVolumeSize())
 	require.Empty(t, s.List())
 	_, err := s.OpenVolume("origin")
+	require.ErrorIs(t, err, ErrNotFound)
+	_, err = s.CreateSnapshot("o", s.Origin())
+	require.ErrorIs(t, err, ErrNotFound, "no origin to snapshot")
+	_, err = s.CreateClone("o", s.Origin())
+	require.ErrorIs(t, err, ErrNotFound)
+	_, err = s.Origin().ReadAt(make([]byte, 512), 0)
 	require.ErrorIs(t, err, ErrNotFound)
 
 	a, err := s.CreateVolume("a", 1<<20)
@@ -229,4 +237,213 @@ func TestSuperblockWithoutVolumeBound(t *testing.T) {
 		_, err := decodeSuperblock(b.encode())
 		require.ErrorIs(t, err, ErrCorrupt)
 	}
+}
+
+func fill(t testing.TB, d blockdev.Device, b byte, off, n int64) {
+	t.Helper()
+	_, err := d.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
+	require.NoError(t, err)
+}
+
+// Resize grows, shrinks only when asked, frees the tail, and a grow reads
+// zeros where the volume had data before a shrink, with or without the
+// tail's entries (a crash between a shrink's records leaves them).
+func TestResizeBlank(t *testing.T) {
+	const cs = 16 << 10
+	s, store := newPool(t, 32<<20, Options{ChunkSize: cs, MaxVolumeSize: 64 << 20})
+	v, err := s.CreateVolume("v", 1<<20)
+	require.NoError(t, err)
+	fill(t, v, 9, 0, 1<<20)
+	snap, err := s.CreateSnapshot("v@1", v)
+	require.NoError(t, err)
+	fill(t, v, 8, 0, 1<<20) // the snapshot keeps the 9s
+
+	require.NoError(t, s.Resize("v", 2<<20, ResizeOptions{}))
+	require.Equal(t, int64(2<<20), v.Size(), "an open handle sees the new size")
+	got := readAll(t, v)
+	require.Equal(t, bytes.Repeat([]byte{8}, 1<<20), got[:1<<20])
+	require.Equal(t, make([]byte, 1<<20), got[1<<20:])
+
+	err = s.Resize("v", 512<<10, ResizeOptions{})
+	require.ErrorIs(t, err, ErrBadOptions, "a shrink must be asked for")
+	require.NoError(t, s.Checkpoint(t.Context()))
+	used := s.Stats().UsedBytes
+	require.NoError(t, s.Resize("v", 512<<10+4096, ResizeOptions{Shrink: true}))
+	require.Equal(t, int64(512<<10+4096), v.Size())
+	_, err = v.ReadAt(make([]byte, 4096), 512<<10+4096)
+	require.ErrorIs(t, err, blockdev.ErrOutOfRange)
+	require.NoError(t, s.Checkpoint(t.Context()))
+	require.NoError(t, s.Checkpoint(t.Context()))
+	require.Less(t, s.Stats().UsedBytes, used, "the tail's chunks are freed")
+	require.Equal(t, int64(1<<20), snap.Size())
+	require.Equal(t, bytes.Repeat([]byte{9}, 1<<20), readAll(t, snap), "the snapshot keeps its data and size")
+
+	require.NoError(t, s.Resize("v", 1<<20, ResizeOptions{}))
+	got = readAll(t, v)
+	require.Equal(t, bytes.Repeat([]byte{8}, 512<<10+4096), got[:512<<10+4096])
+	require.Equal(t, make([]byte, 1<<20-(512<<10+4096)), got[512<<10+4096:], "the grown tail reads zeros, the old last chunk's rest too")
+
+	// Leftover live entries past the size (a shrink cut short) are zeroed
+	// by the next grow.
+	fill(t, v, 7, 0, 1<<20)
+	require.NoError(t, s.logSize(v.meta, 256<<10))
+	require.NoError(t, s.Resize("v", 1<<20, ResizeOptions{}))
+	got = readAll(t, v)
+	require.Equal(t, bytes.Repeat([]byte{7}, 256<<10), got[:256<<10])
+	require.Equal(t, make([]byte, 768<<10), got[256<<10:])
+	mustCheck(t, s)
+
+	err = s.Resize("v@1", 4<<20, ResizeOptions{})
+	require.ErrorIs(t, err, ErrReadOnly)
+	err = s.Resize("v", 128<<20, ResizeOptions{})
+	require.ErrorIs(t, err, ErrBadOptions, "past MaxVolumeSize")
+	err = s.Resize("nope", 1<<20, ResizeOptions{})
+	require.ErrorIs(t, err, ErrNotFound)
+
+	want := readAll(t, v)
+	require.NoError(t, s.Close())
+	s2, err := Open(nil, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	v2, err := s2.OpenVolume("v")
+	require.NoError(t, err)
+	require.Equal(t, want, readAll(t, v2))
+	mustCheck(t, s2)
+}
+
+// A clone grown past its parent reads zeros there, even where the parent
+// still has data (its snapshot was taken before the parent shrank); a
+// clone of the origin grows past the origin's end, whose last chunk is a
+// part one.
+func TestResizeClones(t *testing.T) {
+	const cs = 16 << 10
+	s, _, _ := newMemStore(t, 1<<20+4096, 32<<20, Options{ChunkSize: cs})
+	c, err := s.CreateClone("c", s.Origin())
+	require.NoError(t, err)
+	orig := readAll(t, s.Origin())
+	require.NoError(t, s.Resize("c", 2<<20, ResizeOptions{}))
+	got := readAll(t, c)
+	require.Equal(t, orig, got[:len(orig)])
+	require.Equal(t, make([]byte, 2<<20-len(orig)), got[len(orig):])
+	fill(t, c, 5, 1<<20+4096, 8192) // within the origin's last chunk, past its end
+	fill(t, c, 6, 1<<20, 4096)      // then the origin's part of it
+	got = readAll(t, c)
+	require.Equal(t, bytes.Repeat([]byte{6}, 4096), got[1<<20:1<<20+4096])
+	require.Equal(t, bytes.Repeat([]byte{5}, 8192), got[1<<20+4096:1<<20+12288])
+
+	// A volume snapshotted, then shrunk; a clone of the snapshot shrunk
+	// and grown again reads zeros in the regrown range.
+	v, err := s.CreateVolume("v", 1<<20)
+	require.NoError(t, err)
+	fill(t, v, 3, 0, 1<<20)
+	snap, err := s.CreateSnapshot("v@1", v)
+	require.NoError(t, err)
+	cl, err := s.CreateClone("vc", snap)
+	require.NoError(t, err)
+	require.NoError(t, s.Resize("vc", 256<<10, ResizeOptions{Shrink: true}))
+	require.NoError(t, s.Resize("vc", 1<<20, ResizeOptions{}))
+	got = readAll(t, cl)
+	require.Equal(t, bytes.Repeat([]byte{3}, 256<<10), got[:256<<10])
+	require.Equal(t, make([]byte, 768<<10), got[256<<10:])
+	require.Equal(t, bytes.Repeat([]byte{3}, 1<<20), readAll(t, snap))
+
+	// Rollback gives the snapshot's size back.
+	require.NoError(t, s.Resize("v", 3<<20, ResizeOptions{}))
+	fill(t, v, 4, 2<<20, 4096)
+	require.NoError(t, s.Rollback(t.Context(), v, snap))
+	require.Equal(t, int64(1<<20), v.Size())
+	require.Equal(t, bytes.Repeat([]byte{3}, 1<<20), readAll(t, v))
+	// A reset of the clone to its parent snapshot too.
+	require.NoError(t, s.Rollback(t.Context(), cl, snap))
+	require.Equal(t, bytes.Repeat([]byte{3}, 1<<20), readAll(t, cl))
+	require.NoError(t, s.Resize("v", 2<<20, ResizeOptions{}))
+	require.Equal(t, make([]byte, 1<<20), readAll(t, v)[1<<20:], "the rolled-back tail is gone")
+
+	err = s.Resize("origin", 4<<20, ResizeOptions{})
+	require.ErrorIs(t, err, ErrBadOptions)
+	mustCheck(t, s)
+}
+
+// A store whose superblock predates the pool fields (bytes 120-131 zero)
+// opens as before: its volumes have the origin's size, and new volumes are
+// bounded by it.
+func TestOpenStoreWithoutPoolFields(t *testing.T) {
+	s, origin, store := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: 16 << 10})
+	snap, err := s.CreateSnapshot("s1", s.Origin())
+	require.NoError(t, err)
+	_, err = s.CreateClone("c1", snap)
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	sb := make([]byte, superblockSize)
+	_, err = store.ReadAt(sb, 0)
+	require.NoError(t, err)
+	g, err := decodeSuperblock(sb)
+	require.NoError(t, err)
+	g.maxVolSize = 0
+	_, err = store.WriteAt(g.encode(), 0)
+	require.NoError(t, err)
+
+	s2, err := Open(origin, store, Options{})
+	require.NoError(t, err)
+	defer s2.Close()
+	require.Equal(t, int64(1<<20), s2.MaxVolumeSize())
+	for _, i := range s2.List() {
+		require.Equal(t, int64(1<<20), i.Size, i.Name)
+	}
+	_, err = s2.CreateVolume("big", 2<<20)
+	require.ErrorIs(t, err, ErrBadOptions)
+	v, err := s2.CreateVolume("small", 512<<10)
+	require.NoError(t, err)
+	require.Equal(t, make([]byte, 512<<10), readAll(t, v))
+	mustCheck(t, s2)
+}
+
+// Resizes race writers and readers of the volume: every I/O either
+// succeeds or is out of range, and the store checks clean.
+func TestResizeUnderIO(t *testing.T) {
+	const cs = 16 << 10
+	s, _ := newPool(t, 64<<20, Options{ChunkSize: cs})
+	v, err := s.CreateVolume("v", 4<<20)
+	require.NoError(t, err)
+	seed := blockdevtest.Seed(t)
+	done := make(chan struct{})
+	errs := make(chan error, 4)
+	for g := range 3 {
+		go func() {
+			rng := newRand(seed + uint64(g))
+			p := bytes.Repeat([]byte{byte(g + 1)}, 8192)
+			for {
+				select {
+				case <-done:
+					errs <- nil
+					return
+				default:
+				}
+				off := rng.Int64N(8<<20/8192) * 8192
+				var err error
+				if g == 2 {
+					_, err = v.ReadAt(p, off)
+				} else {
+					_, err = v.WriteAt(p, off)
+				}
+				if err != nil && !errors.Is(err, blockdev.ErrOutOfRange) {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for i := range 40 {
+		size := int64(1+i%8) << 20
+		require.NoError(t, s.Resize("v", size, ResizeOptions{Shrink: true}))
+		if i%10 == 0 {
+			_, err := s.CreateSnapshot(fmt.Sprintf("v@%d", i), v)
+			require.NoError(t, err)
+		}
+	}
+	close(done)
+	for range 3 {
+		require.NoError(t, <-errs)
+	}
+	mustCheck(t, s)
 }

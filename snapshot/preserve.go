@@ -92,8 +92,6 @@ func (s *Store) preservedOf(c uint64) (uint32, error) {
 // image the bits come from may be older than that commit.
 func (s *Store) markCovered(o *op, seq uint64) error {
 	br := s.branches[o.b]
-	// A root branch (a blank volume's) addresses the pool's chunk space,
-	// past the origin's chunks, as applyOp allows.
 	if br == nil || o.n == 0 || o.c+o.n > s.chunkBound(o.b) || o.c+o.n < o.c {
 		return fmt.Errorf("%w: record %d: put of chunks %d+%d on branch %d", ErrCorrupt, seq, o.c, o.n, o.b)
 	}

@@ -42,11 +42,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
-	// The clone's own chunks, not the origin's: a blank volume's tree, or
-	// a clone larger than the origin, has chunks past the origin's end.
-	size := vol.Size()
-	chunks := uint64((size + s.cs - 1) / s.cs)
-	for c := uint64(0); c < chunks; c++ {
+	for c, end := uint64(0), uint64((to.Size()+s.cs-1)/s.cs); c < end; c++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -62,7 +58,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 		if err := to.notDeleted(); err != nil {
 			return err
 		}
-		off, cl := int64(c)*s.cs, s.volChunkLen(c, size)
+		off, cl := int64(c)*s.cs, s.volChunkLen(c, to.Size())
 		switch {
 		case same:
 			err = s.cloneInherit(br, c)
@@ -82,7 +78,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 			return fmt.Errorf("snapshot: reset of chunk %d: %w", c, err)
 		}
 	}
-	return s.flushStore()
+	return s.resetSize(vol, to)
 }
 
 // sameView resolves chunk c through the parent point levels p and the

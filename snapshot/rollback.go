@@ -6,8 +6,9 @@ import (
 	"fmt"
 )
 
-// Rollback reverts a writable volume (the origin or a clone) to one of its
-// own snapshots, online: only the chunks that differ are rewritten, through
+// Rollback reverts a writable volume (the origin, a clone or a blank
+// volume) to one of its own snapshots, online, size included (a clone
+// takes the snapshot's size): only the chunks that differ are rewritten, through
 // the normal write path, so every other snapshot stays intact and a clone's
 // chain does not deepen. Writes racing with the rollback land before or
 // after it, chunk by chunk. The branch gate is held shared throughout, so
@@ -96,7 +97,10 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 			return err
 		}
 		off := int64(ch.c) * s.cs
-		cl := s.chunkLen(ch.c)
+		cl := s.volChunkLen(ch.c, to.Size())
+		if cl == 0 {
+			continue // past the target's size: the size change below hides it
+		}
 		var err error
 		switch {
 		case ch.inherit:
@@ -125,6 +129,17 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	}
 	if b == 0 {
 		return vol.Flush()
+	}
+	return s.resetSize(vol, to)
+}
+
+// resetSize gives a clone rolled back or reset to snapshot to the size to
+// was taken at, and makes the rollback durable. Entries the clone keeps
+// past a smaller size are invisible, and a later grow zeroes them (see
+// resize.go).
+func (s *Store) resetSize(vol, to *Volume) error {
+	if size := to.Size(); size != vol.Size() {
+		return s.logSize(vol.meta, size)
 	}
 	return s.flushStore()
 }

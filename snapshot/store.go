@@ -1,11 +1,16 @@
 // Package snapshot is the shared snapshot store: one origin device holding
 // the live data in place, and one store device holding every snapshot and
 // writable clone of it, with unlimited snapshots, clones of clones to any
-// depth, metadata-only background delete and diffs between snapshots.
+// depth, metadata-only background delete and diffs between snapshots. It is
+// also a pool of thin volumes (docs/pool.md): blank volumes (CreateVolume)
+// and imported ones (Import), each with its own size (Resize) and a stable
+// UUID, in a store that may have no origin at all (Format and Open with a
+// nil origin).
 //
 // Data model (docs/design.md, "The shared snapshot store"). Every writable volume is a branch: the
 // origin is branch 0, a clone is a branch whose parent is a (branch,
-// snapshot) point. A snapshot of a branch is a number (an epoch) in that
+// snapshot) point, a blank volume is a root branch with no parent (what
+// nothing maps reads as zeros, not as the origin). A snapshot of a branch is a number (an epoch) in that
 // branch's increasing sequence. One ordered index keyed (branch, chunk,
 // epoch) maps to store chunks: entry (b, c, e) serves the snapshots of b
 // numbered in (previous entry's epoch, e]; a clone's live chunks use the
@@ -17,8 +22,8 @@
 // API conventions. Operations on a volume's data, or that derive one
 // volume from another, take an open *Volume handle: CreateSnapshot,
 // CreateClone, Rollback, Diff, ExportDiff, Mappings. Operations on the
-// catalogue take names: OpenVolume, Delete and DeleteWith, Dependants,
-// Rename, Protect and Unprotect, Stat (a name works without opening the
+// catalogue take names: OpenVolume, CreateVolume, Import, Resize, Delete
+// and DeleteWith, Dependants, Rename, Protect and Unprotect, Stat (a name works without opening the
 // volume, and a hidden volume has no name and cannot be opened). Every
 // size and offset is in bytes and every count an int64: Options, Stats,
 // VolumeStat, VolumeInfo, DeleteProgress, Mapping (a Volume's BlockSize is
@@ -626,6 +631,7 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.start()
+	s.dropInterruptedImports()
 	return s, nil
 }
 

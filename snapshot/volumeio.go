@@ -21,7 +21,12 @@ type Volume struct {
 	closed atomic.Bool
 }
 
-// Origin returns a handle on the live origin volume. Reads go to the origin
+// errNoOriginVolume is what the origin volume's calls return in a store
+// without an origin.
+var errNoOriginVolume = fmt.Errorf("%w: the store has no origin volume", ErrNotFound)
+
+// Origin returns a handle on the live origin volume (in a store without an
+// origin, a handle whose every call fails with ErrNotFound). Reads go to the origin
 // device (and the origin buffer); writes copy a chunk to the store first
 // when a snapshot still needs its old contents. It never returns nil: after
 // Close the handle's calls fail with ErrClosed, after a failure its writes
@@ -77,6 +82,9 @@ func (v *Volume) check(off, n int64) error {
 	}
 	if err := v.notDeleted(); err != nil {
 		return err
+	}
+	if v.kind == KindOrigin && v.s.geo.noOrigin {
+		return errNoOriginVolume
 	}
 	return blockdev.CheckRange(off, n, v.meta.size.Load(), v.s.bs)
 }
@@ -256,23 +264,13 @@ func (s *Store) readOriginPart(p []byte, off int64) error {
 // Where no level maps c, a chain that ends at a root branch, or at branch
 // 0 past the origin's end, reads zeros.
 func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
-	// No levels: the chain below a root branch (readCurrent).
-	if len(levels) == 0 || levels[len(levels)-1].br.id != 0 || c >= s.chunks {
-		loc, found, err := s.resolveMapped(levels, c)
-		if err != nil || found {
-			return loc, false, err
-		}
+	n := len(levels)
+	if n == 0 { // the chain below a root branch (readCurrent)
 		return locZero, false, nil
 	}
-	loc, found, err := s.resolveMapped(levels, c)
-	return loc, !found && err == nil, err
-}
-
-// resolveMapped is resolveLocked's lookup: where the first level that maps
-// c (found) says it lives.
-func (s *Store) resolveMapped(levels []level, c uint64) (loc uint64, found bool, err error) {
-	if n := len(levels); n > 1 && !levels[0].br.chainGroups.mayHave(c) {
-		levels = levels[n-1:] // no clone level has entries near c: go to branch 0
+	origin := levels[n-1].br.id == 0 && c < s.chunks
+	if n > 1 && !levels[0].br.chainGroups.mayHave(c) {
+		levels = levels[n-1:] // no clone level has entries near c: go to the root
 	}
 	for i := range levels {
 		l := &levels[i]
@@ -290,8 +288,11 @@ func (s *Store) resolveMapped(levels []level, c uint64) (loc uint64, found bool,
 			return 0, false, metaErr("index lookup", err)
 		}
 		if ok && x.loc != locInherit {
-			return x.loc, true, nil
+			return x.loc, false, nil
 		}
 	}
-	return 0, false, nil
+	if origin {
+		return 0, true, nil
+	}
+	return locZero, false, nil
 }

@@ -41,12 +41,12 @@ Every problem is printed; the exit status is 0 only when there is none, 1 otherw
 			switch {
 			case *cow != "" && sf.origin == "" && sf.store == "" && cf.meta == "":
 				r, err = checkCOW(*cow)
-			case sf.origin != "" && sf.store != "" && cf.meta == "":
+			case sf.store != "" && cf.meta == "" && *cow == "":
 				err = runOp(e, sf, inspect, control.Request{Op: control.OpCheck}, &r)
 			case cf.meta != "" && sf.store == "" && sf.origin == "" && *cow == "":
 				r, err = checkClone(e, cf)
 			default:
-				return usagef("give --origin and --store, or --source, --dest and --meta, or --cow")
+				return usagef("give --store (and --origin, if the store has one), or --source, --dest and --meta, or --cow")
 			}
 			if err != nil {
 				return err

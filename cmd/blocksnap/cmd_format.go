@@ -19,16 +19,18 @@ var cmdFormat = &command{
 	examples: []string{
 		"blocksnap format --origin disk.img --store store.img --size 20GiB",
 		"blocksnap format --origin /dev/vg0/vm1 --store /dev/vg0/vm1-snaps --chunk-size 16KiB",
+		"blocksnap format --store pool.img --size 100GiB",
 	},
-	summary: "create an empty store for an origin; --size creates missing files (the origin's contents are kept)",
+	summary: "create an empty store for an origin, or without --origin a pool of volumes only; --size creates missing files (the origin's contents are kept)",
 	long: "Refuses an origin or store that holds a qcow2, VMDK, VHD, VHDX or VDI image (convert it to raw " +
 		"with qemu-img convert first), a size that is not a whole number of 4KiB blocks, an existing file " +
 		"whose size differs from --size (files are never resized), one file given as both origin and store, " +
 		"and a store that already holds a blocksnap store (unless --force). A failed format removes the files it created.",
 	define: func(fl *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fl)
-		var chunk, size, storeSize sizeFlag
+		var chunk, size, storeSize, maxVol sizeFlag
 		fl.Var(&chunk, "chunk-size", "copy-on-write chunk `SIZE`, a power of two from 4KiB to 1MiB (default 64KiB)")
+		fl.Var(&maxVol, "max-volume-size", "largest `SIZE` of any volume (create, resize, import); default 16TiB or the origin's size")
 		fl.Var(&size, "size", "create missing files of `SIZE` (the store too, unless --store-size)")
 		fl.Var(&storeSize, "store-size", "`SIZE` of a missing store file (default: --size)")
 		force := fl.Bool("force", false, "format even if the store already holds a blocksnap store")
@@ -36,7 +38,7 @@ var cmdFormat = &command{
 			if !storeSize.set {
 				storeSize = size
 			}
-			return format(e, sf, chunk, size, storeSize, *force)
+			return format(e, sf, chunk, size, storeSize, maxVol, *force)
 		}
 	},
 }
@@ -45,7 +47,7 @@ var cmdFormat = &command{
 // be whole blocks.
 const formatBlock = 4096
 
-func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool) (err error) {
+func format(e *env, sf *storeFlags, chunk, size, storeSize, maxVol sizeFlag, force bool) (err error) {
 	var created []string
 	defer func() {
 		if err != nil {
@@ -58,6 +60,9 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 		role, path, flag string
 		size             sizeFlag
 	}{{"origin", sf.origin, "--size", size}, {"store", sf.store, "--store-size", storeSize}} {
+		if p.path == "" {
+			continue // no origin: a pool of volumes only
+		}
 		fi, err := os.Stat(p.path)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
@@ -101,10 +106,10 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 	if err != nil {
 		return err
 	}
-	defer o.Close()
+	defer closeFile(o)
 	defer s.Close()
 	if !force {
-		if st, err := snapshot.Open(o, s, snapshot.Options{ReadOnly: true}); err == nil {
+		if st, err := snapshot.Open(device(o), s, snapshot.Options{ReadOnly: true}); err == nil {
 			n := len(st.List())
 			st.Close()
 			return fmt.Errorf("%s already holds a blocksnap store with %d volumes (use --force to reformat and lose them)", sf.store, n)
@@ -112,7 +117,7 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 			return fmt.Errorf("%s already holds a blocksnap store of an older format (convert it with blocksnap migrate, or use --force to reformat and lose it)", sf.store)
 		}
 	}
-	st, err := snapshot.Format(o, s, snapshot.Options{ChunkSize: chunk.n})
+	st, err := snapshot.Format(device(o), s, snapshot.Options{ChunkSize: chunk.n, MaxVolumeSize: maxVol.n})
 	if errors.Is(err, snapshot.ErrLocked) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}
@@ -128,6 +133,11 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize sizeFlag, force bool)
 	cs := chunk.n
 	if cs == 0 {
 		cs = 64 << 10
+	}
+	if o == nil {
+		_, err = fmt.Fprintf(e.stdout, "formatted store %s (%s) without an origin, chunk size %s, volumes up to %s\n",
+			sf.store, human(s.Size()), human(cs), human(st.MaxVolumeSize()))
+		return err
 	}
 	_, err = fmt.Fprintf(e.stdout, "formatted store %s (%s) for origin %s (%s), chunk size %s\n",
 		sf.store, human(s.Size()), sf.origin, human(o.Size()), human(cs))

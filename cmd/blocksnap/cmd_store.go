@@ -338,7 +338,7 @@ var cmdUsage = &command{
 				if err != nil {
 					break
 				}
-				_, err = fmt.Fprintf(e.stdout, "  %-20s %-8s mapped %s, exclusive %s\n", st.Name, st.Kind, human(st.Mapped), human(st.Exclusive))
+				_, err = fmt.Fprintf(e.stdout, "  %-20s %-8s mapped %s, exclusive %s of %s\n", st.Name, st.Kind, human(st.Mapped), human(st.Exclusive), human(st.Size))
 			}
 			return err
 		}
@@ -418,14 +418,14 @@ func printList(e *env, vs []control.Volume) error {
 		return s
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tCHILDREN\tSIZE\tCREATED")
+	fmt.Fprintln(tw, "NAME\tKIND\tPARENT\tCHILDREN\tSIZE\tCREATED\tUUID")
 	for _, v := range vs {
 		children := make([]string, len(v.Children))
 		for i, c := range v.Children {
 			children[i] = display[c]
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", display[v.ID], v.Kind, dash(display[v.ParentID]), dash(strings.Join(children, ",")),
-			human(v.Size), v.Created.Local().Format(time.DateTime))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", display[v.ID], v.Kind, dash(display[v.ParentID]), dash(strings.Join(children, ",")),
+			human(v.Size), v.Created.Local().Format(time.DateTime), dash(v.UUID))
 	}
 	return tw.Flush()
 }

@@ -78,7 +78,7 @@ var commands []*command
 
 func init() {
 	commands = []*command{
-		cmdFormat, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRename, cmdRollback, cmdProtect, cmdUnprotect, cmdStat, cmdUsage, cmdGrow,
+		cmdFormat, cmdCreate, cmdImport, cmdSnapshot, cmdClone, cmdList, cmdDelete, cmdRename, cmdResize, cmdRollback, cmdProtect, cmdUnprotect, cmdStat, cmdUsage, cmdGrow,
 		cmdCheck, cmdDump, cmdDiff, cmdExportDiff, cmdApplyDiff, cmdServe, cmdMigrate,
 		cmdHydrate, cmdStatus, cmdPause, cmdResume, cmdSetRate,
 		cmdBackup, cmdRestore, cmdArchive,

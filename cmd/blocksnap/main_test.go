@@ -173,11 +173,11 @@ func TestUsageAndHelp(t *testing.T) {
 func TestBadUsage(t *testing.T) {
 	f := newFixture(t)
 	for _, c := range []string{"snapshot x", "clone x --from s", "list", "delete x", "rollback x --to s", "stat x", "dump", "diff a", "export-diff s", "serve", "format"} {
-		fails(t, 2, "missing --origin and --store", strings.Fields(c)...)
+		fails(t, 2, "missing --store", strings.Fields(c)...)
 		fails(t, 2, "missing --store", append(strings.Fields(c), "--origin", f.origin)...)
 	}
-	fails(t, 2, "give --origin and --store, or --source, --dest and --meta, or --cow", "check")
-	fails(t, 2, "give --origin and --store", "check", "--origin", f.origin)
+	fails(t, 2, "give --store (and --origin, if the store has one), or --source, --dest and --meta, or --cow", "check")
+	fails(t, 2, "give --store", "check", "--origin", f.origin)
 	fails(t, 2, "missing NAME", f.args("snapshot")...)
 	fails(t, 2, "unexpected arguments", f.args("snapshot", "a", "b")...)
 	fails(t, 2, "missing --from", f.args("clone", "c")...)

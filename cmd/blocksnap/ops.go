@@ -73,6 +73,15 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 		return control.VolumeStat{Volume: toJSON(s.VolumeInfo, nameMap(o.st)), Mapped: s.Mapped, Exclusive: s.Exclusive, Shared: s.Shared}, nil
 	case control.OpUsage:
 		return o.space(), nil
+	case control.OpCreate:
+		return o.created(o.st.CreateVolume(r.Name, r.Size))
+	case control.OpResize:
+		if err := o.st.Resize(r.Name, r.Size, snapshot.ResizeOptions{Shrink: r.Shrink}); err != nil {
+			return nil, err
+		}
+		return o.volume(r.Name)
+	case control.OpImport:
+		return o.importVolume(ctx, r.Name, r.Source)
 	case control.OpGrow:
 		added, err := o.st.Grow()
 		if err != nil {
@@ -104,7 +113,7 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 }
 
 func toJSON(i snapshot.VolumeInfo, names map[uint64]string) control.Volume {
-	return control.Volume{ID: i.ID, Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
+	return control.Volume{ID: i.ID, UUID: i.UUID.String(), Name: i.Name, Kind: i.Kind.String(), Parent: names[i.Parent],
 		ParentID: i.Parent, Created: i.Created, Size: i.Size, Hidden: i.Hidden, Protected: i.Protected}
 }
 
@@ -150,15 +159,7 @@ func (o *ops) create(name, parent string, make func(string, *snapshot.Volume) (*
 		return nil, err
 	}
 	defer p.Close()
-	v, err := make(name, p)
-	if err != nil {
-		return nil, err
-	}
-	info := toJSON(v.Info(), nameMap(o.st))
-	if o.onCreate != nil {
-		return info, o.onCreate(v)
-	}
-	return info, v.Close()
+	return o.created(make(name, p))
 }
 
 func (o *ops) delete(ctx context.Context, r control.Request) (any, error) {

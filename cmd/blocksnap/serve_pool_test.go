@@ -113,7 +113,7 @@ func TestServeListHiddenAndDeleteInUse(t *testing.T) {
 		rows = append(rows, strings.Join(strings.Fields(l), " "))
 	}
 	hl, hv := byName["live"].ParentID, byName["vm"].ParentID
-	require.Equal(t, "NAME KIND PARENT CHILDREN SIZE CREATED", rows[0])
+	require.Equal(t, "NAME KIND PARENT CHILDREN SIZE CREATED UUID", rows[0])
 	for i, want := range []string{
 		fmt.Sprintf("origin origin - (hidden #%d),(hidden #%d) 16MiB", hl, hv),
 		fmt.Sprintf("(hidden #%d) snapshot origin live 16MiB", hl),

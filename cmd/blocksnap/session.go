@@ -27,10 +27,10 @@ type storeFlags struct {
 
 func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
 	f := &storeFlags{}
-	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume)")
+	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume; none for a pool of volumes only)")
 	fs.StringVar(&f.store, "store", "", "store `PATH` (file or block device holding snapshots and metadata)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` of a running serve (default STORE.control)")
-	required(fs, "origin", "store")
+	required(fs, "store")
 	return f
 }
 
@@ -56,18 +56,23 @@ type session struct {
 }
 
 // openDevices opens origin and store, read-only for an inspecting command.
+// No origin path (a store without an origin) gives a nil origin.
 func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File, error) {
 	opts := blockdev.FileOptions{ReadOnly: a == inspect}
-	o, err := blockdev.Open(origin, opts)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, fmt.Errorf("origin %s does not exist", origin)
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("origin: %w", err)
+	var o *blockdev.File
+	if origin != "" {
+		var err error
+		o, err = blockdev.Open(origin, opts)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil, fmt.Errorf("origin %s does not exist", origin)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("origin: %w", err)
+		}
 	}
 	s, err := blockdev.Open(store, opts)
 	if err != nil {
-		o.Close()
+		closeFile(o)
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nil, fmt.Errorf("store %s does not exist (create it with blocksnap format --size)", store)
 		}
@@ -120,9 +125,9 @@ func openSessionWith(f *storeFlags, a access, opts snapshot.Options) (*session, 
 	if err != nil {
 		return nil, err
 	}
-	st, err := snapshot.Open(o, s, opts)
+	st, err := snapshot.Open(device(o), s, opts)
 	if err != nil {
-		o.Close()
+		closeFile(o)
 		s.Close()
 		if errors.Is(err, snapshot.ErrCorrupt) {
 			return nil, fmt.Errorf("%s is not a blocksnap store, or its metadata is damaged: %w", f.store, err)
@@ -137,6 +142,9 @@ func openSessionWith(f *storeFlags, a access, opts snapshot.Options) (*session, 
 func (s *session) close() error {
 	err := s.st.Close()
 	for _, d := range []*blockdev.File{s.origin, s.store} {
+		if d == nil {
+			continue // no origin
+		}
 		if ferr := d.Flush(); err == nil && !errors.Is(ferr, blockdev.ErrReadOnly) {
 			err = ferr
 		}
@@ -165,4 +173,20 @@ func heldBy(le *blockdev.LockedError) string {
 		pids[i] = fmt.Sprint(p)
 	}
 	return "held by pid " + strings.Join(pids, ", ")
+}
+
+// device is f as a Device: nil for no file (a nil *File in a Device is
+// not a nil Device).
+func device(f *blockdev.File) blockdev.Device {
+	if f == nil {
+		return nil
+	}
+	return f
+}
+
+// closeFile closes f if there is one.
+func closeFile(f *blockdev.File) {
+	if f != nil {
+		f.Close()
+	}
 }
