@@ -1,10 +1,13 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Kind is the kind of a volume.
@@ -246,6 +249,10 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 					free = s.m.ReturnData
 				}
 				if err := free(x.loc); err != nil {
+					if !errors.Is(err, meta.ErrInvalid) {
+						// The layer failed (a device error): not the record's fault.
+						return metaErr("free of a store chunk", err)
+					}
 					return bad("entry (%d,%d,%d) frees store chunk %d: %v", o.b, o.c+i, o.e, x.loc, err)
 				}
 			}
