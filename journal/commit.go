@@ -101,6 +101,15 @@ func (j *Journal) Append(ctx context.Context, payload []byte) (uint64, error) {
 	return seq, nil
 }
 
+// Room reports whether Append of a payload of n bytes would find log space
+// now, without waiting for a checkpoint.
+func (j *Journal) Room(n int) bool {
+	rec := int64(recHdrSize + n)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.st.tail-j.st.head+j.st.reserved+j.appendCostLocked(rec) <= j.logSize
+}
+
 // appendCostLocked is the extra worst-case log space a record of rec bytes
 // adds to the pending batches.
 func (j *Journal) appendCostLocked(rec int64) int64 {

@@ -76,6 +76,11 @@ type capture struct {
 	// view, when set, receives a view of the written commit before the
 	// capture ends (readView).
 	view **meta.View
+	// freed is closed once the capture's checkpoint has freed the log it
+	// covers, or has failed (the store is then failed): before
+	// releaseFreed and endCapture, which take locks, so that a writer
+	// holding mu may wait for it (logRoomLocked).
+	freed chan struct{}
 }
 
 // volRec is a volume's persistent fields.
@@ -140,7 +145,8 @@ func (s *Store) captureLocked() (capture, error) {
 		return c, s.fail(metaErr("freeze tree commit", err))
 	}
 	c.fz = fz
-	s.capOut = true
+	c.freed = make(chan struct{})
+	s.capOut, s.capFreed = true, c.freed
 	s.lastTreeSeq, s.treeChanges = c.upTo, 0
 	return c, nil
 }
@@ -225,7 +231,8 @@ func (s *Store) dropCapture() {
 		if c.fz != nil {
 			c.fz.Abandon(errors.New("snapshot: the store failed"))
 		}
-		s.endCapture()
+		close(c.freed)
+		s.endCapture(c)
 	default:
 	}
 }
@@ -274,7 +281,13 @@ func (s *Store) treeCommit(ctx context.Context) error {
 // even when the store is closing: an unwritten frozen commit would block
 // every later one.
 func (s *Store) writeCheckpoint(c capture) error {
-	defer s.endCapture()
+	defer s.endCapture(c)
+	freed := false
+	defer func() {
+		if !freed {
+			close(c.freed) // failed: the store is failed too
+		}
+	}()
 	ctx := context.Background()
 	if s.j != nil {
 		if err := s.j.Commit(ctx); err != nil {
@@ -301,15 +314,20 @@ func (s *Store) writeCheckpoint(c capture) error {
 			return s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
 		}
 	}
+	freed = true
+	close(c.freed)
 	s.releaseFreed()
 	return nil
 }
 
-// endCapture marks the outstanding capture ended.
-func (s *Store) endCapture() {
+// endCapture marks capture c ended, unless a writer waiting for it has
+// done so already and captured again (logRoomLocked).
+func (s *Store) endCapture(c capture) {
 	s.mu.Lock()
-	s.capOut = false
-	s.capDone.Broadcast()
+	if s.capFreed == c.freed {
+		s.capOut = false
+		s.capDone.Broadcast()
+	}
 	s.mu.Unlock()
 }
 

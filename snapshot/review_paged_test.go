@@ -62,7 +62,7 @@ func crashAfterTreeCommit(t *testing.T, s *Store) {
 	c, err := s.captureLocked()
 	s.mu.Unlock()
 	require.NoError(t, err)
-	defer s.endCapture()
+	defer s.endCapture(c)
 	require.NoError(t, s.j.Commit(context.Background()))
 	require.NotNil(t, c.fz, "the tree changed since the last commit")
 	require.NoError(t, c.fz.Write())

@@ -315,9 +315,11 @@ type Store struct {
 	// capOut is set while a capture (a frozen tree commit) is made and
 	// not yet written: at most one is, so a freeze never waits, under mu,
 	// for another commit's I/O. capDone, on mu, is broadcast when it is
-	// cleared. Both guarded by mu.
-	capOut  bool
-	capDone *sync.Cond
+	// cleared. capFreed is the outstanding capture's freed channel
+	// (capture.freed). All three guarded by mu.
+	capOut   bool
+	capDone  *sync.Cond
+	capFreed chan struct{}
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
@@ -897,6 +899,12 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	if s.j.Stats().Fill > emergencyFill && !s.capOut {
 		s.postCaptureLocked()
 	}
+	// Sized before applyOps (which may fill in the ops), encoded again
+	// after it: the buffer is reused, so this allocates nothing.
+	sc.rec = encodeRecord(sc.rec, sc.ops)
+	if err := s.logRoomLocked(len(sc.rec)); err != nil {
+		return 0, err
+	}
 	seq := s.j.LastSeq() + 1
 	if err := s.applyOps(sc.ops, seq, false); err != nil {
 		return 0, s.fail(err)
@@ -915,6 +923,38 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 	s.treeChanges += n
 	s.maybeCaptureLocked()
 	return seq, nil
+}
+
+// logRoomLocked makes sure that an Append of a record of n bytes, which
+// waits for log space holding mu, is freed by a checkpoint that needs no
+// lock of the store: one of a capture covering every record logged so
+// far. A capture outstanding (the checkpointer, or a foreground tree
+// commit, still writing it) covers only the records up to its upTo; the
+// log may still be full of those logged since once it is written, and
+// its endCapture waits for mu. So wait, holding mu, until it has freed
+// its part of the log (it needs no lock of the store to get there), end
+// it here, and capture again. Called with mu held, before any change.
+func (s *Store) logRoomLocked(n int) error {
+	for !s.j.Room(n) {
+		if !s.capOut {
+			s.postCaptureLocked() // the Append waits for this one
+			return nil
+		}
+		select {
+		case <-s.capFreed:
+		case <-s.failCtx.Done():
+			if err := s.usable(); err != nil {
+				return err
+			}
+			return ErrClosed
+		}
+		if err := s.usable(); err != nil {
+			return err // the capture failed, and failed the store
+		}
+		s.capOut = false // its endCapture, waiting for mu, sees the capture ended
+		s.capDone.Broadcast()
+	}
+	return nil
 }
 
 // indexChanges is the number of index keys ops put or delete, and
