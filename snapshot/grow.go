@@ -12,18 +12,18 @@ import (
 //
 // A Device has a fixed size, so a grown store device (an extended LV, a
 // bigger file) shows at the next Open: Open accepts a store device larger
-// than its superblock records, and Grow then extends the data region to
-// the device's end.
+// than the data region, and Grow then extends the region to the device's
+// end.
 //
 // The metadata region sits between the journal and the data, so it cannot
 // grow in place. GrowMetadata grows it into data chunks instead: the
 // layer takes the highest run of free data chunks (the tail of the data
 // region, which a Grow just extended when the device grew) and makes them
 // pages of the region, listed as an extent in its own superblock. The
-// chunks stay in use in the data space map, so the data region's size and
-// the store's superblock do not change. The extent, the chunks' bits and
-// the grown page map are one tree commit: a crash before it leaves the
-// region as it was and the chunks free (docs/metadata.md section 14).
+// chunks stay in use in the data space map, so the data region's size
+// does not change. The extent, the chunks' bits and the grown page map
+// are one tree commit: a crash before it leaves the region as it was and
+// the chunks free (docs/metadata.md section 14).
 //
 // The store's superblock (block 0) is a single copy, written once by
 // Format and never again: a torn rewrite would lose the whole store. Its
