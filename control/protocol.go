@@ -86,6 +86,9 @@ type Request struct {
 	// Source is import's source: a path on the server's machine (an
 	// absolute one) or an nbd:// URI.
 	Source string `json:"source,omitempty"`
+	// Metadata is grow's bytes to add to the metadata region (taken from
+	// the free data space); 0 grows only the data region.
+	Metadata int64 `json:"metadata,omitempty"`
 }
 
 // Response is one answer line. A failed request has OK false and Error a
@@ -231,6 +234,9 @@ func (r Request) Validate() error {
 	if (r.Op == OpCreate || r.Op == OpResize) && r.Size <= 0 {
 		return &RequestError{Reason: fmt.Sprintf("%s needs a positive size, not %d", r.Op, r.Size)}
 	}
+	if r.Metadata < 0 {
+		return &RequestError{Reason: fmt.Sprintf("negative metadata size %d", r.Metadata)}
+	}
 	return nil
 }
 
@@ -304,6 +310,10 @@ type VolumeStat struct {
 type GrowResult struct {
 	Added     int64 `json:"added"`
 	DataBytes int64 `json:"data_bytes"`
+	// MetadataAdded is what grow --metadata added to the metadata region,
+	// and MetadataBytes the region's size now.
+	MetadataAdded int64 `json:"metadata_added"`
+	MetadataBytes int64 `json:"metadata_bytes"`
 }
 
 // DeleteResult is what delete did.

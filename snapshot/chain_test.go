@@ -30,7 +30,7 @@ func checkSummaries(t *testing.T, s *Store) {
 			continue
 		}
 		want := make([]uint64, len(empty.bits))
-		for b := br; b.id != 0; b = b.up {
+		for b := br; b != nil && b.id != 0; b = b.up { // a root branch has no up
 			for i, w := range b.groups.bits {
 				want[i] |= w
 			}
@@ -41,7 +41,7 @@ func checkSummaries(t *testing.T, s *Store) {
 		}
 		if !br.ownChain {
 			shared := empty
-			if br.up.id != 0 {
+			if br.up != nil && br.up.id != 0 {
 				shared = br.up.chainGroups
 			}
 			require.Same(t, &shared.bits[0], &br.chainGroups.bits[0], "branch %d: unowned chain summary", br.id)

@@ -239,24 +239,30 @@ func protectCommand(name string, op control.Op, summary string) *command {
 
 var cmdGrow = &command{
 	name:    "grow",
-	summary: "extend the store's data region onto a store device that has grown (an extended LV, a bigger file)",
-	long: "Grow the device first (lvextend, truncate -s), then run grow. The metadata region keeps its size. " +
+	summary: "extend the store's data region onto a store device that has grown (an extended LV, a bigger file), and with --metadata the metadata region",
+	long: "Grow the device first (lvextend, truncate -s), then run grow. With --metadata SIZE the metadata region " +
+		"also grows by SIZE (rounded up to whole chunks), taken from the free data space at its end, after the data " +
+		"region took the device's new space: run it when usage shows the metadata nearly full. " +
 		"A running serve opened the device at its old size: restart it to use the new space.",
 	examples: []string{
 		"truncate -s 20G store.img && blocksnap grow --origin disk.img --store store.img",
+		"blocksnap grow --origin disk.img --store store.img --metadata 256M",
 	},
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
 		sf := addStoreFlags(fs)
 		js := fs.Bool("json", false, "print as JSON")
+		md := &sizeFlag{}
+		fs.Var(md, "metadata", "also grow the metadata region by `SIZE` (64M, 1G), from the free data space")
 		return func(e *env, _ []string) error {
 			var g control.GrowResult
-			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpGrow}, &g); err != nil {
+			if err := runOp(e, sf, readWrite, control.Request{Op: control.OpGrow, Metadata: md.n}, &g); err != nil {
 				return err
 			}
 			if *js {
 				return writeJSON(e.stdout, g)
 			}
-			_, err := fmt.Fprintf(e.stdout, "store %s: data region %s (%s added)\n", sf.store, human(g.DataBytes), human(g.Added))
+			_, err := fmt.Fprintf(e.stdout, "store %s: data region %s (%s added), metadata region %s (%s added)\n",
+				sf.store, human(g.DataBytes), human(g.Added), human(g.MetadataBytes), human(g.MetadataAdded))
 			return err
 		}
 	},

@@ -87,8 +87,14 @@ func (o *ops) do(ctx context.Context, r control.Request) (any, error) {
 		if err != nil {
 			return nil, err
 		}
+		var madded int64
+		if r.Metadata > 0 { // after the data region took the device's new space
+			if madded, err = o.st.GrowMetadata(ctx, r.Metadata); err != nil {
+				return nil, err
+			}
+		}
 		s := o.st.Stats()
-		return control.GrowResult{Added: added, DataBytes: s.DataBytes}, nil
+		return control.GrowResult{Added: added, DataBytes: s.DataBytes, MetadataAdded: madded, MetadataBytes: s.MetadataRegion}, nil
 	case control.OpDiff:
 		return o.diff(ctx, r.From, r.To)
 	case control.OpCheck:

@@ -74,6 +74,17 @@ func TestGrowCommand(t *testing.T) {
 	require.Equal(t, before+8<<20, g.DataBytes)
 	require.Zero(t, g.Added)
 	require.Contains(t, ok(t, f.args("check")...), "is clean")
+
+	// --metadata moves free data space into the metadata region.
+	meta := g.MetadataBytes
+	require.Positive(t, meta)
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("grow", "--metadata", "1M", "--json")...)), &g))
+	require.Equal(t, int64(1<<20), g.MetadataAdded)
+	require.Equal(t, meta+1<<20, g.MetadataBytes)
+	require.Equal(t, before+8<<20-1<<20, g.DataBytes)
+	require.Contains(t, ok(t, f.args("check")...), "is clean")
+	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("grow", "--json")...)), &g))
+	require.Equal(t, meta+1<<20, g.MetadataBytes, "the grown region after a reopen")
 }
 
 // Against a running serve: protect refuses a delete; a recursive delete
