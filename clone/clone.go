@@ -177,13 +177,23 @@ type Clone struct {
 	ctx    context.Context // cancelled by Close; stops every goroutine
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // background goroutines
+
+	unlock func() // releases the devices' locks (lock.go); called by Close
 }
 
 // Create formats meta for a new clone of src onto dst and returns it open,
 // with background hydration running (unless Options.NoHydration). dst must
 // be at least as large as src; the clone's size is src's. The clone does not
-// own the devices: Close leaves them open.
+// own the devices: Close leaves them open. Create and Open lock dst and
+// meta (lock.go): ErrLocked while another Clone has them.
 func Create(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("%w: Create of a read-only clone", ErrOptions)
+	}
+	return withLocks(src, dst, meta, opts, create)
+}
+
+func create(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
 	if opts.ReadOnly {
 		return nil, fmt.Errorf("%w: Create of a read-only clone", ErrOptions)
 	}
@@ -207,6 +217,10 @@ func Create(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
 // its journal and resumes hydration where it stopped. src and dst must be
 // the devices it was created with (sizes and block sizes are checked).
 func Open(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
+	return withLocks(src, dst, meta, opts, open)
+}
+
+func open(src, dst, meta blockdev.Device, opts Options) (*Clone, error) {
 	sb := make([]byte, superArea)
 	if meta.Size() < superArea {
 		return nil, fmt.Errorf("clone: open: metadata device of %d bytes: %w", meta.Size(), ErrCorrupt)
@@ -389,6 +403,7 @@ func (c *Clone) Close() error {
 	defer c.life.Unlock()
 	err := c.md.close()
 	c.hyd.finish()
+	c.unlock()
 	if err != nil {
 		return fmt.Errorf("clone: close: %w", err)
 	}

@@ -105,6 +105,10 @@ func metaErr(what string, err error) error {
 		return fmt.Errorf("%w: %s: %v", ErrNoSpace, what, err)
 	case errors.Is(err, meta.ErrCorrupt):
 		return fmt.Errorf("%w: %s: %v", ErrCorrupt, what, err)
+	case errors.Is(err, meta.ErrClosed):
+		// An I/O call that raced Close: the store's typed error, as the
+		// calls that start after Close get.
+		return fmt.Errorf("%w: %s: %v", ErrClosed, what, err)
 	}
 	return fmt.Errorf("snapshot: %s: %w", what, err)
 }

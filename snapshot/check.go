@@ -30,7 +30,9 @@ import (
 //     every clone's parent point is held, reference counts match the
 //     volumes and branches that hold them, and hidden snapshots have clones;
 //   - the origin's preserved epochs cover its entries and the per-branch
-//     summaries cover every entry.
+//     summaries cover every entry;
+//   - the origin snapshots' counters (mapped and exclusive bytes at each
+//     held epoch) equal what its entries give.
 func (s *Store) Check() error { return s.CheckReport().Err(ErrCorrupt) }
 
 // CheckReport runs the checks of Check and lists every problem found, one
@@ -51,10 +53,13 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		rep.Addf(format, args...)
 		return true // keep walking: report everything
 	}
+	s.checkSamples(bad) // identity.go
 	var cs checkState
+	var ctr counterBuilder
 	ix, done, err := s.readView(func() {
 		cs = s.checkStateLocked()
 		s.checkVolumes(map[point]int32{}, bad)
+		ctr.held, ctr.last = slices.Clone(s.b0.held), s.b0.lastEpoch
 	}, true)
 	if err != nil {
 		bad("freeze for the check: %v", err)
@@ -90,6 +95,9 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 		if !held && !cs.queued[point{x.b, x.e}] {
 			return bad("entry (%d,%d,%d) at an epoch nothing holds and nothing collects", x.b, x.c, x.e)
 		}
+		if x.b == 0 {
+			ctr.add(x, s.chunkLen(x.c))
+		}
 		if x.isData() {
 			if seen[x.loc] {
 				return bad("store chunk %d referenced twice (again by (%d,%d,%d))", x.loc, x.b, x.c, x.e)
@@ -101,6 +109,9 @@ func (s *Store) CheckReport() blockdev.CheckReport {
 	if err != nil {
 		_ = s.fail(metaErr("check: walk of the index", err))
 		bad("walk of the index: %v", err)
+	} else {
+		want := ctr.finish(s.geo.originSize)
+		checkCounters(&cs.ctr, &want, ctr.held, bad)
 	}
 	var merr error
 	if v, ok := ix.r.(*meta.View); ok {
@@ -126,6 +137,7 @@ type checkState struct {
 	branches  map[uint32]*checkBranch
 	preserved []uint32
 	queued    map[point]bool
+	ctr       counters // the origin snapshots' counters
 }
 
 type checkBranch struct {
@@ -138,7 +150,7 @@ type checkBranch struct {
 // checkStateLocked copies the check's state. Called with Store.mu held.
 func (s *Store) checkStateLocked() checkState {
 	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), preserved: slices.Clone(s.preserved),
-		queued: map[point]bool{}}
+		queued: map[point]bool{}, ctr: s.ctr.clone()}
 	// Branches share summary words until they differ (copy on write):
 	// copy each set of words once.
 	copies := map[*uint64]chunkGroups{}

@@ -7,7 +7,7 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (3), little-endian
+//	     8    4  version (4), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1), then its chunk-group summary:
@@ -20,6 +20,8 @@ package snapshot
 //	             [uv size in bytes, with flag bit 2; images without it were
 //	             written before volumes had sizes: every volume then had the
 //	             origin's], uv name length, name
+//	          -  the origin's and its snapshots' space counters (version 4;
+//	             layout in counters.go)
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
@@ -28,6 +30,8 @@ package snapshot
 // origin's preserved epochs, by one walk of the chunk tree (loadCheckpoint
 // sets rebuild). Version 3 images carry them, so Open walks nothing: the
 // preserved epochs are looked up in the tree on first use (preserve.go).
+// Version 3 had no space counters: Open rebuilds them by one walk of the
+// origin's entries (settleCounters).
 //
 // Version 1 (format version 1 stores) held the whole index after the
 // volumes, as entry runs in (branch, epoch, chunk) order, each: a tag byte
@@ -52,8 +56,9 @@ import (
 
 const (
 	checkpointMagic      = "BSNAPCKP"
-	checkpointVersion    = 3
-	noGroupsVersion      = 2 // images without chunk-group summaries
+	checkpointVersion    = 4
+	noCounterVersion     = 3 // images without the space counters (counters.go)
+	noGroupsVersion      = 2 // images without chunk-group summaries either
 	oldCheckpointVersion = 1
 )
 
@@ -67,6 +72,7 @@ type capture struct {
 	nextBr   uint32
 	branches []branchRec
 	volumes  []volRec
+	ctr      counters
 	// view, when set, receives a view of the written commit before the
 	// capture ends (readView).
 	view **meta.View
@@ -116,6 +122,7 @@ func (s *Store) smallStateLocked(c *capture) {
 		}
 	}
 	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
+	c.ctr = s.ctr.clone()
 }
 
 // captureLocked freezes a tree commit at the last record appended. Called
@@ -371,7 +378,8 @@ func (e *encoder) finish() error {
 func (c *capture) encodeTo(e *encoder) { c.encodeVersion(e, checkpointVersion) }
 
 // encodeVersion writes the image in format version v: before version 3,
-// without the chunk-group summaries (tests write older images with it).
+// without the chunk-group summaries; before version 4, without the space
+// counters (tests write older images with it).
 func (c *capture) encodeVersion(e *encoder, v uint32) {
 	var hdr [12]byte
 	copy(hdr[:], checkpointMagic)
@@ -386,7 +394,7 @@ func (c *capture) encodeVersion(e *encoder, v uint32) {
 		e.uv(uint64(b.parentEpoch))
 		e.uv(uint64(b.lastEpoch))
 		e.uv(b2u(b.live))
-		if v >= checkpointVersion {
+		if v >= noCounterVersion {
 			encodeGroups(e, b.groups)
 		}
 	}
@@ -404,24 +412,32 @@ func (c *capture) encodeVersion(e *encoder, v uint32) {
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}
+	if v >= checkpointVersion {
+		c.ctr.encodeTo(e)
+	}
 	e.byte1(0) // no entry runs: the index is in the metadata region
 }
 
 // encodeGroups writes a chunk-group summary: its non-zero words, each with
 // its index as a delta.
-func encodeGroups(e *encoder, bits []uint64) {
+func encodeGroups(e *encoder, bits []uint64) { encodeSparse(e, bits, e.uv) }
+
+// encodeSparse writes the count of vals' non-zero values, then each: its
+// index as a delta from the previous one's (the first from 0), and the
+// value as put writes it.
+func encodeSparse[T uint64 | int64](e *encoder, vals []T, put func(T)) {
 	n := 0
-	for _, w := range bits {
+	for _, w := range vals {
 		if w != 0 {
 			n++
 		}
 	}
 	e.uv(uint64(n))
 	prev := 0
-	for i, w := range bits {
+	for i, w := range vals {
 		if w != 0 {
 			e.uv(uint64(i - prev))
-			e.uv(w)
+			put(w)
 			prev = i
 		}
 	}
@@ -449,6 +465,9 @@ func (r *replayer) Replay(seq uint64, payload []byte) error {
 		}
 		return s.replayDeferred(ops, seq) // replay.go
 	}
+	// The checkpoint's counters lack the index changes of the records
+	// the tree holds: Open rebuilds them.
+	s.ctr.stale = true
 	for i := range ops {
 		o := &ops[i]
 		switch o.kind {

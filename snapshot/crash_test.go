@@ -136,8 +136,9 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 		reopen = true
 	}
 	t.Logf("%d crash points: %d with origin writes buffered, %d with the committer running, %d after ErrNoSpace; "+
-		"%d emergency checkpoints crossed, %d snapshots invalidated for room; %d metadata pages read on a miss, %d evicted",
-		crashes, buffered, committer, full, w.emergencies, w.invalidated, w.metaMisses, w.metaEvicted)
+		"%d emergency checkpoints crossed, %d snapshots invalidated for room; %d metadata pages read on a miss, %d evicted; "+
+		"metadata region grown %d times",
+		crashes, buffered, committer, full, w.emergencies, w.invalidated, w.metaMisses, w.metaEvicted, w.metaGrows)
 	require.Positive(t, buffered, "no crash hit buffered origin writes")
 	if cfg.metadataCache > 0 {
 		require.Positive(t, w.metaEvicted, "the tiny metadata cache never evicted")

@@ -317,6 +317,7 @@ func TestFreedChunksReusedBeforeNoSpace(t *testing.T) {
 // reopen); now they fill the metadata region. The store must refuse the
 // growth with ErrNoSpace before it commits and stay usable.
 func TestCloneDiscardsOutgrowCheckpointSlot(t *testing.T) {
+	skipUnderRace(t)
 	seed := blockdevtest.Seed(t)
 	origin, err := blockdev.NewMem(64<<30, 4096) // sparse: 1 Mi chunks of 64 KiB
 	require.NoError(t, err)

@@ -192,7 +192,7 @@ func (s *Store) collector() {
 			// stopped it: a store that went on would hold entries
 			// nothing collects until the next Open. Drain the queue's
 			// waiters.
-			if s.ctx.Err() == nil {
+			if s.ctx.Err() == nil && !s.closed.Load() { // Close sets closed before it cancels
 				err = s.fail(err)
 			}
 			s.failQueue(err)

@@ -25,6 +25,7 @@ import (
 // devices must recover, pass Check and hold every snapshot's exact
 // contents; and no goroutine may leak.
 func TestErrorSweep(t *testing.T) {
+	skipUnderRace(t)
 	seed := blockdevtest.Seed(t)
 	baseline := runtime.NumGoroutine()
 	const steps = 40

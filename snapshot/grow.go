@@ -23,7 +23,7 @@ import (
 // chunks stay in use in the data space map, so the data region's size and
 // the store's superblock do not change. The extent, the chunks' bits and
 // the grown page map are one tree commit: a crash before it leaves the
-// region as it was and the chunks free (docs/metadata.md section 13).
+// region as it was and the chunks free (docs/metadata.md section 14).
 //
 // Grow order: the data space map grows first (in memory; durable at the
 // next tree commit), then the superblock is rewritten and flushed. Chunks

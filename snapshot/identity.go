@@ -133,7 +133,13 @@ func (st *identState) fingerprint() uint64 {
 }
 
 func (st *identState) encode(slot int) []byte {
-	b := make([]byte, identitySlot)
+	return st.encodeTo(make([]byte, identitySlot), slot)
+}
+
+// encodeTo encodes slot's image into b (identitySlot bytes) and returns
+// it.
+func (st *identState) encodeTo(b []byte, slot int) []byte {
+	clear(b)
 	le := binary.LittleEndian
 	copy(b, identityMagic)
 	le.PutUint32(b[12:], uint32(slot))
@@ -248,8 +254,12 @@ func isZero(b []byte) bool {
 // the whole of a smaller origin.
 func sampleLen(originSize int64) int64 { return min(sampleBytes, originSize) }
 
-// sampleCount is how many samples an origin of originSize bytes has.
+// sampleCount is how many samples an origin of originSize bytes has:
+// none for a store without an origin (size 0).
 func sampleCount(originSize int64) int {
+	if originSize <= 0 {
+		return 0
+	}
 	return int(min(maxSamples, max(1, originSize/sampleBytes)))
 }
 
@@ -259,8 +269,8 @@ func sampleCount(originSize int64) int {
 func samplePositions(originSize int64) (pos [maxSamples]int64, n int) {
 	n = sampleCount(originSize)
 	l := sampleLen(originSize)
-	if n == 1 {
-		return pos, 1
+	if n <= 1 {
+		return pos, n
 	}
 	span := originSize - l
 	for i := 0; i < n; i++ {
@@ -271,10 +281,11 @@ func samplePositions(originSize int64) (pos [maxSamples]int64, n int) {
 
 // ident is a store's identity state in memory.
 type ident struct {
-	// on: the store has an identity region (not a transient store nor
-	// one formatted before the region existed).
-	on  bool
-	pos [maxSamples]int64 // sample offsets (fixed at Open)
+	// pos, n and l are the samples' offsets, count and length, fixed by
+	// Format or Open; n is 0 where there is nothing to keep current (a
+	// transient store, one without an origin or formatted before the
+	// identity region existed).
+	pos [maxSamples]int64
 	n   int
 	l   int64
 	// durable has bit i set while sample i's dirty bit is durable: the
@@ -289,8 +300,9 @@ type ident struct {
 	// mu guards st and the region's writes. Lock order: after the origin
 	// stripes (the write path marks samples with its stripes held); no
 	// lock of the store is taken under it.
-	mu sync.Mutex
-	st identState
+	mu  sync.Mutex
+	st  identState
+	buf []byte // a slot image being written, aligned for any block size
 }
 
 // writeIdentityLocked writes st to both slots, each followed by a flush.
@@ -298,8 +310,11 @@ type ident struct {
 func (s *Store) writeIdentityLocked() error {
 	id := &s.id
 	id.st.seq++
+	if id.buf == nil {
+		id.buf = blockdev.AlignedBuffer(identitySlot)
+	}
 	for slot := range 2 {
-		b := alignedCopy(id.st.encode(slot), s.store.BlockSize())
+		b := id.st.encodeTo(id.buf, slot)
 		if _, err := s.store.WriteAt(b, s.geo.idOff+int64(slot)*identitySlot); err != nil {
 			return fmt.Errorf("snapshot: write identity slot %d: %w", slot, err)
 		}
@@ -318,7 +333,7 @@ func readIdentity(store interface {
 	var best identState
 	var errs []error
 	found := false
-	buf := make([]byte, identityLen)
+	buf := blockdev.AlignedBuffer(identityLen) // O_DIRECT devices need it
 	if _, err := store.ReadAt(buf, g.idOff); err != nil {
 		return best, fmt.Errorf("snapshot: read identity region: %w", err)
 	}
@@ -345,10 +360,6 @@ func hashSamples(origin interface {
 	var h [maxSamples]uint64
 	buf := blockdev.AlignedBuffer(int(l))
 	for i := 0; i < n; i++ {
-		if i > 0 && pos[i] == pos[i-1] {
-			h[i] = h[i-1]
-			continue
-		}
 		if _, err := origin.ReadAt(buf, pos[i]); err != nil {
 			return h, fmt.Errorf("snapshot: read origin sample at %d: %w", pos[i], err)
 		}
@@ -361,7 +372,6 @@ func hashSamples(origin interface {
 // (all samples clean; Format flushed the origin first).
 func (s *Store) newIdentity() error {
 	id := &s.id
-	id.on = true
 	id.pos, id.n = samplePositions(s.geo.originSize)
 	id.l = sampleLen(s.geo.originSize)
 	h, err := hashSamples(s.origin, &id.pos, id.n, id.l)
@@ -400,6 +410,26 @@ func checkOrigin(origin interface {
 		GotFingerprint: other.fingerprint(), Samples: diff}
 }
 
+// touched returns the samples [lo, hi) that bytes [off, off+n) overlap:
+// from the first that ends after off (positions ascend, so a binary
+// search finds it) to the last that starts before off+n.
+func (id *ident) touched(off, n int64) (lo, hi int) {
+	lo, hi = 0, id.n
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if id.pos[m]+id.l <= off {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	hi = lo
+	for hi < id.n && id.pos[hi] < off+n {
+		hi++
+	}
+	return lo, hi
+}
+
 // touchSamples is called before a device write or discard of origin bytes
 // [off, off+n), with the origin stripes of those bytes held: it counts the
 // write against each sample it touches and makes those samples' dirty
@@ -408,15 +438,10 @@ func checkOrigin(origin interface {
 func (s *Store) touchSamples(off, n int64) error {
 	id := &s.id
 	var mask uint32
-	for i := 0; i < id.n; i++ {
-		p := id.pos[i]
-		if p >= off+n {
-			break
-		}
-		if off < p+id.l {
-			id.gen[i].Add(1)
-			mask |= 1 << i
-		}
+	lo, hi := id.touched(off, n)
+	for i := lo; i < hi; i++ {
+		id.gen[i].Add(1)
+		mask |= 1 << i
 	}
 	if mask == 0 || id.durable.Load()&mask == mask {
 		return nil
@@ -484,8 +509,9 @@ func (s *Store) settleSamples(gens *[maxSamples]uint64) error {
 }
 
 // sampleGens takes each dirty sample's write count, with its stripe held
-// exclusively so that no write to it is in flight: a write that the Flush
-// about to start does not cover changes the count.
+// exclusively so that no write to it is in flight: every write counted
+// has completed before the Flush about to start (called right after), and
+// one it may not cover changes the count.
 func (s *Store) sampleGens() (gens [maxSamples]uint64) {
 	id := &s.id
 	dirty := id.durable.Load()
@@ -499,4 +525,40 @@ func (s *Store) sampleGens() (gens [maxSamples]uint64) {
 		s.unlockOrigin(c, c, true)
 	}
 	return gens
+}
+
+// checkSamples reports each clean sample whose origin block no longer
+// hashes as recorded: the origin was written outside the store, and its
+// snapshots may no longer hold what they did. Each is read with its
+// stripe held exclusively, so no write of the store is in flight on it
+// (the store marks a sample dirty before it writes it).
+func (s *Store) checkSamples(bad func(format string, args ...any) bool) {
+	id := &s.id
+	if id.n == 0 {
+		return
+	}
+	buf := blockdev.AlignedBuffer(int(id.l))
+	for i := 0; i < id.n; i++ {
+		c := uint64(id.pos[i] / s.cs)
+		s.lockOrigin(c, c, true)
+		id.mu.Lock()
+		clean, want := id.st.dirty&(1<<i) == 0, id.st.hash[i]
+		id.mu.Unlock()
+		// A read that fails says nothing about the store's consistency
+		// (the device's error reaches the volume's readers): skipped.
+		if clean && s.readSample(buf, id.pos[i]) {
+			if got := crc64.Checksum(buf, crcTable); got != want {
+				bad("origin block at %d changed outside the store (hash %016x, recorded %016x): snapshots of the origin may no longer match it",
+					id.pos[i], got, want)
+			}
+		}
+		s.unlockOrigin(c, c, true)
+	}
+}
+
+// readSample reads the sample at pos into buf and reports whether it
+// could.
+func (s *Store) readSample(buf []byte, pos int64) bool {
+	_, err := s.origin.ReadAt(buf, pos)
+	return err == nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,6 +35,18 @@ func fillDev(t *testing.T, d blockdev.Device, b byte, off, n int64) {
 	t.Helper()
 	_, err := d.WriteAt(bytes.Repeat([]byte{b}, int(n)), off)
 	require.NoError(t, err)
+}
+
+// sliceStore formats a store on views of two new Mems (an origin of 1
+// MiB, a store of 4 MiB) that cannot be locked, and returns the Mems and
+// the open store.
+func sliceStore(t *testing.T) (origin, store *blockdev.Mem, s *Store) {
+	t.Helper()
+	origin, store = blockdevtest.NewMem(t, 1<<20, 512), blockdevtest.NewMem(t, 4<<20, 4096)
+	o, sv := sliceViews(t, origin, store)
+	s, err := Format(o, sv, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	return origin, store, s
 }
 
 // readGeometry decodes the store's superblock.
@@ -76,14 +89,8 @@ func ownerOf(t *testing.T, store blockdev.Device) ownerRecord {
 // a read-only Open goes ahead and reports the holder; Close clears the
 // record, and the next Open succeeds.
 func TestSecondOpenRefusedWithoutFlock(t *testing.T) {
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	store, err := blockdev.NewMem(4<<20, 4096)
-	require.NoError(t, err)
-	o1, s1 := sliceViews(t, origin, store)
-	st, err := Format(o1, s1, Options{ChunkSize: 16 << 10})
-	require.NoError(t, err)
-	_, err = st.CreateSnapshot("kept", st.Origin())
+	origin, store, st := sliceStore(t)
+	_, err := st.CreateSnapshot("kept", st.Origin())
 	require.NoError(t, err)
 	own, ok := st.Owner()
 	require.True(t, ok)
@@ -110,12 +117,38 @@ func TestSecondOpenRefusedWithoutFlock(t *testing.T) {
 
 	require.NoError(t, st.Close())
 	require.False(t, ownerOf(t, store).held(), "Close clears the record")
-	st, err = Open(o2, s2, Options{})
+	reopenKept(t, o2, s2)
+}
+
+// reopenKept opens the store, finds the volume "kept" in it, checks it
+// and closes it.
+func reopenKept(t *testing.T, origin, store blockdev.Device) {
+	t.Helper()
+	s, err := Open(origin, store, Options{})
 	require.NoError(t, err)
-	_, err = st.OpenVolume("kept")
+	_, err = s.OpenVolume("kept")
 	require.NoError(t, err)
-	mustCheck(t, st)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+}
+
+// Format over a store that another Store holds is refused the same way
+// (it would pull the journal from under it), unless TakeOver; over one
+// nobody holds it goes ahead.
+func TestFormatOverHeldStoreRefused(t *testing.T) {
+	origin, store, st := sliceStore(t)
+	o1, s1 := sliceViews(t, origin, store)
+	o2, s2 := sliceViews(t, origin, store)
+	_, err := Format(o2, s2, Options{ChunkSize: 16 << 10})
+	var oe *OwnerError
+	require.ErrorAs(t, err, &oe)
 	require.NoError(t, st.Close())
+	st, err = Format(o2, s2, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err, "nobody holds it now")
+	st2, err := Format(o1, s1, Options{ChunkSize: 16 << 10, TakeOver: true})
+	require.NoError(t, err, "TakeOver formats over a holder")
+	require.NoError(t, st2.Close())
+	_ = st.Close()
 }
 
 // A crash leaves the owner record of a Store that is gone: the next Open
@@ -135,27 +168,30 @@ func TestStaleOwnerTakenOver(t *testing.T) {
 	_ = s.Close()
 	require.True(t, ownerOf(t, store2).held())
 
-	s, err = Open(origin2, store2, Options{})
-	require.NoError(t, err, "the crashed Store's record is taken over")
-	_, err = s.OpenVolume("kept")
-	require.NoError(t, err)
-	require.NoError(t, s.Close())
+	reopenKept(t, origin2, store2) // the crashed Store's record is taken over
 
 	gone := exitedPid(t)
-	cases := []struct {
+	type ownerCase struct {
 		name  string
 		owner ownerRecord
-		ok    bool
-	}{
+		ok    bool // taken over without TakeOver
+	}
+	cases := []ownerCase{
 		{"this host, pid gone", ownerRecord{pid: uint64(gone), host: thisHost()}, true},
-		{"this host, pid alive", ownerRecord{pid: 1, host: thisHost()}, false},
+		{"this host, pid alive", ownerRecord{pid: 1, host: thisHost(), since: time.Now().UnixNano()}, false},
 		{"another host", ownerRecord{pid: uint64(gone), host: "elsewhere"}, false},
 		{"another host, had the flock (this device has none)", ownerRecord{pid: 7, host: "elsewhere", flock: true}, false},
+	}
+	if _, ok := bootTime(); ok {
+		cases = append(cases, ownerCase{"this host, pid alive, opened before the last boot", ownerRecord{pid: 1, host: thisHost(), since: 1}, true})
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.owner
-			o.id, o.since = [16]byte{1, 2, 3}, time.Now().UnixNano()
+			o.id = [16]byte{1, 2, 3}
+			if o.since == 0 {
+				o.since = time.Now().UnixNano()
+			}
 			rewriteIdentity(t, store2, func(st *identState) { st.owner = o })
 			s, err := Open(origin2, store2, Options{})
 			if tc.ok {
@@ -207,7 +243,7 @@ func exitedPid(t *testing.T) int {
 }
 
 // TestOwnerRefusedAcrossProcesses holds the store open in a child process
-// through devices without flock (TestOwnerHolderProcess) and sees Open
+// through devices without flock (TestStoreHolderProcess) and sees Open
 // refused with the child's pid by the owner record, then succeed once the
 // child has closed the store and exited.
 func TestOwnerRefusedAcrossProcesses(t *testing.T) {
@@ -215,8 +251,8 @@ func TestOwnerRefusedAcrossProcesses(t *testing.T) {
 		t.Skip("needs a unix child process")
 	}
 	originPath, storePath := fileStore(t)
-	pid, finish := blockdevtest.StartChild(t, "TestOwnerHolderProcess",
-		"BLOCKSNAP_OWNER_ORIGIN="+originPath, "BLOCKSNAP_OWNER_STORE="+storePath)
+	pid, finish := blockdevtest.StartChild(t, "TestStoreHolderProcess",
+		"BLOCKSNAP_HOLDER_ORIGIN="+originPath, "BLOCKSNAP_HOLDER_STORE="+storePath, "BLOCKSNAP_HOLDER_SLICES=1")
 	o, s := sliceViews(t, openFile(t, originPath, false), openFile(t, storePath, false))
 	_, err := Open(o, s, Options{})
 	var oe *OwnerError
@@ -227,21 +263,6 @@ func TestOwnerRefusedAcrossProcesses(t *testing.T) {
 	require.NoError(t, err)
 	_, err = st.OpenVolume("child")
 	require.NoError(t, err, "the child's snapshot is there")
-	require.NoError(t, st.Close())
-}
-
-// TestOwnerHolderProcess is the child of TestOwnerRefusedAcrossProcesses.
-func TestOwnerHolderProcess(t *testing.T) {
-	originPath, storePath := os.Getenv("BLOCKSNAP_OWNER_ORIGIN"), os.Getenv("BLOCKSNAP_OWNER_STORE")
-	if storePath == "" {
-		t.Skip("run by TestOwnerRefusedAcrossProcesses")
-	}
-	o, s := sliceViews(t, openFile(t, originPath, false), openFile(t, storePath, false))
-	st, err := Open(o, s, Options{})
-	require.NoError(t, err)
-	_, err = st.CreateSnapshot("child", st.Origin())
-	require.NoError(t, err)
-	blockdevtest.ChildReady()
 	require.NoError(t, st.Close())
 }
 
@@ -352,6 +373,21 @@ func TestIdentitySlotBitFlips(t *testing.T) {
 	_, err = Open(origin, store, Options{})
 	require.ErrorIs(t, err, ErrCorrupt)
 	require.ErrorContains(t, err, fmt.Sprintf("identity slot 0 at store offset %d", g.idOff))
+	require.ErrorContains(t, err, "Options.TakeOver writes a new owner record")
+	s, err = Open(origin, store, Options{ReadOnly: true, TakeOver: true})
+	require.NoError(t, err, "a read-only open reads past it")
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+	_, err = Open(origin, store, Options{ReadOnly: true})
+	require.ErrorIs(t, err, ErrCorrupt, "and writes nothing")
+	s, err = Open(origin, store, Options{TakeOver: true})
+	require.NoError(t, err, "TakeOver writes a new region")
+	require.Zero(t, s.id.durable.Load(), "the origin fingerprinted as it is")
+	require.NoError(t, s.Close())
+	s, err = Open(origin, store, Options{})
+	require.NoError(t, err)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
 }
 
 // FuzzIdentity: a slot image decodes or fails with ErrCorrupt, never
@@ -400,6 +436,68 @@ func TestSamplePositions(t *testing.T) {
 	}
 }
 
+// Check reports an origin block written outside the store, where a
+// sample catches it; the store's own writes, flushed or not, never.
+func TestCheckSeesOriginWrittenOutside(t *testing.T) {
+	s, origin, _ := newMemStore(t, 1<<20, 8<<20, Options{ChunkSize: 4 << 10})
+	pos, _ := samplePositions(1 << 20)
+	_, err := s.CreateSnapshot("s", s.Origin())
+	require.NoError(t, err)
+	fillAt(t, s.Origin(), 1, pos[3], 4096) // the store's own write, unflushed
+	mustCheck(t, s)
+	require.NoError(t, s.Origin().Flush())
+	mustCheck(t, s)
+	fillDev(t, origin, 2, pos[5], 4096) // behind the store's back
+	err = s.Check()
+	require.ErrorIs(t, err, ErrCorrupt)
+	require.ErrorContains(t, err, fmt.Sprintf("origin block at %d changed outside the store", pos[5]))
+}
+
+// A store without an origin has no fingerprint, and its owner record
+// works as any other's.
+func TestNoOriginNoFingerprint(t *testing.T) {
+	store, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	_, sv := sliceViews(t, store, store)
+	s, err := Format(nil, sv, Options{ChunkSize: 16 << 10})
+	require.NoError(t, err)
+	require.Zero(t, s.id.n)
+	g := readGeometry(t, store)
+	st, err := readIdentity(store, &g)
+	require.NoError(t, err)
+	require.Zero(t, st.n)
+	require.Zero(t, st.fingerprint())
+	require.True(t, st.owner.held())
+	_, sv2 := sliceViews(t, store, store)
+	_, err = Open(nil, sv2, Options{})
+	require.ErrorIs(t, err, ErrLocked)
+	require.NoError(t, s.Close())
+	s, err = Open(nil, sv2, Options{})
+	require.NoError(t, err)
+	mustCheck(t, s)
+	require.NoError(t, s.Close())
+}
+
+// touched finds exactly the samples a byte range overlaps.
+func TestSamplesTouched(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	for _, size := range []int64{512, 4096, 20 << 10, 300<<10 + 1536, 64 << 20} {
+		var id ident
+		id.pos, id.n = samplePositions(size)
+		id.l = sampleLen(size)
+		for range 2000 {
+			off := int64(rng.IntN(int(size/512))) * 512
+			n := min(int64(1+rng.IntN(64))*512, size-off)
+			lo, hi := id.touched(off, n)
+			for i := 0; i < id.n; i++ {
+				want := id.pos[i] < off+n && off < id.pos[i]+id.l
+				require.Equal(t, want, i >= lo && i < hi, "size %d [%d, %d) sample %d at %d", size, off, off+n, i, id.pos[i])
+			}
+		}
+	}
+}
+
 // A store on a file keeps its fingerprint across a Close and an Open on
 // fresh handles; errors.Is finds the identity error through the CLI's
 // wrapping too.
@@ -414,4 +512,181 @@ func TestWrongOriginFile(t *testing.T) {
 	s, err := openFiles(t, originPath, storePath, Options{})
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
+}
+
+// Writers over the sampled blocks and others race origin Flushes (which
+// settle samples) and a snapshot (whose copies go through the origin
+// buffer); a power cut at the end, with any policy, never makes Open
+// refuse the origin, and neither does a clean Close. Run with -race.
+func TestSamplesUnderConcurrentWrites(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	for k, p := range blockdevtest.AllPolicies(seed) {
+		const size, bs = 256 << 10, 4096
+		origin := blockdevtest.MustCrashSim(size, 512)
+		store := blockdevtest.MustCrashSim(8<<20, 512)
+		fillPattern(t, origin, seed)
+		s, err := Format(origin, store, Options{ChunkSize: 4 << 10, CommitInterval: -1, OriginBuffer: 8 << 10})
+		require.NoError(t, err)
+		o := s.Origin()
+		pos, n := samplePositions(size)
+		done := make(chan error, 5)
+		for w := range 4 {
+			go func() {
+				rng := rand.New(rand.NewPCG(seed, uint64(k*8+w)))
+				buf := make([]byte, bs)
+				var err error
+				for i := 0; i < shortScale(200) && err == nil; i++ {
+					off := pos[rng.IntN(n)] // a sample, or a block beside one
+					if rng.IntN(2) == 0 {
+						off = int64(rng.IntN(size/bs)) * bs
+					}
+					buf[0] = byte(i)
+					_, err = o.WriteAt(buf, off)
+					if err == nil && i%17 == w {
+						err = o.Flush()
+					}
+				}
+				done <- err
+			}()
+		}
+		go func() {
+			_, err := s.CreateSnapshot("mid", o)
+			done <- err
+		}()
+		for range 5 {
+			require.NoError(t, <-done)
+		}
+		out, err := blockdevtest.CrashAll(p, origin, store)
+		require.NoError(t, err)
+		_ = s.Close()
+		s, err = Open(out[0], out[1], Options{})
+		require.NoError(t, err, "%v", p)
+		mustCheck(t, s)
+		fillAt(t, s.Origin(), 1, pos[n-1], bs)
+		require.NoError(t, s.Close())
+		s, err = Open(out[0], out[1], Options{})
+		require.NoError(t, err, "%v: after a clean Close", p)
+		require.NoError(t, s.Close())
+	}
+}
+
+// settleSamples leaves a sample dirty when a write touched it after the
+// write counts were taken (the Flush may not cover it), or when the origin
+// buffer holds its chunk (the device does not have its data yet).
+func TestSettleSkipsSamplesWrittenSince(t *testing.T) {
+	s, _, _ := newMemStore(t, 1<<20, 8<<20, Options{ChunkSize: 4 << 10, CommitInterval: -1})
+	o := s.Origin()
+	fillAt(t, o, 1, 0, 4096)
+	require.EqualValues(t, 1, s.id.durable.Load(), "the write marked sample 0")
+	gens := s.sampleGens()
+	fillAt(t, o, 2, 0, 4096)
+	require.NoError(t, s.origin.Flush())
+	require.NoError(t, s.settleSamples(&gens))
+	require.EqualValues(t, 1, s.id.durable.Load(), "written since the counts: still dirty")
+	require.NoError(t, o.Flush())
+	require.Zero(t, s.id.durable.Load(), "a Flush with no write since settles it")
+
+	fillAt(t, o, 3, 0, 4096)
+	_, err := s.CreateSnapshot("s", o) // drains and flushes; sample 0 stays dirty
+	require.NoError(t, err)
+	require.EqualValues(t, 1, s.id.durable.Load())
+	fillAt(t, o, 4, 0, 4096) // a copy-on-write: the data waits in the origin buffer
+	require.Positive(t, s.ob.n.Load())
+	gens = s.sampleGens()
+	require.NoError(t, s.origin.Flush())
+	require.NoError(t, s.settleSamples(&gens))
+	require.EqualValues(t, 1, s.id.durable.Load(), "buffered: still dirty")
+	require.NoError(t, o.Flush())
+	require.Zero(t, s.id.durable.Load())
+}
+
+// BenchmarkTouchSamples is what the origin write path pays for the
+// fingerprint on a write that touches no sample (the common case), and on
+// one that touches a sample already marked dirty.
+func BenchmarkTouchSamples(b *testing.B) {
+	s, _, _ := newMemStore(b, 64<<20, 16<<20, Options{ChunkSize: 4 << 10})
+	pos, _ := samplePositions(64 << 20)
+	require.NoError(b, s.touchSamples(pos[15], 4096))
+	for _, bc := range []struct {
+		name string
+		off  int64
+	}{{"miss", pos[15] - 8192}, {"dirty-sample", pos[15]}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for range b.N {
+				if err := s.touchSamples(bc.off, 4096); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// Opens racing on one device without flock in this process: exactly one
+// wins, the others are refused naming it.
+func TestConcurrentOpensOneWins(t *testing.T) {
+	origin, store, s := sliceStore(t)
+	require.NoError(t, s.Close())
+	const n = 4
+	type result struct {
+		s   *Store
+		err error
+	}
+	out := make(chan result, n)
+	for range n {
+		o, sv := sliceViews(t, origin, store)
+		go func() {
+			s, err := Open(o, sv, Options{})
+			out <- result{s, err}
+		}()
+	}
+	var won []*Store
+	for range n {
+		r := <-out
+		if r.err == nil {
+			won = append(won, r.s)
+			continue
+		}
+		var oe *OwnerError
+		require.ErrorAs(t, r.err, &oe)
+	}
+	require.Len(t, won, 1)
+	require.NoError(t, won[0].Close())
+}
+
+// The superblock's identity region fields: a store with the region
+// decodes and re-encodes to itself; every bit flip is rejected; and
+// values that pass the checksum but not the layout (a region elsewhere,
+// of another length, half set, or a journal that does not follow it) are
+// ErrCorrupt naming byte 160 or 48.
+func TestSuperblockIdentityFields(t *testing.T) {
+	g := geometry{chunkSize: 64 << 10, originSize: 1 << 30, storeSize: 1 << 30, idOff: superblockSize, idLen: identityLen,
+		journalOff: superblockSize + identityLen, journalLen: 1 << 20, metaOff: superblockSize + identityLen + 1<<20,
+		metaLen: 1 << 20, dataOff: 3 << 20, dataChunks: (1<<30 - 3<<20) / (64 << 10), version: superblockVersion}
+	sb := g.encode()
+	got, err := decodeSuperblock(sb)
+	require.NoError(t, err)
+	require.Equal(t, sb, got.encode())
+	for i := 0; i < len(sb)*8; i++ {
+		b := bytes.Clone(sb)
+		b[i/8] ^= 1 << (i % 8)
+		_, err := decodeSuperblock(b)
+		require.ErrorIs(t, err, ErrCorrupt, "bit %d", i)
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(g *geometry)
+		byte   string
+	}{
+		{"region elsewhere", func(g *geometry) { g.idOff = 8192 }, "byte 160"},
+		{"region of another length", func(g *geometry) { g.idLen = 4096 }, "byte 160"},
+		{"offset without length", func(g *geometry) { g.idLen = 0 }, "byte 160"},
+		{"journal not after it", func(g *geometry) { g.journalOff = superblockSize }, "byte 48"},
+	} {
+		bad := g
+		tc.change(&bad)
+		_, err := decodeSuperblock(bad.encode())
+		require.ErrorIs(t, err, ErrCorrupt, tc.name)
+		require.ErrorContains(t, err, tc.byte, tc.name)
+	}
 }

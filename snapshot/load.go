@@ -21,15 +21,20 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	var hdr [12]byte
 	d.read(hdr[:])
 	version := binary.LittleEndian.Uint32(hdr[8:])
-	known := version == checkpointVersion || version == noGroupsVersion || s.migrating && version == oldCheckpointVersion
+	known := version == checkpointVersion || version == noCounterVersion || version == noGroupsVersion ||
+		s.migrating && version == oldCheckpointVersion
 	if d.err == nil && (string(hdr[:8]) != checkpointMagic || !known) {
 		d.fail("bad magic or version %d", version)
 	}
 	nextVol, nextBr := d.uv(), d.u32()
 	// Older images carry no chunk-group summaries: Open rebuilds them.
-	s.rebuild = version != checkpointVersion
-	s.loadBranches(d, version == checkpointVersion)
+	s.rebuild = version < noCounterVersion
+	s.ctr = counters{stale: true} // loading the holders changes no counter
+	s.loadBranches(d, version >= noCounterVersion)
 	s.loadVolumes(d)
+	if version == checkpointVersion {
+		s.loadCounters(d) // else they stay stale: Open rebuilds them
+	}
 	if version == oldCheckpointVersion {
 		s.loadRuns(d)
 	} else if tag := d.byte1(); tag != 0 && d.err == nil {

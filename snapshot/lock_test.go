@@ -96,12 +96,7 @@ func TestSecondOpenOfMemRefused(t *testing.T) {
 	_, err = s.CreateSnapshot("kept", s.Origin())
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
-	s, err = Open(origin, store, Options{})
-	require.NoError(t, err)
-	_, err = s.OpenVolume("kept")
-	require.NoError(t, err)
-	mustCheck(t, s)
-	require.NoError(t, s.Close())
+	reopenKept(t, origin, store)
 }
 
 // Read-only opens share the lock with each other, and keep a writer out.
@@ -152,13 +147,19 @@ func TestOpenRefusedAcrossProcesses(t *testing.T) {
 	require.NoError(t, st.Close())
 }
 
-// TestStoreHolderProcess is the child of TestOpenRefusedAcrossProcesses.
+// TestStoreHolderProcess is the child of TestOpenRefusedAcrossProcesses
+// and (opening views without flock, BLOCKSNAP_HOLDER_SLICES set) of
+// TestOwnerRefusedAcrossProcesses.
 func TestStoreHolderProcess(t *testing.T) {
 	originPath, storePath := os.Getenv("BLOCKSNAP_HOLDER_ORIGIN"), os.Getenv("BLOCKSNAP_HOLDER_STORE")
 	if storePath == "" {
 		t.Skip("run by TestOpenRefusedAcrossProcesses")
 	}
-	st, err := openFiles(t, originPath, storePath, Options{})
+	var o, s blockdev.Device = openFile(t, originPath, false), openFile(t, storePath, false)
+	if os.Getenv("BLOCKSNAP_HOLDER_SLICES") != "" {
+		o, s = sliceViews(t, o, s)
+	}
+	st, err := Open(o, s, Options{})
 	require.NoError(t, err)
 	_, err = st.CreateSnapshot("child", st.Origin())
 	require.NoError(t, err)

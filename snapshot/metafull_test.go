@@ -22,6 +22,7 @@ import (
 // discards fail with ErrNoSpace and change nothing, the store stays
 // usable, and deleting the clone makes room again.
 func TestCrashMetadataFull(t *testing.T) {
+	skipUnderRace(t)
 	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 11))
 	origin, err := blockdev.NewMem(64<<30, 4096) // sparse: 1 Mi chunks of 64 KiB (more entries than the region holds)

@@ -366,9 +366,11 @@ func (s *Store) flushOrigin() error {
 	if err := s.usable(); err != nil {
 		return err
 	}
-	gens := s.sampleGens()
+	var gens [maxSamples]uint64
 	err := s.drainOrigin(s.ctx)
 	if err == nil {
+		// After the drain: its write-outs are covered by the Flush.
+		gens = s.sampleGens()
 		if err = s.origin.Flush(); err != nil {
 			err = fmt.Errorf("snapshot: flush origin: %w", err)
 		}

@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -25,7 +26,8 @@ import (
 //     crash the process lived through: take over);
 //   - the holder held the store device's flock and this Open got it: the
 //     holder is gone, as the flock goes with its process (take over);
-//   - this host and no process has the pid: gone (take over);
+//   - this host and no process has the pid, or the record predates the
+//     host's last boot (Linux): gone (take over);
 //   - otherwise (another host, or a live pid on a device without flock)
 //     it may run: refuse with an *OwnerError naming it, unless
 //     Options.TakeOver says the caller knows it is gone.
@@ -85,6 +87,14 @@ func (o *ownerRecord) public() Owner {
 // process.
 var liveOpens sync.Map // [16]byte -> struct{}
 
+// judging serialises, within this process, the reading of an owner
+// record with the claim that follows it (openIdentity; Format from its
+// check to its claim), so that two Opens here of one device without
+// flock cannot both find it free. Across processes the flock does that
+// where there is one. Lock order: before the Store's id.mu; nothing else
+// of a store is held with it.
+var judging sync.Mutex
+
 // thisHost is the host name owner records carry (at most maxHostLen
 // bytes).
 func thisHost() string {
@@ -118,8 +128,47 @@ func ownerGone(o *ownerRecord, flock bool) bool {
 		return true
 	case sameHost && !pidAlive(int(o.pid)):
 		return true
+	case sameHost && openedBeforeBoot(o.since):
+		return true // its pid, if alive, is another process's now
 	}
 	return false
+}
+
+// refuseOwner returns the *OwnerError that refuses an Open (or a Format
+// over the store) with opts while o holds it, or nil.
+func refuseOwner(o *ownerRecord, opts Options) error {
+	if !o.held() || opts.TakeOver || ownerGone(o, opts.storeFlock) {
+		return nil
+	}
+	return &OwnerError{Host: o.host, PID: int(o.pid), Since: time.Unix(0, o.since), OpenID: fmt.Sprintf("%x", o.id)}
+}
+
+// refuseFormatOver refuses a Format of a store device that holds a store
+// another Store holds (its owner record says so): formatting it would
+// pull the journal and the metadata from under that Store. Anything that
+// is not such a store is formatted over.
+func refuseFormatOver(store blockdev.Device, opts Options) error {
+	buf := blockdev.AlignedBuffer(max(superblockSize, store.BlockSize()))
+	if _, err := store.ReadAt(buf, 0); err != nil {
+		return nil
+	}
+	g, err := decodeSuperblock(buf)
+	if err != nil || g.idLen == 0 || g.idOff+g.idLen > store.Size() {
+		return nil
+	}
+	st, err := readIdentity(store, &g)
+	if err != nil {
+		return nil
+	}
+	return refuseOwner(&st.owner, opts)
+}
+
+// openedBeforeBoot reports whether a record of this host dated since
+// (unix ns) predates the host's last boot (a second of slack for the
+// boot time's rounding).
+func openedBeforeBoot(since int64) bool {
+	boot, ok := bootTime()
+	return ok && time.Unix(0, since).Before(boot.Add(-time.Second))
 }
 
 // claim makes this Store the store's owner, after the identity region's
@@ -127,10 +176,11 @@ func ownerGone(o *ownerRecord, flock bool) bool {
 // samples are written before the Open writes anything else.
 func (s *Store) claimLocked(flock bool) error {
 	s.id.st.owner = newOwner(flock)
+	liveOpens.Store(s.id.st.owner.id, struct{}{}) // live from its first write on
 	if err := s.writeIdentityLocked(); err != nil {
+		liveOpens.Delete(s.id.st.owner.id)
 		return err
 	}
-	liveOpens.Store(s.id.st.owner.id, struct{}{})
 	s.claimed = true
 	return nil
 }
@@ -191,15 +241,28 @@ func (s *Store) openIdentity() error {
 	if g.idLen == 0 {
 		return nil
 	}
+	if !s.opts.ReadOnly {
+		judging.Lock() // from the record's read to the claim
+		defer judging.Unlock()
+	}
 	st, err := readIdentity(s.store, g)
+	if errors.Is(err, ErrCorrupt) && s.opts.TakeOver {
+		// Both copies are bad: TakeOver starts a new record, every sample
+		// dirty, so that the origin as it is now is fingerprinted below.
+		st = identState{uuid: g.uuid, originSize: g.originSize, n: sampleCount(g.originSize), sampleLen: sampleLen(g.originSize)}
+		st.dirty = 1<<st.n - 1
+		err = nil
+	}
 	if err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			err = fmt.Errorf("%w (Options.TakeOver writes a new owner record and fingerprints the origin as it is)", err)
+		}
 		return err
 	}
 	if err := checkOrigin(s.origin, &st); err != nil {
 		return err
 	}
 	id := &s.id
-	id.on = true
 	id.pos, id.n = samplePositions(g.originSize)
 	id.l = sampleLen(g.originSize)
 	if st.n == 0 { // never fingerprinted: nothing to keep current
@@ -213,8 +276,8 @@ func (s *Store) openIdentity() error {
 		s.ownerSeen = st.owner
 		return nil
 	}
-	if o := &st.owner; o.held() && !s.opts.TakeOver && !ownerGone(o, s.opts.storeFlock) {
-		return &OwnerError{Host: o.host, PID: int(o.pid), Since: time.Unix(0, o.since), OpenID: fmt.Sprintf("%x", o.id)}
+	if err := refuseOwner(&st.owner, s.opts); err != nil {
+		return err
 	}
 	if st.dirty != 0 {
 		if err := s.origin.Flush(); err != nil {

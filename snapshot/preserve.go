@@ -1,6 +1,9 @@
 package snapshot
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+)
 
 // The origin's preserved epochs, looked up on first use.
 //
@@ -56,6 +59,9 @@ func (s *Store) resolvePreserved(c0, c1 uint64) error {
 			continue
 		}
 		e, err := s.preservedLookup(c)
+		if errors.Is(err, ErrClosed) {
+			return err // a write that raced Close: nothing failed
+		}
 		if err != nil {
 			return s.fail(err)
 		}

@@ -27,6 +27,7 @@ import (
 // the snapshot reads as before, and once the filler is deleted discards
 // fit again.
 func TestReviewMetadataFullStaysUsable(t *testing.T) {
+	skipUnderRace(t)
 	ctx := context.Background()
 	seed := blockdevtest.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 3))

@@ -36,3 +36,12 @@ func TestInfoParentName(t *testing.T) {
 	require.Equal(t, int64(0), st.DataBytes%st.ChunkSize)
 	require.Equal(t, int64(7), st.Volumes) // origin, golden, vm1, vm1s, vm1c, vm2, direct
 }
+
+// skipUnderRace skips a long single-threaded test in the short race run
+// (race_test.go says why).
+func skipUnderRace(t *testing.T) {
+	t.Helper()
+	if raceEnabled && testing.Short() {
+		t.Skip("long single-threaded fill: run without -race (make unit), or with -race without -short")
+	}
+}

@@ -1,10 +1,13 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Kind is the kind of a volume.
@@ -228,6 +231,9 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		if o.kind == opPut {
 			return s.applyPut(br, o, replay, bad)
 		}
+		if o.b == 0 {
+			s.countChange(o.e)
+		}
 		for i := uint64(0); i < o.n; i++ {
 			x, ok, err := s.ix.del(o.b, o.c+i, o.e)
 			if err != nil {
@@ -246,11 +252,18 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 					free = s.m.ReturnData
 				}
 				if err := free(x.loc); err != nil {
+					if !errors.Is(err, meta.ErrInvalid) {
+						// The layer failed (a device error): not the record's fault.
+						return metaErr("free of a store chunk", err)
+					}
 					return bad("entry (%d,%d,%d) frees store chunk %d: %v", o.b, o.c+i, o.e, x.loc, err)
 				}
 			}
 		}
 	case opMove:
+		if o.b == 0 {
+			s.countChange(o.e)
+		}
 		x, ok, err := s.ix.del(o.b, o.c, o.e)
 		if err != nil {
 			return metaErr("index delete", err)
@@ -274,7 +287,9 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return bad("branch %d cloned from epoch %d of branch %d (last %d)", o.id, o.e, o.b, p.lastEpoch)
 		}
 		s.branches[uint32(o.id)] = s.newBranch(uint32(o.id), o.b, o.e)
-		p.ref(o.e, 1)
+		if _, err := s.refAt(p, o.e, 1); err != nil {
+			return err
+		}
 		if uint32(o.id) >= s.nextBranch {
 			s.nextBranch = uint32(o.id) + 1
 		}
@@ -290,8 +305,14 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		if p := s.branches[br.parent]; p != nil {
 			p.children = slices.DeleteFunc(p.children, func(x *branch) bool { return x == br })
 		}
-		if p := s.branches[br.parent]; p != nil && p.ref(br.parentEpoch, -1) {
-			s.queueGC(point{p.id, br.parentEpoch})
+		if p := s.branches[br.parent]; p != nil {
+			zero, err := s.refAt(p, br.parentEpoch, -1)
+			if err != nil {
+				return err
+			}
+			if zero {
+				s.queueGC(point{p.id, br.parentEpoch})
+			}
 		}
 	case opVolume:
 		return s.applyVolume(o, bad)
@@ -303,10 +324,10 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		s.removeName(v)
 		if o.kind == opHide {
 			v.hidden = true
-			s.branches[v.branch].ref(v.epoch, -1)
-			return nil
+			_, err := s.refAt(s.branches[v.branch], v.epoch, -1)
+			return err
 		}
-		s.dropVolume(v)
+		return s.dropVolume(v)
 	case opRename:
 		v := s.volumes[o.id]
 		if v == nil || v.hidden {
@@ -336,8 +357,16 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 	if o.loc < locInherit && o.loc+o.n > s.geo.dataChunks {
 		return bad("location %d+%d past the data region", o.loc, o.n)
 	}
+	if br.id == 0 && s.migrating {
+		s.ctr.stale = true // Migrate rebuilds them at the new store's Open
+	}
 	for i := uint64(0); i < o.n; i++ {
 		x := entry{b: o.b, e: o.e, c: o.c + i, loc: o.loc}
+		if br.id == 0 {
+			if err := s.countPut(x.c, o.e, o.loc < locInherit); err != nil {
+				return err
+			}
+		}
 		if o.loc < locInherit {
 			x.loc = o.loc + i
 			if replay && !s.alloc.mark(x.loc) {
@@ -379,7 +408,9 @@ func (s *Store) applyVolume(o *op, bad func(string, ...any) error) error {
 		br.lastEpoch = o.e
 		s.byPoint[point{o.b, o.e}] = v.id
 		if !o.hidden {
-			br.ref(o.e, 1)
+			if _, err := s.refAt(br, o.e, 1); err != nil {
+				return err
+			}
 		}
 	case KindClone:
 		if br.liveVol != 0 || o.e != epochLive {
@@ -407,7 +438,7 @@ func (s *Store) removeName(v *volume) {
 
 // dropVolume forgets a deleted snapshot or clone and queues the collection
 // of what only it needed.
-func (s *Store) dropVolume(v *volume) {
+func (s *Store) dropVolume(v *volume) error {
 	br := s.branches[v.branch]
 	delete(s.volumes, v.id)
 	v.dead.Store(true)
@@ -415,7 +446,9 @@ func (s *Store) dropVolume(v *volume) {
 	case KindSnapshot:
 		delete(s.byPoint, point{v.branch, v.epoch})
 		if !v.hidden {
-			br.ref(v.epoch, -1)
+			if _, err := s.refAt(br, v.epoch, -1); err != nil {
+				return err
+			}
 		}
 		if br.refs[v.epoch] <= 0 {
 			s.queueGC(point{v.branch, v.epoch})
@@ -425,6 +458,7 @@ func (s *Store) dropVolume(v *volume) {
 		br.liveVol = 0
 		s.queueGC(point{v.branch, epochLive})
 	}
+	return nil
 }
 
 // queueGC asks the collector to look at the entries of p, whose epoch no

@@ -113,6 +113,9 @@ type Options struct {
 	// device without flock): the caller has made sure it is gone. A
 	// holder that is certainly gone (this host and no such process, or
 	// the flock it held is free) is taken over without it (owner.go).
+	// It also opens a store whose identity region is unreadable (both
+	// copies bad), writing a new one (a read-only open only reads past
+	// it) with the origin fingerprinted as it is.
 	TakeOver bool
 	// JournalSize is the journal region in bytes (checkpoint slots and
 	// log); 0 means 1/32 of the store, at least 1 MiB and at most 2 GiB.
@@ -251,7 +254,8 @@ type Store struct {
 	// (then a checkpoint that needs no lock frees it). Lock order: branch
 	// gate, then clone stripe, then origin stripe, then fgMu, then
 	// reclaim, then mu, then allocator.mu, then the meta layer's locks;
-	// the origin buffer's drainMu is never held with mu. The index (ix)
+	// the origin buffer's drainMu is never held with mu. id.mu
+	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
 	mu        sync.RWMutex
@@ -277,6 +281,12 @@ type Store struct {
 	// harmless: new snapshots get greater numbers). Guarded by the origin
 	// stripe of c (written under mu as well).
 	preserved []uint32
+	// ctr: the space counters of the origin and its snapshots
+	// (counters.go). Guarded by mu.
+	ctr counters
+	// ctrRebuilt: Open found ctr stale and rebuilt it by a walk (set
+	// before the store is shared; tests read it).
+	ctrRebuilt bool
 
 	originLocks [nStripes]paddedRW // per origin chunk: writers exclusive for a copy
 	cloneLocks  [nStripes]paddedMu // per (branch, chunk) of a clone
@@ -388,6 +398,11 @@ const (
 
 // formatStore is Format once the devices are locked (lock.go).
 func formatStore(origin, store blockdev.Device, opts Options) (*Store, error) {
+	judging.Lock() // until the claim (owner.go)
+	defer judging.Unlock()
+	if err := refuseFormatOver(store, opts); err != nil {
+		return nil, err
+	}
 	s, err := formatRegions(origin, store, opts)
 	if err != nil {
 		return nil, err
@@ -628,6 +643,10 @@ func openStore(origin, store blockdev.Device, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
+	if err := s.settleCounters(); err != nil {
+		s.abort()
+		return nil, err
+	}
 	if err := s.afterReplay(); err != nil {
 		s.abort()
 		return nil, err
@@ -704,6 +723,7 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 	s.b0 = s.newBranch(0, 0, 0)
 	s.branches[0] = s.b0
 	s.nextBranch = 1
+	s.countFormat()
 	created := g.formatted
 	if created == 0 { // a store formatted before the superblock recorded it
 		created = time.Now().UnixNano()
@@ -777,7 +797,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.dropCapture()
 	s.wg.Wait()
-	gens := s.sampleGens()
+	var gens [maxSamples]uint64 // taken just before the origin's Flush
 	var err error
 	if p := s.failed.Load(); p != nil {
 		err = fmt.Errorf("snapshot: close of a failed store: %w", *p)
@@ -788,6 +808,7 @@ func (s *Store) Close() error {
 		// A clean shutdown leaves every completed write durable: the
 		// buffered origin writes go out after their commit.
 		if err = s.drainOrigin(context.Background()); err == nil {
+			gens = s.sampleGens()
 			err = s.origin.Flush()
 		}
 		if err == nil {

@@ -33,10 +33,13 @@ type VolumeInfo struct {
 	Protected bool
 }
 
-// VolumeStat is a volume's space accounting, in the manner of thin_ls.
-// Mapped counts the bytes whose data this volume reads from the store (for
-// the origin: from the origin device); Exclusive those no other volume
-// reads; Shared the rest.
+// VolumeStat is a volume's space accounting, in the manner of thin_ls
+// (docs/metadata.md section 15 defines it exactly). Mapped counts the bytes
+// whose data this volume reads from the store (for the origin: from the
+// origin device); Exclusive those no other volume reads (a clone taken of
+// a snapshot reads what the snapshot reads); Shared the rest, which
+// includes everything a clone reads through its parent. For the origin,
+// Shared is what a snapshot still reads from the origin device.
 type VolumeStat struct {
 	VolumeInfo
 	Mapped, Exclusive, Shared int64
@@ -246,19 +249,35 @@ func (v *Volume) Info() VolumeInfo {
 	return v.s.infoLocked(v.meta)
 }
 
-// Stat returns the named volume's space accounting. The origin's comes
-// from its preserved epochs (memory). A snapshot's or clone's walks the
-// index entries of the volume's branch and its ancestors (metadata only)
-// on a committed view of the index (readView), so the walk does not hold
-// the store's lock and writers go on meanwhile; the answer is the state at
-// the call's start.
+// Stat returns the named volume's space accounting (docs/metadata.md
+// section 15 defines it). The origin's comes from its preserved epochs
+// (memory); a snapshot of the origin's from counters kept as entries
+// change, in O(log snapshots). A clone's or a clone's snapshot's walks
+// the index entries of the volume's branch and its ancestors (metadata
+// only) on a committed view of the index (readView), so the walk does not
+// hold the store's lock and writers go on meanwhile; the answer is the
+// state at the call's start.
 func (s *Store) Stat(name string) (VolumeStat, error) {
 	s.mu.RLock()
-	if id, ok := s.byName[name]; ok && s.volumes[id].kind == KindOrigin {
-		defer s.mu.RUnlock()
-		return s.originStatLocked(s.volumes[id]), nil
+	if id, ok := s.byName[name]; ok {
+		v := s.volumes[id]
+		switch {
+		case v.kind == KindOrigin:
+			defer s.mu.RUnlock()
+			return s.originStatLocked(v), nil
+		case v.kind == KindSnapshot && v.branch == 0 && !s.ctr.stale:
+			defer s.mu.RUnlock()
+			return s.snapshotStatLocked(v), nil
+		}
 	}
 	s.mu.RUnlock()
+	return s.statWalk(name)
+}
+
+// statWalk is Stat by a walk of the entries the volume reads: what clones
+// and their snapshots use, and the oracle that the counters are tested
+// against.
+func (s *Store) statWalk(name string) (VolumeStat, error) {
 
 	var st VolumeStat
 	var levels []viewLevel
@@ -375,15 +394,18 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 }
 
 // originStatLocked is the origin's Stat: a chunk is shared while a
-// snapshot still needs its preserved copy. Called with Store.mu held.
+// snapshot still needs its preserved copy (the snapshot reads it from the
+// origin). O(log snapshots), from the counters. Called with Store.mu held.
 func (s *Store) originStatLocked(v *volume) VolumeStat {
-	st := VolumeStat{VolumeInfo: s.infoLocked(v)}
+	st := VolumeStat{VolumeInfo: s.infoLocked(v), Mapped: s.geo.originSize}
 	need := s.b0.need.Load()
-	for c := uint64(0); c < s.chunks; c++ {
-		n := s.chunkLen(c)
-		st.Mapped += n
-		if pe, err := s.preservedOf(c); err != nil || need > pe {
-			st.Shared += n // unreadable: counted as the snapshot's, not the origin's
+	if !s.ctr.stale {
+		st.Shared = s.ctr.pres.sum(need)
+	} else { // a pass over the chunks, looking up those not known
+		for c := uint64(0); c < s.chunks; c++ {
+			if pe, err := s.preservedOf(c); err != nil || need > pe {
+				st.Shared += s.chunkLen(c) // unreadable: counted as the snapshot's, not the origin's
+			}
 		}
 	}
 	st.Exclusive = st.Mapped - st.Shared

@@ -94,6 +94,9 @@ func (v *Volume) check(off, n int64) error {
 // which Delete marks it.
 func (v *Volume) notDeleted() error {
 	if v.meta.dead.Load() {
+		if v.s.closed.Load() {
+			return ErrClosed // Close marks every volume dead (closeVolumes)
+		}
 		return fmt.Errorf("%w: volume %d", ErrInvalidSnapshot, v.meta.id)
 	}
 	return nil

@@ -70,6 +70,7 @@ type workload struct {
 	// pages read on a cache miss and evicted.
 	emergencies, invalidated int64
 	metaMisses, metaEvicted  uint64
+	metaGrows                int // GrowMetadata calls that grew the region
 }
 
 // retire adds the counters of the store about to be closed to w's.
@@ -173,6 +174,9 @@ func (w *workload) step() error {
 	default:
 		if w.opts.Transient {
 			return w.write(false)
+		}
+		if r < 94 {
+			return w.growMetadata() // review_workload_test.go
 		}
 		return w.reopen()
 	}
@@ -586,6 +590,10 @@ func TestModelWorkload(t *testing.T) {
 			}
 			w.verifySome(true)
 			mustCheck(t, w.s)
+			t.Logf("metadata region grown %d times", w.metaGrows)
+			if !m.opts.Transient && !testing.Short() {
+				require.Positive(t, w.metaGrows, "the workload never grew the metadata region")
+			}
 		})
 	}
 }

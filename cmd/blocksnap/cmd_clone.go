@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -131,11 +132,11 @@ func cloneOptions(a access) clone.Options {
 	return clone.Options{ReadOnly: a == inspect}
 }
 
-// cloneSession is an open clone with its devices and locks.
+// cloneSession is an open clone with its devices (the clone holds their
+// locks).
 type cloneSession struct {
 	c               *clone.Clone
 	src, dest, meta blockdev.Device
-	locks           []*os.File
 }
 
 func (s *cloneSession) close() error {
@@ -155,7 +156,6 @@ func (s *cloneSession) close() error {
 	if s.src != nil {
 		s.src.Close()
 	}
-	unlock(s.locks)
 	return err
 }
 
@@ -167,8 +167,10 @@ func emptyOrMissing(path string) bool {
 }
 
 // openClone opens (create: or creates, when meta is new) the clone the
-// flags name. The metadata is locked before the source is opened, so that
-// a clone a running hydrate holds is reported as such whatever the source.
+// flags name. clone.Create and clone.Open lock the destination and the
+// metadata; a running hydrate's clone is refused with errCloneInUse. That
+// is known before the source is opened (isLocked probes the metadata's
+// lock), so that it is reported as such whatever the source.
 func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, format bool) (*cloneSession, error) {
 	s := &cloneSession{}
 	var created []string // files this call made, removed again if it fails
@@ -184,8 +186,8 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 		return fail(fmt.Errorf("meta %s holds no clone (start one with blocksnap hydrate)", f.meta))
 	}
 	if !fresh {
-		if err := s.lock(f.meta); err != nil {
-			return fail(err)
+		if held, err := isLocked(f.meta); err != nil || held {
+			return fail(cmp.Or(err, fmt.Errorf("%s: %w", f.meta, errCloneInUse)))
 		}
 	}
 	var err error
@@ -208,12 +210,6 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 			}
 			d.Close()
 		}
-		if p.path == f.meta && !fresh {
-			continue // locked above
-		}
-		if err := s.lock(p.path); err != nil {
-			return fail(err)
-		}
 	}
 	fo := blockdev.FileOptions{ReadOnly: opts.ReadOnly}
 	if s.dest, err = blockdev.Open(f.dest, fo); err != nil {
@@ -230,22 +226,13 @@ func openClone(ctx context.Context, f *cloneFlags, opts clone.Options, create, f
 			err = fmt.Errorf("%s holds no valid clone metadata (use --format to start a new clone): %w", f.meta, err)
 		}
 	}
+	if errors.Is(err, clone.ErrLocked) {
+		err = fmt.Errorf("%s: %w", f.meta, errCloneInUse)
+	}
 	if err != nil {
 		return fail(err)
 	}
 	return s, nil
-}
-
-func (s *cloneSession) lock(path string) error {
-	l, err := lockFile(path)
-	if errors.Is(err, errInUse) {
-		return fmt.Errorf("%s: %w", path, errCloneInUse)
-	}
-	if err != nil {
-		return err
-	}
-	s.locks = append(s.locks, l)
-	return nil
 }
 
 var cmdHydrate = &command{

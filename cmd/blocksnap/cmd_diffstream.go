@@ -313,17 +313,16 @@ func openTarget(path string, h diffstream.Header) (*blockdev.File, func(), error
 			return nil, nil, err
 		}
 	}
-	lock, err := lockFile(path)
-	if errors.Is(err, errInUse) {
-		return nil, nil, fmt.Errorf("target %s is in use by another process", path)
-	}
-	if err != nil {
-		return nil, nil, err
-	}
 	d, err := blockdev.Open(path, opts)
 	if err != nil {
-		lock.Close()
 		return nil, nil, err
 	}
-	return d, func() { lock.Close() }, nil
+	if err := d.Lock(blockdev.LockExclusive); err != nil {
+		d.Close()
+		if errors.Is(err, blockdev.ErrLocked) {
+			return nil, nil, fmt.Errorf("target %s is in use by another process", path)
+		}
+		return nil, nil, err
+	}
+	return d, func() { _ = d.Unlock() }, nil
 }

@@ -117,7 +117,7 @@ func format(e *env, sf *storeFlags, chunk, size, storeSize, maxVol sizeFlag, for
 			return fmt.Errorf("%s already holds a blocksnap store of an older format (convert it with blocksnap migrate, or use --force to reformat and lose it)", sf.store)
 		}
 	}
-	st, err := snapshot.Format(device(o), s, snapshot.Options{ChunkSize: chunk.n, MaxVolumeSize: maxVol.n})
+	st, err := snapshot.Format(device(o), s, snapshot.Options{ChunkSize: chunk.n, MaxVolumeSize: maxVol.n, TakeOver: sf.takeOver})
 	if errors.Is(err, snapshot.ErrLocked) {
 		return inUse(e.ctx, "store", sf.store, sf.controlPath(), inUseAdvice, err)
 	}

@@ -24,14 +24,16 @@ var cmdServe = &command{
 	name: "serve",
 	examples: []string{
 		"blocksnap serve --origin disk.img --store store.img --listen 127.0.0.1:10809",
+		"blocksnap serve --store pool.img --socket /run/blocksnap/pool.sock --listen ''",
 		"qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/vm1,format=raw,if=virtio ...",
 	},
-	summary: "export the origin as \"origin\" and every snapshot (read-only) and clone over NBD; " +
-		"the other store commands act on the live server through its control socket",
+	summary: "export every volume over NBD under its name (snapshots read-only; the origin, if the store has one, " +
+		"as \"origin\" and the default export); the other store commands act on the live server through its control socket",
 	long: "SIGINT or SIGTERM drains: requests in flight are answered, every export is flushed, the store is closed. " +
 		"With TLS, SIGHUP reloads the certificates from --tls-creds for new connections; open ones keep theirs. " +
 		"Without TLS it listens only on loopback (or a Unix socket) unless --allow-plaintext is given. " +
-		"Volumes created, cloned, snapshotted or renamed through the control socket are exported at once; a deleted " +
+		"Volumes created, imported, cloned, snapshotted or renamed through the control socket are exported at once " +
+		"(a resized one with its new size, to each new connection); a deleted " +
 		"volume's export is withdrawn; a rollback keeps its clients connected. A write that needs space the full store " +
 		"lacks fails with ENOSPC (QEMU's werror=enospc pauses the VM), and a warning on standard error comes first, " +
 		"when the free data or metadata space drops below an eighth of its region.",
@@ -73,6 +75,11 @@ func runServe(e *env, sf *storeFlags, opts nbd.Options, metrics, listen, sock st
 	}
 	if err != nil {
 		return err
+	}
+	if !s.st.HasOrigin() && opts.DefaultExport == "origin" {
+		// A pool has no origin: the empty export name (nbd://host:port)
+		// selects the first volume exported.
+		opts.DefaultExport = ""
 	}
 	vs, err := newVolumeServer(s.st, opts)
 	if err == nil {

@@ -43,10 +43,20 @@ func message(err error) string {
 	return strings.Join(out, ": ")
 }
 
+// ownerHeld is the error for a store whose owner record names a holder
+// the flock cannot see (another host sharing the device).
+func ownerHeld(what, path string, oe *snapshot.OwnerError) error {
+	return fmt.Errorf("%s %s is held by pid %d on host %q since %s (its owner record): add --take-over only once that process is known to be gone",
+		what, path, oe.PID, oe.Host, oe.Since.UTC().Format(time.RFC3339))
+}
+
 // inUse is the error for a path another process holds: it names the
 // holder when a control socket at control answers (the program, its PID)
 // and says what to do (todo: the advice for this command).
 func inUse(ctx context.Context, what, path, socket, todo string, cause error) error {
+	if oe := (*snapshot.OwnerError)(nil); errors.As(cause, &oe) {
+		return ownerHeld(what, path, oe)
+	}
 	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	info, err := control.Dial(socket).Info(ictx)

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -23,6 +22,7 @@ var errInUse = errors.New("in use by another process")
 // storeFlags are the flags every store command takes.
 type storeFlags struct {
 	origin, store, control string
+	takeOver               bool // snapshot.Options.TakeOver
 }
 
 func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
@@ -30,6 +30,8 @@ func addStoreFlags(fs *pflag.FlagSet) *storeFlags {
 	fs.StringVar(&f.origin, "origin", "", "origin `PATH` (file or block device holding the live volume; none for a pool of volumes only)")
 	fs.StringVar(&f.store, "store", "", "store `PATH` (file or block device holding snapshots and metadata)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` of a running serve (default STORE.control)")
+	fs.BoolVar(&f.takeOver, "take-over", false, "open the store although its owner record names a holder the flock cannot see "+
+		"(another host sharing the device): only once that holder is known to be gone")
 	required(fs, "store")
 	return f
 }
@@ -87,7 +89,10 @@ func openDevices(origin, store string, a access) (*blockdev.File, *blockdev.File
 // store) is an error of its own, naming the holder where the system says.
 func inUseErr(f *storeFlags, err error) error {
 	var le *blockdev.LockedError
+	var oe *snapshot.OwnerError
 	switch {
+	case errors.As(err, &oe):
+		return ownerHeld("store", f.store, oe)
 	case !errors.As(err, &le):
 		return err
 	case le.Path == f.origin:
@@ -121,6 +126,7 @@ func openSession(f *storeFlags, a access) (*session, error) {
 
 // openSessionWith is openSession with the store options given.
 func openSessionWith(f *storeFlags, a access, opts snapshot.Options) (*session, error) {
+	opts.TakeOver = opts.TakeOver || f.takeOver
 	o, s, err := openDevices(f.origin, f.store, a)
 	if err != nil {
 		return nil, err
@@ -153,14 +159,6 @@ func (s *session) close() error {
 		}
 	}
 	return err
-}
-
-// unlock releases the locks lockFile took (a clone's, an apply-diff
-// target's).
-func unlock(locks []*os.File) {
-	for _, l := range locks {
-		l.Close()
-	}
 }
 
 // heldBy names the processes holding a lock, or says how to find them.

@@ -1,6 +1,6 @@
-// VM disks: one golden image, three VM clones of it, a blank data disk,
-// a snapshot and a rollback of one clone, all served over NBD for QEMU or
-// qemu-io.
+// VM disks in a pool: a golden image imported from a sparse file, three
+// VM clones of it, a blank data disk, a snapshot and a rollback of one
+// clone, all served over NBD for QEMU or qemu-io.
 //
 //	go run ./examples/vmdisk [-listen 127.0.0.1:10809] [-dir DIR]
 //
@@ -59,29 +59,38 @@ func main() {
 // is called with the server's address once it listens (it must not block:
 // connections are accepted after it returns).
 func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Addr)) error {
+	// The golden image as a distribution ships it: a sparse raw file
+	// with the OS at the start and holes elsewhere.
 	golden, err := blockdev.Create(filepath.Join(dir, "golden.img"), 64<<20, blockdev.FileOptions{})
 	if err != nil {
 		return err
 	}
 	defer golden.Close()
+	if err := put(golden, 0, "golden OS image v1"); err != nil {
+		return err
+	}
+	// The store is a pool of volumes (no origin device): it holds every
+	// VM disk, whatever its size.
 	storeDev, err := blockdev.Create(filepath.Join(dir, "store.img"), 128<<20, blockdev.FileOptions{})
 	if err != nil {
 		return err
 	}
 	defer storeDev.Close()
-	st, err := snapshot.Format(golden, storeDev, snapshot.Options{})
+	st, err := snapshot.Format(nil, storeDev, snapshot.Options{})
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 
-	// "Install" the golden image, then freeze it as a snapshot.
-	origin := st.Origin()
-	defer origin.Close()
-	if err := put(origin, 0, "golden OS image v1"); err != nil {
+	// Import the golden image (only its data is copied: holes and zeros
+	// take no store space), then freeze it as a snapshot.
+	image, err := st.Import(ctx, "golden-image", golden, snapshot.ImportOptions{})
+	if err != nil {
 		return err
 	}
-	base, err := st.CreateSnapshot("golden", origin)
+	defer image.Close()
+	fmt.Fprintf(w, "imported golden.img: %d MiB, %d KiB stored\n", image.Size()>>20, st.Stats().UsedBytes>>10)
+	base, err := st.CreateSnapshot("golden", image)
 	if err != nil {
 		return err
 	}
@@ -102,6 +111,12 @@ func run(ctx context.Context, w io.Writer, dir, listen string, ready func(net.Ad
 		if err := put(vm, 1<<20, "hostname: "+name); err != nil {
 			return err
 		}
+	}
+
+	// vm2 needs a bigger disk than golden's: the grown range reads as
+	// zeros (its guest grows its partition).
+	if err := st.Resize("vm2", 96<<20, snapshot.ResizeOptions{}); err != nil {
+		return err
 	}
 
 	// A blank data disk for vm1: 2 GiB of its own size, reading as zeros

@@ -492,8 +492,17 @@ func (m *Meta) GrowData(chunks uint64) error {
 	if chunks < m.dataSM.nbits {
 		return fmt.Errorf("meta: grow data to %d chunks from %d: %w", chunks, m.dataSM.nbits, ErrInvalid)
 	}
-	if err := checkGeometry(m.dev, m.metaSM.nbits, chunks); err != nil {
+	// A region grown into data chunks (extents.go) has only its base
+	// pages on m.dev; the extents take a superblock pointer each.
+	base, ext := m.metaSM.nbits, m.extentsOf()
+	if len(ext) > 0 {
+		base = m.layout.Load().base
+	}
+	if err := checkGeometry(m.dev, base, chunks); err != nil {
 		return err
+	}
+	if idxFor(pagesFor(m.metaSM.nbits))+idxFor(pagesFor(chunks))+len(ext) > maxIdxPtrs {
+		return fmt.Errorf("meta: %d pages and %d chunks need more pointers than the superblock holds: %w", m.metaSM.nbits, chunks, ErrInvalid)
 	}
 	m.dataSM.grow(chunks)
 	m.changed = true
