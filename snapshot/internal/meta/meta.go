@@ -414,9 +414,7 @@ func (m *Meta) releaseFrees() {
 		if g.tx > m.durable {
 			break
 		}
-		for c := g.from; c < g.to; c++ { // no view can reach a chunk the old map lacked
-			m.dataSM.unhold(c)
-		}
+		m.dataSM.unholdRun(g.from, g.to) // no view can reach a chunk the old map lacked
 		n++
 	}
 	m.grown = append(m.grown[:0], m.grown[n:]...)
@@ -530,9 +528,7 @@ func (m *Meta) GrowData(chunks uint64, hold bool) error {
 	from := m.dataSM.nbits
 	m.dataSM.grow(chunks)
 	if hold && chunks > from {
-		for c := from; c < chunks; c++ {
-			m.dataSM.hold(c)
-		}
+		m.dataSM.holdRun(from, chunks)
 		m.grown = append(m.grown, grownRun{tx: m.tx, from: from, to: chunks})
 	}
 	m.changed = true

@@ -216,3 +216,20 @@ func TestBadOpen(t *testing.T) {
 	_, err = Format(dev, Options{DataChunks: 1 << 40})
 	require.ErrorIs(t, err, ErrInvalid)
 }
+
+// TestHoldRun: holdRun and unholdRun hold and release exactly the bits of
+// their run, across word boundaries, as hold and unhold bit by bit would.
+func TestHoldRun(t *testing.T) {
+	for _, r := range [][2]uint64{{0, 0}, {0, 1}, {3, 64}, {60, 70}, {64, 128}, {100, 164}, {1, 1000}, {127, 129}} {
+		s, want := newSpaceMap(1024), newSpaceMap(1024)
+		s.holdRun(r[0], r[1])
+		for i := r[0]; i < r[1]; i++ {
+			want.hold(i)
+		}
+		require.Equal(t, want.held, s.held, "run %v", r)
+		require.Equal(t, want.nheld, s.nheld, "run %v", r)
+		s.unholdRun(r[0], r[1])
+		require.Equal(t, make([]uint64, len(s.held)), s.held, "run %v", r)
+		require.Zero(t, s.nheld, "run %v", r)
+	}
+}
