@@ -12,60 +12,78 @@ import (
 //
 // A Device has a fixed size, so a grown store device (an extended LV, a
 // bigger file) shows at the next Open: Open accepts a store device larger
-// than its superblock records, and Grow then extends the data region to
-// the device's end.
+// than the data region, and Grow then extends the region to the device's
+// end.
 //
 // The metadata region sits between the journal and the data, so it cannot
 // grow in place. GrowMetadata grows it into data chunks instead: the
 // layer takes the highest run of free data chunks (the tail of the data
 // region, which a Grow just extended when the device grew) and makes them
 // pages of the region, listed as an extent in its own superblock. The
-// chunks stay in use in the data space map, so the data region's size and
-// the store's superblock do not change. The extent, the chunks' bits and
-// the grown page map are one tree commit: a crash before it leaves the
-// region as it was and the chunks free (docs/metadata.md section 14).
+// chunks stay in use in the data space map, so the data region's size
+// does not change. The extent, the chunks' bits and the grown page map
+// are one tree commit: a crash before it leaves the region as it was and
+// the chunks free (docs/metadata.md section 14).
 //
-// Grow order: the data space map grows first (in memory; durable at the
-// next tree commit), then the superblock is rewritten and flushed. Chunks
-// past the old end may be allocated between the two, so a crash can leave
-// the metadata region mapping more data chunks than the superblock says,
-// or (the tree commit not yet made) fewer. Open adopts the larger of the
-// two as long as the device holds it, and rewrites the superblock.
+// The store's superblock (block 0) is a single copy, written once by
+// Format and never again: a torn rewrite would lose the whole store. Its
+// data chunks and store size are the data region's size at Format, a
+// minimum. The metadata layer is the authority for the current size: its
+// data space map's size is in its own superblock, which has two copies
+// and is switched atomically by a tree commit (docs/metadata.md).
+//
+// Grow extends the data space map with the new chunks held (not
+// allocatable) and runs a tree commit; once that commit is durable the
+// chunks are released. So no journal record names a chunk past the old
+// end before a durable map holds it: a crash before the commit leaves the
+// grow undone and nothing referencing the new chunks, and a later Grow
+// does it again. (A journal record "grow to N chunks" replayed before the
+// later records would do as well, but the held chunks reuse the layer's
+// existing rule for freed chunks and need no new record or replay order.)
+//
+// Open takes the layer's size when it is larger than the superblock's and
+// the device holds it, writing nothing; a device smaller than what the
+// layer maps is ErrCorrupt. A layer smaller than the superblock is a store
+// an earlier build grew by rewriting the superblock, whose journal may
+// name the chunks past the layer's end: Open grows the map to the
+// superblock's size, usable at once.
 
 // Grow makes the space a grown store device added usable: the data region
-// is extended to the device's end. It returns the bytes added (0 when the
-// device did not grow) and the LowData warning is re-armed.
+// is extended to the device's end, durably (Grow runs a tree commit). It
+// returns the bytes added (0 when the device did not grow) and the LowData
+// warning is re-armed.
 func (s *Store) Grow() (int64, error) {
 	if err := s.writable(); err != nil {
 		return 0, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	g := s.geo
-	chunks := uint64((s.store.Size() - g.dataOff) / s.cs)
-	if chunks <= g.dataChunks {
+	old := s.geo.dataChunks
+	chunks := uint64((s.store.Size() - s.geo.dataOff) / s.cs)
+	if chunks <= old {
+		s.mu.Unlock()
 		return 0, nil
 	}
-	if err := s.m.GrowData(chunks); err != nil {
+	if err := s.m.GrowData(chunks, true); err != nil {
+		s.mu.Unlock()
 		return 0, metaErr("grow the data space map", err)
 	}
-	added := int64(chunks-g.dataChunks) * s.cs
-	g.dataChunks, g.storeSize = chunks, s.store.Size()
-	if err := writeSuperblock(s.store, &g); err != nil {
-		return 0, err // the next Open adopts the grown map (see above)
+	// Only this field changes: the I/O paths read the others without
+	// mu. Nothing allocates the new chunks before the commit below.
+	s.geo.dataChunks = chunks
+	s.mu.Unlock()
+	if err := s.treeCommit(context.Background()); err != nil {
+		return 0, err
 	}
-	// Only these two fields change: the I/O paths read the others
-	// without mu.
-	s.geo.dataChunks, s.geo.storeSize = g.dataChunks, g.storeSize
 	s.lowDataFired.Store(false)
-	return added, nil
+	return int64(chunks-old) * s.cs, nil
 }
 
-// adoptDataChunks reconciles the data chunks the metadata region maps
-// (mapped) with the superblock's after a Grow a crash interrupted. Called
-// by Open before the store is used.
+// adoptDataChunks takes the data region's size from the chunks the
+// metadata layer maps (mapped) when it is larger than the superblock's
+// size at Format (see above). Called by Open before the store is used; it
+// writes nothing to the store device.
 func (s *Store) adoptDataChunks(mapped uint64) error {
-	g := s.geo
+	g := &s.geo
 	fits := uint64((s.store.Size() - g.dataOff) / s.cs)
 	switch {
 	case mapped == g.dataChunks:
@@ -74,15 +92,9 @@ func (s *Store) adoptDataChunks(mapped uint64) error {
 		return fmt.Errorf("%w: metadata region maps %d data chunks, superblock %d, the device holds %d",
 			ErrCorrupt, mapped, g.dataChunks, fits)
 	case mapped < g.dataChunks:
-		return metaErr("grow the data space map", s.m.GrowData(g.dataChunks))
+		return metaErr("grow the data space map", s.m.GrowData(g.dataChunks, false))
 	}
-	g.dataChunks, g.storeSize = mapped, max(g.storeSize, g.dataOff+int64(mapped)*s.cs)
-	if !s.opts.ReadOnly {
-		if err := writeSuperblock(s.store, &g); err != nil {
-			return err
-		}
-	}
-	s.geo.dataChunks, s.geo.storeSize = g.dataChunks, g.storeSize
+	g.dataChunks = mapped
 	return nil
 }
 

@@ -93,40 +93,117 @@ func amReadAt(t *testing.T, v *Volume, off int64) []byte {
 	return p
 }
 
-// A Grow a crash cut short: the metadata region maps more chunks than the
-// superblock (tree committed, superblock not written), or fewer
-// (superblock written, tree not committed). Open adopts the larger.
+// block0 returns a copy of the store's superblock block.
+func block0(t *testing.T, dev blockdev.Device) []byte {
+	t.Helper()
+	p := blockdev.AlignedBuffer(superblockSize)
+	_, err := dev.ReadAt(p, 0)
+	require.NoError(t, err)
+	return p
+}
+
+// Open sizes the data region from the metadata layer, never writing the
+// superblock: a layer grown and committed (the way Grow leaves it) is
+// adopted; a layer smaller than the superblock (a store an earlier build
+// grew by rewriting the superblock, its tree commit lost) is grown to the
+// superblock's size, usable at once. Both then take writes past the
+// Format size and keep them across a reopen.
 func TestGrowInterrupted(t *testing.T) {
 	opts := Options{ChunkSize: growChunk, CommitInterval: -1, MetadataBytes: 1 << 20}
-	for _, metaFirst := range []bool{true, false} {
-		origin, err := blockdev.NewMem(4<<20, 512)
+	for _, layerGrown := range []bool{true, false} {
+		origin, err := blockdev.NewMem(16<<20, 512)
 		require.NoError(t, err)
 		store, err := blockdev.NewMem(8<<20, 4096)
 		require.NoError(t, err)
 		s, err := Format(origin, store, opts)
 		require.NoError(t, err)
+		c, err := s.CreateClone("c", s.Origin())
+		require.NoError(t, err)
+		next := fillUntilFull(t, c, 0)
 		before := s.Stats().dataChunks()
 		require.NoError(t, s.Close())
 		big := biggerCopy(t, store, 12<<20)
 		s, err = Open(origin, big, opts)
 		require.NoError(t, err)
-		if metaFirst {
-			require.NoError(t, s.m.GrowData(before+64))
+		if layerGrown {
+			require.NoError(t, s.m.GrowData(before+64, true))
 		} else {
 			g := s.geo
 			g.dataChunks, g.storeSize = before+64, big.Size()
 			require.NoError(t, writeSuperblock(big, &g))
 		}
 		require.NoError(t, s.Close()) // commits the tree, writes no superblock
+		sb := block0(t, big)
 		s, err = Open(origin, big, opts)
-		require.NoError(t, err, "metaFirst=%v", metaFirst)
+		require.NoError(t, err, "layerGrown=%v", layerGrown)
 		require.Equal(t, before+64, s.Stats().dataChunks())
 		mustCheck(t, s)
+		c = mustOpen(t, s, "c")
+		end := fillUntilFull(t, c, next)
+		require.Equal(t, next+64, end, "layerGrown=%v: the grown chunks take writes", layerGrown)
+		mustCheck(t, s)
 		require.NoError(t, s.Close())
-		g, err := readSuperblock(origin, big)
+		require.Equal(t, sb, block0(t, big), "layerGrown=%v: Open rewrote the superblock", layerGrown)
+
+		s, err = Open(origin, big, opts)
 		require.NoError(t, err)
-		require.Equal(t, before+64, g.dataChunks)
+		require.Equal(t, before+64, s.Stats().dataChunks())
+		c = mustOpen(t, s, "c")
+		require.Equal(t, bytes.Repeat([]byte{byte(end - 1)}, growChunk), amReadAt(t, c, (end-1)*growChunk))
+		mustCheck(t, s)
+		require.NoError(t, s.Close())
+
+		// A device smaller than what the layer maps is refused.
+		small, err := blockdev.Slice(big, 0, 10<<20)
+		require.NoError(t, err)
+		_, err = Open(origin, small, opts)
+		require.ErrorIs(t, err, ErrCorrupt, "layerGrown=%v", layerGrown)
 	}
+}
+
+// Block 0, the store's single-copy superblock, is byte-identical before
+// and after Grow, GrowMetadata and the reopens between them.
+func TestGrowKeepsSuperblock(t *testing.T) {
+	origin, err := blockdev.NewMem(16<<20, 512)
+	require.NoError(t, err)
+	store, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	opts := Options{ChunkSize: growChunk, CommitInterval: -1, MetadataBytes: 1 << 20}
+	s, err := Format(origin, store, opts)
+	require.NoError(t, err)
+	c, err := s.CreateClone("c", s.Origin())
+	require.NoError(t, err)
+	next := fillUntilFull(t, c, 0)
+	require.NoError(t, s.Close())
+	sb := block0(t, store)
+
+	big := biggerCopy(t, store, 16<<20)
+	s, err = Open(origin, big, opts)
+	require.NoError(t, err)
+	added, err := s.Grow()
+	require.NoError(t, err)
+	require.Equal(t, int64(8<<20), added)
+	require.Equal(t, sb, block0(t, big), "Grow")
+	grown, err := s.GrowMetadata(context.Background(), 1<<20)
+	require.NoError(t, err)
+	require.Equal(t, int64(1<<20), grown)
+	require.Equal(t, sb, block0(t, big), "GrowMetadata")
+	c = mustOpen(t, s, "c")
+	end := fillUntilFull(t, c, next)
+	require.Equal(t, next+128-16, end, "the grown data region less the metadata's chunks")
+	mustCheck(t, s)
+	chunks := s.Stats().dataChunks()
+	require.NoError(t, s.Close())
+	require.Equal(t, sb, block0(t, big), "Close")
+
+	s, err = Open(origin, big, opts)
+	require.NoError(t, err)
+	defer s.Close()
+	require.Equal(t, sb, block0(t, big), "Open")
+	require.Equal(t, chunks, s.Stats().dataChunks())
+	c = mustOpen(t, s, "c")
+	require.Equal(t, bytes.Repeat([]byte{byte(end - 1)}, growChunk), amReadAt(t, c, (end-1)*growChunk))
+	mustCheck(t, s)
 }
 
 // LowData fires when the free data space drops below the threshold, once

@@ -24,7 +24,9 @@ import (
 // open.
 func openFixture(t *testing.T, seed uint64) (*Store, *blockdev.Mem, *blockdev.Mem) {
 	const cs = 4096
-	s, origin, store := newMemStore(t, 32<<20, 96<<20, Options{ChunkSize: cs})
+	// No commit-interval tree commits: the tail replayed after a crash is
+	// then whatever the test logged since its last explicit one.
+	s, origin, store := newMemStore(t, 32<<20, 96<<20, Options{ChunkSize: cs, CommitInterval: -1})
 	rng := rand.New(rand.NewPCG(seed, 11))
 	o := s.Origin()
 	_, err := s.CreateSnapshot("s1", o)
@@ -222,14 +224,22 @@ func TestOpenVersion2Image(t *testing.T) {
 }
 
 func copyMem(t *testing.T, d *blockdev.Mem) *blockdev.Mem {
-	b := make([]byte, d.Size())
-	_, err := d.ReadAt(b, 0)
-	require.NoError(t, err)
-	c, err := blockdev.NewMem(d.Size(), d.BlockSize())
-	require.NoError(t, err)
-	_, err = c.WriteAt(b, 0)
+	c, err := copyMemErr(d)
 	require.NoError(t, err)
 	return c
+}
+
+func copyMemErr(d *blockdev.Mem) (*blockdev.Mem, error) {
+	b := make([]byte, d.Size())
+	if _, err := d.ReadAt(b, 0); err != nil {
+		return nil, err
+	}
+	c, err := blockdev.NewMem(d.Size(), d.BlockSize())
+	if err != nil {
+		return nil, err
+	}
+	_, err = c.WriteAt(b, 0)
+	return c, err
 }
 
 // A bad chunk-group summary in an image is ErrCorrupt, never a panic.
@@ -294,9 +304,11 @@ func TestReplaySortedMatchesLive(t *testing.T) {
 	for s.capOut {
 		s.capDone.Wait()
 	}
-	require.Greater(t, s.j.LastSeq(), s.lastTreeSeq, "no tail to replay")
-	crashed := copyMem(t, store)
+	last, tree := s.j.LastSeq(), s.lastTreeSeq
+	crashed, err := copyMemErr(store) // no require under mu: a failure would leave it held
 	s.mu.Unlock()
+	require.NoError(t, err)
+	require.Greater(t, last, tree, "no tail to replay")
 	require.NoError(t, s.Close())
 
 	s, err = Open(origin, crashed, Options{})

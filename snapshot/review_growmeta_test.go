@@ -213,3 +213,40 @@ func TestReviewGrowMetadataConcurrent(t *testing.T) {
 	defer s.Close()
 	verify(s, "reopened")
 }
+
+// A Grow cut short after its superblock write and before the tree commit
+// that makes the grown data space map durable, in a store whose metadata
+// region has grown into data chunks: Open adopts the superblock's larger
+// data region (growing the map past the extents), and Check passes.
+func TestReviewGrowInterruptedAfterGrowMetadata(t *testing.T) {
+	ctx := context.Background()
+	store, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	opts := growMetaOpts
+	opts.MaxVolumeSize = 1 << 30
+	s, err := Format(nil, store, opts)
+	require.NoError(t, err)
+	_, err = s.GrowMetadata(ctx, growChunk)
+	require.NoError(t, err)
+	chunks := s.Stats().dataChunks()
+	require.NoError(t, s.Close())
+
+	big := biggerCopy(t, store, 12<<20)
+	s, err = Open(nil, big, opts)
+	require.NoError(t, err)
+	_, err = s.Grow()
+	require.NoError(t, err)
+	img := crashImage(t, big) // the superblock says grown; the tree does not
+	require.NoError(t, s.Close())
+
+	s, err = Open(nil, img, Options{TakeOver: true})
+	require.NoError(t, err)
+	defer s.Close()
+	require.Equal(t, chunks+64, s.Stats().dataChunks())
+	require.NoError(t, s.Check())
+	v, err := s.CreateVolume("v", 16<<20)
+	require.NoError(t, err)
+	end := fillUntilFull(t, v, 0)
+	require.Greater(t, end, int64(64))
+	mustCheck(t, s)
+}

@@ -195,8 +195,9 @@ func TestStoreOpenScale(t *testing.T) {
 	}
 	tail := s.j.LastSeq() - s.lastTreeSeq
 	crashed := filepath.Join(dir, "crashed")
-	require.NoError(t, copyFile(filepath.Join(dir, "meta"), crashed))
+	err = copyFile(filepath.Join(dir, "meta"), crashed)
 	s.mu.Unlock()
+	require.NoError(t, err) // not under mu: a failure would leave it held
 	// The pages in use above count, twice, each node the open transaction
 	// shadowed since the last tree commit: its old page is held until a
 	// commit is durable. After a tree commit only the live trees and maps

@@ -11,11 +11,12 @@ package snapshot
 //	    28    4  flags: bit 0 = transient (the store keeps no metadata on
 //	             the device and cannot be opened); other bits must be 0
 //	    32    8  origin size in bytes
-//	    40    8  store size in bytes
+//	    40    8  store size in bytes at Format (a minimum: the device may grow)
 //	    48    8  journal region offset in bytes
 //	    56    8  journal region length in bytes
 //	    64    8  data region offset in bytes (a multiple of the chunk size)
-//	    72    8  data chunks
+//	    72    8  data chunks at Format (a minimum: the metadata layer's data
+//	             space map is the current count; grow.go)
 //	    80   16  store UUID (random at Format)
 //	    96    8  format time (unix ns; the origin volume's creation time; 0 = unknown)
 //	   104    8  metadata region offset in bytes (version 2; a multiple of 4096)
@@ -32,7 +33,7 @@ package snapshot
 // All integers little-endian. The region [0, 4096) is the superblock; the
 // identity region (identity.go: the owner record and the origin's
 // fingerprint, in two copies that change while the store is open, so that
-// the block above is written only by Format and Grow) follows it in stores
+// the block above is written only by Format, never rewritten) follows it in stores
 // formatted since it exists, then the journal region, then the metadata region (the paged index and
 // space maps of package snapshot/internal/meta, docs/metadata.md), then
 // the data region. Version 1 had no metadata region: its index lived in

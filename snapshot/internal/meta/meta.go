@@ -81,6 +81,12 @@ type freeBatch struct {
 	meta, data []uint64
 }
 
+// grownRun is a data space map grow's new chunks [from, to), held until
+// transaction tx (which records the grown map) is durable: a journal
+// record naming one before then would name a chunk past the end of the
+// map a crash leaves.
+type grownRun struct{ tx, from, to uint64 }
+
 // Meta is an open metadata region. One writer at a time changes the
 // current transaction (all methods lock Meta.mu); any number of Views read
 // committed transactions without that lock.
@@ -129,6 +135,7 @@ type Meta struct {
 	metaSM   *spaceMap
 	dataSM   *spaceMap
 	deferred []freeBatch
+	grown    []grownRun
 	changed  bool
 	failed   error
 	closed   bool
@@ -402,13 +409,22 @@ func (m *Meta) freePage(loc uint64) {
 // releaseFrees makes reusable what committed transactions freed and no
 // open view can still reach.
 func (m *Meta) releaseFrees() {
+	n := 0
+	for _, g := range m.grown {
+		if g.tx > m.durable {
+			break
+		}
+		m.dataSM.unholdRun(g.from, g.to) // no view can reach a chunk the old map lacked
+		n++
+	}
+	m.grown = append(m.grown[:0], m.grown[n:]...)
 	m.viewMu.Lock()
 	limit := m.durable
 	for vtx := range m.views {
 		limit = min(limit, vtx)
 	}
 	m.viewMu.Unlock()
-	n := 0
+	n = 0
 	for _, b := range m.deferred {
 		if b.tx > limit {
 			break
@@ -482,8 +498,13 @@ func (m *Meta) Grow(pages uint64) error {
 	return nil
 }
 
-// GrowData extends the data space map to chunks.
-func (m *Meta) GrowData(chunks uint64) error {
+// GrowData extends the data space map to chunks. With hold the new
+// chunks are not allocated before the open transaction, which records the
+// grown map, is durable and its frees are released (ReleaseFrees, or a
+// Commit): a crash before then leaves the map as it was and nothing
+// referencing them. Without hold they are free at once (Open's repair of
+// a map that is smaller than what durable records already reference).
+func (m *Meta) GrowData(chunks uint64, hold bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable(); err != nil {
@@ -504,7 +525,12 @@ func (m *Meta) GrowData(chunks uint64) error {
 	if idxFor(pagesFor(m.metaSM.nbits))+idxFor(pagesFor(chunks))+len(ext) > maxIdxPtrs {
 		return fmt.Errorf("meta: %d pages and %d chunks need more pointers than the superblock holds: %w", m.metaSM.nbits, chunks, ErrInvalid)
 	}
+	from := m.dataSM.nbits
 	m.dataSM.grow(chunks)
+	if hold && chunks > from {
+		m.dataSM.holdRun(from, chunks)
+		m.grown = append(m.grown, grownRun{tx: m.tx, from: from, to: chunks})
+	}
 	m.changed = true
 	return nil
 }

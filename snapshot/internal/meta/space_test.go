@@ -107,7 +107,7 @@ func TestDataSpace(t *testing.T) {
 	require.Equal(t, locs[7], loc)
 	_, err = m.PutData(Key{C: 1, E: 1})
 	require.ErrorIs(t, err, ErrNoSpace)
-	require.NoError(t, m.GrowData(200))
+	require.NoError(t, m.GrowData(200, false))
 	loc, err = m.PutData(Key{C: 1, E: 1})
 	require.NoError(t, err)
 	require.EqualValues(t, 100, loc)
@@ -125,6 +125,44 @@ func TestDataSpace(t *testing.T) {
 	require.NoError(t, m.Put(Key{C: 3, E: 1}, locs[7]))
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())
+}
+
+// TestGrowDataHeld: chunks a held grow adds are not allocated before the
+// transaction recording the grown map commits, even with a view open; a
+// reopen without that commit has the old map, with it the grown one.
+func TestGrowDataHeld(t *testing.T) {
+	dev, m := newMemMeta(t, 256, 100, 0)
+	for range 100 {
+		_, err := m.AllocData()
+		require.NoError(t, err)
+	}
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.GrowData(164, true))
+	require.EqualValues(t, 164, m.Space().Chunks)
+	require.EqualValues(t, 64, m.DataHeld())
+	_, err := m.AllocData()
+	require.ErrorIs(t, err, ErrNoSpace, "a held grown chunk was allocated before its commit")
+	require.NoError(t, m.Close()) // no commit: as a crash leaves it
+
+	m, err = Open(dev, Options{})
+	require.NoError(t, err)
+	require.EqualValues(t, 100, m.Space().Chunks)
+	require.NoError(t, m.GrowData(164, true))
+	v := m.View() // an old view does not keep grown chunks held
+	require.NoError(t, m.Commit())
+	require.Zero(t, m.DataHeld())
+	loc, err := m.AllocData()
+	require.NoError(t, err)
+	require.EqualValues(t, 100, loc)
+	v.Release()
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Close())
+
+	m, err = Open(dev, Options{})
+	require.NoError(t, err)
+	defer m.Close()
+	require.EqualValues(t, 164, m.Space().Chunks)
+	require.EqualValues(t, 101, m.Space().ChunksUsed)
 }
 
 // TestViews: a view reads its committed transaction while the writer goes
@@ -177,4 +215,21 @@ func TestBadOpen(t *testing.T) {
 	require.ErrorIs(t, err, ErrInvalid)
 	_, err = Format(dev, Options{DataChunks: 1 << 40})
 	require.ErrorIs(t, err, ErrInvalid)
+}
+
+// TestHoldRun: holdRun and unholdRun hold and release exactly the bits of
+// their run, across word boundaries, as hold and unhold bit by bit would.
+func TestHoldRun(t *testing.T) {
+	for _, r := range [][2]uint64{{0, 0}, {0, 1}, {3, 64}, {60, 70}, {64, 128}, {100, 164}, {1, 1000}, {127, 129}} {
+		s, want := newSpaceMap(1024), newSpaceMap(1024)
+		s.holdRun(r[0], r[1])
+		for i := r[0]; i < r[1]; i++ {
+			want.hold(i)
+		}
+		require.Equal(t, want.held, s.held, "run %v", r)
+		require.Equal(t, want.nheld, s.nheld, "run %v", r)
+		s.unholdRun(r[0], r[1])
+		require.Equal(t, make([]uint64, len(s.held)), s.held, "run %v", r)
+		require.Zero(t, s.nheld, "run %v", r)
+	}
 }

@@ -126,6 +126,29 @@ func (s *spaceMap) unhold(i uint64) {
 	s.nheld--
 }
 
+// holdRun holds [from, to), bits none of which is set or held (a grow's
+// new bits), a word at a time: a grow may add millions.
+func (s *spaceMap) holdRun(from, to uint64) {
+	for i := from; i < to; {
+		w, b := i/64, i%64
+		n := min(64-b, to-i)
+		s.held[w] |= (^uint64(0) >> (64 - n)) << b
+		i += n
+	}
+	s.nheld += to - from
+}
+
+// unholdRun releases what holdRun held.
+func (s *spaceMap) unholdRun(from, to uint64) {
+	for i := from; i < to; {
+		w, b := i/64, i%64
+		n := min(64-b, to-i)
+		s.held[w] &^= (^uint64(0) >> (64 - n)) << b
+		i += n
+	}
+	s.nheld -= to - from
+}
+
 func (s *spaceMap) encodeBitmap(p []byte, i int, loc, tx uint64) {
 	w := s.words[i*wordsPerPage : (i+1)*wordsPerPage]
 	for j, v := range w {

@@ -228,7 +228,8 @@ func (m *Meta) ReturnData(loc uint64) error {
 	return nil
 }
 
-// DataHeld is the number of data chunks freed but not reusable yet.
+// DataHeld is the number of data chunks freed, or added by GrowData with
+// hold, but not reusable yet.
 func (m *Meta) DataHeld() uint64 {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
