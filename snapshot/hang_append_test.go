@@ -55,12 +55,12 @@ func TestCollectorAppendWhileCaptureOutstanding(t *testing.T) {
 	}
 	op, err := s.Delete("s")
 	require.NoError(t, err)
-	waitForStack(t, "(*Store).lockStripes", "(*Store).collect")
+	hangGuard(t, 30*time.Second, func() { waitForStack(t, "(*Store).lockStripes", "(*Store).collect") })
 	s.mu.Lock()
 	for i := range s.originLocks {
 		s.originLocks[i].Unlock()
 	}
-	waitForStack(t, "sync.(*RWMutex).Lock", "(*Store).collectBatch")
+	hangGuard(t, 30*time.Second, func() { waitForStack(t, "sync.(*RWMutex).Lock", "(*Store).collectBatch") })
 	// Meanwhile writers that passed makeLogRoom too fill the log to the
 	// last byte (records of no change stand for theirs).
 	full, cancel := context.WithCancel(context.Background())
@@ -73,6 +73,9 @@ func TestCollectorAppendWhileCaptureOutstanding(t *testing.T) {
 		}
 	}
 	s.mu.Unlock()
+	// The collector takes mu and keeps it: it is in logLocked (its Append
+	// waits there for log space) before the capture is written.
+	hangGuard(t, 30*time.Second, func() { waitForStack(t, "(*Store).logLocked", "(*Store).collectBatch") })
 
 	hangGuard(t, 30*time.Second, func() {
 		require.NoError(t, s.writeCheckpoint(c1))
@@ -83,7 +86,8 @@ func TestCollectorAppendWhileCaptureOutstanding(t *testing.T) {
 }
 
 // waitForStack polls the goroutine dump until one goroutine's stack holds
-// every string of want, in order from its top.
+// every string of want, in order from its top (callers guard it with
+// hangGuard).
 func waitForStack(t *testing.T, want ...string) {
 	t.Helper()
 	buf := make([]byte, 1<<20)
