@@ -20,16 +20,21 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 		}
 		return n, nil
 	}
+	n, err := m.readNode(p, k, level)
+	if err != nil {
+		return nil, err
+	}
+	return m.cache.add(n), nil
+}
+
+// readNode reads and decodes the node p points to, without the cache.
+func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
 	bp := m.pool.Get().(*[]byte)
 	defer m.pool.Put(bp)
 	if err := m.readPage(*bp, p.loc); err != nil {
 		return nil, err
 	}
-	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
-	if err != nil {
-		return nil, err
-	}
-	return m.cache.add(n), nil
+	return decodeNode(*bp, p.loc, k, p.tx, level)
 }
 
 // childIndex is the index of the child whose subtree holds key q: the last
