@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"testing"
 	"time"
@@ -213,11 +214,29 @@ func TestStoreOpenScale(t *testing.T) {
 		f, err := blockdev.Open(c.path, blockdev.FileOptions{})
 		require.NoError(t, err)
 		store.Head = f
+		stop := replayProfile(t, c.path == crashed)
 		t0 := time.Now()
 		s, err := Open(origin, store, opts)
+		stop()
 		require.NoError(t, err)
 		t.Logf("Open after %s: %v", c.name, time.Since(t0))
 		require.NoError(t, s.Close())
+		require.NoError(t, f.Close())
+	}
+}
+
+// replayProfile starts a CPU profile of the Open after a crash when
+// BLOCKSNAP_SCALE_PROFILE names a file, and returns what stops it.
+func replayProfile(t *testing.T, crash bool) func() {
+	path := os.Getenv("BLOCKSNAP_SCALE_PROFILE")
+	if path == "" || !crash {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	require.NoError(t, err)
+	require.NoError(t, pprof.StartCPUProfile(f))
+	return func() {
+		pprof.StopCPUProfile()
 		require.NoError(t, f.Close())
 	}
 }
