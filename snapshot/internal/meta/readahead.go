@@ -204,21 +204,30 @@ func maxNodeCost(level int) int {
 func (ra *readAhead) batch(k kind, level int, nodes []ptr) (int, error) {
 	loaded := append(ra.loaded[:0], make([]*node, len(nodes))...)
 	ra.loaded = loaded
-	var g errgroup.Group
-	for i := range nodes {
-		g.Go(func() error {
-			n, err := ra.m.readNode(nodes[i], k, level)
-			if err != nil {
-				return err
-			}
-			// Referenced before it is cached: add evicts at once, and
-			// would take an unreferenced node first (see want).
-			n.ref.Store(true)
-			loaded[i] = ra.m.cache.add(n)
-			return nil
-		})
+	read := func(i int) error {
+		n, err := ra.m.readNode(nodes[i], k, level)
+		if err != nil {
+			return err
+		}
+		// Referenced before it is cached: add evicts at once, and would
+		// take an unreferenced node first (see want).
+		n.ref.Store(true)
+		loaded[i] = ra.m.cache.add(n)
+		return nil
 	}
-	err := g.Wait()
+	var err error
+	if len(nodes) == 1 {
+		// One node (a root, or the inner node of a small window): a
+		// goroutine would only add a hand-off, whose wake-up a loaded
+		// machine delays, to the read.
+		err = read(0)
+	} else {
+		var g errgroup.Group
+		for i := range nodes {
+			g.Go(func() error { return read(i) })
+		}
+		err = g.Wait()
+	}
 	cost := 0
 	for i, n := range loaded {
 		if n != nil {
