@@ -119,6 +119,11 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 			if err = w.step(); err == nil && w.rng.IntN(4) == 0 {
 				err = w.s.WaitIdle(context.Background())
 			}
+			if err == nil && cfg.metadataCache > 0 {
+				// Every volume against the model at every step, so that a
+				// lost copy-on-write shows at the step that lost it.
+				err = w.tortchaseVerifyAll()
+			}
 		}
 		if w.s != nil && w.s.ob.n.Load() > 0 {
 			buffered++
