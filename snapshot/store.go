@@ -320,6 +320,13 @@ type Store struct {
 	capOut   bool
 	capDone  *sync.Cond
 	capFreed chan struct{}
+	// capTaken is the freed channel of a capture that a writer waiting
+	// for log space ended (logRoomLocked) before the capture's own writer
+	// ran its endCapture, which then still waits for mu; nil when none.
+	// While it is set nothing is posted to the checkpointer, which may be
+	// that writer (a capture left in its channel would never be written
+	// while the poster holds mu). Guarded by mu.
+	capTaken chan struct{}
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
@@ -936,9 +943,18 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 // it here, and capture again. Called with mu held, before any change.
 func (s *Store) logRoomLocked(n int) error {
 	for !s.j.Room(n) {
-		if !s.capOut {
+		if !s.capOut && s.capTaken == nil {
 			s.postCaptureLocked() // the Append waits for this one
 			return nil
+		}
+		if !s.capOut {
+			// A capture ended here has a writer still waiting for mu
+			// (possibly the checkpointer, which would then never take a
+			// posted capture): write the next one here, holding mu.
+			if err := s.writeCaptureLocked(); err != nil {
+				return err
+			}
+			continue
 		}
 		select {
 		case <-s.capFreed:
@@ -952,6 +968,7 @@ func (s *Store) logRoomLocked(n int) error {
 			return err // the capture failed, and failed the store
 		}
 		s.capOut = false // its endCapture, waiting for mu, sees the capture ended
+		s.capTaken = s.capFreed
 		s.capDone.Broadcast()
 	}
 	return nil
