@@ -449,6 +449,39 @@ func (s *Store) touchSamples(off, n int64) error {
 	return s.markSamples(mask)
 }
 
+// markQueued makes durable, in one write of the identity slots, the dirty
+// bits of every sample that the buffered entries q touch, before a drain
+// writes them out. Without it each sample's first write-out after an
+// origin Flush paid its own two slot writes and two device flushes, on the
+// drain that every writer waiting for buffer room waits for: 15 marks per
+// pass of a 64 MiB random first write, a fifth more flushes than its
+// journal commits. Marking more samples than a drain then writes (entries
+// it keeps) only makes them dirty early, which is always safe; the drain's
+// touchSamples still checks each write-out, so a sample settled meanwhile
+// is marked again there.
+func (s *Store) markQueued(q []*obEntry) error {
+	id := &s.id
+	if id.n == 0 {
+		return nil
+	}
+	all := uint32(1)<<id.n - 1
+	durable := id.durable.Load()
+	mask := uint32(0)
+	for _, e := range q {
+		lo, hi := id.touched(int64(e.c)*s.cs, s.chunkLen(e.c))
+		for i := lo; i < hi; i++ {
+			mask |= 1 << i
+		}
+		if (mask|durable)&all == all {
+			break
+		}
+	}
+	if mask&^durable == 0 {
+		return nil
+	}
+	return s.markSamples(mask)
+}
+
 // markSamples makes the dirty bits of mask durable.
 func (s *Store) markSamples(mask uint32) error {
 	id := &s.id
