@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -187,4 +188,75 @@ func tortchaseCheckSnapshots(t *testing.T, seed uint64, step int, what string, s
 			}
 		}
 	}
+}
+
+// TestNoSpaceInvalidateKeepsTheRest is the NoSpaceInvalidate suspect of
+// the tiny-cache torture's Diff miss, alone: on a store that fills, origin
+// writes delete the snapshots that would need a copy. The snapshots left
+// must read as when taken, Diff must list every chunk they differ in, and
+// a handle of a snapshot deleted for room must fail rather than read the
+// origin's new data. BLOCKSNAP_TORTURE_SECONDS=N runs steps for N seconds.
+func TestNoSpaceInvalidateKeepsTheRest(t *testing.T) {
+	skipUnderRace(t)
+	seed := blockdevtest.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 21))
+	const cs = 4 << 10
+	const osize = 300 << 10
+	opts := Options{ChunkSize: cs, JournalSize: 64 << 10, MetadataCache: 4 << 10, CommitInterval: -1,
+		NoSpace: NoSpaceInvalidate, OriginBuffer: 3 * cs}
+	s, _, _ := newMemStore(t, osize, 2<<20, opts)
+	fillPattern(t, s.Origin(), seed)
+	model := readAll(t, s.Origin())
+	snaps := map[string][]byte{}
+	vols := map[string]*Volume{}
+	serial, invalidated, step := 0, 0, 0
+	for budget := blockdevtest.TortureBudget(t, 120); budget.Next(); step++ {
+		what := ""
+		switch r := rng.IntN(100); {
+		case r < 70:
+			n := (1 + rng.Int64N(16)) * 4096
+			off := rng.Int64N((osize-n)/4096+1) * 4096
+			what = fmt.Sprintf("write %d+%d", off, n)
+			p := make([]byte, n)
+			for i := range p {
+				p[i] = byte(rng.Uint32())
+			}
+			_, err := s.Origin().WriteAt(p, off)
+			require.NoError(t, err, "seed %d step %d: %s", seed, step, what)
+			copy(model[off:], p)
+			for _, name := range slices.Sorted(maps.Keys(snaps)) {
+				if _, err := s.OpenVolume(name); errors.Is(err, ErrNotFound) {
+					invalidated++
+					_, rerr := vols[name].ReadAt(make([]byte, cs), 0)
+					require.Error(t, rerr, "seed %d step %d: %s was deleted for room but its handle still reads", seed, step, name)
+					delete(snaps, name)
+					delete(vols, name)
+				}
+			}
+		case r < 90 && len(snaps) < 8:
+			serial++
+			name := fmt.Sprintf("s%d", serial)
+			what = "snapshot " + name
+			v, err := s.CreateSnapshot(name, s.Origin())
+			if errors.Is(err, ErrNoSpace) {
+				break
+			}
+			require.NoError(t, err)
+			vols[name], snaps[name] = v, bytes.Clone(model)
+		case len(snaps) > 0:
+			name := pickName(rng, snaps)
+			what = "delete " + name
+			op, err := s.Delete(name)
+			require.NoError(t, err)
+			if rng.IntN(2) == 0 {
+				require.NoError(t, op.Wait(context.Background()))
+			}
+			delete(snaps, name)
+			delete(vols, name)
+		}
+		tortchaseCheckSnapshots(t, seed, step, what, s, model, snaps, vols)
+	}
+	mustCheck(t, s)
+	t.Logf("%d steps, %d snapshots deleted for room", step, invalidated)
+	require.Positive(t, invalidated, "the store never filled: nothing was invalidated")
 }
