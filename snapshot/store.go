@@ -155,7 +155,9 @@ type Options struct {
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
 	// superblock that says so, and a later Open of the store device fails
-	// with ErrBadOptions (it never finds an earlier store there).
+	// with ErrBadOptions (it never finds an earlier store there). Within
+	// its session it works as any store: GrowMetadata, CreateVolume and
+	// Resize included.
 	Transient bool
 	// NoSpace is the origin's behaviour when the store is full.
 	NoSpace NoSpacePolicy
@@ -175,7 +177,10 @@ type Options struct {
 	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
 	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
 	// work; every change (writes, discards, snapshots, clones, deletes,
-	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
+	// renames, rollbacks, checkpoints) fails with ErrReadOnly. Beside a
+	// live writer (a store device without a lock; with one, the Open is
+	// refused with ErrLiveWriter) metadata a writer replaced since the
+	// Open gives ErrStoreChanged, never ErrCorrupt: reopen (livero.go).
 	ReadOnly bool
 	// storeFlock: the store device holds a real flock (lockDevices set
 	// it), which an owner record of this Open records.
