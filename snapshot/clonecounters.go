@@ -37,6 +37,11 @@ type bcounts struct {
 	cov    epochSums        // non-inherit entries whose chunk the parent point maps
 	liveLo epochSums        // live data entries, by lo+1
 	excl   map[uint32]int64 // held epoch -> data entries read by it alone
+	// shared: a capture (a checkpoint image, a check) holds these very
+	// counters and reads them without the store's lock, so the next change
+	// works on a copy (bcountsOf). A tree commit then copies only the
+	// branches that changed since the last. Written under Store.mu.
+	shared bool
 }
 
 func (b *bcounts) clone() *bcounts {
@@ -107,8 +112,12 @@ func (s *Store) bcountsOf(id uint32) *bcounts {
 		return nil
 	}
 	bc := s.ctr.br[id]
-	if bc == nil {
-		bc = &bcounts{}
+	if bc == nil || bc.shared {
+		if bc == nil {
+			bc = &bcounts{}
+		} else {
+			bc = bc.clone()
+		}
 		if s.ctr.br == nil {
 			s.ctr.br = map[uint32]*bcounts{}
 		}
@@ -246,18 +255,21 @@ func (s *Store) fanOut(c uint64, lo, e uint32) error {
 // fanOutTo counts br's own entries of c as covering a mapped chunk, and
 // goes on to the clones of br whose parent point passes c.
 func (s *Store) fanOutTo(br *branch, c uint64) error {
-	var xs []entry
-	if br.groups.mayHave(c) {
-		err := s.ix.ascend(entry{b: br.id, c: c}, func(x entry) bool {
-			if x.b != br.id || x.c != c {
-				return false
-			}
-			xs = append(xs, x)
-			return true
-		})
+	var room [8]entry // a chunk's entries on one branch: usually one or two
+	xs := room[:0]
+	for e := uint32(0); br.groups.mayHave(c); e++ {
+		x, ok, err := s.ix.seek(br.id, c, e)
 		if err != nil {
 			return metaErr("counter upkeep", err)
 		}
+		if !ok {
+			break
+		}
+		xs = append(xs, x)
+		if x.e == epochLive {
+			break
+		}
+		e = x.e
 	}
 	if len(xs) > 0 {
 		bc := s.bcountsOf(br.id)
@@ -343,15 +355,11 @@ func (s *Store) countsFitSize(br *branch, vc uint64) (bool, error) {
 		if b.id == 0 && vc >= s.chunks {
 			break
 		}
-		fits := true
-		err := s.ix.ascend(entry{b: b.id, c: vc}, func(x entry) bool {
-			fits = x.b != b.id
-			return false
-		})
+		k, _, ok, err := s.ix.rd().Seek(metaKey(b.id, vc, 0))
 		if err != nil {
 			return false, metaErr("index lookup", err)
 		}
-		if !fits {
+		if ok && k.B == b.id {
 			return false, nil
 		}
 	}

@@ -502,10 +502,13 @@ func (s *Store) loadCounters(d *ckptReader) {
 	}
 }
 
+// clone copies the counters for a capture; each branch's (bcounts) it
+// shares, marked so that the next change copies them first.
 func (c *counters) clone() counters {
 	br := make(map[uint32]*bcounts, len(c.br))
 	for id, b := range c.br {
-		br[id] = b.clone()
+		b.shared = true
+		br[id] = b
 	}
 	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), pres: c.pres.clone(), stale: c.stale,
 		br: br, brStale: c.brStale}
