@@ -374,3 +374,26 @@ func TestCloneCountersDeadLiveEntries(t *testing.T) {
 		})
 	}
 }
+
+// clonecountStatsAgree compares Stat of every volume but the origin (whose
+// counters Check compares) with the walk: the crash torture and the model
+// workload call it after every reopen.
+func clonecountStatsAgree(s *Store) error {
+	for _, v := range s.List() {
+		if v.Kind == KindOrigin {
+			continue
+		}
+		got, err := s.Stat(v.Name)
+		if err != nil {
+			return err
+		}
+		want, err := s.statWalk(v.Name)
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("stat of %s: %+v, the walk gives %+v", v.Name, got, want)
+		}
+	}
+	return nil
+}
