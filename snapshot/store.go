@@ -189,6 +189,9 @@ type Options struct {
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// noReadAhead: Open's replay applies the changes without reading
+	// their pages ahead (replay.go); tests compare the two.
+	noReadAhead bool
 	// MaxVolumeSize bounds, in bytes, the size of every volume of the
 	// store (CreateVolume, Resize, Import): it is the extent of the index's
 	// chunk space, whose per-branch summaries stay the same size whatever
@@ -252,6 +255,12 @@ type Store struct {
 	// replayed index changes not applied yet (replay.go).
 	replayOps []op
 	deferred  []deferredOp
+	// replayKeys and replayKey are the read-ahead keys of the deferred
+	// changes (replay.go), Open's alone like deferred.
+	replayKeys []meta.Key
+	replayKey  [2]meta.Key
+	// replayWindows counts the read-ahead windows Open's replay applied.
+	replayWindows int
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -696,7 +705,7 @@ func (s *Store) openJournal() error {
 			s.replaying, s.ix.reserve = false, false
 			return err
 		}
-		s.deferred, s.replayOps = nil, nil // Open's alone
+		s.deferred, s.replayOps, s.replayKeys = nil, nil, nil // Open's alone
 	}
 	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
