@@ -379,8 +379,8 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 			}
 			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
 		}
-		if br.id == 0 && o.e > s.preserved[x.c] {
-			s.preserved[x.c] = o.e
+		if br.id == 0 {
+			s.pres.raise(x.c, o.e)
 		}
 	}
 	markGroups(br, o.c, o.n)
