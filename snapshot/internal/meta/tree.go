@@ -16,7 +16,7 @@ import (
 func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	if n := m.cache.get(p.loc); n != nil {
 		if n.tx != p.tx || n.kind != k || level >= 0 && int(n.level) != level {
-			return nil, corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx)
+			return nil, m.changedOr(corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx))
 		}
 		return n, nil
 	}
@@ -27,7 +27,7 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	}
 	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
 	if err != nil {
-		return nil, err
+		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
 	}
 	return m.cache.add(n), nil
 }
