@@ -66,6 +66,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
@@ -258,7 +259,7 @@ type Store struct {
 	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
-	mu        sync.RWMutex
+	mu        lockstat.RWMutex // a sync.RWMutex that keeps its longest hold and wait (LockStats)
 	ix        pagedIndex
 	branches  map[uint32]*branch
 	volumes   map[uint64]*volume

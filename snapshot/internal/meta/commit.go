@@ -370,6 +370,8 @@ func (m *Meta) writeBackSync(soft, hard int) error {
 // goroutine are skipped, so no page is written twice at once (an older
 // version landing last). Callers hold mu.
 func (m *Meta) writeNodes(max int) error {
+	t0 := time.Now()
+	defer func() { m.maxSelfWrite.Note(int64(time.Since(t0))) }()
 	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
 	for _, n := range m.nodeBuf {
 		n.encode(m.buf)

@@ -221,8 +221,9 @@ func (m *Meta) lockChange() {
 // low-space callback if the change crossed the threshold (outside mu: the
 // callback may call back into the layer).
 func (m *Meta) unlockNotify() {
-	if m.cache.misses.Load() != m.missMark {
+	if miss := m.cache.misses.Load() - m.missMark; miss != 0 {
 		m.prefetch.Store(prefetchWindow)
+		m.maxChangeMiss.Note(int64(miss))
 	}
 	cb := m.lowSpace()
 	m.mu.Unlock()

@@ -3,6 +3,7 @@ package meta
 import (
 	"fmt"
 	"slices"
+	"time"
 )
 
 // Tree invariants (Check verifies them): keys of the runs in a leaf lie in
@@ -22,9 +23,11 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	}
 	bp := m.pool.Get().(*[]byte)
 	defer m.pool.Put(bp)
+	t0 := time.Now()
 	if err := m.readPage(*bp, p.loc); err != nil {
 		return nil, err
 	}
+	m.maxRead.Note(int64(time.Since(t0)))
 	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
 	if err != nil {
 		return nil, err
