@@ -34,17 +34,20 @@ func TestStatsRecordHoldsAndWaits(t *testing.T) {
 	l.RLock()
 	var wg sync.WaitGroup
 	locked := make(chan struct{})
+	wrote := false
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		close(locked)
 		l.Lock()
+		wrote = true
 		l.Unlock()
 	}()
 	<-locked
 	time.Sleep(d)
 	l.RUnlock()
 	wg.Wait()
+	require.True(t, wrote)
 	st = l.Stats()
 	require.GreaterOrEqual(t, st.MaxShared, d)
 	// The writer may not have reached Lock before the sleep ended on a

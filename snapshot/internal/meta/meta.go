@@ -113,6 +113,7 @@ type Meta struct {
 	wbCond    *sync.Cond
 	wbWritten uint64 // pages the goroutine has written (or failed)
 	wbErr     error  // its first write error
+	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting)
 	// The slots and the channels between the writer and the goroutine
 	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
 	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
@@ -165,6 +166,10 @@ type Meta struct {
 	cache   *cache
 	pool    sync.Pool // page buffers for reads
 	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// overHard: a change found the open transaction's dirty nodes past
+	// three quarters of the cache with every write-back slot in flight;
+	// Throttle waits while it is set (set under mu, read without it).
+	overHard atomic.Bool
 	// maxRead, maxSelfWrite and maxChangeMiss are the Stalls maxima
 	// (atomic: noted under mu shared, or outside it).
 	maxRead, maxSelfWrite, maxChangeMiss lockstat.Max
@@ -574,6 +579,10 @@ func (m *Meta) Close() error {
 	if m.wbStop != nil {
 		close(m.wbStop)
 		<-m.wbDone
+		m.wbMu.Lock()
+		m.wbStopped = true
+		m.wbCond.Broadcast()
+		m.wbMu.Unlock()
 	}
 	return nil
 }
