@@ -22,13 +22,15 @@ type LockStats struct {
 	// lock, MaxChangeMiss the most pages one index change read under it.
 	MaxPageRead, MaxSelfWrite time.Duration
 	MaxChangeMiss             int64
+	// ChangesMissed counts the index changes that read a page.
+	ChangesMissed uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
 func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
-		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss}
+		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed}
 }
 
 // ResetLockStats clears what LockStats reports.

@@ -278,3 +278,44 @@ func (s *Store) prefetchOps(ops []op) {
 		}
 	}
 }
+
+// lockForOps takes Store.mu to apply ops, after prefetchOps, and checks
+// under it that the ops' index paths are still cached; if a node was
+// evicted or the tree changed between the prefetch and the lock, it
+// releases the lock and prefetches again, so that the change reads no
+// page under Store.mu (docs/metadata.md section 16). After maxReadLoads
+// tries it keeps the lock, and the change reads what it misses under it.
+// The check runs only while the layer is prefetching (a page was read
+// lately); a working set that fits the cache pays one atomic load.
+func (s *Store) lockForOps(ops []op) {
+	for tries := 0; ; tries++ {
+		s.prefetchOps(ops)
+		s.mu.Lock()
+		if tries >= maxReadLoads || s.opsCachedLocked(ops) {
+			return
+		}
+		s.mu.Unlock()
+	}
+}
+
+// opsCachedLocked reports whether the index paths ops will walk are
+// cached (true while the layer is not prefetching). Called with mu held.
+func (s *Store) opsCachedLocked(ops []op) bool {
+	if !s.m.Prefetching() {
+		return true
+	}
+	for i := range ops {
+		o := &ops[i]
+		switch o.kind {
+		case opPut, opDel:
+			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || o.n > 1 && !s.m.PathsCached(metaKey(o.b, o.c+o.n-1, o.e)) {
+				return false
+			}
+		case opMove:
+			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || !s.m.PathsCached(metaKey(o.b, o.c, o.e2)) {
+				return false
+			}
+		}
+	}
+	return true
+}

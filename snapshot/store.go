@@ -1014,8 +1014,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-		s.mu.Lock()
+		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
 		if retried {

@@ -230,6 +230,7 @@ func (m *Meta) unlockNotify() {
 	if miss := m.cache.misses.Load() - m.missMark; miss != 0 {
 		m.prefetch.Store(prefetchWindow)
 		m.maxChangeMiss.Note(int64(miss))
+		m.changesMissed.Add(1)
 	}
 	cb := m.lowSpace()
 	m.mu.Unlock()

@@ -173,6 +173,7 @@ type Meta struct {
 	// maxRead, maxSelfWrite and maxChangeMiss are the Stalls maxima
 	// (atomic: noted under mu shared, or outside it).
 	maxRead, maxSelfWrite, maxChangeMiss lockstat.Max
+	changesMissed                        atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
@@ -596,12 +597,14 @@ type Stalls struct {
 	MaxPageRead   time.Duration
 	MaxSelfWrite  time.Duration
 	MaxChangeMiss int64
+	ChangesMissed uint64 // changes that read at least one page
 }
 
 // Stalls reports the maxima since the last ResetStalls.
 func (m *Meta) Stalls() Stalls {
 	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
-		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load()}
+		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
+		ChangesMissed: m.changesMissed.Load()}
 }
 
 // ResetStalls clears what Stalls reports.
@@ -610,4 +613,5 @@ func (m *Meta) ResetStalls() {
 	m.maxRead.Reset()
 	m.maxSelfWrite.Reset()
 	m.maxChangeMiss.Reset()
+	m.changesMissed.Store(0)
 }

@@ -193,3 +193,29 @@ func (m *Meta) Load(q Key) error {
 		}
 	}
 }
+
+// Prefetching reports whether Prefetch is working (a page was read
+// within its window): the only time a caller's change is likely to miss.
+func (m *Meta) Prefetching() bool { return m.prefetch.Load() > 0 }
+
+// PathsCached reports whether a Put or Delete of q would find both trees'
+// paths to it cached. It reads no page: a caller holding a lock of its
+// own checks this under it, and if false releases it, prefetches and
+// tries again, so that its change reads no page under that lock. Other
+// errors report true: the change meets them.
+func (m *Meta) PathsCached(q Key) bool {
+	r, err := m.readLock()
+	if err != nil {
+		return true
+	}
+	defer m.readUnlock(r)
+	r.ms.noRead = true
+	qr := q.run(0)
+	for _, t := range [2]tree{r.chunk, r.epoch} {
+		it := r.iter(t.kind)
+		if !it.seek(t, qr) && errors.Is(it.err, errMissed) {
+			return false
+		}
+	}
+	return true
+}
