@@ -101,6 +101,8 @@ func metaErr(what string, err error) error {
 	switch {
 	case err == nil:
 		return nil
+	case errors.Is(err, meta.ErrChanged):
+		return storeChanged(err) // a read-only store beside a writer (livero.go)
 	case errors.Is(err, meta.ErrNoSpace):
 		return fmt.Errorf("%w: %s: %v", ErrNoSpace, what, err)
 	case errors.Is(err, meta.ErrCorrupt):

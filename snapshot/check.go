@@ -33,7 +33,18 @@ import (
 //     summaries cover every entry;
 //   - the origin snapshots' counters (mapped and exclusive bytes at each
 //     held epoch) equal what its entries give.
-func (s *Store) Check() error { return s.CheckReport().Err(ErrCorrupt) }
+//
+// A store opened with Options.ReadOnly beside a live writer (a device
+// without a lock) returns a *StoreChangedError (ErrStoreChanged) instead
+// of its findings when the writer has committed since the Open: what it
+// found may be pages the writer reused (livero.go).
+func (s *Store) Check() error {
+	rep, changed := s.checkReport()
+	if changed != nil {
+		return changed
+	}
+	return rep.Err(ErrCorrupt)
+}
 
 // CheckReport runs the checks of Check and lists every problem found, one
 // line each (an empty report: the store is consistent).
@@ -42,12 +53,38 @@ func (s *Store) Check() error { return s.CheckReport().Err(ErrCorrupt) }
 // under the store's lock it only freezes a tree commit, checks the volume
 // and branch tables (memory) and copies what the walk compares entries
 // with; the walk itself, and meta's Check of the same view, run without
-// the lock, so writers go on. The view's data space map then equals the
+// the lock, so writers go on (a tree commit's freeze, the copy of the
+// small state and the volume tables are all a writer waits for). The view's data space map then equals the
 // chunks its tree references (a tree commit shows copies in flight as
 // free), which meta's Check verifies. A read-only or failed store walks
 // the live index under the lock and compares the live space map with the
-// referenced chunks plus the copies in flight.
+// referenced chunks plus the copies in flight. A read-only store beside a
+// live writer that committed since its Open reports that alone, one line.
 func (s *Store) CheckReport() blockdev.CheckReport {
+	rep, _ := s.checkReport()
+	return rep
+}
+
+// checkReport is CheckReport, and the *StoreChangedError that replaced
+// its findings, if any.
+func (s *Store) checkReport() (blockdev.CheckReport, error) {
+	rep := s.checkFindings()
+	if rep.OK() {
+		return rep, nil
+	}
+	// Before reporting corruption, a read-only store makes sure that no
+	// writer changed the store under it (livero.go).
+	if changed := s.changedUnder(); changed != nil {
+		_ = s.fail(changed) // as a volume read does (livero.go)
+		var only blockdev.CheckReport
+		only.Addf("%v", changed)
+		return only, changed
+	}
+	return rep, nil
+}
+
+// checkFindings runs the checks and lists what it found.
+func (s *Store) checkFindings() blockdev.CheckReport {
 	var rep blockdev.CheckReport
 	bad := func(format string, args ...any) bool {
 		rep.Addf(format, args...)

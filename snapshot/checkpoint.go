@@ -187,8 +187,8 @@ const treeCommitRecords = 1 << 16
 // Close waits for) would wait for ever. Close writes a capture posted just
 // before the cancel, and then the final tree commit, itself.
 func (s *Store) postCaptureLocked() {
-	if s.ctx.Err() != nil {
-		return
+	if s.ctx.Err() != nil || s.capTaken != nil {
+		return // capTaken: the checkpointer may be waiting for mu (store.go)
 	}
 	c, err := s.captureLocked()
 	if err != nil {
@@ -282,6 +282,30 @@ func (s *Store) treeCommit(ctx context.Context) error {
 // every later one.
 func (s *Store) writeCheckpoint(c capture) error {
 	defer s.endCapture(c)
+	return s.writeCapture(c, true)
+}
+
+// writeCaptureLocked captures and writes a tree commit holding mu, for a
+// writer that needs log space while a capture it ended still has its own
+// writer waiting for mu (logRoomLocked). It ends the capture itself and
+// leaves the release of freed chunks (which takes reclaim, before mu in
+// the lock order) to the next checkpoint.
+func (s *Store) writeCaptureLocked() error {
+	c, err := s.captureLocked()
+	if err != nil {
+		return err
+	}
+	err = s.writeCapture(c, false)
+	if s.capFreed == c.freed {
+		s.capOut = false
+		s.capDone.Broadcast()
+	}
+	return err
+}
+
+// writeCapture is writeCheckpoint without the capture's end; release
+// says whether to make the freed chunks reusable after.
+func (s *Store) writeCapture(c capture, release bool) error {
 	freed := false
 	defer func() {
 		if !freed {
@@ -316,7 +340,9 @@ func (s *Store) writeCheckpoint(c capture) error {
 	}
 	freed = true
 	close(c.freed)
-	s.releaseFreed()
+	if release {
+		s.releaseFreed()
+	}
 	return nil
 }
 
@@ -327,6 +353,9 @@ func (s *Store) endCapture(c capture) {
 	if s.capFreed == c.freed {
 		s.capOut = false
 		s.capDone.Broadcast()
+	}
+	if s.capTaken == c.freed {
+		s.capTaken = nil // a writer ended it first (logRoomLocked)
 	}
 	s.mu.Unlock()
 }

@@ -106,7 +106,8 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 	policiesNS := []NoSpacePolicy{NoSpaceFailWrite, NoSpaceInvalidate}
 	buffered, full, committer := 0, 0, 0 // crashes that found origin writes buffered, the store full, the committer on
 	for budget.Next() {
-		tr.Arm(blockdevtest.OpAny, 1+rng.IntN(150))
+		armAt := tr.Calls(blockdevtest.OpAny) + 1 + rng.IntN(150)
+		tr.Arm(blockdevtest.OpAny, armAt-tr.Calls(blockdevtest.OpAny))
 		var err error
 		if reopen { // recovery itself may be hit by the next crash
 			w.opts.OriginBuffer = buffers[crashes%len(buffers)]
@@ -118,6 +119,17 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 		for err == nil {
 			if err = w.step(); err == nil && w.rng.IntN(4) == 0 {
 				err = w.s.WaitIdle(context.Background())
+			}
+			if err == nil && cfg.metadataCache > 0 {
+				// Every volume against the model at every step, so that a
+				// lost copy-on-write shows at the step that lost it. The
+				// check's reads do not count towards the cut (they would
+				// take most of the crash points from the operations).
+				rest := armAt - tr.Calls(blockdevtest.OpAny)
+				tr.Arm(blockdevtest.OpAny, 1<<30)
+				err = w.tortchaseVerifyAll()
+				armAt = tr.Calls(blockdevtest.OpAny) + max(rest, 1)
+				tr.Arm(blockdevtest.OpAny, max(rest, 1))
 			}
 		}
 		if w.s != nil && w.s.ob.n.Load() > 0 {

@@ -172,7 +172,7 @@ func TestModelWorkloadTinyCache(t *testing.T) {
 		if w.rng.IntN(4) == 0 {
 			require.NoError(t, w.s.WaitIdle(context.Background()))
 		}
-		w.verifySome(i%25 == 0)
+		require.NoError(t, w.tortchaseVerifyAll()) // every volume, every step
 	}
 	w.verifySome(true)
 	mustCheck(t, w.s)

@@ -30,6 +30,9 @@ func lockDevices(origin, store blockdev.Device, readOnly bool) (deviceLocks, err
 	var l deviceLocks
 	release, err := blockdev.LockDevice(store, mode(readOnly))
 	if err != nil {
+		if readOnly {
+			err = liveWriterErr(err) // livero.go
+		}
 		return nil, fmt.Errorf("snapshot: store device: %w", err)
 	}
 	l = append(l, release)

@@ -238,6 +238,10 @@ func (s *Store) drainLocked(ctx context.Context) error {
 	q := s.ob.queue
 	s.ob.queue = s.ob.spare[:0]
 	s.ob.mu.Unlock()
+	// One identity write for the whole drain. Its failure is not the
+	// drain's: no entry is written out unmarked, as each write-out's
+	// touchSamples marks again and reports its own failure.
+	_ = s.markQueued(q)
 	var first error
 	kept := q[:0] // entries not written out, in order
 	for _, e := range q {

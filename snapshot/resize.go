@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/blocksnap/blocksnap/blockdev"
@@ -17,6 +18,9 @@ import (
 // (a snapshot that still needs one gets it re-keyed, as a write would),
 // in records of at most shrinkBatch operations. A crash in between leaves
 // live entries past the end: invisible, and dealt with by the next grow.
+// Those records free metadata (or re-key it), so, like the collector's,
+// they may use the metadata region's delete reserve (logFreeing): a shrink
+// is how a full region's volume gives room back.
 //
 // A grow must make the new range read as zeros, whatever lies below it:
 // the volume's own leftovers, or a parent that is larger or still holds
@@ -110,10 +114,7 @@ func (s *Store) dropTail(br *branch, first, end uint64) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
 	flush := func() error {
-		if len(sc.ops) == 0 {
-			return nil
-		}
-		_, err := s.log(sc)
+		err := s.logFreeing(sc)
 		sc.ops = sc.ops[:0]
 		return err
 	}
@@ -146,6 +147,31 @@ func (s *Store) dropTail(br *branch, first, end uint64) error {
 		return err
 	}
 	return s.commit(s.ctx)
+}
+
+// logFreeing logs sc.ops, a shrink's deletes and moves, which free
+// metadata or move it (never add to it), as the collector's records are
+// logged: they may use the metadata region's delete reserve, and a batch
+// the region has no room for (its worst case counts every change) is
+// logged in halves, down to one operation, which always fits the reserve.
+// So a shrink works on a full region and frees room in it, as Delete does.
+func (s *Store) logFreeing(sc *scratch) error {
+	all := sc.ops
+	sc.reclaiming = true
+	defer func() { sc.ops, sc.reclaiming = all, false }()
+	for rest, n := all, len(all); len(rest) > 0; {
+		sc.ops = rest[:min(n, len(rest))]
+		_, err := s.log(sc)
+		if errors.Is(err, ErrNoSpace) && len(sc.ops) > 1 {
+			n = len(sc.ops) / 2
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		rest = rest[len(sc.ops):]
+	}
+	return nil
 }
 
 // grow makes [old, size) of v read as zeros and then sets its size. Called

@@ -82,6 +82,9 @@ func (v *Volume) check(off, n int64) error {
 	if v.s.closed.Load() {
 		return ErrClosed
 	}
+	if v.s.opts.ReadOnly && v.s.failed.Load() != nil {
+		return v.s.usable() // the store changed under it (livero.go): reopen
+	}
 	if err := v.notDeleted(); err != nil {
 		return err
 	}
@@ -116,7 +119,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 		return len(p), nil
 	}
 	if err := v.s.readLevels(v.levels, p, off); err != nil {
-		return 0, err
+		return 0, v.s.failIfChanged(err)
 	}
 	// A delete that raced the read may have let the collector re-key
 	// entries the read resolved; the volume is marked dead before any is.

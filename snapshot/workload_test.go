@@ -191,6 +191,7 @@ func (w *workload) failed(err error, what string) error {
 }
 
 func (w *workload) write(discard bool) error {
+	w.why = map[bool]string{false: "write", true: "discard"}[discard]
 	v := w.pick(writable)
 	if v == nil {
 		return nil
@@ -311,6 +312,7 @@ func (w *workload) clone() error {
 }
 
 func (w *workload) delete() error {
+	w.why = "delete"
 	v := w.pick(func(v *vmodel) bool { return v.kind != KindOrigin })
 	if v == nil {
 		return nil
@@ -430,6 +432,7 @@ func (w *workload) ancestorReset(v, snap *vmodel) (*vmodel, *vmodel) {
 }
 
 func (w *workload) rename() error {
+	w.why = "rename"
 	v := w.pick(func(v *vmodel) bool { return v.kind != KindOrigin })
 	if v == nil {
 		return nil
@@ -453,6 +456,7 @@ func (w *workload) rename() error {
 // diff checks that Diff between a snapshot and its volume (or a later
 // snapshot of it) covers every chunk whose contents differ.
 func (w *workload) diff() error {
+	w.why = "diff"
 	a := w.pick(func(v *vmodel) bool { return isSnap(v) && v.parent != "" })
 	if a == nil {
 		return nil

@@ -145,6 +145,7 @@ type Meta struct {
 	lowFired bool
 	user     uint64 // the user word the next commit records (store_api.go)
 	overlay  bool   // changes stay in memory, never written (OpenOverlay)
+	opened   uint64 // the transaction Open read (Changed compares with it)
 	buf      []byte // page buffer for writes
 	nodeBuf  []*node
 	wbFree   []int  // write-back slots not in flight
@@ -253,8 +254,14 @@ func (m *Meta) startWriteBack() {
 
 // Open opens the metadata region on dev: it reads both superblocks, takes
 // the newer valid one, and loads the space maps. It reads no tree node.
-func Open(dev blockdev.Device, opts Options) (*Meta, error) {
+func Open(dev blockdev.Device, opts Options) (*Meta, error) { return open(dev, opts, false) }
+
+// open is Open; overlay makes the Meta an overlay (OpenOverlay) from the
+// start, so that a page its Open finds reused is reported as a change
+// (changed.go).
+func open(dev blockdev.Device, opts Options, overlay bool) (*Meta, error) {
 	m := newMeta(dev, opts)
+	m.overlay = overlay
 	var best *super
 	var errs []error
 	for slot := uint64(0); slot < 2; slot++ {
@@ -280,17 +287,17 @@ func Open(dev blockdev.Device, opts Options) (*Meta, error) {
 	if err := m.setLayout(best.pages, best.dataChunks, best.ext); err != nil {
 		return nil, fmt.Errorf("meta: open: %w", err)
 	}
-	m.tx = best.tx + 1
+	m.tx, m.opened = best.tx+1, best.tx
 	m.chunk = tree{kind: chunkTree, root: best.chunkRoot, level: best.chunkLevel, runs: best.chunkRuns}
 	m.epoch = tree{kind: epochTree, root: best.epochRoot, level: best.epochLevel, runs: best.epochRuns}
 	m.keys = best.keys
 	m.user = best.user
 	var err error
 	if m.metaSM, err = m.loadMap(best.pages, best.metaIdx, best.pages, best.tx); err != nil {
-		return nil, err
+		return nil, m.changedOr(err)
 	}
 	if m.dataSM, err = m.loadMap(best.dataChunks, best.dataIdx, best.pages, best.tx); err != nil {
-		return nil, err
+		return nil, m.changedOr(err)
 	}
 	if m.metaSM.used != best.metaUsed || m.dataSM.used != best.dataUsed || !m.metaSM.isSet(0) || !m.metaSM.isSet(1) {
 		return nil, fmt.Errorf("meta: open: %w: space maps count %d pages and %d chunks in use, superblock %d and %d",

@@ -179,12 +179,7 @@ func (m *Meta) roomFor(changes int, isDelete bool) error {
 // Freeze and Commit fail with ErrReadOnly.
 func OpenOverlay(dev blockdev.Device, opts Options) (*Meta, error) {
 	opts.ReadOnly, opts.SyncWriteBack = false, true // no write-back goroutine
-	m, err := Open(dev, opts)
-	if err != nil {
-		return nil, err
-	}
-	m.overlay = true
-	return m, nil
+	return open(dev, opts, true)
 }
 
 // AllocDataRun takes up to want free data chunks at consecutive

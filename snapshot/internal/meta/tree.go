@@ -16,13 +16,13 @@ import (
 func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	if n := m.cache.get(p.loc); n != nil {
 		if err := checkCached(n, p, k, level); err != nil {
-			return nil, err
+			return nil, m.changedOr(err)
 		}
 		return n, nil
 	}
 	n, err := m.readNode(p, k, level)
 	if err != nil {
-		return nil, err
+		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
 	}
 	return m.cache.add(n), nil
 }

@@ -63,7 +63,7 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 	}
 	if n := it.m.cache.get(p.loc); n != nil {
 		if err := checkCached(n, p, k, level); err != nil {
-			return nil, err
+			return nil, it.m.changedOr(err)
 		}
 		return n, nil
 	}
