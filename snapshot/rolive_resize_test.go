@@ -34,6 +34,7 @@ func roliveZeroChunks(t *testing.T, s *Store, v *Volume) map[int64]bool {
 // succeeds, the snapshot taken part way through the fill reads as it did,
 // new entries fit again, and Check passes before and after a reopen.
 func TestRoliveShrinkFullMetadata(t *testing.T) {
+	skipUnderRace(t) // filling the region takes minutes under -race
 	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 7))
 	origin, err := blockdev.NewMem(64<<30, 4096) // sparse
 	require.NoError(t, err)

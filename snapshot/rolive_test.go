@@ -5,9 +5,13 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"runtime"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
@@ -178,4 +182,68 @@ func TestRoliveReadOnlyRefusedByWriterLock(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, ro.Check())
 	require.NoError(t, ro.Close())
+}
+
+// Check of a live store races origin writes, snapshots and deletes (the
+// collector running), with a metadata cache of a few pages so that both
+// the writers and Check's walk of its committed view read pages from the
+// device: every Check is clean, every write and admin call succeeds, and
+// the store checks clean after a reopen. Run it with -race: Check reads a
+// view and copies of the small state, never the live index unlocked.
+func TestRoliveCheckRacesWriters(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	opts := Options{ChunkSize: 4096, MetadataCache: 32 << 10, CommitInterval: 5 * time.Millisecond}
+	s, origin, store := newMemStore(t, 4<<20, 32<<20, opts)
+	o := s.Origin()
+	rounds := 12
+	if testing.Short() {
+		rounds = 6
+	}
+	parent, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g, ctx := errgroup.WithContext(parent) // a failed writer ends the checks' waits
+	var writes atomic.Int64
+	g.Go(func() error { // origin writes until the checks are done
+		rng := rand.New(rand.NewPCG(seed, 1))
+		buf := make([]byte, 4096)
+		for ctx.Err() == nil {
+			buf[0] = byte(rng.Uint32())
+			if _, err := o.WriteAt(buf, rng.Int64N(o.Size()/4096)*4096); err != nil {
+				return fmt.Errorf("origin write: %w", err)
+			}
+			writes.Add(1)
+		}
+		return nil
+	})
+	g.Go(func() error { // snapshots, each deleted two later
+		for i := 0; ctx.Err() == nil; i++ {
+			if _, err := s.CreateSnapshot(fmt.Sprintf("r%d", i), o); err != nil {
+				return fmt.Errorf("snapshot: %w", err)
+			}
+			if i >= 2 {
+				if _, err := s.Delete(fmt.Sprintf("r%d", i-2)); err != nil {
+					return fmt.Errorf("delete: %w", err)
+				}
+			}
+		}
+		return nil
+	})
+	var checkErr error
+	for i := 0; i < rounds && checkErr == nil; i++ {
+		// Each check after some writes, so that each sees a new commit.
+		for at := writes.Load(); writes.Load() < at+50 && ctx.Err() == nil; {
+			runtime.Gosched()
+		}
+		checkErr = s.Check()
+	}
+	cancel()
+	require.NoError(t, g.Wait())
+	require.NoError(t, checkErr)
+	require.NoError(t, s.WaitIdle(context.Background()))
+	require.NoError(t, s.Check())
+	require.NoError(t, s.Close())
+	s, err := Open(origin, store, opts)
+	require.NoError(t, err)
+	require.NoError(t, s.Check())
+	require.NoError(t, s.Close())
 }

@@ -155,7 +155,9 @@ type Options struct {
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
 	// superblock that says so, and a later Open of the store device fails
-	// with ErrBadOptions (it never finds an earlier store there).
+	// with ErrBadOptions (it never finds an earlier store there). Within
+	// its session it works as any store: GrowMetadata, CreateVolume and
+	// Resize included.
 	Transient bool
 	// NoSpace is the origin's behaviour when the store is full.
 	NoSpace NoSpacePolicy
@@ -175,7 +177,10 @@ type Options struct {
 	// end of an interrupted delete, so the devices may be blockdev.ReadOnly
 	// views. Volumes read, List, Stat, Stats, Diff, ExportDiff and Check
 	// work; every change (writes, discards, snapshots, clones, deletes,
-	// renames, rollbacks, checkpoints) fails with ErrReadOnly.
+	// renames, rollbacks, checkpoints) fails with ErrReadOnly. Beside a
+	// live writer (a store device without a lock; with one, the Open is
+	// refused with ErrLiveWriter) metadata a writer replaced since the
+	// Open gives ErrStoreChanged, never ErrCorrupt: reopen (livero.go).
 	ReadOnly bool
 	// storeFlock: the store device holds a real flock (lockDevices set
 	// it), which an owner record of this Open records.
@@ -184,6 +189,9 @@ type Options struct {
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// noReadAhead: Open's replay applies the changes without reading
+	// their pages ahead (replay.go); tests compare the two.
+	noReadAhead bool
 	// MaxVolumeSize bounds, in bytes, the size of every volume of the
 	// store (CreateVolume, Resize, Import): it is the extent of the index's
 	// chunk space, whose per-branch summaries stay the same size whatever
@@ -247,6 +255,12 @@ type Store struct {
 	// replayed index changes not applied yet (replay.go).
 	replayOps []op
 	deferred  []deferredOp
+	// replayKeys and replayKey are the read-ahead keys of the deferred
+	// changes (replay.go), Open's alone like deferred.
+	replayKeys []meta.Key
+	replayKey  [2]meta.Key
+	// replayWindows counts the read-ahead windows Open's replay applied.
+	replayWindows int
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -320,6 +334,13 @@ type Store struct {
 	capOut   bool
 	capDone  *sync.Cond
 	capFreed chan struct{}
+	// capTaken is the freed channel of a capture that a writer waiting
+	// for log space ended (logRoomLocked) before the capture's own writer
+	// ran its endCapture, which then still waits for mu; nil when none.
+	// While it is set nothing is posted to the checkpointer, which may be
+	// that writer (a capture left in its channel would never be written
+	// while the poster holds mu). Guarded by mu.
+	capTaken chan struct{}
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
@@ -684,7 +705,7 @@ func (s *Store) openJournal() error {
 			s.replaying, s.ix.reserve = false, false
 			return err
 		}
-		s.deferred, s.replayOps = nil, nil // Open's alone
+		s.deferred, s.replayOps, s.replayKeys = nil, nil, nil // Open's alone
 	}
 	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
@@ -936,9 +957,18 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 // it here, and capture again. Called with mu held, before any change.
 func (s *Store) logRoomLocked(n int) error {
 	for !s.j.Room(n) {
-		if !s.capOut {
+		if !s.capOut && s.capTaken == nil {
 			s.postCaptureLocked() // the Append waits for this one
 			return nil
+		}
+		if !s.capOut {
+			// A capture ended here has a writer still waiting for mu
+			// (possibly the checkpointer, which would then never take a
+			// posted capture): write the next one here, holding mu.
+			if err := s.writeCaptureLocked(); err != nil {
+				return err
+			}
+			continue
 		}
 		select {
 		case <-s.capFreed:
@@ -952,6 +982,7 @@ func (s *Store) logRoomLocked(n int) error {
 			return err // the capture failed, and failed the store
 		}
 		s.capOut = false // its endCapture, waiting for mu, sees the capture ended
+		s.capTaken = s.capFreed
 		s.capDone.Broadcast()
 	}
 	return nil

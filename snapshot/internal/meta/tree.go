@@ -20,6 +20,15 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 		}
 		return n, nil
 	}
+	n, err := m.readNode(p, k, level)
+	if err != nil {
+		return nil, err
+	}
+	return m.cache.add(n), nil
+}
+
+// readNode reads and decodes the node p points to, without the cache.
+func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
 	bp := m.pool.Get().(*[]byte)
 	defer m.pool.Put(bp)
 	if err := m.readPage(*bp, p.loc); err != nil {
@@ -29,7 +38,7 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	if err != nil {
 		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
 	}
-	return m.cache.add(n), nil
+	return n, nil
 }
 
 // childIndex is the index of the child whose subtree holds key q: the last
