@@ -127,8 +127,8 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 			return bad("origin entry (0,%d) at the live epoch", x.c)
 		case !br.groups.mayHave(x.c) || x.b != 0 && !br.chainGroups.mayHave(x.c):
 			return bad("entry (%d,%d,%d) missing from its branch summary", x.b, x.c, x.e)
-		case x.b == 0 && cs.preserved[x.c] < x.e:
-			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, cs.preserved[x.c], x.e)
+		case x.b == 0 && cs.preservedBelow(x):
+			return bad("origin chunk %d preserved below its entry at %d", x.c, x.e)
 		}
 		held := br.refs[x.e] > 0 || (x.e == epochLive && br.live)
 		if !held && !cs.queued[point{x.b, x.e}] {
@@ -176,10 +176,10 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 // checkState is what the check's walk compares entries with: a copy taken
 // under Store.mu at the instant of the index it walks.
 type checkState struct {
-	branches  map[uint32]*checkBranch
-	preserved []uint32
-	queued    map[point]bool
-	ctr       counters // the origin snapshots' counters
+	branches map[uint32]*checkBranch
+	pres     *presCache
+	queued   map[point]bool
+	ctr      counters // the origin snapshots' counters
 }
 
 type checkBranch struct {
@@ -194,9 +194,17 @@ type checkBranch struct {
 	hasParent           bool
 }
 
+// preservedBelow reports whether origin entry x lies above its chunk's
+// cached preserved epoch (an unknown one is looked up on use: nothing to
+// compare).
+func (cs *checkState) preservedBelow(x entry) bool {
+	e, ok := cs.pres.known(x.c)
+	return ok && e < x.e
+}
+
 // checkStateLocked copies the check's state. Called with Store.mu held.
 func (s *Store) checkStateLocked() checkState {
-	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), preserved: slices.Clone(s.preserved),
+	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), pres: s.pres.clone(),
 		queued: map[point]bool{}, ctr: s.ctr.clone()}
 	// Branches share summary words until they differ (copy on write):
 	// copy each set of words once.

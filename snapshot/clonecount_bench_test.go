@@ -245,7 +245,9 @@ func BenchmarkDeleteCounterUpkeep(b *testing.B) {
 		for j := range 512 { // 512 copies owned by each origin snapshot
 			ch := uint64(4<<19) - 1 - uint64(i*512+j)%(1<<19)
 			op := op{kind: opPut, b: 0, e: s.b0.lastEpoch, c: ch, n: 1, loc: uint64(2<<20) + uint64(i*512+j)}
-			if s.preserved[ch] >= op.e {
+			if pe, err := s.preservedOf(ch); err != nil {
+				b.Fatal(err)
+			} else if pe >= op.e {
 				continue
 			}
 			if err := s.applyOp(&op, 0, true); err != nil {

@@ -178,8 +178,8 @@ func (s *Store) countPut(c uint64, e uint32, data bool) error {
 		s.ctr.stale = true // a bad record, which the replay refuses or Check reports
 		return nil
 	}
-	lo := s.preserved[c]
-	if s.replaying || lo == preservedUnknown {
+	lo, known := s.pres.known(c)
+	if s.replaying || !known {
 		p, ok, err := s.ix.prev(0, c, e)
 		if err != nil {
 			return metaErr("index lookup", err)

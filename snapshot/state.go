@@ -395,8 +395,8 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 				return err
 			}
 		}
-		if br.id == 0 && o.e > s.preserved[x.c] {
-			s.preserved[x.c] = o.e
+		if br.id == 0 {
+			s.pres.raise(x.c, o.e)
 		}
 	}
 	markGroups(br, o.c, o.n)
