@@ -78,6 +78,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
@@ -289,7 +290,7 @@ type Store struct {
 	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
-	mu        sync.RWMutex
+	mu        lockstat.RWMutex // a sync.RWMutex that keeps its longest hold and wait (LockStats)
 	ix        pagedIndex
 	branches  map[uint32]*branch
 	volumes   map[uint64]*volume
@@ -1062,8 +1063,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-		s.mu.Lock()
+		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
 		if retried {
