@@ -32,7 +32,8 @@ import (
 //   - the origin's preserved epochs cover its entries and the per-branch
 //     summaries cover every entry;
 //   - the origin snapshots' counters (mapped and exclusive bytes at each
-//     held epoch) equal what its entries give.
+//     held epoch) equal what its entries give, and so do every other
+//     branch's (clonecounters.go) at each held epoch and the live one.
 //
 // A store opened with Options.ReadOnly beside a live writer (a device
 // without a lock) returns a *StoreChangedError (ErrStoreChanged) instead
@@ -93,6 +94,7 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 	s.checkSamples(bad) // identity.go
 	var cs checkState
 	var ctr counterBuilder
+	bctr := branchChecker{cs: &cs}
 	ix, done, err := s.readView(func() {
 		cs = s.checkStateLocked()
 		s.checkVolumes(map[point]int32{}, bad)
@@ -134,6 +136,8 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 		}
 		if x.b == 0 {
 			ctr.add(x, s.chunkLen(x.c))
+		} else if err := bctr.add(ix, x); err != nil {
+			return bad("counting entry (%d,%d,%d): %v", x.b, x.c, x.e, err)
 		}
 		if x.isData() {
 			if seen[x.loc] {
@@ -149,6 +153,7 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 	} else {
 		want := ctr.finish(s.geo.originSize)
 		checkCounters(&cs.ctr, &want, ctr.held, bad)
+		bctr.check(&cs, bad)
 	}
 	var merr error
 	if v, ok := ix.r.(*meta.View); ok {
@@ -182,6 +187,11 @@ type checkBranch struct {
 	live                bool
 	refs                map[uint32]int32
 	groups, chainGroups chunkGroups
+	held                []uint32 // sorted epochs with refs > 0
+	// parent and parentEpoch: the parent point (hasParent false: branch 0
+	// or a root).
+	parent, parentEpoch uint32
+	hasParent           bool
 }
 
 // preservedBelow reports whether origin entry x lies above its chunk's
@@ -209,8 +219,12 @@ func (s *Store) checkStateLocked() checkState {
 		return c
 	}
 	for id, br := range s.branches {
-		cs.branches[id] = &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
-			groups: copyOf(&br.groups), chainGroups: copyOf(&br.chainGroups)}
+		cb := &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
+			groups: copyOf(&br.groups), chainGroups: copyOf(&br.chainGroups), held: slices.Clone(br.held)}
+		if br.up != nil {
+			cb.parent, cb.parentEpoch, cb.hasParent = br.up.id, br.parentEpoch, true
+		}
+		cs.branches[id] = cb
 	}
 	for _, t := range s.gcq {
 		cs.queued[t.p] = true

@@ -21,7 +21,7 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	var hdr [12]byte
 	d.read(hdr[:])
 	version := binary.LittleEndian.Uint32(hdr[8:])
-	known := version == checkpointVersion || version == noCounterVersion || version == noGroupsVersion ||
+	known := version == checkpointVersion || version == noBranchCtrVersion || version == noCounterVersion || version == noGroupsVersion ||
 		s.migrating && version == oldCheckpointVersion
 	if d.err == nil && (string(hdr[:8]) != checkpointMagic || !known) {
 		d.fail("bad magic or version %d", version)
@@ -32,8 +32,14 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	s.ctr = counters{stale: true} // loading the holders changes no counter
 	s.loadBranches(d, version >= noCounterVersion)
 	s.loadVolumes(d)
-	if version == checkpointVersion {
+	if version >= noBranchCtrVersion {
 		s.loadCounters(d) // else they stay stale: Open rebuilds them
+		s.ctr.brStale = true
+		if version >= checkpointVersion && !s.ctr.stale {
+			s.loadBranchCounters(d)
+		} else if version >= checkpointVersion && d.uv() != 0 && d.err == nil {
+			d.fail("branch counters without the origin's")
+		}
 	}
 	if version == oldCheckpointVersion {
 		s.loadRuns(d)

@@ -78,6 +78,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
@@ -208,6 +209,9 @@ type Options struct {
 	// the writer's calls (meta.Options.SyncWriteBack): the crash torture
 	// uses it so that a seed replays the same device calls.
 	syncWriteBack bool
+	// noReadAhead: Open's replay applies the changes without reading
+	// their pages ahead (replay.go); tests compare the two.
+	noReadAhead bool
 	// MaxVolumeSize bounds, in bytes, the size of every volume of the
 	// store (CreateVolume, Resize, Import): it is the extent of the index's
 	// chunk space, whose per-branch summaries stay the same size whatever
@@ -271,6 +275,12 @@ type Store struct {
 	// replayed index changes not applied yet (replay.go).
 	replayOps []op
 	deferred  []deferredOp
+	// replayKeys and replayKey are the read-ahead keys of the deferred
+	// changes (replay.go), Open's alone like deferred.
+	replayKeys []meta.Key
+	replayKey  [2]meta.Key
+	// replayWindows counts the read-ahead windows Open's replay applied.
+	replayWindows int
 
 	// mu guards the index, the branch and volume tables and the collector's
 	// queue. It is never held across device I/O, nor while waiting for
@@ -282,7 +292,7 @@ type Store struct {
 	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
-	mu        sync.RWMutex
+	mu        lockstat.RWMutex // a sync.RWMutex that keeps its longest hold and wait (LockStats)
 	ix        pagedIndex
 	branches  map[uint32]*branch
 	volumes   map[uint64]*volume
@@ -715,7 +725,7 @@ func (s *Store) openJournal() error {
 			s.replaying, s.ix.reserve = false, false
 			return err
 		}
-		s.deferred, s.replayOps = nil, nil // Open's alone
+		s.deferred, s.replayOps, s.replayKeys = nil, nil, nil // Open's alone
 	}
 	s.replaying, s.ix.reserve = false, false
 	if errors.Is(err, journal.ErrCorrupt) {
@@ -1055,8 +1065,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-		s.mu.Lock()
+		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
 		if retried {
