@@ -110,7 +110,7 @@ func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
 		return false
 	}
 	for c := c0; c <= c1; c++ {
-		if p := s.preserved[c]; p < need || p == preservedUnknown {
+		if p, ok := s.pres.known(c); !ok || p < need {
 			return true
 		}
 	}
@@ -218,7 +218,7 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	defer s.putScratch(sc)
 	var err error
 	for c := c0; c <= c1 && err == nil; c++ {
-		if s.preserved[c] >= need {
+		if p, ok := s.pres.known(c); ok && p >= need { // resolvePreserved made it known
 			continue
 		}
 		var loc uint64

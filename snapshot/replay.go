@@ -3,6 +3,8 @@ package snapshot
 import (
 	"cmp"
 	"slices"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Replay in key order.
@@ -73,21 +75,55 @@ func (s *Store) replayDeferred(ops []op, seq uint64) error {
 }
 
 // flushDeferred applies the deferred index changes sorted by (branch,
-// chunk), each pair's in log order.
+// chunk), each pair's in log order, in read-ahead windows: the layer
+// reads the pages of a window's changes concurrently (meta.ReadAhead),
+// then the window is applied, and only then is the next one read, so
+// that what was read is not evicted before it is used.
 func (s *Store) flushDeferred() error {
 	if len(s.deferred) == 0 {
 		return nil
 	}
+	defer func() { s.deferred = s.deferred[:0] }()
 	slices.SortStableFunc(s.deferred, func(x, y deferredOp) int {
 		return cmp.Or(cmp.Compare(x.o.b, y.o.b), cmp.Compare(x.o.c, y.o.c))
 	})
+	keys := s.replayKeys[:0]
 	for i := range s.deferred {
-		d := &s.deferred[i]
-		if err := s.applyOp(&d.o, d.seq, true); err != nil {
-			s.deferred = s.deferred[:0]
-			return err
+		keys = appendReplayKeys(keys, &s.deferred[i].o)
+	}
+	s.replayKeys = keys
+	for i, k := 0, 0; i < len(s.deferred); {
+		n := len(keys) - k
+		if !s.opts.noReadAhead {
+			var err error
+			if n, err = s.m.ReadAhead(keys[k:]); err != nil {
+				return metaErr("replay read-ahead", err)
+			}
+		}
+		s.replayWindows++
+		// Apply the changes whose keys the window covers; at least one,
+		// so that a window shorter than one change's keys still moves on.
+		for lim, first := k+n, true; i < len(s.deferred); first = false {
+			d := &s.deferred[i]
+			nk := len(appendReplayKeys(s.replayKey[:0], &d.o))
+			if !first && k+nk > lim {
+				break
+			}
+			if err := s.applyOp(&d.o, d.seq, true); err != nil {
+				return err
+			}
+			i, k = i+1, k+nk
 		}
 	}
-	s.deferred = s.deferred[:0]
 	return nil
+}
+
+// appendReplayKeys appends the index keys that applying deferred change o
+// puts or deletes: its own, and for a move the one it moves to.
+func appendReplayKeys(keys []meta.Key, o *op) []meta.Key {
+	keys = append(keys, metaKey(o.b, o.c, o.e))
+	if o.kind == opMove {
+		keys = append(keys, metaKey(o.b, o.c, o.e2))
+	}
+	return keys
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"testing"
 	"time"
@@ -184,8 +185,14 @@ func TestStoreOpenScale(t *testing.T) {
 	fill := time.Since(t0)
 	runtime.GC()
 	runtime.ReadMemStats(&m1)
+	if hp := os.Getenv("BLOCKSNAP_SCALE_HEAPPROFILE"); hp != "" {
+		f, err := os.Create(hp)
+		require.NoError(t, err)
+		require.NoError(t, pprof.WriteHeapProfile(f))
+		require.NoError(t, f.Close())
+	}
 	st := s.Stats()
-	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version; the origin's preserved epochs are 4 B/chunk of it); metadata %.1f MiB on disk (%.2f B/version)",
+	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version); metadata %.1f MiB on disk (%.2f B/version)",
 		st.IndexEntries, order, fill, float64(m1.HeapInuse)/(1<<20), float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(st.IndexEntries),
 		float64(st.MetadataBytes)/(1<<20), float64(st.MetadataBytes)/float64(st.IndexEntries))
 	// A crash image: the metadata file as it is now, the store open.
@@ -210,14 +217,52 @@ func TestStoreOpenScale(t *testing.T) {
 	require.NoError(t, s.Close())
 	t.Logf("Close (a tree commit) %v", time.Since(t0))
 	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay)", tail), crashed}} {
+		if os.Getenv("BLOCKSNAP_SCALE_COLD") != "" {
+			require.NoError(t, replayDropCached(c.path))
+		}
 		f, err := blockdev.Open(c.path, blockdev.FileOptions{})
 		require.NoError(t, err)
 		store.Head = f
+		stop := replayProfile(t, c.path == crashed)
 		t0 := time.Now()
 		s, err := Open(origin, store, opts)
+		stop()
 		require.NoError(t, err)
-		t.Logf("Open after %s: %v", c.name, time.Since(t0))
+		t.Logf("Open after %s: %v (replay: %d read-ahead windows, %d nodes read ahead)", c.name, time.Since(t0), s.replayWindows, s.m.CacheStats().ReadAhead)
 		require.NoError(t, s.Close())
+		require.NoError(t, f.Close())
+	}
+}
+
+// replayDropCached asks the kernel to drop the file's pages from its
+// page cache (they are clean: copyFile synced them), so that an Open
+// timed on it reads from the disk, as after a real crash and reboot
+// (BLOCKSNAP_SCALE_COLD=1). Where the kernel has no such call it does
+// nothing and the Open reads from the page cache.
+func replayDropCached(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	return dropCached(f)
+}
+
+// replayProfile starts a CPU profile of the Open after a crash when
+// BLOCKSNAP_SCALE_PROFILE names a file, and returns what stops it.
+func replayProfile(t *testing.T, crash bool) func() {
+	path := os.Getenv("BLOCKSNAP_SCALE_PROFILE")
+	if path == "" || !crash {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	require.NoError(t, err)
+	require.NoError(t, pprof.StartCPUProfile(f))
+	return func() {
+		pprof.StopCPUProfile()
 		require.NoError(t, f.Close())
 	}
 }

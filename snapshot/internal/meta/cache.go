@@ -38,6 +38,8 @@ type cache struct {
 	hits     atomic.Uint64
 	misses   atomic.Uint64
 	writeOut atomic.Uint64
+	// readAhead counts nodes read by ReadAhead (readahead.go).
+	readAhead atomic.Uint64
 }
 
 func newCache(limit int) *cache {
@@ -47,7 +49,7 @@ func newCache(limit int) *cache {
 	return c
 }
 
-func nodeCost(n *node) int { return nodeOverhead + cap(n.runs)*32 + cap(n.kids)*16 }
+func nodeCost(n *node) int { return nodeOverhead + n.backing()*32 + cap(n.kids)*16 }
 
 func (c *cache) unlink(n *node) {
 	n.prev.next, n.next.prev = n.next, n.prev
@@ -286,11 +288,13 @@ type CacheStats struct {
 	Nodes                    int
 	Hits, Misses, Evicted    uint64
 	WrittenBack              uint64
+	ReadAhead                uint64 // nodes ReadAhead read
 }
 
 func (c *cache) stats() CacheStats {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: len(c.nodes),
-		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted, WrittenBack: c.writeOut.Load()}
+		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted, WrittenBack: c.writeOut.Load(),
+		ReadAhead: c.readAhead.Load()}
 }

@@ -272,7 +272,17 @@ func (m *Meta) replace(t *tree, leaf *node, i, j int, repl ...run) {
 	for x := i; x <= j && x < len(leaf.runs); x++ {
 		leaf.size -= k.encLen(prevOf(x), leaf.runs[x])
 	}
-	leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
+	switch {
+	case j == i && len(repl) == 1:
+		insertRun(leaf, i, repl[0])
+	case j == i+1 && len(repl) == 0:
+		deleteRun(leaf, i)
+	default:
+		if len(leaf.runs)-(j-i)+len(repl) > cap(leaf.runs) {
+			leaf.base = nil // Replace reallocates
+		}
+		leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
+	}
 	for x := i; x <= i+len(repl) && x < len(leaf.runs); x++ {
 		leaf.size += k.encLen(prevOf(x), leaf.runs[x])
 	}
@@ -386,6 +396,9 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 	if j < i {
 		a, b = sib, n
 	}
+	if len(a.runs)+len(b.runs) > cap(a.runs) {
+		a.base = nil // the append reallocates
+	}
 	a.runs = append(a.runs, b.runs...)
 	a.kids = append(a.kids, b.kids...)
 	if a.leaf() {
@@ -399,6 +412,9 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 		return nil
 	}
 	h := halfIndex(a)
+	if len(a.runs)-h > cap(b.runs) {
+		b.base = nil // the append reallocates
+	}
 	b.runs = append(b.runs[:0], a.runs[h:]...)
 	a.runs = a.runs[:h]
 	if !a.leaf() {
@@ -426,6 +442,7 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 		runs: append(make([]run, 0, len(n.runs)-h+2), n.runs[h:]...)}
 	n.runs = n.runs[:h:h]
 	n.runs = append(make([]run, 0, h+2), n.runs...)
+	n.base = nil
 	if !n.leaf() {
 		r.kids = append(make([]ptr, 0, len(n.kids)-h+1), n.kids[h:]...)
 		n.kids = append(make([]ptr, 0, h+1), n.kids[:h]...)
@@ -470,17 +487,21 @@ func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 			return m.fix(t, path, idx)
 		}
 	}
-	m.replace(t, leaf, p, p, q)
-	if p+1 < len(leaf.runs) && k.mergeable(leaf.runs[p], leaf.runs[p+1]) {
-		x, y := leaf.runs[p], leaf.runs[p+1]
-		x.n += y.n
-		m.replace(t, leaf, p, p+2, x)
+	// Merged with its neighbours before it goes in, so that a put that
+	// extends a run (keys arriving in order) changes that run in place
+	// rather than inserting and then deleting.
+	x, j := q, p // x replaces runs [i, j)
+	if p < len(leaf.runs) && k.mergeable(q, leaf.runs[p]) {
+		x.n += leaf.runs[p].n
+		j = p + 1
 	}
-	if p > 0 && k.mergeable(leaf.runs[p-1], leaf.runs[p]) {
-		x, y := leaf.runs[p-1], leaf.runs[p]
-		x.n += y.n
-		m.replace(t, leaf, p-1, p+1, x)
+	i = p
+	if p > 0 && k.mergeable(leaf.runs[p-1], x) {
+		y := leaf.runs[p-1]
+		y.n += x.n
+		x, i = y, p-1
 	}
+	m.replace(t, leaf, i, j, x)
 	return m.fix(t, path, idx)
 }
 

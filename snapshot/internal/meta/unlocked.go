@@ -121,7 +121,11 @@ func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
 		return nil, err
 	}
 	m.maxRead.Note(int64(time.Since(t0)))
-	return decodeNode(*bp, p.loc, k, p.tx, level)
+	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
+	if err != nil {
+		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
+	}
+	return n, nil
 }
 
 // checkCached reports a cached node that does not match its pointer.
