@@ -262,8 +262,9 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 		s.dropCow(sc)
 		return err
 	}
-	s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-	s.mu.Lock()
+	// Take mu with the record's index paths cached: no page read under it
+	// (pagedindex.go).
+	s.lockForOps(sc.ops)
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()
 		s.dropCow(sc)

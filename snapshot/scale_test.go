@@ -232,6 +232,26 @@ func TestStoreOpenScale(t *testing.T) {
 		require.NoError(t, s.Close())
 		require.NoError(t, f.Close())
 	}
+	// BLOCKSNAP_SCALE_AB=N: N more Opens of the crash image each with the
+	// replay's read-ahead and without, alternately, so that the two are
+	// compared under the same load.
+	ab, _ := strconv.Atoi(os.Getenv("BLOCKSNAP_SCALE_AB"))
+	for i := range 2 * ab {
+		if os.Getenv("BLOCKSNAP_SCALE_COLD") != "" {
+			require.NoError(t, replayDropCached(crashed))
+		}
+		f, err := blockdev.Open(crashed, blockdev.FileOptions{})
+		require.NoError(t, err)
+		store.Head = f
+		o := opts
+		o.noReadAhead = i%2 == 1
+		t0 := time.Now()
+		s, err := Open(origin, store, o)
+		require.NoError(t, err)
+		t.Logf("Open after a crash, read-ahead %v: %v", !o.noReadAhead, time.Since(t0))
+		require.NoError(t, s.Close())
+		require.NoError(t, f.Close())
+	}
 }
 
 // replayDropCached asks the kernel to drop the file's pages from its

@@ -15,30 +15,35 @@ import (
 // is the level the parent expects (-1: any, for a root).
 func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	if n := m.cache.get(p.loc); n != nil {
-		if n.tx != p.tx || n.kind != k || level >= 0 && int(n.level) != level {
-			return nil, m.changedOr(corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx))
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
 		}
 		return n, nil
 	}
-	n, err := m.readNode(p, k, level)
-	if err != nil {
-		return nil, err
-	}
-	return m.cache.add(n), nil
+	return m.loadMiss(p, k, level)
 }
 
-// readNode reads and decodes the node p points to, without the cache.
-func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
-	bp := m.pool.Get().(*[]byte)
-	defer m.pool.Put(bp)
-	if err := m.readPage(*bp, p.loc); err != nil {
-		return nil, err
+// loadW is load for the writer, under mu held exclusively: it counts the
+// pages its change reads (wMiss) for Stalls, apart from the misses of
+// lookups and views that run meanwhile.
+func (m *Meta) loadW(p ptr, k kind, level int) (*node, error) {
+	if n := m.cache.get(p.loc); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
+		}
+		return n, nil
 	}
-	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
+	m.wMiss++
+	return m.loadMiss(p, k, level)
+}
+
+// loadMiss reads the node p points to and caches it.
+func (m *Meta) loadMiss(p ptr, k kind, level int) (*node, error) {
+	n, err := m.readNode(p, k, level)
 	if err != nil {
 		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
 	}
-	return n, nil
+	return m.cache.add(n), nil
 }
 
 // childIndex is the index of the child whose subtree holds key q: the last
@@ -85,6 +90,7 @@ func upperBound(k kind, runs []run, q run) int {
 // immutable.
 type iter struct {
 	m     *Meta
+	ms    *missState // a shared reader's: misses are read unlocked (unlocked.go)
 	k     kind
 	nodes []*node
 	idx   []int
@@ -98,11 +104,11 @@ func (it *iter) seek(t tree, q run) bool {
 	if t.root.isNil() {
 		return false
 	}
-	n, err := it.m.load(t.root, t.kind, int(t.level))
+	n, err := it.load(t.root, t.kind, int(t.level))
 	for err == nil && !n.leaf() {
 		i := childIndex(t.kind, n, q)
 		it.nodes, it.idx = append(it.nodes, n), append(it.idx, i)
-		n, err = it.m.load(n.kids[i], t.kind, int(n.level)-1)
+		n, err = it.load(n.kids[i], t.kind, int(n.level)-1)
 	}
 	if err != nil {
 		it.err = err
@@ -154,7 +160,7 @@ func (it *iter) step(dir int) bool {
 	}
 	for ; d < len(it.nodes)-1; d++ {
 		n := it.nodes[d]
-		c, err := it.m.load(n.kids[it.idx[d]], it.k, int(n.level)-1)
+		c, err := it.load(n.kids[it.idx[d]], it.k, int(n.level)-1)
 		if err != nil {
 			it.err = err
 			it.idx[len(it.idx)-1] = -2
@@ -250,7 +256,7 @@ func (m *Meta) loadHint(hint []*node, d int, p ptr, k kind, level int) (*node, e
 			return h, nil
 		}
 	}
-	return m.load(p, k, level)
+	return m.loadW(p, k, level)
 }
 
 // replace puts repl in place of leaf runs [i, j), keeping the encoded
@@ -377,7 +383,7 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 		m.cache.touched(n)
 		return nil
 	}
-	sib, err := m.load(p.kids[j], t.kind, int(p.level)-1)
+	sib, err := m.loadW(p.kids[j], t.kind, int(p.level)-1)
 	if err == nil {
 		sib, err = m.own(sib)
 	}
