@@ -28,7 +28,13 @@ import (
 // own noise) and a tree commit alone (treecommit).
 // It reports each call's time (<call>-ms), the writer's worst write while
 // that call ran (<call>-stall-ms), and the writer's worst write and p99
-// over all of them. The default is 100k versions and 1,000 snapshots;
+// over all of them. Beside each stall it reports what it could be made
+// of, measured in-process (far less sensitive to a loaded machine than the
+// wall clock): the longest hold of Store.mu or the layer's lock, exclusive
+// or shared without a break (<call>-hold-ms, and max-hold-ms over all),
+// the longest wait to take one (<call>-wait-ms), the longest GC pause
+// (<call>-gc-ms) and the longest a runnable goroutine waited for a
+// processor (<call>-sched-ms); -v logs which function held and waited. The default is 100k versions and 1,000 snapshots;
 // BLOCKSNAP_BENCH_ADMIN_FULL=1 runs 1M versions and 10,000 snapshots.
 // One iteration is the whole run: use -benchtime=1x.
 func BenchmarkAdminUnderLoad(b *testing.B) {
@@ -141,9 +147,11 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 	}()
 	w.settle()
 	w.hist.Reset()
-	var worstAll time.Duration
+	var worstAll, holdAll time.Duration
 	call := func(name string, fn func() error) {
 		w.worst.Store(0)
+		s.ResetLockStats()
+		rs := NewRuntimeStalls()
 		t0 := time.Now()
 		if err := fn(); err != nil {
 			close(stop)
@@ -153,9 +161,22 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 		took := time.Since(t0)
 		w.settle()
 		stall := time.Duration(w.worst.Load())
-		worstAll = max(worstAll, stall)
+		ls := s.LockStats()
+		gc, sched := rs.Since()
+		hold := max(ls.Store.MaxHold, ls.Store.MaxShared, ls.Meta.MaxHold, ls.Meta.MaxShared)
+		worstAll, holdAll = max(worstAll, stall), max(holdAll, hold)
 		b.ReportMetric(ms(took), name+"-ms")
 		b.ReportMetric(ms(stall), name+"-stall-ms")
+		// What the stall is made of: the longest a lock the writer needs
+		// was held (exclusive, or shared without a break), the longest
+		// wait for one, the longest GC pause and scheduling latency.
+		b.ReportMetric(ms(hold), name+"-hold-ms")
+		b.ReportMetric(ms(max(ls.Store.MaxWait, ls.Meta.MaxWait)), name+"-wait-ms")
+		b.ReportMetric(ms(gc), name+"-gc-ms")
+		b.ReportMetric(ms(sched), name+"-sched-ms")
+		b.Logf("%s: stall %v; Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; gc pause %v, sched latency %v",
+			name, stall, ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
+			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy, ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, gc, sched)
 	}
 	mid := fmt.Sprintf("s%d", snaps/2)
 	// Two references: the writer's worst write while nothing else runs
@@ -188,6 +209,7 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 	b.ReportMetric(float64(st.IndexEntries), "versions")
 	b.ReportMetric(fill.Seconds(), "fill-s")
 	b.ReportMetric(ms(worstAll), "worst-stall-ms")
+	b.ReportMetric(ms(holdAll), "max-hold-ms")
 	b.ReportMetric(float64(w.hist.Percentile(0.99).Microseconds()), "write-p99-µs")
 	b.ReportMetric(float64(w.writes.Load()), "writes")
 }

@@ -3,35 +3,108 @@ package bench
 import (
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot/metascale"
 )
 
-// BenchmarkMetadataScale fills the store's paged metadata with N chunk
-// versions (one snapshot's worth of origin-write copies, chunk order
-// random or sequential) on a data-less device and reports heap in use per
-// version and in total (after GC, beyond the baseline; the node cache is
-// 64 MiB), metadata bytes on disk per version, the worst single version's
-// metadata time (worst-put: what an origin write would wait) beside its
-// 99th and 99.9th percentiles and the count of versions over 10 ms (so a
-// single scheduler hiccup on a loaded machine is told apart from a
-// systematic stall), the worst commit (run in the background) and the
-// longest a commit held the writer's lock (worst-freeze), the bytes
-// commits wrote per version, and Open after a clean Close and after a
-// crash. One iteration is the whole run: use -benchtime=1x. N = 100M runs
-// only with BLOCKSNAP_BENCH_100M=1.
+// BenchmarkMetadataScale fills a whole store with N chunk versions: one
+// snapshot of the origin, then every origin chunk written once (4 KiB
+// writes in a pseudo-random order, or 256 KiB writes in order), so each
+// write copies one chunk. The origin and the data region are data-less
+// (blockdevtest.Null); the superblock, journal and metadata are a file.
+// It reports heap in use after the fill (after GC, beyond the baseline
+// before Format) per version and in total, and beyond the metadata cache
+// (64 MiB, which the origin buffer's 32 MiB is not part of); metadata
+// bytes on disk per version after a tree commit; the origin writes' worst,
+// 99th and 99.9th percentile times and the count over 10 ms (the writer's
+// stalls: a count of 1 is a scheduler hiccup on a loaded machine, many a
+// systematic stall); and Open after a power cut (the journal's tail since
+// the last tree commit replayed) and after Close. One iteration is the
+// whole run: use -benchtime=1x. N = 100M runs only with
+// BLOCKSNAP_BENCH_100M=1; BLOCKSNAP_BENCH_HEAPPROFILE=DIR writes a heap
+// profile of each run after its fill to DIR.
 func BenchmarkMetadataScale(b *testing.B) {
-	sizes := []uint64{1_000_000, 10_000_000}
-	if os.Getenv("BLOCKSNAP_BENCH_100M") == "1" {
-		sizes = append(sizes, 100_000_000)
+	for _, n := range scaleSizes() {
+		for _, order := range []string{"random", "sequential"} {
+			b.Run(fmt.Sprintf("versions=%s/order=%s", countName(n), order), func(b *testing.B) {
+				storeScale(b, n, order == "random")
+			})
+		}
 	}
-	for _, n := range sizes {
+}
+
+// BenchmarkMetadataLayerScale is BenchmarkMetadataScale on the metadata
+// layer alone (snapshot/internal/meta, no store above it): the same
+// versions put straight into the layer, with a background committer every
+// 65,536, so that the tree's own costs are told apart from the store's.
+// It reports the layer's heap (its 64 MiB node cache included), metadata
+// bytes on disk, the worst single version's metadata time (worst-put)
+// beside its percentiles, the worst commit and the longest a commit held
+// the writer's lock (worst-freeze), the bytes commits wrote per version,
+// and Open after a clean Close and after a crash.
+func BenchmarkMetadataLayerScale(b *testing.B) {
+	for _, n := range scaleSizes() {
 		for _, order := range []string{"random", "sequential"} {
 			b.Run(fmt.Sprintf("versions=%s/order=%s", countName(n), order), func(b *testing.B) {
 				metadataScale(b, n, order == "random")
 			})
 		}
+	}
+}
+
+func scaleSizes() []uint64 {
+	sizes := []uint64{1_000_000, 10_000_000}
+	if os.Getenv("BLOCKSNAP_BENCH_100M") == "1" {
+		sizes = append(sizes, 100_000_000)
+	}
+	return sizes
+}
+
+func storeScale(b *testing.B, n uint64, random bool) {
+	cfg := metascale.StoreConfig{Versions: n, Random: random}
+	if dir := os.Getenv("BLOCKSNAP_BENCH_HEAPPROFILE"); dir != "" {
+		cfg.HeapProfile = filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".heap")
+	}
+	for range b.N {
+		var res metascale.StoreResult
+		onScaleDevice(b, "store-head", metascale.StoreHeadBytes(cfg), func(dev blockdev.Device) (err error) {
+			res, err = metascale.RunStore(dev, cfg)
+			return err
+		})
+		b.ReportMetric(float64(res.HeapInuse)/float64(res.Entries), "heap-B/version")
+		b.ReportMetric(float64(res.HeapInuse)/(1<<20), "heap-MiB")
+		b.ReportMetric(float64(int64(res.HeapInuse)-res.Cache)/(1<<20), "heap-over-cache-MiB")
+		b.ReportMetric(float64(res.MetaBytes)/float64(res.Entries), "disk-B/version")
+		b.ReportMetric(float64(res.Entries)/res.Fill.Seconds(), "versions/s")
+		b.ReportMetric(float64(res.WorstWrite.Microseconds())/1000, "worst-write-ms")
+		b.ReportMetric(float64(res.P99Write.Microseconds()), "p99-write-µs")
+		b.ReportMetric(float64(res.P999Write.Microseconds()), "p999-write-µs")
+		b.ReportMetric(float64(res.Over), "writes>10ms")
+		b.ReportMetric(float64(res.OpenClean.Microseconds())/1000, "open-clean-ms")
+		b.ReportMetric(float64(res.OpenCrash.Microseconds())/1000, "open-crash-ms")
+	}
+}
+
+// onScaleDevice runs fn on a new device of size bytes from env's pool,
+// then closes the pool; an error of either fails b.
+func onScaleDevice(b *testing.B, name string, size int64, fn func(blockdev.Device) error) {
+	pool, err := NewPool(env)
+	if err != nil {
+		b.Fatal(err)
+	}
+	dev, err := pool.Device(name, size)
+	if err == nil {
+		err = fn(dev)
+	}
+	if cerr := pool.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		b.Fatal(err)
 	}
 }
 
@@ -45,21 +118,11 @@ func countName(n uint64) string {
 func metadataScale(b *testing.B, n uint64, random bool) {
 	cfg := metascale.Config{Versions: n, Random: random}
 	for range b.N {
-		pool, err := NewPool(env)
-		if err != nil {
-			b.Fatal(err)
-		}
-		dev, err := pool.Device("metadata", metascale.PageBytes(cfg))
-		if err != nil {
-			b.Fatal(err)
-		}
-		res, err := metascale.Run(dev, cfg)
-		if cerr := pool.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			b.Fatal(err)
-		}
+		var res metascale.Result
+		onScaleDevice(b, "metadata", metascale.PageBytes(cfg), func(dev blockdev.Device) (err error) {
+			res, err = metascale.Run(dev, cfg)
+			return err
+		})
 		b.ReportMetric(float64(res.HeapInuse)/float64(n), "heap-B/version")
 		b.ReportMetric(float64(res.HeapInuse)/(1<<20), "heap-MiB")
 		b.ReportMetric(float64(res.MetaBytes)/float64(n), "disk-B/version")

@@ -32,7 +32,8 @@ import (
 //   - the origin's preserved epochs cover its entries and the per-branch
 //     summaries cover every entry;
 //   - the origin snapshots' counters (mapped and exclusive bytes at each
-//     held epoch) equal what its entries give.
+//     held epoch) equal what its entries give, and so do every other
+//     branch's (clonecounters.go) at each held epoch and the live one.
 //
 // A store opened with Options.ReadOnly beside a live writer (a device
 // without a lock) returns a *StoreChangedError (ErrStoreChanged) instead
@@ -93,6 +94,7 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 	s.checkSamples(bad) // identity.go
 	var cs checkState
 	var ctr counterBuilder
+	bctr := branchChecker{cs: &cs}
 	ix, done, err := s.readView(func() {
 		cs = s.checkStateLocked()
 		s.checkVolumes(map[point]int32{}, bad)
@@ -125,8 +127,8 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 			return bad("origin entry (0,%d) at the live epoch", x.c)
 		case !br.groups.mayHave(x.c) || x.b != 0 && !br.chainGroups.mayHave(x.c):
 			return bad("entry (%d,%d,%d) missing from its branch summary", x.b, x.c, x.e)
-		case x.b == 0 && cs.preserved[x.c] < x.e:
-			return bad("origin chunk %d preserved to %d below its entry at %d", x.c, cs.preserved[x.c], x.e)
+		case x.b == 0 && cs.preservedBelow(x):
+			return bad("origin chunk %d preserved below its entry at %d", x.c, x.e)
 		}
 		held := br.refs[x.e] > 0 || (x.e == epochLive && br.live)
 		if !held && !cs.queued[point{x.b, x.e}] {
@@ -134,6 +136,8 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 		}
 		if x.b == 0 {
 			ctr.add(x, s.chunkLen(x.c))
+		} else if err := bctr.add(ix, x); err != nil {
+			return bad("counting entry (%d,%d,%d): %v", x.b, x.c, x.e, err)
 		}
 		if x.isData() {
 			if seen[x.loc] {
@@ -149,6 +153,7 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 	} else {
 		want := ctr.finish(s.geo.originSize)
 		checkCounters(&cs.ctr, &want, ctr.held, bad)
+		bctr.check(&cs, bad)
 	}
 	var merr error
 	if v, ok := ix.r.(*meta.View); ok {
@@ -171,10 +176,10 @@ func (s *Store) checkFindings() blockdev.CheckReport {
 // checkState is what the check's walk compares entries with: a copy taken
 // under Store.mu at the instant of the index it walks.
 type checkState struct {
-	branches  map[uint32]*checkBranch
-	preserved []uint32
-	queued    map[point]bool
-	ctr       counters // the origin snapshots' counters
+	branches map[uint32]*checkBranch
+	pres     *presCache
+	queued   map[point]bool
+	ctr      counters // the origin snapshots' counters
 }
 
 type checkBranch struct {
@@ -182,11 +187,24 @@ type checkBranch struct {
 	live                bool
 	refs                map[uint32]int32
 	groups, chainGroups chunkGroups
+	held                []uint32 // sorted epochs with refs > 0
+	// parent and parentEpoch: the parent point (hasParent false: branch 0
+	// or a root).
+	parent, parentEpoch uint32
+	hasParent           bool
+}
+
+// preservedBelow reports whether origin entry x lies above its chunk's
+// cached preserved epoch (an unknown one is looked up on use: nothing to
+// compare).
+func (cs *checkState) preservedBelow(x entry) bool {
+	e, ok := cs.pres.known(x.c)
+	return ok && e < x.e
 }
 
 // checkStateLocked copies the check's state. Called with Store.mu held.
 func (s *Store) checkStateLocked() checkState {
-	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), preserved: slices.Clone(s.preserved),
+	cs := checkState{branches: make(map[uint32]*checkBranch, len(s.branches)), pres: s.pres.clone(),
 		queued: map[point]bool{}, ctr: s.ctr.clone()}
 	// Branches share summary words until they differ (copy on write):
 	// copy each set of words once.
@@ -201,8 +219,12 @@ func (s *Store) checkStateLocked() checkState {
 		return c
 	}
 	for id, br := range s.branches {
-		cs.branches[id] = &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
-			groups: copyOf(&br.groups), chainGroups: copyOf(&br.chainGroups)}
+		cb := &checkBranch{lastEpoch: br.lastEpoch, live: br.live, refs: maps.Clone(br.refs),
+			groups: copyOf(&br.groups), chainGroups: copyOf(&br.chainGroups), held: slices.Clone(br.held)}
+		if br.up != nil {
+			cb.parent, cb.parentEpoch, cb.hasParent = br.up.id, br.parentEpoch, true
+		}
+		cs.branches[id] = cb
 	}
 	for _, t := range s.gcq {
 		cs.queued[t.p] = true

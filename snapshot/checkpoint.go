@@ -7,7 +7,7 @@ package snapshot
 //
 //	offset size  field
 //	     0    8  magic "BSNAPCKP"
-//	     8    4  version (4), little-endian
+//	     8    4  version (5), little-endian
 //	    12    -  uv next volume id, uv next branch id
 //	          -  uv branch count; per branch: uv id, uv parent, uv parent epoch,
 //	             uv last epoch, uv live (0/1), then its chunk-group summary:
@@ -22,6 +22,8 @@ package snapshot
 //	             origin's], uv name length, name
 //	          -  the origin's and its snapshots' space counters (version 4;
 //	             layout in counters.go)
+//	          -  the other branches' space counters (version 5; layout in
+//	             clonecounters.go)
 //	          -  a zero byte (version 1 had the entry runs here: see
 //	             loadRuns, which Migrate uses)
 //	     -    4  CRC32C, salted with saltCheckpoint, of every byte before it
@@ -31,7 +33,8 @@ package snapshot
 // sets rebuild). Version 3 images carry them, so Open walks nothing: the
 // preserved epochs are looked up in the tree on first use (preserve.go).
 // Version 3 had no space counters: Open rebuilds them by one walk of the
-// origin's entries (settleCounters).
+// origin's entries (settleCounters). Version 4 had the origin's only: Open
+// builds the other branches' by one walk of their entries.
 //
 // Version 1 (format version 1 stores) held the whole index after the
 // volumes, as entry runs in (branch, epoch, chunk) order, each: a tag byte
@@ -56,7 +59,8 @@ import (
 
 const (
 	checkpointMagic      = "BSNAPCKP"
-	checkpointVersion    = 4
+	checkpointVersion    = 5
+	noBranchCtrVersion   = 4 // images without the branch counters (clonecounters.go)
 	noCounterVersion     = 3 // images without the space counters (counters.go)
 	noGroupsVersion      = 2 // images without chunk-group summaries either
 	oldCheckpointVersion = 1
@@ -459,8 +463,11 @@ func (c *capture) encodeVersion(e *encoder, v uint32) {
 		e.uv(uint64(len(v.name)))
 		e.bytes([]byte(v.name))
 	}
-	if v >= checkpointVersion {
+	if v >= noBranchCtrVersion {
 		c.ctr.encodeTo(e)
+	}
+	if v >= checkpointVersion {
+		c.ctr.encodeBranches(e)
 	}
 	e.byte1(0) // no entry runs: the index is in the metadata region
 }

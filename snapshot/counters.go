@@ -135,18 +135,14 @@ type counters struct {
 	// replays records the tree already holds, or a migration loads an old
 	// store); Open rebuilds them by one walk of branch 0 (settleCounters).
 	stale bool
+	// br: the counters of every other branch (clonecounters.go), by id;
+	// a branch without one has none yet. brStale: they are not maintained
+	// (a version 4 image) while branch 0's are; Open builds them.
+	br      map[uint32]*bcounts
+	brStale bool
 }
 
-func (c *counters) addExcl(e uint32, v int64) {
-	if c.excl == nil {
-		c.excl = map[uint32]int64{}
-	}
-	if n := c.excl[e] + v; n != 0 {
-		c.excl[e] = n
-	} else {
-		delete(c.excl, e)
-	}
-}
+func (c *counters) addExcl(e uint32, v int64) { addTo(&c.excl, e, v) }
 
 // onlyHeld returns the one held epoch in (lo, e], or 0 if there are none
 // or several.
@@ -182,8 +178,8 @@ func (s *Store) countPut(c uint64, e uint32, data bool) error {
 		s.ctr.stale = true // a bad record, which the replay refuses or Check reports
 		return nil
 	}
-	lo := s.preserved[c]
-	if s.replaying || lo == preservedUnknown {
+	lo, known := s.pres.known(c)
+	if s.replaying || !known {
 		p, ok, err := s.ix.prev(0, c, e)
 		if err != nil {
 			return metaErr("index lookup", err)
@@ -204,6 +200,9 @@ func (s *Store) countPut(c uint64, e uint32, data bool) error {
 	s.ctr.pres.add(e+1, n)
 	if data {
 		s.ctr.addEntry(s.b0.held, lo, e, n)
+		if len(s.b0.children) > 0 {
+			return s.fanOut(c, lo, e)
+		}
 	}
 	return nil
 }
@@ -224,13 +223,11 @@ func (s *Store) countChange(e uint32) {
 func (s *Store) refAt(br *branch, e uint32, d int32) (nowZero bool, err error) {
 	was := br.refs[e] > 0
 	nowZero = br.ref(e, d)
-	if br.id != 0 || s.ctr.stale || was == !nowZero {
+	if s.ctr.stale || was == !nowZero || br.id != 0 && s.ctr.brStale {
 		return nowZero, nil
 	}
 	if !was { // added: the newest held epoch, or the counters cannot say
-		if br.held[len(br.held)-1] != e {
-			s.ctr.stale = true
-		}
+		s.branchHeldAdded(br, e)
 		return nowZero, nil
 	}
 	return nowZero, s.heldRemoved(br, e)
@@ -240,7 +237,15 @@ func (s *Store) refAt(br *branch, e uint32, d int32) (nowZero bool, err error) {
 // that now holds them alone: entries covering {p, e} to p, entries covering
 // {e, n} to n (p and n the held epochs around e, pp before p, nn after n).
 func (s *Store) heldRemoved(br *branch, e uint32) error {
-	s.ctr.addExcl(e, -s.ctr.excl[e])
+	excl, unit := &s.ctr.excl, s.chunkLen // branch 0 counts bytes
+	var bc *bcounts
+	if br.id != 0 { // other branches count chunks (clonecounters.go)
+		if bc = s.bcountsOf(br.id); bc == nil {
+			return nil
+		}
+		excl, unit = &bc.excl, func(uint64) int64 { return 1 }
+	}
+	addTo(excl, e, -(*excl)[e])
 	i, _ := slices.BinarySearch(br.held, e)
 	var pp, p, n, nn uint32
 	if i > 0 {
@@ -249,7 +254,12 @@ func (s *Store) heldRemoved(br *branch, e uint32) error {
 	if i > 1 {
 		pp = br.held[i-2]
 	}
-	hi := br.lastEpoch + 1 // no origin entry is keyed above lastEpoch
+	// No origin entry is keyed above lastEpoch; a clone's live entries are
+	// read by its live volume too, or are counted from liveLo below.
+	hi := br.lastEpoch + 1
+	if br.id != 0 {
+		hi = epochLive
+	}
 	if i < len(br.held) {
 		n = br.held[i]
 		if i+1 < len(br.held) {
@@ -258,12 +268,12 @@ func (s *Store) heldRemoved(br *branch, e uint32) error {
 		}
 	}
 	var lerr error
-	err := s.ix.epochRange(0, e, hi, func(x entry) bool {
+	err := s.ix.epochRange(br.id, e, hi, func(x entry) bool {
 		if !x.isData() {
 			return true
 		}
 		lo := uint32(0)
-		pv, ok, err := s.ix.prev(0, x.c, x.e)
+		pv, ok, err := s.ix.prev(br.id, x.c, x.e)
 		if err != nil {
 			lerr = err
 			return false
@@ -274,10 +284,10 @@ func (s *Store) heldRemoved(br *branch, e uint32) error {
 		switch {
 		case n == 0 || x.e < n: // covered e and maybe p
 			if p != 0 && lo >= pp && lo < p {
-				s.ctr.addExcl(p, s.chunkLen(x.c))
+				addTo(excl, p, unit(x.c))
 			}
 		case lo >= p && lo < e: // covered e and n
-			s.ctr.addExcl(n, s.chunkLen(x.c))
+			addTo(excl, n, unit(x.c))
 		}
 		return true
 	})
@@ -286,6 +296,9 @@ func (s *Store) heldRemoved(br *branch, e uint32) error {
 	}
 	if err != nil {
 		return metaErr("counter upkeep", err)
+	}
+	if bc != nil && !br.live {
+		liveHeldRemoved(bc, e, pp, p, n, nn)
 	}
 	return nil
 }
@@ -358,19 +371,28 @@ func (s *Store) countFormat() {
 }
 
 // settleCounters rebuilds stale counters (Open, after the replay). Its
-// cost is one walk of branch 0's entries; an Open after a clean Close or
-// most crashes finds them current and walks nothing.
+// cost is one walk of branch 0's entries, and of the other branches'
+// (with a resolution down the chain per chunk with entries); an Open
+// after a clean Close or most crashes finds them current and walks
+// nothing. A version 4 image has branch 0's only: the others are built.
 func (s *Store) settleCounters() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.ctr.stale {
+	if !s.ctr.stale && !s.ctr.brStale {
 		return nil
 	}
-	c, err := s.buildCounters(s.ix)
+	if s.ctr.stale {
+		c, err := s.buildCounters(s.ix)
+		if err != nil {
+			return err
+		}
+		s.ctr = c
+	}
+	br, err := s.buildBranchCounters()
 	if err != nil {
 		return err
 	}
-	s.ctr, s.ctrRebuilt = c, true
+	s.ctr.br, s.ctr.brStale, s.ctrRebuilt = br, false, true
 	return nil
 }
 
@@ -480,6 +502,14 @@ func (s *Store) loadCounters(d *ckptReader) {
 	}
 }
 
+// clone copies the counters for a capture; each branch's (bcounts) it
+// shares, marked so that the next change copies them first.
 func (c *counters) clone() counters {
-	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), pres: c.pres.clone(), stale: c.stale}
+	br := make(map[uint32]*bcounts, len(c.br))
+	for id, b := range c.br {
+		b.shared = true
+		br[id] = b
+	}
+	return counters{mapped: c.mapped.clone(), excl: maps.Clone(c.excl), pres: c.pres.clone(), stale: c.stale,
+		br: br, brStale: c.brStale}
 }

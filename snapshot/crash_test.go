@@ -178,6 +178,7 @@ func (w *workload) crashed(tr *blockdevtest.PowerCut, cause error) (*blockdevtes
 	w.s = s
 	w.must(s.WaitIdle(context.Background()), "collector after crash")
 	w.must(s.Check(), "check after crash (%v)", tr)
+	w.must(clonecountStatsAgree(s), "stat after crash (%v)", tr)
 	w.why = "reconcile"
 	w.reconcile(tr.Policy())
 	w.retire()

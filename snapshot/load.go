@@ -21,7 +21,7 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	var hdr [12]byte
 	d.read(hdr[:])
 	version := binary.LittleEndian.Uint32(hdr[8:])
-	known := version == checkpointVersion || version == noCounterVersion || version == noGroupsVersion ||
+	known := version == checkpointVersion || version == noBranchCtrVersion || version == noCounterVersion || version == noGroupsVersion ||
 		s.migrating && version == oldCheckpointVersion
 	if d.err == nil && (string(hdr[:8]) != checkpointMagic || !known) {
 		d.fail("bad magic or version %d", version)
@@ -32,8 +32,14 @@ func (s *Store) loadCheckpoint(r io.Reader) error {
 	s.ctr = counters{stale: true} // loading the holders changes no counter
 	s.loadBranches(d, version >= noCounterVersion)
 	s.loadVolumes(d)
-	if version == checkpointVersion {
+	if version >= noBranchCtrVersion {
 		s.loadCounters(d) // else they stay stale: Open rebuilds them
+		s.ctr.brStale = true
+		if version >= checkpointVersion && !s.ctr.stale {
+			s.loadBranchCounters(d)
+		} else if version >= checkpointVersion && d.uv() != 0 && d.err == nil {
+			d.fail("branch counters without the origin's")
+		}
 	}
 	if version == oldCheckpointVersion {
 		s.loadRuns(d)
@@ -220,13 +226,12 @@ func (s *Store) afterReplay() error {
 }
 
 // rebuildSummaries rebuilds, from the index, what the store keeps in
-// memory beside it: each origin chunk's preserved epoch and each branch's
-// chunk-group bits. It is one walk of the chunk tree, in key order, so it
+// memory beside it: each branch's chunk-group bits (the origin's preserved
+// epochs stay unknown until looked up, preserve.go). It is one walk of the chunk tree, in key order, so it
 // reads every leaf once: its cost grows with the index entries (about 11
 // bytes of leaf each). Open runs it only for a checkpoint image older than
 // the summaries (version 2); the next tree commit writes them.
 func (s *Store) rebuildSummaries() error {
-	clear(s.preserved) // Open marked them unknown; the walk finds them all
 	var bad error
 	err := s.ix.ascend(entry{}, func(x entry) bool {
 		br := s.branches[x.b]
@@ -237,9 +242,6 @@ func (s *Store) rebuildSummaries() error {
 		if lim := s.chunkBound(x.b); x.c >= lim {
 			bad = fmt.Errorf("%w: index entry (%d,%d,%d) past the chunk space's %d chunks", ErrCorrupt, x.b, x.c, x.e, lim)
 			return false
-		}
-		if x.b == 0 && x.e > s.preserved[x.c] && x.e != epochLive {
-			s.preserved[x.c] = x.e
 		}
 		markGroups(br, x.c, 1)
 		return true

@@ -110,7 +110,7 @@ func (s *Store) needsCopy(c0, c1 uint64, need uint32) bool {
 		return false
 	}
 	for c := c0; c <= c1; c++ {
-		if p := s.preserved[c]; p < need || p == preservedUnknown {
+		if p, ok := s.pres.known(c); !ok || p < need {
 			return true
 		}
 	}
@@ -218,7 +218,7 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	defer s.putScratch(sc)
 	var err error
 	for c := c0; c <= c1 && err == nil; c++ {
-		if s.preserved[c] >= need {
+		if p, ok := s.pres.known(c); ok && p >= need { // resolvePreserved made it known
 			continue
 		}
 		var loc uint64
@@ -262,8 +262,9 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 		s.dropCow(sc)
 		return err
 	}
-	s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-	s.mu.Lock()
+	// Take mu with the record's index paths cached: no page read under it
+	// (pagedindex.go).
+	s.lockForOps(sc.ops)
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
 		s.mu.Unlock()
 		s.dropCow(sc)

@@ -24,6 +24,10 @@ type pagedIndex struct {
 	// Store.mu while a record that Room admitted on it is applied, and
 	// while Open replays records the store once accepted).
 	reserve bool
+	// noRead: get and seek read no page; a miss returns
+	// *meta.NotCachedError (a read's resolution under Store.mu shared,
+	// which must not hold a writer up for a page read).
+	noRead bool
 }
 
 // treeReader is the read side of the layer, which both the live layer
@@ -77,7 +81,14 @@ func (p pagedIndex) del(b uint32, c uint64, e uint32) (entry, bool, error) {
 
 // get returns the entry exactly at (b, c, e).
 func (p pagedIndex) get(b uint32, c uint64, e uint32) (entry, bool, error) {
-	loc, ok, err := p.rd().Get(metaKey(b, c, e))
+	var loc uint64
+	var ok bool
+	var err error
+	if p.noRead && p.r == nil {
+		loc, ok, err = p.m.GetNoRead(metaKey(b, c, e))
+	} else {
+		loc, ok, err = p.rd().Get(metaKey(b, c, e))
+	}
 	if err != nil || !ok {
 		return entry{}, false, err
 	}
@@ -86,7 +97,15 @@ func (p pagedIndex) get(b uint32, c uint64, e uint32) (entry, bool, error) {
 
 // seek returns the first entry of (b, c) with epoch >= e.
 func (p pagedIndex) seek(b uint32, c uint64, e uint32) (entry, bool, error) {
-	k, loc, ok, err := p.rd().Seek(metaKey(b, c, e))
+	var k meta.Key
+	var loc uint64
+	var ok bool
+	var err error
+	if p.noRead && p.r == nil {
+		k, loc, ok, err = p.m.SeekNoRead(metaKey(b, c, e))
+	} else {
+		k, loc, ok, err = p.rd().Seek(metaKey(b, c, e))
+	}
 	if err != nil || !ok || k.B != b || k.C != c {
 		return entry{}, false, err
 	}
@@ -231,7 +250,8 @@ func (p pagedIndex) branchAscend(b uint32, fn func(entry) bool) error {
 	return p.ascend(entry{b: b}, func(x entry) bool { return x.b == b && fn(x) })
 }
 
-// prefetchOps loads the index nodes that applying ops will walk, before
+// prefetchOps waits for the layer's write-back if it is behind, and loads
+// the index nodes that applying ops will walk, before
 // the caller takes Store.mu to log them: a page read there (a cache miss
 // of the record's puts and deletes) would hold every reader and writer of
 // the store for the read. Called with no lock of the store held but branch
@@ -240,6 +260,10 @@ func (p pagedIndex) branchAscend(b uint32, fn func(entry) bool) error {
 // change itself to meet and report, and a node evicted meanwhile is read
 // again under Store.mu as before.
 func (s *Store) prefetchOps(ops []op) {
+	// Past the layer's write-back bound, wait here, without Store.mu,
+	// rather than write back under it (docs/metadata.md section 16). An
+	// error is left for the change to meet, as a read error is.
+	_ = s.m.Throttle()
 	for i := range ops {
 		o := &ops[i]
 		switch o.kind {
@@ -253,4 +277,45 @@ func (s *Store) prefetchOps(ops []op) {
 			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e2))
 		}
 	}
+}
+
+// lockForOps takes Store.mu to apply ops, after prefetchOps, and checks
+// under it that the ops' index paths are still cached; if a node was
+// evicted or the tree changed between the prefetch and the lock, it
+// releases the lock and prefetches again, so that the change reads no
+// page under Store.mu (docs/metadata.md section 16). After maxReadLoads
+// tries it keeps the lock, and the change reads what it misses under it.
+// The check runs only while the layer is prefetching (a page was read
+// lately); a working set that fits the cache pays one atomic load.
+func (s *Store) lockForOps(ops []op) {
+	for tries := 0; ; tries++ {
+		s.prefetchOps(ops)
+		s.mu.Lock()
+		if tries >= maxReadLoads || s.opsCachedLocked(ops) {
+			return
+		}
+		s.mu.Unlock()
+	}
+}
+
+// opsCachedLocked reports whether the index paths ops will walk are
+// cached (true while the layer is not prefetching). Called with mu held.
+func (s *Store) opsCachedLocked(ops []op) bool {
+	if !s.m.Prefetching() {
+		return true
+	}
+	for i := range ops {
+		o := &ops[i]
+		switch o.kind {
+		case opPut, opDel:
+			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || o.n > 1 && !s.m.PathsCached(metaKey(o.b, o.c+o.n-1, o.e)) {
+				return false
+			}
+		case opMove:
+			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || !s.m.PathsCached(metaKey(o.b, o.c, o.e2)) {
+				return false
+			}
+		}
+	}
+	return true
 }

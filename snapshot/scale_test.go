@@ -185,8 +185,14 @@ func TestStoreOpenScale(t *testing.T) {
 	fill := time.Since(t0)
 	runtime.GC()
 	runtime.ReadMemStats(&m1)
+	if hp := os.Getenv("BLOCKSNAP_SCALE_HEAPPROFILE"); hp != "" {
+		f, err := os.Create(hp)
+		require.NoError(t, err)
+		require.NoError(t, pprof.WriteHeapProfile(f))
+		require.NoError(t, f.Close())
+	}
 	st := s.Stats()
-	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version; the origin's preserved epochs are 4 B/chunk of it); metadata %.1f MiB on disk (%.2f B/version)",
+	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version); metadata %.1f MiB on disk (%.2f B/version)",
 		st.IndexEntries, order, fill, float64(m1.HeapInuse)/(1<<20), float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(st.IndexEntries),
 		float64(st.MetadataBytes)/(1<<20), float64(st.MetadataBytes)/float64(st.IndexEntries))
 	// A crash image: the metadata file as it is now, the store open.

@@ -242,6 +242,11 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			if !ok {
 				return bad("delete of missing entry (%d,%d,%d)", o.b, o.c+i, o.e)
 			}
+			if o.b != 0 {
+				if err := s.countBranchEntry(br, x, -1); err != nil {
+					return err
+				}
+			}
 			if x.isData() {
 				free := s.m.FreeData
 				if s.migrating {
@@ -271,6 +276,11 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		if !ok {
 			return bad("move of missing entry (%d,%d,%d)", o.b, o.c, o.e)
 		}
+		if br := s.branches[o.b]; o.b != 0 && br != nil {
+			if err := s.moveBranchEntry(br, x, o.e2); err != nil {
+				return err
+			}
+		}
 		x.e = o.e2
 		if ok, err := s.ix.put(x); err != nil || !ok {
 			if err != nil {
@@ -299,6 +309,7 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			return bad("drop of branch %d that is missing or still needed", o.id)
 		}
 		delete(s.branches, br.id)
+		delete(s.ctr.br, br.id)
 		if br.root {
 			return nil
 		}
@@ -357,7 +368,7 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 	if o.loc < locInherit && o.loc+o.n > s.geo.dataChunks {
 		return bad("location %d+%d past the data region", o.loc, o.n)
 	}
-	if br.id == 0 && s.migrating {
+	if s.migrating {
 		s.ctr.stale = true // Migrate rebuilds them at the new store's Open
 	}
 	for i := uint64(0); i < o.n; i++ {
@@ -379,8 +390,13 @@ func (s *Store) applyPut(br *branch, o *op, replay bool, bad func(string, ...any
 			}
 			return bad("put of existing entry (%d,%d,%d)", x.b, x.c, x.e)
 		}
-		if br.id == 0 && o.e > s.preserved[x.c] {
-			s.preserved[x.c] = o.e
+		if br.id != 0 {
+			if err := s.countBranchEntry(br, x, 1); err != nil {
+				return err
+			}
+		}
+		if br.id == 0 {
+			s.pres.raise(x.c, o.e)
 		}
 	}
 	markGroups(br, o.c, o.n)
@@ -456,6 +472,7 @@ func (s *Store) dropVolume(v *volume) error {
 	case KindClone:
 		br.live = false
 		br.liveVol = 0
+		s.liveRemoved(br)
 		s.queueGC(point{v.branch, epochLive})
 	}
 	return nil

@@ -51,6 +51,18 @@
 // and the journal's fill; none after a clean Close), sorted by key. No
 // walk of the tree: each origin chunk's preserved epoch is looked up on
 // its first write after Open (preserve.go).
+//
+// Memory is bounded by the cache, not by the history or the volumes'
+// sizes: Options.MetadataCache (default 64 MiB: an eighth of it caches
+// the origin chunks' preserved epochs, the space maps take 2 bits per
+// data chunk of it, 64 MiB per TiB of store at 4 KiB chunks and 4 MiB at
+// 64 KiB, and decoded pages the rest, at least a quarter), the origin
+// buffer (Options.OriginBuffer, default 32 MiB), the last tree commit's
+// encoded pages (at most about a quarter of the cache), at most 8 KiB
+// per branch for its chunk-group bits, and about 24 bytes per snapshot
+// ever taken of the origin for its space counters.
+// docs/metadata.md section 18 has the measurements and how to size the
+// cache.
 package snapshot
 
 import (
@@ -66,6 +78,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/internal/journalerr"
 	"github.com/blocksnap/blocksnap/journal"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
@@ -127,11 +140,18 @@ type Options struct {
 	// least it may be), and rounded down to 4 KiB. Format only. See docs/metadata.md for the sizes: a
 	// random chunk version takes about 11 bytes, a sequential one about 1.
 	MetadataBytes int64
-	// MetadataCache bounds, in bytes, the cache of decoded metadata pages;
-	// 0 means 64 MiB. To keep every lookup at one page read at most it
-	// should hold the tree's branch levels, about 0.2 bytes per random
-	// chunk version; about 34 bytes per version of the chunks a workload
-	// touches between tree commits make those writes cheap.
+	// MetadataCache bounds, in bytes, the metadata the store keeps in
+	// memory: the origin chunks' preserved epochs (an eighth, at least 96
+	// KiB: 12-16 bytes per chunk, about 390,000 chunks by default; a chunk
+	// not in it costs one lookup at its next write), the space maps (2
+	// bits per data chunk: 64 MiB per TiB of store at 4 KiB chunks), and
+	// decoded metadata pages (the rest, at least a quarter: a cache
+	// smaller than the space maps is exceeded by them); 0 means 64 MiB. To keep every lookup
+	// at one page read at most it should hold the tree's branch levels,
+	// about 0.2 bytes per random chunk version; about 34 bytes per version
+	// of the chunks a workload touches between tree commits make those
+	// writes cheap, and about 128 bytes per origin chunk a workload keeps
+	// rewriting spare those writes the lookup.
 	MetadataCache int64
 	// LowMetadata, if set, is called (without locks held) when the free
 	// metadata space drops below an eighth of the region plus the part
@@ -272,7 +292,7 @@ type Store struct {
 	// (identity.go) comes after the origin stripes and is a leaf. The index (ix)
 	// is changed only with mu held exclusively, so a tree commit frozen
 	// under mu covers whole journal records.
-	mu        sync.RWMutex
+	mu        lockstat.RWMutex // a sync.RWMutex that keeps its longest hold and wait (LockStats)
 	ix        pagedIndex
 	branches  map[uint32]*branch
 	volumes   map[uint64]*volume
@@ -289,12 +309,12 @@ type Store struct {
 	nextBranch uint32
 
 	alloc *allocator
-	// preserved[c] is the greatest epoch for which origin chunk c has been
-	// copied (0: never). A write to c needs a copy iff the newest held
-	// epoch of branch 0 is greater. It only grows (stale high values are
-	// harmless: new snapshots get greater numbers). Guarded by the origin
-	// stripe of c (written under mu as well).
-	preserved []uint32
+	// pres caches origin chunks' preserved epochs: the greatest epoch for
+	// which chunk c has been copied (0: never). A write to c needs a copy
+	// iff the newest held epoch of branch 0 is greater. Bounded by a share
+	// of Options.MetadataCache; guarded by the origin stripe of c and mu
+	// (preserve.go says how).
+	pres presCache
 	// ctr: the space counters of the origin and its snapshots
 	// (counters.go). Guarded by mu.
 	ctr counters
@@ -529,7 +549,7 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(s.opts.MetadataCache), SyncWriteBack: s.opts.syncWriteBack,
+		CacheBytes: int(nodeCacheBytes(s.opts.MetadataCache, s.geo.dataChunks, uint64(s.geo.metaLen)/meta.PageSize)), SyncWriteBack: s.opts.syncWriteBack,
 		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the
@@ -740,7 +760,8 @@ func newStore(origin, store blockdev.Device, opts Options, g geometry) *Store {
 		lowDataKick: make(chan struct{}, 1),
 		ckptCh:      make(chan capture, 1),
 	}
-	s.preserved = make([]uint32, s.chunks)
+	s.pres.maxSlots = presSlotsFor(presBudget(opts.MetadataCache))
+	s.pres.zero.Store(true) // Format's: no chunk copied (Open forgets it)
 	s.gcIdle = sync.NewCond(&s.mu)
 	s.capDone = sync.NewCond(&s.mu)
 	s.b0 = s.newBranch(0, 0, 0)
@@ -1044,8 +1065,7 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.prefetchOps(sc.ops) // no page read under s.mu (pagedindex.go)
-		s.mu.Lock()
+		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
 		s.mu.Unlock()
 		if retried {

@@ -250,13 +250,15 @@ func (v *Volume) Info() VolumeInfo {
 }
 
 // Stat returns the named volume's space accounting (docs/metadata.md
-// section 15 defines it). The origin's comes from its preserved epochs
-// (memory); a snapshot of the origin's from counters kept as entries
-// change, in O(log snapshots). A clone's or a clone's snapshot's walks
-// the index entries of the volume's branch and its ancestors (metadata
-// only) on a committed view of the index (readView), so the walk does not
-// hold the store's lock and writers go on meanwhile; the answer is the
-// state at the call's start.
+// section 15 defines it), from counters kept as entries change: the
+// origin's and its snapshots' in O(log snapshots), a clone's, a blank
+// volume's or one of their snapshots' in O(depth x log snapshots) plus one
+// seek per level of its chain. A volume smaller than what its chain maps
+// (shrunk, or a clone smaller than its origin), or a store whose counters
+// are being rebuilt, walks the index entries of the volume's branch and
+// its ancestors (metadata only) on a committed view of the index
+// (readView) instead, so the walk does not hold the store's lock and
+// writers go on meanwhile; the answer is the state at the call's start.
 func (s *Store) Stat(name string) (VolumeStat, error) {
 	s.mu.RLock()
 	if id, ok := s.byName[name]; ok {
@@ -268,6 +270,12 @@ func (s *Store) Stat(name string) (VolumeStat, error) {
 		case v.kind == KindSnapshot && v.branch == 0 && !s.ctr.stale:
 			defer s.mu.RUnlock()
 			return s.snapshotStatLocked(v), nil
+		case v.branch != 0:
+			st, ok, err := s.cloneStatLocked(v)
+			if ok || err != nil {
+				s.mu.RUnlock()
+				return st, err
+			}
 		}
 	}
 	s.mu.RUnlock()

@@ -1,10 +1,12 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"sync/atomic"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot/internal/meta"
 )
 
 // Volume is an open volume of a store: the origin, a read-only snapshot, a
@@ -221,11 +223,27 @@ func (s *Store) readLevels(levels []level, p []byte, off int64) error {
 func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) error {
 	ol := &s.originLocks[c%nStripes]
 	striped := ol.TryRLock()
+	loads := 0
 	for {
 		s.reclaim.RLock()
 		s.mu.RLock()
-		loc, fromOrigin, err := s.resolveLocked(levels, c)
+		ix := s.ix
+		ix.noRead = loads < maxReadLoads
+		loc, fromOrigin, err := s.resolveWith(ix, levels, c)
 		s.mu.RUnlock()
+		if nc := notCached(err); nc != nil {
+			// Read the page with no store lock held, then resolve
+			// again (docs/metadata.md section 16).
+			s.reclaim.RUnlock()
+			loads++
+			if err = s.m.Load(nc.Key); err == nil {
+				continue
+			}
+			if striped {
+				ol.RUnlock()
+			}
+			return fmt.Errorf("snapshot: read chunk %d: %w", c, metaErr("index lookup", err))
+		}
 		if err == nil && fromOrigin && !striped {
 			s.reclaim.RUnlock() // lock order: the stripe comes first
 			ol.RLock()
@@ -270,6 +288,31 @@ func (s *Store) readOriginPart(p []byte, off int64) error {
 // Where no level maps c, a chain that ends at a root branch, or at branch
 // 0 past the origin's end, reads zeros.
 func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
+	return s.resolveWith(s.ix, levels, c)
+}
+
+// maxReadLoads is how many times a read resolves with no page read under
+// Store.mu, loading what it missed in between, before it resolves with
+// reads under the lock: a cache too small to keep what was loaded, or a
+// tree that keeps changing, must not make a read retry for ever.
+const maxReadLoads = 3
+
+// notCached returns the miss of a lookup that must read no page (nil for
+// any other error, and at no cost for none).
+func notCached(err error) *meta.NotCachedError {
+	if err == nil {
+		return nil // before nc, which escapes: no allocation on a hit
+	}
+	var nc *meta.NotCachedError
+	if !errors.As(err, &nc) {
+		return nil
+	}
+	return nc
+}
+
+// resolveWith is resolveLocked on ix; with ix.noRead, a lookup that needs
+// a page returns *meta.NotCachedError unwrapped.
+func (s *Store) resolveWith(ix pagedIndex, levels []level, c uint64) (loc uint64, fromOrigin bool, err error) {
 	n := len(levels)
 	if n == 0 { // the chain below a root branch (readCurrent)
 		return locZero, false, nil
@@ -286,11 +329,14 @@ func (s *Store) resolveLocked(levels []level, c uint64) (loc uint64, fromOrigin 
 		var x entry
 		var ok bool
 		if l.e == epochLive {
-			x, ok, err = s.ix.get(l.br.id, c, epochLive)
+			x, ok, err = ix.get(l.br.id, c, epochLive)
 		} else {
-			x, ok, err = s.ix.seek(l.br.id, c, l.e)
+			x, ok, err = ix.seek(l.br.id, c, l.e)
 		}
 		if err != nil {
+			if ix.noRead && notCached(err) != nil {
+				return 0, false, err
+			}
 			return 0, false, metaErr("index lookup", err)
 		}
 		if ok && x.loc != locInherit {

@@ -530,6 +530,9 @@ func (w *workload) open(prev error) error {
 	if err := s.Check(); err != nil && (!w.failOK || s.usable() == nil) {
 		w.must(err, "check after reopen")
 	}
+	if err := clonecountStatsAgree(s); err != nil && (!w.failOK || s.usable() == nil) {
+		w.must(err, "stat after reopen")
+	}
 	for _, name := range w.names(nil) {
 		vol, err := s.OpenVolume(name)
 		if err != nil && w.failOK {

@@ -136,6 +136,12 @@ func Run(dev blockdev.Device, cfg Config) (Result, error) {
 			c = order.next()
 		}
 		t0 := time.Now()
+		// As the store's writers do, wait for write-back (if it is
+		// behind) before the change, not inside it; the wait is part of
+		// the version's time.
+		if err := m.Throttle(); err != nil {
+			return err
+		}
 		loc, err := m.PutData(meta.Key{B: 0, C: c, E: 1})
 		if err != nil {
 			return err

@@ -1,6 +1,7 @@
 package metascale
 
 import (
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -30,5 +31,22 @@ func TestRunSmall(t *testing.T) {
 		require.NoError(t, err)
 		require.Greater(t, res.MetaBytes, uint64(0))
 		require.GreaterOrEqual(t, res.Commits, 1)
+	}
+}
+
+// TestRunStoreSmall runs the whole-store scale run at a small size, both
+// orders: every version reaches the index, the power cut loses none of
+// what the Flush made durable, and the metadata on disk is counted.
+func TestRunStoreSmall(t *testing.T) {
+	for _, random := range []bool{false, true} {
+		cfg := StoreConfig{Versions: 20000, Random: random, MetadataCache: 1 << 20}
+		head, err := blockdev.Create(filepath.Join(t.TempDir(), "head"), StoreHeadBytes(cfg), blockdev.FileOptions{})
+		require.NoError(t, err)
+		res, err := RunStore(head, cfg)
+		require.NoError(t, err)
+		require.NoError(t, head.Close())
+		require.Equal(t, int64(cfg.Versions), res.Entries)
+		require.Greater(t, res.MetaBytes, int64(0))
+		require.Equal(t, int64(1<<20), res.Cache)
 	}
 }

@@ -49,7 +49,7 @@ func newCache(limit int) *cache {
 	return c
 }
 
-func nodeCost(n *node) int { return nodeOverhead + cap(n.runs)*32 + cap(n.kids)*16 }
+func nodeCost(n *node) int { return nodeOverhead + n.backing()*32 + cap(n.kids)*16 }
 
 func (c *cache) unlink(n *node) {
 	n.prev.next, n.next.prev = n.next, n.prev

@@ -271,12 +271,72 @@ func (m *Meta) writeBack() error {
 		// with the changes at the least cost to each.
 		k := min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
 		if m.queueWriteBack(k) == 0 && d > hard {
-			if err := m.writeNodes(wbPerChange); err != nil {
-				return err
+			// Every slot is in flight. The writer does not write here,
+			// under mu and its caller's locks (docs/metadata.md section
+			// 16): it flags the excess, and its caller waits in Throttle,
+			// without its locks, before its next change. Only a caller
+			// that does not throttle (replay, the store's collector, a
+			// large record) and lets the dirty nodes pass seven eighths
+			// of the cache writes some itself, so that they stay bounded.
+			m.overHard.Store(true)
+			if d > m.cache.limit*7/8 {
+				if err := m.writeNodes(wbPerChange); err != nil {
+					return err
+				}
 			}
 		}
 	}
 	m.cache.evict()
+	return nil
+}
+
+// Throttle waits, with no lock held, while the open transaction's dirty
+// nodes are past three quarters of the cache with every write-back slot
+// in flight: for the goroutine to write a slot, then takes the written
+// slots back and queues more. A writer that changes the layer under a lock
+// of its own calls it before it takes that lock, so that it never writes
+// back, nor waits for write-back, while holding it (docs/metadata.md
+// section 16). It is one atomic load when write-back keeps up.
+func (m *Meta) Throttle() error {
+	for m.overHard.Load() {
+		m.mu.Lock()
+		if err := m.usable(); err != nil {
+			m.overHard.Store(false)
+			m.mu.Unlock()
+			return err
+		}
+		m.reapWriteBack()
+		soft, hard := m.cache.limit/2, m.cache.limit*3/4
+		d := m.openDirty()
+		if d > soft {
+			m.queueWriteBack(wbPerChange)
+		}
+		over := d > hard
+		if over && len(m.wbFree) == len(m.wbSlot) {
+			// Nothing in flight and nothing queued: no dirty node of the
+			// open transaction is left to write (the excess is a
+			// commit's). Waiting would not help.
+			over = false
+		}
+		m.overHard.Store(over)
+		queued := m.wbQueued
+		m.mu.Unlock()
+		if !over {
+			return nil
+		}
+		// Wait for one more page written, of those queued by now (Close
+		// stops the goroutine and wakes this: usable then says closed).
+		m.wbMu.Lock()
+		w := m.wbWritten
+		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
+			m.wbCond.Wait()
+		}
+		err := m.wbErr
+		m.wbMu.Unlock()
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrFailed, err)
+		}
+	}
 	return nil
 }
 
@@ -370,6 +430,8 @@ func (m *Meta) writeBackSync(soft, hard int) error {
 // goroutine are skipped, so no page is written twice at once (an older
 // version landing last). Callers hold mu.
 func (m *Meta) writeNodes(max int) error {
+	t0 := time.Now()
+	defer func() { m.maxSelfWrite.Note(int64(time.Since(t0))) }()
 	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
 	for _, n := range m.nodeBuf {
 		n.encode(m.buf)

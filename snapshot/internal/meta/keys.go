@@ -8,10 +8,13 @@ type reader struct {
 	m            *Meta
 	chunk, epoch tree
 	it           iter
+	// ms: a shared reader reads its misses without the lock (unlocked.go);
+	// the writer's reader and views' readers leave it off.
+	ms missState
 }
 
 func (r *reader) iter(k kind) *iter {
-	r.it = iter{m: r.m, k: k, nodes: r.it.nodes[:0], idx: r.it.idx[:0]}
+	r.it = iter{m: r.m, ms: &r.ms, k: k, nodes: r.it.nodes[:0], idx: r.it.idx[:0]}
 	return &r.it
 }
 
@@ -151,6 +154,7 @@ func (m *Meta) sharedReader() *reader {
 		r = &reader{}
 	}
 	r.m, r.chunk, r.epoch = m, m.chunk, m.epoch
+	r.ms.on = true
 	return r
 }
 
@@ -158,6 +162,8 @@ func (m *Meta) sharedReader() *reader {
 // eviction.
 func (m *Meta) putReader(r *reader) {
 	clear(r.it.nodes[:cap(r.it.nodes)])
+	clear(r.ms.pending[:r.ms.np])
+	r.ms = missState{}
 	m.readers.Put(r)
 }
 
@@ -214,6 +220,7 @@ func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc,
 func (m *Meta) lockChange() {
 	m.mu.Lock()
 	m.missMark = m.cache.misses.Load()
+	m.wMissMark = m.wMiss
 }
 
 // unlockNotify ends a change begun by lockChange: it turns prefetching on
@@ -223,6 +230,10 @@ func (m *Meta) lockChange() {
 func (m *Meta) unlockNotify() {
 	if m.cache.misses.Load() != m.missMark {
 		m.prefetch.Store(prefetchWindow)
+	}
+	if miss := m.wMiss - m.wMissMark; miss != 0 {
+		m.maxChangeMiss.Note(int64(miss))
+		m.changesMissed.Add(1)
 	}
 	cb := m.lowSpace()
 	m.mu.Unlock()
@@ -337,7 +348,12 @@ func (m *Meta) Get(q Key) (uint64, bool, error) {
 		return 0, false, err
 	}
 	defer m.readUnlock(r)
-	return r.get(q)
+	for {
+		loc, ok, err := r.get(q)
+		if retry, err := m.retryMiss(r, err, q); !retry {
+			return loc, ok && err == nil, err
+		}
+	}
 }
 
 // Seek returns the first key >= q in (branch, chunk, epoch) order.
@@ -347,7 +363,12 @@ func (m *Meta) Seek(q Key) (Key, uint64, bool, error) {
 		return Key{}, 0, false, err
 	}
 	defer m.readUnlock(r)
-	return r.seek(q)
+	for {
+		k, loc, ok, err := r.seek(q)
+		if retry, err := m.retryMiss(r, err, q); !retry {
+			return k, loc, ok && err == nil, err
+		}
+	}
 }
 
 // Prev returns the last key < q in (branch, chunk, epoch) order.
@@ -357,7 +378,12 @@ func (m *Meta) Prev(q Key) (Key, uint64, bool, error) {
 		return Key{}, 0, false, err
 	}
 	defer m.readUnlock(r)
-	return r.prev(q)
+	for {
+		k, loc, ok, err := r.prev(q)
+		if retry, err := m.retryMiss(r, err, q); !retry {
+			return k, loc, ok && err == nil, err
+		}
+	}
 }
 
 // Ascend calls fn for the keys >= from in (branch, chunk, epoch) order
@@ -369,7 +395,21 @@ func (m *Meta) Ascend(from Key, fn func(Key, uint64) bool) error {
 		return err
 	}
 	defer m.readUnlock(r)
-	return r.ascend(from, fn)
+	// A try stopped by a miss resumes after the last key fn was given.
+	start, last, seen := from, Key{}, false
+	track := func(k Key, loc uint64) bool { last, seen = k, true; return fn(k, loc) }
+	for {
+		err := r.ascend(start, track)
+		if retry, err := m.retryMiss(r, err, start); !retry {
+			return err
+		}
+		if seen {
+			var more bool
+			if start, more = last.next(); !more {
+				return nil
+			}
+		}
+	}
 }
 
 // AscendEpoch calls fn with the chunks of branch b that have a key at
@@ -381,7 +421,21 @@ func (m *Meta) AscendEpoch(b, e uint32, from uint64, fn func(c uint64) bool) err
 		return err
 	}
 	defer m.readUnlock(r)
-	return r.ascendEpoch(b, e, from, fn)
+	// A try stopped by a miss resumes after the last chunk fn was given.
+	start, last, seen := from, uint64(0), false
+	track := func(c uint64) bool { last, seen = c, true; return fn(c) }
+	for {
+		err := r.ascendEpoch(b, e, start, track)
+		if retry, err := m.retryMiss(r, err, Key{B: b, C: start, E: e}); !retry {
+			return err
+		}
+		if seen {
+			if last == ^uint64(0) {
+				return nil
+			}
+			start = last + 1
+		}
+	}
 }
 
 // NextEpoch returns the smallest epoch >= e that has keys in branch b.
@@ -391,7 +445,12 @@ func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
 		return 0, false, err
 	}
 	defer m.readUnlock(r)
-	return r.nextEpoch(b, e)
+	for {
+		got, ok, err := r.nextEpoch(b, e)
+		if retry, err := m.retryMiss(r, err, Key{B: b, E: e}); !retry {
+			return got, ok && err == nil, err
+		}
+	}
 }
 
 // Prefetch loads into the cache the nodes that a Put or Delete of key q
@@ -422,9 +481,20 @@ func (m *Meta) Prefetch(q Key) error {
 	defer m.readUnlock(r)
 	misses := m.cache.misses.Load()
 	qr := q.run(0)
-	for _, t := range []tree{r.chunk, r.epoch} {
-		if it := r.iter(t.kind); !it.seek(t, qr) && it.err != nil {
-			return it.err
+	for _, k := range []kind{chunkTree, epochTree} {
+		for {
+			t := r.chunk
+			if k == epochTree {
+				t = r.epoch
+			}
+			it := r.iter(k)
+			it.seek(t, qr)
+			if retry, err := m.retryMiss(r, it.err, q); !retry {
+				if err != nil {
+					return err
+				}
+				break
+			}
 		}
 	}
 	if m.cache.misses.Load() != misses {

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 )
 
 // DefaultCacheBytes is the node cache size when Options.CacheBytes is 0.
@@ -111,6 +113,7 @@ type Meta struct {
 	wbCond    *sync.Cond
 	wbWritten uint64 // pages the goroutine has written (or failed)
 	wbErr     error  // its first write error
+	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting)
 	// The slots and the channels between the writer and the goroutine
 	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
 	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
@@ -126,9 +129,9 @@ type Meta struct {
 	// lookups of the open transaction (Get, Seek, Prev, Ascend...) hold it
 	// shared, each with its own reader from readers, and may load nodes
 	// into the cache meanwhile (docs/metadata.md section 8).
-	mu       sync.RWMutex
-	tx       uint64 // the open transaction
-	durable  uint64 // the last durable transaction
+	mu       lockstat.RWMutex // a sync.RWMutex that keeps its longest hold and wait
+	tx       uint64           // the open transaction
+	durable  uint64           // the last durable transaction
 	chunk    tree
 	epoch    tree
 	keys     uint64
@@ -151,7 +154,10 @@ type Meta struct {
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
 	missMark uint64 // the cache's misses when the change in progress began (lockChange)
-	frozen   state  // what the commit in flight makes durable
+	// wMiss counts the pages the writer's own walks read (loadW);
+	// wMissMark is its value when the change in progress began.
+	wMiss, wMissMark uint64
+	frozen           state // what the commit in flight makes durable
 	// frozenBytes is the cache cost of the commit in flight's nodes,
 	// pinned until it has written them.
 	frozenBytes int
@@ -164,6 +170,14 @@ type Meta struct {
 	cache   *cache
 	pool    sync.Pool // page buffers for reads
 	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// overHard: a change found the open transaction's dirty nodes past
+	// three quarters of the cache with every write-back slot in flight;
+	// Throttle waits while it is set (set under mu, read without it).
+	overHard atomic.Bool
+	// maxRead, maxSelfWrite and maxChangeMiss are the Stalls maxima
+	// (atomic: noted under mu shared, or outside it).
+	maxRead, maxSelfWrite, maxChangeMiss lockstat.Max
+	changesMissed                        atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
@@ -576,6 +590,38 @@ func (m *Meta) Close() error {
 	if m.wbStop != nil {
 		close(m.wbStop)
 		<-m.wbDone
+		m.wbMu.Lock()
+		m.wbStopped = true
+		m.wbCond.Broadcast()
+		m.wbMu.Unlock()
 	}
 	return nil
+}
+
+// Stalls are what can hold up a writer inside the layer since the last
+// ResetStalls (docs/metadata.md section 16): the lock's longest hold and
+// wait, the slowest page read, the slowest write-back the writer did
+// itself, and the most pages one change read.
+type Stalls struct {
+	Lock          lockstat.Stats
+	MaxPageRead   time.Duration
+	MaxSelfWrite  time.Duration
+	MaxChangeMiss int64
+	ChangesMissed uint64 // changes that read at least one page
+}
+
+// Stalls reports the maxima since the last ResetStalls.
+func (m *Meta) Stalls() Stalls {
+	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
+		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
+		ChangesMissed: m.changesMissed.Load()}
+}
+
+// ResetStalls clears what Stalls reports.
+func (m *Meta) ResetStalls() {
+	m.mu.Reset()
+	m.maxRead.Reset()
+	m.maxSelfWrite.Reset()
+	m.maxChangeMiss.Reset()
+	m.changesMissed.Store(0)
 }

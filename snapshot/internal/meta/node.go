@@ -27,6 +27,7 @@ package meta
 import (
 	"encoding/binary"
 	"math"
+	"slices"
 	"sync/atomic"
 )
 
@@ -267,6 +268,12 @@ type node struct {
 	kind  kind
 	level uint16
 	runs  []run // leaf: the runs; branch: the children's first keys
+	// base, when runs is a suffix of it, is runs' whole backing array:
+	// the slots before runs[0] are free, so a leaf insert or delete in
+	// the first half moves the runs before it rather than after it
+	// (insertRun, deleteRun). nil or stale (runs reallocated since)
+	// otherwise; frontRoom checks.
+	base  []run
 	kids  []ptr // branch only
 	size  int   // leaf only: encoded body size
 	dirty bool
@@ -409,4 +416,72 @@ func decodeNode(p []byte, loc uint64, k kind, tx uint64, level int) (*node, erro
 		}
 	}
 	return n, nil
+}
+
+// frontRoom is the number of free slots of n's backing array before
+// runs[0] (see node.base); 0 when base is nil or stale.
+func (n *node) frontRoom() int {
+	c := cap(n.runs)
+	if c > 0 && len(n.base) > c && &n.base[len(n.base)-c] == &n.runs[:c][0] {
+		return len(n.base) - c
+	}
+	return 0
+}
+
+// backing is the number of runs n's backing array holds, front room
+// included: what the node costs the cache.
+func (n *node) backing() int { return cap(n.runs) + n.frontRoom() }
+
+// minShift is the leaf size below which inserts and deletes always move
+// the tail: moving a few runs costs less than keeping front room.
+const minShift = 64
+
+// insertRun inserts r at index i of leaf n's runs, moving the shorter side.
+// A leaf holds hundreds of runs (a 4 KiB page of small deltas decodes to
+// 32 bytes a run), and a copy-on-write puts one in each tree at a random
+// place: moving the shorter side halves what each insert moves. A leaf
+// that runs out of room on the side it needs is reallocated with an
+// eighth of its runs free at each end (what append's growth would add).
+func insertRun(n *node, i int, r run) {
+	l := len(n.runs)
+	if l < minShift {
+		if l == cap(n.runs) {
+			n.base = nil // the Insert reallocates: keep no stale base
+		}
+		n.runs = slices.Insert(n.runs, i, r)
+		return
+	}
+	front := i < l/2
+	if front && n.frontRoom() == 0 || !front && l == cap(n.runs) {
+		h := l / 8
+		base := make([]run, h+l+h)
+		copy(base[h:], n.runs)
+		n.base, n.runs = base, base[h:h+l]
+	}
+	if !front {
+		n.runs = n.runs[:l+1]
+		copy(n.runs[i+1:], n.runs[i:l])
+		n.runs[i] = r
+		return
+	}
+	at := len(n.base) - cap(n.runs)
+	n.runs = n.base[at-1 : at+l]
+	copy(n.runs[:i], n.runs[1:i+1])
+	n.runs[i] = r
+}
+
+// deleteRun removes run i of leaf n, moving the shorter side (the front
+// part one slot up, into front room then).
+func deleteRun(n *node, i int) {
+	l := len(n.runs)
+	if i >= l/2 || l < minShift {
+		n.runs = slices.Delete(n.runs, i, i+1)
+		return
+	}
+	if n.frontRoom() == 0 {
+		n.base = n.runs[:cap(n.runs)]
+	}
+	copy(n.runs[1:i+1], n.runs[:i])
+	n.runs[0] = run{}
+	n.runs = n.runs[1:]
 }

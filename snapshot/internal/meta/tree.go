@@ -15,30 +15,35 @@ import (
 // is the level the parent expects (-1: any, for a root).
 func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	if n := m.cache.get(p.loc); n != nil {
-		if n.tx != p.tx || n.kind != k || level >= 0 && int(n.level) != level {
-			return nil, m.changedOr(corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx))
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
 		}
 		return n, nil
 	}
-	n, err := m.readNode(p, k, level)
-	if err != nil {
-		return nil, err
-	}
-	return m.cache.add(n), nil
+	return m.loadMiss(p, k, level)
 }
 
-// readNode reads and decodes the node p points to, without the cache.
-func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
-	bp := m.pool.Get().(*[]byte)
-	defer m.pool.Put(bp)
-	if err := m.readPage(*bp, p.loc); err != nil {
-		return nil, err
+// loadW is load for the writer, under mu held exclusively: it counts the
+// pages its change reads (wMiss) for Stalls, apart from the misses of
+// lookups and views that run meanwhile.
+func (m *Meta) loadW(p ptr, k kind, level int) (*node, error) {
+	if n := m.cache.get(p.loc); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
+		}
+		return n, nil
 	}
-	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
+	m.wMiss++
+	return m.loadMiss(p, k, level)
+}
+
+// loadMiss reads the node p points to and caches it.
+func (m *Meta) loadMiss(p ptr, k kind, level int) (*node, error) {
+	n, err := m.readNode(p, k, level)
 	if err != nil {
 		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
 	}
-	return n, nil
+	return m.cache.add(n), nil
 }
 
 // childIndex is the index of the child whose subtree holds key q: the last
@@ -85,6 +90,7 @@ func upperBound(k kind, runs []run, q run) int {
 // immutable.
 type iter struct {
 	m     *Meta
+	ms    *missState // a shared reader's: misses are read unlocked (unlocked.go)
 	k     kind
 	nodes []*node
 	idx   []int
@@ -98,11 +104,11 @@ func (it *iter) seek(t tree, q run) bool {
 	if t.root.isNil() {
 		return false
 	}
-	n, err := it.m.load(t.root, t.kind, int(t.level))
+	n, err := it.load(t.root, t.kind, int(t.level))
 	for err == nil && !n.leaf() {
 		i := childIndex(t.kind, n, q)
 		it.nodes, it.idx = append(it.nodes, n), append(it.idx, i)
-		n, err = it.m.load(n.kids[i], t.kind, int(n.level)-1)
+		n, err = it.load(n.kids[i], t.kind, int(n.level)-1)
 	}
 	if err != nil {
 		it.err = err
@@ -154,7 +160,7 @@ func (it *iter) step(dir int) bool {
 	}
 	for ; d < len(it.nodes)-1; d++ {
 		n := it.nodes[d]
-		c, err := it.m.load(n.kids[it.idx[d]], it.k, int(n.level)-1)
+		c, err := it.load(n.kids[it.idx[d]], it.k, int(n.level)-1)
 		if err != nil {
 			it.err = err
 			it.idx[len(it.idx)-1] = -2
@@ -250,7 +256,7 @@ func (m *Meta) loadHint(hint []*node, d int, p ptr, k kind, level int) (*node, e
 			return h, nil
 		}
 	}
-	return m.load(p, k, level)
+	return m.loadW(p, k, level)
 }
 
 // replace puts repl in place of leaf runs [i, j), keeping the encoded
@@ -266,7 +272,17 @@ func (m *Meta) replace(t *tree, leaf *node, i, j int, repl ...run) {
 	for x := i; x <= j && x < len(leaf.runs); x++ {
 		leaf.size -= k.encLen(prevOf(x), leaf.runs[x])
 	}
-	leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
+	switch {
+	case j == i && len(repl) == 1:
+		insertRun(leaf, i, repl[0])
+	case j == i+1 && len(repl) == 0:
+		deleteRun(leaf, i)
+	default:
+		if len(leaf.runs)-(j-i)+len(repl) > cap(leaf.runs) {
+			leaf.base = nil // Replace reallocates
+		}
+		leaf.runs = slices.Replace(leaf.runs, i, j, repl...)
+	}
 	for x := i; x <= i+len(repl) && x < len(leaf.runs); x++ {
 		leaf.size += k.encLen(prevOf(x), leaf.runs[x])
 	}
@@ -367,7 +383,7 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 		m.cache.touched(n)
 		return nil
 	}
-	sib, err := m.load(p.kids[j], t.kind, int(p.level)-1)
+	sib, err := m.loadW(p.kids[j], t.kind, int(p.level)-1)
 	if err == nil {
 		sib, err = m.own(sib)
 	}
@@ -379,6 +395,9 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 	a, b := n, sib
 	if j < i {
 		a, b = sib, n
+	}
+	if len(a.runs)+len(b.runs) > cap(a.runs) {
+		a.base = nil // the append reallocates
 	}
 	a.runs = append(a.runs, b.runs...)
 	a.kids = append(a.kids, b.kids...)
@@ -393,6 +412,9 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 		return nil
 	}
 	h := halfIndex(a)
+	if len(a.runs)-h > cap(b.runs) {
+		b.base = nil // the append reallocates
+	}
 	b.runs = append(b.runs[:0], a.runs[h:]...)
 	a.runs = a.runs[:h]
 	if !a.leaf() {
@@ -420,6 +442,7 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 		runs: append(make([]run, 0, len(n.runs)-h+2), n.runs[h:]...)}
 	n.runs = n.runs[:h:h]
 	n.runs = append(make([]run, 0, h+2), n.runs...)
+	n.base = nil
 	if !n.leaf() {
 		r.kids = append(make([]ptr, 0, len(n.kids)-h+1), n.kids[h:]...)
 		n.kids = append(make([]ptr, 0, h+1), n.kids[:h]...)
@@ -464,17 +487,21 @@ func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 			return m.fix(t, path, idx)
 		}
 	}
-	m.replace(t, leaf, p, p, q)
-	if p+1 < len(leaf.runs) && k.mergeable(leaf.runs[p], leaf.runs[p+1]) {
-		x, y := leaf.runs[p], leaf.runs[p+1]
-		x.n += y.n
-		m.replace(t, leaf, p, p+2, x)
+	// Merged with its neighbours before it goes in, so that a put that
+	// extends a run (keys arriving in order) changes that run in place
+	// rather than inserting and then deleting.
+	x, j := q, p // x replaces runs [i, j)
+	if p < len(leaf.runs) && k.mergeable(q, leaf.runs[p]) {
+		x.n += leaf.runs[p].n
+		j = p + 1
 	}
-	if p > 0 && k.mergeable(leaf.runs[p-1], leaf.runs[p]) {
-		x, y := leaf.runs[p-1], leaf.runs[p]
-		x.n += y.n
-		m.replace(t, leaf, p-1, p+1, x)
+	i = p
+	if p > 0 && k.mergeable(leaf.runs[p-1], x) {
+		y := leaf.runs[p-1]
+		y.n += x.n
+		x, i = y, p-1
 	}
+	m.replace(t, leaf, i, j, x)
 	return m.fix(t, path, idx)
 }
 

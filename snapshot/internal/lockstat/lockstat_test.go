@@ -1,0 +1,103 @@
+package lockstat
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// A hold, a shared span and a wait are each at least as long as what the
+// test made them (lower bounds only: a loaded machine only lengthens
+// them), and are attributed to the function that ended them.
+func TestStatsRecordHoldsAndWaits(t *testing.T) {
+	var l RWMutex
+	const d = 20 * time.Millisecond
+	holdExclusive(&l, d)
+	st := l.Stats()
+	require.GreaterOrEqual(t, st.MaxHold, d)
+	require.Contains(t, st.HoldBy, "holdExclusive")
+	require.Zero(t, st.MaxShared)
+
+	l.RLock()
+	time.Sleep(d)
+	l.RUnlock()
+	st = l.Stats()
+	require.GreaterOrEqual(t, st.MaxShared, d)
+	require.Contains(t, st.SharedBy, "TestStatsRecordHoldsAndWaits")
+
+	l.Reset()
+	require.Equal(t, Stats{}, l.Stats())
+
+	// A writer that waits for a reader's span.
+	l.RLock()
+	var wg sync.WaitGroup
+	locked := make(chan struct{})
+	wrote := false
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		close(locked)
+		l.Lock()
+		wrote = true
+		l.Unlock()
+	}()
+	<-locked
+	time.Sleep(d)
+	l.RUnlock()
+	wg.Wait()
+	require.True(t, wrote)
+	st = l.Stats()
+	require.GreaterOrEqual(t, st.MaxShared, d)
+	// The writer may not have reached Lock before the sleep ended on a
+	// loaded machine, so its wait has no lower bound; it is attributed
+	// when there is one.
+	if st.MaxWait > 0 {
+		require.Contains(t, st.WaitBy, "TestStatsRecordHoldsAndWaits")
+	}
+}
+
+func holdExclusive(l *RWMutex, d time.Duration) {
+	l.Lock()
+	defer l.Unlock()
+	time.Sleep(d)
+}
+
+// A sync.Cond's Wait unlocks on its caller's behalf: the hold is its
+// caller's.
+func TestStatsThroughCond(t *testing.T) {
+	var l RWMutex
+	c := sync.NewCond(&l)
+	done := false
+	go func() {
+		l.Lock()
+		done = true
+		c.Broadcast()
+		l.Unlock()
+	}()
+	l.Lock()
+	for !done {
+		c.Wait()
+	}
+	l.Unlock()
+	require.NotContains(t, l.Stats().HoldBy, "sync.")
+}
+
+func TestMax(t *testing.T) {
+	var x Max
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range 1000 {
+				x.Note(int64(i*1000 + j))
+			}
+		}()
+	}
+	wg.Wait()
+	require.Equal(t, int64(7999), x.Load())
+	x.Reset()
+	require.Zero(t, x.Load())
+}

@@ -1,0 +1,228 @@
+package meta
+
+import (
+	"errors"
+	"time"
+)
+
+// Lookups under the layer's lock shared (Get, Seek, Prev, Ascend,
+// AscendEpoch, NextEpoch, Prefetch) read the pages they miss with the
+// lock released (docs/metadata.md section 16). A lookup held mu shared
+// across each page read before, and a writer waiting for mu exclusively,
+// with the store's lock held, waited for that read; so did every reader
+// queued behind the writer.
+//
+// A lookup that misses stops, remembers the pointer, releases mu, reads
+// and decodes the page, takes mu shared again and runs from the start with
+// the roots of that moment; the node it read is used when the walk
+// reaches the same pointer (location and transaction). That is safe
+// because a node whose transaction precedes the one open when the read
+// began is immutable as long as a pointer to it is reachable: the writer
+// shadows it rather than change it, and its page is not reused before the
+// transaction that freed it is durable and its frees released, after
+// which no pointer to it is reachable. A node of the open transaction may
+// be changed in place after it was written back and evicted, so a page
+// read with such a transaction is discarded and read again under the lock.
+// If the page changed under the read (reused: its check fails), the next
+// try also reads under the lock, where a failure is real corruption.
+
+// errMissed stops a lookup at a page to be read without the lock.
+var errMissed = errors.New("meta: page to read without the lock")
+
+// maxPending bounds the nodes one lookup reads without the lock before it
+// reads the rest under it: enough for both trees' paths (at most 8
+// levels each), so that even a cache too small for one path makes
+// progress (each try adds one node), while a tree that keeps changing
+// under a lookup cannot make it retry for ever.
+const maxPending = 16
+
+// missState is a shared reader's state for reading misses unlocked.
+type missState struct {
+	on      bool // misses stop the walk (else they read under the lock)
+	noRead  bool // a miss is returned as *NotCachedError (the *NoRead lookups)
+	miss    ptr
+	kind    kind
+	level   int
+	pending [maxPending]*node
+	np      int
+}
+
+// NotCachedError is returned by the NoRead lookups when the answer needs
+// a page that is not cached: the caller releases its own locks, calls
+// Load with Key and tries again.
+type NotCachedError struct{ Key Key }
+
+func (e *NotCachedError) Error() string { return "meta: lookup needs a page read" }
+
+// load is m.load for an iterator: under a shared reader whose misses are
+// read unlocked, a miss stops the walk unless the node was read already.
+func (it *iter) load(p ptr, k kind, level int) (*node, error) {
+	ms := it.ms
+	if ms == &it.m.rd.ms {
+		return it.m.loadW(p, k, level) // the writer's own walk
+	}
+	if ms == nil || !ms.on {
+		return it.m.load(p, k, level)
+	}
+	if n := it.m.cache.get(p.loc); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, it.m.changedOr(err)
+		}
+		return n, nil
+	}
+	for _, n := range ms.pending[:ms.np] {
+		if n.loc == p.loc && n.tx == p.tx && n.kind == k && (level < 0 || int(n.level) == level) {
+			return it.m.cache.add(n), nil
+		}
+	}
+	ms.miss, ms.kind, ms.level = p, k, level
+	return nil, errMissed
+}
+
+// retryMiss ends one try of a lookup. If err is errMissed, it reads the
+// page with mu released, takes mu shared again, refreshes r's roots and
+// reports true: the caller runs the lookup again. Otherwise it reports
+// false and the error to return. Callers hold mu shared.
+func (m *Meta) retryMiss(r *reader, err error, q Key) (bool, error) {
+	if !errors.Is(err, errMissed) {
+		return false, err
+	}
+	ms := &r.ms
+	if ms.noRead {
+		return false, &NotCachedError{Key: q}
+	}
+	if ms.np == len(ms.pending) {
+		ms.on = false // read the rest under the lock
+		return true, nil
+	}
+	open := m.tx
+	m.mu.RUnlock()
+	n, rerr := m.readNode(ms.miss, ms.kind, ms.level)
+	m.mu.RLock()
+	if m.closed {
+		return false, ErrClosed
+	}
+	r.chunk, r.epoch = m.chunk, m.epoch
+	if rerr != nil || n.tx >= open {
+		ms.on = false // read it again under the lock (see the top)
+		return true, nil
+	}
+	ms.pending[ms.np] = n
+	ms.np++
+	return true, nil
+}
+
+// readNode reads and decodes the node p points to, without a cache.
+func (m *Meta) readNode(p ptr, k kind, level int) (*node, error) {
+	bp := m.pool.Get().(*[]byte)
+	defer m.pool.Put(bp)
+	t0 := time.Now()
+	if err := m.readPage(*bp, p.loc); err != nil {
+		return nil, err
+	}
+	m.maxRead.Note(int64(time.Since(t0)))
+	n, err := decodeNode(*bp, p.loc, k, p.tx, level)
+	if err != nil {
+		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
+	}
+	return n, nil
+}
+
+// checkCached reports a cached node that does not match its pointer.
+func checkCached(n *node, p ptr, k kind, level int) error {
+	if n.tx != p.tx || n.kind != k || level >= 0 && int(n.level) != level {
+		return corrupt(p.loc, "cached node (tx %d, kind %d, level %d) does not match its pointer (tx %d)", n.tx, n.kind, n.level, p.tx)
+	}
+	return nil
+}
+
+// next returns the key after k in (branch, chunk, epoch) order; false
+// past the last.
+func (k Key) next() (Key, bool) {
+	switch {
+	case k.E < ^uint32(0):
+		k.E++
+	case k.C < ^uint64(0):
+		k.C, k.E = k.C+1, 0
+	case k.B < ^uint32(0):
+		k.B, k.C, k.E = k.B+1, 0, 0
+	default:
+		return k, false
+	}
+	return k, true
+}
+
+// GetNoRead is Get that reads no page: a miss returns *NotCachedError.
+func (m *Meta) GetNoRead(q Key) (uint64, bool, error) {
+	r, err := m.readLock()
+	if err != nil {
+		return 0, false, err
+	}
+	defer m.readUnlock(r)
+	r.ms.noRead = true
+	loc, ok, err := r.get(q)
+	if _, err = m.retryMiss(r, err, q); err != nil {
+		return 0, false, err
+	}
+	return loc, ok, nil
+}
+
+// SeekNoRead is Seek that reads no page: a miss returns *NotCachedError.
+func (m *Meta) SeekNoRead(q Key) (Key, uint64, bool, error) {
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
+	}
+	defer m.readUnlock(r)
+	r.ms.noRead = true
+	k, loc, ok, err := r.seek(q)
+	if _, err = m.retryMiss(r, err, q); err != nil {
+		return Key{}, 0, false, err
+	}
+	return k, loc, ok, nil
+}
+
+// Load reads into the cache the chunk tree's path to q (what Get, Seek
+// and Prev of q walk), reading pages without the lock; for a caller that
+// got *NotCachedError.
+func (m *Meta) Load(q Key) error {
+	r, err := m.readLock()
+	if err != nil {
+		return err
+	}
+	defer m.readUnlock(r)
+	qr := q.run(0)
+	for {
+		it := r.iter(chunkTree)
+		it.seek(r.chunk, qr)
+		if retry, err := m.retryMiss(r, it.err, q); !retry {
+			return err
+		}
+	}
+}
+
+// Prefetching reports whether Prefetch is working (a page was read
+// within its window): the only time a caller's change is likely to miss.
+func (m *Meta) Prefetching() bool { return m.prefetch.Load() > 0 }
+
+// PathsCached reports whether a Put or Delete of q would find both trees'
+// paths to it cached. It reads no page: a caller holding a lock of its
+// own checks this under it, and if false releases it, prefetches and
+// tries again, so that its change reads no page under that lock. Other
+// errors report true: the change meets them.
+func (m *Meta) PathsCached(q Key) bool {
+	r, err := m.readLock()
+	if err != nil {
+		return true
+	}
+	defer m.readUnlock(r)
+	r.ms.noRead = true
+	qr := q.run(0)
+	for _, t := range [2]tree{r.chunk, r.epoch} {
+		it := r.iter(t.kind)
+		if !it.seek(t, qr) && errors.Is(it.err, errMissed) {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,223 @@
+package metascale
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"sync/atomic"
+	"time"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+	"github.com/blocksnap/blocksnap/snapshot"
+)
+
+// StoreConfig is one scale run of the whole store.
+type StoreConfig struct {
+	Versions      uint64 // chunk versions to create: origin chunks written once after a snapshot
+	Random        bool   // 4 KiB writes in a pseudo-random order (else 256 KiB writes in order)
+	MetadataCache int64  // Options.MetadataCache (0: the default, 64 MiB)
+	// HeapProfile, if set, is a file to write a heap profile to after the
+	// fill (what the heap holds at its largest).
+	HeapProfile string
+}
+
+// StoreResult is what a store run measured.
+type StoreResult struct {
+	HeapInuse  uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
+	Cache      int64  // the metadata cache the store was given
+	Entries    int64  // index entries (chunk versions)
+	MetaBytes  int64  // metadata pages in use after a tree commit
+	Fill       time.Duration
+	WorstWrite time.Duration // the slowest origin write: the writer's worst stall
+	P99Write   time.Duration
+	P999Write  time.Duration
+	Over       uint64        // origin writes slower than StallLimit
+	OpenClean  time.Duration // Open after Close
+	OpenCrash  time.Duration // Open after a power cut once the fill was flushed
+}
+
+// chunkSize is the store's chunk size in a store run; seqChunks the chunks
+// of one sequential write.
+const (
+	chunkSize = 4096
+	seqChunks = 64
+)
+
+// storeRegions returns the journal and metadata region sizes a run of cfg
+// gives the store, and the bytes before its data region (at most).
+func storeRegions(cfg StoreConfig) (journal, metadata, head int64) {
+	journal = 256 << 20
+	metadata = int64(cfg.Versions)*24 + 128<<20 // 12.8 B/version random, twice that between tree commits
+	metadata = (metadata + chunkSize - 1) / chunkSize * chunkSize
+	head = 1<<20 + journal + metadata // the superblock and identity take less than 1 MiB
+	return journal, metadata, head
+}
+
+// StoreHeadBytes is the size of the device RunStore keeps the store's
+// superblock, journal and metadata on.
+func StoreHeadBytes(cfg StoreConfig) int64 {
+	_, _, head := storeRegions(cfg)
+	return head
+}
+
+// cutDevice passes calls to dev until cut is set; then every write,
+// discard and flush fails without reaching it (reads still pass): a power
+// cut after everything the store had flushed, with the device's contents
+// left as the crash left them.
+type cutDevice struct {
+	blockdev.Device
+	cut atomic.Bool
+}
+
+var errCut = fmt.Errorf("metascale: power cut: %w", blockdev.ErrIO)
+
+func (d *cutDevice) WriteAt(p []byte, off int64) (int, error) {
+	if d.cut.Load() {
+		return 0, errCut
+	}
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *cutDevice) Discard(off, n int64) error {
+	if d.cut.Load() {
+		return errCut
+	}
+	return d.Device.Discard(off, n)
+}
+
+func (d *cutDevice) Flush() error {
+	if d.cut.Load() {
+		return errCut
+	}
+	return d.Device.Flush()
+}
+
+// Close leaves the device open: the run opens the store on it again.
+func (d *cutDevice) Close() error { return nil }
+
+// RunStore formats a store whose superblock, journal and metadata live on
+// head (at least StoreHeadBytes(cfg) bytes; a file) and whose data region
+// and origin are data-less (blockdevtest.Null), takes one snapshot of the
+// origin and writes every origin chunk once, so that each write copies:
+// cfg.Versions chunk versions. It measures the heap, the metadata on disk,
+// each origin write's time, and Open after a power cut and after Close.
+func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
+	var res StoreResult
+	n := cfg.Versions
+	journal, metadata, at := storeRegions(cfg)
+	if head.Size() < at {
+		return res, fmt.Errorf("metascale: head device of %d bytes, want %d", head.Size(), at)
+	}
+	origin, err := blockdevtest.NewNull(int64(n)*chunkSize, 4096)
+	if err != nil {
+		return res, err
+	}
+	data, err := blockdevtest.NewNull(int64(n+n/8)*chunkSize, 4096) // room for the copies
+	if err != nil {
+		return res, err
+	}
+	cut := &cutDevice{Device: head}
+	split := &blockdevtest.Split{Head: cut, Tail: data, At: at}
+	opts := snapshot.Options{ChunkSize: chunkSize, JournalSize: journal, MetadataBytes: metadata,
+		MetadataCache: cfg.MetadataCache}
+	res.Cache = cfg.MetadataCache
+	if res.Cache == 0 {
+		res.Cache = 64 << 20
+	}
+	lat := new(latency) // before the baseline: it is the run's, not the store's
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	s, err := snapshot.Format(origin, split, opts)
+	if err != nil {
+		return res, err
+	}
+	o := s.Origin()
+	if _, err := s.CreateSnapshot("s", o); err != nil {
+		return res, errors.Join(err, s.Close())
+	}
+	write := func(buf []byte, c uint64) error {
+		t0 := time.Now()
+		_, err := o.WriteAt(buf, int64(c)*chunkSize)
+		d := time.Since(t0)
+		res.WorstWrite = max(res.WorstWrite, d)
+		lat.add(d)
+		return err
+	}
+	t0 := time.Now()
+	if cfg.Random {
+		buf := make([]byte, chunkSize)
+		order := newPermute(n)
+		for i := uint64(0); i < n && err == nil; i++ {
+			err = write(buf, order.next())
+		}
+	} else {
+		buf := make([]byte, seqChunks*chunkSize)
+		for c := uint64(0); c < n && err == nil; c += seqChunks {
+			err = write(buf[:min(seqChunks, n-c)*chunkSize], c)
+		}
+	}
+	if err == nil {
+		err = o.Flush()
+	}
+	res.Fill = time.Since(t0)
+	if err != nil {
+		return res, errors.Join(fmt.Errorf("metascale: fill: %w", err), s.Close())
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if after.HeapInuse > before.HeapInuse {
+		res.HeapInuse = after.HeapInuse - before.HeapInuse
+	}
+	if cfg.HeapProfile != "" {
+		if err := writeHeapProfile(cfg.HeapProfile); err != nil {
+			return res, errors.Join(err, s.Close())
+		}
+	}
+	res.P99Write, res.P999Write, res.Over = lat.quantile(0.99), lat.quantile(0.999), lat.over(StallLimit)
+	res.Entries = s.Stats().IndexEntries
+
+	// The power goes: what the Flush made durable is on head, and the
+	// tree commits the run started since are cut short.
+	cut.cut.Store(true)
+	_ = s.Close() // it fails: the device is gone
+	cut.cut.Store(false)
+	t0 = time.Now()
+	s, err = snapshot.Open(origin, split, opts)
+	res.OpenCrash = time.Since(t0)
+	if err != nil {
+		return res, fmt.Errorf("metascale: open after the power cut: %w", err)
+	}
+	if got := s.Stats().IndexEntries; got != res.Entries {
+		return res, errors.Join(fmt.Errorf("metascale: %d entries after the power cut, want %d", got, res.Entries), s.Close())
+	}
+	// A tree commit: the pages in use then count each node once (between
+	// commits a shadowed node's old page is held as well).
+	if err := s.Checkpoint(context.Background()); err != nil {
+		return res, errors.Join(err, s.Close())
+	}
+	res.MetaBytes = s.Stats().MetadataBytes
+	if err := s.Close(); err != nil {
+		return res, err
+	}
+	t0 = time.Now()
+	s, err = snapshot.Open(origin, split, opts)
+	res.OpenClean = time.Since(t0)
+	if err != nil {
+		return res, fmt.Errorf("metascale: open after Close: %w", err)
+	}
+	return res, errors.Join(s.Close(), origin.Close(), data.Close())
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	err = pprof.WriteHeapProfile(f)
+	return errors.Join(err, f.Close())
+}
