@@ -182,7 +182,7 @@ func BenchmarkOriginCopyFanOut(b *testing.B) {
 			}
 			b.Run(fmt.Sprintf("clones=%d/wrote=%s", k, wrote), func(b *testing.B) {
 				origin, _ := blockdev.NewMem(size, 4096)
-				store, _ := blockdev.NewMem(int64(k+4)*size*2, 4096)
+				store, _ := blockdev.NewMem(int64(k+4)*size*2+128<<20, 4096)
 				s, err := Format(origin, store, Options{ChunkSize: cs, JournalSize: 64 << 20, CommitInterval: -1})
 				if err != nil {
 					b.Fatal(err)
@@ -257,6 +257,7 @@ func BenchmarkDeleteCounterUpkeep(b *testing.B) {
 		s.mu.Unlock()
 	}
 	b.Logf("%d index entries", s.Stats().IndexEntries)
+	next := map[string]int{"o-s": n / 2, "c-s": n / 2} // the next snapshot to delete, across runs
 	for _, kind := range []string{"origin", "clone"} {
 		b.Run("of="+kind, func(b *testing.B) {
 			prefix := "o-s"
@@ -264,8 +265,9 @@ func BenchmarkDeleteCounterUpkeep(b *testing.B) {
 				prefix = "c-s"
 			}
 			var total time.Duration
-			for i := range b.N {
-				name := fmt.Sprintf("%s%d", prefix, n/2+i*2)
+			for range b.N {
+				name := fmt.Sprintf("%s%d", prefix, next[prefix])
+				next[prefix] += 2
 				start := time.Now()
 				if _, err := s.Delete(name); err != nil {
 					b.Fatal(err)

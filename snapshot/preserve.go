@@ -70,8 +70,7 @@ type presCache struct {
 }
 
 // presBudget is the preserved-epoch cache's share of a MetadataCache of
-// cache bytes (0: the default), and nodeCacheBytes the metadata layer's
-// node cache, the rest.
+// cache bytes (0: the default).
 func presBudget(cache int64) int64 {
 	if cache <= 0 {
 		cache = meta.DefaultCacheBytes
@@ -79,11 +78,22 @@ func presBudget(cache int64) int64 {
 	return cache / presShare
 }
 
-func nodeCacheBytes(cache int64) int64 {
+// spaceMapBytes is the memory of the metadata layer's space maps, which
+// it keeps whole: two bits (allocated, held) per data chunk and per
+// metadata page.
+func spaceMapBytes(dataChunks, metaPages uint64) int64 {
+	return int64((dataChunks + metaPages + 3) / 4)
+}
+
+// nodeCacheBytes is the metadata layer's node cache: what MetadataCache
+// (0: the default) leaves after the preserved epochs and the space maps,
+// so that the option bounds all three; at least a quarter of it (a cache
+// smaller than the space maps then bounds only the nodes and epochs).
+func nodeCacheBytes(cache int64, dataChunks, metaPages uint64) int64 {
 	if cache <= 0 {
 		cache = meta.DefaultCacheBytes
 	}
-	return cache - presBudget(cache)
+	return max(cache-presBudget(cache)-spaceMapBytes(dataChunks, metaPages), cache/4)
 }
 
 // presSlotsFor returns the per-stripe table size for a budget of bytes.

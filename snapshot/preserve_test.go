@@ -173,3 +173,22 @@ func TestPreservedCacheEvicts(t *testing.T) {
 	verify(s)
 	mustCheck(t, s)
 }
+
+// TestMetadataCacheBudget checks how Options.MetadataCache is shared: an
+// eighth for the preserved epochs, the space maps' two bits per data chunk
+// and metadata page, the rest for the node cache (at least a quarter),
+// and that the store gives the layer that node cache.
+func TestMetadataCacheBudget(t *testing.T) {
+	const mib = 1 << 20
+	require.Equal(t, int64(64*mib-8*mib-(1<<20+1<<14)/4), nodeCacheBytes(0, 1<<20, 1<<14), "the default")
+	require.Equal(t, int64(16*mib), nodeCacheBytes(64*mib, 1<<30, 1<<18), "space maps above the cache: a quarter")
+	require.Equal(t, int64(8*mib), presBudget(64*mib))
+	require.Equal(t, int64(256*mib), spaceMapBytes(1<<30, 0), "4 TiB at 4 KiB chunks")
+
+	opts := Options{ChunkSize: 4096, MetadataCache: 4 * mib}
+	s, _, _ := newMemStore(t, 1<<20, 64<<20, opts)
+	defer s.Close()
+	want := nodeCacheBytes(opts.MetadataCache, s.geo.dataChunks, uint64(s.geo.metaLen)/4096)
+	require.Equal(t, int(want), s.m.CacheStats().Limit)
+	require.Less(t, want, opts.MetadataCache-presBudget(opts.MetadataCache))
+}

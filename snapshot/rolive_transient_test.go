@@ -21,6 +21,7 @@ import (
 // volumes (CreateVolume) take writes, snapshots and resizes; Check passes
 // throughout. After Close, Open refuses the device with ErrBadOptions.
 func TestRoliveTransientSession(t *testing.T) {
+	skipUnderRace(t) // filling the region takes minutes under -race
 	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 11))
 	origin, err := blockdev.NewMem(64<<30, 4096) // sparse
 	require.NoError(t, err)

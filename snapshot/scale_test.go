@@ -216,6 +216,10 @@ func TestStoreOpenScale(t *testing.T) {
 	t0 = time.Now()
 	require.NoError(t, s.Close())
 	t.Logf("Close (a tree commit) %v", time.Since(t0))
+	pristine := filepath.Join(dir, "pristine") // the crash image, for the A/B Opens below
+	if os.Getenv("BLOCKSNAP_SCALE_AB") != "" {
+		require.NoError(t, copyFile(crashed, pristine))
+	}
 	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay)", tail), crashed}} {
 		if os.Getenv("BLOCKSNAP_SCALE_COLD") != "" {
 			require.NoError(t, replayDropCached(c.path))
@@ -229,6 +233,29 @@ func TestStoreOpenScale(t *testing.T) {
 		stop()
 		require.NoError(t, err)
 		t.Logf("Open after %s: %v (replay: %d read-ahead windows, %d nodes read ahead)", c.name, time.Since(t0), s.replayWindows, s.m.CacheStats().ReadAhead)
+		require.NoError(t, s.Close())
+		require.NoError(t, f.Close())
+	}
+	// BLOCKSNAP_SCALE_AB=N: N more Opens of the crash image each with the
+	// replay's read-ahead and without, alternately, so that the two are
+	// compared under the same load. Each opens a fresh copy: an Open's
+	// Close commits the tree, after which the image has no tail.
+	ab, _ := strconv.Atoi(os.Getenv("BLOCKSNAP_SCALE_AB"))
+	for i := range 2 * ab {
+		img := filepath.Join(dir, "ab")
+		require.NoError(t, copyFile(pristine, img))
+		if os.Getenv("BLOCKSNAP_SCALE_COLD") != "" {
+			require.NoError(t, replayDropCached(img))
+		}
+		f, err := blockdev.Open(img, blockdev.FileOptions{})
+		require.NoError(t, err)
+		store.Head = f
+		o := opts
+		o.noReadAhead = i%2 == 1
+		t0 := time.Now()
+		s, err := Open(origin, store, o)
+		require.NoError(t, err)
+		t.Logf("Open after a crash, read-ahead %v: %v", !o.noReadAhead, time.Since(t0))
 		require.NoError(t, s.Close())
 		require.NoError(t, f.Close())
 	}

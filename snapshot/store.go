@@ -53,14 +53,14 @@
 // its first write after Open (preserve.go).
 //
 // Memory is bounded by the cache, not by the history or the volumes'
-// sizes: Options.MetadataCache (default 64 MiB; an eighth of it caches
-// the origin chunks' preserved epochs, the rest decoded pages), the origin
+// sizes: Options.MetadataCache (default 64 MiB: an eighth of it caches
+// the origin chunks' preserved epochs, the space maps take 2 bits per
+// data chunk of it, 64 MiB per TiB of store at 4 KiB chunks and 4 MiB at
+// 64 KiB, and decoded pages the rest, at least a quarter), the origin
 // buffer (Options.OriginBuffer, default 32 MiB), the last tree commit's
-// encoded pages (at most about a quarter of the cache), and, in
-// proportion to the store's size, 2 bits per data chunk for the data
-// space map (64 MiB per TiB of store at 4 KiB chunks, 4 MiB at 64 KiB),
-// at most 8 KiB per branch for its chunk-group bits, and about 24 bytes
-// per snapshot ever taken of the origin for its space counters.
+// encoded pages (at most about a quarter of the cache), at most 8 KiB
+// per branch for its chunk-group bits, and about 24 bytes per snapshot
+// ever taken of the origin for its space counters.
 // docs/metadata.md section 18 has the measurements and how to size the
 // cache.
 package snapshot
@@ -141,10 +141,12 @@ type Options struct {
 	// random chunk version takes about 11 bytes, a sequential one about 1.
 	MetadataBytes int64
 	// MetadataCache bounds, in bytes, the metadata the store keeps in
-	// memory: decoded metadata pages (seven eighths) and the origin
-	// chunks' preserved epochs (an eighth, at least 96 KiB: 12-16 bytes
-	// per chunk, about 390,000 chunks by default; a chunk not in it costs
-	// one lookup at its next write); 0 means 64 MiB. To keep every lookup
+	// memory: the origin chunks' preserved epochs (an eighth, at least 96
+	// KiB: 12-16 bytes per chunk, about 390,000 chunks by default; a chunk
+	// not in it costs one lookup at its next write), the space maps (2
+	// bits per data chunk: 64 MiB per TiB of store at 4 KiB chunks), and
+	// decoded metadata pages (the rest, at least a quarter: a cache
+	// smaller than the space maps is exceeded by them); 0 means 64 MiB. To keep every lookup
 	// at one page read at most it should hold the tree's branch levels,
 	// about 0.2 bytes per random chunk version; about 34 bytes per version
 	// of the chunks a workload touches between tree commits make those
@@ -547,7 +549,7 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(nodeCacheBytes(s.opts.MetadataCache)), SyncWriteBack: s.opts.syncWriteBack,
+		CacheBytes: int(nodeCacheBytes(s.opts.MetadataCache, s.geo.dataChunks, uint64(s.geo.metaLen)/meta.PageSize)), SyncWriteBack: s.opts.syncWriteBack,
 		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the

@@ -220,6 +220,7 @@ func (m *Meta) PutReserve(q Key, loc uint64) error { return m.putLocking(q, loc,
 func (m *Meta) lockChange() {
 	m.mu.Lock()
 	m.missMark = m.cache.misses.Load()
+	m.wMissMark = m.wMiss
 }
 
 // unlockNotify ends a change begun by lockChange: it turns prefetching on
@@ -227,8 +228,10 @@ func (m *Meta) lockChange() {
 // low-space callback if the change crossed the threshold (outside mu: the
 // callback may call back into the layer).
 func (m *Meta) unlockNotify() {
-	if miss := m.cache.misses.Load() - m.missMark; miss != 0 {
+	if m.cache.misses.Load() != m.missMark {
 		m.prefetch.Store(prefetchWindow)
+	}
+	if miss := m.wMiss - m.wMissMark; miss != 0 {
 		m.maxChangeMiss.Note(int64(miss))
 		m.changesMissed.Add(1)
 	}

@@ -154,7 +154,10 @@ type Meta struct {
 	idxBuf   []int
 	rd       reader // the writer's reader (see Meta.reader)
 	missMark uint64 // the cache's misses when the change in progress began (lockChange)
-	frozen   state  // what the commit in flight makes durable
+	// wMiss counts the pages the writer's own walks read (loadW);
+	// wMissMark is its value when the change in progress began.
+	wMiss, wMissMark uint64
+	frozen           state // what the commit in flight makes durable
 	// frozenBytes is the cache cost of the commit in flight's nodes,
 	// pinned until it has written them.
 	frozenBytes int

@@ -37,6 +37,9 @@ const (
 	// to keep a device's queue busy, few enough that a call's goroutines
 	// and page buffers stay small.
 	readAheadInFlight = 64
+	// readAheadSpawn: a batch of fewer nodes is read in the caller, one
+	// after another.
+	readAheadSpawn = 4
 	// readAheadShare: one call reads at most 1/readAheadShare of the
 	// cache, so that the nodes read, their dirty shadows and the dirty
 	// nodes below the write-back threshold fit together.
@@ -216,11 +219,15 @@ func (ra *readAhead) batch(k kind, level int, nodes []ptr) (int, error) {
 		return nil
 	}
 	var err error
-	if len(nodes) == 1 {
-		// One node (a root, or the inner node of a small window): a
-		// goroutine would only add a hand-off, whose wake-up a loaded
-		// machine delays, to the read.
-		err = read(0)
+	if len(nodes) < readAheadSpawn {
+		// A few nodes (a root, the inner nodes of a window): goroutines
+		// would add hand-offs, whose wake-ups a loaded machine delays,
+		// for little overlap.
+		for i := range nodes {
+			if err = read(i); err != nil {
+				break
+			}
+		}
 	} else {
 		var g errgroup.Group
 		for i := range nodes {

@@ -103,6 +103,9 @@ func TestReadAheadWindows(t *testing.T) {
 	for _, cache := range []int{512 << 10, PageSize} {
 		t.Run(fmt.Sprintf("cache=%d", cache), func(t *testing.T) {
 			mem, changes := replayRegion(t, seed)
+			if cache == PageSize {
+				changes = changes[:400] // each reads its paths: enough to compare
+			}
 			open := func() (*Meta, *readCounter) {
 				dev := &readCounter{Device: mem.Clone()}
 				m, err := Open(dev, Options{CacheBytes: cache, SyncWriteBack: true})

@@ -20,6 +20,25 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 		}
 		return n, nil
 	}
+	return m.loadMiss(p, k, level)
+}
+
+// loadW is load for the writer, under mu held exclusively: it counts the
+// pages its change reads (wMiss) for Stalls, apart from the misses of
+// lookups and views that run meanwhile.
+func (m *Meta) loadW(p ptr, k kind, level int) (*node, error) {
+	if n := m.cache.get(p.loc); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
+		}
+		return n, nil
+	}
+	m.wMiss++
+	return m.loadMiss(p, k, level)
+}
+
+// loadMiss reads the node p points to and caches it.
+func (m *Meta) loadMiss(p ptr, k kind, level int) (*node, error) {
 	n, err := m.readNode(p, k, level)
 	if err != nil {
 		return nil, m.changedOr(err) // a page a live writer reused, on a read-only Meta
@@ -237,7 +256,7 @@ func (m *Meta) loadHint(hint []*node, d int, p ptr, k kind, level int) (*node, e
 			return h, nil
 		}
 	}
-	return m.load(p, k, level)
+	return m.loadW(p, k, level)
 }
 
 // replace puts repl in place of leaf runs [i, j), keeping the encoded
@@ -364,7 +383,7 @@ func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
 		m.cache.touched(n)
 		return nil
 	}
-	sib, err := m.load(p.kids[j], t.kind, int(p.level)-1)
+	sib, err := m.loadW(p.kids[j], t.kind, int(p.level)-1)
 	if err == nil {
 		sib, err = m.own(sib)
 	}

@@ -58,6 +58,9 @@ func (e *NotCachedError) Error() string { return "meta: lookup needs a page read
 // read unlocked, a miss stops the walk unless the node was read already.
 func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 	ms := it.ms
+	if ms == &it.m.rd.ms {
+		return it.m.loadW(p, k, level) // the writer's own walk
+	}
 	if ms == nil || !ms.on {
 		return it.m.load(p, k, level)
 	}
