@@ -191,7 +191,7 @@ const treeCommitRecords = 1 << 16
 // Close waits for) would wait for ever. Close writes a capture posted just
 // before the cancel, and then the final tree commit, itself.
 func (s *Store) postCaptureLocked() {
-	if s.ctx.Err() != nil || s.capTaken != nil {
+	if s.ctx.Err() != nil || len(s.capTaken) > 0 {
 		return // capTaken: the checkpointer may be waiting for mu (store.go)
 	}
 	c, err := s.captureLocked()
@@ -358,8 +358,8 @@ func (s *Store) endCapture(c capture) {
 		s.capOut = false
 		s.capDone.Broadcast()
 	}
-	if s.capTaken == c.freed {
-		s.capTaken = nil // a writer ended it first (logRoomLocked)
+	if i := slices.Index(s.capTaken, c.freed); i >= 0 {
+		s.capTaken = slices.Delete(s.capTaken, i, i+1) // a writer ended it first (logRoomLocked)
 	}
 	s.mu.Unlock()
 }

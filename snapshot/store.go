@@ -354,13 +354,17 @@ type Store struct {
 	capOut   bool
 	capDone  *sync.Cond
 	capFreed chan struct{}
-	// capTaken is the freed channel of a capture that a writer waiting
-	// for log space ended (logRoomLocked) before the capture's own writer
-	// ran its endCapture, which then still waits for mu; nil when none.
-	// While it is set nothing is posted to the checkpointer, which may be
-	// that writer (a capture left in its channel would never be written
-	// while the poster holds mu). Guarded by mu.
-	capTaken chan struct{}
+	// capTaken holds the freed channels of the captures that a writer
+	// waiting for log space ended (logRoomLocked) before the capture's
+	// own writer ran its endCapture, which then still waits for mu; empty
+	// when none. There may be several: a foreground tree commit waits
+	// only for capOut, so it can capture again while the checkpointer
+	// still waits to end a capture taken over, and a writer may take that
+	// one over too. While any is set nothing is posted to the
+	// checkpointer, which may be one of those writers (a capture left in
+	// its channel would never be written while the poster holds mu).
+	// Each endCapture removes only its own. Guarded by mu.
+	capTaken []chan struct{}
 	// lastTreeSeq is the journal record the last tree commit frozen
 	// covers; guarded by mu.
 	lastTreeSeq uint64
@@ -978,7 +982,7 @@ func (s *Store) logLocked(sc *scratch) (uint64, error) {
 // it here, and capture again. Called with mu held, before any change.
 func (s *Store) logRoomLocked(n int) error {
 	for !s.j.Room(n) {
-		if !s.capOut && s.capTaken == nil {
+		if !s.capOut && len(s.capTaken) == 0 {
 			s.postCaptureLocked() // the Append waits for this one
 			return nil
 		}
@@ -1003,7 +1007,7 @@ func (s *Store) logRoomLocked(n int) error {
 			return err // the capture failed, and failed the store
 		}
 		s.capOut = false // its endCapture, waiting for mu, sees the capture ended
-		s.capTaken = s.capFreed
+		s.capTaken = append(s.capTaken, s.capFreed)
 		s.capDone.Broadcast()
 	}
 	return nil
