@@ -214,6 +214,9 @@ func (c *conn) transmit() {
 			c.logErr("nbd: flush on disconnect", err)
 		}
 	}
+	if err == nil {
+		c.closeTLS() // every reply is written: the workers have ended
+	}
 }
 
 // readRequests reads requests until NBD_CMD_DISC or an error.

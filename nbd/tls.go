@@ -16,11 +16,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
+	"time"
 )
 
 // TLSMode says whether a Server offers TLS.
@@ -235,3 +237,22 @@ type bufferedConn struct {
 }
 
 func (b bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// closeTLS ends a TLS session the client closed with NBD_CMD_DISC the way
+// TLS peers expect: our close_notify alert, then whatever the client still
+// sends (its own alert) read and dropped until it closes the socket, all
+// within drainWriteTimeout; a drain's deadline cuts it short. Closing the
+// socket straight after NBD_CMD_DISC made libnbd's shutdown (nbdcopy,
+// nbdinfo over nbds://) now and then fail with "server closed socket
+// unexpectedly" while it waited for our alert.
+func (c *conn) closeTLS() {
+	tc, ok := c.nc.(*tls.Conn)
+	if !ok || c.draining.Load() {
+		return
+	}
+	c.raw.SetDeadline(time.Now().Add(drainWriteTimeout))
+	if err := tc.CloseWrite(); err != nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, c.raw)
+}
