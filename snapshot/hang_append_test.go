@@ -23,22 +23,8 @@ import (
 // capture to free its part of the log, and captures again, before it
 // changes anything.
 func TestCollectorAppendWhileCaptureOutstanding(t *testing.T) {
-	origin, err := blockdev.NewMem(8<<20, 4096)
-	require.NoError(t, err)
-	mem, err := blockdev.NewMem(64<<20, 4096)
-	require.NoError(t, err)
-	s, err := Format(origin, mem, Options{ChunkSize: 4 << 10, JournalSize: 64 << 10, CommitInterval: -1})
-	require.NoError(t, err)
-	o := s.Origin()
-	_, err = s.CreateSnapshot("s", o)
-	require.NoError(t, err)
-	buf := make([]byte, 4096)
-	for c := int64(0); c < 64; c += 2 {
-		buf[0] = byte(c)
-		_, err = o.WriteAt(buf, c*4096)
-		require.NoError(t, err)
-	}
-	require.NoError(t, s.Checkpoint(context.Background()))
+	s := captureTestStore(t)
+	var err error
 
 	// The checkpointer is slow to write this capture: it stays
 	// outstanding while the log fills.
@@ -109,4 +95,28 @@ func waitForStack(t *testing.T, want ...string) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// captureTestStore is the store the capture-takeover tests start from: a
+// 64 KiB journal, no committer, one snapshot of the origin, 32 chunks
+// copied for it and checkpointed.
+func captureTestStore(t *testing.T) *Store {
+	t.Helper()
+	origin, err := blockdev.NewMem(8<<20, 4096)
+	require.NoError(t, err)
+	mem, err := blockdev.NewMem(64<<20, 4096)
+	require.NoError(t, err)
+	s, err := Format(origin, mem, Options{ChunkSize: 4 << 10, JournalSize: 64 << 10, CommitInterval: -1})
+	require.NoError(t, err)
+	o := s.Origin()
+	_, err = s.CreateSnapshot("s", o)
+	require.NoError(t, err)
+	buf := make([]byte, 4096)
+	for c := int64(0); c < 64; c += 2 {
+		buf[0] = byte(c)
+		_, err = o.WriteAt(buf, c*4096)
+		require.NoError(t, err)
+	}
+	require.NoError(t, s.Checkpoint(context.Background()))
+	return s
 }

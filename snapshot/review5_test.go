@@ -8,8 +8,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/blocksnap/blocksnap/blockdev"
 )
 
 // checkpointerInEndCapture reports whether the checkpointer goroutine is
@@ -44,22 +42,8 @@ func checkpointerInEndCapture() bool {
 // takes mu before it, and this test, readied by Y's writer, next.
 func TestReview5CaptureTakenTwice(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	origin, err := blockdev.NewMem(8<<20, 4096)
-	require.NoError(t, err)
-	mem, err := blockdev.NewMem(64<<20, 4096)
-	require.NoError(t, err)
-	s, err := Format(origin, mem, Options{ChunkSize: 4 << 10, JournalSize: 64 << 10, CommitInterval: -1})
-	require.NoError(t, err)
-	o := s.Origin()
-	_, err = s.CreateSnapshot("s", o)
-	require.NoError(t, err)
-	buf := make([]byte, 4096)
-	for c := int64(0); c < 64; c += 2 {
-		buf[0] = byte(c)
-		_, err = o.WriteAt(buf, c*4096)
-		require.NoError(t, err)
-	}
-	require.NoError(t, s.Checkpoint(context.Background()))
+	s := captureTestStore(t)
+	var err error
 
 	rec := encodeRecord(nil, nil)
 	fill := func() { // the log full to the last byte; called with mu held

@@ -5,8 +5,6 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/blocksnap/blocksnap/blockdev"
 )
 
 // TestCheckpointerCaptureTakenOverLogStillFull: the capture outstanding
@@ -23,22 +21,8 @@ import (
 // The test hangs on the old code; run it with go test's -timeout (the
 // default suite has one), which prints every goroutine.
 func TestCheckpointerCaptureTakenOverLogStillFull(t *testing.T) {
-	origin, err := blockdev.NewMem(8<<20, 4096)
-	require.NoError(t, err)
-	mem, err := blockdev.NewMem(64<<20, 4096)
-	require.NoError(t, err)
-	s, err := Format(origin, mem, Options{ChunkSize: 4 << 10, JournalSize: 64 << 10, CommitInterval: -1})
-	require.NoError(t, err)
-	o := s.Origin()
-	_, err = s.CreateSnapshot("s", o)
-	require.NoError(t, err)
-	buf := make([]byte, 4096)
-	for c := int64(0); c < 64; c += 2 {
-		buf[0] = byte(c)
-		_, err = o.WriteAt(buf, c*4096)
-		require.NoError(t, err)
-	}
-	require.NoError(t, s.Checkpoint(context.Background()))
+	s := captureTestStore(t)
+	var err error
 
 	// The capture the checkpointer will write, frozen now and handed to
 	// it only once the collector waits for it.
