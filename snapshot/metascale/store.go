@@ -34,10 +34,13 @@ type StoreConfig struct {
 
 // StoreResult is what a store run measured.
 type StoreResult struct {
-	HeapInuse  uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
-	Cache      int64  // the metadata cache the store was given
-	Entries    int64  // index entries (chunk versions)
-	MetaBytes  int64  // metadata pages in use after a tree commit
+	HeapInuse uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
+	// HeapLive is the bytes of live objects then (HeapAlloc, beyond the
+	// baseline): HeapInuse less it is the allocator's spans' free slots.
+	HeapLive   uint64
+	Cache      int64 // the metadata cache the store was given
+	Entries    int64 // index entries (chunk versions)
+	MetaBytes  int64 // metadata pages in use after a tree commit
 	Fill       time.Duration
 	WorstWrite time.Duration // the slowest origin write: the writer's worst stall
 	P99Write   time.Duration
@@ -212,6 +215,9 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	runtime.ReadMemStats(&after)
 	if after.HeapInuse > before.HeapInuse {
 		res.HeapInuse = after.HeapInuse - before.HeapInuse
+	}
+	if after.HeapAlloc > before.HeapAlloc {
+		res.HeapLive = after.HeapAlloc - before.HeapAlloc
 	}
 	if cfg.HeapProfile != "" {
 		if err := writeHeapProfile(cfg.HeapProfile); err != nil {
