@@ -63,7 +63,7 @@ type originBuf struct {
 	byStripe [nStripes]map[uint64]*obEntry
 
 	mu    sync.Mutex // guards queue, spare, free and err
-	queue []*obEntry // buffered entries, oldest first
+	queue []*obEntry // buffered entries: those a drain kept (in chunk order), then newer ones
 	spare []*obEntry // the drain's second queue, reused
 	free  []*obEntry
 	err   error // first write-out failure not yet reported by Flush
