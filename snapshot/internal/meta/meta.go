@@ -100,11 +100,14 @@ type Meta struct {
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
-	// It also guards commitBuf and cstats. Lock order: commitMu -> wbMu ->
-	// mu -> viewMu -> cache.mu.
-	commitMu  sync.Mutex
-	commitBuf []byte
-	cstats    CommitStats
+	// It also guards commitBuf, commitBatch and cstats. Lock order:
+	// commitMu -> wbMu -> mu -> viewMu -> cache.mu.
+	commitMu sync.Mutex
+	// commitBuf holds a frozen commit's encoded space-map pages and
+	// superblock; commitBatch the commitBatch nodes it encodes at a time.
+	commitBuf   []byte
+	commitBatch []byte
+	cstats      CommitStats
 
 	// wbMu guards wbWritten and wbErr; wbCond, on wbMu, tells a commit
 	// waiting for the pages queued before its freeze that more were

@@ -187,8 +187,20 @@ func (m *Meta) shadow(n *node) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true,
-		runs: append(make([]run, 0, len(n.runs)+2), n.runs...)}
+	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true}
+	if l := len(n.runs); n.leaf() && l >= minShift {
+		// The leaf is shadowed to change: give it the room at each end
+		// that insertRun would reallocate it with, so that a change does
+		// not allocate it twice (each copy is garbage, and garbage
+		// between collections is what leaves the heap's spans part
+		// empty: docs/metadata.md section 22).
+		h := l / 8
+		c.base = make([]run, h+l+h)
+		c.runs = c.base[h : h+l]
+		copy(c.runs, n.runs)
+	} else {
+		c.runs = append(make([]run, 0, len(n.runs)+2), n.runs...)
+	}
 	if !n.leaf() {
 		c.kids = append(make([]ptr, 0, len(n.kids)+1), n.kids...)
 	}
