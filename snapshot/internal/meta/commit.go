@@ -67,6 +67,7 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 		m.cache.setDirty(n, false)
 	}
 	m.frozenBytes = 0
+	m.frozenLeaves.Store(0)
 	m.reapWriteBack()
 	m.durable = tx
 	m.publish(m.frozen)
@@ -146,6 +147,7 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 		ext: m.extentsOf()}
 	s.encode(next(tx % 2))
 	m.frozen = m.snapshotState()
+	m.frozenLeaves.Store(m.txLeaves.Swap(0))
 	m.tx++
 	m.changed = false
 	return tx, dirty, pages, locs, nil

@@ -205,6 +205,9 @@ func (m *Meta) shadow(n *node) (*node, error) {
 		c.kids = append(make([]ptr, 0, len(n.kids)+1), n.kids...)
 	}
 	m.freePage(n.loc)
+	if c.leaf() {
+		m.txLeaves.Add(1) // an old leaf a replay reads, copies and writes again
+	}
 	return m.cache.add(c), nil
 }
 
@@ -460,6 +463,7 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 		n.kids = append(make([]ptr, 0, h+1), n.kids[:h]...)
 	} else {
 		n.size, r.size = t.kind.leafSize(n.runs), t.kind.leafSize(r.runs)
+		m.txLeaves.Add(1) // a new leaf a replay writes again
 	}
 	m.cache.touched(n)
 	m.cache.add(r)
@@ -476,6 +480,7 @@ func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 			return err
 		}
 		n := &node{loc: loc, tx: m.tx, kind: k, dirty: true, runs: make([]run, 0, 8)}
+		m.txLeaves.Add(1)
 		m.cache.add(n)
 		t.root, t.level = ptr{loc, m.tx}, 0
 		m.replace(t, n, 0, 0, q)
