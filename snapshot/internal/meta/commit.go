@@ -40,6 +40,15 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 	m.cstats.Commits++
 	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
 	m.cstats.Pages += uint64(len(locs))
+	// The space-map pages a freeze encodes are few in a commit of a
+	// running store, but all of them in the first commit after Format
+	// or a Grow (3,400 pages, 13.7 MB, for a map of 112.5M data chunks):
+	// a buffer past the batch's size is not kept for the next commit.
+	defer func() {
+		if cap(m.commitBuf) > commitBatch*PageSize {
+			m.commitBuf = nil
+		}
+	}()
 	// A write-back page encoded before the freeze may hold an older
 	// version of one of T's pages: wait until every page queued before
 	// the freeze is written, so the commit's version lands last. Pages

@@ -114,3 +114,22 @@ func TestHeapFrozenNodesWithinCache(t *testing.T) {
 	defer func() { require.NoError(t, m.Close()) }()
 	heapVerify(t, m, want)
 }
+
+// TestHeapCommitKeepsNoLargeMapBuffer: a commit that wrote more space-map
+// pages than a batch (the first one after Format writes every bitmap page
+// of the data map: 256 here) does not keep them in memory for the next
+// commit; the old code kept its commit buffer at its largest.
+func TestHeapCommitKeepsNoLargeMapBuffer(t *testing.T) {
+	dev, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	m, err := Format(dev, Options{DataChunks: 1 << 23, CacheBytes: 4 << 20})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, m.Close()) }()
+	_, err = m.PutData(Key{C: 1, E: 1})
+	require.NoError(t, err)
+	require.NoError(t, m.Commit())
+	m.commitMu.Lock()
+	kept := cap(m.commitBuf)
+	m.commitMu.Unlock()
+	require.LessOrEqual(t, kept, commitBatch*PageSize)
+}
