@@ -181,6 +181,9 @@ type Meta struct {
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
+	// evictMark is the cache's eviction count when Prefetch last found
+	// itself off (atomic, as prefetch).
+	evictMark atomic.Uint64
 }
 
 // Format initialises a metadata region on dev and returns it open.
