@@ -102,3 +102,57 @@ func TestFw2DrainCoalesces(t *testing.T) {
 	require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "snapshot")
 	mustCheck(t, s)
 }
+
+// TestFw2DrainPowerCut cuts the power before each device call of a drain
+// (its fingerprint mark and journal commit run side by side, then the
+// coalesced write-outs, then the origin flush and the settle), with every
+// crash policy. After each cut, Open accepts its own origin (no sample
+// reached the origin before its dirty mark was durable), the snapshot
+// holds the old data (no chunk reached the origin before its copy and
+// record were durable), and Check passes.
+func TestFw2DrainPowerCut(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	const cs = 4 << 10
+	const size = 256 << 10
+	opts := Options{ChunkSize: cs, CommitInterval: -1}
+	pos, n := samplePositions(size)
+	for _, pol := range blockdevtest.AllPolicies(seed) {
+		for k := 1; ; k++ {
+			pc := blockdevtest.NewPowerCut(blockdevtest.OpAny, 0, pol)
+			oSim := blockdevtest.MustCrashSim(size, 512)
+			fillPattern(t, oSim, 4)
+			require.NoError(t, oSim.Flush())
+			before := blockdevtest.ReadAll(t, oSim)
+			s, err := Format(pc.Device("origin", oSim), pc.NewDevice(t, "store", 4<<20, 512), opts)
+			require.NoError(t, err)
+			o := s.Origin()
+			_, err = s.CreateSnapshot("snap", o)
+			require.NoError(t, err)
+			require.NoError(t, o.Flush())
+			// Every sample's chunk and the one after it: adjacent whole
+			// chunks, each a copy-on-write left in the buffer.
+			for i := range n {
+				for c := pos[i] / cs; c <= min(pos[i]/cs+1, size/cs-1); c++ {
+					fillAt(t, o, byte(i+1), c*cs, cs)
+				}
+			}
+			pc.Arm(blockdevtest.OpAny, k)
+			ferr := o.Flush()
+			fired := pc.Fired()
+			out := pc.Cut()
+			_ = s.Close()
+			if !fired {
+				require.NoError(t, ferr)
+				t.Logf("%v: %d cut points", pol, k-1)
+				break
+			}
+			require.ErrorIs(t, ferr, blockdevtest.ErrCrashed, "%v", pc)
+			s, err = Open(out[0], out[1], opts)
+			require.NoError(t, err, "open after %v", pc)
+			snap := mustOpen(t, s, "snap")
+			require.Equal(t, -1, blockdevtest.FirstDiff(blockdevtest.ReadAll(t, snap), before), "snapshot after %v", pc)
+			mustCheck(t, s)
+			require.NoError(t, s.Close())
+		}
+	}
+}

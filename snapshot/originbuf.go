@@ -233,17 +233,34 @@ func (s *Store) drainLocked(ctx context.Context) error {
 		return fmt.Errorf("snapshot: store failed earlier; buffered origin writes cannot be written out: %w", *p)
 	}
 	target := s.j.LastSeq()
-	if err := s.commit(ctx); err != nil {
+	// One identity write for the whole drain, made beside the commit
+	// rather than after it: its two slot writes and flushes were a third
+	// of the device flushes a first-write pass waited for, one after the
+	// other with the commit's. Both must be durable before any write-out,
+	// in either order. The queue's entries up to now stay in place until
+	// this drain takes them (writers only append), so the marking reads
+	// them unlocked. Its failure is not the drain's: no entry is written
+	// out unmarked, as each write-out's touchSamples marks again and
+	// reports its own failure.
+	s.ob.mu.Lock()
+	pre := s.ob.queue
+	s.ob.mu.Unlock()
+	var marking sync.WaitGroup
+	if s.unmarkedOf(pre) != 0 {
+		marking.Go(func() { _ = s.markQueued(pre) })
+	}
+	err := s.commit(ctx)
+	marking.Wait()
+	if err != nil {
 		return err
 	}
 	s.ob.mu.Lock()
 	q := s.ob.queue
 	s.ob.queue = s.ob.spare[:0]
 	s.ob.mu.Unlock()
-	// One identity write for the whole drain. Its failure is not the
-	// drain's: no entry is written out unmarked, as each write-out's
-	// touchSamples marks again and reports its own failure.
-	_ = s.markQueued(q)
+	// The entries queued during the commit (nothing to write when they
+	// touch no new sample).
+	_ = s.markQueued(q[len(pre):])
 	// In chunk order, so that buffered chunks next to each other are
 	// written out together (obDrainRun). The queue's order matters to
 	// nothing else: an entry may reach the origin once its own record is

@@ -48,7 +48,8 @@
 // (the branch and volume tables, with each branch's chunk-group bits that
 // let reads skip clone levels), and replaying the journal records after
 // the last tree commit (at most about 65,536 records or index changes,
-// and the journal's fill; none after a clean Close), sorted by key. No
+// whose changes wrote at most about 16,384 leaves, and the journal's
+// fill; none after a clean Close), sorted by key. No
 // walk of the tree: each origin chunk's preserved epoch is looked up on
 // its first write after Open (preserve.go).
 //
@@ -169,8 +170,9 @@ type Options struct {
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
 	// happen on Flush, FUA and snapshot operations only). The metadata
-	// tree is committed every five intervals, every 65,536 records, when
-	// the journal passes CheckpointAt, and at Close.
+	// tree is committed every five intervals, every 65,536 records or
+	// index changes, once the changes since the last commit wrote 8,192
+	// leaves, when the journal passes CheckpointAt, and at Close.
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
@@ -418,6 +420,9 @@ type scratch struct {
 	// reclaiming: the collector's record, which frees space and is not
 	// refused for the metadata bound.
 	reclaiming bool
+	// pins: the index nodes lockForOps pinned for ops, until unlockOps
+	// (pagedindex.go).
+	pins meta.Pins
 }
 
 type cowChunk struct {
@@ -1126,9 +1131,9 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
+		s.lockForOps(sc) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
-		s.mu.Unlock()
+		s.unlockOps(sc)
 		if retried {
 			return seq, err
 		}

@@ -193,6 +193,9 @@ type Meta struct {
 	// exclusively; atomic so that the store reads them without mu, once
 	// per record (TailLeaves).
 	txLeaves, frozenLeaves atomic.Int64
+	// evictMark is the cache's eviction count when Prefetch last found
+	// itself off (atomic, as prefetch).
+	evictMark atomic.Uint64
 }
 
 // TouchedLeaves is how many leaves the open transaction has written:
