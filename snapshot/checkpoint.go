@@ -45,6 +45,7 @@ package snapshot
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -156,15 +157,17 @@ func (s *Store) captureLocked() (capture, error) {
 }
 
 // maybeCaptureLocked hands a capture to the checkpointer when the journal
-// asks for a checkpoint, or when treeCommitRecords records were logged
-// since the last tree commit (which bounds what Open replays after a
+// asks for a checkpoint, when treeCommitRecords records or index changes
+// were logged since the last tree commit, or when those changes touched
+// treeCommitLeaves leaves (the last two bound what Open replays after a
 // crash). Capturing here, under mu, means the checkpointer never needs mu
 // to freeze.
 func (s *Store) maybeCaptureLocked() {
 	if s.capOut {
 		return
 	}
-	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords || s.treeChanges >= treeCommitRecords {
+	if s.j.LastSeq()-s.lastTreeSeq >= treeCommitRecords || s.treeChanges >= treeCommitRecords ||
+		s.m.TouchedLeaves() >= s.opts.leafBound() {
 		s.postCaptureLocked()
 		return
 	}
@@ -182,6 +185,22 @@ func (s *Store) maybeCaptureLocked() {
 // commit interval: Open after a crash replays at most about this many
 // (plus those logged while that commit runs).
 const treeCommitRecords = 1 << 16
+
+// treeCommitLeaves is how many leaves the changes logged since the last
+// tree commit may touch before a tree commit starts in the background.
+// Replay's cost is the leaves it touches (each decoded, copied and
+// encoded again), not the changes: random changes to a tree much larger
+// than the cache touch a leaf each, so at 10M random versions 65,536
+// changes touch most of its leaves. A writer that finds twice this many
+// touched by the records not yet in a durable tree commit (the frozen
+// commit's and the open transaction's) waits for that commit first
+// (makeLogRoom), so Open after a crash replays at most about
+// 2*treeCommitLeaves leaves, whatever the tree's size or the writes'
+// order (docs/metadata.md section 17).
+const treeCommitLeaves = 8192
+
+// leafBound is treeCommitLeaves, or the test's own bound.
+func (o *Options) leafBound() int { return cmp.Or(o.treeLeaves, treeCommitLeaves) }
 
 // postCaptureLocked hands the checkpointer a capture of the state now.
 // Called with mu held and no capture outstanding, so the channel (one

@@ -261,19 +261,29 @@ func (s *Store) anyUnknown(c0, c1 uint64) bool {
 // the unknown ones, so that the copy-on-write that follows finds each.
 // Called with their origin stripes held exclusively (fewer than nStripes
 // chunks, so no two share a stripe and caching one evicts none of the
-// others); takes Store.mu (both locks guard the cache). The lookups read
-// no page under Store.mu: one that misses the metadata cache releases it,
-// loads what it missed and tries again, as a read's resolution does
-// (volumeio.go). Once the preserved-epoch cache has evicted (an origin of
-// more chunks than it holds), every first write to a chunk it does not
-// hold looks up the tree here; with the tree larger than the metadata
-// cache, most of those lookups missed and read a page under Store.mu.
+// others); takes Store.mu (both locks guard the cache) only when one is
+// unknown. The lookups read no page under Store.mu: one that misses the
+// metadata cache releases it, loads what it missed and tries again, as a
+// read's resolution does (volumeio.go). Once the preserved-epoch cache has
+// evicted (an origin of more chunks than it holds), every first write to a
+// chunk it does not hold looks up the tree here; with the tree larger than
+// the metadata cache, most of those lookups missed and read a page under
+// Store.mu.
+//
+// A chunk known only through presZero (absent since Format, so 0) is not
+// cached here: that took Store.mu a second time on every first write
+// after Format, beside the copy-on-write's own record, for an entry the
+// record's put caches anyway (presCache.raise). If an eviction elsewhere
+// clears presZero before the copy, the chunk reads as unknown; its epoch
+// is still 0 (its stripe is held, so no one else copied it), so
+// copyOut's copy is right, and the caller's next resolvePreserved looks
+// it up.
 func (s *Store) resolvePreserved(c0, c1 uint64) error {
-	cached := true
-	for c := c0; c <= c1 && cached; c++ {
-		_, cached = s.pres.t[c%nStripes].get(c/nStripes + 1)
+	known := true
+	for c := c0; c <= c1 && known; c++ {
+		_, known = s.pres.known(c)
 	}
-	if cached {
+	if known {
 		return nil
 	}
 	for loads := 0; ; loads++ {

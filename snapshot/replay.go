@@ -10,7 +10,8 @@ import (
 // Replay in key order.
 //
 // Open after a crash replays the records logged since the last tree
-// commit: up to about 65,536 index changes. Applied in log order, random
+// commit: up to about 65,536 index changes, writing up to about 16,384
+// leaves (treeCommitLeaves, checkpoint.go). Applied in log order, random
 // writes touch leaves at random; when those leaves do not fit the page
 // cache, each change reads a leaf, and write-back evicts it before the
 // next change to it. Replay therefore defers the index changes and applies

@@ -152,6 +152,9 @@ func TestStoreOpenScale(t *testing.T) {
 	if mc, _ := strconv.ParseInt(os.Getenv("BLOCKSNAP_SCALE_CACHE"), 10, 64); mc > 0 {
 		opts.MetadataCache = mc // bytes; a cache smaller than the tree, as at 10M random with the default
 	}
+	if l, _ := strconv.Atoi(os.Getenv("BLOCKSNAP_SCALE_LEAVES")); l > 0 {
+		opts.treeLeaves = l // the tree-commit leaf bound (treeCommitLeaves), scaled with the tree
+	}
 	g, err := layout(origin, sized{origin, total}, &opts) // where a store of this size puts its data region
 	require.NoError(t, err)
 	mf, err := blockdev.Create(filepath.Join(dir, "meta"), g.dataOff, blockdev.FileOptions{})
@@ -167,18 +170,23 @@ func TestStoreOpenScale(t *testing.T) {
 	o := s.Origin()
 	_, err = s.CreateSnapshot("s", o)
 	require.NoError(t, err)
+	var worst time.Duration // the slowest origin write
+	write := func(p []byte, c int) {
+		t0 := time.Now()
+		_, err := o.WriteAt(p, int64(c)*cs)
+		worst = max(worst, time.Since(t0))
+		require.NoError(t, err)
+	}
 	t0 := time.Now()
 	if order == "sequential" {
 		buf := make([]byte, 64*cs)
 		for c := 0; c < n; c += 64 {
-			_, err := o.WriteAt(buf[:min(64, n-c)*cs], int64(c)*cs)
-			require.NoError(t, err)
+			write(buf[:min(64, n-c)*cs], c)
 		}
 	} else {
 		buf := make([]byte, cs)
 		for _, c := range rand.New(rand.NewPCG(1, 2)).Perm(n) {
-			_, err := o.WriteAt(buf, int64(c)*cs)
-			require.NoError(t, err)
+			write(buf, c)
 		}
 	}
 	require.NoError(t, o.Flush())
@@ -192,6 +200,9 @@ func TestStoreOpenScale(t *testing.T) {
 		require.NoError(t, f.Close())
 	}
 	st := s.Stats()
+	cst, cache := s.m.CommitStats(), s.m.CacheStats()
+	t.Logf("fill: %d tree commits writing %d pages, %d pages written back (%.2f pages/version); worst write %v; %d writers waited for a commit by the leaf bound %d, %d wrote one",
+		cst.Commits, cst.Pages, cache.WrittenBack, float64(cst.Pages+cache.WrittenBack)/float64(n), worst, s.leafWaits.Load(), opts.leafBound(), s.leafCommits.Load())
 	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version); metadata %.1f MiB on disk (%.2f B/version)",
 		st.IndexEntries, order, fill, float64(m1.HeapInuse)/(1<<20), float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(st.IndexEntries),
 		float64(st.MetadataBytes)/(1<<20), float64(st.MetadataBytes)/float64(st.IndexEntries))
@@ -200,7 +211,7 @@ func TestStoreOpenScale(t *testing.T) {
 	for s.capOut {
 		s.capDone.Wait()
 	}
-	tail := s.j.LastSeq() - s.lastTreeSeq
+	tail, tailLeaves := s.j.LastSeq()-s.lastTreeSeq, s.m.TailLeaves()
 	crashed := filepath.Join(dir, "crashed")
 	err = copyFile(filepath.Join(dir, "meta"), crashed)
 	s.mu.Unlock()
@@ -220,7 +231,7 @@ func TestStoreOpenScale(t *testing.T) {
 	if os.Getenv("BLOCKSNAP_SCALE_AB") != "" {
 		require.NoError(t, copyFile(crashed, pristine))
 	}
-	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay)", tail), crashed}} {
+	for _, c := range []struct{ name, path string }{{"clean Close", filepath.Join(dir, "meta")}, {fmt.Sprintf("a crash (%d records to replay, their changes wrote %d leaves)", tail, tailLeaves), crashed}} {
 		if os.Getenv("BLOCKSNAP_SCALE_COLD") != "" {
 			require.NoError(t, replayDropCached(c.path))
 		}
@@ -232,7 +243,7 @@ func TestStoreOpenScale(t *testing.T) {
 		s, err := Open(origin, store, opts)
 		stop()
 		require.NoError(t, err)
-		t.Logf("Open after %s: %v (replay: %d read-ahead windows, %d nodes read ahead)", c.name, time.Since(t0), s.replayWindows, s.m.CacheStats().ReadAhead)
+		t.Logf("Open after %s: %v (replay: %d leaves written, %d read-ahead windows, %d nodes read ahead)", c.name, time.Since(t0), s.m.TouchedLeaves(), s.replayWindows, s.m.CacheStats().ReadAhead)
 		require.NoError(t, s.Close())
 		require.NoError(t, f.Close())
 	}

@@ -48,7 +48,8 @@
 // (the branch and volume tables, with each branch's chunk-group bits that
 // let reads skip clone levels), and replaying the journal records after
 // the last tree commit (at most about 65,536 records or index changes,
-// and the journal's fill; none after a clean Close), sorted by key. No
+// whose changes wrote at most about 16,384 leaves, and the journal's
+// fill; none after a clean Close), sorted by key. No
 // walk of the tree: each origin chunk's preserved epoch is looked up on
 // its first write after Open (preserve.go).
 //
@@ -169,8 +170,9 @@ type Options struct {
 	// CommitInterval is how often pending metadata is committed in the
 	// background; 0 means one second, negative disables it (commits then
 	// happen on Flush, FUA and snapshot operations only). The metadata
-	// tree is committed every five intervals, every 65,536 records, when
-	// the journal passes CheckpointAt, and at Close.
+	// tree is committed every five intervals, every 65,536 records or
+	// index changes, once the changes since the last commit wrote 8,192
+	// leaves, when the journal passes CheckpointAt, and at Close.
 	CommitInterval time.Duration
 	// Transient keeps the index in memory only, with no journal: nothing
 	// survives Close (a short-lived backup snapshot). Format writes a
@@ -212,6 +214,9 @@ type Options struct {
 	// noReadAhead: Open's replay applies the changes without reading
 	// their pages ahead (replay.go); tests compare the two.
 	noReadAhead bool
+	// treeLeaves, if set, replaces treeCommitLeaves (tests: a small
+	// tree gets tree commits by touched leaves).
+	treeLeaves int
 	// MaxVolumeSize bounds, in bytes, the size of every volume of the
 	// store (CreateVolume, Resize, Import): it is the extent of the index's
 	// chunk space, whose per-branch summaries stay the same size whatever
@@ -380,6 +385,10 @@ type Store struct {
 	// emergencies counts foreground checkpoints written because the
 	// journal passed emergencyFill (tests report them).
 	emergencies atomic.Int64
+	// leafWaits counts writers that waited for a tree commit because the
+	// changes not yet in a durable one touched 2*treeCommitLeaves leaves,
+	// and leafCommits those that wrote one for that reason (bindTail).
+	leafWaits, leafCommits atomic.Int64
 	// lowDataFired: the LowData warning fired and the free space has not
 	// risen above the threshold since; lowDataKick wakes the notifier.
 	lowDataFired atomic.Bool
@@ -1044,7 +1053,15 @@ const emergencyFill = 0.75
 // behind) it writes a checkpoint (a tree commit) in the foreground,
 // outside mu: readers and other writers go on meanwhile.
 func (s *Store) makeLogRoom() error {
-	if s.j == nil || s.j.Stats().Fill <= emergencyFill {
+	if s.j == nil {
+		return nil
+	}
+	if s.m.TailLeaves() >= 2*s.opts.leafBound() {
+		if err := s.bindTail(); err != nil {
+			return err
+		}
+	}
+	if s.j.Stats().Fill <= emergencyFill {
 		return nil
 	}
 	s.fgMu.Lock()
@@ -1056,6 +1073,48 @@ func (s *Store) makeLogRoom() error {
 		return err
 	}
 	s.emergencies.Add(1)
+	if err := s.treeCommit(s.ctx); err != nil {
+		if s.ctx.Err() != nil {
+			return err
+		}
+		return s.fail(fmt.Errorf("snapshot: checkpoint: %w", err))
+	}
+	return nil
+}
+
+// bindTail keeps the leaves that Open would replay after a crash under
+// 2*treeCommitLeaves (plus what the records of writers already past this
+// check touch). It is called when the changes not in a durable tree
+// commit have touched that many: the background commit of the frozen
+// ones has not ended while the open transaction touched as many again.
+// It waits for that commit; the writer's record then captures the open
+// transaction (maybeCaptureLocked), which has touched at least
+// treeCommitLeaves. When none was outstanding (a capture could not be
+// posted) it writes one itself. Called like makeLogRoom, with no lock of
+// the store held but branch gates and stripes.
+func (s *Store) bindTail() error {
+	s.fgMu.Lock()
+	defer s.fgMu.Unlock()
+	if s.m.TailLeaves() < 2*s.opts.leafBound() {
+		return nil // another writer has just waited or written one
+	}
+	s.mu.Lock()
+	waited := s.capOut
+	for s.capOut && s.failed.Load() == nil {
+		s.capDone.Wait() // the checkpointer ends it even while Close runs
+	}
+	s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if waited {
+		s.leafWaits.Add(1)
+		return nil
+	}
+	if s.m.TailLeaves() < 2*s.opts.leafBound() {
+		return nil
+	}
+	s.leafCommits.Add(1)
 	if err := s.treeCommit(s.ctx); err != nil {
 		if s.ctx.Err() != nil {
 			return err

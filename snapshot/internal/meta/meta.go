@@ -100,11 +100,14 @@ type Meta struct {
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
-	// It also guards commitBuf and cstats. Lock order: commitMu -> wbMu ->
-	// mu -> viewMu -> cache.mu.
-	commitMu  sync.Mutex
-	commitBuf []byte
-	cstats    CommitStats
+	// It also guards commitBuf, commitBatch and cstats. Lock order:
+	// commitMu -> wbMu -> mu -> viewMu -> cache.mu.
+	commitMu sync.Mutex
+	// commitBuf holds a frozen commit's encoded space-map pages and
+	// superblock; commitBatch the commitBatch nodes it encodes at a time.
+	commitBuf   []byte
+	commitBatch []byte
+	cstats      CommitStats
 
 	// wbMu guards wbWritten and wbErr; wbCond, on wbMu, tells a commit
 	// waiting for the pages queued before its freeze that more were
@@ -181,10 +184,30 @@ type Meta struct {
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
+	// txLeaves counts the leaves the open transaction wrote: the leaves
+	// of earlier transactions its changes shadowed, and the new ones
+	// splits made, which a replay of those changes after a crash writes
+	// again (the work of a replay is its leaves, not its changes).
+	// frozenLeaves is the frozen transaction's count until it is
+	// durable (0 when none is outstanding). Both change under mu held
+	// exclusively; atomic so that the store reads them without mu, once
+	// per record (TailLeaves).
+	txLeaves, frozenLeaves atomic.Int64
 	// evictMark is the cache's eviction count when Prefetch last found
 	// itself off (atomic, as prefetch).
 	evictMark atomic.Uint64
 }
+
+// TouchedLeaves is how many leaves the open transaction has written:
+// each leaf of an earlier transaction that its changes touched (shadowed)
+// counted once, and each leaf a split added.
+func (m *Meta) TouchedLeaves() int { return int(m.txLeaves.Load()) }
+
+// TailLeaves is TouchedLeaves of the transactions that are not durable
+// yet (the open one, and a frozen one being written): about the leaves a
+// replay of their changes writes after a crash now (a leaf both touched
+// counts twice).
+func (m *Meta) TailLeaves() int { return int(m.txLeaves.Load() + m.frozenLeaves.Load()) }
 
 // Format initialises a metadata region on dev and returns it open.
 func Format(dev blockdev.Device, opts Options) (*Meta, error) {

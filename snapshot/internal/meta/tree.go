@@ -187,12 +187,27 @@ func (m *Meta) shadow(n *node) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true,
-		runs: append(make([]run, 0, len(n.runs)+2), n.runs...)}
+	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true}
+	if l := len(n.runs); n.leaf() && l >= minShift {
+		// The leaf is shadowed to change: give it the room at each end
+		// that insertRun would reallocate it with, so that a change does
+		// not allocate it twice (each copy is garbage, and garbage
+		// between collections is what leaves the heap's spans part
+		// empty: docs/metadata.md section 22).
+		h := l / 8
+		c.base = make([]run, h+l+h)
+		c.runs = c.base[h : h+l]
+		copy(c.runs, n.runs)
+	} else {
+		c.runs = append(make([]run, 0, len(n.runs)+2), n.runs...)
+	}
 	if !n.leaf() {
 		c.kids = append(make([]ptr, 0, len(n.kids)+1), n.kids...)
 	}
 	m.freePage(n.loc)
+	if c.leaf() {
+		m.txLeaves.Add(1) // an old leaf a replay reads, copies and writes again
+	}
 	return m.cache.add(c), nil
 }
 
@@ -489,6 +504,7 @@ func (m *Meta) split(t *tree, n *node) (*node, error) {
 		n.kids = append(make([]ptr, 0, h+1), n.kids[:h]...)
 	} else {
 		n.size, r.size = t.kind.leafSize(n.runs), t.kind.leafSize(r.runs)
+		m.txLeaves.Add(1) // a new leaf a replay writes again
 	}
 	m.cache.touched(n)
 	m.cache.add(r)
@@ -505,6 +521,7 @@ func (m *Meta) putKey(t *tree, q run, hint []*node) error {
 			return err
 		}
 		n := &node{loc: loc, tx: m.tx, kind: k, dirty: true, runs: make([]run, 0, 8)}
+		m.txLeaves.Add(1)
 		m.cache.add(n)
 		t.root, t.level = ptr{loc, m.tx}, 0
 		m.replace(t, n, 0, 0, q)
