@@ -262,31 +262,42 @@ func (v *Volume) Info() VolumeInfo {
 func (s *Store) Stat(name string) (VolumeStat, error) {
 	s.mu.RLock()
 	if id, ok := s.byName[name]; ok {
-		v := s.volumes[id]
-		switch {
-		case v.kind == KindOrigin:
-			defer s.mu.RUnlock()
-			return s.originStatLocked(v), nil
-		case v.kind == KindSnapshot && v.branch == 0 && !s.ctr.stale:
-			defer s.mu.RUnlock()
-			return s.snapshotStatLocked(v), nil
-		case v.branch != 0:
-			st, ok, err := s.cloneStatLocked(v)
-			if ok || err != nil {
-				s.mu.RUnlock()
-				return st, err
-			}
+		st, ok, err := s.countedStatLocked(s.volumes[id])
+		if ok || err != nil {
+			s.mu.RUnlock()
+			return st, err
 		}
 	}
 	s.mu.RUnlock()
 	return s.statWalk(name)
 }
 
+// countedStatLocked is Stat from the counters; ok false: they cannot
+// answer for v (not maintained, or a clone smaller than what its chain
+// maps), and Stat walks. Called with Store.mu held.
+func (s *Store) countedStatLocked(v *volume) (st VolumeStat, ok bool, err error) {
+	switch {
+	case v.kind == KindOrigin:
+		return s.originStatLocked(v), true, nil
+	case v.kind == KindSnapshot && v.branch == 0 && !s.ctr.stale:
+		return s.snapshotStatLocked(v), true, nil
+	case v.branch != 0:
+		return s.cloneStatLocked(v)
+	}
+	return st, false, nil
+}
+
 // statWalk is Stat by a walk of the entries the volume reads: what clones
 // and their snapshots use, and the oracle that the counters are tested
 // against.
-func (s *Store) statWalk(name string) (VolumeStat, error) {
+func (s *Store) statWalk(name string) (VolumeStat, error) { return s.statWalkAt(name, nil) }
 
+// statWalkAt is statWalk; at, if not nil, is called with Store.mu held at the moment the
+// walk's view and holders are taken (not for the origin, which is not
+// walked): the oracle's test reads the counters there, since a
+// collection between two separate reads may change the answer (dropping a
+// deleted clone's branch releases its hold on its parent point).
+func (s *Store) statWalkAt(name string, at func(v *volume)) (VolumeStat, error) {
 	var st VolumeStat
 	var levels []viewLevel
 	var h holders
@@ -306,6 +317,9 @@ func (s *Store) statWalk(name string) (VolumeStat, error) {
 		br := s.branches[v.branch]
 		levels = viewLevels(levelsOf(br, v.epoch))
 		h = holdersOf(br)
+		if at != nil {
+			at(v)
+		}
 	}, false)
 	if err != nil {
 		return VolumeStat{}, err
