@@ -90,7 +90,10 @@ func crashopenReplayed(t *testing.T, imgs []crashopenImage, origin, data *blockd
 // leaves the replay shadowed, not a time.
 func TestCrashopenReplayBoundedByLeaves(t *testing.T) {
 	seed := blockdevtest.Seed(t)
-	const n, bound = 40000, 32
+	n, bound := 40000, 32
+	if testing.Short() {
+		n, bound = 10000, 16 // -race -short: the bound's commits and waits, not the control
+	}
 	// A record here is one chunk: its changes touch a leaf of each tree,
 	// and a split or a merge may shadow a neighbour of each.
 	const slack = 4
@@ -103,6 +106,9 @@ func TestCrashopenReplayBoundedByLeaves(t *testing.T) {
 	most := crashopenReplayed(t, imgs, origin, data, headLen, opts)
 	require.LessOrEqual(t, most, 2*bound+slack, "a replay after a crash touched more leaves than the bound allows")
 
+	if testing.Short() {
+		return
+	}
 	// The control: commits by change count alone (65,536 > n) leave the
 	// whole fill to replay, so the check above can fail.
 	imgs, origin, data, headLen, opts = crashopenFill(t, seed, n, 1<<30, at[len(at)-1:])
