@@ -460,9 +460,19 @@ func (s *Store) touchSamples(off, n int64) error {
 // touchSamples still checks each write-out, so a sample settled meanwhile
 // is marked again there.
 func (s *Store) markQueued(q []*obEntry) error {
+	mask := s.unmarkedOf(q)
+	if mask == 0 {
+		return nil
+	}
+	return s.markSamples(mask)
+}
+
+// unmarkedOf returns the samples the buffered entries q touch whose dirty
+// bit is not durable yet (0: markQueued has nothing to write).
+func (s *Store) unmarkedOf(q []*obEntry) uint32 {
 	id := &s.id
 	if id.n == 0 {
-		return nil
+		return 0
 	}
 	all := uint32(1)<<id.n - 1
 	durable := id.durable.Load()
@@ -476,10 +486,7 @@ func (s *Store) markQueued(q []*obEntry) error {
 			break
 		}
 	}
-	if mask&^durable == 0 {
-		return nil
-	}
-	return s.markSamples(mask)
+	return mask &^ durable
 }
 
 // markSamples makes the dirty bits of mask durable.

@@ -264,14 +264,14 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 	}
 	// Take mu with the record's index paths cached: no page read under it
 	// (pagedindex.go).
-	s.lockForOps(sc.ops)
+	s.lockForOps(sc)
 	if s.b0.need.Load() != need { // snapshots were invalidated meanwhile
-		s.mu.Unlock()
+		s.unlockOps(sc)
 		s.dropCow(sc)
 		return errRetry
 	}
 	seq, err := s.logLocked(sc)
-	s.mu.Unlock()
+	s.unlockOps(sc)
 	if err != nil && s.failed.Load() == nil {
 		s.dropCow(sc) // refused before it changed anything
 		return err

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -62,12 +63,13 @@ type originBuf struct {
 	byStripe [nStripes]map[uint64]*obEntry
 
 	mu    sync.Mutex // guards queue, spare, free and err
-	queue []*obEntry // buffered entries, oldest first
+	queue []*obEntry // buffered entries: those a drain kept (in chunk order), then newer ones
 	spare []*obEntry // the drain's second queue, reused
 	free  []*obEntry
 	err   error // first write-out failure not yet reported by Flush
 
-	drainMu sync.Mutex // serialises drains
+	drainMu sync.Mutex // serialises drains; guards wbuf
+	wbuf    []byte     // the drain's buffer for writes of several chunks
 	kick    chan struct{}
 }
 
@@ -231,43 +233,56 @@ func (s *Store) drainLocked(ctx context.Context) error {
 		return fmt.Errorf("snapshot: store failed earlier; buffered origin writes cannot be written out: %w", *p)
 	}
 	target := s.j.LastSeq()
-	if err := s.commit(ctx); err != nil {
+	// One identity write for the whole drain, made beside the commit
+	// rather than after it: its two slot writes and flushes were a third
+	// of the device flushes a first-write pass waited for, one after the
+	// other with the commit's. Both must be durable before any write-out,
+	// in either order. The queue's entries up to now stay in place until
+	// this drain takes them (writers only append), so the marking reads
+	// them unlocked. Its failure is not the drain's: no entry is written
+	// out unmarked, as each write-out's touchSamples marks again and
+	// reports its own failure.
+	s.ob.mu.Lock()
+	pre := s.ob.queue
+	s.ob.mu.Unlock()
+	var marking sync.WaitGroup
+	if s.unmarkedOf(pre) != 0 {
+		marking.Go(func() { _ = s.markQueued(pre) })
+	}
+	err := s.commit(ctx)
+	marking.Wait()
+	if err != nil {
 		return err
 	}
 	s.ob.mu.Lock()
 	q := s.ob.queue
 	s.ob.queue = s.ob.spare[:0]
 	s.ob.mu.Unlock()
-	// One identity write for the whole drain. Its failure is not the
-	// drain's: no entry is written out unmarked, as each write-out's
-	// touchSamples marks again and reports its own failure.
-	_ = s.markQueued(q)
+	// The entries queued during the commit (nothing to write when they
+	// touch no new sample).
+	_ = s.markQueued(q[len(pre):])
+	// In chunk order, so that buffered chunks next to each other are
+	// written out together (obDrainRun). The queue's order matters to
+	// nothing else: an entry may reach the origin once its own record is
+	// durable, whatever the others'.
+	slices.SortFunc(q, func(a, b *obEntry) int { return cmp.Compare(a.c, b.c) })
 	var first error
-	kept := q[:0] // entries not written out, in order
-	for _, e := range q {
-		st := &s.originLocks[e.c%nStripes]
-		st.Lock()
-		if e.seq > target { // appended after the commit's target was taken
-			st.Unlock()
-			kept = append(kept, e)
-			continue
+	kept := q[:0] // entries not written out
+	for i := 0; i < len(q); {
+		j := i + 1
+		for j < len(q) && j-i < obRunMax && q[j].c == q[j-1].c+1 {
+			j++
 		}
-		err := s.obWriteOut(e)
-		if err != nil {
-			st.Unlock()
-			kept = append(kept, e)
-			if first == nil {
-				first = err
-			}
-			continue
+		var err error
+		// kept never passes j: each entry of q[:j] is kept at most once.
+		kept, err = s.obDrainRun(q[i:j], target, kept)
+		if err != nil && first == nil {
+			first = err
 		}
-		delete(s.ob.byStripe[e.c%nStripes], e.c)
-		s.ob.n.Add(-1)
-		st.Unlock()
-		s.obPut(e)
+		i = j
 	}
 	s.ob.mu.Lock()
-	// Entries buffered meanwhile follow the kept ones (oldest first).
+	// Entries buffered meanwhile follow the kept ones.
 	kept = append(kept, s.ob.queue...)
 	s.ob.spare = s.ob.queue[:0]
 	s.ob.queue = kept
@@ -276,6 +291,115 @@ func (s *Store) drainLocked(ctx context.Context) error {
 	}
 	s.ob.mu.Unlock()
 	return first
+}
+
+// obRunMax is the most buffered chunks of consecutive numbers a drain
+// takes together: their stripes are locked at once (fewer than nStripes,
+// so each once, in ascending order) and whole ones written with one
+// device write (obWriteWhole), at most obRunBytes at a time.
+const (
+	obRunMax   = 64
+	obRunBytes = 256 << 10
+)
+
+// obDrainRun writes out the entries of run, buffered chunks of consecutive
+// numbers in ascending order, whose copy record is covered by target, and
+// drops them; it appends the others (not yet covered, or whose write-out
+// failed) to kept, after it is done with run (kept may share run's array
+// up to run's end). It takes the run's stripes exclusively. Each stretch
+// of adjacent whole chunks (every block written, not discarded) is one
+// device write rather than one per chunk: a random first write after a
+// snapshot leaves a quarter or more of the buffered chunks next to another
+// one, and the drain's write-outs are what every writer waiting for
+// buffer room waits for. Entries written only in part keep their own
+// write-out (obWriteOut), which rewrites only the blocks written.
+func (s *Store) obDrainRun(run []*obEntry, target uint64, kept []*obEntry) ([]*obEntry, error) {
+	c0, c1 := run[0].c, run[len(run)-1].c
+	s.lockOrigin(c0, c1, true)
+	var first error
+	var out uint64 // bit i: run[i] was written out
+	for a := 0; a < len(run); {
+		if run[a].seq > target { // appended after the commit's target was taken
+			a++
+			continue
+		}
+		b := a + 1
+		if s.obWhole(run[a]) {
+			for b < len(run) && run[b].seq <= target && s.obWhole(run[b]) && int64(b-a+1)*s.cs <= obRunBytes {
+				b++
+			}
+		}
+		var err error
+		if b-a == 1 {
+			err = s.obWriteOut(run[a])
+		} else {
+			err = s.obWriteWhole(run[a:b])
+		}
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+		} else {
+			out |= (1<<(b-a) - 1) << a
+		}
+		a = b
+	}
+	for i, e := range run {
+		if out&(1<<i) != 0 {
+			delete(s.ob.byStripe[e.c%nStripes], e.c)
+			s.ob.n.Add(-1)
+		}
+	}
+	s.unlockOrigin(c0, c1, true)
+	for i, e := range run {
+		if out&(1<<i) != 0 {
+			s.obPut(e)
+		} else {
+			kept = append(kept, e)
+		}
+	}
+	return kept, first
+}
+
+// obWhole reports whether e's every block was written (and not
+// discarded since), so that writing all of it rewrites nothing unwritten.
+// Called with e's stripe held.
+func (s *Store) obWhole(e *obEntry) bool {
+	if e.discard {
+		return false
+	}
+	nb := (s.chunkLen(e.c) + int64(s.bs) - 1) / int64(s.bs)
+	for w := int64(0); w < nb/64; w++ {
+		if e.dirty[w] != ^uint64(0) {
+			return false
+		}
+	}
+	if r := nb % 64; r != 0 && e.dirty[nb/64]&(1<<r-1) != 1<<r-1 {
+		return false
+	}
+	return true
+}
+
+// obWriteWhole writes the whole entries es, chunks of consecutive numbers,
+// to the origin device with one write through the drain's buffer. Called
+// with drainMu and their stripes held.
+func (s *Store) obWriteWhole(es []*obEntry) error {
+	c0, last := es[0].c, es[len(es)-1].c
+	off := int64(c0) * s.cs
+	n := int64(last-c0)*s.cs + s.chunkLen(last)
+	if s.ob.wbuf == nil {
+		s.ob.wbuf = blockdev.AlignedBuffer(int(max(s.cs, obRunBytes)))
+	}
+	if err := s.touchSamples(off, n); err != nil {
+		return fmt.Errorf("snapshot: write-out of buffered origin chunks %d-%d: %w", c0, last, err)
+	}
+	for i, e := range es {
+		copy(s.ob.wbuf[int64(i)*s.cs:], e.data[:s.chunkLen(e.c)])
+	}
+	if _, err := s.origin.WriteAt(s.ob.wbuf[:n], off); err != nil {
+		return fmt.Errorf("snapshot: write-out of buffered origin chunks %d-%d: %w", c0, last, err)
+	}
+	return nil
 }
 
 // writeOutDurable is Close's drain for a failed store: no commit is

@@ -24,9 +24,10 @@ type pagedIndex struct {
 	// Store.mu while a record that Room admitted on it is applied, and
 	// while Open replays records the store once accepted).
 	reserve bool
-	// noRead: get and seek read no page; a miss returns
-	// *meta.NotCachedError (a read's resolution under Store.mu shared,
-	// which must not hold a writer up for a page read).
+	// noRead: get, seek and prev read no page; a miss returns
+	// *meta.NotCachedError (a read's resolution under Store.mu shared, a
+	// preserved-epoch lookup under it exclusively: neither must hold a
+	// writer up for a page read).
 	noRead bool
 }
 
@@ -117,7 +118,15 @@ func (p pagedIndex) prev(b uint32, c uint64, e uint32) (entry, bool, error) {
 	if e == 0 {
 		return entry{}, false, nil
 	}
-	k, loc, ok, err := p.rd().Prev(metaKey(b, c, e))
+	var k meta.Key
+	var loc uint64
+	var ok bool
+	var err error
+	if p.noRead && p.r == nil {
+		k, loc, ok, err = p.m.PrevNoRead(metaKey(b, c, e))
+	} else {
+		k, loc, ok, err = p.rd().Prev(metaKey(b, c, e))
+	}
 	if err != nil || !ok || k.B != b || k.C != c {
 		return entry{}, false, err
 	}
@@ -251,68 +260,93 @@ func (p pagedIndex) branchAscend(b uint32, fn func(entry) bool) error {
 }
 
 // prefetchOps waits for the layer's write-back if it is behind, and loads
-// the index nodes that applying ops will walk, before
-// the caller takes Store.mu to log them: a page read there (a cache miss
-// of the record's puts and deletes) would hold every reader and writer of
-// the store for the read. Called with no lock of the store held but branch
-// gates and stripes (lock order: they come before the layer's lock, which
-// the prefetch takes shared). It is a hint: a read error is left for the
-// change itself to meet and report, and a node evicted meanwhile is read
-// again under Store.mu as before.
-func (s *Store) prefetchOps(ops []op) {
+// the index nodes that applying sc.ops will walk, before the caller takes
+// Store.mu to log them: a page read there (a cache miss of the record's
+// puts and deletes) would hold every reader and writer of the store for
+// the read. While the layer is prefetching it also pins the paths it
+// loaded into sc.pins, so that a scan beside it (Diff, Check, other
+// writers' prefetches) cannot evict them while the caller waits for
+// Store.mu; unlockOps unpins them. Called with no lock of the store held
+// but branch gates and stripes (lock order: they come before the
+// layer's lock, which the prefetch takes shared). It is a hint: a read
+// error is left for the change itself to meet and report.
+func (s *Store) prefetchOps(sc *scratch) {
 	// Past the layer's write-back bound, wait here, without Store.mu,
 	// rather than write back under it (docs/metadata.md section 16). An
 	// error is left for the change to meet, as a read error is.
 	_ = s.m.Throttle()
-	for i := range ops {
-		o := &ops[i]
+	fetch := func(b uint32, c uint64, e uint32) {
+		q := metaKey(b, c, e)
+		_ = s.m.Prefetch(q)
+		if s.m.Prefetching() {
+			s.m.PinPaths(q, &sc.pins)
+		}
+	}
+	for i := range sc.ops {
+		o := &sc.ops[i]
 		switch o.kind {
 		case opPut, opDel:
-			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e))
+			fetch(o.b, o.c, o.e)
 			if o.n > 1 {
-				_ = s.m.Prefetch(metaKey(o.b, o.c+o.n-1, o.e))
+				fetch(o.b, o.c+o.n-1, o.e)
 			}
 		case opMove:
-			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e))
-			_ = s.m.Prefetch(metaKey(o.b, o.c, o.e2))
+			fetch(o.b, o.c, o.e)
+			fetch(o.b, o.c, o.e2)
 		}
 	}
 }
 
-// lockForOps takes Store.mu to apply ops, after prefetchOps, and checks
-// under it that the ops' index paths are still cached; if a node was
-// evicted or the tree changed between the prefetch and the lock, it
+// lockForOps takes Store.mu to apply sc.ops, after prefetchOps, and
+// checks under it that the ops' index paths are still cached, pinning
+// them in the layer's cache until unlockOps; if the tree changed between
+// the prefetch and the lock (another change shadowed the path), it
 // releases the lock and prefetches again, so that the change reads no
-// page under Store.mu (docs/metadata.md section 16). After maxReadLoads
-// tries it keeps the lock, and the change reads what it misses under it.
-// The check runs only while the layer is prefetching (a page was read
-// lately); a working set that fits the cache pays one atomic load.
-func (s *Store) lockForOps(ops []op) {
+// page under Store.mu (docs/metadata.md sections 16 and 23). The pins
+// keep the paths from being evicted between the prefetch and the change:
+// by the change's own new nodes (the chunk tree's shadowed path evicted
+// the epoch tree's) and by the pages that views and other lookups read
+// meanwhile. After maxReadLoads tries it keeps the lock, and the change
+// reads what it misses under it. The check runs only while the layer is
+// prefetching (a page was read or a node evicted lately); a working set
+// that fits the cache pays a few atomic loads. The caller ends with
+// unlockOps.
+func (s *Store) lockForOps(sc *scratch) {
 	for tries := 0; ; tries++ {
-		s.prefetchOps(ops)
+		s.prefetchOps(sc)
 		s.mu.Lock()
-		if tries >= maxReadLoads || s.opsCachedLocked(ops) {
+		if tries >= maxReadLoads || s.pinOpsLocked(sc) {
 			return
 		}
+		sc.pins.Unpin()
 		s.mu.Unlock()
 	}
 }
 
-// opsCachedLocked reports whether the index paths ops will walk are
-// cached (true while the layer is not prefetching). Called with mu held.
-func (s *Store) opsCachedLocked(ops []op) bool {
+// unlockOps ends lockForOps: it unpins the change's paths and releases
+// Store.mu.
+func (s *Store) unlockOps(sc *scratch) {
+	sc.pins.Unpin()
+	s.mu.Unlock()
+}
+
+// pinOpsLocked reports whether the index paths sc.ops will walk are
+// cached, and pins them if so (true while the layer is not prefetching).
+// Called with mu held; on false the caller unpins.
+func (s *Store) pinOpsLocked(sc *scratch) bool {
 	if !s.m.Prefetching() {
 		return true
 	}
-	for i := range ops {
-		o := &ops[i]
+	pin := func(b uint32, c uint64, e uint32) bool { return s.m.PinPaths(metaKey(b, c, e), &sc.pins) }
+	for i := range sc.ops {
+		o := &sc.ops[i]
 		switch o.kind {
 		case opPut, opDel:
-			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || o.n > 1 && !s.m.PathsCached(metaKey(o.b, o.c+o.n-1, o.e)) {
+			if !pin(o.b, o.c, o.e) || o.n > 1 && !pin(o.b, o.c+o.n-1, o.e) {
 				return false
 			}
 		case opMove:
-			if !s.m.PathsCached(metaKey(o.b, o.c, o.e)) || !s.m.PathsCached(metaKey(o.b, o.c, o.e2)) {
+			if !pin(o.b, o.c, o.e) || !pin(o.b, o.c, o.e2) {
 				return false
 			}
 		}

@@ -261,17 +261,51 @@ func (s *Store) anyUnknown(c0, c1 uint64) bool {
 // the unknown ones, so that the copy-on-write that follows finds each.
 // Called with their origin stripes held exclusively (fewer than nStripes
 // chunks, so no two share a stripe and caching one evicts none of the
-// others); takes Store.mu (both locks guard the cache).
+// others); takes Store.mu (both locks guard the cache) only when one is
+// unknown. The lookups read no page under Store.mu: one that misses the
+// metadata cache releases it, loads what it missed and tries again, as a
+// read's resolution does (volumeio.go). Once the preserved-epoch cache has
+// evicted (an origin of more chunks than it holds), every first write to a
+// chunk it does not hold looks up the tree here; with the tree larger than
+// the metadata cache, most of those lookups missed and read a page under
+// Store.mu.
+//
+// A chunk known only through presZero (absent since Format, so 0) is not
+// cached here: that took Store.mu a second time on every first write
+// after Format, beside the copy-on-write's own record, for an entry the
+// record's put caches anyway (presCache.raise). If an eviction elsewhere
+// clears presZero before the copy, the chunk reads as unknown; its epoch
+// is still 0 (its stripe is held, so no one else copied it), so
+// copyOut's copy is right, and the caller's next resolvePreserved looks
+// it up.
 func (s *Store) resolvePreserved(c0, c1 uint64) error {
-	cached := true
-	for c := c0; c <= c1 && cached; c++ {
-		_, cached = s.pres.t[c%nStripes].get(c/nStripes + 1)
+	known := true
+	for c := c0; c <= c1 && known; c++ {
+		_, known = s.pres.known(c)
 	}
-	if cached {
+	if known {
 		return nil
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	for loads := 0; ; loads++ {
+		s.mu.Lock()
+		ix := s.ix
+		ix.noRead = loads < maxReadLoads
+		err := s.resolvePreservedLocked(ix, c0, c1)
+		s.mu.Unlock()
+		nc := notCached(err)
+		if nc == nil {
+			return err
+		}
+		// Load what the lookup walks, with no store lock held; an error
+		// is met again by the next try.
+		_, _, _, _ = s.m.Prev(nc.Key)
+	}
+}
+
+// resolvePreservedLocked is resolvePreserved's work under Store.mu, its
+// lookups through ix: with ix.noRead, a lookup that needs a page returns
+// *meta.NotCachedError, the chunks before it cached.
+func (s *Store) resolvePreservedLocked(ix pagedIndex, c0, c1 uint64) error {
 	for c := c0; c <= c1; c++ {
 		if _, ok := s.pres.t[c%nStripes].get(c/nStripes + 1); ok {
 			continue
@@ -279,9 +313,12 @@ func (s *Store) resolvePreserved(c0, c1 uint64) error {
 		e, ok := s.pres.known(c) // 0 since Format
 		if !ok {
 			var err error
-			e, err = s.preservedLookup(c)
+			e, err = preservedLookup(ix, c)
 			if errors.Is(err, ErrClosed) {
 				return err // a write that raced Close: nothing failed
+			}
+			if notCached(err) != nil {
+				return err // only with ix.noRead
 			}
 			if err != nil {
 				return s.fail(err)
@@ -292,10 +329,13 @@ func (s *Store) resolvePreserved(c0, c1 uint64) error {
 	return nil
 }
 
-// preservedLookup reads chunk c's preserved epoch from the index. Called
-// with Store.mu held.
-func (s *Store) preservedLookup(c uint64) (uint32, error) {
-	x, ok, err := s.ix.last(0, c)
+// preservedLookup reads origin chunk c's preserved epoch from the index
+// ix. Called with Store.mu held.
+func preservedLookup(ix pagedIndex, c uint64) (uint32, error) {
+	x, ok, err := ix.last(0, c)
+	if nc := notCached(err); nc != nil {
+		return 0, nc // unwrapped, as resolveWith returns it
+	}
 	if err != nil {
 		return 0, metaErr(fmt.Sprintf("origin chunk %d's preserved epoch", c), err)
 	}
@@ -312,7 +352,7 @@ func (s *Store) preservedOf(c uint64) (uint32, error) {
 	if e, ok := s.pres.known(c); ok {
 		return e, nil
 	}
-	return s.preservedLookup(c)
+	return preservedLookup(s.ix, c)
 }
 
 // markCovered sets the chunk-group bits of a put that the tree's last

@@ -420,6 +420,9 @@ type scratch struct {
 	// reclaiming: the collector's record, which frees space and is not
 	// refused for the metadata bound.
 	reclaiming bool
+	// pins: the index nodes lockForOps pinned for ops, until unlockOps
+	// (pagedindex.go).
+	pins meta.Pins
 }
 
 type cowChunk struct {
@@ -1128,9 +1131,9 @@ func (s *Store) log(sc *scratch) (uint64, error) {
 		if err := s.makeLogRoom(); err != nil {
 			return 0, err
 		}
-		s.lockForOps(sc.ops) // no page read under s.mu (pagedindex.go)
+		s.lockForOps(sc) // no page read under s.mu (pagedindex.go)
 		seq, err := s.logLocked(sc)
-		s.mu.Unlock()
+		s.unlockOps(sc)
 		if retried {
 			return seq, err
 		}

@@ -67,3 +67,11 @@ func (l *latency) over(d time.Duration) uint64 {
 	}
 	return sum
 }
+
+// merge adds o's durations to l.
+func (l *latency) merge(o *latency) {
+	l.n += o.n
+	for i, c := range o.counts {
+		l.counts[i] += c
+	}
+}

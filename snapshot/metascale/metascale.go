@@ -68,12 +68,32 @@ type permute struct {
 	n    uint64
 	half uint
 	i    uint64
+	step uint64 // how far next moves: a part's walk (split)
 }
 
 func newPermute(n uint64) *permute {
 	k := uint(bits.Len64(n))
 	k += k % 2
-	return &permute{n: n, half: k / 2}
+	return &permute{n: n, half: k / 2, step: 1}
+}
+
+// split returns k walks that together give the permutation's elements,
+// each once: walk j gives those at positions j, j+k, j+2k... So k writers
+// each take one and write disjoint chunks, each in a random order.
+func (q *permute) split(k int) []*permute {
+	out := make([]*permute, k)
+	for j := range out {
+		out[j] = &permute{n: q.n, half: q.half, i: uint64(j), step: uint64(k)}
+	}
+	return out
+}
+
+// len is how many elements the walk gives.
+func (q *permute) len() uint64 {
+	if q.i >= q.n {
+		return 0
+	}
+	return (q.n - q.i + q.step - 1) / q.step
 }
 
 func (q *permute) round(x uint64, r uint64) uint64 {
@@ -99,7 +119,7 @@ func (q *permute) next() uint64 {
 	for y >= q.n {
 		y = q.encrypt(y)
 	}
-	q.i++
+	q.i += q.step
 	return y
 }
 

@@ -22,6 +22,33 @@ func TestPermute(t *testing.T) {
 	}
 }
 
+// TestPermuteSplit: k walks of a split give the permutation's elements,
+// each once, and as many as len said; walk j gives its positions j, j+k...
+func TestPermuteSplit(t *testing.T) {
+	for _, n := range []uint64{1, 7, 1000, 65537} {
+		for _, k := range []int{1, 2, 3, 8} {
+			whole := newPermute(n)
+			at := make([]uint64, n)
+			for i := range at {
+				at[i] = whole.next()
+			}
+			seen := make([]bool, n)
+			var got uint64
+			for j, part := range newPermute(n).split(k) {
+				m := part.len()
+				for i := range m {
+					x := part.next()
+					require.Equal(t, at[uint64(j)+i*uint64(k)], x, "n %d k %d walk %d step %d", n, k, j, i)
+					require.False(t, seen[x], "n %d k %d: %d twice", n, k, x)
+					seen[x] = true
+				}
+				got += m
+			}
+			require.Equal(t, n, got, "n %d k %d", n, k)
+		}
+	}
+}
+
 func TestRunSmall(t *testing.T) {
 	for _, random := range []bool{false, true} {
 		cfg := Config{Versions: 20000, Random: random, CacheBytes: 256 << 10, CommitEvery: 3000, CrashTail: 2000}
@@ -38,8 +65,11 @@ func TestRunSmall(t *testing.T) {
 // orders: every version reaches the index, the power cut loses none of
 // what the Flush made durable, and the metadata on disk is counted.
 func TestRunStoreSmall(t *testing.T) {
-	for _, random := range []bool{false, true} {
-		cfg := StoreConfig{Versions: 20000, Random: random, MetadataCache: 1 << 20}
+	for _, c := range []struct {
+		random  bool
+		writers int
+	}{{false, 1}, {true, 1}, {true, 3}} {
+		cfg := StoreConfig{Versions: 20000, Random: c.random, MetadataCache: 1 << 20, Writers: c.writers}
 		head, err := blockdev.Create(filepath.Join(t.TempDir(), "head"), StoreHeadBytes(cfg), blockdev.FileOptions{})
 		require.NoError(t, err)
 		res, err := RunStore(head, cfg)
@@ -48,5 +78,6 @@ func TestRunStoreSmall(t *testing.T) {
 		require.Equal(t, int64(cfg.Versions), res.Entries)
 		require.Greater(t, res.MetaBytes, int64(0))
 		require.Equal(t, int64(1<<20), res.Cache)
+		require.Equal(t, c.writers, res.Writers)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,6 +22,11 @@ type StoreConfig struct {
 	Versions      uint64 // chunk versions to create: origin chunks written once after a snapshot
 	Random        bool   // 4 KiB writes in a pseudo-random order (else 256 KiB writes in order)
 	MetadataCache int64  // Options.MetadataCache (0: the default, 64 MiB)
+	// Writers is how many goroutines write a random fill (0: one). Each
+	// takes its own part of the random order, so they write disjoint
+	// chunks, each chunk once, one 4 KiB write a chunk, through the
+	// origin's WriteAt as one writer does. A sequential fill has one.
+	Writers int
 	// HeapProfile, if set, is a file to write a heap profile to after the
 	// fill (what the heap holds at its largest).
 	HeapProfile string
@@ -27,15 +34,19 @@ type StoreConfig struct {
 
 // StoreResult is what a store run measured.
 type StoreResult struct {
-	HeapInuse  uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
-	Cache      int64  // the metadata cache the store was given
-	Entries    int64  // index entries (chunk versions)
-	MetaBytes  int64  // metadata pages in use after a tree commit
+	HeapInuse uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
+	// HeapLive is the bytes of live objects then (HeapAlloc, beyond the
+	// baseline): HeapInuse less it is the allocator's spans' free slots.
+	HeapLive   uint64
+	Cache      int64 // the metadata cache the store was given
+	Entries    int64 // index entries (chunk versions)
+	MetaBytes  int64 // metadata pages in use after a tree commit
 	Fill       time.Duration
 	WorstWrite time.Duration // the slowest origin write: the writer's worst stall
 	P99Write   time.Duration
 	P999Write  time.Duration
 	Over       uint64        // origin writes slower than StallLimit
+	Writers    int           // goroutines that wrote the fill
 	OpenClean  time.Duration // Open after Close
 	OpenCrash  time.Duration // Open after a power cut once the fill was flushed
 }
@@ -128,7 +139,21 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	if res.Cache == 0 {
 		res.Cache = 64 << 20
 	}
-	lat := new(latency) // before the baseline: it is the run's, not the store's
+	writers := 1
+	if cfg.Random {
+		writers = max(1, cfg.Writers)
+	}
+	// Before the baseline: they are the run's, not the store's.
+	lats := make([]latency, writers)
+	worst := make([]time.Duration, writers)
+	bufs := make([][]byte, writers)
+	for w := range bufs {
+		if cfg.Random {
+			bufs[w] = make([]byte, chunkSize)
+		} else {
+			bufs[w] = make([]byte, seqChunks*chunkSize)
+		}
+	}
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
@@ -140,25 +165,43 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	if _, err := s.CreateSnapshot("s", o); err != nil {
 		return res, errors.Join(err, s.Close())
 	}
-	write := func(buf []byte, c uint64) error {
+	// write is writer w's origin write of buf at chunk c, timed.
+	write := func(w int, buf []byte, c uint64) error {
 		t0 := time.Now()
 		_, err := o.WriteAt(buf, int64(c)*chunkSize)
 		d := time.Since(t0)
-		res.WorstWrite = max(res.WorstWrite, d)
-		lat.add(d)
+		worst[w] = max(worst[w], d)
+		lats[w].add(d)
 		return err
 	}
 	t0 := time.Now()
 	if cfg.Random {
-		buf := make([]byte, chunkSize)
-		order := newPermute(n)
-		for i := uint64(0); i < n && err == nil; i++ {
-			err = write(buf, order.next())
+		parts := newPermute(n).split(writers)
+		errs := make([]error, writers)
+		var failed atomic.Bool
+		var wg sync.WaitGroup
+		for w, part := range parts {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range part.len() {
+					if failed.Load() {
+						return
+					}
+					if err := write(w, bufs[w], part.next()); err != nil {
+						errs[w] = err
+						failed.Store(true)
+						return
+					}
+				}
+			}()
 		}
+		wg.Wait()
+		err = errors.Join(errs...)
 	} else {
-		buf := make([]byte, seqChunks*chunkSize)
+		buf := bufs[0]
 		for c := uint64(0); c < n && err == nil; c += seqChunks {
-			err = write(buf[:min(seqChunks, n-c)*chunkSize], c)
+			err = write(0, buf[:min(seqChunks, n-c)*chunkSize], c)
 		}
 	}
 	if err == nil {
@@ -173,11 +216,20 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	if after.HeapInuse > before.HeapInuse {
 		res.HeapInuse = after.HeapInuse - before.HeapInuse
 	}
+	if after.HeapAlloc > before.HeapAlloc {
+		res.HeapLive = after.HeapAlloc - before.HeapAlloc
+	}
 	if cfg.HeapProfile != "" {
 		if err := writeHeapProfile(cfg.HeapProfile); err != nil {
 			return res, errors.Join(err, s.Close())
 		}
 	}
+	lat := &lats[0]
+	for w := 1; w < writers; w++ {
+		lat.merge(&lats[w])
+	}
+	res.WorstWrite = slices.Max(worst)
+	res.Writers = writers
 	res.P99Write, res.P999Write, res.Over = lat.quantile(0.99), lat.quantile(0.999), lat.over(StallLimit)
 	res.Entries = s.Stats().IndexEntries
 

@@ -32,9 +32,10 @@ type cache struct {
 	nodes map[uint64]*node
 	head  node // CLOCK ring sentinel: head.next is the most recently inserted or spared
 	dhead node // dirty FIFO sentinel: dhead.dnext is the longest dirty
-	// evicted is guarded by mu; the others are atomic, counted by lookups
-	// under mu shared and by the write-back goroutine, which takes no lock.
-	evicted  uint64
+	// The counters are atomic: counted by lookups under mu shared, by the
+	// write-back goroutine, which takes no lock, and by eviction under mu,
+	// and read with no lock (Prefetch reads evicted).
+	evicted  atomic.Uint64
 	hits     atomic.Uint64
 	misses   atomic.Uint64
 	writeOut atomic.Uint64
@@ -92,6 +93,58 @@ func (c *cache) get(loc uint64) *node {
 		return nil
 	}
 	c.hits.Add(1)
+	return n
+}
+
+// pinPath pins into p the nodes of t's path to q, root to leaf, and the
+// siblings a rebalance along it may load (mayJoin), while each is cached
+// and matches its pointer; false at the first that is not (the caller
+// unpins what was pinned). Called with Meta.mu held shared, so the tree
+// does not change under the walk.
+func (c *cache) pinPath(t tree, q run, p *Pins) bool {
+	if t.root.isNil() {
+		return true
+	}
+	at, level := t.root, int(t.level)
+	var parent *node
+	pi := 0
+	for {
+		n := c.pinAt(at, t.kind, level, p)
+		if n == nil {
+			return false
+		}
+		if parent != nil && mayJoin(n) {
+			if j := siblingIndex(parent, pi); j >= 0 && c.pinAt(parent.kids[j], t.kind, level, p) == nil {
+				return false
+			}
+		}
+		if n.leaf() {
+			return true
+		}
+		parent, pi = n, childIndex(t.kind, n, q)
+		at, level = n.kids[pi], int(n.level)-1
+	}
+}
+
+// pinAt pins into p the node at's pointer names, and returns it; nil if
+// it is not cached or does not match the pointer. A node is pinned under
+// c.mu shared, while it is in the map: eviction, which takes c.mu
+// exclusively, then sees the pin.
+func (c *cache) pinAt(at ptr, k kind, level int, p *Pins) *node {
+	c.mu.RLock()
+	n := c.nodes[at.loc]
+	if n != nil {
+		n.pins.Add(1)
+		n.ref.Store(true)
+	}
+	c.mu.RUnlock()
+	if n == nil {
+		return nil
+	}
+	p.nodes = append(p.nodes, n)
+	if checkCached(n, at, k, level) != nil {
+		return nil
+	}
 	return n
 }
 
@@ -201,21 +254,22 @@ func (c *cache) remove(n *node) {
 	n.inCache = false
 }
 
-// evictLocked drops clean nodes from the cold end until the cache fits.
-// The ring turns like a clock face under a fixed hand at its cold end: a
-// referenced node loses its bit and goes to the hot end (its second
-// chance), and so does a dirty one, which cannot be dropped until it is
-// written. Otherwise dirty nodes, which a lookup never moves, would
-// gather at the cold end, and every eviction would walk past all of them
-// again (the LRU order moved them away on each hit). The walk ends: each
-// node is spared at most once per call (nothing sets a bit while mu is
-// held exclusively), and dirty nodes go round at most once between them
-// all, so a cache of nothing but dirty nodes costs one turn.
+// evictLocked drops clean, unpinned nodes from the cold end until the
+// cache fits. The ring turns like a clock face under a fixed hand at its
+// cold end: a referenced node loses its bit and goes to the hot end (its
+// second chance), and so does a dirty one, which cannot be dropped until
+// it is written, and a pinned one, until it is unpinned (PinPaths).
+// Otherwise dirty nodes, which a lookup never moves, would gather at the
+// cold end, and every eviction would walk past all of them again (the
+// LRU order moved them away on each hit). The walk ends: each node is
+// spared at most once per call (nothing sets a bit while mu is held
+// exclusively), and dirty and pinned nodes go round at most once between
+// them all, so a cache of nothing but those costs one turn.
 func (c *cache) evictLocked() {
 	for budget := len(c.nodes); c.bytes > c.limit && budget > 0; {
 		n := c.head.prev
 		switch {
-		case n.dirty:
+		case n.dirty || n.pins.Load() > 0:
 			budget--
 			c.unlink(n)
 			c.pushFront(n)
@@ -225,7 +279,7 @@ func (c *cache) evictLocked() {
 			c.pushFront(n)
 		default:
 			c.remove(n)
-			c.evicted++
+			c.evicted.Add(1)
 		}
 	}
 }
@@ -295,6 +349,6 @@ func (c *cache) stats() CacheStats {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: len(c.nodes),
-		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted, WrittenBack: c.writeOut.Load(),
+		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted.Load(), WrittenBack: c.writeOut.Load(),
 		ReadAhead: c.readAhead.Load()}
 }

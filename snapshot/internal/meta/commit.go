@@ -40,9 +40,15 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 	m.cstats.Commits++
 	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
 	m.cstats.Pages += uint64(len(locs))
-	for i, n := range dirty {
-		n.encode(pages[i*PageSize : (i+1)*PageSize])
-	}
+	// The space-map pages a freeze encodes are few in a commit of a
+	// running store, but all of them in the first commit after Format
+	// or a Grow (3,400 pages, 13.7 MB, for a map of 112.5M data chunks):
+	// a buffer past the batch's size is not kept for the next commit.
+	defer func() {
+		if cap(m.commitBuf) > commitBatch*PageSize {
+			m.commitBuf = nil
+		}
+	}()
 	// A write-back page encoded before the freeze may hold an older
 	// version of one of T's pages: wait until every page queued before
 	// the freeze is written, so the commit's version lands last. Pages
@@ -50,7 +56,7 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 	// write-back goes on during the commit's writes and flushes.
 	err := m.waitWriteBack(queued)
 	if err == nil {
-		err = m.writeCommit(tx, pages, locs)
+		err = m.writeCommit(tx, dirty, pages, locs)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -73,9 +79,11 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 }
 
 // freeze ends the open transaction: it shadows the maps, encodes the
-// space-map pages and the superblock (last) into commitBuf, leaving the
-// first len(dirty) slots for the dirty nodes, and starts the next
-// transaction. The frozen transaction's nodes stay dirty, so pinned in the
+// space-map pages and the superblock (last) into commitBuf, and starts the
+// next transaction. locs lists the pages to write in order: the dirty
+// nodes' (which writeCommit encodes, without the lock, in batches of
+// commitBatch pages), then the space-map pages' and the superblock's, the
+// pages in pages. The frozen transaction's nodes stay dirty, so pinned in the
 // cache, until written; the next transaction shadows them before any
 // change, as it does committed ones. Callers hold commitMu and mu. pages
 // is nil when there is nothing to commit.
@@ -92,7 +100,7 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 	tx = m.tx
 	dirty = m.cache.dirtyNodes(0)
 	m.frozenBytes = m.cache.costOf(dirty)
-	n := len(dirty) + 1
+	n := 1 // the superblock, then the dirty map pages
 	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
 		for _, d := range sm.dirtyPage {
 			if d {
@@ -109,14 +117,14 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 		m.commitBuf = make([]byte, n*PageSize)
 	}
 	pages = m.commitBuf[:n*PageSize]
-	locs = make([]uint64, 0, n)
-	next := func(loc uint64) []byte {
-		p := pages[len(locs)*PageSize : (len(locs)+1)*PageSize]
-		locs = append(locs, loc)
-		return p
-	}
+	locs = make([]uint64, 0, len(dirty)+n)
 	for _, nd := range dirty {
-		next(nd.loc) // encoded by writeCommit, without the lock
+		locs = append(locs, nd.loc) // encoded by writeCommit, without the lock
+	}
+	next := func(loc uint64) []byte {
+		i := len(locs) - len(dirty)
+		locs = append(locs, loc)
+		return pages[i*PageSize : (i+1)*PageSize]
 	}
 	for _, sm := range []*spaceMap{m.metaSM, m.dataSM} {
 		for i, d := range sm.dirtyPage {
@@ -145,9 +153,45 @@ func (m *Meta) freeze() (tx uint64, dirty []*node, pages []byte, locs []uint64, 
 	return tx, dirty, pages, locs, nil
 }
 
-// writeCommit writes a frozen transaction: its pages, a flush, the
-// superblock (the last page), a flush. Callers hold commitMu, not mu.
-func (m *Meta) writeCommit(tx uint64, pages []byte, locs []uint64) error {
+// commitBatch is the number of nodes a commit encodes before it writes
+// them: the commit's write buffer (commitMu guards it) is commitBatch
+// pages, whatever the commit's size. Holding every encoded page of a
+// commit until its writes kept about a quarter of the cache's size in
+// page buffers after each large commit (docs/metadata.md section 22).
+const commitBatch = 64
+
+// writeCommit writes a frozen transaction: its dirty nodes, encoded
+// commitBatch at a time (they are immutable now: the next transaction
+// shadows them before any change), then its space-map pages (pages, all
+// but the last), a flush, the superblock (the last page of pages), a
+// flush. Callers hold commitMu, not mu.
+func (m *Meta) writeCommit(tx uint64, dirty []*node, pages []byte, locs []uint64) error {
+	if len(m.commitBatch) < commitBatch*PageSize && len(dirty) > 0 {
+		m.commitBatch = make([]byte, commitBatch*PageSize)
+	}
+	for i := 0; i < len(dirty); i += commitBatch {
+		batch := dirty[i:min(i+commitBatch, len(dirty))]
+		for j, n := range batch {
+			n.encode(m.commitBatch[j*PageSize : (j+1)*PageSize])
+		}
+		for j, n := range batch {
+			if err := m.writePage(m.commitBatch[j*PageSize:(j+1)*PageSize], n.loc); err != nil {
+				return err
+			}
+		}
+		// Written, so no longer pinned: a clean node evicted now is read
+		// back from its page (as after write-back, before any flush), and
+		// the open transaction gets back the room the batch took
+		// (dirtyBounds). Nothing changes these nodes: the open
+		// transaction shadows them first.
+		m.mu.Lock()
+		for _, n := range batch {
+			m.cache.setDirty(n, false)
+		}
+		m.frozenBytes = max(0, m.frozenBytes-m.cache.costOf(batch))
+		m.mu.Unlock()
+	}
+	locs = locs[len(dirty):]
 	last := len(locs) - 1
 	for i, loc := range locs[:last] {
 		if err := m.writePage(pages[i*PageSize:(i+1)*PageSize], loc); err != nil {
@@ -224,8 +268,11 @@ func (m *Meta) shadowMaps() error {
 // Options.SyncWriteBack the writer writes a batch of wbBatch itself from
 // half (four past three quarters), so that a seed replays the same device
 // calls. Nodes of a commit in flight are left to the commit, which writes
-// them anyway; while it runs they stay pinned, so the cache can pass its
-// limit by up to one commit's nodes.
+// them anyway; while it runs they stay pinned. So that they do not take
+// the cache past its limit, the open transaction's half and three
+// quarters are of what the commit in flight leaves (dirtyBounds): the
+// dirty nodes of both together stay under the limit, and eviction keeps
+// the clean ones within what is left (docs/metadata.md section 22).
 const (
 	wbBatch     = 16
 	wbPerChange = 4
@@ -259,10 +306,11 @@ func (m *Meta) writeBack() error {
 	if m.overlay {
 		return nil // nothing is written: dirty nodes stay in memory (OpenOverlay)
 	}
-	soft, hard := m.cache.limit/2, m.cache.limit*3/4
 	if m.wbQueue == nil {
+		soft, hard := m.cache.limit/2, m.cache.limit*3/4
 		return m.writeBackSync(soft, hard)
 	}
+	soft, hard := m.dirtyBounds()
 	m.reapWriteBack()
 	if m.failed != nil { // a queued page failed: the transaction is lost
 		return fmt.Errorf("%w: %w", ErrFailed, m.failed)
@@ -271,7 +319,10 @@ func (m *Meta) writeBack() error {
 		// In proportion to the excess: one node a change just past half,
 		// up to wbPerChange at three quarters, so write-back keeps pace
 		// with the changes at the least cost to each.
-		k := min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
+		k := wbPerChange
+		if hard > soft {
+			k = min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
+		}
 		if m.queueWriteBack(k) == 0 && d > hard {
 			// Every slot is in flight. The writer does not write here,
 			// under mu and its caller's locks (docs/metadata.md section
@@ -279,9 +330,10 @@ func (m *Meta) writeBack() error {
 			// without its locks, before its next change. Only a caller
 			// that does not throttle (replay, the store's collector, a
 			// large record) and lets the dirty nodes pass seven eighths
-			// of the cache writes some itself, so that they stay bounded.
+			// of what the commit in flight leaves of the cache writes
+			// some itself, so that they stay bounded.
 			m.overHard.Store(true)
-			if d > m.cache.limit*7/8 {
+			if d > hard+(hard-soft)/2 {
 				if err := m.writeNodes(wbPerChange); err != nil {
 					return err
 				}
@@ -308,7 +360,7 @@ func (m *Meta) Throttle() error {
 			return err
 		}
 		m.reapWriteBack()
-		soft, hard := m.cache.limit/2, m.cache.limit*3/4
+		soft, hard := m.dirtyBounds()
 		d := m.openDirty()
 		if d > soft {
 			m.queueWriteBack(wbPerChange)
@@ -340,6 +392,19 @@ func (m *Meta) Throttle() error {
 		}
 	}
 	return nil
+}
+
+// dirtyBounds returns the open transaction's dirty bytes past which a
+// change queues write-back (soft) and past which the writer throttles
+// (hard): half and three quarters of the cache, less the nodes the
+// commit in flight still pins (frozenBytes, which falls as it writes
+// them). So the dirty nodes of both stay under three quarters of the
+// limit, and with the write-back slots in flight (a quarter) under the
+// limit: before, the open transaction had half and three quarters of
+// the whole limit to itself, and a large commit in flight took the cache
+// past its limit by up to its own size. Callers hold mu.
+func (m *Meta) dirtyBounds() (soft, hard int) {
+	return max(0, m.cache.limit/2-m.frozenBytes), max(0, m.cache.limit*3/4-m.frozenBytes)
 }
 
 // openDirty is the dirty bytes of the open transaction: a commit's pinned

@@ -62,12 +62,31 @@ func (r *reader) prev(q Key) (Key, uint64, bool, error) {
 	return Key{x.b, x.c, x.e}, x.loc, true, nil
 }
 
+// get returns the location of key q, if present.
+//
+// Only the leaf where q belongs can hold it (the keys of a leaf's runs lie
+// between its separator and the next leaf's), so get never steps to the
+// next leaf as seek does: a put's or delete's existence check then walks
+// exactly the path the change shadows, the path a caller that checked it
+// is cached (PinPaths) expects. Stepping read the next leaf under the
+// store's lock in about one random put in 370 (a new key past its leaf's
+// last run).
 func (r *reader) get(q Key) (uint64, bool, error) {
-	got, loc, ok, err := r.seek(q)
-	if err != nil || !ok || got != q {
-		return 0, false, err
+	k := chunkTree
+	it := r.iter(k)
+	qr := q.run(0)
+	if !it.seek(r.chunk, qr) || !it.valid() {
+		return 0, false, it.err
 	}
-	return loc, true, nil
+	x := it.run()
+	b := k.before(x, qr)
+	if b >= uint64(x.n) {
+		return 0, false, nil
+	}
+	if y := k.at(x, b); y.b == q.B && y.c == q.C && y.e == q.E {
+		return y.loc, true, nil
+	}
+	return 0, false, nil
 }
 
 // ascend calls fn for each key >= from in chunk order until fn is false.
@@ -468,10 +487,20 @@ func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
 // by a prefetch (or after Open, whose cache is empty), and is a single
 // atomic load otherwise: a working set that fits stops prefetching within
 // prefetchWindow changes, one that does not keeps it on, and a change
-// that misses with it off turns it back on.
+// that misses with it off turns it back on. So does a cache that evicted
+// a node since Prefetch last looked while off (two atomic loads): a path
+// cached when the window closed may be gone, and the first change to walk
+// it read it under the caller's lock; lookups that read pages outside a
+// change (a read's loads, the store's preserved-epoch lookups, views)
+// evict without turning it on otherwise.
 func (m *Meta) Prefetch(q Key) error {
 	if m.prefetch.Load() <= 0 {
-		return nil
+		ev := m.cache.evicted.Load()
+		if ev == m.evictMark.Load() {
+			return nil
+		}
+		m.evictMark.Store(ev)
+		m.prefetch.Store(prefetchWindow)
 	}
 	m.prefetch.Add(-1)
 	r, err := m.readLock()
@@ -480,18 +509,32 @@ func (m *Meta) Prefetch(q Key) error {
 	}
 	defer m.readUnlock(r)
 	misses := m.cache.misses.Load()
-	qr := q.run(0)
 	for _, k := range []kind{chunkTree, epochTree} {
-		for {
-			t := r.chunk
-			if k == epochTree {
-				t = r.epoch
+		// The path to q, then the siblings a rebalance on it may join
+		// (mayJoin): each through the separator that leads to it.
+		var seps [maxPending]run
+		ns := 0
+		for x := -1; x < ns; x++ {
+			qr := q.run(0)
+			if x >= 0 {
+				qr = seps[x]
 			}
-			it := r.iter(k)
-			it.seek(t, qr)
-			if retry, err := m.retryMiss(r, it.err, q); !retry {
+			for {
+				t := r.chunk
+				if k == epochTree {
+					t = r.epoch
+				}
+				it := r.iter(k)
+				it.seek(t, qr)
+				retry, err := m.retryMiss(r, it.err, q)
 				if err != nil {
 					return err
+				}
+				if retry {
+					continue
+				}
+				if x < 0 && it.err == nil {
+					ns = joinSeparators(it, seps[:])
 				}
 				break
 			}

@@ -100,11 +100,14 @@ type Meta struct {
 
 	// commitMu serialises commits: a commit writes its pages without mu
 	// (section 5 of docs/metadata.md), so the writer goes on meanwhile.
-	// It also guards commitBuf and cstats. Lock order: commitMu -> wbMu ->
-	// mu -> viewMu -> cache.mu.
-	commitMu  sync.Mutex
-	commitBuf []byte
-	cstats    CommitStats
+	// It also guards commitBuf, commitBatch and cstats. Lock order:
+	// commitMu -> wbMu -> mu -> viewMu -> cache.mu.
+	commitMu sync.Mutex
+	// commitBuf holds a frozen commit's encoded space-map pages and
+	// superblock; commitBatch the commitBatch nodes it encodes at a time.
+	commitBuf   []byte
+	commitBatch []byte
+	cstats      CommitStats
 
 	// wbMu guards wbWritten and wbErr; wbCond, on wbMu, tells a commit
 	// waiting for the pages queued before its freeze that more were
@@ -190,6 +193,9 @@ type Meta struct {
 	// exclusively; atomic so that the store reads them without mu, once
 	// per record (TailLeaves).
 	txLeaves, frozenLeaves atomic.Int64
+	// evictMark is the cache's eviction count when Prefetch last found
+	// itself off (atomic, as prefetch).
+	evictMark atomic.Uint64
 }
 
 // TouchedLeaves is how many leaves the open transaction has written:

@@ -290,6 +290,10 @@ type node struct {
 	// ref is the CLOCK referenced bit: set by lookups under cache.mu
 	// shared, cleared by eviction under cache.mu exclusively.
 	ref atomic.Bool
+	// pins counts the Pins holding the node (PinPaths): eviction passes
+	// over it while positive. Raised under cache.mu shared while the node
+	// is in the map, lowered by Unpin with no lock.
+	pins atomic.Int32
 }
 
 func (n *node) leaf() bool { return n.level == 0 }

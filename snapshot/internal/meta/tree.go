@@ -187,8 +187,20 @@ func (m *Meta) shadow(n *node) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true,
-		runs: append(make([]run, 0, len(n.runs)+2), n.runs...)}
+	c := &node{loc: loc, tx: m.tx, kind: n.kind, level: n.level, size: n.size, dirty: true}
+	if l := len(n.runs); n.leaf() && l >= minShift {
+		// The leaf is shadowed to change: give it the room at each end
+		// that insertRun would reallocate it with, so that a change does
+		// not allocate it twice (each copy is garbage, and garbage
+		// between collections is what leaves the heap's spans part
+		// empty: docs/metadata.md section 22).
+		h := l / 8
+		c.base = make([]run, h+l+h)
+		c.runs = c.base[h : h+l]
+		copy(c.runs, n.runs)
+	} else {
+		c.runs = append(make([]run, 0, len(n.runs)+2), n.runs...)
+	}
 	if !n.leaf() {
 		c.kids = append(make([]ptr, 0, len(n.kids)+1), n.kids...)
 	}
@@ -350,6 +362,50 @@ func (m *Meta) fix(t *tree, path []*node, idx []int) error {
 	return nil
 }
 
+// siblingIndex is the child of p that rebalance joins child i with: the
+// next one, or the previous one for the last; -1 if p has one child.
+func siblingIndex(p *node, i int) int {
+	if i+1 < len(p.kids) {
+		return i + 1
+	}
+	return i - 1
+}
+
+// joinSlack bounds how much one change can shrink a leaf's encoded size:
+// a run removed, and the run after it coded against another (five
+// varints of at most 10 bytes each, twice), with room to spare.
+const joinSlack = 128
+
+// mayJoin reports whether one change below n (a put, a delete, a child
+// joined or split below) could leave n underfull, so that fix would load
+// its sibling to rebalance it: Prefetch loads that sibling too, and
+// PinPaths pins it, so that the change reads no page of it under the
+// caller's lock.
+func mayJoin(n *node) bool {
+	if n.leaf() {
+		return n.size < leafCap/4+joinSlack
+	}
+	return len(n.kids) <= maxKids/4
+}
+
+// joinSeparators fills seps with the separators that lead to the
+// siblings a rebalance along its path may load (mayJoin, siblingIndex),
+// root first, and returns how many.
+func joinSeparators(it *iter, seps []run) int {
+	ns := 0
+	for d := 1; d < len(it.nodes) && ns < len(seps); d++ {
+		if !mayJoin(it.nodes[d]) {
+			continue
+		}
+		p := it.nodes[d-1]
+		if j := siblingIndex(p, it.idx[d-1]); j >= 0 {
+			seps[ns] = p.runs[j]
+			ns++
+		}
+	}
+	return ns
+}
+
 // underfull reports a node below a quarter of its capacity.
 func underfull(n *node) bool {
 	if n.leaf() {
@@ -378,10 +434,7 @@ func halfIndex(n *node) int {
 // rebalance joins n, child i of p, which is underfull, with a sibling:
 // into one node if both fit, else into two halves.
 func (m *Meta) rebalance(t *tree, p *node, i int, n *node) error {
-	j := i + 1
-	if j >= len(p.kids) {
-		j = i - 1
-	}
+	j := siblingIndex(p, i)
 	if j < 0 {
 		m.cache.touched(n)
 		return nil

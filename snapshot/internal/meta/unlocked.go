@@ -182,6 +182,24 @@ func (m *Meta) SeekNoRead(q Key) (Key, uint64, bool, error) {
 	return k, loc, ok, nil
 }
 
+// PrevNoRead is Prev that reads no page: a miss returns *NotCachedError.
+// Prev may step to the previous leaf, which Load does not read: a caller
+// loads what it missed with Prev itself (with no lock of its own held),
+// then tries again.
+func (m *Meta) PrevNoRead(q Key) (Key, uint64, bool, error) {
+	r, err := m.readLock()
+	if err != nil {
+		return Key{}, 0, false, err
+	}
+	defer m.readUnlock(r)
+	r.ms.noRead = true
+	k, loc, ok, err := r.prev(q)
+	if _, err = m.retryMiss(r, err, q); err != nil {
+		return Key{}, 0, false, err
+	}
+	return k, loc, ok, nil
+}
+
 // Load reads into the cache the chunk tree's path to q (what Get, Seek
 // and Prev of q walk), reading pages without the lock; for a caller that
 // got *NotCachedError.
@@ -205,24 +223,47 @@ func (m *Meta) Load(q Key) error {
 // within its window): the only time a caller's change is likely to miss.
 func (m *Meta) Prefetching() bool { return m.prefetch.Load() > 0 }
 
-// PathsCached reports whether a Put or Delete of q would find both trees'
-// paths to it cached. It reads no page: a caller holding a lock of its
-// own checks this under it, and if false releases it, prefetches and
-// tries again, so that its change reads no page under that lock. Other
-// errors report true: the change meets them.
-func (m *Meta) PathsCached(q Key) bool {
+// Pins is a caller's set of nodes that PinPaths pinned in the cache,
+// kept until Unpin. The caller owns it and reuses it, so pinning
+// allocates nothing once it has grown; it is not for concurrent use.
+type Pins struct{ nodes []*node }
+
+// Unpin releases every node pinned into p.
+func (p *Pins) Unpin() { p.unpinFrom(0) }
+
+func (p *Pins) unpinFrom(mark int) {
+	for _, n := range p.nodes[mark:] {
+		n.pins.Add(-1)
+	}
+	clear(p.nodes[mark:])
+	p.nodes = p.nodes[:mark]
+}
+
+// PinPaths reports whether a Put or Delete of q would find both trees'
+// paths to it cached (the paths writablePath shadows and the existence
+// check walks, and the siblings a rebalance on them may join: mayJoin),
+// and if so pins their nodes into p: eviction passes over
+// them until p.Unpin. It reads no page. A caller holding a lock of its
+// own checks this under it, and if false unpins, releases its lock,
+// prefetches and tries again; if true, the change it makes before Unpin
+// reads none of these pages under its lock, whatever the cache admits
+// meanwhile: the change's own new nodes (its shadowed copies, added to
+// the cache one by one, each evicting) and the pages that views and
+// lookups read beside it. Without the pins, the epoch tree's path checked
+// cached could be gone by the time the chunk tree's put had shadowed its
+// own. On false, p keeps what it held before. A node the check finds
+// not matching its pointer reports false (the change meets the error).
+func (m *Meta) PinPaths(q Key, p *Pins) bool {
 	r, err := m.readLock()
 	if err != nil {
-		return true
+		return true // the change meets the error
 	}
 	defer m.readUnlock(r)
-	r.ms.noRead = true
+	mark := len(p.nodes)
 	qr := q.run(0)
-	for _, t := range [2]tree{r.chunk, r.epoch} {
-		it := r.iter(t.kind)
-		if !it.seek(t, qr) && errors.Is(it.err, errMissed) {
-			return false
-		}
+	if !m.cache.pinPath(r.chunk, qr, p) || !m.cache.pinPath(r.epoch, qr, p) {
+		p.unpinFrom(mark)
+		return false
 	}
 	return true
 }
