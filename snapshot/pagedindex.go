@@ -275,13 +275,7 @@ func (s *Store) prefetchOps(sc *scratch) {
 	// rather than write back under it (docs/metadata.md section 16). An
 	// error is left for the change to meet, as a read error is.
 	_ = s.m.Throttle()
-	fetch := func(b uint32, c uint64, e uint32) {
-		q := metaKey(b, c, e)
-		_ = s.m.Prefetch(q)
-		if s.m.Prefetching() {
-			s.m.PinPaths(q, &sc.pins)
-		}
-	}
+	fetch := func(b uint32, c uint64, e uint32) { _ = s.m.PrefetchPin(metaKey(b, c, e), &sc.pins) }
 	for i := range sc.ops {
 		o := &sc.ops[i]
 		switch o.kind {

@@ -58,9 +58,9 @@
 // the origin chunks' preserved epochs, the space maps take 2 bits per
 // data chunk of it, 64 MiB per TiB of store at 4 KiB chunks and 4 MiB at
 // 64 KiB, and decoded pages the rest, at least a quarter), the origin
-// buffer (Options.OriginBuffer, default 32 MiB), the last tree commit's
-// encoded pages (at most about a quarter of the cache), at most 8 KiB
-// per branch for its chunk-group bits, and about 24 bytes per snapshot
+// buffer (Options.OriginBuffer, default 32 MiB), a tree commit's write
+// buffer (256 KiB), the Go allocator's free slots between collections
+// (docs/metadata.md section 22), at most 8 KiB per branch for its chunk-group bits, and about 24 bytes per snapshot
 // ever taken of the origin for its space counters.
 // docs/metadata.md section 18 has the measurements and how to size the
 // cache.
@@ -1056,7 +1056,7 @@ func (s *Store) makeLogRoom() error {
 	if s.j == nil {
 		return nil
 	}
-	if s.m.TailLeaves() >= 2*s.opts.leafBound() {
+	if !s.opts.ReadOnly && s.m.TailLeaves() >= 2*s.opts.leafBound() {
 		if err := s.bindTail(); err != nil {
 			return err
 		}
@@ -1104,7 +1104,7 @@ func (s *Store) bindTail() error {
 		s.capDone.Wait() // the checkpointer ends it even while Close runs
 	}
 	s.mu.Unlock()
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	if waited {

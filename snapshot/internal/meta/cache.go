@@ -126,6 +126,58 @@ func (c *cache) pinPath(t tree, q run, p *Pins) bool {
 	}
 }
 
+// getPinned is get that also pins the node into p.
+func (c *cache) getPinned(loc uint64, p *Pins) *node {
+	c.mu.RLock()
+	n := c.nodes[loc]
+	if n != nil {
+		n.pins.Add(1)
+		n.ref.Store(true)
+		p.nodes = append(p.nodes, n)
+	}
+	c.mu.RUnlock()
+	if n == nil {
+		c.misses.Add(1)
+		return nil
+	}
+	c.hits.Add(1)
+	return n
+}
+
+// addPinned is add that pins the cached node into p before it evicts.
+func (c *cache) addPinned(n *node, p *Pins) *node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if old := c.nodes[n.loc]; old != nil {
+		n = old
+	} else {
+		c.insert(n)
+	}
+	n.pins.Add(1)
+	n.ref.Store(true)
+	p.nodes = append(p.nodes, n)
+	c.evictLocked()
+	return n
+}
+
+// pinNodes pins into p those of nodes that are cached; false if any is
+// not (evicted since the walk that returned it loaded it).
+func (c *cache) pinNodes(nodes []*node, p *Pins) bool {
+	ok := true
+	c.mu.RLock()
+	for _, n := range nodes {
+		if c.nodes[n.loc] != n {
+			ok = false
+			continue
+		}
+		n.pins.Add(1)
+		n.ref.Store(true)
+		p.nodes = append(p.nodes, n)
+	}
+	c.mu.RUnlock()
+	return ok
+}
+
 // pinAt pins into p the node at's pointer names, and returns it; nil if
 // it is not cached or does not match the pointer. A node is pinned under
 // c.mu shared, while it is in the map: eviction, which takes c.mu

@@ -493,7 +493,16 @@ func (m *Meta) NextEpoch(b, e uint32) (uint32, bool, error) {
 // it read it under the caller's lock; lookups that read pages outside a
 // change (a read's loads, the store's preserved-epoch lookups, views)
 // evict without turning it on otherwise.
-func (m *Meta) Prefetch(q Key) error {
+func (m *Meta) Prefetch(q Key) error { return m.PrefetchPin(q, nil) }
+
+// PrefetchPin is Prefetch that also pins into p (if not nil) every node
+// it walks, in the same hold of the cache's lock that finds or adds it
+// (iter.loadPinned): a node loaded and not yet pinned can be evicted by
+// the very next node added when the cache is under pressure (a tree
+// commit's frozen nodes, a scan). A walk whose nodes did not all stay
+// cached even so is run again, at most maxPinTries times. The caller
+// unpins. While prefetching is off it loads and pins nothing.
+func (m *Meta) PrefetchPin(q Key, p *Pins) error {
 	if m.prefetch.Load() <= 0 {
 		ev := m.cache.evicted.Load()
 		if ev == m.evictMark.Load() {
@@ -508,6 +517,7 @@ func (m *Meta) Prefetch(q Key) error {
 		return err
 	}
 	defer m.readUnlock(r)
+	r.ms.pins = p
 	misses := m.cache.misses.Load()
 	for _, k := range []kind{chunkTree, epochTree} {
 		// The path to q, then the siblings a rebalance on it may join
@@ -519,7 +529,7 @@ func (m *Meta) Prefetch(q Key) error {
 			if x >= 0 {
 				qr = seps[x]
 			}
-			for {
+			for pinTries := 0; ; {
 				t := r.chunk
 				if k == epochTree {
 					t = r.epoch
@@ -531,6 +541,10 @@ func (m *Meta) Prefetch(q Key) error {
 					return err
 				}
 				if retry {
+					continue
+				}
+				if p != nil && it.err == nil && !m.cache.pinNodes(it.nodes, p) && pinTries < maxPinTries {
+					pinTries++
 					continue
 				}
 				if x < 0 && it.err == nil {
@@ -545,6 +559,10 @@ func (m *Meta) Prefetch(q Key) error {
 	}
 	return nil
 }
+
+// maxPinTries bounds how many times PrefetchPin walks a path again
+// whose nodes were evicted before it pinned them.
+const maxPinTries = 3
 
 // prefetchWindow is how many Prefetch calls work after the last page a
 // change or a prefetch read.

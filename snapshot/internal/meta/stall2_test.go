@@ -159,3 +159,49 @@ func TestStall2JoinReadsNoPage(t *testing.T) {
 	require.Equal(t, uint64(20000-len(keys)), m.Len())
 	require.NoError(t, m.Check())
 }
+
+// TestStall2PrefetchPinUnderPressure: in a cache too small for both
+// trees' paths at once, a node Prefetch loaded was evicted by the next
+// node it added, so the caller's check under its own lock (PinPaths)
+// kept failing, and after its retries the change read under that lock.
+// PrefetchPin pins each node in the same hold of the cache's lock that
+// finds or adds it, so the check that follows passes and the change reads
+// no page. (Pinning each walk's nodes once the walk ended still failed
+// here: the walk's own next add evicted the node before it.)
+func TestStall2PrefetchPinUnderPressure(t *testing.T) {
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 12))
+	m, dev := stall2Layer(t, rng)
+	key := func() Key { return Key{C: rng.Uint64N(1<<30) | 1, E: 2} }
+	// Room for about two nodes, fewer than both trees' paths: each add
+	// evicts every clean, unpinned node it can.
+	require.NoError(t, m.Prefetch(key()))
+	m.cache.mu.Lock()
+	m.cache.limit = 2 * m.cache.bytes / max(len(m.cache.nodes), 1)
+	m.cache.mu.Unlock()
+
+	failed := 0
+	for range 20 {
+		var p Pins
+		q := key()
+		m.prefetch.Store(prefetchWindow)
+		require.NoError(t, m.Prefetch(q))
+		if !m.PinPaths(q, &p) {
+			failed++
+		}
+		p.Unpin()
+	}
+	require.Positive(t, failed, "Prefetch then PinPaths always passed: the test proves nothing")
+
+	for range 20 {
+		var p Pins
+		q := key()
+		m.prefetch.Store(prefetchWindow)
+		require.NoError(t, m.PrefetchPin(q, &p))
+		require.True(t, m.PinPaths(q, &p), "a path PrefetchPin loaded was not cached")
+		reads := dev.reads.Load()
+		require.NoError(t, m.Put(q, 5))
+		require.Equal(t, reads, dev.reads.Load(), "a Put after PrefetchPin read a page")
+		p.Unpin()
+		require.NoError(t, m.Commit()) // its nodes clean again: evictable
+	}
+}

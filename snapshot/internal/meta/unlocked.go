@@ -45,6 +45,37 @@ type missState struct {
 	level   int
 	pending [maxPending]*node
 	np      int
+	// pins: the walk pins every node it takes into it (PrefetchPin).
+	pins *Pins
+}
+
+// loadPinned is load for PrefetchPin: every node the walk takes is pinned
+// into ms.pins in the same hold of the cache's lock that finds or adds it,
+// so that no add, of this walk or another, evicts it before the caller's
+// change: with the cache nearly all dirty or pinned (a tree commit in
+// flight), a node added and not yet pinned was evicted by the next add.
+func (it *iter) loadPinned(p ptr, k kind, level int) (*node, error) {
+	ms := it.ms
+	if n := it.m.cache.getPinned(p.loc, ms.pins); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, it.m.changedOr(err)
+		}
+		return n, nil
+	}
+	if ms.on {
+		for _, n := range ms.pending[:ms.np] {
+			if n.loc == p.loc && n.tx == p.tx && n.kind == k && (level < 0 || int(n.level) == level) {
+				return it.m.cache.addPinned(n, ms.pins), nil
+			}
+		}
+		ms.miss, ms.kind, ms.level = p, k, level
+		return nil, errMissed
+	}
+	n, err := it.m.readNode(p, k, level)
+	if err != nil {
+		return nil, it.m.changedOr(err)
+	}
+	return it.m.cache.addPinned(n, ms.pins), nil
 }
 
 // NotCachedError is returned by the NoRead lookups when the answer needs
@@ -60,6 +91,9 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 	ms := it.ms
 	if ms == &it.m.rd.ms {
 		return it.m.loadW(p, k, level) // the writer's own walk
+	}
+	if ms != nil && ms.pins != nil {
+		return it.loadPinned(p, k, level)
 	}
 	if ms == nil || !ms.on {
 		return it.m.load(p, k, level)
