@@ -104,6 +104,10 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 	intervals := []time.Duration{-1, 2 * time.Millisecond, 20 * time.Millisecond}
 	ckptAt := []float64{0, minCheckpointAt, 0.3, maxCheckpointAt}
 	policiesNS := []NoSpacePolicy{NoSpaceFailWrite, NoSpaceInvalidate}
+	// Tree commits by touched leaves: the default (never reached here), and
+	// bounds so small that the writers' records start them, and wait for
+	// them (bindTail), all the time.
+	leafBounds := []int{0, 2, 16}
 	buffered, full, committer := 0, 0, 0 // crashes that found origin writes buffered, the store full, the committer on
 	for budget.Next() {
 		armAt := tr.Calls(blockdevtest.OpAny) + 1 + rng.IntN(150)
@@ -114,6 +118,7 @@ func crashTorture(t *testing.T, seed uint64, cfg tortureConfig, budget *blockdev
 			w.opts.CommitInterval = intervals[(crashes/3)%len(intervals)]
 			w.opts.CheckpointAt = ckptAt[(crashes/2)%len(ckptAt)]
 			w.opts.NoSpace = policiesNS[(crashes/5)%len(policiesNS)]
+			w.opts.treeLeaves = leafBounds[(crashes/7)%len(leafBounds)]
 			err = w.open(nil)
 		}
 		for err == nil {

@@ -90,7 +90,10 @@ func crashopenReplayed(t *testing.T, imgs []crashopenImage, origin, data *blockd
 // leaves the replay shadowed, not a time.
 func TestCrashopenReplayBoundedByLeaves(t *testing.T) {
 	seed := blockdevtest.Seed(t)
-	const n, bound = 40000, 32
+	n, bound := 40000, 32
+	if testing.Short() {
+		n, bound = 10000, 16 // -race -short: the bound's commits and waits, not the control
+	}
 	// A record here is one chunk: its changes touch a leaf of each tree,
 	// and a split or a merge may shadow a neighbour of each.
 	const slack = 4
@@ -103,9 +106,24 @@ func TestCrashopenReplayBoundedByLeaves(t *testing.T) {
 	most := crashopenReplayed(t, imgs, origin, data, headLen, opts)
 	require.LessOrEqual(t, most, 2*bound+slack, "a replay after a crash touched more leaves than the bound allows")
 
+	if testing.Short() {
+		return
+	}
 	// The control: commits by change count alone (65,536 > n) leave the
 	// whole fill to replay, so the check above can fail.
 	imgs, origin, data, headLen, opts = crashopenFill(t, seed, n, 1<<30, at[len(at)-1:])
+	// First, read-only with the bound (an Open replays into memory): a
+	// change is refused as read-only, not by a tree commit it cannot
+	// write, and the store stays usable.
+	ro := opts
+	ro.ReadOnly, ro.treeLeaves = true, bound
+	s, err := Open(origin, &blockdevtest.Split{Head: imgs[0].head, Tail: data, At: headLen}, ro)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, s.m.TailLeaves(), 2*bound, "the read-only case needs a tail past the bound")
+	require.ErrorIs(t, s.Rename("s", "ro"), ErrReadOnly) // Rename asks for log room first
+	require.Equal(t, imgs[0].entries, s.Stats().IndexEntries)
+	require.NoError(t, s.Check())
+	require.NoError(t, s.Close())
 	most = crashopenReplayed(t, imgs, origin, data, headLen, opts)
 	require.Greater(t, most, 2*bound+slack, "the control's replay touched few leaves: the fill is too small to show the bound")
 }

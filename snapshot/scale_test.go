@@ -201,8 +201,9 @@ func TestStoreOpenScale(t *testing.T) {
 	}
 	st := s.Stats()
 	cst, cache := s.m.CommitStats(), s.m.CacheStats()
-	t.Logf("fill: %d tree commits writing %d pages, %d pages written back (%.2f pages/version); worst write %v; %d writers waited for a commit by the leaf bound %d, %d wrote one",
-		cst.Commits, cst.Pages, cache.WrittenBack, float64(cst.Pages+cache.WrittenBack)/float64(n), worst, s.leafWaits.Load(), opts.leafBound(), s.leafCommits.Load())
+	t.Logf("fill: %d tree commits writing %d pages (worst freeze %v), %d pages written back (%.2f pages/version); worst write %v; %d writers waited for a commit by the leaf bound %d, %d wrote one",
+		cst.Commits, cst.Pages, cst.WorstFreeze, cache.WrittenBack, float64(cst.Pages+cache.WrittenBack)/float64(n), worst,
+		s.leafWaits.Load(), opts.leafBound(), s.leafCommits.Load())
 	t.Logf("%d versions (%s) in %v; heap in use %.1f MiB (%.1f B/version); metadata %.1f MiB on disk (%.2f B/version)",
 		st.IndexEntries, order, fill, float64(m1.HeapInuse)/(1<<20), float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(st.IndexEntries),
 		float64(st.MetadataBytes)/(1<<20), float64(st.MetadataBytes)/float64(st.IndexEntries))

@@ -1056,7 +1056,7 @@ func (s *Store) makeLogRoom() error {
 	if s.j == nil {
 		return nil
 	}
-	if s.m.TailLeaves() >= 2*s.opts.leafBound() {
+	if !s.opts.ReadOnly && s.m.TailLeaves() >= 2*s.opts.leafBound() {
 		if err := s.bindTail(); err != nil {
 			return err
 		}
@@ -1104,7 +1104,7 @@ func (s *Store) bindTail() error {
 		s.capDone.Wait() // the checkpointer ends it even while Close runs
 	}
 	s.mu.Unlock()
-	if err := s.usable(); err != nil {
+	if err := s.writable(); err != nil {
 		return err
 	}
 	if waited {
