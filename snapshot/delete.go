@@ -384,6 +384,21 @@ func (s *Store) maybeDropBranch(t gcTask) error {
 	if err := s.makeLogRoom(); err != nil {
 		return err
 	}
+	// The drop releases br's hold on its parent point (and may drop a
+	// hidden parent snapshot): a change of the parent's held set, which
+	// takes the parent's gate exclusively as Delete does, so that a write
+	// of the parent that read its newest held epoch cannot log an entry
+	// there after the epoch's collection (lock order: gate, then mu).
+	s.mu.RLock()
+	var up *branch
+	if br := s.branches[t.p.b]; br != nil {
+		up = br.up
+	}
+	s.mu.RUnlock()
+	if up != nil {
+		up.gate.Lock()
+		defer up.gate.Unlock()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	br := s.branches[t.p.b]
