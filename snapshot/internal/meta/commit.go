@@ -420,20 +420,26 @@ func (m *Meta) dirtyBounds() (soft, hard int) {
 // towards the writer's limit. Callers hold mu.
 func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
 
-// queueWriteBack encodes up to max of the open transaction's
+// queueWriteBack copies up to most of the open transaction's
 // longest-dirty nodes that are not in flight into free slots, marks them
 // in flight and queues them. It returns how many it queued. Callers hold
 // mu.
-func (m *Meta) queueWriteBack(max int) int {
-	max = min(max, len(m.wbFree))
-	if max == 0 {
+func (m *Meta) queueWriteBack(most int) int {
+	most = min(most, len(m.wbFree))
+	if most == 0 {
 		return 0
 	}
-	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, most)
 	for _, n := range m.nodeBuf {
 		i := m.wbFree[len(m.wbFree)-1]
 		m.wbFree = m.wbFree[:len(m.wbFree)-1]
 		s := &m.wbSlot[i]
+		if cap(s.runs) < len(n.runs) {
+			// Sized to the node, up to a full leaf of the shortest runs,
+			// not by append's doubling: the copies are heap outside the
+			// cache, at most wbMaxSlots*wbSlotCost (2 MiB) in all.
+			s.runs = make([]run, 0, max(len(n.runs), min(len(n.runs)*5/4, leafCap/4+2)))
+		}
 		s.runs = append(s.runs[:0], n.runs...)
 		s.kids = append(s.kids[:0], n.kids...)
 		s.kind, s.level = n.kind, n.level
