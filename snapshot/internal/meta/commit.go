@@ -360,6 +360,23 @@ func (m *Meta) writeBack() error {
 // back, nor waits for write-back, while holding it (docs/metadata.md
 // section 16). It is one atomic load when write-back keeps up.
 func (m *Meta) Throttle() error {
+	if !m.overHard.Load() {
+		return nil
+	}
+	t0 := time.Now()
+	err := m.throttle()
+	m.maxThrottle.Note(int64(time.Since(t0)))
+	return err
+}
+
+// throttle is Throttle's wait, once write-back has fallen behind.
+func (m *Meta) throttle() error {
+	waited := false
+	defer func() {
+		if waited {
+			m.throttled.Add(1)
+		}
+	}()
 	for m.overHard.Load() {
 		m.mu.Lock()
 		if err := m.usable(); err != nil {
@@ -388,6 +405,7 @@ func (m *Meta) Throttle() error {
 		}
 		// Wait for one more page written, of those queued by now (Close
 		// stops the goroutine and wakes this: usable then says closed).
+		waited = true
 		m.wbMu.Lock()
 		w := m.wbWritten
 		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
