@@ -24,13 +24,19 @@ type LockStats struct {
 	MaxChangeMiss             int64
 	// ChangesMissed counts the index changes that read a page.
 	ChangesMissed uint64
+	// MaxThrottle is the longest a writer waited, with no lock held, for
+	// the metadata write-back to catch up (dirty pages past three
+	// quarters of the cache); Throttled counts such waits.
+	MaxThrottle time.Duration
+	Throttled   uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
 func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
-		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed}
+		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
+		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled}
 }
 
 // ResetLockStats clears what LockStats reports.

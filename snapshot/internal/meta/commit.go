@@ -256,10 +256,10 @@ func (m *Meta) shadowMaps() error {
 
 // Write-back keeps dirty nodes well below the cache size, and the writer
 // never waits for another goroutine to do it (docs/metadata.md section
-// 5). Past half of the cache dirty, each change encodes one to
+// 5). Past half of the cache dirty, each change copies one to
 // wbPerChange (in proportion to the excess) of the open transaction's
 // longest-dirty nodes into free slots and queues them to the write-back
-// goroutine, which only writes them. It takes no lock but wbMu, so the
+// goroutine, which encodes and writes them. It takes no lock but wbMu, so the
 // writer never waits for it, and its page writes, which the kernel may
 // hold behind a commit's flush of the same file, stay out of the
 // writer's calls. The next change reaps the written slots and marks clean
@@ -293,11 +293,19 @@ func wbSlotsFor(limit int) int { return min(max(limit/4/wbSlotCost, 1), wbMaxSlo
 // accesses).
 type wbSlot struct {
 	n   *node
-	gen uint64 // n.gen when encoded: a change since means still dirty
+	gen uint64 // n.gen when copied: a change since means still dirty
 	tx  uint64
 	loc uint64
-	buf []byte
-	err error
+	// The node as it was when queued: the goroutine encodes it into buf.
+	// The writer copies the runs (a memmove) rather than encoding them
+	// under its lock: encoding a full leaf costs ten times the copy, and
+	// with a tree larger than the cache nearly every change queues one.
+	kind  kind
+	level uint16
+	runs  []run
+	kids  []ptr
+	buf   []byte
+	err   error
 }
 
 // writeBack runs at the end of each change, under mu. It runs between
@@ -352,6 +360,23 @@ func (m *Meta) writeBack() error {
 // back, nor waits for write-back, while holding it (docs/metadata.md
 // section 16). It is one atomic load when write-back keeps up.
 func (m *Meta) Throttle() error {
+	if !m.overHard.Load() {
+		return nil
+	}
+	t0 := time.Now()
+	err := m.throttle()
+	m.maxThrottle.Note(int64(time.Since(t0)))
+	return err
+}
+
+// throttle is Throttle's wait, once write-back has fallen behind.
+func (m *Meta) throttle() error {
+	waited := false
+	defer func() {
+		if waited {
+			m.throttled.Add(1)
+		}
+	}()
 	for m.overHard.Load() {
 		m.mu.Lock()
 		if err := m.usable(); err != nil {
@@ -380,6 +405,7 @@ func (m *Meta) Throttle() error {
 		}
 		// Wait for one more page written, of those queued by now (Close
 		// stops the goroutine and wakes this: usable then says closed).
+		waited = true
 		m.wbMu.Lock()
 		w := m.wbWritten
 		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
@@ -412,21 +438,29 @@ func (m *Meta) dirtyBounds() (soft, hard int) {
 // towards the writer's limit. Callers hold mu.
 func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
 
-// queueWriteBack encodes up to max of the open transaction's
+// queueWriteBack copies up to most of the open transaction's
 // longest-dirty nodes that are not in flight into free slots, marks them
 // in flight and queues them. It returns how many it queued. Callers hold
 // mu.
-func (m *Meta) queueWriteBack(max int) int {
-	max = min(max, len(m.wbFree))
-	if max == 0 {
+func (m *Meta) queueWriteBack(most int) int {
+	most = min(most, len(m.wbFree))
+	if most == 0 {
 		return 0
 	}
-	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, most)
 	for _, n := range m.nodeBuf {
 		i := m.wbFree[len(m.wbFree)-1]
 		m.wbFree = m.wbFree[:len(m.wbFree)-1]
 		s := &m.wbSlot[i]
-		n.encode(s.buf)
+		if cap(s.runs) < len(n.runs) {
+			// Sized to the node, up to a full leaf of the shortest runs,
+			// not by append's doubling: the copies are heap outside the
+			// cache, at most wbMaxSlots*wbSlotCost (2 MiB) in all.
+			s.runs = make([]run, 0, max(len(n.runs), min(len(n.runs)*5/4, leafCap/4+2)))
+		}
+		s.runs = append(s.runs[:0], n.runs...)
+		s.kids = append(s.kids[:0], n.kids...)
+		s.kind, s.level = n.kind, n.level
 		n.wbBusy = true
 		s.n, s.gen, s.tx, s.loc, s.err = n, n.gen, m.tx, n.loc, nil
 		m.wbQueued++
@@ -523,6 +557,7 @@ func (m *Meta) writeBackLoop() {
 			return
 		case i := <-m.wbQueue:
 			s := &m.wbSlot[i]
+			encodeNode(s.buf, s.kind, s.loc, s.tx, s.level, s.runs, s.kids)
 			s.err = m.writePage(s.buf, s.loc)
 			if s.err == nil {
 				m.cache.wrote(1)

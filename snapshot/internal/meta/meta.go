@@ -180,7 +180,11 @@ type Meta struct {
 	// maxRead, maxSelfWrite and maxChangeMiss are the Stalls maxima
 	// (atomic: noted under mu shared, or outside it).
 	maxRead, maxSelfWrite, maxChangeMiss lockstat.Max
-	changesMissed                        atomic.Uint64
+	// maxThrottle is the longest a writer waited in Throttle for
+	// write-back, throttled how many Throttle calls waited.
+	maxThrottle   lockstat.Max
+	throttled     atomic.Uint64
+	changesMissed atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
@@ -634,13 +638,18 @@ type Stalls struct {
 	MaxSelfWrite  time.Duration
 	MaxChangeMiss int64
 	ChangesMissed uint64 // changes that read at least one page
+	// MaxThrottle is the longest a writer waited in Throttle for the
+	// write-back goroutine, Throttled how many times one waited.
+	MaxThrottle time.Duration
+	Throttled   uint64
 }
 
 // Stalls reports the maxima since the last ResetStalls.
 func (m *Meta) Stalls() Stalls {
 	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
 		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
-		ChangesMissed: m.changesMissed.Load()}
+		ChangesMissed: m.changesMissed.Load(), MaxThrottle: time.Duration(m.maxThrottle.Load()),
+		Throttled: m.throttled.Load()}
 }
 
 // ResetStalls clears what Stalls reports.
@@ -650,4 +659,6 @@ func (m *Meta) ResetStalls() {
 	m.maxSelfWrite.Reset()
 	m.maxChangeMiss.Reset()
 	m.changesMissed.Store(0)
+	m.maxThrottle.Reset()
+	m.throttled.Store(0)
 }
