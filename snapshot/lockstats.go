@@ -29,6 +29,9 @@ type LockStats struct {
 	// quarters of the cache); Throttled counts such waits.
 	MaxThrottle time.Duration
 	Throttled   uint64
+	// WriteBackHelped counts the metadata pages throttled writers wrote
+	// themselves rather than wait for the write-back goroutine.
+	WriteBackHelped uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
@@ -36,7 +39,7 @@ func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
 		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
-		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled}
+		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled, WriteBackHelped: st.Helped}
 }
 
 // ResetLockStats clears what LockStats reports.

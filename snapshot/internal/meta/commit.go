@@ -403,9 +403,16 @@ func (m *Meta) throttle() error {
 		if !over {
 			return nil
 		}
-		// Wait for one more page written, of those queued by now (Close
-		// stops the goroutine and wakes this: usable then says closed).
 		waited = true
+		// Write a queued page itself rather than wait for the goroutine
+		// to get to it: the writer holds no lock here and has the CPU,
+		// which the goroutine, on a loaded machine, may not.
+		if m.helpWriteBack() {
+			continue
+		}
+		// Every queued page is being written: wait for one more written,
+		// of those queued by now (Close stops the goroutine and wakes
+		// this: usable then says closed).
 		m.wbMu.Lock()
 		w := m.wbWritten
 		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
@@ -463,6 +470,7 @@ func (m *Meta) queueWriteBack(most int) int {
 		s.kind, s.level = n.kind, n.level
 		n.wbBusy = true
 		s.n, s.gen, s.tx, s.loc, s.err = n, n.gen, m.tx, n.loc, nil
+		m.wbSeq[i].Store(m.wbQueued + 1)
 		m.wbQueued++
 		m.wbQueue <- i // never blocks: it has room for every slot
 	}
@@ -493,18 +501,59 @@ func (m *Meta) reapWriteBack() {
 	}
 }
 
-// waitWriteBack waits until the goroutine has written the first queued
-// pages and returns the first write error. Callers hold commitMu, not mu.
+// waitWriteBack waits until the pages queued before the first queued
+// (sequence numbers below it) are written and returns the first write
+// error. Callers hold commitMu, not mu.
 func (m *Meta) waitWriteBack(queued uint64) error {
 	if m.wbQueue == nil {
 		return nil
 	}
 	m.wbMu.Lock()
 	defer m.wbMu.Unlock()
-	for m.wbWritten < queued && m.wbErr == nil {
+	for m.wbPending(queued) && m.wbErr == nil && !m.wbStopped {
 		m.wbCond.Wait()
 	}
+	if m.wbErr == nil && m.wbPending(queued) {
+		return ErrClosed // Close stopped write-back (it waits for commits: not reached)
+	}
 	return m.wbErr
+}
+
+// wbPending reports whether a page queued before sequence number queued
+// is still queued or being written.
+func (m *Meta) wbPending(queued uint64) bool {
+	for i := range m.wbSeq {
+		if v := m.wbSeq[i].Load(); v != 0 && v-1 < queued {
+			return true
+		}
+	}
+	return false
+}
+
+// helpWriteBack writes one queued slot in a throttled writer's call, as
+// the goroutine would, if one is queued and Close has not stopped
+// write-back; it reports whether it wrote one.
+func (m *Meta) helpWriteBack() bool {
+	m.wbMu.Lock()
+	if m.wbStopped {
+		m.wbMu.Unlock()
+		return false
+	}
+	m.wbHelping++
+	m.wbMu.Unlock()
+	helped := false
+	select {
+	case i := <-m.wbQueue:
+		m.writeSlot(i)
+		m.wbHelped.Add(1)
+		helped = true
+	default:
+	}
+	m.wbMu.Lock()
+	m.wbHelping--
+	m.wbCond.Broadcast()
+	m.wbMu.Unlock()
+	return helped
 }
 
 // writeBackSync writes one batch in the writer's call (four past hard).
@@ -556,22 +605,29 @@ func (m *Meta) writeBackLoop() {
 		case <-m.wbStop:
 			return
 		case i := <-m.wbQueue:
-			s := &m.wbSlot[i]
-			encodeNode(s.buf, s.kind, s.loc, s.tx, s.level, s.runs, s.kids)
-			s.err = m.writePage(s.buf, s.loc)
-			if s.err == nil {
-				m.cache.wrote(1)
-			}
-			m.wbMu.Lock()
-			m.wbWritten++
-			if s.err != nil && m.wbErr == nil {
-				m.wbErr = s.err
-			}
-			m.wbCond.Broadcast()
-			m.wbMu.Unlock()
-			m.wbReaped <- i // never blocks: it has room for every slot
+			m.writeSlot(i)
 		}
 	}
+}
+
+// writeSlot encodes and writes queued slot i and hands it back: the
+// goroutine's work, which a throttled writer also does (helpWriteBack).
+func (m *Meta) writeSlot(i int) {
+	s := &m.wbSlot[i]
+	encodeNode(s.buf, s.kind, s.loc, s.tx, s.level, s.runs, s.kids)
+	s.err = m.writePage(s.buf, s.loc)
+	if s.err == nil {
+		m.cache.wrote(1)
+	}
+	m.wbSeq[i].Store(0)
+	m.wbMu.Lock()
+	m.wbWritten++
+	if s.err != nil && m.wbErr == nil {
+		m.wbErr = s.err
+	}
+	m.wbCond.Broadcast()
+	m.wbMu.Unlock()
+	m.wbReaped <- i // never blocks: it has room for every slot
 }
 
 // lowSpace returns the callback to run (after unlocking), if the free

@@ -114,9 +114,18 @@ type Meta struct {
 	// written. The write-back goroutine takes no other lock.
 	wbMu      sync.Mutex
 	wbCond    *sync.Cond
-	wbWritten uint64 // pages the goroutine has written (or failed)
+	wbWritten uint64 // pages the goroutine and helping writers have written (or failed)
 	wbErr     error  // its first write error
-	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting)
+	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting and helping)
+	wbHelping int    // writers writing a queued slot in Throttle (Close waits for them)
+	// wbSeq[i] is 1 + the queue sequence number (wbQueued before it was
+	// queued) of the page in slot i while it is queued or being written,
+	// 0 otherwise: set under mu before the slot is queued, cleared by
+	// whoever wrote it before it takes wbMu to say so. A throttled writer
+	// may write a later slot before the goroutine writes an earlier one,
+	// so a commit waits for the slots queued before its freeze by these,
+	// not by a count of pages written.
+	wbSeq []atomic.Uint64
 	// The slots and the channels between the writer and the goroutine
 	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
 	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
@@ -184,6 +193,7 @@ type Meta struct {
 	// write-back, throttled how many Throttle calls waited.
 	maxThrottle   lockstat.Max
 	throttled     atomic.Uint64
+	wbHelped      atomic.Uint64 // pages throttled writers wrote themselves
 	changesMissed atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
@@ -277,6 +287,7 @@ func (m *Meta) startWriteBack() {
 	slots := wbSlotsFor(m.cache.limit)
 	m.wbQueue, m.wbReaped = make(chan int, slots), make(chan int, slots)
 	m.wbSlot = make([]wbSlot, slots)
+	m.wbSeq = make([]atomic.Uint64, slots)
 	bufs := make([]byte, slots*PageSize)
 	for i := range m.wbSlot {
 		m.wbSlot[i].buf = bufs[i*PageSize : (i+1)*PageSize]
@@ -622,6 +633,9 @@ func (m *Meta) Close() error {
 		<-m.wbDone
 		m.wbMu.Lock()
 		m.wbStopped = true
+		for m.wbHelping > 0 { // a throttled writer's page write ends first
+			m.wbCond.Wait()
+		}
 		m.wbCond.Broadcast()
 		m.wbMu.Unlock()
 	}
@@ -642,6 +656,9 @@ type Stalls struct {
 	// write-back goroutine, Throttled how many times one waited.
 	MaxThrottle time.Duration
 	Throttled   uint64
+	// Helped counts the pages throttled writers wrote themselves rather
+	// than wait for the write-back goroutine.
+	Helped uint64
 }
 
 // Stalls reports the maxima since the last ResetStalls.
@@ -649,7 +666,7 @@ func (m *Meta) Stalls() Stalls {
 	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
 		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
 		ChangesMissed: m.changesMissed.Load(), MaxThrottle: time.Duration(m.maxThrottle.Load()),
-		Throttled: m.throttled.Load()}
+		Throttled: m.throttled.Load(), Helped: m.wbHelped.Load()}
 }
 
 // ResetStalls clears what Stalls reports.
@@ -661,4 +678,5 @@ func (m *Meta) ResetStalls() {
 	m.changesMissed.Store(0)
 	m.maxThrottle.Reset()
 	m.throttled.Store(0)
+	m.wbHelped.Store(0)
 }
