@@ -5,8 +5,6 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/blocksnap/blocksnap/blockdev"
 )
 
 // A read of a clone chain resolves with no page read under Store.mu, so it
@@ -15,18 +13,11 @@ import (
 // no shared span in LockStats, and allocate nothing.
 func TestCloneReadUntimedHolds(t *testing.T) {
 	const cs = 4 << 10
-	origin, err := blockdev.NewMem(1<<20, 512)
-	require.NoError(t, err)
-	fillPattern(t, origin, 3)
-	store, err := blockdev.NewMem(16<<20, 512)
-	require.NoError(t, err)
 	// No committer: nothing but this test's reads takes Store.mu meanwhile.
-	s, err := Format(origin, store, Options{ChunkSize: cs, JournalSize: 256 << 10, CommitInterval: -1})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, s.Close()) }()
+	s, origin, _ := newMemStore(t, 1<<20, 16<<20, Options{ChunkSize: cs, JournalSize: 256 << 10, CommitInterval: -1})
 	o := s.Origin()
 	want := make([]byte, origin.Size())
-	_, err = o.ReadAt(want, 0)
+	_, err := o.ReadAt(want, 0)
 	require.NoError(t, err)
 
 	// A chain of three clones; the middle one gets data of its own in every
