@@ -10,9 +10,8 @@
 // RLock takes the mutex with a Try call and reads the clock once; a
 // contended one reads it twice more. RLockShort, for a hot path's shared
 // hold that does no I/O, reads the clock only when it has to wait. No call
-// allocates. The functions that
-// set a new maximum are recorded under a small mutex of their own, taken
-// only then (rare once the maxima settle).
+// allocates. The functions that set a new maximum are recorded under a
+// small mutex of their own, taken only then (rare once the maxima settle).
 package lockstat
 
 import (
