@@ -226,11 +226,24 @@ func (s *Store) readChunkPart(levels []level, c uint64, p []byte, in int64) erro
 	loads := 0
 	for {
 		s.reclaim.RLock()
-		s.mu.RLock()
+		// A resolution that reads no page holds mu for a few lookups in
+		// memory, so its hold is not timed (lockstat's RLockShort): timing
+		// it cost more than the hold. The last try, which may read pages
+		// under mu, is timed.
+		noRead := loads < maxReadLoads
+		if noRead {
+			s.mu.RLockShort()
+		} else {
+			s.mu.RLock()
+		}
 		ix := s.ix
-		ix.noRead = loads < maxReadLoads
+		ix.noRead = noRead
 		loc, fromOrigin, err := s.resolveWith(ix, levels, c)
-		s.mu.RUnlock()
+		if noRead {
+			s.mu.RUnlockShort()
+		} else {
+			s.mu.RUnlock()
+		}
 		if nc := notCached(err); nc != nil {
 			// Read the page with no store lock held, then resolve
 			// again (docs/metadata.md section 16).

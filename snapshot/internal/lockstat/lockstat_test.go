@@ -84,6 +84,48 @@ func TestStatsThroughCond(t *testing.T) {
 	require.NotContains(t, l.Stats().HoldBy, "sync.")
 }
 
+// A short shared hold excludes a writer like any shared hold, but it is not
+// timed: the span of a timed hold beside it is still reported, its own is
+// not.
+func TestCloneReadShortHoldsNotTimed(t *testing.T) {
+	var l RWMutex
+	const d = 20 * time.Millisecond
+	l.RLockShort()
+	require.False(t, l.TryLock(), "a short shared hold must exclude a writer")
+	time.Sleep(d)
+	l.RUnlockShort()
+	require.Zero(t, l.Stats().MaxShared)
+	require.True(t, l.TryLock())
+	l.Unlock()
+
+	l.Reset()
+	l.RLockShort()
+	l.RLock()
+	time.Sleep(d)
+	l.RUnlock()
+	require.False(t, l.TryLock(), "the short holder still holds it")
+	l.RUnlockShort()
+	st := l.Stats()
+	require.GreaterOrEqual(t, st.MaxShared, d)
+	require.Contains(t, st.SharedBy, "TestCloneReadShortHoldsNotTimed")
+
+	// A writer waiting for a short hold gets the lock once it ends.
+	l.RLockShort()
+	locked := make(chan struct{})
+	go func() {
+		l.Lock()
+		close(locked)
+		l.Unlock()
+	}()
+	select {
+	case <-locked:
+		t.Fatal("the writer took the lock under a short shared hold")
+	case <-time.After(d):
+	}
+	l.RUnlockShort()
+	<-locked
+}
+
 func TestMax(t *testing.T) {
 	var x Max
 	var wg sync.WaitGroup
