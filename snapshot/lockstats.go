@@ -24,13 +24,18 @@ type LockStats struct {
 	MaxChangeMiss             int64
 	// ChangesMissed counts the index changes that read a page.
 	ChangesMissed uint64
+	// MetaLockedReads counts the metadata pages read with the layer's
+	// lock held, shared or exclusively: an index change (which takes it
+	// exclusively, under Store.mu) waits for each.
+	MetaLockedReads uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
 func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
-		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed}
+		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
+		MetaLockedReads: st.LockedReads}
 }
 
 // ResetLockStats clears what LockStats reports.

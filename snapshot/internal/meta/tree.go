@@ -34,6 +34,21 @@ func (m *Meta) loadW(p ptr, k kind, level int) (*node, error) {
 		return n, nil
 	}
 	m.wMiss++
+	m.lockedReads.Add(1)
+	return m.loadMiss(p, k, level)
+}
+
+// loadHeld is load for a walk under mu held shared that reads its misses
+// there (readahead, and a lookup past its unlocked reads): it counts them
+// (lockedReads).
+func (m *Meta) loadHeld(p ptr, k kind, level int) (*node, error) {
+	if n := m.cache.get(p.loc); n != nil {
+		if err := checkCached(n, p, k, level); err != nil {
+			return nil, m.changedOr(err)
+		}
+		return n, nil
+	}
+	m.lockedReads.Add(1)
 	return m.loadMiss(p, k, level)
 }
 
