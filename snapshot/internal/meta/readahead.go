@@ -127,7 +127,7 @@ func (ra *readAhead) tree(t tree, keys []Key) (int, error) {
 		var n *node
 		for i := 0; i < end; i++ {
 			if n == nil || at[i] != (ptr{n.loc, n.tx}) {
-				if n, err = ra.m.loadHeld(at[i], t.kind, level); err != nil {
+				if n, err = ra.m.loadHeld(at[i], t.kind, level, nil); err != nil {
 					return 0, err
 				}
 			}

@@ -112,7 +112,7 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 	}
 	if ms == nil || !ms.on {
 		if ms != nil && ms.held {
-			return it.m.loadHeld(p, k, level)
+			return it.m.loadHeld(p, k, level, nil)
 		}
 		return it.m.load(p, k, level)
 	}
