@@ -93,7 +93,6 @@ func (w *stallWriter) settle() {
 func adminUnderLoad(b *testing.B, versions, snaps int) {
 	const cs = 4096
 	const chunks = 1 << 18 // a 1 GiB origin: the writer keeps finding chunks to copy
-	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	origin, err := blockdevtest.NewNull(chunks*cs, 4096)
 	if err != nil {
 		b.Fatal(err)

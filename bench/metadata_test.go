@@ -91,10 +91,12 @@ func storeScale(b *testing.B, n uint64, random bool) {
 	}
 	for range b.N {
 		var res metascale.StoreResult
+		rs := NewRuntimeStalls()
 		onScaleDevice(b, "store-head", metascale.StoreHeadBytes(cfg), func(dev blockdev.Device) (err error) {
 			res, err = metascale.RunStore(dev, cfg)
 			return err
 		})
+		gc, sched := rs.Since()
 		b.ReportMetric(float64(res.HeapInuse)/float64(res.Entries), "heap-B/version")
 		b.ReportMetric(float64(res.HeapInuse)/(1<<20), "heap-MiB")
 		b.ReportMetric(float64(int64(res.HeapInuse)-res.Cache)/(1<<20), "heap-over-cache-MiB")
@@ -108,6 +110,21 @@ func storeScale(b *testing.B, n uint64, random bool) {
 		b.ReportMetric(float64(res.Writers), "writers")
 		b.ReportMetric(float64(res.OpenClean.Microseconds())/1000, "open-clean-ms")
 		b.ReportMetric(float64(res.OpenCrash.Microseconds())/1000, "open-crash-ms")
+		// What the worst stall can be made of (as AdminUnderLoad reports
+		// it): the longest hold of a lock the writer needs, the longest
+		// wait for one, the writes that waited for a tree commit, and the
+		// longest GC pause and scheduling latency of the whole run.
+		ls := res.Locks
+		b.ReportMetric(ms(max(ls.Store.MaxHold, ls.Store.MaxShared, ls.Meta.MaxHold, ls.Meta.MaxShared)), "hold-ms")
+		b.ReportMetric(ms(max(ls.Store.MaxWait, ls.Meta.MaxWait)), "wait-ms")
+		b.ReportMetric(float64(res.CommitWaits), "commit-waits")
+		b.ReportMetric(float64(ls.Throttled), "throttled")
+		b.ReportMetric(ms(gc), "gc-ms")
+		b.ReportMetric(ms(sched), "sched-ms")
+		b.Logf("fill: Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; %d writes waited for write-back, at most %v, and wrote %d pages of it themselves; %d writes waited for a tree commit; gc pause %v, sched latency %v",
+			ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
+			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy,
+			ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.Throttled, ls.MaxThrottle, ls.WriteBackHelped, res.CommitWaits, gc, sched)
 	}
 }
 

@@ -66,3 +66,6 @@ func histMaxNew(before, after metrics.Value) time.Duration {
 	}
 	return 0
 }
+
+// ms is d in milliseconds, to the microsecond, for a benchmark metric.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -61,6 +61,8 @@ func crashopenFill(t *testing.T, seed uint64, n, leaves int, at []int) ([]crasho
 	}
 	t.Logf("leaf bound %d: %d tree commits, %d writers waited for one (the bound's), %d wrote one",
 		leaves, s.m.CommitStats().Commits, s.leafWaits.Load(), s.leafCommits.Load())
+	// Stats reports both: the writes the bound held up.
+	require.Equal(t, s.leafWaits.Load()+s.leafCommits.Load(), s.Stats().CommitWaits)
 	require.NoError(t, s.Close())
 	return imgs, origin, data, headLen, opts
 }

@@ -24,6 +24,14 @@ type LockStats struct {
 	MaxChangeMiss             int64
 	// ChangesMissed counts the index changes that read a page.
 	ChangesMissed uint64
+	// MaxThrottle is the longest a writer waited, with no lock held, for
+	// the metadata write-back to catch up (dirty pages past three
+	// quarters of the cache); Throttled counts such waits.
+	MaxThrottle time.Duration
+	Throttled   uint64
+	// WriteBackHelped counts the metadata pages throttled writers wrote
+	// themselves rather than wait for the write-back goroutine.
+	WriteBackHelped uint64
 	// MetaLockedReads counts the metadata pages read with the layer's
 	// lock held, shared or exclusively: an index change (which takes it
 	// exclusively, under Store.mu) waits for each.
@@ -35,6 +43,7 @@ func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
 		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
+		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled, WriteBackHelped: st.Helped,
 		MetaLockedReads: st.LockedReads}
 }
 

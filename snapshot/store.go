@@ -149,9 +149,9 @@ type Options struct {
 	// decoded metadata pages (the rest, at least a quarter: a cache
 	// smaller than the space maps is exceeded by them); 0 means 64 MiB. To keep every lookup
 	// at one page read at most it should hold the tree's branch levels,
-	// about 0.2 bytes per random chunk version; about 34 bytes per version
-	// of the chunks a workload touches between tree commits make those
-	// writes cheap, and about 128 bytes per origin chunk a workload keeps
+	// about 0.2 bytes per random chunk version; about 66 bytes per version
+	// of the chunks a workload touches between tree commits (a decoded
+	// leaf run in each of the two trees) make those writes cheap, and about 128 bytes per origin chunk a workload keeps
 	// rewriting spare those writes the lookup.
 	MetadataCache int64
 	// LowMetadata, if set, is called (without locks held) when the free
@@ -1061,10 +1061,13 @@ const emergencyFill = 0.75
 // behind) it writes a checkpoint (a tree commit) in the foreground,
 // outside mu: readers and other writers go on meanwhile.
 func (s *Store) makeLogRoom() error {
-	if s.j == nil {
+	if s.j == nil || s.opts.ReadOnly {
+		// A read-only store writes no tree commit: the record that asked
+		// for room is refused as read-only (logLocked), and the store
+		// stays usable, whatever its replayed tail or journal fill.
 		return nil
 	}
-	if !s.opts.ReadOnly && s.m.TailLeaves() >= 2*s.opts.leafBound() {
+	if s.m.TailLeaves() >= 2*s.opts.leafBound() {
 		if err := s.bindTail(); err != nil {
 			return err
 		}

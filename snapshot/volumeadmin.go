@@ -523,6 +523,13 @@ type Stats struct {
 	// BufferedBytes is the origin data that waits in memory for its
 	// copy's commit (Options.OriginBuffer), in whole chunks.
 	BufferedBytes int64
+	// CommitWaits counts the writes since Open that waited for a tree
+	// commit, or wrote one, because the changes not yet in a durable one
+	// touched twice the leaves a commit is started at: what keeps Open's
+	// replay after a crash bounded (docs/metadata.md section 17). A count
+	// that grows steadily means the background commits fall behind the
+	// writers (too little CPU or a slow metadata device).
+	CommitWaits int64
 }
 
 // Stats returns the store's accounting; it walks nothing, and holds the
@@ -537,7 +544,8 @@ func (s *Store) Stats() Stats {
 	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
 		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
 		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
-		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs}
+		Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs,
+		CommitWaits: s.leafWaits.Load() + s.leafCommits.Load()}
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill
 	}

@@ -49,6 +49,12 @@ type StoreResult struct {
 	Writers    int           // goroutines that wrote the fill
 	OpenClean  time.Duration // Open after Close
 	OpenCrash  time.Duration // Open after a power cut once the fill was flushed
+	// What the fill's stalls were made of: the store's lock maxima over
+	// the fill (the longest hold, shared span and wait of Store.mu and of
+	// the metadata layer's lock, with who ended each), and the writes
+	// that waited for a tree commit to keep replay bounded.
+	Locks       snapshot.LockStats
+	CommitWaits int64
 }
 
 // chunkSize is the store's chunk size in a store run; seqChunks the chunks
@@ -165,6 +171,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	if _, err := s.CreateSnapshot("s", o); err != nil {
 		return res, errors.Join(err, s.Close())
 	}
+	s.ResetLockStats() // the fill's, not Format's
 	// write is writer w's origin write of buf at chunk c, timed.
 	write := func(w int, buf []byte, c uint64) error {
 		t0 := time.Now()
@@ -231,7 +238,9 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	res.WorstWrite = slices.Max(worst)
 	res.Writers = writers
 	res.P99Write, res.P999Write, res.Over = lat.quantile(0.99), lat.quantile(0.999), lat.over(StallLimit)
-	res.Entries = s.Stats().IndexEntries
+	res.Locks = s.LockStats()
+	st := s.Stats()
+	res.Entries, res.CommitWaits = st.IndexEntries, st.CommitWaits
 
 	// The power goes: what the Flush made durable is on head, and the
 	// tree commits the run started since are cut short.

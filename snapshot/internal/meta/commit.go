@@ -256,10 +256,10 @@ func (m *Meta) shadowMaps() error {
 
 // Write-back keeps dirty nodes well below the cache size, and the writer
 // never waits for another goroutine to do it (docs/metadata.md section
-// 5). Past half of the cache dirty, each change encodes one to
+// 5). Past half of the cache dirty, each change copies one to
 // wbPerChange (in proportion to the excess) of the open transaction's
 // longest-dirty nodes into free slots and queues them to the write-back
-// goroutine, which only writes them. It takes no lock but wbMu, so the
+// goroutine, which encodes and writes them. It takes no lock but wbMu, so the
 // writer never waits for it, and its page writes, which the kernel may
 // hold behind a commit's flush of the same file, stay out of the
 // writer's calls. The next change reaps the written slots and marks clean
@@ -293,11 +293,19 @@ func wbSlotsFor(limit int) int { return min(max(limit/4/wbSlotCost, 1), wbMaxSlo
 // accesses).
 type wbSlot struct {
 	n   *node
-	gen uint64 // n.gen when encoded: a change since means still dirty
+	gen uint64 // n.gen when copied: a change since means still dirty
 	tx  uint64
 	loc uint64
-	buf []byte
-	err error
+	// The node as it was when queued: the goroutine encodes it into buf.
+	// The writer copies the runs (a memmove) rather than encoding them
+	// under its lock: encoding a full leaf costs ten times the copy, and
+	// with a tree larger than the cache nearly every change queues one.
+	kind  kind
+	level uint16
+	runs  []run
+	kids  []ptr
+	buf   []byte
+	err   error
 }
 
 // writeBack runs at the end of each change, under mu. It runs between
@@ -352,6 +360,23 @@ func (m *Meta) writeBack() error {
 // back, nor waits for write-back, while holding it (docs/metadata.md
 // section 16). It is one atomic load when write-back keeps up.
 func (m *Meta) Throttle() error {
+	if !m.overHard.Load() {
+		return nil
+	}
+	t0 := time.Now()
+	err := m.throttle()
+	m.maxThrottle.Note(int64(time.Since(t0)))
+	return err
+}
+
+// throttle is Throttle's wait, once write-back has fallen behind.
+func (m *Meta) throttle() error {
+	waited := false
+	defer func() {
+		if waited {
+			m.throttled.Add(1)
+		}
+	}()
 	for m.overHard.Load() {
 		m.mu.Lock()
 		if err := m.usable(); err != nil {
@@ -378,8 +403,16 @@ func (m *Meta) Throttle() error {
 		if !over {
 			return nil
 		}
-		// Wait for one more page written, of those queued by now (Close
-		// stops the goroutine and wakes this: usable then says closed).
+		waited = true
+		// Write a queued page itself rather than wait for the goroutine
+		// to get to it: the writer holds no lock here and has the CPU,
+		// which the goroutine, on a loaded machine, may not.
+		if m.helpWriteBack() {
+			continue
+		}
+		// Every queued page is being written: wait for one more written,
+		// of those queued by now (Close stops the goroutine and wakes
+		// this: usable then says closed).
 		m.wbMu.Lock()
 		w := m.wbWritten
 		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
@@ -412,23 +445,32 @@ func (m *Meta) dirtyBounds() (soft, hard int) {
 // towards the writer's limit. Callers hold mu.
 func (m *Meta) openDirty() int { return max(0, m.cache.dirtyBytes()-m.frozenBytes) }
 
-// queueWriteBack encodes up to max of the open transaction's
+// queueWriteBack copies up to most of the open transaction's
 // longest-dirty nodes that are not in flight into free slots, marks them
 // in flight and queues them. It returns how many it queued. Callers hold
 // mu.
-func (m *Meta) queueWriteBack(max int) int {
-	max = min(max, len(m.wbFree))
-	if max == 0 {
+func (m *Meta) queueWriteBack(most int) int {
+	most = min(most, len(m.wbFree))
+	if most == 0 {
 		return 0
 	}
-	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
+	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, most)
 	for _, n := range m.nodeBuf {
 		i := m.wbFree[len(m.wbFree)-1]
 		m.wbFree = m.wbFree[:len(m.wbFree)-1]
 		s := &m.wbSlot[i]
-		n.encode(s.buf)
+		if cap(s.runs) < len(n.runs) {
+			// Sized to the node, up to a full leaf of the shortest runs,
+			// not by append's doubling: the copies are heap outside the
+			// cache, at most wbMaxSlots*wbSlotCost (2 MiB) in all.
+			s.runs = make([]run, 0, max(len(n.runs), min(len(n.runs)*5/4, leafCap/4+2)))
+		}
+		s.runs = append(s.runs[:0], n.runs...)
+		s.kids = append(s.kids[:0], n.kids...)
+		s.kind, s.level = n.kind, n.level
 		n.wbBusy = true
 		s.n, s.gen, s.tx, s.loc, s.err = n, n.gen, m.tx, n.loc, nil
+		m.wbSeq[i].Store(m.wbQueued + 1)
 		m.wbQueued++
 		m.notePageWrite(n.loc)
 		m.wbQueue <- i // never blocks: it has room for every slot
@@ -474,18 +516,59 @@ func (m *Meta) reapWriteBack() {
 	}
 }
 
-// waitWriteBack waits until the goroutine has written the first queued
-// pages and returns the first write error. Callers hold commitMu, not mu.
+// waitWriteBack waits until the pages queued before the first queued
+// (sequence numbers below it) are written and returns the first write
+// error. Callers hold commitMu, not mu.
 func (m *Meta) waitWriteBack(queued uint64) error {
 	if m.wbQueue == nil {
 		return nil
 	}
 	m.wbMu.Lock()
 	defer m.wbMu.Unlock()
-	for m.wbWritten < queued && m.wbErr == nil {
+	for m.wbPending(queued) && m.wbErr == nil && !m.wbStopped {
 		m.wbCond.Wait()
 	}
+	if m.wbErr == nil && m.wbPending(queued) {
+		return ErrClosed // Close stopped write-back (it waits for commits: not reached)
+	}
 	return m.wbErr
+}
+
+// wbPending reports whether a page queued before sequence number queued
+// is still queued or being written.
+func (m *Meta) wbPending(queued uint64) bool {
+	for i := range m.wbSeq {
+		if v := m.wbSeq[i].Load(); v != 0 && v-1 < queued {
+			return true
+		}
+	}
+	return false
+}
+
+// helpWriteBack writes one queued slot in a throttled writer's call, as
+// the goroutine would, if one is queued and Close has not stopped
+// write-back; it reports whether it wrote one.
+func (m *Meta) helpWriteBack() bool {
+	m.wbMu.Lock()
+	if m.wbStopped {
+		m.wbMu.Unlock()
+		return false
+	}
+	m.wbHelping++
+	m.wbMu.Unlock()
+	helped := false
+	select {
+	case i := <-m.wbQueue:
+		m.writeSlot(i)
+		m.wbHelped.Add(1)
+		helped = true
+	default:
+	}
+	m.wbMu.Lock()
+	m.wbHelping--
+	m.wbCond.Broadcast()
+	m.wbMu.Unlock()
+	return helped
 }
 
 // writeBackSync writes one batch in the writer's call (four past hard).
@@ -538,21 +621,29 @@ func (m *Meta) writeBackLoop() {
 		case <-m.wbStop:
 			return
 		case i := <-m.wbQueue:
-			s := &m.wbSlot[i]
-			s.err = m.writePage(s.buf, s.loc)
-			if s.err == nil {
-				m.cache.wrote(1)
-			}
-			m.wbMu.Lock()
-			m.wbWritten++
-			if s.err != nil && m.wbErr == nil {
-				m.wbErr = s.err
-			}
-			m.wbCond.Broadcast()
-			m.wbMu.Unlock()
-			m.wbReaped <- i // never blocks: it has room for every slot
+			m.writeSlot(i)
 		}
 	}
+}
+
+// writeSlot encodes and writes queued slot i and hands it back: the
+// goroutine's work, which a throttled writer also does (helpWriteBack).
+func (m *Meta) writeSlot(i int) {
+	s := &m.wbSlot[i]
+	encodeNode(s.buf, s.kind, s.loc, s.tx, s.level, s.runs, s.kids)
+	s.err = m.writePage(s.buf, s.loc)
+	if s.err == nil {
+		m.cache.wrote(1)
+	}
+	m.wbSeq[i].Store(0)
+	m.wbMu.Lock()
+	m.wbWritten++
+	if s.err != nil && m.wbErr == nil {
+		m.wbErr = s.err
+	}
+	m.wbCond.Broadcast()
+	m.wbMu.Unlock()
+	m.wbReaped <- i // never blocks: it has room for every slot
 }
 
 // lowSpace returns the callback to run (after unlocking), if the free

@@ -114,9 +114,18 @@ type Meta struct {
 	// written. The write-back goroutine takes no other lock.
 	wbMu      sync.Mutex
 	wbCond    *sync.Cond
-	wbWritten uint64 // pages the goroutine has written (or failed)
+	wbWritten uint64 // pages the goroutine and helping writers have written (or failed)
 	wbErr     error  // its first write error
-	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting)
+	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting and helping)
+	wbHelping int    // writers writing a queued slot in Throttle (Close waits for them)
+	// wbSeq[i] is 1 + the queue sequence number (wbQueued before it was
+	// queued) of the page in slot i while it is queued or being written,
+	// 0 otherwise: set under mu before the slot is queued, cleared by
+	// whoever wrote it before it takes wbMu to say so. A throttled writer
+	// may write a later slot before the goroutine writes an earlier one,
+	// so a commit waits for the slots queued before its freeze by these,
+	// not by a count of pages written.
+	wbSeq []atomic.Uint64
 	// The slots and the channels between the writer and the goroutine
 	// (nil: SyncWriteBack or read-only). A slot index is in exactly one
 	// of wbFree (guarded by mu), wbQueue, the goroutine's hands and
@@ -187,7 +196,12 @@ type Meta struct {
 	// maxRead, maxSelfWrite and maxChangeMiss are the Stalls maxima
 	// (atomic: noted under mu shared, or outside it).
 	maxRead, maxSelfWrite, maxChangeMiss lockstat.Max
-	changesMissed                        atomic.Uint64
+	// maxThrottle is the longest a writer waited in Throttle for
+	// write-back, throttled how many Throttle calls waited.
+	maxThrottle   lockstat.Max
+	throttled     atomic.Uint64
+	wbHelped      atomic.Uint64 // pages throttled writers wrote themselves
+	changesMissed atomic.Uint64
 	// lockedReads counts the pages read with mu held, shared or
 	// exclusively (Stalls.LockedReads): a change waiting for mu waits
 	// for each of them.
@@ -284,6 +298,7 @@ func (m *Meta) startWriteBack() {
 	slots := wbSlotsFor(m.cache.limit)
 	m.wbQueue, m.wbReaped = make(chan int, slots), make(chan int, slots)
 	m.wbSlot = make([]wbSlot, slots)
+	m.wbSeq = make([]atomic.Uint64, slots)
 	bufs := make([]byte, slots*PageSize)
 	for i := range m.wbSlot {
 		m.wbSlot[i].buf = bufs[i*PageSize : (i+1)*PageSize]
@@ -629,6 +644,9 @@ func (m *Meta) Close() error {
 		<-m.wbDone
 		m.wbMu.Lock()
 		m.wbStopped = true
+		for m.wbHelping > 0 { // a throttled writer's page write ends first
+			m.wbCond.Wait()
+		}
 		m.wbCond.Broadcast()
 		m.wbMu.Unlock()
 	}
@@ -645,6 +663,13 @@ type Stalls struct {
 	MaxSelfWrite  time.Duration
 	MaxChangeMiss int64
 	ChangesMissed uint64 // changes that read at least one page
+	// MaxThrottle is the longest a writer waited in Throttle for the
+	// write-back goroutine, Throttled how many times one waited.
+	MaxThrottle time.Duration
+	Throttled   uint64
+	// Helped counts the pages throttled writers wrote themselves rather
+	// than wait for the write-back goroutine.
+	Helped uint64
 	// LockedReads counts the pages read with the layer's lock held,
 	// shared or exclusively (a lookup past its unlocked reads, a change's
 	// own misses, replay's read-ahead): a change waits for each.
@@ -655,7 +680,8 @@ type Stalls struct {
 func (m *Meta) Stalls() Stalls {
 	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
 		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
-		ChangesMissed: m.changesMissed.Load(), LockedReads: m.lockedReads.Load()}
+		ChangesMissed: m.changesMissed.Load(), MaxThrottle: time.Duration(m.maxThrottle.Load()),
+		Throttled: m.throttled.Load(), Helped: m.wbHelped.Load(), LockedReads: m.lockedReads.Load()}
 }
 
 // ResetStalls clears what Stalls reports.
@@ -665,5 +691,8 @@ func (m *Meta) ResetStalls() {
 	m.maxSelfWrite.Reset()
 	m.maxChangeMiss.Reset()
 	m.changesMissed.Store(0)
+	m.maxThrottle.Reset()
+	m.throttled.Store(0)
+	m.wbHelped.Store(0)
 	m.lockedReads.Store(0)
 }

@@ -281,6 +281,10 @@ func TestThrottleInsteadOfSelfWriteBack(t *testing.T) {
 		t.Fatal("Throttle after write-back resumed: still waiting after a minute")
 	}
 	require.False(t, m.overHard.Load())
+	// Stalls times the wait (whether it waited for a page or found the
+	// slots written by the time it looked).
+	require.Positive(t, m.Stalls().MaxThrottle)
+	require.LessOrEqual(t, m.Stalls().Throttled, uint64(1))
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())
 }
