@@ -482,8 +482,8 @@ func (m *Meta) queueWriteBack(most int) int {
 
 // openWriteRing is how many of the open transaction's last page writes
 // openWriteLocs keeps: a lookup's unlocked read of such a page over which
-// more were queued (a few per change past half the cache dirty) is read
-// again under mu.
+// more were queued (a few per change past half the cache dirty) is not
+// used, and the page is read again.
 const openWriteRing = 256
 
 // notePageWrite records a write of the open transaction's page loc,
