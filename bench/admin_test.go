@@ -173,9 +173,10 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 		b.ReportMetric(ms(max(ls.Store.MaxWait, ls.Meta.MaxWait)), name+"-wait-ms")
 		b.ReportMetric(ms(gc), name+"-gc-ms")
 		b.ReportMetric(ms(sched), name+"-sched-ms")
-		b.Logf("%s: stall %v; Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; gc pause %v, sched latency %v",
+		b.ReportMetric(float64(ls.MetaLockedReads), name+"-locked-reads")
+		b.Logf("%s: stall %v; Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d, %d pages read under Meta.mu; gc pause %v, sched latency %v",
 			name, stall, ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
-			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy, ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, gc, sched)
+			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy, ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.MetaLockedReads, gc, sched)
 	}
 	mid := fmt.Sprintf("s%d", snaps/2)
 	// Two references: the writer's worst write while nothing else runs

@@ -124,15 +124,35 @@ func (s *Store) smallStateLocked(c *capture) {
 		br.groupsCaptured = br.ownGroups // the capture now shares the words
 	}
 	slices.SortFunc(c.branches, func(a, b branchRec) int { return int(int64(a.id) - int64(b.id)) })
+	c.volumes = s.volRecsLocked()
+	c.ctr = s.ctr.clone()
+}
+
+// volRecsLocked returns the records of every volume but the origin, by
+// id: the last ones made, while no record changed a volume since
+// (volGen). The caller must not change them. Called with mu held
+// exclusively.
+func (s *Store) volRecsLocked() []volRec {
+	if s.volRecs != nil && s.volRecsGen == s.volGen {
+		return s.volRecs
+	}
+	s.volRecs, s.volRecsGen = s.makeVolRecs(), s.volGen
+	return s.volRecs
+}
+
+// makeVolRecs makes the records of every volume but the origin, by id.
+// Called with mu held, shared or exclusively.
+func (s *Store) makeVolRecs() []volRec {
+	recs := make([]volRec, 0, len(s.volumes))
 	for _, v := range s.volumes {
 		if v.kind != KindOrigin {
-			c.volumes = append(c.volumes, volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
+			recs = append(recs, volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
 				epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent),
 				size: v.size.Load()})
 		}
 	}
-	slices.SortFunc(c.volumes, func(a, b volRec) int { return int(a.id - b.id) })
-	c.ctr = s.ctr.clone()
+	slices.SortFunc(recs, func(a, b volRec) int { return int(a.id - b.id) })
+	return recs
 }
 
 // captureLocked freezes a tree commit at the last record appended. Called

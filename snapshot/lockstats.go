@@ -32,6 +32,10 @@ type LockStats struct {
 	// WriteBackHelped counts the metadata pages throttled writers wrote
 	// themselves rather than wait for the write-back goroutine.
 	WriteBackHelped uint64
+	// MetaLockedReads counts the metadata pages read with the layer's
+	// lock held, shared or exclusively: an index change (which takes it
+	// exclusively, under Store.mu) waits for each.
+	MetaLockedReads uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
@@ -39,7 +43,8 @@ func (s *Store) LockStats() LockStats {
 	st := s.m.Stalls()
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
 		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
-		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled, WriteBackHelped: st.Helped}
+		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled, WriteBackHelped: st.Helped,
+		MetaLockedReads: st.LockedReads}
 }
 
 // ResetLockStats clears what LockStats reports.

@@ -320,13 +320,13 @@ func (v *Volume) Size() int64 { return v.meta.size.Load() }
 
 // checkSize reports a volume whose size breaks the rules: the origin's is
 // the origin device's; every other is positive and within the store's
-// bound. Called with mu held (Check's copy of the state).
-func (s *Store) checkSize(v *volume, bad func(string, ...any) bool) {
-	size := v.size.Load()
+// bound. It reads only the record (Check's copy of the state), so no
+// lock is needed.
+func checkSize(v volRec, originSize, bound int64, bad func(string, ...any) bool) {
 	switch {
-	case v.kind == KindOrigin && size != s.geo.originSize:
-		bad("origin volume of %d bytes, origin device %d", size, s.geo.originSize)
-	case v.kind != KindOrigin && (size <= 0 || size > s.geo.volumeBound()):
-		bad("volume %d of %d bytes (bound %d)", v.id, size, s.geo.volumeBound())
+	case v.kind == KindOrigin && v.size != originSize:
+		bad("origin volume of %d bytes, origin device %d", v.size, originSize)
+	case v.kind != KindOrigin && (v.size <= 0 || v.size > bound):
+		bad("volume %d of %d bytes (bound %d)", v.id, v.size, bound)
 	}
 }

@@ -29,9 +29,18 @@ import (
 // the index is logged; Check passes always, so that it also sees a change
 // that was not (which is corruption, and what it looks for).
 func (s *Store) readView(prep func(), always bool) (ix pagedIndex, done func(), err error) {
+	return s.readViewCapture(func(*capture) { prep() }, always)
+}
+
+// readViewCapture is readView whose prep is also given the capture frozen
+// under the same hold of Store.mu (nil where none was: the store cannot
+// commit, or nothing was logged since the last tree commit), so that a
+// caller can use its copy of the small state (Check: the volume records)
+// rather than make another under the lock.
+func (s *Store) readViewCapture(prep func(c *capture), always bool) (ix pagedIndex, done func(), err error) {
 	if s.writable() != nil || s.j == nil {
 		s.mu.RLock()
-		prep()
+		prep(nil)
 		return s.ix, s.mu.RUnlock, nil
 	}
 	s.mu.Lock()
@@ -40,7 +49,7 @@ func (s *Store) readView(prep func(), always bool) (ix pagedIndex, done func(), 
 	}
 	if s.failed.Load() != nil || s.closed.Load() {
 		// Failed while waiting: walk the live index under the lock.
-		prep()
+		prep(nil)
 		return s.ix, s.mu.Unlock, nil
 	}
 	if !always && s.j.LastSeq() == s.lastTreeSeq {
@@ -48,7 +57,7 @@ func (s *Store) readView(prep func(), always bool) (ix pagedIndex, done func(), 
 		// (no capture is outstanding): its view is the live index, and
 		// a commit would only rewrite the small state (a Stat of each
 		// volume of an idle store costs no write).
-		prep()
+		prep(nil)
 		v := s.m.View()
 		s.mu.Unlock()
 		return pagedIndex{r: v}, v.Release, nil
@@ -58,7 +67,7 @@ func (s *Store) readView(prep func(), always bool) (ix pagedIndex, done func(), 
 		s.mu.Unlock()
 		return pagedIndex{}, nil, err
 	}
-	prep()
+	prep(&c)
 	var v *meta.View
 	c.view = &v
 	s.mu.Unlock()

@@ -219,6 +219,9 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: record %d: %s", ErrCorrupt, seq, fmt.Sprintf(format, args...))
 	}
+	if o.kind != opPut && o.kind != opDel && o.kind != opMove {
+		s.volGen++ // a volume may change: captures make their records again
+	}
 	switch o.kind {
 	case opPut, opDel:
 		br := s.branches[o.b]

@@ -472,11 +472,26 @@ func (m *Meta) queueWriteBack(most int) int {
 		s.n, s.gen, s.tx, s.loc, s.err = n, n.gen, m.tx, n.loc, nil
 		m.wbSeq[i].Store(m.wbQueued + 1)
 		m.wbQueued++
+		m.notePageWrite(n.loc)
 		m.wbQueue <- i // never blocks: it has room for every slot
 	}
 	q := len(m.nodeBuf)
 	clear(m.nodeBuf) // keep no node alive past its eviction
 	return q
+}
+
+// openWriteRing is how many of the open transaction's last page writes
+// openWriteLocs keeps: a lookup's unlocked read of such a page over which
+// more were queued (a few per change past half the cache dirty) is not
+// used, and the page is read again.
+const openWriteRing = 256
+
+// notePageWrite records a write of the open transaction's page loc,
+// queued or made by the writer (openUnwritten). Callers hold mu
+// exclusively.
+func (m *Meta) notePageWrite(loc uint64) {
+	m.openWriteLocs[m.openWrites%openWriteRing] = loc
+	m.openWrites++
 }
 
 // reapWriteBack takes back the slots the goroutine has written: a node
@@ -585,6 +600,7 @@ func (m *Meta) writeNodes(max int) error {
 	m.nodeBuf = m.cache.dirtyNodesOf(m.nodeBuf[:0], m.tx, max)
 	for _, n := range m.nodeBuf {
 		n.encode(m.buf)
+		m.notePageWrite(n.loc)
 		if err := m.writePage(m.buf, n.loc); err != nil {
 			return m.fail(err)
 		}

@@ -173,7 +173,7 @@ func (m *Meta) sharedReader() *reader {
 		r = &reader{}
 	}
 	r.m, r.chunk, r.epoch = m, m.chunk, m.epoch
-	r.ms.on = true
+	r.ms.on, r.ms.held = true, true
 	return r
 }
 

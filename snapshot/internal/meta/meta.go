@@ -162,10 +162,17 @@ type Meta struct {
 	nodeBuf  []*node
 	wbFree   []int  // write-back slots not in flight
 	wbQueued uint64 // pages queued to the write-back goroutine so far
-	pathBuf  []*node
-	idxBuf   []int
-	rd       reader // the writer's reader (see Meta.reader)
-	missMark uint64 // the cache's misses when the change in progress began (lockChange)
+	// openWrites counts the writes of the open transaction's pages the
+	// writer queued or made itself, and openWriteLocs holds the pages of
+	// the last openWriteRing of them, each at its count modulo the ring:
+	// a lookup that read such a page without mu uses what it read only
+	// if no write of it was queued since (openUnwritten).
+	openWrites    uint64
+	openWriteLocs [openWriteRing]uint64
+	pathBuf       []*node
+	idxBuf        []int
+	rd            reader // the writer's reader (see Meta.reader)
+	missMark      uint64 // the cache's misses when the change in progress began (lockChange)
 	// wMiss counts the pages the writer's own walks read (loadW);
 	// wMissMark is its value when the change in progress began.
 	wMiss, wMissMark uint64
@@ -195,6 +202,10 @@ type Meta struct {
 	throttled     atomic.Uint64
 	wbHelped      atomic.Uint64 // pages throttled writers wrote themselves
 	changesMissed atomic.Uint64
+	// lockedReads counts the pages read with mu held, shared or
+	// exclusively (Stalls.LockedReads): a change waiting for mu waits
+	// for each of them.
+	lockedReads atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
@@ -659,6 +670,10 @@ type Stalls struct {
 	// Helped counts the pages throttled writers wrote themselves rather
 	// than wait for the write-back goroutine.
 	Helped uint64
+	// LockedReads counts the pages read with the layer's lock held,
+	// shared or exclusively (a lookup past its unlocked reads, a change's
+	// own misses, replay's read-ahead): a change waits for each.
+	LockedReads uint64
 }
 
 // Stalls reports the maxima since the last ResetStalls.
@@ -666,7 +681,7 @@ func (m *Meta) Stalls() Stalls {
 	return Stalls{Lock: m.mu.Stats(), MaxPageRead: time.Duration(m.maxRead.Load()),
 		MaxSelfWrite: time.Duration(m.maxSelfWrite.Load()), MaxChangeMiss: m.maxChangeMiss.Load(),
 		ChangesMissed: m.changesMissed.Load(), MaxThrottle: time.Duration(m.maxThrottle.Load()),
-		Throttled: m.throttled.Load(), Helped: m.wbHelped.Load()}
+		Throttled: m.throttled.Load(), Helped: m.wbHelped.Load(), LockedReads: m.lockedReads.Load()}
 }
 
 // ResetStalls clears what Stalls reports.
@@ -679,4 +694,5 @@ func (m *Meta) ResetStalls() {
 	m.maxThrottle.Reset()
 	m.throttled.Store(0)
 	m.wbHelped.Store(0)
+	m.lockedReads.Store(0)
 }

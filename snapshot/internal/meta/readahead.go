@@ -127,7 +127,7 @@ func (ra *readAhead) tree(t tree, keys []Key) (int, error) {
 		var n *node
 		for i := 0; i < end; i++ {
 			if n == nil || at[i] != (ptr{n.loc, n.tx}) {
-				if n, err = ra.m.load(at[i], t.kind, level); err != nil {
+				if n, err = ra.m.loadHeld(at[i], t.kind, level, nil); err != nil {
 					return 0, err
 				}
 			}
@@ -208,6 +208,7 @@ func (ra *readAhead) batch(k kind, level int, nodes []ptr) (int, error) {
 	loaded := append(ra.loaded[:0], make([]*node, len(nodes))...)
 	ra.loaded = loaded
 	read := func(i int) error {
+		ra.m.lockedReads.Add(1) // under mu shared (ReadAhead)
 		n, err := ra.m.readNode(nodes[i], k, level)
 		if err != nil {
 			return err

@@ -27,13 +27,23 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 // pages its change reads (wMiss) for Stalls, apart from the misses of
 // lookups and views that run meanwhile.
 func (m *Meta) loadW(p ptr, k kind, level int) (*node, error) {
+	return m.loadHeld(p, k, level, &m.wMiss)
+}
+
+// loadHeld is load for a walk under mu that reads its misses there (the
+// writer's; readahead's and a lookup's past its unlocked reads, under mu
+// shared): it counts them (lockedReads), and in *wMiss if not nil.
+func (m *Meta) loadHeld(p ptr, k kind, level int, wMiss *uint64) (*node, error) {
 	if n := m.cache.get(p.loc); n != nil {
 		if err := checkCached(n, p, k, level); err != nil {
 			return nil, m.changedOr(err)
 		}
 		return n, nil
 	}
-	m.wMiss++
+	if wMiss != nil {
+		*wMiss++
+	}
+	m.lockedReads.Add(1)
 	return m.loadMiss(p, k, level)
 }
 

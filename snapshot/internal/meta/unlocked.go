@@ -21,10 +21,16 @@ import (
 // shadows it rather than change it, and its page is not reused before the
 // transaction that freed it is durable and its frees released, after
 // which no pointer to it is reachable. A node of the open transaction may
-// be changed in place after it was written back and evicted, so a page
-// read with such a transaction is discarded and read again under the lock.
-// If the page changed under the read (reused: its check fails), the next
-// try also reads under the lock, where a failure is real corruption.
+// be changed in place after it was written back and evicted, and written
+// back again to the same page, so a page read with that transaction is
+// used only if no write of it was queued since the lock was released
+// (openUnwritten), and the transaction is still open; otherwise it is
+// read again, still without the lock. Such pages are the common case
+// beside a scan: the write-back goroutine cleans the open transaction's
+// nodes, and a scan's reads evict them (docs/metadata.md section 24). If
+// the page changed under the read (reused: its check fails), the next try
+// reads under the lock, where a failure is real corruption; so does a
+// lookup that has read maxPending pages without it.
 
 // errMissed stops a lookup at a page to be read without the lock.
 var errMissed = errors.New("meta: page to read without the lock")
@@ -45,8 +51,16 @@ type missState struct {
 	level   int
 	pending [maxPending]*node
 	np      int
+	tries   int // pages read without the lock (at most maxPending)
 	// pins: the walk pins every node it takes into it (PrefetchPin).
 	pins *Pins
+	// openTx is the open transaction when the first pending node of it
+	// was read (0: none), openSince m.openWrites then (openUnwritten).
+	openTx, openSince uint64
+	// held: the walk runs under mu held shared (a lookup of the open
+	// transaction, not a view), so a page it reads with on false is read
+	// under the lock (lockedReads).
+	held bool
 }
 
 // loadPinned is load for PrefetchPin: every node the walk takes is pinned
@@ -71,6 +85,7 @@ func (it *iter) loadPinned(p ptr, k kind, level int) (*node, error) {
 		ms.miss, ms.kind, ms.level = p, k, level
 		return nil, errMissed
 	}
+	it.m.lockedReads.Add(1)
 	n, err := it.m.readNode(p, k, level)
 	if err != nil {
 		return nil, it.m.changedOr(err)
@@ -96,6 +111,9 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 		return it.loadPinned(p, k, level)
 	}
 	if ms == nil || !ms.on {
+		if ms != nil && ms.held {
+			return it.m.loadHeld(p, k, level, nil)
+		}
 		return it.m.load(p, k, level)
 	}
 	if n := it.m.cache.get(p.loc); n != nil {
@@ -125,11 +143,12 @@ func (m *Meta) retryMiss(r *reader, err error, q Key) (bool, error) {
 	if ms.noRead {
 		return false, &NotCachedError{Key: q}
 	}
-	if ms.np == len(ms.pending) {
+	if ms.tries == len(ms.pending) {
 		ms.on = false // read the rest under the lock
 		return true, nil
 	}
-	open := m.tx
+	ms.tries++
+	open, since := m.tx, m.openWrites
 	m.mu.RUnlock()
 	n, rerr := m.readNode(ms.miss, ms.kind, ms.level)
 	m.mu.RLock()
@@ -137,13 +156,63 @@ func (m *Meta) retryMiss(r *reader, err error, q Key) (bool, error) {
 		return false, ErrClosed
 	}
 	r.chunk, r.epoch = m.chunk, m.epoch
-	if rerr != nil || n.tx >= open {
+	if rerr != nil || n.tx > open {
 		ms.on = false // read it again under the lock (see the top)
 		return true, nil
 	}
+	if n.tx == open && ms.openTx == 0 {
+		ms.openTx, ms.openSince = open, since
+	}
 	ms.pending[ms.np] = n
 	ms.np++
+	if ms.openTx != 0 && !m.openUnwritten(ms) {
+		// They may be stale: read them again, while tries last.
+		ms.dropOpen()
+	}
 	return true, nil
+}
+
+// dropOpen forgets the pending nodes of ms.openTx.
+func (ms *missState) dropOpen() {
+	k := 0
+	for _, n := range ms.pending[:ms.np] {
+		if n.tx != ms.openTx {
+			ms.pending[k] = n
+			k++
+		}
+	}
+	clear(ms.pending[k:ms.np])
+	ms.np, ms.openTx, ms.openSince = k, 0, 0
+}
+
+// openUnwritten reports whether the pending nodes of the open
+// transaction (ms.openTx) are still what their pages hold: the
+// transaction is still open, and no write of one of their pages was
+// queued since the first of them was read (ms.openSince). Callers hold
+// mu shared.
+//
+// Such a node was clean and uncached when the lookup missed it, under mu:
+// every write of its page had ended, since a node stays dirty, and so
+// cached, until its write-back is reaped. Its page changes again only if
+// the writer changes the node (in the cache: a miss of the walk then
+// finds it there, and never uses the pending copy) and writes it back: a
+// write queued, or written by the writer itself, under mu exclusively,
+// and recorded in openWriteLocs. A freeze makes the node part of a
+// commit that may write its page: the pending copy is then not used
+// either.
+func (m *Meta) openUnwritten(ms *missState) bool {
+	if m.tx != ms.openTx || m.openWrites-ms.openSince > openWriteRing {
+		return false
+	}
+	for w := ms.openSince; w < m.openWrites; w++ {
+		loc := m.openWriteLocs[w%openWriteRing]
+		for _, n := range ms.pending[:ms.np] {
+			if n.tx == ms.openTx && n.loc == loc {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // readNode reads and decodes the node p points to, without a cache.
