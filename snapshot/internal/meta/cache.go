@@ -81,20 +81,7 @@ func (c *cache) dirtyUnlink(n *node) {
 // get returns the cached node at loc, if any, and marks it referenced.
 // It takes mu shared: the bit is set while eviction, which takes mu
 // exclusively and clears the bits, cannot run.
-func (c *cache) get(loc uint64) *node {
-	c.mu.RLock()
-	n := c.nodes[loc]
-	if n != nil && !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
-		n.ref.Store(true)
-	}
-	c.mu.RUnlock()
-	if n == nil {
-		c.misses.Add(1)
-		return nil
-	}
-	c.hits.Add(1)
-	return n
-}
+func (c *cache) get(loc uint64) *node { return c.getPinned(loc, nil) }
 
 // pinPath pins into p the nodes of t's path to q, root to leaf, and the
 // siblings a rebalance along it may load (mayJoin), while each is cached
@@ -126,14 +113,18 @@ func (c *cache) pinPath(t tree, q run, p *Pins) bool {
 	}
 }
 
-// getPinned is get that also pins the node into p.
+// getPinned is get that also pins the node into p, if p is not nil.
 func (c *cache) getPinned(loc uint64, p *Pins) *node {
 	c.mu.RLock()
 	n := c.nodes[loc]
 	if n != nil {
-		n.pins.Add(1)
-		n.ref.Store(true)
-		p.nodes = append(p.nodes, n)
+		if p != nil {
+			n.pins.Add(1)
+			p.nodes = append(p.nodes, n)
+		}
+		if !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
+			n.ref.Store(true)
+		}
 	}
 	c.mu.RUnlock()
 	if n == nil {
