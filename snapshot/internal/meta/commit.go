@@ -494,8 +494,9 @@ func (m *Meta) notePageWrite(loc uint64) {
 	m.openWrites++
 }
 
-// reapWriteBack takes back the slots the goroutine has written: a node
-// that did not change since it was encoded is clean now. A failed write
+// reapWriteBack takes back the slots the goroutine (or a throttled
+// writer) has written: a node that did not change since it was copied is
+// clean now. A failed write
 // fails the Meta. Callers hold mu.
 func (m *Meta) reapWriteBack() {
 	for {
@@ -516,9 +517,9 @@ func (m *Meta) reapWriteBack() {
 	}
 }
 
-// waitWriteBack waits until the pages queued before the first queued
-// (sequence numbers below it) are written and returns the first write
-// error. Callers hold commitMu, not mu.
+// waitWriteBack waits until every page whose queue number is below
+// queued (wbQueued at the caller's freeze) is written, and returns the
+// first write error. Callers hold commitMu, not mu.
 func (m *Meta) waitWriteBack(queued uint64) error {
 	if m.wbQueue == nil {
 		return nil
