@@ -81,6 +81,11 @@ type capture struct {
 	// view, when set, receives a view of the written commit before the
 	// capture ends (readView).
 	view **meta.View
+	// paced: the capture is written by a goroutine that is not a writer
+	// (the checkpointer, an admin call's readView, Checkpoint), which
+	// yields the processor as it goes (Frozen.WritePaced, endCapture,
+	// releaseFreed). A writer's own tree commit, under its locks, is not.
+	paced bool
 	// freed is closed once the capture's checkpoint has freed the log it
 	// covers, or has failed (the store is then failed): before
 	// releaseFreed and endCapture, which take locks, so that a writer
@@ -237,6 +242,7 @@ func (s *Store) postCaptureLocked() {
 	if err != nil {
 		return
 	}
+	c.paced = true
 	s.ckptCh <- c
 }
 
@@ -286,13 +292,16 @@ func (s *Store) Checkpoint(ctx context.Context) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	return s.treeCommit(ctx)
+	return s.treeCommitPaced(ctx, true)
 }
 
 // treeCommit freezes a tree commit (waiting for one outstanding to end
 // first) and writes it. Called with no lock of the store held but branch
 // gates and stripes.
-func (s *Store) treeCommit(ctx context.Context) error {
+func (s *Store) treeCommit(ctx context.Context) error { return s.treeCommitPaced(ctx, false) }
+
+// treeCommitPaced is treeCommit whose capture is paced (capture.paced).
+func (s *Store) treeCommitPaced(ctx context.Context, paced bool) error {
 	s.mu.Lock()
 	for s.capOut && s.failed.Load() == nil {
 		s.capDone.Wait()
@@ -310,6 +319,7 @@ func (s *Store) treeCommit(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.paced = paced
 	return s.writeCheckpoint(c)
 }
 
@@ -365,7 +375,11 @@ func (s *Store) writeCapture(c capture, release bool) error {
 		}
 	}
 	if c.fz != nil {
-		if err := c.fz.Write(); err != nil {
+		write := c.fz.Write
+		if c.paced {
+			write = c.fz.WritePaced
+		}
+		if err := write(); err != nil {
 			return s.fail(metaErr("tree commit", err))
 		}
 	}
@@ -384,7 +398,7 @@ func (s *Store) writeCapture(c capture, release bool) error {
 	freed = true
 	close(c.freed)
 	if release {
-		s.releaseFreed()
+		s.releaseFreed(c.paced)
 	}
 	return nil
 }
@@ -400,7 +414,11 @@ func (s *Store) endCapture(c capture) {
 	if i := slices.Index(s.capTaken, c.freed); i >= 0 {
 		s.capTaken = slices.Delete(s.capTaken, i, i+1) // a writer ended it first (logRoomLocked)
 	}
-	s.mu.Unlock()
+	if c.paced {
+		s.mu.UnlockYield()
+	} else {
+		s.mu.Unlock()
+	}
 }
 
 // encoder writes varints through a buffer and a running checksum.

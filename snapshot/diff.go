@@ -1,12 +1,13 @@
 package snapshot
 
 import (
-	"cmp"
+	"errors"
 	"fmt"
 	"iter"
 	"slices"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot/internal/pace"
 )
 
 // Extent is a byte range of a volume; Zero says it now reads as zeros
@@ -201,15 +202,16 @@ func (s *Store) walkDiff(ix pagedIndex, p diffPlan, newer *Volume, newerOnly, ol
 		}
 	}
 	if p.split {
-		err := ix.epochRange(p.br.id, p.lo, p.hi, func(x entry) bool {
-			other = append(other, x.c)
+		err := ix.epochChunks(p.br.id, p.lo, p.hi, false, func(c uint64, _ uint32) bool {
+			other = append(other, c)
 			return true
 		})
 		if err != nil {
 			return nil, err
 		}
 	}
-	slices.Sort(other)
+	var pc pace.Pacer
+	pace.SortUint64(other, &pc) // up to one per entry walked: a plain sort held a processor for tens of ms
 	other = slices.Compact(other)
 	// The rest of the newer chain, below its own levels.
 	rest := newer.levels[len(newerOnly):]
@@ -229,6 +231,7 @@ func (s *Store) walkDiff(ix pagedIndex, p diffPlan, newer *Volume, newerOnly, ol
 			}
 			out = append(out, diffChunk{c: other[j], loc: loc, fromOrig: fromOrig})
 			j++
+			pc.Step()
 		}
 	}
 	return out, nil
@@ -240,26 +243,37 @@ type answer struct{ c, loc uint64 }
 // levelAnswers returns, in chunk order, the chunks that level l answers:
 // the first entry of (l.br, c) at or above l.e (for a live level, the
 // live entry) is not an inherit, so a read there stops at this level. Its
-// cost is the level's entries at or above l.e.
+// cost is the level's entries at or above l.e: their chunks are read from
+// the epoch tree, then each chunk's first entry is sought in the chunk
+// tree in chunk order (consecutive lookups in one leaf, each leaf read
+// once), not in epoch order (a random leaf per entry).
 func levelAnswers(ix pagedIndex, l level) ([]answer, error) {
-	var got []answer
-	visit := func(x entry) bool {
-		got = append(got, answer{c: x.c, loc: x.loc})
+	var cs []uint64
+	err := ix.epochChunks(l.br.id, l.e, epochLive, true, func(c uint64, _ uint32) bool {
+		cs = append(cs, c)
 		return true
-	}
-	if l.e != epochLive {
-		// Epoch by epoch, in increasing order: after a stable sort by
-		// chunk, a chunk's first entry is its first at or above l.e.
-		if err := ix.epochRange(l.br.id, l.e, epochLive, visit); err != nil {
-			return nil, err
-		}
-	}
-	if err := ix.epochEntries(l.br.id, epochLive, 0, visit); err != nil {
+	})
+	if err != nil {
 		return nil, err
 	}
-	slices.SortStableFunc(got, func(a, b answer) int { return cmp.Compare(a.c, b.c) })
-	got = slices.CompactFunc(got, func(a, b answer) bool { return a.c == b.c })
-	return slices.DeleteFunc(got, func(a answer) bool { return a.loc == locInherit }), nil
+	var pc pace.Pacer
+	pace.SortUint64(cs, &pc)
+	cs = slices.Compact(cs)
+	got := make([]answer, 0, len(cs))
+	for _, c := range cs {
+		x, ok, err := ix.seek(l.br.id, c, l.e)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, errors.New("snapshot: paged index: epoch tree lists a chunk the chunk tree lacks")
+		}
+		if x.loc != locInherit {
+			got = append(got, answer{c: c, loc: x.loc})
+		}
+		pc.Step()
+	}
+	return got, nil
 }
 
 // mergeAnswers merges b, a lower level's answers, into a, keeping a's

@@ -26,7 +26,7 @@ func TestDrainMarksSamplesOnce(t *testing.T) {
 	require.EqualValues(t, n, s.ob.n.Load())
 	require.Zero(t, s.id.durable.Load(), "nothing reached the origin device yet")
 	seq := s.id.st.seq
-	require.NoError(t, s.drainOrigin(context.Background()))
+	require.NoError(t, s.drainOrigin(context.Background(), false))
 	require.Equal(t, seq+1, s.id.st.seq, "one identity write for the drain")
 	require.EqualValues(t, uint32(1)<<n-1, s.id.durable.Load())
 	require.Zero(t, s.ob.n.Load())
@@ -40,7 +40,7 @@ func TestDrainMarksSamplesOnce(t *testing.T) {
 	for i := range n {
 		fillAt(t, o, byte(i+100), pos[i], 4096)
 	}
-	require.NoError(t, s.drainOrigin(context.Background()))
+	require.NoError(t, s.drainOrigin(context.Background(), false))
 	require.Equal(t, seq+1, s.id.st.seq)
 	require.NoError(t, o.Flush())
 	require.Zero(t, s.id.durable.Load(), "settled by the Flush")

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -210,22 +211,35 @@ func (s *Store) obWait() error {
 	if s.ob.n.Load() < s.ob.max { // another drain made room
 		return nil
 	}
-	return s.drainLocked(s.ctx)
+	return s.drainLocked(s.ctx, false)
 }
 
 // drainOrigin commits the journal, then writes every buffered chunk whose
 // copy record the commit covered to the origin device and drops it. It
-// does not flush the origin.
-func (s *Store) drainOrigin(ctx context.Context) error {
+// does not flush the origin. With yield (the committer's drain, which no
+// writer waits for step by step) it yields the processor where it has
+// released what writers wait for; a writer draining a full buffer itself
+// (obWait), or a Flush, does not.
+func (s *Store) drainOrigin(ctx context.Context, yield bool) error {
 	if s.ob.max == 0 {
 		return nil
 	}
 	s.ob.drainMu.Lock()
 	defer s.ob.drainMu.Unlock()
-	return s.drainLocked(ctx)
+	return s.drainLocked(ctx, yield)
 }
 
-func (s *Store) drainLocked(ctx context.Context) error {
+// maybeYield yields the processor if yield is set: a background goroutine
+// that just released a lock or slot a writer waits for, which Go runs next
+// on this processor but only once this goroutine blocks or has run out
+// its time slice (package pace says why).
+func maybeYield(yield bool) {
+	if yield {
+		runtime.Gosched()
+	}
+}
+
+func (s *Store) drainLocked(ctx context.Context, yield bool) error {
 	if s.ob.n.Load() == 0 {
 		return nil
 	}
@@ -245,6 +259,7 @@ func (s *Store) drainLocked(ctx context.Context) error {
 	s.ob.mu.Lock()
 	pre := s.ob.queue
 	s.ob.mu.Unlock()
+	maybeYield(yield) // a writer blocked on ob.mu runs before the commit's writes
 	var marking sync.WaitGroup
 	if s.unmarkedOf(pre) != 0 {
 		marking.Go(func() { _ = s.markQueued(pre) })
@@ -258,6 +273,7 @@ func (s *Store) drainLocked(ctx context.Context) error {
 	q := s.ob.queue
 	s.ob.queue = s.ob.spare[:0]
 	s.ob.mu.Unlock()
+	maybeYield(yield) // the writers the commit and ob.mu woke run before the marking and sort
 	// The entries queued during the commit (nothing to write when they
 	// touch no new sample).
 	_ = s.markQueued(q[len(pre):])
@@ -280,6 +296,7 @@ func (s *Store) drainLocked(ctx context.Context) error {
 			first = err
 		}
 		i = j
+		maybeYield(yield) // the run's stripes and buffer slots are released
 	}
 	s.ob.mu.Lock()
 	// Entries buffered meanwhile follow the kept ones.
@@ -495,7 +512,7 @@ func (s *Store) flushOrigin() error {
 		return err
 	}
 	var gens [maxSamples]uint64
-	err := s.drainOrigin(s.ctx)
+	err := s.drainOrigin(s.ctx, false)
 	if err == nil {
 		// After the drain: its write-outs are covered by the Flush.
 		gens = s.sampleGens()

@@ -170,10 +170,65 @@ func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry)
 				return nil
 			}
 		}
+		p.pace()
 		if len(batch) < epochBatch {
 			return nil
 		}
 		from = batch[len(batch)-1] + 1
+	}
+}
+
+// epochChunks calls fn with the chunk and epoch of each entry of branch b
+// with an epoch in [lo, hi), epoch by epoch, each in chunk order, and
+// with hi itself when hiToo is set (hi may then be epochLive). It reads
+// the epoch tree alone, each of its leaves once, where epochRange looks
+// up every entry's location in the chunk tree: a diff of far-apart
+// snapshots needs only the chunks, and one lookup per entry, in epoch
+// order, is a random leaf of the chunk tree each time.
+func (p pagedIndex) epochChunks(b, lo, hi uint32, hiToo bool, fn func(c uint64, e uint32) bool) error {
+	batch := make([]uint64, 0, epochBatch)
+	for e := lo; ; e++ {
+		got, ok, err := p.rd().NextEpoch(b, e)
+		if err != nil || !ok || got > hi || (got == hi && !hiToo) {
+			return err
+		}
+		for from := uint64(0); ; {
+			batch = batch[:0]
+			err := p.rd().AscendEpoch(b, got, from, func(c uint64) bool {
+				batch = append(batch, c)
+				return len(batch) < epochBatch
+			})
+			if err != nil {
+				return err
+			}
+			for _, c := range batch {
+				if !fn(c, got) {
+					return nil
+				}
+			}
+			p.pace()
+			if len(batch) < epochBatch {
+				break
+			}
+			from = batch[len(batch)-1] + 1
+		}
+		if got == epochLive {
+			return nil
+		}
+		e = got
+	}
+}
+
+// pace lets other goroutines run between batches of a long walk of a
+// committed view (Diff, Check, Rollback's planning, export, Stat's
+// counters), as the view's page loads do (meta.View.Pace): such a walk is
+// one goroutine busy for seconds, and a writer that becomes runnable
+// behind it on a small machine waited for Go's 10 ms time slice. A walk
+// of the live index (under the store's lock) is not paced: it holds
+// writers up either way.
+func (p pagedIndex) pace() {
+	if v, ok := p.r.(*meta.View); ok {
+		v.Pace()
 	}
 }
 
@@ -217,6 +272,7 @@ func (p pagedIndex) ascend(from entry, fn func(entry) bool) error {
 				return nil
 			}
 		}
+		p.pace()
 		if len(batch) < epochBatch {
 			return nil
 		}

@@ -114,5 +114,36 @@ func comparePagedIndex(t *testing.T, ix index, pi pagedIndex) {
 				require.Equal(t, wx, gx, "entries of branch %d epoch %d from %d", b, e, from)
 			}
 		}
+		// epochChunks over ranges of epochs: the model's entries epoch by
+		// epoch, each in chunk order, with hi itself only with hiToo, and
+		// stopping where fn says.
+		bounds := append([]uint32{0, 1, epochLive}, we...)
+		for _, lo := range bounds {
+			for _, hi := range bounds {
+				for _, hiToo := range []bool{false, true} {
+					var want [][2]uint64
+					for _, e := range we {
+						if e < lo || e > hi || (e == hi && !hiToo) {
+							continue
+						}
+						ix.epochEntries(b, e, 0, func(x entry) bool { want = append(want, [2]uint64{x.c, uint64(x.e)}); return true })
+					}
+					var got [][2]uint64
+					require.NoError(t, pi.epochChunks(b, lo, hi, hiToo, func(c uint64, e uint32) bool {
+						got = append(got, [2]uint64{c, uint64(e)})
+						return true
+					}))
+					require.Equal(t, want, got, "epochChunks of branch %d [%d, %d] hiToo %v", b, lo, hi, hiToo)
+					if len(want) > 3 {
+						got = got[:0]
+						require.NoError(t, pi.epochChunks(b, lo, hi, hiToo, func(c uint64, e uint32) bool {
+							got = append(got, [2]uint64{c, uint64(e)})
+							return len(got) < 3
+						}))
+						require.Equal(t, want[:3], got, "epochChunks of branch %d stopped after 3", b)
+					}
+				}
+			}
+		}
 	}
 }

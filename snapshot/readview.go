@@ -70,7 +70,8 @@ func (s *Store) readViewCapture(prep func(c *capture), always bool) (ix pagedInd
 	prep(&c)
 	var v *meta.View
 	c.view = &v
-	s.mu.Unlock()
+	c.paced = true
+	s.mu.UnlockYield() // an admin call: the writers waiting run first
 	if err := s.writeCheckpoint(c); err != nil {
 		if v != nil {
 			v.Release()

@@ -875,7 +875,7 @@ func (s *Store) Close() error {
 	} else {
 		// A clean shutdown leaves every completed write durable: the
 		// buffered origin writes go out after their commit.
-		if err = s.drainOrigin(context.Background()); err == nil {
+		if err = s.drainOrigin(context.Background(), false); err == nil {
 			gens = s.sampleGens()
 			err = s.origin.Flush()
 		}
@@ -1224,10 +1224,21 @@ func (s *Store) setDurable(seq uint64) {
 // releaseFreed waits for reads in flight, then makes chunks freed by
 // durable tree commits reusable. Called with no lock of the store held but
 // branch gates and stripes (reclaim comes after them, before mu).
-func (s *Store) releaseFreed() {
-	s.reclaim.Lock()
-	s.m.ReleaseFrees()
-	s.reclaim.Unlock()
+//
+// It releases them a step at a time (meta.ReleaseFreesStep), each under
+// its own hold of reclaim, so that neither reads nor the writer wait for
+// all of a large commit's frees; with paced (a background or admin tree
+// commit) it yields the processor between steps.
+func (s *Store) releaseFreed(paced bool) {
+	for {
+		s.reclaim.Lock()
+		more := s.m.ReleaseFreesStep()
+		s.reclaim.Unlock()
+		if !more {
+			return
+		}
+		maybeYield(paced)
+	}
 }
 
 // flushStore makes every completed store write and record durable.
@@ -1273,7 +1284,7 @@ func (s *Store) committer() {
 			continue
 		}
 		if s.ob.n.Load() > 0 {
-			_ = s.drainOrigin(s.ctx)
+			_ = s.drainOrigin(s.ctx, true)
 		} else {
 			_ = s.commit(s.ctx)
 		}
@@ -1283,7 +1294,7 @@ func (s *Store) committer() {
 			if !s.capOut && s.j.LastSeq() > s.lastTreeSeq {
 				s.postCaptureLocked()
 			}
-			s.mu.Unlock()
+			s.mu.UnlockYield()
 		}
 	}
 }

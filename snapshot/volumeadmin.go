@@ -66,7 +66,7 @@ func (s *Store) quiesce(br *branch) error {
 		return nil
 	}
 	if br.id == 0 {
-		if err := s.drainOrigin(s.ctx); err != nil {
+		if err := s.drainOrigin(s.ctx, false); err != nil {
 			return err
 		}
 		if err := s.origin.Flush(); err != nil {

@@ -38,6 +38,9 @@ type RWMutex struct {
 	// make a span read short, never long: good enough for a maximum.
 	readers atomic.Int32
 	rsince  atomic.Int64
+	// waiting counts the goroutines blocked taking the lock, either way
+	// (UnlockYield reads it).
+	waiting atomic.Int32
 
 	maxHold, maxShared, maxWait atomic.Int64
 	// recMu guards the functions recorded with each maximum. It is a
@@ -58,7 +61,9 @@ type Stats struct {
 func (l *RWMutex) Lock() {
 	if !l.mu.TryLock() {
 		t0 := now()
+		l.waiting.Add(1)
 		l.mu.Lock()
+		l.waiting.Add(-1)
 		t1 := now()
 		l.note(&l.maxWait, &l.wait, t1-t0)
 		l.since.Store(t1)
@@ -73,11 +78,44 @@ func (l *RWMutex) Unlock() {
 	l.mu.Unlock()
 }
 
+// UnlockYield is Unlock for a goroutine that is not the writer a stall
+// is measured on (a tree commit, an admin call): if a goroutine was
+// blocked taking the lock, it then yields its processor. Go's scheduler
+// runs a goroutine that an unlock wakes next on the unlocker's processor,
+// but only once the unlocker blocks, yields or has run out its 10 ms time
+// slice (a system call does not count until the runtime's monitor takes
+// the processor back, which can also take up to 10 ms); a writer woken so
+// by a goroutine that carries on encoding or writing pages waited that
+// long on a two-processor machine. The writer's own paths use Unlock: a
+// yield there would queue the writer behind the goroutine it woke.
+func (l *RWMutex) UnlockYield() {
+	l.note(&l.maxHold, &l.holdBy, now()-l.since.Load())
+	w := l.waiting.Load() > 0
+	l.mu.Unlock()
+	if w {
+		runtime.Gosched()
+	}
+}
+
+// RUnlockYield is RUnlock with UnlockYield's yield.
+func (l *RWMutex) RUnlockYield() {
+	if l.readers.Add(-1) == 0 {
+		l.note(&l.maxShared, &l.sharedBy, now()-l.rsince.Load())
+	}
+	w := l.waiting.Load() > 0
+	l.mu.RUnlock()
+	if w {
+		runtime.Gosched()
+	}
+}
+
 // RLock takes the mutex shared.
 func (l *RWMutex) RLock() {
 	if !l.mu.TryRLock() {
 		t0 := now()
+		l.waiting.Add(1)
 		l.mu.RLock()
+		l.waiting.Add(-1)
 		l.note(&l.maxWait, &l.wait, now()-t0)
 	}
 	if l.readers.Add(1) == 1 {
@@ -105,7 +143,9 @@ func (l *RWMutex) RUnlock() {
 func (l *RWMutex) RLockShort() {
 	if !l.mu.TryRLock() {
 		t0 := now()
+		l.waiting.Add(1)
 		l.mu.RLock()
+		l.waiting.Add(-1)
 		l.note(&l.maxWait, &l.wait, now()-t0)
 	}
 }

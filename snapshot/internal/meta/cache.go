@@ -41,6 +41,18 @@ type cache struct {
 	writeOut atomic.Uint64
 	// readAhead counts nodes read by ReadAhead (readahead.go).
 	readAhead atomic.Uint64
+	// xwait counts the goroutines blocked taking mu exclusively (lock):
+	// the writer's changes take it so for each node of their path.
+	xwait atomic.Int32
+}
+
+// lock takes mu exclusively, counted in xwait while it waits.
+func (c *cache) lock() {
+	if !c.mu.TryLock() {
+		c.xwait.Add(1)
+		c.mu.Lock()
+		c.xwait.Add(-1)
+	}
 }
 
 func newCache(limit int) *cache {
@@ -137,7 +149,7 @@ func (c *cache) getPinned(loc uint64, p *Pins) *node {
 
 // addPinned is add that pins the cached node into p before it evicts.
 func (c *cache) addPinned(n *node, p *Pins) *node {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	if old := c.nodes[n.loc]; old != nil {
 		n = old
@@ -194,7 +206,7 @@ func (c *cache) pinAt(at ptr, k kind, level int, p *Pins) *node {
 // add inserts n unless another node for its page is already cached, and
 // returns the cached one. It evicts clean nodes beyond the limit.
 func (c *cache) add(n *node) *node {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	if old := c.nodes[n.loc]; old != nil {
 		old.ref.Store(true)
@@ -221,7 +233,7 @@ func (c *cache) resize(n *node) {
 // touched records that the writer changed n (and so made it dirty): it is
 // (re)inserted if it was evicted and its cost refreshed.
 func (c *cache) touched(n *node) {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	c.touchedLocked(n)
 }
@@ -229,7 +241,7 @@ func (c *cache) touched(n *node) {
 // dirtied is setDirty(n, true) and touched(n) under one lock: the writer
 // takes each node of a change's path so.
 func (c *cache) dirtied(n *node) {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	c.setDirtyLocked(n, true)
 	c.touchedLocked(n)
@@ -259,7 +271,7 @@ func (c *cache) insert(n *node) {
 
 // setDirty changes n's dirty flag and the dirty byte count.
 func (c *cache) setDirty(n *node, d bool) {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	c.setDirtyLocked(n, d)
 }
@@ -280,7 +292,7 @@ func (c *cache) setDirtyLocked(n *node, d bool) {
 
 // drop forgets the node at loc (its page was freed and may be reused).
 func (c *cache) drop(loc uint64) {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	if n := c.nodes[loc]; n != nil {
 		c.remove(n)
@@ -329,7 +341,7 @@ func (c *cache) evictLocked() {
 
 // dirtyNodes returns up to max (0: all) dirty nodes, longest dirty first.
 func (c *cache) dirtyNodes(max int) []*node {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	var out []*node
 	for n := c.dhead.dnext; n != &c.dhead && (max <= 0 || len(out) < max); n = n.dnext {
@@ -343,7 +355,7 @@ func (c *cache) dirtyNodes(max int) []*node {
 // (wbBusy, which callers read under Meta.mu). dst is the caller's buffer,
 // so write-back does not allocate.
 func (c *cache) dirtyNodesOf(dst []*node, tx uint64, max int) []*node {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	for n := c.dhead.dnext; n != &c.dhead && len(dst) < max; n = n.dnext {
 		if n.tx == tx && !n.wbBusy {
@@ -358,7 +370,7 @@ func (c *cache) wrote(n int) { c.writeOut.Add(uint64(n)) }
 
 // costOf sums the cache cost of nodes.
 func (c *cache) costOf(nodes []*node) int {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	sum := 0
 	for _, n := range nodes {
@@ -374,7 +386,7 @@ func (c *cache) dirtyBytes() int {
 }
 
 func (c *cache) evict() {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	c.evictLocked()
 }

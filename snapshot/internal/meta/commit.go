@@ -2,7 +2,10 @@ package meta
 
 import (
 	"fmt"
+	"runtime"
 	"time"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/pace"
 )
 
 // Commit makes the open transaction durable (docs/metadata.md section 5).
@@ -26,7 +29,7 @@ func (m *Meta) Commit() error {
 	if err != nil || pages == nil {
 		return err
 	}
-	return m.writeFrozen(tx, dirty, pages, locs, queued, frozen, true)
+	return m.writeFrozen(tx, dirty, pages, locs, queued, frozen, true, false)
 }
 
 // writeFrozen writes frozen transaction tx: it encodes its nodes (now
@@ -36,7 +39,7 @@ func (m *Meta) Commit() error {
 // release also makes reusable what durable transactions freed; frozen is
 // how long the freeze held the writer's lock, for CommitStats. Callers
 // hold commitMu, not mu.
-func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64, queued uint64, frozen time.Duration, release bool) error {
+func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64, queued uint64, frozen time.Duration, release, paced bool) error {
 	m.cstats.Commits++
 	m.cstats.WorstFreeze = max(m.cstats.WorstFreeze, frozen)
 	m.cstats.Pages += uint64(len(locs))
@@ -56,10 +59,14 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 	// write-back goes on during the commit's writes and flushes.
 	err := m.waitWriteBack(queued)
 	if err == nil {
-		err = m.writeCommit(tx, dirty, pages, locs)
+		err = m.writeCommit(tx, dirty, pages, locs, paced)
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	if paced {
+		defer m.mu.UnlockYield()
+	} else {
+		defer m.mu.Unlock()
+	}
 	if err != nil {
 		return m.fail(err)
 	}
@@ -165,19 +172,28 @@ const commitBatch = 64
 // shadows them before any change), then its space-map pages (pages, all
 // but the last), a flush, the superblock (the last page of pages), a
 // flush. Callers hold commitMu, not mu.
-func (m *Meta) writeCommit(tx uint64, dirty []*node, pages []byte, locs []uint64) error {
+func (m *Meta) writeCommit(tx uint64, dirty []*node, pages []byte, locs []uint64, paced bool) error {
 	if len(m.commitBatch) < commitBatch*PageSize && len(dirty) > 0 {
 		m.commitBatch = make([]byte, commitBatch*PageSize)
+	}
+	// A paced commit (Frozen.WritePaced) yields during its encoding and
+	// page writes and as it releases mu, to a writer it may have woken.
+	var p pace.Pacer
+	step, unlock := func() {}, m.mu.Unlock
+	if paced {
+		step, unlock = p.Step, m.mu.UnlockYield
 	}
 	for i := 0; i < len(dirty); i += commitBatch {
 		batch := dirty[i:min(i+commitBatch, len(dirty))]
 		for j, n := range batch {
 			n.encode(m.commitBatch[j*PageSize : (j+1)*PageSize])
+			step()
 		}
 		for j, n := range batch {
 			if err := m.writePage(m.commitBatch[j*PageSize:(j+1)*PageSize], n.loc); err != nil {
 				return err
 			}
+			step()
 		}
 		// Written, so no longer pinned: a clean node evicted now is read
 		// back from its page (as after write-back, before any flush), and
@@ -189,7 +205,7 @@ func (m *Meta) writeCommit(tx uint64, dirty []*node, pages []byte, locs []uint64
 			m.cache.setDirty(n, false)
 		}
 		m.frozenBytes = max(0, m.frozenBytes-m.cache.costOf(batch))
-		m.mu.Unlock()
+		unlock()
 	}
 	locs = locs[len(dirty):]
 	last := len(locs) - 1
@@ -415,9 +431,11 @@ func (m *Meta) throttle() error {
 		// this: usable then says closed).
 		m.wbMu.Lock()
 		w := m.wbWritten
+		m.wbWaiting++
 		for m.wbWritten == w && w < queued && m.wbErr == nil && !m.wbStopped {
 			m.wbCond.Wait()
 		}
+		m.wbWaiting--
 		err := m.wbErr
 		m.wbMu.Unlock()
 		if err != nil {
@@ -617,19 +635,28 @@ func (m *Meta) writeNodes(max int) error {
 // Close stops it.
 func (m *Meta) writeBackLoop() {
 	defer close(m.wbDone)
+	var p pace.Pacer // a full queue is up to 64 pages of encoding and writing
 	for {
 		select {
 		case <-m.wbStop:
 			return
 		case i := <-m.wbQueue:
-			m.writeSlot(i)
+			if m.writeSlot(i) {
+				// A throttled writer was woken to run next on this
+				// processor, where it would wait for the rest of the
+				// queue to be written (package pace says why).
+				runtime.Gosched()
+				continue
+			}
+			p.Step()
 		}
 	}
 }
 
 // writeSlot encodes and writes queued slot i and hands it back: the
 // goroutine's work, which a throttled writer also does (helpWriteBack).
-func (m *Meta) writeSlot(i int) {
+// It reports whether a throttled writer was waiting for a page written.
+func (m *Meta) writeSlot(i int) (woke bool) {
 	s := &m.wbSlot[i]
 	encodeNode(s.buf, s.kind, s.loc, s.tx, s.level, s.runs, s.kids)
 	s.err = m.writePage(s.buf, s.loc)
@@ -643,8 +670,10 @@ func (m *Meta) writeSlot(i int) {
 		m.wbErr = s.err
 	}
 	m.wbCond.Broadcast()
+	woke = m.wbWaiting > 0
 	m.wbMu.Unlock()
 	m.wbReaped <- i // never blocks: it has room for every slot
+	return woke
 }
 
 // lowSpace returns the callback to run (after unlocking), if the free

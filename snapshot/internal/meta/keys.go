@@ -627,6 +627,11 @@ func (v *View) Release() {
 	}
 }
 
+// Pace lets other goroutines run during a long walk of the view, as the
+// view's own page loads do (viewPace): for a caller whose work between
+// loads is long (a batch of entries it processes).
+func (v *View) Pace() { v.r.m.viewPace() }
+
 // Tx is the committed transaction the view reads.
 func (v *View) Tx() uint64 { return v.st.tx }
 

@@ -118,6 +118,7 @@ type Meta struct {
 	wbErr     error  // its first write error
 	wbStopped bool   // Close stopped the goroutine (Throttle stops waiting and helping)
 	wbHelping int    // writers writing a queued slot in Throttle (Close waits for them)
+	wbWaiting int    // writers waiting in Throttle for a page written (writeSlot then yields)
 	// wbSeq[i] is 1 + the queue sequence number (wbQueued before it was
 	// queued) of the page in slot i while it is queued or being written,
 	// 0 otherwise: set under mu before the slot is queued, cleared by
@@ -189,6 +190,10 @@ type Meta struct {
 	cache   *cache
 	pool    sync.Pool // page buffers for reads
 	readers sync.Pool // *reader for lookups under mu shared (sharedReader)
+	// viewLoads and viewYield pace the walks of committed pages
+	// (viewPace): loads counted, and when one of them last yielded.
+	viewLoads atomic.Uint64
+	viewYield atomic.Int64
 	// overHard: a change found the open transaction's dirty nodes past
 	// three quarters of the cache with every write-back slot in flight;
 	// Throttle waits while it is set (set under mu, read without it).
@@ -481,7 +486,12 @@ func (m *Meta) freePage(loc uint64) {
 
 // releaseFrees makes reusable what committed transactions freed and no
 // open view can still reach.
-func (m *Meta) releaseFrees() {
+func (m *Meta) releaseFrees() { m.releaseSome(-1) }
+
+// releaseSome is releaseFrees that stops after about max pages and chunks
+// (max < 0: none), leaving the rest of a batch for the next call; it
+// reports whether anything releasable is left. Called with mu held.
+func (m *Meta) releaseSome(max int) bool {
 	n := 0
 	for _, g := range m.grown {
 		if g.tx > m.durable {
@@ -498,20 +508,31 @@ func (m *Meta) releaseFrees() {
 	}
 	m.viewMu.Unlock()
 	n = 0
-	for _, b := range m.deferred {
+	done := 0
+	for i := range m.deferred {
+		b := &m.deferred[i]
 		if b.tx > limit {
 			break
 		}
-		for _, loc := range b.meta {
+		for len(b.meta) > 0 && done != max {
+			loc := b.meta[0]
 			m.metaSM.unhold(loc)
 			m.cache.drop(loc)
+			b.meta = b.meta[1:]
+			done++
 		}
-		for _, loc := range b.data {
-			m.dataSM.unhold(loc)
+		for len(b.data) > 0 && done != max {
+			m.dataSM.unhold(b.data[0])
+			b.data = b.data[1:]
+			done++
+		}
+		if done == max {
+			break
 		}
 		n++
 	}
 	m.deferred = append(m.deferred[:0], m.deferred[n:]...)
+	return done == max && len(m.deferred) > 0 && m.deferred[0].tx <= limit
 }
 
 // AllocData takes a free data chunk in the open transaction.

@@ -255,7 +255,7 @@ func (ra *readAhead) batch(k kind, level int, nodes []ptr) (int, error) {
 // there (referenced before add, whose eviction would otherwise drop them
 // first), and nodes already cached are moved there by want.
 func (c *cache) want(loc uint64) bool {
-	c.mu.Lock()
+	c.lock()
 	defer c.mu.Unlock()
 	n := c.nodes[loc]
 	if n == nil {

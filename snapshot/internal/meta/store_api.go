@@ -82,7 +82,18 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 func (f *Frozen) Write() error {
 	m := f.m
 	defer m.commitMu.Unlock()
-	return m.writeFrozen(f.tx, f.dirty, f.pages, f.locs, f.queued, f.frozen, false)
+	return m.writeFrozen(f.tx, f.dirty, f.pages, f.locs, f.queued, f.frozen, false, false)
+}
+
+// WritePaced is Write for a goroutine that is not the store's writer (a
+// background or admin tree commit): it yields the processor during the
+// encoding and page writes (package pace) and as it releases mu to a
+// goroutine waiting for it (lockstat's UnlockYield). A commit written by
+// the writer itself, under its locks, uses Write.
+func (f *Frozen) WritePaced() error {
+	m := f.m
+	defer m.commitMu.Unlock()
+	return m.writeFrozen(f.tx, f.dirty, f.pages, f.locs, f.queued, f.frozen, false, true)
 }
 
 // Abandon gives up a frozen transaction without writing it. The Meta
@@ -98,11 +109,26 @@ func (f *Frozen) Abandon(cause error) {
 
 // ReleaseFrees makes reusable what durable transactions freed (after
 // Frozen.Write).
+//
+// It releases them in steps (ReleaseFreesStep), letting mu go between.
 func (m *Meta) ReleaseFrees() {
+	for m.ReleaseFreesStep() {
+	}
+}
+
+// ReleaseFreesStep is one step of ReleaseFrees: it releases up to
+// releaseStep pages and chunks under one hold of mu, and reports whether
+// more are releasable now. A tree commit that shadowed a large tree frees
+// tens of thousands of pages; releasing them in one hold held the writer
+// up for 1-4 ms.
+func (m *Meta) ReleaseFreesStep() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.releaseFrees()
+	return m.releaseSome(releaseStep)
 }
+
+// releaseStep is how many pages and chunks ReleaseFreesStep releases.
+const releaseStep = 2048
 
 // User returns the user word of the open transaction: after Open, the
 // one the last durable commit recorded.

@@ -2,7 +2,11 @@ package meta
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
+	"time"
+
+	"github.com/blocksnap/blocksnap/snapshot/internal/pace"
 )
 
 // Tree invariants (Check verifies them): keys of the runs in a leaf lie in
@@ -12,8 +16,11 @@ import (
 // section 2).
 
 // load returns the node p points to, from the cache or the device; level
-// is the level the parent expects (-1: any, for a root).
+// is the level the parent expects (-1: any, for a root). It is the load
+// of a walk that holds no lock of the layer (a View's, Check's), and
+// paces it (viewPace).
 func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
+	defer m.viewPace()
 	if n := m.cache.get(p.loc); n != nil {
 		if err := checkCached(n, p, k, level); err != nil {
 			return nil, m.changedOr(err)
@@ -22,6 +29,33 @@ func (m *Meta) load(p ptr, k kind, level int) (*node, error) {
 	}
 	return m.loadMiss(p, k, level)
 }
+
+// viewPace lets other goroutines run during a long walk of committed
+// pages, which is one goroutine busy for up to seconds. It yields at once
+// if the writer is blocked on the cache's lock (the walk's release of it
+// woke the writer to run next on this processor, where it would wait for
+// the walk to block or run out Go's 10 ms time slice: package pace says
+// why), and
+// otherwise after pace.Slice of walking since the last yield of any walk,
+// so that a writer the runtime preempted, or that woke behind a system
+// call, finds a processor within about that. The clock is read every
+// 32nd load.
+func (m *Meta) viewPace() {
+	if m.cache.xwait.Load() > 0 {
+		runtime.Gosched()
+		return
+	}
+	if m.viewLoads.Add(1)%32 != 0 {
+		return
+	}
+	t := int64(time.Since(paceBase))
+	if last := m.viewYield.Load(); t-last >= int64(pace.Slice) && m.viewYield.CompareAndSwap(last, t) {
+		runtime.Gosched()
+	}
+}
+
+// paceBase is the zero of viewPace's clock.
+var paceBase = time.Now()
 
 // loadW is load for the writer, under mu held exclusively: it counts the
 // pages its change reads (wMiss) for Stalls, apart from the misses of

@@ -114,7 +114,7 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 		if ms != nil && ms.held {
 			return it.m.loadHeld(p, k, level, nil)
 		}
-		return it.m.load(p, k, level)
+		return it.m.load(p, k, level) // a view's walk: no lock of the layer held
 	}
 	if n := it.m.cache.get(p.loc); n != nil {
 		if err := checkCached(n, p, k, level); err != nil {
