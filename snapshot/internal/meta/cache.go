@@ -233,14 +233,32 @@ func (c *cache) resize(n *node) {
 // touched records that the writer changed n (and so made it dirty): it is
 // (re)inserted if it was evicted and its cost refreshed.
 func (c *cache) touched(n *node) {
+	if settled(n) {
+		return
+	}
 	c.lock()
 	defer c.mu.Unlock()
 	c.touchedLocked(n)
 }
 
+// settled reports whether a change to n leaves the cache's books as they
+// are: n is dirty and cached, and its cost is current (its arrays did not
+// grow). touched and dirtied then take no lock: most of a burst of puts
+// lands in leaves it has already dirtied, and taking mu exclusively for
+// each node of each put's path made the writer queue behind every lookup
+// and view holding it shared (and be woken behind them, package pace).
+// The writer reads these fields without mu, under Meta.mu held
+// exclusively: only it changes a dirty node, its dirty flag (setDirty is
+// always called under Meta.mu) or its cost, and eviction never takes a
+// dirty node, so nothing else writes them while n is dirty.
+func settled(n *node) bool { return n.dirty && n.inCache && nodeCost(n) == n.cost }
+
 // dirtied is setDirty(n, true) and touched(n) under one lock: the writer
 // takes each node of a change's path so.
 func (c *cache) dirtied(n *node) {
+	if settled(n) {
+		return
+	}
 	c.lock()
 	defer c.mu.Unlock()
 	c.setDirtyLocked(n, true)
