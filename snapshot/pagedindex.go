@@ -150,12 +150,8 @@ const epochBatch = 256
 func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry) bool) error {
 	batch := make([]uint64, 0, epochBatch)
 	for {
-		batch = batch[:0]
-		err := p.rd().AscendEpoch(b, e, from, func(c uint64) bool {
-			batch = append(batch, c)
-			return len(batch) < epochBatch
-		})
-		if err != nil {
+		var err error
+		if batch, err = p.epochBatchFrom(batch, b, e, from); err != nil {
 			return err
 		}
 		for _, c := range batch {
@@ -178,6 +174,17 @@ func (p pagedIndex) epochEntries(b uint32, e uint32, from uint64, fn func(entry)
 	}
 }
 
+// epochBatchFrom returns, in batch's array, up to epochBatch chunks of
+// branch b at epoch e from chunk from on (fewer: the epoch's last).
+func (p pagedIndex) epochBatchFrom(batch []uint64, b, e uint32, from uint64) ([]uint64, error) {
+	batch = batch[:0]
+	err := p.rd().AscendEpoch(b, e, from, func(c uint64) bool {
+		batch = append(batch, c)
+		return len(batch) < epochBatch
+	})
+	return batch, err
+}
+
 // epochChunks calls fn with the chunk and epoch of each entry of branch b
 // with an epoch in [lo, hi), epoch by epoch, each in chunk order, and
 // with hi itself when hiToo is set (hi may then be epochLive). It reads
@@ -193,12 +200,7 @@ func (p pagedIndex) epochChunks(b, lo, hi uint32, hiToo bool, fn func(c uint64, 
 			return err
 		}
 		for from := uint64(0); ; {
-			batch = batch[:0]
-			err := p.rd().AscendEpoch(b, got, from, func(c uint64) bool {
-				batch = append(batch, c)
-				return len(batch) < epochBatch
-			})
-			if err != nil {
+			if batch, err = p.epochBatchFrom(batch, b, got, from); err != nil {
 				return err
 			}
 			for _, c := range batch {

@@ -97,18 +97,6 @@ func (l *RWMutex) UnlockYield() {
 	}
 }
 
-// RUnlockYield is RUnlock with UnlockYield's yield.
-func (l *RWMutex) RUnlockYield() {
-	if l.readers.Add(-1) == 0 {
-		l.note(&l.maxShared, &l.sharedBy, now()-l.rsince.Load())
-	}
-	w := l.waiting.Load() > 0
-	l.mu.RUnlock()
-	if w {
-		runtime.Gosched()
-	}
-}
-
 // RLock takes the mutex shared.
 func (l *RWMutex) RLock() {
 	if !l.mu.TryRLock() {
