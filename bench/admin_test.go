@@ -32,7 +32,8 @@ import (
 // of, measured in-process (far less sensitive to a loaded machine than the
 // wall clock): the longest hold of Store.mu or the layer's lock, exclusive
 // or shared without a break (<call>-hold-ms, and max-hold-ms over all),
-// the longest wait to take one (<call>-wait-ms), the longest GC pause
+// the longest wait to take one (<call>-wait-ms), the longest wait for
+// room in a full origin buffer (<call>-bufwait-ms), the longest GC pause
 // (<call>-gc-ms) and the longest a runnable goroutine waited for a
 // processor (<call>-sched-ms); -v logs which function held and waited. The default is 100k versions and 1,000 snapshots;
 // BLOCKSNAP_BENCH_ADMIN_FULL=1 runs 1M versions and 10,000 snapshots.
@@ -174,9 +175,11 @@ func adminUnderLoad(b *testing.B, versions, snaps int) {
 		b.ReportMetric(ms(gc), name+"-gc-ms")
 		b.ReportMetric(ms(sched), name+"-sched-ms")
 		b.ReportMetric(float64(ls.MetaLockedReads), name+"-locked-reads")
-		b.Logf("%s: stall %v; Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d, %d pages read under Meta.mu; gc pause %v, sched latency %v",
+		b.ReportMetric(ms(ls.MaxBufferWait), name+"-bufwait-ms")
+		b.Logf("%s: stall %v; Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d, %d pages read under Meta.mu; %d writes waited for origin-buffer room, at most %v; write-back waits %d, at most %v; gc pause %v, sched latency %v",
 			name, stall, ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
-			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy, ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.MetaLockedReads, gc, sched)
+			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy, ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.MetaLockedReads,
+			ls.BufferWaits, ls.MaxBufferWait, ls.Throttled, ls.MaxThrottle, gc, sched)
 	}
 	mid := fmt.Sprintf("s%d", snaps/2)
 	// Two references: the writer's worst write while nothing else runs

@@ -121,10 +121,10 @@ func storeScale(b *testing.B, n uint64, random bool) {
 		b.ReportMetric(float64(ls.Throttled), "throttled")
 		b.ReportMetric(ms(gc), "gc-ms")
 		b.ReportMetric(ms(sched), "sched-ms")
-		b.Logf("fill: Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; %d writes waited for write-back, at most %v, and wrote %d pages of it themselves; %d writes waited for a tree commit; gc pause %v, sched latency %v",
+		b.Logf("fill: Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; %d writes waited for write-back, at most %v, and wrote %d pages of it themselves; %d writes waited for a tree commit; %d for origin-buffer room, at most %v; gc pause %v, sched latency %v",
 			ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
 			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy,
-			ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.Throttled, ls.MaxThrottle, ls.WriteBackHelped, res.CommitWaits, gc, sched)
+			ls.MaxPageRead, ls.MaxSelfWrite, ls.ChangesMissed, ls.MaxChangeMiss, ls.Throttled, ls.MaxThrottle, ls.WriteBackHelped, res.CommitWaits, ls.BufferWaits, ls.MaxBufferWait, gc, sched)
 	}
 }
 

@@ -36,6 +36,12 @@ type LockStats struct {
 	// lock held, shared or exclusively: an index change (which takes it
 	// exclusively, under Store.mu) waits for each.
 	MetaLockedReads uint64
+	// MaxBufferWait is the longest an origin writer waited for room in
+	// the origin buffer (Options.OriginBuffer) when it was full: for its
+	// own drain (a journal commit, then the buffered chunks written out)
+	// or for another's. BufferWaits counts such waits.
+	MaxBufferWait time.Duration
+	BufferWaits   uint64
 }
 
 // LockStats reports the lock maxima since the last ResetLockStats.
@@ -44,11 +50,14 @@ func (s *Store) LockStats() LockStats {
 	return LockStats{Store: s.mu.Stats(), Meta: st.Lock, MaxPageRead: st.MaxPageRead,
 		MaxSelfWrite: st.MaxSelfWrite, MaxChangeMiss: st.MaxChangeMiss, ChangesMissed: st.ChangesMissed,
 		MaxThrottle: st.MaxThrottle, Throttled: st.Throttled, WriteBackHelped: st.Helped,
-		MetaLockedReads: st.LockedReads}
+		MetaLockedReads: st.LockedReads,
+		MaxBufferWait:   time.Duration(s.ob.waitMax.Load()), BufferWaits: s.ob.waits.Load()}
 }
 
 // ResetLockStats clears what LockStats reports.
 func (s *Store) ResetLockStats() {
 	s.mu.Reset()
 	s.m.ResetStalls()
+	s.ob.waitMax.Reset()
+	s.ob.waits.Store(0)
 }

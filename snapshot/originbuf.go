@@ -9,8 +9,10 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 )
 
 // The origin write buffer.
@@ -72,6 +74,12 @@ type originBuf struct {
 	drainMu sync.Mutex // serialises drains; guards wbuf
 	wbuf    []byte     // the drain's buffer for writes of several chunks
 	kick    chan struct{}
+
+	// waitMax and waits: the longest a writer spent in obWait with the
+	// buffer full (draining it, or waiting for a drain), and how many
+	// did (LockStats).
+	waitMax lockstat.Max
+	waits   atomic.Uint64
 }
 
 func (s *Store) initOriginBuf() {
@@ -206,6 +214,11 @@ func (s *Store) obWait() error {
 	if s.ob.n.Load() < s.ob.max {
 		return nil
 	}
+	t0 := time.Now()
+	defer func() {
+		s.ob.waits.Add(1)
+		s.ob.waitMax.Note(int64(time.Since(t0)))
+	}()
 	s.ob.drainMu.Lock()
 	defer s.ob.drainMu.Unlock()
 	if s.ob.n.Load() < s.ob.max { // another drain made room

@@ -185,6 +185,7 @@ func TestOriginBufferBackpressure(t *testing.T) {
 	before := blockdevtest.ReadAll(t, origin)
 	_, err := s.CreateSnapshot("snap", o)
 	require.NoError(t, err)
+	s.ResetLockStats()
 	model := bytes.Clone(before)
 	for c := range int64(20) {
 		p := bytes.Repeat([]byte{byte(c + 1)}, cs)
@@ -195,6 +196,13 @@ func TestOriginBufferBackpressure(t *testing.T) {
 		require.LessOrEqual(t, st.bufferedChunks(), int64(4))
 		require.Equal(t, c%4+1, st.bufferedChunks(), "chunk %d", c)
 	}
+	// The writes that found the buffer full (the 5th, 9th, 13th and 17th)
+	// are LockStats' buffer waits.
+	ls := s.LockStats()
+	require.EqualValues(t, 4, ls.BufferWaits)
+	require.Positive(t, ls.MaxBufferWait)
+	s.ResetLockStats()
+	require.Zero(t, s.LockStats().BufferWaits)
 	dev := blockdevtest.ReadAll(t, origin)
 	require.Equal(t, model[:16*cs], dev[:16*cs], "drained chunks reached the origin device")
 	require.Equal(t, before[16*cs:], dev[16*cs:], "buffered chunks did not")
