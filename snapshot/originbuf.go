@@ -65,7 +65,7 @@ type originBuf struct {
 	// that stripe.
 	byStripe [nStripes]map[uint64]*obEntry
 
-	mu    sync.Mutex // guards queue, spare, free and err
+	mu    sync.Mutex // guards queue, spare, free, err and drained
 	queue []*obEntry // buffered entries: those a drain kept (in chunk order), then newer ones
 	spare []*obEntry // the drain's second queue, reused
 	free  []*obEntry
@@ -74,6 +74,13 @@ type originBuf struct {
 	drainMu sync.Mutex // serialises drains; guards wbuf
 	wbuf    []byte     // the drain's buffer for writes of several chunks
 	kick    chan struct{}
+	// room, on mu, is broadcast when a drain has written out a run of
+	// chunks (made room) and when a hold of drainMu ends (drained counts
+	// those): a writer that finds the buffer full while another drains
+	// waits for room, not for the whole drain (obWait).
+	room    *sync.Cond
+	drained uint64
+	waiting int // writers waiting on room
 
 	// waitMax and waits: the longest a writer spent in obWait with the
 	// buffer full (draining it, or waiting for a drain), and how many
@@ -83,6 +90,7 @@ type originBuf struct {
 }
 
 func (s *Store) initOriginBuf() {
+	s.ob.room = sync.NewCond(&s.ob.mu)
 	if s.opts.Transient || s.opts.OriginBuffer < 0 {
 		return // nothing to wait for, or buffering off
 	}
@@ -219,12 +227,42 @@ func (s *Store) obWait() error {
 		s.ob.waits.Add(1)
 		s.ob.waitMax.Note(int64(time.Since(t0)))
 	}()
-	s.ob.drainMu.Lock()
-	defer s.ob.drainMu.Unlock()
-	if s.ob.n.Load() < s.ob.max { // another drain made room
-		return nil
+	for s.ob.n.Load() >= s.ob.max {
+		s.ob.mu.Lock()
+		gen := s.ob.drained
+		s.ob.mu.Unlock()
+		if s.ob.drainMu.TryLock() {
+			var err error
+			if s.ob.n.Load() >= s.ob.max { // else another drain made room
+				err = s.drainLocked(s.ctx, false)
+			}
+			s.obDrainUnlock()
+			return err
+		}
+		// A drain is under way (the committer's, usually): wait until it
+		// has written out a run, or has ended, rather than for all of its
+		// write-outs (up to the whole buffer, milliseconds).
+		s.ob.mu.Lock()
+		s.ob.waiting++
+		for s.ob.drained == gen && s.ob.n.Load() >= s.ob.max {
+			s.ob.room.Wait()
+		}
+		s.ob.waiting--
+		s.ob.mu.Unlock()
 	}
-	return s.drainLocked(s.ctx, false)
+	return nil
+}
+
+// obDrainUnlock ends a hold of drainMu: it releases it, then wakes the
+// writers waiting in obWait (which see drained change, and drain
+// themselves if the buffer is still full). In that order: a writer woken
+// first could find drainMu still held and wait for a drain that is over.
+func (s *Store) obDrainUnlock() {
+	s.ob.drainMu.Unlock()
+	s.ob.mu.Lock()
+	s.ob.drained++
+	s.ob.room.Broadcast()
+	s.ob.mu.Unlock()
 }
 
 // drainOrigin commits the journal, then writes every buffered chunk whose
@@ -238,7 +276,7 @@ func (s *Store) drainOrigin(ctx context.Context, yield bool) error {
 		return nil
 	}
 	s.ob.drainMu.Lock()
-	defer s.ob.drainMu.Unlock()
+	defer s.obDrainUnlock()
 	return s.drainLocked(ctx, yield)
 }
 
@@ -388,6 +426,11 @@ func (s *Store) obDrainRun(run []*obEntry, target uint64, kept []*obEntry) ([]*o
 			kept = append(kept, e)
 		}
 	}
+	if out != 0 { // room made: a writer waiting in obWait may go on
+		s.ob.mu.Lock()
+		s.ob.room.Broadcast()
+		s.ob.mu.Unlock()
+	}
 	return kept, first
 }
 
@@ -441,7 +484,7 @@ func (s *Store) writeOutDurable() error {
 		return nil
 	}
 	s.ob.drainMu.Lock()
-	defer s.ob.drainMu.Unlock()
+	defer s.obDrainUnlock()
 	durable := s.durableSeq.Load()
 	s.ob.mu.Lock()
 	q := s.ob.queue
