@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot/metascale"
@@ -88,6 +89,14 @@ func storeScale(b *testing.B, n uint64, random bool) {
 	}
 	if dir := os.Getenv("BLOCKSNAP_BENCH_HEAPPROFILE"); dir != "" {
 		cfg.HeapProfile = filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".heap")
+	}
+	if testing.Verbose() {
+		// Straight to stderr: b.Logf's lines come out only once the run ends.
+		name := b.Name()
+		cfg.Progress = func(done uint64, elapsed time.Duration) {
+			fmt.Fprintf(os.Stderr, "%s: %d of %d versions in %v (%.0f/s)\n",
+				name, done, n, elapsed.Round(time.Second), float64(done)/elapsed.Seconds())
+		}
 	}
 	for range b.N {
 		var res metascale.StoreResult

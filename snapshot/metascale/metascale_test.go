@@ -2,7 +2,9 @@ package metascale
 
 import (
 	"path/filepath"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -80,4 +82,27 @@ func TestRunStoreSmall(t *testing.T) {
 		require.Equal(t, int64(1<<20), res.Cache)
 		require.Equal(t, c.writers, res.Writers)
 	}
+}
+
+// TestProgressSumsWriters: the progress line counts every writer's chunks,
+// and stopping it waits for its goroutine.
+func TestProgressSumsWriters(t *testing.T) {
+	done := make([]atomic.Uint64, 3)
+	done[0].Store(5)
+	done[1].Store(7)
+	done[2].Store(11)
+	got := make(chan uint64, 1)
+	cfg := StoreConfig{ProgressEvery: time.Millisecond, Progress: func(n uint64, _ time.Duration) {
+		select {
+		case got <- n:
+		default:
+		}
+	}}
+	stop := progress(cfg, done, time.Now())
+	if n := <-got; n != 23 {
+		t.Errorf("progress said %d versions, want 23", n)
+	}
+	stop()
+	stop2 := progress(StoreConfig{}, done, time.Now()) // no Progress: nothing to start
+	stop2()
 }

@@ -30,6 +30,12 @@ type StoreConfig struct {
 	// HeapProfile, if set, is a file to write a heap profile to after the
 	// fill (what the heap holds at its largest).
 	HeapProfile string
+	// Progress, if set, is called about every ProgressEvery (default a
+	// minute) during the fill with the chunk versions written so far and
+	// the time since the fill began: a long fill (100M) says how far it
+	// has come.
+	Progress      func(done uint64, elapsed time.Duration)
+	ProgressEvery time.Duration
 }
 
 // StoreResult is what a store run measured.
@@ -172,6 +178,8 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		return res, errors.Join(err, s.Close())
 	}
 	s.ResetLockStats() // the fill's, not Format's
+	// done[w] is the chunks writer w has written, for the progress line.
+	done := make([]atomic.Uint64, writers)
 	// write is writer w's origin write of buf at chunk c, timed.
 	write := func(w int, buf []byte, c uint64) error {
 		t0 := time.Now()
@@ -179,9 +187,11 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		d := time.Since(t0)
 		worst[w] = max(worst[w], d)
 		lats[w].add(d)
+		done[w].Add(uint64(len(buf) / chunkSize))
 		return err
 	}
 	t0 := time.Now()
+	stopProgress := progress(cfg, done, t0)
 	if cfg.Random {
 		parts := newPermute(n).split(writers)
 		errs := make([]error, writers)
@@ -215,6 +225,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		err = o.Flush()
 	}
 	res.Fill = time.Since(t0)
+	stopProgress()
 	if err != nil {
 		return res, errors.Join(fmt.Errorf("metascale: fill: %w", err), s.Close())
 	}
@@ -272,6 +283,40 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		return res, fmt.Errorf("metascale: open after Close: %w", err)
 	}
 	return res, errors.Join(s.Close(), origin.Close(), data.Close())
+}
+
+// progress starts cfg.Progress's calls, if it is set, from the fill's
+// counters in done, and returns what stops them (and waits for the last).
+func progress(cfg StoreConfig, done []atomic.Uint64, t0 time.Time) (stop func()) {
+	if cfg.Progress == nil {
+		return func() {}
+	}
+	every := cfg.ProgressEvery
+	if every <= 0 {
+		every = time.Minute
+	}
+	quit, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				var n uint64
+				for w := range done {
+					n += done[w].Load()
+				}
+				cfg.Progress(n, time.Since(t0))
+			}
+		}
+	}()
+	return func() {
+		close(quit)
+		<-exited
+	}
 }
 
 func writeHeapProfile(path string) error {
