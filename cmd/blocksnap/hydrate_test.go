@@ -55,8 +55,45 @@ func serveImage(t *testing.T, p []byte) string {
 	return nbd.URI(l.Addr(), "golden")
 }
 
-// waitStatus polls `blocksnap status` until cond holds (a minute at most).
+// waitStatus polls `blocksnap status` until cond holds (a minute at most):
+// for a status no running child is to reach.
 func waitStatus(t *testing.T, flags []string, cond func(control.CloneStatus) bool) control.CloneStatus {
+	t.Helper()
+	return waitStatusOf(t, nil, flags, cond)
+}
+
+// child is a blocksnap run in the background: done closes when it has
+// exited, and then err and stderr say how.
+type child struct {
+	cmd    *exec.Cmd
+	stderr bytes.Buffer
+	done   chan struct{}
+	err    error
+}
+
+// startChild starts blocksnap with args in the background.
+func startChild(t *testing.T, args ...string) *child {
+	t.Helper()
+	c := &child{cmd: exec.Command(binary, args...), done: make(chan struct{})}
+	c.cmd.Stderr = &c.stderr
+	require.NoError(t, c.cmd.Start())
+	go func() {
+		c.err = c.cmd.Wait()
+		close(c.done)
+	}()
+	t.Cleanup(func() {
+		_ = c.cmd.Process.Kill()
+		<-c.done
+	})
+	return c
+}
+
+// waitStatusOf polls status until cond holds. With c nil it gives up
+// after a minute. With a child c, it waits as long as c runs (a slow disk
+// makes the child slow, not wrong; the test's own deadline still bounds
+// it), and fails at once, with the child's stderr, if c exits first: a
+// child that died is not mistaken for one that is slow.
+func waitStatusOf(t *testing.T, c *child, flags []string, cond func(control.CloneStatus) bool) control.CloneStatus {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
@@ -68,7 +105,14 @@ func waitStatus(t *testing.T, flags []string, cond func(control.CloneStatus) boo
 				return st
 			}
 		}
-		if time.Now().After(deadline) {
+		if c != nil {
+			select {
+			case <-c.done:
+				t.Fatalf("the child exited (%v) before status reached the condition; last: %+v %s; its stderr: %s",
+					c.err, st, r.stderr, c.stderr.String())
+			default:
+			}
+		} else if time.Now().After(deadline) {
 			t.Fatalf("status never reached the condition; last: %+v %s", st, r.stderr)
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -134,17 +178,14 @@ func TestHydrateInterrupted(t *testing.T) {
 	src := filepath.Join(dir, "golden.img")
 	require.NoError(t, os.WriteFile(src, randomImage(t, 3, 8<<20), 0o644))
 	flags := []string{"--source", src, "--dest", filepath.Join(dir, "dest.img"), "--meta", filepath.Join(dir, "meta")}
-	cmd := exec.Command(binary, append([]string{"hydrate", "--rate", "1MiB"}, flags...)...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	require.NoError(t, cmd.Start())
-	waitStatus(t, flags, func(s control.CloneStatus) bool { return s.Hydrated > 0 && s.State == "hydrating" })
-	require.NoError(t, cmd.Process.Signal(syscall.SIGINT))
-	err := cmd.Wait()
+	c := startChild(t, append([]string{"hydrate", "--rate", "1MiB"}, flags...)...)
+	waitStatusOf(t, c, flags, func(s control.CloneStatus) bool { return s.Hydrated > 0 && s.State == "hydrating" })
+	require.NoError(t, c.cmd.Process.Signal(syscall.SIGINT))
+	<-c.done
 	var ee *exec.ExitError
-	require.ErrorAs(t, err, &ee)
+	require.ErrorAs(t, c.err, &ee)
 	require.Equal(t, 1, ee.ExitCode())
-	require.Contains(t, stderr.String(), "interrupted; hydration resumes where it stopped")
+	require.Contains(t, c.stderr.String(), "interrupted; hydration resumes where it stopped")
 	st := waitStatus(t, flags, func(control.CloneStatus) bool { return true })
 	require.Equal(t, "stopped", st.State)
 	require.Less(t, st.Hydrated, st.Regions)
