@@ -13,30 +13,33 @@ const nodeOverhead = 200
 // current transaction, not yet on disk) stay until the writer writes them
 // back.
 //
-// A hit takes mu shared and only sets the node's referenced bit, so any
-// number of lookups (the writer-side queries under Meta.mu shared, and
-// views) run at once; an LRU move on every hit made each lookup take mu
-// exclusively, and concurrent readers queued on it. Eviction, under mu
+// A hit takes no lock (nodeTable) and only sets the node's referenced bit,
+// so any number of lookups (the writer-side queries under Meta.mu shared,
+// and views) run at once; an LRU move on every hit made each lookup take
+// mu exclusively, and concurrent readers queued on it, and later a hit's
+// shared hold of mu was a cache line every core wrote. Eviction, under mu
 // exclusively, walks the ring from its cold end: a referenced node loses
 // its bit and goes to the hot end (its second chance), an unreferenced
 // clean one is dropped.
 type cache struct {
 	// mu guards every field below but the atomic counters, and the
 	// prev/next/cost/inCache fields of the nodes; it is the innermost lock
-	// (Meta.mu -> Meta.viewMu -> cache.mu). Lookups take it shared,
-	// everything that changes the map, the ring or the counts exclusively.
+	// (Meta.mu -> Meta.viewMu -> cache.mu). Everything that changes the
+	// table, the ring or the counts takes it exclusively. Lookups that pin
+	// take it shared, so that eviction sees their pins; plain lookups
+	// (get) take no lock: nodes is read without one.
 	mu    sync.RWMutex
 	limit int
 	bytes int
 	dirty int // bytes of dirty nodes
-	nodes map[uint64]*node
+	nodes nodeTable
 	head  node // CLOCK ring sentinel: head.next is the most recently inserted or spared
 	dhead node // dirty FIFO sentinel: dhead.dnext is the longest dirty
 	// The counters are atomic: counted by lookups under mu shared, by the
 	// write-back goroutine, which takes no lock, and by eviction under mu,
 	// and read with no lock (Prefetch reads evicted).
 	evicted  atomic.Uint64
-	hits     atomic.Uint64
+	hits     stripedCounter // by page number: every lookup counts one per node
 	misses   atomic.Uint64
 	writeOut atomic.Uint64
 	// readAhead counts nodes read by ReadAhead (readahead.go).
@@ -56,7 +59,7 @@ func (c *cache) lock() {
 }
 
 func newCache(limit int) *cache {
-	c := &cache{limit: limit, nodes: make(map[uint64]*node)}
+	c := &cache{limit: limit}
 	c.head.next, c.head.prev = &c.head, &c.head
 	c.dhead.dnext, c.dhead.dprev = &c.dhead, &c.dhead
 	return c
@@ -90,10 +93,24 @@ func (c *cache) dirtyUnlink(n *node) {
 	c.dirty -= n.cost
 }
 
-// get returns the cached node at loc, if any, and marks it referenced.
-// It takes mu shared: the bit is set while eviction, which takes mu
-// exclusively and clears the bits, cannot run.
-func (c *cache) get(loc uint64) *node { return c.getPinned(loc, nil) }
+// get returns the cached node at loc, if any, and marks it referenced. It
+// takes no lock: the node may be evicted as soon as it is found (as it
+// could be once a lookup under mu released it), which costs its user
+// nothing, since a node outside the cache stays as it was (the writer
+// changes only dirty nodes, which are never evicted). Eviction may clear
+// the bit as this sets it; the node then gets no second chance.
+func (c *cache) get(loc uint64) *node {
+	n := c.nodes.get(loc)
+	if n == nil {
+		c.misses.Add(1)
+		return nil
+	}
+	if !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
+		n.ref.Store(true)
+	}
+	c.hits.add(loc)
+	return n
+}
 
 // pinPath pins into p the nodes of t's path to q, root to leaf, and the
 // siblings a rebalance along it may load (mayJoin), while each is cached
@@ -125,25 +142,23 @@ func (c *cache) pinPath(t tree, q run, p *Pins) bool {
 	}
 }
 
-// getPinned is get that also pins the node into p, if p is not nil.
+// getPinned is get that also pins the node into p, under mu shared: a
+// node is pinned while it is in the table, and eviction, which takes mu
+// exclusively, then sees the pin.
 func (c *cache) getPinned(loc uint64, p *Pins) *node {
 	c.mu.RLock()
-	n := c.nodes[loc]
+	n := c.nodes.get(loc)
 	if n != nil {
-		if p != nil {
-			n.pins.Add(1)
-			p.nodes = append(p.nodes, n)
-		}
-		if !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
-			n.ref.Store(true)
-		}
+		n.pins.Add(1)
+		p.nodes = append(p.nodes, n)
+		n.ref.Store(true)
 	}
 	c.mu.RUnlock()
 	if n == nil {
 		c.misses.Add(1)
 		return nil
 	}
-	c.hits.Add(1)
+	c.hits.add(loc)
 	return n
 }
 
@@ -151,7 +166,7 @@ func (c *cache) getPinned(loc uint64, p *Pins) *node {
 func (c *cache) addPinned(n *node, p *Pins) *node {
 	c.lock()
 	defer c.mu.Unlock()
-	if old := c.nodes[n.loc]; old != nil {
+	if old := c.nodes.get(n.loc); old != nil {
 		n = old
 	} else {
 		c.insert(n)
@@ -169,7 +184,7 @@ func (c *cache) pinNodes(nodes []*node, p *Pins) bool {
 	ok := true
 	c.mu.RLock()
 	for _, n := range nodes {
-		if c.nodes[n.loc] != n {
+		if c.nodes.get(n.loc) != n {
 			ok = false
 			continue
 		}
@@ -187,7 +202,7 @@ func (c *cache) pinNodes(nodes []*node, p *Pins) bool {
 // exclusively, then sees the pin.
 func (c *cache) pinAt(at ptr, k kind, level int, p *Pins) *node {
 	c.mu.RLock()
-	n := c.nodes[at.loc]
+	n := c.nodes.get(at.loc)
 	if n != nil {
 		n.pins.Add(1)
 		n.ref.Store(true)
@@ -208,7 +223,7 @@ func (c *cache) pinAt(at ptr, k kind, level int, p *Pins) *node {
 func (c *cache) add(n *node) *node {
 	c.lock()
 	defer c.mu.Unlock()
-	if old := c.nodes[n.loc]; old != nil {
+	if old := c.nodes.get(n.loc); old != nil {
 		old.ref.Store(true)
 		if old == n {
 			c.resize(old)
@@ -267,7 +282,7 @@ func (c *cache) dirtied(n *node) {
 
 func (c *cache) touchedLocked(n *node) {
 	if !n.inCache {
-		if old := c.nodes[n.loc]; old != nil {
+		if old := c.nodes.get(n.loc); old != nil {
 			c.remove(old)
 		}
 		c.insert(n)
@@ -280,7 +295,7 @@ func (c *cache) insert(n *node) {
 	n.inCache = true
 	n.cost = nodeCost(n)
 	c.bytes += n.cost
-	c.nodes[n.loc] = n
+	c.nodes.put(n)
 	c.pushFront(n)
 	if n.dirty {
 		c.dirtyLink(n)
@@ -312,13 +327,13 @@ func (c *cache) setDirtyLocked(n *node, d bool) {
 func (c *cache) drop(loc uint64) {
 	c.lock()
 	defer c.mu.Unlock()
-	if n := c.nodes[loc]; n != nil {
+	if n := c.nodes.get(loc); n != nil {
 		c.remove(n)
 	}
 }
 
 func (c *cache) remove(n *node) {
-	delete(c.nodes, n.loc)
+	c.nodes.del(n.loc)
 	c.unlink(n)
 	c.bytes -= n.cost
 	if n.dirty {
@@ -334,12 +349,15 @@ func (c *cache) remove(n *node) {
 // it is written, and a pinned one, until it is unpinned (PinPaths).
 // Otherwise dirty nodes, which a lookup never moves, would gather at the
 // cold end, and every eviction would walk past all of them again (the
-// LRU order moved them away on each hit). The walk ends: each node is
-// spared at most once per call (nothing sets a bit while mu is held
-// exclusively), and dirty and pinned nodes go round at most once between
-// them all, so a cache of nothing but those costs one turn.
+// LRU order moved them away on each hit). The walk ends: it spares at
+// most twice as many nodes as the cache holds. Without lookups running
+// that is never the bound: dirty and pinned nodes go round at most once
+// between them all, and a referenced one is spared at most once, its bit
+// cleared. Lookups take no lock (get), so they may set bits again during
+// the walk; then the walk may stop with the cache over its limit, and the
+// next add goes on from where it stopped.
 func (c *cache) evictLocked() {
-	for budget := len(c.nodes); c.bytes > c.limit && budget > 0; {
+	for budget := 2 * c.nodes.len(); c.bytes > c.limit && budget > 0; {
 		n := c.head.prev
 		switch {
 		case n.dirty || n.pins.Load() > 0:
@@ -347,6 +365,7 @@ func (c *cache) evictLocked() {
 			c.unlink(n)
 			c.pushFront(n)
 		case n.ref.Load():
+			budget--
 			n.ref.Store(false)
 			c.unlink(n)
 			c.pushFront(n)
@@ -421,7 +440,7 @@ type CacheStats struct {
 func (c *cache) stats() CacheStats {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: len(c.nodes),
-		Hits: c.hits.Load(), Misses: c.misses.Load(), Evicted: c.evicted.Load(), WrittenBack: c.writeOut.Load(),
+	return CacheStats{Bytes: c.bytes, DirtyBytes: c.dirty, Limit: c.limit, Nodes: c.nodes.len(),
+		Hits: c.hits.load(), Misses: c.misses.Load(), Evicted: c.evicted.Load(), WrittenBack: c.writeOut.Load(),
 		ReadAhead: c.readAhead.Load()}
 }

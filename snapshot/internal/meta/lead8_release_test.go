@@ -70,14 +70,14 @@ func checkCacheBooks(t *testing.T, c *cache) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var bytes, dirty int
-	for _, n := range c.nodes {
+	c.nodes.each(func(n *node) {
 		require.True(t, n.inCache)
 		bytes += n.cost
 		if n.dirty {
 			dirty += n.cost
 			require.Equal(t, nodeCost(n), n.cost, "a dirty node's cost is current")
 		}
-	}
+	})
 	require.Equal(t, bytes, c.bytes, "cache bytes")
 	require.Equal(t, dirty, c.dirty, "dirty bytes")
 }

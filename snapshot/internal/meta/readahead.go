@@ -257,7 +257,7 @@ func (ra *readAhead) batch(k kind, level int, nodes []ptr) (int, error) {
 func (c *cache) want(loc uint64) bool {
 	c.lock()
 	defer c.mu.Unlock()
-	n := c.nodes[loc]
+	n := c.nodes.get(loc)
 	if n == nil {
 		return false
 	}

@@ -78,7 +78,7 @@ func replayCached(m *Meta, q Key) bool {
 	defer m.cache.mu.RUnlock()
 	for _, t := range []tree{m.chunk, m.epoch} {
 		for p := t.root; !p.isNil(); {
-			n := m.cache.nodes[p.loc]
+			n := m.cache.nodes.get(p.loc)
 			if n == nil {
 				return false
 			}

@@ -176,7 +176,7 @@ func TestStall2PrefetchPinUnderPressure(t *testing.T) {
 	// evicts every clean, unpinned node it can.
 	require.NoError(t, m.Prefetch(key()))
 	m.cache.mu.Lock()
-	m.cache.limit = 2 * m.cache.bytes / max(len(m.cache.nodes), 1)
+	m.cache.limit = 2 * m.cache.bytes / max(m.cache.nodes.len(), 1)
 	m.cache.mu.Unlock()
 
 	failed := 0

@@ -1,0 +1,118 @@
+package meta
+
+import (
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// TestNodeTableModel: random inserts and deletes against a map, dense and
+// sparse page numbers, through growth and tombstone sweeps.
+func TestNodeTableModel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 1))
+	var nt nodeTable
+	model := map[uint64]*node{}
+	require.Nil(t, nt.get(7), "an empty table")
+	nt.del(7)
+	for i := range 40_000 {
+		loc := rng.Uint64N(3000) // dense: the cache's pages
+		if i%3 == 0 {
+			loc = rng.Uint64() // sparse
+		}
+		switch {
+		case model[loc] != nil && rng.IntN(2) == 0:
+			nt.del(loc)
+			delete(model, loc)
+		case model[loc] == nil:
+			n := &node{loc: loc}
+			nt.put(n)
+			model[loc] = n
+		}
+		if i%997 == 0 {
+			require.Equal(t, len(model), nt.len())
+			for l, n := range model {
+				require.Same(t, n, nt.get(l), "loc %d", l)
+			}
+			seen := 0
+			nt.each(func(n *node) {
+				require.Same(t, model[n.loc], n)
+				seen++
+			})
+			require.Equal(t, len(model), seen)
+			tab := nt.cur.Load()
+			require.LessOrEqual(t, nt.used*4, len(tab.slots)*3, "a probe always reaches an empty slot")
+		}
+		require.Nil(t, nt.get(loc+1<<62), "a page not in the table")
+	}
+}
+
+// TestNodeTableLookupsWithoutLock: lookups with no lock while a writer
+// inserts, deletes and rebuilds; each finds either nothing or the node
+// of its own page, and a page never deleted is always found. Run it with
+// -race: the lookups share no lock with the writer.
+func TestNodeTableLookupsWithoutLock(t *testing.T) {
+	seed := blockdevtest.Seed(t)
+	var nt nodeTable
+	var mu sync.Mutex // the writer's cache.mu
+	const stable = 100
+	for loc := range uint64(stable) {
+		nt.put(&node{loc: loc})
+	}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	errs := make(chan string, 4)
+	for r := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(seed, uint64(r)+10))
+			for !stop.Load() {
+				loc := rng.Uint64N(5000)
+				n := nt.get(loc)
+				switch {
+				case n != nil && n.loc != loc:
+					errs <- "a lookup found another page's node"
+					return
+				case n == nil && loc < stable:
+					errs <- "a lookup missed a page never deleted"
+					return
+				}
+			}
+		}()
+	}
+	rng := rand.New(rand.NewPCG(seed, 2))
+	live := map[uint64]bool{}
+	for range 60_000 {
+		loc := stable + rng.Uint64N(4900)
+		mu.Lock()
+		if live[loc] {
+			nt.del(loc)
+			delete(live, loc)
+		} else {
+			nt.put(&node{loc: loc})
+			live[loc] = true
+		}
+		mu.Unlock()
+	}
+	stop.Store(true)
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	require.Equal(t, stable+len(live), nt.len())
+}
+
+// TestStripedCounterSums: adds on every stripe are all counted.
+func TestStripedCounterSums(t *testing.T) {
+	var c stripedCounter
+	for k := range uint64(1000) {
+		c.add(k * 7)
+	}
+	require.Equal(t, uint64(1000), c.load())
+}
