@@ -25,6 +25,14 @@ import (
 // base is the zero of the monotonic clock the spans are read from.
 var base = time.Now()
 
+// methods prefixes the names of RWMutex's methods, which note passes over
+// to find the lock's user.
+var methods = func() string {
+	pc, _, _, _ := runtime.Caller(0)
+	name := runtime.FuncForPC(pc).Name() // .../lockstat.init.func1
+	return name[:strings.LastIndex(name, "lockstat.")+len("lockstat.")] + "(*RWMutex)."
+}()
+
 func now() int64 { return int64(time.Since(base)) }
 
 // RWMutex is a sync.RWMutex with hold and wait statistics. The zero value
@@ -100,11 +108,7 @@ func (l *RWMutex) UnlockYield() {
 // RLock takes the mutex shared.
 func (l *RWMutex) RLock() {
 	if !l.mu.TryRLock() {
-		t0 := now()
-		l.waiting.Add(1)
-		l.mu.RLock()
-		l.waiting.Add(-1)
-		l.note(&l.maxWait, &l.wait, now()-t0)
+		l.rlockWait()
 	}
 	if l.readers.Add(1) == 1 {
 		l.rsince.Store(now())
@@ -130,12 +134,17 @@ func (l *RWMutex) RUnlock() {
 // latency measure shows better. Release with RUnlockShort.
 func (l *RWMutex) RLockShort() {
 	if !l.mu.TryRLock() {
-		t0 := now()
-		l.waiting.Add(1)
-		l.mu.RLock()
-		l.waiting.Add(-1)
-		l.note(&l.maxWait, &l.wait, now()-t0)
+		l.rlockWait()
 	}
+}
+
+// rlockWait takes mu shared after a failed TryRLock, timing the wait.
+func (l *RWMutex) rlockWait() {
+	t0 := now()
+	l.waiting.Add(1)
+	l.mu.RLock()
+	l.waiting.Add(-1)
+	l.note(&l.maxWait, &l.wait, now()-t0)
 }
 
 // RUnlockShort releases a hold taken with RLockShort.
@@ -156,13 +165,13 @@ func (l *RWMutex) note(max *atomic.Int64, by *uintptr, d int64) {
 	if d <= max.Load() {
 		return
 	}
-	var pcs [6]uintptr
-	n := runtime.Callers(3, pcs[:])
+	var pcs [8]uintptr
+	n := runtime.Callers(2, pcs[:])
 	frames := runtime.CallersFrames(pcs[:n])
 	var pc uintptr
 	for {
 		f, more := frames.Next()
-		if !strings.HasPrefix(f.Function, "sync.") {
+		if !strings.HasPrefix(f.Function, "sync.") && !strings.HasPrefix(f.Function, methods) {
 			pc = f.PC
 			break
 		}

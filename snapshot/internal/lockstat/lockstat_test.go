@@ -143,3 +143,38 @@ func TestMax(t *testing.T) {
 	x.Reset()
 	require.Zero(t, x.Load())
 }
+
+// A shared wait, by RLock or RLockShort, is its caller's, not the lock's
+// own wait helper's.
+func TestSharedWaitAttributedToCaller(t *testing.T) {
+	for _, short := range []bool{false, true} {
+		var l RWMutex
+		l.Lock()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			waitShared(&l, short)
+		}()
+		// The waiter counts itself in waiting before it blocks: wait for
+		// that (no clock), then hold on a little so the wait is long.
+		for l.waiting.Load() == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(5 * time.Millisecond)
+		l.Unlock()
+		<-done
+		st := l.Stats()
+		require.Positive(t, st.MaxWait, "short %v", short)
+		require.Contains(t, st.WaitBy, "waitShared", "short %v", short)
+	}
+}
+
+func waitShared(l *RWMutex, short bool) {
+	if short {
+		l.RLockShort()
+		l.RUnlockShort()
+		return
+	}
+	l.RLock()
+	l.RUnlock()
+}
