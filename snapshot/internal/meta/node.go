@@ -338,8 +338,8 @@ type node struct {
 	dprev, dnext *node // dirty FIFO
 	cost         int
 	inCache      bool
-	// ref is the CLOCK referenced bit: set by lookups under cache.mu
-	// shared, cleared by eviction under cache.mu exclusively.
+	// ref is the CLOCK referenced bit: set by lookups (with no lock, or
+	// cache.mu shared), cleared by eviction under cache.mu exclusively.
 	ref atomic.Bool
 	// pins counts the Pins holding the node (PinPaths): eviction passes
 	// over it while positive. Raised under cache.mu shared while the node
