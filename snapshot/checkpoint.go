@@ -133,15 +133,37 @@ func (s *Store) smallStateLocked(c *capture) {
 	c.ctr = s.ctr.clone()
 }
 
+// maxVolChanged bounds Store.volChanged.
+const maxVolChanged = 4096
+
 // volRecsLocked returns the records of every volume but the origin, by
-// id: the last ones made, while no record changed a volume since
-// (volGen). The caller must not change them. Called with mu held
-// exclusively.
+// id: the last ones made, patched for the volumes changed since. The
+// caller must not change them: the last capture may still hold them, so
+// a patch changes a copy. Called with mu held exclusively.
 func (s *Store) volRecsLocked() []volRec {
-	if s.volRecs != nil && s.volRecsGen == s.volGen {
-		return s.volRecs
+	switch {
+	case s.volRecs == nil || s.volAll || len(s.volChanged) > len(s.volRecs)/16+16:
+		// Patching that many would cost more than making them all.
+		s.volRecs = s.makeVolRecs()
+	case len(s.volChanged) > 0:
+		recs := slices.Clone(s.volRecs)
+		for _, id := range s.volChanged {
+			i, found := slices.BinarySearchFunc(recs, int64(id), func(r volRec, id int64) int { return cmp.Compare(r.id, id) })
+			v := s.volumes[id]
+			switch {
+			case v == nil || v.kind == KindOrigin:
+				if found {
+					recs = slices.Delete(recs, i, i+1)
+				}
+			case found:
+				recs[i] = volRecOf(v)
+			default:
+				recs = slices.Insert(recs, i, volRecOf(v))
+			}
+		}
+		s.volRecs = recs
 	}
-	s.volRecs, s.volRecsGen = s.makeVolRecs(), s.volGen
+	s.volChanged, s.volAll = s.volChanged[:0], false
 	return s.volRecs
 }
 
@@ -151,13 +173,18 @@ func (s *Store) makeVolRecs() []volRec {
 	recs := make([]volRec, 0, len(s.volumes))
 	for _, v := range s.volumes {
 		if v.kind != KindOrigin {
-			recs = append(recs, volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
-				epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent),
-				size: v.size.Load()})
+			recs = append(recs, volRecOf(v))
 		}
 	}
-	slices.SortFunc(recs, func(a, b volRec) int { return int(a.id - b.id) })
+	slices.SortFunc(recs, func(a, b volRec) int { return cmp.Compare(a.id, b.id) })
 	return recs
+}
+
+// volRecOf is v's record. Called with mu held.
+func volRecOf(v *volume) volRec {
+	return volRec{id: int64(v.id), name: v.name, kind: v.kind, branch: v.branch,
+		epoch: v.epoch, hidden: v.hidden, protected: v.protected, created: v.created, parent: int64(v.parent),
+		size: v.size.Load()}
 }
 
 // captureLocked freezes a tree commit at the last record appended. Called

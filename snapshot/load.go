@@ -143,6 +143,7 @@ func (s *Store) loadGroups(d *ckptReader, br *branch) {
 }
 
 func (s *Store) loadVolumes(d *ckptReader) {
+	s.volAll = true // the fields set here bypass applyOp
 	n := d.uv()
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		o := op{kind: opVolume}

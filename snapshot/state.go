@@ -219,8 +219,18 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: record %d: %s", ErrCorrupt, seq, fmt.Sprintf(format, args...))
 	}
-	if o.kind != opPut && o.kind != opDel && o.kind != opMove {
-		s.volGen++ // a volume may change: captures make their records again
+	switch o.kind {
+	case opPut, opDel, opMove:
+	case opVolume, opHide, opDropVolume, opRename, opProtect, opCreate, opResize:
+		// The next capture patches the record; past a bound (no capture
+		// for long, as in a store with no journal) it makes them all.
+		if len(s.volChanged) < maxVolChanged {
+			s.volChanged = append(s.volChanged, o.id)
+		} else {
+			s.volAll = true
+		}
+	default:
+		s.volAll = true // a change to no one volume: the next capture makes every record
 	}
 	switch o.kind {
 	case opPut, opDel:

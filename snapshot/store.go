@@ -360,13 +360,16 @@ type Store struct {
 	capDone  *sync.Cond
 	capFreed chan struct{}
 	// volRecs is the volume records the last capture made, which the
-	// next reuses while volGen, counted up by every record that can
-	// change a volume (applyOp), is still volRecsGen: the records cost a
-	// walk and a sort of every volume under mu, milliseconds with 10,000
-	// snapshots, at every tree commit. Captures and Check only read
-	// them. All three guarded by mu.
-	volRecs            []volRec
-	volRecsGen, volGen uint64
+	// next reuses while no record changed a volume since, and patches
+	// (a copy) for the volumes named in volChanged otherwise (applyOp
+	// notes them): a walk and a sort of every volume cost milliseconds
+	// under mu with 10,000 snapshots, at every tree commit, and a record
+	// changes one volume. volAll: a change not tied to one volume, so the
+	// next capture makes them all again. Captures and Check only read
+	// the records. All guarded by mu.
+	volRecs    []volRec
+	volChanged []uint64
+	volAll     bool
 	// capTaken holds the freed channels of the captures that a writer
 	// waiting for log space ended (logRoomLocked) before the capture's
 	// own writer ran its endCapture, which then still waits for mu; empty

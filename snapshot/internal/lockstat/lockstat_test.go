@@ -169,12 +169,15 @@ func TestSharedWaitAttributedToCaller(t *testing.T) {
 	}
 }
 
-func waitShared(l *RWMutex, short bool) {
+// waitShared takes l shared, by RLockShort if short, and reads under it
+// the number of goroutines waiting for it (none but this one's writer).
+func waitShared(l *RWMutex, short bool) int32 {
 	if short {
 		l.RLockShort()
-		l.RUnlockShort()
-		return
+		defer l.RUnlockShort()
+	} else {
+		l.RLock()
+		defer l.RUnlock()
 	}
-	l.RLock()
-	l.RUnlock()
+	return l.waiting.Load()
 }
