@@ -100,6 +100,17 @@ func (c *cache) dirtyUnlink(n *node) {
 // changes only dirty nodes, which are never evicted). Eviction may clear
 // the bit as this sets it; the node then gets no second chance.
 func (c *cache) get(loc uint64) *node {
+	n := c.lookup(loc)
+	if n != nil {
+		c.hits.add(loc)
+	}
+	return n
+}
+
+// lookup is get that leaves the hit for its caller to count: a shared
+// reader counts its hits itself and adds them once, when it is put back
+// (Meta.putReader), to its own stripe.
+func (c *cache) lookup(loc uint64) *node {
 	n := c.nodes.get(loc)
 	if n == nil {
 		c.misses.Add(1)
@@ -108,7 +119,6 @@ func (c *cache) get(loc uint64) *node {
 	if !n.ref.Load() { // a load first: no store (no cache-line write) on a hot node
 		n.ref.Store(true)
 	}
-	c.hits.add(loc)
 	return n
 }
 

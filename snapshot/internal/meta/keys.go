@@ -1,6 +1,9 @@
 package meta
 
-import "fmt"
+import (
+	"fmt"
+	"sync/atomic"
+)
 
 // reader answers key queries over one pair of roots: the writer's open
 // transaction or a View's committed one.
@@ -8,6 +11,10 @@ type reader struct {
 	m            *Meta
 	chunk, epoch tree
 	it           iter
+	// stripe is the stripe of the cache's hit count this reader adds
+	// to: readers are pooled per processor (sync.Pool), and each has its
+	// own, so processors do not share one.
+	stripe uint64
 	// ms: a shared reader reads its misses without the lock (unlocked.go);
 	// the writer's reader and views' readers leave it off.
 	ms missState
@@ -170,16 +177,22 @@ func (m *Meta) reader() *reader {
 func (m *Meta) sharedReader() *reader {
 	r, _ := m.readers.Get().(*reader)
 	if r == nil {
-		r = &reader{}
+		r = &reader{stripe: readerStripes.Add(1)}
 	}
 	r.m, r.chunk, r.epoch = m, m.chunk, m.epoch
 	r.ms.on, r.ms.held = true, true
 	return r
 }
 
+// readerStripes numbers the shared readers made, for their stripes.
+var readerStripes atomic.Uint64
+
 // putReader returns r to the pool, keeping no node alive past its
 // eviction.
 func (m *Meta) putReader(r *reader) {
+	if r.ms.hits > 0 {
+		m.cache.hits.addN(r.stripe, r.ms.hits)
+	}
 	clear(r.it.nodes[:cap(r.it.nodes)])
 	clear(r.ms.pending[:r.ms.np])
 	r.ms = missState{}

@@ -159,6 +159,9 @@ type stripedCounter struct {
 
 func (s *stripedCounter) add(key uint64) { s.stripes[key&15].n.Add(1) }
 
+// addN adds n to the stripe key chooses.
+func (s *stripedCounter) addN(key, n uint64) { s.stripes[key&15].n.Add(n) }
+
 func (s *stripedCounter) load() uint64 {
 	var sum uint64
 	for i := range s.stripes {

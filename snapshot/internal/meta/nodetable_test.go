@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
@@ -115,4 +116,34 @@ func TestStripedCounterSums(t *testing.T) {
 		c.add(k * 7)
 	}
 	require.Equal(t, uint64(1000), c.load())
+}
+
+// TestLead9SharedReaderCountsHits: the hits a shared reader counts itself
+// reach the cache's count when the reader is put back, as a view's do at
+// once.
+func TestLead9SharedReaderCountsHits(t *testing.T) {
+	dev, err := blockdev.NewMem(1<<12*PageSize, 4096)
+	require.NoError(t, err)
+	m, err := Format(dev, Options{DataChunks: 1 << 20})
+	require.NoError(t, err)
+	defer m.Close()
+	for i := range uint64(5000) {
+		require.NoError(t, m.Put(Key{C: i * 3, E: 1}, i))
+	}
+	h0 := m.cache.stats().Hits
+	for i := range uint64(10) {
+		loc, ok, err := m.GetNoRead(Key{C: i * 3, E: 1})
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, i, loc)
+	}
+	h1 := m.cache.stats().Hits
+	require.GreaterOrEqual(t, h1-h0, uint64(20), "ten lookups of a two-level tree")
+	require.NoError(t, m.Commit()) // a view reads the last commit
+	h1 = m.cache.stats().Hits
+	v := m.View()
+	defer v.Release()
+	_, _, err = v.Get(Key{C: 3, E: 1})
+	require.NoError(t, err)
+	require.Greater(t, m.cache.stats().Hits, h1)
 }

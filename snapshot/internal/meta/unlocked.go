@@ -61,6 +61,9 @@ type missState struct {
 	// transaction, not a view), so a page it reads with on false is read
 	// under the lock (lockedReads).
 	held bool
+	// hits counts the walk's cache hits, added to the cache's count when
+	// the reader is put back (putReader).
+	hits uint64
 }
 
 // loadPinned is load for PrefetchPin: every node the walk takes is pinned
@@ -116,7 +119,8 @@ func (it *iter) load(p ptr, k kind, level int) (*node, error) {
 		}
 		return it.m.load(p, k, level) // a view's walk: no lock of the layer held
 	}
-	if n := it.m.cache.get(p.loc); n != nil {
+	if n := it.m.cache.lookup(p.loc); n != nil {
+		ms.hits++
 		if err := checkCached(n, p, k, level); err != nil {
 			return nil, it.m.changedOr(err)
 		}
