@@ -39,12 +39,12 @@ func BenchmarkPut(b *testing.B) {
 	}
 }
 
-// BenchmarkSeek: lookups in a committed tree of 200K random keys through a
-// View.
-func BenchmarkSeek(b *testing.B) {
-	m := benchMeta(b, 1<<15)
+// benchTree is a layer on a device of pages pages holding 200K random
+// keys, committed, and the random source that made them.
+func benchTree(b *testing.B, pages uint64) (*Meta, *rand.Rand) {
+	m := benchMeta(b, pages)
 	rng := rand.New(rand.NewPCG(1, 1))
-	for i := range 200000 {
+	for i := range 200_000 {
 		if err := m.Put(Key{C: rng.Uint64N(1 << 40), E: 1}, uint64(i)); err != nil {
 			b.Fatal(err)
 		}
@@ -52,6 +52,13 @@ func BenchmarkSeek(b *testing.B) {
 	if err := m.Commit(); err != nil {
 		b.Fatal(err)
 	}
+	return m, rng
+}
+
+// BenchmarkSeek: lookups in a committed tree of 200K random keys through a
+// View.
+func BenchmarkSeek(b *testing.B) {
+	m, rng := benchTree(b, 1<<15)
 	v := m.View()
 	defer v.Release()
 	b.ReportAllocs()
@@ -94,16 +101,7 @@ func BenchmarkPutCopyOnWrite(b *testing.B) {
 // What it shows is how lookups on many cores contend: every lookup's
 // shared locks and counters are cache lines all cores write.
 func BenchmarkSeekNoReadParallel(b *testing.B) {
-	m := benchMeta(b, 1<<16)
-	rng := rand.New(rand.NewPCG(1, 1))
-	for i := range 200_000 {
-		if err := m.Put(Key{C: rng.Uint64N(1 << 40), E: 1}, uint64(i)); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := m.Commit(); err != nil {
-		b.Fatal(err)
-	}
+	m, _ := benchTree(b, 1<<16)
 	b.ReportAllocs()
 	b.ResetTimer()
 	var seed uint64
