@@ -3,6 +3,7 @@ package meta
 import (
 	"errors"
 	"math/rand/v2"
+	"path/filepath"
 	"sync"
 	"testing"
 
@@ -127,4 +128,34 @@ func BenchmarkSeekNoReadParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkCommitFile: the commit of 16,384 random puts (each a leaf of
+// its own, mostly) on a file: the pages a commit writes, and how many
+// write calls they take, on a device where each call is a system call.
+// Only the commits are timed.
+func BenchmarkCommitFile(b *testing.B) {
+	dev, err := blockdev.Create(filepath.Join(b.TempDir(), "meta"), 1<<16*PageSize, blockdev.FileOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := Format(dev, Options{DataChunks: 1 << 24})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		b.StopTimer()
+		for j := range 16384 {
+			if err := m.Put(Key{C: rng.Uint64N(1 << 40), E: 1}, uint64(i*16384+j)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StartTimer()
+		if err := m.Commit(); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -1,8 +1,10 @@
 package meta
 
 import (
+	"cmp"
 	"fmt"
 	"runtime"
+	"slices"
 	"time"
 
 	"github.com/blocksnap/blocksnap/snapshot/internal/pace"
@@ -183,17 +185,29 @@ func (m *Meta) writeCommit(tx uint64, dirty []*node, pages []byte, locs []uint64
 	if paced {
 		step, unlock = p.Step, m.mu.UnlockYield
 	}
+	// In page order, so that the nodes of consecutive pages (the
+	// allocator hands out pages in order as nodes are shadowed) are
+	// written with one call: a commit of a random fill past the cache
+	// writes thousands of pages.
+	slices.SortFunc(dirty, func(a, b *node) int { return cmp.Compare(a.loc, b.loc) })
 	for i := 0; i < len(dirty); i += commitBatch {
 		batch := dirty[i:min(i+commitBatch, len(dirty))]
 		for j, n := range batch {
 			n.encode(m.commitBatch[j*PageSize : (j+1)*PageSize])
 			step()
 		}
-		for j, n := range batch {
-			if err := m.writePage(m.commitBatch[j*PageSize:(j+1)*PageSize], n.loc); err != nil {
+		for j := 0; j < len(batch); {
+			k := j + 1
+			for k < len(batch) && batch[k].loc == batch[k-1].loc+1 {
+				k++
+			}
+			if err := m.writePages(m.commitBatch[j*PageSize:k*PageSize], batch[j].loc); err != nil {
 				return err
 			}
-			step()
+			for range k - j {
+				step()
+			}
+			j = k
 		}
 		// Written, so no longer pinned: a clean node evicted now is read
 		// back from its page (as after write-back, before any flush), and

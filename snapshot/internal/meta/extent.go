@@ -27,6 +27,7 @@ package meta
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -63,6 +64,25 @@ func (m *Meta) locate(loc uint64) (blockdev.Device, int64) {
 		}
 	}
 	return m.dev, int64(loc) * PageSize // past the region: the device refuses it
+}
+
+// regionEnd is the page past the part of the metadata region that holds
+// page loc, whose pages lie at consecutive offsets of one device (locate);
+// loc+1 for a page past the region.
+func (m *Meta) regionEnd(loc uint64) uint64 {
+	l := m.layout.Load()
+	if l == nil {
+		return math.MaxUint64
+	}
+	if loc < l.base {
+		return l.base
+	}
+	for _, e := range l.ext {
+		if loc < e.start+e.pages {
+			return e.start + e.pages
+		}
+	}
+	return loc + 1
 }
 
 // extentsOf returns the current extents (nil: none).

@@ -418,6 +418,24 @@ func (m *Meta) writePage(p []byte, loc uint64) error {
 	return nil
 }
 
+// writePages writes the pages in p to consecutive pages from loc, with one
+// write where they lie in one region (locate: the metadata region may be
+// in parts, after GrowMetadata).
+func (m *Meta) writePages(p []byte, loc uint64) error {
+	for len(p) > 0 {
+		dev, off := m.locate(loc)
+		n := int(min(uint64(len(p)/PageSize), m.regionEnd(loc)-loc))
+		if _, err := dev.WriteAt(p[:n*PageSize], off); err != nil {
+			if n == 1 {
+				return fmt.Errorf("meta: write page %d: %w", loc, err)
+			}
+			return fmt.Errorf("meta: write pages %d-%d: %w", loc, loc+uint64(n)-1, err)
+		}
+		p, loc = p[n*PageSize:], loc+uint64(n)
+	}
+	return nil
+}
+
 // snapshotState captures the open transaction's roots, counts and map
 // pointers, as a commit freezes them. Callers hold m.mu.
 func (m *Meta) snapshotState() state {

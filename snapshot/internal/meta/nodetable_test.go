@@ -147,3 +147,32 @@ func TestLead9SharedReaderCountsHits(t *testing.T) {
 	require.NoError(t, err)
 	require.Greater(t, m.cache.stats().Hits, h1)
 }
+
+// TestLead9WritePagesAcrossRegions: a run of consecutive pages that
+// crosses from the base region into an extent (GrowFromData), and from
+// one extent into the next, is written to each part where locate puts
+// its pages, and a page past the region is refused.
+func TestLead9WritePagesAcrossRegions(t *testing.T) {
+	const base, chunkBytes = 16, 2 * PageSize
+	dev, err := blockdev.NewMem(base*PageSize, 4096)
+	require.NoError(t, err)
+	outer, err := blockdev.NewMem(16*chunkBytes, 4096)
+	require.NoError(t, err)
+	m := &Meta{dev: dev}
+	m.opts.Outer, m.opts.DataOff, m.opts.ChunkBytes = outer, chunkBytes, chunkBytes
+	// Pages 16-17 in data chunk 5, 18-21 in chunks 2-3.
+	m.layout.Store(&layout{base: base, ext: []extent{{chunk: 5, chunks: 1, start: 16, pages: 2}, {chunk: 2, chunks: 2, start: 18, pages: 4}}})
+	p := make([]byte, 8*PageSize)
+	for i := range 8 {
+		p[i*PageSize] = byte(i + 1)
+	}
+	require.NoError(t, m.writePages(p[:7*PageSize], 14)) // pages 14-20
+	for i := range 7 {
+		d, off := m.locate(uint64(14 + i))
+		got := make([]byte, PageSize)
+		_, err := d.ReadAt(got, off)
+		require.NoError(t, err)
+		require.Equal(t, p[i*PageSize:(i+1)*PageSize], got, "page %d", 14+i)
+	}
+	require.Error(t, m.writePages(p[:2*PageSize], 21), "page 22 lies past the region")
+}
