@@ -65,10 +65,19 @@ type originBuf struct {
 	// that stripe.
 	byStripe [nStripes]map[uint64]*obEntry
 
-	mu    sync.Mutex // guards queue, spare, free, err and drained
+	mu    sync.Mutex // guards queue, spare, free, err, drained, got and idle
 	queue []*obEntry // buffered entries: those a drain kept (in chunk order), then newer ones
 	spare []*obEntry // the drain's second queue, reused
 	free  []*obEntry
+	// got counts the entries taken (obGet); idle counts the committer's
+	// ticks since the last tick at which got had moved or the buffer
+	// held entries (obIdleTick).
+	got  uint64
+	idle struct {
+		ticks int
+		got   uint64
+		drops int // times the free entries were dropped
+	}
 	err   error // first write-out failure not yet reported by Flush
 
 	drainMu sync.Mutex // serialises drains; guards wbuf
@@ -140,6 +149,7 @@ func (s *Store) obGet(c uint64) *obEntry {
 	k := len(s.ob.free)
 	e := s.ob.free[k-1]
 	s.ob.free = s.ob.free[:k-1]
+	s.ob.got++
 	s.ob.mu.Unlock()
 	e.c, e.seq, e.discard = c, 0, false
 	clear(e.dirty)
@@ -157,6 +167,33 @@ func (s *Store) obGrowLocked() {
 		es[i].dirty = dirty[int64(i)*words : int64(i+1)*words : int64(i+1)*words]
 		s.ob.free = append(s.ob.free, &es[i])
 	}
+}
+
+// obIdleTicks is how many of the committer's ticks (CommitInterval each)
+// the buffer must stay empty, with no copy-on-write taking an entry,
+// before it gives its memory back.
+const obIdleTicks = 5
+
+// obIdleTick is the committer's tick for the buffer: once the origin has
+// taken no entry for obIdleTicks ticks and nothing is buffered, the free
+// entries are dropped, and with them the slabs (up to OriginBuffer bytes
+// and a slab) that no entry in use still holds. A store whose origin went
+// quiet does not keep that memory for good; the next copy-on-write
+// allocates a slab again. It reports whether it dropped them.
+func (s *Store) obIdleTick() bool {
+	s.ob.mu.Lock()
+	defer s.ob.mu.Unlock()
+	if s.ob.got != s.ob.idle.got || s.ob.n.Load() > 0 {
+		s.ob.idle.ticks, s.ob.idle.got = 0, s.ob.got
+		return false
+	}
+	s.ob.idle.ticks++
+	if s.ob.idle.ticks < obIdleTicks || s.ob.free == nil {
+		return false
+	}
+	s.ob.free = nil
+	s.ob.idle.drops++
+	return true
 }
 
 // obPut returns an entry that is not (or no longer) buffered.

@@ -228,7 +228,9 @@ type Options struct {
 	// their copy-on-write, until a commit makes the copy durable and lets
 	// them reach the origin device (rounded down to whole chunks, at least
 	// one); 0 means 32 MiB, negative turns buffering off (each such write
-	// then waits for its commit). Unused in transient mode.
+	// then waits for its commit). Unused in transient mode. The memory is
+	// taken as copies need it and given back once the origin has made no
+	// copy for five commit intervals (with the background committer on).
 	OriginBuffer int64
 }
 
@@ -1281,6 +1283,9 @@ func (s *Store) committer() {
 			return
 		case <-t.C:
 			ticks++
+			if s.ob.max > 0 {
+				s.obIdleTick()
+			}
 		case <-s.ob.kick: // nil (never ready) with the buffer off
 		}
 		if s.usable() != nil {
