@@ -78,7 +78,7 @@ type originBuf struct {
 		got   uint64
 		drops int // times the free entries were dropped
 	}
-	err   error // first write-out failure not yet reported by Flush
+	err error // first write-out failure not yet reported by Flush
 
 	drainMu sync.Mutex // serialises drains; guards wbuf
 	wbuf    []byte     // the drain's buffer for writes of several chunks
