@@ -2,6 +2,8 @@ package meta
 
 import (
 	"math/rand/v2"
+	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -175,4 +177,58 @@ func TestLead9WritePagesAcrossRegions(t *testing.T) {
 		require.Equal(t, p[i*PageSize:(i+1)*PageSize], got, "page %d", 14+i)
 	}
 	require.Error(t, m.writePages(p[:2*PageSize], 21), "page 22 lies past the region")
+}
+
+// TestLead9UpperBoundMatchesSearch: upperBound, which guesses where q
+// falls before it searches (narrow), gives a plain binary search's answer
+// on nodes of every size around interpolateMin, with chunks spread evenly,
+// in runs, bunched, over several branches and epochs, and queries before,
+// between, on and after their keys.
+func TestLead9UpperBoundMatchesSearch(t *testing.T) {
+	rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 29))
+	for trial := range 3000 {
+		n := 1 + rng.IntN(3*interpolateMin)
+		if trial%10 == 0 {
+			n = 100 + rng.IntN(400)
+		}
+		for _, k := range []kind{chunkTree, epochTree} {
+			runs := make([]run, n)
+			shape := trial % 4
+			for i := range runs {
+				r := &runs[i]
+				switch shape {
+				case 0: // one branch and epoch, chunks anywhere
+					r.b, r.e, r.c = 1, 5, rng.Uint64()
+				case 1: // consecutive chunks
+					r.b, r.e, r.c = 1, 5, uint64(i)*3
+				case 2: // few chunks, many epochs
+					r.b, r.e, r.c = 1, uint32(rng.IntN(4)), uint64(rng.IntN(5))
+				default: // several branches, huge and tiny chunks
+					r.b, r.e, r.c = uint32(rng.IntN(3)), uint32(rng.IntN(3)), []uint64{0, 1, ^uint64(0), rng.Uint64()}[rng.IntN(4)]
+				}
+			}
+			slices.SortFunc(runs, func(x, y run) int {
+				if atOrBefore(k, &x, &y) && atOrBefore(k, &y, &x) {
+					return 0
+				}
+				if atOrBefore(k, &x, &y) {
+					return -1
+				}
+				return 1
+			})
+			for range 20 {
+				q := runs[rng.IntN(n)]
+				switch rng.IntN(4) {
+				case 0:
+					q.c++
+				case 1:
+					q.c--
+				case 2:
+					q = run{b: uint32(rng.IntN(4)), e: uint32(rng.IntN(6)), c: rng.Uint64()}
+				}
+				want := sort.Search(n, func(i int) bool { return !atOrBefore(k, &runs[i], &q) })
+				require.Equal(t, want, upperBound(k, runs, q), "trial %d kind %d n %d q %+v", trial, k, n, q)
+			}
+		}
+	}
 }
