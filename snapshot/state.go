@@ -220,7 +220,7 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 		return fmt.Errorf("%w: record %d: %s", ErrCorrupt, seq, fmt.Sprintf(format, args...))
 	}
 	switch o.kind {
-	case opPut, opDel, opMove:
+	case opPut, opDel, opMove, opBranch, opDropBranch: // no volume's record changes
 	case opVolume, opHide, opDropVolume, opRename, opProtect, opCreate, opResize:
 		// The next capture patches the record; past a bound (no capture
 		// for long, as in a store with no journal) it makes them all.
@@ -230,7 +230,7 @@ func (s *Store) applyOp(o *op, seq uint64, replay bool) error {
 			s.volAll = true
 		}
 	default:
-		s.volAll = true // a change to no one volume: the next capture makes every record
+		s.volAll = true // not a known operation: the next capture makes every record
 	}
 	switch o.kind {
 	case opPut, opDel:

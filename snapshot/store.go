@@ -366,8 +366,8 @@ type Store struct {
 	// (a copy) for the volumes named in volChanged otherwise (applyOp
 	// notes them): a walk and a sort of every volume cost milliseconds
 	// under mu with 10,000 snapshots, at every tree commit, and a record
-	// changes one volume. volAll: a change not tied to one volume, so the
-	// next capture makes them all again. Captures and Check only read
+	// changes one volume. volAll: the next capture makes them all again
+	// (after a checkpoint load, or past maxVolChanged notes). Captures and Check only read
 	// the records. All guarded by mu.
 	volRecs    []volRec
 	volChanged []uint64
