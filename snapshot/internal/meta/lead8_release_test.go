@@ -80,6 +80,19 @@ func checkCacheBooks(t *testing.T, c *cache) {
 	})
 	require.Equal(t, bytes, c.bytes, "cache bytes")
 	require.Equal(t, dirty, c.dirty, "dirty bytes")
+	// The CLOCK ring holds exactly the clean cached nodes, the dirty FIFO
+	// the dirty ones: eviction never walks past a dirty node.
+	ring, fifo := 0, 0
+	for n := c.head.next; n != &c.head; n = n.next {
+		require.False(t, n.dirty, "a dirty node on the CLOCK ring")
+		require.Same(t, n, c.nodes.get(n.loc), "a node on the ring is the cached one")
+		ring++
+	}
+	for n := c.dhead.dnext; n != &c.dhead; n = n.dnext {
+		require.True(t, n.dirty, "a clean node on the dirty FIFO")
+		fifo++
+	}
+	require.Equal(t, c.nodes.len(), ring+fifo, "every cached node on the ring or the FIFO")
 }
 
 // The writer's puts into leaves it has already dirtied take no cache lock

@@ -262,7 +262,9 @@ func (c *cache) want(loc uint64) bool {
 		return false
 	}
 	n.ref.Store(true)
-	c.unlink(n)
-	c.pushFront(n)
+	if !n.dirty { // a dirty node is not on the ring (cache)
+		c.unlink(n)
+		c.pushFront(n)
+	}
 	return true
 }
