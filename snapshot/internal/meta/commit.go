@@ -361,17 +361,25 @@ func (m *Meta) writeBack() error {
 		if hard > soft {
 			k = min(1+(wbPerChange-1)*(d-soft)/(hard-soft), wbPerChange)
 		}
-		if m.queueWriteBack(k) == 0 && d > hard {
-			// Every slot is in flight. The writer does not write here,
-			// under mu and its caller's locks (docs/metadata.md section
-			// 16): it flags the excess, and its caller waits in Throttle,
-			// without its locks, before its next change. Only a caller
-			// that does not throttle (replay, the store's collector, a
-			// large record) and lets the dirty nodes pass seven eighths
-			// of what the commit in flight leaves of the cache writes
-			// some itself, so that they stay bounded.
+		queued := m.queueWriteBack(k)
+		if d > hard {
+			// Past the hard bound the writer does not write here, under
+			// mu and its caller's locks (docs/metadata.md section 16): it
+			// flags the excess, and its caller waits in Throttle, without
+			// its locks, before its next change, writing queued pages
+			// itself until the dirty nodes are back under the bound. It
+			// flags it even with slots free: the nodes in flight are
+			// dirty until written, and with write-back behind (a slow
+			// device, a loaded machine) a writer that only queued went
+			// on dirtying past the bound by the slots' worth, and with a
+			// large commit in flight past the cache's limit. Only a
+			// caller that does not throttle (replay, the store's
+			// collector, a large record) and lets the dirty nodes pass
+			// seven eighths of what the commit in flight leaves of the
+			// cache, with every slot in flight, writes some itself, so
+			// that they stay bounded.
 			m.overHard.Store(true)
-			if d > hard+(hard-soft)/2 {
+			if queued == 0 && d > hard+(hard-soft)/2 {
 				if err := m.writeNodes(wbPerChange); err != nil {
 					return err
 				}
