@@ -107,7 +107,7 @@ func (c *cache) dirtyUnlink(n *node) {
 func (c *cache) get(loc uint64) *node {
 	n := c.lookup(loc)
 	if n != nil {
-		c.hits.add(loc)
+		c.hits.add(loc, 1)
 	}
 	return n
 }
@@ -173,7 +173,7 @@ func (c *cache) getPinned(loc uint64, p *Pins) *node {
 		c.misses.Add(1)
 		return nil
 	}
-	c.hits.add(loc)
+	c.hits.add(loc, 1)
 	return n
 }
 

@@ -54,35 +54,28 @@ type layout struct {
 
 // locate returns the device and byte offset of page loc.
 func (m *Meta) locate(loc uint64) (blockdev.Device, int64) {
-	l := m.layout.Load()
-	if l == nil || loc < l.base {
-		return m.dev, int64(loc) * PageSize
-	}
-	for _, e := range l.ext {
-		if loc < e.start+e.pages {
-			return m.opts.Outer, m.opts.DataOff + int64(e.chunk)*m.opts.ChunkBytes + int64(loc-e.start)*PageSize
-		}
-	}
-	return m.dev, int64(loc) * PageSize // past the region: the device refuses it
+	dev, off, _ := m.locateRun(loc)
+	return dev, off
 }
 
-// regionEnd is the page past the part of the metadata region that holds
-// page loc, whose pages lie at consecutive offsets of one device (locate);
-// loc+1 for a page past the region.
-func (m *Meta) regionEnd(loc uint64) uint64 {
+// locateRun is locate that also returns the page past the part of the
+// region that holds loc, whose pages lie at consecutive offsets of dev
+// (loc+1 for a page past the region).
+func (m *Meta) locateRun(loc uint64) (dev blockdev.Device, off int64, end uint64) {
 	l := m.layout.Load()
-	if l == nil {
-		return math.MaxUint64
-	}
-	if loc < l.base {
-		return l.base
+	if l == nil || loc < l.base {
+		end = uint64(math.MaxUint64)
+		if l != nil {
+			end = l.base
+		}
+		return m.dev, int64(loc) * PageSize, end
 	}
 	for _, e := range l.ext {
 		if loc < e.start+e.pages {
-			return e.start + e.pages
+			return m.opts.Outer, m.opts.DataOff + int64(e.chunk)*m.opts.ChunkBytes + int64(loc-e.start)*PageSize, e.start + e.pages
 		}
 	}
-	return loc + 1
+	return m.dev, int64(loc) * PageSize, loc + 1 // past the region: the device refuses it
 }
 
 // extentsOf returns the current extents (nil: none).

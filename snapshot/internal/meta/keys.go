@@ -191,7 +191,7 @@ var readerStripes atomic.Uint64
 // eviction.
 func (m *Meta) putReader(r *reader) {
 	if r.ms.hits > 0 {
-		m.cache.hits.addN(r.stripe, r.ms.hits)
+		m.cache.hits.add(r.stripe, r.ms.hits)
 	}
 	clear(r.it.nodes[:cap(r.it.nodes)])
 	clear(r.ms.pending[:r.ms.np])

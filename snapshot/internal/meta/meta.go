@@ -410,21 +410,15 @@ func (m *Meta) readPage(p []byte, loc uint64) error {
 	return nil
 }
 
-func (m *Meta) writePage(p []byte, loc uint64) error {
-	dev, off := m.locate(loc)
-	if _, err := dev.WriteAt(p, off); err != nil {
-		return fmt.Errorf("meta: write page %d: %w", loc, err)
-	}
-	return nil
-}
+func (m *Meta) writePage(p []byte, loc uint64) error { return m.writePages(p, loc) }
 
 // writePages writes the pages in p to consecutive pages from loc, with one
 // write where they lie in one region (locate: the metadata region may be
 // in parts, after GrowMetadata).
 func (m *Meta) writePages(p []byte, loc uint64) error {
 	for len(p) > 0 {
-		dev, off := m.locate(loc)
-		n := int(min(uint64(len(p)/PageSize), m.regionEnd(loc)-loc))
+		dev, off, end := m.locateRun(loc)
+		n := int(min(uint64(len(p)/PageSize), end-loc))
 		if _, err := dev.WriteAt(p[:n*PageSize], off); err != nil {
 			if n == 1 {
 				return fmt.Errorf("meta: write page %d: %w", loc, err)

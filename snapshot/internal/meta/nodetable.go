@@ -134,19 +134,6 @@ func (nt *nodeTable) rebuild() *nodeSlots {
 // len is the number of entries. Under cache.mu (either way).
 func (nt *nodeTable) len() int { return nt.live }
 
-// each calls fn for every entry. Under cache.mu (either way).
-func (nt *nodeTable) each(fn func(*node)) {
-	t := nt.cur.Load()
-	if t == nil {
-		return
-	}
-	for i := range t.slots {
-		if n := t.slots[i].Load(); n != nil && n != tombstone {
-			fn(n)
-		}
-	}
-}
-
 // stripedCounter is a counter that many cores add to at once without all
 // writing one cache line: each add goes to one of its stripes, chosen by
 // a key the caller spreads (a page number), and a read sums them.
@@ -157,10 +144,8 @@ type stripedCounter struct {
 	}
 }
 
-func (s *stripedCounter) add(key uint64) { s.stripes[key&15].n.Add(1) }
-
-// addN adds n to the stripe key chooses.
-func (s *stripedCounter) addN(key, n uint64) { s.stripes[key&15].n.Add(n) }
+// add adds n to the stripe key chooses.
+func (s *stripedCounter) add(key, n uint64) { s.stripes[key&15].n.Add(n) }
 
 func (s *stripedCounter) load() uint64 {
 	var sum uint64
