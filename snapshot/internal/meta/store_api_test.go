@@ -24,10 +24,11 @@ func TestFreezeWrite(t *testing.T) {
 	ref, err := m.AllocData()
 	require.NoError(t, err)
 	require.NoError(t, m.Put(Key{B: 0, C: 1, E: 1}, ref))
-	start, n, err := m.AllocDataRun(3)
+	inflight, err := m.AllocDataBatch(nil, 3)
 	require.NoError(t, err)
-	require.Equal(t, 3, n)
-	inflight := []uint64{start, start + 1, start + 2}
+	require.Len(t, inflight, 3)
+	start := inflight[0]
+	require.Equal(t, []uint64{start, start + 1, start + 2}, inflight, "free space in one run is taken in order")
 	_, err = m.Freeze(1, []uint64{999})
 	require.ErrorIs(t, err, ErrInvalid, "a chunk that is not allocated cannot be in flight")
 	fz, err := m.Freeze(42, inflight)
