@@ -21,11 +21,8 @@ func (a *allocator) reserveLen() int {
 // Stats, and a tree commit, then a crash, shows it free: nothing leaks,
 // and the copies taken from it are where they should be.
 func TestLead10ReserveFreeInStatsAndAfterCrash(t *testing.T) {
-	oSim := blockdevtest.MustCrashSim(64*4096, 512)
-	sSim := blockdevtest.MustCrashSim(8<<20, 512)
-	opts := Options{ChunkSize: 4096, JournalSize: 256 << 10, CommitInterval: -1}
-	s, err := Format(oSim, sSim, opts)
-	require.NoError(t, err)
+	s, oSim, sSim, opts := smallCrashStore(t)
+	var err error
 	o := s.Origin()
 	free0 := s.Stats().FreeBytes
 	old := bytes.Repeat([]byte{7}, 16*4096)
