@@ -100,11 +100,23 @@ func (a *allocator) release(loc uint64) error {
 	return a.m.ReturnData(loc)
 }
 
-// dropReserve gives the reserve back to the layer, for an operation that
-// needs the free space as it is (GrowMetadata's run of free chunks).
-func (a *allocator) dropReserve() error {
+// growMetadata grows the layer's metadata region into chunks free data
+// chunks (meta.GrowFromData). The reserve may sit in the run of free
+// chunks that needs: it goes back to the layer first, and mu keeps a copy
+// from taking a new one before the region has its run.
+func (a *allocator) growMetadata(chunks uint64) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if err := a.dropReserveLocked(); err != nil {
+		return err
+	}
+	_, err := a.m.GrowFromData(chunks)
+	return err
+}
+
+// dropReserveLocked gives the reserve back to the layer. Called with mu
+// held.
+func (a *allocator) dropReserveLocked() error {
 	var errs []error
 	for _, loc := range a.reserve[a.next:] {
 		delete(a.inflight, loc)

@@ -154,10 +154,7 @@ func (s *Store) GrowMetadata(ctx context.Context, bytes int64) (int64, error) {
 	}
 	chunks := uint64((bytes + s.cs - 1) / s.cs)
 	s.mu.Lock()
-	err := s.alloc.dropReserve() // its chunks may be in the run the region needs
-	if err == nil {
-		_, err = s.m.GrowFromData(chunks)
-	}
+	err := s.alloc.growMetadata(chunks)
 	s.mu.Unlock()
 	if err != nil {
 		if errors.Is(err, meta.ErrInvalid) {
