@@ -213,32 +213,31 @@ func OpenOverlay(dev blockdev.Device, opts Options) (*Meta, error) {
 	return open(dev, opts, true)
 }
 
-// AllocDataBatch appends to dst up to want free data chunks (at least
-// one), taken in the open transaction in the order of the map's cursor:
-// consecutive locations while the free space is. ErrNoSpace when no chunk
-// is free (DataHeld tells whether a commit would free some).
-func (m *Meta) AllocDataBatch(dst []uint64, want int) ([]uint64, error) {
+// AllocDataRun takes up to want free data chunks at consecutive
+// locations (at least one) in the open transaction, and returns the first
+// and the count. ErrNoSpace when no chunk is free (DataHeld tells whether
+// a commit would free some).
+func (m *Meta) AllocDataRun(want int) (uint64, int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable(); err != nil {
-		return dst, err
+		return 0, 0, err
 	}
 	sm := m.dataSM
-	for n := 0; n < want; n++ {
-		loc, ok := sm.alloc()
-		if !ok {
-			if n == 0 {
-				return dst, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
-			}
-			break
-		}
-		dst = append(dst, loc)
+	start, ok := sm.alloc()
+	if !ok {
+		return 0, 0, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
+	}
+	n := 1
+	for loc := start + 1; n < want && loc < sm.nbits && !sm.isSet(loc) && sm.held[loc/64]&(1<<(loc%64)) == 0; loc++ {
+		sm.set(loc)
+		n++
 	}
 	m.changed = true
-	return dst, nil
+	return start, n, nil
 }
 
-// ReturnData gives back a data chunk that AllocData or AllocDataBatch took
+// ReturnData gives back a data chunk that AllocData or AllocDataRun took
 // and that no key ever referenced: it is free at once (no commit can need
 // it: Freeze kept it out as in flight).
 func (m *Meta) ReturnData(loc uint64) error {
