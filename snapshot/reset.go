@@ -40,6 +40,9 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 	if err := vol.notDeleted(); err != nil {
 		return err
 	}
+	if err := s.shrinkFirst(vol, to); err != nil {
+		return err
+	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
 	for c, end := uint64(0), uint64((to.Size()+s.cs-1)/s.cs); c < end; c++ {

@@ -87,6 +87,11 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if err = errors.Join(err, lerr); err != nil {
 		return metaErr("rollback planning", err)
 	}
+	if b != 0 {
+		if err := s.shrinkFirst(vol, to); err != nil {
+			return err
+		}
+	}
 	bp := s.getBuf()
 	defer s.putBuf(bp)
 	for _, ch := range changes {
@@ -131,6 +136,20 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 		return vol.Flush()
 	}
 	return s.resetSize(vol, to)
+}
+
+// shrinkFirst gives vol, a clone about to be rolled back or reset to the
+// snapshot to, to's size before any chunk changes when that is smaller.
+// The chunk that holds to's end may come to read as its parent's again,
+// and the parent may hold data past to's end there (left by a shrink
+// before to was taken): at vol's old size, a crash or a reader before the
+// size change would see that discarded data. Shrunk first, it is past the
+// end; a later grow zeroes it.
+func (s *Store) shrinkFirst(vol, to *Volume) error {
+	if size := to.Size(); size < vol.Size() {
+		return s.logSize(vol.meta, size)
+	}
+	return nil
 }
 
 // resetSize gives a clone rolled back or reset to snapshot to the size to
