@@ -8,7 +8,8 @@ import (
 
 // Rollback reverts a writable volume (the origin, a clone or a blank
 // volume) to one of its own snapshots, online, size included (a clone
-// takes the snapshot's size): only the chunks that differ are rewritten, through
+// takes the snapshot's size: a smaller one before any chunk changes, see
+// shrinkFirst; a larger one after): only the chunks that differ are rewritten, through
 // the normal write path, so every other snapshot stays intact and a clone's
 // chain does not deepen. Writes racing with the rollback land before or
 // after it, chunk by chunk. The branch gate is held shared throughout, so
