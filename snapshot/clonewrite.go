@@ -125,11 +125,11 @@ func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard 
 		return err
 	}
 	if err := s.writeRedirected(br, c, v, loc, p, in, k, whole); err != nil {
-		return errors.Join(err, s.alloc.release(loc, 1))
+		return errors.Join(err, s.alloc.release(loc))
 	}
 	sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: loc})
 	if _, err = s.log(sc); err != nil && s.failed.Load() == nil {
-		err = errors.Join(err, s.alloc.release(loc, 1)) // refused before it changed anything
+		err = errors.Join(err, s.alloc.release(loc)) // refused before it changed anything
 	}
 	return err
 }

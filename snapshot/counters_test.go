@@ -287,16 +287,24 @@ func TestCountersConcurrent(t *testing.T) {
 	require.NoError(t, s.Check())
 }
 
+// smallCrashStore formats a store of 4 KiB chunks on power-cut simulators:
+// a 64-chunk origin and an 8 MiB store, committed by hand.
+func smallCrashStore(t *testing.T) (s *Store, oSim, sSim *blockdevtest.CrashSim, opts Options) {
+	oSim = blockdevtest.MustCrashSim(64*4096, 512)
+	sSim = blockdevtest.MustCrashSim(8<<20, 512)
+	opts = Options{ChunkSize: 4096, JournalSize: 256 << 10, CommitInterval: -1}
+	s, err := Format(oSim, sSim, opts)
+	require.NoError(t, err)
+	return s, oSim, sSim, opts
+}
+
 // TestCountersCrashBetweenTreeAndCheckpoint cuts the power after a tree
 // commit is durable but before its journal checkpoint is written. Open
 // then loads counters older than the tree and replays the records between
 // for their small state only: the counters must be rebuilt, not trusted.
 func TestCountersCrashBetweenTreeAndCheckpoint(t *testing.T) {
-	oSim := blockdevtest.MustCrashSim(64*4096, 512)
-	sSim := blockdevtest.MustCrashSim(8<<20, 512)
-	opts := Options{ChunkSize: 4096, JournalSize: 256 << 10, CommitInterval: -1}
-	s, err := Format(oSim, sSim, opts)
-	require.NoError(t, err)
+	s, oSim, sSim, opts := smallCrashStore(t)
+	var err error
 	o := s.Origin()
 	write := chunkWriter(t, o)
 	_, err = s.CreateSnapshot("s1", o)

@@ -106,7 +106,7 @@ func (s *Store) lowDataCheck() {
 	if s.opts.LowData == nil {
 		return
 	}
-	sp := s.m.Space()
+	sp := s.alloc.space()
 	thr := s.opts.LowDataThreshold
 	if thr == 0 {
 		thr = int64(sp.Chunks) * s.cs / 8
@@ -133,7 +133,7 @@ func (s *Store) lowDataNotifier() {
 		case <-s.ctx.Done():
 			return
 		case <-s.lowDataKick:
-			sp := s.m.Space()
+			sp := s.alloc.space()
 			s.opts.LowData(int64(sp.Chunks-sp.ChunksUsed)*s.cs, int64(sp.Chunks)*s.cs)
 		}
 	}
@@ -154,7 +154,7 @@ func (s *Store) GrowMetadata(ctx context.Context, bytes int64) (int64, error) {
 	}
 	chunks := uint64((bytes + s.cs - 1) / s.cs)
 	s.mu.Lock()
-	_, err := s.m.GrowFromData(chunks)
+	err := s.alloc.growMetadata(chunks)
 	s.mu.Unlock()
 	if err != nil {
 		if errors.Is(err, meta.ErrInvalid) {

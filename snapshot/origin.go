@@ -306,7 +306,7 @@ func (s *Store) copyOut(c0, c1 uint64, need uint32) error {
 func (s *Store) dropCow(sc *scratch) {
 	for i := range sc.cow {
 		x := &sc.cow[i]
-		if err := s.alloc.release(x.loc, 1); err != nil {
+		if err := s.alloc.release(x.loc); err != nil {
 			_ = s.fail(metaErr("return data chunk", err))
 		}
 		if x.fresh {
@@ -325,7 +325,7 @@ func (s *Store) dropCow(sc *scratch) {
 // gates and stripes (the commit takes reclaim).
 func (s *Store) allocOne() (uint64, error) {
 	for retried := false; ; retried = true {
-		loc, _, ok, err := s.alloc.allocRun(1)
+		loc, ok, err := s.alloc.take()
 		if err != nil {
 			return 0, s.fail(metaErr("allocate data chunk", err))
 		}
@@ -335,7 +335,7 @@ func (s *Store) allocOne() (uint64, error) {
 		}
 		if retried || !s.alloc.hasPending() {
 			s.lowDataCheck()
-			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.alloc.m.Space().Chunks)
+			return 0, fmt.Errorf("%w: %d data chunks in use", ErrNoSpace, s.alloc.space().ChunksUsed)
 		}
 		if err := s.treeCommit(s.ctx); err != nil {
 			return 0, err

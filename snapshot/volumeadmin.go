@@ -539,7 +539,7 @@ func (s *Store) Stats() Stats {
 	vols := len(s.byName)
 	entries := s.ix.len()
 	s.mu.RUnlock()
-	sp := s.m.Space()
+	sp := s.alloc.space()
 	// Chunks the metadata region grew into (GrowMetadata) are not data.
 	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
 		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),

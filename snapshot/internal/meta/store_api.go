@@ -60,11 +60,12 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 	t0 := time.Now()
 	tx, dirty, pages, locs, err := m.freeze()
 	frozen := time.Since(t0)
+	// The next transaction holds them again, without being marked changed
+	// for it: on disk they are meant to be free, and the put that adopts
+	// one marks its transaction. (Marked, a store whose allocator always
+	// holds some in flight wrote a tree commit at every capture.)
 	for _, loc := range inflight {
 		m.dataSM.set(loc)
-	}
-	if len(inflight) > 0 && err == nil {
-		m.changed = true // the next transaction holds them again
 	}
 	queued := m.wbQueued
 	m.mu.Unlock()
@@ -213,31 +214,32 @@ func OpenOverlay(dev blockdev.Device, opts Options) (*Meta, error) {
 	return open(dev, opts, true)
 }
 
-// AllocDataRun takes up to want free data chunks at consecutive
-// locations (at least one) in the open transaction, and returns the first
-// and the count. ErrNoSpace when no chunk is free (DataHeld tells whether
-// a commit would free some).
-func (m *Meta) AllocDataRun(want int) (uint64, int, error) {
+// AllocDataBatch appends to dst up to want free data chunks (at least
+// one), taken in the open transaction in the order of the map's cursor:
+// consecutive locations while the free space is. ErrNoSpace when no chunk
+// is free (DataHeld tells whether a commit would free some).
+func (m *Meta) AllocDataBatch(dst []uint64, want int) ([]uint64, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable(); err != nil {
-		return 0, 0, err
+		return dst, err
 	}
 	sm := m.dataSM
-	start, ok := sm.alloc()
-	if !ok {
-		return 0, 0, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
-	}
-	n := 1
-	for loc := start + 1; n < want && loc < sm.nbits && !sm.isSet(loc) && sm.held[loc/64]&(1<<(loc%64)) == 0; loc++ {
-		sm.set(loc)
-		n++
+	for n := 0; n < want; n++ {
+		loc, ok := sm.alloc()
+		if !ok {
+			if n == 0 {
+				return dst, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
+			}
+			break
+		}
+		dst = append(dst, loc)
 	}
 	m.changed = true
-	return start, n, nil
+	return dst, nil
 }
 
-// ReturnData gives back a data chunk that AllocData or AllocDataRun took
+// ReturnData gives back a data chunk that AllocData or AllocDataBatch took
 // and that no key ever referenced: it is free at once (no commit can need
 // it: Freeze kept it out as in flight).
 func (m *Meta) ReturnData(loc uint64) error {

@@ -12,7 +12,8 @@ import (
 
 // A commit split into Freeze and Write records the user word, keeps the
 // data chunks in flight out of the frozen transaction (a crash after it
-// finds them free and no leak) but allocated in the next one, and holds
+// finds them free and no leak) but allocated in the next one, which they
+// alone do not make a change to commit, and holds
 // freed chunks until ReleaseFrees. MarkData claims only free chunks,
 // ReturnData gives back only allocated ones, and Room refuses, changing
 // nothing, when the region cannot take the changes.
@@ -24,10 +25,11 @@ func TestFreezeWrite(t *testing.T) {
 	ref, err := m.AllocData()
 	require.NoError(t, err)
 	require.NoError(t, m.Put(Key{B: 0, C: 1, E: 1}, ref))
-	start, n, err := m.AllocDataRun(3)
+	inflight, err := m.AllocDataBatch(nil, 3)
 	require.NoError(t, err)
-	require.Equal(t, 3, n)
-	inflight := []uint64{start, start + 1, start + 2}
+	require.Len(t, inflight, 3)
+	start := inflight[0]
+	require.Equal(t, []uint64{start, start + 1, start + 2}, inflight, "free space in one run is taken in order")
 	_, err = m.Freeze(1, []uint64{999})
 	require.ErrorIs(t, err, ErrInvalid, "a chunk that is not allocated cannot be in flight")
 	fz, err := m.Freeze(42, inflight)
@@ -36,6 +38,9 @@ func TestFreezeWrite(t *testing.T) {
 	require.NoError(t, fz.Write())
 	require.NoError(t, m.Check())
 	require.EqualValues(t, 42, m.User())
+	fz, err = m.Freeze(42, inflight)
+	require.NoError(t, err)
+	require.True(t, fz == nil, "chunks held in flight again are no change: nothing to commit")
 
 	// A crash now: the committed transaction has the key and its chunk,
 	// and the chunks in flight free.
