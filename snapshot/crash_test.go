@@ -301,6 +301,7 @@ func (w *workload) checkSectors(v *vmodel, got []byte, p blockdevtest.Policy) {
 				}
 			}
 			w.t.Logf("pending: %d writes; zero sector %v; durable zero %v", len(v.pending), blockdev.IsZero(g), blockdev.IsZero(v.durable[off:off+sec]))
+			w.diagSector(v, off, g)
 			w.t.Fatalf("seed %d step %d: %s sector at %d holds neither its durable contents nor a later write (%v)",
 				w.seed, w.steps, v.name, off, p)
 		}

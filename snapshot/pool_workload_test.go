@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -96,6 +97,7 @@ func (w *workload) resize() error {
 		return w.failed(err, "resize "+v.name)
 	}
 	v.data = resized(v.data, size)
+	w.why = fmt.Sprintf("resize %d->%d", old, size)
 	if size != old {
 		w.makeDurable(v) // a resize commits every record before it
 	}
