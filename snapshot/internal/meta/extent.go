@@ -200,7 +200,7 @@ func (s *spaceMap) freeRunFromTop(n uint64) (uint64, bool) {
 	run := uint64(0)
 	for i := s.nbits; i > 0; i-- {
 		c := i - 1
-		if (s.words[c/64]|s.held[c/64])&(1<<(c%64)) != 0 {
+		if s.isSet(c) || s.isHeld(c) {
 			run = 0
 			continue
 		}

@@ -218,18 +218,48 @@ func TestBadOpen(t *testing.T) {
 }
 
 // TestHoldRun: holdRun and unholdRun hold and release exactly the bits of
-// their run, across word boundaries, as hold and unhold bit by bit would.
+// their run, across word and bitmap page boundaries, as hold and unhold bit
+// by bit would; a page's held words go once it holds nothing.
 func TestHoldRun(t *testing.T) {
-	for _, r := range [][2]uint64{{0, 0}, {0, 1}, {3, 64}, {60, 70}, {64, 128}, {100, 164}, {1, 1000}, {127, 129}} {
-		s, want := newSpaceMap(1024), newSpaceMap(1024)
+	const p = bitsPerPage
+	for _, r := range [][2]uint64{{0, 0}, {0, 1}, {3, 64}, {60, 70}, {64, 128}, {100, 164}, {1, 1000}, {127, 129},
+		{p - 10, p + 10}, {p - 1, 2*p + 1}, {0, 3 * p}} {
+		s, want := newSpaceMap(3*p), newSpaceMap(3*p)
 		s.holdRun(r[0], r[1])
 		for i := r[0]; i < r[1]; i++ {
 			want.hold(i)
 		}
 		require.Equal(t, want.held, s.held, "run %v", r)
 		require.Equal(t, want.nheld, s.nheld, "run %v", r)
+		for i := range uint64(3 * p) {
+			require.Equal(t, i >= r[0] && i < r[1], s.isHeld(i), "run %v bit %d", r, i)
+		}
 		s.unholdRun(r[0], r[1])
-		require.Equal(t, make([]uint64, len(s.held)), s.held, "run %v", r)
+		require.Equal(t, make([]*heldPage, 3), s.held, "run %v", r)
 		require.Zero(t, s.nheld, "run %v", r)
 	}
+}
+
+// TestHeldPages: held bits are kept by bitmap page, only while the page
+// has some; alloc passes over them, and unhold of one page leaves the
+// others'.
+func TestHeldPages(t *testing.T) {
+	const p = bitsPerPage
+	s := newSpaceMap(3 * p)
+	s.hold(0)
+	s.hold(2*p + 5)
+	require.NotNil(t, s.held[0])
+	require.Nil(t, s.held[1])
+	require.NotNil(t, s.held[2])
+	require.EqualValues(t, 2, s.nheld)
+	i, ok := s.alloc()
+	require.True(t, ok)
+	require.EqualValues(t, 1, i, "a held bit is not allocated")
+	s.unhold(0)
+	require.Nil(t, s.held[0], "a page that holds nothing has no words")
+	require.True(t, s.isHeld(2*p+5))
+	require.False(t, s.isHeld(0))
+	require.EqualValues(t, 3*p-2, s.free())
+	s.unhold(2*p + 5)
+	require.Equal(t, make([]*heldPage, 3), s.held)
 }

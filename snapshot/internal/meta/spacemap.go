@@ -30,10 +30,15 @@ const (
 
 // spaceMap is one bitmap. Guarded by Meta.mu.
 type spaceMap struct {
-	nbits  uint64
-	words  []uint64 // allocation bits: what the current transaction sees
-	held   []uint64 // freed, but not reusable yet (docs/metadata.md section 4)
-	used   uint64   // set bits in words
+	nbits uint64
+	words []uint64 // allocation bits: what the current transaction sees
+	// held are the bits freed but not reusable yet (docs/metadata.md
+	// section 4), by bitmap page: nil where a page has none. Held bits are
+	// few but for a while (the frees of the last transactions, a grow's new
+	// range), so a page's words exist only while it has some: the map costs
+	// one bit per chunk, not two.
+	held   []*heldPage
+	used   uint64 // set bits in words
 	nheld  uint64
 	cursor uint64 // next-fit start word
 
@@ -41,6 +46,12 @@ type spaceMap struct {
 	dirtyPage  []bool
 	idx        []ptr // index pages
 	dirtyIndex []bool
+}
+
+// heldPage is the held bits of one bitmap page's range.
+type heldPage struct {
+	w [wordsPerPage]uint64
+	n uint32 // bits set in w
 }
 
 func pagesFor(nbits uint64) int { return int((nbits + bitsPerPage - 1) / bitsPerPage) }
@@ -58,7 +69,7 @@ func (s *spaceMap) grow(nbits uint64) {
 	np := pagesFor(nbits)
 	nw := np * wordsPerPage
 	s.words = append(s.words, make([]uint64, nw-len(s.words))...)
-	s.held = append(s.held, make([]uint64, nw-len(s.held))...)
+	s.held = append(s.held, make([]*heldPage, np-len(s.held))...)
 	for len(s.pages) < np {
 		s.pages = append(s.pages, ptr{})
 		s.dirtyPage = append(s.dirtyPage, true)
@@ -100,7 +111,7 @@ func (s *spaceMap) alloc() (uint64, bool) {
 	}
 	for k := uint64(0); k <= nw; k++ {
 		w := (s.cursor + k) % nw
-		busy := s.words[w] | s.held[w]
+		busy := s.words[w] | s.heldWord(w)
 		if w == nw-1 && s.nbits%64 != 0 {
 			busy |= ^uint64(0) << (s.nbits % 64)
 		}
@@ -115,14 +126,53 @@ func (s *spaceMap) alloc() (uint64, bool) {
 	return 0, false
 }
 
+// heldWord is word w of the held bits.
+func (s *spaceMap) heldWord(w uint64) uint64 {
+	if p := s.held[w/wordsPerPage]; p != nil {
+		return p.w[w%wordsPerPage]
+	}
+	return 0
+}
+
+// isHeld reports whether bit i is held.
+func (s *spaceMap) isHeld(i uint64) bool { return s.heldWord(i/64)&(1<<(i%64)) != 0 }
+
+// holdWord sets the bits of mask in held word w, making its page if need
+// be.
+func (s *spaceMap) holdWord(w, mask uint64) {
+	p := s.held[w/wordsPerPage]
+	if p == nil {
+		p = new(heldPage)
+		s.held[w/wordsPerPage] = p
+	}
+	x := &p.w[w%wordsPerPage]
+	p.n += uint32(bits.OnesCount64(mask &^ *x))
+	*x |= mask
+}
+
+// unholdWord clears the bits of mask in held word w, dropping its page
+// when it holds no more.
+func (s *spaceMap) unholdWord(w, mask uint64) {
+	p := s.held[w/wordsPerPage]
+	if p == nil {
+		return
+	}
+	x := &p.w[w%wordsPerPage]
+	p.n -= uint32(bits.OnesCount64(mask & *x))
+	*x &^= mask
+	if p.n == 0 {
+		s.held[w/wordsPerPage] = nil
+	}
+}
+
 // hold marks i as freed but not yet reusable.
 func (s *spaceMap) hold(i uint64) {
-	s.held[i/64] |= 1 << (i % 64)
+	s.holdWord(i/64, 1<<(i%64))
 	s.nheld++
 }
 
 func (s *spaceMap) unhold(i uint64) {
-	s.held[i/64] &^= 1 << (i % 64)
+	s.unholdWord(i/64, 1<<(i%64))
 	s.nheld--
 }
 
@@ -132,7 +182,7 @@ func (s *spaceMap) holdRun(from, to uint64) {
 	for i := from; i < to; {
 		w, b := i/64, i%64
 		n := min(64-b, to-i)
-		s.held[w] |= (^uint64(0) >> (64 - n)) << b
+		s.holdWord(w, (^uint64(0)>>(64-n))<<b)
 		i += n
 	}
 	s.nheld += to - from
@@ -143,7 +193,7 @@ func (s *spaceMap) unholdRun(from, to uint64) {
 	for i := from; i < to; {
 		w, b := i/64, i%64
 		n := min(64-b, to-i)
-		s.held[w] &^= (^uint64(0) >> (64 - n)) << b
+		s.unholdWord(w, (^uint64(0)>>(64-n))<<b)
 		i += n
 	}
 	s.nheld -= to - from

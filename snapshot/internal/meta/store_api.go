@@ -148,7 +148,7 @@ func (m *Meta) MarkData(loc uint64) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	if loc >= m.dataSM.nbits || m.dataSM.isSet(loc) || m.dataSM.held[loc/64]&(1<<(loc%64)) != 0 {
+	if loc >= m.dataSM.nbits || m.dataSM.isSet(loc) || m.dataSM.isHeld(loc) {
 		return fmt.Errorf("meta: claim of data chunk %d, out of range or in use: %w", loc, ErrInvalid)
 	}
 	m.dataSM.set(loc)
