@@ -50,7 +50,7 @@ func samplePages(t *testing.T) (*blockdev.Mem, *Meta, []flipPage) {
 	bp, ip := sm.pages[0], sm.idx[0]
 	pages = append(pages,
 		flipPage{"bitmap", bp.loc, func(p []byte) error {
-			return decodeBitmap(p, bp.loc, bp.tx, 0, sm.nbits, make([]uint64, wordsPerPage))
+			return decodeBitmap(p, bp.loc, bp.tx, 0, sm.nbits, new(bitPage))
 		}},
 		flipPage{"index", ip.loc, func(p []byte) error {
 			_, err := decodeIndex(p, ip.loc, ip.tx, len(sm.pages), sm.nbits)

@@ -205,15 +205,17 @@ func (c *checker) readMap(idx []ptr, npages int, nbits uint64, what string) []ui
 		}
 		pages = append(pages, ents...)
 	}
+	bits := new(bitPage)
 	for i, bp := range pages {
 		c.page(bp.loc, what+" bitmap")
 		if err := m.readPage(p, bp.loc); err != nil {
 			c.problems = append(c.problems, err)
 			return words
 		}
-		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, words[i*wordsPerPage:(i+1)*wordsPerPage]); err != nil {
+		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, bits); err != nil {
 			c.problems = append(c.problems, err)
 		}
+		copy(words[i*wordsPerPage:(i+1)*wordsPerPage], bits[:])
 	}
 	return words
 }

@@ -92,7 +92,7 @@ func FuzzDecodeBitmap(f *testing.F) {
 	f.Add(p[:headerSize+16], uint16(1))
 	f.Fuzz(func(t *testing.T, data []byte, page uint16) {
 		raw, sealed := fuzzPage(data, typeBitmap)
-		words := make([]uint64, wordsPerPage)
+		words := new(bitPage)
 		for _, p := range [][]byte{raw, sealed} {
 			_ = decodeBitmap(p, 9, 0, int(page%4), 40000, words)
 		}

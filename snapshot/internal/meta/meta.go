@@ -387,18 +387,22 @@ func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, er
 		}
 		copy(s.pages[j*idxPerPage:], ents)
 	}
+	bits := new(bitPage)
 	for i, bp := range s.pages {
 		if err := m.readPage(p, bp.loc); err != nil {
 			return nil, err
 		}
-		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, s.words[i*wordsPerPage:(i+1)*wordsPerPage]); err != nil {
+		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, bits); err != nil {
 			return nil, err
+		}
+		s.load(i, bits)
+		if s.words[i] == bits { // kept: the next page needs its own
+			bits = new(bitPage)
 		}
 	}
 	copy(s.idx, idx)
 	clear(s.dirtyPage)
 	clear(s.dirtyIndex)
-	s.countBits()
 	return s, nil
 }
 

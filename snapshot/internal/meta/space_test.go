@@ -263,3 +263,127 @@ func TestHeldPages(t *testing.T) {
 	s.unhold(2*p + 5)
 	require.Equal(t, make([]*heldPage, 3), s.held)
 }
+
+// TestSpaceMapSharedPages: set, clear, alloc and load against a model of
+// plain bits, over a map of three and a half pages driven to full, empty
+// and back. Pages all clear share emptyBits, whole pages all set share
+// fullBits (never written), the others own their words; used and the
+// per-page counts agree with the bits; an encoded page loads back the same.
+func TestSpaceMapSharedPages(t *testing.T) {
+	const nbits = 3*bitsPerPage + bitsPerPage/2
+	rng := rand.New(rand.NewPCG(1, 2))
+	s, model := newSpaceMap(nbits), make([]bool, nbits)
+	verify := func(step int) {
+		used := uint64(0)
+		for pi, p := range s.words {
+			n := uint64(0)
+			for i := uint64(pi) * bitsPerPage; i < min(nbits, uint64(pi+1)*bitsPerPage); i++ {
+				if model[i] {
+					n++
+				}
+			}
+			used += n
+			require.EqualValues(t, n, s.setN[pi], "step %d page %d", step, pi)
+			switch {
+			case n == 0:
+				require.Same(t, emptyBits, p, "step %d page %d", step, pi)
+			case n == bitsPerPage:
+				require.Same(t, fullBits, p, "step %d page %d", step, pi)
+			default:
+				require.True(t, p != emptyBits && p != fullBits, "step %d page %d", step, pi)
+			}
+		}
+		require.Equal(t, used, s.used, "step %d", step)
+		for i := range uint64(nbits) {
+			if s.isSet(i) != model[i] {
+				t.Fatalf("step %d: bit %d is %v, want %v", step, i, s.isSet(i), model[i])
+			}
+		}
+	}
+	for step := range 40 {
+		switch step % 4 {
+		case 0: // fill by alloc: next-fit passes over the full pages
+			for range rng.IntN(nbits) {
+				i, ok := s.alloc()
+				if !ok {
+					require.Zero(t, s.free(), "step %d: alloc failed with bits free", step)
+					break
+				}
+				require.False(t, model[i], "step %d: alloc gave set bit %d", step, i)
+				model[i] = true
+			}
+		case 1: // clear a random range
+			from := rng.Uint64N(nbits)
+			for i := from; i < min(nbits, from+rng.Uint64N(2*bitsPerPage)); i++ {
+				if model[i] {
+					s.clear(i)
+					model[i] = false
+				}
+			}
+		case 2: // scattered sets and clears
+			for range 1000 {
+				i := rng.Uint64N(nbits)
+				if model[i] {
+					s.clear(i)
+				} else {
+					s.set(i)
+				}
+				model[i] = !model[i]
+			}
+		case 3: // everything, or nothing, every other time
+			for i := range uint64(nbits) {
+				if want := step%8 == 3; model[i] != want {
+					if want {
+						s.set(i)
+					} else {
+						s.clear(i)
+					}
+					model[i] = want
+				}
+			}
+		}
+		verify(step)
+		// Encode every page and load it into a fresh map.
+		fresh := newSpaceMap(nbits)
+		buf := make([]byte, PageSize)
+		for pi := range s.words {
+			s.encodeBitmap(buf, pi, 9, 1)
+			bits := new(bitPage)
+			require.NoError(t, decodeBitmap(buf, 9, 1, pi, nbits, bits))
+			fresh.load(pi, bits)
+		}
+		require.Equal(t, s.used, fresh.used)
+		require.Equal(t, s.setN, fresh.setN)
+		for pi := range s.words {
+			require.Equal(t, *s.words[pi], *fresh.words[pi], "step %d page %d", step, pi)
+			require.Equal(t, s.words[pi] == emptyBits || s.words[pi] == fullBits, fresh.words[pi] == emptyBits || fresh.words[pi] == fullBits)
+		}
+	}
+	require.Equal(t, bitPage{}, *emptyBits, "the shared pages are never written")
+	for _, w := range fullBits {
+		require.Equal(t, ^uint64(0), w)
+	}
+}
+
+// TestAllocPastFullPage: next-fit passes over a full page to the first
+// word of the next, and wraps around to find the one free bit.
+func TestAllocPastFullPage(t *testing.T) {
+	for _, free := range []uint64{bitsPerPage, bitsPerPage + 64, 2*bitsPerPage - 1, 5} {
+		s := newSpaceMap(2 * bitsPerPage)
+		for i := range uint64(2 * bitsPerPage) {
+			if i != free {
+				s.set(i)
+			}
+		}
+		require.Same(t, fullBits, s.words[map[bool]int{true: 1, false: 0}[free < bitsPerPage]])
+		s.cursor = 0
+		if free < bitsPerPage {
+			s.cursor = wordsPerPage + 3 // in the full page 1: wraps to page 0
+		}
+		i, ok := s.alloc()
+		require.True(t, ok, "free bit %d", free)
+		require.Equal(t, free, i)
+		_, ok = s.alloc()
+		require.False(t, ok)
+	}
+}

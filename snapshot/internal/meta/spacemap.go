@@ -31,7 +31,15 @@ const (
 // spaceMap is one bitmap. Guarded by Meta.mu.
 type spaceMap struct {
 	nbits uint64
-	words []uint64 // allocation bits: what the current transaction sees
+	// words are the allocation bits, what the current transaction sees, by
+	// bitmap page. A page whose bits are all clear is emptyBits, and one
+	// whole within the map whose bits are all set is fullBits: shared,
+	// never written (own copies one before a change). So a map costs
+	// memory for the pages that are partly used only: a store's data
+	// chunks are taken in order (next-fit), and most pages are full or
+	// empty.
+	words []*bitPage
+	setN  []uint32 // bits set, by page
 	// held are the bits freed but not reusable yet (docs/metadata.md
 	// section 4), by bitmap page: nil where a page has none. Held bits are
 	// few but for a while (the frees of the last transactions, a grow's new
@@ -47,6 +55,19 @@ type spaceMap struct {
 	idx        []ptr // index pages
 	dirtyIndex []bool
 }
+
+// bitPage is the bits of one bitmap page.
+type bitPage [wordsPerPage]uint64
+
+// emptyBits and fullBits stand for a page with every bit clear and one
+// with every bit set. Never written.
+var emptyBits, fullBits = new(bitPage), func() *bitPage {
+	p := new(bitPage)
+	for i := range p {
+		p[i] = ^uint64(0)
+	}
+	return p
+}()
 
 // heldPage is the held bits of one bitmap page's range.
 type heldPage struct {
@@ -67,8 +88,10 @@ func newSpaceMap(nbits uint64) *spaceMap {
 // grow extends the map to nbits; new bits are free and their pages dirty.
 func (s *spaceMap) grow(nbits uint64) {
 	np := pagesFor(nbits)
-	nw := np * wordsPerPage
-	s.words = append(s.words, make([]uint64, nw-len(s.words))...)
+	for len(s.words) < np {
+		s.words = append(s.words, emptyBits)
+		s.setN = append(s.setN, 0)
+	}
 	s.held = append(s.held, make([]*heldPage, np-len(s.held))...)
 	for len(s.pages) < np {
 		s.pages = append(s.pages, ptr{})
@@ -84,19 +107,59 @@ func (s *spaceMap) grow(nbits uint64) {
 	s.nbits = nbits
 }
 
-func (s *spaceMap) isSet(i uint64) bool { return s.words[i/64]&(1<<(i%64)) != 0 }
+// word is word w of the allocation bits.
+func (s *spaceMap) word(w uint64) uint64 { return s.words[w/wordsPerPage][w%wordsPerPage] }
+
+func (s *spaceMap) isSet(i uint64) bool { return s.word(i/64)&(1<<(i%64)) != 0 }
 
 func (s *spaceMap) touch(i uint64) { s.dirtyPage[i/bitsPerPage] = true }
 
+// pageBits is how many bits of the map page pi covers.
+func (s *spaceMap) pageBits(pi uint64) uint64 { return min(bitsPerPage, s.nbits-pi*bitsPerPage) }
+
+// own returns page pi's words to change, copying a shared page first.
+func (s *spaceMap) own(pi uint64) *bitPage {
+	p := s.words[pi]
+	if p == emptyBits || p == fullBits {
+		c := *p
+		p = &c
+		s.words[pi] = p
+	}
+	return p
+}
+
+// settle shares page pi's words again when they are all clear or all
+// set.
+func (s *spaceMap) settle(pi uint64) {
+	switch n := uint64(s.setN[pi]); {
+	case n == 0:
+		s.words[pi] = emptyBits
+	case n == bitsPerPage && s.pageBits(pi) == bitsPerPage:
+		s.words[pi] = fullBits
+	}
+}
+
 func (s *spaceMap) set(i uint64) {
-	s.words[i/64] |= 1 << (i % 64)
-	s.used++
+	pi, b := i/bitsPerPage, uint64(1)<<(i%64)
+	x := &s.own(pi)[(i/64)%wordsPerPage]
+	if *x&b == 0 {
+		*x |= b
+		s.setN[pi]++
+		s.used++
+	}
+	s.settle(pi)
 	s.touch(i)
 }
 
 func (s *spaceMap) clear(i uint64) {
-	s.words[i/64] &^= 1 << (i % 64)
-	s.used--
+	pi, b := i/bitsPerPage, uint64(1)<<(i%64)
+	x := &s.own(pi)[(i/64)%wordsPerPage]
+	if *x&b != 0 {
+		*x &^= b
+		s.setN[pi]--
+		s.used--
+	}
+	s.settle(pi)
 	s.touch(i)
 }
 
@@ -111,7 +174,12 @@ func (s *spaceMap) alloc() (uint64, bool) {
 	}
 	for k := uint64(0); k <= nw; k++ {
 		w := (s.cursor + k) % nw
-		busy := s.words[w] | s.heldWord(w)
+		if pi := w / wordsPerPage; s.words[pi] == fullBits {
+			// A full page: on to the next page's first word.
+			k += wordsPerPage - 1 - w%wordsPerPage
+			continue
+		}
+		busy := s.word(w) | s.heldWord(w)
 		if w == nw-1 && s.nbits%64 != 0 {
 			busy |= ^uint64(0) << (s.nbits % 64)
 		}
@@ -200,16 +268,15 @@ func (s *spaceMap) unholdRun(from, to uint64) {
 }
 
 func (s *spaceMap) encodeBitmap(p []byte, i int, loc, tx uint64) {
-	w := s.words[i*wordsPerPage : (i+1)*wordsPerPage]
-	for j, v := range w {
+	for j, v := range s.words[i] {
 		binary.LittleEndian.PutUint64(p[headerSize+8*j:], v)
 	}
 	seal(p, header{typ: typeBitmap, loc: loc, tx: tx})
 }
 
 // decodeBitmap validates bitmap page i of a map of nbits read from loc and
-// copies its bits into words (wordsPerPage long).
-func decodeBitmap(p []byte, loc, tx uint64, i int, nbits uint64, words []uint64) error {
+// copies its bits into words.
+func decodeBitmap(p []byte, loc, tx uint64, i int, nbits uint64, words *bitPage) error {
 	h, err := openPage(p, loc, typeBitmap, tx)
 	if err != nil {
 		return err
@@ -264,10 +331,14 @@ func decodeIndex(p []byte, loc, tx uint64, want int, pages uint64) ([]ptr, error
 	return out, nil
 }
 
-// countBits recounts used from words (after loading).
-func (s *spaceMap) countBits() {
-	s.used = 0
-	for _, w := range s.words {
-		s.used += uint64(bits.OnesCount64(w))
+// load sets page i's words to those decoded into p (which it may keep),
+// and counts them.
+func (s *spaceMap) load(i int, p *bitPage) {
+	n := uint64(0)
+	for _, w := range p {
+		n += uint64(bits.OnesCount64(w))
 	}
+	s.used += n - uint64(s.setN[i])
+	s.words[i], s.setN[i] = p, uint32(n)
+	s.settle(uint64(i))
 }

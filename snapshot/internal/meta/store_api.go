@@ -272,7 +272,9 @@ func (m *Meta) DataInUse(fn func(loc uint64) bool) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	ext := m.extentsOf()
-	for w, word := range m.dataSM.words {
+	sm := m.dataSM
+	for w := range uint64((sm.nbits + 63) / 64) {
+		word := sm.word(w)
 		for word != 0 {
 			b := uint64(bits.TrailingZeros64(word))
 			word &^= 1 << b
