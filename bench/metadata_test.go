@@ -26,8 +26,8 @@ import (
 // the bound of the cache plus 64 MiB holds the origin buffer
 // within the 64 MiB; docs/metadata.md section 22 says what the rest is)
 // and the live objects' bytes (heap-live-MiB, HeapAlloc: what heap-MiB
-// is beyond them is the allocator's free slots in spans in use);
-// metadata
+// is beyond them is the allocator's free slots in spans in use), and of
+// them the space maps' bits (spacemap-MiB, Stats.SpaceMapMemory); metadata
 // bytes on disk per version after a tree commit; the origin writes' worst,
 // 99th and 99.9th percentile times and the count over 10 ms (the writer's
 // stalls: a count of 1 is a scheduler hiccup on a loaded machine, many a
@@ -110,6 +110,7 @@ func storeScale(b *testing.B, n uint64, random bool) {
 		b.ReportMetric(float64(res.HeapInuse)/(1<<20), "heap-MiB")
 		b.ReportMetric(float64(int64(res.HeapInuse)-res.Cache)/(1<<20), "heap-over-cache-MiB")
 		b.ReportMetric(float64(res.HeapLive)/(1<<20), "heap-live-MiB")
+		b.ReportMetric(float64(res.SpaceMaps)/(1<<20), "spacemap-MiB")
 		b.ReportMetric(float64(res.MetaBytes)/float64(res.Entries), "disk-B/version")
 		b.ReportMetric(float64(res.Entries)/res.Fill.Seconds(), "versions/s")
 		b.ReportMetric(float64(res.WorstWrite.Microseconds())/1000, "worst-write-ms")

@@ -92,11 +92,12 @@ func presBudget(cache int64) int64 {
 	return cache / presShare
 }
 
-// spaceMapBytes is the memory of the metadata layer's space maps, which
-// it keeps whole: two bits (allocated, held) per data chunk and per
-// metadata page.
+// spaceMapBytes bounds the memory of the metadata layer's space maps: one
+// allocation bit per data chunk and metadata page, at most (their pages all
+// clear or all set share one page; the held bits of recent frees come on
+// top for a while, by page).
 func spaceMapBytes(dataChunks, metaPages uint64) int64 {
-	return int64((dataChunks + metaPages + 3) / 4)
+	return int64((dataChunks + metaPages + 7) / 8)
 }
 
 // nodeCacheBytes is the metadata layer's node cache: what MetadataCache

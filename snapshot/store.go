@@ -55,8 +55,8 @@
 //
 // Memory is bounded by the cache, not by the history or the volumes'
 // sizes: Options.MetadataCache (default 64 MiB: an eighth of it caches
-// the origin chunks' preserved epochs, the space maps take 2 bits per
-// data chunk of it, 64 MiB per TiB of store at 4 KiB chunks and 4 MiB at
+// the origin chunks' preserved epochs, the space maps at most 1 bit per
+// data chunk of it, 32 MiB per TiB of store at 4 KiB chunks and 2 MiB at
 // 64 KiB, and decoded pages the rest, at least a quarter), the origin
 // buffer (Options.OriginBuffer, default 32 MiB), a tree commit's write
 // buffer (256 KiB), the Go allocator's free slots between collections
@@ -144,8 +144,8 @@ type Options struct {
 	// MetadataCache bounds, in bytes, the metadata the store keeps in
 	// memory: the origin chunks' preserved epochs (an eighth, at least 96
 	// KiB: 12-16 bytes per chunk, about 390,000 chunks by default; a chunk
-	// not in it costs one lookup at its next write), the space maps (2
-	// bits per data chunk: 64 MiB per TiB of store at 4 KiB chunks), and
+	// not in it costs one lookup at its next write), the space maps (at
+	// most 1 bit per data chunk: 32 MiB per TiB of store at 4 KiB chunks), and
 	// decoded metadata pages (the rest, at least a quarter: a cache
 	// smaller than the space maps is exceeded by them); 0 means 64 MiB. To keep every lookup
 	// at one page read at most it should hold the tree's branch levels,

@@ -43,8 +43,11 @@ type StoreResult struct {
 	HeapInuse uint64 // bytes in use after the fill and a GC, beyond the baseline before Format
 	// HeapLive is the bytes of live objects then (HeapAlloc, beyond the
 	// baseline): HeapInuse less it is the allocator's spans' free slots.
-	HeapLive   uint64
-	Cache      int64 // the metadata cache the store was given
+	HeapLive uint64
+	Cache    int64 // the metadata cache the store was given
+	// SpaceMaps is the memory the space maps' bits took after the fill
+	// (Stats.SpaceMapMemory), within HeapInuse.
+	SpaceMaps  int64
 	Entries    int64 // index entries (chunk versions)
 	MetaBytes  int64 // metadata pages in use after a tree commit
 	Fill       time.Duration
@@ -231,6 +234,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)
+	res.SpaceMaps = s.Stats().SpaceMapMemory
 	if after.HeapInuse > before.HeapInuse {
 		res.HeapInuse = after.HeapInuse - before.HeapInuse
 	}

@@ -651,6 +651,10 @@ type Space struct {
 	Pages, PagesUsed   uint64
 	Chunks, ChunksUsed uint64
 	ChunksMeta         uint64
+	// MapBytes is the memory the two space maps' bits take now (section 4
+	// of docs/metadata.md: only their partly used pages, and the pages
+	// with bits held).
+	MapBytes uint64
 }
 
 // Space reports the current transaction's space use.
@@ -658,7 +662,8 @@ func (m *Meta) Space() Space {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
-		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf())}
+		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf()),
+		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes()}
 }
 
 // CacheStats reports the node cache.

@@ -260,8 +260,10 @@ func TestHeldPages(t *testing.T) {
 	require.True(t, s.isHeld(2*p+5))
 	require.False(t, s.isHeld(0))
 	require.EqualValues(t, 3*p-2, s.free())
+	require.EqualValues(t, 1, s.nheldP)
 	s.unhold(2*p + 5)
 	require.Equal(t, make([]*heldPage, 3), s.held)
+	require.Zero(t, s.nheldP)
 }
 
 // TestSpaceMapSharedPages: set, clear, alloc and load against a model of
@@ -294,6 +296,14 @@ func TestSpaceMapSharedPages(t *testing.T) {
 			}
 		}
 		require.Equal(t, used, s.used, "step %d", step)
+		owned := 0
+		for _, p := range s.words {
+			if p != emptyBits && p != fullBits {
+				owned++
+			}
+		}
+		require.Equal(t, owned, s.owned, "step %d", step)
+		require.EqualValues(t, owned*PageSize-owned*headerSize, s.memBytes(), "step %d", step)
 		for i := range uint64(nbits) {
 			if s.isSet(i) != model[i] {
 				t.Fatalf("step %d: bit %d is %v, want %v", step, i, s.isSet(i), model[i])

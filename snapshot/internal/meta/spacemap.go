@@ -40,12 +40,14 @@ type spaceMap struct {
 	// empty.
 	words []*bitPage
 	setN  []uint32 // bits set, by page
+	owned int      // pages with words of their own
 	// held are the bits freed but not reusable yet (docs/metadata.md
 	// section 4), by bitmap page: nil where a page has none. Held bits are
 	// few but for a while (the frees of the last transactions, a grow's new
 	// range), so a page's words exist only while it has some: the map costs
 	// one bit per chunk, not two.
 	held   []*heldPage
+	nheldP int    // pages with held bits
 	used   uint64 // set bits in words
 	nheld  uint64
 	cursor uint64 // next-fit start word
@@ -124,6 +126,7 @@ func (s *spaceMap) own(pi uint64) *bitPage {
 		c := *p
 		p = &c
 		s.words[pi] = p
+		s.owned++
 	}
 	return p
 }
@@ -131,12 +134,24 @@ func (s *spaceMap) own(pi uint64) *bitPage {
 // settle shares page pi's words again when they are all clear or all
 // set.
 func (s *spaceMap) settle(pi uint64) {
+	shared := s.words[pi] == emptyBits || s.words[pi] == fullBits
 	switch n := uint64(s.setN[pi]); {
 	case n == 0:
 		s.words[pi] = emptyBits
 	case n == bitsPerPage && s.pageBits(pi) == bitsPerPage:
 		s.words[pi] = fullBits
+	default:
+		return
 	}
+	if !shared {
+		s.owned--
+	}
+}
+
+// memBytes is the memory the map's bit blocks take (not counting the
+// slices that point to them: 12 bytes per page).
+func (s *spaceMap) memBytes() uint64 {
+	return uint64(s.owned)*uint64(len(bitPage{}))*8 + uint64(s.nheldP)*uint64(len(heldPage{}.w))*8
 }
 
 func (s *spaceMap) set(i uint64) {
@@ -212,6 +227,7 @@ func (s *spaceMap) holdWord(w, mask uint64) {
 	if p == nil {
 		p = new(heldPage)
 		s.held[w/wordsPerPage] = p
+		s.nheldP++
 	}
 	x := &p.w[w%wordsPerPage]
 	p.n += uint32(bits.OnesCount64(mask &^ *x))
@@ -230,6 +246,7 @@ func (s *spaceMap) unholdWord(w, mask uint64) {
 	*x &^= mask
 	if p.n == 0 {
 		s.held[w/wordsPerPage] = nil
+		s.nheldP--
 	}
 }
 
@@ -339,6 +356,9 @@ func (s *spaceMap) load(i int, p *bitPage) {
 		n += uint64(bits.OnesCount64(w))
 	}
 	s.used += n - uint64(s.setN[i])
+	if s.words[i] == emptyBits || s.words[i] == fullBits {
+		s.owned++
+	}
 	s.words[i], s.setN[i] = p, uint32(n)
 	s.settle(uint64(i))
 }
