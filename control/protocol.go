@@ -366,6 +366,10 @@ type Space struct {
 	// MetadataRegion is the metadata region's size (MetadataBytes of it
 	// in use).
 	MetadataRegion int64 `json:"metadata_region"`
+	// SpaceMapMemory is the memory the store's space maps take now, in
+	// bytes (snapshot.Stats.SpaceMapMemory): at most one bit per data
+	// chunk, next to none where the store is all used or all free.
+	SpaceMapMemory int64 `json:"space_map_memory"`
 }
 
 // DumpVolume is a volume in a Dump: its accounting and the extents where

@@ -291,7 +291,7 @@ var cmdStat = &command{
 
 var cmdUsage = &command{
 	name:    "usage",
-	summary: "the store's space: data and metadata used and free, index entries, journal fill; each volume's with --volumes",
+	summary: "the store's space: data and metadata used and free, index entries, journal fill, the space maps' memory; each volume's with --volumes",
 	long: "With --volumes each volume follows with its mapped and exclusive bytes (as stat reports them), " +
 		"like lvs -o data_percent,metadata_percent and rbd du.",
 	define: func(fs *pflag.FlagSet) func(*env, []string) error {
@@ -336,10 +336,10 @@ var cmdUsage = &command{
 				return float64(a) * 100 / float64(b)
 			}
 			used, total := sp.UsedBytes, sp.DataBytes
-			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full\n",
+			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full; space maps %s in memory\n",
 				sf.store, human(used), human(total), pct(used, total), human(sp.FreeBytes),
 				human(sp.MetadataBytes), human(sp.MetadataRegion), pct(sp.MetadataBytes, sp.MetadataRegion),
-				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100)
+				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100, human(sp.SpaceMapMemory))
 			for _, st := range stats {
 				if err != nil {
 					break

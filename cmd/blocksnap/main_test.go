@@ -252,6 +252,7 @@ func TestStoreCommands(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(ok(t, f.args("usage", "--json")...)), &sp))
 	require.Equal(t, dump.Space, sp)
 	require.Contains(t, ok(t, f.args("usage")...), "store "+f.store+": data 64KiB used of ")
+	require.Contains(t, ok(t, f.args("usage")...), "; space maps ", "the space maps' memory")
 
 	// rename, locally; the old name is gone, the new one is the volume.
 	require.Contains(t, ok(t, f.args("rename", "s1", "monday")...), "renamed s1 to monday")
