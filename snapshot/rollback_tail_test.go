@@ -44,10 +44,11 @@ func TestRollbackSmallerPowerCut(t *testing.T) {
 				require.NoError(t, err)
 				c, err := s.CreateClone("c", sa)
 				require.NoError(t, err)
-				target := sa
+				target := "sa"
 				if own {
-					target, err = s.CreateSnapshot("sc", c) // sees the parent point in chunk 1
+					_, err = s.CreateSnapshot("sc", c) // sees the parent point in chunk 1
 					require.NoError(t, err)
+					target = "sc"
 				}
 				require.NoError(t, s.Resize("c", big, ResizeOptions{})) // zeroes chunk 1's tail in c
 				_, err = c.WriteAt(bb, small)
@@ -60,10 +61,10 @@ func TestRollbackSmallerPowerCut(t *testing.T) {
 				require.NoError(t, err)
 				c, err = s.OpenVolume("c")
 				require.NoError(t, err)
-				target, err = s.OpenVolume(map[bool]string{false: "sa", true: "sc"}[own])
+				to, err := s.OpenVolume(target)
 				require.NoError(t, err)
 				tr.Arm(blockdevtest.OpAny, k)
-				err = s.Rollback(context.Background(), c, target)
+				err = s.Rollback(context.Background(), c, to)
 				fired := tr.Fired()
 				out := tr.Cut()
 				_ = s.Close()
