@@ -40,6 +40,7 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 	if err := vol.notDeleted(); err != nil {
 		return err
 	}
+	old := vol.Size()
 	if err := s.shrinkFirst(vol, to); err != nil {
 		return err
 	}
@@ -80,6 +81,9 @@ func (s *Store) resetToAncestor(ctx context.Context, vol, to *Volume) error {
 		if err != nil {
 			return fmt.Errorf("snapshot: reset of chunk %d: %w", c, err)
 		}
+	}
+	if err := s.inheritPast(ctx, vol, to, old); err != nil {
+		return err
 	}
 	return s.resetSize(vol, to)
 }

@@ -88,6 +88,7 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if err = errors.Join(err, lerr); err != nil {
 		return metaErr("rollback planning", err)
 	}
+	old := vol.Size()
 	if b != 0 {
 		if err := s.shrinkFirst(vol, to); err != nil {
 			return err
@@ -136,6 +137,9 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 	if b == 0 {
 		return vol.Flush()
 	}
+	if err := s.inheritPast(ctx, vol, to, old); err != nil {
+		return err
+	}
 	return s.resetSize(vol, to)
 }
 
@@ -149,6 +153,31 @@ func (s *Store) Rollback(ctx context.Context, vol, to *Volume) error {
 func (s *Store) shrinkFirst(vol, to *Volume) error {
 	if size := to.Size(); size < vol.Size() {
 		return s.logSize(vol.meta, size)
+	}
+	return nil
+}
+
+// inheritPast makes the chunks of clone vol past the end of to, a smaller
+// snapshot it was just rolled back or reset to, and up to its old size
+// inherit again (cloneInherit): nothing reads them now, and the store
+// chunks it wrote there are freed (or kept by a snapshot of it that needs
+// them) instead of waiting for a grow. Called with vol's gate held shared,
+// after shrinkFirst: no write reaches past the new end.
+func (s *Store) inheritPast(ctx context.Context, vol, to *Volume, old int64) error {
+	br := vol.br
+	for c, end := uint64((to.Size()+s.cs-1)/s.cs), uint64((old+s.cs-1)/s.cs); c < end; c++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		s.mu.RLock()
+		may := br.groups.mayHave(c)
+		s.mu.RUnlock()
+		if !may {
+			continue
+		}
+		if err := s.cloneInherit(br, c); err != nil {
+			return fmt.Errorf("snapshot: rollback of chunk %d past the end: %w", c, err)
+		}
 	}
 	return nil
 }

@@ -94,3 +94,52 @@ func TestRollbackSmallerPowerCut(t *testing.T) {
 		}
 	}
 }
+
+// TestRollbackSmallerFreesTail: a rollback or reset to a smaller snapshot
+// frees the store chunks the volume wrote past the snapshot's end (they
+// are past its new end: nothing reads them), so the store's used space is
+// back to what it was before they were written, and a later grow reads
+// zeros there.
+func TestRollbackSmallerFreesTail(t *testing.T) {
+	const cs = 8 << 10
+	for _, own := range []bool{false, true} {
+		s, err := Format(nil, blockdevtest.MustCrashSim(4<<20, 4096), Options{ChunkSize: cs, CommitInterval: -1})
+		require.NoError(t, err)
+		a, err := s.CreateVolume("a", 2*cs)
+		require.NoError(t, err)
+		_, err = a.WriteAt(bytes.Repeat([]byte{0xAA}, 2*cs), 0)
+		require.NoError(t, err)
+		target, err := s.CreateSnapshot("sa", a)
+		require.NoError(t, err)
+		v := a
+		if !own {
+			v, err = s.CreateClone("c", target)
+			require.NoError(t, err)
+		} else {
+			_, err = a.WriteAt(bytes.Repeat([]byte{0xBB}, 2*cs), 0) // a's own copies, which the rollback rewrites
+			require.NoError(t, err)
+		}
+		name := map[bool]string{false: "c", true: "a"}[own]
+		before := s.Stats().UsedBytes
+		require.NoError(t, s.Resize(name, 6*cs, ResizeOptions{}))
+		_, err = v.WriteAt(bytes.Repeat([]byte{0xCC}, 4*cs), 2*cs)
+		require.NoError(t, err)
+		require.Equal(t, before+4*cs, s.Stats().UsedBytes)
+		require.NoError(t, s.Rollback(context.Background(), v, target))
+		require.EqualValues(t, 2*cs, v.Size())
+		require.NoError(t, s.Checkpoint(context.Background())) // frees are reusable once a tree commit is durable
+		require.Equal(t, before, s.Stats().UsedBytes, "own %v: the chunks written past the snapshot's end are freed", own)
+		st, err := s.Stat(name)
+		require.NoError(t, err)
+		require.LessOrEqual(t, st.Mapped, int64(2*cs), "own %v: nothing mapped past the end", own)
+		mustCheck(t, s)
+		require.NoError(t, s.Resize(name, 6*cs, ResizeOptions{}))
+		buf := make([]byte, 6*cs)
+		_, err = v.ReadAt(buf, 0)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(bytes.Repeat([]byte{0xAA}, 2*cs), buf[:2*cs]))
+		require.True(t, bytes.Equal(make([]byte, 4*cs), buf[2*cs:]), "own %v: a grow after reads zeros", own)
+		mustCheck(t, s)
+		require.NoError(t, s.Close())
+	}
+}
