@@ -31,7 +31,9 @@ import (
 // bytes on disk per version after a tree commit; the origin writes' worst,
 // 99th and 99.9th percentile times and the count over 10 ms (the writer's
 // stalls: a count of 1 is a scheduler hiccup on a loaded machine, many a
-// systematic stall); and Open after a power cut (the journal's tail since
+// systematic stall), and the store device's slowest flush during the fill
+// (worst-flush-ms: a device stall, which a write waiting for a commit
+// shares); and Open after a power cut (the journal's tail since
 // the last tree commit replayed) and after Close. One iteration is the
 // whole run: use -benchtime=1x. N = 100M runs only with
 // BLOCKSNAP_BENCH_100M=1; BLOCKSNAP_BENCH_HEAPPROFILE=DIR writes a heap
@@ -114,6 +116,7 @@ func storeScale(b *testing.B, n uint64, random bool) {
 		b.ReportMetric(float64(res.MetaBytes)/float64(res.Entries), "disk-B/version")
 		b.ReportMetric(float64(res.Entries)/res.Fill.Seconds(), "versions/s")
 		b.ReportMetric(float64(res.WorstWrite.Microseconds())/1000, "worst-write-ms")
+		b.ReportMetric(float64(res.WorstFlush.Microseconds())/1000, "worst-flush-ms")
 		b.ReportMetric(float64(res.P99Write.Microseconds()), "p99-write-µs")
 		b.ReportMetric(float64(res.P999Write.Microseconds()), "p999-write-µs")
 		b.ReportMetric(float64(res.Over), "writes>10ms")

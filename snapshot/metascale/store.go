@@ -54,7 +54,9 @@ type StoreResult struct {
 	WorstWrite time.Duration // the slowest origin write: the writer's worst stall
 	P99Write   time.Duration
 	P999Write  time.Duration
-	Over       uint64        // origin writes slower than StallLimit
+	Over       uint64 // origin writes slower than StallLimit
+	// WorstFlush is the store device's slowest flush during the fill.
+	WorstFlush time.Duration
 	Writers    int           // goroutines that wrote the fill
 	OpenClean  time.Duration // Open after Close
 	OpenCrash  time.Duration // Open after a power cut once the fill was flushed
@@ -97,6 +99,10 @@ func StoreHeadBytes(cfg StoreConfig) int64 {
 type cutDevice struct {
 	blockdev.Device
 	cut atomic.Bool
+	// worstFlush is the slowest Flush, in nanoseconds: the device's own
+	// stalls (a file's fdatasync), which a writer waiting for a commit
+	// sees as its own.
+	worstFlush atomic.Int64
 }
 
 var errCut = fmt.Errorf("metascale: power cut: %w", blockdev.ErrIO)
@@ -119,7 +125,15 @@ func (d *cutDevice) Flush() error {
 	if d.cut.Load() {
 		return errCut
 	}
-	return d.Device.Flush()
+	t0 := time.Now()
+	err := d.Device.Flush()
+	for took := int64(time.Since(t0)); ; {
+		w := d.worstFlush.Load()
+		if took <= w || d.worstFlush.CompareAndSwap(w, took) {
+			break
+		}
+	}
+	return err
 }
 
 // Close leaves the device open: the run opens the store on it again.
@@ -181,6 +195,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		return res, errors.Join(err, s.Close())
 	}
 	s.ResetLockStats() // the fill's, not Format's
+	cut.worstFlush.Store(0)
 	// done[w] is the chunks writer w has written, for the progress line.
 	done := make([]atomic.Uint64, writers)
 	// write is writer w's origin write of buf at chunk c, timed.
@@ -228,6 +243,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		err = o.Flush()
 	}
 	res.Fill = time.Since(t0)
+	res.WorstFlush = time.Duration(cut.worstFlush.Load())
 	stopProgress()
 	if err != nil {
 		return res, errors.Join(fmt.Errorf("metascale: fill: %w", err), s.Close())
