@@ -22,7 +22,7 @@ import (
 // clone has its old size and contents, or the snapshot's size and
 // contents; never the parent's discarded tail. Both ways in: a rollback to
 // the clone's own snapshot, and a reset to the snapshot it was cloned
-// from. (The crash torture's failures in docs/metadata.md section 29.)
+// from. (The crash torture's failures: docs/metadata.md sections 29 and 30.)
 func TestRollbackSmallerPowerCut(t *testing.T) {
 	const cs, bs = 8 << 10, 4096
 	const small, big = cs + cs/2, 3 * cs // the snapshot's size, the clone's
