@@ -80,10 +80,13 @@ func (v *View) Check() error {
 	if c.sums[chunkTree] != c.sums[epochTree] {
 		c.addf("the chunk tree and the epoch tree hold different keys")
 	}
-	metaWords := c.readMap(st.metaIdx, st.metaPages, st.pages, "metadata")
-	dataWords := c.readMap(st.dataIdx, st.dataPages, st.dataChunks, "data")
-	c.compare(metaWords, c.pages, "metadata page")
-	c.compare(dataWords, c.chunks, "data chunk")
+	// Every page of both maps is reached before the metadata map is
+	// compared (its bits cover them all); then each map is read and
+	// compared a page at a time, so no copy of a whole map is held.
+	metaMap := c.mapPages(st.metaIdx, st.metaPages, "metadata")
+	dataMap := c.mapPages(st.dataIdx, st.dataPages, "data")
+	c.compareMap(metaMap, st.pages, c.pages, "metadata page")
+	c.compareMap(dataMap, st.dataChunks, c.chunks, "data chunk")
 	if len(c.problems) > 0 {
 		// On a read-only Meta beside a live writer, what the walk met
 		// may be pages the writer reused since: not corruption.
@@ -186,42 +189,61 @@ func keyHash(b uint32, c uint64, e uint32) uint64 {
 	return x ^ x>>31
 }
 
-// readMap reads a committed space map from its pages.
-func (c *checker) readMap(idx []ptr, npages int, nbits uint64, what string) []uint64 {
+// mapPages reads a committed space map's index pages and returns its
+// bitmap pages, all of them marked reached (as far as the index could be
+// read).
+func (c *checker) mapPages(idx []ptr, npages int, what string) []ptr {
 	m := c.v.r.m
-	words := make([]uint64, npages*wordsPerPage)
 	p := make([]byte, PageSize)
 	var pages []ptr
 	for j, ip := range idx {
 		c.page(ip.loc, what+" index")
 		if err := m.readPage(p, ip.loc); err != nil {
 			c.problems = append(c.problems, err)
-			return words
+			break
 		}
 		ents, err := decodeIndex(p, ip.loc, ip.tx, min(idxPerPage, npages-j*idxPerPage), c.v.st.pages)
 		if err != nil {
 			c.problems = append(c.problems, err)
-			return words
+			break
 		}
 		pages = append(pages, ents...)
 	}
+	for _, bp := range pages {
+		c.page(bp.loc, what+" bitmap")
+	}
+	return pages
+}
+
+// compareMap reads a space map of nbits from its bitmap pages, one at a
+// time, and reports the bits that differ from what the walk reached.
+func (c *checker) compareMap(pages []ptr, nbits uint64, reached []uint64, what string) {
+	m := c.v.r.m
+	p := make([]byte, PageSize)
 	bits := new(bitPage)
 	for i, bp := range pages {
-		c.page(bp.loc, what+" bitmap")
 		if err := m.readPage(p, bp.loc); err != nil {
 			c.problems = append(c.problems, err)
-			return words
+			return
 		}
 		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, bits); err != nil {
 			c.problems = append(c.problems, err)
+			continue
 		}
-		copy(words[i*wordsPerPage:(i+1)*wordsPerPage], bits[:])
+		lo := i * wordsPerPage
+		if lo >= len(reached) {
+			return
+		}
+		if c.compare(bits[:min(wordsPerPage, len(reached)-lo)], reached[lo:min(lo+wordsPerPage, len(reached))], uint64(lo), what) {
+			return
+		}
 	}
-	return words
 }
 
-// compare reports bits that differ between a space map and what is reached.
-func (c *checker) compare(mapped, reached []uint64, what string) {
+// compare reports bits that differ between words of a space map and
+// those of what is reached, the first being word base of the map; it
+// reports whether the checker is full.
+func (c *checker) compare(mapped, reached []uint64, base uint64, what string) bool {
 	for w := range reached {
 		if w >= len(mapped) {
 			break
@@ -231,16 +253,17 @@ func (c *checker) compare(mapped, reached []uint64, what string) {
 				if d&(1<<b) == 0 {
 					continue
 				}
-				i := uint64(w)*64 + b
+				i := (base+uint64(w))*64 + b
 				if mapped[w]&(1<<b) != 0 {
 					c.addf("%s %d is marked in use but nothing reaches it (leak)", what, i)
 				} else {
 					c.addf("%s %d is in use but marked free", what, i)
 				}
 				if c.full() {
-					return
+					return true
 				}
 			}
 		}
 	}
+	return false
 }

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"testing"
 
@@ -396,4 +397,33 @@ func TestAllocPastFullPage(t *testing.T) {
 		_, ok = s.alloc()
 		require.False(t, ok)
 	}
+}
+
+// TestCheckMapsPastFirstPage: Check reads each space map a bitmap page at
+// a time; a leaked data chunk and a referenced one marked free, both in
+// the map's third page, are reported at their own numbers.
+func TestCheckMapsPastFirstPage(t *testing.T) {
+	dev, err := blockdev.NewMem(512*PageSize, 4096)
+	require.NoError(t, err)
+	m, err := Format(dev, Options{DataChunks: 3 * bitsPerPage, SyncWriteBack: true})
+	require.NoError(t, err)
+	defer m.Close()
+	leak, used := uint64(2*bitsPerPage+77), uint64(2*bitsPerPage+300)
+	require.NoError(t, m.MarkData(leak)) // allocated, never referenced
+	require.NoError(t, m.MarkData(used))
+	require.NoError(t, m.Put(Key{B: 1, C: 5, E: 1}, used))
+	require.NoError(t, m.Commit())
+	err = m.Check()
+	require.ErrorContains(t, err, fmt.Sprintf("data chunk %d is marked in use but nothing reaches it (leak)", leak))
+	require.NotContains(t, err.Error(), fmt.Sprintf("data chunk %d ", used))
+
+	m.mu.Lock()
+	m.dataSM.clear(used) // referenced, and now marked free
+	m.dataSM.clear(leak)
+	m.changed = true
+	m.mu.Unlock()
+	require.NoError(t, m.Commit())
+	err = m.Check()
+	require.ErrorContains(t, err, fmt.Sprintf("data chunk %d is in use but marked free", used))
+	require.NotContains(t, err.Error(), fmt.Sprintf("data chunk %d ", leak))
 }
