@@ -40,7 +40,7 @@ func TestReviewCommitterRace(t *testing.T) {
 	var mu sync.Mutex // guards snaps
 	snaps := map[string][]byte{"base": baseModel}
 	var readGate sync.RWMutex // a read of a snapshot holds it shared; a delete, exclusively
-	errs := make(chan error, 8)
+	g := newRaceGroup(seed, nil)
 	rounds := shortScale(60)
 
 	randWrite := func(rng *rand.Rand, v interface {
@@ -57,16 +57,7 @@ func TestReviewCommitterRace(t *testing.T) {
 		copy(model[off:], p)
 		return nil
 	}
-	var wg sync.WaitGroup
-	run := func(name string, fn func(rng *rand.Rand) error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(rand.New(rand.NewPCG(seed, uint64(len(name))))); err != nil {
-				errs <- fmt.Errorf("%s: %w", name, err)
-			}
-		}()
-	}
+	run := g.run
 	oModel := blockdevtest.ReadAll(t, o)
 	kModel := append([]byte(nil), baseModel...)
 	run("origin", func(rng *rand.Rand) error {
@@ -175,11 +166,7 @@ func TestReviewCommitterRace(t *testing.T) {
 		}
 		return nil
 	})
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	g.wait(t)
 	require.Equal(t, oModel, blockdevtest.ReadAll(t, o))
 	require.Equal(t, kModel, blockdevtest.ReadAll(t, clone))
 	require.NoError(t, s.WaitIdle(ctx))

@@ -61,26 +61,16 @@ func TestRollbackSizesRacingIO(t *testing.T) {
 	names := []string{"s0", "s1", "s2", "s3", "s4", "s5"}
 
 	rounds := shortScale(40)
-	var wg sync.WaitGroup
 	var stop sync.Once
 	done := make(chan struct{})
-	errs := make(chan error, 8)
+	g := newRaceGroup(seed, func() { stop.Do(func() { close(done) }) })
 	outOfRangeOK := func(err error) error {
 		if err == nil || errors.Is(err, blockdev.ErrOutOfRange) {
 			return nil
 		}
 		return err
 	}
-	run := func(name string, fn func(rng *rand.Rand) error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(rand.New(rand.NewPCG(seed, uint64(len(name))))); err != nil {
-				errs <- fmt.Errorf("%s: %w", name, err)
-				stop.Do(func() { close(done) })
-			}
-		}()
-	}
+	run := g.run
 	running := func() bool {
 		select {
 		case <-done:
@@ -148,11 +138,7 @@ func TestRollbackSizesRacingIO(t *testing.T) {
 		}
 		return nil
 	})
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	g.wait(t)
 	require.NoError(t, s.WaitIdle(ctx))
 	require.NoError(t, s.Check())
 	for _, name := range names {
@@ -169,4 +155,42 @@ func TestRollbackSizesRacingIO(t *testing.T) {
 		require.NoError(t, snap.Close())
 	}
 	require.NoError(t, s.Check())
+}
+
+// raceGroup runs a test's racing goroutines: each named, with a random
+// source of its own (the seed and its name's length), its error reported
+// with its name; onErr (if set) runs at a goroutine's first error, so
+// that the others can stop.
+type raceGroup struct {
+	wg    sync.WaitGroup
+	seed  uint64
+	mu    sync.Mutex
+	errs  []error
+	onErr func()
+}
+
+func newRaceGroup(seed uint64, onErr func()) *raceGroup {
+	return &raceGroup{seed: seed, onErr: onErr}
+}
+
+func (g *raceGroup) run(name string, fn func(rng *rand.Rand) error) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		if err := fn(rand.New(rand.NewPCG(g.seed, uint64(len(name))))); err != nil {
+			g.mu.Lock()
+			g.errs = append(g.errs, fmt.Errorf("%s: %w", name, err))
+			g.mu.Unlock()
+			if g.onErr != nil {
+				g.onErr()
+			}
+		}
+	}()
+}
+
+// wait waits for every goroutine and fails t with their errors.
+func (g *raceGroup) wait(t testing.TB) {
+	t.Helper()
+	g.wg.Wait()
+	require.NoError(t, errors.Join(g.errs...))
 }
