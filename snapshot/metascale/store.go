@@ -15,6 +15,7 @@ import (
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 	"github.com/blocksnap/blocksnap/snapshot"
+	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 )
 
 // StoreConfig is one scale run of the whole store.
@@ -102,7 +103,7 @@ type cutDevice struct {
 	// worstFlush is the slowest Flush, in nanoseconds: the device's own
 	// stalls (a file's fdatasync), which a writer waiting for a commit
 	// sees as its own.
-	worstFlush atomic.Int64
+	worstFlush lockstat.Max
 }
 
 var errCut = fmt.Errorf("metascale: power cut: %w", blockdev.ErrIO)
@@ -127,12 +128,7 @@ func (d *cutDevice) Flush() error {
 	}
 	t0 := time.Now()
 	err := d.Device.Flush()
-	for took := int64(time.Since(t0)); ; {
-		w := d.worstFlush.Load()
-		if took <= w || d.worstFlush.CompareAndSwap(w, took) {
-			break
-		}
-	}
+	d.worstFlush.Note(int64(time.Since(t0)))
 	return err
 }
 
@@ -195,7 +191,7 @@ func RunStore(head blockdev.Device, cfg StoreConfig) (StoreResult, error) {
 		return res, errors.Join(err, s.Close())
 	}
 	s.ResetLockStats() // the fill's, not Format's
-	cut.worstFlush.Store(0)
+	cut.worstFlush.Reset()
 	// done[w] is the chunks writer w has written, for the progress line.
 	done := make([]atomic.Uint64, writers)
 	// write is writer w's origin write of buf at chunk c, timed.

@@ -155,26 +155,24 @@ func (s *spaceMap) memBytes() uint64 {
 }
 
 func (s *spaceMap) set(i uint64) {
-	pi, b := i/bitsPerPage, uint64(1)<<(i%64)
-	x := &s.own(pi)[(i/64)%wordsPerPage]
-	if *x&b == 0 {
-		*x |= b
+	if !s.isSet(i) { // a shared page is copied only for a change
+		pi := i / bitsPerPage
+		s.own(pi)[(i/64)%wordsPerPage] |= 1 << (i % 64)
 		s.setN[pi]++
 		s.used++
+		s.settle(pi)
 	}
-	s.settle(pi)
 	s.touch(i)
 }
 
 func (s *spaceMap) clear(i uint64) {
-	pi, b := i/bitsPerPage, uint64(1)<<(i%64)
-	x := &s.own(pi)[(i/64)%wordsPerPage]
-	if *x&b != 0 {
-		*x &^= b
+	if s.isSet(i) {
+		pi := i / bitsPerPage
+		s.own(pi)[(i/64)%wordsPerPage] &^= 1 << (i % 64)
 		s.setN[pi]--
 		s.used--
+		s.settle(pi)
 	}
-	s.settle(pi)
 	s.touch(i)
 }
 
