@@ -265,7 +265,7 @@ func (s *Store) checkAlloc(seen []bool, bad func(string, ...any) bool) {
 	defer a.mu.Unlock()
 	used := make([]bool, len(seen))
 	leaked := 0
-	a.m.DataInUse(func(loc uint64) bool {
+	err := a.m.DataInUse(func(loc uint64) bool {
 		if loc >= uint64(len(used)) {
 			leaked++
 			return true
@@ -276,6 +276,10 @@ func (s *Store) checkAlloc(seen []bool, bad func(string, ...any) bool) {
 		}
 		return true
 	})
+	if err != nil {
+		bad("the data space map could not be read: %v", err)
+		return
+	}
 	if leaked > 0 {
 		bad("%d store chunks allocated but neither referenced nor in flight: leaked", leaked)
 	}

@@ -92,23 +92,39 @@ func presBudget(cache int64) int64 {
 	return cache / presShare
 }
 
-// spaceMapBytes bounds the memory of the metadata layer's space maps: one
-// allocation bit per data chunk and metadata page, at most (their pages all
-// clear or all set share one page; the held bits of recent frees come on
-// top for a while, by page).
-func spaceMapBytes(dataChunks, metaPages uint64) int64 {
-	return int64((dataChunks + metaPages + 7) / 8)
+// dataMapBytes is the memory the metadata layer's data space map may keep
+// of its partly used bitmap pages (meta.Options.MapBytes): one bit per
+// data chunk, at most an eighth of MapBytes (0: the default). Past it the
+// layer pages bitmap pages out and reads them back on use; pages all
+// clear or all set cost nothing.
+func dataMapBytes(cache int64, dataChunks uint64) int64 {
+	if cache <= 0 {
+		cache = meta.DefaultCacheBytes
+	}
+	return min(int64((dataChunks+7)/8), cache/mapShare)
+}
+
+// mapShare: the data space map's share of MetadataCache is 1/mapShare.
+const mapShare = 8
+
+// spaceMapBytes bounds the memory of the metadata layer's space maps: the
+// data map's (dataMapBytes) and the metadata map's one bit per metadata
+// page (a small map, never paged out). The held bits of recent frees come
+// on top for a while, by page, and the pages the open transaction changed
+// may pass the data map's bound until a commit makes them durable.
+func spaceMapBytes(cache int64, dataChunks, metaPages uint64) int64 {
+	return dataMapBytes(cache, dataChunks) + int64((metaPages+7)/8)
 }
 
 // nodeCacheBytes is the metadata layer's node cache: what MetadataCache
 // (0: the default) leaves after the preserved epochs and the space maps,
 // so that the option bounds all three; at least a quarter of it (a cache
-// smaller than the space maps then bounds only the nodes and epochs).
+// smaller than the metadata map then bounds only the nodes and epochs).
 func nodeCacheBytes(cache int64, dataChunks, metaPages uint64) int64 {
 	if cache <= 0 {
 		cache = meta.DefaultCacheBytes
 	}
-	return max(cache-presBudget(cache)-spaceMapBytes(dataChunks, metaPages), cache/4)
+	return max(cache-presBudget(cache)-spaceMapBytes(cache, dataChunks, metaPages), cache/4)
 }
 
 // presSlotsFor returns the per-stripe table size for a budget of bytes.

@@ -175,15 +175,18 @@ func TestPreservedCacheEvicts(t *testing.T) {
 }
 
 // TestMetadataCacheBudget checks how Options.MetadataCache is shared: an
-// eighth for the preserved epochs, the space maps' one bit per data chunk
-// and metadata page, the rest for the node cache (at least a quarter),
-// and that the store gives the layer that node cache.
+// eighth for the preserved epochs, the data space map's one bit per chunk
+// up to an eighth, the metadata map's one bit per page, the rest for the
+// node cache (at least a quarter), and that the store gives the layer
+// that node cache and data map limit.
 func TestMetadataCacheBudget(t *testing.T) {
 	const mib = 1 << 20
 	require.Equal(t, int64(64*mib-8*mib-(1<<20+1<<14)/8), nodeCacheBytes(0, 1<<20, 1<<14), "the default")
-	require.Equal(t, int64(16*mib), nodeCacheBytes(64*mib, 1<<30, 1<<18), "space maps above the cache: a quarter")
+	require.Equal(t, int64(64*mib-8*mib-8*mib-(1<<18)/8), nodeCacheBytes(64*mib, 1<<30, 1<<18), "a data map past its eighth pages out")
+	require.Equal(t, int64(16*mib), nodeCacheBytes(64*mib, 1<<20, 1<<32), "a metadata map above the cache: a quarter")
 	require.Equal(t, int64(8*mib), presBudget(64*mib))
-	require.Equal(t, int64(128*mib), spaceMapBytes(1<<30, 0), "4 TiB at 4 KiB chunks")
+	require.Equal(t, int64(8*mib), dataMapBytes(0, 1<<30), "4 TiB at 4 KiB chunks: the default cache's eighth")
+	require.Equal(t, int64(128*mib), dataMapBytes(2<<30, 1<<30), "4 TiB at 4 KiB chunks: 1 bit per chunk")
 
 	opts := Options{ChunkSize: 4096, MetadataCache: 4 * mib}
 	s, _, _ := newMemStore(t, 1<<20, 64<<20, opts)

@@ -55,9 +55,12 @@
 //
 // Memory is bounded by the cache, not by the history or the volumes'
 // sizes: Options.MetadataCache (default 64 MiB: an eighth of it caches
-// the origin chunks' preserved epochs, the space maps at most 1 bit per
-// data chunk of it, 32 MiB per TiB of store at 4 KiB chunks and 2 MiB at
-// 64 KiB, and decoded pages the rest, at least a quarter), the origin
+// the origin chunks' preserved epochs, at most an eighth the data space
+// map's partly used bitmap pages (1 bit per data chunk where every page
+// is partly used, 32 MiB per TiB of store at 4 KiB chunks and 2 MiB at 64
+// KiB; past its eighth, pages are paged out and read back on use), the
+// metadata map 1 bit per metadata page, and decoded pages the rest, at
+// least a quarter), the origin
 // buffer (Options.OriginBuffer, default 32 MiB), a tree commit's write
 // buffer (256 KiB), the Go allocator's free slots between collections
 // (docs/metadata.md section 22), at most 8 KiB per branch for its chunk-group bits, and about 24 bytes per snapshot
@@ -144,10 +147,12 @@ type Options struct {
 	// MetadataCache bounds, in bytes, the metadata the store keeps in
 	// memory: the origin chunks' preserved epochs (an eighth, at least 96
 	// KiB: 12-16 bytes per chunk, about 390,000 chunks by default; a chunk
-	// not in it costs one lookup at its next write), the space maps (at
-	// most 1 bit per data chunk: 32 MiB per TiB of store at 4 KiB chunks), and
-	// decoded metadata pages (the rest, at least a quarter: a cache
-	// smaller than the space maps is exceeded by them); 0 means 64 MiB. To keep every lookup
+	// not in it costs one lookup at its next write), the data space map
+	// (1 bit per data chunk where its pages are partly used, 32 MiB per
+	// TiB of store at 4 KiB chunks, up to an eighth: past it bitmap pages
+	// are read back on use, Stats.SpaceMapReads), the metadata map (1 bit
+	// per metadata page), and decoded metadata pages (the rest, at least a
+	// quarter); 0 means 64 MiB. To keep every lookup
 	// at one page read at most it should hold the tree's branch levels,
 	// about 0.2 bytes per random chunk version; about 66 bytes per version
 	// of the chunks a workload touches between tree commits (a decoded
@@ -578,7 +583,8 @@ func (s *Store) openMeta(format bool) error {
 	}
 	s.mdev = mdev
 	mo := meta.Options{Pages: uint64(s.geo.metaLen) / meta.PageSize, DataChunks: s.geo.dataChunks,
-		CacheBytes: int(nodeCacheBytes(s.opts.MetadataCache, s.geo.dataChunks, uint64(s.geo.metaLen)/meta.PageSize)), SyncWriteBack: s.opts.syncWriteBack,
+		CacheBytes: int(nodeCacheBytes(s.opts.MetadataCache, s.geo.dataChunks, uint64(s.geo.metaLen)/meta.PageSize)),
+		MapBytes:   int(dataMapBytes(s.opts.MetadataCache, s.geo.dataChunks)), SyncWriteBack: s.opts.syncWriteBack,
 		Outer: s.store, DataOff: s.geo.dataOff, ChunkBytes: s.cs} // the region grows into data chunks (grow.go)
 	if fn := s.opts.LowMetadata; fn != nil {
 		// An eighth of the region above what changes may not use: the

@@ -521,8 +521,11 @@ type Stats struct {
 	// SpaceMapMemory is the memory the space maps' bits take now: one
 	// bit per data chunk and metadata page at most, and next to none
 	// where the map's pages are all used or all free (docs/metadata.md
-	// section 4). It counts within Options.MetadataCache.
+	// section 4). It counts within Options.MetadataCache, where the data
+	// map has an eighth at most: past it, its bitmap pages are paged out,
+	// and SpaceMapReads counts those read back since Open (section 32).
 	SpaceMapMemory int64
+	SpaceMapReads  int64
 	Volumes        int64   // visible volumes, the origin included
 	JournalFill    float64 // fraction of the journal's log in use (0 when transient)
 	// BufferedBytes is the origin data that waits in memory for its
@@ -549,7 +552,7 @@ func (s *Store) Stats() Stats {
 	st := Stats{ChunkSize: s.cs, DataBytes: int64(sp.Chunks-sp.ChunksMeta) * s.cs, UsedBytes: int64(sp.ChunksUsed-sp.ChunksMeta) * s.cs,
 		FreeBytes: int64(sp.Chunks-sp.ChunksUsed) * s.cs, IndexEntries: int64(entries),
 		MetadataBytes: int64(sp.PagesUsed) * meta.PageSize, MetadataRegion: int64(sp.Pages) * meta.PageSize,
-		SpaceMapMemory: int64(sp.MapBytes), Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs,
+		SpaceMapMemory: int64(sp.MapBytes), SpaceMapReads: int64(sp.MapReads), Volumes: int64(vols), BufferedBytes: s.ob.n.Load() * s.cs,
 		CommitWaits: s.leafWaits.Load() + s.leafCommits.Load()}
 	if s.j != nil {
 		st.JournalFill = s.j.Stats().Fill

@@ -79,6 +79,7 @@ func (m *Meta) writeFrozen(tx uint64, dirty []*node, pages []byte, locs []uint64
 	m.frozenLeaves.Store(0)
 	m.reapWriteBack()
 	m.durable = tx
+	m.dataSM.setDurable(tx)
 	m.publish(m.frozen)
 	if release {
 		m.releaseFrees()

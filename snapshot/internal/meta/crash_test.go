@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"errors"
 	"math/rand/v2"
 	"testing"
 
@@ -12,11 +13,10 @@ import (
 // crashRun runs a seeded workload on m until it ends or a call fails, and
 // returns the last committed model and the one a commit in flight would
 // leave (equal when nothing was in flight).
-func crashRun(t *testing.T, m *Meta, seed uint64, steps int) (committed, inflight *model) {
+func crashRun(t *testing.T, m *Meta, seed uint64, steps int, space keySpace) (committed, inflight *model) {
 	rng := rand.New(rand.NewPCG(seed, 2))
 	md := newModel()
 	committed = md.clone()
-	space := keySpace{branches: 2, chunks: 600, epochs: 4}
 	for i := 0; i < steps; i++ {
 		if rng.IntN(40) == 0 {
 			inflight = md.clone()
@@ -47,7 +47,14 @@ func crashStep(rng *rand.Rand, m *Meta, md *model, space keySpace) error {
 		n := 1 + rng.IntN(8)
 		for i := 0; i < n && k.C < space.chunks; i++ {
 			if _, ok := md.locs[k]; !ok {
-				loc, err := m.AllocData()
+				loc, err := uint64(0), ErrInvalid
+				if space.spread > 0 && rng.IntN(2) == 0 {
+					loc = rng.Uint64N(space.spread)
+					err = m.MarkData(loc) // ErrInvalid: in use or held
+				}
+				if errors.Is(err, ErrInvalid) {
+					loc, err = m.AllocData()
+				}
 				if err != nil {
 					return err
 				}
@@ -76,9 +83,23 @@ func crashStep(rng *rand.Rand, m *Meta, md *model, space keySpace) error {
 // more changes. BLOCKSNAP_TORTURE_SECONDS runs more seeds and a longer
 // workload.
 func TestCrashEveryCall(t *testing.T) {
+	crashEveryCall(t, Options{DataChunks: 4096}, keySpace{branches: 2, chunks: 600, epochs: 4})
+}
+
+// TestCrashEveryCallPagedMap is TestCrashEveryCall with a data map of
+// four pages kept to one page of memory, its chunks taken all over it:
+// bitmap pages are paged out and read back all the time, between the
+// commits and during them.
+func TestCrashEveryCallPagedMap(t *testing.T) {
+	crashEveryCall(t, Options{DataChunks: 4 * bitsPerPage, MapBytes: 1},
+		keySpace{branches: 2, chunks: 600, epochs: 4, spread: 4 * bitsPerPage})
+}
+
+func crashEveryCall(t *testing.T, opts Options, space keySpace) {
 	seed := blockdevtest.Seed(t)
 	budget := blockdevtest.TortureBudget(t, 600)
 	const pages, cache = 512, 2 << 10 // a cache of a few nodes: write-back and eviction all the time
+	opts.CacheBytes, opts.SyncWriteBack = cache, true
 	steps := 100
 	if budget.Timed() {
 		steps = 400
@@ -86,22 +107,27 @@ func TestCrashEveryCall(t *testing.T) {
 	// run formats a region behind a power cut armed for the k-th call of
 	// kind op after Format (k 0: never), runs the workload, and returns
 	// the cut and the models.
+	var last *Meta
 	run := func(s uint64, op blockdevtest.Op, k int, pol blockdevtest.Policy) (*blockdevtest.PowerCut, *model, *model) {
 		pc := blockdevtest.NewPowerCut(op, 0, pol)
 		dev := pc.NewDevice(t, "meta", pages*PageSize, 4096)
-		m, err := Format(dev, Options{DataChunks: 4096, CacheBytes: cache, SyncWriteBack: true})
+		m, err := Format(dev, opts)
 		require.NoError(t, err)
 		if k > 0 {
 			pc.Arm(op, k)
 		}
-		committed, inflight := crashRun(t, m, s, steps)
+		committed, inflight := crashRun(t, m, s, steps, space)
+		last = m
 		return pc, committed, inflight
 	}
 	for round := uint64(0); ; round++ {
 		s := seed + round
 		dry, _, _ := run(s, blockdevtest.OpAny, 0, blockdevtest.Policy{})
 		if round == 0 {
-			t.Logf("one round: %d writes, %d flushes", dry.Calls(blockdevtest.OpWrite), dry.Calls(blockdevtest.OpFlush))
+			t.Logf("one round: %d writes, %d flushes; %d bitmap pages read back", dry.Calls(blockdevtest.OpWrite), dry.Calls(blockdevtest.OpFlush), last.Space().MapReads)
+			if opts.MapBytes > 0 {
+				require.Positive(t, last.Space().MapReads, "no bitmap page was read back")
+			}
 		}
 		// flushes first: they are few, and each ends a commit's phase
 		for _, op := range []blockdevtest.Op{blockdevtest.OpFlush, blockdevtest.OpWrite} {
@@ -113,7 +139,9 @@ func TestCrashEveryCall(t *testing.T) {
 				pol := blockdevtest.AllPolicies(s + uint64(k))[k%4]
 				pc, committed, inflight := run(s, op, k, pol)
 				imgs := pc.Cut()
-				m2, err := Open(imgs[0], Options{CacheBytes: cache, SyncWriteBack: true})
+				reopen := opts
+				reopen.DataChunks = 0
+				m2, err := Open(imgs[0], reopen)
 				require.NoError(t, err, "seed %d, %v", s, pc)
 				require.NoError(t, m2.Check(), "seed %d, %v", s, pc)
 				want := committed
@@ -123,7 +151,7 @@ func TestCrashEveryCall(t *testing.T) {
 				verifyAll(t, m2, want)
 				rng := rand.New(rand.NewPCG(s, uint64(k)))
 				for range 20 {
-					require.NoError(t, crashStep(rng, m2, want, keySpace{branches: 2, chunks: 600, epochs: 4}))
+					require.NoError(t, crashStep(rng, m2, want, space))
 				}
 				require.NoError(t, m2.Commit())
 				require.NoError(t, m2.Check())

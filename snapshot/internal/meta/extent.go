@@ -168,18 +168,32 @@ func (m *Meta) GrowFromData(chunks uint64) (uint64, error) {
 	if idxFor(pagesFor(pages))+idxFor(pagesFor(m.dataSM.nbits))+len(old)+1 > maxIdxPtrs {
 		return 0, fmt.Errorf("meta: %d pages and %d chunks need more pointers than the superblock holds: %w", pages, m.dataSM.nbits, ErrInvalid)
 	}
-	first, ok := m.dataSM.freeRunFromTop(chunks)
+	first, ok, err := m.dataSM.freeRunFromTop(chunks)
+	if err != nil {
+		return 0, err
+	}
 	if !ok {
 		return 0, fmt.Errorf("meta: no run of %d free data chunks: %w", chunks, ErrNoSpace)
 	}
+	// The run's bits first: setting them may read pages back, which may
+	// fail; then nothing else has changed, and the bits set so far (their
+	// pages dirty, so in memory) are cleared again.
+	for i := first; i < first+chunks; i++ {
+		if err := m.dataSM.set(i); err != nil {
+			for j := first; j < i; j++ {
+				m.dataSM.clear(j)
+			}
+			return 0, err
+		}
+	}
 	ext := append(append(make([]extent, 0, len(old)+1), old...), extent{chunk: first, chunks: chunks})
 	if err := m.setLayout(pages, m.dataSM.nbits, ext); err != nil {
+		for j := first; j < first+chunks; j++ {
+			m.dataSM.clear(j)
+		}
 		return 0, err
 	}
-	for i := first; i < first+chunks; i++ {
-		m.dataSM.set(i)
-	}
-	m.metaSM.grow(pages)
+	m.metaSM.grow(pages) // never paged out: no error
 	m.changed = true
 	m.lowFired = false
 	return first, nil
@@ -195,20 +209,34 @@ func metaChunks(ext []extent) uint64 {
 }
 
 // freeRunFromTop finds the highest run of n bits that are neither set nor
-// held, bit by bit: a grow is rare, and this is O(map) once.
-func (s *spaceMap) freeRunFromTop(n uint64) (uint64, bool) {
+// held: a page with neither at once, the others bit by bit (a grow is
+// rare, and this is O(map) once). It reads paged-out pages back.
+func (s *spaceMap) freeRunFromTop(n uint64) (uint64, bool, error) {
 	run := uint64(0)
-	for i := s.nbits; i > 0; i-- {
-		c := i - 1
-		if s.isSet(c) || s.isHeld(c) {
-			run = 0
+	for pi := uint64(len(s.words)); pi > 0; pi-- {
+		lo, pb := (pi-1)*bitsPerPage, s.pageBits(pi-1)
+		if s.setN[pi-1] == 0 && s.held[pi-1] == nil {
+			if run += pb; run >= n {
+				return lo + run - n, true, nil
+			}
 			continue
 		}
-		if run++; run == n {
-			return c, true
+		p, err := s.bitsOf(pi - 1)
+		if err != nil {
+			return 0, false, err
+		}
+		for c := lo + pb; c > lo; c-- {
+			i := c - 1
+			if p[(i/64)%wordsPerPage]&(1<<(i%64)) != 0 || s.isHeld(i) {
+				run = 0
+				continue
+			}
+			if run++; run == n {
+				return i, true, nil
+			}
 		}
 	}
-	return 0, false
+	return 0, false, nil
 }
 
 // encodeExtents writes the extents after the superblock's index pointers

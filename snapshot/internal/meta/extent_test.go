@@ -63,7 +63,7 @@ func TestGrowFromData(t *testing.T) {
 	require.EqualValues(t, 2, sp.ChunksMeta)
 	require.EqualValues(t, 3, sp.ChunksUsed)
 	var data []uint64
-	m.DataInUse(func(l uint64) bool { data = append(data, l); return true })
+	require.NoError(t, m.DataInUse(func(l uint64) bool { data = append(data, l); return true }))
 	require.Equal(t, []uint64{loc}, data)
 	more := putUntilFull(t, m, rng)
 	require.NotEmpty(t, more)
@@ -106,10 +106,12 @@ func TestFreeRunFromTop(t *testing.T) {
 	s.set(199)
 	s.hold(190)
 	for _, c := range []struct{ n, first uint64 }{{1, 198}, {8, 191}, {9, 181}, {190, 0}} {
-		got, ok := s.freeRunFromTop(c.n)
+		got, ok, err := s.freeRunFromTop(c.n)
+		require.NoError(t, err)
 		require.True(t, ok, "run of %d", c.n)
 		require.Equal(t, c.first, got, "run of %d", c.n)
 	}
-	_, ok := s.freeRunFromTop(191)
+	_, ok, err := s.freeRunFromTop(191)
+	require.NoError(t, err)
 	require.False(t, ok)
 }

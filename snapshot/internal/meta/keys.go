@@ -320,13 +320,16 @@ func (m *Meta) putData(q Key) (uint64, error) {
 	if err := m.usable(); err != nil {
 		return 0, err
 	}
-	loc, ok := m.dataSM.alloc()
+	loc, ok, err := m.dataSM.alloc()
+	if err != nil {
+		return 0, err
+	}
 	if !ok {
 		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
 	}
 	m.changed = true
 	if err := m.put(q, loc, false); err != nil {
-		m.dataSM.clear(loc) // never referenced by any commit: free at once
+		m.dataSM.clear(loc) // never referenced by any commit: free at once (its page is dirty, in memory)
 		return 0, err
 	}
 	return loc, nil

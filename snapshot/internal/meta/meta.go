@@ -24,6 +24,13 @@ type Options struct {
 	// CacheBytes bounds the decoded-node cache (0: DefaultCacheBytes).
 	// Dirty nodes are written back once they pass half of it.
 	CacheBytes int
+	// MapBytes bounds the memory of the data space map's partly used
+	// bitmap pages (0: CacheBytes/8; at least one page): past it, pages
+	// that a durable commit wrote and nothing changed since are paged out
+	// and read back on use. The pages the open transaction changed stay
+	// until a commit makes them durable. Pages all clear or all set cost
+	// nothing either way.
+	MapBytes int
 	// ReadOnly opens without ever writing the device.
 	ReadOnly bool
 	// SyncWriteBack writes dirty nodes back in the writer's own calls
@@ -253,9 +260,10 @@ func Format(dev blockdev.Device, opts Options) (*Meta, error) {
 	m := newMeta(dev, opts)
 	m.layout.Store(&layout{base: opts.Pages})
 	m.metaSM = newSpaceMap(opts.Pages)
-	m.metaSM.set(0)
+	m.metaSM.set(0) // the superblocks': the metadata map never pages out, so no error
 	m.metaSM.set(1)
 	m.dataSM = newSpaceMap(opts.DataChunks)
+	m.pageOut(m.dataSM)
 	m.tx = 1
 	m.chunk, m.epoch = tree{kind: chunkTree}, tree{kind: epochTree}
 	zero := make([]byte, 2*PageSize)
@@ -353,13 +361,13 @@ func open(dev blockdev.Device, opts Options, overlay bool) (*Meta, error) {
 	m.keys = best.keys
 	m.user = best.user
 	var err error
-	if m.metaSM, err = m.loadMap(best.pages, best.metaIdx, best.pages, best.tx); err != nil {
+	if m.metaSM, err = m.loadMap(best.pages, best.metaIdx, best.pages, best.tx, false); err != nil {
 		return nil, m.changedOr(err)
 	}
-	if m.dataSM, err = m.loadMap(best.dataChunks, best.dataIdx, best.pages, best.tx); err != nil {
+	if m.dataSM, err = m.loadMap(best.dataChunks, best.dataIdx, best.pages, best.tx, true); err != nil {
 		return nil, m.changedOr(err)
 	}
-	if m.metaSM.used != best.metaUsed || m.dataSM.used != best.dataUsed || !m.metaSM.isSet(0) || !m.metaSM.isSet(1) {
+	if m.metaSM.used != best.metaUsed || m.dataSM.used != best.dataUsed || m.metaSM.words[0][0]&3 != 3 {
 		return nil, fmt.Errorf("meta: open: %w: space maps count %d pages and %d chunks in use, superblock %d and %d",
 			ErrCorrupt, m.metaSM.used, m.dataSM.used, best.metaUsed, best.dataUsed)
 	}
@@ -371,9 +379,30 @@ func open(dev blockdev.Device, opts Options, overlay bool) (*Meta, error) {
 	return m, nil
 }
 
-// loadMap reads a space map of nbits through its index pages.
-func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, error) {
+// pageOut makes s, the data map, one that pages out past Options.MapBytes.
+func (m *Meta) pageOut(s *spaceMap) {
+	b := m.opts.MapBytes
+	if b <= 0 {
+		b = m.opts.CacheBytes / 8
+	}
+	s.limit = max(1, b/len(bitPage{})/8)
+	s.fetch = func(pi uint64, raw []byte, p *bitPage) error {
+		bp := s.pages[pi]
+		if err := m.readPage(raw, bp.loc); err != nil {
+			return err
+		}
+		return decodeBitmap(raw, bp.loc, bp.tx, int(pi), s.nbits, p)
+	}
+}
+
+// loadMap reads a space map of nbits through its index pages; the data
+// map (dataSM) pages out as it goes.
+func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64, dataSM bool) (*spaceMap, error) {
 	s := newSpaceMap(nbits)
+	s.durable = tx
+	if dataSM {
+		m.pageOut(s)
+	}
 	np := len(s.pages)
 	p := make([]byte, PageSize)
 	for j, ip := range idx {
@@ -395,9 +424,13 @@ func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64) (*spaceMap, er
 		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, bits); err != nil {
 			return nil, err
 		}
+		s.dirtyPage[i] = false
 		s.load(i, bits)
 		if s.words[i] == bits { // kept: the next page needs its own
-			bits = new(bitPage)
+			if bits = s.spare; bits == nil {
+				bits = new(bitPage)
+			}
+			s.spare = nil
 		}
 	}
 	copy(s.idx, idx)
@@ -473,7 +506,7 @@ func (m *Meta) fail(err error) error {
 
 // allocPage takes a free metadata page.
 func (m *Meta) allocPage() (uint64, error) {
-	loc, ok := m.metaSM.alloc()
+	loc, ok, _ := m.metaSM.alloc() // the metadata map never pages out: no error
 	if !ok {
 		return 0, fmt.Errorf("meta: metadata region full (%d pages): %w", m.metaSM.nbits, ErrNoSpace)
 	}
@@ -558,7 +591,10 @@ func (m *Meta) AllocData() (uint64, error) {
 	if err := m.usable(); err != nil {
 		return 0, err
 	}
-	loc, ok := m.dataSM.alloc()
+	loc, ok, err := m.dataSM.alloc()
+	if err != nil {
+		return 0, err
+	}
 	if !ok {
 		return 0, fmt.Errorf("meta: data space full (%d chunks): %w", m.dataSM.nbits, ErrNoSpace)
 	}
@@ -574,10 +610,10 @@ func (m *Meta) FreeData(loc uint64) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
-		return fmt.Errorf("meta: free of data chunk %d, not in use: %w", loc, ErrInvalid)
+	if err := m.dataSM.mustBeSet(loc, "free"); err != nil {
+		return err
 	}
-	m.dataSM.clear(loc)
+	m.dataSM.clear(loc) // read back by mustBeSet: no error
 	m.dataSM.hold(loc)
 	b := m.batch()
 	b.data = append(b.data, loc)
@@ -603,7 +639,7 @@ func (m *Meta) Grow(pages uint64) error {
 		return err
 	}
 	m.layout.Store(&layout{base: pages})
-	m.metaSM.grow(pages)
+	m.metaSM.grow(pages) // never paged out: no error
 	m.changed = true
 	return nil
 }
@@ -636,7 +672,9 @@ func (m *Meta) GrowData(chunks uint64, hold bool) error {
 		return fmt.Errorf("meta: %d pages and %d chunks need more pointers than the superblock holds: %w", m.metaSM.nbits, chunks, ErrInvalid)
 	}
 	from := m.dataSM.nbits
-	m.dataSM.grow(chunks)
+	if err := m.dataSM.grow(chunks); err != nil {
+		return err
+	}
 	if hold && chunks > from {
 		m.dataSM.holdRun(from, chunks)
 		m.grown = append(m.grown, grownRun{tx: m.tx, from: from, to: chunks})
@@ -655,6 +693,9 @@ type Space struct {
 	// of docs/metadata.md: only their partly used pages, and the pages
 	// with bits held).
 	MapBytes uint64
+	// MapPagedOut is the data map's bitmap pages paged out now, and
+	// MapReads those read back since Open (Options.MapBytes).
+	MapPagedOut, MapReads uint64
 }
 
 // Space reports the current transaction's space use.
@@ -663,7 +704,7 @@ func (m *Meta) Space() Space {
 	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
 		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf()),
-		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes()}
+		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes(), MapPagedOut: uint64(m.dataSM.out), MapReads: m.dataSM.reads}
 }
 
 // CacheStats reports the node cache.

@@ -160,6 +160,10 @@ type keySpace struct {
 	branches uint32
 	chunks   uint64
 	epochs   uint32
+	// spread: crashStep takes half its data chunks at random below
+	// spread (MarkData), not in order, so that they fall on every page of
+	// a data map of several pages (0: in order only).
+	spread uint64
 }
 
 func (s keySpace) random(rng *rand.Rand) Key {

@@ -253,7 +253,7 @@ func TestHeldPages(t *testing.T) {
 	require.Nil(t, s.held[1])
 	require.NotNil(t, s.held[2])
 	require.EqualValues(t, 2, s.nheld)
-	i, ok := s.alloc()
+	i, ok := alloc(t, s)
 	require.True(t, ok)
 	require.EqualValues(t, 1, i, "a held bit is not allocated")
 	s.unhold(0)
@@ -306,8 +306,8 @@ func TestSpaceMapSharedPages(t *testing.T) {
 		require.Equal(t, owned, s.owned, "step %d", step)
 		require.EqualValues(t, owned*PageSize-owned*headerSize, s.memBytes(), "step %d", step)
 		for i := range uint64(nbits) {
-			if s.isSet(i) != model[i] {
-				t.Fatalf("step %d: bit %d is %v, want %v", step, i, s.isSet(i), model[i])
+			if got := isSet(t, s, i); got != model[i] {
+				t.Fatalf("step %d: bit %d is %v, want %v", step, i, got, model[i])
 			}
 		}
 	}
@@ -315,7 +315,7 @@ func TestSpaceMapSharedPages(t *testing.T) {
 		switch step % 4 {
 		case 0: // fill by alloc: next-fit passes over the full pages
 			for range rng.IntN(nbits) {
-				i, ok := s.alloc()
+				i, ok := alloc(t, s)
 				if !ok {
 					require.Zero(t, s.free(), "step %d: alloc failed with bits free", step)
 					break
@@ -391,10 +391,10 @@ func TestAllocPastFullPage(t *testing.T) {
 		if free < bitsPerPage {
 			s.cursor = wordsPerPage + 3 // in the full page 1: wraps to page 0
 		}
-		i, ok := s.alloc()
+		i, ok := alloc(t, s)
 		require.True(t, ok, "free bit %d", free)
 		require.Equal(t, free, i)
-		_, ok = s.alloc()
+		_, ok = alloc(t, s)
 		require.False(t, ok)
 	}
 }
@@ -426,4 +426,20 @@ func TestCheckMapsPastFirstPage(t *testing.T) {
 	err = m.Check()
 	require.ErrorContains(t, err, fmt.Sprintf("data chunk %d is in use but marked free", used))
 	require.NotContains(t, err.Error(), fmt.Sprintf("data chunk %d ", leak))
+}
+
+// isSet is spaceMap.isSet for a test: a read error fails it.
+func isSet(t testing.TB, s *spaceMap, i uint64) bool {
+	t.Helper()
+	v, err := s.isSet(i)
+	require.NoError(t, err)
+	return v
+}
+
+// alloc is spaceMap.alloc for a test: a read error fails it.
+func alloc(t testing.TB, s *spaceMap) (uint64, bool) {
+	t.Helper()
+	i, ok, err := s.alloc()
+	require.NoError(t, err)
+	return i, ok
 }

@@ -1,8 +1,11 @@
 package meta
 
-// Space maps: one allocation bit per metadata page or data chunk, held
-// whole in memory and persisted copy-on-write as bitmap pages listed by
-// index pages, which the superblock lists.
+// Space maps: one allocation bit per metadata page or data chunk,
+// persisted copy-on-write as bitmap pages listed by index pages, which the
+// superblock lists. In memory a map keeps a count of set bits per page,
+// and the bits of its partly used pages up to a limit: past it, a page
+// unchanged since a durable commit wrote it is paged out and read back on
+// use (docs/metadata.md section 32).
 //
 // Bitmap page (typeBitmap), count = 0, level = 0:
 //
@@ -19,6 +22,7 @@ package meta
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math/bits"
 )
 
@@ -56,6 +60,22 @@ type spaceMap struct {
 	dirtyPage  []bool
 	idx        []ptr // index pages
 	dirtyIndex []bool
+
+	// Paging. A page partly used (words of its own), not dirty, and
+	// last written by a durable transaction may be paged out: words[pi]
+	// nil, its bits those of bitmap page pages[pi], which no commit frees
+	// before the page changes again; setN[pi] still counts them. bitsOf
+	// reads it back.
+	fetch   func(pi uint64, raw []byte, p *bitPage) error // nil: never paged out
+	limit   int                                           // pages with words of their own kept (0: no limit)
+	durable uint64                                        // the last durable transaction
+	ref     []bool                                        // used since the clock hand passed
+	hand    int
+	stuck   bool     // the last sweep found nothing to page out: none till durable moves
+	spare   *bitPage // a paged-out page's block, for the next read
+	raw     []byte   // bitsOf's read buffer
+	out     int      // pages paged out
+	reads   uint64   // pages read back
 }
 
 // bitPage is the bits of one bitmap page.
@@ -83,16 +103,23 @@ func idxFor(npages int) int { return (npages + idxPerPage - 1) / idxPerPage }
 
 func newSpaceMap(nbits uint64) *spaceMap {
 	s := &spaceMap{}
-	s.grow(nbits)
+	_ = s.grow(nbits) // an empty map has no page to read back: no error
 	return s
 }
 
 // grow extends the map to nbits; new bits are free and their pages dirty.
-func (s *spaceMap) grow(nbits uint64) {
+// The old last page gains bits, so it is read back if paged out.
+func (s *spaceMap) grow(nbits uint64) error {
 	np := pagesFor(nbits)
+	if n := len(s.words); n > 0 && np > 0 {
+		if _, err := s.bitsOf(uint64(n - 1)); err != nil {
+			return err
+		}
+	}
 	for len(s.words) < np {
 		s.words = append(s.words, emptyBits)
 		s.setN = append(s.setN, 0)
+		s.ref = append(s.ref, false)
 	}
 	s.held = append(s.held, make([]*heldPage, np-len(s.held))...)
 	for len(s.pages) < np {
@@ -107,19 +134,119 @@ func (s *spaceMap) grow(nbits uint64) {
 		s.dirtyIndex = append(s.dirtyIndex, true)
 	}
 	s.nbits = nbits
+	return nil
 }
 
-// word is word w of the allocation bits.
-func (s *spaceMap) word(w uint64) uint64 { return s.words[w/wordsPerPage][w%wordsPerPage] }
+// bitsOf returns page pi's bits, reading them back if the page is paged
+// out (which may page out others).
+func (s *spaceMap) bitsOf(pi uint64) (*bitPage, error) {
+	if p := s.words[pi]; p != nil {
+		s.ref[pi] = true
+		return p, nil
+	}
+	p := s.spare
+	if p == nil {
+		p = new(bitPage)
+	}
+	s.spare = nil
+	if s.raw == nil {
+		s.raw = make([]byte, PageSize)
+	}
+	if err := s.readBack(pi, s.raw, p); err != nil {
+		s.spare = p
+		return nil, err
+	}
+	s.words[pi], s.ref[pi] = p, true
+	s.owned++
+	s.out--
+	s.reads++
+	s.trim(int(pi))
+	return p, nil
+}
 
-func (s *spaceMap) isSet(i uint64) bool { return s.word(i/64)&(1<<(i%64)) != 0 }
+// readBack reads paged-out page pi's bits into p through raw, and checks
+// that they are as many as the page counts.
+func (s *spaceMap) readBack(pi uint64, raw []byte, p *bitPage) error {
+	if s.fetch == nil {
+		return fmt.Errorf("meta: space map page %d is paged out with no way to read it: %w", pi, ErrCorrupt)
+	}
+	if err := s.fetch(pi, raw, p); err != nil {
+		return err
+	}
+	n := 0
+	for _, w := range p {
+		n += bits.OnesCount64(w)
+	}
+	if uint32(n) != s.setN[pi] {
+		return corrupt(s.pages[pi].loc, "bitmap page %d read back with %d bits set, %d when paged out", pi, n, s.setN[pi])
+	}
+	return nil
+}
 
-func (s *spaceMap) touch(i uint64) { s.dirtyPage[i/bitsPerPage] = true }
+// peek is bitsOf for a reader holding Meta.mu shared: a paged-out page is
+// read into buf (through raw) and left paged out.
+func (s *spaceMap) peek(pi uint64, raw []byte, buf *bitPage) (*bitPage, error) {
+	if p := s.words[pi]; p != nil {
+		return p, nil
+	}
+	if err := s.readBack(pi, raw, buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// trim pages out pages, clock order, while more than limit have words of
+// their own, never page keep (-1: none). One sweep (twice round, for the
+// second chances) at most; if it leaves the map over its limit, the pages
+// left are dirty or not yet durable, and trim does nothing more until
+// setDurable.
+func (s *spaceMap) trim(keep int) {
+	if s.limit <= 0 || s.stuck || s.owned <= s.limit {
+		return
+	}
+	n := len(s.words)
+	for steps := 0; s.owned > s.limit && steps < 2*n; steps++ {
+		h := s.hand
+		if s.hand++; s.hand == n {
+			s.hand = 0
+		}
+		p := s.words[h]
+		if p == nil || p == emptyBits || p == fullBits || h == keep || s.dirtyPage[h] ||
+			s.pages[h].tx == 0 || s.pages[h].tx > s.durable {
+			continue
+		}
+		if s.ref[h] {
+			s.ref[h] = false
+			continue
+		}
+		s.words[h], s.spare = nil, p
+		s.owned--
+		s.out++
+	}
+	s.stuck = s.owned > s.limit
+}
+
+// setDurable records that transaction tx is durable: pages it wrote may
+// be paged out now.
+func (s *spaceMap) setDurable(tx uint64) {
+	s.durable, s.stuck = tx, false
+	s.trim(-1)
+}
+
+// isSet reports whether bit i is set.
+func (s *spaceMap) isSet(i uint64) (bool, error) {
+	p, err := s.bitsOf(i / bitsPerPage)
+	if err != nil {
+		return false, err
+	}
+	return p[(i/64)%wordsPerPage]&(1<<(i%64)) != 0, nil
+}
 
 // pageBits is how many bits of the map page pi covers.
 func (s *spaceMap) pageBits(pi uint64) uint64 { return min(bitsPerPage, s.nbits-pi*bitsPerPage) }
 
-// own returns page pi's words to change, copying a shared page first.
+// own returns page pi's words to change, copying a shared page first. The
+// page is not paged out (bitsOf).
 func (s *spaceMap) own(pi uint64) *bitPage {
 	p := s.words[pi]
 	if p == emptyBits || p == fullBits {
@@ -154,57 +281,118 @@ func (s *spaceMap) memBytes() uint64 {
 	return uint64(s.owned)*uint64(len(bitPage{}))*8 + uint64(s.nheldP)*uint64(len(heldPage{}.w))*8
 }
 
-func (s *spaceMap) set(i uint64) {
-	if !s.isSet(i) { // a shared page is copied only for a change
-		pi := i / bitsPerPage
+// set sets bit i (and dirties its page, changed or not).
+func (s *spaceMap) set(i uint64) error {
+	pi := i / bitsPerPage
+	p, err := s.bitsOf(pi)
+	if err != nil {
+		return err
+	}
+	if p[(i/64)%wordsPerPage]&(1<<(i%64)) == 0 { // a shared page is copied only for a change
 		s.own(pi)[(i/64)%wordsPerPage] |= 1 << (i % 64)
 		s.setN[pi]++
 		s.used++
 		s.settle(pi)
 	}
-	s.touch(i)
+	s.dirtyPage[pi] = true
+	return nil
 }
 
-func (s *spaceMap) clear(i uint64) {
-	if s.isSet(i) {
-		pi := i / bitsPerPage
+// clear clears bit i (and dirties its page, changed or not).
+func (s *spaceMap) clear(i uint64) error {
+	pi := i / bitsPerPage
+	p, err := s.bitsOf(pi)
+	if err != nil {
+		return err
+	}
+	if p[(i/64)%wordsPerPage]&(1<<(i%64)) != 0 {
 		s.own(pi)[(i/64)%wordsPerPage] &^= 1 << (i % 64)
 		s.setN[pi]--
 		s.used--
 		s.settle(pi)
 	}
-	s.touch(i)
+	s.dirtyPage[pi] = true
+	return nil
+}
+
+// mustBeSet returns ErrInvalid unless bit i is in the map and set (the
+// data chunk op, such as "free", is in use); then its page is in memory.
+func (s *spaceMap) mustBeSet(i uint64, op string) error {
+	if i >= s.nbits {
+		return fmt.Errorf("meta: %s of data chunk %d, past the map's %d: %w", op, i, s.nbits, ErrInvalid)
+	}
+	set, err := s.isSet(i)
+	if err != nil {
+		return err
+	}
+	if !set {
+		return fmt.Errorf("meta: %s of data chunk %d, not in use: %w", op, i, ErrInvalid)
+	}
+	return nil
+}
+
+// pageFull reports whether page pi has no bit that is neither set nor
+// held (a held bit is never set: it was cleared when freed, or is a
+// grow's new bit).
+func (s *spaceMap) pageFull(pi uint64) bool {
+	n := uint64(s.setN[pi])
+	if h := s.held[pi]; h != nil {
+		n += uint64(h.n)
+	}
+	return n >= s.pageBits(pi)
 }
 
 // free is the number of bits that can be allocated now.
 func (s *spaceMap) free() uint64 { return s.nbits - s.used - s.nheld }
 
-// alloc finds and sets a bit that is neither set nor held, next-fit.
-func (s *spaceMap) alloc() (uint64, bool) {
-	nw := uint64((s.nbits + 63) / 64)
+// alloc finds and sets a bit that is neither set nor held, next-fit from
+// the cursor's word. Pages with no such bit are skipped by their counts,
+// without reading them back.
+func (s *spaceMap) alloc() (uint64, bool, error) {
+	nw := (s.nbits + 63) / 64
 	if nw == 0 || s.free() == 0 {
-		return 0, false
+		return 0, false, nil
 	}
-	for k := uint64(0); k <= nw; k++ {
-		w := (s.cursor + k) % nw
-		if pi := w / wordsPerPage; s.words[pi] == fullBits {
-			// A full page: on to the next page's first word.
-			k += wordsPerPage - 1 - w%wordsPerPage
+	np := uint64(len(s.words))
+	s.cursor %= nw
+	sp := s.cursor / wordsPerPage
+	// The cursor's page from the cursor, every other page, then the
+	// cursor's page again up to the cursor.
+	for k := uint64(0); k <= np; k++ {
+		pi := (sp + k) % np
+		if s.pageFull(pi) {
 			continue
 		}
-		busy := s.word(w) | s.heldWord(w)
-		if w == nw-1 && s.nbits%64 != 0 {
-			busy |= ^uint64(0) << (s.nbits % 64)
+		lo, hi := pi*wordsPerPage, min((pi+1)*wordsPerPage, nw)
+		if k == 0 {
+			lo = s.cursor
+		} else if k == np {
+			hi = s.cursor
 		}
-		if busy == ^uint64(0) {
+		if lo >= hi {
 			continue
 		}
-		i := w*64 + uint64(bits.TrailingZeros64(^busy))
-		s.cursor = w
-		s.set(i)
-		return i, true
+		p, err := s.bitsOf(pi)
+		if err != nil {
+			return 0, false, err
+		}
+		for w := lo; w < hi; w++ {
+			busy := p[w%wordsPerPage] | s.heldWord(w)
+			if w == nw-1 && s.nbits%64 != 0 {
+				busy |= ^uint64(0) << (s.nbits % 64)
+			}
+			if busy == ^uint64(0) {
+				continue
+			}
+			i := w*64 + uint64(bits.TrailingZeros64(^busy))
+			s.cursor = w
+			if err := s.set(i); err != nil {
+				return 0, false, err
+			}
+			return i, true, nil
+		}
 	}
-	return 0, false
+	return 0, false, nil
 }
 
 // heldWord is word w of the held bits.
@@ -282,6 +470,7 @@ func (s *spaceMap) unholdRun(from, to uint64) {
 	s.nheld -= to - from
 }
 
+// encodeBitmap encodes page i, which is dirty, so not paged out.
 func (s *spaceMap) encodeBitmap(p []byte, i int, loc, tx uint64) {
 	for j, v := range s.words[i] {
 		binary.LittleEndian.PutUint64(p[headerSize+8*j:], v)
@@ -347,7 +536,8 @@ func decodeIndex(p []byte, loc, tx uint64, want int, pages uint64) ([]ptr, error
 }
 
 // load sets page i's words to those decoded into p (which it may keep),
-// and counts them.
+// and counts them. The page is durable (Open): it may be paged out at
+// once to keep the map within its limit.
 func (s *spaceMap) load(i int, p *bitPage) {
 	n := uint64(0)
 	for _, w := range p {
@@ -359,4 +549,5 @@ func (s *spaceMap) load(i int, p *bitPage) {
 	}
 	s.words[i], s.setN[i] = p, uint32(n)
 	s.settle(uint64(i))
+	s.trim(i)
 }

@@ -43,15 +43,15 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 		return nil, ErrReadOnly
 	}
 	for i, loc := range inflight {
-		if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
+		if err := m.dataSM.mustBeSet(loc, "freeze in flight"); err != nil {
 			for _, l := range inflight[:i] {
-				m.dataSM.set(l)
+				m.dataSM.set(l) // cleared just now, so in memory: no error
 			}
 			m.mu.Unlock()
 			m.commitMu.Unlock()
-			return nil, fmt.Errorf("meta: freeze: in-flight data chunk %d is not allocated: %w", loc, ErrInvalid)
+			return nil, fmt.Errorf("meta: freeze: %w", err)
 		}
-		m.dataSM.clear(loc)
+		m.dataSM.clear(loc) // read back by mustBeSet: no error
 	}
 	if user != m.user {
 		m.user = user
@@ -65,6 +65,8 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 	// one marks its transaction. (Marked, a store whose allocator always
 	// holds some in flight wrote a tree commit at every capture.)
 	for _, loc := range inflight {
+		// Their pages are the frozen transaction's, not durable yet, so
+		// still in memory: no error.
 		m.dataSM.set(loc)
 	}
 	queued := m.wbQueued
@@ -148,10 +150,15 @@ func (m *Meta) MarkData(loc uint64) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	if loc >= m.dataSM.nbits || m.dataSM.isSet(loc) || m.dataSM.isHeld(loc) {
+	if loc >= m.dataSM.nbits || m.dataSM.isHeld(loc) {
 		return fmt.Errorf("meta: claim of data chunk %d, out of range or in use: %w", loc, ErrInvalid)
 	}
-	m.dataSM.set(loc)
+	if set, err := m.dataSM.isSet(loc); err != nil {
+		return err
+	} else if set {
+		return fmt.Errorf("meta: claim of data chunk %d, out of range or in use: %w", loc, ErrInvalid)
+	}
+	m.dataSM.set(loc) // read back by isSet: no error
 	m.changed = true
 	return nil
 }
@@ -226,7 +233,13 @@ func (m *Meta) AllocDataBatch(dst []uint64, want int) ([]uint64, error) {
 	}
 	sm := m.dataSM
 	for n := 0; n < want; n++ {
-		loc, ok := sm.alloc()
+		loc, ok, err := sm.alloc()
+		if err != nil {
+			if n == 0 {
+				return dst, err
+			}
+			break // what it has; the next call meets the error
+		}
 		if !ok {
 			if n == 0 {
 				return dst, fmt.Errorf("meta: data space full (%d chunks): %w", sm.nbits, ErrNoSpace)
@@ -248,10 +261,10 @@ func (m *Meta) ReturnData(loc uint64) error {
 	if err := m.usable(); err != nil {
 		return err
 	}
-	if loc >= m.dataSM.nbits || !m.dataSM.isSet(loc) {
-		return fmt.Errorf("meta: return of data chunk %d, not in use: %w", loc, ErrInvalid)
+	if err := m.dataSM.mustBeSet(loc, "return"); err != nil {
+		return err
 	}
-	m.dataSM.clear(loc)
+	m.dataSM.clear(loc) // read back by mustBeSet: no error
 	m.changed = true
 	return nil
 }
@@ -267,14 +280,23 @@ func (m *Meta) DataHeld() uint64 {
 // DataInUse calls fn, under the layer's lock (fn must not call the
 // Meta), for every data chunk allocated in the open transaction, in
 // order, until fn returns false. The chunks the region grew into
-// (GrowFromData) are not data: they are left out.
-func (m *Meta) DataInUse(fn func(loc uint64) bool) {
+// (GrowFromData) are not data: they are left out. Paged-out pages of the
+// map are read, and left paged out; an error is a failed read.
+func (m *Meta) DataInUse(fn func(loc uint64) bool) error {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	ext := m.extentsOf()
 	sm := m.dataSM
-	for w := range uint64((sm.nbits + 63) / 64) {
-		word := sm.word(w)
+	raw, buf := make([]byte, PageSize), new(bitPage)
+	var p *bitPage
+	for w := range (sm.nbits + 63) / 64 {
+		if w%wordsPerPage == 0 {
+			var err error
+			if p, err = sm.peek(w/wordsPerPage, raw, buf); err != nil {
+				return err
+			}
+		}
+		word := p[w%wordsPerPage]
 		for word != 0 {
 			b := uint64(bits.TrailingZeros64(word))
 			word &^= 1 << b
@@ -283,10 +305,11 @@ func (m *Meta) DataInUse(fn func(loc uint64) bool) {
 				continue
 			}
 			if !fn(loc) {
-				return
+				return nil
 			}
 		}
 	}
+	return nil
 }
 
 func inExtent(ext []extent, loc uint64) bool {

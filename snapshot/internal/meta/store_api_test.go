@@ -71,7 +71,7 @@ func TestFreezeWrite(t *testing.T) {
 	m.ReleaseFrees()
 	require.Zero(t, m.DataHeld())
 	var inUse []uint64
-	m.DataInUse(func(loc uint64) bool { inUse = append(inUse, loc); return true })
+	require.NoError(t, m.DataInUse(func(loc uint64) bool { inUse = append(inUse, loc); return true }))
 	require.Equal(t, []uint64{start + 1, start + 2}, inUse)
 
 	require.ErrorIs(t, m.Room(1<<20, false), ErrNoSpace)

@@ -1,0 +1,469 @@
+package meta
+
+import (
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
+)
+
+// pagedMap is a space map that pages out to an in-memory "disk": a commit
+// encodes its dirty pages there, and fetch reads them back, failing while
+// fail is set and flipping a bit of the next read when flip is.
+type pagedMap struct {
+	s     *spaceMap
+	disk  map[uint64][]byte // by location
+	tx    uint64
+	next  uint64 // next location
+	fail  bool
+	flip  bool
+	reads int
+	// pending is what freeze encoded and write has not put on the disk
+	// yet (a commit whose writes are in flight).
+	pending map[uint64][]byte
+}
+
+var errFetch = errors.New("fetch failed")
+
+func newPagedMap(nbits uint64, limit int) *pagedMap {
+	pm := &pagedMap{s: newSpaceMap(nbits), disk: map[uint64][]byte{}, tx: 1, next: 2}
+	pm.s.limit = limit
+	pm.s.fetch = func(pi uint64, raw []byte, p *bitPage) error {
+		pm.reads++
+		if pm.fail {
+			return errFetch
+		}
+		bp := pm.s.pages[pi]
+		copy(raw, pm.disk[bp.loc])
+		if pm.flip {
+			pm.flip = false
+			raw[headerSize+17] ^= 4
+		}
+		return decodeBitmap(raw, bp.loc, bp.tx, int(pi), pm.s.nbits, p)
+	}
+	return pm
+}
+
+// freeze encodes the dirty pages, copy-on-write (each at a new location),
+// for write to put on the disk, and starts the next transaction.
+func (pm *pagedMap) freeze() {
+	s := pm.s
+	pm.pending = map[uint64][]byte{}
+	for pi, d := range s.dirtyPage {
+		if !d {
+			continue
+		}
+		buf := make([]byte, PageSize)
+		s.encodeBitmap(buf, pi, pm.next, pm.tx)
+		pm.pending[pm.next] = buf
+		s.pages[pi] = ptr{loc: pm.next, tx: pm.tx}
+		pm.next++
+	}
+	clear(s.dirtyPage)
+	pm.tx++
+}
+
+// write puts what freeze encoded on the disk and makes its transaction
+// durable.
+func (pm *pagedMap) write() {
+	for loc, buf := range pm.pending {
+		pm.disk[loc] = buf
+	}
+	pm.pending = nil
+	pm.s.setDurable(pm.tx - 1)
+}
+
+func (pm *pagedMap) commit() {
+	pm.freeze()
+	pm.write()
+}
+
+// TestSpaceMapPaging drives a map of five and a half pages, kept to one or
+// two pages of its own, with allocs, sets, clears, holds, runs from the
+// top and commits, against a model of plain bits. After each commit the
+// map is within its limit; pages are paged out and read back; a read
+// (peek, isSet) gives the model's bits; a read back that fails, or that
+// finds a bit flipped, returns its error and changes nothing.
+func TestSpaceMapPaging(t *testing.T) {
+	const nbits = 5*bitsPerPage + bitsPerPage/2
+	for _, limit := range []int{1, 2} {
+		rng := rand.New(rand.NewPCG(uint64(limit), 7))
+		pm := newPagedMap(nbits, limit)
+		s, model, held := pm.s, make([]bool, nbits), map[uint64]bool{}
+		verify := func(step int) {
+			t.Helper()
+			raw, buf := make([]byte, PageSize), new(bitPage)
+			used := uint64(0)
+			for pi := range s.words {
+				p, err := s.peek(uint64(pi), raw, buf)
+				require.NoError(t, err)
+				n := uint32(0)
+				for i := uint64(pi) * bitsPerPage; i < min(nbits, uint64(pi+1)*bitsPerPage); i++ {
+					got := p[(i/64)%wordsPerPage]&(1<<(i%64)) != 0
+					if got != model[i] {
+						t.Fatalf("limit %d step %d: bit %d is %v, want %v", limit, step, i, got, model[i])
+					}
+					if got {
+						n++
+					}
+				}
+				require.Equal(t, n, s.setN[pi], "limit %d step %d page %d", limit, step, pi)
+				used += uint64(n)
+			}
+			require.Equal(t, used, s.used)
+			require.EqualValues(t, len(held), s.nheld)
+			owned, out := 0, 0
+			for _, p := range s.words {
+				switch p {
+				case nil:
+					out++
+				case emptyBits, fullBits:
+				default:
+					owned++
+				}
+			}
+			require.Equal(t, owned, s.owned, "limit %d step %d", limit, step)
+			require.Equal(t, out, s.out, "limit %d step %d", limit, step)
+		}
+		for step := range 300 {
+			switch rng.IntN(6) {
+			case 0: // alloc a few
+				for range rng.IntN(3000) {
+					i, ok := alloc(t, s)
+					if !ok {
+						require.Zero(t, s.free())
+						break
+					}
+					require.False(t, model[i] || held[i], "limit %d step %d: alloc gave bit %d, in use or held", limit, step, i)
+					model[i] = true
+				}
+			case 1: // free some: clear and hold
+				for range rng.IntN(200) {
+					i := rng.Uint64N(nbits)
+					if model[i] {
+						require.NoError(t, s.clear(i))
+						s.hold(i)
+						model[i], held[i] = false, true
+					}
+				}
+			case 2: // release what is held
+				for i := range held {
+					s.unhold(i)
+					delete(held, i)
+				}
+			case 3: // scattered flips
+				for range 300 {
+					i := rng.Uint64N(nbits)
+					if held[i] {
+						continue
+					}
+					if model[i] {
+						require.NoError(t, s.clear(i))
+					} else {
+						require.NoError(t, s.set(i))
+					}
+					model[i] = !model[i]
+				}
+			case 4: // a run from the top, as GrowFromData takes
+				n := 1 + rng.Uint64N(100)
+				first, ok, err := s.freeRunFromTop(n)
+				require.NoError(t, err)
+				want, wantOK := uint64(0), false
+				for c, run := uint64(nbits), uint64(0); c > 0; c-- {
+					if model[c-1] || held[c-1] {
+						run = 0
+					} else if run++; run == n {
+						want, wantOK = c-1, true
+						break
+					}
+				}
+				require.Equal(t, wantOK, ok, "limit %d step %d: run of %d", limit, step, n)
+				require.Equal(t, want, first, "limit %d step %d: run of %d", limit, step, n)
+			case 5: // isSet of random bits
+				for range 50 {
+					i := rng.Uint64N(nbits)
+					require.Equal(t, model[i], isSet(t, s, i))
+				}
+			}
+			switch {
+			case pm.pending != nil: // a commit's writes done, after the step's changes
+				pm.write()
+			case rng.IntN(3) == 0:
+				pm.commit()
+				require.LessOrEqual(t, s.owned, limit, "limit %d step %d: over the limit after a commit", limit, step)
+			case rng.IntN(3) == 0:
+				pm.freeze() // the next step's changes come before its writes
+			}
+			verify(step)
+		}
+		require.Positive(t, pm.reads, "limit %d: nothing was read back", limit)
+		require.Positive(t, s.reads, "limit %d", limit)
+
+		// A read back that fails, then one with a bit flipped: each an
+		// error, nothing changed.
+		if pm.pending != nil {
+			pm.write()
+		}
+		pm.commit()
+		pi := -1
+		for i, p := range s.words {
+			if p == nil {
+				pi = i
+				break
+			}
+		}
+		require.GreaterOrEqual(t, pi, 0, "limit %d: no page paged out", limit)
+		i := uint64(pi)*bitsPerPage + 5
+		free, used := s.free(), s.used
+		pm.fail = true
+		_, err := s.isSet(i)
+		require.ErrorIs(t, err, errFetch)
+		require.ErrorIs(t, s.set(i), errFetch)
+		require.ErrorIs(t, s.clear(i), errFetch)
+		pm.fail = false
+		pm.flip = true
+		_, err = s.isSet(i)
+		require.ErrorIs(t, err, ErrCorrupt)
+		require.Nil(t, s.words[pi], "a failed read back leaves the page paged out")
+		require.Equal(t, free, s.free())
+		require.Equal(t, used, s.used)
+		require.False(t, s.dirtyPage[pi])
+		verify(-1)
+		require.Equal(t, model[i], isSet(t, s, i), "read back once the device works again")
+	}
+}
+
+// TestAllocSkipsPagedOutFullPage: a page whose bits are all set or held is
+// passed over by its counts, not read back; alloc finds the free bit in
+// the next page.
+func TestAllocSkipsPagedOutFullPage(t *testing.T) {
+	pm := newPagedMap(3*bitsPerPage, 1)
+	s := pm.s
+	for i := range uint64(2*bitsPerPage + 10) {
+		require.NoError(t, s.set(i))
+	}
+	// Page 0: one bit held, the rest set; page 1 all set; page 2 from bit
+	// 10 free.
+	require.NoError(t, s.clear(3))
+	s.hold(3)
+	pm.commit()
+	require.NoError(t, s.set(2*bitsPerPage+10)) // page 2 dirty, in memory
+	pm.commit()
+	require.Nil(t, s.words[0], "page 0 is paged out")
+	s.cursor = 0
+	reads := pm.reads
+	i, ok := alloc(t, s)
+	require.True(t, ok)
+	require.EqualValues(t, 2*bitsPerPage+11, i)
+	require.Equal(t, reads, pm.reads, "page 0 was read back")
+}
+
+// TestDataMapPagedOut: a store whose data chunks are every one partly
+// used, by page, with a data map limited to one page of memory. Through
+// commits, a reopen and a failed read back, the map stays within its
+// limit after each commit, allocates exactly the free chunks, and Check
+// agrees with it; a read error is returned and changes nothing.
+func TestDataMapPagedOut(t *testing.T) {
+	const chunks = 6*bitsPerPage + 100
+	mem, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	dev := blockdevtest.NewFaulty(mem)
+	page := uint64(len(bitPage{}) * 8)
+	// MapBytes counts the metadata map too: one page, partly used.
+	limit := 2 * page
+	opts := Options{DataChunks: chunks, MapBytes: int(page), SyncWriteBack: true}
+	m, err := Format(dev, opts)
+	require.NoError(t, err)
+	// Fill: chunk i for key i.
+	locOf := make(map[uint64]uint64)
+	for c := range uint64(chunks) {
+		loc, err := m.PutData(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+		locOf[c] = loc
+	}
+	require.NoError(t, m.Commit())
+	// Free every third: each page partly used.
+	free := map[uint64]bool{}
+	for c := uint64(0); c < chunks; c += 3 {
+		loc, err := m.Delete(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+		require.NoError(t, m.FreeData(loc))
+		free[loc] = true
+		delete(locOf, c)
+	}
+	require.NoError(t, m.Commit())
+	m.ReleaseFrees()
+	sp := m.Space()
+	require.LessOrEqual(t, sp.MapBytes, limit, "the data map past its limit after a commit")
+	require.GreaterOrEqual(t, sp.MapPagedOut, uint64(5))
+	require.NoError(t, m.Check())
+	require.NoError(t, m.Close())
+
+	// Reopen: the map is read and paged out as it is read.
+	m, err = Open(dev, opts)
+	require.NoError(t, err)
+	sp = m.Space()
+	require.LessOrEqual(t, sp.MapBytes, limit, "the data map past its limit after Open")
+	require.EqualValues(t, chunks-len(free), sp.ChunksUsed)
+
+	// A read back that fails: the error, nothing taken.
+	injected := errors.New("injected read error")
+	dev.FailNth(blockdevtest.OpRead, dev.Count(blockdevtest.OpRead)+1, injected)
+	var got []uint64
+	for {
+		got, err = m.AllocDataBatch(got[:0], 512)
+		if err != nil {
+			break
+		}
+		for _, loc := range got {
+			require.True(t, free[loc], "chunk %d allocated, not free", loc)
+			delete(free, loc)
+			require.NoError(t, m.ReturnData(loc)) // back, free at once
+			free[loc] = true
+		}
+		require.Positive(t, len(got))
+		if m.Space().MapReads > 3 {
+			t.Fatal("the injected read error was never met")
+		}
+	}
+	require.ErrorIs(t, err, injected)
+	dev.Clear()
+	require.EqualValues(t, chunks-len(free), m.Space().ChunksUsed)
+
+	// Take every free chunk, in keys past the others.
+	for c := uint64(chunks); len(free) > 0; c++ {
+		loc, err := m.PutData(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+		require.True(t, free[loc], "chunk %d allocated, not free", loc)
+		delete(free, loc)
+		locOf[c] = loc
+	}
+	_, err = m.PutData(Key{B: 2, C: 0, E: 1})
+	require.ErrorIs(t, err, ErrNoSpace)
+	require.NoError(t, m.Commit())
+	require.LessOrEqual(t, m.Space().MapBytes, limit)
+	require.Positive(t, m.Space().MapReads)
+	require.NoError(t, m.Check())
+	require.NoError(t, m.Close())
+
+	// Every key reads its chunk, from a map read whole.
+	m, err = Open(dev, Options{ReadOnly: true, MapBytes: 1 << 20})
+	require.NoError(t, err)
+	defer m.Close()
+	require.Zero(t, m.Space().MapPagedOut)
+	require.EqualValues(t, chunks, m.Space().ChunksUsed)
+	for c, loc := range locOf {
+		l, ok, err := m.Get(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, loc, l)
+	}
+	require.NoError(t, m.Check())
+}
+
+// TestPagedMapConcurrent: writers that take data chunks in order
+// (PutData) and at random (MarkData), and delete and free them, beside a
+// committer and readers of DataInUse and Space, on a data map of four
+// pages kept to one block, with background write-back. Then Check passes
+// and every writer's keys read back.
+func TestPagedMapConcurrent(t *testing.T) {
+	const chunks = 4 * bitsPerPage
+	dev, err := blockdev.NewMem(2048*PageSize, 4096)
+	require.NoError(t, err)
+	m, err := Format(dev, Options{DataChunks: chunks, MapBytes: 1, CacheBytes: 64 << 10})
+	require.NoError(t, err)
+	defer m.Close()
+	seed := blockdevtest.Seed(t)
+	steps := 3000
+	if testing.Short() {
+		steps = 1000
+	}
+	var g errgroup.Group
+	stop := make(chan struct{})
+	models := make([]map[Key]uint64, 3)
+	for w := range models {
+		models[w] = map[Key]uint64{}
+		g.Go(func() error {
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
+			md := models[w]
+			for i := range steps {
+				k := Key{B: uint32(w + 1), C: rng.Uint64N(2000), E: 1}
+				if loc, ok := md[k]; ok {
+					if _, err := m.Delete(k); err != nil {
+						return err
+					}
+					if err := m.FreeData(loc); err != nil {
+						return err
+					}
+					delete(md, k)
+					continue
+				}
+				if i%2 == 0 {
+					loc, err := m.PutData(k)
+					if err != nil {
+						return err
+					}
+					md[k] = loc
+					continue
+				}
+				loc := rng.Uint64N(chunks)
+				if err := m.MarkData(loc); errors.Is(err, ErrInvalid) {
+					continue // in use or held
+				} else if err != nil {
+					return err
+				}
+				if err := m.Put(k, loc); err != nil {
+					return err
+				}
+				md[k] = loc
+			}
+			return nil
+		})
+	}
+	var bg errgroup.Group
+	bg.Go(func() error {
+		for {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			if err := m.Commit(); err != nil {
+				return err
+			}
+		}
+	})
+	bg.Go(func() error {
+		for {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			n := 0
+			if err := m.DataInUse(func(uint64) bool { n++; return true }); err != nil {
+				return err
+			}
+			_ = m.Space()
+		}
+	})
+	require.NoError(t, g.Wait())
+	close(stop)
+	require.NoError(t, bg.Wait())
+	require.NoError(t, m.Commit())
+	require.Positive(t, m.Space().MapReads)
+	require.NoError(t, m.Check())
+	for _, md := range models {
+		for k, loc := range md {
+			l, ok, err := m.Get(k)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.Equal(t, loc, l)
+		}
+	}
+}
