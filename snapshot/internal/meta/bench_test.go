@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
 )
@@ -157,5 +158,80 @@ func BenchmarkCommitFile(b *testing.B) {
 		if err := m.Commit(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkFragmentedDataMap: a data map of 1024 bitmap pages (33M
+// chunks, 4 MiB of bits) with every other chunk in use, so every page is
+// partly used, opened with the whole map in memory and with a limit of 64
+// pages (256 KiB). Each op frees a random chunk in use and allocates one;
+// a commit every 256 ops. It reports the map's memory after Open and its
+// peak over the ops, the pages read back per op, and Open's time.
+func BenchmarkFragmentedDataMap(b *testing.B) {
+	const npages = 1024
+	const chunks = npages * bitsPerPage
+	dev, err := blockdev.NewMem(8192*PageSize, 4096)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := Format(dev, Options{DataChunks: chunks, SyncWriteBack: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := uint64(0); i < chunks; i += 2 {
+		if err := m.MarkData(i); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := m.Commit(); err != nil {
+		b.Fatal(err)
+	}
+	if err := m.Close(); err != nil {
+		b.Fatal(err)
+	}
+	img := dev.Clone() // each case starts from the same map
+	for _, c := range []struct {
+		name  string
+		bytes int
+	}{{"limit=whole", 8 << 20}, {"limit=256KiB", 256 << 10}} {
+		b.Run(c.name, func(b *testing.B) {
+			dev := img.Clone()
+			t0 := time.Now()
+			m, err := Open(dev, Options{MapBytes: c.bytes, SyncWriteBack: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			open := time.Since(t0)
+			defer m.Close()
+			opened := m.Space().MapBytes
+			peak, reads0 := opened, m.Space().MapReads
+			rng := rand.New(rand.NewPCG(1, 3))
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				loc := 2 * rng.Uint64N(chunks/2)
+				for {
+					if err := m.FreeData(loc); err == nil {
+						break
+					} else if !errors.Is(err, ErrInvalid) {
+						b.Fatal(err)
+					}
+					loc = (loc + 1) % chunks // freed already: the next
+				}
+				if _, err := m.AllocData(); err != nil {
+					b.Fatal(err)
+				}
+				if i%256 == 255 {
+					peak = max(peak, m.Space().MapBytes)
+					if err := m.Commit(); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			sp := m.Space()
+			b.ReportMetric(float64(opened)/(1<<20), "open-map-MiB")
+			b.ReportMetric(float64(max(peak, sp.MapBytes))/(1<<20), "peak-map-MiB")
+			b.ReportMetric(float64(sp.MapReads-reads0)/float64(b.N), "reads/op")
+			b.ReportMetric(float64(open.Microseconds())/1000, "open-ms")
+		})
 	}
 }

@@ -89,7 +89,8 @@ func TestCrashEveryCall(t *testing.T) {
 // TestCrashEveryCallPagedMap is TestCrashEveryCall with a data map of
 // four pages kept to one page of memory, its chunks taken all over it:
 // bitmap pages are paged out and read back all the time, between the
-// commits and during them.
+// commits and during them, and changed ones are written out to pages of
+// the open transaction (power cuts at those writes too).
 func TestCrashEveryCallPagedMap(t *testing.T) {
 	crashEveryCall(t, Options{DataChunks: 4 * bitsPerPage, MapBytes: 1},
 		keySpace{branches: 2, chunks: 600, epochs: 4, spread: 4 * bitsPerPage})
@@ -124,9 +125,11 @@ func crashEveryCall(t *testing.T, opts Options, space keySpace) {
 		s := seed + round
 		dry, _, _ := run(s, blockdevtest.OpAny, 0, blockdevtest.Policy{})
 		if round == 0 {
-			t.Logf("one round: %d writes, %d flushes; %d bitmap pages read back", dry.Calls(blockdevtest.OpWrite), dry.Calls(blockdevtest.OpFlush), last.Space().MapReads)
+			sp := last.Space()
+			t.Logf("one round: %d writes, %d flushes; %d bitmap pages read back, %d written out", dry.Calls(blockdevtest.OpWrite), dry.Calls(blockdevtest.OpFlush), sp.MapReads, sp.MapWrites)
 			if opts.MapBytes > 0 {
-				require.Positive(t, last.Space().MapReads, "no bitmap page was read back")
+				require.Positive(t, sp.MapReads, "no bitmap page was read back")
+				require.Positive(t, sp.MapWrites, "no dirty bitmap page was written out")
 			}
 		}
 		// flushes first: they are few, and each ends a commit's phase

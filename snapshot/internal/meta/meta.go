@@ -26,10 +26,9 @@ type Options struct {
 	CacheBytes int
 	// MapBytes bounds the memory of the data space map's partly used
 	// bitmap pages (0: CacheBytes/8; at least one page): past it, pages
-	// that a durable commit wrote and nothing changed since are paged out
-	// and read back on use. The pages the open transaction changed stay
-	// until a commit makes them durable. Pages all clear or all set cost
-	// nothing either way.
+	// are paged out and read back on use; a page the open transaction
+	// changed is written to its page of that transaction first. Pages all
+	// clear or all set cost nothing either way.
 	MapBytes int
 	// ReadOnly opens without ever writing the device.
 	ReadOnly bool
@@ -393,6 +392,30 @@ func (m *Meta) pageOut(s *spaceMap) {
 		}
 		return decodeBitmap(raw, bp.loc, bp.tx, int(pi), s.nbits, p)
 	}
+	if m.opts.ReadOnly || m.overlay {
+		return // never written: dirty pages stay in memory
+	}
+	// store writes dirty page pi to its page of the open transaction,
+	// shadowing it first if it has none (once per transaction, as
+	// shadowMaps would at the commit, which then leaves it alone unless it
+	// changes again). No durable superblock reaches that page, so a crash
+	// after the write loses nothing; the commit's first flush covers it.
+	s.store = func(pi uint64, raw []byte) error {
+		if s.pages[pi].tx != m.tx {
+			loc, err := m.allocPage()
+			if err != nil {
+				return err
+			}
+			if !s.pages[pi].isNil() {
+				m.freePage(s.pages[pi].loc)
+			}
+			s.pages[pi] = ptr{loc: loc, tx: m.tx}
+			s.dirtyIndex[int(pi)/idxPerPage] = true
+			m.changed = true
+		}
+		s.encodeBitmap(raw, int(pi), s.pages[pi].loc, m.tx)
+		return m.writePage(raw, s.pages[pi].loc)
+	}
 }
 
 // loadMap reads a space map of nbits through its index pages; the data
@@ -693,9 +716,10 @@ type Space struct {
 	// of docs/metadata.md: only their partly used pages, and the pages
 	// with bits held).
 	MapBytes uint64
-	// MapPagedOut is the data map's bitmap pages paged out now, and
-	// MapReads those read back since Open (Options.MapBytes).
-	MapPagedOut, MapReads uint64
+	// MapPagedOut is the data map's bitmap pages paged out now; MapReads
+	// those read back since Open, and MapWrites the dirty ones written to
+	// be paged out (Options.MapBytes).
+	MapPagedOut, MapReads, MapWrites uint64
 }
 
 // Space reports the current transaction's space use.
@@ -704,7 +728,7 @@ func (m *Meta) Space() Space {
 	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
 		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf()),
-		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes(), MapPagedOut: uint64(m.dataSM.out), MapReads: m.dataSM.reads}
+		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes(), MapPagedOut: uint64(m.dataSM.out), MapReads: m.dataSM.reads, MapWrites: m.dataSM.writes}
 }
 
 // CacheStats reports the node cache.

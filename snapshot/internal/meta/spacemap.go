@@ -24,6 +24,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/bits"
+	"slices"
 )
 
 const (
@@ -50,32 +51,38 @@ type spaceMap struct {
 	// few but for a while (the frees of the last transactions, a grow's new
 	// range), so a page's words exist only while it has some: the map costs
 	// one bit per chunk, not two.
-	held   []*heldPage
-	nheldP int    // pages with held bits
-	used   uint64 // set bits in words
-	nheld  uint64
-	cursor uint64 // next-fit start word
+	held    []*heldPage
+	nheldP  int    // pages with held bits
+	heldMem uint64 // their memory
+	used    uint64 // set bits in words
+	nheld   uint64
+	cursor  uint64 // next-fit start word
 
 	pages      []ptr // bitmap pages; zero ptr: never written
 	dirtyPage  []bool
 	idx        []ptr // index pages
 	dirtyIndex []bool
 
-	// Paging. A page partly used (words of its own), not dirty, and
-	// last written by a durable transaction may be paged out: words[pi]
-	// nil, its bits those of bitmap page pages[pi], which no commit frees
-	// before the page changes again; setN[pi] still counts them. bitsOf
-	// reads it back.
+	// Paging. A page partly used (words of its own) whose bits are those
+	// of its bitmap page on disk (not dirty, and written: by a durable
+	// transaction, or by store) may be paged out: words[pi] nil, its bits
+	// those of bitmap page pages[pi], which no commit frees before the page
+	// changes again; setN[pi] still counts them. bitsOf reads it back. A
+	// dirty page is written first (store), to a page of the open
+	// transaction, as the node cache writes dirty nodes back.
 	fetch   func(pi uint64, raw []byte, p *bitPage) error // nil: never paged out
+	store   func(pi uint64, raw []byte) error             // nil: dirty pages stay
 	limit   int                                           // pages with words of their own kept (0: no limit)
 	durable uint64                                        // the last durable transaction
+	wrote   []bool                                        // written by store since last dirtied
 	ref     []bool                                        // used since the clock hand passed
 	hand    int
-	stuck   bool     // the last sweep found nothing to page out: none till durable moves
+	stuck   bool     // the last sweeps found nothing to page out: none till durable moves
 	spare   *bitPage // a paged-out page's block, for the next read
 	raw     []byte   // bitsOf's read buffer
 	out     int      // pages paged out
 	reads   uint64   // pages read back
+	writes  uint64   // dirty pages written by store
 }
 
 // bitPage is the bits of one bitmap page.
@@ -91,10 +98,77 @@ var emptyBits, fullBits = new(bitPage), func() *bitPage {
 	return p
 }()
 
-// heldPage is the held bits of one bitmap page's range.
+// heldPage is the held bits of one bitmap page's range: sparse, the words
+// that have some (frees at random hold one bit in a word here and there),
+// until they are more than heldSparse, then a block of all the page's
+// words.
 type heldPage struct {
-	w [wordsPerPage]uint64
-	n uint32 // bits set in w
+	w    *[wordsPerPage]uint64 // nil while sparse
+	idx  []uint16              // sparse: the words with held bits, in order
+	bits []uint64              // and those bits
+	n    uint32                // bits set
+}
+
+// heldSparse is the most words a held page keeps sparse (10 bytes each).
+const heldSparse = 256
+
+// cost is the memory of h.
+func (h *heldPage) cost() uint64 {
+	c := uint64(64) // the struct and its pointer
+	if h.w != nil {
+		c += uint64(len(h.w)) * 8
+	}
+	return c + uint64(cap(h.idx))*2 + uint64(cap(h.bits))*8
+}
+
+// word is word j of the page's held bits.
+func (h *heldPage) word(j uint16) uint64 {
+	if h.w != nil {
+		return h.w[j]
+	}
+	if k, ok := slices.BinarySearch(h.idx, j); ok {
+		return h.bits[k]
+	}
+	return 0
+}
+
+// set sets mask in word j.
+func (h *heldPage) set(j uint16, mask uint64) {
+	if h.w != nil {
+		h.n += uint32(bits.OnesCount64(mask &^ h.w[j]))
+		h.w[j] |= mask
+		return
+	}
+	k, ok := slices.BinarySearch(h.idx, j)
+	if ok {
+		h.n += uint32(bits.OnesCount64(mask &^ h.bits[k]))
+		h.bits[k] |= mask
+		return
+	}
+	h.n += uint32(bits.OnesCount64(mask))
+	h.idx, h.bits = slices.Insert(h.idx, k, j), slices.Insert(h.bits, k, mask)
+	if len(h.idx) > heldSparse {
+		h.w = new([wordsPerPage]uint64)
+		for k, j := range h.idx {
+			h.w[j] = h.bits[k]
+		}
+		h.idx, h.bits = nil, nil
+	}
+}
+
+// clear clears mask in word j.
+func (h *heldPage) clear(j uint16, mask uint64) {
+	if h.w != nil {
+		h.n -= uint32(bits.OnesCount64(mask & h.w[j]))
+		h.w[j] &^= mask
+		return
+	}
+	if k, ok := slices.BinarySearch(h.idx, j); ok {
+		h.n -= uint32(bits.OnesCount64(mask & h.bits[k]))
+		if h.bits[k] &^= mask; h.bits[k] == 0 {
+			h.idx, h.bits = slices.Delete(h.idx, k, k+1), slices.Delete(h.bits, k, k+1)
+		}
+	}
 }
 
 func pagesFor(nbits uint64) int { return int((nbits + bitsPerPage - 1) / bitsPerPage) }
@@ -120,6 +194,7 @@ func (s *spaceMap) grow(nbits uint64) error {
 		s.words = append(s.words, emptyBits)
 		s.setN = append(s.setN, 0)
 		s.ref = append(s.ref, false)
+		s.wrote = append(s.wrote, false)
 	}
 	s.held = append(s.held, make([]*heldPage, np-len(s.held))...)
 	for len(s.pages) < np {
@@ -127,7 +202,7 @@ func (s *spaceMap) grow(nbits uint64) error {
 		s.dirtyPage = append(s.dirtyPage, true)
 	}
 	if np > 0 {
-		s.dirtyPage[len(s.dirtyPage)-1] = true // the old last page gained bits
+		s.dirty(uint64(len(s.dirtyPage) - 1)) // the old last page gained bits
 	}
 	for len(s.idx) < idxFor(np) {
 		s.idx = append(s.idx, ptr{})
@@ -195,33 +270,61 @@ func (s *spaceMap) peek(pi uint64, raw []byte, buf *bitPage) (*bitPage, error) {
 	return buf, nil
 }
 
+// dirty marks page pi changed in the open transaction: its bits on disk
+// are old.
+func (s *spaceMap) dirty(pi uint64) {
+	s.dirtyPage[pi], s.wrote[pi] = true, false
+}
+
 // trim pages out pages, clock order, while more than limit have words of
-// their own, never page keep (-1: none). One sweep (twice round, for the
-// second chances) at most; if it leaves the map over its limit, the pages
-// left are dirty or not yet durable, and trim does nothing more until
-// setDurable.
+// their own, never page keep (-1: none). A sweep (twice round, for the
+// second chances) pages out clean pages; if the map is still over its
+// limit, a second writes dirty ones (store) and pages them out. If that
+// leaves the map over its limit (the pages left were just used, or their
+// commit's writes are in flight, or a write failed), trim does nothing
+// more until setDurable.
 func (s *spaceMap) trim(keep int) {
 	if s.limit <= 0 || s.stuck || s.owned <= s.limit {
 		return
 	}
 	n := len(s.words)
-	for steps := 0; s.owned > s.limit && steps < 2*n; steps++ {
-		h := s.hand
-		if s.hand++; s.hand == n {
-			s.hand = 0
+	for pass := 0; pass < 2 && s.owned > s.limit; pass++ {
+		if pass == 1 && s.store == nil {
+			break
 		}
-		p := s.words[h]
-		if p == nil || p == emptyBits || p == fullBits || h == keep || s.dirtyPage[h] ||
-			s.pages[h].tx == 0 || s.pages[h].tx > s.durable {
-			continue
+		for steps := 0; s.owned > s.limit && steps < 2*n; steps++ {
+			h := s.hand
+			if s.hand++; s.hand == n {
+				s.hand = 0
+			}
+			p := s.words[h]
+			if p == nil || p == emptyBits || p == fullBits || h == keep {
+				continue
+			}
+			if pass == 0 && (s.dirtyPage[h] || !s.wrote[h] && (s.pages[h].tx == 0 || s.pages[h].tx > s.durable)) {
+				continue // not on disk as it is
+			}
+			if pass == 1 && !s.dirtyPage[h] {
+				continue // clean but not written yet: its commit's writes are in flight
+			}
+			if s.ref[h] {
+				s.ref[h] = false
+				continue
+			}
+			if pass == 1 {
+				if s.raw == nil {
+					s.raw = make([]byte, PageSize)
+				}
+				if err := s.store(uint64(h), s.raw); err != nil {
+					break // no room or a failed write: it stays dirty, for the commit
+				}
+				s.dirtyPage[h], s.wrote[h] = false, true
+				s.writes++
+			}
+			s.words[h], s.spare = nil, p
+			s.owned--
+			s.out++
 		}
-		if s.ref[h] {
-			s.ref[h] = false
-			continue
-		}
-		s.words[h], s.spare = nil, p
-		s.owned--
-		s.out++
 	}
 	s.stuck = s.owned > s.limit
 }
@@ -278,7 +381,7 @@ func (s *spaceMap) settle(pi uint64) {
 // memBytes is the memory the map's bit blocks take (not counting the
 // slices that point to them: 12 bytes per page).
 func (s *spaceMap) memBytes() uint64 {
-	return uint64(s.owned)*uint64(len(bitPage{}))*8 + uint64(s.nheldP)*uint64(len(heldPage{}.w))*8
+	return uint64(s.owned)*uint64(len(bitPage{}))*8 + s.heldMem
 }
 
 // set sets bit i (and dirties its page, changed or not).
@@ -294,7 +397,8 @@ func (s *spaceMap) set(i uint64) error {
 		s.used++
 		s.settle(pi)
 	}
-	s.dirtyPage[pi] = true
+	s.dirty(pi)
+	s.trim(int(pi)) // own may have copied a shared page
 	return nil
 }
 
@@ -311,7 +415,8 @@ func (s *spaceMap) clear(i uint64) error {
 		s.used--
 		s.settle(pi)
 	}
-	s.dirtyPage[pi] = true
+	s.dirty(pi)
+	s.trim(int(pi)) // own may have copied a shared page
 	return nil
 }
 
@@ -398,7 +503,7 @@ func (s *spaceMap) alloc() (uint64, bool, error) {
 // heldWord is word w of the held bits.
 func (s *spaceMap) heldWord(w uint64) uint64 {
 	if p := s.held[w/wordsPerPage]; p != nil {
-		return p.w[w%wordsPerPage]
+		return p.word(uint16(w % wordsPerPage))
 	}
 	return 0
 }
@@ -414,10 +519,11 @@ func (s *spaceMap) holdWord(w, mask uint64) {
 		p = new(heldPage)
 		s.held[w/wordsPerPage] = p
 		s.nheldP++
+	} else {
+		s.heldMem -= p.cost()
 	}
-	x := &p.w[w%wordsPerPage]
-	p.n += uint32(bits.OnesCount64(mask &^ *x))
-	*x |= mask
+	p.set(uint16(w%wordsPerPage), mask)
+	s.heldMem += p.cost()
 }
 
 // unholdWord clears the bits of mask in held word w, dropping its page
@@ -427,13 +533,14 @@ func (s *spaceMap) unholdWord(w, mask uint64) {
 	if p == nil {
 		return
 	}
-	x := &p.w[w%wordsPerPage]
-	p.n -= uint32(bits.OnesCount64(mask & *x))
-	*x &^= mask
+	s.heldMem -= p.cost()
+	p.clear(uint16(w%wordsPerPage), mask)
 	if p.n == 0 {
 		s.held[w/wordsPerPage] = nil
 		s.nheldP--
+		return
 	}
+	s.heldMem += p.cost()
 }
 
 // hold marks i as freed but not yet reusable.

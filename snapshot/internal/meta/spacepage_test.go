@@ -23,6 +23,9 @@ type pagedMap struct {
 	fail  bool
 	flip  bool
 	reads int
+	// failStore makes store fail; stores counts its writes.
+	failStore bool
+	stores    int
 	// pending is what freeze encoded and write has not put on the disk
 	// yet (a commit whose writes are in flight).
 	pending map[uint64][]byte
@@ -49,6 +52,31 @@ func newPagedMap(nbits uint64, limit int) *pagedMap {
 	return pm
 }
 
+// withStore gives the map a store that writes a dirty page at once to its
+// location of the open transaction (a new one the first time in it).
+func (pm *pagedMap) withStore() *pagedMap {
+	pm.s.store = func(pi uint64, raw []byte) error {
+		if pm.failStore {
+			return errFetch
+		}
+		pm.shadow(pi)
+		pm.s.encodeBitmap(raw, int(pi), pm.s.pages[pi].loc, pm.tx)
+		pm.disk[pm.s.pages[pi].loc] = append([]byte(nil), raw...)
+		pm.stores++
+		return nil
+	}
+	return pm
+}
+
+// shadow gives page pi a location of the open transaction unless it has
+// one.
+func (pm *pagedMap) shadow(pi uint64) {
+	if pm.s.pages[pi].tx != pm.tx {
+		pm.s.pages[pi] = ptr{loc: pm.next, tx: pm.tx}
+		pm.next++
+	}
+}
+
 // freeze encodes the dirty pages, copy-on-write (each at a new location),
 // for write to put on the disk, and starts the next transaction.
 func (pm *pagedMap) freeze() {
@@ -58,11 +86,10 @@ func (pm *pagedMap) freeze() {
 		if !d {
 			continue
 		}
+		pm.shadow(uint64(pi))
 		buf := make([]byte, PageSize)
-		s.encodeBitmap(buf, pi, pm.next, pm.tx)
-		pm.pending[pm.next] = buf
-		s.pages[pi] = ptr{loc: pm.next, tx: pm.tx}
-		pm.next++
+		s.encodeBitmap(buf, pi, s.pages[pi].loc, pm.tx)
+		pm.pending[s.pages[pi].loc] = buf
 	}
 	clear(s.dirtyPage)
 	pm.tx++
@@ -91,9 +118,16 @@ func (pm *pagedMap) commit() {
 // finds a bit flipped, returns its error and changes nothing.
 func TestSpaceMapPaging(t *testing.T) {
 	const nbits = 5*bitsPerPage + bitsPerPage/2
-	for _, limit := range []int{1, 2} {
+	for _, c := range []struct {
+		limit int
+		store bool
+	}{{1, false}, {2, false}, {1, true}, {2, true}} {
+		limit := c.limit
 		rng := rand.New(rand.NewPCG(uint64(limit), 7))
 		pm := newPagedMap(nbits, limit)
+		if c.store {
+			pm.withStore()
+		}
 		s, model, held := pm.s, make([]bool, nbits), map[uint64]bool{}
 		verify := func(step int) {
 			t.Helper()
@@ -190,6 +224,9 @@ func TestSpaceMapPaging(t *testing.T) {
 					require.Equal(t, model[i], isSet(t, s, i))
 				}
 			}
+			if c.store && pm.pending == nil {
+				require.LessOrEqual(t, s.owned, limit, "limit %d step %d: over the limit with dirty pages written out", limit, step)
+			}
 			switch {
 			case pm.pending != nil: // a commit's writes done, after the step's changes
 				pm.write()
@@ -203,6 +240,34 @@ func TestSpaceMapPaging(t *testing.T) {
 		}
 		require.Positive(t, pm.reads, "limit %d: nothing was read back", limit)
 		require.Positive(t, s.reads, "limit %d", limit)
+		if c.store {
+			require.Positive(t, pm.stores, "limit %d: no dirty page was written out", limit)
+			require.EqualValues(t, pm.stores, s.writes)
+			// A store that fails: the page stays dirty, in memory, and
+			// the map over its limit until a commit.
+			if pm.pending != nil {
+				pm.write()
+			}
+			pm.commit()
+			pm.failStore = true
+			for pi := range uint64(len(s.words)) {
+				i := pi*bitsPerPage + 1
+				if s.words[pi] == nil || s.words[pi] == emptyBits {
+					if model[i] || held[i] {
+						continue
+					}
+					require.NoError(t, s.set(i))
+					model[i] = true
+				}
+			}
+			require.Greater(t, s.owned, limit)
+			require.True(t, s.stuck)
+			verify(-2)
+			pm.failStore = false
+			pm.commit()
+			require.LessOrEqual(t, s.owned, limit)
+			verify(-3)
+		}
 
 		// A read back that fails, then one with a bit flipped: each an
 		// error, nothing changed.
@@ -266,8 +331,9 @@ func TestAllocSkipsPagedOutFullPage(t *testing.T) {
 // TestDataMapPagedOut: a store whose data chunks are every one partly
 // used, by page, with a data map limited to one page of memory. Through
 // commits, a reopen and a failed read back, the map stays within its
-// limit after each commit, allocates exactly the free chunks, and Check
-// agrees with it; a read error is returned and changes nothing.
+// limit, in a transaction that changes every page too (they are written
+// out), allocates exactly the free chunks, and Check agrees with it; a
+// read error is returned and changes nothing.
 func TestDataMapPagedOut(t *testing.T) {
 	const chunks = 6*bitsPerPage + 100
 	mem, err := blockdev.NewMem(4096*PageSize, 4096)
@@ -296,6 +362,12 @@ func TestDataMapPagedOut(t *testing.T) {
 		free[loc] = true
 		delete(locOf, c)
 	}
+	// Every page changed in the open transaction: written out, not kept.
+	m.mu.RLock()
+	owned, lim := m.dataSM.owned, m.dataSM.limit
+	m.mu.RUnlock()
+	require.LessOrEqual(t, owned, lim, "dirty pages kept past the limit")
+	require.Positive(t, m.Space().MapWrites)
 	require.NoError(t, m.Commit())
 	m.ReleaseFrees()
 	sp := m.Space()
@@ -466,4 +538,70 @@ func TestPagedMapConcurrent(t *testing.T) {
 			require.Equal(t, loc, l)
 		}
 	}
+}
+
+// TestHeldSparse: held bits at random over two pages, against a model,
+// through a page's sparse words, its change to a block past heldSparse
+// words, and its drop when it holds nothing; heldMem follows the pages'
+// cost, and a sparse page costs far less than a block.
+func TestHeldSparse(t *testing.T) {
+	const nbits = 2 * bitsPerPage
+	rng := rand.New(rand.NewPCG(3, 4))
+	s, model := newSpaceMap(nbits), map[uint64]bool{}
+	check := func(step int) {
+		t.Helper()
+		for i := range uint64(nbits) {
+			if s.isHeld(i) != model[i] {
+				t.Fatalf("step %d: bit %d held %v, want %v", step, i, s.isHeld(i), model[i])
+			}
+		}
+		require.EqualValues(t, len(model), s.nheld, "step %d", step)
+		mem, pages := uint64(0), 0
+		for pi, p := range s.held {
+			n := 0
+			for i := range model {
+				if i/bitsPerPage == uint64(pi) {
+					n++
+				}
+			}
+			if n == 0 {
+				require.Nil(t, p, "step %d page %d: holds nothing", step, pi)
+				continue
+			}
+			require.EqualValues(t, n, p.n, "step %d page %d", step, pi)
+			mem += p.cost()
+			pages++
+		}
+		require.Equal(t, mem, s.heldMem, "step %d", step)
+		require.Equal(t, pages, s.nheldP, "step %d", step)
+	}
+	blocks := 0
+	for step := range 60 {
+		switch {
+		case step%20 < 12: // hold some
+			for range rng.IntN(400) {
+				i := rng.Uint64N(nbits)
+				if !model[i] {
+					s.hold(i)
+					model[i] = true
+				}
+			}
+		default: // release some, or all
+			for i := range model {
+				if step%20 == 19 || rng.IntN(2) == 0 {
+					s.unhold(i)
+					delete(model, i)
+				}
+			}
+		}
+		check(step)
+		for _, p := range s.held {
+			if p != nil && p.w != nil {
+				blocks++
+			}
+		}
+	}
+	require.Positive(t, blocks, "no page became a block")
+	s.hold(7)
+	require.Less(t, s.memBytes(), uint64(200), "one held bit costs a sparse page, not a block")
 }
