@@ -368,8 +368,12 @@ type Space struct {
 	MetadataRegion int64 `json:"metadata_region"`
 	// SpaceMapMemory is the memory the store's space maps take now, in
 	// bytes (snapshot.Stats.SpaceMapMemory): at most one bit per data
-	// chunk, next to none where the store is all used or all free.
+	// chunk, next to none where the store is all used or all free, and at
+	// most an eighth of the metadata cache for the data map, whose bitmap
+	// pages are paged out past it; SpaceMapReads counts those read back
+	// since the store was opened.
 	SpaceMapMemory int64 `json:"space_map_memory"`
+	SpaceMapReads  int64 `json:"space_map_reads"`
 }
 
 // DumpVolume is a volume in a Dump: its accounting and the extents where

@@ -336,10 +336,10 @@ var cmdUsage = &command{
 				return float64(a) * 100 / float64(b)
 			}
 			used, total := sp.UsedBytes, sp.DataBytes
-			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full; space maps %s in memory\n",
+			_, err := fmt.Fprintf(e.stdout, "store %s: data %s used of %s (%.1f%%), %s free; metadata %s used of %s (%.1f%%), %s free; %d index entries, journal %.0f%% full; space maps %s in memory, %d pages read back\n",
 				sf.store, human(used), human(total), pct(used, total), human(sp.FreeBytes),
 				human(sp.MetadataBytes), human(sp.MetadataRegion), pct(sp.MetadataBytes, sp.MetadataRegion),
-				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100, human(sp.SpaceMapMemory))
+				human(sp.MetadataRegion-sp.MetadataBytes), sp.IndexEntries, sp.JournalFill*100, human(sp.SpaceMapMemory), sp.SpaceMapReads)
 			for _, st := range stats {
 				if err != nil {
 					break

@@ -347,7 +347,7 @@ func (o *ops) space() control.Space {
 	s := o.st.Stats()
 	return control.Space{ChunkSize: s.ChunkSize, DataBytes: s.DataBytes, UsedBytes: s.UsedBytes,
 		FreeBytes: s.FreeBytes, IndexEntries: s.IndexEntries, MetadataBytes: s.MetadataBytes, JournalFill: s.JournalFill,
-		MetadataRegion: s.MetadataRegion, SpaceMapMemory: s.SpaceMapMemory}
+		MetadataRegion: s.MetadataRegion, SpaceMapMemory: s.SpaceMapMemory, SpaceMapReads: s.SpaceMapReads}
 }
 
 // dump gathers everything the store's API tells about it: each volume
