@@ -2,6 +2,7 @@ package meta
 
 import (
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -10,9 +11,12 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// lead7StuckFirst is a device whose first page write after arm blocks
-// until release; every other write goes through. It records the order in
-// which writes completed.
+// lead7StuckFirst is a device whose first page write after arm made by
+// the write-back goroutine blocks until release; every other write goes
+// through. It records the order in which writes completed. (Only the
+// goroutine's: on a loaded machine a throttled writer helping with the
+// queue could make the first write after arm, and then the writer, not
+// the goroutine, was stuck, and the test hung.)
 type lead7StuckFirst struct {
 	blockdev.Device
 	mu      sync.Mutex
@@ -26,7 +30,7 @@ type lead7StuckFirst struct {
 
 func (d *lead7StuckFirst) WriteAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
-	if d.armed {
+	if d.armed && fromWriteBackLoop() {
 		d.armed, d.stuck, d.stuckAt = false, true, off
 		d.cond.Broadcast()
 		for !d.release {
@@ -39,6 +43,22 @@ func (d *lead7StuckFirst) WriteAt(p []byte, off int64) (int, error) {
 	d.done = append(d.done, off)
 	d.mu.Unlock()
 	return n, err
+}
+
+// fromWriteBackLoop reports whether the caller runs in the write-back
+// goroutine (Meta.writeBackLoop).
+func fromWriteBackLoop() bool {
+	pc := make([]uintptr, 64)
+	frames := runtime.CallersFrames(pc[:runtime.Callers(2, pc)])
+	for {
+		f, more := frames.Next()
+		if strings.HasSuffix(f.Function, ".writeBackLoop") {
+			return true
+		}
+		if !more {
+			return false
+		}
+	}
 }
 
 // TestLead7ThrottledWriterHelpsWriteBack: with the write-back goroutine
