@@ -253,15 +253,9 @@ func (m *Meta) shadowMaps() error {
 				if !d || sm.pages[i].tx == m.tx {
 					continue
 				}
-				loc, err := m.allocPage()
-				if err != nil {
+				if err := m.shadowMapPage(sm, i); err != nil {
 					return err
 				}
-				if !sm.pages[i].isNil() {
-					m.freePage(sm.pages[i].loc)
-				}
-				sm.pages[i] = ptr{loc: loc, tx: m.tx}
-				sm.dirtyIndex[i/idxPerPage] = true
 				progress = true
 			}
 			for j, d := range sm.dirtyIndex {
@@ -283,6 +277,22 @@ func (m *Meta) shadowMaps() error {
 			return nil
 		}
 	}
+}
+
+// shadowMapPage gives bitmap page i of sm a new page in the open
+// transaction, freeing (holding) the one it had, and dirties the index
+// page that lists it.
+func (m *Meta) shadowMapPage(sm *spaceMap, i int) error {
+	loc, err := m.allocPage()
+	if err != nil {
+		return err
+	}
+	if !sm.pages[i].isNil() {
+		m.freePage(sm.pages[i].loc)
+	}
+	sm.pages[i] = ptr{loc: loc, tx: m.tx}
+	sm.dirtyIndex[i/idxPerPage] = true
+	return nil
 }
 
 // Write-back keeps dirty nodes well below the cache size, and the writer

@@ -402,15 +402,9 @@ func (m *Meta) pageOut(s *spaceMap) {
 	// after the write loses nothing; the commit's first flush covers it.
 	s.store = func(pi uint64, raw []byte) error {
 		if s.pages[pi].tx != m.tx {
-			loc, err := m.allocPage()
-			if err != nil {
+			if err := m.shadowMapPage(s, int(pi)); err != nil {
 				return err
 			}
-			if !s.pages[pi].isNil() {
-				m.freePage(s.pages[pi].loc)
-			}
-			s.pages[pi] = ptr{loc: loc, tx: m.tx}
-			s.dirtyIndex[int(pi)/idxPerPage] = true
 			m.changed = true
 		}
 		s.encodeBitmap(raw, int(pi), s.pages[pi].loc, m.tx)

@@ -498,31 +498,24 @@ func TestPagedMapConcurrent(t *testing.T) {
 		})
 	}
 	var bg errgroup.Group
-	bg.Go(func() error {
-		for {
-			select {
-			case <-stop:
-				return nil
-			default:
+	until := func(f func() error) { // f over and over until stop
+		bg.Go(func() error {
+			for {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				if err := f(); err != nil {
+					return err
+				}
 			}
-			if err := m.Commit(); err != nil {
-				return err
-			}
-		}
-	})
-	bg.Go(func() error {
-		for {
-			select {
-			case <-stop:
-				return nil
-			default:
-			}
-			n := 0
-			if err := m.DataInUse(func(uint64) bool { n++; return true }); err != nil {
-				return err
-			}
-			_ = m.Space()
-		}
+		})
+	}
+	until(m.Commit)
+	until(func() error {
+		_ = m.Space()
+		return m.DataInUse(func(uint64) bool { return true })
 	})
 	require.NoError(t, g.Wait())
 	close(stop)
