@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
+	"github.com/blocksnap/blocksnap/blockdev/blockdevtest"
 )
 
 func benchMeta(b *testing.B, pages uint64) *Meta {
@@ -164,9 +165,10 @@ func BenchmarkCommitFile(b *testing.B) {
 // BenchmarkFragmentedDataMap: a data map of 1024 bitmap pages (33M
 // chunks, 4 MiB of bits) with every other chunk in use, so every page is
 // partly used, opened with the whole map in memory and with a limit of 64
-// pages (256 KiB). Each op frees a random chunk in use and allocates one;
-// a commit every 256 ops. It reports the map's memory after Open and its
-// peak over the ops, the pages read back per op, and Open's time.
+// pages (256 KiB), the latter also on a device whose reads take 100 µs.
+// Each op frees a random chunk in use and allocates one; a commit every
+// 256 ops. It reports the map's memory after Open and its peak over the
+// ops, the pages read back per op, and Open's time.
 func BenchmarkFragmentedDataMap(b *testing.B) {
 	const npages = 1024
 	const chunks = npages * bitsPerPage
@@ -191,11 +193,15 @@ func BenchmarkFragmentedDataMap(b *testing.B) {
 	}
 	img := dev.Clone() // each case starts from the same map
 	for _, c := range []struct {
-		name  string
-		bytes int
-	}{{"limit=whole", 8 << 20}, {"limit=256KiB", 256 << 10}} {
+		name    string
+		bytes   int
+		latency time.Duration // added to every read: a device whose reads take that long
+	}{{"limit=whole", 8 << 20, 0}, {"limit=256KiB", 256 << 10, 0}, {"limit=256KiB/read=100µs", 256 << 10, 100 * time.Microsecond}} {
 		b.Run(c.name, func(b *testing.B) {
-			dev := img.Clone()
+			var dev blockdev.Device = img.Clone()
+			if c.latency > 0 {
+				dev = blockdevtest.NewDelayed(dev, blockdevtest.DelayOptions{ReadLatency: c.latency})
+			}
 			t0 := time.Now()
 			m, err := Open(dev, Options{MapBytes: c.bytes, SyncWriteBack: true})
 			if err != nil {

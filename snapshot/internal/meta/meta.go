@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/blocksnap/blocksnap/blockdev"
 	"github.com/blocksnap/blocksnap/snapshot/internal/lockstat"
 )
@@ -412,6 +414,9 @@ func (m *Meta) pageOut(s *spaceMap) {
 	}
 }
 
+// loadWindow is how many bitmap pages loadMap reads at once.
+const loadWindow = 32
+
 // loadMap reads a space map of nbits through its index pages; the data
 // map (dataSM) pages out as it goes.
 func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64, dataSM bool) (*spaceMap, error) {
@@ -433,21 +438,33 @@ func (m *Meta) loadMap(nbits uint64, idx []ptr, pages, tx uint64, dataSM bool) (
 		}
 		copy(s.pages[j*idxPerPage:], ents)
 	}
+	// The bitmap pages lie where their last commit shadowed them, one
+	// read each: read loadWindow at a time, concurrently, so that Open
+	// waits for about one read per window, not one per page.
 	bits := new(bitPage)
-	for i, bp := range s.pages {
-		if err := m.readPage(p, bp.loc); err != nil {
+	raw := make([]byte, loadWindow*PageSize)
+	for lo := 0; lo < len(s.pages); lo += loadWindow {
+		hi := min(lo+loadWindow, len(s.pages))
+		var g errgroup.Group
+		for i := lo; i < hi; i++ {
+			g.Go(func() error { return m.readPage(raw[(i-lo)*PageSize:(i-lo+1)*PageSize], s.pages[i].loc) })
+		}
+		if err := g.Wait(); err != nil {
 			return nil, err
 		}
-		if err := decodeBitmap(p, bp.loc, bp.tx, i, nbits, bits); err != nil {
-			return nil, err
-		}
-		s.dirtyPage[i] = false
-		s.load(i, bits)
-		if s.words[i] == bits { // kept: the next page needs its own
-			if bits = s.spare; bits == nil {
-				bits = new(bitPage)
+		for i := lo; i < hi; i++ {
+			bp := s.pages[i]
+			if err := decodeBitmap(raw[(i-lo)*PageSize:(i-lo+1)*PageSize], bp.loc, bp.tx, i, nbits, bits); err != nil {
+				return nil, err
 			}
-			s.spare = nil
+			s.dirtyPage[i] = false
+			s.load(i, bits)
+			if s.words[i] == bits { // kept: the next page needs its own
+				if bits = s.spare; bits == nil {
+					bits = new(bitPage)
+				}
+				s.spare = nil
+			}
 		}
 	}
 	copy(s.idx, idx)
