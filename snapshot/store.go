@@ -44,7 +44,7 @@
 // the origin device.
 //
 // What Open costs: reading the tree's superblock and space maps (one 4 KiB
-// page per 32,512 data chunks or metadata pages), the checkpoint image
+// page per 32,512 data chunks or metadata pages, 32 reads at a time), the checkpoint image
 // (the branch and volume tables, with each branch's chunk-group bits that
 // let reads skip clone levels), and replaying the journal records after
 // the last tree commit (at most about 65,536 records or index changes,
