@@ -247,6 +247,7 @@ func (s *Store) WaitIdle(ctx context.Context) error {
 // if it is dead and empty.
 func (s *Store) collect(t gcTask) error {
 	var batch []entry
+	var locs []uint64
 	var stripes [nStripes]bool
 	for {
 		if s.ctx.Err() != nil {
@@ -270,6 +271,16 @@ func (s *Store) collect(t gcTask) error {
 		if len(batch) == 0 {
 			break
 		}
+		// The space map pages of the chunks the batch frees, read now
+		// with no lock held, not one at a time under Store.mu and Meta.mu
+		// as the frees reach them (a store whose map is paged out).
+		locs = locs[:0]
+		for _, x := range batch {
+			if x.isData() {
+				locs = append(locs, x.loc)
+			}
+		}
+		s.m.ReadMapAhead(locs)
 		clear(stripes[:])
 		for _, x := range batch {
 			stripes[s.stripeOf(x.b, x.c)] = true

@@ -389,6 +389,7 @@ func (m *Meta) pageOut(s *spaceMap) {
 	s.limit = max(1, b/len(bitPage{})/8)
 	s.fetch = func(pi uint64, raw []byte, p *bitPage) error {
 		bp := s.pages[pi]
+		m.lockedReads.Add(1) // under mu (ReadMapAhead reads without it)
 		if err := m.readPage(raw, bp.loc); err != nil {
 			return err
 		}

@@ -75,6 +75,7 @@ type spaceMap struct {
 	limit   int                                           // pages with words of their own kept (0: no limit)
 	durable uint64                                        // the last durable transaction
 	wrote   []bool                                        // written by store since last dirtied
+	changes []uint32                                      // times dirtied: ReadMapAhead's check that a page it read is still the page
 	ref     []bool                                        // used since the clock hand passed
 	hand    int
 	stuck   bool     // the last sweeps found nothing to page out: none till durable moves
@@ -195,6 +196,7 @@ func (s *spaceMap) grow(nbits uint64) error {
 		s.setN = append(s.setN, 0)
 		s.ref = append(s.ref, false)
 		s.wrote = append(s.wrote, false)
+		s.changes = append(s.changes, 0)
 	}
 	s.held = append(s.held, make([]*heldPage, np-len(s.held))...)
 	for len(s.pages) < np {
@@ -231,12 +233,25 @@ func (s *spaceMap) bitsOf(pi uint64) (*bitPage, error) {
 		s.spare = p
 		return nil, err
 	}
+	s.install(pi, p)
+	return p, nil
+}
+
+// install makes p, read back, paged-out page pi's bits, unless its count
+// is not the page's (then it is left paged out, for bitsOf to report).
+func (s *spaceMap) install(pi uint64, p *bitPage) {
+	n := 0
+	for _, w := range p {
+		n += bits.OnesCount64(w)
+	}
+	if uint32(n) != s.setN[pi] {
+		return
+	}
 	s.words[pi], s.ref[pi] = p, true
 	s.owned++
 	s.out--
 	s.reads++
 	s.trim(int(pi))
-	return p, nil
 }
 
 // readBack reads paged-out page pi's bits into p through raw, and checks
@@ -274,6 +289,7 @@ func (s *spaceMap) peek(pi uint64, raw []byte, buf *bitPage) (*bitPage, error) {
 // are old.
 func (s *spaceMap) dirty(pi uint64) {
 	s.dirtyPage[pi], s.wrote[pi] = true, false
+	s.changes[pi]++
 }
 
 // trim pages out pages, clock order, while more than limit have words of

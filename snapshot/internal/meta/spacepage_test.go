@@ -440,8 +440,8 @@ func TestDataMapPagedOut(t *testing.T) {
 
 // TestPagedMapConcurrent: writers that take data chunks in order
 // (PutData) and at random (MarkData), and delete and free them, beside a
-// committer and readers of DataInUse and Space, on a data map of four
-// pages kept to one block, with background write-back. Then Check passes
+// committer, readers of DataInUse and Space, and ReadMapAhead, on a data
+// map of four pages kept to one block, with background write-back. Then Check passes
 // and every writer's keys read back.
 func TestPagedMapConcurrent(t *testing.T) {
 	const chunks = 4 * bitsPerPage
@@ -516,6 +516,11 @@ func TestPagedMapConcurrent(t *testing.T) {
 	until(func() error {
 		_ = m.Space()
 		return m.DataInUse(func(uint64) bool { return true })
+	})
+	ahead := rand.New(rand.NewPCG(seed, 99))
+	until(func() error { // as a delete's batch does before its frees
+		m.ReadMapAhead([]uint64{ahead.Uint64N(chunks), ahead.Uint64N(chunks), ahead.Uint64N(chunks)})
+		return nil
 	})
 	require.NoError(t, g.Wait())
 	close(stop)
@@ -597,4 +602,76 @@ func TestHeldSparse(t *testing.T) {
 	require.Positive(t, blocks, "no page became a block")
 	s.hold(7)
 	require.Less(t, s.memBytes(), uint64(200), "one held bit costs a sparse page, not a block")
+}
+
+// TestReadMapAhead: ReadMapAhead brings paged-out pages of the data map
+// back without mu held across its reads, at most half the limit of them;
+// the frees that follow read nothing under mu. A read that fails leaves
+// the page paged out, for the change that needs it to read and report.
+func TestReadMapAhead(t *testing.T) {
+	const chunks = 8 * bitsPerPage
+	mem, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	dev := blockdevtest.NewFaulty(mem)
+	m, err := Format(dev, Options{DataChunks: chunks, MapBytes: 4 * len(bitPage{}) * 8, SyncWriteBack: true})
+	require.NoError(t, err)
+	defer m.Close()
+	for c := range uint64(chunks) {
+		_, err := m.PutData(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+	}
+	for c := uint64(0); c < chunks; c += 3 { // every page partly used
+		loc, err := m.Delete(Key{B: 1, C: c, E: 1})
+		require.NoError(t, err)
+		require.NoError(t, m.FreeData(loc))
+	}
+	require.NoError(t, m.Commit())
+	m.ReleaseFrees()
+	// The paged-out pages, and a chunk in use in each.
+	var out []uint64
+	m.mu.RLock()
+	for pi, p := range m.dataSM.words {
+		if p == nil {
+			out = append(out, uint64(pi))
+		}
+	}
+	m.mu.RUnlock()
+	require.GreaterOrEqual(t, len(out), 4)
+	inUse := func(pi uint64) uint64 { // chunk c holds key c: in use unless 0 mod 3
+		loc := pi * bitsPerPage
+		for loc%3 == 0 {
+			loc++
+		}
+		return loc
+	}
+	locs := []uint64{inUse(out[0]), inUse(out[0]) + 3, inUse(out[1]), inUse(out[2]), inUse(out[3])}
+
+	// A read error: nothing brought back.
+	reads := m.Space().MapReads
+	dev.FailNth(blockdevtest.OpRead, dev.Count(blockdevtest.OpRead)+1, errors.New("injected"))
+	dev.FailNth(blockdevtest.OpRead, dev.Count(blockdevtest.OpRead)+2, errors.New("injected"))
+	m.ReadMapAhead(locs)
+	dev.Clear()
+	require.Equal(t, reads, m.Space().MapReads)
+
+	m.ResetStalls()
+	m.ReadMapAhead(locs)
+	require.Equal(t, reads+2, m.Space().MapReads, "half the limit: two pages")
+	require.Zero(t, m.Stalls().LockedReads)
+	free := func(loc uint64) {
+		l, err := m.Delete(Key{B: 1, C: loc, E: 1})
+		require.NoError(t, err)
+		require.Equal(t, loc, l)
+		require.NoError(t, m.FreeData(loc))
+	}
+	before := dev.Count(blockdevtest.OpRead)
+	for _, loc := range locs[:3] { // the two pages read ahead
+		free(loc)
+	}
+	require.Equal(t, before, dev.Count(blockdevtest.OpRead), "a free read a page read ahead")
+	require.Zero(t, m.Stalls().LockedReads)
+	free(locs[3]) // not read ahead: read under mu
+	require.EqualValues(t, 1, m.Stalls().LockedReads)
+	require.NoError(t, m.Commit())
+	require.NoError(t, m.Check())
 }

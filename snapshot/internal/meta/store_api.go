@@ -3,6 +3,8 @@ package meta
 import (
 	"fmt"
 	"math/bits"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/blocksnap/blocksnap/blockdev"
@@ -319,4 +321,67 @@ func inExtent(ext []extent, loc uint64) bool {
 		}
 	}
 	return false
+}
+
+// ReadMapAhead reads back the data space map's pages of chunks locs that
+// are paged out, with no lock held across the reads (concurrently), so
+// that changes to those chunks that follow, such as a delete's FreeData
+// calls under the caller's locks, find their pages in memory instead of
+// reading each under mu. It reads at most half the map's limit of pages;
+// a page that changed meanwhile (spaceMap.changes) is left as it is, and a
+// read that fails is left for the change that needs the page to meet.
+func (m *Meta) ReadMapAhead(locs []uint64) {
+	type want struct {
+		pi      uint64
+		bp      ptr
+		changes uint32
+		p       *bitPage
+		ok      bool
+	}
+	var ws []want
+	m.mu.RLock()
+	s := m.dataSM
+	most := max(1, s.limit/2)
+	if s.fetch == nil || s.limit <= 0 || s.out == 0 {
+		m.mu.RUnlock()
+		return
+	}
+	for _, loc := range locs {
+		if loc >= s.nbits || len(ws) == most {
+			continue
+		}
+		pi := loc / bitsPerPage
+		if s.words[pi] != nil || slices.ContainsFunc(ws, func(w want) bool { return w.pi == pi }) {
+			continue
+		}
+		ws = append(ws, want{pi: pi, bp: s.pages[pi], changes: s.changes[pi]})
+	}
+	nbits := s.nbits
+	m.mu.RUnlock()
+	if len(ws) == 0 {
+		return
+	}
+	var wg sync.WaitGroup
+	for i := range ws {
+		wg.Go(func() {
+			w := &ws[i]
+			raw := make([]byte, PageSize)
+			if m.readPage(raw, w.bp.loc) != nil {
+				return
+			}
+			w.p = new(bitPage)
+			w.ok = decodeBitmap(raw, w.bp.loc, w.bp.tx, int(w.pi), nbits, w.p) == nil
+		})
+	}
+	wg.Wait()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, w := range ws {
+		// Still paged out, and not changed since: a page read back,
+		// changed and written out again in the same transaction is
+		// rewritten where it was, so its location alone does not say.
+		if w.ok && s.words[w.pi] == nil && s.changes[w.pi] == w.changes && s.pages[w.pi] == w.bp {
+			s.install(w.pi, w.p)
+		}
+	}
 }
