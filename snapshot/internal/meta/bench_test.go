@@ -163,25 +163,21 @@ func BenchmarkCommitFile(b *testing.B) {
 	}
 }
 
-// BenchmarkFragmentedDataMap: a data map of 1024 bitmap pages (33M
-// chunks, 4 MiB of bits) with every other chunk in use, so every page is
-// partly used, opened with the whole map in memory and with a limit of 64
-// pages (256 KiB), the latter also on a device whose reads take 100 µs.
-// Each op frees a random chunk in use and allocates one; a commit every
-// 256 ops. It reports the map's memory after Open and its peak over the
-// ops, the pages read back per op, and Open's time.
-func BenchmarkFragmentedDataMap(b *testing.B) {
-	const npages = 1024
-	const chunks = npages * bitsPerPage
+// fragmentedChunks is the data map of fragmentedMap: 1024 bitmap pages.
+const fragmentedChunks = 1024 * bitsPerPage
+
+// fragmentedMap is a closed layer whose data map has fragmentedChunks
+// chunks, every other one in use, so every bitmap page is partly used.
+func fragmentedMap(b *testing.B) *blockdev.Mem {
 	dev, err := blockdev.NewMem(8192*PageSize, 4096)
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := Format(dev, Options{DataChunks: chunks, SyncWriteBack: true})
+	m, err := Format(dev, Options{DataChunks: fragmentedChunks, SyncWriteBack: true})
 	if err != nil {
 		b.Fatal(err)
 	}
-	for i := uint64(0); i < chunks; i += 2 {
+	for i := uint64(0); i < fragmentedChunks; i += 2 {
 		if err := m.MarkData(i); err != nil {
 			b.Fatal(err)
 		}
@@ -192,7 +188,18 @@ func BenchmarkFragmentedDataMap(b *testing.B) {
 	if err := m.Close(); err != nil {
 		b.Fatal(err)
 	}
-	img := dev.Clone() // each case starts from the same map
+	return dev
+}
+
+// BenchmarkFragmentedDataMap: a data map of 1024 bitmap pages (33M
+// chunks, 4 MiB of bits) with every other chunk in use, so every page is
+// partly used, opened with the whole map in memory and with a limit of 64
+// pages (256 KiB), the latter also on a device whose reads take 100 µs.
+// Each op frees a random chunk in use and allocates one; a commit every
+// 256 ops. It reports the map's memory after Open and its peak over the
+// ops, the pages read back per op, and Open's time.
+func BenchmarkFragmentedDataMap(b *testing.B) {
+	img := fragmentedMap(b) // each case opens a copy
 	for _, c := range []struct {
 		name    string
 		bytes   int
@@ -215,14 +222,14 @@ func BenchmarkFragmentedDataMap(b *testing.B) {
 			rng := rand.New(rand.NewPCG(1, 3))
 			b.ReportAllocs()
 			for i := 0; b.Loop(); i++ {
-				loc := 2 * rng.Uint64N(chunks/2)
+				loc := 2 * rng.Uint64N(fragmentedChunks/2)
 				for {
 					if err := m.FreeData(loc); err == nil {
 						break
 					} else if !errors.Is(err, ErrInvalid) {
 						b.Fatal(err)
 					}
-					loc = (loc + 1) % chunks // freed already: the next
+					loc = (loc + 1) % fragmentedChunks // freed already: the next
 				}
 				if _, err := m.AllocData(); err != nil {
 					b.Fatal(err)
@@ -250,27 +257,7 @@ func BenchmarkFragmentedDataMap(b *testing.B) {
 // Store.collect does); a commit after each batch. It reports the pages
 // read with the layer's lock held per batch, and each batch's time.
 func BenchmarkMapReadAhead(b *testing.B) {
-	const npages = 1024
-	const chunks = npages * bitsPerPage
-	mem, err := blockdev.NewMem(8192*PageSize, 4096)
-	if err != nil {
-		b.Fatal(err)
-	}
-	m, err := Format(mem, Options{DataChunks: chunks, SyncWriteBack: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	for i := uint64(0); i < chunks; i += 2 {
-		if err := m.MarkData(i); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := m.Commit(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.Close(); err != nil {
-		b.Fatal(err)
-	}
+	mem := fragmentedMap(b)
 	for _, c := range []struct {
 		batch int
 		ahead bool
@@ -283,7 +270,7 @@ func BenchmarkMapReadAhead(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer m.Close()
-			perm := rand.New(rand.NewPCG(1, 4)).Perm(chunks / 2) // the chunks in use, halved
+			perm := rand.New(rand.NewPCG(1, 4)).Perm(fragmentedChunks / 2) // the chunks in use, halved
 			batch := make([]uint64, c.batch)
 			m.ResetStalls()
 			for i := 0; b.Loop(); i++ {

@@ -176,12 +176,12 @@ func (m *Meta) GrowFromData(chunks uint64) (uint64, error) {
 		return 0, fmt.Errorf("meta: no run of %d free data chunks: %w", chunks, ErrNoSpace)
 	}
 	// The run's bits first: setting them may read pages back, which may
-	// fail; then nothing else has changed, and the bits set so far (their
-	// pages dirty, so in memory) are cleared again.
+	// fail; then nothing else has changed, and the bits set so far are
+	// cleared again (restoreBit).
 	for i := first; i < first+chunks; i++ {
 		if err := m.dataSM.set(i); err != nil {
 			for j := first; j < i; j++ {
-				m.dataSM.clear(j)
+				m.restoreBit(j, false)
 			}
 			return 0, err
 		}
@@ -189,7 +189,7 @@ func (m *Meta) GrowFromData(chunks uint64) (uint64, error) {
 	ext := append(append(make([]extent, 0, len(old)+1), old...), extent{chunk: first, chunks: chunks})
 	if err := m.setLayout(pages, m.dataSM.nbits, ext); err != nil {
 		for j := first; j < first+chunks; j++ {
-			m.dataSM.clear(j)
+			m.restoreBit(j, false)
 		}
 		return 0, err
 	}

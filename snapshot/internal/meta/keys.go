@@ -329,7 +329,7 @@ func (m *Meta) putData(q Key) (uint64, error) {
 	}
 	m.changed = true
 	if err := m.put(q, loc, false); err != nil {
-		m.dataSM.clear(loc) // never referenced by any commit: free at once (its page is dirty, in memory)
+		m.restoreBit(loc, false) // never referenced by any commit: free at once
 		return 0, err
 	}
 	return loc, nil

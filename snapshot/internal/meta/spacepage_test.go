@@ -3,6 +3,7 @@ package meta
 import (
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -674,4 +675,44 @@ func TestReadMapAhead(t *testing.T) {
 	require.EqualValues(t, 1, m.Stalls().LockedReads)
 	require.NoError(t, m.Commit())
 	require.NoError(t, m.Check())
+}
+
+// TestRestoreBitFails: an undo whose page must be read back and cannot
+// be fails the open transaction (a chunk left free could be handed out
+// twice); one whose read works changes the bit and fails nothing.
+func TestRestoreBitFails(t *testing.T) {
+	const chunks = 4 * bitsPerPage
+	mem, err := blockdev.NewMem(4096*PageSize, 4096)
+	require.NoError(t, err)
+	dev := blockdevtest.NewFaulty(mem)
+	m, err := Format(dev, Options{DataChunks: chunks, MapBytes: 1, SyncWriteBack: true})
+	require.NoError(t, err)
+	defer m.Close()
+	for pi := range uint64(4) { // every page partly used
+		require.NoError(t, m.MarkData(pi*bitsPerPage))
+	}
+	require.NoError(t, m.Commit())
+	m.mu.Lock()
+	pi := slices.IndexFunc(m.dataSM.words, func(p *bitPage) bool { return p == nil })
+	require.GreaterOrEqual(t, pi, 0, "no page paged out")
+	loc := uint64(pi)*bitsPerPage + 9
+	dev.FailNth(blockdevtest.OpRead, dev.Count(blockdevtest.OpRead)+1, errors.New("injected"))
+	m.restoreBit(loc, true)
+	m.mu.Unlock()
+	require.ErrorIs(t, m.MarkData(5), ErrFailed)
+	dev.Clear()
+
+	m2, err := Open(mem, Options{MapBytes: 1, SyncWriteBack: true})
+	require.NoError(t, err)
+	defer m2.Close()
+	m2.mu.Lock()
+	pi = slices.IndexFunc(m2.dataSM.words, func(p *bitPage) bool { return p == nil })
+	require.GreaterOrEqual(t, pi, 0)
+	loc = uint64(pi)*bitsPerPage + 9
+	m2.restoreBit(loc, true)
+	set, err := m2.dataSM.isSet(loc)
+	m2.mu.Unlock()
+	require.NoError(t, err)
+	require.True(t, set)
+	require.NoError(t, m2.ReturnData(loc))
 }

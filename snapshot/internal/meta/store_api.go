@@ -47,7 +47,7 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 	for i, loc := range inflight {
 		if err := m.dataSM.mustBeSet(loc, "freeze in flight"); err != nil {
 			for _, l := range inflight[:i] {
-				m.dataSM.set(l) // cleared just now, so in memory: no error
+				m.restoreBit(l, true)
 			}
 			m.mu.Unlock()
 			m.commitMu.Unlock()
@@ -67,9 +67,7 @@ func (m *Meta) Freeze(user uint64, inflight []uint64) (*Frozen, error) {
 	// one marks its transaction. (Marked, a store whose allocator always
 	// holds some in flight wrote a tree commit at every capture.)
 	for _, loc := range inflight {
-		// Their pages are the frozen transaction's, not durable yet, so
-		// still in memory: no error.
-		m.dataSM.set(loc)
+		m.restoreBit(loc, true) // on a failure the open transaction is lost; the frozen one is whole
 	}
 	queued := m.wbQueued
 	m.mu.Unlock()
@@ -383,5 +381,20 @@ func (m *Meta) ReadMapAhead(locs []uint64) {
 		if w.ok && s.words[w.pi] == nil && s.changes[w.pi] == w.changes && s.pages[w.pi] == w.bp {
 			s.install(w.pi, w.p)
 		}
+	}
+}
+
+// restoreBit sets (or clears) data chunk loc's bit again, undoing what an
+// operation changed. Its page may have been written out and paged out
+// since (a paged data map over its limit, section 32), so this may read
+// it back; if that fails, the open transaction's map is not what it must
+// be (a chunk could be handed out twice, or leak), and it is lost (fail).
+func (m *Meta) restoreBit(loc uint64, set bool) {
+	change := m.dataSM.clear
+	if set {
+		change = m.dataSM.set
+	}
+	if err := change(loc); err != nil {
+		m.fail(fmt.Errorf("meta: undo of data chunk %d's bit: %w", loc, err))
 	}
 }
