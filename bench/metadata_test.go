@@ -103,11 +103,13 @@ func storeScale(b *testing.B, n uint64, random bool) {
 	for range b.N {
 		var res metascale.StoreResult
 		rs := NewRuntimeStalls()
+		steal := StartSteal(100 * time.Millisecond)
 		onScaleDevice(b, "store-head", metascale.StoreHeadBytes(cfg), func(dev blockdev.Device) (err error) {
 			res, err = metascale.RunStore(dev, cfg)
 			return err
 		})
 		gc, sched := rs.Since()
+		stolen, burst := steal.Stop()
 		b.ReportMetric(float64(res.HeapInuse)/float64(res.Entries), "heap-B/version")
 		b.ReportMetric(float64(res.HeapInuse)/(1<<20), "heap-MiB")
 		b.ReportMetric(float64(int64(res.HeapInuse)-res.Cache)/(1<<20), "heap-over-cache-MiB")
@@ -134,6 +136,10 @@ func storeScale(b *testing.B, n uint64, random bool) {
 		b.ReportMetric(float64(ls.Throttled), "throttled")
 		b.ReportMetric(ms(gc), "gc-ms")
 		b.ReportMetric(ms(sched), "sched-ms")
+		// The hypervisor's (StealSampler): all CPUs' steal during the run,
+		// and the most of one CPU in 100 ms.
+		b.ReportMetric(ms(stolen), "steal-ms")
+		b.ReportMetric(ms(burst), "worst-steal-ms")
 		b.Logf("fill: Store.mu held %v by %s, shared %v by %s, waited %v by %s; Meta.mu held %v by %s, shared %v by %s, waited %v by %s; slowest page read %v, self write-back %v, %d index changes read pages, at most %d; %d writes waited for write-back, at most %v, and wrote %d pages of it themselves; %d writes waited for a tree commit; %d for origin-buffer room, at most %v; gc pause %v, sched latency %v",
 			ls.Store.MaxHold, ls.Store.HoldBy, ls.Store.MaxShared, ls.Store.SharedBy, ls.Store.MaxWait, ls.Store.WaitBy,
 			ls.Meta.MaxHold, ls.Meta.HoldBy, ls.Meta.MaxShared, ls.Meta.SharedBy, ls.Meta.MaxWait, ls.Meta.WaitBy,
