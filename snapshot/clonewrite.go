@@ -112,9 +112,13 @@ func (s *Store) cloneChunk(br *branch, c uint64, p []byte, in, k int64, discard 
 		sc.ops = append(sc.ops, op{kind: opMove, b: br.id, c: c, e: epochLive, e2: v.needAt})
 	case v.hasLive:
 		sc.ops = append(sc.ops, op{kind: opDel, b: br.id, c: c, e: epochLive, n: 1})
+		if v.live.isData() {
+			sc.frees = append(sc.frees, v.live.loc)
+		}
 	case v.needAt != 0:
 		sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: v.needAt, n: 1, loc: locInherit})
 	}
+	s.readMapAhead(sc)
 	if discard && whole {
 		sc.ops = append(sc.ops, op{kind: opPut, b: br.id, c: c, e: epochLive, n: 1, loc: locZero})
 		_, err := s.log(sc)

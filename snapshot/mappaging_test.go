@@ -84,3 +84,68 @@ func TestStoreDataMapPagedOut(t *testing.T) {
 	mustCheck(t, s)
 	require.Less(t, s.Stats().SpaceMapMemory, int64(3*4096), "the data map past its share after a reopen")
 }
+
+// TestStoreFreesReadMapAhead: the frees of a clone's shrink, rollback and
+// discard on a store whose data space map is paged out read its pages
+// ahead with no lock held (Store.readMapAhead), not under the layer's lock
+// as each free reaches one. Four blank volumes are written 16 chunks at a
+// time in turn, so their store chunks interleave over seven bitmap pages;
+// the first is shrunk to nothing so that every page is partly used, and
+// MetadataCache keeps four of them in memory. Then each operation frees
+// another volume's chunks, after a checkpoint has paged pages out: pages
+// are read back (MapReads) and none under the lock (MapLockedReads).
+func TestStoreFreesReadMapAhead(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a store of 230,000 chunks: not in -short")
+	}
+	const cs = 4096
+	const head = 32 << 20
+	const run = 16 // chunks per write
+	const rounds = 3600
+	origin, err := blockdevtest.NewNull(16*cs, 4096)
+	require.NoError(t, err)
+	mem, err := blockdev.NewMem(head, 4096)
+	require.NoError(t, err)
+	tail, err := blockdevtest.NewNull(1<<30, 4096)
+	require.NoError(t, err)
+	store := &blockdevtest.Split{Head: mem, Tail: tail, At: head}
+	opts := Options{ChunkSize: cs, JournalSize: 4 << 20, MetadataBytes: 16 << 20, MetadataCache: 128 << 10}
+	s, err := Format(origin, store, opts)
+	require.NoError(t, err)
+	defer s.Close()
+	const size = rounds * run * cs
+	names := []string{"hole", "shrink", "rollback", "discard"}
+	vols := make([]*Volume, len(names))
+	for i, name := range names {
+		vols[i], err = s.CreateVolume(name, size)
+		require.NoError(t, err)
+	}
+	before, err := s.CreateSnapshot("before", vols[2])
+	require.NoError(t, err)
+	buf := make([]byte, run*cs)
+	for r := range rounds {
+		for _, v := range vols {
+			_, err := v.WriteAt(buf, int64(r)*run*cs)
+			require.NoError(t, err)
+		}
+	}
+	require.NoError(t, s.Resize("hole", cs, ResizeOptions{Shrink: true}))
+	for _, step := range []struct {
+		name string
+		fn   func() error
+	}{
+		{"shrink", func() error { return s.Resize("shrink", cs, ResizeOptions{Shrink: true}) }},
+		{"rollback", func() error { return s.Rollback(context.Background(), vols[2], before) }},
+		{"discard", func() error { return vols[3].Discard(0, size) }},
+	} {
+		require.NoError(t, s.Checkpoint(context.Background()))
+		sp := s.m.Space()
+		require.NoError(t, step.fn(), step.name)
+		now := s.m.Space()
+		t.Logf("%s: %d bitmap pages read back, %d of them under the layer's lock; %d paged out, space maps %d bytes in memory",
+			step.name, now.MapReads-sp.MapReads, now.MapLockedReads-sp.MapLockedReads, now.MapPagedOut, now.MapBytes)
+		require.Greater(t, now.MapReads, sp.MapReads, "%s read no bitmap page back: the map did not page", step.name)
+		require.Equal(t, sp.MapLockedReads, now.MapLockedReads, "%s read bitmap pages under the layer's lock", step.name)
+	}
+	mustCheck(t, s)
+}

@@ -114,6 +114,7 @@ func (s *Store) dropTail(br *branch, first, end uint64) error {
 	sc := s.getScratch()
 	defer s.putScratch(sc)
 	flush := func() error {
+		s.readMapAhead(sc)
 		err := s.logFreeing(sc)
 		sc.ops = sc.ops[:0]
 		return err
@@ -136,6 +137,9 @@ func (s *Store) dropTail(br *branch, first, end uint64) error {
 			sc.ops = append(sc.ops, op{kind: opMove, b: br.id, c: c, e: epochLive, e2: lv.needAt})
 		default:
 			sc.ops = append(sc.ops, op{kind: opDel, b: br.id, c: c, e: epochLive, n: 1})
+			if lv.live.isData() {
+				sc.frees = append(sc.frees, lv.live.loc)
+			}
 		}
 		if len(sc.ops) >= shrinkBatch {
 			if err := flush(); err != nil {

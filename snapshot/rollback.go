@@ -216,7 +216,11 @@ func (s *Store) cloneInherit(br *branch, c uint64) error {
 		sc.ops = append(sc.ops, op{kind: opMove, b: br.id, c: c, e: epochLive, e2: v.needAt})
 	} else {
 		sc.ops = append(sc.ops, op{kind: opDel, b: br.id, c: c, e: epochLive, n: 1})
+		if v.live.isData() {
+			sc.frees = append(sc.frees, v.live.loc)
+		}
 	}
+	s.readMapAhead(sc)
 	_, err = s.log(sc)
 	return err
 }

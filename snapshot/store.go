@@ -441,6 +441,8 @@ type scratch struct {
 	// pins: the index nodes lockForOps pinned for ops, until unlockOps
 	// (pagedindex.go).
 	pins meta.Pins
+	// frees: the store chunks ops free, for readMapAhead.
+	frees []uint64
 }
 
 type cowChunk struct {
@@ -1318,8 +1320,20 @@ func (s *Store) putBuf(b *[]byte) { s.bufs.Put(b) }
 
 func (s *Store) getScratch() *scratch {
 	sc := s.scratch.Get().(*scratch)
-	sc.ops, sc.cow, sc.reclaiming = sc.ops[:0], sc.cow[:0], false
+	sc.ops, sc.cow, sc.frees, sc.reclaiming = sc.ops[:0], sc.cow[:0], sc.frees[:0], false
 	return sc
+}
+
+// readMapAhead reads the data space map's pages of the chunks sc's ops
+// free (sc.frees), with no lock held, so that the frees, under Store.mu and
+// the layer's lock, do not read them there one at a time (a store whose
+// map is paged out past its share of MetadataCache; see meta.ReadMapAhead).
+// Then sc.frees is empty.
+func (s *Store) readMapAhead(sc *scratch) {
+	if len(sc.frees) > 0 {
+		s.m.ReadMapAhead(sc.frees)
+		sc.frees = sc.frees[:0]
+	}
 }
 
 func (s *Store) putScratch(sc *scratch) { s.scratch.Put(sc) }

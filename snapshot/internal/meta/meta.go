@@ -219,6 +219,9 @@ type Meta struct {
 	// exclusively (Stalls.LockedReads): a change waiting for mu waits
 	// for each of them.
 	lockedReads atomic.Uint64
+	// mapLockedReads: of lockedReads, the data map's bitmap pages
+	// (Space.MapLockedReads).
+	mapLockedReads atomic.Uint64
 	// prefetch is how many more Prefetch calls load nodes (Prefetch);
 	// atomic, since prefetches run under mu shared.
 	prefetch atomic.Int64
@@ -390,6 +393,7 @@ func (m *Meta) pageOut(s *spaceMap) {
 	s.fetch = func(pi uint64, raw []byte, p *bitPage) error {
 		bp := s.pages[pi]
 		m.lockedReads.Add(1) // under mu (ReadMapAhead reads without it)
+		m.mapLockedReads.Add(1)
 		if err := m.readPage(raw, bp.loc); err != nil {
 			return err
 		}
@@ -730,8 +734,10 @@ type Space struct {
 	MapBytes uint64
 	// MapPagedOut is the data map's bitmap pages paged out now; MapReads
 	// those read back since Open, and MapWrites the dirty ones written to
-	// be paged out (Options.MapBytes).
-	MapPagedOut, MapReads, MapWrites uint64
+	// be paged out (Options.MapBytes). MapLockedReads counts the pages
+	// read with mu held (by the change that needed the page, or by
+	// DataInUse), not ahead of it by ReadMapAhead.
+	MapPagedOut, MapReads, MapWrites, MapLockedReads uint64
 }
 
 // Space reports the current transaction's space use.
@@ -740,7 +746,8 @@ func (m *Meta) Space() Space {
 	defer m.mu.RUnlock()
 	return Space{Pages: m.metaSM.nbits, PagesUsed: m.metaSM.nbits - m.metaSM.free(), Chunks: m.dataSM.nbits,
 		ChunksUsed: m.dataSM.nbits - m.dataSM.free(), ChunksMeta: metaChunks(m.extentsOf()),
-		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes(), MapPagedOut: uint64(m.dataSM.out), MapReads: m.dataSM.reads, MapWrites: m.dataSM.writes}
+		MapBytes: m.dataSM.memBytes() + m.metaSM.memBytes(), MapPagedOut: uint64(m.dataSM.out), MapReads: m.dataSM.reads, MapWrites: m.dataSM.writes,
+		MapLockedReads: m.mapLockedReads.Load()}
 }
 
 // CacheStats reports the node cache.
