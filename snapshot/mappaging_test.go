@@ -89,8 +89,8 @@ func TestStoreDataMapPagedOut(t *testing.T) {
 // discard on a store whose data space map is paged out read its pages
 // ahead with no lock held (Store.readMapAhead), not under the layer's lock
 // as each free reaches one. Four blank volumes are written 16 chunks at a
-// time in turn, so their store chunks interleave over seven bitmap pages;
-// the first is shrunk to nothing so that every page is partly used, and
+// time in turn, so their store chunks interleave over eight bitmap pages;
+// the first is shrunk to one chunk so that every page is partly used, and
 // MetadataCache keeps four of them in memory. Then each operation frees
 // another volume's chunks, after a checkpoint has paged pages out: pages
 // are read back (MapReads) and none under the lock (MapLockedReads).
