@@ -26,15 +26,8 @@ func TestStoreDataMapPagedOut(t *testing.T) {
 		t.Skip("a store of 80,000 copies: not in -short")
 	}
 	const cs = 4096
-	const head = 32 << 20
 	originChunks := int64(40000)
-	origin, err := blockdevtest.NewNull(originChunks*cs, 4096)
-	require.NoError(t, err)
-	mem, err := blockdev.NewMem(head, 4096)
-	require.NoError(t, err)
-	tail, err := blockdevtest.NewNull(400<<20, 4096)
-	require.NoError(t, err)
-	store := &blockdevtest.Split{Head: mem, Tail: tail, At: head}
+	origin, store := dataLessStore(t, originChunks*cs, 400<<20)
 	opts := Options{ChunkSize: cs, JournalSize: 4 << 20, MetadataBytes: 16 << 20, MetadataCache: 32 << 10}
 	s, err := Format(origin, store, opts)
 	require.NoError(t, err)
@@ -99,16 +92,9 @@ func TestStoreFreesReadMapAhead(t *testing.T) {
 		t.Skip("a store of 230,000 chunks: not in -short")
 	}
 	const cs = 4096
-	const head = 32 << 20
 	const run = 16 // chunks per write
 	const rounds = 3600
-	origin, err := blockdevtest.NewNull(16*cs, 4096)
-	require.NoError(t, err)
-	mem, err := blockdev.NewMem(head, 4096)
-	require.NoError(t, err)
-	tail, err := blockdevtest.NewNull(1<<30, 4096)
-	require.NoError(t, err)
-	store := &blockdevtest.Split{Head: mem, Tail: tail, At: head}
+	origin, store := dataLessStore(t, 16*cs, 1<<30)
 	opts := Options{ChunkSize: cs, JournalSize: 4 << 20, MetadataBytes: 16 << 20, MetadataCache: 128 << 10}
 	s, err := Format(origin, store, opts)
 	require.NoError(t, err)
@@ -148,4 +134,21 @@ func TestStoreFreesReadMapAhead(t *testing.T) {
 		require.Equal(t, sp.MapLockedReads, now.MapLockedReads, "%s read bitmap pages under the layer's lock", step.name)
 	}
 	mustCheck(t, s)
+}
+
+// dataLessStore returns a data-less origin of originBytes and a store
+// device whose first 32 MiB (the superblock, journal and metadata) are in
+// memory and whose dataBytes after them drop writes and read zeros
+// (blockdevtest.Null): the tests of the metadata's paging need a large
+// data region, not its data.
+func dataLessStore(t *testing.T, originBytes, dataBytes int64) (origin, store blockdev.Device) {
+	t.Helper()
+	const head = 32 << 20
+	origin, err := blockdevtest.NewNull(originBytes, 4096)
+	require.NoError(t, err)
+	mem, err := blockdev.NewMem(head, 4096)
+	require.NoError(t, err)
+	tail, err := blockdevtest.NewNull(dataBytes, 4096)
+	require.NoError(t, err)
+	return origin, &blockdevtest.Split{Head: mem, Tail: tail, At: head}
 }
