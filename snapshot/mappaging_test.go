@@ -87,10 +87,19 @@ func TestStoreDataMapPagedOut(t *testing.T) {
 // MetadataCache keeps four of them in memory. Then each operation frees
 // another volume's chunks, after a checkpoint has paged pages out: pages
 // are read back (MapReads) and none under the lock (MapLockedReads).
+// Run again beside a goroutine that writes, discards and rewrites chunks of
+// a fifth volume (its frees read ahead too, and its allocations change the
+// map the read-ahead installs pages in): Check passes after it (and
+// -race finds nothing); the count of locked reads is not asserted there.
 func TestStoreFreesReadMapAhead(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a store of 230,000 chunks: not in -short")
 	}
+	t.Run("alone", func(t *testing.T) { storeFreesReadMapAhead(t, false) })
+	t.Run("beside-writer", func(t *testing.T) { storeFreesReadMapAhead(t, true) })
+}
+
+func storeFreesReadMapAhead(t *testing.T, busy bool) {
 	const cs = 4096
 	const run = 16 // chunks per write
 	const rounds = 3600
@@ -116,6 +125,41 @@ func TestStoreFreesReadMapAhead(t *testing.T) {
 		}
 	}
 	require.NoError(t, s.Resize("hole", cs, ResizeOptions{Shrink: true}))
+	if busy {
+		const chunks = 2048
+		bv, err := s.CreateVolume("busy", chunks*cs)
+		require.NoError(t, err)
+		stop := make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			rng := rand.New(rand.NewPCG(blockdevtest.Seed(t), 9))
+			b := make([]byte, cs)
+			for {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+				off := rng.Int64N(chunks) * cs
+				var err error
+				if rng.IntN(4) == 0 {
+					err = bv.Discard(off, cs)
+				} else {
+					_, err = bv.WriteAt(b, off)
+				}
+				if err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		defer func() {
+			close(stop)
+			require.NoError(t, <-done)
+			mustCheck(t, s)
+		}()
+	}
 	for _, step := range []struct {
 		name string
 		fn   func() error
@@ -131,7 +175,9 @@ func TestStoreFreesReadMapAhead(t *testing.T) {
 		t.Logf("%s: %d bitmap pages read back, %d of them under the layer's lock; %d paged out, space maps %d bytes in memory",
 			step.name, now.MapReads-sp.MapReads, now.MapLockedReads-sp.MapLockedReads, now.MapPagedOut, now.MapBytes)
 		require.Greater(t, now.MapReads, sp.MapReads, "%s read no bitmap page back: the map did not page", step.name)
-		require.Equal(t, sp.MapLockedReads, now.MapLockedReads, "%s read bitmap pages under the layer's lock", step.name)
+		if !busy {
+			require.Equal(t, sp.MapLockedReads, now.MapLockedReads, "%s read bitmap pages under the layer's lock", step.name)
+		}
 	}
 	mustCheck(t, s)
 }
