@@ -6,7 +6,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -22,9 +21,10 @@ import (
 // /proc/stat counts in USER_HZ ticks (10 ms on Linux), so a figure is a
 // multiple of 10 ms and a burst shorter than a tick may read as 0 or 10.
 type StealSampler struct {
-	stop  chan struct{}
-	done  chan struct{}
-	mu    sync.Mutex
+	stop chan struct{}
+	done chan struct{}
+	// Written by the sampling goroutine only; Stop reads them after it
+	// has ended (done).
 	first []uint64 // per CPU, at Start
 	last  []uint64
 	worst uint64 // ticks, one CPU, one interval
@@ -57,8 +57,6 @@ func StartSteal(interval time.Duration) *StealSampler {
 
 func (s *StealSampler) sample() {
 	now := readSteal()
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if len(now) != len(s.last) {
 		return
 	}
@@ -75,8 +73,6 @@ func (s *StealSampler) sample() {
 func (s *StealSampler) Stop() (total, worst time.Duration) {
 	close(s.stop)
 	<-s.done
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	var ticks uint64
 	if len(s.first) == len(s.last) {
 		for i := range s.last {
